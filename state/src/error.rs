@@ -1,0 +1,68 @@
+//! Typed errors of the state layer. Every variant names the file, record or key involved.
+
+use std::path::PathBuf;
+
+pub type StateResult<T> = Result<T, StateError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("store {path} is in use by pid {pid}; wait for that process to finish or stop it (two processes must never write one store)")]
+    InUse { path: PathBuf, pid: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("sled database at {path}: {source}; if the directory is damaged, run `tsr verify` and restore the store from a copy")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+
+    #[error("blob {digest} at {path} is corrupt: its content hashes to {actual}; run `tsr verify --repair` to recompute the steps that made it")]
+    BlobCorrupt {
+        digest: String,
+        actual: String,
+        path: PathBuf,
+    },
+
+    #[error("blob {digest} is missing (expected at {path}); run `tsr verify --repair` to recompute the steps that made it")]
+    BlobMissing { digest: String, path: PathBuf },
+
+    #[error("record {what} at key {key} has schema version {found}, but this tsr reads version {supported}; use the tsr release that wrote this store")]
+    UnknownSchema {
+        what: &'static str,
+        key: String,
+        found: u16,
+        supported: u16,
+    },
+
+    #[error("record {what} at key {key} cannot be decoded ({reason}); the store is damaged: run `tsr verify`")]
+    Corrupt {
+        what: &'static str,
+        key: String,
+        reason: String,
+    },
+
+    #[error("item {index} of step {step} is already committed; an item is produced exactly once")]
+    DuplicateItem { step: String, index: u64 },
+
+    #[error("invalid name `{name}`: {reason}")]
+    BadName { name: String, reason: &'static str },
+
+    #[error("run `{0}` does not exist in this store; `tsr runs` lists the runs")]
+    NoSuchRun(String),
+}
+
+impl StateError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StateError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

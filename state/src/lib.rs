@@ -1,0 +1,30 @@
+//! Durable state for tsr: one sled database of versioned records and a directory of
+//! content-addressed blobs.
+//!
+//! This is the only crate that imports sled. Everything above it (engine, steps, workflows, the
+//! CLI) talks to [`Store`] and [`BlobStore`] and never sees a sled type.
+//!
+//! Durability contract: a method that returns `Ok` after writing has flushed sled (or fsynced the
+//! blob and its directory) before returning. A crash (SIGKILL, power loss) at any instant leaves
+//! either the state before the call or the state after it, never a mix.
+
+mod blobs;
+mod digest;
+mod envelope;
+mod error;
+mod fsck;
+mod keys;
+mod lock;
+mod records;
+mod store;
+
+pub use blobs::{BlobStore, BlobWriter};
+pub use digest::Digest;
+pub use envelope::Versioned;
+pub use error::{StateError, StateResult};
+pub use fsck::{gc, verify, GcReport, Problem, VerifyReport};
+pub use records::{
+    ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,
+    StepStatus,
+};
+pub use store::{now_ms, validate_name, Commit, Store};

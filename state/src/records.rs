@@ -1,0 +1,146 @@
+//! The persisted record types. Each is a versioned envelope (see `envelope.rs`): change a shape,
+//! bump its `VERSION`.
+
+use crate::digest::Digest;
+use crate::envelope::Versioned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A run: a named workflow definition and where it stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub workflow: String,
+    /// The validated config as TOML text (what `tsr resume` and `tsr fork` rebuild from).
+    pub config_toml: String,
+    /// The config flattened to `dotted.key -> value`, compared on re-run to name changed fields.
+    pub definition: BTreeMap<String, String>,
+    /// Digests of external input files (e.g. the prompts file) when the run was defined.
+    pub externals: BTreeMap<String, Digest>,
+    pub forked_from: Option<String>,
+    pub status: RunStatus,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStatus {
+    Created,
+    Running,
+    Interrupted,
+    Failed { error: String },
+    Done,
+}
+
+impl Versioned for RunRecord {
+    const WHAT: &'static str = "run";
+    const VERSION: u16 = 1;
+}
+
+/// Binding of a DAG node of a run to the step key it resolved to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub step_key: Digest,
+    /// True when the step was already done (by another run or an earlier node) when bound.
+    pub reused: bool,
+    pub iteration: Option<u32>,
+}
+
+impl Versioned for NodeRecord {
+    const WHAT: &'static str = "node";
+    const VERSION: u16 = 1;
+}
+
+/// The status of a step: one explicit state machine; transitions live in `tsr-engine`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StepStatus {
+    Pending,
+    Running {
+        attempt: u32,
+        since_ms: u64,
+    },
+    Done {
+        outputs: BTreeMap<String, Digest>,
+        finished_ms: u64,
+    },
+    Failed {
+        attempt: u32,
+        error: String,
+    },
+}
+
+impl StepStatus {
+    pub fn label(&self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running { .. } => "running",
+            StepStatus::Done { .. } => "done",
+            StepStatus::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// A resumable checkpoint of a long step (e.g. DPO weights + optimizer state + data cursor).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Increases with every checkpoint of the step.
+    pub seq: u64,
+    pub blobs: BTreeMap<String, Digest>,
+    /// Step-defined cursor bytes (e.g. an encoded data cursor).
+    pub cursor: Vec<u8>,
+}
+
+/// A step, keyed by its step key (hash of kind, version, config and input digests). Shared by
+/// every run in the store: a step done once is reused by any run that needs the same key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub kind: String,
+    pub version: u32,
+    /// Canonical JSON of the step config.
+    pub config: String,
+    pub inputs: BTreeMap<String, Digest>,
+    pub status: StepStatus,
+    /// Number of times execution started.
+    pub attempts: u32,
+    /// Items committed so far (the progress cursor of a long step).
+    pub items_done: u64,
+    pub items_total: Option<u64>,
+    /// Milliseconds spent executing, summed over attempts (wall clock, informational only).
+    pub busy_ms: u64,
+    pub checkpoint: Option<CheckpointRecord>,
+    /// The run and node that first executed it.
+    pub first_run: String,
+    pub first_node: String,
+}
+
+impl Versioned for StepRecord {
+    const WHAT: &'static str = "step";
+    const VERSION: u16 = 1;
+}
+
+/// What a blob is and which step made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub kind: String,
+    pub size: u64,
+    pub producer: Option<Digest>,
+    pub output: String,
+}
+
+impl Versioned for ArtifactRecord {
+    const WHAT: &'static str = "artifact";
+    const VERSION: u16 = 1;
+}
+
+/// A lineage edge: `output` was made by `step` from `input` (under the step's input name).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EdgeRecord {
+    pub step: Digest,
+    pub input_name: String,
+    pub output_name: String,
+}
+
+impl Versioned for EdgeRecord {
+    const WHAT: &'static str = "edge";
+    const VERSION: u16 = 1;
+}

@@ -1,0 +1,480 @@
+//! The store: one sled tree of versioned records (layout in `keys.rs`) plus the blob directory.
+//!
+//! ```text
+//! <store>/LOCK      pid of the process that holds the store
+//! <store>/db/       sled database
+//! <store>/blobs/    content-addressed files
+//! <store>/tmp/      temporary files, removed on open
+//! ```
+
+use crate::blobs::BlobStore;
+use crate::digest::Digest;
+use crate::envelope::{decode, encode, Versioned};
+use crate::error::{StateError, StateResult};
+use crate::keys;
+use crate::lock::StoreLock;
+use crate::records::*;
+use std::path::{Path, PathBuf};
+
+const FORMAT: &[u8] = b"tsr-store-1";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Run and node names: non-empty, at most 128 bytes, letters, digits and `._-/:` (no NUL, no
+/// spaces), so that they can be keys and path components.
+pub fn validate_name(name: &str) -> StateResult<()> {
+    let bad = |reason| {
+        Err(StateError::BadName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 128 {
+        return bad("it is longer than 128 bytes");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-/:".contains(c))
+    {
+        return bad("use only letters, digits and . _ - / :");
+    }
+    Ok(())
+}
+
+/// A set of writes applied atomically (one sled batch) and flushed before `commit` returns.
+#[derive(Default)]
+pub struct Commit {
+    batch: sled::Batch,
+    pub(crate) writes: usize,
+}
+
+impl Commit {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn run(&mut self, r: &RunRecord) -> &mut Self {
+        self.put(keys::run(&r.name), encode(r))
+    }
+    pub fn node(&mut self, run: &str, node: &str, r: &NodeRecord) -> &mut Self {
+        self.put(keys::node(run, node), encode(r))
+    }
+    pub fn step(&mut self, key: &Digest, r: &StepRecord) -> &mut Self {
+        self.put(keys::step(key), encode(r))
+    }
+    pub fn artifact(&mut self, d: &Digest, r: &ArtifactRecord) -> &mut Self {
+        self.put(keys::artifact(d), encode(r))
+    }
+    pub fn edge(&mut self, output: &Digest, input: &Digest, r: &EdgeRecord) -> &mut Self {
+        self.put(keys::edge(output, input), encode(r))
+    }
+    pub fn remove_step(&mut self, key: &Digest) -> &mut Self {
+        self.batch.remove(keys::step(key));
+        self.writes += 1;
+        self
+    }
+    pub fn remove_artifact(&mut self, d: &Digest) -> &mut Self {
+        self.batch.remove(keys::artifact(d));
+        self.writes += 1;
+        self
+    }
+    pub fn remove_node(&mut self, run: &str, node: &str) -> &mut Self {
+        self.batch.remove(keys::node(run, node));
+        self.writes += 1;
+        self
+    }
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> &mut Self {
+        self.batch.insert(k, v);
+        self.writes += 1;
+        self
+    }
+}
+
+pub struct Store {
+    root: PathBuf,
+    db: sled::Db,
+    blobs: BlobStore,
+    _lock: StoreLock,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish()
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `dir`. Fails with `InUse` if another process holds it.
+    pub fn open(dir: &Path) -> StateResult<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        let lock = StoreLock::acquire(dir)?;
+        let db_path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .open()
+            .map_err(|e| StateError::Db {
+                path: db_path.clone(),
+                source: e,
+            })?;
+        let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp"))?;
+        blobs.clean_tmp()?;
+        let store = Store {
+            root: dir.to_path_buf(),
+            db,
+            blobs,
+            _lock: lock,
+        };
+        match store.get_raw(&keys::meta("format"))? {
+            None => {
+                store
+                    .db
+                    .insert(keys::meta("format"), FORMAT)
+                    .map_err(|e| store.db_err(e))?;
+                store.flush()?;
+            }
+            Some(v) if v.as_slice() == FORMAT => {}
+            Some(v) => {
+                return Err(StateError::UnknownSchema {
+                    what: "store format",
+                    key: String::from_utf8_lossy(&v).into_owned(),
+                    found: 0,
+                    supported: 1,
+                })
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    fn db_err(&self, e: sled::Error) -> StateError {
+        StateError::Db {
+            path: self.root.join("db"),
+            source: e,
+        }
+    }
+
+    /// Make every write so far durable.
+    pub fn flush(&self) -> StateResult<()> {
+        self.db.flush().map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    fn get_raw(&self, key: &[u8]) -> StateResult<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(key)
+            .map_err(|e| self.db_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn get<T: Versioned>(&self, key: &[u8]) -> StateResult<Option<T>> {
+        match self.db.get(key).map_err(|e| self.db_err(e))? {
+            None => Ok(None),
+            Some(v) => decode(key, &v).map(Some),
+        }
+    }
+
+    fn scan<T: Versioned>(&self, prefix: &[u8]) -> StateResult<Vec<(Vec<u8>, T)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            out.push((k.to_vec(), decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Apply a set of writes atomically and flush. Only after this returns are they durable.
+    pub fn commit(&self, c: Commit) -> StateResult<()> {
+        self.db.apply_batch(c.batch).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    pub fn get_run(&self, name: &str) -> StateResult<Option<RunRecord>> {
+        self.get(&keys::run(name))
+    }
+
+    pub fn run(&self, name: &str) -> StateResult<RunRecord> {
+        self.get_run(name)?
+            .ok_or_else(|| StateError::NoSuchRun(name.to_string()))
+    }
+
+    pub fn put_run(&self, r: &RunRecord) -> StateResult<()> {
+        let mut c = Commit::new();
+        c.run(r);
+        self.commit(c)
+    }
+
+    pub fn runs(&self) -> StateResult<Vec<RunRecord>> {
+        Ok(self
+            .scan::<RunRecord>(&[keys::RUN])?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    // ---- nodes ------------------------------------------------------------------------------
+
+    pub fn get_node(&self, run: &str, node: &str) -> StateResult<Option<NodeRecord>> {
+        self.get(&keys::node(run, node))
+    }
+
+    /// All node bindings of a run, sorted by node name.
+    pub fn nodes(&self, run: &str) -> StateResult<Vec<(String, NodeRecord)>> {
+        let prefix = keys::node_prefix(run);
+        Ok(self
+            .scan::<NodeRecord>(&prefix)?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), r))
+            .collect())
+    }
+
+    // ---- steps ------------------------------------------------------------------------------
+
+    pub fn get_step(&self, key: &Digest) -> StateResult<Option<StepRecord>> {
+        self.get(&keys::step(key))
+    }
+
+    pub fn steps(&self) -> StateResult<Vec<(Digest, StepRecord)>> {
+        Ok(self
+            .scan::<StepRecord>(&[keys::STEP])?
+            .into_iter()
+            .map(|(k, r)| (keys::digest_at(&k, 1).expect("step key"), r))
+            .collect())
+    }
+
+    // ---- items ------------------------------------------------------------------------------
+
+    pub fn get_item(&self, step: &Digest, index: u64) -> StateResult<Option<Vec<u8>>> {
+        self.get_raw(&keys::item(step, index))
+    }
+
+    /// Commit finished items of a step together with its updated record, atomically, then flush.
+    /// An item that is already committed is refused: items are produced exactly once.
+    pub fn commit_items(
+        &self,
+        step: &Digest,
+        items: &[(u64, Vec<u8>)],
+        record: &StepRecord,
+    ) -> StateResult<()> {
+        let mut batch = sled::Batch::default();
+        for (i, bytes) in items {
+            let k = keys::item(step, *i);
+            if self.db.contains_key(&k).map_err(|e| self.db_err(e))? {
+                return Err(StateError::DuplicateItem {
+                    step: step.short(),
+                    index: *i,
+                });
+            }
+            batch.insert(k, bytes.as_slice());
+        }
+        batch.insert(keys::step(step), encode(record));
+        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// All committed items of a step in index order.
+    pub fn items(&self, step: &Digest) -> StateResult<Vec<(u64, Vec<u8>)>> {
+        let prefix = keys::item_prefix(step);
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let idx = k
+                .get(prefix.len()..prefix.len() + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StateError::Corrupt {
+                    what: "item",
+                    key: keys::display(&k),
+                    reason: "key is not step key + u64".into(),
+                })?;
+            out.push((idx, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Indices of committed items of a step (without loading payloads into a Vec of bytes).
+    pub fn item_indices(&self, step: &Digest) -> StateResult<Vec<u64>> {
+        let prefix = keys::item_prefix(step);
+        let mut out = Vec::new();
+        for k in self.db.scan_prefix(&prefix).keys() {
+            let k = k.map_err(|e| self.db_err(e))?;
+            if let Some(b) = k.get(prefix.len()..prefix.len() + 8) {
+                out.push(u64::from_be_bytes(b.try_into().unwrap()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove all items of a step (used by `verify --repair` to recompute a step from scratch).
+    pub fn clear_items(&self, step: &Digest) -> StateResult<()> {
+        let mut batch = sled::Batch::default();
+        for k in self.db.scan_prefix(keys::item_prefix(step)).keys() {
+            batch.remove(k.map_err(|e| self.db_err(e))?);
+        }
+        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    // ---- artifacts and lineage ----------------------------------------------------------------
+
+    pub fn get_artifact(&self, d: &Digest) -> StateResult<Option<ArtifactRecord>> {
+        self.get(&keys::artifact(d))
+    }
+
+    pub fn artifacts(&self) -> StateResult<Vec<(Digest, ArtifactRecord)>> {
+        Ok(self
+            .scan::<ArtifactRecord>(&[keys::ARTIFACT])?
+            .into_iter()
+            .map(|(k, r)| (keys::digest_at(&k, 1).expect("artifact key"), r))
+            .collect())
+    }
+
+    /// Lineage edges into `output`: the inputs it was made from.
+    pub fn edges_into(&self, output: &Digest) -> StateResult<Vec<(Digest, EdgeRecord)>> {
+        Ok(self
+            .scan::<EdgeRecord>(&keys::edge_prefix(output))?
+            .into_iter()
+            .map(|(k, r)| (keys::digest_at(&k, 33).expect("edge key"), r))
+            .collect())
+    }
+
+    /// Every raw record, for `verify`.
+    pub(crate) fn raw_iter(&self) -> impl Iterator<Item = StateResult<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.db.iter().map(move |kv| {
+            kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(|e| self.db_err(e))
+        })
+    }
+
+    /// Step records that decode (damaged ones are reported by `verify`, skipped here).
+    pub(crate) fn steps_lenient(&self) -> Vec<(Digest, StepRecord)> {
+        let mut out = Vec::new();
+        for (k, v) in self.db.scan_prefix([keys::STEP]).flatten() {
+            if let (Some(d), Ok(r)) = (keys::digest_at(&k, 1), decode::<StepRecord>(&k, &v)) {
+                out.push((d, r));
+            }
+        }
+        out
+    }
+
+    /// Write a raw value under a key, for tests that plant damaged records.
+    #[doc(hidden)]
+    pub fn plant_raw_step(&self, key: &Digest, bytes: &[u8]) -> StateResult<()> {
+        self.db
+            .insert(keys::step(key), bytes)
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn step_record() -> StepRecord {
+        StepRecord {
+            kind: "toy".into(),
+            version: 1,
+            config: "{}".into(),
+            inputs: BTreeMap::new(),
+            status: StepStatus::Pending,
+            attempts: 0,
+            items_done: 0,
+            items_total: Some(3),
+            busy_ms: 0,
+            checkpoint: None,
+            first_run: "r".into(),
+            first_node: "n".into(),
+        }
+    }
+
+    #[test]
+    fn second_open_names_the_pid() {
+        let t = tempfile::tempdir().unwrap();
+        let _a = Store::open(t.path()).unwrap();
+        let err = Store::open(t.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("in use by pid"), "{msg}");
+        assert!(msg.contains(&std::process::id().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn items_are_committed_once_in_order() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(t.path()).unwrap();
+        let key = Digest::of(b"step");
+        let rec = step_record();
+        s.commit_items(&key, &[(2, b"c".to_vec()), (0, b"a".to_vec())], &rec)
+            .unwrap();
+        s.commit_items(&key, &[(1, b"b".to_vec())], &rec).unwrap();
+        let err = s.commit_items(&key, &[(1, b"x".to_vec())], &rec).unwrap_err();
+        assert!(matches!(err, StateError::DuplicateItem { index: 1, .. }));
+        let items = s.items(&key).unwrap();
+        assert_eq!(
+            items,
+            vec![(0, b"a".to_vec()), (1, b"b".to_vec()), (2, b"c".to_vec())]
+        );
+        // big-endian keys: 256 sorts after 255
+        s.commit_items(&key, &[(256, vec![]), (255, vec![])], &rec).unwrap();
+        assert_eq!(s.item_indices(&key).unwrap(), vec![0, 1, 2, 255, 256]);
+    }
+
+    #[test]
+    fn unknown_schema_version_is_a_clear_error() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(t.path()).unwrap();
+        let key = Digest::of(b"k");
+        let mut bytes = encode(&step_record());
+        bytes[0] = 0;
+        bytes[1] = 99;
+        s.plant_raw_step(&key, &bytes).unwrap();
+        let err = s.get_step(&key).unwrap_err();
+        assert!(matches!(err, StateError::UnknownSchema { found: 99, supported: 1, .. }));
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+        s.plant_raw_step(&key, &[0, 1, 0xff]).unwrap();
+        assert!(matches!(s.get_step(&key).unwrap_err(), StateError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let t = tempfile::tempdir().unwrap();
+        let key = Digest::of(b"k");
+        {
+            let s = Store::open(t.path()).unwrap();
+            let mut c = Commit::new();
+            c.step(&key, &step_record());
+            c.node("run1", "gen", &NodeRecord { step_key: key, reused: false, iteration: Some(1) });
+            s.commit(c).unwrap();
+        }
+        let s = Store::open(t.path()).unwrap();
+        assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
+        assert_eq!(s.nodes("run1").unwrap().len(), 1);
+        assert!(s.nodes("run").unwrap().is_empty(), "prefix must not leak across runs");
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("run-1.a/b:c").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name("a\0b").is_err());
+    }
+}
