@@ -1,1 +1,36 @@
-//! placeholder
+//! The tsr engine: a petgraph DAG of steps, one explicit step state machine, a pure planner and
+//! a driver that executes its decisions durably, with preemption and replay.
+//!
+//! The engine knows nothing about language models (it does not import candle) and nothing about
+//! sled (it talks to `tsr_state::Store`). Concrete steps live in `tsr-steps`; workflows that wire
+//! them into DAGs live in `tsr-workflows`.
+//!
+//! Flow of a run: a workflow builds a [`Dag`]; [`Driver::run`] loops `plan` (a pure function of
+//! the DAG and what the store has recorded) -> execute the actions -> commit, until every node is
+//! done, a step fails, or a stop signal arrives.
+
+mod context;
+mod dag;
+mod driver;
+mod error;
+mod key;
+pub mod machine;
+mod plan;
+pub mod preempt;
+mod replay;
+mod step;
+pub mod testkit;
+
+pub use context::{Checkpoint, ItemJournal, MemoryJournal, Progress, StepContext};
+pub use dag::{Dag, DagBuilder, InputSource, Node};
+pub use driver::{fingerprint, open_run, Driver, DriverOptions, Outcome, RunSpec};
+pub use error::{EngineError, StepError};
+pub use key::step_key;
+pub use plan::{plan, Action, JournalView, NodeView, Plan};
+pub use preempt::StopFlag;
+pub use replay::{replay, ReplayReport};
+pub use step::{OutputData, Resource, Step, StepInputs, StepOutputs};
+
+/// Exit code of a process interrupted by SIGINT/SIGTERM after checkpointing: run the same
+/// command again to continue (BSD `EX_TEMPFAIL`).
+pub const EXIT_INTERRUPTED: i32 = 75;

@@ -19,7 +19,7 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
-    pub(crate) fn open(dir: PathBuf, tmp: PathBuf) -> StateResult<Self> {
+    pub fn open(dir: PathBuf, tmp: PathBuf) -> StateResult<Self> {
         fs::create_dir_all(&dir).map_err(|e| StateError::io(&dir, e))?;
         fs::create_dir_all(&tmp).map_err(|e| StateError::io(&tmp, e))?;
         Ok(BlobStore { dir, tmp })

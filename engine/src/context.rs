@@ -1,0 +1,396 @@
+//! What a running step sees besides its inputs: its key and seeds, a scratch folder, the device,
+//! the stop flag, a progress reporter and its item journal (committed units of work and
+//! checkpoints). The journal is a trait so that `replay` can run a step against memory.
+
+use crate::error::StepError;
+use crate::preempt::StopFlag;
+use crate::step::OutputData;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tsr_state::{now_ms, BlobStore, CheckpointRecord, Digest, StepRecord, Store};
+
+/// A step's restored checkpoint.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub cursor: Vec<u8>,
+    /// Verified paths of the checkpoint's files, by name.
+    pub files: BTreeMap<String, PathBuf>,
+    pub digests: BTreeMap<String, Digest>,
+}
+
+/// Durable per-item progress and checkpoints of one step.
+pub trait ItemJournal: Send + Sync {
+    fn get(&self, index: u64) -> Result<Option<Vec<u8>>, StepError>;
+    fn indices(&self) -> Result<Vec<u64>, StepError>;
+    /// Commit items atomically; durable when this returns. A committed index is refused.
+    fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), StepError>;
+    fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError>;
+    fn set_total(&self, total: u64) -> Result<(), StepError>;
+    /// Record a checkpoint (files become blobs); the previous checkpoint's blobs are removed
+    /// once this one is committed.
+    fn save_checkpoint(
+        &self,
+        files: BTreeMap<String, OutputData>,
+        cursor: Vec<u8>,
+    ) -> Result<(), StepError>;
+    fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError>;
+}
+
+/// Progress of one step: an indicatif bar when stderr is a terminal, otherwise silent.
+#[derive(Clone)]
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub fn hidden() -> Self {
+        Progress { bar: None }
+    }
+    pub(crate) fn new(bar: indicatif::ProgressBar) -> Self {
+        Progress { bar: Some(bar) }
+    }
+    pub fn set_length(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(n);
+        }
+    }
+    pub fn set_position(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(n);
+        }
+    }
+    pub fn inc(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+    pub fn set_message(&self, m: impl Into<String>) {
+        if let Some(b) = &self.bar {
+            b.set_message(m.into());
+        }
+    }
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub struct StepContext {
+    pub(crate) node: String,
+    pub(crate) key: Digest,
+    pub(crate) scratch: PathBuf,
+    pub(crate) device: String,
+    pub(crate) stop: StopFlag,
+    pub(crate) journal: Arc<dyn ItemJournal>,
+    pub(crate) progress: Progress,
+}
+
+impl StepContext {
+    pub fn new(
+        node: &str,
+        key: Digest,
+        scratch: PathBuf,
+        device: &str,
+        stop: StopFlag,
+        journal: Arc<dyn ItemJournal>,
+        progress: Progress,
+    ) -> Self {
+        StepContext {
+            node: node.to_string(),
+            key,
+            scratch,
+            device: device.to_string(),
+            stop,
+            journal,
+            progress,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+    pub fn key(&self) -> Digest {
+        self.key
+    }
+    /// The step's seed, derived from its key (never from time).
+    pub fn seed(&self) -> u64 {
+        self.derive_seed("step", 0)
+    }
+    /// A seed for unit `index` of this step under a label (e.g. `("sample", i)`).
+    pub fn derive_seed(&self, label: &str, index: u64) -> u64 {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.key.0);
+        h.update(label.as_bytes());
+        h.update(&index.to_be_bytes());
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap())
+    }
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+    pub fn should_stop(&self) -> bool {
+        self.stop.is_set()
+    }
+    pub fn stop_flag(&self) -> &StopFlag {
+        &self.stop
+    }
+    pub fn items(&self) -> &dyn ItemJournal {
+        self.journal.as_ref()
+    }
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Produce `total` items in fixed batches (`[b*size, (b+1)*size)`), skipping batches already
+    /// committed and committing each batch atomically. Checks the stop flag at every batch
+    /// boundary. `work` gets the indices of one batch and returns one payload per index.
+    /// Batches never depend on where a previous attempt stopped, so a resumed step computes the
+    /// same units as an uninterrupted one.
+    pub fn for_each_batch(
+        &self,
+        total: u64,
+        batch: usize,
+        mut work: impl FnMut(&[u64]) -> Result<Vec<Vec<u8>>, StepError>,
+    ) -> Result<(), StepError> {
+        let batch = batch.max(1) as u64;
+        self.journal.set_total(total)?;
+        let done: std::collections::BTreeSet<u64> = self.journal.indices()?.into_iter().collect();
+        self.progress.set_length(total);
+        self.progress.set_position(done.len() as u64);
+        let mut start = 0;
+        while start < total {
+            let end = (start + batch).min(total);
+            let todo: Vec<u64> = (start..end).filter(|i| !done.contains(i)).collect();
+            if !todo.is_empty() {
+                if self.should_stop() {
+                    return Err(StepError::Interrupted);
+                }
+                let out = work(&todo)?;
+                if out.len() != todo.len() {
+                    return Err(StepError::Other(format!(
+                        "step `{}` produced {} items for a batch of {}",
+                        self.node,
+                        out.len(),
+                        todo.len()
+                    )));
+                }
+                let items: Vec<(u64, Vec<u8>)> = todo.iter().copied().zip(out).collect();
+                self.journal.commit(&items)?;
+                self.progress.inc(items.len() as u64);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// The journal of a step in the store.
+pub struct StoreJournal {
+    store: Arc<Store>,
+    key: Digest,
+    record: Mutex<StepRecord>,
+}
+
+impl StoreJournal {
+    pub fn new(store: Arc<Store>, key: Digest, record: StepRecord) -> Self {
+        StoreJournal {
+            store,
+            key,
+            record: Mutex::new(record),
+        }
+    }
+    pub fn record(&self) -> StepRecord {
+        self.record.lock().unwrap().clone()
+    }
+}
+
+fn blob_from(blobs: &BlobStore, data: OutputData) -> Result<Digest, StepError> {
+    Ok(match data {
+        OutputData::Bytes(b) => blobs.put_bytes(&b)?,
+        OutputData::File(p) => blobs.put_file(&p)?,
+        OutputData::Blob(d) => {
+            blobs.verify(&d)?;
+            d
+        }
+    })
+}
+
+impl ItemJournal for StoreJournal {
+    fn get(&self, index: u64) -> Result<Option<Vec<u8>>, StepError> {
+        Ok(self.store.get_item(&self.key, index)?)
+    }
+    fn indices(&self) -> Result<Vec<u64>, StepError> {
+        Ok(self.store.item_indices(&self.key)?)
+    }
+    fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), StepError> {
+        let mut rec = self.record.lock().unwrap();
+        let mut next = rec.clone();
+        next.items_done += items.len() as u64;
+        self.store.commit_items(&self.key, items, &next)?;
+        *rec = next;
+        Ok(())
+    }
+    fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError> {
+        Ok(self.store.items(&self.key)?)
+    }
+    fn set_total(&self, total: u64) -> Result<(), StepError> {
+        let mut rec = self.record.lock().unwrap();
+        if rec.items_total == Some(total) {
+            return Ok(());
+        }
+        let mut next = rec.clone();
+        next.items_total = Some(total);
+        self.store.commit_items(&self.key, &[], &next)?;
+        *rec = next;
+        Ok(())
+    }
+    fn save_checkpoint(
+        &self,
+        files: BTreeMap<String, OutputData>,
+        cursor: Vec<u8>,
+    ) -> Result<(), StepError> {
+        let blobs = self.store.blobs();
+        let mut digests = BTreeMap::new();
+        for (name, data) in files {
+            digests.insert(name, blob_from(blobs, data)?);
+        }
+        let mut rec = self.record.lock().unwrap();
+        let mut next = rec.clone();
+        let old = next.checkpoint.take();
+        next.checkpoint = Some(CheckpointRecord {
+            seq: old.as_ref().map(|c| c.seq + 1).unwrap_or(0),
+            blobs: digests.clone(),
+            cursor,
+        });
+        self.store.commit_items(&self.key, &[], &next)?;
+        *rec = next;
+        // Only now, with the new checkpoint durable, drop the old one's files (unless shared).
+        if let Some(old) = old {
+            for d in old.blobs.values() {
+                if !digests.values().any(|n| n == d) && self.store.get_artifact(d)?.is_none() {
+                    blobs.remove(d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError> {
+        let rec = self.record.lock().unwrap();
+        let Some(cp) = &rec.checkpoint else {
+            return Ok(None);
+        };
+        let mut files = BTreeMap::new();
+        for (name, d) in &cp.blobs {
+            files.insert(name.clone(), self.store.blobs().verified_path(d)?);
+        }
+        Ok(Some(Checkpoint {
+            seq: cp.seq,
+            cursor: cp.cursor.clone(),
+            files,
+            digests: cp.blobs.clone(),
+        }))
+    }
+}
+
+/// An in-memory journal (for replay): same contract, nothing persisted. Checkpoint files are
+/// written to a scratch blob store.
+pub struct MemoryJournal {
+    items: Mutex<BTreeMap<u64, Vec<u8>>>,
+    checkpoint: Mutex<Option<Checkpoint>>,
+    blobs: BlobStore,
+}
+
+impl MemoryJournal {
+    pub fn new(blobs: BlobStore) -> Self {
+        MemoryJournal {
+            items: Mutex::new(BTreeMap::new()),
+            checkpoint: Mutex::new(None),
+            blobs,
+        }
+    }
+}
+
+impl ItemJournal for MemoryJournal {
+    fn get(&self, index: u64) -> Result<Option<Vec<u8>>, StepError> {
+        Ok(self.items.lock().unwrap().get(&index).cloned())
+    }
+    fn indices(&self) -> Result<Vec<u64>, StepError> {
+        Ok(self.items.lock().unwrap().keys().copied().collect())
+    }
+    fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), StepError> {
+        let mut m = self.items.lock().unwrap();
+        for (i, b) in items {
+            if m.insert(*i, b.clone()).is_some() {
+                return Err(StepError::Other(format!("item {i} committed twice")));
+            }
+        }
+        Ok(())
+    }
+    fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError> {
+        Ok(self
+            .items
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+    fn set_total(&self, _total: u64) -> Result<(), StepError> {
+        Ok(())
+    }
+    fn save_checkpoint(
+        &self,
+        files: BTreeMap<String, OutputData>,
+        cursor: Vec<u8>,
+    ) -> Result<(), StepError> {
+        let mut digests = BTreeMap::new();
+        let mut paths = BTreeMap::new();
+        for (name, data) in files {
+            let d = blob_from(&self.blobs, data)?;
+            paths.insert(name.clone(), self.blobs.path(&d));
+            digests.insert(name, d);
+        }
+        let mut cp = self.checkpoint.lock().unwrap();
+        let seq = cp.as_ref().map(|c| c.seq + 1).unwrap_or(0);
+        *cp = Some(Checkpoint {
+            seq,
+            cursor,
+            files: paths,
+            digests,
+        });
+        Ok(())
+    }
+    fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError> {
+        Ok(self.checkpoint.lock().unwrap().clone())
+    }
+}
+
+pub(crate) fn new_step_record(
+    kind: &str,
+    version: u32,
+    config: &serde_json::Value,
+    inputs: &BTreeMap<String, Digest>,
+    run: &str,
+    node: &str,
+) -> StepRecord {
+    let _ = now_ms;
+    StepRecord {
+        kind: kind.to_string(),
+        version,
+        config: serde_json::to_string(config).expect("config JSON"),
+        inputs: inputs.clone(),
+        status: tsr_state::StepStatus::Pending,
+        attempts: 0,
+        items_done: 0,
+        items_total: None,
+        busy_ms: 0,
+        checkpoint: None,
+        first_run: run.to_string(),
+        first_node: node.to_string(),
+    }
+}

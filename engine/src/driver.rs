@@ -1,0 +1,681 @@
+//! The driver: opens or checks a run, then loops plan -> execute -> commit until the run is
+//! done, a step fails, or a stop signal arrives. Independent steps run concurrently on tokio's
+//! blocking pool under per-resource limits (one `Compute` user at a time by default).
+//!
+//! Commit protocol of a step: (1) record `Running{attempt}` and the node binding, flush;
+//! (2) run the step, which commits items and checkpoints itself; (3) move its outputs into the
+//! blob store (fsync + rename); (4) record `Done{outputs}`, artifacts and lineage edges in one
+//! batch, flush. A crash before (4) leaves `Running`, and the next run resumes the step.
+
+use crate::context::{new_step_record, Progress, StepContext, StoreJournal};
+use crate::dag::{Dag, InputSource};
+use crate::error::{EngineError, StepError};
+use crate::machine::{transition, Event};
+use crate::plan::{plan, Action, JournalView};
+use crate::preempt::StopFlag;
+use crate::step::{OutputData, Resource, Step, StepInputs};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tsr_state::{
+    now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunRecord, RunStatus,
+    StateError, Store,
+};
+
+/// How a run is defined, for creating it or checking that it did not change.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub name: String,
+    pub workflow: String,
+    pub config_toml: String,
+    pub definition: BTreeMap<String, String>,
+    pub forked_from: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DriverOptions {
+    pub device: String,
+    pub stop: StopFlag,
+    pub limits: BTreeMap<Resource, usize>,
+    pub max_parallel: usize,
+    /// Progress bars (drawn only when stderr is a terminal).
+    pub progress: bool,
+    /// One line per step start/finish on stderr.
+    pub log: bool,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        let mut limits = BTreeMap::new();
+        limits.insert(Resource::Compute, 1);
+        limits.insert(Resource::Io, 2);
+        DriverOptions {
+            device: "cpu".into(),
+            stop: StopFlag::new(),
+            limits,
+            max_parallel: 2,
+            progress: true,
+            log: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Completed {
+        executed: Vec<String>,
+        reused: Vec<String>,
+    },
+    Interrupted,
+}
+
+/// Content fingerprint of an external input: blake3 of a file, or of a folder's sorted
+/// (relative path, file digest) list.
+pub fn fingerprint(path: &Path) -> Result<Digest, StateError> {
+    let meta = std::fs::metadata(path).map_err(|e| StateError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if meta.is_file() {
+        return hash_file(path);
+    }
+    let mut files = Vec::new();
+    collect_files(path, path, &mut files)?;
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"tsr-dir-v1\0");
+    for rel in files {
+        let d = hash_file(&path.join(&rel))?;
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update(b"\0");
+        h.update(&d.0);
+    }
+    Ok(Digest::from(h.finalize()))
+}
+
+fn hash_file(path: &Path) -> Result<Digest, StateError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| StateError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| StateError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from(h.finalize()))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StateError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| StateError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    for entry in rd {
+        let entry = entry.map_err(|e| StateError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let p = entry.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineError> {
+    let mut out = BTreeMap::new();
+    let mut cache: BTreeMap<PathBuf, Digest> = BTreeMap::new();
+    for node in dag.nodes() {
+        for (input, src) in &node.inputs {
+            if let InputSource::External(path) = src {
+                let d = match cache.get(path) {
+                    Some(d) => *d,
+                    None => {
+                        let d = fingerprint(path).map_err(|e| EngineError::BadNode {
+                            node: node.name.clone(),
+                            reason: format!("input `{input}`: {e}"),
+                        })?;
+                        cache.insert(path.clone(), d);
+                        d
+                    }
+                };
+                out.insert(format!("{}/{input}", node.name), d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Create the run, or check that an existing run has the same definition and input files.
+pub fn open_run(store: &Store, spec: &RunSpec, dag: &Dag) -> Result<RunRecord, EngineError> {
+    tsr_state::validate_name(&spec.name)?;
+    let externals = external_fingerprints(dag)?;
+    if let Some(existing) = store.get_run(&spec.name)? {
+        let mut changes = Vec::new();
+        let mut sets = Vec::new();
+        let keys: BTreeSet<&String> = existing
+            .definition
+            .keys()
+            .chain(spec.definition.keys())
+            .collect();
+        for k in keys {
+            let old = existing.definition.get(k);
+            let new = spec.definition.get(k);
+            if old != new {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+                changes.push(format!("{k}: {} -> {}", show(old), show(new)));
+                if let Some(n) = new {
+                    sets.push(format!("--set {k}={n}"));
+                }
+            }
+        }
+        if existing.workflow != spec.workflow {
+            changes.insert(
+                0,
+                format!("workflow: {} -> {}", existing.workflow, spec.workflow),
+            );
+        }
+        if !changes.is_empty() {
+            return Err(EngineError::DefinitionChanged {
+                run: spec.name.clone(),
+                changes: changes.join("; "),
+                sets: sets.join(" "),
+            });
+        }
+        for (k, d) in &externals {
+            if let Some(old) = existing.externals.get(k) {
+                if old != d {
+                    let (node, input) = k.split_once('/').unwrap_or((k, ""));
+                    return Err(EngineError::InputChanged {
+                        run: spec.name.clone(),
+                        node: format!("{node}` (input `{input}`"),
+                        recorded: old.short(),
+                        now: d.short(),
+                    });
+                }
+            }
+        }
+        return Ok(existing);
+    }
+    let now = now_ms();
+    let rec = RunRecord {
+        name: spec.name.clone(),
+        workflow: spec.workflow.clone(),
+        config_toml: spec.config_toml.clone(),
+        definition: spec.definition.clone(),
+        externals,
+        forked_from: spec.forked_from.clone(),
+        status: RunStatus::Created,
+        created_ms: now,
+        updated_ms: now,
+    };
+    store.put_run(&rec)?;
+    Ok(rec)
+}
+
+struct StoreView<'a> {
+    store: &'a Store,
+    bindings: BTreeMap<String, Digest>,
+    externals: &'a BTreeMap<String, Digest>,
+    error: RefCell<Option<StateError>>,
+}
+
+impl<'a> StoreView<'a> {
+    fn load(
+        store: &'a Store,
+        run: &str,
+        externals: &'a BTreeMap<String, Digest>,
+    ) -> Result<Self, StateError> {
+        let bindings = store
+            .nodes(run)?
+            .into_iter()
+            .map(|(n, r)| (n, r.step_key))
+            .collect();
+        Ok(StoreView {
+            store,
+            bindings,
+            externals,
+            error: RefCell::new(None),
+        })
+    }
+}
+
+impl JournalView for StoreView<'_> {
+    fn binding(&self, node: &str) -> Option<Digest> {
+        self.bindings.get(node).copied()
+    }
+    fn status(&self, key: &Digest) -> Option<tsr_state::StepStatus> {
+        match self.store.get_step(key) {
+            Ok(r) => r.map(|r| r.status),
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+    fn external(&self, node: &str, input: &str) -> Option<Digest> {
+        self.externals.get(&format!("{node}/{input}")).copied()
+    }
+}
+
+/// Outcome of one executed node, reported back to the driver loop.
+enum Executed {
+    Done,
+    Interrupted,
+}
+
+pub struct Driver {
+    store: Arc<Store>,
+    dag: Arc<Dag>,
+    run: String,
+    opts: DriverOptions,
+}
+
+impl Driver {
+    pub fn new(store: Arc<Store>, dag: Arc<Dag>, run: &str, opts: DriverOptions) -> Self {
+        Driver {
+            store,
+            dag,
+            run: run.to_string(),
+            opts,
+        }
+    }
+
+    fn log(&self, multi: &indicatif::MultiProgress, line: String) {
+        if !self.opts.log {
+            return;
+        }
+        if self.opts.progress && std::io::stderr().is_terminal() {
+            let _ = multi.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn set_run_status(&self, status: RunStatus) -> Result<(), EngineError> {
+        let mut r = self.store.run(&self.run)?;
+        r.status = status;
+        r.updated_ms = now_ms();
+        self.store.put_run(&r)?;
+        Ok(())
+    }
+
+    /// Run until every node is done, a step fails, or the stop flag is set.
+    pub fn run(&self) -> Result<Outcome, EngineError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Other(format!("cannot start the tokio runtime: {e}")))?;
+        self.set_run_status(tsr_state::RunStatus::Running)?;
+        let res = rt.block_on(self.run_async());
+        let status = match &res {
+            Ok(Outcome::Completed { .. }) => RunStatus::Done,
+            Ok(Outcome::Interrupted) => RunStatus::Interrupted,
+            Err(e) => RunStatus::Failed {
+                error: e.to_string(),
+            },
+        };
+        self.set_run_status(status)?;
+        res
+    }
+
+    async fn run_async(&self) -> Result<Outcome, EngineError> {
+        let run = self.store.run(&self.run)?;
+        let externals = run.externals.clone();
+        let multi = if self.opts.progress {
+            indicatif::MultiProgress::new()
+        } else {
+            indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+        };
+        let mut set: tokio::task::JoinSet<(String, Digest, Result<Executed, EngineError>)> =
+            tokio::task::JoinSet::new();
+        let mut in_flight: BTreeMap<Digest, (String, Vec<Resource>)> = BTreeMap::new();
+        let mut executed = Vec::new();
+        let mut reused = Vec::new();
+        let mut failure: Option<EngineError> = None;
+        let mut interrupted = false;
+        loop {
+            let view = StoreView::load(&self.store, &self.run, &externals)?;
+            let keys: BTreeSet<Digest> = in_flight.keys().copied().collect();
+            let p = plan(&self.dag, &view, &keys);
+            if let Some(e) = view.error.borrow_mut().take() {
+                failure.get_or_insert(e.into());
+            }
+            let mut changed = false;
+            for action in &p.actions {
+                match action {
+                    Action::Conflict { node, recorded, now } => {
+                        failure.get_or_insert(EngineError::InputChanged {
+                            run: self.run.clone(),
+                            node: node.clone(),
+                            recorded: recorded.short(),
+                            now: now.short(),
+                        });
+                    }
+                    Action::Reuse { node, key } => {
+                        let iteration = self.dag.get(node).and_then(|n| n.iteration);
+                        let mut c = Commit::new();
+                        c.node(
+                            &self.run,
+                            node,
+                            &NodeRecord {
+                                step_key: *key,
+                                reused: true,
+                                iteration,
+                            },
+                        );
+                        self.store.commit(c)?;
+                        self.log(&multi, format!("tsr: {node}: reused (step {} already done)", key.short()));
+                        reused.push(node.clone());
+                        changed = true;
+                    }
+                    Action::Execute { .. } => {}
+                }
+            }
+            if p.complete() && set.is_empty() {
+                return Ok(Outcome::Completed { executed, reused });
+            }
+            let stopping = failure.is_some() || interrupted || self.opts.stop.is_set();
+            if !stopping {
+                for action in p.actions {
+                    let Action::Execute { node, key, inputs } = action else {
+                        continue;
+                    };
+                    if in_flight.len() >= self.opts.max_parallel {
+                        break;
+                    }
+                    let n = self.dag.get(&node).expect("planned node exists");
+                    let res = n.step.resources();
+                    let fits = res.iter().all(|r| {
+                        let used = in_flight.values().filter(|(_, rs)| rs.contains(r)).count();
+                        used < *self.opts.limits.get(r).unwrap_or(&1)
+                    });
+                    if !fits {
+                        continue;
+                    }
+                    let externals_paths: BTreeMap<String, PathBuf> = n
+                        .inputs
+                        .iter()
+                        .filter_map(|(k, s)| match s {
+                            InputSource::External(p) => Some((k.clone(), p.clone())),
+                            _ => None,
+                        })
+                        .collect();
+                    let bar = multi.add(indicatif::ProgressBar::new(0));
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{prefix:>24} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+                        )
+                        .expect("progress template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_prefix(node.clone());
+                    let job = Job {
+                        store: self.store.clone(),
+                        run: self.run.clone(),
+                        node: node.clone(),
+                        iteration: n.iteration,
+                        step: n.step.clone(),
+                        key,
+                        inputs,
+                        externals: externals_paths,
+                        device: self.opts.device.clone(),
+                        stop: self.opts.stop.clone(),
+                        progress: Progress::new(bar),
+                    };
+                    let rec = self.store.get_step(&key)?;
+                    let resume = rec
+                        .as_ref()
+                        .map(|r| format!(" (attempt {}, {} items done)", r.attempts + 1, r.items_done))
+                        .unwrap_or_default();
+                    self.log(&multi, format!("tsr: {node}: started{resume}"));
+                    in_flight.insert(key, (node.clone(), res));
+                    set.spawn_blocking(move || {
+                        let node = job.node.clone();
+                        let key = job.key;
+                        (node, key, job.execute())
+                    });
+                    changed = true;
+                }
+            }
+            if set.is_empty() {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if stopping {
+                    return Ok(Outcome::Interrupted);
+                }
+                if !changed {
+                    return Err(EngineError::Other(
+                        "the run cannot make progress: no step is ready and none is running".into(),
+                    ));
+                }
+                continue;
+            }
+            let joined = set.join_next().await.expect("a task is in flight");
+            let (node, key, res) = match joined {
+                Ok(v) => v,
+                Err(e) => {
+                    return Err(EngineError::Other(format!("a step task could not be joined: {e}")))
+                }
+            };
+            in_flight.remove(&key);
+            match res {
+                Ok(Executed::Done) => {
+                    self.log(&multi, format!("tsr: {node}: done"));
+                    executed.push(node);
+                }
+                Ok(Executed::Interrupted) => {
+                    self.log(&multi, format!("tsr: {node}: interrupted, progress saved"));
+                    interrupted = true;
+                }
+                Err(e) => {
+                    self.log(&multi, format!("tsr: {node}: failed"));
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+    }
+}
+
+/// One node's execution, moved to a blocking thread.
+struct Job {
+    store: Arc<Store>,
+    run: String,
+    node: String,
+    iteration: Option<u32>,
+    step: Arc<dyn Step>,
+    key: Digest,
+    inputs: BTreeMap<String, Digest>,
+    externals: BTreeMap<String, PathBuf>,
+    device: String,
+    stop: StopFlag,
+    progress: Progress,
+}
+
+impl Job {
+    fn transition_err(&self, from: &str, event: &str) -> EngineError {
+        EngineError::Transition {
+            node: self.node.clone(),
+            from: from.to_string(),
+            event: event.to_string(),
+        }
+    }
+
+    fn execute(self) -> Result<Executed, EngineError> {
+        let store = &self.store;
+        let step = &self.step;
+        let config = step.config();
+        let mut rec = match store.get_step(&self.key)? {
+            Some(r) => r,
+            None => new_step_record(
+                step.kind(),
+                step.version(),
+                &config,
+                &self.inputs,
+                &self.run,
+                &self.node,
+            ),
+        };
+        rec.status = transition(&rec.status, Event::Start, rec.attempts)
+            .map_err(|(f, e)| self.transition_err(f, e))?;
+        rec.attempts += 1;
+        let attempt = rec.attempts;
+        let binding = NodeRecord {
+            step_key: self.key,
+            reused: false,
+            iteration: self.iteration,
+        };
+        let mut c = Commit::new();
+        c.step(&self.key, &rec).node(&self.run, &self.node, &binding);
+        store.commit(c)?;
+
+        let scratch = store
+            .blobs()
+            .tmp_dir()
+            .join(format!("step-{}", self.key.short()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(|e| StateError::Io {
+            path: scratch.clone(),
+            source: e,
+        })?;
+        let journal = Arc::new(StoreJournal::new(store.clone(), self.key, rec));
+        let ctx = StepContext::new(
+            &self.node,
+            self.key,
+            scratch.clone(),
+            &self.device,
+            self.stop.clone(),
+            journal.clone(),
+            self.progress.clone(),
+        );
+        let inputs = StepInputs::new(
+            store.blobs().clone(),
+            self.inputs.clone(),
+            self.externals.clone(),
+        );
+        let t0 = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step.run(&inputs, &ctx)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(StepError::Other(format!("the step panicked: {msg}")))
+        });
+        self.progress.finish();
+        let mut rec = journal.record();
+        rec.busy_ms += t0.elapsed().as_millis() as u64;
+
+        let outputs = match result {
+            Ok(o) => o,
+            Err(StepError::Interrupted) if self.stop.is_set() => {
+                rec.status = transition(&rec.status, Event::Interrupt, rec.attempts)
+                    .map_err(|(f, e)| self.transition_err(f, e))?;
+                let mut c = Commit::new();
+                c.step(&self.key, &rec);
+                store.commit(c)?;
+                return Ok(Executed::Interrupted);
+            }
+            Err(e) => {
+                rec.status = transition(&rec.status, Event::Fail(e.to_string()), rec.attempts)
+                    .map_err(|(f, e)| self.transition_err(f, e))?;
+                let mut c = Commit::new();
+                c.step(&self.key, &rec);
+                store.commit(c)?;
+                return Err(EngineError::StepFailed {
+                    node: self.node.clone(),
+                    kind: step.kind().to_string(),
+                    attempt,
+                    source: e,
+                });
+            }
+        };
+
+        // Every declared output, and nothing else.
+        let declared: BTreeSet<&str> = step.outputs().into_iter().collect();
+        for name in outputs.names() {
+            if !declared.contains(name) {
+                return Err(EngineError::BadNode {
+                    node: self.node.clone(),
+                    reason: format!("produced undeclared output `{name}`"),
+                });
+            }
+        }
+        for name in &declared {
+            if !outputs.items.contains_key(*name) {
+                return Err(EngineError::MissingOutput {
+                    node: self.node.clone(),
+                    output: name.to_string(),
+                });
+            }
+        }
+        let mut digests = BTreeMap::new();
+        let mut c = Commit::new();
+        for (name, (kind, data)) in outputs.items {
+            let d = match data {
+                OutputData::Bytes(b) => store.blobs().put_bytes(&b)?,
+                OutputData::File(p) => store.blobs().put_file(&p)?,
+                OutputData::Blob(d) => {
+                    store.blobs().verify(&d)?;
+                    d
+                }
+            };
+            let size = store.blobs().size(&d).unwrap_or(0);
+            c.artifact(
+                &d,
+                &ArtifactRecord {
+                    kind,
+                    size,
+                    producer: Some(self.key),
+                    output: name.clone(),
+                },
+            );
+            for (input_name, input) in &self.inputs {
+                c.edge(
+                    &d,
+                    input,
+                    &EdgeRecord {
+                        step: self.key,
+                        input_name: input_name.clone(),
+                        output_name: name.clone(),
+                    },
+                );
+            }
+            digests.insert(name, d);
+        }
+        rec.status = transition(&rec.status, Event::Finish(digests.clone()), rec.attempts)
+            .map_err(|(f, e)| self.transition_err(f, e))?;
+        let old_checkpoint = rec.checkpoint.take();
+        c.step(&self.key, &rec).node(&self.run, &self.node, &binding);
+        store.commit(c)?;
+        // The step is durable; its checkpoint and scratch are no longer needed.
+        if let Some(cp) = old_checkpoint {
+            for d in cp.blobs.values() {
+                if !digests.values().any(|o| o == d) && store.get_artifact(d)?.is_none() {
+                    store.blobs().remove(d)?;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        Ok(Executed::Done)
+    }
+}
