@@ -1,1 +1,74 @@
-fn main() {}
+//! `tsr`: the command line. Thin: parse flags into a validated config, call the libraries, print.
+//! `main -> run -> ExitCode`; on failure the whole error chain is printed.
+
+mod cmd_inspect;
+mod cmd_run;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tsr", version, about = "Temporal Self-Rewarding training on a durable workflow engine")]
+struct Cli {
+    /// Store folder (default: the config's `store`, else $TSR_STORE, else ./.tsr).
+    #[arg(long, global = true)]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a run from a config, or continue it (the same command resumes).
+    Run(cmd_run::RunArgs),
+    /// Continue a run recorded in the store, from its stored definition.
+    Resume(cmd_run::ResumeArgs),
+    /// Branch a new run from a recorded one with changed settings; unchanged steps are reused.
+    Fork(cmd_run::ForkArgs),
+    /// Table of a run's steps: state, attempts, items, time, outputs.
+    Status(cmd_inspect::StatusArgs),
+    /// List the runs in the store.
+    Runs(cmd_inspect::JsonArgs),
+    /// Re-execute recorded steps in scratch space and compare output digests (exit 1 if any differ).
+    Replay(cmd_inspect::ReplayArgs),
+    /// Check every blob hash and every reference; exit 1 on damage. --repair recomputes.
+    Verify(cmd_inspect::VerifyArgs),
+    /// Remove blobs and steps no run references.
+    Gc(cmd_inspect::GcArgs),
+}
+
+pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
+    flag.clone()
+        .or_else(|| std::env::var_os("TSR_STORE").map(PathBuf::from))
+        .or_else(|| from_config.cloned())
+        .unwrap_or_else(|| PathBuf::from(".tsr"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let store = cli.store;
+    match cli.cmd {
+        Cmd::Run(a) => cmd_run::run(&store, a),
+        Cmd::Resume(a) => cmd_run::resume(&store, a),
+        Cmd::Fork(a) => cmd_run::fork(&store, a),
+        Cmd::Status(a) => cmd_inspect::status(&store, a),
+        Cmd::Runs(a) => cmd_inspect::runs(&store, a),
+        Cmd::Replay(a) => cmd_inspect::replay(&store, a),
+        Cmd::Verify(a) => cmd_inspect::verify(&store, a),
+        Cmd::Gc(a) => cmd_inspect::gc(&store, a),
+    }
+}

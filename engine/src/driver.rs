@@ -307,6 +307,21 @@ impl Driver {
         }
     }
 
+    fn snapshot(&self, workflow: &str) {
+        if let Ok(nodes) = crate::status::status_rows(&self.store, &self.dag, &self.run, true) {
+            crate::status::write_snapshot(
+                self.store.root(),
+                &crate::status::RunStatusView {
+                    run: self.run.clone(),
+                    workflow: workflow.to_string(),
+                    status: "running".into(),
+                    live_pid: Some(std::process::id()),
+                    nodes,
+                },
+            );
+        }
+    }
+
     fn set_run_status(&self, status: RunStatus) -> Result<(), EngineError> {
         let mut r = self.store.run(&self.run)?;
         r.status = status;
@@ -331,6 +346,10 @@ impl Driver {
             },
         };
         self.set_run_status(status)?;
+        if let Ok(run) = self.store.run(&self.run) {
+            self.snapshot(&run.workflow);
+        }
+        let _ = std::fs::remove_file(crate::status::snapshot_path(self.store.root(), &self.run));
         res
     }
 
@@ -350,6 +369,7 @@ impl Driver {
         let mut failure: Option<EngineError> = None;
         let mut interrupted = false;
         loop {
+            self.snapshot(&run.workflow);
             let view = StoreView::load(&self.store, &self.run, &externals)?;
             let keys: BTreeSet<Digest> = in_flight.keys().copied().collect();
             let p = plan(&self.dag, &view, &keys);

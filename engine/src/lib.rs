@@ -18,6 +18,7 @@ pub mod machine;
 mod plan;
 pub mod preempt;
 mod replay;
+mod status;
 mod step;
 pub mod testkit;
 
@@ -29,6 +30,7 @@ pub use key::step_key;
 pub use plan::{plan, Action, JournalView, NodeView, Plan};
 pub use preempt::StopFlag;
 pub use replay::{replay, ReplayReport};
+pub use status::{read_snapshot, status_rows, write_snapshot, RunStatusView, StatusRow};
 pub use step::{OutputData, Resource, Step, StepInputs, StepOutputs};
 
 /// Exit code of a process interrupted by SIGINT/SIGTERM after checkpointing: run the same

@@ -9,6 +9,8 @@
 //!    └────────────────┘  │ └─┘
 //!                   Fail ▼
 //!                     Failed ──Start (re-run: retry, attempt + 1)──► Running
+//!
+//! Any state ──Reset (verify --repair: an output blob was lost)──► Pending
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,6 +22,9 @@ pub enum Event {
     Finish(BTreeMap<String, Digest>),
     Fail(String),
     Interrupt,
+    /// `verify --repair`: an output blob was lost or damaged; forget the result so the step runs
+    /// again. Committed items are kept (they are verified records in sled).
+    Reset,
 }
 
 impl Event {
@@ -29,6 +34,7 @@ impl Event {
             Event::Finish(_) => "finish",
             Event::Fail(_) => "fail",
             Event::Interrupt => "interrupt",
+            Event::Reset => "reset",
         }
     }
 }
@@ -56,6 +62,7 @@ pub fn transition(
             error,
         }),
         (Running { .. }, Event::Interrupt) => Ok(Pending),
+        (_, Event::Reset) => Ok(Pending),
         (s, _) => Err((s.label(), label)),
     }
 }
@@ -79,6 +86,7 @@ mod tests {
         ));
         let done = transition(&running, Event::Finish(BTreeMap::new()), 1).unwrap();
         assert!(matches!(done, StepStatus::Done { .. }));
+        assert_eq!(transition(&done, Event::Reset, 1).unwrap(), StepStatus::Pending);
         for ev in [Event::Start, Event::Interrupt, Event::Fail("x".into()), Event::Finish(BTreeMap::new())] {
             let label = ev.label();
             assert_eq!(transition(&done, ev, 1).unwrap_err(), ("done", label));

@@ -276,7 +276,7 @@ impl Step for ToyReport {
 
 /// Shape of the toy workflow.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ToySpec {
     pub iterations: u32,
     pub items: u64,

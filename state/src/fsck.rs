@@ -21,6 +21,8 @@ pub struct Problem {
     /// `blob-missing`, `blob-corrupt`, `record-corrupt`, `dangling-node`, `stray-file`.
     pub kind: String,
     pub detail: String,
+    /// The damaged blob, for blob problems.
+    pub blob: Option<String>,
     /// Steps whose recomputation repairs the problem (empty when it cannot be recomputed).
     pub steps: Vec<String>,
 }
@@ -66,6 +68,7 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
             report.problems.push(Problem {
                 kind: "record-corrupt".into(),
                 detail,
+                blob: None,
                 steps,
             });
         }
@@ -111,6 +114,7 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
             report.problems.push(Problem {
                 kind: kind.into(),
                 detail: e.to_string(),
+                blob: Some(d.to_hex()),
                 steps: producers.iter().cloned().collect(),
             });
         }
@@ -121,6 +125,7 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
         report.problems.push(Problem {
             kind: "stray-file".into(),
             detail: format!("{} is not a blob (its name is not a digest)", p.display()),
+            blob: None,
             steps: vec![],
         });
     }
@@ -130,6 +135,7 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
             if !known.contains(&n.step_key) {
                 report.problems.push(Problem {
                     kind: "dangling-node".into(),
+                    blob: None,
                     detail: format!(
                         "run `{}` node `{node}` points at step {} which has no record",
                         run.name,

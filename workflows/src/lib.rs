@@ -1,1 +1,55 @@
-//! placeholder
+//! Workflow definitions: the validated run config (TOML) and the DAG each workflow builds from
+//! it. `toy` is a model-free workflow for exercising the engine; the language-model workflows
+//! (temporal, self-rewarding, past-only, future-only) build on `tsr-steps`.
+
+mod config;
+
+pub use config::{apply_set, Config, ConfigError};
+
+use std::collections::BTreeMap;
+use tsr_engine::{Dag, EngineError, RunSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Names of the workflows this build knows.
+pub const WORKFLOWS: &[&str] = &["toy"];
+
+/// Build the DAG of a validated config.
+pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
+    match config.workflow.as_str() {
+        "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
+        other => Err(ConfigError::Invalid {
+            key: "workflow".into(),
+            reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),
+        }
+        .into()),
+    }
+}
+
+/// The engine's view of a run defined by this config.
+pub fn run_spec(config: &Config, forked_from: Option<String>) -> RunSpec {
+    RunSpec {
+        name: config.name.clone(),
+        workflow: config.workflow.clone(),
+        config_toml: config.to_toml(),
+        definition: config.definition(),
+        forked_from,
+    }
+}
+
+/// The config keys that change no result (where the store is, progress display), left out of
+/// the definition compared on re-run.
+pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    config::flatten("", value, &mut out);
+    for k in ["store", "device"] {
+        out.remove(k);
+    }
+    out
+}

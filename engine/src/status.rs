@@ -1,0 +1,102 @@
+//! Status rows of a run (for `tsr status`), computed from the DAG and the store, and the live
+//! snapshot a running driver writes so that `status` works while the store is locked.
+
+use crate::dag::Dag;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tsr_state::{StateError, StepStatus, Store};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatusRow {
+    pub node: String,
+    pub iteration: Option<u32>,
+    pub kind: String,
+    /// waiting, pending, running, interrupted, failed, done, reused.
+    pub state: String,
+    pub attempts: u32,
+    pub items_done: u64,
+    pub items_total: Option<u64>,
+    pub busy_s: f64,
+    pub step_key: Option<String>,
+    pub outputs: Vec<(String, String)>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunStatusView {
+    pub run: String,
+    pub workflow: String,
+    pub status: String,
+    /// Set when read from the snapshot of a running process.
+    pub live_pid: Option<u32>,
+    pub nodes: Vec<StatusRow>,
+}
+
+/// `live`: whether this process is the one executing the run (then `Running` means running;
+/// otherwise a `Running` record was left by a process that died: interrupted).
+pub fn status_rows(store: &Store, dag: &Dag, run: &str, live: bool) -> Result<Vec<StatusRow>, StateError> {
+    let mut rows = Vec::new();
+    for node in dag.topo() {
+        let mut row = StatusRow {
+            node: node.name.clone(),
+            iteration: node.iteration,
+            kind: node.step.kind().to_string(),
+            state: "waiting".into(),
+            attempts: 0,
+            items_done: 0,
+            items_total: None,
+            busy_s: 0.0,
+            step_key: None,
+            outputs: vec![],
+            error: None,
+        };
+        if let Some(b) = store.get_node(run, &node.name)? {
+            row.step_key = Some(b.step_key.to_hex());
+            if let Some(rec) = store.get_step(&b.step_key)? {
+                row.attempts = rec.attempts;
+                row.items_done = rec.items_done;
+                row.items_total = rec.items_total;
+                row.busy_s = rec.busy_ms as f64 / 1000.0;
+                row.state = match &rec.status {
+                    StepStatus::Pending if rec.attempts > 0 => "interrupted".into(),
+                    StepStatus::Pending => "pending".into(),
+                    StepStatus::Running { .. } if live => "running".into(),
+                    StepStatus::Running { .. } => "interrupted".into(),
+                    StepStatus::Failed { error, .. } => {
+                        row.error = Some(error.clone());
+                        "failed".into()
+                    }
+                    StepStatus::Done { outputs, .. } => {
+                        row.outputs = outputs.iter().map(|(k, d)| (k.clone(), d.to_hex())).collect();
+                        if b.reused { "reused".into() } else { "done".into() }
+                    }
+                };
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub fn snapshot_path(store_root: &Path, run: &str) -> PathBuf {
+    store_root.join("status").join(format!("{}.json", run.replace('/', "%2F")))
+}
+
+/// Write the snapshot atomically (tmp, rename). Best effort: a failure only loses the live view.
+pub fn write_snapshot(store_root: &Path, view: &RunStatusView) {
+    let path = snapshot_path(store_root, &view.run);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    if let Ok(bytes) = serde_json::to_vec_pretty(view) {
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+}
+
+pub fn read_snapshot(store_root: &Path, run: &str) -> Option<RunStatusView> {
+    let bytes = std::fs::read(snapshot_path(store_root, run)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,283 @@
+//! Inspection commands: status, runs, replay, verify (+ repair), gc. Each takes `--json`.
+
+use crate::cmd_run::open_store;
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tsr_engine::{machine, replay as engine_replay, status_rows, RunStatusView, StopFlag};
+use tsr_state::{Commit, Digest, StateError, Store};
+use tsr_workflows::Config;
+
+#[derive(Args)]
+pub struct JsonArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    pub run: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    pub run: String,
+    /// Nodes to replay (see `tsr status RUN`).
+    pub nodes: Vec<String>,
+    /// Replay every node of this iteration.
+    #[arg(long)]
+    pub iteration: Option<u32>,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Forget damaged results and re-run the affected runs to recompute them.
+    #[arg(long)]
+    pub repair: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    /// Only report what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn config_of(store: &Store, run: &str) -> anyhow::Result<Config> {
+    let rec = store.run(run)?;
+    Ok(Config::from_str_at(&rec.config_toml, Path::new(&format!("run `{run}` (stored)")))?)
+}
+
+fn print_status(view: &RunStatusView) {
+    println!(
+        "run {} ({}): {}{}",
+        view.run,
+        view.workflow,
+        view.status,
+        view.live_pid
+            .map(|p| format!(" (live snapshot from pid {p}; the store is in use)"))
+            .unwrap_or_default()
+    );
+    println!(
+        "{:<28} {:<14} {:<12} {:>4} {:>13} {:>9}  {}",
+        "NODE", "KIND", "STATE", "ATT", "ITEMS", "TIME", "OUTPUT"
+    );
+    for r in &view.nodes {
+        let items = match r.items_total {
+            Some(t) => format!("{}/{}", r.items_done, t),
+            None if r.items_done > 0 => r.items_done.to_string(),
+            None => "-".into(),
+        };
+        let out = r
+            .outputs
+            .iter()
+            .map(|(k, d)| format!("{k}={}", &d[..12]))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<28} {:<14} {:<12} {:>4} {:>13} {:>8.1}s  {}",
+            r.node, r.kind, r.state, r.attempts, items, r.busy_s, out
+        );
+        if let Some(e) = &r.error {
+            println!("    error: {e}");
+        }
+    }
+}
+
+pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = crate::store_dir(store_flag, None);
+    let view = match Store::open(&dir) {
+        Ok(store) => {
+            let config = config_of(&store, &a.run)?;
+            let dag = tsr_workflows::build(&config)?;
+            let rec = store.run(&a.run)?;
+            RunStatusView {
+                run: a.run.clone(),
+                workflow: rec.workflow.clone(),
+                status: format!("{:?}", rec.status).to_lowercase(),
+                live_pid: None,
+                nodes: status_rows(&store, &dag, &a.run, false)?,
+            }
+        }
+        Err(e @ StateError::InUse { .. }) => tsr_engine::read_snapshot(&dir, &a.run)
+            .ok_or(e)
+            .context("the run is in use and has no live snapshot yet")?,
+        Err(e) => return Err(e).with_context(|| format!("opening the store {}", dir.display())),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_status(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn runs(store_flag: &Option<PathBuf>, a: JsonArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&crate::store_dir(store_flag, None))?;
+    let runs = store.runs()?;
+    if a.json {
+        let v: Vec<_> = runs
+            .iter()
+            .map(|r| json!({"name": r.name, "workflow": r.workflow, "status": format!("{:?}", r.status), "forked_from": r.forked_from}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in runs {
+            println!("{:<24} {:<16} {:?}", r.name, r.workflow, r.status);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn replay(store_flag: &Option<PathBuf>, a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&crate::store_dir(store_flag, None))?;
+    let config = config_of(&store, &a.run)?;
+    let dag = tsr_workflows::build(&config)?;
+    let mut nodes = a.nodes.clone();
+    if let Some(i) = a.iteration {
+        nodes.extend(
+            dag.topo()
+                .filter(|n| n.iteration == Some(i))
+                .map(|n| n.name.clone()),
+        );
+        if nodes.is_empty() {
+            anyhow::bail!("run `{}` has no nodes in iteration {i}", a.run);
+        }
+    }
+    if nodes.is_empty() {
+        anyhow::bail!("name the nodes to replay, or --iteration N (`tsr status {}` lists nodes)", a.run);
+    }
+    let device = a.device.unwrap_or(config.device.clone());
+    let reports = engine_replay(&store, &dag, &a.run, &nodes, &device, StopFlag::new())?;
+    let all = reports.iter().all(|r| r.identical);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"identical": all, "steps": reports}))?);
+    } else {
+        for r in &reports {
+            println!(
+                "{:<28} {:<10} {:.1}s",
+                r.node,
+                if r.identical { "identical" } else { "DIFFERENT" },
+                r.seconds
+            );
+            for o in &r.outputs {
+                if !o.identical {
+                    println!("    {}: recorded {} replayed {}", o.name, o.recorded, o.replayed);
+                }
+            }
+            if let Some(n) = &r.note {
+                println!("    note: {n}");
+            }
+        }
+    }
+    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let dir = crate::store_dir(store_flag, None);
+    let store = open_store(&dir)?;
+    let report = tsr_state::verify(&store)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} records and {} blobs ({} unreferenced): {}",
+            report.records,
+            report.blobs_checked,
+            report.unreferenced_blobs,
+            if report.ok() { "ok".to_string() } else { format!("{} problems", report.problems.len()) }
+        );
+        for p in &report.problems {
+            println!("  {}: {}", p.kind, p.detail);
+        }
+    }
+    if report.ok() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !a.repair {
+        if report.problems.iter().any(|p| !p.steps.is_empty()) {
+            eprintln!("tsr: the damaged results can be recomputed: tsr verify --repair --store {}", dir.display());
+        }
+        return Ok(ExitCode::from(1));
+    }
+    // Repair: forget each affected step's result, drop its damaged blobs, then re-run every run
+    // that uses it. Steps are deterministic, so the recomputed digests equal the recorded ones.
+    let mut steps: Vec<Digest> = report
+        .problems
+        .iter()
+        .flat_map(|p| p.steps.iter())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    steps.sort();
+    steps.dedup();
+    for p in &report.problems {
+        if p.kind == "blob-corrupt" {
+            if let Some(d) = p.blob.as_deref().and_then(|s| s.parse::<Digest>().ok()) {
+                store.blobs().remove(&d)?;
+            }
+        }
+    }
+    for key in &steps {
+        let Some(mut rec) = store.get_step(key)? else { continue };
+        rec.status = machine::transition(&rec.status, machine::Event::Reset, rec.attempts)
+            .map_err(|(f, e)| anyhow::anyhow!("cannot reset step {}: {f} -> {e}", key.short()))?;
+        rec.checkpoint = None;
+        let mut c = Commit::new();
+        c.step(key, &rec);
+        store.commit(c)?;
+        eprintln!("tsr: step {} will be recomputed", key.short());
+    }
+    let mut affected = Vec::new();
+    for run in store.runs()? {
+        if store.nodes(&run.name)?.iter().any(|(_, n)| steps.contains(&n.step_key)) {
+            affected.push(run.name.clone());
+        }
+    }
+    drop(store);
+    let mut code = ExitCode::SUCCESS;
+    for run in affected {
+        eprintln!("tsr: re-running `{run}` to recompute");
+        let c = crate::cmd_run::resume(
+            store_flag,
+            crate::cmd_run::ResumeArgs { run, device: None, quiet: true },
+        )?;
+        if c != ExitCode::SUCCESS {
+            code = c;
+        }
+    }
+    let store = open_store(&dir)?;
+    let after = tsr_state::verify(&store)?;
+    println!("after repair: {}", if after.ok() { "ok".to_string() } else { format!("{} problems remain", after.problems.len()) });
+    Ok(if after.ok() { code } else { ExitCode::from(1) })
+}
+
+pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
+    let store: Arc<Store> = open_store(&crate::store_dir(store_flag, None))?;
+    let r = tsr_state::gc(&store, a.dry_run)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{} {} blobs ({} bytes) and {} steps; kept {} blobs",
+            if a.dry_run { "would remove" } else { "removed" },
+            r.removed_blobs,
+            r.removed_bytes,
+            r.removed_steps,
+            r.kept_blobs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,145 @@
+//! `tsr run`, `tsr resume`, `tsr fork`: define or continue a run and drive it.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tsr_engine::{open_run, preempt, Driver, DriverOptions, Outcome, StopFlag};
+use tsr_state::Store;
+use tsr_workflows::Config;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The run config (TOML).
+    pub config: PathBuf,
+    /// Override the config's device (cpu, cuda:0); not part of the run's definition.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// No progress bars or step lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct ResumeArgs {
+    pub run: String,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args)]
+pub struct ForkArgs {
+    /// The run to branch from.
+    pub run: String,
+    /// Name of the new run.
+    #[arg(long)]
+    pub name: String,
+    /// Changed settings, dotted keys as in the config: --set dpo.beta=0.2
+    #[arg(long = "set")]
+    pub sets: Vec<String>,
+    /// Only record the new run; do not execute it (`tsr resume NEW` does).
+    #[arg(long)]
+    pub no_run: bool,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(
+        Store::open(dir).with_context(|| format!("opening the store {}", dir.display()))?,
+    ))
+}
+
+/// Drive a defined run to the end (or to an interruption). Shared by run, resume and fork.
+fn drive(
+    store_dir: &Path,
+    config: &Config,
+    forked_from: Option<String>,
+    device: Option<String>,
+    quiet: bool,
+    execute: bool,
+    resume_hint: String,
+) -> anyhow::Result<ExitCode> {
+    let store = open_store(store_dir)?;
+    let dag = Arc::new(
+        tsr_workflows::build(config)
+            .with_context(|| format!("building the `{}` workflow", config.workflow))?,
+    );
+    let spec = tsr_workflows::run_spec(config, forked_from);
+    open_run(&store, &spec, &dag)?;
+    if !execute {
+        println!("recorded run `{}`; continue it with: tsr resume {} --store {}", config.name, config.name, store_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = StopFlag::new();
+    preempt::install(stop.clone(), format!("Resume with: {resume_hint}"))
+        .map_err(anyhow::Error::msg)?;
+    let opts = DriverOptions {
+        device: device.unwrap_or_else(|| config.device.clone()),
+        stop,
+        progress: !quiet,
+        log: !quiet,
+        ..DriverOptions::default()
+    };
+    let outcome = Driver::new(store.clone(), dag, &config.name, opts).run()?;
+    match outcome {
+        Outcome::Completed { executed, reused } => {
+            eprintln!(
+                "tsr: run `{}` complete ({} steps executed, {} reused). Inspect: tsr status {} --store {}",
+                config.name,
+                executed.len(),
+                reused.len(),
+                config.name,
+                store_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted => {
+            eprintln!("tsr: interrupted; progress is saved. Resume with: {resume_hint}");
+            Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8))
+        }
+    }
+}
+
+pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::from_file(&a.config)?;
+    let store_dir = crate::store_dir(store_flag, config.store.as_ref());
+    let hint = format!("tsr run {} --store {}", a.config.display(), store_dir.display());
+    drive(&store_dir, &config, None, a.device, a.quiet, true, hint)
+}
+
+fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
+    let store = open_store(store_dir)?;
+    let rec = store.run(run)?;
+    let config = Config::from_str_at(&rec.config_toml, Path::new(&format!("run `{run}` (stored)")))?;
+    Ok(config)
+}
+
+pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let store_dir = crate::store_dir(store_flag, None);
+    let config = stored_config(&store_dir, &a.run)?;
+    let hint = format!("tsr resume {} --store {}", a.run, store_dir.display());
+    drive(&store_dir, &config, None, a.device, a.quiet, true, hint)
+}
+
+pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCode> {
+    let store_dir = crate::store_dir(store_flag, None);
+    let mut config = stored_config(&store_dir, &a.run)?;
+    for s in &a.sets {
+        config = tsr_workflows::apply_set(&config, s)?;
+    }
+    config = tsr_workflows::apply_set(&config, &format!("name=\"{}\"", a.name))?;
+    {
+        let store = open_store(&store_dir)?;
+        if store.get_run(&a.name)?.is_some() {
+            bail!("run `{}` already exists; choose another --name", a.name);
+        }
+    }
+    let hint = format!("tsr resume {} --store {}", a.name, store_dir.display());
+    drive(&store_dir, &config, Some(a.run.clone()), a.device, a.quiet, !a.no_run, hint)
+}

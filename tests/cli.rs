@@ -1,0 +1,139 @@
+//! The `tsr` binary end to end on the model-free `toy` workflow: run, status, replay, verify
+//! (damage and repair), fork reuse, config-change refusal, SIGTERM exit code, second process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tsr(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_config(dir: &Path, name: &str, train_steps: u32, work_ms: u32) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"{name}\"\nworkflow = \"toy\"\n[toy]\niterations = 2\nitems = 12\ntrain_steps = {train_steps}\ncheckpoint_every = 3\nwork_ms = {work_ms}\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn run_status_replay_verify_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = write_config(dir.path(), "r1", 6, 0);
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = tsr(&["status", "r1", "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 8);
+    assert_eq!(nodes.iter().filter(|n| n["state"] == "reused").count(), 1);
+    assert!(nodes.iter().all(|n| n["state"] == "done" || n["state"] == "reused"));
+
+    let o = tsr(&["replay", "r1", "--iteration", "2", "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["identical"], true);
+    assert_eq!(v["steps"].as_array().unwrap().len(), 3);
+
+    // Damage the output of iter1/map; verify finds it, exit 1; --repair recomputes it.
+    let o = tsr(&["status", "r1", "--json"], &store);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let map = v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "iter1/map").unwrap().clone();
+    let digest = map["outputs"][0][1].as_str().unwrap().to_string();
+    let blob = store.join("blobs").join(&digest[..2]).join(&digest[2..]);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[5] ^= 0x20;
+    std::fs::write(&blob, bytes).unwrap();
+    let o = tsr(&["verify"], &store);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("blob-corrupt"), "{}", text(&o));
+    assert!(text(&o).contains("tsr verify --repair"), "{}", text(&o));
+    let o = tsr(&["verify", "--repair"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("after repair: ok"), "{}", text(&o));
+    let o = tsr(&["verify", "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn edited_config_is_refused_and_fork_reuses_unchanged_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = write_config(dir.path(), "base", 6, 0);
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store).status.success());
+    write_config(dir.path(), "base", 9, 0);
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("toy.train_steps: 6 -> 9"), "{t}");
+    assert!(t.contains("tsr fork base --name NEW --set toy.train_steps=9"), "{t}");
+
+    let o = tsr(&["fork", "base", "--name", "b2", "--set", "toy.train_steps=9"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("4 steps executed, 4 reused"), "{}", text(&o));
+    let o = tsr(&["fork", "base", "--name", "b2"], &store);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("already exists"));
+    let o = tsr(&["runs", "--json"], &store);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[1]["forked_from"], "base");
+}
+
+#[test]
+fn sigterm_gives_the_resumable_exit_code_and_the_same_command_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = write_config(dir.path(), "t", 40, 15);
+    let child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+        .arg(&store)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // While it runs, a second process is refused, and status reads the live snapshot.
+    let o = tsr(&["verify"], &store);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains(&format!("in use by pid {}", child.id())), "{}", text(&o));
+    let o = tsr(&["status", "t"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("live snapshot"), "{}", text(&o));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Resume with: tsr run"));
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn bad_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "name = \"x\"\nworkflow = \"toy\"\n[toy]\nitemz = 3\n").unwrap();
+    let o = tsr(&["run", p.to_str().unwrap()], &dir.path().join("s"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("itemz"), "{}", text(&o));
+    let o = tsr(&["run", dir.path().join("missing.toml").to_str().unwrap()], &dir.path().join("s"));
+    assert!(text(&o).contains("missing.toml"), "{}", text(&o));
+}
