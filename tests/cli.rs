@@ -96,7 +96,8 @@ fn edited_config_is_refused_and_fork_reuses_unchanged_steps() {
     assert!(text(&o).contains("already exists"));
     let o = tsr(&["runs", "--json"], &store);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v[1]["forked_from"], "base");
+    let b2 = v.as_array().unwrap().iter().find(|r| r["name"] == "b2").unwrap();
+    assert_eq!(b2["forked_from"], "base");
 }
 
 #[test]
