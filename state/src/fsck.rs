@@ -83,8 +83,12 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
                 referenced.entry(*d).or_default().insert(key.to_hex());
             }
         }
+        // Inputs made by steps are blobs; an input without an artifact record is the
+        // fingerprint of an external file (e.g. the user's prompts), not a blob.
         for d in rec.inputs.values() {
-            referenced.entry(*d).or_default();
+            if let Ok(Some(_)) = store.get_artifact(d) {
+                referenced.entry(*d).or_default();
+            }
         }
         if let Some(cp) = &rec.checkpoint {
             for d in cp.blobs.values() {

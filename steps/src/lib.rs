@@ -3,3 +3,12 @@
 pub mod judge_text;
 pub mod prompts;
 pub mod select;
+pub mod dpo;
+pub mod model;
+pub mod dpo_step;
+pub mod generate;
+pub mod import;
+pub mod judge;
+pub mod lm;
+pub mod pairs;
+pub mod reference;

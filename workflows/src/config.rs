@@ -46,6 +46,155 @@ pub struct Config {
     pub store: Option<PathBuf>,
     #[serde(default)]
     pub toy: ToySpec,
+    /// Language-model workflows: number of iterations.
+    #[serde(default = "one")]
+    pub iterations: u32,
+    /// Past anchor for rejected responses: `initial` (M0) or `previous` (Mi-1).
+    #[serde(default = "initial")]
+    pub anchor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptsSection>,
+    #[serde(default)]
+    pub generate: GenerateSection,
+    #[serde(default)]
+    pub judge: JudgeSection,
+    #[serde(default)]
+    pub dpo: DpoSection,
+}
+
+fn one() -> u32 {
+    1
+}
+fn initial() -> String {
+    "initial".into()
+}
+
+/// `[model]`: the initial model M0.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file, a Hugging Face model folder, or a hub id (`Org/Name`) from the local cache.
+    pub source: String,
+}
+
+impl ModelSection {
+    /// The external path to fingerprint and how to read it (`gguf` or `hf`).
+    pub fn resolve(&self) -> Result<(PathBuf, String), ConfigError> {
+        let src = tsr_steps::model::ModelSource::parse(&self.source).map_err(|e| ConfigError::Invalid {
+            key: "model.source".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(match src {
+            tsr_steps::model::ModelSource::Gguf(p) => (p, "gguf".into()),
+            tsr_steps::model::ModelSource::HfDir(p) => (p, "hf".into()),
+            tsr_steps::model::ModelSource::HubId(id) => {
+                let p = tsr_steps::model::resolve_hub_id(&id).map_err(|e| ConfigError::Invalid {
+                    key: "model.source".into(),
+                    reason: e.to_string(),
+                })?;
+                (p, "hf".into())
+            }
+        })
+    }
+}
+
+/// `[prompts]`: the user's JSONL.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsSection {
+    pub file: PathBuf,
+    /// Use only the first N prompts (0: all).
+    #[serde(default)]
+    pub limit: usize,
+}
+
+/// `[generate]`: sampling of responses (Self-Rewarding's defaults; K = 7 as in the paper).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateSection {
+    pub k: u32,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<usize>,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+impl Default for GenerateSection {
+    fn default() -> Self {
+        GenerateSection { k: 7, temperature: 0.7, top_p: 0.9, top_k: None, max_new_tokens: 256, batch_size: 16 }
+    }
+}
+
+/// `[judge]`: LLM-as-a-Judge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeSection {
+    /// `text` (generate, parse `Score: N`, average J samples) or `logprob` (expected score).
+    pub mode: tsr_steps::judge::JudgeMode,
+    /// J: judgements per response in text mode.
+    pub samples: u32,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    /// A template file with {prompt} and {response}; default: the built-in rubric.
+    pub template: Option<PathBuf>,
+    /// Length control band for selection (None: off).
+    pub length_band: Option<f64>,
+}
+
+impl Default for JudgeSection {
+    fn default() -> Self {
+        JudgeSection {
+            mode: tsr_steps::judge::JudgeMode::Text,
+            samples: 3,
+            max_new_tokens: 160,
+            temperature: 0.7,
+            top_p: 0.9,
+            batch_size: 16,
+            template: None,
+            length_band: None,
+        }
+    }
+}
+
+/// `[dpo]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    pub beta: f64,
+    pub loss: tsr_steps::dpo::DpoLossKind,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub epochs: u64,
+    pub micro_batch: usize,
+    pub accum_steps: usize,
+    pub max_grad_norm: Option<f64>,
+    pub weight_decay: f64,
+    pub checkpoint_every: u64,
+    /// Reference model: `current` (Mi, the default) or `initial` (M0).
+    pub reference: String,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        DpoSection {
+            beta: 0.1,
+            loss: tsr_steps::dpo::DpoLossKind::Sigmoid,
+            lr: 5e-7,
+            warmup_steps: 0,
+            epochs: 1,
+            micro_batch: 1,
+            accum_steps: 4,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            checkpoint_every: 10,
+            reference: "current".into(),
+        }
+    }
 }
 
 impl Config {
@@ -54,23 +203,44 @@ impl Config {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let mut c = Config::from_str_at(&text, path)?;
-        // Relative paths in a config are relative to the config file.
-        if let Some(dir) = path.parent() {
-            if let Some(s) = &c.store {
-                if s.is_relative() && !dir.as_os_str().is_empty() {
-                    c.store = Some(dir.join(s));
-                }
-            }
-        }
+        let c = Config::from_str_at_dir(&text, path, path.parent())?;
         Ok(c)
     }
 
     pub fn from_str_at(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::from_str_at_dir(text, path, None)
+    }
+
+    /// Parse and validate; relative paths (store, model, prompts, template) are taken relative
+    /// to `dir` (the config file's folder) and stored absolute, so a stored run does not depend
+    /// on where tsr is started.
+    pub fn from_str_at_dir(text: &str, path: &Path, dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
+        if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            let abs = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = std::path::absolute(dir.join(&*p)).unwrap_or_else(|_| dir.join(&*p));
+                }
+            };
+            if let Some(s) = c.store.as_mut() {
+                abs(s);
+            }
+            if let Some(p) = c.prompts.as_mut() {
+                abs(&mut p.file);
+            }
+            if let Some(t) = c.judge.template.as_mut() {
+                abs(t);
+            }
+            if let Some(m) = c.model.as_mut() {
+                let candidate = dir.join(&m.source);
+                if Path::new(&m.source).is_relative() && candidate.exists() {
+                    m.source = std::path::absolute(&candidate).unwrap_or(candidate).display().to_string();
+                }
+            }
+        }
         c.validate()?;
         Ok(c)
     }
@@ -94,6 +264,9 @@ impl Config {
         if self.device != "cpu" && !self.device.starts_with("cuda") {
             return bad("device", "use `cpu` or `cuda:N`");
         }
+        if self.workflow != "toy" {
+            self.validate_lm()?;
+        }
         if self.workflow == "toy" {
             let t = &self.toy;
             if t.iterations == 0 {
@@ -105,6 +278,70 @@ impl Config {
             if t.checkpoint_every == 0 {
                 return bad("toy.checkpoint_every", "must be at least 1");
             }
+        }
+        Ok(())
+    }
+
+    fn validate_lm(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.into(), reason });
+        if self.model.is_none() {
+            return bad("model", "this workflow needs a [model] section with `source = ...`".into());
+        }
+        match &self.prompts {
+            None => return bad("prompts", "this workflow needs a [prompts] section with `file = ...`".into()),
+            Some(p) if !p.file.is_file() => {
+                return bad("prompts.file", format!("{} does not exist or is not a file", p.file.display()))
+            }
+            _ => {}
+        }
+        if self.iterations == 0 {
+            return bad("iterations", "must be at least 1".into());
+        }
+        if !["initial", "previous"].contains(&self.anchor.as_str()) {
+            return bad("anchor", "use `initial` (M0) or `previous` (Mi-1)".into());
+        }
+        let g = &self.generate;
+        if g.k < 2 {
+            return bad("generate.k", format!("{} responses per prompt cannot form a pair; use at least 2", g.k));
+        }
+        if !(g.temperature > 0.0 && g.temperature.is_finite()) {
+            return bad("generate.temperature", "must be > 0".into());
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return bad("generate.top_p", "must be in (0, 1]".into());
+        }
+        if g.max_new_tokens == 0 || g.batch_size == 0 {
+            return bad("generate", "max_new_tokens and batch_size must be at least 1".into());
+        }
+        let j = &self.judge;
+        if j.samples == 0 || j.batch_size == 0 || j.max_new_tokens == 0 {
+            return bad("judge", "samples, batch_size and max_new_tokens must be at least 1".into());
+        }
+        if let Some(b) = j.length_band {
+            if !(b >= 0.0 && b.is_finite()) {
+                return bad("judge.length_band", "must be >= 0".into());
+            }
+        }
+        let d = &self.dpo;
+        if !(d.beta > 0.0 && d.beta.is_finite()) {
+            return bad("dpo.beta", format!("{} is not > 0", d.beta));
+        }
+        if !(d.lr > 0.0 && d.lr.is_finite()) {
+            return bad("dpo.lr", format!("{} is not > 0", d.lr));
+        }
+        if d.weight_decay < 0.0 {
+            return bad("dpo.weight_decay", "must be >= 0".into());
+        }
+        if d.epochs == 0 || d.micro_batch == 0 || d.accum_steps == 0 || d.checkpoint_every == 0 {
+            return bad("dpo", "epochs, micro_batch, accum_steps and checkpoint_every must be at least 1".into());
+        }
+        if let Some(n) = d.max_grad_norm {
+            if !(n > 0.0) {
+                return bad("dpo.max_grad_norm", "must be > 0".into());
+            }
+        }
+        if !["current", "initial"].contains(&d.reference.as_str()) {
+            return bad("dpo.reference", "use `current` (Mi) or `initial` (M0)".into());
         }
         Ok(())
     }

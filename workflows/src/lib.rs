@@ -3,6 +3,7 @@
 //! (temporal, self-rewarding, past-only, future-only) build on `tsr-steps`.
 
 mod config;
+mod lm;
 
 pub use config::{apply_set, Config, ConfigError};
 
@@ -18,12 +19,13 @@ pub enum WorkflowError {
 }
 
 /// Names of the workflows this build knows.
-pub const WORKFLOWS: &[&str] = &["toy"];
+pub const WORKFLOWS: &[&str] = &["toy", "temporal", "self-rewarding", "past-only", "future-only"];
 
 /// Build the DAG of a validated config.
 pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
     match config.workflow.as_str() {
         "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
+        "temporal" | "self-rewarding" | "past-only" | "future-only" => lm::build(config),
         other => Err(ConfigError::Invalid {
             key: "workflow".into(),
             reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),

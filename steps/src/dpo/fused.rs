@@ -1,0 +1,159 @@
+//! A fused, in-place CPU kernel for the AdamW update.
+//!
+//! The portable update in [`super::optim`] is about 14 tensor ops, each allocating a new
+//! tensor the size of the parameter: on 134 M parameters and 2 cores that measured 1.5 to
+//! 2.8 s per step. On CPU, with contiguous f32 tensors, three in-place passes do the same:
+//! `m` from `g`, `v` from `g`, then the parameter from `m` and `v`. Each pass evaluates the
+//! same f32 expressions in the same order as the portable path (`affine` is `x * mul + add`,
+//! no fused multiply-add), so both give equal values; a unit test in `optim` checks it.
+//! Other devices and dtypes take the portable path.
+
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+
+/// The f32 scalars of one update, cast exactly as candle's `affine` casts them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scalars {
+    /// `1 - beta1`.
+    pub w1: f32,
+    /// `beta2`.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub w2: f32,
+    /// `1 - lr * weight_decay`, or `None` when this parameter is not decayed.
+    pub decay: Option<f32>,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_bc2_sqrt: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// `-lr / (1 - beta1^t)`.
+    pub neg_step_size: f32,
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{name}: needs contiguous f32 input"),
+    }
+}
+
+fn slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{name}: needs contiguous f32 output"),
+    }
+}
+
+struct FirstMoment(f32);
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "tsr-adamw-m"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = slice(s2, l2, self.name())?;
+        let m = slice_mut(s1, l1, self.name())?;
+        if m.len() != g.len() {
+            candle_core::bail!("{}: length mismatch", self.name());
+        }
+        let w = self.0;
+        for (m, &g) in m.iter_mut().zip(g) {
+            *m += (g - *m) * w;
+        }
+        Ok(())
+    }
+}
+
+struct SecondMoment {
+    b2: f32,
+    w2: f32,
+}
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "tsr-adamw-v"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = slice(s2, l2, self.name())?;
+        let v = slice_mut(s1, l1, self.name())?;
+        if v.len() != g.len() {
+            candle_core::bail!("{}: length mismatch", self.name());
+        }
+        for (v, &g) in v.iter_mut().zip(g) {
+            *v = *v * self.b2 + (g * g) * self.w2;
+        }
+        Ok(())
+    }
+}
+
+struct ParamUpdate(Scalars);
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "tsr-adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = slice(s2, l2, self.name())?;
+        let v = slice(s3, l3, self.name())?;
+        let p = slice_mut(s1, l1, self.name())?;
+        if p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("{}: length mismatch", self.name());
+        }
+        let s = self.0;
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            let mut theta = *p;
+            if let Some(d) = s.decay {
+                theta *= d;
+            }
+            let denom = v.sqrt() * s.inv_bc2_sqrt + s.eps;
+            *p = theta + (m / denom) * s.neg_step_size;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the fused kernel applies: everything on CPU, f32 and contiguous.
+pub(crate) fn applies(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor) -> bool {
+    [param, m, v, g]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
+}
+
+/// Updates `m`, `v` and `param` in place. Call only where [`applies`] holds.
+pub(crate) fn update(
+    param: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    s: Scalars,
+) -> candle_core::Result<()> {
+    m.inplace_op2(g, &FirstMoment(s.w1))?;
+    v.inplace_op2(g, &SecondMoment { b2: s.b2, w2: s.w2 })?;
+    param.inplace_op3(m, v, &ParamUpdate(s))
+}

@@ -1,0 +1,80 @@
+//! `import-model`: read the user's model (GGUF file or Hugging Face folder; a hub id is resolved
+//! to a folder by the workflow) and write it in canonical Hugging Face layout. Its `weights`
+//! digest is M0's identity.
+
+use crate::lm::model_err;
+use crate::model::{parse_device, DType, LanguageModel, ModelSource};
+use serde::Serialize;
+use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+
+#[derive(Serialize)]
+pub struct ImportModel {
+    /// How to read the external input: `gguf` or `hf`.
+    pub format: String,
+}
+
+impl Step for ImportModel {
+    fn kind(&self) -> &'static str {
+        "import-model"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["config", "tokenizer", "tokenizer_config", "weights"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let path = inputs.path("source")?;
+        let src = match self.format.as_str() {
+            "gguf" => ModelSource::Gguf(path),
+            _ => ModelSource::HfDir(path),
+        };
+        let device = parse_device("cpu").map_err(model_err("device"))?;
+        let model = LanguageModel::load(&src, &device, DType::F32).map_err(model_err("importing the model"))?;
+        let out = ctx.scratch().join("export");
+        model.save_hf(&out).map_err(model_err("writing the model in Hugging Face layout"))?;
+        let mut o = StepOutputs::new();
+        for (name, file) in crate::lm::MODEL_FILES {
+            o = o.file(name, "model-file", &out.join(file));
+        }
+        Ok(o)
+    }
+}
+
+/// `prompts`: validate the user's JSONL and normalise it (every bad line named).
+#[derive(Serialize)]
+pub struct LoadPrompts {
+    /// Use at most this many prompts (0 = all), in file order.
+    pub limit: usize,
+}
+
+impl Step for LoadPrompts {
+    fn kind(&self) -> &'static str {
+        "prompts"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["prompts"]
+    }
+    fn resources(&self) -> Vec<tsr_engine::Resource> {
+        vec![]
+    }
+    fn run(&self, inputs: &StepInputs, _ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let path = inputs.path("file")?;
+        let bytes = inputs.bytes("file")?;
+        let mut prompts = crate::prompts::parse_prompts(&bytes, &path.display().to_string())
+            .map_err(|e| StepError::Invalid(e.to_string()))?;
+        if self.limit > 0 {
+            prompts.truncate(self.limit);
+        }
+        Ok(StepOutputs::new().bytes("prompts", "prompts-jsonl", crate::lm::to_jsonl(&prompts)))
+    }
+}

@@ -1,0 +1,181 @@
+//! `judge`: LLM-as-a-Judge over a set of responses with the additive 5-point rubric.
+//!
+//! - `text` mode: generate J judgements per response (seeded per response and judge sample),
+//!   parse `Score: N` from each, score = mean of the parsed ones; unparseable judgements are
+//!   kept verbatim and count as unscored.
+//! - `logprob` mode: one forward pass per response: the judge prompt followed by the opening of
+//!   the verdict, `Score: `; score = expected value of the digit tokens 0-5 under the model's
+//!   next-token distribution (renormalised over those six tokens).
+
+use crate::generate::Response;
+use crate::judge_text::{parse_score, render, Verdict, MAX_SCORE};
+use crate::lm::{self, decode_item, model_err};
+use crate::model::{GenRequest, Sampling};
+use crate::prompts::Prompt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeMode {
+    Text,
+    Logprob,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Judgement {
+    pub prompt_id: String,
+    pub sample: u32,
+    /// Raw judge outputs (text mode), verbatim.
+    pub texts: Vec<String>,
+    pub verdicts: Vec<Verdict>,
+    /// Probabilities of scores 0..=5 (logprob mode).
+    pub probs: Option<Vec<f64>>,
+    /// Mean parsed score (text) or expected score (logprob); `None` when nothing parsed.
+    pub score: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Judge {
+    pub mode: JudgeMode,
+    /// J: judgements per response (text mode).
+    pub samples: u32,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    /// The rubric template (`{prompt}`, `{response}`); part of the step key.
+    pub template: String,
+}
+
+impl Judge {
+    pub fn template_digest(&self) -> String {
+        blake3::hash(self.template.as_bytes()).to_hex().to_string()
+    }
+}
+
+impl Step for Judge {
+    fn kind(&self) -> &'static str {
+        "judge"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["judgements"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let prompts: BTreeMap<String, Prompt> = lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
+            .into_iter()
+            .map(|p| (p.id.clone(), p))
+            .collect();
+        let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("responses")?, "responses")?;
+        let total = responses.len() as u64;
+        let done = ctx.items().indices()?.len() as u64;
+        let model = if done < total { Some(lm::load(inputs, "model", ctx)?) } else { None };
+        ctx.progress().set_message(format!("judging ({:?})", self.mode));
+        // Per response batch: text mode makes J requests per response.
+        let per_batch = match self.mode {
+            JudgeMode::Text => (self.batch_size / self.samples.max(1) as usize).max(1),
+            JudgeMode::Logprob => self.batch_size.max(1),
+        };
+        ctx.for_each_batch(total, per_batch, |idx| {
+            let model = model.as_ref().expect("model loaded when work remains");
+            let tok = model.tokenizer();
+            let mut prompt_ids = Vec::with_capacity(idx.len());
+            for &i in idx {
+                let r = &responses[i as usize];
+                let p = prompts.get(&r.prompt_id).ok_or_else(|| {
+                    StepError::Invalid(format!("response for unknown prompt id `{}`", r.prompt_id))
+                })?;
+                let text = render(&self.template, &p.prompt, &r.text);
+                prompt_ids.push(tok.encode_prompt(&text).map_err(model_err("encoding a judge prompt"))?);
+            }
+            let rows: Vec<Judgement> = match self.mode {
+                JudgeMode::Text => {
+                    let j = self.samples.max(1) as usize;
+                    let mut reqs = Vec::with_capacity(idx.len() * j);
+                    for (n, &i) in idx.iter().enumerate() {
+                        let r = &responses[i as usize];
+                        for s in 0..j {
+                            reqs.push(GenRequest {
+                                prompt_ids: prompt_ids[n].clone(),
+                                max_new_tokens: self.max_new_tokens,
+                                sampling: Sampling::Sample {
+                                    temperature: self.temperature,
+                                    top_p: Some(self.top_p),
+                                    top_k: None,
+                                },
+                                seed: ctx.derive_seed(&format!("judge/{}/{}", r.prompt_id, r.sample), s as u64),
+                            });
+                        }
+                    }
+                    let outs = model.generate(&reqs, self.batch_size).map_err(model_err("judging"))?;
+                    idx.iter()
+                        .enumerate()
+                        .map(|(n, &i)| {
+                            let r = &responses[i as usize];
+                            let texts: Vec<String> = outs[n * j..(n + 1) * j].iter().map(|o| o.text.clone()).collect();
+                            let verdicts: Vec<Verdict> = texts.iter().map(|t| parse_score(t)).collect();
+                            let parsed: Vec<f64> = verdicts.iter().filter_map(|v| v.score()).map(f64::from).collect();
+                            let score = (!parsed.is_empty()).then(|| parsed.iter().sum::<f64>() / parsed.len() as f64);
+                            Judgement { prompt_id: r.prompt_id.clone(), sample: r.sample, texts, verdicts, probs: None, score }
+                        })
+                        .collect()
+                }
+                JudgeMode::Logprob => {
+                    let opening = tok.encode("Score: ").map_err(model_err("encoding the verdict opening"))?;
+                    let digits: Vec<u32> = (0..=MAX_SCORE)
+                        .map(|d| {
+                            let ids = tok.encode(&d.to_string()).map_err(model_err("encoding a digit"))?;
+                            match ids.as_slice() {
+                                [one] => Ok(*one),
+                                _ => Err(StepError::Invalid(format!(
+                                    "the tokenizer splits the digit {d} into {} tokens; use judge mode `text`",
+                                    ids.len()
+                                ))),
+                            }
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let seqs: Vec<Vec<u32>> = prompt_ids
+                        .into_iter()
+                        .map(|mut p| {
+                            p.extend_from_slice(&opening);
+                            p
+                        })
+                        .collect();
+                    let logps = model
+                        .next_token_logprobs(&seqs, &digits, self.batch_size)
+                        .map_err(model_err("scoring the verdict tokens"))?;
+                    idx.iter()
+                        .zip(logps)
+                        .map(|(&i, lp)| {
+                            let r = &responses[i as usize];
+                            let m = lp.iter().cloned().fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+                            let w: Vec<f64> = lp.iter().map(|&l| (l as f64 - m).exp()).collect();
+                            let z: f64 = w.iter().sum();
+                            let probs: Vec<f64> = w.iter().map(|x| x / z).collect();
+                            let score = probs.iter().enumerate().map(|(d, p)| d as f64 * p).sum::<f64>();
+                            let (score, verdicts) = if score.is_finite() {
+                                (Some(score), vec![])
+                            } else {
+                                (None, vec![Verdict::Unscored("non-finite score-token probabilities".into())])
+                            };
+                            Judgement { prompt_id: r.prompt_id.clone(), sample: r.sample, texts: vec![], verdicts, probs: Some(probs), score }
+                        })
+                        .collect()
+                }
+            };
+            Ok(rows.iter().map(|r| serde_json::to_vec(r).expect("judgement serializes")).collect())
+        })?;
+        let mut rows: Vec<Judgement> = Vec::with_capacity(total as usize);
+        for (i, b) in ctx.items().all()? {
+            rows.push(decode_item(&b, "judge", i)?);
+        }
+        Ok(StepOutputs::new().bytes("judgements", "judgements-jsonl", lm::to_jsonl(&rows)))
+    }
+}

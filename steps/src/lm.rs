@@ -1,0 +1,69 @@
+//! Models as step inputs. A model in the store is four blobs in Hugging Face layout: `config`,
+//! `tokenizer`, `tokenizer_config` (shared by every model of a run, from the import step) and
+//! `weights` (canonical safetensors; its digest is the model's identity). A step that uses a
+//! model declares inputs `<prefix>.config`, `<prefix>.tokenizer`, `<prefix>.tokenizer_config`,
+//! `<prefix>.weights`; [`load`] links them into a scratch folder and loads it.
+
+use crate::model::{parse_device, DType, LanguageModel, ModelSource};
+use tsr_engine::{StepContext, StepError, StepInputs};
+
+/// (input suffix, file name in the Hugging Face layout).
+pub const MODEL_FILES: [(&str, &str); 4] = [
+    ("config", "config.json"),
+    ("tokenizer", "tokenizer.json"),
+    ("tokenizer_config", "tokenizer_config.json"),
+    ("weights", "model.safetensors"),
+];
+
+/// The digest (model identity) of the model under `prefix`.
+pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepError> {
+    Ok(inputs.digest(&format!("{prefix}.weights"))?.to_hex())
+}
+
+/// Load the model whose files are the inputs under `prefix`, on the step's device.
+pub fn load(inputs: &StepInputs, prefix: &str, ctx: &StepContext) -> Result<LanguageModel, StepError> {
+    let dir = ctx.scratch().join(format!("model-{prefix}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
+    for (suffix, file) in MODEL_FILES {
+        let src = inputs.path(&format!("{prefix}.{suffix}"))?;
+        let dst = dir.join(file);
+        std::os::unix::fs::symlink(&src, &dst)
+            .map_err(|e| StepError::io(format!("linking {} to {}", dst.display(), src.display()), e))?;
+    }
+    let device = parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
+    LanguageModel::load(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
+        .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))
+}
+
+pub fn model_err(what: &str) -> impl Fn(crate::model::ModelError) -> StepError + '_ {
+    move |e| StepError::wrap(what.to_string(), e)
+}
+
+/// JSONL of serializable rows.
+pub fn to_jsonl<T: serde::Serialize>(rows: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut out, r).expect("row serializes");
+        out.push(b'\n');
+    }
+    out
+}
+
+pub fn from_jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<Vec<T>, StepError> {
+    let mut rows = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        rows.push(serde_json::from_slice(line).map_err(|e| {
+            StepError::Invalid(format!("{what}: line {} is not a valid record: {e}", i + 1))
+        })?);
+    }
+    Ok(rows)
+}
+
+pub fn decode_item<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str, index: u64) -> Result<T, StepError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StepError::Invalid(format!("{what}: committed item {index} cannot be decoded: {e}")))
+}

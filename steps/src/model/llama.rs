@@ -1,0 +1,234 @@
+//! The decoder forward pass shared by Llama, Qwen2 and Mistral, written for batching:
+//! per-row positions (rope tables are `[B, T, D/2]`), an additive mask (`-1e9`, never `-inf`, so
+//! fully masked padding rows stay finite) and an optional preallocated KV cache written in place.
+//!
+//! One code path, two op sets, chosen by [`Weights::differentiable`]:
+//! - differentiable (training): rope, softmax and RMS norm from primitive ops, because candle's
+//!   fused kernels cut the autograd graph without an error (see CANDLE.md);
+//! - inference: candle's fused `rope`, `softmax_last_dim` and `rms_norm` on detached tensors.
+//!
+//! Grouped-query attention never materialises repeated K/V: the query heads that share a KV
+//! head are folded into the row dimension of one matmul (`[B, KVH, n_rep*T, D]`).
+//! This module does no I/O: weights come in as tensors.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::config::Config;
+
+/// One transformer block's parameters.
+pub(crate) struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_b: Option<Tensor>,
+    pub k_b: Option<Tensor>,
+    pub v_b: Option<Tensor>,
+    pub o_b: Option<Tensor>,
+    pub mlp_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+/// All parameters, as tensors that either track gradients (from `Var`s) or are detached views
+/// of the same storage (inference: optimizer updates are visible, no graph is built).
+pub(crate) struct Weights {
+    pub cfg: Config,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub differentiable: bool,
+}
+
+/// Per-layer K/V buffers `[B, KVH, capacity, head_dim]`, filled left to right.
+pub(crate) struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Number of filled slots (the same for every row; rows differ by their left padding).
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config, batch: usize, capacity: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(Tensor::zeros(shape, dtype, dev)?);
+            v.push(Tensor::zeros(shape, dtype, dev)?);
+        }
+        Ok(KvCache { k, v, len: 0, capacity })
+    }
+
+    /// Keeps only the given batch rows (after some rows finished generating).
+    pub fn retain_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rotary tables for one forward call: `[B, T, head_dim/2]` each.
+pub(crate) struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// `positions` is row-major `[B, T]`.
+    pub fn new(inv_freq: &[f32], positions: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for &p in positions {
+            for &f in inv_freq {
+                // f32 product as in transformers, then an accurate cos/sin of that angle.
+                let a = (p as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), dev)?.to_dtype(dtype)?;
+        Ok(Rope { cos, sin })
+    }
+}
+
+/// Additive attention mask `[B, 1, 1, T, S]`: query `i` sits in slot `offset + i`; key slot `j`
+/// is visible to it iff `pad_left[b] <= j <= offset + i`. Masked entries are `-1e9`.
+pub(crate) fn attention_mask(pad_left: &[usize], t: usize, s: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let b = pad_left.len();
+    let mut m = vec![0f32; b * t * s];
+    for (r, &pad) in pad_left.iter().enumerate() {
+        for i in 0..t {
+            let row = &mut m[(r * t + i) * s..(r * t + i + 1) * s];
+            for (j, x) in row.iter_mut().enumerate() {
+                if j < pad || j > offset + i {
+                    *x = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, 1, t, s), dev)?.to_dtype(dtype)
+}
+
+/// `x [B, T, in] @ w[out, in]^T (+ b)`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bs, t, i) = x.dims3()?;
+    let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape((bs, t, ()))
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+impl Weights {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        if self.differentiable {
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?.broadcast_mul(w)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+        }
+    }
+
+    /// Half-split ("NeoX" / HF layout) rotary embedding of `x [B, H, T, D]`.
+    fn rope(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        if self.differentiable {
+            let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
+            x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &rope.cos, &rope.sin)
+        }
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            candle_nn::ops::softmax(x, D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(x)
+        }
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor, rope: &Rope, mask: &Tensor, cache: Option<(&Tensor, &Tensor, usize)>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let q = heads(linear(x, &l.q, l.q_b.as_ref())?, nh)?;
+        let k = heads(linear(x, &l.k, l.k_b.as_ref())?, nkv)?;
+        let v = heads(linear(x, &l.v, l.v_b.as_ref())?, nkv)?;
+        let q = self.rope(&q, rope)?;
+        let k = self.rope(&k, rope)?;
+        let (k, v) = match cache {
+            Some((kc, vc, off)) => {
+                kc.slice_set(&k, 2, off)?;
+                vc.slice_set(&v, 2, off)?;
+                (kc.narrow(2, 0, off + t)?, vc.narrow(2, 0, off + t)?)
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+        let att = q.matmul(&k.t()?)?;
+        let att = att.reshape((b, nkv, n_rep, t, s))?.broadcast_add(mask)?;
+        let att = self.softmax(&att)?.reshape((b, nkv, n_rep * t, s))?;
+        let y = att.matmul(&v)?;
+        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        linear(&y, &l.o, l.o_b.as_ref())
+    }
+
+    fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        let g = linear(x, &l.gate, None)?.silu()?;
+        let u = linear(x, &l.up, None)?;
+        linear(&(g * u)?, &l.down, None)
+    }
+
+    /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
+    /// With a cache, the new keys/values go to slots `cache.len..cache.len+T` and `cache.len`
+    /// advances; `mask` must then be `[B, 1, 1, T, cache.len + T]`.
+    pub fn forward(&self, ids: &Tensor, rope: &Rope, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let off = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        if let Some(c) = cache.as_ref() {
+            if off + t > c.capacity {
+                candle_core::bail!("kv cache overflow: {} + {t} > {}", off, c.capacity);
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &l.attn_norm)?;
+            let kv = cache.as_ref().map(|c| (&c.k[i], &c.v[i], off));
+            let a = self.attention(l, &h, rope, mask, kv)?;
+            x = (x + a)?;
+            let h = self.rms_norm(&x, &l.mlp_norm)?;
+            x = (&x + self.mlp(l, &h)?)?;
+        }
+        if let Some(c) = cache.as_mut() {
+            c.len += t;
+        }
+        self.rms_norm(&x, &self.norm)
+    }
+
+    /// Logits `[N, vocab]` for hidden rows `[N, hidden]`.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        h.matmul(&self.lm_head.t()?)
+    }
+}

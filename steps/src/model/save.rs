@@ -1,0 +1,152 @@
+//! Saving in Hugging Face layout and the model digest.
+//!
+//! The canonical weight bytes are one safetensors file: tensors sorted by name, all f32
+//! little-endian, header keys sorted, `{"format": "pt"}` metadata, header padded with spaces to
+//! a multiple of 8. A tied `lm_head` is not written (HF convention). The digest is the blake3 hex
+//! of exactly these bytes, so two models with equal weights have equal digests whatever their
+//! source (GGUF or HF) or compute dtype.
+//!
+//! Durability: each file is written to a temporary name in the target directory, fsynced and
+//! renamed over the final name, then the directory is fsynced. If `save_hf` returns `Ok`, all
+//! four files are complete on disk.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::DType;
+use serde_json::{json, Value};
+
+use super::{LanguageModel, ModelError};
+
+/// Writes to two sinks at once (file + hasher).
+struct Tee<'a, A: Write, B: Write>(&'a mut A, &'a mut B);
+
+impl<A: Write, B: Write> Write for Tee<'_, A, B> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+/// Writes `bytes` to `dir/name` atomically (temp file, fsync, rename).
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ModelError> {
+    write_atomic_with(dir, name, |w| w.write_all(bytes))
+}
+
+fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), ModelError> {
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let fin = dir.join(name);
+    let file = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        f(&mut w).map_err(|e| ModelError::io(&tmp, e))?;
+        w.flush().map_err(|e| ModelError::io(&tmp, e))?;
+    }
+    file.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, &fin).map_err(|e| ModelError::io(&fin, e))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), ModelError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ModelError::io(dir, e))
+}
+
+impl LanguageModel {
+    /// Names and f32 values of the tensors that make up the canonical file, sorted by name.
+    fn canonical_tensors(&self) -> Vec<(String, candle_core::Var)> {
+        self.vars()
+            .into_iter()
+            .filter(|(n, _)| !(self.config.tie_word_embeddings && n == "lm_head.weight"))
+            .collect()
+    }
+
+    /// Streams the canonical safetensors bytes into `w`.
+    pub(crate) fn write_canonical(&self, w: &mut impl Write) -> Result<(), ModelError> {
+        let tensors = self.canonical_tensors();
+        let mut header: BTreeMap<String, Value> = BTreeMap::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut off = 0usize;
+        for (name, var) in &tensors {
+            let n = var.elem_count() * 4;
+            header.insert(
+                name.clone(),
+                json!({"dtype": "F32", "shape": var.dims(), "data_offsets": [off, off + n]}),
+            );
+            off += n;
+        }
+        let mut h = serde_json::to_vec(&header).expect("json header");
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let io = |e: std::io::Error| ModelError::io("<safetensors stream>", e);
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&h).map_err(io)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for (_, var) in &tensors {
+            let t = var.as_tensor().detach().to_dtype(DType::F32)?.flatten_all()?;
+            let v = t.to_vec1::<f32>()?;
+            for chunk in v.chunks(1 << 18) {
+                buf.clear();
+                for x in chunk {
+                    buf.extend_from_slice(&x.to_le_bytes());
+                }
+                w.write_all(&buf).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's identity: blake3 hex digest of its canonical safetensors bytes (see module doc).
+    pub fn digest(&self) -> Result<String, ModelError> {
+        let mut hasher = blake3::Hasher::new();
+        self.write_canonical(&mut hasher)?;
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+
+    /// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json`
+    /// (with `chat_template`) into `dir` (created if needed), each atomically.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), ModelError> {
+        self.save_hf_with_digest(dir).map(|_| ())
+    }
+
+    /// [`save_hf`](Self::save_hf), returning the digest of the weights written (computed while
+    /// writing, so it costs no second pass).
+    pub fn save_hf_with_digest(&self, dir: &Path) -> Result<String, ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut inner_err = None;
+        write_atomic_with(dir, "model.safetensors", |w| {
+            let mut tee = Tee(w, &mut hasher);
+            self.write_canonical(&mut tee).map_err(|e| {
+                let msg = e.to_string();
+                inner_err = Some(e);
+                std::io::Error::other(msg)
+            })
+        })
+        .map_err(|e| inner_err.take().unwrap_or(e))?;
+        let cfg = serde_json::to_vec_pretty(&self.config.to_hf_json()).expect("json");
+        write_atomic(dir, "config.json", &cfg)?;
+        write_atomic(dir, "tokenizer.json", self.tokenizer.tokenizer_json().as_bytes())?;
+        let mut tc = self.tokenizer.tokenizer_config().clone();
+        tc["chat_template"] = json!(self.tokenizer.chat_template());
+        if tc.get("eos_token").is_none() {
+            tc["eos_token"] = json!(self.tokenizer.eot_token());
+        }
+        let tc = serde_json::to_vec_pretty(&tc).expect("json");
+        write_atomic(dir, "tokenizer_config.json", &tc)?;
+        fsync_dir(dir)?;
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+}

@@ -1,0 +1,189 @@
+//! The language-model workflows: `temporal` (the paper's Algorithm 1), `self-rewarding`,
+//! `past-only` (anchored rejection only) and `future-only` (future-guided chosen only), built
+//! from the steps in `tsr-steps`. Config sections and their defaults are in `config.rs`.
+
+use crate::config::Config;
+use crate::WorkflowError;
+use std::sync::Arc;
+use tsr_engine::{DagBuilder, InputSource};
+use tsr_steps::dpo_step::Dpo;
+use tsr_steps::generate::Generate;
+use tsr_steps::import::{ImportModel, LoadPrompts};
+use tsr_steps::judge::Judge;
+use tsr_steps::pairs::{Rule, Select};
+use tsr_steps::reference::ReferenceLogprobs;
+
+/// A model in the DAG: the shared base files from `import` plus a weights output.
+#[derive(Clone)]
+struct ModelRef {
+    node: String,
+}
+
+impl ModelRef {
+    fn inputs(&self, prefix: &str) -> Vec<(String, InputSource)> {
+        let mut v: Vec<(String, InputSource)> = ["config", "tokenizer", "tokenizer_config"]
+            .iter()
+            .map(|f| (format!("{prefix}.{f}"), InputSource::node("import", f)))
+            .collect();
+        v.push((format!("{prefix}.weights"), InputSource::node(&self.node, "weights")));
+        v
+    }
+    fn weights(&self) -> InputSource {
+        InputSource::node(&self.node, "weights")
+    }
+}
+
+fn add(
+    b: &mut DagBuilder,
+    name: String,
+    step: Arc<dyn tsr_engine::Step>,
+    inputs: Vec<(String, InputSource)>,
+    iteration: Option<u32>,
+) {
+    let inputs: Vec<(&str, InputSource)> = inputs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    b.add(name, step, inputs, iteration);
+}
+
+pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
+    let m = c.model.as_ref().expect("validated: [model] present");
+    let p = c.prompts.as_ref().expect("validated: [prompts] present");
+    let mut b = DagBuilder::new();
+    let (path, format) = m.resolve()?;
+    b.add("import", Arc::new(ImportModel { format }), vec![("source", InputSource::External(path))], None);
+    b.add("prompts", Arc::new(LoadPrompts { limit: p.limit }), vec![("file", InputSource::External(p.file.clone()))], None);
+    let g = &c.generate;
+    let gen = Arc::new(Generate {
+        k: g.k,
+        max_new_tokens: g.max_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        batch_size: g.batch_size,
+    });
+    let j = &c.judge;
+    let template = match &j.template {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| crate::ConfigError::Invalid {
+            key: "judge.template".into(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?,
+        None => tsr_steps::judge_text::DEFAULT_RUBRIC.to_string(),
+    };
+    tsr_steps::judge_text::check_template(&j.template.as_ref().map(|p| p.display().to_string()).unwrap_or("default".into()), &template)
+        .map_err(|e| crate::ConfigError::Invalid { key: "judge.template".into(), reason: e.to_string() })?;
+    let judge = Arc::new(Judge {
+        mode: j.mode,
+        samples: j.samples,
+        max_new_tokens: j.max_new_tokens,
+        temperature: j.temperature,
+        top_p: j.top_p,
+        batch_size: j.batch_size,
+        template,
+    });
+    let d = &c.dpo;
+    let dpo = Arc::new(Dpo {
+        beta: d.beta,
+        loss: d.loss,
+        lr: d.lr,
+        warmup_steps: d.warmup_steps,
+        epochs: d.epochs,
+        micro_batch: d.micro_batch,
+        accum_steps: d.accum_steps,
+        max_grad_norm: d.max_grad_norm,
+        weight_decay: d.weight_decay,
+        checkpoint_every: d.checkpoint_every,
+    });
+    let reference = Arc::new(ReferenceLogprobs { batch_size: j.batch_size });
+    let m0 = ModelRef { node: "import".into() };
+    let mut prev: Option<ModelRef> = None; // M_{i-1}, for anchor = "previous"
+    let mut mi = m0.clone();
+    let workflow = c.workflow.as_str();
+    for i in 1..=c.iterations {
+        let it = Some(i);
+        let n = |s: &str| format!("iter{i}/{s}");
+        let anchor_model = match (c.anchor.as_str(), &prev) {
+            ("previous", Some(p)) => p.clone(),
+            _ => m0.clone(),
+        };
+        // Generation by Mi and judging by Mi.
+        let gen_in = |model: &ModelRef| {
+            let mut v = vec![("prompts".to_string(), InputSource::node("prompts", "prompts"))];
+            v.extend(model.inputs("model"));
+            v
+        };
+        let judge_in = |gen_node: &str| {
+            let mut v = vec![
+                ("prompts".to_string(), InputSource::node("prompts", "prompts")),
+                ("responses".to_string(), InputSource::node(gen_node, "responses")),
+            ];
+            v.extend(mi.inputs("model"));
+            v
+        };
+        add(&mut b, n("gen-current"), gen.clone(), gen_in(&mi), it);
+        add(&mut b, n("judge-current"), judge.clone(), judge_in(&n("gen-current")), it);
+        let set = |prefix: &str, gen_node: String, judge_node: String, model: &ModelRef| {
+            vec![
+                (format!("{prefix}_responses"), InputSource::node(&gen_node, "responses")),
+                (format!("{prefix}_judgements"), InputSource::node(&judge_node, "judgements")),
+                (format!("{prefix}_model"), model.weights()),
+            ]
+        };
+        let base_select_in = || {
+            let mut v = vec![("prompts".to_string(), InputSource::node("prompts", "prompts"))];
+            v.extend(set("current", n("gen-current"), n("judge-current"), &mi));
+            v.push(("judge.weights".to_string(), mi.weights()));
+            v
+        };
+        let select = |rule: Rule, phase: &str| {
+            Arc::new(Select {
+                rule,
+                length_band: j.length_band,
+                iteration: i,
+                phase: phase.to_string(),
+                judge_mode: format!("{:?}", j.mode).to_lowercase(),
+                judge_template_digest: judge.template_digest(),
+            })
+        };
+        let train = |b: &mut DagBuilder, tag: &str, select_node: String| {
+            let mut ref_in = vec![("pairs".to_string(), InputSource::node(&select_node, "pairs"))];
+            let ref_model = if d.reference == "initial" { &m0 } else { &mi };
+            ref_in.extend(ref_model.inputs("model"));
+            add(b, n(&format!("ref-{tag}")), reference.clone(), ref_in, it);
+            let mut dpo_in = vec![
+                ("pairs".to_string(), InputSource::node(&select_node, "pairs")),
+                ("ref_logps".to_string(), InputSource::node(&n(&format!("ref-{tag}")), "logps")),
+            ];
+            dpo_in.extend(mi.inputs("model"));
+            add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
+            ModelRef { node: n(&format!("dpo-{tag}")) }
+        };
+        let uses_anchor = matches!(workflow, "temporal" | "past-only");
+        let uses_future = matches!(workflow, "temporal" | "future-only");
+        if uses_anchor {
+            // The anchor's samples: generate(M0) has the same key every iteration, so it runs once.
+            add(&mut b, n("gen-anchor"), gen.clone(), gen_in(&anchor_model), it);
+            add(&mut b, n("judge-anchor"), judge.clone(), judge_in(&n("gen-anchor")), it);
+        }
+        let phase1_rule = if uses_anchor { Rule::Anchored } else { Rule::Standard };
+        let mut s1_in = base_select_in();
+        if uses_anchor {
+            s1_in.extend(set("anchor", n("gen-anchor"), n("judge-anchor"), &anchor_model));
+        }
+        let phase1 = if uses_anchor { "anchored" } else { "standard" };
+        add(&mut b, n("select-1"), select(phase1_rule, phase1), s1_in, it);
+        let next = if uses_future {
+            let mf = train(&mut b, "future", n("select-1"));
+            add(&mut b, n("gen-future"), gen.clone(), gen_in(&mf), it);
+            add(&mut b, n("judge-future"), judge.clone(), judge_in(&n("gen-future")), it);
+            let mut s2_in = base_select_in();
+            s2_in.extend(set("future", n("gen-future"), n("judge-future"), &mf));
+            s2_in.push(("phase1_pairs".to_string(), InputSource::node(&n("select-1"), "pairs")));
+            add(&mut b, n("select-2"), select(Rule::FutureGuided, "future-guided"), s2_in, it);
+            train(&mut b, "next", n("select-2"))
+        } else {
+            train(&mut b, "next", n("select-1"))
+        };
+        prev = Some(mi.clone());
+        mi = next;
+    }
+    Ok(b.build()?)
+}
