@@ -2,7 +2,10 @@
 //! `main -> run -> ExitCode`; on failure the whole error chain is printed.
 
 mod cmd_inspect;
+mod cmd_lineage;
+mod cmd_report;
 mod cmd_run;
+mod store_read;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -36,6 +39,12 @@ enum Cmd {
     Verify(cmd_inspect::VerifyArgs),
     /// Remove blobs and steps no run references.
     Gc(cmd_inspect::GcArgs),
+    /// The audit trail of a pair or a model.
+    Lineage(cmd_lineage::LineageArgs),
+    /// Export a run's pairs with their lineage (TRL-compatible prompt/chosen/rejected).
+    Export(cmd_lineage::ExportArgs),
+    /// Metrics table per iteration and phase, and PNG plots; several runs side by side.
+    Report(cmd_report::ReportArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -70,5 +79,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Replay(a) => cmd_inspect::replay(&store, a),
         Cmd::Verify(a) => cmd_inspect::verify(&store, a),
         Cmd::Gc(a) => cmd_inspect::gc(&store, a),
+        Cmd::Lineage(a) => cmd_lineage::lineage(&store, a),
+        Cmd::Export(a) => cmd_lineage::export(&store, a),
+        Cmd::Report(a) => cmd_report::report(&store, a),
     }
 }

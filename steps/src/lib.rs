@@ -12,3 +12,4 @@ pub mod judge;
 pub mod lm;
 pub mod pairs;
 pub mod reference;
+pub mod metrics;

@@ -219,6 +219,20 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
+        // `~/` means the home folder, in any path-valued key.
+        let home = |p: &str| -> Option<String> {
+            p.strip_prefix("~/").and_then(|rest| std::env::var_os("HOME").map(|h| Path::new(&h).join(rest).display().to_string()))
+        };
+        if let Some(m) = c.model.as_mut() {
+            if let Some(h) = home(&m.source) {
+                m.source = h;
+            }
+        }
+        if let Some(p) = c.prompts.as_mut() {
+            if let Some(h) = p.file.to_str().and_then(home) {
+                p.file = PathBuf::from(h);
+            }
+        }
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             let abs = |p: &mut PathBuf| {
                 if p.is_relative() {

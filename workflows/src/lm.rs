@@ -10,6 +10,7 @@ use tsr_steps::dpo_step::Dpo;
 use tsr_steps::generate::Generate;
 use tsr_steps::import::{ImportModel, LoadPrompts};
 use tsr_steps::judge::Judge;
+use tsr_steps::metrics::Metrics;
 use tsr_steps::pairs::{Rule, Select};
 use tsr_steps::reference::ReferenceLogprobs;
 
@@ -170,18 +171,36 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         }
         let phase1 = if uses_anchor { "anchored" } else { "standard" };
         add(&mut b, n("select-1"), select(phase1_rule, phase1), s1_in, it);
+        let mut phases: Vec<(String, String, String)> = vec![(phase1.to_string(), n("select-1"), String::new())];
         let next = if uses_future {
             let mf = train(&mut b, "future", n("select-1"));
+            phases[0].2 = n("dpo-future");
             add(&mut b, n("gen-future"), gen.clone(), gen_in(&mf), it);
             add(&mut b, n("judge-future"), judge.clone(), judge_in(&n("gen-future")), it);
             let mut s2_in = base_select_in();
             s2_in.extend(set("future", n("gen-future"), n("judge-future"), &mf));
             s2_in.push(("phase1_pairs".to_string(), InputSource::node(&n("select-1"), "pairs")));
             add(&mut b, n("select-2"), select(Rule::FutureGuided, "future-guided"), s2_in, it);
+            phases.push(("future-guided".to_string(), n("select-2"), n("dpo-next")));
             train(&mut b, "next", n("select-2"))
         } else {
+            phases[0].2 = n("dpo-next");
             train(&mut b, "next", n("select-1"))
         };
+        let mut metrics_in = mi.inputs("model");
+        metrics_in.push(("produced".to_string(), next.weights()));
+        for (k, (_, select_node, dpo_node)) in phases.iter().enumerate() {
+            metrics_in.push((format!("p{}_pairs", k + 1), InputSource::node(select_node, "pairs")));
+            metrics_in.push((format!("p{}_summary", k + 1), InputSource::node(select_node, "summary")));
+            metrics_in.push((format!("p{}_dpo", k + 1), InputSource::node(dpo_node, "metrics")));
+        }
+        let metrics = Arc::new(Metrics {
+            workflow: workflow.to_string(),
+            iteration: i,
+            phases: phases.iter().map(|p| p.0.clone()).collect(),
+            batch_size: j.batch_size,
+        });
+        add(&mut b, n("metrics"), metrics, metrics_in, it);
         prev = Some(mi.clone());
         mi = next;
     }

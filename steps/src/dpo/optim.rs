@@ -464,9 +464,9 @@ impl AdamW {
 /// Little-endian f32 bytes of a tensor (any layout, any device).
 fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, DpoError> {
     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for x in values {
-        out.extend_from_slice(&x.to_le_bytes());
+    let mut out = vec![0u8; values.len() * 4];
+    for (chunk, x) in out.chunks_exact_mut(4).zip(values) {
+        chunk.copy_from_slice(&x.to_le_bytes());
     }
     Ok(out)
 }

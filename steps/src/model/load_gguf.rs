@@ -131,7 +131,12 @@ fn meta_usize(c: &Content, key: &str, path: &Path) -> Result<usize, ModelError> 
 
 fn meta_f64(c: &Content, key: &str) -> Option<f64> {
     let v = c.metadata.get(key)?;
-    v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
+    // GGUF stores most floats as f32: go through the shortest decimal form so 1e-5 stays 1e-5
+    // (and config.json exports show the value the model was converted from).
+    v.to_f32()
+        .map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64))
+        .or_else(|_| v.to_f64())
+        .ok()
 }
 
 fn meta_u32(c: &Content, key: &str) -> Option<u32> {

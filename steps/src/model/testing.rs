@@ -155,7 +155,9 @@ pub fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
         let data: Vec<f32> = if name.ends_with("norm.weight") {
             (0..n).map(|_| 1.0 + 0.1 * normal()).collect()
         } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
-            (0..n).map(|_| normal()).collect()
+            // Logit std about 0.35 * sqrt(hidden) = 2.8: peaked enough for stable greedy
+            // decoding, flat enough that sampling varies with the seed.
+            (0..n).map(|_| 0.35 * normal()).collect()
         } else {
             let fan_in = *shape.last().expect("shape") as f32;
             let scale = if name.ends_with(".bias") { 0.1 } else { 1.0 / fan_in.sqrt() };

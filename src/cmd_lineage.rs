@@ -1,0 +1,228 @@
+//! `tsr lineage RUN pair ID` and `tsr lineage RUN model DIGEST`: the audit trail of a
+//! preference pair (prompt, generators, judge, rule, the DPO step that used it and the model it
+//! made) and of a model (back to M0 through every DPO step and its pairs).
+//! `tsr export RUN pairs`: every pair with its lineage, TRL-compatible fields included.
+
+use crate::cmd_run::open_store;
+use crate::store_read::{self, NodeResult};
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tsr_state::Store;
+
+#[derive(Args)]
+pub struct LineageArgs {
+    pub run: String,
+    #[command(subcommand)]
+    pub what: LineageWhat,
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum LineageWhat {
+    /// The chain of one pair (ids as in `tsr export RUN pairs`, e.g. i1-future-guided-q3).
+    Pair { id: String },
+    /// A model (weights digest, or a unique prefix) walked back to M0.
+    Model { digest: String },
+}
+
+/// Every pair of a run with the DPO step that consumed it and the model that step made.
+pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Value>> {
+    let nodes = store_read::nodes(store, run)?;
+    let dpos = store_read::of_kind(&nodes, "dpo");
+    let mut out = Vec::new();
+    for sel in store_read::of_kind(&nodes, "select") {
+        let Some(pairs_digest) = sel.output("pairs") else { continue };
+        let consumer: Option<&&NodeResult> = dpos.iter().find(|d| d.step.inputs.get("pairs") == Some(&pairs_digest));
+        for mut p in store_read::jsonl(store, &pairs_digest)? {
+            let obj = p.as_object_mut().context("a pair is not a JSON object")?;
+            obj.insert("select_node".into(), json!(sel.node));
+            obj.insert("select_step".into(), json!(sel.key.to_hex()));
+            if let Some(d) = consumer {
+                obj.insert("dpo_node".into(), json!(d.node));
+                obj.insert("dpo_step".into(), json!(d.key.to_hex()));
+                obj.insert("trained_from".into(), json!(d.step.inputs.get("model.weights").map(|x| x.to_hex())));
+                obj.insert("produced_model".into(), json!(d.output("weights").map(|x| x.to_hex())));
+                let reference = d
+                    .step
+                    .inputs
+                    .get("ref_logps")
+                    .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
+                    .and_then(|n| n.step.inputs.get("model.weights"))
+                    .map(|x| x.to_hex());
+                obj.insert("reference_model".into(), json!(reference));
+            }
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn show_side(v: &Value) -> String {
+    format!(
+        "{} sample {} (seed {}), generator {}, score {:.3}, judge scores {}\n      text: {:?}",
+        v["role"].as_str().unwrap_or("?"),
+        v["sample"],
+        v["seed"],
+        &v["generator_model"].as_str().unwrap_or("?")[..12.min(v["generator_model"].as_str().unwrap_or("?").len())],
+        v["score"].as_f64().unwrap_or(f64::NAN),
+        v["scores"],
+        v["text"].as_str().unwrap_or("")
+    )
+}
+
+fn resolve_model(nodes: &BTreeMap<String, NodeResult>, prefix: &str) -> anyhow::Result<String> {
+    let mut all: Vec<String> = nodes.values().filter_map(|n| n.output("weights")).map(|d| d.to_hex()).collect();
+    all.sort();
+    all.dedup();
+    let hits: Vec<&String> = all.iter().filter(|d| d.starts_with(prefix)).collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("no model of this run has a digest starting with `{prefix}`; models: {}", all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", ")),
+        _ => bail!("`{prefix}` matches {} models; give more digits", hits.len()),
+    }
+}
+
+pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&crate::store_dir(store_flag, None))?;
+    match a.what {
+        LineageWhat::Pair { id } => {
+            let pairs = pairs_with_consumers(&store, &a.run)?;
+            let Some(p) = pairs.iter().find(|p| p["pair_id"] == id.as_str()) else {
+                bail!("run `{}` has no pair `{id}`; `tsr export {} pairs` lists them", a.run, a.run);
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(p)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("pair {id} (iteration {}, phase {})", p["iteration"], p["phase"].as_str().unwrap_or(""));
+            println!("  prompt {} (text digest {}): {:?}", p["prompt_id"].as_str().unwrap_or(""), &p["prompt_digest"].as_str().unwrap_or("")[..12], p["prompt"].as_str().unwrap_or(""));
+            println!("  chosen:   {}", show_side(&p["chosen"]));
+            println!("  rejected: {}", show_side(&p["rejected"]));
+            println!(
+                "  judge: model {}, mode {}, template {}",
+                p["judge"]["model"].as_str().unwrap_or(""),
+                p["judge"]["mode"].as_str().unwrap_or(""),
+                &p["judge"]["template_digest"].as_str().unwrap_or("")[..12]
+            );
+            println!("  rule: {} — {}", p["rule"].as_str().unwrap_or(""), p["decision"].as_str().unwrap_or(""));
+            println!("  selected by {} (step {})", p["select_node"].as_str().unwrap_or(""), &p["select_step"].as_str().unwrap_or("")[..12]);
+            match p.get("dpo_node") {
+                Some(d) => println!(
+                    "  trained by {} (step {}): from model {} with reference {} -> model {}",
+                    d.as_str().unwrap_or(""),
+                    &p["dpo_step"].as_str().unwrap_or("")[..12],
+                    p["trained_from"].as_str().unwrap_or("?"),
+                    p["reference_model"].as_str().unwrap_or("?"),
+                    p["produced_model"].as_str().unwrap_or("(not finished)")
+                ),
+                None => println!("  not yet used by a DPO step"),
+            }
+        }
+        LineageWhat::Model { digest } => {
+            let nodes = store_read::nodes(&store, &a.run)?;
+            let mut cur = resolve_model(&nodes, &digest)?;
+            let mut chain = Vec::new();
+            loop {
+                let maker = nodes.values().find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
+                let Some(maker) = maker else { break };
+                if maker.step.kind == "import-model" {
+                    chain.push(json!({"model": cur, "made_by": maker.node, "kind": "import-model", "note": "M0, the initial model"}));
+                    break;
+                }
+                let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
+                let pairs = maker.step.inputs.get("pairs").map(|d| store_read::jsonl(&store, d).map(|v| v.len())).transpose()?;
+                let reference = maker
+                    .step
+                    .inputs
+                    .get("ref_logps")
+                    .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
+                    .and_then(|n| n.step.inputs.get("model.weights"))
+                    .map(|x| x.to_hex());
+                let select = maker
+                    .step
+                    .inputs
+                    .get("pairs")
+                    .and_then(|p| nodes.values().find(|n| n.output("pairs") == Some(*p)))
+                    .map(|n| n.node.clone());
+                chain.push(json!({"model": cur, "made_by": maker.node, "kind": maker.step.kind, "dpo_step": maker.key.to_hex(),
+                    "pairs": pairs, "pairs_from": select, "reference_model": reference, "trained_from": parent}));
+                match parent {
+                    Some(p) if p != cur => cur = p,
+                    _ => break,
+                }
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&chain)?);
+            } else {
+                for hop in &chain {
+                    if hop["kind"] == "import-model" {
+                        println!("{}  M0 (imported by {})", hop["model"].as_str().unwrap_or(""), hop["made_by"].as_str().unwrap_or(""));
+                    } else {
+                        println!(
+                            "{}  <- {} ({} pairs from {}, reference {})",
+                            hop["model"].as_str().unwrap_or(""),
+                            hop["made_by"].as_str().unwrap_or(""),
+                            hop["pairs"],
+                            hop["pairs_from"].as_str().unwrap_or("?"),
+                            &hop["reference_model"].as_str().unwrap_or("?")[..12.min(hop["reference_model"].as_str().unwrap_or("?").len())]
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    pub run: String,
+    /// What to export: `pairs`.
+    pub what: String,
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+    /// Output file (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    if a.what != "pairs" {
+        bail!("`tsr export RUN {}`: only `pairs` can be exported from a run (models: `tsr export-model`)", a.what);
+    }
+    if a.format != "jsonl" {
+        bail!("--format {}: only jsonl is supported", a.format);
+    }
+    let store = open_store(&crate::store_dir(store_flag, None))?;
+    let pairs = pairs_with_consumers(&store, &a.run)?;
+    let mut buf = Vec::new();
+    for mut p in pairs {
+        // TRL's DPOTrainer reads prompt / chosen / rejected as strings; the lineage rides along.
+        let chosen_text = p["chosen"]["text"].clone();
+        let rejected_text = p["rejected"]["text"].clone();
+        let obj = p.as_object_mut().unwrap();
+        let chosen = obj.remove("chosen").unwrap_or(Value::Null);
+        let rejected = obj.remove("rejected").unwrap_or(Value::Null);
+        obj.insert("chosen".into(), chosen_text);
+        obj.insert("rejected".into(), rejected_text);
+        obj.insert("chosen_lineage".into(), chosen);
+        obj.insert("rejected_lineage".into(), rejected);
+        serde_json::to_writer(&mut buf, &p)?;
+        buf.push(b'\n');
+    }
+    match a.out {
+        Some(path) => {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        None => std::io::stdout().write_all(&buf)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

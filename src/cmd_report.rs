@@ -1,0 +1,157 @@
+//! `tsr report RUN [RUN...]`: the per-iteration, per-phase metrics table of each run, and PNG
+//! plots (score gap, chosen/rejected similarity, response length over iterations), one line per
+//! run, so that e.g. standard Self-Rewarding and Temporal can be compared side by side.
+
+use crate::cmd_run::open_store;
+use crate::store_read;
+use anyhow::Context;
+use clap::Args;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tsr_steps::metrics::IterationMetrics;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// One or more runs of the store.
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+    /// Folder for the PNG plots (default: <store>/reports/<first run>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One plotted point: x = iteration + phase offset.
+struct Series {
+    run: String,
+    points: Vec<(f64, f64)>,
+}
+
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/Library/Fonts/Arial.ttf",
+];
+
+/// Register a system font for chart text; `None` (plots without text) when none is found.
+fn register_font() -> Option<()> {
+    let path = std::env::var("TSR_FONT")
+        .ok()
+        .into_iter()
+        .chain(FONT_PATHS.iter().map(|s| s.to_string()))
+        .find(|p| Path::new(p).is_file())?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(path).ok()?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).ok()
+}
+
+fn plot(path: &Path, title: &str, y_label: &str, series: &[Series], text: bool) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let ys: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    let (y0, y1) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+    if !x0.is_finite() {
+        return Ok(());
+    }
+    let pad = ((y1 - y0) * 0.1).max(1e-3);
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+    if text {
+        builder.caption(title, ("sans-serif", 22));
+    }
+    let mut chart = builder.build_cartesian_2d((x0 - 0.25)..(x1 + 0.25), (y0 - pad)..(y1 + pad))?;
+    if text {
+        chart.configure_mesh().x_desc("iteration (phase 1, phase 2)").y_desc(y_label).draw()?;
+    }
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let drawn = chart.draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))?;
+        if text {
+            drawn.label(s.run.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    if text {
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let dir = crate::store_dir(store_flag, None);
+    let store = open_store(&dir)?;
+    let mut all: Vec<(String, Vec<IterationMetrics>)> = Vec::new();
+    for run in &a.runs {
+        let nodes = store_read::nodes(&store, run)?;
+        let mut its = Vec::new();
+        for n in store_read::of_kind(&nodes, "metrics") {
+            if let Some(d) = n.output("metrics") {
+                let m: IterationMetrics = serde_json::from_slice(&store_read::read_blob(&store, &d)?)
+                    .with_context(|| format!("metrics of {}", n.node))?;
+                its.push(m);
+            }
+        }
+        all.push((run.clone(), its));
+    }
+    if a.json {
+        let v: Vec<_> = all.iter().map(|(r, m)| serde_json::json!({"run": r, "iterations": m})).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>7} {:>5} {:>7}",
+            "RUN", "WORKFLOW", "IT", "PHASE", "PAIRS", "SKIP", "CHOSEN", "REJ", "GAP", "COS", "LEN_C", "LEN_R", "ANCH", "FUT", "LOSS", "ACC", "MARGIN"
+        );
+        for (run, its) in &all {
+            if its.is_empty() {
+                println!("{run:<16} (no finished iteration yet)");
+            }
+            for it in its {
+                for p in &it.phases {
+                    let opt = |v: Option<f64>, w: usize, d: usize| v.map(|x| format!("{x:>w$.d$}")).unwrap_or_else(|| format!("{:>w$}", "-"));
+                    println!(
+                        "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6.3} {:>6.3} {:>6.3} {} {:>6.1} {:>6.1} {:>5.2} {:>5.2} {} {} {}",
+                        run, it.workflow, it.iteration, p.phase, p.pairs, p.skipped, p.mean_chosen_score, p.mean_rejected_score,
+                        p.score_gap, opt(p.cosine_similarity, 6, 3), p.mean_chosen_tokens, p.mean_rejected_tokens,
+                        p.share_rejected_from_anchor, p.share_chosen_from_future,
+                        opt(p.dpo_final_loss, 7, 4), opt(p.dpo_final_accuracy, 5, 2), opt(p.dpo_final_margin, 7, 4)
+                    );
+                }
+            }
+        }
+    }
+    let out = a.out.clone().unwrap_or_else(|| dir.join("reports").join(&a.runs[0]));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let text = register_font().is_some();
+    if !text {
+        eprintln!("tsr: no TrueType font found (set TSR_FONT=path.ttf); plots are drawn without text");
+    }
+    let series = |f: &dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>| -> Vec<Series> {
+        all.iter()
+            .map(|(run, its)| Series {
+                run: run.clone(),
+                points: its
+                    .iter()
+                    .flat_map(|it| {
+                        it.phases.iter().enumerate().filter_map(move |(k, p)| f(p).map(|y| (it.iteration as f64 + 0.5 * k as f64, y)))
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let plots: [(&str, &str, &str, Box<dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>>); 4] = [
+        ("score_gap.png", "Chosen - rejected judge score", "score gap", Box::new(|p| (p.pairs > 0).then_some(p.score_gap))),
+        ("similarity.png", "Chosen vs rejected similarity (hidden states under Mi)", "cosine", Box::new(|p| p.cosine_similarity)),
+        ("chosen_length.png", "Mean chosen response length", "tokens", Box::new(|p| (p.pairs > 0).then_some(p.mean_chosen_tokens))),
+        ("rejected_length.png", "Mean rejected response length", "tokens", Box::new(|p| (p.pairs > 0).then_some(p.mean_rejected_tokens))),
+    ];
+    for (file, title, y, f) in plots.iter() {
+        plot(&out.join(file), title, y, &series(f.as_ref()), text)?;
+    }
+    eprintln!("tsr: plots in {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,141 @@
+//! `metrics`: the collapse diagnostics of one iteration, per phase: mean chosen and rejected
+//! score and their gap, cosine similarity of chosen vs rejected mean-pooled final hidden states
+//! under Mi (the paper's signal that the preference gap is vanishing), mean response lengths,
+//! the share of pairs whose rejected came from the anchor and whose chosen came from the future
+//! model, skipped prompts, unscored judgements, and the final DPO loss / accuracy / margin.
+//!
+//! Inputs per phase `n` (1, 2): `p<n>_pairs`, `p<n>_summary`, `p<n>_dpo`; and the model Mi.
+
+use crate::dpo_step::DpoReport;
+use crate::lm::{self, model_err};
+use crate::pairs::{Pair, SelectSummary};
+use crate::select::Role;
+use serde::{Deserialize, Serialize};
+use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseMetrics {
+    pub phase: String,
+    pub prompts: usize,
+    pub pairs: usize,
+    pub skipped: usize,
+    pub unscored_judgements: usize,
+    pub mean_chosen_score: f64,
+    pub mean_rejected_score: f64,
+    pub score_gap: f64,
+    /// Mean cosine similarity of chosen vs rejected (mean-pooled hidden states under Mi).
+    pub cosine_similarity: Option<f64>,
+    pub mean_chosen_tokens: f64,
+    pub mean_rejected_tokens: f64,
+    pub share_rejected_from_anchor: f64,
+    pub share_chosen_from_future: f64,
+    pub dpo_steps: u64,
+    pub dpo_final_loss: Option<f64>,
+    pub dpo_final_accuracy: Option<f64>,
+    pub dpo_final_margin: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IterationMetrics {
+    pub workflow: String,
+    pub iteration: u32,
+    /// Mi: the model that generated, judged, and was trained from in this iteration.
+    pub model: String,
+    /// Mi+1: the model this iteration produced.
+    pub produced: Option<String>,
+    pub phases: Vec<PhaseMetrics>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Metrics {
+    pub workflow: String,
+    pub iteration: u32,
+    pub phases: Vec<String>,
+    pub batch_size: usize,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += *x as f64 * *y as f64;
+        aa += *x as f64 * *x as f64;
+        bb += *y as f64 * *y as f64;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-12)
+}
+
+impl Step for Metrics {
+    fn kind(&self) -> &'static str {
+        "metrics"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["metrics"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let model = lm::load(inputs, "model", ctx)?;
+        let tok = model.tokenizer();
+        let mut out = IterationMetrics {
+            workflow: self.workflow.clone(),
+            iteration: self.iteration,
+            model: lm::model_digest(inputs, "model")?,
+            produced: inputs.has("produced").then(|| inputs.digest("produced").map(|d| d.to_hex())).transpose()?,
+            phases: vec![],
+        };
+        ctx.progress().set_length(self.phases.len() as u64);
+        for (n, name) in self.phases.iter().enumerate() {
+            let p = n + 1;
+            let pairs: Vec<Pair> = lm::from_jsonl(&inputs.bytes(&format!("p{p}_pairs"))?, "pairs")?;
+            let sum: SelectSummary = inputs.json(&format!("p{p}_summary"))?;
+            let dpo: DpoReport = inputs.json(&format!("p{p}_dpo"))?;
+            let mut seqs = Vec::with_capacity(pairs.len() * 2);
+            for pair in &pairs {
+                seqs.push(tok.encode_response(&pair.chosen.text).map_err(model_err("encoding"))?);
+                seqs.push(tok.encode_response(&pair.rejected.text).map_err(model_err("encoding"))?);
+            }
+            let cosine_similarity = if pairs.is_empty() {
+                None
+            } else {
+                let h = model.mean_hidden(&seqs, self.batch_size).map_err(model_err("hidden states"))?;
+                Some(h.chunks(2).map(|c| cosine(&c[0], &c[1])).sum::<f64>() / pairs.len() as f64)
+            };
+            let k = pairs.len().max(1) as f64;
+            let last = dpo.metrics.last();
+            out.phases.push(PhaseMetrics {
+                phase: name.clone(),
+                prompts: sum.prompts,
+                pairs: pairs.len(),
+                skipped: sum.skipped_no_gap + sum.skipped_no_scored + sum.skipped_no_phase1,
+                unscored_judgements: sum.unscored_judgements,
+                mean_chosen_score: sum.mean_chosen_score,
+                mean_rejected_score: sum.mean_rejected_score,
+                score_gap: sum.mean_chosen_score - sum.mean_rejected_score,
+                cosine_similarity,
+                mean_chosen_tokens: sum.mean_chosen_tokens,
+                mean_rejected_tokens: sum.mean_rejected_tokens,
+                share_rejected_from_anchor: pairs.iter().filter(|p| p.rejected.role == Role::Anchor).count() as f64 / k,
+                share_chosen_from_future: pairs.iter().filter(|p| p.chosen.role == Role::Future).count() as f64 / k,
+                dpo_steps: dpo.steps,
+                dpo_final_loss: last.map(|m| m.loss),
+                dpo_final_accuracy: last.and_then(|m| m.dpo.map(|d| d.accuracy)),
+                dpo_final_margin: last.and_then(|m| m.dpo.map(|d| d.margin)),
+            });
+            ctx.progress().inc(1);
+        }
+        Ok(StepOutputs::new().json("metrics", &out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cosine_of_parallel_and_orthogonal() {
+        assert!((super::cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!(super::cosine(&[1.0, 0.0], &[0.0, 3.0]).abs() < 1e-12);
+    }
+}
