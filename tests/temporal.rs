@@ -154,3 +154,125 @@ fn sigkill_and_resume_of_the_whole_workflow_gives_identical_digests() {
         assert_eq!(n["outputs"], m["outputs"], "node {name} differs after {kills} kills");
     }
 }
+
+fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> PathBuf {
+    let base = setup(dir, workflow, "logprob");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let name = format!("{workflow}-{iterations}-{anchor}");
+    let text = text
+        .replace(&format!("name = \"{workflow}-logprob\""), &format!("name = \"{name}\""))
+        .replace("iterations = 1", &format!("iterations = {iterations}\nanchor = \"{anchor}\""));
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup_iters(dir.path(), "temporal", 2, "initial");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = "temporal-2-initial";
+    let v = status(&store, run);
+    let state = |node: &str| {
+        v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).unwrap()["state"].as_str().unwrap().to_string()
+    };
+    // M0's samples are generated once: iteration 2's anchor generation is reused.
+    assert_eq!(state("iter2/gen-anchor"), "reused");
+    // ... but judged again by the new current model M1.
+    assert_eq!(state("iter2/judge-anchor"), "done");
+    let m0 = output_of(&v, "import", "weights");
+    let m1 = output_of(&v, "iter1/dpo-next", "weights");
+    let m2 = output_of(&v, "iter2/dpo-next", "weights");
+    assert_eq!(output_of(&v, "iter2/gen-current", "responses").len(), 64);
+
+    // Model lineage: M2 <- iter2/dpo-next <- M1 <- iter1/dpo-next <- M0.
+    let o = tsr(&["lineage", run, "model", &m2[..16], "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let chain: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let models: Vec<&str> = chain.as_array().unwrap().iter().map(|h| h["model"].as_str().unwrap()).collect();
+    assert_eq!(models, vec![m2.as_str(), m1.as_str(), m0.as_str()]);
+    assert_eq!(chain[0]["reference_model"], m1.as_str(), "reference = Mi by default");
+
+    // Every exported pair is traceable: prompt, both generators, judge, the DPO step, its model.
+    let o = tsr(&["export", run, "pairs"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let pairs: Vec<serde_json::Value> = String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!pairs.is_empty());
+    for p in &pairs {
+        assert!(p["prompt"].is_string() && p["chosen"].is_string() && p["rejected"].is_string(), "TRL fields");
+        for side in ["chosen_lineage", "rejected_lineage"] {
+            assert_eq!(p[side]["generator_model"].as_str().unwrap().len(), 64);
+        }
+        assert_eq!(p["judge"]["model"].as_str().unwrap().len(), 64);
+        assert!(p["dpo_step"].is_string(), "pair {} has no consumer", p["pair_id"]);
+        assert!(p["produced_model"].is_string());
+        let o = tsr(&["lineage", run, "pair", p["pair_id"].as_str().unwrap()], &store);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("trained by"), "{}", text(&o));
+    }
+    // Iteration 2's judge is M1, not M0.
+    assert!(pairs.iter().filter(|p| p["iteration"] == 2).all(|p| p["judge"]["model"] == m1.as_str()));
+    let o = tsr(&["lineage", run, "pair", "nope"], &store);
+    assert_eq!(o.status.code(), Some(1));
+
+    // Report: a table row per iteration and phase, and the plots.
+    let out = dir.path().join("report");
+    let o = tsr(&["report", run, "--out", out.to_str().unwrap()], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).lines().filter(|l| l.starts_with(run)).count(), 4, "{}", text(&o));
+    for f in ["score_gap.png", "similarity.png", "chosen_length.png", "rejected_length.png"] {
+        assert!(std::fs::metadata(out.join(f)).unwrap().len() > 1000, "{f}");
+    }
+}
+
+#[test]
+fn baselines_build_their_own_dag_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    for (workflow, present, absent) in [
+        ("past-only", vec!["iter1/gen-anchor", "iter1/select-1", "iter1/dpo-next"], vec!["iter1/gen-future", "iter1/select-2"]),
+        ("future-only", vec!["iter1/gen-future", "iter1/select-2", "iter1/dpo-future"], vec!["iter1/gen-anchor"]),
+        ("self-rewarding", vec!["iter1/select-1", "iter1/dpo-next"], vec!["iter1/gen-anchor", "iter1/gen-future"]),
+    ] {
+        let cfg = setup_iters(dir.path(), workflow, 1, "initial");
+        let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+        assert!(o.status.success(), "{workflow}: {}", text(&o));
+        let v = status(&store, &format!("{workflow}-1-initial"));
+        let nodes: Vec<&str> = v["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+        for n in present {
+            assert!(nodes.contains(&n), "{workflow} lacks {n}");
+        }
+        for n in absent {
+            assert!(!nodes.contains(&n), "{workflow} has {n}");
+        }
+    }
+}
+
+#[test]
+fn bad_lm_configs_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "temporal", "logprob");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    for (from, to, want) in [
+        ("k = 3", "k = 0", "generate.k"),
+        ("lr = 1e-3", "lr = -1.0", "dpo.lr"),
+        ("[dpo]", "[dpo]\nbeta = 0.0", "dpo.beta"),
+        ("file = \"prompts.jsonl\"", "file = \"missing.jsonl\"", "prompts.file"),
+        ("source = \"tiny\"", "source = \"tiny-missing.gguf\"", "tiny-missing.gguf"),
+        ("mode = \"logprob\"", "mode = \"vibes\"", "mode"),
+    ] {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, base.replace(from, to)).unwrap();
+        let o = tsr(&["run", p.to_str().unwrap(), "--quiet"], &dir.path().join("s"));
+        assert_eq!(o.status.code(), Some(1), "{to}: {}", text(&o));
+        assert!(text(&o).contains(want), "{to}: expected `{want}` in {}", text(&o));
+    }
+    // A bad prompts line fails the prompts step with the line number, and nothing else runs.
+    std::fs::write(dir.path().join("prompts.jsonl"), "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n").unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &dir.path().join("s2"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("line 2"), "{}", text(&o));
+}
