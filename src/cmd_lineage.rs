@@ -183,18 +183,64 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
 #[derive(Args)]
 pub struct ExportArgs {
     pub run: String,
-    /// What to export: `pairs`.
+    /// What to export: `pairs` (JSONL) or `model` (a Hugging Face folder, needs --out).
     pub what: String,
     #[arg(long, default_value = "jsonl")]
     pub format: String,
-    /// Output file (default: standard output).
+    /// Output file for pairs (default: standard output); output folder for a model.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// With `model`: the node whose weights to export (default: the run's final model).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
+pub fn final_model(nodes: &BTreeMap<String, NodeResult>) -> Option<(&NodeResult, tsr_state::Digest)> {
+    let mut dpo: Vec<&NodeResult> = nodes.values().filter(|n| n.node.ends_with("/dpo-next") && n.output("weights").is_some()).collect();
+    dpo.sort_by_key(|n| store_read::iteration_of(&n.node));
+    dpo.last()
+        .copied()
+        .or_else(|| nodes.get("import"))
+        .and_then(|n| n.output("weights").map(|d| (n, d)))
+}
+
+fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let Some(out) = &a.out else { bail!("`tsr export {} model` needs --out DIR", a.run) };
+    let nodes = store_read::nodes(store, &a.run)?;
+    let (node, weights) = match &a.node {
+        Some(n) => {
+            let r = nodes.get(n).with_context(|| format!("run `{}` has no node `{n}`", a.run))?;
+            let w = r.output("weights").with_context(|| format!("node `{n}` has no finished `weights` output"))?;
+            (r, w)
+        }
+        None => final_model(&nodes).with_context(|| format!("run `{}` has no finished model yet", a.run))?,
+    };
+    let base = if node.node == "import-judge" { "import-judge" } else { "import" };
+    let base = nodes.get(base).with_context(|| format!("run `{}` has no finished `{base}` step", a.run))?;
+    if out.exists() {
+        bail!("{} already exists; choose a new folder", out.display());
+    }
+    let tmp = out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    for (name, file) in [("config", "config.json"), ("tokenizer", "tokenizer.json"), ("tokenizer_config", "tokenizer_config.json")] {
+        let d = base.output(name).with_context(|| format!("the import step has no `{name}` output"))?;
+        std::fs::write(tmp.join(file), store_read::read_blob(store, &d)?)?;
+    }
+    std::fs::write(tmp.join("model.safetensors"), store_read::read_blob(store, &weights)?)?;
+    std::fs::rename(&tmp, out).with_context(|| format!("moving the model into {}", out.display()))?;
+    println!("{}: model {} from node {} (Hugging Face layout)", out.display(), weights, node.node);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    if a.what == "model" {
+        let store = open_store(&crate::store_dir(store_flag, None))?;
+        return export_model(&store, &a);
+    }
     if a.what != "pairs" {
-        bail!("`tsr export RUN {}`: only `pairs` can be exported from a run (models: `tsr export-model`)", a.what);
+        bail!("`tsr export RUN {}`: export `pairs` or `model`", a.what);
     }
     if a.format != "jsonl" {
         bail!("--format {}: only jsonl is supported", a.format);

@@ -97,6 +97,24 @@ fn drive(
                 config.name,
                 store_dir.display()
             );
+            if config.workflow != "toy" {
+                let nodes = crate::store_read::nodes(&store, &config.name)?;
+                if let Some((node, d)) = crate::cmd_lineage::final_model(&nodes) {
+                    eprintln!(
+                        "tsr: final model {d} (from {}); as a Hugging Face folder: tsr export {} model --out DIR --store {}",
+                        node.node,
+                        config.name,
+                        store_dir.display()
+                    );
+                }
+                drop(nodes);
+                drop(store);
+                let flag = Some(store_dir.to_path_buf());
+                crate::cmd_report::report(
+                    &flag,
+                    crate::cmd_report::ReportArgs { runs: vec![config.name.clone()], out: None, json: false },
+                )?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted => {

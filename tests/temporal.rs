@@ -276,3 +276,29 @@ fn bad_lm_configs_name_the_key() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("line 2"), "{}", text(&o));
 }
+
+#[test]
+fn fixed_judge_model_and_final_model_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("judge"), 9);
+    let cfg = setup(dir.path(), "self-rewarding", "logprob");
+    let body = std::fs::read_to_string(&cfg).unwrap().replace("[judge]\n", "[judge]\nmodel = \"judge\"\n");
+    std::fs::write(&cfg, body).unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("final model"), "{}", text(&o));
+    let v = status(&store, "self-rewarding-logprob");
+    let judge = output_of(&v, "import-judge", "weights");
+    assert_ne!(judge, output_of(&v, "import", "weights"));
+    let o = tsr(&["export", "self-rewarding-logprob", "pairs"], &store);
+    for line in String::from_utf8(o.stdout).unwrap().lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p["judge"]["model"], judge.as_str());
+    }
+    let out = dir.path().join("final");
+    let o = tsr(&["export", "self-rewarding-logprob", "model", "--out", out.to_str().unwrap()], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let m = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
+    assert_eq!(m.digest().unwrap(), output_of(&v, "iter1/dpo-next", "weights"));
+}

@@ -144,6 +144,8 @@ pub struct JudgeSection {
     pub template: Option<PathBuf>,
     /// Length control band for selection (None: off).
     pub length_band: Option<f64>,
+    /// A fixed judge model (GGUF, HF folder or hub id); default: the current model Mi.
+    pub model: Option<String>,
 }
 
 impl Default for JudgeSection {
@@ -157,6 +159,7 @@ impl Default for JudgeSection {
             batch_size: 16,
             template: None,
             length_band: None,
+            model: None,
         }
     }
 }
@@ -228,6 +231,11 @@ impl Config {
                 m.source = h;
             }
         }
+        if let Some(m) = c.judge.model.as_mut() {
+            if let Some(h) = home(m) {
+                *m = h;
+            }
+        }
         if let Some(p) = c.prompts.as_mut() {
             if let Some(h) = p.file.to_str().and_then(home) {
                 p.file = PathBuf::from(h);
@@ -247,6 +255,12 @@ impl Config {
             }
             if let Some(t) = c.judge.template.as_mut() {
                 abs(t);
+            }
+            if let Some(m) = c.judge.model.as_mut() {
+                let candidate = dir.join(&*m);
+                if Path::new(m.as_str()).is_relative() && candidate.exists() {
+                    *m = std::path::absolute(&candidate).unwrap_or(candidate).display().to_string();
+                }
             }
             if let Some(m) = c.model.as_mut() {
                 let candidate = dir.join(&m.source);

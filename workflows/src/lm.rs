@@ -17,6 +17,9 @@ use tsr_steps::reference::ReferenceLogprobs;
 /// A model in the DAG: the shared base files from `import` plus a weights output.
 #[derive(Clone)]
 struct ModelRef {
+    /// The import node whose config and tokenizer files the model uses.
+    base: String,
+    /// The node whose `weights` output holds the model.
     node: String,
 }
 
@@ -24,7 +27,7 @@ impl ModelRef {
     fn inputs(&self, prefix: &str) -> Vec<(String, InputSource)> {
         let mut v: Vec<(String, InputSource)> = ["config", "tokenizer", "tokenizer_config"]
             .iter()
-            .map(|f| (format!("{prefix}.{f}"), InputSource::node("import", f)))
+            .map(|f| (format!("{prefix}.{f}"), InputSource::node(&self.base, f)))
             .collect();
         v.push((format!("{prefix}.weights"), InputSource::node(&self.node, "weights")));
         v
@@ -94,7 +97,19 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         checkpoint_every: d.checkpoint_every,
     });
     let reference = Arc::new(ReferenceLogprobs { batch_size: j.batch_size });
-    let m0 = ModelRef { node: "import".into() };
+    let m0 = ModelRef { base: "import".into(), node: "import".into() };
+    // A fixed judge model, when configured; otherwise Mi judges itself.
+    let fixed_judge = match &j.model {
+        Some(spec) => {
+            let (path, format) = crate::config::ModelSection { source: spec.clone() }.resolve().map_err(|e| match e {
+                crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid { key: "judge.model".into(), reason },
+                other => other,
+            })?;
+            b.add("import-judge", Arc::new(ImportModel { format }), vec![("source", InputSource::External(path))], None);
+            Some(ModelRef { base: "import-judge".into(), node: "import-judge".into() })
+        }
+        None => None,
+    };
     let mut prev: Option<ModelRef> = None; // M_{i-1}, for anchor = "previous"
     let mut mi = m0.clone();
     let workflow = c.workflow.as_str();
@@ -116,7 +131,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
                 ("prompts".to_string(), InputSource::node("prompts", "prompts")),
                 ("responses".to_string(), InputSource::node(gen_node, "responses")),
             ];
-            v.extend(mi.inputs("model"));
+            v.extend(fixed_judge.as_ref().unwrap_or(&mi).inputs("model"));
             v
         };
         add(&mut b, n("gen-current"), gen.clone(), gen_in(&mi), it);
@@ -131,7 +146,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         let base_select_in = || {
             let mut v = vec![("prompts".to_string(), InputSource::node("prompts", "prompts"))];
             v.extend(set("current", n("gen-current"), n("judge-current"), &mi));
-            v.push(("judge.weights".to_string(), mi.weights()));
+            v.push(("judge.weights".to_string(), fixed_judge.as_ref().unwrap_or(&mi).weights()));
             v
         };
         let select = |rule: Rule, phase: &str| {
@@ -155,7 +170,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             ];
             dpo_in.extend(mi.inputs("model"));
             add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
-            ModelRef { node: n(&format!("dpo-{tag}")) }
+            ModelRef { base: "import".into(), node: n(&format!("dpo-{tag}")) }
         };
         let uses_anchor = matches!(workflow, "temporal" | "past-only");
         let uses_future = matches!(workflow, "temporal" | "future-only");
