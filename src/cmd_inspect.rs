@@ -188,7 +188,7 @@ pub fn replay(store_flag: &Option<PathBuf>, a: ReplayArgs) -> anyhow::Result<Exi
 
 pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::store_dir(store_flag, None);
-    let store = open_store(&dir)?;
+    let mut store = Store::open_for_verify(&dir).with_context(|| format!("opening the store {}", dir.display()))?;
     let report = tsr_state::verify(&store)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -207,8 +207,9 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
     if report.ok() {
         return Ok(ExitCode::SUCCESS);
     }
+    let rolled_back = store.rolled_back().is_some();
     if !a.repair {
-        if report.problems.iter().any(|p| !p.steps.is_empty()) {
+        if rolled_back || report.problems.iter().any(|p| !p.steps.is_empty()) {
             eprintln!("tsr: the damaged results can be recomputed: tsr verify --repair --store {}", dir.display());
         }
         return Ok(ExitCode::from(1));
@@ -240,9 +241,13 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
         store.commit(c)?;
         eprintln!("tsr: step {} will be recomputed", key.short());
     }
+    if rolled_back {
+        store.accept_rollback()?;
+        eprintln!("tsr: accepted the database as it is; every run is resumed to recompute lost steps");
+    }
     let mut affected = Vec::new();
     for run in store.runs()? {
-        if store.nodes(&run.name)?.iter().any(|(_, n)| steps.contains(&n.step_key)) {
+        if rolled_back || store.nodes(&run.name)?.iter().any(|(_, n)| steps.contains(&n.step_key)) {
             affected.push(run.name.clone());
         }
     }

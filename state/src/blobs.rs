@@ -8,7 +8,9 @@ use crate::error::{StateError, StateResult};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use crate::faults::{FaultInjector, FaultOp};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -16,13 +18,26 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub struct BlobStore {
     dir: PathBuf,
     tmp: PathBuf,
+    faults: Option<Arc<dyn FaultInjector>>,
 }
 
 impl BlobStore {
     pub fn open(dir: PathBuf, tmp: PathBuf) -> StateResult<Self> {
         fs::create_dir_all(&dir).map_err(|e| StateError::io(&dir, e))?;
         fs::create_dir_all(&tmp).map_err(|e| StateError::io(&tmp, e))?;
-        Ok(BlobStore { dir, tmp })
+        Ok(BlobStore { dir, tmp, faults: None })
+    }
+
+    pub(crate) fn with_faults(mut self, faults: Option<Arc<dyn FaultInjector>>) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    fn fault(&self, op: FaultOp, path: &Path) -> io::Result<()> {
+        match &self.faults {
+            Some(f) => f.before(op, path),
+            None => Ok(()),
+        }
     }
 
     /// Where a blob lives (whether or not it exists).
@@ -78,7 +93,9 @@ impl BlobStore {
             return Ok(digest);
         }
         let f = File::open(path).map_err(|e| StateError::io(path, e))?;
-        f.sync_all().map_err(|e| StateError::io(path, e))?;
+        self.fault(FaultOp::BlobSync, path)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| StateError::io(path, e))?;
         drop(f);
         self.install(path, &digest)?;
         Ok(digest)
@@ -88,7 +105,7 @@ impl BlobStore {
         let dest = self.path(digest);
         let parent = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(parent).map_err(|e| StateError::io(parent, e))?;
-        if let Err(e) = fs::rename(tmp, &dest) {
+        if let Err(e) = self.fault(FaultOp::BlobRename, &dest).and_then(|_| fs::rename(tmp, &dest)) {
             if e.raw_os_error() == Some(libc::EXDEV) {
                 // Another filesystem: copy into our tmp (same fs as blobs) and rename that.
                 let local = self.tmp_path("copy");
@@ -102,6 +119,8 @@ impl BlobStore {
                 return Err(StateError::io(&dest, e));
             }
         }
+        self.fault(FaultOp::DirSync, parent)
+            .map_err(|e| StateError::io(parent, e))?;
         sync_dir(parent)?;
         Ok(())
     }
@@ -227,6 +246,13 @@ pub struct BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Err(e) = self.store.fault(FaultOp::BlobWrite, &self.tmp_path) {
+            // A short write: part of the buffer reaches the file, then the error.
+            let half = &buf[..buf.len() / 2];
+            let _ = self.file.as_mut().expect("writer open").write_all(half);
+            self.hasher.update(half);
+            return Err(e);
+        }
         let n = self.file.as_mut().expect("writer open").write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
@@ -244,7 +270,9 @@ impl BlobWriter {
         let file = buf
             .into_inner()
             .map_err(|e| StateError::io(&self.tmp_path, e.into_error()))?;
-        file.sync_all()
+        self.store
+            .fault(FaultOp::BlobSync, &self.tmp_path)
+            .and_then(|_| file.sync_all())
             .map_err(|e| StateError::io(&self.tmp_path, e))?;
         drop(file);
         let digest = Digest::from(self.hasher.finalize());

@@ -54,6 +54,9 @@ pub enum StateError {
     #[error("invalid name `{name}`: {reason}")]
     BadName { name: String, reason: &'static str },
 
+    #[error("the database at {path} holds commit {db} but the store acknowledged commit {acked}: it lost committed records (damaged or restored from an old copy). Run `tsr verify --repair` to accept it and recompute what was lost")]
+    RolledBack { path: PathBuf, db: u64, acked: u64 },
+
     #[error("run `{0}` does not exist in this store; `tsr runs` lists the runs")]
     NoSuchRun(String),
 }

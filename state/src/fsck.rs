@@ -57,6 +57,16 @@ fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
 /// Check the whole store. Never modifies anything.
 pub fn verify(store: &Store) -> StateResult<VerifyReport> {
     let mut report = VerifyReport::default();
+    if let Some((db, acked)) = store.rolled_back() {
+        report.problems.push(Problem {
+            kind: "db-rolled-back".into(),
+            detail: format!(
+                "the database holds commit {db} but commit {acked} was acknowledged: committed records were lost; --repair accepts the database and recomputes the lost steps"
+            ),
+            blob: None,
+            steps: vec![],
+        });
+    }
     for kv in store.raw_iter() {
         let (k, v) = kv?;
         report.records += 1;

@@ -12,6 +12,7 @@ mod blobs;
 mod digest;
 mod envelope;
 mod error;
+pub mod faults;
 mod fsck;
 mod keys;
 mod lock;

@@ -14,7 +14,9 @@ use crate::error::{StateError, StateResult};
 use crate::keys;
 use crate::lock::StoreLock;
 use crate::records::*;
+use crate::faults::{FaultInjector, FaultOp};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const FORMAT: &[u8] = b"tsr-store-1";
 
@@ -101,6 +103,12 @@ pub struct Store {
     root: PathBuf,
     db: sled::Db,
     blobs: BlobStore,
+    faults: Option<Arc<dyn FaultInjector>>,
+    /// Commit sequence number: in sled (`M seq`) and mirrored to `<store>/SEQ` after each flush,
+    /// so a sled database that recovers to an earlier state than it acknowledged is detected.
+    seq: std::sync::Mutex<u64>,
+    /// Set when opened despite a rolled-back database (for `verify`).
+    rolled_back: Option<(u64, u64)>,
     _lock: StoreLock,
 }
 
@@ -113,6 +121,42 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Open (creating if needed) the store at `dir`. Fails with `InUse` if another process holds it.
     pub fn open(dir: &Path) -> StateResult<Store> {
+        Self::open_with_faults(dir, None)
+    }
+
+    /// Open with a fault injector (tests only; see `faults.rs`).
+    pub fn open_with_faults(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
+        let store = Self::open_inner(dir, faults)?;
+        if let Some((db, acked)) = store.rolled_back {
+            return Err(StateError::RolledBack {
+                path: dir.join("db"),
+                db,
+                acked,
+            });
+        }
+        Ok(store)
+    }
+
+    /// Open even if the database lost acknowledged commits (`verify` reports it and `--repair`
+    /// accepts the database as it is, so lost steps are recomputed).
+    pub fn open_for_verify(dir: &Path) -> StateResult<Store> {
+        Self::open_inner(dir, None)
+    }
+
+    /// The database's commit number and the higher one acknowledged before, if sled lost commits.
+    pub fn rolled_back(&self) -> Option<(u64, u64)> {
+        self.rolled_back
+    }
+
+    /// Accept the database as it is (after a rollback): the sidecar is reset to its commit number.
+    pub fn accept_rollback(&mut self) -> StateResult<()> {
+        let seq = *self.seq.lock().unwrap();
+        self.write_seq_sidecar(seq)?;
+        self.rolled_back = None;
+        Ok(())
+    }
+
+    fn open_inner(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         let lock = StoreLock::acquire(dir)?;
         let db_path = dir.join("db");
@@ -123,12 +167,27 @@ impl Store {
                 path: db_path.clone(),
                 source: e,
             })?;
-        let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp"))?;
+        let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp"))?.with_faults(faults.clone());
         blobs.clean_tmp()?;
+        let db_seq = db
+            .get(keys::meta("seq"))
+            .map_err(|e| StateError::Db {
+                path: db_path.clone(),
+                source: e,
+            })?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let acked = std::fs::read(dir.join("SEQ"))
+            .ok()
+            .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes))
+            .unwrap_or(0);
         let store = Store {
             root: dir.to_path_buf(),
             db,
             blobs,
+            faults,
+            seq: std::sync::Mutex::new(db_seq),
+            rolled_back: (acked > db_seq).then_some((db_seq, acked)),
             _lock: lock,
         };
         match store.get_raw(&keys::meta("format"))? {
@@ -197,10 +256,43 @@ impl Store {
         Ok(out)
     }
 
+    fn write_seq_sidecar(&self, seq: u64) -> StateResult<()> {
+        use std::io::Write;
+        let path = self.root.join("SEQ");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&seq.to_be_bytes()))
+            .map_err(|e| StateError::io(path, e))
+    }
+
+    /// Apply a batch with the next commit number, flush, then mirror the number to `SEQ`.
+    /// Commits are serialized so the recorded number only grows.
+    fn apply(&self, mut batch: sled::Batch) -> StateResult<()> {
+        self.fault(FaultOp::DbCommit)?;
+        let mut seq = self.seq.lock().unwrap();
+        let next = *seq + 1;
+        batch.insert(keys::meta("seq"), &next.to_be_bytes());
+        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.flush()?;
+        *seq = next;
+        // After the flush: the sidecar never runs ahead of what sled acknowledged.
+        self.write_seq_sidecar(next)
+    }
+
+    fn fault(&self, op: FaultOp) -> StateResult<()> {
+        if let Some(f) = &self.faults {
+            let path = self.root.join("db");
+            f.before(op, &path).map_err(|e| StateError::io(path, e))?;
+        }
+        Ok(())
+    }
+
     /// Apply a set of writes atomically and flush. Only after this returns are they durable.
     pub fn commit(&self, c: Commit) -> StateResult<()> {
-        self.db.apply_batch(c.batch).map_err(|e| self.db_err(e))?;
-        self.flush()
+        self.apply(c.batch)
     }
 
     // ---- runs -------------------------------------------------------------------------------
@@ -284,8 +376,7 @@ impl Store {
             batch.insert(k, bytes.as_slice());
         }
         batch.insert(keys::step(step), encode(record));
-        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
-        self.flush()
+        self.apply(batch)
     }
 
     /// All committed items of a step in index order.
@@ -327,8 +418,7 @@ impl Store {
         for k in self.db.scan_prefix(keys::item_prefix(step)).keys() {
             batch.remove(k.map_err(|e| self.db_err(e))?);
         }
-        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
-        self.flush()
+        self.apply(batch)
     }
 
     // ---- artifacts and lineage ----------------------------------------------------------------
