@@ -109,7 +109,7 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
                 workflow: rec.workflow.clone(),
                 status: format!("{:?}", rec.status).to_lowercase(),
                 live_pid: None,
-                nodes: status_rows(&store, &dag, &a.run, false)?,
+                nodes: status_rows(&store, &dag, &a.run, &Default::default())?,
             }
         }
         Err(e @ StateError::InUse { .. }) => tsr_engine::read_snapshot(&dir, &a.run)

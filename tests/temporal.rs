@@ -302,3 +302,17 @@ fn fixed_judge_model_and_final_model_export() {
     let m = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
     assert_eq!(m.digest().unwrap(), output_of(&v, "iter1/dpo-next", "weights"));
 }
+
+#[test]
+fn a_relative_store_path_works_from_any_directory() {
+    // Regression: model files are linked into scratch folders; with a relative store path the
+    // links pointed nowhere.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "self-rewarding", "logprob");
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["run", cfg.file_name().unwrap().to_str().unwrap(), "--quiet", "--store", "relative-store"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}

@@ -133,7 +133,14 @@ impl StepContext {
     pub fn device(&self) -> &str {
         &self.device
     }
+    /// Whether a stop was requested. Steps call this at every unit boundary.
+    ///
+    /// Test hook: with `TSR_TEST_UNIT_DELAY_MS` set, each call first sleeps that long, so that
+    /// tests can catch a step of any kind in the middle of its work (e.g. to send SIGTERM).
     pub fn should_stop(&self) -> bool {
+        if let Some(ms) = test_unit_delay() {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         self.stop.is_set()
     }
     pub fn stop_flag(&self) -> &StopFlag {
@@ -187,6 +194,15 @@ impl StepContext {
         }
         Ok(())
     }
+}
+
+fn test_unit_delay() -> Option<u64> {
+    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("TSR_TEST_UNIT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// The journal of a step in the store.

@@ -307,8 +307,8 @@ impl Driver {
         }
     }
 
-    fn snapshot(&self, workflow: &str) {
-        if let Ok(nodes) = crate::status::status_rows(&self.store, &self.dag, &self.run, true) {
+    fn snapshot(&self, workflow: &str, running: &BTreeSet<String>) {
+        if let Ok(nodes) = crate::status::status_rows(&self.store, &self.dag, &self.run, running) {
             crate::status::write_snapshot(
                 self.store.root(),
                 &crate::status::RunStatusView {
@@ -347,7 +347,7 @@ impl Driver {
         };
         self.set_run_status(status)?;
         if let Ok(run) = self.store.run(&self.run) {
-            self.snapshot(&run.workflow);
+            self.snapshot(&run.workflow, &BTreeSet::new());
         }
         let _ = std::fs::remove_file(crate::status::snapshot_path(self.store.root(), &self.run));
         res
@@ -369,7 +369,8 @@ impl Driver {
         let mut failure: Option<EngineError> = None;
         let mut interrupted = false;
         loop {
-            self.snapshot(&run.workflow);
+            let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
+            self.snapshot(&run.workflow, &running);
             let view = StoreView::load(&self.store, &self.run, &externals)?;
             let keys: BTreeSet<Digest> = in_flight.keys().copied().collect();
             let p = plan(&self.dag, &view, &keys);
@@ -472,6 +473,10 @@ impl Driver {
                     });
                     changed = true;
                 }
+            }
+            if changed {
+                let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
+                self.snapshot(&run.workflow, &running);
             }
             if set.is_empty() {
                 if let Some(e) = failure {

@@ -32,9 +32,14 @@ pub struct RunStatusView {
     pub nodes: Vec<StatusRow>,
 }
 
-/// `live`: whether this process is the one executing the run (then `Running` means running;
-/// otherwise a `Running` record was left by a process that died: interrupted).
-pub fn status_rows(store: &Store, dag: &Dag, run: &str, live: bool) -> Result<Vec<StatusRow>, StateError> {
+/// `running`: the nodes this process is executing right now (for the live snapshot). A
+/// `Running` record of any other node was left by a process that died: interrupted.
+pub fn status_rows(
+    store: &Store,
+    dag: &Dag,
+    run: &str,
+    running: &std::collections::BTreeSet<String>,
+) -> Result<Vec<StatusRow>, StateError> {
     let mut rows = Vec::new();
     for node in dag.topo() {
         let mut row = StatusRow {
@@ -60,7 +65,6 @@ pub fn status_rows(store: &Store, dag: &Dag, run: &str, live: bool) -> Result<Ve
                 row.state = match &rec.status {
                     StepStatus::Pending if rec.attempts > 0 => "interrupted".into(),
                     StepStatus::Pending => "pending".into(),
-                    StepStatus::Running { .. } if live => "running".into(),
                     StepStatus::Running { .. } => "interrupted".into(),
                     StepStatus::Failed { error, .. } => {
                         row.error = Some(error.clone());
@@ -72,6 +76,9 @@ pub fn status_rows(store: &Store, dag: &Dag, run: &str, live: bool) -> Result<Ve
                     }
                 };
             }
+        }
+        if running.contains(&node.name) {
+            row.state = "running".into();
         }
         rows.push(row);
     }

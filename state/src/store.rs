@@ -157,6 +157,9 @@ impl Store {
     }
 
     fn open_inner(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
+        // Absolute, so that paths handed out (blob paths, scratch folders) stay valid from any
+        // working directory and as symlink targets.
+        let dir = &std::path::absolute(dir).map_err(|e| StateError::io(dir, e))?;
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         let lock = StoreLock::acquire(dir)?;
         let db_path = dir.join("db");
