@@ -99,7 +99,7 @@ fn print_status(view: &RunStatusView) {
 
 pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::store_dir(store_flag, None);
-    let view = match Store::open(&dir) {
+    let view = match Store::open_existing_nowait(&dir) {
         Ok(store) => {
             let config = config_of(&store, &a.run)?;
             let dag = tsr_workflows::build(&config)?;

@@ -79,7 +79,11 @@ fn load(model: &str, device: &str) -> anyhow::Result<LanguageModel> {
 
 fn sampling(a: &GenerateArgs) -> Sampling {
     match a.temperature {
-        Some(t) if !a.greedy => Sampling::Sample { temperature: t, top_p: a.top_p, top_k: a.top_k },
+        Some(t) if !a.greedy => Sampling::Sample {
+            temperature: t,
+            top_p: a.top_p,
+            top_k: a.top_k,
+        },
         _ => Sampling::Greedy,
     }
 }
@@ -88,7 +92,12 @@ fn sampling(a: &GenerateArgs) -> Sampling {
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let m = load(&a.model, &a.device)?;
     let prompt_ids = m.tokenizer().encode_prompt(&a.prompt)?;
-    let req = GenRequest { prompt_ids: prompt_ids.clone(), max_new_tokens: a.max_new, sampling: sampling(&a), seed: a.seed };
+    let req = GenRequest {
+        prompt_ids: prompt_ids.clone(),
+        max_new_tokens: a.max_new,
+        sampling: sampling(&a),
+        seed: a.seed,
+    };
     let out = m.generate(&[req], 1)?.remove(0);
     if a.json {
         let finished = match out.finished {
@@ -124,8 +133,8 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<PairLine>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("{}:{n}: not a JSON object", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{n}: not a JSON object", path.display()))?;
         let field = |k: &str| -> anyhow::Result<String> {
             match v.get(k) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -133,7 +142,11 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<PairLine>> {
                 None => bail!("{}:{n}: missing field {k:?}", path.display()),
             }
         };
-        out.push(PairLine { line: n, prompt: field("prompt")?, response: field("response")? });
+        out.push(PairLine {
+            line: n,
+            prompt: field("prompt")?,
+            response: field("response")?,
+        });
     }
     Ok(out)
 }
@@ -146,8 +159,12 @@ pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
     let t = m.tokenizer();
     let mut pairs = Vec::with_capacity(lines.len());
     for l in &lines {
-        let p = t.encode_prompt(&l.prompt).with_context(|| format!("{}:{}", a.pairs.display(), l.line))?;
-        let r = t.encode_response(&l.response).with_context(|| format!("{}:{}", a.pairs.display(), l.line))?;
+        let p = t
+            .encode_prompt(&l.prompt)
+            .with_context(|| format!("{}:{}", a.pairs.display(), l.line))?;
+        let r = t
+            .encode_response(&l.response)
+            .with_context(|| format!("{}:{}", a.pairs.display(), l.line))?;
         pairs.push((p, r));
     }
     let lps = m.logprobs(&pairs, a.batch_size)?;
@@ -155,9 +172,19 @@ pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
     let mut w = stdout.lock();
     for ((l, (_, r)), lp) in lines.iter().zip(&pairs).zip(lps) {
         if a.json {
-            writeln!(w, "{}", json!({"line": l.line, "logprob": lp, "num_tokens": r.len(), "response_token_ids": r}))?;
+            writeln!(
+                w,
+                "{}",
+                json!({"line": l.line, "logprob": lp, "num_tokens": r.len(), "response_token_ids": r})
+            )?;
         } else {
-            writeln!(w, "line {}: logprob {lp:.4} over {} tokens {:?}", l.line, r.len(), r)?;
+            writeln!(
+                w,
+                "line {}: logprob {lp:.4} over {} tokens {:?}",
+                l.line,
+                r.len(),
+                r
+            )?;
         }
     }
     Ok(())
@@ -166,7 +193,9 @@ pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
 /// `tsr export-model`: prints the directory and the weights' digest.
 pub fn run_export_model(a: ExportModelArgs) -> anyhow::Result<()> {
     let m = load(&a.model, &a.device)?;
-    let digest = m.save_hf_with_digest(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let digest = m
+        .save_hf_with_digest(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote {} (weights blake3 {digest})", a.out.display());
     Ok(())
 }
@@ -179,13 +208,24 @@ mod tests {
     fn bad_pair_lines_are_named() {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("p.jsonl");
-        std::fs::write(&f, "{\"prompt\": \"a\", \"response\": \"b\"}\n\n{\"prompt\": \"a\"}\n").unwrap();
+        std::fs::write(
+            &f,
+            "{\"prompt\": \"a\", \"response\": \"b\"}\n\n{\"prompt\": \"a\"}\n",
+        )
+        .unwrap();
         let e = format!("{:#}", read_pairs(&f).unwrap_err());
         assert!(e.contains("p.jsonl:3") && e.contains("response"), "{e}");
         std::fs::write(&f, "{\"prompt\": \"a\", \"response\": \"b\"}\nnot json\n").unwrap();
         assert!(format!("{:#}", read_pairs(&f).unwrap_err()).contains("p.jsonl:2"));
         std::fs::write(&f, "{\"prompt\": \"a\", \"response\": \"b\"}\n\n").unwrap();
-        assert_eq!(read_pairs(&f).unwrap(), vec![PairLine { line: 1, prompt: "a".into(), response: "b".into() }]);
+        assert_eq!(
+            read_pairs(&f).unwrap(),
+            vec![PairLine {
+                line: 1,
+                prompt: "a".into(),
+                response: "b".into()
+            }]
+        );
     }
 
     #[test]
@@ -195,7 +235,14 @@ mod tests {
         let model = dir.to_str().unwrap().to_string();
         let f = tmp.path().join("p.jsonl");
         std::fs::write(&f, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").unwrap();
-        run_logprobs(LogprobsArgs { model: model.clone(), pairs: f, batch_size: 2, device: "cpu".into(), json: true }).unwrap();
+        run_logprobs(LogprobsArgs {
+            model: model.clone(),
+            pairs: f,
+            batch_size: 2,
+            device: "cpu".into(),
+            json: true,
+        })
+        .unwrap();
         run_generate(GenerateArgs {
             model: model.clone(),
             prompt: "Hi".into(),
@@ -209,7 +256,12 @@ mod tests {
             json: true,
         })
         .unwrap();
-        run_export_model(ExportModelArgs { model, out: tmp.path().join("out"), device: "cpu".into() }).unwrap();
+        run_export_model(ExportModelArgs {
+            model,
+            out: tmp.path().join("out"),
+            device: "cpu".into(),
+        })
+        .unwrap();
         assert!(tmp.path().join("out/model.safetensors").is_file());
     }
 }

@@ -49,7 +49,15 @@ pub struct ForkArgs {
     pub quiet: bool,
 }
 
+/// Open an existing store (inspection commands, resume, fork).
 pub fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(
+        Store::open_existing(dir).with_context(|| format!("opening the store {}", dir.display()))?,
+    ))
+}
+
+/// Open or create the store of a run.
+fn create_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(
         Store::open(dir).with_context(|| format!("opening the store {}", dir.display()))?,
     ))
@@ -65,7 +73,7 @@ fn drive(
     execute: bool,
     resume_hint: String,
 ) -> anyhow::Result<ExitCode> {
-    let store = open_store(store_dir)?;
+    let store = create_store(store_dir)?;
     let dag = Arc::new(
         tsr_workflows::build(config)
             .with_context(|| format!("building the `{}` workflow", config.workflow))?,

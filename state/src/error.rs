@@ -57,6 +57,9 @@ pub enum StateError {
     #[error("the database at {path} holds commit {db} but the store acknowledged commit {acked}: it lost committed records (damaged or restored from an old copy). Run `tsr verify --repair` to accept it and recompute what was lost")]
     RolledBack { path: PathBuf, db: u64, acked: u64 },
 
+    #[error("there is no store at {0}; give the store with --store DIR (or $TSR_STORE), or start a run with `tsr run CONFIG`")]
+    NoStore(PathBuf),
+
     #[error("run `{0}` does not exist in this store; `tsr runs` lists the runs")]
     NoSuchRun(String),
 }

@@ -15,7 +15,7 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
-    pub fn acquire(store_dir: &Path) -> StateResult<StoreLock> {
+    pub fn acquire(store_dir: &Path, wait: std::time::Duration) -> StateResult<StoreLock> {
         let path = store_dir.join("LOCK");
         let mut file = OpenOptions::new()
             .read(true)
@@ -24,6 +24,12 @@ impl StoreLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| StateError::io(&path, e))?;
+        // A short-lived holder (`tsr status` reading a snapshot, `tsr verify`) lets go within
+        // milliseconds; wait briefly before reporting the store as in use.
+        let deadline = std::time::Instant::now() + wait;
+        while file.try_lock_exclusive().is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
         if file.try_lock_exclusive().is_err() {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);

@@ -20,6 +20,9 @@ use std::sync::Arc;
 
 const FORMAT: &[u8] = b"tsr-store-1";
 
+/// How long `open` waits for a short-lived holder of the store (an inspection command) to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -126,7 +129,7 @@ impl Store {
 
     /// Open with a fault injector (tests only; see `faults.rs`).
     pub fn open_with_faults(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
-        let store = Self::open_inner(dir, faults)?;
+        let store = Self::open_inner(dir, faults, LOCK_WAIT)?;
         if let Some((db, acked)) = store.rolled_back {
             return Err(StateError::RolledBack {
                 path: dir.join("db"),
@@ -137,10 +140,21 @@ impl Store {
         Ok(store)
     }
 
+    /// Open a store that must already exist (inspection commands never create one).
+    pub fn open_existing(dir: &Path) -> StateResult<Store> {
+        if !dir.join("db").is_dir() {
+            return Err(StateError::NoStore(dir.to_path_buf()));
+        }
+        Self::open(dir)
+    }
+
     /// Open even if the database lost acknowledged commits (`verify` reports it and `--repair`
     /// accepts the database as it is, so lost steps are recomputed).
     pub fn open_for_verify(dir: &Path) -> StateResult<Store> {
-        Self::open_inner(dir, None)
+        if !dir.join("db").is_dir() {
+            return Err(StateError::NoStore(dir.to_path_buf()));
+        }
+        Self::open_inner(dir, None, LOCK_WAIT)
     }
 
     /// The database's commit number and the higher one acknowledged before, if sled lost commits.
@@ -156,12 +170,25 @@ impl Store {
         Ok(())
     }
 
-    fn open_inner(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
+    /// Open an existing store without waiting for its lock (`status` falls back to the live
+    /// snapshot at once when a run holds the store).
+    pub fn open_existing_nowait(dir: &Path) -> StateResult<Store> {
+        if !dir.join("db").is_dir() {
+            return Err(StateError::NoStore(dir.to_path_buf()));
+        }
+        let store = Self::open_inner(dir, None, std::time::Duration::ZERO)?;
+        if let Some((db, acked)) = store.rolled_back {
+            return Err(StateError::RolledBack { path: dir.join("db"), db, acked });
+        }
+        Ok(store)
+    }
+
+    fn open_inner(dir: &Path, faults: Option<Arc<dyn FaultInjector>>, lock_wait: std::time::Duration) -> StateResult<Store> {
         // Absolute, so that paths handed out (blob paths, scratch folders) stay valid from any
         // working directory and as symlink targets.
         let dir = &std::path::absolute(dir).map_err(|e| StateError::io(dir, e))?;
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
-        let lock = StoreLock::acquire(dir)?;
+        let lock = StoreLock::acquire(dir, lock_wait)?;
         let db_path = dir.join("db");
         let db = sled::Config::new()
             .path(&db_path)
