@@ -104,7 +104,7 @@ fn edited_config_is_refused_and_fork_reuses_unchanged_steps() {
 fn sigterm_gives_the_resumable_exit_code_and_the_same_command_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let cfg = write_config(dir.path(), "t", 40, 15);
+    let cfg = write_config(dir.path(), "t", 300, 15);
     let child = Command::new(env!("CARGO_BIN_EXE_tsr"))
         .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
         .arg(&store)
