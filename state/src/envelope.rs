@@ -44,3 +44,34 @@ pub fn decode<T: Versioned>(key: &[u8], bytes: &[u8]) -> StateResult<T> {
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::records::{RunRecord, StepRecord};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Arbitrary bytes never panic the decoder: a record decodes or is a clear error.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<StepRecord>(b"Sx", &bytes);
+            let _ = decode::<RunRecord>(b"Rx", &bytes);
+        }
+
+        /// A valid record with any single byte flipped never panics either.
+        #[test]
+        fn flipped_bytes_of_a_real_record_never_panic(pos in 0usize..200, bit in 0u8..8) {
+            let rec = StepRecord {
+                kind: "generate".into(), version: 1, config: "{\"k\":4}".into(), inputs: Default::default(),
+                status: crate::StepStatus::Pending, attempts: 2, items_done: 5, items_total: Some(9), busy_ms: 10,
+                checkpoint: None, first_run: "r".into(), first_node: "n".into(),
+            };
+            let mut bytes = encode(&rec);
+            let i = pos % bytes.len();
+            bytes[i] ^= 1 << bit;
+            let _ = decode::<StepRecord>(b"Sx", &bytes);
+        }
+    }
+}

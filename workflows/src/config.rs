@@ -62,7 +62,14 @@ pub struct Config {
     pub judge: JudgeSection,
     #[serde(default)]
     pub dpo: DpoSection,
+    /// `[meta]`: Meta-Rewarding's judge training (the `meta-rewarding` and `temporal-meta`
+    /// workflows; filled with defaults for them, absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<MetaSection>,
 }
+
+/// The workflows that also train the judge on its own judgements (Meta-Rewarding).
+pub const META_WORKFLOWS: &[&str] = &["meta-rewarding", "temporal-meta"];
 
 fn one() -> u32 {
     1
@@ -144,6 +151,9 @@ pub struct JudgeSection {
     pub template: Option<PathBuf>,
     /// Length control band for selection (None: off).
     pub length_band: Option<f64>,
+    /// Length control band per iteration (overrides `length_band`; iterations past the end of
+    /// the list use its last value).
+    pub length_band_per_iteration: Option<Vec<f64>>,
     /// A fixed judge model (GGUF, HF folder or hub id); default: the current model Mi.
     pub model: Option<String>,
 }
@@ -159,7 +169,56 @@ impl Default for JudgeSection {
             batch_size: 16,
             template: None,
             length_band: None,
+            length_band_per_iteration: None,
             model: None,
+        }
+    }
+}
+
+impl JudgeSection {
+    /// The length control band of iteration `i` (1-based).
+    pub fn band_for(&self, i: u32) -> Option<f64> {
+        match &self.length_band_per_iteration {
+            Some(v) if !v.is_empty() => v.get(i as usize - 1).or(v.last()).copied(),
+            _ => self.length_band,
+        }
+    }
+}
+
+/// `[meta]`: Meta-Rewarding (Wu et al. 2024): the model meta-judges its own judgements of the
+/// responses it is least certain about, and DPO also trains on the resulting judge pairs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetaSection {
+    /// Most responses meta-judged per iteration (0: no cap).
+    pub max_responses: usize,
+    /// Most responses meta-judged, as a share of all judged responses (rounded up).
+    pub response_share: f64,
+    /// Most responses meta-judged per prompt (0: no cap).
+    pub max_per_prompt: usize,
+    /// Judge pairs are at most this share of the pairs DPO trains on (1.0: no cap).
+    pub judge_pair_share: f64,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    /// A meta-judge template file with {judge_prompt}, {judgement_a}, {judgement_b}; default:
+    /// the built-in prompt.
+    pub template: Option<PathBuf>,
+}
+
+impl Default for MetaSection {
+    fn default() -> Self {
+        MetaSection {
+            max_responses: 0,
+            response_share: 1.0,
+            max_per_prompt: 1,
+            judge_pair_share: 0.15,
+            max_new_tokens: 200,
+            temperature: 0.7,
+            top_p: 0.9,
+            batch_size: 16,
+            template: None,
         }
     }
 }
@@ -236,6 +295,9 @@ impl Config {
                 *m = h;
             }
         }
+        if META_WORKFLOWS.contains(&c.workflow.as_str()) && c.meta.is_none() {
+            c.meta = Some(MetaSection::default());
+        }
         if let Some(p) = c.prompts.as_mut() {
             if let Some(h) = p.file.to_str().and_then(home) {
                 p.file = PathBuf::from(h);
@@ -254,6 +316,9 @@ impl Config {
                 abs(&mut p.file);
             }
             if let Some(t) = c.judge.template.as_mut() {
+                abs(t);
+            }
+            if let Some(t) = c.meta.as_mut().and_then(|m| m.template.as_mut()) {
                 abs(t);
             }
             if let Some(m) = c.judge.model.as_mut() {
@@ -350,6 +415,17 @@ impl Config {
                 return bad("judge.length_band", "must be >= 0".into());
             }
         }
+        if let Some(v) = &j.length_band_per_iteration {
+            if v.is_empty() {
+                return bad("judge.length_band_per_iteration", "give at least one band, or leave the key out".into());
+            }
+            if let Some(b) = v.iter().find(|b| !(**b >= 0.0 && b.is_finite())) {
+                return bad("judge.length_band_per_iteration", format!("{b} is not >= 0"));
+            }
+        }
+        if META_WORKFLOWS.contains(&self.workflow.as_str()) {
+            self.validate_meta()?;
+        }
         let d = &self.dpo;
         if !(d.beta > 0.0 && d.beta.is_finite()) {
             return bad("dpo.beta", format!("{} is not > 0", d.beta));
@@ -370,6 +446,42 @@ impl Config {
         }
         if !["current", "initial"].contains(&d.reference.as_str()) {
             return bad("dpo.reference", "use `current` (Mi) or `initial` (M0)".into());
+        }
+        Ok(())
+    }
+
+    fn validate_meta(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.into(), reason });
+        let w = &self.workflow;
+        let j = &self.judge;
+        if j.mode != tsr_steps::judge::JudgeMode::Text {
+            return bad("judge.mode", format!("workflow `{w}` meta-judges written judgements; use judge mode `text`"));
+        }
+        if j.samples < 2 {
+            return bad(
+                "judge.samples",
+                format!("workflow `{w}` compares judgements of one response; use at least 2 judge samples, not {}", j.samples),
+            );
+        }
+        if j.model.is_some() {
+            return bad("judge.model", format!("workflow `{w}` trains the model's own judging; a fixed judge model cannot improve"));
+        }
+        let default = MetaSection::default();
+        let m = self.meta.as_ref().unwrap_or(&default);
+        if !(m.judge_pair_share >= 0.0 && m.judge_pair_share <= 1.0) {
+            return bad("meta.judge_pair_share", format!("{} is not in [0, 1]", m.judge_pair_share));
+        }
+        if !(m.response_share >= 0.0 && m.response_share <= 1.0) {
+            return bad("meta.response_share", format!("{} is not in [0, 1]", m.response_share));
+        }
+        if !(m.temperature > 0.0 && m.temperature.is_finite()) {
+            return bad("meta.temperature", "must be > 0".into());
+        }
+        if !(m.top_p > 0.0 && m.top_p <= 1.0) {
+            return bad("meta.top_p", "must be in (0, 1]".into());
+        }
+        if m.max_new_tokens == 0 || m.batch_size == 0 {
+            return bad("meta", "max_new_tokens and batch_size must be at least 1".into());
         }
         Ok(())
     }
@@ -476,5 +588,31 @@ mod tests {
         let def = d.definition();
         assert_eq!(def["toy.train_steps"], "9");
         assert!(!def.contains_key("device"));
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1500))]
+        /// Any text either parses into a config that passed validation or is an error; never a
+        /// panic.
+        #[test]
+        fn config_loader_never_panics(text in "(name|workflow|seed|device|iterations|anchor|\\[toy\\]|\\[dpo\\]|\\[judge\\]|beta|k|lr|items|=|\"|[a-z0-9.\\-]|\n| ){0,120}") {
+            if let Ok(c) = Config::from_str_at(&text, Path::new("fuzz.toml")) {
+                prop_assert!(c.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn set_never_panics(key in "[a-z_.]{0,20}", value in "[a-z0-9.\"\\-]{0,10}") {
+            let c = Config::from_str_at("name = \"a\"\nworkflow = \"toy\"\n", Path::new("t.toml")).unwrap();
+            if let Ok(d) = apply_set(&c, &format!("{key}={value}")) {
+                prop_assert!(d.validate().is_ok());
+            }
+        }
     }
 }
