@@ -190,8 +190,11 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         let lock = StoreLock::acquire(dir, lock_wait)?;
         let db_path = dir.join("db");
+        // sled's page cache defaults to 1 GiB; records are small and read rarely, so a bounded
+        // cache keeps memory flat however many items a run accumulates.
         let db = sled::Config::new()
             .path(&db_path)
+            .cache_capacity(64 * 1024 * 1024)
             .open()
             .map_err(|e| StateError::Db {
                 path: db_path.clone(),
