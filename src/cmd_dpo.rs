@@ -88,9 +88,19 @@ fn config(a: &DpoArgs, n_pairs: usize) -> anyhow::Result<TrainerConfig> {
     let accum = batch.div_ceil(micro);
     let steps_per_epoch = n_pairs.div_ceil(micro * accum) as u64;
     Ok(TrainerConfig {
-        loss: DpoLossConfig { beta: a.beta, kind, length_normalize: false },
-        schedule: LrSchedule { warmup_steps: a.warmup_steps, ..LrSchedule::constant(a.lr) },
-        optimizer: AdamWConfig { weight_decay: a.weight_decay, ..AdamWConfig::default() },
+        loss: DpoLossConfig {
+            beta: a.beta,
+            kind,
+            length_normalize: false,
+        },
+        schedule: LrSchedule {
+            warmup_steps: a.warmup_steps,
+            ..LrSchedule::constant(a.lr)
+        },
+        optimizer: AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..AdamWConfig::default()
+        },
         epochs: a.steps.div_ceil(steps_per_epoch),
         max_steps: Some(a.steps),
         micro_batch: micro,
@@ -103,24 +113,32 @@ fn config(a: &DpoArgs, n_pairs: usize) -> anyhow::Result<TrainerConfig> {
 
 pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     tune_runtime();
-    let text = std::fs::read_to_string(&a.pairs).with_context(|| format!("reading {}", a.pairs.display()))?;
-    let texts = parse_pairs_jsonl(&text).with_context(|| format!("reading pairs from {}", a.pairs.display()))?;
+    let text = std::fs::read_to_string(&a.pairs)
+        .with_context(|| format!("reading {}", a.pairs.display()))?;
+    let texts = parse_pairs_jsonl(&text)
+        .with_context(|| format!("reading pairs from {}", a.pairs.display()))?;
     let cfg = config(&a, texts.len())?;
-    let model = LanguageModel::load_str(&a.model, &a.device).with_context(|| format!("loading model {}", a.model))?;
+    let model = LanguageModel::load_str(&a.model, &a.device)
+        .with_context(|| format!("loading model {}", a.model))?;
     let mut pairs = encode_text_pairs(&model, &texts).context("tokenizing the pairs")?;
     match &a.reference {
         Some(spec) => {
-            let reference =
-                LanguageModel::load_str(spec, &a.device).with_context(|| format!("loading reference model {spec}"))?;
-            reference_logps(&reference, &mut pairs, cfg.micro_batch).context("reference log-probs")?;
+            let reference = LanguageModel::load_str(spec, &a.device)
+                .with_context(|| format!("loading reference model {spec}"))?;
+            reference_logps(&reference, &mut pairs, cfg.micro_batch)
+                .context("reference log-probs")?;
         }
-        None => DpoTrainer::self_reference(&model, &mut pairs, &cfg).context("reference log-probs")?,
+        None => {
+            DpoTrainer::self_reference(&model, &mut pairs, &cfg).context("reference log-probs")?
+        }
     }
     let mut trainer = DpoTrainer::new(&model, pairs, cfg)?;
     let total = trainer.total_steps();
     let mut first: Option<StepReport> = None;
     while !trainer.is_done() {
-        let r = trainer.step().with_context(|| format!("optimizer step {}", trainer.steps_done() + 1))?;
+        let r = trainer
+            .step()
+            .with_context(|| format!("optimizer step {}", trainer.steps_done() + 1))?;
         if !a.json {
             let d = r.metrics.dpo.unwrap_or_default();
             eprintln!(
@@ -133,7 +151,9 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     }
     let final_loss = trainer.mean_loss().context("loss after the last step")?;
     let digest = match &a.out {
-        Some(dir) => model.save_hf_with_digest(dir).with_context(|| format!("saving the model to {}", dir.display()))?,
+        Some(dir) => model
+            .save_hf_with_digest(dir)
+            .with_context(|| format!("saving the model to {}", dir.display()))?,
         None => model.digest()?,
     };
     if a.json {
@@ -162,7 +182,11 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{} steps on {} pairs: loss {final_loss:.6} after the last step; model {digest}", trainer.steps_done(), trainer.pairs().len());
+        println!(
+            "{} steps on {} pairs: loss {final_loss:.6} after the last step; model {digest}",
+            trainer.steps_done(),
+            trainer.pairs().len()
+        );
         if let Some(dir) = &a.out {
             println!("saved to {}", dir.display());
         }

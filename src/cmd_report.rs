@@ -1,6 +1,8 @@
 //! `tsr report RUN [RUN...]`: the per-iteration, per-phase metrics table of each run, and PNG
 //! plots (score gap, chosen/rejected similarity, response length over iterations), one line per
-//! run, so that e.g. standard Self-Rewarding and Temporal can be compared side by side.
+//! run, so that e.g. standard Self-Rewarding and Temporal can be compared side by side. Runs of
+//! the Meta-Rewarding workflows add a judge table (score distribution, meta-judge agreement,
+//! judge pairs) and a plot of the share of top judge scores.
 
 use crate::cmd_run::open_store;
 use crate::store_read;
@@ -124,6 +126,9 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             }
         }
     }
+    if !a.json && all.iter().any(|(_, its)| its.iter().any(|it| it.meta.is_some())) {
+        print_meta_table(&all);
+    }
     let out = a.out.clone().unwrap_or_else(|| dir.join("reports").join(&a.runs[0]));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let text = register_font().is_some();
@@ -152,6 +157,53 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
     for (file, title, y, f) in plots.iter() {
         plot(&out.join(file), title, y, &series(f.as_ref()), text)?;
     }
+    let top: Vec<Series> = all
+        .iter()
+        .map(|(run, its)| Series {
+            run: run.clone(),
+            points: its.iter().filter_map(|it| it.meta.as_ref()?.top_score_share.map(|y| (it.iteration as f64, y))).collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if !top.is_empty() {
+        plot(&out.join("judge_top_share.png"), "Share of top judge scores (judge collapse)", "share", &top, text)?;
+    }
     eprintln!("tsr: plots in {}", out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The judge-side table of Meta-Rewarding runs: one row per iteration. TOP is the share of
+/// parsed judge scores at the top score (rising towards 1: the judge collapses into always
+/// giving it); AGREE the share of meta-judge comparisons whose two orders agreed; HIGHER the
+/// share of agreed comparisons that preferred the higher-scored judgement.
+fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
+    println!();
+    println!(
+        "{:<16} {:<15} {:>3} {:>6} {:>6} {:>5} {:>6} {:>6} {:>5} {:>5} {:>6} {:>6} {:>6} {:>6}",
+        "RUN", "WORKFLOW", "IT", "JUDGED", "SCORED", "TOP", "MEAN_J", "UNCERT", "CMP", "AGREE", "HIGHER", "JPAIRS", "JKEPT", "LEN"
+    );
+    let opt = |v: Option<f64>, w: usize, d: usize| v.map(|x| format!("{x:>w$.d$}")).unwrap_or_else(|| format!("{:>w$}", "-"));
+    for (run, its) in all {
+        for it in its {
+            let Some(m) = &it.meta else { continue };
+            let kept: Option<usize> = it.phases.iter().filter_map(|p| p.judge_pairs).reduce(|a, b| a + b);
+            println!(
+                "{:<16} {:<15} {:>3} {:>6} {:>6} {} {} {:>6} {:>5} {} {} {:>6} {:>6} {:>6.1}",
+                run,
+                it.workflow,
+                it.iteration,
+                m.judgements,
+                m.scored_judgements,
+                opt(m.top_score_share, 5, 2),
+                opt(m.mean_judge_score, 6, 2),
+                m.uncertain_responses,
+                m.compared,
+                opt(m.meta_agreement, 5, 2),
+                opt(m.prefers_higher_score, 6, 2),
+                m.judge_pairs,
+                kept.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
+                m.mean_response_tokens
+            );
+        }
+    }
 }

@@ -8,25 +8,34 @@
 
 use std::time::Instant;
 
-use tsr_steps::model::{tune_allocator, GenRequest, LanguageModel, Sampling};
+use tsr_steps::model::{tune_runtime, FinishReason, GenRequest, LanguageModel, Sampling};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let tuned = tune_allocator();
+    let tuned = tune_runtime();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let model = if args.first().is_some_and(|a| a.contains('/') || a.ends_with(".gguf")) {
+    let model = if args
+        .first()
+        .is_some_and(|a| a.contains('/') || a.ends_with(".gguf"))
+    {
         args.remove(0)
     } else {
         std::env::var("TSR_MODEL")?
     };
     let all = args.is_empty();
     let want = |w: &str| all || args.iter().any(|a| a == w);
-    println!("mallopt tuned: {tuned}; threads: {}", candle_core::utils::get_num_threads());
+    println!(
+        "mallopt tuned: {tuned}; threads: {}",
+        candle_core::utils::get_num_threads()
+    );
 
     let t = Instant::now();
     let m = LanguageModel::load_str(&model, "cpu")?;
     let load_s = t.elapsed().as_secs_f64();
     if want("load") {
-        println!("load {model}: {load_s:.2} s ({} parameters)", m.num_parameters());
+        println!(
+            "load {model}: {load_s:.2} s ({} parameters)",
+            m.num_parameters()
+        );
     }
     let tok = m.tokenizer();
     // A 48-token prompt: template + filler text, trimmed to exactly 48 tokens.
@@ -38,17 +47,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let req = |seed: u64| GenRequest {
         prompt_ids: prompt.clone(),
         max_new_tokens: 64,
-        sampling: Sampling::Sample { temperature: 1.0, top_p: Some(1.0), top_k: None },
+        sampling: Sampling::Sample {
+            temperature: 1.0,
+            top_p: Some(1.0),
+            top_k: None,
+        },
         seed,
     };
-    // Sampling at temperature 1 may stop early at <|im_end|>: count the tokens actually produced.
+    // Sampling at temperature 1 may stop early at <|im_end|>: count the tokens actually produced
+    // (the end-of-turn token included).
     let decode = |b: usize| -> Result<(), Box<dyn std::error::Error>> {
         let reqs: Vec<GenRequest> = (0..b as u64).map(req).collect();
         let _ = m.generate(&reqs[..1], 1)?; // warm-up
         let t = Instant::now();
         let out = m.generate(&reqs, b)?;
         let s = t.elapsed().as_secs_f64();
-        let n: usize = out.iter().map(|o| o.token_ids.len() + 1).sum();
+        let n: usize = out
+            .iter()
+            .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
+            .sum();
         println!("decode batch {b} (48-token prompts, <=64 new): {n} tokens in {s:.2} s = {:.1} tok/s (incl. prefill)", n as f64 / s);
         Ok(())
     };
@@ -70,16 +87,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let _ = m.logprobs(&pairs, 16)?;
         let s = t.elapsed().as_secs_f64();
-        println!("scoring 16 x 256 tokens (128 prompt + 128 response): {:.2} s = {:.0} tok/s", s, 16.0 * 256.0 / s);
-        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| [p.as_slice(), r.as_slice()].concat()).collect();
+        println!(
+            "scoring 16 x 256 tokens (128 prompt + 128 response): {:.2} s = {:.0} tok/s",
+            s,
+            16.0 * 256.0 / s
+        );
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+            .collect();
         let t = Instant::now();
         let _ = m.mean_hidden(&seqs, 16)?;
         let s = t.elapsed().as_secs_f64();
-        println!("mean_hidden 16 x 256 tokens: {:.2} s = {:.0} tok/s", s, 16.0 * 256.0 / s);
+        println!(
+            "mean_hidden 16 x 256 tokens: {:.2} s = {:.0} tok/s",
+            s,
+            16.0 * 256.0 / s
+        );
     }
     if want("train") {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..2u32)
-            .map(|i| ((0..64).map(|j| 100 + (i * 7 + j * 13) % 40000).collect(), (0..64).map(|j| 100 + (i * 3 + j * 11) % 40000).collect()))
+            .map(|i| {
+                (
+                    (0..64).map(|j| 100 + (i * 7 + j * 13) % 40000).collect(),
+                    (0..64).map(|j| 100 + (i * 3 + j * 11) % 40000).collect(),
+                )
+            })
             .collect();
         for step in 0..2 {
             let t = Instant::now();
@@ -87,7 +120,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let loss = lp.sum_all()?.neg()?;
             let grads = loss.backward()?;
             let s = t.elapsed().as_secs_f64();
-            println!("forward+backward 2 x (64+64) step {step}: {s:.2} s ({} grads)", m.vars().iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).count());
+            println!(
+                "forward+backward 2 x (64+64) step {step}: {s:.2} s ({} grads)",
+                m.vars()
+                    .iter()
+                    .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+                    .count()
+            );
         }
     }
     Ok(())

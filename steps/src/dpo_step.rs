@@ -1,16 +1,17 @@
 //! `dpo`: train a policy (initialised from the `model` input) on preference pairs against
-//! reference log-probs computed by `ref-logprobs`. Checkpoints (weights, optimizer state, data
-//! cursor, metrics so far) every `checkpoint_every` optimizer steps and at a stop request; a
-//! resumed step continues from the checkpoint and ends with bit-identical weights.
+//! reference log-probs computed by `ref-logprobs`, with [`DpoTrainer`]. Checkpoints every
+//! `checkpoint_every` optimizer steps and at a stop request: files `weights` (safetensors),
+//! `trainer` ([`crate::dpo::TrainerCheckpoint`]: plan, cursor, optimizer state) and `metrics`
+//! (the full per-step history); the journal cursor is the data cursor as JSON, for
+//! inspection. A resumed step continues from the checkpoint and ends with bit-identical
+//! weights and metrics. A diverged step (non-finite loss or gradient) fails with an `Invalid`
+//! error before touching the weights, so the last checkpoint stays the last good state.
 
-use crate::dpo::{
-    dpo_loss, train_step, AdamW, AdamWConfig, BatchPlan, DataCursor, DpoError, DpoLossConfig,
-    DpoLossKind, LrSchedule, MicroLoss, StepMetrics,
-};
+use crate::dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
+use crate::dpo_trainer::{cursor_bytes, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use crate::lm::{self, model_err};
 use crate::pairs::Pair;
 use crate::reference::{encode_pair, RefLogps};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{OutputData, Step, StepContext, StepError, StepInputs, StepOutputs};
@@ -29,12 +30,7 @@ pub struct Dpo {
     pub checkpoint_every: u64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Cursor {
-    cursor: DataCursor,
-    metrics: Vec<StepMetrics>,
-}
-
+/// The step's `metrics` output: every optimizer step's metrics.
 #[derive(Serialize, Deserialize)]
 pub struct DpoReport {
     pub pairs: usize,
@@ -42,8 +38,82 @@ pub struct DpoReport {
     pub metrics: Vec<StepMetrics>,
 }
 
-fn dpo_err(e: DpoError) -> StepError {
-    StepError::wrap("DPO", e)
+fn trainer_err(e: TrainerError) -> StepError {
+    if e.is_non_finite() {
+        // Deterministic: retrying the same step diverges again. The last checkpoint (taken
+        // after the last good step) is intact.
+        StepError::Invalid(format!("DPO diverged: {e}; the last checkpoint is kept"))
+    } else {
+        StepError::wrap("DPO", e)
+    }
+}
+
+impl Dpo {
+    fn trainer_config(&self, seed: u64) -> TrainerConfig {
+        TrainerConfig {
+            loss: DpoLossConfig {
+                beta: self.beta,
+                kind: self.loss,
+                length_normalize: false,
+            },
+            schedule: LrSchedule {
+                warmup_steps: self.warmup_steps,
+                ..LrSchedule::constant(self.lr)
+            },
+            optimizer: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            epochs: self.epochs,
+            max_steps: None,
+            micro_batch: self.micro_batch,
+            accum_steps: self.accum_steps,
+            max_grad_norm: self.max_grad_norm,
+            seed,
+            shuffle: true,
+        }
+    }
+}
+
+/// Writes a checkpoint of `t` and records it in the step's journal; the engine fsyncs the files
+/// into its blob store and drops the previous checkpoint once this one is committed.
+fn save(t: &DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
+    let dir = ctx.scratch().join("checkpoint");
+    let files = t.write_checkpoint(&dir).map_err(trainer_err)?;
+    let metrics = serde_json::to_vec(t.metrics()).expect("metrics serialize");
+    let mut out = BTreeMap::new();
+    out.insert("weights".to_string(), OutputData::File(files.weights));
+    out.insert("trainer".to_string(), OutputData::File(files.trainer));
+    out.insert("metrics".to_string(), OutputData::Bytes(metrics));
+    ctx.items().save_checkpoint(out, cursor_bytes(t.cursor()))
+}
+
+fn restore(t: &mut DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
+    let Some(cp) = ctx.items().load_checkpoint()? else {
+        return Ok(());
+    };
+    let file = |name: &str| {
+        cp.files.get(name).ok_or_else(|| {
+            StepError::Invalid(format!("DPO checkpoint {} has no `{name}` file", cp.seq))
+        })
+    };
+    let trainer = std::fs::read(file("trainer")?)
+        .map_err(|e| StepError::io("reading the DPO trainer checkpoint", e))?;
+    let metrics = std::fs::read(file("metrics")?)
+        .map_err(|e| StepError::io("reading the DPO metrics checkpoint", e))?;
+    let metrics: Vec<StepMetrics> = serde_json::from_slice(&metrics).map_err(|e| {
+        StepError::Invalid(format!("DPO checkpoint metrics cannot be decoded: {e}"))
+    })?;
+    t.restore(file("weights")?, &trainer, Some(metrics))
+        .map_err(trainer_err)
+}
+
+fn progress_message(m: &StepMetrics) -> String {
+    let d = m.dpo.unwrap_or_default();
+    format!(
+        "loss {:.4} r+ {:.3} r- {:.3} margin {:.3} acc {:.2} |g| {:.3} lr {:.2e}",
+        m.loss, d.reward_chosen, d.reward_rejected, d.margin, d.accuracy, m.grad_norm, m.lr
+    )
 }
 
 impl Step for Dpo {
@@ -51,7 +121,8 @@ impl Step for Dpo {
         "dpo"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: checkpoints are weights + TrainerCheckpoint + metrics files (v1 used another cursor).
+        2
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()
@@ -61,114 +132,82 @@ impl Step for Dpo {
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let pairs: Vec<Pair> = lm::from_jsonl(&inputs.bytes("pairs")?, "pairs")?;
-        let refs: BTreeMap<String, RefLogps> = lm::from_jsonl::<RefLogps>(&inputs.bytes("ref_logps")?, "reference log-probs")?
-            .into_iter()
-            .map(|r| (r.pair_id.clone(), r))
-            .collect();
+        let refs: BTreeMap<String, RefLogps> =
+            lm::from_jsonl::<RefLogps>(&inputs.bytes("ref_logps")?, "reference log-probs")?
+                .into_iter()
+                .map(|r| (r.pair_id.clone(), r))
+                .collect();
         let model = lm::load(inputs, "model", ctx)?;
         let out_dir = ctx.scratch().join("out");
         if pairs.is_empty() {
             // Nothing to learn from: the policy is the input model, unchanged.
-            model.save_hf(&out_dir).map_err(model_err("saving the model"))?;
-            let report = DpoReport { pairs: 0, steps: 0, metrics: vec![] };
+            model
+                .save_hf(&out_dir)
+                .map_err(model_err("saving the model"))?;
+            let report = DpoReport {
+                pairs: 0,
+                steps: 0,
+                metrics: vec![],
+            };
             return Ok(StepOutputs::new()
-                .file("weights", "model-weights", &out_dir.join("model.safetensors"))
+                .file(
+                    "weights",
+                    "model-weights",
+                    &out_dir.join("model.safetensors"),
+                )
                 .json("metrics", &report));
         }
-        let tok = model.tokenizer();
         let mut encoded = Vec::with_capacity(pairs.len());
         for p in &pairs {
             let r = refs.get(&p.pair_id).ok_or_else(|| {
                 StepError::Invalid(format!("pair {} has no reference log-probs", p.pair_id))
             })?;
-            encoded.push((encode_pair(tok, p)?, r.chosen, r.rejected));
+            let (prompt, chosen, rejected) = encode_pair(model.tokenizer(), p)?;
+            encoded.push(TrainPair {
+                prompt,
+                chosen,
+                rejected,
+                ref_chosen: r.chosen,
+                ref_rejected: r.rejected,
+            });
         }
-        let plan = BatchPlan::new(pairs.len(), self.micro_batch, self.accum_steps, ctx.seed(), true).map_err(dpo_err)?;
-        let total_steps = plan.steps_per_epoch() * self.epochs;
-        let schedule = LrSchedule { warmup_steps: self.warmup_steps, ..LrSchedule::constant(self.lr) };
-        let mut opt = AdamW::new(model.vars(), AdamWConfig { weight_decay: self.weight_decay, ..AdamWConfig::default() }).map_err(dpo_err)?;
-        let mut cursor = DataCursor::default();
-        let mut metrics: Vec<StepMetrics> = Vec::new();
-        if let Some(cp) = ctx.items().load_checkpoint()? {
-            let saved: Cursor = serde_json::from_slice(&cp.cursor)
-                .map_err(|e| StepError::Invalid(format!("DPO checkpoint cursor cannot be decoded: {e}")))?;
-            let weights = candle_core::safetensors::load(&cp.files["weights"], model.device())
-                .map_err(|e| StepError::wrap("reading checkpoint weights", e))?;
-            for (name, var) in model.vars() {
-                let t = weights.get(&name).ok_or_else(|| StepError::Invalid(format!("checkpoint lacks tensor {name}")))?;
-                var.set(&t.to_dtype(var.dtype()).map_err(|e| StepError::wrap("checkpoint dtype", e))?)
-                    .map_err(|e| StepError::wrap(format!("restoring {name}"), e))?;
-            }
-            let optim = std::fs::read(&cp.files["optim"]).map_err(|e| StepError::io("reading optimizer state", e))?;
-            opt.load_state(&optim).map_err(dpo_err)?;
-            cursor = saved.cursor;
-            metrics = saved.metrics;
-        }
-        let loss_cfg = DpoLossConfig { beta: self.beta, kind: self.loss, length_normalize: false };
-        ctx.progress().set_length(total_steps);
-        ctx.progress().set_position(cursor.optimizer_step);
-        let save = |cursor: &DataCursor, metrics: &[StepMetrics], opt: &AdamW| -> Result<(), StepError> {
-            let dir = ctx.scratch().join("checkpoint");
-            model.save_hf(&dir).map_err(model_err("saving checkpoint weights"))?;
-            let mut files = BTreeMap::new();
-            files.insert("weights".to_string(), OutputData::File(dir.join("model.safetensors")));
-            files.insert("optim".to_string(), OutputData::Bytes(opt.save_state().map_err(dpo_err)?));
-            let c = serde_json::to_vec(&Cursor { cursor: *cursor, metrics: metrics.to_vec() }).expect("cursor serializes");
-            ctx.items().save_checkpoint(files, c)
-        };
-        while cursor.epoch < self.epochs {
+        let mut t = DpoTrainer::new(&model, encoded, self.trainer_config(ctx.seed()))
+            .map_err(trainer_err)?;
+        restore(&mut t, ctx)?;
+        ctx.progress().set_length(t.total_steps());
+        ctx.progress().set_position(t.steps_done());
+        let every = self.checkpoint_every.max(1);
+        let mut saved_at = t.steps_done();
+        while !t.is_done() {
             if ctx.should_stop() {
-                save(&cursor, &metrics, &opt)?;
+                if saved_at != t.steps_done() {
+                    save(&t, ctx)?;
+                }
                 return Err(StepError::Interrupted);
             }
-            let (batch, next) = plan.next_batch(&cursor).map_err(dpo_err)?;
-            let lr = schedule.lr_at(cursor.optimizer_step);
-            let dev = model.device().clone();
-            let m = train_step(&mut opt, batch.micro_batches.len(), self.max_grad_norm, lr, |i| -> Result<MicroLoss, DpoError> {
-                let idx = &batch.micro_batches[i];
-                let mut seqs = Vec::with_capacity(idx.len() * 2);
-                let (mut rc, mut rr) = (Vec::new(), Vec::new());
-                for &j in idx {
-                    let ((p, c, r), ref_c, ref_r) = &encoded[j];
-                    seqs.push((p.clone(), c.clone()));
-                    seqs.push((p.clone(), r.clone()));
-                    rc.push(*ref_c);
-                    rr.push(*ref_r);
-                }
-                let lp = model.response_logprobs_tensor(&seqs).map_err(|e| DpoError::InvalidConfig(format!("policy log-probs: {e}")))?;
-                let n = idx.len();
-                let lp = lp.reshape((n, 2))?;
-                let pc = lp.narrow(1, 0, 1)?.squeeze(1)?;
-                let pr = lp.narrow(1, 1, 1)?.squeeze(1)?;
-                let rc = Tensor::from_vec(rc, n, &dev)?.to_dtype(pc.dtype())?;
-                let rr = Tensor::from_vec(rr, n, &dev)?.to_dtype(pc.dtype())?;
-                let out = dpo_loss(
-                    &crate::dpo::PairLogps {
-                        policy_chosen: &pc,
-                        policy_rejected: &pr,
-                        reference_chosen: &rc,
-                        reference_rejected: &rr,
-                        chosen_tokens: None,
-                        rejected_tokens: None,
-                    },
-                    &loss_cfg,
-                )?;
-                let dpo = Some(out.summary()?);
-                Ok(MicroLoss { loss: out.loss, pairs: n, dpo })
-            })
-            .map_err(dpo_err)?;
+            let report = t.step().map_err(trainer_err)?;
             ctx.progress().inc(1);
-            ctx.progress().set_message(format!("loss {:.4} acc {:.2}", m.loss, m.dpo.map(|d| d.accuracy).unwrap_or(0.0)));
-            metrics.push(m);
-            cursor = next;
-            if cursor.optimizer_step % self.checkpoint_every.max(1) == 0 && cursor.epoch < self.epochs {
-                save(&cursor, &metrics, &opt)?;
+            ctx.progress()
+                .set_message(progress_message(&report.metrics));
+            if t.steps_done() % every == 0 && !t.is_done() {
+                save(&t, ctx)?;
+                saved_at = t.steps_done();
             }
         }
-        model.save_hf(&out_dir).map_err(model_err("saving the trained model"))?;
-        let report = DpoReport { pairs: pairs.len(), steps: cursor.optimizer_step, metrics };
+        model
+            .save_hf(&out_dir)
+            .map_err(model_err("saving the trained model"))?;
+        let report = DpoReport {
+            pairs: pairs.len(),
+            steps: t.steps_done(),
+            metrics: t.metrics().to_vec(),
+        };
         Ok(StepOutputs::new()
-            .file("weights", "model-weights", &out_dir.join("model.safetensors"))
+            .file(
+                "weights",
+                "model-weights",
+                &out_dir.join("model.safetensors"),
+            )
             .json("metrics", &report))
     }
 }

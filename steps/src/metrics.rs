@@ -5,8 +5,15 @@
 //! model, skipped prompts, unscored judgements, and the final DPO loss / accuracy / margin.
 //!
 //! Inputs per phase `n` (1, 2): `p<n>_pairs`, `p<n>_summary`, `p<n>_dpo`; and the model Mi.
+//! The pair diagnostics are over actor pairs; judge pairs mixed into a phase are only counted.
+//! Meta workflows add `meta_judgements`, `meta_responses`, `meta_summary` and
+//! `meta_comparisons`, giving the judge-side diagnostics (`judge_pairs::MetaMetrics`).
 
 use crate::dpo_step::DpoReport;
+use crate::generate::Response;
+use crate::judge::Judgement;
+use crate::judge_pairs::{meta_metrics, Comparison};
+use crate::meta_judge::MetaSummary;
 use crate::lm::{self, model_err};
 use crate::pairs::{Pair, SelectSummary};
 use crate::select::Role;
@@ -33,6 +40,9 @@ pub struct PhaseMetrics {
     pub dpo_final_loss: Option<f64>,
     pub dpo_final_accuracy: Option<f64>,
     pub dpo_final_margin: Option<f64>,
+    /// Judge pairs trained on in this phase (meta workflows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_pairs: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -44,6 +54,9 @@ pub struct IterationMetrics {
     /// Mi+1: the model this iteration produced.
     pub produced: Option<String>,
     pub phases: Vec<PhaseMetrics>,
+    /// Judge-side diagnostics (meta workflows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<crate::judge_pairs::MetaMetrics>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -86,11 +99,13 @@ impl Step for Metrics {
             model: lm::model_digest(inputs, "model")?,
             produced: inputs.has("produced").then(|| inputs.digest("produced").map(|d| d.to_hex())).transpose()?,
             phases: vec![],
+            meta: None,
         };
         ctx.progress().set_length(self.phases.len() as u64);
         for (n, name) in self.phases.iter().enumerate() {
             let p = n + 1;
-            let pairs: Vec<Pair> = lm::from_jsonl(&inputs.bytes(&format!("p{p}_pairs"))?, "pairs")?;
+            let (judge_pairs, pairs): (Vec<Pair>, Vec<Pair>) =
+                lm::from_jsonl::<Pair>(&inputs.bytes(&format!("p{p}_pairs"))?, "pairs")?.into_iter().partition(|p| p.is_judge());
             let sum: SelectSummary = inputs.json(&format!("p{p}_summary"))?;
             let dpo: DpoReport = inputs.json(&format!("p{p}_dpo"))?;
             let mut seqs = Vec::with_capacity(pairs.len() * 2);
@@ -124,8 +139,17 @@ impl Step for Metrics {
                 dpo_final_loss: last.map(|m| m.loss),
                 dpo_final_accuracy: last.and_then(|m| m.dpo.map(|d| d.accuracy)),
                 dpo_final_margin: last.and_then(|m| m.dpo.map(|d| d.margin)),
+                judge_pairs: sum.judge_pairs_kept.or((!judge_pairs.is_empty()).then_some(judge_pairs.len())),
             });
             ctx.progress().inc(1);
+        }
+        if inputs.has("meta_summary") {
+            let judgements: Vec<Judgement> = lm::from_jsonl(&inputs.bytes("meta_judgements")?, "judgements")?;
+            let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("meta_responses")?, "responses")?;
+            let comparisons: Vec<Comparison> = lm::from_jsonl(&inputs.bytes("meta_comparisons")?, "meta comparisons")?;
+            let summary: MetaSummary = inputs.json("meta_summary")?;
+            let tokens: Vec<usize> = responses.iter().map(|r| r.tokens).collect();
+            out.meta = Some(meta_metrics(&judgements, &tokens, &comparisons, summary.uncertain, summary.pairs));
         }
         Ok(StepOutputs::new().json("metrics", &out))
     }

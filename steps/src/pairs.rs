@@ -2,6 +2,10 @@
 //! carrying its lineage: the prompt, both responses with their generator role, model digest,
 //! sample index and seed, the judge (model, mode, template) with raw judgements and scores, the
 //! rule and the comparison that decided it.
+//!
+//! With a `judge_pairs` input (the Meta-Rewarding workflows), the step also mixes in the judge
+//! pairs of the `meta-judge` step, at most `judge_pair_share` of the total (see
+//! `judge_pairs::mix`), so the DPO step trains on both from one `pairs` input.
 
 use crate::generate::Response;
 use crate::judge::Judgement;
@@ -21,6 +25,17 @@ pub enum Rule {
     Anchored,
     /// Future-Guided Chosen (phase 2), reusing phase 1's rejected.
     FutureGuided,
+    /// Meta-Rewarding: a judgement preferred by the meta-judge in both orders.
+    MetaJudge,
+}
+
+/// What a pair trains: the actor (responses to prompts; the default, left out of the record) or
+/// the judge (judgements of a response, whose prompt is the rendered judge prompt).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PairKind {
+    Actor,
+    Judge,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -58,6 +73,18 @@ pub struct Pair {
     pub judge: JudgeInfo,
     pub rule: Rule,
     pub decision: String,
+    /// `None` for actor pairs (records written before judge pairs existed read the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PairKind>,
+    /// Lineage of a judge pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<crate::judge_pairs::MetaLineage>,
+}
+
+impl Pair {
+    pub fn is_judge(&self) -> bool {
+        self.kind == Some(PairKind::Judge)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -74,6 +101,11 @@ pub struct SelectSummary {
     pub mean_rejected_score: f64,
     pub mean_chosen_tokens: f64,
     pub mean_rejected_tokens: f64,
+    /// Judge pairs offered by the meta-judge and kept under the share cap (meta workflows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_pairs_offered: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_pairs_kept: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,6 +116,9 @@ pub struct Select {
     pub phase: String,
     pub judge_mode: String,
     pub judge_template_digest: String,
+    /// With a `judge_pairs` input: the most judge pairs may be of the total (1.0: no cap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_pair_share: Option<f64>,
 }
 
 struct Set {
@@ -158,7 +193,7 @@ impl Step for Select {
     fn resources(&self) -> Vec<Resource> {
         vec![]
     }
-    fn run(&self, inputs: &StepInputs, _ctx: &StepContext) -> Result<StepOutputs, StepError> {
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
         let missing = |what: &str| StepError::Invalid(format!("select ({:?}) needs the {what} responses", self.rule));
         let current = Set::load(inputs, "current", Role::Current)?.ok_or_else(|| missing("current"))?;
@@ -167,6 +202,7 @@ impl Step for Select {
         let phase1: BTreeMap<String, Pair> = if inputs.has("phase1_pairs") {
             lm::from_jsonl::<Pair>(&inputs.bytes("phase1_pairs")?, "phase-1 pairs")?
                 .into_iter()
+                .filter(|p| !p.is_judge())
                 .map(|p| (p.prompt_id.clone(), p))
                 .collect()
         } else {
@@ -177,6 +213,9 @@ impl Step for Select {
             mode: self.judge_mode.clone(),
             template_digest: self.judge_template_digest.clone(),
         };
+        if self.rule == Rule::MetaJudge {
+            return Err(StepError::Invalid("select: `meta-judge` pairs come from the meta-judge step, not from a selection rule".into()));
+        }
         let lc = self.length_band.map(|band| LengthControl { band });
         let mut pairs = Vec::new();
         let mut sum = SelectSummary { prompts: prompts.len(), ..Default::default() };
@@ -198,6 +237,7 @@ impl Step for Select {
                     let rej = Candidate { role: prev.rejected.role, sample: prev.rejected.sample, score: Some(prev.rejected.score), len: prev.rejected.tokens };
                     select::future_guided(&cur, &fut, &rej, lc).map(|s| (s, Some(prev.rejected.clone())))
                 }
+                Rule::MetaJudge => unreachable!("refused above"),
             };
             let (sel, reused_rejected) = match result {
                 Ok(x) => x,
@@ -235,6 +275,8 @@ impl Step for Select {
                 judge: judge.clone(),
                 rule: self.rule,
                 decision: sel.decision,
+                kind: None,
+                meta: None,
             });
         }
         sum.pairs = pairs.len();
@@ -244,6 +286,17 @@ impl Step for Select {
             sum.mean_rejected_score = pairs.iter().map(|p| p.rejected.score).sum::<f64>() / n;
             sum.mean_chosen_tokens = pairs.iter().map(|p| p.chosen.tokens as f64).sum::<f64>() / n;
             sum.mean_rejected_tokens = pairs.iter().map(|p| p.rejected.tokens as f64).sum::<f64>() / n;
+        }
+        if inputs.has("judge_pairs") {
+            let judge: Vec<Pair> = lm::from_jsonl(&inputs.bytes("judge_pairs")?, "judge pairs")?;
+            if let Some(p) = judge.iter().find(|p| !p.is_judge()) {
+                return Err(StepError::Invalid(format!("judge_pairs: pair {} is not a judge pair", p.pair_id)));
+            }
+            sum.judge_pairs_offered = Some(judge.len());
+            let share = self.judge_pair_share.unwrap_or(1.0);
+            let (mixed, kept) = crate::judge_pairs::mix(pairs, judge, share, ctx.derive_seed("mix", 0));
+            sum.judge_pairs_kept = Some(kept);
+            pairs = mixed;
         }
         Ok(StepOutputs::new()
             .bytes("pairs", "pairs-jsonl", lm::to_jsonl(&pairs))

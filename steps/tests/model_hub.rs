@@ -12,13 +12,26 @@ fn hub_id_loads_from_cache_or_names_the_missing_path() {
     let src = ModelSource::parse("TinyOrg/Tiny-Model").unwrap();
     let e = LanguageModel::load(&src, &Device::Cpu, DType::F32).unwrap_err();
     assert!(matches!(&e, ModelError::HubNotFound { .. }), "{e}");
-    assert!(e.to_string().contains(&tmp.path().join("models--TinyOrg--Tiny-Model").display().to_string()), "{e}");
+    assert!(
+        e.to_string().contains(
+            &tmp.path()
+                .join("models--TinyOrg--Tiny-Model")
+                .display()
+                .to_string()
+        ),
+        "{e}"
+    );
 
     let repo = tmp.path().join("models--TinyOrg--Tiny-Model");
     write_tiny_hf_model(&repo.join("snapshots/0123abcd"), 1);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
     let m = LanguageModel::load(&src, &Device::Cpu, DType::F32).unwrap();
-    let direct = LanguageModel::load(&ModelSource::HfDir(repo.join("snapshots/0123abcd")), &Device::Cpu, DType::F32).unwrap();
+    let direct = LanguageModel::load(
+        &ModelSource::HfDir(repo.join("snapshots/0123abcd")),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     assert_eq!(m.digest().unwrap(), direct.digest().unwrap());
 }

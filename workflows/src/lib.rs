@@ -1,6 +1,7 @@
 //! Workflow definitions: the validated run config (TOML) and the DAG each workflow builds from
 //! it. `toy` is a model-free workflow for exercising the engine; the language-model workflows
-//! (temporal, self-rewarding, past-only, future-only) build on `tsr-steps`.
+//! (temporal, self-rewarding, past-only, future-only, and the Meta-Rewarding ones,
+//! meta-rewarding and temporal-meta) build on `tsr-steps`.
 
 mod config;
 mod lm;
@@ -19,13 +20,16 @@ pub enum WorkflowError {
 }
 
 /// Names of the workflows this build knows.
-pub const WORKFLOWS: &[&str] = &["toy", "temporal", "self-rewarding", "past-only", "future-only"];
+pub const WORKFLOWS: &[&str] =
+    &["toy", "temporal", "self-rewarding", "past-only", "future-only", "meta-rewarding", "temporal-meta"];
 
 /// Build the DAG of a validated config.
 pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
     match config.workflow.as_str() {
         "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
-        "temporal" | "self-rewarding" | "past-only" | "future-only" => lm::build(config),
+        "temporal" | "self-rewarding" | "past-only" | "future-only" | "meta-rewarding" | "temporal-meta" => {
+            lm::build(config)
+        }
         other => Err(ConfigError::Invalid {
             key: "workflow".into(),
             reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),

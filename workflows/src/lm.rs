@@ -1,6 +1,12 @@
 //! The language-model workflows: `temporal` (the paper's Algorithm 1), `self-rewarding`,
 //! `past-only` (anchored rejection only) and `future-only` (future-guided chosen only), built
 //! from the steps in `tsr-steps`. Config sections and their defaults are in `config.rs`.
+//!
+//! Meta-Rewarding variants: `meta-rewarding` (standard selection) and `temporal-meta`
+//! (temporal selection in both phases) add a `meta-judge` node on Mi's judgements of its own
+//! responses; its judge pairs are mixed (share-capped) into the select step whose pairs train
+//! Mi+1 (`select-1` resp. `select-2`). Phase 1 of `temporal-meta` (Mf, a look-ahead model used
+//! only to generate) is trained on actor pairs alone, so it equals `temporal`'s phase 1.
 
 use crate::config::Config;
 use crate::WorkflowError;
@@ -10,6 +16,7 @@ use tsr_steps::dpo_step::Dpo;
 use tsr_steps::generate::Generate;
 use tsr_steps::import::{ImportModel, LoadPrompts};
 use tsr_steps::judge::Judge;
+use tsr_steps::meta_judge::{check_meta_template, MetaJudge, DEFAULT_META_PROMPT};
 use tsr_steps::metrics::Metrics;
 use tsr_steps::pairs::{Rule, Select};
 use tsr_steps::reference::ReferenceLogprobs;
@@ -97,6 +104,16 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         checkpoint_every: d.checkpoint_every,
     });
     let reference = Arc::new(ReferenceLogprobs { batch_size: j.batch_size });
+    let meta_cfg = c.meta.clone().unwrap_or_default();
+    let meta_template = match &meta_cfg.template {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| crate::ConfigError::Invalid {
+            key: "meta.template".into(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?,
+        None => DEFAULT_META_PROMPT.to_string(),
+    };
+    check_meta_template(&meta_template)
+        .map_err(|reason| crate::ConfigError::Invalid { key: "meta.template".into(), reason })?;
     let m0 = ModelRef { base: "import".into(), node: "import".into() };
     // A fixed judge model, when configured; otherwise Mi judges itself.
     let fixed_judge = match &j.model {
@@ -149,16 +166,43 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             v.push(("judge.weights".to_string(), fixed_judge.as_ref().unwrap_or(&mi).weights()));
             v
         };
-        let select = |rule: Rule, phase: &str| {
+        let select = |rule: Rule, phase: &str, mix: bool| {
             Arc::new(Select {
                 rule,
-                length_band: j.length_band,
+                length_band: j.band_for(i),
                 iteration: i,
                 phase: phase.to_string(),
                 judge_mode: format!("{:?}", j.mode).to_lowercase(),
                 judge_template_digest: judge.template_digest(),
+                judge_pair_share: mix.then_some(meta_cfg.judge_pair_share),
             })
         };
+        let meta = matches!(workflow, "meta-rewarding" | "temporal-meta");
+        if meta {
+            // Mi meta-judges its own judgements of its own responses.
+            let mut meta_in = vec![
+                ("prompts".to_string(), InputSource::node("prompts", "prompts")),
+                ("responses".to_string(), InputSource::node(&n("gen-current"), "responses")),
+                ("judgements".to_string(), InputSource::node(&n("judge-current"), "judgements")),
+                ("generator.weights".to_string(), mi.weights()),
+                ("judge.weights".to_string(), mi.weights()),
+            ];
+            meta_in.extend(mi.inputs("model"));
+            let step = Arc::new(MetaJudge {
+                iteration: i,
+                max_responses: meta_cfg.max_responses,
+                response_share: meta_cfg.response_share,
+                max_per_prompt: meta_cfg.max_per_prompt,
+                max_new_tokens: meta_cfg.max_new_tokens,
+                temperature: meta_cfg.temperature,
+                top_p: meta_cfg.top_p,
+                batch_size: meta_cfg.batch_size,
+                template: meta_template.clone(),
+                judge_template: judge.template.clone(),
+            });
+            add(&mut b, n("meta-judge"), step, meta_in, it);
+        }
+        let judge_pairs_in = || ("judge_pairs".to_string(), InputSource::node(&n("meta-judge"), "pairs"));
         let train = |b: &mut DagBuilder, tag: &str, select_node: String| {
             let mut ref_in = vec![("pairs".to_string(), InputSource::node(&select_node, "pairs"))];
             let ref_model = if d.reference == "initial" { &m0 } else { &mi };
@@ -172,8 +216,8 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
             ModelRef { base: "import".into(), node: n(&format!("dpo-{tag}")) }
         };
-        let uses_anchor = matches!(workflow, "temporal" | "past-only");
-        let uses_future = matches!(workflow, "temporal" | "future-only");
+        let uses_anchor = matches!(workflow, "temporal" | "past-only" | "temporal-meta");
+        let uses_future = matches!(workflow, "temporal" | "future-only" | "temporal-meta");
         if uses_anchor {
             // The anchor's samples: generate(M0) has the same key every iteration, so it runs once.
             add(&mut b, n("gen-anchor"), gen.clone(), gen_in(&anchor_model), it);
@@ -185,7 +229,12 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             s1_in.extend(set("anchor", n("gen-anchor"), n("judge-anchor"), &anchor_model));
         }
         let phase1 = if uses_anchor { "anchored" } else { "standard" };
-        add(&mut b, n("select-1"), select(phase1_rule, phase1), s1_in, it);
+        // Judge pairs go to the phase whose pairs train Mi+1.
+        let mix1 = meta && !uses_future;
+        if mix1 {
+            s1_in.push(judge_pairs_in());
+        }
+        add(&mut b, n("select-1"), select(phase1_rule, phase1, mix1), s1_in, it);
         let mut phases: Vec<(String, String, String)> = vec![(phase1.to_string(), n("select-1"), String::new())];
         let next = if uses_future {
             let mf = train(&mut b, "future", n("select-1"));
@@ -195,7 +244,10 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             let mut s2_in = base_select_in();
             s2_in.extend(set("future", n("gen-future"), n("judge-future"), &mf));
             s2_in.push(("phase1_pairs".to_string(), InputSource::node(&n("select-1"), "pairs")));
-            add(&mut b, n("select-2"), select(Rule::FutureGuided, "future-guided"), s2_in, it);
+            if meta {
+                s2_in.push(judge_pairs_in());
+            }
+            add(&mut b, n("select-2"), select(Rule::FutureGuided, "future-guided", meta), s2_in, it);
             phases.push(("future-guided".to_string(), n("select-2"), n("dpo-next")));
             train(&mut b, "next", n("select-2"))
         } else {
@@ -208,6 +260,12 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             metrics_in.push((format!("p{}_pairs", k + 1), InputSource::node(select_node, "pairs")));
             metrics_in.push((format!("p{}_summary", k + 1), InputSource::node(select_node, "summary")));
             metrics_in.push((format!("p{}_dpo", k + 1), InputSource::node(dpo_node, "metrics")));
+        }
+        if meta {
+            metrics_in.push(("meta_judgements".to_string(), InputSource::node(&n("judge-current"), "judgements")));
+            metrics_in.push(("meta_responses".to_string(), InputSource::node(&n("gen-current"), "responses")));
+            metrics_in.push(("meta_summary".to_string(), InputSource::node(&n("meta-judge"), "summary")));
+            metrics_in.push(("meta_comparisons".to_string(), InputSource::node(&n("meta-judge"), "comparisons")));
         }
         let metrics = Arc::new(Metrics {
             workflow: workflow.to_string(),

@@ -32,10 +32,41 @@ impl ClipOutcome {
     }
 }
 
+/// Sum of squares of a contiguous f32 CPU tensor, rows of `row` elements summed in f32 and
+/// the row sums in f64 (the same precision split as the portable path), in one pass without
+/// allocating: the portable `sqr` + `sum` allocates a copy of every gradient (about 0.3 s per
+/// step on 134 M parameters). `None` when the tensor is not contiguous f32 on the CPU.
+fn cpu_sum_sq(g: &candle_core::Tensor) -> Option<f64> {
+    if g.dtype() != DType::F32 || !g.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = g.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    let values = &cpu.as_slice::<f32>().ok()?[a..b];
+    let row = if g.rank() >= 2 {
+        g.dims()[g.rank() - 1].max(1)
+    } else {
+        values.len().max(1)
+    };
+    Some(
+        values
+            .chunks(row)
+            .map(|r| r.iter().map(|x| x * x).sum::<f32>() as f64)
+            .sum(),
+    )
+}
+
 /// Global L2 norm of all gradients, accumulated in f64 (may be NaN or infinite).
 pub fn global_grad_norm(grads: &ParamGrads) -> Result<f64, DpoError> {
     let mut sum = 0.0f64;
     for g in grads.tensors() {
+        if let Some(s) = cpu_sum_sq(g) {
+            sum += s;
+            continue;
+        }
         // Rows of a matrix are summed in f32 (a few thousand terms: exact to ~1e-6),
         // the row sums in f64.
         let sq = g.sqr()?;

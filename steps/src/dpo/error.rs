@@ -59,6 +59,14 @@ pub enum DpoError {
     #[error("safetensors: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
 
+    /// Writing an encoding of `what` failed.
+    #[error("writing {what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// JSON encoding or decoding of a header failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

@@ -155,22 +155,40 @@ impl TrainerCheckpoint {
 
     /// The versioned, digested encoding (see the module docs).
     pub fn to_bytes(&self) -> Result<Vec<u8>, DpoError> {
+        let mut out = Vec::with_capacity(1024 + self.optimizer_state.len());
+        self.write_to(&mut out)?;
+        Ok(out)
+    }
+
+    /// Streams [`TrainerCheckpoint::to_bytes`]'s bytes into `w`, hashing as it writes: a
+    /// checkpoint file is written without a second in-memory copy of the optimizer state
+    /// (about 1 GB for a 135 M-parameter model).
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> Result<(), DpoError> {
         let header = serde_json::to_vec(&Header {
             plan: self.plan,
             cursor: self.cursor,
             rng: self.rng,
             metrics_tail: self.metrics_tail.clone(),
         })?;
-        let mut out = Vec::with_capacity(60 + header.len() + self.optimizer_state.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&CHECKPOINT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&(self.optimizer_state.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.optimizer_state);
-        let digest = blake3::hash(&out);
-        out.extend_from_slice(digest.as_bytes());
-        Ok(out)
+        let mut hasher = blake3::Hasher::new();
+        let mut put = |bytes: &[u8]| -> Result<(), DpoError> {
+            hasher.update(bytes);
+            w.write_all(bytes).map_err(|e| DpoError::Io {
+                what: WHAT,
+                source: e,
+            })
+        };
+        put(MAGIC)?;
+        put(&CHECKPOINT_FORMAT_VERSION.to_le_bytes())?;
+        put(&(header.len() as u64).to_le_bytes())?;
+        put(&header)?;
+        put(&(self.optimizer_state.len() as u64).to_le_bytes())?;
+        put(&self.optimizer_state)?;
+        let digest = hasher.finalize();
+        w.write_all(digest.as_bytes()).map_err(|e| DpoError::Io {
+            what: WHAT,
+            source: e,
+        })
     }
 
     /// Decodes [`TrainerCheckpoint::to_bytes`] output, checking magic, version and digest.

@@ -92,7 +92,10 @@ where
         summaries.push(micro.dpo);
     }
     let mut grads = acc.expect("at least one micro-batch");
-    grads.scale(1.0 / total_pairs as f64)?;
+    if total_pairs > 1 {
+        // Scaling by exactly 1 would be an identity pass over every gradient.
+        grads.scale(1.0 / total_pairs as f64)?;
+    }
     let outcome = clip_grad_norm(&mut grads, clip, step)?;
     opt.step_with(&grads, lr)?;
     let dpo = summaries

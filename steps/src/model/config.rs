@@ -83,7 +83,11 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize, ModelError> {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -131,7 +135,7 @@ impl Config {
         if num_attention_heads == 0
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
-            || head_dim % 2 != 0
+            || !head_dim.is_multiple_of(2)
         {
             return Err(cfg_err(format!(
                 "inconsistent heads: {num_attention_heads} attention heads, {num_key_value_heads} kv heads, head_dim {head_dim}"
@@ -171,9 +175,8 @@ impl Config {
                             factor: f("factor")?,
                             low_freq_factor: f("low_freq_factor")?,
                             high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f(
-                                "original_max_position_embeddings",
-                            )? as usize,
+                            original_max_position_embeddings: f("original_max_position_embeddings")?
+                                as usize,
                         })
                     }
                     other => {
@@ -306,7 +309,10 @@ impl Config {
         let kv = self.num_key_value_heads * self.head_dim;
         let f = self.intermediate_size;
         let mut out = vec![
-            ("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h]),
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
             ("model.norm.weight".to_string(), vec![h]),
         ];
         if !self.tie_word_embeddings {
@@ -359,6 +365,9 @@ mod tests {
         let v = json!({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"});
         let e = Config::from_hf_json(&v, Path::new("/m/config.json")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("GPTNeoXForCausalLM") && s.contains("/m/config.json"), "{s}");
+        assert!(
+            s.contains("GPTNeoXForCausalLM") && s.contains("/m/config.json"),
+            "{s}"
+        );
     }
 }

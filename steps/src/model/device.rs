@@ -14,7 +14,8 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     let ordinal = if s == "cuda" {
         Some(0)
     } else {
-        s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok())
+        s.strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
     };
     let Some(ordinal) = ordinal else {
         return Err(ModelError::Device {

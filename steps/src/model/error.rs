@@ -57,7 +57,9 @@ pub enum ModelError {
     #[error("model {id:?} not found in the local Hugging Face cache: looked for {looked_up} (set HF_HOME, or pass a model directory or a .gguf file)")]
     HubNotFound { id: String, looked_up: PathBuf },
     /// A model specification string could not be understood.
-    #[error("invalid model source {0:?}: expected a directory, a .gguf file or an Org/Name hub id")]
+    #[error(
+        "invalid model source {0:?}: expected a directory, a .gguf file or an Org/Name hub id"
+    )]
     BadSource(String),
     /// A device string could not be parsed or the device is not available.
     #[error("device {spec:?}: {msg}")]

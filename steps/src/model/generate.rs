@@ -77,25 +77,46 @@ pub(crate) fn pick(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) ->
     if temperature <= 0.0 || top_k == Some(1) {
         return argmax();
     }
+    let top_p = top_p.filter(|&p| p < 1.0);
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let weight = |x: f32| ((x as f64 - max) / temperature).exp();
-    let total: f64 = logits.iter().map(|&x| weight(x)).sum();
+    let weights: Vec<f64> = logits.iter().map(|&x| weight(x)).collect();
+    let total: f64 = weights.iter().sum();
+    if top_p.is_none() && top_k.is_none() {
+        // Plain softmax sampling: walk the vocabulary in id order, no sort needed.
+        let mut u = rng.gen::<f64>() * total;
+        let mut last = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                if u < w {
+                    return i as u32;
+                }
+                u -= w;
+                last = i;
+            }
+        }
+        return last as u32;
+    }
     // Candidates by decreasing probability (ties by id). Sorting 50k entries per token is slow,
     // so first try a head of clearly likely tokens: if the top-k / top-p set fits in it, it is
     // exactly the same set as with a full sort.
     let by_prob = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let p_target = top_p.unwrap_or(1.0).clamp(0.0, 1.0) * total;
     let head_threshold = 1e-6;
-    let mut cands: Vec<(u32, f64)> = logits
+    let mut cands: Vec<(u32, f64)> = weights
         .iter()
         .enumerate()
-        .map(|(i, &x)| (i as u32, weight(x)))
+        .map(|(i, &w)| (i as u32, w))
         .filter(|&(_, w)| w >= head_threshold)
         .collect();
     let head_mass: f64 = cands.iter().map(|c| c.1).sum();
     let k_fits = top_k.is_some_and(|k| k <= cands.len());
     if !(k_fits || (top_p.is_some() && head_mass >= p_target) || head_mass >= total) {
-        cands = logits.iter().enumerate().map(|(i, &x)| (i as u32, weight(x))).collect();
+        cands = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (i as u32, w))
+            .collect();
     }
     cands.sort_by(by_prob);
     if let Some(k) = top_k {
@@ -103,7 +124,11 @@ pub(crate) fn pick(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) ->
     }
     if let Some(p) = top_p {
         // As in transformers: top-p applies to the distribution renormalised after top-k.
-        let base = if top_k.is_some() { cands.iter().map(|c| c.1).sum() } else { total };
+        let base = if top_k.is_some() {
+            cands.iter().map(|c| c.1).sum()
+        } else {
+            total
+        };
         let target = p.clamp(0.0, 1.0) * base;
         let mut acc = 0.0;
         let mut keep = cands.len();
@@ -138,11 +163,17 @@ struct Row<'a> {
 impl LanguageModel {
     /// Generates a continuation for each request, `batch_size` sequences at a time.
     /// Outputs are in request order.
-    pub fn generate(&self, reqs: &[GenRequest], batch_size: usize) -> Result<Vec<GenOutput>, ModelError> {
+    pub fn generate(
+        &self,
+        reqs: &[GenRequest],
+        batch_size: usize,
+    ) -> Result<Vec<GenOutput>, ModelError> {
         let vocab = self.config.vocab_size as u32;
         for (i, r) in reqs.iter().enumerate() {
             if r.prompt_ids.is_empty() {
-                return Err(ModelError::InvalidRequest(format!("request {i}: empty prompt")));
+                return Err(ModelError::InvalidRequest(format!(
+                    "request {i}: empty prompt"
+                )));
             }
             if let Some(&bad) = r.prompt_ids.iter().find(|&&t| t >= vocab) {
                 return Err(ModelError::InvalidRequest(format!(
@@ -161,10 +192,17 @@ impl LanguageModel {
                 out[i] = Some(r);
             }
         }
-        Ok(out.into_iter().map(|o| o.expect("every request answered")).collect())
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every request answered"))
+            .collect())
     }
 
-    fn generate_batch(&self, w: &Weights, reqs: &[&GenRequest]) -> Result<Vec<GenOutput>, ModelError> {
+    fn generate_batch(
+        &self,
+        w: &Weights,
+        reqs: &[&GenRequest],
+    ) -> Result<Vec<GenOutput>, ModelError> {
         let dev = &self.device;
         let dtype = self.dtype;
         let inv_freq = self.config.inv_freq();
@@ -184,8 +222,12 @@ impl LanguageModel {
         if max_new > 0 {
             // Cache rows map to request rows through `live`; padding per cache row in `pads`.
             let mut live: Vec<usize> = (0..rows.len()).collect();
-            let mut pads: Vec<usize> = reqs.iter().map(|r| max_prompt - r.prompt_ids.len()).collect();
-            let mut cache = KvCache::new(&self.config, rows.len(), max_prompt + max_new, dtype, dev)?;
+            let mut pads: Vec<usize> = reqs
+                .iter()
+                .map(|r| max_prompt - r.prompt_ids.len())
+                .collect();
+            let mut cache =
+                KvCache::new(&self.config, rows.len(), max_prompt + max_new, dtype, dev)?;
             let mut ids = Vec::with_capacity(rows.len() * max_prompt);
             let mut pos = Vec::with_capacity(rows.len() * max_prompt);
             for (r, &pad) in reqs.iter().zip(&pads) {
@@ -199,7 +241,10 @@ impl LanguageModel {
             let mask = attention_mask(&pads, max_prompt, max_prompt, 0, dtype, dev)?;
             let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
             let last = h.narrow(1, max_prompt - 1, 1)?.squeeze(1)?;
-            let mut logits = w.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            let mut logits = w
+                .logits(&last)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2::<f32>()?;
             loop {
                 for (ci, &ri) in live.iter().enumerate() {
                     let row = &mut rows[ri];
@@ -216,7 +261,9 @@ impl LanguageModel {
                         row.done = Some(FinishReason::MaxTokens);
                     }
                 }
-                let still: Vec<usize> = (0..live.len()).filter(|&ci| rows[live[ci]].done.is_none()).collect();
+                let still: Vec<usize> = (0..live.len())
+                    .filter(|&ci| rows[live[ci]].done.is_none())
+                    .collect();
                 if still.is_empty() {
                     break;
                 }
@@ -231,7 +278,13 @@ impl LanguageModel {
                 let slot = cache.len;
                 let next: Vec<u32> = live
                     .iter()
-                    .map(|&ri| if rows[ri].done.is_none() { *rows[ri].tokens.last().expect("token") } else { pad_id })
+                    .map(|&ri| {
+                        if rows[ri].done.is_none() {
+                            *rows[ri].tokens.last().expect("token")
+                        } else {
+                            pad_id
+                        }
+                    })
                     .collect();
                 let pos: Vec<u32> = pads.iter().map(|&p| (slot - p) as u32).collect();
                 let ids_t = Tensor::from_vec(next, (nb, 1), dev)?;
@@ -263,10 +316,16 @@ mod tests {
     #[test]
     fn pick_is_seeded_and_respects_top_k() {
         let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
-        let s = Sampling::Sample { temperature: 1.0, top_p: Some(0.9), top_k: Some(5) };
+        let s = Sampling::Sample {
+            temperature: 1.0,
+            top_p: Some(0.9),
+            top_k: Some(5),
+        };
         let draw = |seed| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            (0..20).map(|_| pick(&logits, &s, &mut rng)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| pick(&logits, &s, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         let mut top: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
@@ -277,16 +336,88 @@ mod tests {
         assert_eq!(pick(&logits, &Sampling::Greedy, &mut rng), top[0].0 as u32);
     }
 
+    /// The straightforward definition: full sort, top-k, renormalise, top-p, draw.
+    fn pick_reference(
+        logits: &[f32],
+        t: f64,
+        top_p: Option<f64>,
+        top_k: Option<usize>,
+        rng: &mut ChaCha8Rng,
+    ) -> u32 {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let mut c: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
+            .collect();
+        let total: f64 = c.iter().map(|x| x.1).sum();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = top_k {
+            c.truncate(k);
+        }
+        if let Some(p) = top_p.filter(|&p| p < 1.0) {
+            let base = if top_k.is_some() {
+                c.iter().map(|x| x.1).sum()
+            } else {
+                total
+            };
+            let mut acc = 0.0;
+            let keep = c
+                .iter()
+                .position(|x| {
+                    acc += x.1;
+                    acc >= p * base
+                })
+                .map(|i| i + 1)
+                .unwrap_or(c.len());
+            c.truncate(keep);
+        }
+        let mass: f64 = c.iter().map(|x| x.1).sum();
+        let mut u = rng.gen::<f64>() * mass;
+        for x in &c {
+            if u < x.1 {
+                return x.0;
+            }
+            u -= x.1;
+        }
+        c.last().unwrap().0
+    }
+
     #[test]
-    fn top_p_head_shortcut_matches_full_sort() {
-        // A flat distribution forces the full-sort path; a peaked one the head path.
-        for peak in [0.0f32, 30.0] {
-            let logits: Vec<f32> = (0..5000).map(|i| if i == 42 { peak } else { (i % 7) as f32 * 0.01 }).collect();
-            let s = Sampling::Sample { temperature: 0.7, top_p: Some(0.95), top_k: None };
-            let mut rng = ChaCha8Rng::seed_from_u64(3);
-            let t = pick(&logits, &s, &mut rng);
-            if peak > 0.0 {
-                assert_eq!(t, 42);
+    fn shortcuts_match_the_full_sort_definition() {
+        // Flat, peaked and long-tailed distributions exercise the full-sort and head paths.
+        let flat: Vec<f32> = (0..3000).map(|i| (i % 7) as f32 * 0.01).collect();
+        let peaked: Vec<f32> = (0..3000)
+            .map(|i| {
+                if i % 500 == 42 {
+                    12.0
+                } else {
+                    (i % 13) as f32 * 0.1
+                }
+            })
+            .collect();
+        let tail: Vec<f32> = (0..3000).map(|i| -((i as f32).sqrt())).collect();
+        for logits in [&flat, &peaked, &tail] {
+            for (t, p, k) in [
+                (0.7, Some(0.95), None),
+                (1.0, None, Some(40)),
+                (1.3, Some(0.5), Some(2000)),
+                (1.0, Some(0.9), Some(3)),
+            ] {
+                let s = Sampling::Sample {
+                    temperature: t,
+                    top_p: p,
+                    top_k: k,
+                };
+                let mut a = ChaCha8Rng::seed_from_u64(5);
+                let mut b = ChaCha8Rng::seed_from_u64(5);
+                for _ in 0..50 {
+                    assert_eq!(
+                        pick(logits, &s, &mut a),
+                        pick_reference(logits, t, p, k, &mut b),
+                        "{t} {p:?} {k:?}"
+                    );
+                }
             }
         }
     }

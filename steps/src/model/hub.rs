@@ -63,7 +63,10 @@ mod tests {
     fn resolves_refs_main_and_names_missing_path() {
         let tmp = tempfile::tempdir().unwrap();
         let e = resolve_in(tmp.path(), "Org/Name").unwrap_err().to_string();
-        assert!(e.contains("models--Org--Name") && e.contains("Org/Name"), "{e}");
+        assert!(
+            e.contains("models--Org--Name") && e.contains("Org/Name"),
+            "{e}"
+        );
         let repo = tmp.path().join("models--Org--Name");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();

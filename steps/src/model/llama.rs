@@ -5,7 +5,8 @@
 //! One code path, two op sets, chosen by [`Weights::differentiable`]:
 //! - differentiable (training): rope, softmax and RMS norm from primitive ops, because candle's
 //!   fused kernels cut the autograd graph without an error (see CANDLE.md);
-//! - inference: candle's fused `rope`, `softmax_last_dim` and `rms_norm` on detached tensors.
+//! - inference: candle's fused `rope` and `rms_norm` and this crate's fused masked softmax
+//!   ([`super::kernels`]) on detached tensors.
 //!
 //! Grouped-query attention never materialises repeated K/V: the query heads that share a KV
 //! head are folded into the row dimension of one matmul (`[B, KVH, n_rep*T, D]`).
@@ -53,7 +54,13 @@ pub(crate) struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &Config, batch: usize, capacity: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim);
         let mut k = Vec::with_capacity(cfg.num_hidden_layers);
         let mut v = Vec::with_capacity(cfg.num_hidden_layers);
@@ -61,7 +68,12 @@ impl KvCache {
             k.push(Tensor::zeros(shape, dtype, dev)?);
             v.push(Tensor::zeros(shape, dtype, dev)?);
         }
-        Ok(KvCache { k, v, len: 0, capacity })
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
     }
 
     /// Keeps only the given batch rows (after some rows finished generating).
@@ -81,7 +93,14 @@ pub(crate) struct Rope {
 
 impl Rope {
     /// `positions` is row-major `[B, T]`.
-    pub fn new(inv_freq: &[f32], positions: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        inv_freq: &[f32],
+        positions: &[u32],
+        b: usize,
+        t: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
@@ -101,7 +120,14 @@ impl Rope {
 
 /// Additive attention mask `[B, 1, 1, T, S]`: query `i` sits in slot `offset + i`; key slot `j`
 /// is visible to it iff `pad_left[b] <= j <= offset + i`. Masked entries are `-1e9`.
-pub(crate) fn attention_mask(pad_left: &[usize], t: usize, s: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+pub(crate) fn attention_mask(
+    pad_left: &[usize],
+    t: usize,
+    s: usize,
+    offset: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
     let b = pad_left.len();
     let mut m = vec![0f32; b * t * s];
     for (r, &pad) in pad_left.iter().enumerate() {
@@ -117,10 +143,24 @@ pub(crate) fn attention_mask(pad_left: &[usize], t: usize, s: usize, offset: usi
     Tensor::from_vec(m, (b, 1, 1, t, s), dev)?.to_dtype(dtype)
 }
 
+/// Below this many rows, `x @ w^T` is computed as `(w @ x^T)^T`: gemm then streams the
+/// row-major weight once instead of repacking it per call, 2-10x faster for decode-sized inputs
+/// (measured on 2 AVX-512 cores: 16x1536 @ 1536x576 takes 2.2 ms one way, 0.28 ms the other).
+const SMALL_M: usize = 128;
+
+/// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation.
+pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.dim(0)? <= SMALL_M {
+        w.matmul(&x.t()?)?.t()
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
 /// `x [B, T, in] @ w[out, in]^T (+ b)`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bs, t, i) = x.dims3()?;
-    let y = x.reshape((bs * t, i))?.matmul(&w.t()?)?;
+    let y = matmul_wt(&x.reshape((bs * t, i))?, w)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -140,7 +180,8 @@ impl Weights {
         let eps = self.cfg.rms_norm_eps;
         if self.differentiable {
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            x.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?.broadcast_mul(w)
+            x.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?
+                .broadcast_mul(w)
         } else {
             candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
         }
@@ -157,20 +198,34 @@ impl Weights {
         }
     }
 
-    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+    /// `softmax(scores + mask)` over the keys.
+    fn masked_softmax(&self, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if self.differentiable {
-            candle_nn::ops::softmax(x, D::Minus1)
+            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)
         } else {
-            candle_nn::ops::softmax_last_dim(x)
+            super::kernels::masked_softmax(scores, mask)
         }
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, rope: &Rope, mask: &Tensor, cache: Option<(&Tensor, &Tensor, usize)>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        cache: Option<(&Tensor, &Tensor, usize)>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let n_rep = nh / nkv;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
         let q = heads(linear(x, &l.q, l.q_b.as_ref())?, nh)?;
         let k = heads(linear(x, &l.k, l.k_b.as_ref())?, nkv)?;
         let v = heads(linear(x, &l.v, l.v_b.as_ref())?, nkv)?;
@@ -188,10 +243,15 @@ impl Weights {
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let att = q.matmul(&k.t()?)?;
-        let att = att.reshape((b, nkv, n_rep, t, s))?.broadcast_add(mask)?;
-        let att = self.softmax(&att)?.reshape((b, nkv, n_rep * t, s))?;
+        let att = att.reshape((b, nkv, n_rep, t, s))?;
+        let att = self
+            .masked_softmax(&att, mask)?
+            .reshape((b, nkv, n_rep * t, s))?;
         let y = att.matmul(&v)?;
-        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         linear(&y, &l.o, l.o_b.as_ref())
     }
 
@@ -204,9 +264,18 @@ impl Weights {
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
     /// With a cache, the new keys/values go to slots `cache.len..cache.len+T` and `cache.len`
     /// advances; `mask` must then be `[B, 1, 1, T, cache.len + T]`.
-    pub fn forward(&self, ids: &Tensor, rope: &Rope, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
         let off = cache.as_ref().map(|c| c.len).unwrap_or(0);
         if let Some(c) = cache.as_ref() {
             if off + t > c.capacity {
@@ -227,8 +296,9 @@ impl Weights {
         self.rms_norm(&x, &self.norm)
     }
 
-    /// Logits `[N, vocab]` for hidden rows `[N, hidden]`.
+    /// Logits `[N, vocab]` for hidden rows `[N, hidden]` (possibly a transposed view: callers
+    /// that need a contiguous tensor make it so).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        h.matmul(&self.lm_head.t()?)
+        matmul_wt(h, &self.lm_head)
     }
 }

@@ -17,7 +17,11 @@ use super::{ChatTokenizer, LanguageModel, ModelError};
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-pub(crate) fn load(path: &Path, device: &Device, dtype: DType) -> Result<LanguageModel, ModelError> {
+pub(crate) fn load(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LanguageModel, ModelError> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
         path: path.to_path_buf(),
@@ -141,7 +145,10 @@ fn meta_f64(c: &Content, key: &str) -> Option<f64> {
 
 fn meta_u32(c: &Content, key: &str) -> Option<u32> {
     let v = c.metadata.get(key)?;
-    v.to_u32().or_else(|_| v.to_u64().map(|x| x as u32)).or_else(|_| v.to_i32().map(|x| x as u32)).ok()
+    v.to_u32()
+        .or_else(|_| v.to_u64().map(|x| x as u32))
+        .or_else(|_| v.to_i32().map(|x| x as u32))
+        .ok()
 }
 
 fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
@@ -200,7 +207,8 @@ fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
         rope_theta: meta_f64(c, &format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling: None,
-        max_position_embeddings: meta_usize(c, &format!("{a}.context_length"), path).unwrap_or(2048),
+        max_position_embeddings: meta_usize(c, &format!("{a}.context_length"), path)
+            .unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         qkv_bias: arch == Arch::Qwen2 || has_bias,
         o_bias: arch == Arch::Llama && c.tensor_infos.contains_key("blk.0.attn_output.bias"),
@@ -277,12 +285,18 @@ pub(crate) fn tokenizer_json_from_parts(
     })
 }
 
-fn tokenizer_from_gguf(c: &Content, cfg: &Config, path: &Path) -> Result<ChatTokenizer, ModelError> {
+fn tokenizer_from_gguf(
+    c: &Content,
+    cfg: &Config,
+    path: &Path,
+) -> Result<ChatTokenizer, ModelError> {
     let tok_err = |msg: String| ModelError::Tokenizer {
         path: path.to_path_buf(),
         msg,
     };
-    let model = meta(c, "tokenizer.ggml.model", path)?.to_string().map_err(|e| tok_err(e.to_string()))?;
+    let model = meta(c, "tokenizer.ggml.model", path)?
+        .to_string()
+        .map_err(|e| tok_err(e.to_string()))?;
     if model != "gpt2" {
         return Err(tok_err(format!(
             "GGUF tokenizer model {model:?} is not supported (only byte-level BPE \"gpt2\"); load the Hugging Face directory instead"
@@ -326,7 +340,13 @@ fn tokenizer_from_gguf(c: &Content, cfg: &Config, path: &Path) -> Result<ChatTok
         }
     }
     let json_text = serde_json::to_string(&tj).map_err(|e| tok_err(e.to_string()))?;
-    ChatTokenizer::from_parts(json_text, tc, cfg.eos_token_ids.first().copied(), &cfg.eos_token_ids, path)
+    ChatTokenizer::from_parts(
+        json_text,
+        tc,
+        cfg.eos_token_ids.first().copied(),
+        &cfg.eos_token_ids,
+        path,
+    )
 }
 
 #[cfg(test)]
@@ -335,7 +355,10 @@ mod tests {
 
     #[test]
     fn permute_inverts_unpermute() {
-        let t = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu).unwrap().reshape((8, 3)).unwrap();
+        let t = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 3))
+            .unwrap();
         let back = unpermute(&permute(&t, 2).unwrap(), 2).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         // Row order within a head of 4: GGUF interleaves the two rope halves.
@@ -345,8 +368,14 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 }

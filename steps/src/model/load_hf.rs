@@ -34,20 +34,31 @@ pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Language
         }
     }
     // Errors about a tensor name the shard it came from (or the directory when it is missing).
-    let path = if files.len() == 1 { files[0].clone() } else { dir.to_path_buf() };
-    LanguageModel::from_tensors(config, tokenizer, tensors, &path, device, dtype).map_err(|e| match e {
-        ModelError::ShapeMismatch { tensor, got, expected, .. } => ModelError::ShapeMismatch {
-            path: origin.get(&tensor).cloned().unwrap_or(path.clone()),
-            tensor,
-            got,
-            expected,
-        },
-        ModelError::UnsupportedDtype { tensor, dtype, .. } => ModelError::UnsupportedDtype {
-            path: origin.get(&tensor).cloned().unwrap_or(path.clone()),
-            tensor,
-            dtype,
-        },
-        e => e,
+    let path = if files.len() == 1 {
+        files[0].clone()
+    } else {
+        dir.to_path_buf()
+    };
+    LanguageModel::from_tensors(config, tokenizer, tensors, &path, device, dtype).map_err(|e| {
+        match e {
+            ModelError::ShapeMismatch {
+                tensor,
+                got,
+                expected,
+                ..
+            } => ModelError::ShapeMismatch {
+                path: origin.get(&tensor).cloned().unwrap_or(path.clone()),
+                tensor,
+                got,
+                expected,
+            },
+            ModelError::UnsupportedDtype { tensor, dtype, .. } => ModelError::UnsupportedDtype {
+                path: origin.get(&tensor).cloned().unwrap_or(path.clone()),
+                tensor,
+                dtype,
+            },
+            e => e,
+        }
     })
 }
 
@@ -62,11 +73,14 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             tensor: None,
             msg: e.to_string(),
         })?;
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| ModelError::BadWeights {
-            path: index.clone(),
-            tensor: None,
-            msg: "no weight_map".into(),
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelError::BadWeights {
+                path: index.clone(),
+                tensor: None,
+                msg: "no weight_map".into(),
+            })?;
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -108,14 +122,23 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
         msg,
     };
     if bytes.len() < 8 {
-        return Err(bad(None, format!("file is {} bytes, too short for a header", bytes.len())));
+        return Err(bad(
+            None,
+            format!("file is {} bytes, too short for a header", bytes.len()),
+        ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     if n > bytes.len() - 8 {
-        return Err(bad(None, format!("truncated header: {n} bytes declared, {} available", bytes.len() - 8)));
+        return Err(bad(
+            None,
+            format!(
+                "truncated header: {n} bytes declared, {} available",
+                bytes.len() - 8
+            ),
+        ));
     }
-    let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| bad(None, format!("bad header: {e}")))?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n])
+        .map_err(|e| bad(None, format!("bad header: {e}")))?;
     let data = &bytes[8 + n..];
     let mut out = Vec::with_capacity(header.len());
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
@@ -126,12 +149,22 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
         let shape: Vec<usize> = info
             .get("shape")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as usize)
+                    .collect()
+            })
             .ok_or_else(|| bad(Some(name.clone()), "no shape".into()))?;
         let offs: Vec<usize> = info
             .get("data_offsets")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         let dtype = match safetensors_dtype(dt) {
             Some(d) => d,
@@ -150,12 +183,18 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
         };
         let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
         if end < start || end - start != want {
-            return Err(bad(Some(name.clone()), format!("data_offsets {start}..{end} do not match shape {shape:?} {dt}")));
+            return Err(bad(
+                Some(name.clone()),
+                format!("data_offsets {start}..{end} do not match shape {shape:?} {dt}"),
+            ));
         }
         if end > data.len() {
             return Err(bad(
                 Some(name.clone()),
-                format!("truncated file: tensor data ends at byte {end} but only {} data bytes exist", data.len()),
+                format!(
+                    "truncated file: tensor data ends at byte {end} but only {} data bytes exist",
+                    data.len()
+                ),
             ));
         }
         let t = Tensor::from_raw_buffer(&data[start..end], dtype, &shape, &Device::Cpu)?;

@@ -16,11 +16,13 @@
 //! optimizer updates are seen and no autograd graph is built; training reads the `Var`s and
 //! uses only differentiable ops.
 
+mod alloc;
 pub mod config;
 mod device;
 mod error;
 mod generate;
 mod hub;
+mod kernels;
 mod llama;
 mod load_gguf;
 mod load_hf;
@@ -28,7 +30,6 @@ mod save;
 mod score;
 pub mod testing;
 pub mod tokenizer;
-mod alloc;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use candle_nn::VarMap;
 
-pub use alloc::tune_allocator;
+pub use alloc::{tune_allocator, tune_runtime};
 pub use config::{Arch, Config};
 pub use device::parse_device;
 pub use error::ModelError;

@@ -87,7 +87,7 @@ impl LanguageModel {
             off += n;
         }
         let mut h = serde_json::to_vec(&header).expect("json header");
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let io = |e: std::io::Error| ModelError::io("<safetensors stream>", e);
@@ -95,7 +95,11 @@ impl LanguageModel {
         w.write_all(&h).map_err(io)?;
         let mut buf = Vec::with_capacity(1 << 20);
         for (_, var) in &tensors {
-            let t = var.as_tensor().detach().to_dtype(DType::F32)?.flatten_all()?;
+            let t = var
+                .as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                .flatten_all()?;
             let v = t.to_vec1::<f32>()?;
             for chunk in v.chunks(1 << 18) {
                 buf.clear();
@@ -138,7 +142,11 @@ impl LanguageModel {
         .map_err(|e| inner_err.take().unwrap_or(e))?;
         let cfg = serde_json::to_vec_pretty(&self.config.to_hf_json()).expect("json");
         write_atomic(dir, "config.json", &cfg)?;
-        write_atomic(dir, "tokenizer.json", self.tokenizer.tokenizer_json().as_bytes())?;
+        write_atomic(
+            dir,
+            "tokenizer.json",
+            self.tokenizer.tokenizer_json().as_bytes(),
+        )?;
         let mut tc = self.tokenizer.tokenizer_config().clone();
         tc["chat_template"] = json!(self.tokenizer.chat_template());
         if tc.get("eos_token").is_none() {

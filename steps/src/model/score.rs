@@ -27,7 +27,9 @@ impl LanguageModel {
     fn check_pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(), ModelError> {
         for (i, (p, r)) in pairs.iter().enumerate() {
             if p.is_empty() {
-                return Err(ModelError::InvalidRequest(format!("pair {i}: empty prompt")));
+                return Err(ModelError::InvalidRequest(format!(
+                    "pair {i}: empty prompt"
+                )));
             }
             self.check_ids("pair", i, p)?;
             self.check_ids("pair", i, r)?;
@@ -54,9 +56,16 @@ impl LanguageModel {
     }
 
     /// Summed response log-probs `[B]` for one batch (differentiable iff `w` is).
-    fn score_batch(&self, w: &Weights, pairs: &[&(Vec<u32>, Vec<u32>)]) -> Result<Tensor, ModelError> {
+    fn score_batch(
+        &self,
+        w: &Weights,
+        pairs: &[&(Vec<u32>, Vec<u32>)],
+    ) -> Result<Tensor, ModelError> {
         let dev = &self.device;
-        let seqs: Vec<Vec<u32>> = pairs.iter().map(|(p, r)| [p.as_slice(), r.as_slice()].concat()).collect();
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
+            .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
         let h = self.hidden_right_padded(w, &refs)?;
         let (b, l, hidden) = h.dims3()?;
@@ -74,7 +83,11 @@ impl LanguageModel {
         }
         let n = rows.len();
         // Log-softmax in f32 at least (f64 models stay f64 for gradient checks).
-        let sdt = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let sdt = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         if n == 0 {
             return Ok(Tensor::zeros(b, sdt, dev)?);
         }
@@ -83,14 +96,23 @@ impl LanguageModel {
             let len = LOGIT_CHUNK.min(n - start);
             let idx = Tensor::new(&rows[start..start + len], dev)?;
             let tgt = Tensor::new(&targets[start..start + len], dev)?.unsqueeze(1)?;
-            let logits = w.logits(&h.index_select(&idx, 0)?)?.to_dtype(sdt)?;
+            // Row-major logits: the softmax reductions below run along contiguous rows.
+            let logits = h
+                .index_select(&idx, 0)?
+                .matmul(&w.lm_head.t()?)?
+                .to_dtype(sdt)?;
             // log p = logit[target] - logsumexp(logits); the max shift carries no gradient.
             let m = logits.max_keepdim(D::Minus1)?.detach();
-            let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
+            let lse = (logits
+                .broadcast_sub(&m)?
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                + m)?;
             parts.push((logits.gather(&tgt, 1)? - lse)?);
         }
         let lp = Tensor::cat(&parts, 0)?; // [N, 1]
-        // Sum per pair with a constant 0/1 matrix: differentiable and one op.
+                                          // Sum per pair with a constant 0/1 matrix: differentiable and one op.
         let mut sel = vec![0f32; b * n];
         for (j, &bi) in owner.iter().enumerate() {
             sel[bi * n + j] = 1.0;
@@ -102,7 +124,11 @@ impl LanguageModel {
     /// Sum of log-probabilities of each response given its prompt (token ids, e.g. from
     /// [`super::ChatTokenizer::encode_prompt`] / `encode_response`), `batch_size` pairs at a time.
     /// Inference only: no autograd graph is built.
-    pub fn logprobs(&self, pairs: &[(Vec<u32>, Vec<u32>)], batch_size: usize) -> Result<Vec<f32>, ModelError> {
+    pub fn logprobs(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+    ) -> Result<Vec<f32>, ModelError> {
         self.check_pairs(pairs)?;
         let w = self.weights(false)?;
         let mut order: Vec<usize> = (0..pairs.len()).collect();
@@ -110,7 +136,10 @@ impl LanguageModel {
         let mut out = vec![0f32; pairs.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let v = self.score_batch(&w, &batch)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let v = self
+                .score_batch(&w, &batch)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
             for (&i, x) in chunk.iter().zip(v) {
                 out[i] = x;
             }
@@ -120,13 +149,20 @@ impl LanguageModel {
 
     /// Differentiable summed response log-probs, shape `[B]` (f32; f64 for an f64 model), computed from the trainable
     /// `Var`s in one batch: `backward()` on a loss built from it reaches every parameter.
-    pub fn response_logprobs_tensor(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Tensor, ModelError> {
+    pub fn response_logprobs_tensor(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+    ) -> Result<Tensor, ModelError> {
         self.response_logprobs(pairs, true)
     }
 
     /// Summed response log-probs `[B]` in one batch; `trainable` selects the differentiable
     /// path (graph through the `Var`s) or the detached inference path.
-    pub fn response_logprobs(&self, pairs: &[(Vec<u32>, Vec<u32>)], trainable: bool) -> Result<Tensor, ModelError> {
+    pub fn response_logprobs(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+        trainable: bool,
+    ) -> Result<Tensor, ModelError> {
         self.check_pairs(pairs)?;
         let w = self.weights(trainable)?;
         let refs: Vec<&(Vec<u32>, Vec<u32>)> = pairs.iter().collect();
@@ -135,7 +171,11 @@ impl LanguageModel {
 
     /// Logits (f32, length vocab) of the token following each sequence (e.g. a judge's score
     /// token), `batch_size` sequences at a time. Inference only.
-    pub fn next_token_logits(&self, seqs: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn next_token_logits(
+        &self,
+        seqs: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         for (i, s) in seqs.iter().enumerate() {
             if s.is_empty() {
                 return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
@@ -150,8 +190,14 @@ impl LanguageModel {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let h = self.hidden_right_padded(&w, &refs)?;
             let (b, l, hidden) = h.dims3()?;
-            let rows: Vec<u32> = refs.iter().enumerate().map(|(bi, s)| (bi * l + s.len() - 1) as u32).collect();
-            let last = h.reshape((b * l, hidden))?.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+            let rows: Vec<u32> = refs
+                .iter()
+                .enumerate()
+                .map(|(bi, s)| (bi * l + s.len() - 1) as u32)
+                .collect();
+            let last = h
+                .reshape((b * l, hidden))?
+                .index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
             let logits = w.logits(&last)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (&i, v) in chunk.iter().zip(logits) {
                 out[i] = v;
@@ -161,7 +207,11 @@ impl LanguageModel {
     }
 
     /// Mean over positions of the final hidden state (after the final norm) of each sequence.
-    pub fn mean_hidden(&self, seqs: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn mean_hidden(
+        &self,
+        seqs: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         for (i, s) in seqs.iter().enumerate() {
             if s.is_empty() {
                 return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
@@ -220,8 +270,14 @@ impl LanguageModel {
             let h = self.hidden_right_padded(&w, &refs)?;
             let (b, l, hidden) = h.dims3()?;
             let h = h.reshape((b * l, hidden))?;
-            let rows: Vec<u32> = refs.iter().enumerate().map(|(bi, s)| (bi * l + s.len() - 1) as u32).collect();
-            let logits = w.logits(&h.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?)?.to_dtype(DType::F32)?;
+            let rows: Vec<u32> = refs
+                .iter()
+                .enumerate()
+                .map(|(bi, s)| (bi * l + s.len() - 1) as u32)
+                .collect();
+            let logits = w
+                .logits(&h.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?)?
+                .to_dtype(DType::F32)?;
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let picked = lsm.index_select(&cand, 1)?.to_vec2::<f32>()?;
             for (&i, row) in chunk.iter().zip(picked) {

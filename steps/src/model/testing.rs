@@ -66,14 +66,19 @@ fn bytes_to_unicode() -> Vec<char> {
 fn tiny_vocab_and_merges() -> (Vec<String>, Vec<String>) {
     let table = bytes_to_unicode();
     let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
-    for b in 0..256 {
-        tokens.push(table[b].to_string());
-    }
+    tokens.extend(table.iter().map(|c| c.to_string()));
     // Words as the byte-level pre-tokenizer sees them: a leading space belongs to the word.
     let mut words: HashMap<Vec<String>, usize> = HashMap::new();
     for (i, w) in CORPUS.split(' ').enumerate() {
-        let text = if i == 0 { w.to_string() } else { format!(" {w}") };
-        let syms: Vec<String> = text.bytes().map(|b| table[b as usize].to_string()).collect();
+        let text = if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        };
+        let syms: Vec<String> = text
+            .bytes()
+            .map(|b| table[b as usize].to_string())
+            .collect();
         *words.entry(syms).or_default() += 1;
     }
     let mut words: Vec<(Vec<String>, usize)> = words.into_iter().collect();
@@ -160,21 +165,31 @@ pub fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
             (0..n).map(|_| 0.35 * normal()).collect()
         } else {
             let fan_in = *shape.last().expect("shape") as f32;
-            let scale = if name.ends_with(".bias") { 0.1 } else { 1.0 / fan_in.sqrt() };
+            let scale = if name.ends_with(".bias") {
+                0.1
+            } else {
+                1.0 / fan_in.sqrt()
+            };
             (0..n).map(|_| scale * normal()).collect()
         };
-        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor"));
+        out.insert(
+            name,
+            Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor"),
+        );
     }
     out
 }
 
 fn tiny_tokenizer_files() -> (String, serde_json::Value, Vec<String>, Vec<String>) {
     let (tokens, merges) = tiny_vocab_and_merges();
-    let types: Vec<i32> = (0..tokens.len()).map(|i| if i < SPECIALS.len() { 3 } else { 1 }).collect();
+    let types: Vec<i32> = (0..tokens.len())
+        .map(|i| if i < SPECIALS.len() { 3 } else { 1 })
+        .collect();
     let pre = json!({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": true},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]});
-    let tj = serde_json::to_string(&tokenizer_json_from_parts(&tokens, &types, &merges, pre)).expect("json");
+    let tj = serde_json::to_string(&tokenizer_json_from_parts(&tokens, &types, &merges, pre))
+        .expect("json");
     let tc = json!({
         "add_prefix_space": false,
         "bos_token": "<|im_start|>",
@@ -201,10 +216,25 @@ pub fn try_write_tiny_hf_model(dir: &Path, seed: u64) -> Result<PathBuf, ModelEr
     let (tj, tc, tokens, _) = tiny_tokenizer_files();
     let cfg = tiny_config(tokens.len());
     write_atomic(dir, "tokenizer.json", tj.as_bytes())?;
-    write_atomic(dir, "tokenizer_config.json", &serde_json::to_vec_pretty(&tc).expect("json"))?;
-    write_atomic(dir, "config.json", &serde_json::to_vec_pretty(&cfg.to_hf_json()).expect("json"))?;
+    write_atomic(
+        dir,
+        "tokenizer_config.json",
+        &serde_json::to_vec_pretty(&tc).expect("json"),
+    )?;
+    write_atomic(
+        dir,
+        "config.json",
+        &serde_json::to_vec_pretty(&cfg.to_hf_json()).expect("json"),
+    )?;
     let tok = super::ChatTokenizer::from_parts(tj, tc, Some(2), &[2], dir)?;
-    let m = LanguageModel::from_tensors(cfg.clone(), tok, random_weights(&cfg, seed), dir, &Device::Cpu, DType::F32)?;
+    let m = LanguageModel::from_tensors(
+        cfg.clone(),
+        tok,
+        random_weights(&cfg, seed),
+        dir,
+        &Device::Cpu,
+        DType::F32,
+    )?;
     // Re-save through the canonical writer so the directory is exactly what save_hf writes.
     m.save_hf(dir)?;
     Ok(dir.to_path_buf())
@@ -269,27 +299,46 @@ pub fn try_write_tiny_gguf(path: &Path, seed: u64) -> Result<(), ModelError> {
         ("llama.embedding_length", u32v(cfg.hidden_size)),
         ("llama.feed_forward_length", u32v(cfg.intermediate_size)),
         ("llama.attention.head_count", u32v(cfg.num_attention_heads)),
-        ("llama.attention.head_count_kv", u32v(cfg.num_key_value_heads)),
+        (
+            "llama.attention.head_count_kv",
+            u32v(cfg.num_key_value_heads),
+        ),
         ("llama.rope.freq_base", GValue::F32(cfg.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", GValue::F32(cfg.rms_norm_eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GValue::F32(cfg.rms_norm_eps as f32),
+        ),
         ("llama.vocab_size", u32v(cfg.vocab_size)),
         ("llama.rope.dimension_count", u32v(cfg.head_dim)),
         ("tokenizer.ggml.model", GValue::String("gpt2".into())),
         ("tokenizer.ggml.pre", GValue::String("smollm".into())),
-        ("tokenizer.ggml.tokens", GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect()),
+        ),
         ("tokenizer.ggml.token_type", GValue::Array(types)),
-        ("tokenizer.ggml.merges", GValue::Array(merges.iter().map(|m| GValue::String(m.clone())).collect())),
+        (
+            "tokenizer.ggml.merges",
+            GValue::Array(merges.iter().map(|m| GValue::String(m.clone())).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", GValue::U32(1)),
         ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
         ("tokenizer.ggml.unknown_token_id", GValue::U32(0)),
         ("tokenizer.ggml.padding_token_id", GValue::U32(2)),
-        ("tokenizer.chat_template", GValue::String(SMOLLM2_CHAT_TEMPLATE.into())),
+        (
+            "tokenizer.chat_template",
+            GValue::String(SMOLLM2_CHAT_TEMPLATE.into()),
+        ),
     ];
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut buf = std::io::Cursor::new(Vec::new());
     gguf_file::write(&mut buf, &meta_refs, &tensor_refs)?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let name = path
         .file_name()

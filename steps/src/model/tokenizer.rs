@@ -101,9 +101,9 @@ impl ChatTokenizer {
         };
         let (eot_id, eot_token) = match special_token(tokenizer_config.get("eos_token")) {
             Some(tok) => {
-                let id = tokenizer
-                    .token_to_id(&tok)
-                    .ok_or_else(|| tok_err(format!("eos_token {tok:?} is not in the vocabulary")))?;
+                let id = tokenizer.token_to_id(&tok).ok_or_else(|| {
+                    tok_err(format!("eos_token {tok:?} is not in the vocabulary"))
+                })?;
                 (id, tok)
             }
             None => {

@@ -1,0 +1,174 @@
+//! DPO step speed, peak memory and checkpoint time on the real model (issue 4):
+//!
+//! ```text
+//! cargo run --release -p tsr-steps --example bench_dpo -- [MODEL] [STEPS]
+//! ```
+//! MODEL defaults to `$TSR_MODEL`, else the GGUF that `scripts/fetch-model.sh` caches; STEPS
+//! (default 5) optimizer steps per length, the first one (warm-up) excluded from the median.
+//!
+//! One step = the frozen reference model's forward on the pair (inference path) + the
+//! policy's forward and backward on chosen and rejected + clipping + the AdamW update, on one
+//! pair of `P` prompt + `R` response tokens, f32 on CPU. Peak memory is the process's VmHWM,
+//! reset (`/proc/self/clear_refs`) after loading so that each length reports its own peak.
+//! The checkpoint is what the `dpo` step writes: weights (safetensors) + trainer state
+//! (optimizer moments, cursor), timed without and with fsync.
+
+use std::time::Instant;
+
+use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
+use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig};
+use tsr_steps::model::{tune_runtime, LanguageModel};
+
+fn vm_hwm_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+fn reset_hwm() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `n` token ids from real text (the model's own tokenizer), repeated to length.
+fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {
+    let ids = model.tokenizer().encode(text).expect("encode");
+    ids.iter().cycle().take(n).copied().collect()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tuned = tune_runtime();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let spec = args
+        .first()
+        .cloned()
+        .or_else(|| std::env::var("TSR_MODEL").ok())
+        .unwrap_or_else(|| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    println!(
+        "mallopt tuned: {tuned}; threads: {}",
+        candle_core::utils::get_num_threads()
+    );
+    let t = Instant::now();
+    let policy = LanguageModel::load_str(&spec, "cpu")?;
+    let reference = policy.clone_weights()?;
+    println!(
+        "load {spec}: {:.2} s, {} parameters, peak so far {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        policy.num_parameters(),
+        vm_hwm_mb()
+    );
+    let text = "The quick brown fox jumps over the lazy dog while the students read their books \
+                and write long answers about the history of science, art and music.";
+    let answer_a = "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue.";
+    let answer_b =
+        "I do not know. Maybe the sky is blue because the sea is blue and it reflects it.";
+    let cfg = TrainerConfig {
+        loss: DpoLossConfig::default(),
+        schedule: LrSchedule::constant(5e-7),
+        optimizer: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        epochs: steps as u64,
+        max_steps: None,
+        micro_batch: 1,
+        accum_steps: 1,
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+    };
+    let ckdir = std::env::temp_dir().join(format!("tsr-bench-dpo-{}", std::process::id()));
+    for (p, r) in [(64usize, 64usize), (128, 128)] {
+        let mut pair = TrainPair {
+            prompt: tokens(&policy, text, p),
+            chosen: tokens(&policy, answer_a, r),
+            rejected: tokens(&policy, answer_b, r),
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        };
+        reset_hwm();
+        // The trainer's reference fields are fixed at construction; the reference forward is
+        // still run (and timed) every step, as a trainer without precomputed log-probs would.
+        reference_logps(&reference, std::slice::from_mut(&mut pair), 1)?;
+        let mut t = DpoTrainer::new(&policy, vec![pair.clone()], cfg.clone())?;
+        let mut times = Vec::new();
+        for i in 0..steps {
+            let s = Instant::now();
+            let cpu0 = cpu_s();
+            let mut fresh = pair.clone();
+            reference_logps(&reference, std::slice::from_mut(&mut fresh), 1)?;
+            let ref_s = s.elapsed().as_secs_f64();
+            let m = t.step()?.metrics;
+            let total = s.elapsed().as_secs_f64();
+            let cpu = cpu_s() - cpu0;
+            println!(
+                "{p}+{r} step {i}: {total:.2} s (reference {ref_s:.2} s, policy fwd/bwd + AdamW {:.2} s; \
+                 {:.2} cores busy), loss {:.6}, grad norm {:.4}",
+                total - ref_s,
+                cpu / total,
+                m.loss,
+                m.grad_norm
+            );
+            if i > 0 {
+                times.push(total);
+            }
+        }
+        let peak = vm_hwm_mb();
+        let mut ck = Vec::new();
+        for _ in 0..2 {
+            let s = Instant::now();
+            let files = t.write_checkpoint(&ckdir)?;
+            let write_s = s.elapsed().as_secs_f64();
+            for f in [&files.weights, &files.trainer] {
+                std::fs::File::open(f)?.sync_all()?;
+            }
+            let size =
+                std::fs::metadata(&files.weights)?.len() + std::fs::metadata(&files.trainer)?.len();
+            ck.push((write_s, s.elapsed().as_secs_f64(), size));
+        }
+        println!(
+            "RESULT {p}+{r}: median step {:.2} s over {} steps (min {:.2}, max {:.2}); peak RSS {:.0} MB; \
+             checkpoint {:.0} MB: first {:.2} s ({:.2} s with fsync), second {:.2} s ({:.2} s with fsync)",
+            median(times.clone()),
+            times.len(),
+            times.iter().cloned().fold(f64::INFINITY, f64::min),
+            times.iter().cloned().fold(0.0, f64::max),
+            peak,
+            ck[0].2 as f64 / 1e6,
+            ck[0].0,
+            ck[0].1,
+            ck[1].0,
+            ck[1].1
+        );
+    }
+    let _ = std::fs::remove_dir_all(&ckdir);
+    Ok(())
+}

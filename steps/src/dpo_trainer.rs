@@ -1,0 +1,576 @@
+//! The DPO trainer: a [`LanguageModel`] policy, preference pairs with precomputed reference
+//! log-probs, and the model-free pieces of [`crate::dpo`] (loss, AdamW, clipping, schedule,
+//! data cursor, checkpoint format) put together. Used by the `dpo` workflow step and by the
+//! `tsr dpo` command, so both train, checkpoint and resume the same way.
+//!
+//! One call to [`DpoTrainer::step`] is one optimizer step: the plan's next batch, one
+//! forward/backward per micro-batch through the differentiable path of the model, clipping,
+//! one AdamW update. A non-finite loss or gradient norm is an error raised before any
+//! parameter changes, so the last checkpoint and the weights in memory stay good.
+//!
+//! A checkpoint ([`DpoTrainer::write_checkpoint`]) is two files taken at a step boundary:
+//! the weights as canonical safetensors (the bytes `save_hf` writes, so the model digest of a
+//! resumed run can be compared with an uninterrupted one) and the versioned
+//! [`TrainerCheckpoint`] (plan, cursor, optimizer moments and step count, metrics tail).
+//! [`DpoTrainer::restore`] puts both back; the learning rate is a pure function of the step
+//! and nothing else is stateful, so the continued run is bit-identical to an uninterrupted one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use thiserror::Error;
+
+use crate::dpo::{
+    dpo_loss, train_step, AdamW, AdamWConfig, BatchPlan, DataCursor, DpoError, DpoLossConfig,
+    LrSchedule, MicroLoss, PairLogps, StepMetrics, TrainerCheckpoint,
+};
+use crate::model::{LanguageModel, ModelError};
+
+/// Errors of the trainer: the DPO pieces, the model, or checkpoint files.
+#[derive(Debug, Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Dpo(#[from] DpoError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl TrainerError {
+    /// Whether the error is a diverged step (NaN / infinite loss or gradient norm).
+    pub fn is_non_finite(&self) -> bool {
+        matches!(self, TrainerError::Dpo(DpoError::NonFinite { .. }))
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainerError + '_ {
+    move |source| TrainerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One training pair as token ids, with the frozen reference model's summed log-probs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPair {
+    /// The prompt rendered with the chat template and generation prompt.
+    pub prompt: Vec<u32>,
+    /// Chosen response tokens (ending with the end-of-turn token).
+    pub chosen: Vec<u32>,
+    /// Rejected response tokens.
+    pub rejected: Vec<u32>,
+    /// Reference log-prob of `chosen` given `prompt`.
+    pub ref_chosen: f32,
+    /// Reference log-prob of `rejected` given `prompt`.
+    pub ref_rejected: f32,
+}
+
+/// Everything that decides what training does. Equal configs on equal data and weights give
+/// bit-identical results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerConfig {
+    /// Loss kind, beta, length normalisation.
+    pub loss: DpoLossConfig,
+    /// Learning rate per optimizer step.
+    pub schedule: LrSchedule,
+    /// AdamW hyperparameters.
+    pub optimizer: AdamWConfig,
+    /// Passes over the data.
+    pub epochs: u64,
+    /// Stop after this many optimizer steps even if epochs remain.
+    pub max_steps: Option<u64>,
+    /// Pairs per forward/backward pass.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub accum_steps: usize,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: Option<f64>,
+    /// Shuffle seed.
+    pub seed: u64,
+    /// Shuffle each epoch.
+    pub shuffle: bool,
+}
+
+/// Policy log-probs of one pair as computed inside a training step (before its update).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairLogp {
+    /// Index of the pair in the trainer's data.
+    pub index: usize,
+    /// Policy log-prob of the chosen response.
+    pub chosen: f32,
+    /// Policy log-prob of the rejected response.
+    pub rejected: f32,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Loss, rewards, margin, accuracy, gradient norm, learning rate.
+    pub metrics: StepMetrics,
+    /// The pairs the step consumed, in order, with the policy's log-probs before the update.
+    pub pairs: Vec<PairLogp>,
+}
+
+/// The files of one checkpoint (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointFiles {
+    /// Canonical safetensors of the policy weights.
+    pub weights: PathBuf,
+    /// [`TrainerCheckpoint::to_bytes`].
+    pub trainer: PathBuf,
+}
+
+/// A DPO training run over one policy model. See the module docs.
+pub struct DpoTrainer<'m> {
+    model: &'m LanguageModel,
+    pairs: Vec<TrainPair>,
+    cfg: TrainerConfig,
+    plan: BatchPlan,
+    opt: AdamW,
+    cursor: DataCursor,
+    metrics: Vec<StepMetrics>,
+}
+
+/// Differentiable policy log-probs `(chosen [n], rejected [n])` of the pairs `idx`.
+fn policy_logps(
+    model: &LanguageModel,
+    pairs: &[TrainPair],
+    idx: &[usize],
+) -> Result<(Tensor, Tensor), TrainerError> {
+    let mut seqs = Vec::with_capacity(idx.len() * 2);
+    for &j in idx {
+        let p = &pairs[j];
+        seqs.push((p.prompt.clone(), p.chosen.clone()));
+        seqs.push((p.prompt.clone(), p.rejected.clone()));
+    }
+    let lp = model
+        .response_logprobs_tensor(&seqs)?
+        .reshape((idx.len(), 2))
+        .map_err(DpoError::from)?;
+    let chosen = lp.narrow(1, 0, 1).and_then(|t| t.squeeze(1));
+    let rejected = lp.narrow(1, 1, 1).and_then(|t| t.squeeze(1));
+    Ok((
+        chosen.map_err(DpoError::from)?,
+        rejected.map_err(DpoError::from)?,
+    ))
+}
+
+/// The DPO loss of the pairs `idx` from the policy's log-probs.
+fn micro_loss(
+    model: &LanguageModel,
+    pairs: &[TrainPair],
+    idx: &[usize],
+    loss: &DpoLossConfig,
+) -> Result<(MicroLoss, Vec<PairLogp>), TrainerError> {
+    let (pc, pr) = policy_logps(model, pairs, idx)?;
+    let dev = model.device();
+    let n = idx.len();
+    let col = |f: fn(&TrainPair) -> f32| -> Result<Tensor, DpoError> {
+        let v: Vec<f32> = idx.iter().map(|&j| f(&pairs[j])).collect();
+        Ok(Tensor::from_vec(v, n, dev)?)
+    };
+    let rc = col(|p| p.ref_chosen)?;
+    let rr = col(|p| p.ref_rejected)?;
+    let nc: Vec<u32> = idx.iter().map(|&j| pairs[j].chosen.len() as u32).collect();
+    let nr: Vec<u32> = idx
+        .iter()
+        .map(|&j| pairs[j].rejected.len() as u32)
+        .collect();
+    let out = dpo_loss(
+        &PairLogps {
+            policy_chosen: &pc,
+            policy_rejected: &pr,
+            reference_chosen: &rc,
+            reference_rejected: &rr,
+            chosen_tokens: Some(&nc),
+            rejected_tokens: Some(&nr),
+        },
+        loss,
+    )?;
+    let vc = pc
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.to_vec1::<f32>());
+    let vr = pr
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.to_vec1::<f32>());
+    let (vc, vr) = (vc.map_err(DpoError::from)?, vr.map_err(DpoError::from)?);
+    let logps = idx
+        .iter()
+        .zip(vc.iter().zip(&vr))
+        .map(|(&index, (&chosen, &rejected))| PairLogp {
+            index,
+            chosen,
+            rejected,
+        })
+        .collect();
+    let summary = out.summary()?;
+    Ok((
+        MicroLoss {
+            loss: out.loss,
+            pairs: n,
+            dpo: Some(summary),
+        },
+        logps,
+    ))
+}
+
+impl<'m> DpoTrainer<'m> {
+    /// A trainer at step 0 over `model` (its `Var`s are updated in place).
+    pub fn new(
+        model: &'m LanguageModel,
+        pairs: Vec<TrainPair>,
+        cfg: TrainerConfig,
+    ) -> Result<Self, TrainerError> {
+        if pairs.is_empty() {
+            return Err(TrainerError::Invalid("DPO needs at least one pair".into()));
+        }
+        if cfg.epochs == 0 || cfg.max_steps == Some(0) {
+            return Err(TrainerError::Invalid(
+                "DPO needs epochs >= 1 and max_steps >= 1".into(),
+            ));
+        }
+        for (i, p) in pairs.iter().enumerate() {
+            if !(p.ref_chosen.is_finite() && p.ref_rejected.is_finite()) {
+                return Err(TrainerError::Invalid(format!(
+                    "pair {i}: non-finite reference log-probs ({}, {})",
+                    p.ref_chosen, p.ref_rejected
+                )));
+            }
+        }
+        cfg.schedule.validate()?;
+        let plan = BatchPlan::new(
+            pairs.len(),
+            cfg.micro_batch,
+            cfg.accum_steps,
+            cfg.seed,
+            cfg.shuffle,
+        )?;
+        let opt = AdamW::new(model.vars(), cfg.optimizer.clone())?;
+        Ok(Self {
+            model,
+            pairs,
+            cfg,
+            plan,
+            opt,
+            cursor: DataCursor::default(),
+            metrics: Vec::new(),
+        })
+    }
+
+    /// The data plan (pairs, batch sizes, seed).
+    pub fn plan(&self) -> &BatchPlan {
+        &self.plan
+    }
+
+    /// The next data position; `cursor().optimizer_step` is the number of steps taken.
+    pub fn cursor(&self) -> &DataCursor {
+        &self.cursor
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.cursor.optimizer_step
+    }
+
+    /// Optimizer steps of the whole run: `epochs * steps_per_epoch`, capped by `max_steps`.
+    pub fn total_steps(&self) -> u64 {
+        let all = self.cfg.epochs * self.plan.steps_per_epoch();
+        self.cfg.max_steps.map_or(all, |m| m.min(all))
+    }
+
+    /// Whether every step has been taken.
+    pub fn is_done(&self) -> bool {
+        self.cursor.optimizer_step >= self.total_steps()
+    }
+
+    /// Metrics of every step taken (after a restore: those the caller gave back, or the tail
+    /// kept in the checkpoint).
+    pub fn metrics(&self) -> &[StepMetrics] {
+        &self.metrics
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &LanguageModel {
+        self.model
+    }
+
+    /// The training pairs.
+    pub fn pairs(&self) -> &[TrainPair] {
+        &self.pairs
+    }
+
+    /// One optimizer step. Fails, leaving weights, optimizer and cursor unchanged, on a
+    /// non-finite loss or gradient norm.
+    pub fn step(&mut self) -> Result<StepReport, TrainerError> {
+        if self.is_done() {
+            return Err(TrainerError::Invalid(format!(
+                "training is finished ({} steps)",
+                self.total_steps()
+            )));
+        }
+        let (batch, next) = self.plan.next_batch(&self.cursor)?;
+        let lr = self.cfg.schedule.lr_at(self.cursor.optimizer_step);
+        let (model, pairs, loss) = (self.model, &self.pairs, &self.cfg.loss);
+        let mut logps = Vec::with_capacity(batch.pairs());
+        // train_step's closure can only fail with a DpoError: keep a model error aside and
+        // return it as itself.
+        let mut failure: Option<TrainerError> = None;
+        let result = train_step(
+            &mut self.opt,
+            batch.micro_batches.len(),
+            self.cfg.max_grad_norm,
+            lr,
+            |i| match micro_loss(model, pairs, &batch.micro_batches[i], loss) {
+                Ok((micro, lp)) => {
+                    logps.extend(lp);
+                    Ok(micro)
+                }
+                Err(TrainerError::Dpo(e)) => Err(e),
+                Err(other) => {
+                    failure = Some(other);
+                    Err(DpoError::InvalidConfig("policy forward failed".into()))
+                }
+            },
+        );
+        let metrics = match (result, failure) {
+            (_, Some(e)) => return Err(e),
+            (r, None) => r?,
+        };
+        self.cursor = next;
+        self.metrics.push(metrics.clone());
+        Ok(StepReport {
+            metrics,
+            pairs: logps,
+        })
+    }
+
+    /// Mean DPO loss over all pairs under the current weights (forward only, the same code
+    /// path and micro-batches of `micro_batch` pairs in dataset order).
+    pub fn mean_loss(&self) -> Result<f64, TrainerError> {
+        let mut sum = 0.0f64;
+        let all: Vec<usize> = (0..self.pairs.len()).collect();
+        for idx in all.chunks(self.cfg.micro_batch) {
+            let (micro, _) = micro_loss(self.model, &self.pairs, idx, &self.cfg.loss)?;
+            let v = micro.dpo.map(|d| d.loss).unwrap_or(f64::NAN);
+            sum += v * idx.len() as f64;
+        }
+        Ok(sum / self.pairs.len() as f64)
+    }
+
+    /// Reference log-probs for training `model` against its own current weights: computed
+    /// with the training code path on epoch 0's micro-batches, so that the first step sees
+    /// policy == reference bit for bit (loss exactly ln 2 for sigmoid DPO). `pairs`' reference
+    /// fields are overwritten.
+    pub fn self_reference(
+        model: &LanguageModel,
+        pairs: &mut [TrainPair],
+        cfg: &TrainerConfig,
+    ) -> Result<(), TrainerError> {
+        let plan = BatchPlan::new(
+            pairs.len(),
+            cfg.micro_batch,
+            cfg.accum_steps,
+            cfg.seed,
+            cfg.shuffle,
+        )?;
+        let order = plan.order(0);
+        let mut values = vec![(0f32, 0f32); pairs.len()];
+        for step in order.chunks(plan.batch_size()) {
+            for idx in step.chunks(plan.micro_batch) {
+                let (pc, pr) = policy_logps(model, pairs, idx)?;
+                let pc = pc.to_vec1::<f32>().map_err(DpoError::from)?;
+                let pr = pr.to_vec1::<f32>().map_err(DpoError::from)?;
+                for (k, &j) in idx.iter().enumerate() {
+                    values[j] = (pc[k], pr[k]);
+                }
+            }
+        }
+        for (p, (c, r)) in pairs.iter_mut().zip(values) {
+            p.ref_chosen = c;
+            p.ref_rejected = r;
+        }
+        Ok(())
+    }
+
+    /// The trainer state (weights excluded) at the current step boundary.
+    pub fn checkpoint(&self) -> Result<TrainerCheckpoint, TrainerError> {
+        Ok(TrainerCheckpoint::capture(
+            &self.plan,
+            &self.cursor,
+            &self.opt,
+            None,
+            &self.metrics,
+        )?)
+    }
+
+    /// Writes the weights (`weights.safetensors`) and the trainer state (`trainer.ckpt`) into
+    /// `dir`. Not fsynced: the caller decides durability (the engine fsyncs a checkpoint's
+    /// files when it takes them into its blob store).
+    pub fn write_checkpoint(&self, dir: &Path) -> Result<CheckpointFiles, TrainerError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let files = CheckpointFiles {
+            weights: dir.join("weights.safetensors"),
+            trainer: dir.join("trainer.ckpt"),
+        };
+        {
+            let f = std::fs::File::create(&files.weights).map_err(io_err(&files.weights))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            self.model.write_canonical(&mut w)?;
+            w.flush().map_err(io_err(&files.weights))?;
+        }
+        {
+            let f = std::fs::File::create(&files.trainer).map_err(io_err(&files.trainer))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            self.checkpoint()?.write_to(&mut w)?;
+            w.flush().map_err(io_err(&files.trainer))?;
+        }
+        Ok(files)
+    }
+
+    /// Restores weights and trainer state written by [`Self::write_checkpoint`] (or the same
+    /// two encodings from elsewhere). `metrics`, when given, is the full history of the steps
+    /// taken (the checkpoint keeps only a tail); it must end at the checkpoint's step.
+    pub fn restore(
+        &mut self,
+        weights: &Path,
+        trainer: &[u8],
+        metrics: Option<Vec<StepMetrics>>,
+    ) -> Result<(), TrainerError> {
+        let ck = TrainerCheckpoint::from_bytes(trainer)?;
+        let tensors = candle_core::safetensors::load(weights, self.model.device())
+            .map_err(|e| TrainerError::Invalid(format!("{}: {e}", weights.display())))?;
+        // Check everything before changing anything.
+        let vars = self.model.vars();
+        for (name, var) in &vars {
+            match tensors.get(name) {
+                Some(t) if t.dims() == var.dims() => {}
+                Some(t) => {
+                    return Err(TrainerError::Invalid(format!(
+                        "{}: tensor {name} has shape {:?}, the model {:?}",
+                        weights.display(),
+                        t.dims(),
+                        var.dims()
+                    )))
+                }
+                None => {
+                    return Err(TrainerError::Invalid(format!(
+                        "{}: checkpoint lacks tensor {name}",
+                        weights.display()
+                    )))
+                }
+            }
+        }
+        let steps = ck.cursor.optimizer_step;
+        let metrics = match metrics {
+            Some(m) => {
+                if m.len() as u64 != steps
+                    || m.last().map(|l| l.step) != ck.metrics_tail.last().map(|l| l.step)
+                {
+                    return Err(TrainerError::Invalid(format!(
+                        "metrics history has {} steps, the checkpoint is at step {steps}",
+                        m.len()
+                    )));
+                }
+                m
+            }
+            None => ck.metrics_tail.clone(),
+        };
+        let cursor = ck.restore(&self.plan, &mut self.opt)?;
+        for (name, var) in &vars {
+            let t = tensors[name]
+                .to_dtype(var.dtype())
+                .map_err(DpoError::from)?;
+            var.set(&t).map_err(DpoError::from)?;
+        }
+        self.cursor = cursor;
+        self.metrics = metrics;
+        Ok(())
+    }
+}
+
+/// One line of a pairs file for `tsr dpo`: `{"prompt": .., "chosen": .., "rejected": ..}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct TextPair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// Parses a JSONL pairs file (blank lines skipped); a bad line is an error naming its number.
+pub fn parse_pairs_jsonl(text: &str) -> Result<Vec<TextPair>, TrainerError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: TextPair = serde_json::from_str(line).map_err(|e| {
+            TrainerError::Invalid(format!(
+                "line {}: expected {{\"prompt\", \"chosen\", \"rejected\"}} strings: {e}",
+                i + 1
+            ))
+        })?;
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(TrainerError::Invalid("no pairs in the file".into()));
+    }
+    Ok(out)
+}
+
+/// Tokenizes text pairs for `model` (reference fields zero: fill them with
+/// [`reference_logps`] or [`DpoTrainer::self_reference`]).
+pub fn encode_text_pairs(
+    model: &LanguageModel,
+    pairs: &[TextPair],
+) -> Result<Vec<TrainPair>, TrainerError> {
+    let tok = model.tokenizer();
+    pairs
+        .iter()
+        .map(|p| {
+            Ok(TrainPair {
+                prompt: tok.encode_prompt(&p.prompt)?,
+                chosen: tok.encode_response(&p.chosen)?,
+                rejected: tok.encode_response(&p.rejected)?,
+                ref_chosen: 0.0,
+                ref_rejected: 0.0,
+            })
+        })
+        .collect()
+}
+
+/// Fills the reference fields of `pairs` with a frozen reference model's log-probs
+/// (inference path, `batch` pairs at a time).
+pub fn reference_logps(
+    reference: &LanguageModel,
+    pairs: &mut [TrainPair],
+    batch: usize,
+) -> Result<(), TrainerError> {
+    let mut seqs = Vec::with_capacity(pairs.len() * 2);
+    for p in pairs.iter() {
+        seqs.push((p.prompt.clone(), p.chosen.clone()));
+        seqs.push((p.prompt.clone(), p.rejected.clone()));
+    }
+    let lp = reference.logprobs(&seqs, batch.max(1) * 2)?;
+    for (i, p) in pairs.iter_mut().enumerate() {
+        p.ref_chosen = lp[2 * i];
+        p.ref_rejected = lp[2 * i + 1];
+    }
+    Ok(())
+}
+
+/// A checkpoint's cursor bytes for the engine's journal: the data cursor as JSON (for
+/// inspection; the authoritative copy is inside the trainer file).
+pub fn cursor_bytes(cursor: &DataCursor) -> Vec<u8> {
+    serde_json::to_vec(cursor).expect("a cursor serializes")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Trainer-level tests on the tiny random model: exact resume from checkpoint files (digests,
+//! metrics, and every pair consumed exactly once per epoch), self-reference gives ln 2 at the
+//! first step, a diverged step fails cleanly, and pairs-file errors name the line.
+
+use super::*;
+use crate::dpo::{Decay, DpoLossKind};
+use crate::model::testing::tiny_model;
+
+const TEXTS: [(&str, &str, &str); 5] = [
+    (
+        "What is the capital of France?",
+        "The capital of France is Paris.",
+        "Berlin.",
+    ),
+    (
+        "What is two plus two?",
+        "The answer is four.",
+        "The sea is blue.",
+    ),
+    (
+        "Write a short poem about the sea.",
+        "The sea is blue and the sky is wide.",
+        "No.",
+    ),
+    (
+        "Please explain why the sky is blue.",
+        "Sunlight is scattered by the air.",
+        "Rust is fast.",
+    ),
+    (
+        "Hello!",
+        "Hello! How can I help you today?",
+        "the quick brown fox",
+    ),
+];
+
+fn text_pairs() -> Vec<TextPair> {
+    TEXTS
+        .iter()
+        .map(|(p, c, r)| TextPair {
+            prompt: p.to_string(),
+            chosen: c.to_string(),
+            rejected: r.to_string(),
+        })
+        .collect()
+}
+
+fn config() -> TrainerConfig {
+    TrainerConfig {
+        loss: DpoLossConfig {
+            beta: 0.1,
+            kind: DpoLossKind::Sigmoid,
+            length_normalize: false,
+        },
+        schedule: LrSchedule {
+            peak_lr: 1e-2,
+            warmup_steps: 2,
+            total_steps: 9,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.1,
+        },
+        optimizer: AdamWConfig::default(),
+        epochs: 3,
+        max_steps: None,
+        micro_batch: 1,
+        accum_steps: 2,
+        max_grad_norm: Some(0.5),
+        seed: 7,
+        shuffle: true,
+    }
+}
+
+fn pairs_for(model: &LanguageModel) -> Vec<TrainPair> {
+    let mut pairs = encode_text_pairs(model, &text_pairs()).unwrap();
+    // A reference that differs from the policy (a second tiny model).
+    let dir = tempfile::tempdir().unwrap();
+    let reference = tiny_model(dir.path(), 99);
+    reference_logps(&reference, &mut pairs, 2).unwrap();
+    pairs
+}
+
+#[test]
+fn resume_from_checkpoint_files_is_exact_and_never_skips_or_repeats_a_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 5);
+    let pairs = pairs_for(&model);
+    let mut t = DpoTrainer::new(&model, pairs.clone(), config()).unwrap();
+    assert_eq!(t.total_steps(), 9, "3 epochs of ceil(5 / 2) steps");
+    let mut seen = Vec::new();
+    while !t.is_done() {
+        seen.extend(t.step().unwrap().pairs.iter().map(|p| p.index));
+    }
+    let want_digest = model.digest().unwrap();
+    let want_metrics = t.metrics().to_vec();
+
+    // The same run stopped after steps 2, 3 and 7; each time a fresh model is loaded from the
+    // original files (as a new process would) and the trainer is restored from the files.
+    let mut got = Vec::new();
+    let mut ck: Option<(CheckpointFiles, Vec<StepMetrics>)> = None;
+    for stop_at in [2u64, 3, 7, 9] {
+        let m = tiny_model(&dir.path().join(format!("m{stop_at}")), 5);
+        let mut t = DpoTrainer::new(&m, pairs.clone(), config()).unwrap();
+        if let Some((files, metrics)) = &ck {
+            let bytes = std::fs::read(&files.trainer).unwrap();
+            t.restore(&files.weights, &bytes, Some(metrics.clone()))
+                .unwrap();
+        }
+        while t.steps_done() < stop_at {
+            got.extend(t.step().unwrap().pairs.iter().map(|p| p.index));
+        }
+        if t.is_done() {
+            assert_eq!(m.digest().unwrap(), want_digest);
+            assert_eq!(t.metrics(), want_metrics.as_slice());
+            break;
+        }
+        let files = t
+            .write_checkpoint(&dir.path().join(format!("ck{stop_at}")))
+            .unwrap();
+        ck = Some((files, t.metrics().to_vec()));
+    }
+    assert_eq!(
+        got, seen,
+        "the resumed run consumed the same pairs in the same order"
+    );
+    for i in 0..5 {
+        assert_eq!(
+            seen.iter().filter(|&&j| j == i).count(),
+            3,
+            "pair {i} once per epoch"
+        );
+    }
+}
+
+#[test]
+fn self_reference_gives_ln2_at_the_first_step_and_mean_loss_matches_the_next_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 5);
+    let mut pairs = encode_text_pairs(&model, &text_pairs()).unwrap();
+    let cfg = TrainerConfig {
+        schedule: LrSchedule::constant(1e-2),
+        micro_batch: 2,
+        accum_steps: 3,
+        shuffle: false,
+        epochs: 2,
+        ..config()
+    };
+    DpoTrainer::self_reference(&model, &mut pairs, &cfg).unwrap();
+    let mut t = DpoTrainer::new(&model, pairs, cfg).unwrap();
+    assert_eq!(t.mean_loss().unwrap(), std::f32::consts::LN_2 as f64);
+    let first = t.step().unwrap();
+    assert_eq!(first.metrics.loss, std::f32::consts::LN_2 as f64);
+    for p in &first.pairs {
+        assert_eq!(
+            (p.chosen, p.rejected),
+            (
+                t.pairs()[p.index].ref_chosen,
+                t.pairs()[p.index].ref_rejected
+            )
+        );
+    }
+    let after = t.mean_loss().unwrap();
+    let second = t.step().unwrap();
+    assert!(
+        (after - second.metrics.loss).abs() < 1e-6,
+        "{after} vs {}",
+        second.metrics.loss
+    );
+    assert!(
+        after < std::f32::consts::LN_2 as f64,
+        "a step lowers the loss: {after}"
+    );
+}
+
+#[test]
+fn a_diverged_step_is_a_clear_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), 5);
+    let pairs = pairs_for(&model);
+    let cfg = TrainerConfig {
+        schedule: LrSchedule::constant(1e30),
+        max_grad_norm: None,
+        ..config()
+    };
+    let mut t = DpoTrainer::new(&model, pairs, cfg).unwrap();
+    let mut err = None;
+    for _ in 0..4 {
+        let before = (model.digest().unwrap(), *t.cursor());
+        match t.step() {
+            Ok(_) => continue,
+            Err(e) => {
+                assert_eq!((model.digest().unwrap(), *t.cursor()), before);
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let err = err.expect("a learning rate of 1e30 diverges");
+    assert!(err.is_non_finite(), "{err}");
+    assert!(err.to_string().contains("non-finite"), "{err}");
+}
+
+#[test]
+fn bad_pairs_lines_are_named() {
+    let ok = "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n\n";
+    assert_eq!(parse_pairs_jsonl(ok).unwrap().len(), 1);
+    let bad = format!("{ok}{{\"prompt\": \"a\", \"chosen\": \"b\"}}\n");
+    let e = parse_pairs_jsonl(&bad).unwrap_err().to_string();
+    assert!(e.starts_with("line 3:"), "{e}");
+    assert!(parse_pairs_jsonl("\n").is_err());
+}

@@ -1,0 +1,206 @@
+//! Exact DPO resume through the engine (issue 4): a tiny-model self-rewarding iteration whose
+//! DPO node checkpoints after every optimizer step is SIGKILLed at random moments while that
+//! node trains, several times, and resumed each time; the final digests of every node (the
+//! trained weights and the per-step metrics included) must equal those of an uninterrupted run.
+//! After each kill the store is opened to check that the kill really landed inside DPO with a
+//! checkpoint part-way through training, so the test cannot pass by killing elsewhere.
+
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const RUN: &str = "dpo-resume";
+
+fn tsr(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn setup(dir: &Path) -> PathBuf {
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    let prompts: String = [
+        "hello there",
+        "name a colour",
+        "count to three",
+        "what is the capital of France?",
+        "write a short poem about the sea",
+        "why is the sky blue?",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, p)| format!("{{\"id\": \"p{i}\", \"prompt\": \"{p}\"}}\n"))
+    .collect();
+    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    let cfg = dir.join("dpo-resume.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"{RUN}\"\nworkflow = \"self-rewarding\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 8\nbatch_size = 6\n\
+             [judge]\nmode = \"logprob\"\nsamples = 1\nmax_new_tokens = 4\nbatch_size = 6\n\
+             [dpo]\nlr = 1e-3\nepochs = 12\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = 1\n\
+             warmup_steps = 3\nweight_decay = 0.01\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn status(store: &Path) -> serde_json::Value {
+    let o = tsr(&["status", RUN, "--json"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn dpo_running(store: &Path) -> bool {
+    let o = tsr(&["status", RUN, "--json"], store);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+        return false;
+    };
+    v["nodes"].as_array().is_some_and(|ns| {
+        ns.iter()
+            .any(|n| n["kind"] == "dpo" && n["state"] == "running")
+    })
+}
+
+/// (optimizer step of the DPO node's checkpoint, whether the node is done), read from the
+/// store of a killed run.
+fn dpo_checkpoint(store: &Path) -> Option<(u64, bool)> {
+    let s = tsr_state::Store::open(store).unwrap();
+    let nodes = s.nodes(RUN).ok()?;
+    for (_, rec) in nodes {
+        let step = s.get_step(&rec.step_key).unwrap()?;
+        if step.kind != "dpo" {
+            continue;
+        }
+        let done = matches!(step.status, tsr_state::StepStatus::Done { .. });
+        let at = step.checkpoint.map(|c| {
+            let cursor: serde_json::Value = serde_json::from_slice(&c.cursor).unwrap();
+            cursor["optimizer_step"].as_u64().unwrap()
+        });
+        return Some((at.unwrap_or(0), done));
+    }
+    None
+}
+
+#[test]
+fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let reference = dir.path().join("ref");
+    let o = tsr(&["run", cfg, "--quiet"], &reference);
+    assert!(o.status.success(), "{}", text(&o));
+    let want = status(&reference);
+    let dpo_metrics = want["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "dpo")
+        .unwrap();
+    let metrics = dpo_metrics["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o[0] == "metrics")
+        .unwrap()[1]
+        .as_str()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            reference
+                .join("blobs")
+                .join(&metrics[..2])
+                .join(&metrics[2..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let total = report["steps"].as_u64().unwrap();
+    assert!(total >= 12, "DPO should take several steps, took {total}");
+
+    let store = dir.path().join("killed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut landed: Vec<u64> = Vec::new();
+    for _attempt in 0..30 {
+        if landed.len() >= 4 {
+            break;
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .args(["run", cfg, "--quiet", "--store"])
+            .arg(&store)
+            .spawn()
+            .unwrap();
+        // Wait until the DPO node trains, then kill at a random moment.
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none()
+            && !dpo_running(&store)
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before the kill
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if let Some((step, done)) = dpo_checkpoint(&store) {
+            if !done && step > 0 && step < total {
+                landed.push(step);
+            }
+        }
+    }
+    let o = tsr(&["run", cfg, "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    eprintln!("DPO takes {total} steps; kills landed at checkpointed steps {landed:?}");
+    assert!(
+        landed.len() >= 3,
+        "only {} kills landed inside DPO with a checkpoint: {landed:?}",
+        landed.len()
+    );
+    assert!(
+        landed.windows(2).all(|w| w[0] <= w[1]),
+        "a checkpoint went backwards: {landed:?}"
+    );
+
+    let got = status(&store);
+    for n in want["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        let m = got["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == name)
+            .unwrap();
+        assert_eq!(
+            n["outputs"], m["outputs"],
+            "node {name} differs after kills at DPO steps {landed:?}"
+        );
+    }
+    let dpo = got["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "dpo")
+        .unwrap();
+    assert!(
+        dpo["attempts"].as_u64().unwrap() > landed.len() as u64,
+        "{dpo}"
+    );
+    assert!(tsr(&["verify"], &store).status.success());
+}

@@ -1,0 +1,437 @@
+//! Meta-Rewarding on a tiny random model: the `meta-judge` step in process on planted
+//! judgements (both orders generated, seeds per order, deterministic items, resume from a
+//! partial journal), and the `temporal-meta` / `meta-rewarding` workflows through the CLI (DAG
+//! shape, step outputs, metrics and report, SIGKILL-and-resume giving identical digests, config
+//! errors naming the key). A random model's text judge rarely parses, so the CLI runs usually
+//! make no judge pairs; the judge-pair logic itself is covered by the unit tests in
+//! `steps/src/judge_pairs.rs` and `steps/src/meta_judge.rs`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use tsr_engine::{ItemJournal, MemoryJournal, Progress, Step, StepContext, StepInputs, StopFlag};
+use tsr_state::{BlobStore, Digest};
+use tsr_steps::judge_pairs::{decide, Comparison};
+use tsr_steps::meta_judge::{MetaJudge, DEFAULT_META_PROMPT};
+
+fn tsr(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn setup(dir: &Path, workflow: &str) -> PathBuf {
+    let model = dir.join("tiny");
+    if !model.exists() {
+        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    }
+    std::fs::write(
+        dir.join("prompts.jsonl"),
+        "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n",
+    )
+    .unwrap();
+    let cfg = dir.join(format!("{workflow}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"{workflow}\"\nworkflow = \"{workflow}\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 6\nbatch_size = 4\n\
+             [judge]\nmode = \"text\"\nsamples = 2\nmax_new_tokens = 6\nbatch_size = 4\n\
+             length_band_per_iteration = [0.5]\n\
+             [meta]\nmax_new_tokens = 6\nbatch_size = 4\n\
+             [dpo]\nlr = 1e-3\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = 1\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn status(store: &Path, run: &str) -> serde_json::Value {
+    let o = tsr(&["status", run, "--json"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
+    let n = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or_else(|| panic!("no node {node}"));
+    n["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o[0] == output)
+        .unwrap_or_else(|| panic!("{node} has no {output}"))[1]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn blob(store: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
+}
+
+fn nodes(v: &serde_json::Value) -> Vec<String> {
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn temporal_meta_iteration_dag_outputs_metrics_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), "temporal-meta");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = status(&store, "temporal-meta");
+    let ns = nodes(&v);
+    for want in [
+        "iter1/gen-current",
+        "iter1/judge-current",
+        "iter1/gen-anchor",
+        "iter1/judge-anchor",
+        "iter1/meta-judge",
+        "iter1/select-1",
+        "iter1/dpo-future",
+        "iter1/gen-future",
+        "iter1/judge-future",
+        "iter1/select-2",
+        "iter1/ref-next",
+        "iter1/dpo-next",
+        "iter1/metrics",
+    ] {
+        assert!(
+            ns.iter().any(|n| n == want),
+            "missing node {want} in {ns:?}"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/meta-judge", "summary")))
+            .unwrap();
+    assert_eq!(summary["responses"], 9, "3 prompts x k = 3");
+    let pairs =
+        String::from_utf8(blob(&store, &output_of(&v, "iter1/meta-judge", "pairs"))).unwrap();
+    assert_eq!(
+        pairs.lines().count() as u64,
+        summary["pairs"].as_u64().unwrap()
+    );
+    let comparisons = String::from_utf8(blob(
+        &store,
+        &output_of(&v, "iter1/meta-judge", "comparisons"),
+    ))
+    .unwrap();
+    assert_eq!(
+        comparisons.lines().count() as u64,
+        summary["compared"].as_u64().unwrap()
+    );
+    // Judge pairs are mixed into phase 2 only (the phase that trains Mi+1), under the cap.
+    let s2: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/select-2", "summary"))).unwrap();
+    assert_eq!(s2["judge_pairs_offered"], summary["pairs"]);
+    let kept = s2["judge_pairs_kept"].as_u64().unwrap();
+    let actor = s2["pairs"].as_u64().unwrap();
+    assert!(
+        kept as f64 <= 0.15 * (actor + kept) as f64 + 1e-9,
+        "{kept} judge pairs beside {actor}"
+    );
+    let s1: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/select-1", "summary"))).unwrap();
+    assert!(
+        s1.get("judge_pairs_offered").is_none(),
+        "phase 1 trains on actor pairs only: {s1}"
+    );
+    let mixed = String::from_utf8(blob(&store, &output_of(&v, "iter1/select-2", "pairs"))).unwrap();
+    assert_eq!(mixed.lines().count() as u64, actor + kept);
+    // Metrics carry the judge-side diagnostics; the report shows them.
+    let m: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/metrics", "metrics"))).unwrap();
+    assert_eq!(m["meta"]["responses"], 9);
+    assert_eq!(m["meta"]["judgements"], 18);
+    assert_eq!(m["meta"]["score_histogram"].as_array().unwrap().len(), 6);
+    assert!(m["meta"]["mean_response_tokens"].as_f64().unwrap() > 0.0);
+    let out = dir.path().join("report");
+    let o = tsr(
+        &["report", "temporal-meta", "--out", out.to_str().unwrap()],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("AGREE"), "{}", text(&o));
+    assert_eq!(
+        text(&o)
+            .lines()
+            .filter(|l| l.starts_with("temporal-meta"))
+            .count(),
+        3,
+        "2 phase rows + 1 judge row: {}",
+        text(&o)
+    );
+    assert!(tsr(&["verify"], &store).status.success());
+}
+
+#[test]
+fn meta_rewarding_mixes_into_its_only_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), "meta-rewarding");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = status(&store, "meta-rewarding");
+    let ns = nodes(&v);
+    for want in ["iter1/meta-judge", "iter1/select-1", "iter1/dpo-next"] {
+        assert!(ns.iter().any(|n| n == want), "missing {want} in {ns:?}");
+    }
+    for absent in ["iter1/gen-anchor", "iter1/gen-future", "iter1/select-2"] {
+        assert!(!ns.iter().any(|n| n == absent), "{absent} in {ns:?}");
+    }
+    let s1: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/select-1", "summary"))).unwrap();
+    assert!(s1["judge_pairs_offered"].is_u64(), "{s1}");
+}
+
+#[test]
+fn sigkill_and_resume_of_temporal_meta_gives_identical_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "temporal-meta");
+    let reference = dir.path().join("ref");
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
+        .status
+        .success());
+    let store = dir.path().join("killed");
+    let mut kills = 0;
+    for delay_ms in [150u64, 300, 450, 600, 750, 900, 1100, 1300] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+            .arg(&store)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(kills >= 3, "only {kills} kills landed");
+    let a = status(&reference, "temporal-meta");
+    let b = status(&store, "temporal-meta");
+    for n in a["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        let m = b["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == name)
+            .unwrap();
+        assert_eq!(
+            n["outputs"], m["outputs"],
+            "node {name} differs after {kills} kills"
+        );
+    }
+}
+
+#[test]
+fn meta_configs_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "temporal-meta");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    for (from, to, want) in [
+        ("mode = \"text\"", "mode = \"logprob\"", "judge.mode"),
+        ("samples = 2", "samples = 1", "judge.samples"),
+        (
+            "[meta]\n",
+            "[meta]\njudge_pair_share = 1.5\n",
+            "meta.judge_pair_share",
+        ),
+        ("[meta]\n", "[meta]\nbogus = 1\n", "bogus"),
+        (
+            "[meta]\n",
+            "[meta]\ntemplate = \"missing.txt\"\n",
+            "meta.template",
+        ),
+        ("[judge]\n", "[judge]\nmodel = \"tiny\"\n", "judge.model"),
+        (
+            "length_band_per_iteration = [0.5]",
+            "length_band_per_iteration = [-1.0]",
+            "judge.length_band_per_iteration",
+        ),
+    ] {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, base.replace(from, to)).unwrap();
+        let o = tsr(
+            &["run", p.to_str().unwrap(), "--quiet"],
+            &dir.path().join("s"),
+        );
+        assert_eq!(o.status.code(), Some(1), "{to}: {}", text(&o));
+        assert!(
+            text(&o).contains(want),
+            "{to}: expected `{want}` in {}",
+            text(&o)
+        );
+    }
+    let t = dir.path().join("meta.txt");
+    std::fs::write(&t, "{judge_prompt} {judgement_a}").unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(
+        &p,
+        base.replace("[meta]\n", "[meta]\ntemplate = \"meta.txt\"\n"),
+    )
+    .unwrap();
+    let o = tsr(
+        &["run", p.to_str().unwrap(), "--quiet"],
+        &dir.path().join("s"),
+    );
+    assert!(text(&o).contains("{judgement_b}"), "{}", text(&o));
+}
+
+/// The step in process, on planted text judgements: (a, 0) and (a, 1) have differing scores,
+/// (b, 0) is unanimous and (b, 1) has one parsed score, so exactly two responses are compared.
+fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
+    let model = dir.join("tiny");
+    if !model.exists() {
+        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    }
+    let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp")).unwrap();
+    let mut digests = BTreeMap::new();
+    let mut externals = BTreeMap::new();
+    let mut put = |name: &str, bytes: String| {
+        digests.insert(name.to_string(), blobs.put_bytes(bytes.as_bytes()).unwrap());
+    };
+    put(
+        "prompts",
+        "{\"id\":\"a\",\"prompt\":\"hello there\"}\n{\"id\":\"b\",\"prompt\":\"name a colour\"}\n"
+            .into(),
+    );
+    let mut responses = String::new();
+    for (p, s) in [("a", 0), ("a", 1), ("b", 0), ("b", 1)] {
+        responses += &format!("{{\"prompt_id\":\"{p}\",\"sample\":{s},\"seed\":1,\"text\":\"reply {p}{s}\",\"tokens\":2,\"finish\":\"eot\"}}\n");
+    }
+    put("responses", responses);
+    let j = |p: &str, s: u32, v: &[&str]| {
+        let texts: Vec<String> = v
+            .iter()
+            .enumerate()
+            .map(|(i, x)| format!("judgement {i}. {x}"))
+            .collect();
+        let verdicts: Vec<serde_json::Value> = v
+            .iter()
+            .map(|x| match x.strip_prefix("Score: ") {
+                Some(n) => serde_json::json!({"Score": n.parse::<u8>().unwrap()}),
+                None => serde_json::json!({"Unscored": "no `Score: N` line"}),
+            })
+            .collect();
+        serde_json::json!({"prompt_id": p, "sample": s, "texts": texts, "verdicts": verdicts, "probs": null, "score": null}).to_string() + "\n"
+    };
+    put(
+        "judgements",
+        j("a", 0, &["Score: 5", "Score: 1", "Score: 3"])
+            + &j("a", 1, &["Score: 2", "nothing", "Score: 4"])
+            + &j("b", 0, &["Score: 4", "Score: 4", "Score: 4"])
+            + &j("b", 1, &["Score: 4", "nothing", "nothing"]),
+    );
+    for (suffix, file) in tsr_steps::lm::MODEL_FILES {
+        let path = model.join(file);
+        let d = tsr_engine::fingerprint(&path).unwrap();
+        digests.insert(format!("model.{suffix}"), d);
+        externals.insert(format!("model.{suffix}"), path);
+    }
+    for prefix in ["generator", "judge"] {
+        digests.insert(format!("{prefix}.weights"), digests["model.weights"]);
+        externals.insert(format!("{prefix}.weights"), model.join("model.safetensors"));
+    }
+    let step = MetaJudge {
+        iteration: 1,
+        max_responses: 0,
+        response_share: 1.0,
+        max_per_prompt: 0,
+        max_new_tokens: 8,
+        temperature: 0.7,
+        top_p: 0.9,
+        batch_size: 2,
+        template: DEFAULT_META_PROMPT.into(),
+        judge_template: tsr_steps::judge_text::DEFAULT_RUBRIC.into(),
+    };
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let ctx = StepContext::new(
+        "meta",
+        Digest::of(b"a step key"),
+        scratch,
+        "cpu",
+        StopFlag::new(),
+        journal.clone(),
+        Progress::hidden(),
+    );
+    let inputs = StepInputs::new(blobs, digests, externals);
+    let out = step.run(&inputs, &ctx).unwrap();
+    assert_eq!(
+        out.names().collect::<Vec<_>>(),
+        vec!["comparisons", "pairs", "summary"]
+    );
+    journal
+        .all()
+        .unwrap()
+        .into_iter()
+        .map(|(_, b)| serde_json::from_slice(&b).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_meta_judge_step_compares_both_orders_deterministically_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || {
+        Arc::new(MemoryJournal::new(
+            BlobStore::open(dir.path().join("jb"), dir.path().join("jt")).unwrap(),
+        ))
+    };
+    let first = run_meta_step(dir.path(), fresh());
+    let ids: Vec<(&str, u32)> = first
+        .iter()
+        .map(|c| (c.prompt_id.as_str(), c.sample))
+        .collect();
+    // Variance: (a, 0) of {5, 1, 3} = 8/3 > (a, 1) of {2, 4} = 1.
+    assert_eq!(ids, vec![("a", 0), ("a", 1)]);
+    assert_eq!((first[0].a, first[0].b, first[0].scores), (0, 1, [5, 1]));
+    assert_eq!((first[1].a, first[1].b, first[1].scores), (0, 2, [2, 4]));
+    for c in &first {
+        assert_ne!(
+            c.meta_seeds[0], c.meta_seeds[1],
+            "each order has its own seed"
+        );
+        assert_eq!(
+            c.decision,
+            decide(&c.meta_verdicts[0], &c.meta_verdicts[1], c.a, c.b)
+        );
+        assert!(c.tokens.iter().all(|&t| t > 0));
+    }
+    assert_ne!(first[0].meta_seeds, first[1].meta_seeds);
+    // Deterministic: a second run with a fresh journal makes the same items.
+    assert_eq!(run_meta_step(dir.path(), fresh()), first);
+    // Resume: with item 0 already committed, only item 1 is generated, and the result is equal.
+    let partial = fresh();
+    partial
+        .commit(&[(0, serde_json::to_vec(&first[0]).unwrap())])
+        .unwrap();
+    assert_eq!(run_meta_step(dir.path(), partial), first);
+}
