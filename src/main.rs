@@ -3,6 +3,7 @@
 
 mod cmd_inspect;
 mod cmd_lineage;
+mod cmd_model;
 mod cmd_report;
 mod cmd_run;
 mod store_read;
@@ -45,6 +46,12 @@ enum Cmd {
     Export(cmd_lineage::ExportArgs),
     /// Metrics table per iteration and phase, and PNG plots; several runs side by side.
     Report(cmd_report::ReportArgs),
+    /// Generate a reply to one prompt (chat template applied); --model is a HF dir, .gguf or Org/Name.
+    Generate(cmd_model::GenerateArgs),
+    /// Summed response-token log-probs for each {"prompt","response"} line of a JSONL file.
+    Logprobs(cmd_model::LogprobsArgs),
+    /// Write a model in Hugging Face layout (config.json, model.safetensors, tokenizer files).
+    ExportModel(cmd_model::ExportModelArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -55,6 +62,9 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
 }
 
 fn main() -> ExitCode {
+    // Allocator and thread-pool settings for model code; sets an environment variable, so it
+    // runs before any other thread starts.
+    tsr_steps::model::tune_runtime();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -82,5 +92,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Lineage(a) => cmd_lineage::lineage(&store, a),
         Cmd::Export(a) => cmd_lineage::export(&store, a),
         Cmd::Report(a) => cmd_report::report(&store, a),
+        Cmd::Generate(a) => cmd_model::run_generate(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Logprobs(a) => cmd_model::run_logprobs(a).map(|()| ExitCode::SUCCESS),
+        Cmd::ExportModel(a) => cmd_model::run_export_model(a).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -492,7 +492,17 @@ impl Driver {
                 }
                 continue;
             }
-            let joined = set.join_next().await.expect("a task is in flight");
+            // Refresh the live snapshot every two seconds while steps run, so `tsr status` from
+            // another terminal shows item progress.
+            let joined = loop {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), set.join_next()).await {
+                    Ok(j) => break j.expect("a task is in flight"),
+                    Err(_) => {
+                        let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
+                        self.snapshot(&run.workflow, &running);
+                    }
+                }
+            };
             let (node, key, res) = match joined {
                 Ok(v) => v,
                 Err(e) => {
