@@ -322,6 +322,38 @@ impl Driver {
         }
     }
 
+    /// Why a node's step key differs from the one recorded: the step's own definition (kind,
+    /// version, config: a different tsr) or its inputs (an edited file or upstream result).
+    fn explain_conflict(&self, node: &str, recorded: &Digest, now: &Digest) -> EngineError {
+        let n = self.dag.get(node).expect("planned node exists");
+        if let Ok(Some(rec)) = self.store.get_step(recorded) {
+            let config = serde_json::to_string(&n.step.config()).unwrap_or_default();
+            let mut what = Vec::new();
+            if rec.kind != n.step.kind() {
+                what.push(format!("kind {} -> {}", rec.kind, n.step.kind()));
+            }
+            if rec.version != n.step.version() {
+                what.push(format!("version {} -> {}", rec.version, n.step.version()));
+            }
+            if rec.config != config {
+                what.push(format!("config {} -> {config}", rec.config));
+            }
+            if !what.is_empty() {
+                return EngineError::StepDefinitionChanged {
+                    run: self.run.clone(),
+                    node: node.to_string(),
+                    what: what.join("; "),
+                };
+            }
+        }
+        EngineError::InputChanged {
+            run: self.run.clone(),
+            node: node.to_string(),
+            recorded: recorded.short(),
+            now: now.short(),
+        }
+    }
+
     fn set_run_status(&self, status: RunStatus) -> Result<(), EngineError> {
         let mut r = self.store.run(&self.run)?;
         r.status = status;
@@ -381,12 +413,8 @@ impl Driver {
             for action in &p.actions {
                 match action {
                     Action::Conflict { node, recorded, now } => {
-                        failure.get_or_insert(EngineError::InputChanged {
-                            run: self.run.clone(),
-                            node: node.clone(),
-                            recorded: recorded.short(),
-                            now: now.short(),
-                        });
+                        let e = self.explain_conflict(node, recorded, now);
+                        failure.get_or_insert(e);
                     }
                     Action::Reuse { node, key } => {
                         let iteration = self.dag.get(node).and_then(|n| n.iteration);

@@ -76,12 +76,19 @@ pub enum EngineError {
         sets: String,
     },
 
-    #[error("run `{run}`: the input of node `{node}` changed since the run started (recorded step {recorded}, now {now}); an input file was edited. Restore it, or fork the run")]
+    #[error("run `{run}`: the inputs of node `{node}` changed since the run recorded it (recorded step {recorded}, now {now}): an input file was edited, or an upstream result differs. Restore the input, or fork the run")]
     InputChanged {
         run: String,
         node: String,
         recorded: String,
         now: String,
+    },
+
+    #[error("run `{run}`: step `{node}` is defined differently by this tsr than when the run recorded it ({what}). Its recorded result stays valid for the old definition; to recompute with this one: tsr fork {run} --name NEW (or use the tsr release that started the run)")]
+    StepDefinitionChanged {
+        run: String,
+        node: String,
+        what: String,
     },
 
     #[error("step `{node}` (kind {kind}, attempt {attempt}) failed: {source}")]

@@ -212,3 +212,27 @@ fn failing_step_is_recorded_and_retried_on_the_next_run() {
     // Lineage: the output's producer is recorded.
     assert_eq!(store.get_artifact(&outputs["out"]).unwrap().unwrap().producer, Some(key));
 }
+
+#[test]
+fn a_step_defined_differently_by_a_newer_tsr_is_named_not_blamed_on_input_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let build = |label: &str| {
+        let mut b = DagBuilder::new();
+        b.add("src", Arc::new(ToySource::new(3, 0, 1)), vec![], None);
+        b.add("m", Arc::new(ToyMap::new(label, 0)), vec![("data", InputSource::node("src", "data"))], None);
+        Arc::new(b.build().unwrap())
+    };
+    let spec = run_spec("v", &small());
+    let dag = build("old");
+    open_run(&store, &spec, &dag).unwrap();
+    Driver::new(store.clone(), dag, "v", quiet(StopFlag::new())).run().unwrap();
+    // Same run definition, but the code now configures the step differently.
+    let dag = build("new");
+    open_run(&store, &spec, &dag).unwrap();
+    let err = Driver::new(store.clone(), dag, "v", quiet(StopFlag::new())).run().unwrap_err();
+    assert!(matches!(err, EngineError::StepDefinitionChanged { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("\"label\":\"old\"") && msg.contains("\"label\":\"new\""), "{msg}");
+    assert!(msg.contains("tsr fork v --name NEW"), "{msg}");
+}
