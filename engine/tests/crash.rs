@@ -57,7 +57,15 @@ fn sigkill_at_random_moments_gives_identical_results() {
         if kills < 30 {
             std::thread::sleep(Duration::from_millis(rng.gen_range(5..90)));
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "child failed: {status:?}");
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                let listing: Vec<String> = std::fs::read_dir(store_dir.join("db"))
+                    .map(|rd| rd.flatten().map(|e| format!("{:?} {}", e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0))).collect())
+                    .unwrap_or_default();
+                assert!(status.success(), "child failed: {status:?}: {err}\ndb: {listing:?}");
                 break;
             }
             kill(&child, libc::SIGKILL);

@@ -54,6 +54,25 @@ pub fn validate_name(name: &str) -> StateResult<()> {
     Ok(())
 }
 
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it when complete. A
+/// process killed in between leaves the partial file, and the next open fails with "Read
+/// corrupted data at file offset None" (sled issues #1527, #1533; reproduced here by SIGKILL
+/// during open). The partial file is never needed: sled recovers from the previous snapshot and
+/// its log. We hold the store lock, so no other process is writing one.
+fn remove_partial_snapshots(db_path: &Path) -> StateResult<()> {
+    let Ok(rd) = std::fs::read_dir(db_path) else {
+        return Ok(());
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path()).map_err(|e| StateError::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// A set of writes applied atomically (one sled batch) and flushed before `commit` returns.
 #[derive(Default)]
 pub struct Commit {
@@ -190,6 +209,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         let lock = StoreLock::acquire(dir, lock_wait)?;
         let db_path = dir.join("db");
+        remove_partial_snapshots(&db_path)?;
         // sled's page cache defaults to 1 GiB; records are small and read rarely, so a bounded
         // cache keeps memory flat however many items a run accumulates.
         let db = sled::Config::new()
@@ -591,6 +611,23 @@ mod tests {
         assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
         assert_eq!(s.nodes("run1").unwrap().len(), 1);
         assert!(s.nodes("run").unwrap().is_empty(), "prefix must not leak across runs");
+    }
+
+    #[test]
+    fn a_partial_sled_snapshot_left_by_a_kill_does_not_block_open() {
+        // Regression: SIGKILL while sled writes a snapshot left `snap.*.generating`, and the
+        // next open failed with "Read corrupted data".
+        let t = tempfile::tempdir().unwrap();
+        let key = Digest::of(b"k");
+        {
+            let s = Store::open(t.path()).unwrap();
+            let mut c = Commit::new();
+            c.step(&key, &step_record());
+            s.commit(c).unwrap();
+        }
+        std::fs::write(t.path().join("db").join("snap.0000000000006D2D.generating"), b"").unwrap();
+        let s = Store::open(t.path()).unwrap();
+        assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
     }
 
     #[test]
