@@ -1,6 +1,7 @@
 //! `tsr`: the command line. Thin: parse flags into a validated config, call the libraries, print.
 //! `main -> run -> ExitCode`; on failure the whole error chain is printed.
 
+mod cmd_dpo;
 mod cmd_inspect;
 mod cmd_lineage;
 mod cmd_model;
@@ -52,6 +53,8 @@ enum Cmd {
     Logprobs(cmd_model::LogprobsArgs),
     /// Write a model in Hugging Face layout (config.json, model.safetensors, tokenizer files).
     ExportModel(cmd_model::ExportModelArgs),
+    /// DPO-train a model on a JSONL file of preference pairs (outside any workflow).
+    Dpo(cmd_dpo::DpoArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -95,5 +98,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Generate(a) => cmd_model::run_generate(a).map(|()| ExitCode::SUCCESS),
         Cmd::Logprobs(a) => cmd_model::run_logprobs(a).map(|()| ExitCode::SUCCESS),
         Cmd::ExportModel(a) => cmd_model::run_export_model(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Dpo(a) => cmd_dpo::run(a),
     }
 }

@@ -29,7 +29,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn setup(dir: &Path) -> PathBuf {
+fn setup(dir: &Path, checkpoint_every: u64) -> PathBuf {
     tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     let prompts: String = [
         "hello there",
@@ -52,7 +52,7 @@ fn setup(dir: &Path) -> PathBuf {
              [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
              [generate]\nk = 3\nmax_new_tokens = 8\nbatch_size = 6\n\
              [judge]\nmode = \"logprob\"\nsamples = 1\nmax_new_tokens = 4\nbatch_size = 6\n\
-             [dpo]\nlr = 1e-3\nepochs = 12\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = 1\n\
+             [dpo]\nlr = 1e-3\nepochs = 16\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = {checkpoint_every}\n\
              warmup_steps = 3\nweight_decay = 0.01\n"
         ),
     )
@@ -64,6 +64,29 @@ fn status(store: &Path) -> serde_json::Value {
     let o = tsr(&["status", RUN, "--json"], store);
     assert!(o.status.success(), "{}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn outputs_equal(want: &serde_json::Value, got: &serde_json::Value, what: &str) {
+    for n in want["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        let m = got["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == name)
+            .unwrap();
+        assert_eq!(n["outputs"], m["outputs"], "node {name} differs {what}");
+    }
+}
+
+fn wait_for_dpo(child: &mut std::process::Child, store: &Path) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none()
+        && !dpo_running(store)
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn dpo_running(store: &Path) -> bool {
@@ -100,7 +123,7 @@ fn dpo_checkpoint(store: &Path) -> Option<(u64, bool)> {
 #[test]
 fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path());
+    let cfg = setup(dir.path(), 1);
     let cfg = cfg.to_str().unwrap();
     let reference = dir.path().join("ref");
     let o = tsr(&["run", cfg, "--quiet"], &reference);
@@ -137,7 +160,7 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let mut landed: Vec<u64> = Vec::new();
     for _attempt in 0..30 {
-        if landed.len() >= 4 {
+        if landed.len() >= 5 {
             break;
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
@@ -146,14 +169,8 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
             .spawn()
             .unwrap();
         // Wait until the DPO node trains, then kill at a random moment.
-        let start = Instant::now();
-        while child.try_wait().unwrap().is_none()
-            && !dpo_running(&store)
-            && start.elapsed() < Duration::from_secs(60)
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(20..250)));
+        wait_for_dpo(&mut child, &store);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(10..150)));
         if child.try_wait().unwrap().is_some() {
             break; // finished before the kill
         }
@@ -179,19 +196,7 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
     );
 
     let got = status(&store);
-    for n in want["nodes"].as_array().unwrap() {
-        let name = n["node"].as_str().unwrap();
-        let m = got["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["node"] == name)
-            .unwrap();
-        assert_eq!(
-            n["outputs"], m["outputs"],
-            "node {name} differs after kills at DPO steps {landed:?}"
-        );
-    }
+    outputs_equal(&want, &got, &format!("after kills at DPO steps {landed:?}"));
     let dpo = got["nodes"]
         .as_array()
         .unwrap()
@@ -203,4 +208,44 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
         "{dpo}"
     );
     assert!(tsr(&["verify"], &store).status.success());
+}
+
+/// A stop request (SIGTERM) makes the DPO step checkpoint where it is, even with no periodic
+/// checkpoint due (`checkpoint_every` larger than the run), and the resumed run ends identical.
+#[test]
+fn sigterm_during_dpo_checkpoints_at_the_stop_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 1000);
+    let cfg = cfg.to_str().unwrap();
+    let reference = dir.path().join("ref");
+    let o = tsr(&["run", cfg, "--quiet"], &reference);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let store = dir.path().join("stopped");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["run", cfg, "--quiet", "--store"])
+        .arg(&store)
+        .spawn()
+        .unwrap();
+    wait_for_dpo(&mut child, &store);
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the stop request"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let (step, done) = dpo_checkpoint(&store).expect("a DPO node");
+    assert!(
+        !done && step > 0,
+        "stop request left checkpoint at step {step}, done {done}"
+    );
+
+    let o = tsr(&["run", cfg, "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    outputs_equal(
+        &status(&reference),
+        &status(&store),
+        &format!("after a stop at DPO step {step}"),
+    );
 }

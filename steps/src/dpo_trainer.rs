@@ -429,7 +429,14 @@ impl<'m> DpoTrainer<'m> {
         {
             let f = std::fs::File::create(&files.trainer).map_err(io_err(&files.trainer))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            self.checkpoint()?.write_to(&mut w)?;
+            TrainerCheckpoint::write_captured(
+                &self.plan,
+                &self.cursor,
+                &self.opt,
+                None,
+                &self.metrics,
+                &mut w,
+            )?;
             w.flush().map_err(io_err(&files.trainer))?;
         }
         Ok(files)

@@ -32,7 +32,7 @@
 //! several, because safetensors writes its metadata map in `HashMap` order: with one key the
 //! bytes are deterministic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -346,30 +346,74 @@ impl AdamW {
 
     /// The complete optimizer state as safetensors bytes (deterministic for equal state).
     pub fn save_state(&self) -> Result<Vec<u8>, DpoError> {
+        let mut out = Vec::with_capacity(self.state_len()?);
+        self.write_state(&mut out)?;
+        Ok(out)
+    }
+
+    /// The safetensors header (8-byte length, then JSON padded with spaces to a multiple of
+    /// 8) and the data length. Tensors `m.<param>`, `v.<param>` are laid out in parameter
+    /// (name) order; header keys are sorted; any reader sorts entries by offset.
+    fn state_header(&self) -> Result<(Vec<u8>, usize), DpoError> {
         let header = StateHeader {
             format_version: ADAMW_STATE_VERSION,
             step: self.step,
             config: serde_json::to_string(&self.cfg)?,
         };
-        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * self.slots.len());
+        let mut map: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        map.insert(
+            "__metadata__".into(),
+            serde_json::json!({ METADATA_KEY: serde_json::to_string(&header)? }),
+        );
+        let mut off = 0usize;
         for s in &self.slots {
             for (prefix, t) in [("m", &s.m), ("v", &s.v)] {
-                data.push((
+                let n = t.elem_count() * 4;
+                map.insert(
                     format!("{prefix}.{}", s.name),
-                    t.dims().to_vec(),
-                    f32_bytes(t)?,
-                ));
+                    serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [off, off + n]}),
+                );
+                off += n;
             }
         }
-        let views = data
-            .iter()
-            .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(&header)?)]);
-        Ok(safetensors::serialize(views, &Some(metadata))?)
+        let mut json = serde_json::to_vec(&map)?;
+        while json.len() % 8 != 0 {
+            json.push(b' ');
+        }
+        let mut out = Vec::with_capacity(8 + json.len());
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        Ok((out, off))
+    }
+
+    /// Length in bytes of [`AdamW::save_state`]'s output.
+    pub fn state_len(&self) -> Result<usize, DpoError> {
+        let (header, data) = self.state_header()?;
+        Ok(header.len() + data)
+    }
+
+    /// Streams [`AdamW::save_state`]'s bytes into `w` without building them in memory (the
+    /// moments of a 135 M-parameter model are about 1 GB).
+    pub fn write_state(&self, w: &mut dyn std::io::Write) -> Result<(), DpoError> {
+        let io = |e: std::io::Error| DpoError::Io {
+            what: "optimizer state",
+            source: e,
+        };
+        let (header, _) = self.state_header()?;
+        w.write_all(&header).map_err(io)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for s in &self.slots {
+            for t in [&s.m, &s.v] {
+                for_f32_chunks(t, |chunk| {
+                    buf.clear();
+                    for x in chunk {
+                        buf.extend_from_slice(&x.to_le_bytes());
+                    }
+                    w.write_all(&buf).map_err(io)
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Restores state written by [`AdamW::save_state`]. Names, shapes, dtypes, the format
@@ -461,27 +505,30 @@ impl AdamW {
     }
 }
 
-/// Little-endian f32 bytes of a tensor (any layout, any device). A contiguous f32 CPU
-/// tensor is copied once, straight from its storage (the moments of a 135 M-parameter model
-/// are about 1 GB, and every extra copy costs a fraction of a second).
-fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, DpoError> {
-    fn to_le(values: &[f32]) -> Vec<u8> {
-        let mut out = vec![0u8; values.len() * 4];
-        for (chunk, x) in out.chunks_exact_mut(4).zip(values) {
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        out
-    }
+/// Calls `f` on the f32 values of a tensor, in row-major order, in chunks of at most 256 Ki
+/// values. A contiguous f32 CPU tensor is read straight from its storage; anything else is
+/// converted and copied out first.
+fn for_f32_chunks(
+    t: &Tensor,
+    mut f: impl FnMut(&[f32]) -> Result<(), DpoError>,
+) -> Result<(), DpoError> {
+    const CHUNK: usize = 1 << 18;
     if t.dtype() == DType::F32 && t.device().is_cpu() {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(to_le(&cpu.as_slice::<f32>()?[a..b]));
+            for chunk in cpu.as_slice::<f32>()?[a..b].chunks(CHUNK) {
+                f(chunk)?;
+            }
+            return Ok(());
         }
     }
     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(to_le(&values))
+    for chunk in values.chunks(CHUNK) {
+        f(chunk)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
