@@ -182,9 +182,16 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
 
 #[derive(Args)]
 pub struct ExportArgs {
-    pub run: String,
+    /// The run to export from (or give --model instead, to convert any model).
+    #[arg(required_unless_present = "model")]
+    pub run: Option<String>,
     /// What to export: `pairs` (JSONL) or `model` (a Hugging Face folder, needs --out).
-    pub what: String,
+    #[arg(required_unless_present = "model")]
+    pub what: Option<String>,
+    /// Convert this model (GGUF, HF folder, Org/Name) to a Hugging Face folder instead
+    /// (same as `tsr export-model`).
+    #[arg(long, conflicts_with_all = ["run", "what", "node"])]
+    pub model: Option<String>,
     #[arg(long, default_value = "jsonl")]
     pub format: String,
     /// Output file for pairs (default: standard output); output folder for a model.
@@ -206,18 +213,19 @@ pub fn final_model(nodes: &BTreeMap<String, NodeResult>) -> Option<(&NodeResult,
 }
 
 fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
-    let Some(out) = &a.out else { bail!("`tsr export {} model` needs --out DIR", a.run) };
-    let nodes = store_read::nodes(store, &a.run)?;
+    let run = a.run.as_deref().expect("run given");
+    let Some(out) = &a.out else { bail!("`tsr export {run} model` needs --out DIR") };
+    let nodes = store_read::nodes(store, run)?;
     let (node, weights) = match &a.node {
         Some(n) => {
-            let r = nodes.get(n).with_context(|| format!("run `{}` has no node `{n}`", a.run))?;
+            let r = nodes.get(n).with_context(|| format!("run `{run}` has no node `{n}`"))?;
             let w = r.output("weights").with_context(|| format!("node `{n}` has no finished `weights` output"))?;
             (r, w)
         }
-        None => final_model(&nodes).with_context(|| format!("run `{}` has no finished model yet", a.run))?,
+        None => final_model(&nodes).with_context(|| format!("run `{run}` has no finished model yet"))?,
     };
     let base = if node.node == "import-judge" { "import-judge" } else { "import" };
-    let base = nodes.get(base).with_context(|| format!("run `{}` has no finished `{base}` step", a.run))?;
+    let base = nodes.get(base).with_context(|| format!("run `{run}` has no finished `{base}` step"))?;
     if out.exists() {
         bail!("{} already exists; choose a new folder", out.display());
     }
@@ -235,18 +243,30 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<ExitCode> {
-    if a.what == "model" {
+    if let Some(model) = &a.model {
+        let Some(out) = &a.out else { bail!("`tsr export --model M` needs --out DIR") };
+        crate::cmd_model::run_export_model(crate::cmd_model::ExportModelArgs {
+            model: model.clone(),
+            out: out.clone(),
+            device: "cpu".into(),
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run = a.run.clone().expect("clap: run is required without --model");
+    let what = a.what.clone().expect("clap: what is required without --model");
+    let a = ExportArgs { run: Some(run.clone()), what: Some(what.clone()), ..a };
+    if what == "model" {
         let store = open_store(&crate::store_dir(store_flag, None))?;
         return export_model(&store, &a);
     }
-    if a.what != "pairs" {
-        bail!("`tsr export RUN {}`: export `pairs` or `model`", a.what);
+    if what != "pairs" {
+        bail!("`tsr export RUN {what}`: export `pairs` or `model`");
     }
     if a.format != "jsonl" {
         bail!("--format {}: only jsonl is supported", a.format);
     }
     let store = open_store(&crate::store_dir(store_flag, None))?;
-    let pairs = pairs_with_consumers(&store, &a.run)?;
+    let pairs = pairs_with_consumers(&store, &run)?;
     let mut buf = Vec::new();
     for mut p in pairs {
         // TRL's DPOTrainer reads prompt / chosen / rejected as strings; the lineage rides along.

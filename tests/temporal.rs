@@ -316,3 +316,33 @@ fn a_relative_store_path_works_from_any_directory() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_tokenizer_without_chat_template_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "self-rewarding", "logprob");
+    let tc = dir.path().join("tiny").join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&tc, serde_json::to_vec(&v).unwrap()).unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &dir.path().join("s"));
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("chat_template") && t.contains("tokenizer_config.json"), "{t}");
+}
+
+#[test]
+fn export_model_converts_any_model_to_the_hf_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tiny");
+    tsr_steps::model::testing::write_tiny_hf_model(&src, 4);
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["export", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let a = tsr_steps::model::LanguageModel::load_str(src.to_str().unwrap(), "cpu").unwrap();
+    let b = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+}
