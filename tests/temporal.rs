@@ -346,3 +346,25 @@ fn export_model_converts_any_model_to_the_hf_layout() {
     let b = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
     assert_eq!(a.digest().unwrap(), b.digest().unwrap());
 }
+
+#[test]
+fn a_moved_checkout_continues_its_run_and_an_edited_prompts_file_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    let cfg = setup(&a, "self-rewarding", "logprob");
+    let store = dir.path().join("store");
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store).status.success());
+    // Move the whole folder: paths change, contents do not.
+    let b = dir.path().join("b");
+    std::fs::rename(&a, &b).unwrap();
+    let cfg_b = b.join(cfg.file_name().unwrap());
+    let o = tsr(&["run", cfg_b.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
+    // Edit the prompts: refused, naming the prompts node.
+    std::fs::write(b.join("prompts.jsonl"), "{\"id\": \"z\", \"prompt\": \"something else\"}\n").unwrap();
+    let o = tsr(&["run", cfg_b.to_str().unwrap(), "--quiet"], &store);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("prompts"), "{}", text(&o));
+}

@@ -306,7 +306,7 @@ impl Config {
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             let abs = |p: &mut PathBuf| {
                 if p.is_relative() {
-                    *p = std::path::absolute(dir.join(&*p)).unwrap_or_else(|_| dir.join(&*p));
+                    *p = lexical_clean(&std::path::absolute(dir.join(&*p)).unwrap_or_else(|_| dir.join(&*p)));
                 }
             };
             if let Some(s) = c.store.as_mut() {
@@ -498,6 +498,24 @@ impl Config {
     pub fn definition(&self) -> BTreeMap<String, String> {
         crate::definition_of(&self.to_value())
     }
+}
+
+/// `a/b/../c` -> `a/c` without touching the filesystem (for readable stored paths).
+fn lexical_clean(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 pub(crate) fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {

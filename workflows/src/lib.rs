@@ -49,12 +49,23 @@ pub fn run_spec(config: &Config, forked_from: Option<String>) -> RunSpec {
     }
 }
 
-/// The config keys that change no result (where the store is, progress display), left out of
-/// the definition compared on re-run.
+/// The run's definition compared on re-run: the flattened config without the keys that change
+/// no result (where the store is, the device) and without paths (tracked by content instead).
 pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     config::flatten("", value, &mut out);
-    for k in ["store", "device"] {
+    // Paths are left out too: what a path names is tracked by content (the fingerprints of
+    // external inputs), so a moved checkout still continues its runs, and a different file
+    // under the same path is still caught.
+    for k in [
+        "store",
+        "device",
+        "prompts.file",
+        "model.source",
+        "judge.template",
+        "judge.model",
+        "meta.template",
+    ] {
         out.remove(k);
     }
     out
