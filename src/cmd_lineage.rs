@@ -31,6 +31,16 @@ pub enum LineageWhat {
     Model { digest: String },
 }
 
+/// The reference model of a DPO node: the model of the `ref-logprobs` step whose output it read.
+fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Option<String> {
+    dpo.step
+        .inputs
+        .get("ref_logps")
+        .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
+        .and_then(|n| n.step.inputs.get("model.weights"))
+        .map(|x| x.to_hex())
+}
+
 /// Every pair of a run with the DPO step that consumed it and the model that step made.
 pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Value>> {
     let nodes = store_read::nodes(store, run)?;
@@ -48,14 +58,7 @@ pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Valu
                 obj.insert("dpo_step".into(), json!(d.key.to_hex()));
                 obj.insert("trained_from".into(), json!(d.step.inputs.get("model.weights").map(|x| x.to_hex())));
                 obj.insert("produced_model".into(), json!(d.output("weights").map(|x| x.to_hex())));
-                let reference = d
-                    .step
-                    .inputs
-                    .get("ref_logps")
-                    .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
-                    .and_then(|n| n.step.inputs.get("model.weights"))
-                    .map(|x| x.to_hex());
-                obj.insert("reference_model".into(), json!(reference));
+                obj.insert("reference_model".into(), json!(reference_of(&nodes, d)));
             }
             out.push(p);
         }
@@ -137,13 +140,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                 }
                 let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
                 let pairs = maker.step.inputs.get("pairs").map(|d| store_read::jsonl(&store, d).map(|v| v.len())).transpose()?;
-                let reference = maker
-                    .step
-                    .inputs
-                    .get("ref_logps")
-                    .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
-                    .and_then(|n| n.step.inputs.get("model.weights"))
-                    .map(|x| x.to_hex());
+                let reference = reference_of(&nodes, maker);
                 let select = maker
                     .step
                     .inputs

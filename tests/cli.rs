@@ -1,25 +1,12 @@
 //! The `tsr` binary end to end on the model-free `toy` workflow: run, status, replay, verify
 //! (damage and repair), fork reuse, config-change refusal, SIGTERM exit code, second process.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use std::process::Command;
 
 fn write_config(dir: &Path, name: &str, train_steps: u32, work_ms: u32) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));

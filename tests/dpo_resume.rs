@@ -5,29 +5,16 @@
 //! After each kill the store is opened to check that the kill really landed inside DPO with a
 //! checkpoint part-way through training, so the test cannot pass by killing elsewhere.
 
+mod common;
+
+use common::*;
+
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const RUN: &str = "dpo-resume";
-
-fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn setup(dir: &Path, checkpoint_every: u64) -> PathBuf {
     tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);

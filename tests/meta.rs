@@ -6,31 +6,18 @@
 //! make no judge pairs; the judge-pair logic itself is covered by the unit tests in
 //! `steps/src/judge_pairs.rs` and `steps/src/meta_judge.rs`.
 
+mod common;
+
+use common::*;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use tsr_engine::{ItemJournal, MemoryJournal, Progress, Step, StepContext, StepInputs, StopFlag};
 use tsr_state::{BlobStore, Digest};
 use tsr_steps::judge_pairs::{decide, Comparison};
 use tsr_steps::meta_judge::{MetaJudge, DEFAULT_META_PROMPT};
-
-fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn setup(dir: &Path, workflow: &str) -> PathBuf {
     let model = dir.join("tiny");
@@ -57,34 +44,6 @@ fn setup(dir: &Path, workflow: &str) -> PathBuf {
     )
     .unwrap();
     cfg
-}
-
-fn status(store: &Path, run: &str) -> serde_json::Value {
-    let o = tsr(&["status", run, "--json"], store);
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
-    let n = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == node)
-        .unwrap_or_else(|| panic!("no node {node}"));
-    n["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o[0] == output)
-        .unwrap_or_else(|| panic!("{node} has no {output}"))[1]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn blob(store: &Path, digest: &str) -> Vec<u8> {
-    std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
 }
 
 fn nodes(v: &serde_json::Value) -> Vec<String> {

@@ -2,18 +2,14 @@
 //! at random moments across a whole temporal iteration (blob writes, sled commits and DPO
 //! checkpoints included, wherever the dice fall), and SIGTERM during each kind of long step.
 
+mod common;
+
+use common::*;
+
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr")).args(args).arg("--store").arg(store).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 /// A tiny-model temporal run heavy enough that each long step spans several batches.
 fn setup(dir: &Path) -> PathBuf {

@@ -2,21 +2,12 @@
 //! through the CLI, the DAG shape, lineage completeness of every pair, baselines, and a
 //! SIGKILL-and-resume giving identical digests.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use std::process::Command;
 
 fn setup(dir: &Path, workflow: &str, judge_mode: &str) -> PathBuf {
     let model = dir.join("tiny");
@@ -41,21 +32,6 @@ fn setup(dir: &Path, workflow: &str, judge_mode: &str) -> PathBuf {
     )
     .unwrap();
     cfg
-}
-
-fn status(store: &Path, run: &str) -> serde_json::Value {
-    let o = tsr(&["status", run, "--json"], store);
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
-    let n = v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).unwrap_or_else(|| panic!("no node {node}"));
-    n["outputs"].as_array().unwrap().iter().find(|o| o[0] == output).unwrap()[1].as_str().unwrap().to_string()
-}
-
-fn blob(store: &Path, digest: &str) -> Vec<u8> {
-    std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
 }
 
 #[test]

@@ -36,6 +36,19 @@ pub struct Node {
     pub iteration: Option<u32>,
 }
 
+impl Node {
+    /// The node's external inputs (files or folders outside the store), by input name.
+    pub fn external_paths(&self) -> BTreeMap<String, PathBuf> {
+        self.inputs
+            .iter()
+            .filter_map(|(k, s)| match s {
+                InputSource::External(p) => Some((k.clone(), p.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 pub struct Dag {
     nodes: Vec<Node>,
     graph: DiGraph<usize, ()>,

@@ -457,14 +457,7 @@ impl Driver {
                     if !fits {
                         continue;
                     }
-                    let externals_paths: BTreeMap<String, PathBuf> = n
-                        .inputs
-                        .iter()
-                        .filter_map(|(k, s)| match s {
-                            InputSource::External(p) => Some((k.clone(), p.clone())),
-                            _ => None,
-                        })
-                        .collect();
+                    let externals_paths = n.external_paths();
                     let bar = multi.add(indicatif::ProgressBar::new(0));
                     bar.set_style(
                         indicatif::ProgressStyle::with_template(

@@ -3,14 +3,13 @@
 //! the store changes.
 
 use crate::context::{MemoryJournal, Progress, StepContext};
-use crate::dag::{Dag, InputSource};
+use crate::dag::Dag;
 use crate::error::EngineError;
 use crate::key::step_key;
 use crate::preempt::StopFlag;
 use crate::step::{OutputData, StepInputs};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tsr_state::{BlobStore, Digest, StepStatus, Store};
 
@@ -80,14 +79,7 @@ pub fn replay(
             path: work.clone(),
             source: e,
         })?;
-        let externals: BTreeMap<String, PathBuf> = node
-            .inputs
-            .iter()
-            .filter_map(|(k, s)| match s {
-                InputSource::External(p) => Some((k.clone(), p.clone())),
-                _ => None,
-            })
-            .collect();
+        let externals = node.external_paths();
         let inputs = StepInputs::new(store.blobs().clone(), rec.inputs.clone(), externals);
         let ctx = StepContext::new(
             name,

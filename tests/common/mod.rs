@@ -1,0 +1,52 @@
+//! Helpers shared by the CLI integration tests: run the `tsr` binary against a store and read
+//! what it recorded.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Run `tsr ARGS --store STORE` and capture its output.
+pub fn tsr(args: &[&str], store: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+/// Standard output and error together, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `tsr status RUN --json`, parsed.
+pub fn status(store: &Path, run: &str) -> serde_json::Value {
+    let o = tsr(&["status", run, "--json"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The digest of one output of one node, from a status document.
+pub fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
+    let n = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or_else(|| panic!("no node {node}"));
+    n["outputs"].as_array().unwrap().iter().find(|o| o[0] == output).unwrap()[1]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The bytes of a blob of the store.
+pub fn blob(store: &Path, digest: &str) -> Vec<u8> {
+    std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
+}
