@@ -76,35 +76,35 @@ impl StepInputs {
     /// The bytes of an input, verified against its digest.
     pub fn bytes(&self, name: &str) -> Result<Vec<u8>, StepError> {
         let digest = self.digest(name)?;
-        if let Some(path) = self.externals.get(name) {
-            let now = crate::driver::fingerprint(path)
-                .map_err(|e| StepError::Invalid(e.to_string()))?;
-            if now != digest {
-                return Err(StepError::Invalid(format!(
-                    "input file {} changed while the run was in progress; restore it or fork the run",
-                    path.display()
-                )));
-            }
-            return std::fs::read(path)
+        if let Some(path) = self.checked_external(name, &digest)? {
+            return std::fs::read(&path)
                 .map_err(|e| StepError::io(format!("reading {}", path.display()), e));
         }
         Ok(self.blobs.read(&digest)?)
+    }
+
+    /// The path of an external input after checking its content against the fingerprint taken
+    /// when the run was planned; `None` for an input that is a blob.
+    fn checked_external(&self, name: &str, digest: &Digest) -> Result<Option<PathBuf>, StepError> {
+        let Some(path) = self.externals.get(name) else {
+            return Ok(None);
+        };
+        let now = crate::driver::fingerprint(path).map_err(|e| StepError::Invalid(e.to_string()))?;
+        if now != *digest {
+            return Err(StepError::Invalid(format!(
+                "input {} changed while the run was in progress; restore it or fork the run",
+                path.display()
+            )));
+        }
+        Ok(Some(path.clone()))
     }
 
     /// A verified path to an input (for large files the step opens itself). Read-only.
     /// External inputs give their original path (checked against the fingerprint).
     pub fn path(&self, name: &str) -> Result<PathBuf, StepError> {
         let digest = self.digest(name)?;
-        if let Some(path) = self.externals.get(name) {
-            let now = crate::driver::fingerprint(path)
-                .map_err(|e| StepError::Invalid(e.to_string()))?;
-            if now != digest {
-                return Err(StepError::Invalid(format!(
-                    "input {} changed while the run was in progress; restore it or fork the run",
-                    path.display()
-                )));
-            }
-            return Ok(path.clone());
+        if let Some(path) = self.checked_external(name, &digest)? {
+            return Ok(path);
         }
         Ok(self.blobs.verified_path(&digest)?)
     }

@@ -18,7 +18,9 @@ use std::time::Duration;
 fn log_unit(kind: &str, ctx: &StepContext, unit: u64) {
     if let Some(path) = std::env::var_os("TSR_TOY_LOG") {
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{kind} {} {unit}", ctx.node());
+            // One write per line (O_APPEND): a kill never leaves half a line.
+            let line = format!("{kind} {} {unit}\n", ctx.node());
+            let _ = f.write_all(line.as_bytes());
         }
     }
 }

@@ -252,38 +252,19 @@ impl LanguageModel {
         candidates: &[u32],
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        for (i, s) in seqs.iter().enumerate() {
-            if s.is_empty() {
-                return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
-            }
-            self.check_ids("sequence", i, s)?;
-        }
         self.check_ids("candidate list", 0, candidates)?;
-        let w = self.weights(false)?;
-        let dev = &self.device;
-        let cand = Tensor::new(candidates, dev)?;
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].len()), i));
-        let mut out = vec![Vec::new(); seqs.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
-            let h = self.hidden_right_padded(&w, &refs)?;
-            let (b, l, hidden) = h.dims3()?;
-            let h = h.reshape((b * l, hidden))?;
-            let rows: Vec<u32> = refs
-                .iter()
-                .enumerate()
-                .map(|(bi, s)| (bi * l + s.len() - 1) as u32)
-                .collect();
-            let logits = w
-                .logits(&h.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?)?
-                .to_dtype(DType::F32)?;
-            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let picked = lsm.index_select(&cand, 1)?.to_vec2::<f32>()?;
-            for (&i, row) in chunk.iter().zip(picked) {
-                out[i] = row;
-            }
-        }
-        Ok(out)
+        let logits = self.next_token_logits(seqs, batch_size)?;
+        // log-softmax over the whole vocabulary (in f64 for the normaliser), then pick.
+        Ok(logits
+            .into_iter()
+            .map(|row| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                candidates
+                    .iter()
+                    .map(|&c| (row[c as usize] as f64 - lse) as f32)
+                    .collect()
+            })
+            .collect())
     }
 }
