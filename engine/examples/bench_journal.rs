@@ -9,7 +9,10 @@
 
 use std::sync::Arc;
 use std::time::Instant;
-use tsr_engine::{open_run, DagBuilder, Driver, DriverOptions, RunSpec, Step, StepContext, StepError, StepInputs, StepOutputs, StopFlag};
+use tsr_engine::{
+    open_run, DagBuilder, Driver, DriverOptions, RunSpec, Step, StepContext, StepError, StepInputs,
+    StepOutputs, StopFlag,
+};
 use tsr_state::Store;
 
 struct Items {
@@ -20,8 +23,16 @@ struct Items {
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<f64>().ok())
+        })
         .map(|kib| kib / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -54,10 +65,26 @@ impl Step for Items {
                 next_report += self.n / 8;
             }
             // A response-sized payload (about 300 bytes of JSON).
-            Ok(idx.iter().map(|i| format!("{{\"prompt_id\":\"p{}\",\"sample\":{},\"text\":\"{}\"}}", i / 8, i % 8, "x".repeat(240)).into_bytes()).collect())
+            Ok(idx
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{{\"prompt_id\":\"p{}\",\"sample\":{},\"text\":\"{}\"}}",
+                        i / 8,
+                        i % 8,
+                        "x".repeat(240)
+                    )
+                    .into_bytes()
+                })
+                .collect())
         })?;
         let secs = t0.elapsed().as_secs_f64();
-        println!("committed {} items in batches of {} in {secs:.2} s: {:.3} ms/item", self.n, self.batch, secs * 1000.0 / self.n as f64);
+        println!(
+            "committed {} items in batches of {} in {secs:.2} s: {:.3} ms/item",
+            self.n,
+            self.batch,
+            secs * 1000.0 / self.n as f64
+        );
         Ok(StepOutputs::new().bytes("count", "text", self.n.to_string().into_bytes()))
     }
 }
@@ -65,7 +92,11 @@ impl Step for Items {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: u64| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let n = arg("--items", 80_000);
     let batch = arg("--batch", 16) as usize;
@@ -74,14 +105,34 @@ fn main() {
     let mut b = DagBuilder::new();
     b.add("items", Arc::new(Items { n, batch }), vec![], None);
     let dag = Arc::new(b.build().unwrap());
-    let spec = RunSpec { name: "bench".into(), workflow: "bench".into(), config_toml: String::new(), definition: Default::default(), forked_from: None };
+    let spec = RunSpec {
+        name: "bench".into(),
+        workflow: "bench".into(),
+        config_toml: String::new(),
+        definition: Default::default(),
+        forked_from: None,
+    };
     open_run(&store, &spec, &dag).unwrap();
     println!("RSS at start {:.1} MiB", rss_mib());
     let t0 = Instant::now();
-    Driver::new(store.clone(), dag, "bench", DriverOptions { progress: false, log: false, stop: StopFlag::new(), ..Default::default() })
-        .run()
-        .unwrap();
-    println!("whole run {:.2} s, RSS at end {:.1} MiB", t0.elapsed().as_secs_f64(), rss_mib());
+    Driver::new(
+        store.clone(),
+        dag,
+        "bench",
+        DriverOptions {
+            progress: false,
+            log: false,
+            stop: StopFlag::new(),
+            ..Default::default()
+        },
+    )
+    .run()
+    .unwrap();
+    println!(
+        "whole run {:.2} s, RSS at end {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        rss_mib()
+    );
     let v = tsr_state::verify(&store).unwrap();
     println!("store consistent: {} ({} records)", v.ok(), v.records);
 }

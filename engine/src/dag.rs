@@ -91,7 +91,12 @@ impl Dag {
     pub fn to_dot(&self) -> String {
         let mut s = String::from("digraph tsr {\n  rankdir=LR;\n");
         for n in &self.nodes {
-            s.push_str(&format!("  \"{}\" [label=\"{}\\n{}\"];\n", n.name, n.name, n.step.kind()));
+            s.push_str(&format!(
+                "  \"{}\" [label=\"{}\\n{}\"];\n",
+                n.name,
+                n.name,
+                n.step.kind()
+            ));
         }
         for n in &self.nodes {
             for (input, src) in &n.inputs {

@@ -8,7 +8,7 @@
 //! batch, flush. A crash before (4) leaves `Running`, and the next run resumes the step.
 
 use crate::context::{new_step_record, Progress, StepContext, StoreJournal};
-use crate::dag::{Dag, InputSource};
+use crate::dag::Dag;
 use crate::error::{EngineError, StepError};
 use crate::machine::{transition, Event};
 use crate::plan::{plan, Action, JournalView};
@@ -17,23 +17,12 @@ use crate::step::{OutputData, Resource, Step, StepInputs};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tsr_state::{
-    now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunRecord, RunStatus,
-    StateError, Store,
+    now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunStatus, StateError, Store,
 };
-
-/// How a run is defined, for creating it or checking that it did not change.
-#[derive(Clone, Debug)]
-pub struct RunSpec {
-    pub name: String,
-    pub workflow: String,
-    pub config_toml: String,
-    pub definition: BTreeMap<String, String>,
-    pub forked_from: Option<String>,
-}
 
 #[derive(Clone, Debug)]
 pub struct DriverOptions {
@@ -70,162 +59,6 @@ pub enum Outcome {
         reused: Vec<String>,
     },
     Interrupted,
-}
-
-/// Content fingerprint of an external input: blake3 of a file, or of a folder's sorted
-/// (relative path, file digest) list.
-pub fn fingerprint(path: &Path) -> Result<Digest, StateError> {
-    let meta = std::fs::metadata(path).map_err(|e| StateError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    if meta.is_file() {
-        return hash_file(path);
-    }
-    let mut files = Vec::new();
-    collect_files(path, path, &mut files)?;
-    files.sort();
-    let mut h = blake3::Hasher::new();
-    h.update(b"tsr-dir-v1\0");
-    for rel in files {
-        let d = hash_file(&path.join(&rel))?;
-        h.update(rel.to_string_lossy().as_bytes());
-        h.update(b"\0");
-        h.update(&d.0);
-    }
-    Ok(Digest::from(h.finalize()))
-}
-
-fn hash_file(path: &Path) -> Result<Digest, StateError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| StateError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| StateError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest::from(h.finalize()))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StateError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| StateError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    for entry in rd {
-        let entry = entry.map_err(|e| StateError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
-        let p = entry.path();
-        if p.is_dir() {
-            collect_files(root, &p, out)?;
-        } else {
-            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
-        }
-    }
-    Ok(())
-}
-
-fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineError> {
-    let mut out = BTreeMap::new();
-    let mut cache: BTreeMap<PathBuf, Digest> = BTreeMap::new();
-    for node in dag.nodes() {
-        for (input, src) in &node.inputs {
-            if let InputSource::External(path) = src {
-                let d = match cache.get(path) {
-                    Some(d) => *d,
-                    None => {
-                        let d = fingerprint(path).map_err(|e| EngineError::BadNode {
-                            node: node.name.clone(),
-                            reason: format!("input `{input}`: {e}"),
-                        })?;
-                        cache.insert(path.clone(), d);
-                        d
-                    }
-                };
-                out.insert(format!("{}/{input}", node.name), d);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Create the run, or check that an existing run has the same definition and input files.
-pub fn open_run(store: &Store, spec: &RunSpec, dag: &Dag) -> Result<RunRecord, EngineError> {
-    tsr_state::validate_name(&spec.name)?;
-    let externals = external_fingerprints(dag)?;
-    if let Some(existing) = store.get_run(&spec.name)? {
-        let mut changes = Vec::new();
-        let mut sets = Vec::new();
-        let keys: BTreeSet<&String> = existing
-            .definition
-            .keys()
-            .chain(spec.definition.keys())
-            .collect();
-        for k in keys {
-            let old = existing.definition.get(k);
-            let new = spec.definition.get(k);
-            if old != new {
-                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
-                changes.push(format!("{k}: {} -> {}", show(old), show(new)));
-                if let Some(n) = new {
-                    sets.push(format!("--set {k}={n}"));
-                }
-            }
-        }
-        if existing.workflow != spec.workflow {
-            changes.insert(
-                0,
-                format!("workflow: {} -> {}", existing.workflow, spec.workflow),
-            );
-        }
-        if !changes.is_empty() {
-            return Err(EngineError::DefinitionChanged {
-                run: spec.name.clone(),
-                changes: changes.join("; "),
-                sets: sets.join(" "),
-            });
-        }
-        for (k, d) in &externals {
-            if let Some(old) = existing.externals.get(k) {
-                if old != d {
-                    let (node, input) = k.split_once('/').unwrap_or((k, ""));
-                    return Err(EngineError::InputChanged {
-                        run: spec.name.clone(),
-                        node: format!("{node}` (input `{input}`"),
-                        recorded: old.short(),
-                        now: d.short(),
-                    });
-                }
-            }
-        }
-        return Ok(existing);
-    }
-    let now = now_ms();
-    let rec = RunRecord {
-        name: spec.name.clone(),
-        workflow: spec.workflow.clone(),
-        config_toml: spec.config_toml.clone(),
-        definition: spec.definition.clone(),
-        externals,
-        forked_from: spec.forked_from.clone(),
-        status: RunStatus::Created,
-        created_ms: now,
-        updated_ms: now,
-    };
-    store.put_run(&rec)?;
-    Ok(rec)
 }
 
 struct StoreView<'a> {
@@ -412,7 +245,11 @@ impl Driver {
             let mut changed = false;
             for action in &p.actions {
                 match action {
-                    Action::Conflict { node, recorded, now } => {
+                    Action::Conflict {
+                        node,
+                        recorded,
+                        now,
+                    } => {
                         let e = self.explain_conflict(node, recorded, now);
                         failure.get_or_insert(e);
                     }
@@ -429,7 +266,10 @@ impl Driver {
                             },
                         );
                         self.store.commit(c)?;
-                        self.log(&multi, format!("tsr: {node}: reused (step {} already done)", key.short()));
+                        self.log(
+                            &multi,
+                            format!("tsr: {node}: reused (step {} already done)", key.short()),
+                        );
                         reused.push(node.clone());
                         changed = true;
                     }
@@ -483,7 +323,9 @@ impl Driver {
                     let rec = self.store.get_step(&key)?;
                     let resume = rec
                         .as_ref()
-                        .map(|r| format!(" (attempt {}, {} items done)", r.attempts + 1, r.items_done))
+                        .map(|r| {
+                            format!(" (attempt {}, {} items done)", r.attempts + 1, r.items_done)
+                        })
                         .unwrap_or_default();
                     self.log(&multi, format!("tsr: {node}: started{resume}"));
                     in_flight.insert(key, (node.clone(), res));
@@ -496,7 +338,8 @@ impl Driver {
                 }
             }
             if changed {
-                let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
+                let running: BTreeSet<String> =
+                    in_flight.values().map(|(n, _)| n.clone()).collect();
                 self.snapshot(&run.workflow, &running);
             }
             if set.is_empty() {
@@ -516,10 +359,12 @@ impl Driver {
             // Refresh the live snapshot every two seconds while steps run, so `tsr status` from
             // another terminal shows item progress.
             let joined = loop {
-                match tokio::time::timeout(std::time::Duration::from_secs(2), set.join_next()).await {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), set.join_next()).await
+                {
                     Ok(j) => break j.expect("a task is in flight"),
                     Err(_) => {
-                        let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
+                        let running: BTreeSet<String> =
+                            in_flight.values().map(|(n, _)| n.clone()).collect();
                         self.snapshot(&run.workflow, &running);
                     }
                 }
@@ -527,7 +372,9 @@ impl Driver {
             let (node, key, res) = match joined {
                 Ok(v) => v,
                 Err(e) => {
-                    return Err(EngineError::Other(format!("a step task could not be joined: {e}")))
+                    return Err(EngineError::Other(format!(
+                        "a step task could not be joined: {e}"
+                    )))
                 }
             };
             in_flight.remove(&key);
@@ -598,7 +445,8 @@ impl Job {
             iteration: self.iteration,
         };
         let mut c = Commit::new();
-        c.step(&self.key, &rec).node(&self.run, &self.node, &binding);
+        c.step(&self.key, &rec)
+            .node(&self.run, &self.node, &binding);
         store.commit(c)?;
 
         let scratch = store
@@ -626,17 +474,16 @@ impl Job {
             self.externals.clone(),
         );
         let t0 = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step.run(&inputs, &ctx)
-        }))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(StepError::Other(format!("the step panicked: {msg}")))
-        });
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step.run(&inputs, &ctx)))
+                .unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(StepError::Other(format!("the step panicked: {msg}")))
+                });
         self.progress.finish();
         let mut rec = journal.record();
         rec.busy_ms += t0.elapsed().as_millis() as u64;
@@ -721,7 +568,8 @@ impl Job {
         rec.status = transition(&rec.status, Event::Finish(digests.clone()), rec.attempts)
             .map_err(|(f, e)| self.transition_err(f, e))?;
         let old_checkpoint = rec.checkpoint.take();
-        c.step(&self.key, &rec).node(&self.run, &self.node, &binding);
+        c.step(&self.key, &rec)
+            .node(&self.run, &self.node, &binding);
         store.commit(c)?;
         // The step is durable; its checkpoint and scratch are no longer needed.
         if let Some(cp) = old_checkpoint {

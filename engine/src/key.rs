@@ -37,10 +37,16 @@ mod tests {
         let mut inputs = BTreeMap::new();
         inputs.insert("x".to_string(), Digest::of(b"x"));
         let k = step_key("gen", 1, &cfg, &inputs);
-        assert_eq!(k, step_key("gen", 1, &serde_json::json!({"a": [1, 2], "b": 1}), &inputs));
+        assert_eq!(
+            k,
+            step_key("gen", 1, &serde_json::json!({"a": [1, 2], "b": 1}), &inputs)
+        );
         assert_ne!(k, step_key("gen", 2, &cfg, &inputs));
         assert_ne!(k, step_key("judge", 1, &cfg, &inputs));
-        assert_ne!(k, step_key("gen", 1, &serde_json::json!({"b": 2, "a": [1, 2]}), &inputs));
+        assert_ne!(
+            k,
+            step_key("gen", 1, &serde_json::json!({"b": 2, "a": [1, 2]}), &inputs)
+        );
         let mut other = inputs.clone();
         other.insert("x".to_string(), Digest::of(b"y"));
         assert_ne!(k, step_key("gen", 1, &cfg, &other));

@@ -18,18 +18,20 @@ pub mod machine;
 mod plan;
 pub mod preempt;
 mod replay;
+mod run;
 mod status;
 mod step;
 pub mod testkit;
 
 pub use context::{Checkpoint, ItemJournal, MemoryJournal, Progress, StepContext};
 pub use dag::{Dag, DagBuilder, InputSource, Node};
-pub use driver::{fingerprint, open_run, Driver, DriverOptions, Outcome, RunSpec};
+pub use driver::{Driver, DriverOptions, Outcome};
 pub use error::{EngineError, StepError};
 pub use key::step_key;
 pub use plan::{plan, Action, JournalView, NodeView, Plan};
 pub use preempt::StopFlag;
 pub use replay::{replay, ReplayReport};
+pub use run::{fingerprint, open_run, RunSpec};
 pub use status::{read_snapshot, status_rows, write_snapshot, RunStatusView, StatusRow};
 pub use step::{OutputData, Resource, Step, StepInputs, StepOutputs};
 

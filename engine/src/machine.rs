@@ -77,7 +77,10 @@ mod tests {
         assert!(matches!(running, StepStatus::Running { attempt: 1, .. }));
         let again = transition(&running, Event::Start, 1).unwrap();
         assert!(matches!(again, StepStatus::Running { attempt: 2, .. }));
-        assert_eq!(transition(&running, Event::Interrupt, 1).unwrap(), StepStatus::Pending);
+        assert_eq!(
+            transition(&running, Event::Interrupt, 1).unwrap(),
+            StepStatus::Pending
+        );
         let failed = transition(&running, Event::Fail("boom".into()), 1).unwrap();
         assert!(matches!(failed, StepStatus::Failed { attempt: 1, .. }));
         assert!(matches!(
@@ -86,8 +89,16 @@ mod tests {
         ));
         let done = transition(&running, Event::Finish(BTreeMap::new()), 1).unwrap();
         assert!(matches!(done, StepStatus::Done { .. }));
-        assert_eq!(transition(&done, Event::Reset, 1).unwrap(), StepStatus::Pending);
-        for ev in [Event::Start, Event::Interrupt, Event::Fail("x".into()), Event::Finish(BTreeMap::new())] {
+        assert_eq!(
+            transition(&done, Event::Reset, 1).unwrap(),
+            StepStatus::Pending
+        );
+        for ev in [
+            Event::Start,
+            Event::Interrupt,
+            Event::Fail("x".into()),
+            Event::Finish(BTreeMap::new()),
+        ] {
             let label = ev.label();
             assert_eq!(transition(&done, ev, 1).unwrap_err(), ("done", label));
         }

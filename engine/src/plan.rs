@@ -92,7 +92,12 @@ pub fn plan(dag: &Dag, view: &dyn JournalView, in_flight: &BTreeSet<Digest>) -> 
             p.nodes.insert(node.name.clone(), NodeView::Waiting);
             continue;
         }
-        let key = step_key(node.step.kind(), node.step.version(), &node.step.config(), &inputs);
+        let key = step_key(
+            node.step.kind(),
+            node.step.version(),
+            &node.step.config(),
+            &inputs,
+        );
         let bound = view.binding(&node.name);
         if let Some(recorded) = bound {
             if recorded != key {
@@ -168,16 +173,34 @@ mod tests {
     fn done(out: &str) -> StepStatus {
         let mut o = BTreeMap::new();
         o.insert("data".to_string(), Digest::of(out.as_bytes()));
-        StepStatus::Done { outputs: o, finished_ms: 0 }
+        StepStatus::Done {
+            outputs: o,
+            finished_ms: 0,
+        }
     }
 
     fn dag() -> Dag {
         let mut b = DagBuilder::new();
         b.add("src", Arc::new(ToySource::new(4, 0, 1)), vec![], None);
-        b.add("m1", Arc::new(ToyMap::new("a", 0)), vec![("data", InputSource::node("src", "data"))], None);
-        b.add("m2", Arc::new(ToyMap::new("b", 0)), vec![("data", InputSource::node("src", "data"))], None);
+        b.add(
+            "m1",
+            Arc::new(ToyMap::new("a", 0)),
+            vec![("data", InputSource::node("src", "data"))],
+            None,
+        );
+        b.add(
+            "m2",
+            Arc::new(ToyMap::new("b", 0)),
+            vec![("data", InputSource::node("src", "data"))],
+            None,
+        );
         // Same step and same input as m1: the same key.
-        b.add("m1-again", Arc::new(ToyMap::new("a", 0)), vec![("data", InputSource::node("src", "data"))], None);
+        b.add(
+            "m1-again",
+            Arc::new(ToyMap::new("a", 0)),
+            vec![("data", InputSource::node("src", "data"))],
+            None,
+        );
         b.build().unwrap()
     }
 
@@ -196,7 +219,9 @@ mod tests {
         let d = dag();
         let mut v = MemView::default();
         let p0 = plan(&d, &v, &BTreeSet::new());
-        let Action::Execute { key: src_key, .. } = p0.actions[0].clone() else { panic!() };
+        let Action::Execute { key: src_key, .. } = p0.actions[0].clone() else {
+            panic!()
+        };
         v.bindings.insert("src".into(), src_key);
         v.statuses.insert(src_key, done("src"));
         let p = plan(&d, &v, &BTreeSet::new());
@@ -213,11 +238,16 @@ mod tests {
         assert_eq!(p.done, 1);
 
         // Once m1's key is done, m1-again is reused, not executed.
-        let NodeView::Ready(m1_key) = p.nodes["m1"].clone() else { panic!() };
+        let NodeView::Ready(m1_key) = p.nodes["m1"].clone() else {
+            panic!()
+        };
         v.bindings.insert("m1".into(), m1_key);
         v.statuses.insert(m1_key, done("m1"));
         let p = plan(&d, &v, &BTreeSet::new());
-        assert!(p.actions.contains(&Action::Reuse { node: "m1-again".into(), key: m1_key }));
+        assert!(p.actions.contains(&Action::Reuse {
+            node: "m1-again".into(),
+            key: m1_key
+        }));
         assert_eq!(p.done, 3);
     }
 
@@ -226,8 +256,11 @@ mod tests {
         let d = dag();
         let mut v = MemView::default();
         let p0 = plan(&d, &v, &BTreeSet::new());
-        let Action::Execute { key, .. } = p0.actions[0].clone() else { panic!() };
-        v.bindings.insert("src".into(), Digest::of(b"an older definition"));
+        let Action::Execute { key, .. } = p0.actions[0].clone() else {
+            panic!()
+        };
+        v.bindings
+            .insert("src".into(), Digest::of(b"an older definition"));
         v.statuses.insert(key, done("src"));
         let p = plan(&d, &v, &BTreeSet::new());
         assert!(matches!(&p.actions[0], Action::Conflict { node, .. } if node == "src"));
@@ -237,9 +270,20 @@ mod tests {
     fn running_or_failed_steps_are_executed_again_but_not_twice() {
         let d = dag();
         let mut v = MemView::default();
-        let Action::Execute { key, .. } = plan(&d, &v, &BTreeSet::new()).actions[0].clone() else { panic!() };
-        v.statuses.insert(key, StepStatus::Running { attempt: 1, since_ms: 0 });
-        assert!(matches!(&plan(&d, &v, &BTreeSet::new()).actions[0], Action::Execute { .. }));
+        let Action::Execute { key, .. } = plan(&d, &v, &BTreeSet::new()).actions[0].clone() else {
+            panic!()
+        };
+        v.statuses.insert(
+            key,
+            StepStatus::Running {
+                attempt: 1,
+                since_ms: 0,
+            },
+        );
+        assert!(matches!(
+            &plan(&d, &v, &BTreeSet::new()).actions[0],
+            Action::Execute { .. }
+        ));
         let in_flight: BTreeSet<Digest> = [key].into_iter().collect();
         assert!(plan(&d, &v, &in_flight).actions.is_empty());
     }

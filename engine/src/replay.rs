@@ -68,10 +68,11 @@ pub fn replay(
                 binding.step_key.short()
             )
         });
-        let scratch = store
-            .blobs()
-            .tmp_dir()
-            .join(format!("replay-{}-{}", binding.step_key.short(), std::process::id()));
+        let scratch = store.blobs().tmp_dir().join(format!(
+            "replay-{}-{}",
+            binding.step_key.short(),
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&scratch);
         let scratch_blobs = BlobStore::open(scratch.join("blobs"), scratch.join("tmp"))?;
         let work = scratch.join("work");
@@ -105,7 +106,7 @@ pub fn replay(
         for (out_name, (_, data)) in produced.items {
             let d = match data {
                 OutputData::Bytes(b) => Digest::of(&b),
-                OutputData::File(p) => crate::driver::fingerprint(&p)?,
+                OutputData::File(p) => crate::run::fingerprint(&p)?,
                 OutputData::Blob(d) => d,
             };
             replayed.insert(out_name, d);

@@ -71,8 +71,15 @@ pub fn status_rows(
                         "failed".into()
                     }
                     StepStatus::Done { outputs, .. } => {
-                        row.outputs = outputs.iter().map(|(k, d)| (k.clone(), d.to_hex())).collect();
-                        if b.reused { "reused".into() } else { "done".into() }
+                        row.outputs = outputs
+                            .iter()
+                            .map(|(k, d)| (k.clone(), d.to_hex()))
+                            .collect();
+                        if b.reused {
+                            "reused".into()
+                        } else {
+                            "done".into()
+                        }
                     }
                 };
             }
@@ -86,7 +93,9 @@ pub fn status_rows(
 }
 
 pub fn snapshot_path(store_root: &Path, run: &str) -> PathBuf {
-    store_root.join("status").join(format!("{}.json", run.replace('/', "%2F")))
+    store_root
+        .join("status")
+        .join(format!("{}.json", run.replace('/', "%2F")))
 }
 
 /// Write the snapshot atomically (tmp, rename). Best effort: a failure only loses the live view.

@@ -89,7 +89,7 @@ impl StepInputs {
         let Some(path) = self.externals.get(name) else {
             return Ok(None);
         };
-        let now = crate::driver::fingerprint(path).map_err(|e| StepError::Invalid(e.to_string()))?;
+        let now = crate::run::fingerprint(path).map_err(|e| StepError::Invalid(e.to_string()))?;
         if now != *digest {
             return Err(StepError::Invalid(format!(
                 "input {} changed while the run was in progress; restore it or fork the run",
@@ -111,8 +111,9 @@ impl StepInputs {
 
     pub fn json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, StepError> {
         let bytes = self.bytes(name)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| StepError::Invalid(format!("input `{name}` is not the expected JSON: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            StepError::Invalid(format!("input `{name}` is not the expected JSON: {e}"))
+        })
     }
 }
 
@@ -136,8 +137,10 @@ impl StepOutputs {
     }
     /// Add an output with an artifact kind label (e.g. `jsonl`, `model`).
     pub fn bytes(mut self, name: &str, kind: &str, data: Vec<u8>) -> Self {
-        self.items
-            .insert(name.to_string(), (kind.to_string(), OutputData::Bytes(data)));
+        self.items.insert(
+            name.to_string(),
+            (kind.to_string(), OutputData::Bytes(data)),
+        );
         self
     }
     pub fn file(mut self, name: &str, kind: &str, path: &Path) -> Self {

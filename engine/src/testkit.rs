@@ -17,7 +17,11 @@ use std::time::Duration;
 
 fn log_unit(kind: &str, ctx: &StepContext, unit: u64) {
     if let Some(path) = std::env::var_os("TSR_TOY_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             // One write per line (O_APPEND): a kill never leaves half a line.
             let line = format!("{kind} {} {unit}\n", ctx.node());
             let _ = f.write_all(line.as_bytes());
@@ -46,7 +50,11 @@ pub struct ToySource {
 
 impl ToySource {
     pub fn new(items: u64, work_ms: u64, seed: u64) -> Self {
-        ToySource { items, work_ms, seed }
+        ToySource {
+            items,
+            work_ms,
+            seed,
+        }
     }
 }
 
@@ -316,7 +324,10 @@ pub fn toy_dag(spec: &ToySpec) -> Result<Dag, EngineError> {
     for i in 1..=spec.iterations {
         let mut map_inputs = vec![("data", InputSource::node("source", "data"))];
         if i > 1 {
-            map_inputs.push(("model", InputSource::node(&format!("iter{}/train", i - 1), "model")));
+            map_inputs.push((
+                "model",
+                InputSource::node(&format!("iter{}/train", i - 1), "model"),
+            ));
         }
         b.add(
             format!("iter{i}/map"),
@@ -332,10 +343,17 @@ pub fn toy_dag(spec: &ToySpec) -> Result<Dag, EngineError> {
         );
         b.add(
             format!("iter{i}/train"),
-            Arc::new(ToyTrain::new(spec.train_steps, spec.checkpoint_every, spec.work_ms)),
+            Arc::new(ToyTrain::new(
+                spec.train_steps,
+                spec.checkpoint_every,
+                spec.work_ms,
+            )),
             vec![
                 ("data", InputSource::node(&format!("iter{i}/map"), "data")),
-                ("anchor", InputSource::node(&format!("iter{i}/anchor"), "data")),
+                (
+                    "anchor",
+                    InputSource::node(&format!("iter{i}/anchor"), "data"),
+                ),
             ],
             Some(i),
         );

@@ -46,7 +46,10 @@ fn sigkill_at_random_moments_gives_identical_results() {
     let store_dir = dir.path().join("crashy");
     let log = dir.path().join("executions.log");
     let mut rng = rand::rngs::StdRng::seed_from_u64(
-        std::env::var("TSR_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124),
+        std::env::var("TSR_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20261124),
     );
     let mut kills = 0;
     let mut rounds = 0;
@@ -63,9 +66,22 @@ fn sigkill_at_random_moments_gives_identical_results() {
                     let _ = e.read_to_string(&mut err);
                 }
                 let listing: Vec<String> = std::fs::read_dir(store_dir.join("db"))
-                    .map(|rd| rd.flatten().map(|e| format!("{:?} {}", e.file_name(), e.metadata().map(|m| m.len()).unwrap_or(0))).collect())
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| {
+                                format!(
+                                    "{:?} {}",
+                                    e.file_name(),
+                                    e.metadata().map(|m| m.len()).unwrap_or(0)
+                                )
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
-                assert!(status.success(), "child failed: {status:?}: {err}\ndb: {listing:?}");
+                assert!(
+                    status.success(),
+                    "child failed: {status:?}: {err}\ndb: {listing:?}"
+                );
                 break;
             }
             kill(&child, libc::SIGKILL);
@@ -81,11 +97,17 @@ fn sigkill_at_random_moments_gives_identical_results() {
             break;
         }
     }
-    assert!(kills >= 20, "only {kills} kills landed before the run finished");
+    assert!(
+        kills >= 20,
+        "only {kills} kills landed before the run finished"
+    );
 
     let store = Store::open(&store_dir).unwrap();
     let got = outputs(&store, "crash");
-    assert_eq!(got, reference, "final digests and item counts differ after {kills} kills");
+    assert_eq!(
+        got, reference,
+        "final digests and item counts differ after {kills} kills"
+    );
 
     // Work done twice is bounded by what was in flight at each kill: one batch of items per
     // running item step (4 or 3) and one checkpoint interval (4) of training.
@@ -129,8 +151,14 @@ fn sigterm_exits_resumable_in_bounded_time_and_resumes() {
         assert_eq!(run.status, tsr_state::RunStatus::Interrupted);
     }
     // Resume to completion in a second child; results equal an uninterrupted run.
-    let out = spawn_child(&store_dir, &log, "child").wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = spawn_child(&store_dir, &log, "child")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let store = Store::open(&store_dir).unwrap();
     let got = outputs(&store, "crash");
     let ref_store = Arc::new(Store::open(&dir.path().join("ref")).unwrap());

@@ -35,7 +35,10 @@ fn anchor_runs_once_and_rerun_is_idempotent() {
     assert_eq!(reused, vec!["iter2/anchor".to_string()]);
     let nodes: BTreeMap<_, _> = store.nodes("a").unwrap().into_iter().collect();
     assert!(nodes["iter2/anchor"].reused);
-    assert_eq!(nodes["iter1/anchor"].step_key, nodes["iter2/anchor"].step_key);
+    assert_eq!(
+        nodes["iter1/anchor"].step_key,
+        nodes["iter2/anchor"].step_key
+    );
     // The same command again does nothing.
     let again = run_toy(&store, "a", &small());
     assert_eq!(
@@ -57,9 +60,15 @@ fn changed_definition_is_refused_naming_the_fields() {
     let dag = toy_dag(&edited).unwrap();
     let err = open_run(&store, &run_spec("a", &edited), &dag).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, EngineError::DefinitionChanged { .. }), "{msg}");
+    assert!(
+        matches!(err, EngineError::DefinitionChanged { .. }),
+        "{msg}"
+    );
     assert!(msg.contains("toy.train_steps: 6 -> 8"), "{msg}");
-    assert!(msg.contains("tsr fork a --name NEW --set toy.train_steps=8"), "{msg}");
+    assert!(
+        msg.contains("tsr fork a --name NEW --set toy.train_steps=8"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -94,7 +103,11 @@ fn replay_matches_and_detects_a_planted_mismatch() {
         assert!(r.identical, "{r:?}");
     }
     // Plant: pretend the recorded output of iter1/train was something else.
-    let key = store.get_node("a", "iter1/train").unwrap().unwrap().step_key;
+    let key = store
+        .get_node("a", "iter1/train")
+        .unwrap()
+        .unwrap()
+        .step_key;
     let mut rec = store.get_step(&key).unwrap().unwrap();
     let fake = store.blobs().put_bytes(b"not what the step makes").unwrap();
     if let StepStatus::Done { outputs, .. } = &mut rec.status {
@@ -103,7 +116,15 @@ fn replay_matches_and_detects_a_planted_mismatch() {
     let mut c = Commit::new();
     c.step(&key, &rec);
     store.commit(c).unwrap();
-    let r = replay(&store, &dag, "a", &["iter1/train".into()], "cpu", StopFlag::new()).unwrap();
+    let r = replay(
+        &store,
+        &dag,
+        "a",
+        &["iter1/train".into()],
+        "cpu",
+        StopFlag::new(),
+    )
+    .unwrap();
     assert!(!r[0].identical);
     assert_eq!(r[0].outputs[0].recorded, fake.to_hex());
 }
@@ -131,25 +152,58 @@ fn corrupt_blob_is_detected_by_verify_and_on_read() {
     assert!(err.contains(&path.display().to_string()), "{err}");
     // Deleted blob: missing.
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(tsr_state::verify(&store).unwrap().problems[0].kind, "blob-missing");
+    assert_eq!(
+        tsr_state::verify(&store).unwrap().problems[0].kind,
+        "blob-missing"
+    );
 }
 
 #[test]
 fn cycle_is_rejected_with_the_cycle_named() {
     let mut b = DagBuilder::new();
-    b.add("a", Arc::new(ToyMap::new("a", 0)), vec![("data", InputSource::node("c", "data"))], None);
-    b.add("b", Arc::new(ToyMap::new("b", 0)), vec![("data", InputSource::node("a", "data"))], None);
-    b.add("c", Arc::new(ToyMap::new("c", 0)), vec![("data", InputSource::node("b", "data"))], None);
+    b.add(
+        "a",
+        Arc::new(ToyMap::new("a", 0)),
+        vec![("data", InputSource::node("c", "data"))],
+        None,
+    );
+    b.add(
+        "b",
+        Arc::new(ToyMap::new("b", 0)),
+        vec![("data", InputSource::node("a", "data"))],
+        None,
+    );
+    b.add(
+        "c",
+        Arc::new(ToyMap::new("c", 0)),
+        vec![("data", InputSource::node("b", "data"))],
+        None,
+    );
     b.add("d", Arc::new(ToySource::new(1, 0, 0)), vec![], None);
-    let Err(err) = b.build() else { panic!("a cycle was accepted") };
-    assert_eq!(err.to_string(), "the workflow graph has a cycle: a -> b -> c -> a");
+    let Err(err) = b.build() else {
+        panic!("a cycle was accepted")
+    };
+    assert_eq!(
+        err.to_string(),
+        "the workflow graph has a cycle: a -> b -> c -> a"
+    );
 
     let mut b = DagBuilder::new();
-    b.add("a", Arc::new(ToyMap::new("a", 0)), vec![("data", InputSource::node("zz", "data"))], None);
+    b.add(
+        "a",
+        Arc::new(ToyMap::new("a", 0)),
+        vec![("data", InputSource::node("zz", "data"))],
+        None,
+    );
     assert!(matches!(b.build(), Err(EngineError::UnknownNode { .. })));
     let mut b = DagBuilder::new();
     b.add("s", Arc::new(ToySource::new(1, 0, 0)), vec![], None);
-    b.add("a", Arc::new(ToyMap::new("a", 0)), vec![("data", InputSource::node("s", "nope"))], None);
+    b.add(
+        "a",
+        Arc::new(ToyMap::new("a", 0)),
+        vec![("data", InputSource::node("s", "nope"))],
+        None,
+    );
     let Err(err) = b.build() else { panic!() };
     assert!(err.to_string().contains("wants output `nope`"), "{err}");
 }
@@ -162,13 +216,20 @@ fn edited_external_input_is_refused_on_resume() {
     std::fs::write(&input, "a\nb\nc\n").unwrap();
     let build = || {
         let mut b = DagBuilder::new();
-        b.add("m", Arc::new(ToyMap::new("x", 0)), vec![("data", InputSource::External(input.clone()))], None);
+        b.add(
+            "m",
+            Arc::new(ToyMap::new("x", 0)),
+            vec![("data", InputSource::External(input.clone()))],
+            None,
+        );
         Arc::new(b.build().unwrap())
     };
     let spec = run_spec("ext", &small());
     let dag = build();
     open_run(&store, &spec, &dag).unwrap();
-    Driver::new(store.clone(), dag, "ext", quiet(StopFlag::new())).run().unwrap();
+    Driver::new(store.clone(), dag, "ext", quiet(StopFlag::new()))
+        .run()
+        .unwrap();
     std::fs::write(&input, "a\nb\nd\n").unwrap();
     let err = open_run(&store, &spec, &build()).unwrap_err();
     assert!(matches!(err, EngineError::InputChanged { .. }), "{err}");
@@ -180,10 +241,18 @@ fn failing_step_is_recorded_and_retried_on_the_next_run() {
     use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
     struct Flaky(std::path::PathBuf);
     impl Step for Flaky {
-        fn kind(&self) -> &'static str { "flaky" }
-        fn version(&self) -> u32 { 1 }
-        fn config(&self) -> serde_json::Value { serde_json::json!({}) }
-        fn outputs(&self) -> Vec<&'static str> { vec!["out"] }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn config(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn outputs(&self) -> Vec<&'static str> {
+            vec!["out"]
+        }
         fn run(&self, _: &StepInputs, _: &StepContext) -> Result<StepOutputs, StepError> {
             if !self.0.exists() {
                 return Err(StepError::Invalid("the marker file is missing".into()));
@@ -199,18 +268,37 @@ fn failing_step_is_recorded_and_retried_on_the_next_run() {
     let dag = Arc::new(b.build().unwrap());
     let spec = run_spec("f", &small());
     open_run(&store, &spec, &dag).unwrap();
-    let err = Driver::new(store.clone(), dag.clone(), "f", quiet(StopFlag::new())).run().unwrap_err();
-    assert!(err.to_string().contains("the marker file is missing"), "{err}");
+    let err = Driver::new(store.clone(), dag.clone(), "f", quiet(StopFlag::new()))
+        .run()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the marker file is missing"),
+        "{err}"
+    );
     let key = store.get_node("f", "f").unwrap().unwrap().step_key;
-    assert!(matches!(store.get_step(&key).unwrap().unwrap().status, StepStatus::Failed { attempt: 1, .. }));
+    assert!(matches!(
+        store.get_step(&key).unwrap().unwrap().status,
+        StepStatus::Failed { attempt: 1, .. }
+    ));
     std::fs::write(&marker, "").unwrap();
-    Driver::new(store.clone(), dag, "f", quiet(StopFlag::new())).run().unwrap();
+    Driver::new(store.clone(), dag, "f", quiet(StopFlag::new()))
+        .run()
+        .unwrap();
     let rec = store.get_step(&key).unwrap().unwrap();
     assert_eq!(rec.attempts, 2);
-    let StepStatus::Done { outputs, .. } = rec.status else { panic!() };
+    let StepStatus::Done { outputs, .. } = rec.status else {
+        panic!()
+    };
     assert_eq!(outputs["out"], Digest::of(b"ok"));
     // Lineage: the output's producer is recorded.
-    assert_eq!(store.get_artifact(&outputs["out"]).unwrap().unwrap().producer, Some(key));
+    assert_eq!(
+        store
+            .get_artifact(&outputs["out"])
+            .unwrap()
+            .unwrap()
+            .producer,
+        Some(key)
+    );
 }
 
 #[test]
@@ -220,19 +308,34 @@ fn a_step_defined_differently_by_a_newer_tsr_is_named_not_blamed_on_input_files(
     let build = |label: &str| {
         let mut b = DagBuilder::new();
         b.add("src", Arc::new(ToySource::new(3, 0, 1)), vec![], None);
-        b.add("m", Arc::new(ToyMap::new(label, 0)), vec![("data", InputSource::node("src", "data"))], None);
+        b.add(
+            "m",
+            Arc::new(ToyMap::new(label, 0)),
+            vec![("data", InputSource::node("src", "data"))],
+            None,
+        );
         Arc::new(b.build().unwrap())
     };
     let spec = run_spec("v", &small());
     let dag = build("old");
     open_run(&store, &spec, &dag).unwrap();
-    Driver::new(store.clone(), dag, "v", quiet(StopFlag::new())).run().unwrap();
+    Driver::new(store.clone(), dag, "v", quiet(StopFlag::new()))
+        .run()
+        .unwrap();
     // Same run definition, but the code now configures the step differently.
     let dag = build("new");
     open_run(&store, &spec, &dag).unwrap();
-    let err = Driver::new(store.clone(), dag, "v", quiet(StopFlag::new())).run().unwrap_err();
-    assert!(matches!(err, EngineError::StepDefinitionChanged { .. }), "{err}");
+    let err = Driver::new(store.clone(), dag, "v", quiet(StopFlag::new()))
+        .run()
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::StepDefinitionChanged { .. }),
+        "{err}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains("\"label\":\"old\"") && msg.contains("\"label\":\"new\""), "{msg}");
+    assert!(
+        msg.contains("\"label\":\"old\"") && msg.contains("\"label\":\"new\""),
+        "{msg}"
+    );
     assert!(msg.contains("tsr fork v --name NEW"), "{msg}");
 }

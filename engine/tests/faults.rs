@@ -45,35 +45,47 @@ fn every_kind_of_io_fault_fails_cleanly_and_the_next_run_continues() {
             let store_dir = dir.path().join(format!("{op:?}-{errno}-{nth}"));
             let fault = Arc::new(FailNth::new(op, nth, errno));
             let err = {
-                let store = Arc::new(Store::open_with_faults(&store_dir, Some(fault.clone())).unwrap());
+                let store =
+                    Arc::new(Store::open_with_faults(&store_dir, Some(fault.clone())).unwrap());
                 let dag = Arc::new(toy_dag(&spec()).unwrap());
                 match open_run(&store, &run_spec("f", &spec()), &dag) {
                     Err(e) => Some(e.to_string()),
-                    Ok(_) => Driver::new(store, dag, "f", quiet(StopFlag::new())).run().err().map(|e| {
-                        let mut s = e.to_string();
-                        let mut src = std::error::Error::source(&e);
-                        while let Some(c) = src {
-                            s.push_str(&format!(": {c}"));
-                            src = c.source();
-                        }
-                        s
-                    }),
+                    Ok(_) => Driver::new(store, dag, "f", quiet(StopFlag::new()))
+                        .run()
+                        .err()
+                        .map(|e| {
+                            let mut s = e.to_string();
+                            let mut src = std::error::Error::source(&e);
+                            while let Some(c) = src {
+                                s.push_str(&format!(": {c}"));
+                                src = c.source();
+                            }
+                            s
+                        }),
                 }
             };
             if fault.seen() <= nth {
                 // The run never reached this many operations of this kind.
-                assert!(err.is_none(), "{op:?}#{nth}: failed without an injected fault: {err:?}");
+                assert!(
+                    err.is_none(),
+                    "{op:?}#{nth}: failed without an injected fault: {err:?}"
+                );
                 continue;
             }
             injected += 1;
-            let err = err.unwrap_or_else(|| panic!("{op:?}#{nth}: the injected fault was swallowed"));
+            let err =
+                err.unwrap_or_else(|| panic!("{op:?}#{nth}: the injected fault was swallowed"));
             assert!(err.contains(message), "{op:?}#{nth}: unclear error: {err}");
             // Committed state is intact and the next run (no faults) finishes identically.
             let store = Arc::new(Store::open(&store_dir).unwrap());
             let report = tsr_state::verify(&store).unwrap();
             assert!(report.ok(), "{op:?}#{nth}: {:?}", report.problems);
             run_toy(&store, "f", &spec());
-            assert_eq!(outputs(&store, "f"), reference, "{op:?}#{nth}: results differ after the fault");
+            assert_eq!(
+                outputs(&store, "f"),
+                reference,
+                "{op:?}#{nth}: results differ after the fault"
+            );
         }
     }
     assert!(injected >= 20, "only {injected} faults landed");

@@ -58,7 +58,10 @@ pub fn outputs(store: &Store, run: &str) -> BTreeMap<String, (BTreeMap<String, S
         let items = store.item_indices(&rec.step_key).unwrap().len() as u64;
         out.insert(
             node,
-            (outputs.into_iter().map(|(k, d)| (k, d.to_hex())).collect(), items),
+            (
+                outputs.into_iter().map(|(k, d)| (k, d.to_hex())).collect(),
+                items,
+            ),
         );
     }
     out

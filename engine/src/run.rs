@@ -1,0 +1,174 @@
+//! Runs: creating a run or checking that a re-run has the same definition (config) and the same
+//! external inputs (by content fingerprint), and the fingerprints themselves.
+
+use crate::dag::{Dag, InputSource};
+use crate::error::EngineError;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use tsr_state::{now_ms, Digest, RunRecord, RunStatus, StateError, Store};
+
+/// How a run is defined, for creating it or checking that it did not change.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub name: String,
+    pub workflow: String,
+    pub config_toml: String,
+    pub definition: BTreeMap<String, String>,
+    pub forked_from: Option<String>,
+}
+
+/// Content fingerprint of an external input: blake3 of a file, or of a folder's sorted
+/// (relative path, file digest) list.
+pub fn fingerprint(path: &Path) -> Result<Digest, StateError> {
+    let meta = std::fs::metadata(path).map_err(|e| StateError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if meta.is_file() {
+        return hash_file(path);
+    }
+    let mut files = Vec::new();
+    collect_files(path, path, &mut files)?;
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"tsr-dir-v1\0");
+    for rel in files {
+        let d = hash_file(&path.join(&rel))?;
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update(b"\0");
+        h.update(&d.0);
+    }
+    Ok(Digest::from(h.finalize()))
+}
+
+fn hash_file(path: &Path) -> Result<Digest, StateError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| StateError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| StateError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from(h.finalize()))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StateError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| StateError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    for entry in rd {
+        let entry = entry.map_err(|e| StateError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let p = entry.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineError> {
+    let mut out = BTreeMap::new();
+    let mut cache: BTreeMap<PathBuf, Digest> = BTreeMap::new();
+    for node in dag.nodes() {
+        for (input, src) in &node.inputs {
+            if let InputSource::External(path) = src {
+                let d = match cache.get(path) {
+                    Some(d) => *d,
+                    None => {
+                        let d = fingerprint(path).map_err(|e| EngineError::BadNode {
+                            node: node.name.clone(),
+                            reason: format!("input `{input}`: {e}"),
+                        })?;
+                        cache.insert(path.clone(), d);
+                        d
+                    }
+                };
+                out.insert(format!("{}/{input}", node.name), d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Create the run, or check that an existing run has the same definition and input files.
+pub fn open_run(store: &Store, spec: &RunSpec, dag: &Dag) -> Result<RunRecord, EngineError> {
+    tsr_state::validate_name(&spec.name)?;
+    let externals = external_fingerprints(dag)?;
+    if let Some(existing) = store.get_run(&spec.name)? {
+        let mut changes = Vec::new();
+        let mut sets = Vec::new();
+        let keys: BTreeSet<&String> = existing
+            .definition
+            .keys()
+            .chain(spec.definition.keys())
+            .collect();
+        for k in keys {
+            let old = existing.definition.get(k);
+            let new = spec.definition.get(k);
+            if old != new {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+                changes.push(format!("{k}: {} -> {}", show(old), show(new)));
+                if let Some(n) = new {
+                    sets.push(format!("--set {k}={n}"));
+                }
+            }
+        }
+        if existing.workflow != spec.workflow {
+            changes.insert(
+                0,
+                format!("workflow: {} -> {}", existing.workflow, spec.workflow),
+            );
+        }
+        if !changes.is_empty() {
+            return Err(EngineError::DefinitionChanged {
+                run: spec.name.clone(),
+                changes: changes.join("; "),
+                sets: sets.join(" "),
+            });
+        }
+        for (k, d) in &externals {
+            if let Some(old) = existing.externals.get(k) {
+                if old != d {
+                    let (node, input) = k.split_once('/').unwrap_or((k, ""));
+                    return Err(EngineError::InputChanged {
+                        run: spec.name.clone(),
+                        node: format!("{node}` (input `{input}`"),
+                        recorded: old.short(),
+                        now: d.short(),
+                    });
+                }
+            }
+        }
+        return Ok(existing);
+    }
+    let now = now_ms();
+    let rec = RunRecord {
+        name: spec.name.clone(),
+        workflow: spec.workflow.clone(),
+        config_toml: spec.config_toml.clone(),
+        definition: spec.definition.clone(),
+        externals,
+        forked_from: spec.forked_from.clone(),
+        status: RunStatus::Created,
+        created_ms: now,
+        updated_ms: now,
+    };
+    store.put_run(&rec)?;
+    Ok(rec)
+}
