@@ -6,6 +6,7 @@ SiLU MLP, tied embeddings) loaded from a Hugging Face folder written by `tsr` (`
 `tsr export-model`). One step = reference forward (no_grad) + policy forward/backward over
 chosen and rejected + clip_grad_norm_(1.0) + torch.optim.AdamW, on one pair of P prompt + R
 response tokens, f32 on CPU. Needs only torch and numpy (no transformers, no safetensors).
+`scripts/bench_torch_gpu.py` imports `Llama` from here (any device and dtype, optional KV cache).
 
 Run: python3 scripts/bench_dpo_torch.py MODEL_DIR [STEPS]
 """
@@ -42,16 +43,23 @@ class Llama(torch.nn.Module):
         return self.p[name.replace(".", "__")]
 
     def norm(self, x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg["rms_norm_eps"]) * w
+        # In f32 and cast back, as transformers does (a no-op for f32 weights).
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg["rms_norm_eps"])).to(x.dtype) * w
 
-    def forward(self, ids):
+    def forward(self, ids, cache=None):
+        """Logits at every position. `cache` (a list, for generation with a KV cache) holds
+        one (k, v) per layer from earlier calls; new keys/values are appended to it and the
+        positions continue after them (no padding: every row has the same length)."""
         c = self.cfg
         b, t = ids.shape
         nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         emb = self.w("model.embed_tokens.weight")
         x = F.embedding(ids, emb)
-        freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
-        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+        past = cache[0][0].shape[2] if cache else 0
+        pos = torch.arange(past, past + t, dtype=torch.float32, device=ids.device)
+        freqs = torch.outer(pos, self.inv_freq.to(ids.device))
+        cos, sin = torch.cat([freqs.cos()] * 2, -1).to(x.dtype), torch.cat([freqs.sin()] * 2, -1).to(x.dtype)
 
         def rope(q):
             q1, q2 = q[..., : hd // 2], q[..., hd // 2 :]
@@ -64,9 +72,16 @@ class Llama(torch.nn.Module):
             k = F.linear(h, self.w(f"{p}.self_attn.k_proj.weight")).view(b, t, nkv, hd).transpose(1, 2)
             v = F.linear(h, self.w(f"{p}.self_attn.v_proj.weight")).view(b, t, nkv, hd).transpose(1, 2)
             q, k = rope(q), rope(k)
+            if cache is not None:
+                if len(cache) > i:
+                    k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+                    cache[i] = (k, v)
+                else:
+                    cache.append((k, v))
             k = k.repeat_interleave(nh // nkv, 1)
             v = v.repeat_interleave(nh // nkv, 1)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # Causal within the new tokens; a single new token sees the whole cache.
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and t > 1)
             x = x + F.linear(a.transpose(1, 2).reshape(b, t, nh * hd), self.w(f"{p}.self_attn.o_proj.weight"))
             h = self.norm(x, self.w(f"{p}.post_attention_layernorm.weight"))
             g = F.silu(F.linear(h, self.w(f"{p}.mlp.gate_proj.weight")))

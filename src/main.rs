@@ -1,6 +1,7 @@
 //! `tsr`: the command line. Thin: parse flags into a validated config, call the libraries, print.
 //! `main -> run -> ExitCode`; on failure the whole error chain is printed.
 
+mod cmd_bench;
 mod cmd_dpo;
 mod cmd_inspect;
 mod cmd_lineage;
@@ -55,6 +56,8 @@ enum Cmd {
     ExportModel(cmd_model::ExportModelArgs),
     /// DPO-train a model on a JSONL file of preference pairs (outside any workflow).
     Dpo(cmd_dpo::DpoArgs),
+    /// DPO step throughput (pairs/s, MFU) and batched generation speed on a device (issue 6).
+    Bench(cmd_bench::BenchArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -99,5 +102,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Logprobs(a) => cmd_model::run_logprobs(a).map(|()| ExitCode::SUCCESS),
         Cmd::ExportModel(a) => cmd_model::run_export_model(a).map(|()| ExitCode::SUCCESS),
         Cmd::Dpo(a) => cmd_dpo::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
     }
 }

@@ -15,44 +15,10 @@
 
 use std::time::Instant;
 
+use tsr_steps::bench::{cpu_s, median, reset_hwm, vm_hwm_mb};
 use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
 use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig};
 use tsr_steps::model::{tune_runtime, LanguageModel};
-
-fn vm_hwm_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// CPU seconds (user + system) this process has used.
-fn cpu_s() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let rest = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
-}
-
-fn reset_hwm() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// `n` token ids from real text (the model's own tokenizer), repeated to length.
 fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {

@@ -16,3 +16,4 @@ pub mod reference;
 pub mod metrics;
 pub mod judge_pairs;
 pub mod meta_judge;
+pub mod bench;

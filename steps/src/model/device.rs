@@ -28,18 +28,38 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(spec: &str, ordinal: usize) -> Result<Device, ModelError> {
-    // cudarc may panic when a CUDA library is missing: turn that into an error.
+    // cudarc (built with `dynamic-loading`, see scripts/build-cuda.sh) dlopens libcuda, libcublas,
+    // libcublasLt and libcurand on first use and panics when one is missing. Catch that and turn
+    // it into an error naming the library; the default hook would print a "panicked at" trace
+    // first, so it is swapped out for the call (the hook is process-wide, but device set-up
+    // happens once, before any worker thread).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
     match r {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(ModelError::Device {
             spec: spec.to_string(),
-            msg: e.to_string(),
+            msg: format!("cannot open CUDA device {ordinal}: {e}"),
         }),
-        Err(_) => Err(ModelError::Device {
-            spec: spec.to_string(),
-            msg: "CUDA initialisation panicked (is libcuda / libcublas on LD_LIBRARY_PATH?)".into(),
-        }),
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            // cudarc appends every file name it tried (dozens); the library's name comes first.
+            let why = why.split(" - searched for").next().unwrap_or(&why).trim();
+            Err(ModelError::Device {
+                spec: spec.to_string(),
+                msg: format!(
+                    "CUDA is not usable on this machine: {why} (needs an NVIDIA driver (libcuda.so.1) \
+                     and the CUDA 13 libraries libcublas, libcublasLt and libcurand; on the GPU \
+                     machine set LD_LIBRARY_PATH=/usr/local/cuda/lib64)"
+                ),
+            })
+        }
     }
 }
 
@@ -47,7 +67,7 @@ fn cuda_device(spec: &str, ordinal: usize) -> Result<Device, ModelError> {
 fn cuda_device(spec: &str, _ordinal: usize) -> Result<Device, ModelError> {
     Err(ModelError::Device {
         spec: spec.to_string(),
-        msg: "this binary was built without CUDA support (rebuild with --features cuda)".into(),
+        msg: "this tsr was built without CUDA; build with scripts/build-cuda.sh".into(),
     })
 }
 
@@ -63,6 +83,6 @@ mod tests {
         assert!(parse_device("cuda:0")
             .unwrap_err()
             .to_string()
-            .contains("without CUDA"));
+            .contains("built without CUDA; build with scripts/build-cuda.sh"));
     }
 }

@@ -353,3 +353,34 @@ pub fn tiny_model(dir: &Path, seed: u64) -> LanguageModel {
     let d = write_tiny_hf_model(dir, seed);
     LanguageModel::load(&ModelSource::HfDir(d), &Device::Cpu, DType::F32).expect("load tiny model")
 }
+
+/// The shape of SmolLM2-135M (hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied
+/// embeddings): random weights of this shape cost what the real model costs.
+pub fn smollm2_135m_config() -> Config {
+    Config {
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        head_dim: 64,
+        vocab_size: 49152,
+        rope_theta: 100_000.0,
+        max_position_embeddings: 8192,
+        ..tiny_config(49152)
+    }
+}
+
+/// A model of any shape with [`random_weights`] and the tiny tokenizer (stop and pad token 2).
+/// For speed measurements: ids beyond the tiny tokenizer's vocabulary decode to nothing.
+pub fn random_model(
+    cfg: &Config,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<LanguageModel, ModelError> {
+    let (tj, tc, _, _) = tiny_tokenizer_files();
+    let here = Path::new("<random model>");
+    let tok = super::ChatTokenizer::from_parts(tj, tc, Some(2), &[2], here)?;
+    LanguageModel::from_tensors(cfg.clone(), tok, random_weights(cfg, seed), here, device, dtype)
+}

@@ -1,0 +1,191 @@
+//! `tsr bench`: DPO step throughput (pairs/s, MFU) and batched generation (new tokens/s) on one
+//! device, with the shapes of issue 6, so one GPU session can set tsr beside PyTorch
+//! (`scripts/bench_torch_gpu.py` prints the same figures for the same shapes and token ids).
+//! The measurements and the FLOP model live in `tsr_steps::bench`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tsr_steps::bench::{bench_dpo, bench_generate, dpo_flops_per_pair, matmul_params, vm_hwm_mb};
+use tsr_steps::model::testing::{random_model, smollm2_135m_config};
+use tsr_steps::model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchWhat {
+    Dpo,
+    Generate,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Model (GGUF, HF folder, Org/Name). Default: the quickstart's SmolLM2-135M GGUF if cached,
+    /// else random weights of its shape.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Random weights of SmolLM2-135M's shape even if the GGUF is cached (same speed).
+    #[arg(long, conflicts_with = "model")]
+    pub random: bool,
+    /// Compute dtype. bf16 needs CUDA; its weights are bf16 too (AdamW's arithmetic is f32 but
+    /// there is no f32 master copy), unlike tsr's training, which is f32 throughout.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: BenchDtype,
+    /// What to measure (default both).
+    #[arg(long, value_enum)]
+    pub only: Option<BenchWhat>,
+    /// DPO batch sizes in pairs (default: 8,32 on CUDA, 1 on CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub dpo_batch: Vec<usize>,
+    /// Timed DPO steps per batch size, after one warm-up step.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub response_tokens: usize,
+    /// Generation batch (default: 256 on CUDA, 16 on CPU).
+    #[arg(long)]
+    pub gen_batch: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub gen_prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_new_tokens: usize,
+    /// Sampling temperature (softmax sampling, no top-p / top-k).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
+    /// dense peak; no default on CPU, where MFU is then not printed).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+fn default_gguf() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.is_file().then_some(p)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let device = parse_device(&a.device)?;
+    let cuda = !device.is_cpu();
+    let dtype = match a.dtype {
+        BenchDtype::F32 => DType::F32,
+        BenchDtype::Bf16 if cuda => DType::BF16,
+        BenchDtype::Bf16 => {
+            bail!("--dtype bf16 needs --device cuda:N (on CPU tsr computes in f32)")
+        }
+    };
+    let dpo_batches = if !a.dpo_batch.is_empty() {
+        a.dpo_batch.clone()
+    } else if cuda {
+        vec![8, 32]
+    } else {
+        vec![1]
+    };
+    if dpo_batches.contains(&0) || a.steps == 0 {
+        bail!("--dpo-batch and --steps must be at least 1");
+    }
+    let gen_batch = a.gen_batch.unwrap_or(if cuda { 256 } else { 16 });
+    let peak = a.peak_tflops.or(cuda.then_some(989.0));
+
+    let t = std::time::Instant::now();
+    let (policy, what) = match (&a.model, a.random, default_gguf()) {
+        (Some(spec), _, _) => (
+            LanguageModel::load(&ModelSource::parse(spec)?, &device, dtype)
+                .with_context(|| format!("loading model {spec}"))?,
+            spec.clone(),
+        ),
+        (None, false, Some(gguf)) => (
+            LanguageModel::load(&ModelSource::Gguf(gguf.clone()), &device, dtype)
+                .with_context(|| format!("loading model {}", gguf.display()))?,
+            gguf.display().to_string(),
+        ),
+        (None, _, _) => (
+            random_model(&smollm2_135m_config(), 1, &device, dtype)?,
+            "random weights, SmolLM2-135M shape".to_string(),
+        ),
+    };
+    let cfg = policy.config().clone();
+    println!(
+        "tsr bench: {what} ({:.1} M parameters, {:.1} M in matmuls), {} {:?}, loaded in {:.1} s; \
+         threads {}",
+        policy.num_parameters() as f64 / 1e6,
+        matmul_params(&cfg) / 1e6,
+        a.device,
+        dtype,
+        t.elapsed().as_secs_f64(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "?".into()),
+    );
+    let mfu = |flops_per_s: f64| match peak {
+        Some(p) => format!(
+            "MFU {:.2} % of {p} TFLOP/s",
+            100.0 * flops_per_s / (p * 1e12)
+        ),
+        None => "MFU n/a (--peak-tflops)".into(),
+    };
+
+    if a.only != Some(BenchWhat::Generate) {
+        let reference = policy.clone_weights()?;
+        let (p, r) = (a.prompt_tokens, a.response_tokens);
+        println!(
+            "DPO: {p} prompt + {r} response tokens; reference forward + policy forward/backward + \
+             clip + AdamW; {:.1} GFLOP per pair",
+            dpo_flops_per_pair(&cfg, p, r) / 1e9
+        );
+        for &b in &dpo_batches {
+            let res = bench_dpo(&policy, &reference, b, p, r, a.steps, |i, s, loss| {
+                let tag = if i == 0 { " (warm-up)" } else { "" };
+                println!("  batch {b} step {i}{tag}: {s:.3} s, loss {loss:.6}");
+            })?;
+            println!(
+                "RESULT dpo batch {b}: {:.2} pairs/s (median step {:.3} s over {}), {:.2} TFLOP/s, {}",
+                res.pairs_per_s,
+                res.median_s,
+                res.step_s.len(),
+                res.flops_per_s / 1e12,
+                mfu(res.flops_per_s)
+            );
+        }
+    }
+
+    if a.only != Some(BenchWhat::Dpo) {
+        let sampling = Sampling::Sample {
+            temperature: a.temperature,
+            top_p: None,
+            top_k: None,
+        };
+        let res = bench_generate(
+            &policy,
+            gen_batch,
+            a.gen_prompt_tokens,
+            a.gen_new_tokens,
+            sampling,
+        )?;
+        println!(
+            "RESULT generate batch {gen_batch}: {:.1} new tok/s ({} tokens in {:.2} s, prefill \
+             included; {} of {gen_batch} rows stopped early at end-of-turn; {}-token prompts, <= {} new, \
+             temperature {})",
+            res.tokens_per_s,
+            res.new_tokens,
+            res.seconds,
+            res.stopped_early,
+            a.gen_prompt_tokens,
+            a.gen_new_tokens,
+            a.temperature
+        );
+    }
+    if device.is_cpu() {
+        println!("peak RSS {:.0} MB", vm_hwm_mb());
+    }
+    Ok(ExitCode::SUCCESS)
+}

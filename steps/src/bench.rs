@@ -1,0 +1,319 @@
+//! Speed measurements shared by `tsr bench` and the `bench_*` examples: process counters
+//! (`/proc`), a median, the FLOP model behind MFU, and the two measurements issue 6 compares
+//! with PyTorch (`scripts/bench_torch_gpu.py` runs the same shapes and token ids):
+//!
+//! - [`bench_dpo`]: DPO optimizer steps on `batch` pairs of `prompt + response` tokens. One
+//!   step = the frozen reference model's forward on every pair (inference path) + the policy's
+//!   forward and backward on chosen and rejected + clipping + the AdamW update, exactly what a
+//!   trainer without precomputed reference log-probs does. The first step is a warm-up
+//!   (allocations, CUDA kernel JIT) and is excluded.
+//! - [`bench_generate`]: one batch of `batch` sampled continuations of a `prompt`-token chat
+//!   prompt, at most `max_new` tokens each; tokens per second counts the tokens produced
+//!   (a row that samples the end-of-turn token stops early; the count says how many did).
+//!
+//! The device is synchronised before every clock read, so CUDA's asynchronous kernels are
+//! inside the time they belong to.
+
+use std::time::Instant;
+
+use crate::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
+use crate::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
+use crate::model::{Config, FinishReason, GenRequest, LanguageModel, ModelError, Sampling};
+
+/// Peak resident memory of this process (VmHWM) in MB; NaN where `/proc` is unavailable.
+pub fn vm_hwm_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets VmHWM to the current resident size, so the next reading is the peak from now on.
+pub fn reset_hwm() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU seconds (user + system) this process has used.
+pub fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// The median (NaN for no values).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Parameters that take part in a matrix multiply per token: the attention and MLP projections
+/// of every layer and the output head (the tied embedding counts once, as the head: the input
+/// lookup is not a matmul). Norms and biases are left out (under 0.1 % here).
+pub fn matmul_params(cfg: &Config) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let q = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let per_layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * cfg.intermediate_size as f64;
+    cfg.num_hidden_layers as f64 * per_layer + cfg.vocab_size as f64 * h
+}
+
+/// Forward FLOPs of one token in a sequence of `seq` tokens: `2 * matmul_params` plus the
+/// attention scores and weighted sum, `4 * layers * heads * head_dim * seq` (PaLM's
+/// convention: the full `seq x seq` product, which is also what this model computes; the
+/// causal mask hides half of it but nothing is skipped). The backward pass is counted as twice
+/// the forward, so a training token costs 3x this.
+pub fn forward_flops_per_token(cfg: &Config, seq: usize) -> f64 {
+    let attn = 4.0
+        * cfg.num_hidden_layers as f64
+        * (cfg.num_attention_heads * cfg.head_dim) as f64
+        * seq as f64;
+    2.0 * matmul_params(cfg) + attn
+}
+
+/// Model FLOPs of one DPO pair: two sequences (chosen, rejected) of `prompt + response`
+/// tokens, each run forward by the reference (1x) and forward + backward by the policy (3x).
+/// The prompt is recomputed for both sequences, as the trainer does.
+pub fn dpo_flops_per_pair(cfg: &Config, prompt: usize, response: usize) -> f64 {
+    let seq = prompt + response;
+    2.0 * seq as f64 * 4.0 * forward_flops_per_token(cfg, seq)
+}
+
+/// Deterministic token ids in `[100, vocab)`; `scripts/bench_torch_gpu.py` uses the same
+/// formula, so both sides train on the same ids.
+pub fn synthetic_ids(vocab: usize, row: usize, len: usize, a: usize, b: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(100).clamp(1, 40_000);
+    (0..len)
+        .map(|j| (100 + (row * a + j * b) % span) as u32)
+        .collect()
+}
+
+/// The result of [`bench_dpo`].
+#[derive(Debug, Clone)]
+pub struct DpoBench {
+    pub batch: usize,
+    /// Seconds of each timed step (warm-up excluded).
+    pub step_s: Vec<f64>,
+    /// Seconds of the warm-up step.
+    pub warmup_s: f64,
+    /// Median over `step_s`.
+    pub median_s: f64,
+    pub pairs_per_s: f64,
+    /// Achieved model FLOP/s ([`dpo_flops_per_pair`] x pairs/s).
+    pub flops_per_s: f64,
+    /// Loss of the last step (a sanity check: finite, near ln 2 at the start).
+    pub last_loss: f64,
+}
+
+/// DPO throughput on `batch` synthetic pairs of `prompt + response` tokens: one warm-up step
+/// and `steps` timed ones (see the module docs). `on_step(i, seconds, loss)` reports each step
+/// (`i = 0` is the warm-up).
+pub fn bench_dpo(
+    policy: &LanguageModel,
+    reference: &LanguageModel,
+    batch: usize,
+    prompt: usize,
+    response: usize,
+    steps: usize,
+    mut on_step: impl FnMut(usize, f64, f64),
+) -> Result<DpoBench, TrainerError> {
+    let vocab = policy.config().vocab_size;
+    let mut pairs: Vec<TrainPair> = (0..batch)
+        .map(|i| TrainPair {
+            prompt: synthetic_ids(vocab, i, prompt, 131, 17),
+            chosen: synthetic_ids(vocab, i, response, 71, 29),
+            rejected: synthetic_ids(vocab, i, response, 53, 37),
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+        })
+        .collect();
+    reference_logps(reference, &mut pairs, batch)?;
+    let cfg = TrainerConfig {
+        loss: DpoLossConfig::default(),
+        schedule: LrSchedule::constant(5e-7),
+        optimizer: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        // One optimizer step per epoch: the whole data set is one batch.
+        epochs: steps as u64 + 1,
+        max_steps: None,
+        micro_batch: batch,
+        accum_steps: 1,
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+    };
+    let mut trainer = DpoTrainer::new(policy, pairs.clone(), cfg)?;
+    let dev = policy.device().clone();
+    let mut times = Vec::with_capacity(steps);
+    let mut warmup_s = f64::NAN;
+    let mut last_loss = f64::NAN;
+    for i in 0..=steps {
+        dev.synchronize().map_err(ModelError::from)?;
+        let t = Instant::now();
+        // The trainer's reference values were fixed at construction; the reference forward
+        // is still run (and timed) every step, as a trainer without precomputed ones would.
+        let mut fresh = pairs.clone();
+        reference_logps(reference, &mut fresh, batch)?;
+        let report = trainer.step()?;
+        dev.synchronize().map_err(ModelError::from)?;
+        let s = t.elapsed().as_secs_f64();
+        last_loss = report.metrics.loss;
+        on_step(i, s, last_loss);
+        if i == 0 {
+            warmup_s = s;
+        } else {
+            times.push(s);
+        }
+    }
+    let median_s = median(times.clone());
+    let pairs_per_s = batch as f64 / median_s;
+    Ok(DpoBench {
+        batch,
+        step_s: times,
+        warmup_s,
+        median_s,
+        pairs_per_s,
+        flops_per_s: pairs_per_s * dpo_flops_per_pair(policy.config(), prompt, response),
+        last_loss,
+    })
+}
+
+/// The result of [`bench_generate`].
+#[derive(Debug, Clone)]
+pub struct GenBench {
+    pub batch: usize,
+    /// Tokens produced, the end-of-turn token included.
+    pub new_tokens: usize,
+    /// Rows that stopped before `max_new` tokens.
+    pub stopped_early: usize,
+    /// Wall time of the batch, prefill included.
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// A chat prompt of exactly `len` tokens: a long request, cut in the middle so that the
+/// template's start and its assistant header (the last 3 tokens) are kept.
+pub fn prompt_ids(model: &LanguageModel, len: usize) -> Result<Vec<u32>, ModelError> {
+    let text = "Write a long story about a brave knight who travels across the kingdom to find \
+                a dragon, and describe every village, river and mountain on the way. "
+        .repeat(8);
+    let ids = model.tokenizer().encode_prompt(&text)?;
+    if len < 4 || ids.len() < len {
+        return Err(ModelError::InvalidRequest(format!(
+            "prompt length {len}: must be in 4..={}",
+            ids.len()
+        )));
+    }
+    let tail = &ids[ids.len() - 3..];
+    Ok([&ids[..len - 3], tail].concat())
+}
+
+/// Batched sampling throughput (see the module docs): a short warm-up at the full batch,
+/// then one timed batch.
+pub fn bench_generate(
+    model: &LanguageModel,
+    batch: usize,
+    prompt: usize,
+    max_new: usize,
+    sampling: Sampling,
+) -> Result<GenBench, ModelError> {
+    let ids = prompt_ids(model, prompt)?;
+    let reqs = |n: usize| -> Vec<GenRequest> {
+        (0..batch as u64)
+            .map(|seed| GenRequest {
+                prompt_ids: ids.clone(),
+                max_new_tokens: n,
+                sampling: sampling.clone(),
+                seed,
+            })
+            .collect()
+    };
+    model.generate(&reqs(4.min(max_new)), batch)?;
+    let dev = model.device();
+    dev.synchronize()?;
+    let t = Instant::now();
+    let out = model.generate(&reqs(max_new), batch)?;
+    dev.synchronize()?;
+    let seconds = t.elapsed().as_secs_f64();
+    let new_tokens: usize = out
+        .iter()
+        .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
+        .sum();
+    let stopped_early = out
+        .iter()
+        .filter(|o| o.finished == FinishReason::EndOfTurn)
+        .count();
+    Ok(GenBench {
+        batch,
+        new_tokens,
+        stopped_early,
+        seconds,
+        tokens_per_s: new_tokens as f64 / seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{random_model, smollm2_135m_config, tiny_config};
+    use crate::model::{DType, Device};
+
+    #[test]
+    fn flop_model_of_smollm2() {
+        let cfg = smollm2_135m_config();
+        // Every parameter but the 61 norm vectors is in a matmul (the tied embedding once).
+        let all: usize = cfg
+            .expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(matmul_params(&cfg) as usize, all - 61 * 576);
+        assert_eq!(matmul_params(&cfg) as usize, 134_479_872);
+        // 128 + 128: 2 * 134.48 M + 4 * 30 * 576 * 256 per token forward, x 4 (policy fwd + bwd,
+        // reference fwd), x 512 tokens (chosen and rejected).
+        let per_token = 2.0 * 134_479_872.0 + 4.0 * 30.0 * 576.0 * 256.0;
+        assert_eq!(dpo_flops_per_pair(&cfg, 128, 128), 512.0 * 4.0 * per_token);
+        assert!((dpo_flops_per_pair(&cfg, 128, 128) / 1e9 - 587.1).abs() < 0.1);
+    }
+
+    #[test]
+    fn benches_run_on_the_tiny_shape() {
+        let m = random_model(&tiny_config(384), 3, &Device::Cpu, DType::F32).unwrap();
+        let r = m.clone_weights().unwrap();
+        let mut seen = Vec::new();
+        let d = bench_dpo(&m, &r, 2, 6, 5, 2, |i, s, loss| seen.push((i, s, loss))).unwrap();
+        assert_eq!(seen.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(d.step_s.len(), 2);
+        // Step 0 starts at policy == reference: sigmoid DPO's loss is ln 2.
+        assert!(
+            (seen[0].2 - std::f64::consts::LN_2).abs() < 1e-4,
+            "{seen:?}"
+        );
+        assert!(d.pairs_per_s > 0.0 && d.last_loss.is_finite());
+        let sampling = Sampling::Sample {
+            temperature: 1.0,
+            top_p: None,
+            top_k: None,
+        };
+        let g = bench_generate(&m, 3, 12, 5, sampling).unwrap();
+        assert!(g.new_tokens >= 3 && g.new_tokens <= 15, "{g:?}");
+        assert_eq!(prompt_ids(&m, 12).unwrap().len(), 12);
+        assert!(prompt_ids(&m, 3).is_err());
+    }
+}
