@@ -12,7 +12,7 @@ use common::*;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::sync::Arc;
 use tsr_engine::{ItemJournal, MemoryJournal, Progress, Step, StepContext, StepInputs, StopFlag};
 use tsr_state::{BlobStore, Digest};
@@ -176,38 +176,11 @@ fn sigkill_and_resume_of_temporal_meta_gives_identical_digests() {
         .status
         .success());
     let store = dir.path().join("killed");
-    let mut kills = 0;
-    for delay_ms in [150u64, 300, 450, 600, 750, 900, 1100, 1300] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-            .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
-            .arg(&store)
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
+    let kills = kill_at_delays(&cfg, &store, &[150, 300, 450, 600, 750, 900, 1100, 1300]);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(kills >= 3, "only {kills} kills landed");
-    let a = status(&reference, "temporal-meta");
-    let b = status(&store, "temporal-meta");
-    for n in a["nodes"].as_array().unwrap() {
-        let name = n["node"].as_str().unwrap();
-        let m = b["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["node"] == name)
-            .unwrap();
-        assert_eq!(
-            n["outputs"], m["outputs"],
-            "node {name} differs after {kills} kills"
-        );
-    }
+    assert_same_outputs(&reference, &store, "temporal-meta", &format!("after {kills} kills"));
 }
 
 #[test]

@@ -105,30 +105,11 @@ fn sigkill_and_resume_of_the_whole_workflow_gives_identical_digests() {
     let reference = dir.path().join("ref");
     assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference).status.success());
     let store = dir.path().join("killed");
-    let mut kills = 0;
-    for delay_ms in [150u64, 300, 450, 600, 750, 900, 1100, 1300] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-            .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
-            .arg(&store)
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
+    let kills = kill_at_delays(&cfg, &store, &[150, 300, 450, 600, 750, 900, 1100, 1300]);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(kills >= 3, "only {kills} kills landed");
-    let a = status(&reference, "temporal-logprob");
-    let b = status(&store, "temporal-logprob");
-    for n in a["nodes"].as_array().unwrap() {
-        let name = n["node"].as_str().unwrap();
-        let m = b["nodes"].as_array().unwrap().iter().find(|x| x["node"] == name).unwrap();
-        assert_eq!(n["outputs"], m["outputs"], "node {name} differs after {kills} kills");
-    }
+    assert_same_outputs(&reference, &store, "temporal-logprob", &format!("after {kills} kills"));
 }
 
 fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> PathBuf {

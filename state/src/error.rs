@@ -16,7 +16,7 @@ pub enum StateError {
         source: std::io::Error,
     },
 
-    #[error("sled database at {path}: {source}; if the directory is damaged, run `tsr verify` and restore the store from a copy")]
+    #[error("sled database at {path}: {source}; if it is damaged, restore the store folder from a copy, or start a new store (every step is recomputed)")]
     Db {
         path: PathBuf,
         #[source]

@@ -50,3 +50,34 @@ pub fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
 pub fn blob(store: &Path, digest: &str) -> Vec<u8> {
     std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
 }
+
+/// Start `tsr run CONFIG` on `store` once per delay and SIGKILL it after that many
+/// milliseconds (if it is still running). Returns how many kills landed.
+pub fn kill_at_delays(cfg: &Path, store: &Path, delays_ms: &[u64]) -> usize {
+    let mut kills = 0;
+    for &delay_ms in delays_ms {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+            .arg(store)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    kills
+}
+
+/// Every node of `run` has the same outputs in both stores.
+pub fn assert_same_outputs(reference: &Path, store: &Path, run: &str, why: &str) {
+    let a = status(reference, run);
+    let b = status(store, run);
+    for n in a["nodes"].as_array().unwrap() {
+        let name = n["node"].as_str().unwrap();
+        let m = b["nodes"].as_array().unwrap().iter().find(|x| x["node"] == name).unwrap();
+        assert_eq!(n["outputs"], m["outputs"], "node {name} differs {why}");
+    }
+}

@@ -24,6 +24,16 @@ impl LanguageModel {
         }
     }
 
+    fn check_seqs(&self, seqs: &[Vec<u32>]) -> Result<(), ModelError> {
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
+            }
+            self.check_ids("sequence", i, s)?;
+        }
+        Ok(())
+    }
+
     fn check_pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(), ModelError> {
         for (i, (p, r)) in pairs.iter().enumerate() {
             if p.is_empty() {
@@ -176,12 +186,7 @@ impl LanguageModel {
         seqs: &[Vec<u32>],
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        for (i, s) in seqs.iter().enumerate() {
-            if s.is_empty() {
-                return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
-            }
-            self.check_ids("sequence", i, s)?;
-        }
+        self.check_seqs(seqs)?;
         let w = self.weights(false)?;
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].len()), i));
@@ -212,12 +217,7 @@ impl LanguageModel {
         seqs: &[Vec<u32>],
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        for (i, s) in seqs.iter().enumerate() {
-            if s.is_empty() {
-                return Err(ModelError::InvalidRequest(format!("sequence {i}: empty")));
-            }
-            self.check_ids("sequence", i, s)?;
-        }
+        self.check_seqs(seqs)?;
         let w = self.weights(false)?;
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].len()), i));
