@@ -58,7 +58,10 @@ pub struct GcArgs {
 
 fn config_of(store: &Store, run: &str) -> anyhow::Result<Config> {
     let rec = store.run(run)?;
-    Ok(Config::from_str_at(&rec.config_toml, Path::new(&format!("run `{run}` (stored)")))?)
+    Ok(Config::from_str_at(
+        &rec.config_toml,
+        Path::new(&format!("run `{run}` (stored)")),
+    )?)
 }
 
 fn print_status(view: &RunStatusView) {
@@ -158,24 +161,37 @@ pub fn replay(store_flag: &Option<PathBuf>, a: ReplayArgs) -> anyhow::Result<Exi
         }
     }
     if nodes.is_empty() {
-        anyhow::bail!("name the nodes to replay, or --iteration N (`tsr status {}` lists nodes)", a.run);
+        anyhow::bail!(
+            "name the nodes to replay, or --iteration N (`tsr status {}` lists nodes)",
+            a.run
+        );
     }
     let device = a.device.unwrap_or(config.device.clone());
     let reports = engine_replay(&store, &dag, &a.run, &nodes, &device, StopFlag::new())?;
     let all = reports.iter().all(|r| r.identical);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"identical": all, "steps": reports}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"identical": all, "steps": reports}))?
+        );
     } else {
         for r in &reports {
             println!(
                 "{:<28} {:<10} {:.1}s",
                 r.node,
-                if r.identical { "identical" } else { "DIFFERENT" },
+                if r.identical {
+                    "identical"
+                } else {
+                    "DIFFERENT"
+                },
                 r.seconds
             );
             for o in &r.outputs {
                 if !o.identical {
-                    println!("    {}: recorded {} replayed {}", o.name, o.recorded, o.replayed);
+                    println!(
+                        "    {}: recorded {} replayed {}",
+                        o.name, o.recorded, o.replayed
+                    );
                 }
             }
             if let Some(n) = &r.note {
@@ -183,12 +199,17 @@ pub fn replay(store_flag: &Option<PathBuf>, a: ReplayArgs) -> anyhow::Result<Exi
             }
         }
     }
-    Ok(if all { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::store_dir(store_flag, None);
-    let mut store = Store::open_for_verify(&dir).with_context(|| format!("opening the store {}", dir.display()))?;
+    let mut store = Store::open_for_verify(&dir)
+        .with_context(|| format!("opening the store {}", dir.display()))?;
     let report = tsr_state::verify(&store)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -198,7 +219,11 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
             report.records,
             report.blobs_checked,
             report.unreferenced_blobs,
-            if report.ok() { "ok".to_string() } else { format!("{} problems", report.problems.len()) }
+            if report.ok() {
+                "ok".to_string()
+            } else {
+                format!("{} problems", report.problems.len())
+            }
         );
         for p in &report.problems {
             println!("  {}: {}", p.kind, p.detail);
@@ -210,7 +235,10 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
     let rolled_back = store.rolled_back().is_some();
     if !a.repair {
         if rolled_back || report.problems.iter().any(|p| !p.steps.is_empty()) {
-            eprintln!("tsr: the damaged results can be recomputed: tsr verify --repair --store {}", dir.display());
+            eprintln!(
+                "tsr: the damaged results can be recomputed: tsr verify --repair --store {}",
+                dir.display()
+            );
         }
         return Ok(ExitCode::from(1));
     }
@@ -232,7 +260,9 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
         }
     }
     for key in &steps {
-        let Some(mut rec) = store.get_step(key)? else { continue };
+        let Some(mut rec) = store.get_step(key)? else {
+            continue;
+        };
         rec.status = machine::transition(&rec.status, machine::Event::Reset, rec.attempts)
             .map_err(|(f, e)| anyhow::anyhow!("cannot reset step {}: {f} -> {e}", key.short()))?;
         rec.checkpoint = None;
@@ -243,11 +273,18 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
     }
     if rolled_back {
         store.accept_rollback()?;
-        eprintln!("tsr: accepted the database as it is; every run is resumed to recompute lost steps");
+        eprintln!(
+            "tsr: accepted the database as it is; every run is resumed to recompute lost steps"
+        );
     }
     let mut affected = Vec::new();
     for run in store.runs()? {
-        if rolled_back || store.nodes(&run.name)?.iter().any(|(_, n)| steps.contains(&n.step_key)) {
+        if rolled_back
+            || store
+                .nodes(&run.name)?
+                .iter()
+                .any(|(_, n)| steps.contains(&n.step_key))
+        {
             affected.push(run.name.clone());
         }
     }
@@ -257,7 +294,11 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
         eprintln!("tsr: re-running `{run}` to recompute");
         let c = crate::cmd_run::resume(
             store_flag,
-            crate::cmd_run::ResumeArgs { run, device: None, quiet: true },
+            crate::cmd_run::ResumeArgs {
+                run,
+                device: None,
+                quiet: true,
+            },
         )?;
         if c != ExitCode::SUCCESS {
             code = c;
@@ -265,7 +306,14 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
     }
     let store = open_store(&dir)?;
     let after = tsr_state::verify(&store)?;
-    println!("after repair: {}", if after.ok() { "ok".to_string() } else { format!("{} problems remain", after.problems.len()) });
+    println!(
+        "after repair: {}",
+        if after.ok() {
+            "ok".to_string()
+        } else {
+            format!("{} problems remain", after.problems.len())
+        }
+    );
     Ok(if after.ok() { code } else { ExitCode::from(1) })
 }
 

@@ -47,8 +47,12 @@ pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Valu
     let dpos = store_read::of_kind(&nodes, "dpo");
     let mut out = Vec::new();
     for sel in store_read::of_kind(&nodes, "select") {
-        let Some(pairs_digest) = sel.output("pairs") else { continue };
-        let consumer: Option<&&NodeResult> = dpos.iter().find(|d| d.step.inputs.get("pairs") == Some(&pairs_digest));
+        let Some(pairs_digest) = sel.output("pairs") else {
+            continue;
+        };
+        let consumer: Option<&&NodeResult> = dpos
+            .iter()
+            .find(|d| d.step.inputs.get("pairs") == Some(&pairs_digest));
         for mut p in store_read::jsonl(store, &pairs_digest)? {
             let obj = p.as_object_mut().context("a pair is not a JSON object")?;
             obj.insert("select_node".into(), json!(sel.node));
@@ -56,8 +60,14 @@ pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Valu
             if let Some(d) = consumer {
                 obj.insert("dpo_node".into(), json!(d.node));
                 obj.insert("dpo_step".into(), json!(d.key.to_hex()));
-                obj.insert("trained_from".into(), json!(d.step.inputs.get("model.weights").map(|x| x.to_hex())));
-                obj.insert("produced_model".into(), json!(d.output("weights").map(|x| x.to_hex())));
+                obj.insert(
+                    "trained_from".into(),
+                    json!(d.step.inputs.get("model.weights").map(|x| x.to_hex())),
+                );
+                obj.insert(
+                    "produced_model".into(),
+                    json!(d.output("weights").map(|x| x.to_hex())),
+                );
                 obj.insert("reference_model".into(), json!(reference_of(&nodes, d)));
             }
             out.push(p);
@@ -72,7 +82,8 @@ fn show_side(v: &Value) -> String {
         v["role"].as_str().unwrap_or("?"),
         v["sample"],
         v["seed"],
-        &v["generator_model"].as_str().unwrap_or("?")[..12.min(v["generator_model"].as_str().unwrap_or("?").len())],
+        &v["generator_model"].as_str().unwrap_or("?")
+            [..12.min(v["generator_model"].as_str().unwrap_or("?").len())],
         v["score"].as_f64().unwrap_or(f64::NAN),
         v["scores"],
         v["text"].as_str().unwrap_or("")
@@ -80,13 +91,20 @@ fn show_side(v: &Value) -> String {
 }
 
 fn resolve_model(nodes: &BTreeMap<String, NodeResult>, prefix: &str) -> anyhow::Result<String> {
-    let mut all: Vec<String> = nodes.values().filter_map(|n| n.output("weights")).map(|d| d.to_hex()).collect();
+    let mut all: Vec<String> = nodes
+        .values()
+        .filter_map(|n| n.output("weights"))
+        .map(|d| d.to_hex())
+        .collect();
     all.sort();
     all.dedup();
     let hits: Vec<&String> = all.iter().filter(|d| d.starts_with(prefix)).collect();
     match hits.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => bail!("no model of this run has a digest starting with `{prefix}`; models: {}", all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", ")),
+        [] => bail!(
+            "no model of this run has a digest starting with `{prefix}`; models: {}",
+            all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", ")
+        ),
         _ => bail!("`{prefix}` matches {} models; give more digits", hits.len()),
     }
 }
@@ -97,14 +115,27 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
         LineageWhat::Pair { id } => {
             let pairs = pairs_with_consumers(&store, &a.run)?;
             let Some(p) = pairs.iter().find(|p| p["pair_id"] == id.as_str()) else {
-                bail!("run `{}` has no pair `{id}`; `tsr export {} pairs` lists them", a.run, a.run);
+                bail!(
+                    "run `{}` has no pair `{id}`; `tsr export {} pairs` lists them",
+                    a.run,
+                    a.run
+                );
             };
             if a.json {
                 println!("{}", serde_json::to_string_pretty(p)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("pair {id} (iteration {}, phase {})", p["iteration"], p["phase"].as_str().unwrap_or(""));
-            println!("  prompt {} (text digest {}): {:?}", p["prompt_id"].as_str().unwrap_or(""), &p["prompt_digest"].as_str().unwrap_or("")[..12], p["prompt"].as_str().unwrap_or(""));
+            println!(
+                "pair {id} (iteration {}, phase {})",
+                p["iteration"],
+                p["phase"].as_str().unwrap_or("")
+            );
+            println!(
+                "  prompt {} (text digest {}): {:?}",
+                p["prompt_id"].as_str().unwrap_or(""),
+                &p["prompt_digest"].as_str().unwrap_or("")[..12],
+                p["prompt"].as_str().unwrap_or("")
+            );
             println!("  chosen:   {}", show_side(&p["chosen"]));
             println!("  rejected: {}", show_side(&p["rejected"]));
             println!(
@@ -113,8 +144,16 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                 p["judge"]["mode"].as_str().unwrap_or(""),
                 &p["judge"]["template_digest"].as_str().unwrap_or("")[..12]
             );
-            println!("  rule: {} — {}", p["rule"].as_str().unwrap_or(""), p["decision"].as_str().unwrap_or(""));
-            println!("  selected by {} (step {})", p["select_node"].as_str().unwrap_or(""), &p["select_step"].as_str().unwrap_or("")[..12]);
+            println!(
+                "  rule: {} — {}",
+                p["rule"].as_str().unwrap_or(""),
+                p["decision"].as_str().unwrap_or("")
+            );
+            println!(
+                "  selected by {} (step {})",
+                p["select_node"].as_str().unwrap_or(""),
+                &p["select_step"].as_str().unwrap_or("")[..12]
+            );
             match p.get("dpo_node") {
                 Some(d) => println!(
                     "  trained by {} (step {}): from model {} with reference {} -> model {}",
@@ -132,14 +171,21 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
             let mut cur = resolve_model(&nodes, &digest)?;
             let mut chain = Vec::new();
             loop {
-                let maker = nodes.values().find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
+                let maker = nodes
+                    .values()
+                    .find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
                 let Some(maker) = maker else { break };
                 if maker.step.kind == "import-model" {
                     chain.push(json!({"model": cur, "made_by": maker.node, "kind": "import-model", "note": "M0, the initial model"}));
                     break;
                 }
                 let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
-                let pairs = maker.step.inputs.get("pairs").map(|d| store_read::jsonl(&store, d).map(|v| v.len())).transpose()?;
+                let pairs = maker
+                    .step
+                    .inputs
+                    .get("pairs")
+                    .map(|d| store_read::jsonl(&store, d).map(|v| v.len()))
+                    .transpose()?;
                 let reference = reference_of(&nodes, maker);
                 let select = maker
                     .step
@@ -159,7 +205,11 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
             } else {
                 for hop in &chain {
                     if hop["kind"] == "import-model" {
-                        println!("{}  M0 (imported by {})", hop["model"].as_str().unwrap_or(""), hop["made_by"].as_str().unwrap_or(""));
+                        println!(
+                            "{}  M0 (imported by {})",
+                            hop["model"].as_str().unwrap_or(""),
+                            hop["made_by"].as_str().unwrap_or("")
+                        );
                     } else {
                         println!(
                             "{}  <- {} ({} pairs from {}, reference {})",
@@ -167,7 +217,8 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                             hop["made_by"].as_str().unwrap_or(""),
                             hop["pairs"],
                             hop["pairs_from"].as_str().unwrap_or("?"),
-                            &hop["reference_model"].as_str().unwrap_or("?")[..12.min(hop["reference_model"].as_str().unwrap_or("?").len())]
+                            &hop["reference_model"].as_str().unwrap_or("?")
+                                [..12.min(hop["reference_model"].as_str().unwrap_or("?").len())]
                         );
                     }
                 }
@@ -200,8 +251,13 @@ pub struct ExportArgs {
 }
 
 /// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
-pub fn final_model(nodes: &BTreeMap<String, NodeResult>) -> Option<(&NodeResult, tsr_state::Digest)> {
-    let mut dpo: Vec<&NodeResult> = nodes.values().filter(|n| n.node.ends_with("/dpo-next") && n.output("weights").is_some()).collect();
+pub fn final_model(
+    nodes: &BTreeMap<String, NodeResult>,
+) -> Option<(&NodeResult, tsr_state::Digest)> {
+    let mut dpo: Vec<&NodeResult> = nodes
+        .values()
+        .filter(|n| n.node.ends_with("/dpo-next") && n.output("weights").is_some())
+        .collect();
     dpo.sort_by_key(|n| store_read::iteration_of(&n.node));
     dpo.last()
         .copied()
@@ -211,37 +267,68 @@ pub fn final_model(nodes: &BTreeMap<String, NodeResult>) -> Option<(&NodeResult,
 
 fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
     let run = a.run.as_deref().expect("run given");
-    let Some(out) = &a.out else { bail!("`tsr export {run} model` needs --out DIR") };
+    let Some(out) = &a.out else {
+        bail!("`tsr export {run} model` needs --out DIR")
+    };
     let nodes = store_read::nodes(store, run)?;
     let (node, weights) = match &a.node {
         Some(n) => {
-            let r = nodes.get(n).with_context(|| format!("run `{run}` has no node `{n}`"))?;
-            let w = r.output("weights").with_context(|| format!("node `{n}` has no finished `weights` output"))?;
+            let r = nodes
+                .get(n)
+                .with_context(|| format!("run `{run}` has no node `{n}`"))?;
+            let w = r
+                .output("weights")
+                .with_context(|| format!("node `{n}` has no finished `weights` output"))?;
             (r, w)
         }
-        None => final_model(&nodes).with_context(|| format!("run `{run}` has no finished model yet"))?,
+        None => {
+            final_model(&nodes).with_context(|| format!("run `{run}` has no finished model yet"))?
+        }
     };
-    let base = if node.node == "import-judge" { "import-judge" } else { "import" };
-    let base = nodes.get(base).with_context(|| format!("run `{run}` has no finished `{base}` step"))?;
+    let base = if node.node == "import-judge" {
+        "import-judge"
+    } else {
+        "import"
+    };
+    let base = nodes
+        .get(base)
+        .with_context(|| format!("run `{run}` has no finished `{base}` step"))?;
     if out.exists() {
         bail!("{} already exists; choose a new folder", out.display());
     }
     let tmp = out.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    for (name, file) in [("config", "config.json"), ("tokenizer", "tokenizer.json"), ("tokenizer_config", "tokenizer_config.json")] {
-        let d = base.output(name).with_context(|| format!("the import step has no `{name}` output"))?;
+    for (name, file) in [
+        ("config", "config.json"),
+        ("tokenizer", "tokenizer.json"),
+        ("tokenizer_config", "tokenizer_config.json"),
+    ] {
+        let d = base
+            .output(name)
+            .with_context(|| format!("the import step has no `{name}` output"))?;
         std::fs::write(tmp.join(file), store_read::read_blob(store, &d)?)?;
     }
-    std::fs::write(tmp.join("model.safetensors"), store_read::read_blob(store, &weights)?)?;
-    std::fs::rename(&tmp, out).with_context(|| format!("moving the model into {}", out.display()))?;
-    println!("{}: model {} from node {} (Hugging Face layout)", out.display(), weights, node.node);
+    std::fs::write(
+        tmp.join("model.safetensors"),
+        store_read::read_blob(store, &weights)?,
+    )?;
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("moving the model into {}", out.display()))?;
+    println!(
+        "{}: model {} from node {} (Hugging Face layout)",
+        out.display(),
+        weights,
+        node.node
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<ExitCode> {
     if let Some(model) = &a.model {
-        let Some(out) = &a.out else { bail!("`tsr export --model M` needs --out DIR") };
+        let Some(out) = &a.out else {
+            bail!("`tsr export --model M` needs --out DIR")
+        };
         crate::cmd_model::run_export_model(crate::cmd_model::ExportModelArgs {
             model: model.clone(),
             out: out.clone(),
@@ -249,9 +336,19 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
         })?;
         return Ok(ExitCode::SUCCESS);
     }
-    let run = a.run.clone().expect("clap: run is required without --model");
-    let what = a.what.clone().expect("clap: what is required without --model");
-    let a = ExportArgs { run: Some(run.clone()), what: Some(what.clone()), ..a };
+    let run = a
+        .run
+        .clone()
+        .expect("clap: run is required without --model");
+    let what = a
+        .what
+        .clone()
+        .expect("clap: what is required without --model");
+    let a = ExportArgs {
+        run: Some(run.clone()),
+        what: Some(what.clone()),
+        ..a
+    };
     if what == "model" {
         let store = open_store(&crate::store_dir(store_flag, None))?;
         return export_model(&store, &a);

@@ -49,38 +49,67 @@ fn register_font() -> Option<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).ok()
 }
 
-fn plot(path: &Path, title: &str, y_label: &str, series: &[Series], text: bool) -> anyhow::Result<()> {
+fn plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[Series],
+    text: bool,
+) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
-    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    let (y0, y1) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+    let ys: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .collect();
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let (y0, y1) = ys
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+            (a.min(y), b.max(y))
+        });
     if !x0.is_finite() {
         return Ok(());
     }
     let pad = ((y1 - y0) * 0.1).max(1e-3);
     let mut builder = ChartBuilder::on(&root);
-    builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+    builder
+        .margin(20)
+        .x_label_area_size(if text { 40 } else { 5 })
+        .y_label_area_size(if text { 60 } else { 5 });
     if text {
         builder.caption(title, ("sans-serif", 22));
     }
     let mut chart = builder.build_cartesian_2d((x0 - 0.25)..(x1 + 0.25), (y0 - pad)..(y1 + pad))?;
     if text {
-        chart.configure_mesh().x_desc("iteration (phase 1, phase 2)").y_desc(y_label).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("iteration (phase 1, phase 2)")
+            .y_desc(y_label)
+            .draw()?;
     }
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let drawn = chart.draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))?;
         if text {
-            drawn.label(s.run.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            drawn
+                .label(s.run.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     if text {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -93,15 +122,19 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
         let mut its = Vec::new();
         for n in store_read::of_kind(&nodes, "metrics") {
             if let Some(d) = n.output("metrics") {
-                let m: IterationMetrics = serde_json::from_slice(&store_read::read_blob(&store, &d)?)
-                    .with_context(|| format!("metrics of {}", n.node))?;
+                let m: IterationMetrics =
+                    serde_json::from_slice(&store_read::read_blob(&store, &d)?)
+                        .with_context(|| format!("metrics of {}", n.node))?;
                 its.push(m);
             }
         }
         all.push((run.clone(), its));
     }
     if a.json {
-        let v: Vec<_> = all.iter().map(|(r, m)| serde_json::json!({"run": r, "iterations": m})).collect();
+        let v: Vec<_> = all
+            .iter()
+            .map(|(r, m)| serde_json::json!({"run": r, "iterations": m}))
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -114,7 +147,10 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             }
             for it in its {
                 for p in &it.phases {
-                    let opt = |v: Option<f64>, w: usize, d: usize| v.map(|x| format!("{x:>w$.d$}")).unwrap_or_else(|| format!("{:>w$}", "-"));
+                    let opt = |v: Option<f64>, w: usize, d: usize| {
+                        v.map(|x| format!("{x:>w$.d$}"))
+                            .unwrap_or_else(|| format!("{:>w$}", "-"))
+                    };
                     println!(
                         "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6.3} {:>6.3} {:>6.3} {} {:>6.1} {:>6.1} {:>5.2} {:>5.2} {} {} {}",
                         run, it.workflow, it.iteration, p.phase, p.pairs, p.skipped, p.mean_chosen_score, p.mean_rejected_score,
@@ -126,14 +162,23 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             }
         }
     }
-    if !a.json && all.iter().any(|(_, its)| its.iter().any(|it| it.meta.is_some())) {
+    if !a.json
+        && all
+            .iter()
+            .any(|(_, its)| its.iter().any(|it| it.meta.is_some()))
+    {
         print_meta_table(&all);
     }
-    let out = a.out.clone().unwrap_or_else(|| dir.join("reports").join(&a.runs[0]));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| dir.join("reports").join(&a.runs[0]));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let text = register_font().is_some();
     if !text {
-        eprintln!("tsr: no TrueType font found (set TSR_FONT=path.ttf); plots are drawn without text");
+        eprintln!(
+            "tsr: no TrueType font found (set TSR_FONT=path.ttf); plots are drawn without text"
+        );
     }
     let series = |f: &dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>| -> Vec<Series> {
         all.iter()
@@ -142,17 +187,44 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
                 points: its
                     .iter()
                     .flat_map(|it| {
-                        it.phases.iter().enumerate().filter_map(move |(k, p)| f(p).map(|y| (it.iteration as f64 + 0.5 * k as f64, y)))
+                        it.phases.iter().enumerate().filter_map(move |(k, p)| {
+                            f(p).map(|y| (it.iteration as f64 + 0.5 * k as f64, y))
+                        })
                     })
                     .collect(),
             })
             .collect()
     };
-    let plots: [(&str, &str, &str, Box<dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>>); 4] = [
-        ("score_gap.png", "Chosen - rejected judge score", "score gap", Box::new(|p| (p.pairs > 0).then_some(p.score_gap))),
-        ("similarity.png", "Chosen vs rejected similarity (hidden states under Mi)", "cosine", Box::new(|p| p.cosine_similarity)),
-        ("chosen_length.png", "Mean chosen response length", "tokens", Box::new(|p| (p.pairs > 0).then_some(p.mean_chosen_tokens))),
-        ("rejected_length.png", "Mean rejected response length", "tokens", Box::new(|p| (p.pairs > 0).then_some(p.mean_rejected_tokens))),
+    let plots: [(
+        &str,
+        &str,
+        &str,
+        Box<dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>>,
+    ); 4] = [
+        (
+            "score_gap.png",
+            "Chosen - rejected judge score",
+            "score gap",
+            Box::new(|p| (p.pairs > 0).then_some(p.score_gap)),
+        ),
+        (
+            "similarity.png",
+            "Chosen vs rejected similarity (hidden states under Mi)",
+            "cosine",
+            Box::new(|p| p.cosine_similarity),
+        ),
+        (
+            "chosen_length.png",
+            "Mean chosen response length",
+            "tokens",
+            Box::new(|p| (p.pairs > 0).then_some(p.mean_chosen_tokens)),
+        ),
+        (
+            "rejected_length.png",
+            "Mean rejected response length",
+            "tokens",
+            Box::new(|p| (p.pairs > 0).then_some(p.mean_rejected_tokens)),
+        ),
     ];
     for (file, title, y, f) in plots.iter() {
         plot(&out.join(file), title, y, &series(f.as_ref()), text)?;
@@ -161,12 +233,26 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
         .iter()
         .map(|(run, its)| Series {
             run: run.clone(),
-            points: its.iter().filter_map(|it| it.meta.as_ref()?.top_score_share.map(|y| (it.iteration as f64, y))).collect(),
+            points: its
+                .iter()
+                .filter_map(|it| {
+                    it.meta
+                        .as_ref()?
+                        .top_score_share
+                        .map(|y| (it.iteration as f64, y))
+                })
+                .collect(),
         })
         .filter(|s| !s.points.is_empty())
         .collect();
     if !top.is_empty() {
-        plot(&out.join("judge_top_share.png"), "Share of top judge scores (judge collapse)", "share", &top, text)?;
+        plot(
+            &out.join("judge_top_share.png"),
+            "Share of top judge scores (judge collapse)",
+            "share",
+            &top,
+            text,
+        )?;
     }
     eprintln!("tsr: plots in {}", out.display());
     Ok(ExitCode::SUCCESS)
@@ -180,13 +266,33 @@ fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
     println!();
     println!(
         "{:<16} {:<15} {:>3} {:>6} {:>6} {:>5} {:>6} {:>6} {:>5} {:>5} {:>6} {:>6} {:>6} {:>6}",
-        "RUN", "WORKFLOW", "IT", "JUDGED", "SCORED", "TOP", "MEAN_J", "UNCERT", "CMP", "AGREE", "HIGHER", "JPAIRS", "JKEPT", "LEN"
+        "RUN",
+        "WORKFLOW",
+        "IT",
+        "JUDGED",
+        "SCORED",
+        "TOP",
+        "MEAN_J",
+        "UNCERT",
+        "CMP",
+        "AGREE",
+        "HIGHER",
+        "JPAIRS",
+        "JKEPT",
+        "LEN"
     );
-    let opt = |v: Option<f64>, w: usize, d: usize| v.map(|x| format!("{x:>w$.d$}")).unwrap_or_else(|| format!("{:>w$}", "-"));
+    let opt = |v: Option<f64>, w: usize, d: usize| {
+        v.map(|x| format!("{x:>w$.d$}"))
+            .unwrap_or_else(|| format!("{:>w$}", "-"))
+    };
     for (run, its) in all {
         for it in its {
             let Some(m) = &it.meta else { continue };
-            let kept: Option<usize> = it.phases.iter().filter_map(|p| p.judge_pairs).reduce(|a, b| a + b);
+            let kept: Option<usize> = it
+                .phases
+                .iter()
+                .filter_map(|p| p.judge_pairs)
+                .reduce(|a, b| a + b);
             println!(
                 "{:<16} {:<15} {:>3} {:>6} {:>6} {} {} {:>6} {:>5} {} {} {:>6} {:>6} {:>6.1}",
                 run,

@@ -51,16 +51,16 @@ pub struct ForkArgs {
 
 /// Open an existing store (inspection commands, resume, fork).
 pub fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(
-        Store::open_existing(dir).with_context(|| format!("opening the store {}", dir.display()))?,
-    ))
+    Ok(Arc::new(Store::open_existing(dir).with_context(|| {
+        format!("opening the store {}", dir.display())
+    })?))
 }
 
 /// Open or create the store of a run.
 fn create_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(
-        Store::open(dir).with_context(|| format!("opening the store {}", dir.display()))?,
-    ))
+    Ok(Arc::new(Store::open(dir).with_context(|| {
+        format!("opening the store {}", dir.display())
+    })?))
 }
 
 /// Drive a defined run to the end (or to an interruption). Shared by run, resume and fork.
@@ -81,7 +81,12 @@ fn drive(
     let spec = tsr_workflows::run_spec(config, forked_from);
     open_run(&store, &spec, &dag)?;
     if !execute {
-        println!("recorded run `{}`; continue it with: tsr resume {} --store {}", config.name, config.name, store_dir.display());
+        println!(
+            "recorded run `{}`; continue it with: tsr resume {} --store {}",
+            config.name,
+            config.name,
+            store_dir.display()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let stop = StopFlag::new();
@@ -120,7 +125,11 @@ fn drive(
                 let flag = Some(store_dir.to_path_buf());
                 crate::cmd_report::report(
                     &flag,
-                    crate::cmd_report::ReportArgs { runs: vec![config.name.clone()], out: None, json: false },
+                    crate::cmd_report::ReportArgs {
+                        runs: vec![config.name.clone()],
+                        out: None,
+                        json: false,
+                    },
                 )?;
             }
             Ok(ExitCode::SUCCESS)
@@ -135,14 +144,21 @@ fn drive(
 pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::from_file(&a.config)?;
     let store_dir = crate::store_dir(store_flag, config.store.as_ref());
-    let hint = format!("tsr run {} --store {}", a.config.display(), store_dir.display());
+    let hint = format!(
+        "tsr run {} --store {}",
+        a.config.display(),
+        store_dir.display()
+    );
     drive(&store_dir, &config, None, a.device, a.quiet, true, hint)
 }
 
 fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
     let store = open_store(store_dir)?;
     let rec = store.run(run)?;
-    let config = Config::from_str_at(&rec.config_toml, Path::new(&format!("run `{run}` (stored)")))?;
+    let config = Config::from_str_at(
+        &rec.config_toml,
+        Path::new(&format!("run `{run}` (stored)")),
+    )?;
     Ok(config)
 }
 
@@ -167,5 +183,13 @@ pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCod
         }
     }
     let hint = format!("tsr resume {} --store {}", a.name, store_dir.display());
-    drive(&store_dir, &config, Some(a.run.clone()), a.device, a.quiet, !a.no_run, hint)
+    drive(
+        &store_dir,
+        &config,
+        Some(a.run.clone()),
+        a.device,
+        a.quiet,
+        !a.no_run,
+        hint,
+    )
 }

@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tsr", version, about = "Temporal Self-Rewarding training on a durable workflow engine")]
+#[command(
+    name = "tsr",
+    version,
+    about = "Temporal Self-Rewarding training on a durable workflow engine"
+)]
 struct Cli {
     /// Store folder (default: the config's `store`, else $TSR_STORE, else ./.tsr).
     #[arg(long, global = true)]

@@ -26,10 +26,19 @@ pub fn nodes(store: &Store, run: &str) -> anyhow::Result<BTreeMap<String, NodeRe
     store.run(run)?;
     let mut out = BTreeMap::new();
     for (node, rec) in store.nodes(run)? {
-        let step = store
-            .get_step(&rec.step_key)?
-            .ok_or_else(|| anyhow!("node `{node}` of run `{run}` points at a missing step record; run `tsr verify`"))?;
-        out.insert(node.clone(), NodeResult { node, key: rec.step_key, step });
+        let step = store.get_step(&rec.step_key)?.ok_or_else(|| {
+            anyhow!(
+                "node `{node}` of run `{run}` points at a missing step record; run `tsr verify`"
+            )
+        })?;
+        out.insert(
+            node.clone(),
+            NodeResult {
+                node,
+                key: rec.step_key,
+                step,
+            },
+        );
     }
     Ok(out)
 }
@@ -49,7 +58,10 @@ pub fn iteration_of(node: &str) -> u32 {
 }
 
 pub fn read_blob(store: &Store, d: &Digest) -> anyhow::Result<Vec<u8>> {
-    store.blobs().read(d).with_context(|| format!("reading blob {}", d.short()))
+    store
+        .blobs()
+        .read(d)
+        .with_context(|| format!("reading blob {}", d.short()))
 }
 
 pub fn jsonl(store: &Store, d: &Digest) -> anyhow::Result<Vec<serde_json::Value>> {

@@ -34,7 +34,9 @@ fn run_status_replay_verify_repair() {
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 8);
     assert_eq!(nodes.iter().filter(|n| n["state"] == "reused").count(), 1);
-    assert!(nodes.iter().all(|n| n["state"] == "done" || n["state"] == "reused"));
+    assert!(nodes
+        .iter()
+        .all(|n| n["state"] == "done" || n["state"] == "reused"));
 
     let o = tsr(&["replay", "r1", "--iteration", "2", "--json"], &store);
     assert!(o.status.success(), "{}", text(&o));
@@ -45,7 +47,13 @@ fn run_status_replay_verify_repair() {
     // Damage the output of iter1/map; verify finds it, exit 1; --repair recomputes it.
     let o = tsr(&["status", "r1", "--json"], &store);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let map = v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "iter1/map").unwrap().clone();
+    let map = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "iter1/map")
+        .unwrap()
+        .clone();
     let digest = map["outputs"][0][1].as_str().unwrap().to_string();
     let blob = store.join("blobs").join(&digest[..2]).join(&digest[2..]);
     let mut bytes = std::fs::read(&blob).unwrap();
@@ -67,23 +75,40 @@ fn edited_config_is_refused_and_fork_reuses_unchanged_steps() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let cfg = write_config(dir.path(), "base", 6, 0);
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store).status.success());
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store)
+        .status
+        .success());
     write_config(dir.path(), "base", 9, 0);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert_eq!(o.status.code(), Some(1));
     let t = text(&o);
     assert!(t.contains("toy.train_steps: 6 -> 9"), "{t}");
-    assert!(t.contains("tsr fork base --name NEW --set toy.train_steps=9"), "{t}");
+    assert!(
+        t.contains("tsr fork base --name NEW --set toy.train_steps=9"),
+        "{t}"
+    );
 
-    let o = tsr(&["fork", "base", "--name", "b2", "--set", "toy.train_steps=9"], &store);
+    let o = tsr(
+        &["fork", "base", "--name", "b2", "--set", "toy.train_steps=9"],
+        &store,
+    );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("4 steps executed, 4 reused"), "{}", text(&o));
+    assert!(
+        text(&o).contains("4 steps executed, 4 reused"),
+        "{}",
+        text(&o)
+    );
     let o = tsr(&["fork", "base", "--name", "b2"], &store);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("already exists"));
     let o = tsr(&["runs", "--json"], &store);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let b2 = v.as_array().unwrap().iter().find(|r| r["name"] == "b2").unwrap();
+    let b2 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "b2")
+        .unwrap();
     assert_eq!(b2["forked_from"], "base");
 }
 
@@ -102,13 +127,22 @@ fn sigterm_gives_the_resumable_exit_code_and_the_same_command_resumes() {
     // While it runs, a second process is refused, and status reads the live snapshot.
     let o = tsr(&["verify"], &store);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains(&format!("in use by pid {}", child.id())), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("in use by pid {}", child.id())),
+        "{}",
+        text(&o)
+    );
     let o = tsr(&["status", "t"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("live snapshot"), "{}", text(&o));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("Resume with: tsr run"));
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
@@ -122,7 +156,10 @@ fn bad_config_names_the_key() {
     let o = tsr(&["run", p.to_str().unwrap()], &dir.path().join("s"));
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("itemz"), "{}", text(&o));
-    let o = tsr(&["run", dir.path().join("missing.toml").to_str().unwrap()], &dir.path().join("s"));
+    let o = tsr(
+        &["run", dir.path().join("missing.toml").to_str().unwrap()],
+        &dir.path().join("s"),
+    );
     assert!(text(&o).contains("missing.toml"), "{}", text(&o));
 }
 
@@ -131,18 +168,32 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let cfg = write_config(dir.path(), "d", 6, 0);
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store).status.success());
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store)
+        .status
+        .success());
     let o = tsr(&["status", "d", "--json"], &store);
     let before: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
 
     // Truncate an output blob: verify names it; --repair recomputes it.
-    let digest = before["nodes"][0]["outputs"][0][1].as_str().unwrap().to_string();
+    let digest = before["nodes"][0]["outputs"][0][1]
+        .as_str()
+        .unwrap()
+        .to_string();
     let blob = store.join("blobs").join(&digest[..2]).join(&digest[2..]);
     let len = std::fs::metadata(&blob).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&blob).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&blob)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let o = tsr(&["verify"], &store);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains(&blob.display().to_string()), "{}", text(&o));
+    assert!(
+        text(&o).contains(&blob.display().to_string()),
+        "{}",
+        text(&o)
+    );
     assert!(tsr(&["verify", "--repair"], &store).status.success());
 
     // A database that comes back older than what was acknowledged (restored from an old copy,
@@ -152,12 +203,28 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
     let db = store.join("db");
     let old = dir.path().join("db-old");
     copy_dir(&db, &old);
-    let o = tsr(&["fork", "d", "--name", "d2", "--set", "toy.train_steps=7", "--quiet"], &store);
+    let o = tsr(
+        &[
+            "fork",
+            "d",
+            "--name",
+            "d2",
+            "--set",
+            "toy.train_steps=7",
+            "--quiet",
+        ],
+        &store,
+    );
     assert!(o.status.success(), "{}", text(&o));
     std::fs::remove_dir_all(&db).unwrap();
     copy_dir(&old, &db);
     let o = tsr(&["status", "d"], &store);
-    assert_eq!(o.status.code(), Some(1), "the rollback went unnoticed: {}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the rollback went unnoticed: {}",
+        text(&o)
+    );
     assert!(text(&o).contains("lost committed records"), "{}", text(&o));
     let o = tsr(&["verify"], &store);
     assert_eq!(o.status.code(), Some(1));
@@ -166,7 +233,12 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
     assert!(o.status.success(), "{}", text(&o));
     let o = tsr(&["status", "d", "--json"], &store);
     let after: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for (a, b) in before["nodes"].as_array().unwrap().iter().zip(after["nodes"].as_array().unwrap()) {
+    for (a, b) in before["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(after["nodes"].as_array().unwrap())
+    {
         assert_eq!(a["outputs"], b["outputs"], "{}", a["node"]);
     }
 
@@ -184,7 +256,10 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
         let o = tsr(args, &store);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
         let t = text(&o);
-        assert!(t.contains(&db.display().to_string()) && t.contains("restore"), "{args:?}: {t}");
+        assert!(
+            t.contains(&db.display().to_string()) && t.contains("restore"),
+            "{args:?}: {t}"
+        );
     }
 }
 

@@ -180,7 +180,12 @@ fn sigkill_and_resume_of_temporal_meta_gives_identical_digests() {
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(kills >= 3, "only {kills} kills landed");
-    assert_same_outputs(&reference, &store, "temporal-meta", &format!("after {kills} kills"));
+    assert_same_outputs(
+        &reference,
+        &store,
+        "temporal-meta",
+        &format!("after {kills} kills"),
+    );
 }
 
 #[test]

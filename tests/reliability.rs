@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 /// A tiny-model temporal run heavy enough that each long step spans several batches.
 fn setup(dir: &Path) -> PathBuf {
     tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 3);
-    let prompts: String = (0..12).map(|i| format!("{{\"id\": \"p{i}\", \"prompt\": \"question number {i}\"}}\n")).collect();
+    let prompts: String = (0..12)
+        .map(|i| format!("{{\"id\": \"p{i}\", \"prompt\": \"question number {i}\"}}\n"))
+        .collect();
     std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
     let cfg = dir.join("r.toml");
     std::fs::write(
@@ -34,7 +36,17 @@ fn status(store: &Path) -> serde_json::Value {
 }
 
 fn outputs(v: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
-    v["nodes"].as_array().unwrap().iter().map(|n| (n["node"].as_str().unwrap().to_string(), n["outputs"].clone())).collect()
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().to_string(),
+                n["outputs"].clone(),
+            )
+        })
+        .collect()
 }
 
 fn spawn(cfg: &Path, store: &Path, unit_delay_ms: Option<u64>) -> std::process::Child {
@@ -42,8 +54,7 @@ fn spawn(cfg: &Path, store: &Path, unit_delay_ms: Option<u64>) -> std::process::
     if let Some(ms) = unit_delay_ms {
         c.env("TSR_TEST_UNIT_DELAY_MS", ms.to_string());
     }
-    c
-        .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+    c.args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
         .arg(store)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -70,7 +81,11 @@ fn thirty_sigkills_across_a_temporal_iteration_change_nothing() {
         let mut child = spawn(&cfg, &store, None);
         if kills >= 30 {
             let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(30..max_delay)));
@@ -82,7 +97,10 @@ fn thirty_sigkills_across_a_temporal_iteration_change_nothing() {
         child.wait().unwrap();
         kills += 1;
     }
-    assert!(kills >= 30, "only {kills} kills landed (the run took {full:?} uninterrupted)");
+    assert!(
+        kills >= 30,
+        "only {kills} kills landed (the run took {full:?} uninterrupted)"
+    );
     let v = status(&store);
     assert_eq!(outputs(&v), want, "outputs differ after {kills} SIGKILLs");
     // Every item-journaled step holds exactly its items (a second commit of an item is refused
@@ -104,7 +122,9 @@ fn sigterm_during_each_kind_of_step_exits_resumable_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path());
     let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference).status.success());
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
+        .status
+        .success());
     let want = outputs(&status(&reference));
     for kind in ["generate", "judge", "ref-logprobs", "dpo"] {
         let store = dir.path().join(format!("term-{kind}"));
@@ -116,7 +136,10 @@ fn sigterm_during_each_kind_of_step_exits_resumable_and_resumes() {
             let o = tsr(&["status", "r", "--json"], &store);
             if o.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-                if v["nodes"].as_array().map_or(false, |ns| ns.iter().any(|n| n["kind"] == kind && n["state"] == "running")) {
+                if v["nodes"].as_array().map_or(false, |ns| {
+                    ns.iter()
+                        .any(|n| n["kind"] == kind && n["state"] == "running")
+                }) {
                     seen = true;
                     break;
                 }
@@ -135,9 +158,16 @@ fn sigterm_during_each_kind_of_step_exits_resumable_and_resumes() {
         // The step may have finished just before the signal; then the next one stops.
         assert_eq!(out.status.code(), Some(75), "{kind}: {err}");
         assert!(err.contains("Resume with: tsr run"), "{kind}: {err}");
-        assert!(took < Duration::from_secs(20), "{kind}: took {took:?} to stop");
+        assert!(
+            took < Duration::from_secs(20),
+            "{kind}: took {took:?} to stop"
+        );
         let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
         assert!(o.status.success(), "{kind}: {}", text(&o));
-        assert_eq!(outputs(&status(&store)), want, "{kind}: results differ after SIGTERM and resume");
+        assert_eq!(
+            outputs(&status(&store)),
+            want,
+            "{kind}: results differ after SIGTERM and resume"
+        );
     }
 }

@@ -42,29 +42,63 @@ fn temporal_iteration_on_a_tiny_model_with_complete_lineage() {
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     let v = status(&store, "temporal-logprob");
-    let nodes: Vec<&str> = v["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    let nodes: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
     for want in [
-        "import", "prompts", "iter1/gen-current", "iter1/judge-current", "iter1/gen-anchor", "iter1/judge-anchor",
-        "iter1/select-1", "iter1/ref-future", "iter1/dpo-future", "iter1/gen-future", "iter1/judge-future",
-        "iter1/select-2", "iter1/ref-next", "iter1/dpo-next",
+        "import",
+        "prompts",
+        "iter1/gen-current",
+        "iter1/judge-current",
+        "iter1/gen-anchor",
+        "iter1/judge-anchor",
+        "iter1/select-1",
+        "iter1/ref-future",
+        "iter1/dpo-future",
+        "iter1/gen-future",
+        "iter1/judge-future",
+        "iter1/select-2",
+        "iter1/ref-next",
+        "iter1/dpo-next",
     ] {
         assert!(nodes.contains(&want), "missing node {want} in {nodes:?}");
     }
     // Iteration 1: Mi = M0, so generate(M0) for the anchor is the same step as generate(Mi).
-    let states: Vec<&str> = v["nodes"].as_array().unwrap().iter().map(|n| n["state"].as_str().unwrap()).collect();
-    assert!(states.iter().all(|s| *s == "done" || *s == "reused"), "{states:?}");
+    let states: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.iter().all(|s| *s == "done" || *s == "reused"),
+        "{states:?}"
+    );
 
     let m0 = output_of(&v, "import", "weights");
     let mf = output_of(&v, "iter1/dpo-future", "weights");
     let m1 = output_of(&v, "iter1/dpo-next", "weights");
-    let pairs_text = String::from_utf8(blob(&store, &output_of(&v, "iter1/select-2", "pairs"))).unwrap();
-    let pairs: Vec<serde_json::Value> = pairs_text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(!pairs.is_empty(), "logprob judging of distinct responses yields pairs");
+    let pairs_text =
+        String::from_utf8(blob(&store, &output_of(&v, "iter1/select-2", "pairs"))).unwrap();
+    let pairs: Vec<serde_json::Value> = pairs_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !pairs.is_empty(),
+        "logprob judging of distinct responses yields pairs"
+    );
     for p in &pairs {
         for side in ["chosen", "rejected"] {
             let s = &p[side];
             let gen = s["generator_model"].as_str().unwrap();
-            assert!(gen == m0 || gen == mf, "{side} generator {gen} is neither M0 nor Mf");
+            assert!(
+                gen == m0 || gen == mf,
+                "{side} generator {gen} is neither M0 nor Mf"
+            );
             assert!(s["seed"].as_u64().is_some());
             assert!(s["score"].as_f64().unwrap().is_finite());
         }
@@ -88,12 +122,18 @@ fn text_judge_on_a_random_model_is_unscored_not_a_crash() {
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     let v = status(&store, "self-rewarding-text");
-    let summary: serde_json::Value = serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/select-1", "summary"))).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&blob(&store, &output_of(&v, "iter1/select-1", "summary"))).unwrap();
     assert_eq!(summary["prompts"], 3);
-    let skipped = summary["skipped_no_scored"].as_u64().unwrap() + summary["skipped_no_gap"].as_u64().unwrap();
+    let skipped = summary["skipped_no_scored"].as_u64().unwrap()
+        + summary["skipped_no_gap"].as_u64().unwrap();
     assert_eq!(summary["pairs"].as_u64().unwrap() + skipped, 3);
     // Judgements are kept verbatim.
-    let j = String::from_utf8(blob(&store, &output_of(&v, "iter1/judge-current", "judgements"))).unwrap();
+    let j = String::from_utf8(blob(
+        &store,
+        &output_of(&v, "iter1/judge-current", "judgements"),
+    ))
+    .unwrap();
     let first: serde_json::Value = serde_json::from_str(j.lines().next().unwrap()).unwrap();
     assert_eq!(first["texts"].as_array().unwrap().len(), 2);
 }
@@ -103,13 +143,20 @@ fn sigkill_and_resume_of_the_whole_workflow_gives_identical_digests() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "temporal", "logprob");
     let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference).status.success());
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
+        .status
+        .success());
     let store = dir.path().join("killed");
     let kills = kill_at_delays(&cfg, &store, &[150, 300, 450, 600, 750, 900, 1100, 1300]);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(kills >= 3, "only {kills} kills landed");
-    assert_same_outputs(&reference, &store, "temporal-logprob", &format!("after {kills} kills"));
+    assert_same_outputs(
+        &reference,
+        &store,
+        "temporal-logprob",
+        &format!("after {kills} kills"),
+    );
 }
 
 fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> PathBuf {
@@ -117,8 +164,14 @@ fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> Pat
     let text = std::fs::read_to_string(&base).unwrap();
     let name = format!("{workflow}-{iterations}-{anchor}");
     let text = text
-        .replace(&format!("name = \"{workflow}-logprob\""), &format!("name = \"{name}\""))
-        .replace("iterations = 1", &format!("iterations = {iterations}\nanchor = \"{anchor}\""));
+        .replace(
+            &format!("name = \"{workflow}-logprob\""),
+            &format!("name = \"{name}\""),
+        )
+        .replace(
+            "iterations = 1",
+            &format!("iterations = {iterations}\nanchor = \"{anchor}\""),
+        );
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, text).unwrap();
     p
@@ -134,7 +187,15 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
     let run = "temporal-2-initial";
     let v = status(&store, run);
     let state = |node: &str| {
-        v["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).unwrap()["state"].as_str().unwrap().to_string()
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     // M0's samples are generated once: iteration 2's anchor generation is reused.
     assert_eq!(state("iter2/gen-anchor"), "reused");
@@ -149,29 +210,55 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
     let o = tsr(&["lineage", run, "model", &m2[..16], "--json"], &store);
     assert!(o.status.success(), "{}", text(&o));
     let chain: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let models: Vec<&str> = chain.as_array().unwrap().iter().map(|h| h["model"].as_str().unwrap()).collect();
+    let models: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["model"].as_str().unwrap())
+        .collect();
     assert_eq!(models, vec![m2.as_str(), m1.as_str(), m0.as_str()]);
-    assert_eq!(chain[0]["reference_model"], m1.as_str(), "reference = Mi by default");
+    assert_eq!(
+        chain[0]["reference_model"],
+        m1.as_str(),
+        "reference = Mi by default"
+    );
 
     // Every exported pair is traceable: prompt, both generators, judge, the DPO step, its model.
     let o = tsr(&["export", run, "pairs"], &store);
     assert!(o.status.success(), "{}", text(&o));
-    let pairs: Vec<serde_json::Value> = String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pairs: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(!pairs.is_empty());
     for p in &pairs {
-        assert!(p["prompt"].is_string() && p["chosen"].is_string() && p["rejected"].is_string(), "TRL fields");
+        assert!(
+            p["prompt"].is_string() && p["chosen"].is_string() && p["rejected"].is_string(),
+            "TRL fields"
+        );
         for side in ["chosen_lineage", "rejected_lineage"] {
             assert_eq!(p[side]["generator_model"].as_str().unwrap().len(), 64);
         }
         assert_eq!(p["judge"]["model"].as_str().unwrap().len(), 64);
-        assert!(p["dpo_step"].is_string(), "pair {} has no consumer", p["pair_id"]);
+        assert!(
+            p["dpo_step"].is_string(),
+            "pair {} has no consumer",
+            p["pair_id"]
+        );
         assert!(p["produced_model"].is_string());
-        let o = tsr(&["lineage", run, "pair", p["pair_id"].as_str().unwrap()], &store);
+        let o = tsr(
+            &["lineage", run, "pair", p["pair_id"].as_str().unwrap()],
+            &store,
+        );
         assert!(o.status.success(), "{}", text(&o));
         assert!(text(&o).contains("trained by"), "{}", text(&o));
     }
     // Iteration 2's judge is M1, not M0.
-    assert!(pairs.iter().filter(|p| p["iteration"] == 2).all(|p| p["judge"]["model"] == m1.as_str()));
+    assert!(pairs
+        .iter()
+        .filter(|p| p["iteration"] == 2)
+        .all(|p| p["judge"]["model"] == m1.as_str()));
     let o = tsr(&["lineage", run, "pair", "nope"], &store);
     assert_eq!(o.status.code(), Some(1));
 
@@ -179,8 +266,18 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
     let out = dir.path().join("report");
     let o = tsr(&["report", run, "--out", out.to_str().unwrap()], &store);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(text(&o).lines().filter(|l| l.starts_with(run)).count(), 4, "{}", text(&o));
-    for f in ["score_gap.png", "similarity.png", "chosen_length.png", "rejected_length.png"] {
+    assert_eq!(
+        text(&o).lines().filter(|l| l.starts_with(run)).count(),
+        4,
+        "{}",
+        text(&o)
+    );
+    for f in [
+        "score_gap.png",
+        "similarity.png",
+        "chosen_length.png",
+        "rejected_length.png",
+    ] {
         assert!(std::fs::metadata(out.join(f)).unwrap().len() > 1000, "{f}");
     }
 }
@@ -190,15 +287,32 @@ fn baselines_build_their_own_dag_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     for (workflow, present, absent) in [
-        ("past-only", vec!["iter1/gen-anchor", "iter1/select-1", "iter1/dpo-next"], vec!["iter1/gen-future", "iter1/select-2"]),
-        ("future-only", vec!["iter1/gen-future", "iter1/select-2", "iter1/dpo-future"], vec!["iter1/gen-anchor"]),
-        ("self-rewarding", vec!["iter1/select-1", "iter1/dpo-next"], vec!["iter1/gen-anchor", "iter1/gen-future"]),
+        (
+            "past-only",
+            vec!["iter1/gen-anchor", "iter1/select-1", "iter1/dpo-next"],
+            vec!["iter1/gen-future", "iter1/select-2"],
+        ),
+        (
+            "future-only",
+            vec!["iter1/gen-future", "iter1/select-2", "iter1/dpo-future"],
+            vec!["iter1/gen-anchor"],
+        ),
+        (
+            "self-rewarding",
+            vec!["iter1/select-1", "iter1/dpo-next"],
+            vec!["iter1/gen-anchor", "iter1/gen-future"],
+        ),
     ] {
         let cfg = setup_iters(dir.path(), workflow, 1, "initial");
         let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
         assert!(o.status.success(), "{workflow}: {}", text(&o));
         let v = status(&store, &format!("{workflow}-1-initial"));
-        let nodes: Vec<&str> = v["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+        let nodes: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect();
         for n in present {
             assert!(nodes.contains(&n), "{workflow} lacks {n}");
         }
@@ -217,19 +331,41 @@ fn bad_lm_configs_name_the_key() {
         ("k = 3", "k = 0", "generate.k"),
         ("lr = 1e-3", "lr = -1.0", "dpo.lr"),
         ("[dpo]", "[dpo]\nbeta = 0.0", "dpo.beta"),
-        ("file = \"prompts.jsonl\"", "file = \"missing.jsonl\"", "prompts.file"),
-        ("source = \"tiny\"", "source = \"tiny-missing.gguf\"", "tiny-missing.gguf"),
+        (
+            "file = \"prompts.jsonl\"",
+            "file = \"missing.jsonl\"",
+            "prompts.file",
+        ),
+        (
+            "source = \"tiny\"",
+            "source = \"tiny-missing.gguf\"",
+            "tiny-missing.gguf",
+        ),
         ("mode = \"logprob\"", "mode = \"vibes\"", "mode"),
     ] {
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, base.replace(from, to)).unwrap();
-        let o = tsr(&["run", p.to_str().unwrap(), "--quiet"], &dir.path().join("s"));
+        let o = tsr(
+            &["run", p.to_str().unwrap(), "--quiet"],
+            &dir.path().join("s"),
+        );
         assert_eq!(o.status.code(), Some(1), "{to}: {}", text(&o));
-        assert!(text(&o).contains(want), "{to}: expected `{want}` in {}", text(&o));
+        assert!(
+            text(&o).contains(want),
+            "{to}: expected `{want}` in {}",
+            text(&o)
+        );
     }
     // A bad prompts line fails the prompts step with the line number, and nothing else runs.
-    std::fs::write(dir.path().join("prompts.jsonl"), "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n").unwrap();
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &dir.path().join("s2"));
+    std::fs::write(
+        dir.path().join("prompts.jsonl"),
+        "{\"prompt\": \"ok\"}\n{\"prompt\": 5}\n",
+    )
+    .unwrap();
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet"],
+        &dir.path().join("s2"),
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("line 2"), "{}", text(&o));
 }
@@ -240,7 +376,9 @@ fn fixed_judge_model_and_final_model_export() {
     let store = dir.path().join("store");
     tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("judge"), 9);
     let cfg = setup(dir.path(), "self-rewarding", "logprob");
-    let body = std::fs::read_to_string(&cfg).unwrap().replace("[judge]\n", "[judge]\nmodel = \"judge\"\n");
+    let body = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[judge]\n", "[judge]\nmodel = \"judge\"\n");
     std::fs::write(&cfg, body).unwrap();
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
@@ -254,10 +392,22 @@ fn fixed_judge_model_and_final_model_export() {
         assert_eq!(p["judge"]["model"], judge.as_str());
     }
     let out = dir.path().join("final");
-    let o = tsr(&["export", "self-rewarding-logprob", "model", "--out", out.to_str().unwrap()], &store);
+    let o = tsr(
+        &[
+            "export",
+            "self-rewarding-logprob",
+            "model",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &store,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let m = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
-    assert_eq!(m.digest().unwrap(), output_of(&v, "iter1/dpo-next", "weights"));
+    assert_eq!(
+        m.digest().unwrap(),
+        output_of(&v, "iter1/dpo-next", "weights")
+    );
 }
 
 #[test]
@@ -267,7 +417,13 @@ fn a_relative_store_path_works_from_any_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "self-rewarding", "logprob");
     let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(["run", cfg.file_name().unwrap().to_str().unwrap(), "--quiet", "--store", "relative-store"])
+        .args([
+            "run",
+            cfg.file_name().unwrap().to_str().unwrap(),
+            "--quiet",
+            "--store",
+            "relative-store",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -282,10 +438,16 @@ fn a_tokenizer_without_chat_template_is_a_clear_error() {
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("chat_template");
     std::fs::write(&tc, serde_json::to_vec(&v).unwrap()).unwrap();
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &dir.path().join("s"));
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet"],
+        &dir.path().join("s"),
+    );
     assert_eq!(o.status.code(), Some(1));
     let t = text(&o);
-    assert!(t.contains("chat_template") && t.contains("tokenizer_config.json"), "{t}");
+    assert!(
+        t.contains("chat_template") && t.contains("tokenizer_config.json"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -295,7 +457,13 @@ fn export_model_converts_any_model_to_the_hf_layout() {
     tsr_steps::model::testing::write_tiny_hf_model(&src, 4);
     let out = dir.path().join("out");
     let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(["export", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "export",
+            "--model",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -311,7 +479,9 @@ fn a_moved_checkout_continues_its_run_and_an_edited_prompts_file_is_caught() {
     std::fs::create_dir_all(&a).unwrap();
     let cfg = setup(&a, "self-rewarding", "logprob");
     let store = dir.path().join("store");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store).status.success());
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store)
+        .status
+        .success());
     // Move the whole folder: paths change, contents do not.
     let b = dir.path().join("b");
     std::fs::rename(&a, &b).unwrap();
@@ -320,7 +490,11 @@ fn a_moved_checkout_continues_its_run_and_an_edited_prompts_file_is_caught() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
     // Edit the prompts: refused, naming the prompts node.
-    std::fs::write(b.join("prompts.jsonl"), "{\"id\": \"z\", \"prompt\": \"something else\"}\n").unwrap();
+    std::fs::write(
+        b.join("prompts.jsonl"),
+        "{\"id\": \"z\", \"prompt\": \"something else\"}\n",
+    )
+    .unwrap();
     let o = tsr(&["run", cfg_b.to_str().unwrap(), "--quiet"], &store);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("prompts"), "{}", text(&o));

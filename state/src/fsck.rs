@@ -134,7 +134,10 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
         }
     }
     let (present, stray) = store.blobs().list()?;
-    report.unreferenced_blobs = present.iter().filter(|d| !referenced.contains_key(d)).count();
+    report.unreferenced_blobs = present
+        .iter()
+        .filter(|d| !referenced.contains_key(d))
+        .count();
     for p in stray {
         report.problems.push(Problem {
             kind: "stray-file".into(),

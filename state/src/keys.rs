@@ -106,7 +106,10 @@ pub fn display(key: &[u8]) -> String {
         _ => "unknown",
     };
     match prefix {
-        RUN | NODE | META => format!("{table}:{}", String::from_utf8_lossy(rest).replace('\0', "/")),
+        RUN | NODE | META => format!(
+            "{table}:{}",
+            String::from_utf8_lossy(rest).replace('\0', "/")
+        ),
         ITEM if rest.len() == 40 => {
             let d = digest_at(key, 1).unwrap();
             let idx = u64::from_be_bytes(rest[32..40].try_into().unwrap());

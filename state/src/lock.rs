@@ -36,7 +36,11 @@ impl StoreLock {
             let pid = pid.trim().to_string();
             return Err(StateError::InUse {
                 path: store_dir.to_path_buf(),
-                pid: if pid.is_empty() { "unknown".into() } else { pid },
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid
+                },
             });
         }
         file.set_len(0).map_err(|e| StateError::io(&path, e))?;

@@ -11,10 +11,10 @@ use crate::blobs::BlobStore;
 use crate::digest::Digest;
 use crate::envelope::{decode, encode, Versioned};
 use crate::error::{StateError, StateResult};
+use crate::faults::{FaultInjector, FaultOp};
 use crate::keys;
 use crate::lock::StoreLock;
 use crate::records::*;
-use crate::faults::{FaultInjector, FaultOp};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -147,7 +147,10 @@ impl Store {
     }
 
     /// Open with a fault injector (tests only; see `faults.rs`).
-    pub fn open_with_faults(dir: &Path, faults: Option<Arc<dyn FaultInjector>>) -> StateResult<Store> {
+    pub fn open_with_faults(
+        dir: &Path,
+        faults: Option<Arc<dyn FaultInjector>>,
+    ) -> StateResult<Store> {
         let store = Self::open_inner(dir, faults, LOCK_WAIT)?;
         if let Some((db, acked)) = store.rolled_back {
             return Err(StateError::RolledBack {
@@ -197,12 +200,20 @@ impl Store {
         }
         let store = Self::open_inner(dir, None, std::time::Duration::ZERO)?;
         if let Some((db, acked)) = store.rolled_back {
-            return Err(StateError::RolledBack { path: dir.join("db"), db, acked });
+            return Err(StateError::RolledBack {
+                path: dir.join("db"),
+                db,
+                acked,
+            });
         }
         Ok(store)
     }
 
-    fn open_inner(dir: &Path, faults: Option<Arc<dyn FaultInjector>>, lock_wait: std::time::Duration) -> StateResult<Store> {
+    fn open_inner(
+        dir: &Path,
+        faults: Option<Arc<dyn FaultInjector>>,
+        lock_wait: std::time::Duration,
+    ) -> StateResult<Store> {
         // Absolute, so that paths handed out (blob paths, scratch folders) stay valid from any
         // working directory and as symlink targets.
         let dir = &std::path::absolute(dir).map_err(|e| StateError::io(dir, e))?;
@@ -220,7 +231,8 @@ impl Store {
                 path: db_path.clone(),
                 source: e,
             })?;
-        let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp"))?.with_faults(faults.clone());
+        let blobs =
+            BlobStore::open(dir.join("blobs"), dir.join("tmp"))?.with_faults(faults.clone());
         blobs.clean_tmp()?;
         let db_seq = db
             .get(keys::meta("seq"))
@@ -232,7 +244,11 @@ impl Store {
             .unwrap_or(0);
         let acked = std::fs::read(dir.join("SEQ"))
             .ok()
-            .and_then(|b| b.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes))
+            .and_then(|b| {
+                b.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+            })
             .unwrap_or(0);
         let store = Store {
             root: dir.to_path_buf(),
@@ -526,7 +542,6 @@ impl Store {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,7 +583,9 @@ mod tests {
         s.commit_items(&key, &[(2, b"c".to_vec()), (0, b"a".to_vec())], &rec)
             .unwrap();
         s.commit_items(&key, &[(1, b"b".to_vec())], &rec).unwrap();
-        let err = s.commit_items(&key, &[(1, b"x".to_vec())], &rec).unwrap_err();
+        let err = s
+            .commit_items(&key, &[(1, b"x".to_vec())], &rec)
+            .unwrap_err();
         assert!(matches!(err, StateError::DuplicateItem { index: 1, .. }));
         let items = s.items(&key).unwrap();
         assert_eq!(
@@ -576,7 +593,8 @@ mod tests {
             vec![(0, b"a".to_vec()), (1, b"b".to_vec()), (2, b"c".to_vec())]
         );
         // big-endian keys: 256 sorts after 255
-        s.commit_items(&key, &[(256, vec![]), (255, vec![])], &rec).unwrap();
+        s.commit_items(&key, &[(256, vec![]), (255, vec![])], &rec)
+            .unwrap();
         assert_eq!(s.item_indices(&key).unwrap(), vec![0, 1, 2, 255, 256]);
     }
 
@@ -590,10 +608,20 @@ mod tests {
         bytes[1] = 99;
         s.plant_raw_step(&key, &bytes).unwrap();
         let err = s.get_step(&key).unwrap_err();
-        assert!(matches!(err, StateError::UnknownSchema { found: 99, supported: 1, .. }));
+        assert!(matches!(
+            err,
+            StateError::UnknownSchema {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("schema version 99"), "{err}");
         s.plant_raw_step(&key, &[0, 1, 0xff]).unwrap();
-        assert!(matches!(s.get_step(&key).unwrap_err(), StateError::Corrupt { .. }));
+        assert!(matches!(
+            s.get_step(&key).unwrap_err(),
+            StateError::Corrupt { .. }
+        ));
     }
 
     #[test]
@@ -604,13 +632,24 @@ mod tests {
             let s = Store::open(t.path()).unwrap();
             let mut c = Commit::new();
             c.step(&key, &step_record());
-            c.node("run1", "gen", &NodeRecord { step_key: key, reused: false, iteration: Some(1) });
+            c.node(
+                "run1",
+                "gen",
+                &NodeRecord {
+                    step_key: key,
+                    reused: false,
+                    iteration: Some(1),
+                },
+            );
             s.commit(c).unwrap();
         }
         let s = Store::open(t.path()).unwrap();
         assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
         assert_eq!(s.nodes("run1").unwrap().len(), 1);
-        assert!(s.nodes("run").unwrap().is_empty(), "prefix must not leak across runs");
+        assert!(
+            s.nodes("run").unwrap().is_empty(),
+            "prefix must not leak across runs"
+        );
     }
 
     #[test]
@@ -625,7 +664,11 @@ mod tests {
             c.step(&key, &step_record());
             s.commit(c).unwrap();
         }
-        std::fs::write(t.path().join("db").join("snap.0000000000006D2D.generating"), b"").unwrap();
+        std::fs::write(
+            t.path().join("db").join("snap.0000000000006D2D.generating"),
+            b"",
+        )
+        .unwrap();
         let s = Store::open(t.path()).unwrap();
         assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
     }

@@ -47,7 +47,11 @@ impl Step for Generate {
         let k = self.k.max(1) as u64;
         let total = prompts.len() as u64 * k;
         let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total { Some(lm::load(inputs, "model", ctx)?) } else { None };
+        let model = if done < total {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
         ctx.progress().set_message("generating");
         ctx.for_each_batch(total, self.batch_size, |idx| {
             let model = model.as_ref().expect("model loaded when work remains");
@@ -58,7 +62,9 @@ impl Step for Generate {
                 let p = &prompts[(i / k) as usize];
                 let sample = (i % k) as u32;
                 let seed = ctx.derive_seed(&format!("sample/{}", p.id), sample as u64);
-                let prompt_ids = tok.encode_prompt(&p.prompt).map_err(model_err("encoding a prompt"))?;
+                let prompt_ids = tok
+                    .encode_prompt(&p.prompt)
+                    .map_err(model_err("encoding a prompt"))?;
                 reqs.push(GenRequest {
                     prompt_ids,
                     max_new_tokens: self.max_new_tokens,
@@ -71,7 +77,9 @@ impl Step for Generate {
                 });
                 meta.push((p.id.clone(), sample, seed));
             }
-            let outs = model.generate(&reqs, self.batch_size).map_err(model_err("generating"))?;
+            let outs = model
+                .generate(&reqs, self.batch_size)
+                .map_err(model_err("generating"))?;
             Ok(outs
                 .into_iter()
                 .zip(meta)

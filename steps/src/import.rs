@@ -33,9 +33,12 @@ impl Step for ImportModel {
             _ => ModelSource::HfDir(path),
         };
         let device = parse_device("cpu").map_err(model_err("device"))?;
-        let model = LanguageModel::load(&src, &device, DType::F32).map_err(model_err("importing the model"))?;
+        let model = LanguageModel::load(&src, &device, DType::F32)
+            .map_err(model_err("importing the model"))?;
         let out = ctx.scratch().join("export");
-        model.save_hf(&out).map_err(model_err("writing the model in Hugging Face layout"))?;
+        model
+            .save_hf(&out)
+            .map_err(model_err("writing the model in Hugging Face layout"))?;
         let mut o = StepOutputs::new();
         for (name, file) in crate::lm::MODEL_FILES {
             o = o.file(name, "model-file", &out.join(file));

@@ -69,15 +69,21 @@ impl Step for Judge {
         vec!["judgements"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: BTreeMap<String, Prompt> = lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
-            .into_iter()
-            .map(|p| (p.id.clone(), p))
-            .collect();
+        let prompts: BTreeMap<String, Prompt> =
+            lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
+                .into_iter()
+                .map(|p| (p.id.clone(), p))
+                .collect();
         let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("responses")?, "responses")?;
         let total = responses.len() as u64;
         let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total { Some(lm::load(inputs, "model", ctx)?) } else { None };
-        ctx.progress().set_message(format!("judging ({:?})", self.mode));
+        let model = if done < total {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
+        ctx.progress()
+            .set_message(format!("judging ({:?})", self.mode));
         // Per response batch: text mode makes J requests per response.
         let per_batch = match self.mode {
             JudgeMode::Text => (self.batch_size / self.samples.max(1) as usize).max(1),

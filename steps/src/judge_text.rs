@@ -144,14 +144,23 @@ mod tests {
         assert_eq!(parse_score("**Score:** 3/5"), Verdict::Score(3));
         assert_eq!(parse_score("score: 0 out of 5"), Verdict::Score(0));
         assert_eq!(parse_score("Score: 5\nScore: 5"), Verdict::Score(5));
-        assert_eq!(parse_score("The score is what matters.\nScore: 2"), Verdict::Score(2));
+        assert_eq!(
+            parse_score("The score is what matters.\nScore: 2"),
+            Verdict::Score(2)
+        );
     }
 
     #[test]
     fn unparseable_judgements_are_unscored_with_a_reason() {
-        assert!(matches!(parse_score("I like it."), Verdict::Unscored(r) if r.contains("no `Score")));
-        assert!(matches!(parse_score("Score: 7"), Verdict::Unscored(r) if r.contains("out of range")));
-        assert!(matches!(parse_score("Score: 2\nScore: 4"), Verdict::Unscored(r) if r.contains("several")));
+        assert!(
+            matches!(parse_score("I like it."), Verdict::Unscored(r) if r.contains("no `Score"))
+        );
+        assert!(
+            matches!(parse_score("Score: 7"), Verdict::Unscored(r) if r.contains("out of range"))
+        );
+        assert!(
+            matches!(parse_score("Score: 2\nScore: 4"), Verdict::Unscored(r) if r.contains("several"))
+        );
         assert!(matches!(parse_score("Score: 4.5"), Verdict::Unscored(_)));
         assert!(matches!(parse_score("Score: lots"), Verdict::Unscored(_)));
         assert!(matches!(parse_score(""), Verdict::Unscored(_)));
@@ -164,7 +173,10 @@ mod tests {
     #[test]
     fn render_is_single_pass_and_templates_are_checked() {
         let t = "Q: {prompt}\nA: {response}\n{other}";
-        assert_eq!(render(t, "{response}", "x{prompt}"), "Q: {response}\nA: x{prompt}\n{other}");
+        assert_eq!(
+            render(t, "{response}", "x{prompt}"),
+            "Q: {response}\nA: x{prompt}\n{other}"
+        );
         assert!(check_template("mine.txt", "only {prompt}").is_err());
         assert!(check_template("default", DEFAULT_RUBRIC).is_ok());
     }

@@ -21,17 +21,24 @@ pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepErr
 }
 
 /// Load the model whose files are the inputs under `prefix`, on the step's device.
-pub fn load(inputs: &StepInputs, prefix: &str, ctx: &StepContext) -> Result<LanguageModel, StepError> {
+pub fn load(
+    inputs: &StepInputs,
+    prefix: &str,
+    ctx: &StepContext,
+) -> Result<LanguageModel, StepError> {
     let dir = ctx.scratch().join(format!("model-{prefix}"));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
     for (suffix, file) in MODEL_FILES {
         let src = inputs.path(&format!("{prefix}.{suffix}"))?;
         let dst = dir.join(file);
-        std::os::unix::fs::symlink(&src, &dst)
-            .map_err(|e| StepError::io(format!("linking {} to {}", dst.display(), src.display()), e))?;
+        std::os::unix::fs::symlink(&src, &dst).map_err(|e| {
+            StepError::io(format!("linking {} to {}", dst.display(), src.display()), e)
+        })?;
     }
-    let device = parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
+    let device =
+        parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
     LanguageModel::load(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
         .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))
 }
@@ -50,7 +57,10 @@ pub fn to_jsonl<T: serde::Serialize>(rows: &[T]) -> Vec<u8> {
     out
 }
 
-pub fn from_jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<Vec<T>, StepError> {
+pub fn from_jsonl<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<Vec<T>, StepError> {
     let mut rows = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
@@ -63,7 +73,14 @@ pub fn from_jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> R
     Ok(rows)
 }
 
-pub fn decode_item<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str, index: u64) -> Result<T, StepError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StepError::Invalid(format!("{what}: committed item {index} cannot be decoded: {e}")))
+pub fn decode_item<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    index: u64,
+) -> Result<T, StepError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        StepError::Invalid(format!(
+            "{what}: committed item {index} cannot be decoded: {e}"
+        ))
+    })
 }

@@ -13,8 +13,8 @@ use crate::dpo_step::DpoReport;
 use crate::generate::Response;
 use crate::judge::Judgement;
 use crate::judge_pairs::{meta_metrics, Comparison};
-use crate::meta_judge::MetaSummary;
 use crate::lm::{self, model_err};
+use crate::meta_judge::MetaSummary;
 use crate::pairs::{Pair, SelectSummary};
 use crate::select::Role;
 use serde::{Deserialize, Serialize};
@@ -97,7 +97,10 @@ impl Step for Metrics {
             workflow: self.workflow.clone(),
             iteration: self.iteration,
             model: lm::model_digest(inputs, "model")?,
-            produced: inputs.has("produced").then(|| inputs.digest("produced").map(|d| d.to_hex())).transpose()?,
+            produced: inputs
+                .has("produced")
+                .then(|| inputs.digest("produced").map(|d| d.to_hex()))
+                .transpose()?,
             phases: vec![],
             meta: None,
         };
@@ -105,18 +108,28 @@ impl Step for Metrics {
         for (n, name) in self.phases.iter().enumerate() {
             let p = n + 1;
             let (judge_pairs, pairs): (Vec<Pair>, Vec<Pair>) =
-                lm::from_jsonl::<Pair>(&inputs.bytes(&format!("p{p}_pairs"))?, "pairs")?.into_iter().partition(|p| p.is_judge());
+                lm::from_jsonl::<Pair>(&inputs.bytes(&format!("p{p}_pairs"))?, "pairs")?
+                    .into_iter()
+                    .partition(|p| p.is_judge());
             let sum: SelectSummary = inputs.json(&format!("p{p}_summary"))?;
             let dpo: DpoReport = inputs.json(&format!("p{p}_dpo"))?;
             let mut seqs = Vec::with_capacity(pairs.len() * 2);
             for pair in &pairs {
-                seqs.push(tok.encode_response(&pair.chosen.text).map_err(model_err("encoding"))?);
-                seqs.push(tok.encode_response(&pair.rejected.text).map_err(model_err("encoding"))?);
+                seqs.push(
+                    tok.encode_response(&pair.chosen.text)
+                        .map_err(model_err("encoding"))?,
+                );
+                seqs.push(
+                    tok.encode_response(&pair.rejected.text)
+                        .map_err(model_err("encoding"))?,
+                );
             }
             let cosine_similarity = if pairs.is_empty() {
                 None
             } else {
-                let h = model.mean_hidden(&seqs, self.batch_size).map_err(model_err("hidden states"))?;
+                let h = model
+                    .mean_hidden(&seqs, self.batch_size)
+                    .map_err(model_err("hidden states"))?;
                 Some(h.chunks(2).map(|c| cosine(&c[0], &c[1])).sum::<f64>() / pairs.len() as f64)
             };
             let k = pairs.len().max(1) as f64;
@@ -133,23 +146,42 @@ impl Step for Metrics {
                 cosine_similarity,
                 mean_chosen_tokens: sum.mean_chosen_tokens,
                 mean_rejected_tokens: sum.mean_rejected_tokens,
-                share_rejected_from_anchor: pairs.iter().filter(|p| p.rejected.role == Role::Anchor).count() as f64 / k,
-                share_chosen_from_future: pairs.iter().filter(|p| p.chosen.role == Role::Future).count() as f64 / k,
+                share_rejected_from_anchor: pairs
+                    .iter()
+                    .filter(|p| p.rejected.role == Role::Anchor)
+                    .count() as f64
+                    / k,
+                share_chosen_from_future: pairs
+                    .iter()
+                    .filter(|p| p.chosen.role == Role::Future)
+                    .count() as f64
+                    / k,
                 dpo_steps: dpo.steps,
                 dpo_final_loss: last.map(|m| m.loss),
                 dpo_final_accuracy: last.and_then(|m| m.dpo.map(|d| d.accuracy)),
                 dpo_final_margin: last.and_then(|m| m.dpo.map(|d| d.margin)),
-                judge_pairs: sum.judge_pairs_kept.or((!judge_pairs.is_empty()).then_some(judge_pairs.len())),
+                judge_pairs: sum
+                    .judge_pairs_kept
+                    .or((!judge_pairs.is_empty()).then_some(judge_pairs.len())),
             });
             ctx.progress().inc(1);
         }
         if inputs.has("meta_summary") {
-            let judgements: Vec<Judgement> = lm::from_jsonl(&inputs.bytes("meta_judgements")?, "judgements")?;
-            let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("meta_responses")?, "responses")?;
-            let comparisons: Vec<Comparison> = lm::from_jsonl(&inputs.bytes("meta_comparisons")?, "meta comparisons")?;
+            let judgements: Vec<Judgement> =
+                lm::from_jsonl(&inputs.bytes("meta_judgements")?, "judgements")?;
+            let responses: Vec<Response> =
+                lm::from_jsonl(&inputs.bytes("meta_responses")?, "responses")?;
+            let comparisons: Vec<Comparison> =
+                lm::from_jsonl(&inputs.bytes("meta_comparisons")?, "meta comparisons")?;
             let summary: MetaSummary = inputs.json("meta_summary")?;
             let tokens: Vec<usize> = responses.iter().map(|r| r.tokens).collect();
-            out.meta = Some(meta_metrics(&judgements, &tokens, &comparisons, summary.uncertain, summary.pairs));
+            out.meta = Some(meta_metrics(
+                &judgements,
+                &tokens,
+                &comparisons,
+                summary.uncertain,
+                summary.pairs,
+            ));
         }
         Ok(StepOutputs::new().json("metrics", &out))
     }

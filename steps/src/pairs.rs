@@ -133,13 +133,23 @@ impl Set {
         if !inputs.has(&format!("{prefix}_responses")) {
             return Ok(None);
         }
-        let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes(&format!("{prefix}_responses"))?, "responses")?;
-        let judgements: Vec<Judgement> = lm::from_jsonl(&inputs.bytes(&format!("{prefix}_judgements"))?, "judgements")?;
+        let responses: Vec<Response> =
+            lm::from_jsonl(&inputs.bytes(&format!("{prefix}_responses"))?, "responses")?;
+        let judgements: Vec<Judgement> = lm::from_jsonl(
+            &inputs.bytes(&format!("{prefix}_judgements"))?,
+            "judgements",
+        )?;
         Ok(Some(Set {
             role,
             model: inputs.digest(&format!("{prefix}_model"))?.to_hex(),
-            responses: responses.into_iter().map(|r| ((r.prompt_id.clone(), r.sample), r)).collect(),
-            judgements: judgements.into_iter().map(|j| ((j.prompt_id.clone(), j.sample), j)).collect(),
+            responses: responses
+                .into_iter()
+                .map(|r| ((r.prompt_id.clone(), r.sample), r))
+                .collect(),
+            judgements: judgements
+                .into_iter()
+                .map(|j| ((j.prompt_id.clone(), j.sample), j))
+                .collect(),
         }))
     }
 
@@ -149,7 +159,10 @@ impl Set {
             .map(|((_, s), r)| Candidate {
                 role: self.role,
                 sample: *s,
-                score: self.judgements.get(&(prompt_id.to_string(), *s)).and_then(|j| j.score),
+                score: self
+                    .judgements
+                    .get(&(prompt_id.to_string(), *s))
+                    .and_then(|j| j.score),
                 len: r.tokens,
             })
             .collect()
@@ -167,13 +180,18 @@ impl Set {
             seed: r.seed,
             tokens: r.tokens,
             judgements: j.map(|j| j.texts.clone()).unwrap_or_default(),
-            scores: j.map(|j| j.verdicts.iter().map(|v| v.score()).collect()).unwrap_or_default(),
+            scores: j
+                .map(|j| j.verdicts.iter().map(|v| v.score()).collect())
+                .unwrap_or_default(),
             score: c.score.unwrap_or(f64::NAN),
         }
     }
 
     fn unscored(&self) -> usize {
-        self.judgements.values().map(|j| j.verdicts.iter().filter(|v| v.score().is_none()).count()).sum()
+        self.judgements
+            .values()
+            .map(|j| j.verdicts.iter().filter(|v| v.score().is_none()).count())
+            .sum()
     }
 }
 
@@ -195,8 +213,14 @@ impl Step for Select {
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
-        let missing = |what: &str| StepError::Invalid(format!("select ({:?}) needs the {what} responses", self.rule));
-        let current = Set::load(inputs, "current", Role::Current)?.ok_or_else(|| missing("current"))?;
+        let missing = |what: &str| {
+            StepError::Invalid(format!(
+                "select ({:?}) needs the {what} responses",
+                self.rule
+            ))
+        };
+        let current =
+            Set::load(inputs, "current", Role::Current)?.ok_or_else(|| missing("current"))?;
         let anchor = Set::load(inputs, "anchor", Role::Anchor)?;
         let future = Set::load(inputs, "future", Role::Future)?;
         let phase1: BTreeMap<String, Pair> = if inputs.has("phase1_pairs") {
@@ -218,24 +242,41 @@ impl Step for Select {
         }
         let lc = self.length_band.map(|band| LengthControl { band });
         let mut pairs = Vec::new();
-        let mut sum = SelectSummary { prompts: prompts.len(), ..Default::default() };
-        sum.unscored_judgements = current.unscored() + anchor.as_ref().map_or(0, Set::unscored) + future.as_ref().map_or(0, Set::unscored);
+        let mut sum = SelectSummary {
+            prompts: prompts.len(),
+            ..Default::default()
+        };
+        sum.unscored_judgements = current.unscored()
+            + anchor.as_ref().map_or(0, Set::unscored)
+            + future.as_ref().map_or(0, Set::unscored);
         for p in &prompts {
             let cur = current.candidates(&p.id);
             let result = match self.rule {
                 Rule::Standard => select::standard(&cur, lc).map(|s| (s, None)),
                 Rule::Anchored => {
-                    let anc = anchor.as_ref().ok_or_else(|| missing("anchor"))?.candidates(&p.id);
+                    let anc = anchor
+                        .as_ref()
+                        .ok_or_else(|| missing("anchor"))?
+                        .candidates(&p.id);
                     select::anchored(&cur, &anc, lc).map(|s| (s, None))
                 }
                 Rule::FutureGuided => {
-                    let fut = future.as_ref().ok_or_else(|| missing("future"))?.candidates(&p.id);
+                    let fut = future
+                        .as_ref()
+                        .ok_or_else(|| missing("future"))?
+                        .candidates(&p.id);
                     let Some(prev) = phase1.get(&p.id) else {
                         sum.skipped_no_phase1 += 1;
                         continue;
                     };
-                    let rej = Candidate { role: prev.rejected.role, sample: prev.rejected.sample, score: Some(prev.rejected.score), len: prev.rejected.tokens };
-                    select::future_guided(&cur, &fut, &rej, lc).map(|s| (s, Some(prev.rejected.clone())))
+                    let rej = Candidate {
+                        role: prev.rejected.role,
+                        sample: prev.rejected.sample,
+                        score: Some(prev.rejected.score),
+                        len: prev.rejected.tokens,
+                    };
+                    select::future_guided(&cur, &fut, &rej, lc)
+                        .map(|s| (s, Some(prev.rejected.clone())))
                 }
                 Rule::MetaJudge => unreachable!("refused above"),
             };
@@ -255,10 +296,14 @@ impl Step for Select {
                 Role::Anchor => anchor.as_ref(),
                 Role::Future => future.as_ref(),
             };
-            let chosen = set_of(sel.chosen.role).expect("chosen set present").side(&p.id, &sel.chosen);
+            let chosen = set_of(sel.chosen.role)
+                .expect("chosen set present")
+                .side(&p.id, &sel.chosen);
             let rejected = match reused_rejected {
                 Some(r) => r,
-                None => set_of(sel.rejected.role).expect("rejected set present").side(&p.id, &sel.rejected),
+                None => set_of(sel.rejected.role)
+                    .expect("rejected set present")
+                    .side(&p.id, &sel.rejected),
             };
             sum.rejected_from_anchor += (rejected.role == Role::Anchor) as usize;
             sum.chosen_from_future += (chosen.role == Role::Future) as usize;
@@ -285,16 +330,21 @@ impl Step for Select {
             sum.mean_chosen_score = pairs.iter().map(|p| p.chosen.score).sum::<f64>() / n;
             sum.mean_rejected_score = pairs.iter().map(|p| p.rejected.score).sum::<f64>() / n;
             sum.mean_chosen_tokens = pairs.iter().map(|p| p.chosen.tokens as f64).sum::<f64>() / n;
-            sum.mean_rejected_tokens = pairs.iter().map(|p| p.rejected.tokens as f64).sum::<f64>() / n;
+            sum.mean_rejected_tokens =
+                pairs.iter().map(|p| p.rejected.tokens as f64).sum::<f64>() / n;
         }
         if inputs.has("judge_pairs") {
             let judge: Vec<Pair> = lm::from_jsonl(&inputs.bytes("judge_pairs")?, "judge pairs")?;
             if let Some(p) = judge.iter().find(|p| !p.is_judge()) {
-                return Err(StepError::Invalid(format!("judge_pairs: pair {} is not a judge pair", p.pair_id)));
+                return Err(StepError::Invalid(format!(
+                    "judge_pairs: pair {} is not a judge pair",
+                    p.pair_id
+                )));
             }
             sum.judge_pairs_offered = Some(judge.len());
             let share = self.judge_pair_share.unwrap_or(1.0);
-            let (mixed, kept) = crate::judge_pairs::mix(pairs, judge, share, ctx.derive_seed("mix", 0));
+            let (mixed, kept) =
+                crate::judge_pairs::mix(pairs, judge, share, ctx.derive_seed("mix", 0));
             sum.judge_pairs_kept = Some(kept);
             pairs = mixed;
         }

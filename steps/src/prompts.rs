@@ -49,7 +49,9 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
         let parsed: Line = match serde_json::from_str(line) {
             Ok(p) => p,
             Err(e) => {
-                bad.push(format!("  line {n}: not a JSON object with \"prompt\" ({e})"));
+                bad.push(format!(
+                    "  line {n}: not a JSON object with \"prompt\" ({e})"
+                ));
                 continue;
             }
         };
@@ -60,7 +62,9 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
                 continue;
             }
             Some(other) => {
-                bad.push(format!("  line {n}: \"prompt\" must be a string, found {other}"));
+                bad.push(format!(
+                    "  line {n}: \"prompt\" must be a string, found {other}"
+                ));
                 continue;
             }
             None => {
@@ -82,7 +86,9 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s,
             Some(serde_json::Value::Number(x)) => x.to_string(),
             Some(other) => {
-                bad.push(format!("  line {n}: \"id\" must be a non-empty string, found {other}"));
+                bad.push(format!(
+                    "  line {n}: \"id\" must be a non-empty string, found {other}"
+                ));
                 continue;
             }
         };
@@ -146,6 +152,9 @@ mod tests {
 
     #[test]
     fn empty_file_is_an_error() {
-        assert!(matches!(parse_prompts(b"\n\n", "e.jsonl"), Err(PromptError::Empty { .. })));
+        assert!(matches!(
+            parse_prompts(b"\n\n", "e.jsonl"),
+            Err(PromptError::Empty { .. })
+        ));
     }
 }

@@ -28,9 +28,15 @@ pub fn encode_pair(
     tok: &crate::model::ChatTokenizer,
     p: &Pair,
 ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), StepError> {
-    let prompt = tok.encode_prompt(&p.prompt).map_err(model_err("encoding a prompt"))?;
-    let chosen = tok.encode_response(&p.chosen.text).map_err(model_err("encoding a response"))?;
-    let rejected = tok.encode_response(&p.rejected.text).map_err(model_err("encoding a response"))?;
+    let prompt = tok
+        .encode_prompt(&p.prompt)
+        .map_err(model_err("encoding a prompt"))?;
+    let chosen = tok
+        .encode_response(&p.chosen.text)
+        .map_err(model_err("encoding a response"))?;
+    let rejected = tok
+        .encode_response(&p.rejected.text)
+        .map_err(model_err("encoding a response"))?;
     Ok((prompt, chosen, rejected))
 }
 
@@ -52,7 +58,11 @@ impl Step for ReferenceLogprobs {
         let digest = lm::model_digest(inputs, "model")?;
         let total = pairs.len() as u64;
         let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total { Some(lm::load(inputs, "model", ctx)?) } else { None };
+        let model = if done < total {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
         ctx.progress().set_message("reference log-probs");
         ctx.for_each_batch(total, self.batch_size, |idx| {
             let model = model.as_ref().expect("model loaded when work remains");
@@ -64,7 +74,9 @@ impl Step for ReferenceLogprobs {
                 seqs.push((p.clone(), c));
                 seqs.push((p, r));
             }
-            let lp = model.logprobs(&seqs, self.batch_size * 2).map_err(model_err("reference log-probs"))?;
+            let lp = model
+                .logprobs(&seqs, self.batch_size * 2)
+                .map_err(model_err("reference log-probs"))?;
             Ok(idx
                 .iter()
                 .enumerate()

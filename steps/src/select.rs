@@ -58,7 +58,8 @@ pub enum Skip {
 }
 
 fn scored(c: &[Candidate]) -> impl Iterator<Item = (&Candidate, f64)> {
-    c.iter().filter_map(|c| c.score.filter(|s| s.is_finite()).map(|s| (c, s)))
+    c.iter()
+        .filter_map(|c| c.score.filter(|s| s.is_finite()).map(|s| (c, s)))
 }
 
 /// Highest score; ties (or, with length control, scores within the band of the top) go to the
@@ -225,11 +226,20 @@ mod tests {
 
     #[test]
     fn standard_best_vs_worst_and_ties_to_lowest_index() {
-        let cur = c(Role::Current, &[Some(3.0), Some(5.0), Some(1.0), Some(5.0), Some(1.0)]);
+        let cur = c(
+            Role::Current,
+            &[Some(3.0), Some(5.0), Some(1.0), Some(5.0), Some(1.0)],
+        );
         let s = standard(&cur, None).unwrap();
         assert_eq!((s.chosen.sample, s.rejected.sample), (1, 2));
         let flat = c(Role::Current, &[Some(4.0), Some(4.0)]);
-        assert_eq!(standard(&flat, None), Err(Skip::NoGap { chosen: 4.0, rejected: 4.0 }));
+        assert_eq!(
+            standard(&flat, None),
+            Err(Skip::NoGap {
+                chosen: 4.0,
+                rejected: 4.0
+            })
+        );
     }
 
     #[test]
@@ -237,7 +247,10 @@ mod tests {
         let cur = c(Role::Current, &[None, Some(2.0), None, Some(4.0)]);
         let s = standard(&cur, None).unwrap();
         assert_eq!((s.chosen.sample, s.rejected.sample), (3, 1));
-        assert_eq!(standard(&c(Role::Current, &[None, None]), None), Err(Skip::NoScored));
+        assert_eq!(
+            standard(&c(Role::Current, &[None, None]), None),
+            Err(Skip::NoScored)
+        );
     }
 
     #[test]
@@ -259,13 +272,21 @@ mod tests {
         assert!(anchored(&flat, &c(Role::Anchor, &[Some(3.0)]), None).is_err());
         // Anchor rescues a flat current.
         let s = anchored(&flat, &c(Role::Anchor, &[Some(1.0)]), None).unwrap();
-        assert_eq!((s.chosen.role, s.rejected.role), (Role::Current, Role::Anchor));
+        assert_eq!(
+            (s.chosen.role, s.rejected.role),
+            (Role::Current, Role::Anchor)
+        );
     }
 
     #[test]
     fn future_guided_each_branch() {
         let cur = c(Role::Current, &[Some(3.0), Some(2.0)]);
-        let rej = Candidate { role: Role::Anchor, sample: 0, score: Some(1.0), len: 5 };
+        let rej = Candidate {
+            role: Role::Anchor,
+            sample: 0,
+            score: Some(1.0),
+            len: 5,
+        };
         let s = future_guided(&cur, &c(Role::Future, &[Some(2.0), Some(4.5)]), &rej, None).unwrap();
         assert_eq!((s.chosen.role, s.chosen.sample), (Role::Future, 1));
         assert_eq!(s.rejected, rej);
@@ -273,7 +294,12 @@ mod tests {
         assert_eq!(s.chosen.role, Role::Current, "a tie keeps the current best");
         let s = future_guided(&cur, &c(Role::Future, &[None]), &rej, None).unwrap();
         assert_eq!(s.chosen.role, Role::Current);
-        let high_rej = Candidate { role: Role::Current, sample: 1, score: Some(3.0), len: 5 };
+        let high_rej = Candidate {
+            role: Role::Current,
+            sample: 1,
+            score: Some(3.0),
+            len: 5,
+        };
         assert!(future_guided(&cur, &c(Role::Future, &[Some(3.0)]), &high_rej, None).is_err());
     }
 
@@ -284,7 +310,10 @@ mod tests {
         let lc = Some(LengthControl { band: 0.5 });
         let s = standard(&cur, lc).unwrap();
         assert_eq!(s.chosen.sample, 1, "4.8 is within 0.5 of 5.0 and shorter");
-        assert_eq!(s.rejected.sample, 2, "1.2 and 1.0 are in the band; sample 2 is longer");
+        assert_eq!(
+            s.rejected.sample, 2,
+            "1.2 and 1.0 are in the band; sample 2 is longer"
+        );
         let s = standard(&cur, None).unwrap();
         assert_eq!((s.chosen.sample, s.rejected.sample), (3, 2));
     }

@@ -40,7 +40,12 @@ pub fn output_of(v: &serde_json::Value, node: &str, output: &str) -> String {
         .iter()
         .find(|n| n["node"] == node)
         .unwrap_or_else(|| panic!("no node {node}"));
-    n["outputs"].as_array().unwrap().iter().find(|o| o[0] == output).unwrap()[1]
+    n["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o[0] == output)
+        .unwrap()[1]
         .as_str()
         .unwrap()
         .to_string()
@@ -77,7 +82,12 @@ pub fn assert_same_outputs(reference: &Path, store: &Path, run: &str, why: &str)
     let b = status(store, run);
     for n in a["nodes"].as_array().unwrap() {
         let name = n["node"].as_str().unwrap();
-        let m = b["nodes"].as_array().unwrap().iter().find(|x| x["node"] == name).unwrap();
+        let m = b["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == name)
+            .unwrap();
         assert_eq!(n["outputs"], m["outputs"], "node {name} differs {why}");
     }
 }

@@ -89,18 +89,21 @@ pub struct ModelSection {
 impl ModelSection {
     /// The external path to fingerprint and how to read it (`gguf` or `hf`).
     pub fn resolve(&self) -> Result<(PathBuf, String), ConfigError> {
-        let src = tsr_steps::model::ModelSource::parse(&self.source).map_err(|e| ConfigError::Invalid {
-            key: "model.source".into(),
-            reason: e.to_string(),
+        let src = tsr_steps::model::ModelSource::parse(&self.source).map_err(|e| {
+            ConfigError::Invalid {
+                key: "model.source".into(),
+                reason: e.to_string(),
+            }
         })?;
         Ok(match src {
             tsr_steps::model::ModelSource::Gguf(p) => (p, "gguf".into()),
             tsr_steps::model::ModelSource::HfDir(p) => (p, "hf".into()),
             tsr_steps::model::ModelSource::HubId(id) => {
-                let p = tsr_steps::model::resolve_hub_id(&id).map_err(|e| ConfigError::Invalid {
-                    key: "model.source".into(),
-                    reason: e.to_string(),
-                })?;
+                let p =
+                    tsr_steps::model::resolve_hub_id(&id).map_err(|e| ConfigError::Invalid {
+                        key: "model.source".into(),
+                        reason: e.to_string(),
+                    })?;
                 (p, "hf".into())
             }
         })
@@ -131,7 +134,14 @@ pub struct GenerateSection {
 
 impl Default for GenerateSection {
     fn default() -> Self {
-        GenerateSection { k: 7, temperature: 0.7, top_p: 0.9, top_k: None, max_new_tokens: 256, batch_size: 16 }
+        GenerateSection {
+            k: 7,
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: None,
+            max_new_tokens: 256,
+            batch_size: 16,
+        }
     }
 }
 
@@ -276,14 +286,20 @@ impl Config {
     /// Parse and validate; relative paths (store, model, prompts, template) are taken relative
     /// to `dir` (the config file's folder) and stored absolute, so a stored run does not depend
     /// on where tsr is started.
-    pub fn from_str_at_dir(text: &str, path: &Path, dir: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn from_str_at_dir(
+        text: &str,
+        path: &Path,
+        dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
         let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
         // `~/` means the home folder, in any path-valued key.
         let home = |p: &str| -> Option<String> {
-            p.strip_prefix("~/").and_then(|rest| std::env::var_os("HOME").map(|h| Path::new(&h).join(rest).display().to_string()))
+            p.strip_prefix("~/").and_then(|rest| {
+                std::env::var_os("HOME").map(|h| Path::new(&h).join(rest).display().to_string())
+            })
         };
         if let Some(m) = c.model.as_mut() {
             if let Some(h) = home(&m.source) {
@@ -306,7 +322,9 @@ impl Config {
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             let abs = |p: &mut PathBuf| {
                 if p.is_relative() {
-                    *p = lexical_clean(&std::path::absolute(dir.join(&*p)).unwrap_or_else(|_| dir.join(&*p)));
+                    *p = lexical_clean(
+                        &std::path::absolute(dir.join(&*p)).unwrap_or_else(|_| dir.join(&*p)),
+                    );
                 }
             };
             if let Some(s) = c.store.as_mut() {
@@ -324,13 +342,19 @@ impl Config {
             if let Some(m) = c.judge.model.as_mut() {
                 let candidate = dir.join(&*m);
                 if Path::new(m.as_str()).is_relative() && candidate.exists() {
-                    *m = std::path::absolute(&candidate).unwrap_or(candidate).display().to_string();
+                    *m = std::path::absolute(&candidate)
+                        .unwrap_or(candidate)
+                        .display()
+                        .to_string();
                 }
             }
             if let Some(m) = c.model.as_mut() {
                 let candidate = dir.join(&m.source);
                 if Path::new(&m.source).is_relative() && candidate.exists() {
-                    m.source = std::path::absolute(&candidate).unwrap_or(candidate).display().to_string();
+                    m.source = std::path::absolute(&candidate)
+                        .unwrap_or(candidate)
+                        .display()
+                        .to_string();
                 }
             }
         }
@@ -351,7 +375,11 @@ impl Config {
         if !crate::WORKFLOWS.contains(&self.workflow.as_str()) {
             return bad(
                 "workflow",
-                &format!("unknown workflow `{}`; choose one of {:?}", self.workflow, crate::WORKFLOWS),
+                &format!(
+                    "unknown workflow `{}`; choose one of {:?}",
+                    self.workflow,
+                    crate::WORKFLOWS
+                ),
             );
         }
         if self.device != "cpu" && !self.device.starts_with("cuda") {
@@ -376,14 +404,30 @@ impl Config {
     }
 
     fn validate_lm(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.into(), reason });
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason,
+            })
+        };
         if self.model.is_none() {
-            return bad("model", "this workflow needs a [model] section with `source = ...`".into());
+            return bad(
+                "model",
+                "this workflow needs a [model] section with `source = ...`".into(),
+            );
         }
         match &self.prompts {
-            None => return bad("prompts", "this workflow needs a [prompts] section with `file = ...`".into()),
+            None => {
+                return bad(
+                    "prompts",
+                    "this workflow needs a [prompts] section with `file = ...`".into(),
+                )
+            }
             Some(p) if !p.file.is_file() => {
-                return bad("prompts.file", format!("{} does not exist or is not a file", p.file.display()))
+                return bad(
+                    "prompts.file",
+                    format!("{} does not exist or is not a file", p.file.display()),
+                )
             }
             _ => {}
         }
@@ -395,7 +439,13 @@ impl Config {
         }
         let g = &self.generate;
         if g.k < 2 {
-            return bad("generate.k", format!("{} responses per prompt cannot form a pair; use at least 2", g.k));
+            return bad(
+                "generate.k",
+                format!(
+                    "{} responses per prompt cannot form a pair; use at least 2",
+                    g.k
+                ),
+            );
         }
         if !(g.temperature > 0.0 && g.temperature.is_finite()) {
             return bad("generate.temperature", "must be > 0".into());
@@ -404,11 +454,17 @@ impl Config {
             return bad("generate.top_p", "must be in (0, 1]".into());
         }
         if g.max_new_tokens == 0 || g.batch_size == 0 {
-            return bad("generate", "max_new_tokens and batch_size must be at least 1".into());
+            return bad(
+                "generate",
+                "max_new_tokens and batch_size must be at least 1".into(),
+            );
         }
         let j = &self.judge;
         if j.samples == 0 || j.batch_size == 0 || j.max_new_tokens == 0 {
-            return bad("judge", "samples, batch_size and max_new_tokens must be at least 1".into());
+            return bad(
+                "judge",
+                "samples, batch_size and max_new_tokens must be at least 1".into(),
+            );
         }
         if let Some(b) = j.length_band {
             if !(b >= 0.0 && b.is_finite()) {
@@ -417,10 +473,16 @@ impl Config {
         }
         if let Some(v) = &j.length_band_per_iteration {
             if v.is_empty() {
-                return bad("judge.length_band_per_iteration", "give at least one band, or leave the key out".into());
+                return bad(
+                    "judge.length_band_per_iteration",
+                    "give at least one band, or leave the key out".into(),
+                );
             }
             if let Some(b) = v.iter().find(|b| !(**b >= 0.0 && b.is_finite())) {
-                return bad("judge.length_band_per_iteration", format!("{b} is not >= 0"));
+                return bad(
+                    "judge.length_band_per_iteration",
+                    format!("{b} is not >= 0"),
+                );
             }
         }
         if META_WORKFLOWS.contains(&self.workflow.as_str()) {
@@ -437,7 +499,10 @@ impl Config {
             return bad("dpo.weight_decay", "must be >= 0".into());
         }
         if d.epochs == 0 || d.micro_batch == 0 || d.accum_steps == 0 || d.checkpoint_every == 0 {
-            return bad("dpo", "epochs, micro_batch, accum_steps and checkpoint_every must be at least 1".into());
+            return bad(
+                "dpo",
+                "epochs, micro_batch, accum_steps and checkpoint_every must be at least 1".into(),
+            );
         }
         if let Some(n) = d.max_grad_norm {
             if !(n > 0.0) {
@@ -445,17 +510,28 @@ impl Config {
             }
         }
         if !["current", "initial"].contains(&d.reference.as_str()) {
-            return bad("dpo.reference", "use `current` (Mi) or `initial` (M0)".into());
+            return bad(
+                "dpo.reference",
+                "use `current` (Mi) or `initial` (M0)".into(),
+            );
         }
         Ok(())
     }
 
     fn validate_meta(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.into(), reason });
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason,
+            })
+        };
         let w = &self.workflow;
         let j = &self.judge;
         if j.mode != tsr_steps::judge::JudgeMode::Text {
-            return bad("judge.mode", format!("workflow `{w}` meta-judges written judgements; use judge mode `text`"));
+            return bad(
+                "judge.mode",
+                format!("workflow `{w}` meta-judges written judgements; use judge mode `text`"),
+            );
         }
         if j.samples < 2 {
             return bad(
@@ -469,10 +545,16 @@ impl Config {
         let default = MetaSection::default();
         let m = self.meta.as_ref().unwrap_or(&default);
         if !(m.judge_pair_share >= 0.0 && m.judge_pair_share <= 1.0) {
-            return bad("meta.judge_pair_share", format!("{} is not in [0, 1]", m.judge_pair_share));
+            return bad(
+                "meta.judge_pair_share",
+                format!("{} is not in [0, 1]", m.judge_pair_share),
+            );
         }
         if !(m.response_share >= 0.0 && m.response_share <= 1.0) {
-            return bad("meta.response_share", format!("{} is not in [0, 1]", m.response_share));
+            return bad(
+                "meta.response_share",
+                format!("{} is not in [0, 1]", m.response_share),
+            );
         }
         if !(m.temperature > 0.0 && m.temperature.is_finite()) {
             return bad("meta.temperature", "must be > 0".into());
@@ -481,7 +563,10 @@ impl Config {
             return bad("meta.top_p", "must be in (0, 1]".into());
         }
         if m.max_new_tokens == 0 || m.batch_size == 0 {
-            return bad("meta", "max_new_tokens and batch_size must be at least 1".into());
+            return bad(
+                "meta",
+                "max_new_tokens and batch_size must be at least 1".into(),
+            );
         }
         Ok(())
     }
@@ -580,15 +665,23 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let e = parse("name = \"a\"\nworkflow = \"toy\"\nbogus = 1\n").unwrap_err().to_string();
+        let e = parse("name = \"a\"\nworkflow = \"toy\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = parse("name = \"a\"\nworkflow = \"toy\"\n[toy]\niterations = \"two\"\n").unwrap_err().to_string();
+        let e = parse("name = \"a\"\nworkflow = \"toy\"\n[toy]\niterations = \"two\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("iterations"), "{e}");
         let e = parse("name = \"a\"\nworkflow = \"toy\"\n[toy]\niterations = 0\nitems = 1\ntrain_steps = 1\ncheckpoint_every = 1\nwork_ms = 0\nseed = 1\n").unwrap_err().to_string();
         assert!(e.contains("toy.iterations"), "{e}");
-        let e = parse("name = \"a b\"\nworkflow = \"toy\"\n").unwrap_err().to_string();
+        let e = parse("name = \"a b\"\nworkflow = \"toy\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`name`"), "{e}");
-        let e = parse("name = \"a\"\nworkflow = \"nope\"\n").unwrap_err().to_string();
+        let e = parse("name = \"a\"\nworkflow = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown workflow"), "{e}");
     }
 

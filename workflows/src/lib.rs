@@ -20,16 +20,22 @@ pub enum WorkflowError {
 }
 
 /// Names of the workflows this build knows.
-pub const WORKFLOWS: &[&str] =
-    &["toy", "temporal", "self-rewarding", "past-only", "future-only", "meta-rewarding", "temporal-meta"];
+pub const WORKFLOWS: &[&str] = &[
+    "toy",
+    "temporal",
+    "self-rewarding",
+    "past-only",
+    "future-only",
+    "meta-rewarding",
+    "temporal-meta",
+];
 
 /// Build the DAG of a validated config.
 pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
     match config.workflow.as_str() {
         "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
-        "temporal" | "self-rewarding" | "past-only" | "future-only" | "meta-rewarding" | "temporal-meta" => {
-            lm::build(config)
-        }
+        "temporal" | "self-rewarding" | "past-only" | "future-only" | "meta-rewarding"
+        | "temporal-meta" => lm::build(config),
         other => Err(ConfigError::Invalid {
             key: "workflow".into(),
             reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),

@@ -36,7 +36,10 @@ impl ModelRef {
             .iter()
             .map(|f| (format!("{prefix}.{f}"), InputSource::node(&self.base, f)))
             .collect();
-        v.push((format!("{prefix}.weights"), InputSource::node(&self.node, "weights")));
+        v.push((
+            format!("{prefix}.weights"),
+            InputSource::node(&self.node, "weights"),
+        ));
         v
     }
     fn weights(&self) -> InputSource {
@@ -51,7 +54,10 @@ fn add(
     inputs: Vec<(String, InputSource)>,
     iteration: Option<u32>,
 ) {
-    let inputs: Vec<(&str, InputSource)> = inputs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let inputs: Vec<(&str, InputSource)> = inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     b.add(name, step, inputs, iteration);
 }
 
@@ -60,8 +66,18 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let p = c.prompts.as_ref().expect("validated: [prompts] present");
     let mut b = DagBuilder::new();
     let (path, format) = m.resolve()?;
-    b.add("import", Arc::new(ImportModel { format }), vec![("source", InputSource::External(path))], None);
-    b.add("prompts", Arc::new(LoadPrompts { limit: p.limit }), vec![("file", InputSource::External(p.file.clone()))], None);
+    b.add(
+        "import",
+        Arc::new(ImportModel { format }),
+        vec![("source", InputSource::External(path))],
+        None,
+    );
+    b.add(
+        "prompts",
+        Arc::new(LoadPrompts { limit: p.limit }),
+        vec![("file", InputSource::External(p.file.clone()))],
+        None,
+    );
     let g = &c.generate;
     let gen = Arc::new(Generate {
         k: g.k,
@@ -79,8 +95,17 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         })?,
         None => tsr_steps::judge_text::DEFAULT_RUBRIC.to_string(),
     };
-    tsr_steps::judge_text::check_template(&j.template.as_ref().map(|p| p.display().to_string()).unwrap_or("default".into()), &template)
-        .map_err(|e| crate::ConfigError::Invalid { key: "judge.template".into(), reason: e.to_string() })?;
+    tsr_steps::judge_text::check_template(
+        &j.template
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or("default".into()),
+        &template,
+    )
+    .map_err(|e| crate::ConfigError::Invalid {
+        key: "judge.template".into(),
+        reason: e.to_string(),
+    })?;
     let judge = Arc::new(Judge {
         mode: j.mode,
         samples: j.samples,
@@ -103,7 +128,9 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         weight_decay: d.weight_decay,
         checkpoint_every: d.checkpoint_every,
     });
-    let reference = Arc::new(ReferenceLogprobs { batch_size: j.batch_size });
+    let reference = Arc::new(ReferenceLogprobs {
+        batch_size: j.batch_size,
+    });
     let meta_cfg = c.meta.clone().unwrap_or_default();
     let meta_template = match &meta_cfg.template {
         Some(path) => std::fs::read_to_string(path).map_err(|e| crate::ConfigError::Invalid {
@@ -112,18 +139,38 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         })?,
         None => DEFAULT_META_PROMPT.to_string(),
     };
-    check_meta_template(&meta_template)
-        .map_err(|reason| crate::ConfigError::Invalid { key: "meta.template".into(), reason })?;
-    let m0 = ModelRef { base: "import".into(), node: "import".into() };
+    check_meta_template(&meta_template).map_err(|reason| crate::ConfigError::Invalid {
+        key: "meta.template".into(),
+        reason,
+    })?;
+    let m0 = ModelRef {
+        base: "import".into(),
+        node: "import".into(),
+    };
     // A fixed judge model, when configured; otherwise Mi judges itself.
     let fixed_judge = match &j.model {
         Some(spec) => {
-            let (path, format) = crate::config::ModelSection { source: spec.clone() }.resolve().map_err(|e| match e {
-                crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid { key: "judge.model".into(), reason },
+            let (path, format) = crate::config::ModelSection {
+                source: spec.clone(),
+            }
+            .resolve()
+            .map_err(|e| match e {
+                crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid {
+                    key: "judge.model".into(),
+                    reason,
+                },
                 other => other,
             })?;
-            b.add("import-judge", Arc::new(ImportModel { format }), vec![("source", InputSource::External(path))], None);
-            Some(ModelRef { base: "import-judge".into(), node: "import-judge".into() })
+            b.add(
+                "import-judge",
+                Arc::new(ImportModel { format }),
+                vec![("source", InputSource::External(path))],
+                None,
+            );
+            Some(ModelRef {
+                base: "import-judge".into(),
+                node: "import-judge".into(),
+            })
         }
         None => None,
     };
@@ -139,31 +186,58 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         };
         // Generation by Mi and judging by Mi.
         let gen_in = |model: &ModelRef| {
-            let mut v = vec![("prompts".to_string(), InputSource::node("prompts", "prompts"))];
+            let mut v = vec![(
+                "prompts".to_string(),
+                InputSource::node("prompts", "prompts"),
+            )];
             v.extend(model.inputs("model"));
             v
         };
         let judge_in = |gen_node: &str| {
             let mut v = vec![
-                ("prompts".to_string(), InputSource::node("prompts", "prompts")),
-                ("responses".to_string(), InputSource::node(gen_node, "responses")),
+                (
+                    "prompts".to_string(),
+                    InputSource::node("prompts", "prompts"),
+                ),
+                (
+                    "responses".to_string(),
+                    InputSource::node(gen_node, "responses"),
+                ),
             ];
             v.extend(fixed_judge.as_ref().unwrap_or(&mi).inputs("model"));
             v
         };
         add(&mut b, n("gen-current"), gen.clone(), gen_in(&mi), it);
-        add(&mut b, n("judge-current"), judge.clone(), judge_in(&n("gen-current")), it);
+        add(
+            &mut b,
+            n("judge-current"),
+            judge.clone(),
+            judge_in(&n("gen-current")),
+            it,
+        );
         let set = |prefix: &str, gen_node: String, judge_node: String, model: &ModelRef| {
             vec![
-                (format!("{prefix}_responses"), InputSource::node(&gen_node, "responses")),
-                (format!("{prefix}_judgements"), InputSource::node(&judge_node, "judgements")),
+                (
+                    format!("{prefix}_responses"),
+                    InputSource::node(&gen_node, "responses"),
+                ),
+                (
+                    format!("{prefix}_judgements"),
+                    InputSource::node(&judge_node, "judgements"),
+                ),
                 (format!("{prefix}_model"), model.weights()),
             ]
         };
         let base_select_in = || {
-            let mut v = vec![("prompts".to_string(), InputSource::node("prompts", "prompts"))];
+            let mut v = vec![(
+                "prompts".to_string(),
+                InputSource::node("prompts", "prompts"),
+            )];
             v.extend(set("current", n("gen-current"), n("judge-current"), &mi));
-            v.push(("judge.weights".to_string(), fixed_judge.as_ref().unwrap_or(&mi).weights()));
+            v.push((
+                "judge.weights".to_string(),
+                fixed_judge.as_ref().unwrap_or(&mi).weights(),
+            ));
             v
         };
         let select = |rule: Rule, phase: &str, mix: bool| {
@@ -181,9 +255,18 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         if meta {
             // Mi meta-judges its own judgements of its own responses.
             let mut meta_in = vec![
-                ("prompts".to_string(), InputSource::node("prompts", "prompts")),
-                ("responses".to_string(), InputSource::node(&n("gen-current"), "responses")),
-                ("judgements".to_string(), InputSource::node(&n("judge-current"), "judgements")),
+                (
+                    "prompts".to_string(),
+                    InputSource::node("prompts", "prompts"),
+                ),
+                (
+                    "responses".to_string(),
+                    InputSource::node(&n("gen-current"), "responses"),
+                ),
+                (
+                    "judgements".to_string(),
+                    InputSource::node(&n("judge-current"), "judgements"),
+                ),
                 ("generator.weights".to_string(), mi.weights()),
                 ("judge.weights".to_string(), mi.weights()),
             ];
@@ -202,31 +285,69 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             });
             add(&mut b, n("meta-judge"), step, meta_in, it);
         }
-        let judge_pairs_in = || ("judge_pairs".to_string(), InputSource::node(&n("meta-judge"), "pairs"));
+        let judge_pairs_in = || {
+            (
+                "judge_pairs".to_string(),
+                InputSource::node(&n("meta-judge"), "pairs"),
+            )
+        };
         let train = |b: &mut DagBuilder, tag: &str, select_node: String| {
-            let mut ref_in = vec![("pairs".to_string(), InputSource::node(&select_node, "pairs"))];
+            let mut ref_in = vec![(
+                "pairs".to_string(),
+                InputSource::node(&select_node, "pairs"),
+            )];
             let ref_model = if d.reference == "initial" { &m0 } else { &mi };
             ref_in.extend(ref_model.inputs("model"));
             add(b, n(&format!("ref-{tag}")), reference.clone(), ref_in, it);
             let mut dpo_in = vec![
-                ("pairs".to_string(), InputSource::node(&select_node, "pairs")),
-                ("ref_logps".to_string(), InputSource::node(&n(&format!("ref-{tag}")), "logps")),
+                (
+                    "pairs".to_string(),
+                    InputSource::node(&select_node, "pairs"),
+                ),
+                (
+                    "ref_logps".to_string(),
+                    InputSource::node(&n(&format!("ref-{tag}")), "logps"),
+                ),
             ];
             dpo_in.extend(mi.inputs("model"));
             add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
-            ModelRef { base: "import".into(), node: n(&format!("dpo-{tag}")) }
+            ModelRef {
+                base: "import".into(),
+                node: n(&format!("dpo-{tag}")),
+            }
         };
         let uses_anchor = matches!(workflow, "temporal" | "past-only" | "temporal-meta");
         let uses_future = matches!(workflow, "temporal" | "future-only" | "temporal-meta");
         if uses_anchor {
             // The anchor's samples: generate(M0) has the same key every iteration, so it runs once.
-            add(&mut b, n("gen-anchor"), gen.clone(), gen_in(&anchor_model), it);
-            add(&mut b, n("judge-anchor"), judge.clone(), judge_in(&n("gen-anchor")), it);
+            add(
+                &mut b,
+                n("gen-anchor"),
+                gen.clone(),
+                gen_in(&anchor_model),
+                it,
+            );
+            add(
+                &mut b,
+                n("judge-anchor"),
+                judge.clone(),
+                judge_in(&n("gen-anchor")),
+                it,
+            );
         }
-        let phase1_rule = if uses_anchor { Rule::Anchored } else { Rule::Standard };
+        let phase1_rule = if uses_anchor {
+            Rule::Anchored
+        } else {
+            Rule::Standard
+        };
         let mut s1_in = base_select_in();
         if uses_anchor {
-            s1_in.extend(set("anchor", n("gen-anchor"), n("judge-anchor"), &anchor_model));
+            s1_in.extend(set(
+                "anchor",
+                n("gen-anchor"),
+                n("judge-anchor"),
+                &anchor_model,
+            ));
         }
         let phase1 = if uses_anchor { "anchored" } else { "standard" };
         // Judge pairs go to the phase whose pairs train Mi+1.
@@ -234,20 +355,42 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         if mix1 {
             s1_in.push(judge_pairs_in());
         }
-        add(&mut b, n("select-1"), select(phase1_rule, phase1, mix1), s1_in, it);
-        let mut phases: Vec<(String, String, String)> = vec![(phase1.to_string(), n("select-1"), String::new())];
+        add(
+            &mut b,
+            n("select-1"),
+            select(phase1_rule, phase1, mix1),
+            s1_in,
+            it,
+        );
+        let mut phases: Vec<(String, String, String)> =
+            vec![(phase1.to_string(), n("select-1"), String::new())];
         let next = if uses_future {
             let mf = train(&mut b, "future", n("select-1"));
             phases[0].2 = n("dpo-future");
             add(&mut b, n("gen-future"), gen.clone(), gen_in(&mf), it);
-            add(&mut b, n("judge-future"), judge.clone(), judge_in(&n("gen-future")), it);
+            add(
+                &mut b,
+                n("judge-future"),
+                judge.clone(),
+                judge_in(&n("gen-future")),
+                it,
+            );
             let mut s2_in = base_select_in();
             s2_in.extend(set("future", n("gen-future"), n("judge-future"), &mf));
-            s2_in.push(("phase1_pairs".to_string(), InputSource::node(&n("select-1"), "pairs")));
+            s2_in.push((
+                "phase1_pairs".to_string(),
+                InputSource::node(&n("select-1"), "pairs"),
+            ));
             if meta {
                 s2_in.push(judge_pairs_in());
             }
-            add(&mut b, n("select-2"), select(Rule::FutureGuided, "future-guided", meta), s2_in, it);
+            add(
+                &mut b,
+                n("select-2"),
+                select(Rule::FutureGuided, "future-guided", meta),
+                s2_in,
+                it,
+            );
             phases.push(("future-guided".to_string(), n("select-2"), n("dpo-next")));
             train(&mut b, "next", n("select-2"))
         } else {
@@ -257,15 +400,36 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         let mut metrics_in = mi.inputs("model");
         metrics_in.push(("produced".to_string(), next.weights()));
         for (k, (_, select_node, dpo_node)) in phases.iter().enumerate() {
-            metrics_in.push((format!("p{}_pairs", k + 1), InputSource::node(select_node, "pairs")));
-            metrics_in.push((format!("p{}_summary", k + 1), InputSource::node(select_node, "summary")));
-            metrics_in.push((format!("p{}_dpo", k + 1), InputSource::node(dpo_node, "metrics")));
+            metrics_in.push((
+                format!("p{}_pairs", k + 1),
+                InputSource::node(select_node, "pairs"),
+            ));
+            metrics_in.push((
+                format!("p{}_summary", k + 1),
+                InputSource::node(select_node, "summary"),
+            ));
+            metrics_in.push((
+                format!("p{}_dpo", k + 1),
+                InputSource::node(dpo_node, "metrics"),
+            ));
         }
         if meta {
-            metrics_in.push(("meta_judgements".to_string(), InputSource::node(&n("judge-current"), "judgements")));
-            metrics_in.push(("meta_responses".to_string(), InputSource::node(&n("gen-current"), "responses")));
-            metrics_in.push(("meta_summary".to_string(), InputSource::node(&n("meta-judge"), "summary")));
-            metrics_in.push(("meta_comparisons".to_string(), InputSource::node(&n("meta-judge"), "comparisons")));
+            metrics_in.push((
+                "meta_judgements".to_string(),
+                InputSource::node(&n("judge-current"), "judgements"),
+            ));
+            metrics_in.push((
+                "meta_responses".to_string(),
+                InputSource::node(&n("gen-current"), "responses"),
+            ));
+            metrics_in.push((
+                "meta_summary".to_string(),
+                InputSource::node(&n("meta-judge"), "summary"),
+            ));
+            metrics_in.push((
+                "meta_comparisons".to_string(),
+                InputSource::node(&n("meta-judge"), "comparisons"),
+            ));
         }
         let metrics = Arc::new(Metrics {
             workflow: workflow.to_string(),

@@ -382,5 +382,12 @@ pub fn random_model(
     let (tj, tc, _, _) = tiny_tokenizer_files();
     let here = Path::new("<random model>");
     let tok = super::ChatTokenizer::from_parts(tj, tc, Some(2), &[2], here)?;
-    LanguageModel::from_tensors(cfg.clone(), tok, random_weights(cfg, seed), here, device, dtype)
+    LanguageModel::from_tensors(
+        cfg.clone(),
+        tok,
+        random_weights(cfg, seed),
+        here,
+        device,
+        dtype,
+    )
 }
