@@ -66,30 +66,35 @@ fn outputs_equal(want: &serde_json::Value, got: &serde_json::Value, what: &str) 
     }
 }
 
-fn wait_for_dpo(child: &mut std::process::Child, store: &Path) {
+/// Waits until this child's own DPO attempt runs: the node is running with more attempts than
+/// `attempts` (a killed run's record still says "running" for the attempt it killed).
+fn wait_for_dpo(child: &mut std::process::Child, store: &Path, attempts: u64) {
     let start = Instant::now();
     while child.try_wait().unwrap().is_none()
-        && !dpo_running(store)
+        && !dpo_running(store, attempts)
         && start.elapsed() < Duration::from_secs(60)
     {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-fn dpo_running(store: &Path) -> bool {
+fn dpo_running(store: &Path, attempts: u64) -> bool {
     let o = tsr(&["status", RUN, "--json"], store);
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
         return false;
     };
     v["nodes"].as_array().is_some_and(|ns| {
-        ns.iter()
-            .any(|n| n["kind"] == "dpo" && n["state"] == "running")
+        ns.iter().any(|n| {
+            n["kind"] == "dpo"
+                && n["state"] == "running"
+                && n["attempts"].as_u64().unwrap_or(0) > attempts
+        })
     })
 }
 
-/// (optimizer step of the DPO node's checkpoint, whether the node is done), read from the
-/// store of a killed run.
-fn dpo_checkpoint(store: &Path) -> Option<(u64, bool)> {
+/// (optimizer step of the DPO node's checkpoint, whether the node is done, attempts), read
+/// from the store of a killed run.
+fn dpo_checkpoint(store: &Path) -> Option<(u64, bool, u64)> {
     let s = tsr_state::Store::open(store).unwrap();
     let nodes = s.nodes(RUN).ok()?;
     for (_, rec) in nodes {
@@ -102,7 +107,7 @@ fn dpo_checkpoint(store: &Path) -> Option<(u64, bool)> {
             let cursor: serde_json::Value = serde_json::from_slice(&c.cursor).unwrap();
             cursor["optimizer_step"].as_u64().unwrap()
         });
-        return Some((at.unwrap_or(0), done));
+        return Some((at.unwrap_or(0), done, step.attempts as u64));
     }
     None
 }
@@ -146,6 +151,7 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
     let store = dir.path().join("killed");
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let mut landed: Vec<u64> = Vec::new();
+    let mut attempts = 0u64;
     for _attempt in 0..30 {
         if landed.len() >= 5 {
             break;
@@ -156,17 +162,19 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
             .spawn()
             .unwrap();
         // Wait until the DPO node trains, then kill at a random moment.
-        wait_for_dpo(&mut child, &store);
+        wait_for_dpo(&mut child, &store, attempts);
         std::thread::sleep(Duration::from_millis(rng.gen_range(10..150)));
         if child.try_wait().unwrap().is_some() {
             break; // finished before the kill
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if let Some((step, done)) = dpo_checkpoint(&store) {
-            if !done && step > 0 && step < total {
+        if let Some((step, done, now)) = dpo_checkpoint(&store) {
+            // A kill landed when it stopped an attempt of its own past a checkpoint.
+            if !done && now > attempts && step > 0 && step < total {
                 landed.push(step);
             }
+            attempts = now;
         }
     }
     let o = tsr(&["run", cfg, "--quiet"], &store);
@@ -214,7 +222,7 @@ fn sigterm_during_dpo_checkpoints_at_the_stop_and_resumes_exactly() {
         .arg(&store)
         .spawn()
         .unwrap();
-    wait_for_dpo(&mut child, &store);
+    wait_for_dpo(&mut child, &store, 0);
     std::thread::sleep(Duration::from_millis(60));
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -222,7 +230,7 @@ fn sigterm_during_dpo_checkpoints_at_the_stop_and_resumes_exactly() {
     );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
-    let (step, done) = dpo_checkpoint(&store).expect("a DPO node");
+    let (step, done, _) = dpo_checkpoint(&store).expect("a DPO node");
     assert!(
         !done && step > 0,
         "stop request left checkpoint at step {step}, done {done}"

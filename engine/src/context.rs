@@ -8,7 +8,7 @@ use crate::step::OutputData;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tsr_state::{now_ms, BlobStore, CheckpointRecord, Digest, StepRecord, Store};
+use tsr_state::{now_ms, BlobStore, BlobWriter, CheckpointRecord, Digest, StepRecord, Store};
 
 /// A step's restored checkpoint.
 #[derive(Clone, Debug)]
@@ -36,6 +36,10 @@ pub trait ItemJournal: Send + Sync {
         cursor: Vec<u8>,
     ) -> Result<(), StepError>;
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError>;
+    /// A writer into the blob store that checkpoints go to: it hashes while writing and
+    /// `finish` fsyncs and installs the blob, so a large checkpoint file is written once and
+    /// never read back. Hand the digest to [`Self::save_checkpoint`] as [`OutputData::Blob`].
+    fn blob_writer(&self) -> Result<BlobWriter, StepError>;
 }
 
 /// Progress of one step: an indicatif bar when stderr is a terminal, otherwise silent.
@@ -230,7 +234,7 @@ fn blob_from(blobs: &BlobStore, data: OutputData) -> Result<Digest, StepError> {
         OutputData::Bytes(b) => blobs.put_bytes(&b)?,
         OutputData::File(p) => blobs.put_file(&p)?,
         OutputData::Blob(d) => {
-            blobs.verify(&d)?;
+            blobs.require(&d)?;
             d
         }
     })
@@ -311,6 +315,9 @@ impl ItemJournal for StoreJournal {
             digests: cp.blobs.clone(),
         }))
     }
+    fn blob_writer(&self) -> Result<BlobWriter, StepError> {
+        Ok(self.store.blobs().writer()?)
+    }
 }
 
 /// An in-memory journal (for replay): same contract, nothing persisted. Checkpoint files are
@@ -383,6 +390,9 @@ impl ItemJournal for MemoryJournal {
     }
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError> {
         Ok(self.checkpoint.lock().unwrap().clone())
+    }
+    fn blob_writer(&self) -> Result<BlobWriter, StepError> {
+        Ok(self.blobs.writer()?)
     }
 }
 

@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tsr_state::{
-    now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunStatus, StateError, Store,
+    now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunStatus, StateError,
+    StepRecord, Store,
 };
 
 #[derive(Clone, Debug)]
@@ -327,14 +328,23 @@ impl Driver {
                             format!(" (attempt {}, {} items done)", r.attempts + 1, r.items_done)
                         })
                         .unwrap_or_default();
+                    changed = true;
+                    let started = match job.start() {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            job.progress.finish();
+                            self.log(&multi, format!("tsr: {node}: could not start"));
+                            failure.get_or_insert(e);
+                            break;
+                        }
+                    };
                     self.log(&multi, format!("tsr: {node}: started{resume}"));
                     in_flight.insert(key, (node.clone(), res));
                     set.spawn_blocking(move || {
                         let node = job.node.clone();
                         let key = job.key;
-                        (node, key, job.execute())
+                        (node, key, job.execute(started))
                     });
-                    changed = true;
                 }
             }
             if changed {
@@ -420,7 +430,17 @@ impl Job {
         }
     }
 
-    fn execute(self) -> Result<Executed, EngineError> {
+    fn binding(&self) -> NodeRecord {
+        NodeRecord {
+            step_key: self.key,
+            reused: false,
+            iteration: self.iteration,
+        }
+    }
+
+    /// Records the start of a new attempt (durable before the step runs, so the live snapshot
+    /// taken right after shows it). Returns the step record to run with.
+    fn start(&self) -> Result<StepRecord, EngineError> {
         let store = &self.store;
         let step = &self.step;
         let config = step.config();
@@ -438,16 +458,18 @@ impl Job {
         rec.status = transition(&rec.status, Event::Start, rec.attempts)
             .map_err(|(f, e)| self.transition_err(f, e))?;
         rec.attempts += 1;
-        let attempt = rec.attempts;
-        let binding = NodeRecord {
-            step_key: self.key,
-            reused: false,
-            iteration: self.iteration,
-        };
         let mut c = Commit::new();
         c.step(&self.key, &rec)
-            .node(&self.run, &self.node, &binding);
+            .node(&self.run, &self.node, &self.binding());
         store.commit(c)?;
+        Ok(rec)
+    }
+
+    /// Runs the started attempt (see [`Job::start`]) and records how it ended.
+    fn execute(self, rec: StepRecord) -> Result<Executed, EngineError> {
+        let store = &self.store;
+        let step = &self.step;
+        let attempt = rec.attempts;
 
         let scratch = store
             .blobs()
@@ -538,7 +560,7 @@ impl Job {
                 OutputData::Bytes(b) => store.blobs().put_bytes(&b)?,
                 OutputData::File(p) => store.blobs().put_file(&p)?,
                 OutputData::Blob(d) => {
-                    store.blobs().verify(&d)?;
+                    store.blobs().require(&d)?;
                     d
                 }
             };
@@ -569,7 +591,7 @@ impl Job {
             .map_err(|(f, e)| self.transition_err(f, e))?;
         let old_checkpoint = rec.checkpoint.take();
         c.step(&self.key, &rec)
-            .node(&self.run, &self.node, &binding);
+            .node(&self.run, &self.node, &self.binding());
         store.commit(c)?;
         // The step is durable; its checkpoint and scratch are no longer needed.
         if let Some(cp) = old_checkpoint {

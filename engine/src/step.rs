@@ -127,7 +127,8 @@ pub enum OutputData {
     Bytes(Vec<u8>),
     /// A file in the step's scratch folder; moved into the store on commit.
     File(PathBuf),
-    /// A blob already in the store (e.g. written through a checkpoint).
+    /// A blob already in the store (e.g. written through [`crate::ItemJournal::blob_writer`]).
+    /// Only its presence is checked on commit; its content is verified whenever it is read.
     Blob(Digest),
 }
 

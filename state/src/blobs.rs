@@ -5,10 +5,10 @@
 
 use crate::digest::Digest;
 use crate::error::{StateError, StateResult};
+use crate::faults::{FaultInjector, FaultOp};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use crate::faults::{FaultInjector, FaultOp};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +25,11 @@ impl BlobStore {
     pub fn open(dir: PathBuf, tmp: PathBuf) -> StateResult<Self> {
         fs::create_dir_all(&dir).map_err(|e| StateError::io(&dir, e))?;
         fs::create_dir_all(&tmp).map_err(|e| StateError::io(&tmp, e))?;
-        Ok(BlobStore { dir, tmp, faults: None })
+        Ok(BlobStore {
+            dir,
+            tmp,
+            faults: None,
+        })
     }
 
     pub(crate) fn with_faults(mut self, faults: Option<Arc<dyn FaultInjector>>) -> Self {
@@ -66,7 +70,8 @@ impl BlobStore {
     /// Store bytes; returns their digest. Idempotent.
     pub fn put_bytes(&self, bytes: &[u8]) -> StateResult<Digest> {
         let mut w = self.writer()?;
-        w.write_all(bytes).map_err(|e| StateError::io(&w.tmp_path, e))?;
+        w.write_all(bytes)
+            .map_err(|e| StateError::io(&w.tmp_path, e))?;
         w.finish()
     }
 
@@ -105,7 +110,10 @@ impl BlobStore {
         let dest = self.path(digest);
         let parent = dest.parent().expect("blob path has a parent");
         fs::create_dir_all(parent).map_err(|e| StateError::io(parent, e))?;
-        if let Err(e) = self.fault(FaultOp::BlobRename, &dest).and_then(|_| fs::rename(tmp, &dest)) {
+        if let Err(e) = self
+            .fault(FaultOp::BlobRename, &dest)
+            .and_then(|_| fs::rename(tmp, &dest))
+        {
             if e.raw_os_error() == Some(libc::EXDEV) {
                 // Another filesystem: copy into our tmp (same fs as blobs) and rename that.
                 let local = self.tmp_path("copy");
@@ -123,6 +131,20 @@ impl BlobStore {
             .map_err(|e| StateError::io(parent, e))?;
         sync_dir(parent)?;
         Ok(())
+    }
+
+    /// Checks that a blob is present (not its content: a blob is verified whenever it is read,
+    /// and one just made by a [`BlobWriter`] was hashed from the bytes written).
+    pub fn require(&self, d: &Digest) -> StateResult<()> {
+        let path = self.path(d);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(StateError::BlobMissing {
+                digest: d.to_hex(),
+                path,
+            }),
+            Err(e) => Err(self.missing_or_io(d, &path, e)),
+        }
     }
 
     /// Read a blob and verify its digest.
@@ -362,6 +384,10 @@ mod tests {
         let d = Digest::of(b"never written");
         let err = b.read(&d).unwrap_err();
         assert!(matches!(err, StateError::BlobMissing { .. }), "{err}");
+        let err = b.require(&d).unwrap_err();
+        assert!(matches!(err, StateError::BlobMissing { .. }), "{err}");
+        let present = b.put_bytes(b"written").unwrap();
+        b.require(&present).unwrap();
     }
 
     #[test]

@@ -11,13 +11,15 @@
 //! pair of `P` prompt + `R` response tokens, f32 on CPU. Peak memory is the process's VmHWM,
 //! reset (`/proc/self/clear_refs`) after loading so that each length reports its own peak.
 //! The checkpoint is what the `dpo` step writes: weights (safetensors) + trainer state
-//! (optimizer moments, cursor), timed without and with fsync.
+//! (optimizer moments, cursor) streamed into the blob store, durable (fsynced and installed)
+//! when timed. `bench_checkpoint` times checkpoints alone, in a fresh process.
 
 use std::time::Instant;
 
+use tsr_state::BlobStore;
 use tsr_steps::bench::{cpu_s, median, reset_hwm, vm_hwm_mb};
 use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
-use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig};
+use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use tsr_steps::model::{tune_runtime, LanguageModel};
 
 /// `n` token ids from real text (the model's own tokenizer), repeated to length.
@@ -72,6 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shuffle: false,
     };
     let ckdir = std::env::temp_dir().join(format!("tsr-bench-dpo-{}", std::process::id()));
+    let blobs = BlobStore::open(ckdir.join("blobs"), ckdir.join("tmp"))?;
     for (p, r) in [(64usize, 64usize), (128, 128)] {
         let mut pair = TrainPair {
             prompt: tokens(&policy, text, p),
@@ -109,30 +112,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let peak = vm_hwm_mb();
         let mut ck = Vec::new();
+        let mut previous = Vec::new();
         for _ in 0..2 {
+            // As the `dpo` step takes it: both parts streamed in parallel into blob writers
+            // (hashed while written, fsynced, installed); the previous checkpoint then removed.
             let s = Instant::now();
-            let files = t.write_checkpoint(&ckdir)?;
-            let write_s = s.elapsed().as_secs_f64();
-            for f in [&files.weights, &files.trainer] {
-                std::fs::File::open(f)?.sync_all()?;
+            let (w, st) = t.write_checkpoint_with(
+                |_| Ok::<_, TrainerError>(blobs.writer()?),
+                |_, w| Ok(w.finish()?),
+            )?;
+            let secs = s.elapsed().as_secs_f64();
+            for d in previous.drain(..) {
+                blobs.remove(&d)?;
             }
-            let size =
-                std::fs::metadata(&files.weights)?.len() + std::fs::metadata(&files.trainer)?.len();
-            ck.push((write_s, s.elapsed().as_secs_f64(), size));
+            let size = blobs.size(&w).unwrap_or(0) + blobs.size(&st).unwrap_or(0);
+            ck.push((secs, size));
+            previous = vec![w, st];
         }
         println!(
             "RESULT {p}+{r}: median step {:.2} s over {} steps (min {:.2}, max {:.2}); peak RSS {:.0} MB; \
-             checkpoint {:.0} MB: first {:.2} s ({:.2} s with fsync), second {:.2} s ({:.2} s with fsync)",
+             checkpoint {:.0} MB durable: first {:.2} s, second {:.2} s",
             median(times.clone()),
             times.len(),
             times.iter().cloned().fold(f64::INFINITY, f64::min),
             times.iter().cloned().fold(0.0, f64::max),
             peak,
-            ck[0].2 as f64 / 1e6,
+            ck[0].1 as f64 / 1e6,
             ck[0].0,
-            ck[0].1,
-            ck[1].0,
-            ck[1].1
+            ck[1].0
         );
     }
     let _ = std::fs::remove_dir_all(&ckdir);

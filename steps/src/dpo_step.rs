@@ -38,14 +38,20 @@ pub struct DpoReport {
     pub metrics: Vec<StepMetrics>,
 }
 
-fn trainer_err(e: TrainerError) -> StepError {
-    if e.is_non_finite() {
-        // Deterministic: retrying the same step diverges again. The last checkpoint (taken
-        // after the last good step) is intact.
-        StepError::Invalid(format!("DPO diverged: {e}; the last checkpoint is kept"))
-    } else {
-        StepError::wrap("DPO", e)
+impl From<TrainerError> for StepError {
+    fn from(e: TrainerError) -> Self {
+        if e.is_non_finite() {
+            // Deterministic: retrying the same step diverges again. The last checkpoint (taken
+            // after the last good step) is intact.
+            StepError::Invalid(format!("DPO diverged: {e}; the last checkpoint is kept"))
+        } else {
+            StepError::wrap("DPO", e)
+        }
     }
+}
+
+fn trainer_err(e: TrainerError) -> StepError {
+    e.into()
 }
 
 impl Dpo {
@@ -75,17 +81,24 @@ impl Dpo {
     }
 }
 
-/// Writes a checkpoint of `t` and records it in the step's journal; the engine fsyncs the files
-/// into its blob store and drops the previous checkpoint once this one is committed.
+/// Writes a checkpoint of `t` straight into the store's blobs (hashed while written, fsynced,
+/// installed; the two files in parallel) and records it in the step's journal; the engine
+/// drops the previous checkpoint once this one is committed.
 fn save(t: &DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
-    let dir = ctx.scratch().join("checkpoint");
-    let files = t.write_checkpoint(&dir).map_err(trainer_err)?;
+    let journal = ctx.items();
+    let (weights, trainer) = t.write_checkpoint_with(
+        |_| journal.blob_writer(),
+        |part, w| {
+            w.finish()
+                .map_err(|e| StepError::wrap(format!("DPO checkpoint ({part:?})"), e))
+        },
+    )?;
     let metrics = serde_json::to_vec(t.metrics()).expect("metrics serialize");
     let mut out = BTreeMap::new();
-    out.insert("weights".to_string(), OutputData::File(files.weights));
-    out.insert("trainer".to_string(), OutputData::File(files.trainer));
+    out.insert("weights".to_string(), OutputData::Blob(weights));
+    out.insert("trainer".to_string(), OutputData::Blob(trainer));
     out.insert("metrics".to_string(), OutputData::Bytes(metrics));
-    ctx.items().save_checkpoint(out, cursor_bytes(t.cursor()))
+    journal.save_checkpoint(out, cursor_bytes(t.cursor()))
 }
 
 fn restore(t: &mut DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {

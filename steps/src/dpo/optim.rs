@@ -39,6 +39,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{fused, DpoError};
+use crate::model::for_f32_chunks;
 
 /// Version of the optimizer-state encoding written by [`AdamW::save_state`].
 pub const ADAMW_STATE_VERSION: u32 = 1;
@@ -503,32 +504,6 @@ impl AdamW {
         self.step = header.step;
         Ok(())
     }
-}
-
-/// Calls `f` on the f32 values of a tensor, in row-major order, in chunks of at most 256 Ki
-/// values. A contiguous f32 CPU tensor is read straight from its storage; anything else is
-/// converted and copied out first.
-fn for_f32_chunks(
-    t: &Tensor,
-    mut f: impl FnMut(&[f32]) -> Result<(), DpoError>,
-) -> Result<(), DpoError> {
-    const CHUNK: usize = 1 << 18;
-    if t.dtype() == DType::F32 && t.device().is_cpu() {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            for chunk in cpu.as_slice::<f32>()?[a..b].chunks(CHUNK) {
-                f(chunk)?;
-            }
-            return Ok(());
-        }
-    }
-    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    for chunk in values.chunks(CHUNK) {
-        f(chunk)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use super::*;
 use crate::dpo::{Decay, DpoLossKind};
 use crate::model::testing::tiny_model;
+use std::io::Write;
 
 const TEXTS: [(&str, &str, &str); 5] = [
     (
@@ -207,4 +208,80 @@ fn bad_pairs_lines_are_named() {
     let e = parse_pairs_jsonl(&bad).unwrap_err().to_string();
     assert!(e.starts_with("line 3:"), "{e}");
     assert!(parse_pairs_jsonl("\n").is_err());
+}
+
+#[test]
+fn checkpoint_into_blob_writers_equals_the_files_and_a_failing_sink_installs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), 5);
+    let mut t = DpoTrainer::new(&model, pairs_for(&model), config()).unwrap();
+    t.step().unwrap();
+    t.step().unwrap();
+    let files = t.write_checkpoint(&dir.path().join("ck")).unwrap();
+    let blobs =
+        tsr_state::BlobStore::open(dir.path().join("blobs"), dir.path().join("tmp")).unwrap();
+    let (w, s) = t
+        .write_checkpoint_with(
+            |_| Ok::<_, TrainerError>(blobs.writer()?),
+            |_, w| Ok(w.finish()?),
+        )
+        .unwrap();
+    assert_eq!(
+        blobs.read(&w).unwrap(),
+        std::fs::read(&files.weights).unwrap()
+    );
+    assert_eq!(
+        blobs.read(&s).unwrap(),
+        std::fs::read(&files.trainer).unwrap()
+    );
+    assert_eq!(
+        w.to_hex(),
+        model.digest().unwrap(),
+        "the weights blob is the model's identity"
+    );
+
+    // A blob writer that fails part-way through the trainer state: an error, and no blob or
+    // temporary file is left (the weights blob is the one already there from above).
+    struct Failing(tsr_state::BlobWriter, usize);
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.1 < buf.len() {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.1 -= buf.len();
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let before = blobs.list().unwrap();
+    let err = t
+        .write_checkpoint_with(
+            |p| {
+                let budget = match p {
+                    CheckpointPart::Weights => usize::MAX,
+                    CheckpointPart::Trainer => 100_000,
+                };
+                Ok::<_, TrainerError>(Failing(blobs.writer()?, budget))
+            },
+            |_, w| Ok(w.0.finish()?),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert_eq!(blobs.list().unwrap(), before);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+
+    // Restoring from the blobs continues exactly like restoring from the files.
+    let m2 = tiny_model(&dir.path().join("m2"), 5);
+    let mut t2 = DpoTrainer::new(&m2, pairs_for(&m2), config()).unwrap();
+    let state = blobs.read(&s).unwrap();
+    t2.restore(&blobs.verified_path(&w).unwrap(), &state, None)
+        .unwrap();
+    t.step().unwrap();
+    t2.step().unwrap();
+    assert_eq!(m2.digest().unwrap(), model.digest().unwrap());
 }

@@ -8,14 +8,13 @@
 //! one AdamW update. A non-finite loss or gradient norm is an error raised before any
 //! parameter changes, so the last checkpoint and the weights in memory stay good.
 //!
-//! A checkpoint ([`DpoTrainer::write_checkpoint`]) is two files taken at a step boundary:
+//! A checkpoint ([`DpoTrainer::write_checkpoint_with`]) is two files taken at a step boundary:
 //! the weights as canonical safetensors (the bytes `save_hf` writes, so the model digest of a
 //! resumed run can be compared with an uninterrupted one) and the versioned
 //! [`TrainerCheckpoint`] (plan, cursor, optimizer moments and step count, metrics tail).
 //! [`DpoTrainer::restore`] puts both back; the learning rate is a pure function of the step
 //! and nothing else is stateful, so the continued run is bit-identical to an uninterrupted one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
@@ -23,9 +22,15 @@ use thiserror::Error;
 
 use crate::dpo::{
     dpo_loss, train_step, AdamW, AdamWConfig, BatchPlan, DataCursor, DpoError, DpoLossConfig,
-    LrSchedule, MicroLoss, PairLogps, StepMetrics, TrainerCheckpoint,
+    LrSchedule, MicroLoss, PairLogps, StepMetrics,
 };
 use crate::model::{LanguageModel, ModelError};
+
+mod checkpoint;
+mod pairs;
+
+pub use checkpoint::{cursor_bytes, CheckpointFiles, CheckpointPart};
+pub use pairs::{encode_text_pairs, parse_pairs_jsonl, reference_logps, TextPair};
 
 /// Errors of the trainer: the DPO pieces, the model, or checkpoint files.
 #[derive(Debug, Error)]
@@ -40,6 +45,9 @@ pub enum TrainerError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a checkpoint into a blob store.
+    #[error(transparent)]
+    Store(#[from] tsr_state::StateError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -117,15 +125,6 @@ pub struct StepReport {
     pub metrics: StepMetrics,
     /// The pairs the step consumed, in order, with the policy's log-probs before the update.
     pub pairs: Vec<PairLogp>,
-}
-
-/// The files of one checkpoint (see the module docs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointFiles {
-    /// Canonical safetensors of the policy weights.
-    pub weights: PathBuf,
-    /// [`TrainerCheckpoint::to_bytes`].
-    pub trainer: PathBuf,
 }
 
 /// A DPO training run over one policy model. See the module docs.
@@ -399,184 +398,6 @@ impl<'m> DpoTrainer<'m> {
         }
         Ok(())
     }
-
-    /// The trainer state (weights excluded) at the current step boundary.
-    pub fn checkpoint(&self) -> Result<TrainerCheckpoint, TrainerError> {
-        Ok(TrainerCheckpoint::capture(
-            &self.plan,
-            &self.cursor,
-            &self.opt,
-            None,
-            &self.metrics,
-        )?)
-    }
-
-    /// Writes the weights (`weights.safetensors`) and the trainer state (`trainer.ckpt`) into
-    /// `dir`. Not fsynced: the caller decides durability (the engine fsyncs a checkpoint's
-    /// files when it takes them into its blob store).
-    pub fn write_checkpoint(&self, dir: &Path) -> Result<CheckpointFiles, TrainerError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let files = CheckpointFiles {
-            weights: dir.join("weights.safetensors"),
-            trainer: dir.join("trainer.ckpt"),
-        };
-        {
-            let f = std::fs::File::create(&files.weights).map_err(io_err(&files.weights))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            self.model.write_canonical(&mut w)?;
-            w.flush().map_err(io_err(&files.weights))?;
-        }
-        {
-            let f = std::fs::File::create(&files.trainer).map_err(io_err(&files.trainer))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            TrainerCheckpoint::write_captured(
-                &self.plan,
-                &self.cursor,
-                &self.opt,
-                None,
-                &self.metrics,
-                &mut w,
-            )?;
-            w.flush().map_err(io_err(&files.trainer))?;
-        }
-        Ok(files)
-    }
-
-    /// Restores weights and trainer state written by [`Self::write_checkpoint`] (or the same
-    /// two encodings from elsewhere). `metrics`, when given, is the full history of the steps
-    /// taken (the checkpoint keeps only a tail); it must end at the checkpoint's step.
-    pub fn restore(
-        &mut self,
-        weights: &Path,
-        trainer: &[u8],
-        metrics: Option<Vec<StepMetrics>>,
-    ) -> Result<(), TrainerError> {
-        let ck = TrainerCheckpoint::from_bytes(trainer)?;
-        let tensors = candle_core::safetensors::load(weights, self.model.device())
-            .map_err(|e| TrainerError::Invalid(format!("{}: {e}", weights.display())))?;
-        // Check everything before changing anything.
-        let vars = self.model.vars();
-        for (name, var) in &vars {
-            match tensors.get(name) {
-                Some(t) if t.dims() == var.dims() => {}
-                Some(t) => {
-                    return Err(TrainerError::Invalid(format!(
-                        "{}: tensor {name} has shape {:?}, the model {:?}",
-                        weights.display(),
-                        t.dims(),
-                        var.dims()
-                    )))
-                }
-                None => {
-                    return Err(TrainerError::Invalid(format!(
-                        "{}: checkpoint lacks tensor {name}",
-                        weights.display()
-                    )))
-                }
-            }
-        }
-        let steps = ck.cursor.optimizer_step;
-        let metrics = match metrics {
-            Some(m) => {
-                if m.len() as u64 != steps
-                    || m.last().map(|l| l.step) != ck.metrics_tail.last().map(|l| l.step)
-                {
-                    return Err(TrainerError::Invalid(format!(
-                        "metrics history has {} steps, the checkpoint is at step {steps}",
-                        m.len()
-                    )));
-                }
-                m
-            }
-            None => ck.metrics_tail.clone(),
-        };
-        let cursor = ck.restore(&self.plan, &mut self.opt)?;
-        for (name, var) in &vars {
-            let t = tensors[name]
-                .to_dtype(var.dtype())
-                .map_err(DpoError::from)?;
-            var.set(&t).map_err(DpoError::from)?;
-        }
-        self.cursor = cursor;
-        self.metrics = metrics;
-        Ok(())
-    }
-}
-
-/// One line of a pairs file for `tsr dpo`: `{"prompt": .., "chosen": .., "rejected": ..}`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct TextPair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-}
-
-/// Parses a JSONL pairs file (blank lines skipped); a bad line is an error naming its number.
-pub fn parse_pairs_jsonl(text: &str) -> Result<Vec<TextPair>, TrainerError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let p: TextPair = serde_json::from_str(line).map_err(|e| {
-            TrainerError::Invalid(format!(
-                "line {}: expected {{\"prompt\", \"chosen\", \"rejected\"}} strings: {e}",
-                i + 1
-            ))
-        })?;
-        out.push(p);
-    }
-    if out.is_empty() {
-        return Err(TrainerError::Invalid("no pairs in the file".into()));
-    }
-    Ok(out)
-}
-
-/// Tokenizes text pairs for `model` (reference fields zero: fill them with
-/// [`reference_logps`] or [`DpoTrainer::self_reference`]).
-pub fn encode_text_pairs(
-    model: &LanguageModel,
-    pairs: &[TextPair],
-) -> Result<Vec<TrainPair>, TrainerError> {
-    let tok = model.tokenizer();
-    pairs
-        .iter()
-        .map(|p| {
-            Ok(TrainPair {
-                prompt: tok.encode_prompt(&p.prompt)?,
-                chosen: tok.encode_response(&p.chosen)?,
-                rejected: tok.encode_response(&p.rejected)?,
-                ref_chosen: 0.0,
-                ref_rejected: 0.0,
-            })
-        })
-        .collect()
-}
-
-/// Fills the reference fields of `pairs` with a frozen reference model's log-probs
-/// (inference path, `batch` pairs at a time).
-pub fn reference_logps(
-    reference: &LanguageModel,
-    pairs: &mut [TrainPair],
-    batch: usize,
-) -> Result<(), TrainerError> {
-    let mut seqs = Vec::with_capacity(pairs.len() * 2);
-    for p in pairs.iter() {
-        seqs.push((p.prompt.clone(), p.chosen.clone()));
-        seqs.push((p.prompt.clone(), p.rejected.clone()));
-    }
-    let lp = reference.logprobs(&seqs, batch.max(1) * 2)?;
-    for (i, p) in pairs.iter_mut().enumerate() {
-        p.ref_chosen = lp[2 * i];
-        p.ref_rejected = lp[2 * i + 1];
-    }
-    Ok(())
-}
-
-/// A checkpoint's cursor bytes for the engine's journal: the data cursor as JSON (for
-/// inspection; the authoritative copy is inside the trainer file).
-pub fn cursor_bytes(cursor: &DataCursor) -> Vec<u8> {
-    serde_json::to_vec(cursor).expect("a cursor serializes")
 }
 
 #[cfg(test)]

@@ -1,0 +1,107 @@
+//! DPO checkpoint time on the real model, as the `dpo` step takes it (issue 4):
+//!
+//! ```text
+//! cargo run --release -p tsr-steps --example bench_checkpoint -- [blobs|files] [MODEL] [N]
+//! ```
+//! After one optimizer step (so the AdamW moments exist), takes `N` (default 3) checkpoints
+//! into a fresh blob store and prints the time of each; the first is the first of the process.
+//!
+//! - `blobs` (what the `dpo` step does): weights and trainer state streamed in parallel into
+//!   two blob writers that hash while writing; each is fsynced and renamed into place.
+//! - `files` (what it did before): both files written into a scratch folder, then each one
+//!   hashed, fsynced and renamed into the blob store (`BlobStore::put_file`).
+//!
+//! Both end with the files durable under their digests; the store's commit record that follows
+//! is a few hundred bytes and is not included. The previous checkpoint's blobs are removed
+//! before the next one, as the engine does.
+
+use std::time::Instant;
+
+use tsr_state::BlobStore;
+use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
+use tsr_steps::dpo_trainer::{DpoTrainer, TrainPair, TrainerConfig, TrainerError};
+use tsr_steps::model::{tune_runtime, LanguageModel};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tune_runtime();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("blobs")
+        .to_string();
+    if mode != "blobs" && mode != "files" {
+        return Err(format!("mode must be `blobs` or `files`, not `{mode}`").into());
+    }
+    let spec = args
+        .get(1)
+        .cloned()
+        .or_else(|| std::env::var("TSR_MODEL").ok())
+        .unwrap_or_else(|| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    let n: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    let policy = LanguageModel::load_str(&spec, "cpu")?;
+    let ids = policy
+        .tokenizer()
+        .encode("Why is the sky blue? Because of scattering.")?;
+    let pair = TrainPair {
+        prompt: ids.clone(),
+        chosen: ids[..6].to_vec(),
+        rejected: ids[4..].to_vec(),
+        ref_chosen: -20.0,
+        ref_rejected: -20.0,
+    };
+    let cfg = TrainerConfig {
+        loss: DpoLossConfig::default(),
+        schedule: LrSchedule::constant(5e-7),
+        optimizer: AdamWConfig::default(),
+        epochs: 4,
+        max_steps: None,
+        micro_batch: 1,
+        accum_steps: 1,
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+    };
+    let mut t = DpoTrainer::new(&policy, vec![pair], cfg)?;
+    t.step()?;
+
+    let root = std::env::temp_dir().join(format!("tsr-bench-ckpt-{}", std::process::id()));
+    let blobs = BlobStore::open(root.join("blobs"), root.join("tmp"))?;
+    let scratch = root.join("scratch");
+    let mut previous = Vec::new();
+    for i in 0..n {
+        for d in previous.drain(..) {
+            blobs.remove(&d)?;
+        }
+        let start = Instant::now();
+        let (w, s) = if mode == "blobs" {
+            t.write_checkpoint_with(
+                |_| Ok::<_, TrainerError>(blobs.writer()?),
+                |_, w| Ok(w.finish()?),
+            )?
+        } else {
+            let files = t.write_checkpoint(&scratch)?;
+            (
+                blobs.put_file(&files.weights)?,
+                blobs.put_file(&files.trainer)?,
+            )
+        };
+        let secs = start.elapsed().as_secs_f64();
+        let mb = (blobs.size(&w).unwrap_or(0) + blobs.size(&s).unwrap_or(0)) as f64 / 1e6;
+        println!(
+            "RESULT {mode} checkpoint {i} ({}): {mb:.0} MB durable in {secs:.2} s ({:.0} MB/s)",
+            if i == 0 {
+                "first of the process"
+            } else {
+                "later"
+            },
+            mb / secs
+        );
+        previous = vec![w, s];
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
