@@ -36,9 +36,9 @@ pub trait ItemJournal: Send + Sync {
         cursor: Vec<u8>,
     ) -> Result<(), StepError>;
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError>;
-    /// A writer into the blob store that checkpoints go to: it hashes while writing and
-    /// `finish` fsyncs and installs the blob, so a large checkpoint file is written once and
-    /// never read back. Hand the digest to [`Self::save_checkpoint`] as [`OutputData::Blob`].
+    /// A writer into the blob store for large checkpoint files ([`BlobStore::large_writer`]):
+    /// it hashes while writing and `finish` fsyncs and installs the blob, so a large checkpoint
+    /// file is written once and never read back. Hand the digest to [`Self::save_checkpoint`] as [`OutputData::Blob`].
     fn blob_writer(&self) -> Result<BlobWriter, StepError>;
 }
 
@@ -316,7 +316,7 @@ impl ItemJournal for StoreJournal {
         }))
     }
     fn blob_writer(&self) -> Result<BlobWriter, StepError> {
-        Ok(self.store.blobs().writer()?)
+        Ok(self.store.blobs().large_writer()?)
     }
 }
 
@@ -392,7 +392,7 @@ impl ItemJournal for MemoryJournal {
         Ok(self.checkpoint.lock().unwrap().clone())
     }
     fn blob_writer(&self) -> Result<BlobWriter, StepError> {
-        Ok(self.blobs.writer()?)
+        Ok(self.blobs.large_writer()?)
     }
 }
 

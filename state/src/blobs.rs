@@ -4,6 +4,7 @@
 //! verify the digest: a mismatch is an error naming the file, never silently used.
 
 use crate::digest::Digest;
+use crate::direct::DirectFile;
 use crate::error::{StateError, StateResult};
 use crate::faults::{FaultInjector, FaultOp};
 use std::fs::{self, File, OpenOptions};
@@ -79,13 +80,29 @@ impl BlobStore {
     pub fn writer(&self) -> StateResult<BlobWriter> {
         let tmp_path = self.tmp_path("blob");
         let file = File::create(&tmp_path).map_err(|e| StateError::io(&tmp_path, e))?;
-        Ok(BlobWriter {
+        Ok(self.new_writer(
+            Sink::Buffered(io::BufWriter::with_capacity(1 << 20, file)),
+            tmp_path,
+        ))
+    }
+
+    /// A streaming writer for a large blob (hundreds of megabytes: weights, optimizer state):
+    /// like [`Self::writer`], but the bytes bypass the page cache (`O_DIRECT`) where the
+    /// filesystem allows it. See the `direct` module for why and for the fallbacks.
+    pub fn large_writer(&self) -> StateResult<BlobWriter> {
+        let tmp_path = self.tmp_path("blob");
+        let file = DirectFile::create(&tmp_path).map_err(|e| StateError::io(&tmp_path, e))?;
+        Ok(self.new_writer(Sink::Direct(file), tmp_path))
+    }
+
+    fn new_writer(&self, sink: Sink, tmp_path: PathBuf) -> BlobWriter {
+        BlobWriter {
             store: self.clone(),
-            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            file: Some(sink),
             hasher: blake3::Hasher::new(),
             tmp_path,
             size: 0,
-        })
+        }
     }
 
     /// Move a finished file (e.g. weights a step wrote into its scratch folder) into the store.
@@ -257,10 +274,44 @@ impl BlobStore {
     }
 }
 
+/// Where a [`BlobWriter`]'s bytes go.
+enum Sink {
+    Buffered(io::BufWriter<File>),
+    Direct(DirectFile),
+}
+
+impl Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Buffered(w) => w.write(buf),
+            Sink::Direct(w) => w.write(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Buffered(w) => w.write_all(buf),
+            Sink::Direct(w) => w.write_all(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Buffered(w) => w.flush(),
+            Sink::Direct(w) => w.flush(),
+        }
+    }
+    /// Everything written to the file (not fsynced).
+    fn into_file(self) -> io::Result<File> {
+        match self {
+            Sink::Buffered(w) => w.into_inner().map_err(|e| e.into_error()),
+            Sink::Direct(w) => w.into_file(),
+        }
+    }
+}
+
 /// A blob being written: hashes as it goes, installed under its digest by [`BlobWriter::finish`].
 pub struct BlobWriter {
     store: BlobStore,
-    file: Option<io::BufWriter<File>>,
+    file: Option<Sink>,
     hasher: blake3::Hasher,
     tmp_path: PathBuf,
     size: u64,
@@ -288,10 +339,10 @@ impl Write for BlobWriter {
 impl BlobWriter {
     /// Flush, fsync, rename into place and fsync the directory. Returns the digest.
     pub fn finish(mut self) -> StateResult<Digest> {
-        let buf = self.file.take().expect("writer open");
-        let file = buf
-            .into_inner()
-            .map_err(|e| StateError::io(&self.tmp_path, e.into_error()))?;
+        let sink = self.file.take().expect("writer open");
+        let file = sink
+            .into_file()
+            .map_err(|e| StateError::io(&self.tmp_path, e))?;
         self.store
             .fault(FaultOp::BlobSync, &self.tmp_path)
             .and_then(|_| file.sync_all())
@@ -362,6 +413,26 @@ mod tests {
         assert_eq!(b.put_bytes(b"hello world").unwrap(), d);
         assert_eq!(b.list().unwrap().0, vec![d]);
         assert_eq!(fs::read_dir(b.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn large_writer_stores_the_same_blob_as_writer() {
+        let (_t, b) = store();
+        let data: Vec<u8> = (0..20_000_123u32).map(|i| (i % 253) as u8).collect();
+        let mut w = b.large_writer().unwrap();
+        for chunk in data.chunks(777_777) {
+            w.write_all(chunk).unwrap();
+        }
+        let d = w.finish().unwrap();
+        assert_eq!(d, Digest::of(&data));
+        assert_eq!(b.read(&d).unwrap(), data);
+        assert_eq!(fs::read_dir(b.tmp_dir()).unwrap().count(), 0);
+        // A dropped large writer leaves nothing behind either.
+        let mut w = b.large_writer().unwrap();
+        w.write_all(&data[..5_000_000]).unwrap();
+        drop(w);
+        assert_eq!(fs::read_dir(b.tmp_dir()).unwrap().count(), 0);
+        assert_eq!(b.list().unwrap().0, vec![d]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 mod blobs;
 mod digest;
+mod direct;
 mod envelope;
 mod error;
 pub mod faults;

@@ -1,13 +1,15 @@
 //! DPO checkpoint time on the real model, as the `dpo` step takes it (issue 4):
 //!
 //! ```text
-//! cargo run --release -p tsr-steps --example bench_checkpoint -- [blobs|files] [MODEL] [N]
+//! cargo run --release -p tsr-steps --example bench_checkpoint -- [direct|blobs|files] [MODEL] [N]
 //! ```
 //! After one optimizer step (so the AdamW moments exist), takes `N` (default 3) checkpoints
 //! into a fresh blob store and prints the time of each; the first is the first of the process.
 //!
-//! - `blobs` (what the `dpo` step does): weights and trainer state streamed in parallel into
-//!   two blob writers that hash while writing; each is fsynced and renamed into place.
+//! - `direct` (what the `dpo` step does): weights and trainer state streamed in parallel into
+//!   two large-blob writers (`BlobStore::large_writer`: hashed while written, direct I/O past
+//!   the page cache); each is fsynced and renamed into place.
+//! - `blobs`: the same through ordinary buffered blob writers.
 //! - `files` (what it did before): both files written into a scratch folder, then each one
 //!   hashed, fsynced and renamed into the blob store (`BlobStore::put_file`).
 //!
@@ -28,10 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mode = args
         .first()
         .map(String::as_str)
-        .unwrap_or("blobs")
+        .unwrap_or("direct")
         .to_string();
-    if mode != "blobs" && mode != "files" {
-        return Err(format!("mode must be `blobs` or `files`, not `{mode}`").into());
+    if !["direct", "blobs", "files"].contains(&mode.as_str()) {
+        return Err(format!("mode must be `direct`, `blobs` or `files`, not `{mode}`").into());
     }
     let spec = args
         .get(1)
@@ -77,7 +79,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             blobs.remove(&d)?;
         }
         let start = Instant::now();
-        let (w, s) = if mode == "blobs" {
+        let (w, s) = if mode == "direct" {
+            t.write_checkpoint_with(
+                |_| Ok::<_, TrainerError>(blobs.large_writer()?),
+                |_, w| Ok(w.finish()?),
+            )?
+        } else if mode == "blobs" {
             t.write_checkpoint_with(
                 |_| Ok::<_, TrainerError>(blobs.writer()?),
                 |_, w| Ok(w.finish()?),

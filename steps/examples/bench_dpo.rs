@@ -118,7 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // (hashed while written, fsynced, installed); the previous checkpoint then removed.
             let s = Instant::now();
             let (w, st) = t.write_checkpoint_with(
-                |_| Ok::<_, TrainerError>(blobs.writer()?),
+                |_| Ok::<_, TrainerError>(blobs.large_writer()?),
                 |_, w| Ok(w.finish()?),
             )?;
             let secs = s.elapsed().as_secs_f64();
