@@ -98,7 +98,8 @@ impl DirectFile {
     }
 
     /// Whether writes still bypass the page cache.
-    pub(crate) fn is_direct(&self) -> bool {
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
         self.direct
     }
 
