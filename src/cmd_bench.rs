@@ -3,7 +3,7 @@
 //! (`scripts/bench_torch_gpu.py` prints the same figures for the same shapes and token ids).
 //! The measurements and the FLOP model live in `tsr_steps::bench`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -70,9 +70,7 @@ pub struct BenchArgs {
 }
 
 fn default_gguf() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.is_file().then_some(p)
+    tsr_steps::bench::cached_default_model().filter(|p| p.is_file())
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {

@@ -20,6 +20,7 @@
 use std::time::Instant;
 
 use tsr_state::BlobStore;
+use tsr_steps::bench::bench_model_spec;
 use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
 use tsr_steps::dpo_trainer::{DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use tsr_steps::model::{tune_runtime, LanguageModel};
@@ -35,14 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !["direct", "blobs", "files"].contains(&mode.as_str()) {
         return Err(format!("mode must be `direct`, `blobs` or `files`, not `{mode}`").into());
     }
-    let spec = args
-        .get(1)
-        .cloned()
-        .or_else(|| std::env::var("TSR_MODEL").ok())
-        .unwrap_or_else(|| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            format!("{home}/.cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let spec = bench_model_spec(args.get(1));
     let n: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let policy = LanguageModel::load_str(&spec, "cpu")?;
     let ids = policy

@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use tsr_state::BlobStore;
-use tsr_steps::bench::{cpu_s, median, reset_hwm, vm_hwm_mb};
+use tsr_steps::bench::{bench_model_spec, cpu_s, median, reset_hwm, vm_hwm_mb};
 use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
 use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use tsr_steps::model::{tune_runtime, LanguageModel};
@@ -31,14 +31,7 @@ fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tuned = tune_runtime();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let spec = args
-        .first()
-        .cloned()
-        .or_else(|| std::env::var("TSR_MODEL").ok())
-        .unwrap_or_else(|| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            format!("{home}/.cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let spec = bench_model_spec(args.first());
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
     println!(
         "mallopt tuned: {tuned}; threads: {}",

@@ -20,6 +20,20 @@ use crate::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
 use crate::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use crate::model::{Config, FinishReason, GenRequest, LanguageModel, ModelError, Sampling};
 
+/// Where `scripts/fetch-model.sh` caches the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
+pub fn cached_default_model() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    Some(std::path::Path::new(&home).join(".cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// The model a bench example loads: `arg`, else `$TSR_MODEL`, else [`cached_default_model`].
+pub fn bench_model_spec(arg: Option<&String>) -> String {
+    arg.cloned()
+        .or_else(|| std::env::var("TSR_MODEL").ok())
+        .or_else(|| cached_default_model().map(|p| p.display().to_string()))
+        .unwrap_or_default()
+}
+
 /// Peak resident memory of this process (VmHWM) in MB; NaN where `/proc` is unavailable.
 pub fn vm_hwm_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
