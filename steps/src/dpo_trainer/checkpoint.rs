@@ -36,17 +36,6 @@ pub struct CheckpointFiles {
 }
 
 impl DpoTrainer<'_> {
-    /// The trainer state (weights excluded) at the current step boundary.
-    pub fn checkpoint(&self) -> Result<TrainerCheckpoint, TrainerError> {
-        Ok(TrainerCheckpoint::capture(
-            &self.plan,
-            &self.cursor,
-            &self.opt,
-            None,
-            &self.metrics,
-        )?)
-    }
-
     /// Streams the policy weights as canonical safetensors (the bytes `save_hf` writes).
     pub fn write_weights(&self, w: &mut impl Write) -> Result<(), TrainerError> {
         Ok(self.model.write_canonical(w)?)
