@@ -4,7 +4,8 @@
 //! shape, step outputs, metrics and report, SIGKILL-and-resume giving identical digests, config
 //! errors naming the key). A random model's text judge rarely parses, so the CLI runs usually
 //! make no judge pairs; the judge-pair logic itself is covered by the unit tests in
-//! `steps/src/judge_pairs.rs` and `steps/src/meta_judge.rs`.
+//! `steps/src/judge_pairs.rs` and `steps/src/meta_judge.rs`, and a planted judge pair is run
+//! through `ref-logprobs` and `dpo` in process here.
 
 mod common;
 
@@ -371,4 +372,167 @@ fn the_meta_judge_step_compares_both_orders_deterministically_and_resumes() {
         .commit(&[(0, serde_json::to_vec(&first[0]).unwrap())])
         .unwrap();
     assert_eq!(run_meta_step(dir.path(), partial), first);
+}
+
+/// Runs `step` in process against a fresh in-memory journal; `inputs` are byte blobs, plus the
+/// tiny model's four files under `model.*`. Returns each output's bytes.
+fn run_step(
+    dir: &Path,
+    step: &dyn Step,
+    inputs: &[(&str, Vec<u8>)],
+    label: &str,
+) -> BTreeMap<String, Vec<u8>> {
+    let model = dir.join("tiny");
+    if !model.exists() {
+        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    }
+    let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp")).unwrap();
+    let mut digests = BTreeMap::new();
+    let mut externals = BTreeMap::new();
+    for (name, bytes) in inputs {
+        digests.insert(name.to_string(), blobs.put_bytes(bytes).unwrap());
+    }
+    for (suffix, file) in tsr_steps::lm::MODEL_FILES {
+        let path = model.join(file);
+        digests.insert(
+            format!("model.{suffix}"),
+            tsr_engine::fingerprint(&path).unwrap(),
+        );
+        externals.insert(format!("model.{suffix}"), path);
+    }
+    let scratch = dir.join(format!("scratch-{label}"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let ctx = StepContext::new(
+        label,
+        Digest::of(label.as_bytes()),
+        scratch,
+        "cpu",
+        StopFlag::new(),
+        Arc::new(MemoryJournal::new(blobs.clone())),
+        Progress::hidden(),
+    );
+    let out = step
+        .run(&StepInputs::new(blobs, digests, externals), &ctx)
+        .unwrap();
+    out.names()
+        .map(|n| {
+            let bytes = match out.data(n).unwrap() {
+                tsr_engine::OutputData::Bytes(b) => b.clone(),
+                tsr_engine::OutputData::File(p) => std::fs::read(p).unwrap(),
+                tsr_engine::OutputData::Blob(_) => panic!("unexpected blob output {n}"),
+            };
+            (n.to_string(), bytes)
+        })
+        .collect()
+}
+
+/// A judge pair (made by `judge_pair` from an agreed comparison) mixed with an actor pair goes
+/// through `ref-logprobs` and `dpo` like any pair: its reference log-probs are of the judgement
+/// texts after the rendered judge prompt, and it changes the trained model.
+#[test]
+fn a_judge_pair_is_scored_by_the_reference_and_trained_on_by_dpo() {
+    use tsr_steps::dpo_step::{Dpo, DpoReport};
+    use tsr_steps::judge::Judgement;
+    use tsr_steps::judge_pairs::{judge_pair, mix, Decision, JudgePairContext, MetaVerdict};
+    use tsr_steps::pairs::Pair;
+    use tsr_steps::reference::{RefLogps, ReferenceLogprobs};
+
+    let dir = tempfile::tempdir().unwrap();
+    let judge_prompt = tsr_steps::judge_text::DEFAULT_RUBRIC
+        .replace("{prompt}", "Name a colour.")
+        .replace("{response}", "Blue.");
+    let judgement = Judgement {
+        prompt_id: "p1".into(),
+        sample: 0,
+        texts: vec![
+            "The response names a colour. Score: 5".into(),
+            "Off topic. Score: 1".into(),
+        ],
+        verdicts: vec![],
+        probs: None,
+        score: Some(3.0),
+    };
+    let comparison = Comparison {
+        prompt_id: "p1".into(),
+        sample: 0,
+        variance: 4.0,
+        a: 0,
+        b: 1,
+        scores: [5, 1],
+        tokens: [9, 5],
+        meta_texts: ["A".into(), "B".into()],
+        meta_verdicts: [MetaVerdict::A, MetaVerdict::B],
+        meta_seeds: [1, 2],
+        decision: Decision::Prefer { judgement: 0 },
+    };
+    let ctx = JudgePairContext {
+        iteration: 1,
+        judge_prompt: &judge_prompt,
+        response_text: "Blue.",
+        generator_model: "g",
+        judge_model: "j",
+        judge_template_digest: "t",
+        meta_model: "m",
+        meta_template_digest: "mt",
+    };
+    let judge = judge_pair(&comparison, &judgement, &ctx).expect("an agreed comparison");
+    assert!(judge.is_judge());
+    let mut actor: Pair = judge.clone();
+    actor.pair_id = "i1-p1".into();
+    actor.kind = None;
+    actor.meta = None;
+    actor.prompt = "Name a colour.".into();
+    actor.chosen.text = "Blue.".into();
+    actor.rejected.text = "I like turtles very much.".into();
+    let (mixed, kept) = mix(vec![actor.clone()], vec![judge.clone()], 1.0, 7);
+    assert_eq!(kept, 1);
+
+    let dpo = Dpo {
+        beta: 0.1,
+        loss: tsr_steps::dpo::DpoLossKind::Sigmoid,
+        lr: 1e-2,
+        warmup_steps: 0,
+        epochs: 2,
+        micro_batch: 1,
+        accum_steps: 1,
+        max_grad_norm: Some(1.0),
+        weight_decay: 0.0,
+        checkpoint_every: 1,
+    };
+    let train = |pairs: &[Pair], label: &str| {
+        let jsonl = tsr_steps::lm::to_jsonl(pairs);
+        let refs = run_step(
+            dir.path(),
+            &ReferenceLogprobs { batch_size: 2 },
+            &[("pairs", jsonl.clone())],
+            &format!("ref-{label}"),
+        );
+        let out = run_step(
+            dir.path(),
+            &dpo,
+            &[("pairs", jsonl), ("ref_logps", refs["logps"].clone())],
+            &format!("dpo-{label}"),
+        );
+        let rows: Vec<RefLogps> = tsr_steps::lm::from_jsonl(&refs["logps"], "logps").unwrap();
+        let report: DpoReport = serde_json::from_slice(&out["metrics"]).unwrap();
+        (rows, report, Digest::of(&out["weights"]))
+    };
+    let (rows, report, with_judge) = train(&mixed, "mixed");
+    let (_, alone, without_judge) = train(&[actor], "actor");
+
+    let judge_row = rows.iter().find(|r| r.pair_id == judge.pair_id).unwrap();
+    assert!(
+        judge_row.chosen < 0.0 && judge_row.rejected < 0.0,
+        "{judge_row:?}"
+    );
+    assert!(
+        judge_row.chosen_tokens > judge_row.rejected_tokens,
+        "{judge_row:?}"
+    );
+    assert_eq!((report.pairs, report.steps), (2, 4), "2 pairs x 2 epochs");
+    assert_eq!((alone.pairs, alone.steps), (1, 2));
+    assert_ne!(
+        with_judge, without_judge,
+        "the judge pair changed the trained model"
+    );
 }

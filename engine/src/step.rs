@@ -163,4 +163,8 @@ impl StepOutputs {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.items.keys().map(|s| s.as_str())
     }
+    /// An output's data (for running a step outside the driver, e.g. in tests).
+    pub fn data(&self, name: &str) -> Option<&OutputData> {
+        self.items.get(name).map(|(_, d)| d)
+    }
 }
