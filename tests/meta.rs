@@ -243,9 +243,16 @@ fn meta_configs_name_the_key() {
     assert!(text(&o).contains("{judgement_b}"), "{}", text(&o));
 }
 
-/// The step in process, on planted text judgements: (a, 0) and (a, 1) have differing scores,
-/// (b, 0) is unanimous and (b, 1) has one parsed score, so exactly two responses are compared.
-fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
+/// The blob store under `dir` and the step inputs `model.*` for a tiny random model (written
+/// to `dir/tiny` once): (blobs, input digests, external paths, model folder).
+fn tiny_model_inputs(
+    dir: &Path,
+) -> (
+    BlobStore,
+    BTreeMap<String, Digest>,
+    BTreeMap<String, PathBuf>,
+    PathBuf,
+) {
     let model = dir.join("tiny");
     if !model.exists() {
         tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
@@ -253,6 +260,21 @@ fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
     let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp")).unwrap();
     let mut digests = BTreeMap::new();
     let mut externals = BTreeMap::new();
+    for (suffix, file) in tsr_steps::lm::MODEL_FILES {
+        let path = model.join(file);
+        digests.insert(
+            format!("model.{suffix}"),
+            tsr_engine::fingerprint(&path).unwrap(),
+        );
+        externals.insert(format!("model.{suffix}"), path);
+    }
+    (blobs, digests, externals, model)
+}
+
+/// The step in process, on planted text judgements: (a, 0) and (a, 1) have differing scores,
+/// (b, 0) is unanimous and (b, 1) has one parsed score, so exactly two responses are compared.
+fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
+    let (blobs, mut digests, mut externals, model) = tiny_model_inputs(dir);
     let mut put = |name: &str, bytes: String| {
         digests.insert(name.to_string(), blobs.put_bytes(bytes.as_bytes()).unwrap());
     };
@@ -288,12 +310,6 @@ fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
             + &j("b", 0, &["Score: 4", "Score: 4", "Score: 4"])
             + &j("b", 1, &["Score: 4", "nothing", "nothing"]),
     );
-    for (suffix, file) in tsr_steps::lm::MODEL_FILES {
-        let path = model.join(file);
-        let d = tsr_engine::fingerprint(&path).unwrap();
-        digests.insert(format!("model.{suffix}"), d);
-        externals.insert(format!("model.{suffix}"), path);
-    }
     for prefix in ["generator", "judge"] {
         digests.insert(format!("{prefix}.weights"), digests["model.weights"]);
         externals.insert(format!("{prefix}.weights"), model.join("model.safetensors"));
@@ -382,23 +398,9 @@ fn run_step(
     inputs: &[(&str, Vec<u8>)],
     label: &str,
 ) -> BTreeMap<String, Vec<u8>> {
-    let model = dir.join("tiny");
-    if !model.exists() {
-        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
-    }
-    let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp")).unwrap();
-    let mut digests = BTreeMap::new();
-    let mut externals = BTreeMap::new();
+    let (blobs, mut digests, externals, _) = tiny_model_inputs(dir);
     for (name, bytes) in inputs {
         digests.insert(name.to_string(), blobs.put_bytes(bytes).unwrap());
-    }
-    for (suffix, file) in tsr_steps::lm::MODEL_FILES {
-        let path = model.join(file);
-        digests.insert(
-            format!("model.{suffix}"),
-            tsr_engine::fingerprint(&path).unwrap(),
-        );
-        externals.insert(format!("model.{suffix}"), path);
     }
     let scratch = dir.join(format!("scratch-{label}"));
     std::fs::create_dir_all(&scratch).unwrap();
