@@ -109,6 +109,19 @@ pub struct TrainerConfig {
     pub shuffle: bool,
 }
 
+impl TrainerConfig {
+    /// The batch plan of `n` pairs under this configuration.
+    fn plan(&self, n: usize) -> Result<BatchPlan, DpoError> {
+        BatchPlan::new(
+            n,
+            self.micro_batch,
+            self.accum_steps,
+            self.seed,
+            self.shuffle,
+        )
+    }
+}
+
 /// Policy log-probs of one pair as computed inside a training step (before its update).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairLogp {
@@ -164,13 +177,7 @@ impl<'m> DpoTrainer<'m> {
             }
         }
         cfg.schedule.validate()?;
-        let plan = BatchPlan::new(
-            pairs.len(),
-            cfg.micro_batch,
-            cfg.accum_steps,
-            cfg.seed,
-            cfg.shuffle,
-        )?;
+        let plan = cfg.plan(pairs.len())?;
         let opt = AdamW::new(model.vars(), cfg.optimizer.clone())?;
         Ok(Self {
             model,
@@ -292,13 +299,7 @@ impl<'m> DpoTrainer<'m> {
         pairs: &mut [TrainPair],
         cfg: &TrainerConfig,
     ) -> Result<(), TrainerError> {
-        let plan = BatchPlan::new(
-            pairs.len(),
-            cfg.micro_batch,
-            cfg.accum_steps,
-            cfg.seed,
-            cfg.shuffle,
-        )?;
+        let plan = cfg.plan(pairs.len())?;
         let order = plan.order(0);
         let mut values = vec![(0f32, 0f32); pairs.len()];
         for step in order.chunks(plan.batch_size()) {
