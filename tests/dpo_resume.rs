@@ -189,6 +189,12 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
         landed.windows(2).all(|w| w[0] <= w[1]),
         "a checkpoint went backwards: {landed:?}"
     );
+    let mut distinct = landed.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 2,
+        "the kills should land at different checkpoints, so that resuming from more than one is tested: {landed:?}"
+    );
 
     let got = status(&store);
     outputs_equal(&want, &got, &format!("after kills at DPO steps {landed:?}"));

@@ -340,6 +340,15 @@ impl BlobWriter {
     /// Flush, fsync, rename into place and fsync the directory. Returns the digest.
     pub fn finish(mut self) -> StateResult<Digest> {
         let sink = self.file.take().expect("writer open");
+        let result = self.complete(sink);
+        if result.is_err() {
+            // Whatever failed (flush, fsync, rename), the partial file is not left behind.
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+        result
+    }
+
+    fn complete(&self, sink: Sink) -> StateResult<Digest> {
         let file = sink
             .into_file()
             .map_err(|e| StateError::io(&self.tmp_path, e))?;
@@ -348,8 +357,10 @@ impl BlobWriter {
             .and_then(|_| file.sync_all())
             .map_err(|e| StateError::io(&self.tmp_path, e))?;
         drop(file);
-        let digest = Digest::from(self.hasher.finalize());
-        if self.store.exists(&digest) {
+        let digest = Digest::from(self.hasher.clone().finalize());
+        // An existing blob of the same size is kept (content is verified on every read); one
+        // of another size is damaged and is replaced by the bytes just written.
+        if self.store.size(&digest) == Some(self.size) {
             let _ = fs::remove_file(&self.tmp_path);
         } else {
             self.store.install(&self.tmp_path, &digest)?;
@@ -433,6 +444,18 @@ mod tests {
         drop(w);
         assert_eq!(fs::read_dir(b.tmp_dir()).unwrap().count(), 0);
         assert_eq!(b.list().unwrap().0, vec![d]);
+    }
+
+    #[test]
+    fn writing_a_blob_again_replaces_a_truncated_copy() {
+        let (_t, b) = store();
+        let d = b.put_bytes(b"optimizer moments").unwrap();
+        fs::write(b.path(&d), b"optim").unwrap();
+        assert!(b.read(&d).is_err());
+        let mut w = b.large_writer().unwrap();
+        w.write_all(b"optimizer moments").unwrap();
+        assert_eq!(w.finish().unwrap(), d);
+        assert_eq!(b.read(&d).unwrap(), b"optimizer moments");
     }
 
     #[test]
