@@ -326,7 +326,14 @@ impl Write for BlobWriter {
             self.hasher.update(half);
             return Err(e);
         }
-        let n = self.file.as_mut().expect("writer open").write(buf)?;
+        let n = match self.file.as_mut().expect("writer open").write(buf) {
+            Ok(n) => n,
+            // Name the file: the caller's error may otherwise say only what it was writing.
+            Err(e) => {
+                let path = self.tmp_path.display();
+                return Err(io::Error::new(e.kind(), format!("{path}: {e}")));
+            }
+        };
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)

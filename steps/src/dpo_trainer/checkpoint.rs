@@ -72,10 +72,14 @@ impl DpoTrainer<'_> {
     {
         let part = |p: CheckpointPart| -> Result<T, E> {
             let mut w = open(p)?;
-            match p {
-                CheckpointPart::Weights => self.write_weights(&mut w)?,
-                CheckpointPart::Trainer => self.write_state(&mut w)?,
-            }
+            let written = match p {
+                CheckpointPart::Weights => self.write_weights(&mut w),
+                CheckpointPart::Trainer => self.write_state(&mut w),
+            };
+            written.map_err(|e| TrainerError::Checkpoint {
+                part: p.file_name(),
+                source: Box::new(e),
+            })?;
             close(p, w)
         };
         let (weights, trainer) = std::thread::scope(|s| {

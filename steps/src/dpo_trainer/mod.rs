@@ -47,6 +47,13 @@ pub enum TrainerError {
         #[source]
         source: std::io::Error,
     },
+    /// Streaming one part of a checkpoint (named by its file name) failed.
+    #[error("writing the checkpoint's {part}: {source}")]
+    Checkpoint {
+        part: &'static str,
+        #[source]
+        source: Box<TrainerError>,
+    },
     /// Writing a checkpoint into a blob store.
     #[error(transparent)]
     Store(#[from] tsr_state::StateError),

@@ -269,6 +269,10 @@ fn checkpoint_into_blob_writers_equals_the_files_and_a_failing_sink_installs_not
         )
         .unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
+    assert!(
+        err.to_string().contains("trainer.ckpt"),
+        "names the part: {err}"
+    );
     assert_eq!(blobs.list().unwrap(), before);
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
