@@ -20,9 +20,8 @@
 use std::time::Instant;
 
 use tsr_state::BlobStore;
-use tsr_steps::bench::bench_model_spec;
-use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
-use tsr_steps::dpo_trainer::{DpoTrainer, TrainPair, TrainerConfig, TrainerError};
+use tsr_steps::bench::{bench_model_spec, bench_trainer_config};
+use tsr_steps::dpo_trainer::{DpoTrainer, TrainPair, TrainerError};
 use tsr_steps::model::{tune_runtime, LanguageModel};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,18 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ref_chosen: -20.0,
         ref_rejected: -20.0,
     };
-    let cfg = TrainerConfig {
-        loss: DpoLossConfig::default(),
-        schedule: LrSchedule::constant(5e-7),
-        optimizer: AdamWConfig::default(),
-        epochs: 4,
-        max_steps: None,
-        micro_batch: 1,
-        accum_steps: 1,
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-    };
+    let cfg = bench_trainer_config(4, 1);
     let mut t = DpoTrainer::new(&policy, vec![pair], cfg)?;
     t.step()?;
 

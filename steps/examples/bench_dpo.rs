@@ -17,9 +17,10 @@
 use std::time::Instant;
 
 use tsr_state::BlobStore;
-use tsr_steps::bench::{bench_model_spec, cpu_s, median, reset_hwm, vm_hwm_mb};
-use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
-use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
+use tsr_steps::bench::{
+    bench_model_spec, bench_trainer_config, cpu_s, median, reset_hwm, vm_hwm_mb,
+};
+use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerError};
 use tsr_steps::model::{tune_runtime, LanguageModel};
 
 /// `n` token ids from real text (the model's own tokenizer), repeated to length.
@@ -51,21 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let answer_a = "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue.";
     let answer_b =
         "I do not know. Maybe the sky is blue because the sea is blue and it reflects it.";
-    let cfg = TrainerConfig {
-        loss: DpoLossConfig::default(),
-        schedule: LrSchedule::constant(5e-7),
-        optimizer: AdamWConfig {
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        },
-        epochs: steps as u64,
-        max_steps: None,
-        micro_batch: 1,
-        accum_steps: 1,
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-    };
+    let cfg = bench_trainer_config(steps as u64, 1);
     let ckdir = std::env::temp_dir().join(format!("tsr-bench-dpo-{}", std::process::id()));
     let blobs = BlobStore::open(ckdir.join("blobs"), ckdir.join("tmp"))?;
     for (p, r) in [(64usize, 64usize), (128, 128)] {

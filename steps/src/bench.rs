@@ -20,6 +20,26 @@ use crate::dpo::{AdamWConfig, DpoLossConfig, LrSchedule};
 use crate::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use crate::model::{Config, FinishReason, GenRequest, LanguageModel, ModelError, Sampling};
 
+/// The trainer settings every DPO bench uses: constant lr 5e-7, no weight decay, clip at 1.0,
+/// no shuffling, one micro-batch per optimizer step.
+pub fn bench_trainer_config(epochs: u64, micro_batch: usize) -> TrainerConfig {
+    TrainerConfig {
+        loss: DpoLossConfig::default(),
+        schedule: LrSchedule::constant(5e-7),
+        optimizer: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        epochs,
+        max_steps: None,
+        micro_batch,
+        accum_steps: 1,
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+    }
+}
+
 /// Where `scripts/fetch-model.sh` caches the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
 pub fn cached_default_model() -> Option<std::path::PathBuf> {
     let home = std::env::var_os("HOME")?;
@@ -156,22 +176,8 @@ pub fn bench_dpo(
         })
         .collect();
     reference_logps(reference, &mut pairs, batch)?;
-    let cfg = TrainerConfig {
-        loss: DpoLossConfig::default(),
-        schedule: LrSchedule::constant(5e-7),
-        optimizer: AdamWConfig {
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        },
-        // One optimizer step per epoch: the whole data set is one batch.
-        epochs: steps as u64 + 1,
-        max_steps: None,
-        micro_batch: batch,
-        accum_steps: 1,
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-    };
+    // One optimizer step per epoch: the whole data set is one batch.
+    let cfg = bench_trainer_config(steps as u64 + 1, batch);
     let mut trainer = DpoTrainer::new(policy, pairs.clone(), cfg)?;
     let dev = policy.device().clone();
     let mut times = Vec::with_capacity(steps);

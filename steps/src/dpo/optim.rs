@@ -39,7 +39,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{fused, DpoError};
-use crate::model::for_f32_chunks;
+use crate::model::write_f32_le;
 
 /// Version of the optimizer-state encoding written by [`AdamW::save_state`].
 pub const ADAMW_STATE_VERSION: u32 = 1;
@@ -405,13 +405,7 @@ impl AdamW {
         let mut buf = Vec::with_capacity(1 << 20);
         for s in &self.slots {
             for t in [&s.m, &s.v] {
-                for_f32_chunks(t, |chunk| {
-                    buf.clear();
-                    for x in chunk {
-                        buf.extend_from_slice(&x.to_le_bytes());
-                    }
-                    w.write_all(&buf).map_err(io)
-                })?;
+                write_f32_le(t, w, &mut buf, io)?;
             }
         }
         Ok(())

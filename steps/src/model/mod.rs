@@ -43,7 +43,7 @@ pub use device::parse_device;
 pub use error::ModelError;
 pub use generate::{FinishReason, GenOutput, GenRequest, Sampling};
 pub use hub::resolve_hub_id;
-pub(crate) use save::for_f32_chunks;
+pub(crate) use save::write_f32_le;
 pub use tokenizer::ChatTokenizer;
 
 use llama::{Layer, Weights};

@@ -57,28 +57,38 @@ fn write_atomic_with(
     std::fs::rename(&tmp, &fin).map_err(|e| ModelError::io(&fin, e))
 }
 
-/// Calls `f` with the values of `t` as f32, in order, in chunks of at most 256 Ki values. A
-/// contiguous f32 CPU tensor is read in place (no copy: a copy of the embedding alone is 113 MB
-/// of fresh pages); anything else is converted first.
-pub(crate) fn for_f32_chunks<E: From<candle_core::Error>>(
+/// Writes the values of `t` as f32 little-endian bytes into `w`, through `buf` (reused across
+/// calls; 1 MiB at most). A contiguous f32 CPU tensor is read in place (no copy: a copy of the
+/// embedding alone is 113 MB of fresh pages); anything else is converted first. `io` turns a
+/// write error into the caller's error type.
+pub(crate) fn write_f32_le<E: From<candle_core::Error>>(
     t: &candle_core::Tensor,
-    mut f: impl FnMut(&[f32]) -> Result<(), E>,
+    w: &mut (impl Write + ?Sized),
+    buf: &mut Vec<u8>,
+    io: impl Fn(std::io::Error) -> E,
 ) -> Result<(), E> {
     const CHUNK: usize = 1 << 18;
+    let mut put = |chunk: &[f32]| -> Result<(), E> {
+        buf.clear();
+        for x in chunk {
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        w.write_all(buf).map_err(&io)
+    };
     if t.dtype() == DType::F32 && t.device().is_cpu() {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
             for chunk in cpu.as_slice::<f32>()?[a..b].chunks(CHUNK) {
-                f(chunk)?;
+                put(chunk)?;
             }
             return Ok(());
         }
     }
     let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     for chunk in values.chunks(CHUNK) {
-        f(chunk)?;
+        put(chunk)?;
     }
     Ok(())
 }
@@ -121,13 +131,7 @@ impl LanguageModel {
         w.write_all(&h).map_err(io)?;
         let mut buf = Vec::with_capacity(1 << 20);
         for (_, var) in &tensors {
-            for_f32_chunks(var.as_tensor(), |chunk| {
-                buf.clear();
-                for x in chunk {
-                    buf.extend_from_slice(&x.to_le_bytes());
-                }
-                w.write_all(&buf).map_err(io)
-            })?;
+            write_f32_le(var.as_tensor(), w, &mut buf, io)?;
         }
         Ok(())
     }
