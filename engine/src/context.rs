@@ -38,7 +38,8 @@ pub trait ItemJournal: Send + Sync {
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StepError>;
     /// A writer into the blob store for large checkpoint files ([`BlobStore::large_writer`]):
     /// it hashes while writing and `finish` fsyncs and installs the blob, so a large checkpoint
-    /// file is written once and never read back. Hand the digest to [`Self::save_checkpoint`] as [`OutputData::Blob`].
+    /// file is written once and never read back. Hand the digest to [`Self::save_checkpoint`]
+    /// as [`OutputData::Blob`].
     fn blob_writer(&self) -> Result<BlobWriter, StepError>;
 }
 

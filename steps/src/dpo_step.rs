@@ -50,10 +50,6 @@ impl From<TrainerError> for StepError {
     }
 }
 
-fn trainer_err(e: TrainerError) -> StepError {
-    e.into()
-}
-
 impl Dpo {
     fn trainer_config(&self, seed: u64) -> TrainerConfig {
         TrainerConfig {
@@ -90,7 +86,7 @@ fn save(t: &DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
         |_| journal.blob_writer(),
         |part, w| {
             w.finish()
-                .map_err(|e| StepError::wrap(format!("DPO checkpoint ({part:?})"), e))
+                .map_err(|e| StepError::wrap(format!("DPO checkpoint ({})", part.file_name()), e))
         },
     )?;
     let metrics = serde_json::to_vec(t.metrics()).expect("metrics serialize");
@@ -118,7 +114,7 @@ fn restore(t: &mut DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
         StepError::Invalid(format!("DPO checkpoint metrics cannot be decoded: {e}"))
     })?;
     t.restore(file("weights")?, &trainer, Some(metrics))
-        .map_err(trainer_err)
+        .map_err(StepError::from)
 }
 
 fn progress_message(m: &StepMetrics) -> String {
@@ -185,7 +181,7 @@ impl Step for Dpo {
             });
         }
         let mut t = DpoTrainer::new(&model, encoded, self.trainer_config(ctx.seed()))
-            .map_err(trainer_err)?;
+            .map_err(StepError::from)?;
         restore(&mut t, ctx)?;
         ctx.progress().set_length(t.total_steps());
         ctx.progress().set_position(t.steps_done());
@@ -198,7 +194,7 @@ impl Step for Dpo {
                 }
                 return Err(StepError::Interrupted);
             }
-            let report = t.step().map_err(trainer_err)?;
+            let report = t.step().map_err(StepError::from)?;
             ctx.progress().inc(1);
             ctx.progress()
                 .set_message(progress_message(&report.metrics));
