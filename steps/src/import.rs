@@ -17,8 +17,11 @@ impl Step for ImportModel {
     fn kind(&self) -> &'static str {
         "import-model"
     }
+    /// 2: RoPE settings in transformers 5's `rope_parameters` form (and every RoPE type,
+    /// sliding windows) are read; version 1 fell back to theta 10000 for such models, so its
+    /// imports of them must not be reused. GGUF imports give the same bytes as before.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()

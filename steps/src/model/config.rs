@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::rope::{Rope, RopeFrequencies};
 use super::ModelError;
 
 /// The decoder families this crate implements. They share one forward pass
@@ -37,13 +38,14 @@ impl Arch {
     }
 }
 
-/// Llama 3.1-style frequency-dependent rope scaling (`rope_scaling.rope_type == "llama3"`).
+/// Sliding-window attention: the layers that use it and the window (a query sees the last
+/// `window` positions, itself included). tsr computes full attention only, which equals
+/// sliding-window attention while a sequence is no longer than the window; longer sequences are
+/// refused ([`Config::check_context`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
+pub struct SlidingWindow {
+    pub window: usize,
+    pub layers: Vec<usize>,
 }
 
 /// Hyper-parameters of a decoder-only transformer.
@@ -58,8 +60,8 @@ pub struct Config {
     pub head_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// RoPE base and scaling (every form transformers writes; see [`super::rope`]).
+    pub rope: Rope,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
@@ -68,6 +70,8 @@ pub struct Config {
     pub o_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Layers with sliding-window attention, if any.
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize, ModelError> {
@@ -90,6 +94,105 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// Which layers use sliding-window attention, read as transformers 5.23 reads it: Mistral
+/// applies `sliding_window` (default 4096; null for none) to every layer; Qwen2 only with
+/// `use_sliding_window`, to the layers `layer_types` marks (or, without it, layers from
+/// `max_window_layers` on); Llama has none and refuses a `layer_types` that says otherwise.
+fn sliding_window(
+    v: &Value,
+    arch: Arch,
+    num_layers: usize,
+    path: &Path,
+) -> Result<Option<SlidingWindow>, ModelError> {
+    let err = |msg: String| ModelError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let window = |default: Option<usize>| -> Result<Option<usize>, ModelError> {
+        match v.get("sliding_window") {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .filter(|w| *w > 0)
+                .map(|w| Some(w as usize))
+                .ok_or_else(|| {
+                    err(format!(
+                        "sliding_window must be a positive integer or null, found {x}"
+                    ))
+                }),
+        }
+    };
+    let layer_types: Option<Vec<&str>> = match v.get("layer_types") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            let types: Vec<&str> = a.iter().map(|x| x.as_str().unwrap_or("?")).collect();
+            if let Some(bad) = types
+                .iter()
+                .find(|t| !matches!(**t, "full_attention" | "sliding_attention"))
+            {
+                return Err(err(format!(
+                    "layer_types entry {bad:?} is not supported (full_attention, sliding_attention)"
+                )));
+            }
+            if types.len() != num_layers {
+                return Err(err(format!(
+                    "layer_types has {} entries for {num_layers} layers",
+                    types.len()
+                )));
+            }
+            Some(types)
+        }
+        Some(x) => return Err(err(format!("layer_types must be a list, found {x}"))),
+    };
+    let sliding_in = |types: &[&str]| -> Vec<usize> {
+        (0..num_layers)
+            .filter(|&i| types[i] == "sliding_attention")
+            .collect()
+    };
+    let (w, layers) = match arch {
+        Arch::Llama => {
+            if let Some(t) = &layer_types {
+                if !sliding_in(t).is_empty() {
+                    return Err(err(
+                        "layer_types marks sliding_attention layers, which Llama does not have"
+                            .into(),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+        Arch::Mistral => (window(Some(4096))?, (0..num_layers).collect()),
+        Arch::Qwen2 => {
+            let on = match v.get("use_sliding_window") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(x) => {
+                    return Err(err(format!(
+                        "use_sliding_window must be true or false, found {x}"
+                    )))
+                }
+            };
+            let w = if on { window(Some(4096))? } else { None };
+            let layers = match &layer_types {
+                Some(t) => sliding_in(t),
+                None => {
+                    let from = match v.get("max_window_layers") {
+                        None | Some(Value::Null) => 28,
+                        Some(_) => get_usize(v, "max_window_layers", path)?,
+                    };
+                    (from.min(num_layers)..num_layers).collect()
+                }
+            };
+            (w, layers)
+        }
+    };
+    Ok(match w {
+        Some(window) if !layers.is_empty() => Some(SlidingWindow { window, layers }),
+        _ => None,
+    })
 }
 
 impl Config {
@@ -145,6 +248,37 @@ impl Config {
             .get("attention_bias")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        // Keys of related architectures (Gemma, Granite, Cohere, OLMo, quantized checkpoints)
+        // that change the math when set: a config carrying one is not a plain
+        // Llama/Qwen2/Mistral, whatever its model_type says.
+        for key in [
+            "quantization_config",
+            "final_logit_softcapping",
+            "attn_logit_softcapping",
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+            "logit_scale",
+            "use_qk_norm",
+            "qk_layernorm",
+        ] {
+            let neutral = match v.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+                // A scale of exactly 1 changes nothing.
+                Some(Value::Number(n)) => {
+                    n.as_f64() == Some(1.0)
+                        && (key.ends_with("multiplier") || key.starts_with("logit"))
+                }
+                _ => false,
+            };
+            if !neutral {
+                return Err(cfg_err(format!(
+                    "{key} = {} changes the model's computation and is not supported (supported: plain Llama, Qwen2 and Mistral weights in f32/f16/bf16)",
+                    v[key]
+                )));
+            }
+        }
         if v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false) {
             return Err(cfg_err("mlp_bias = true is not supported".into()));
         }
@@ -155,43 +289,23 @@ impl Config {
                 )));
             }
         }
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(rs) => {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            rs.get(k)
-                                .and_then(Value::as_f64)
-                                .ok_or_else(|| cfg_err(format!("rope_scaling.{k} missing")))
-                        };
-                        Some(Llama3RopeScaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f("original_max_position_embeddings")?
-                                as usize,
-                        })
-                    }
-                    other => {
-                        return Err(cfg_err(format!(
-                            "rope_scaling type {other:?} is not supported (only llama3)"
-                        )))
-                    }
-                }
-            }
+        let num_hidden_layers = get_usize(v, "num_hidden_layers", path)?;
+        // transformers' defaults per architecture where config.json leaves a key out.
+        let max_position_embeddings = match v.get("max_position_embeddings") {
+            None | Some(Value::Null) => match arch {
+                Arch::Llama => 2048,
+                Arch::Qwen2 => 32768,
+                Arch::Mistral => 4096 * 32,
+            },
+            Some(_) => get_usize(v, "max_position_embeddings", path)?,
         };
+        let rope = Rope::from_hf_json(v, max_position_embeddings, path)?;
+        let sliding_window = sliding_window(v, arch, num_hidden_layers, path)?;
         Ok(Config {
             arch,
             hidden_size,
             intermediate_size: get_usize(v, "intermediate_size", path)?,
-            num_hidden_layers: get_usize(v, "num_hidden_layers", path)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -200,15 +314,8 @@ impl Config {
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0),
-            rope_scaling,
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
+            rope,
+            max_position_embeddings,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -217,6 +324,7 @@ impl Config {
             o_bias: arch == Arch::Llama && attention_bias,
             bos_token_id: ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: ids(v.get("eos_token_id")),
+            sliding_window,
         })
     }
 
@@ -233,7 +341,6 @@ impl Config {
             "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
@@ -245,17 +352,32 @@ impl Config {
             obj.insert("attention_bias".into(), json!(self.qkv_bias));
             obj.insert("mlp_bias".into(), json!(false));
         }
-        if let Some(rs) = &self.rope_scaling {
-            obj.insert(
-                "rope_scaling".into(),
-                json!({
-                    "rope_type": "llama3",
-                    "factor": rs.factor,
-                    "low_freq_factor": rs.low_freq_factor,
-                    "high_freq_factor": rs.high_freq_factor,
-                    "original_max_position_embeddings": rs.original_max_position_embeddings,
-                }),
-            );
+        self.rope.write_hf_json(obj);
+        match self.arch {
+            Arch::Llama => {}
+            Arch::Mistral => {
+                // Absent means 4096 to transformers: write null for full attention.
+                let w = self.sliding_window.as_ref().map(|s| s.window);
+                obj.insert("sliding_window".into(), json!(w));
+            }
+            Arch::Qwen2 => {
+                let layer_types: Vec<&str> = (0..self.num_hidden_layers)
+                    .map(|i| match &self.sliding_window {
+                        Some(s) if s.layers.contains(&i) => "sliding_attention",
+                        _ => "full_attention",
+                    })
+                    .collect();
+                obj.insert(
+                    "use_sliding_window".into(),
+                    json!(self.sliding_window.is_some()),
+                );
+                if let Some(s) = &self.sliding_window {
+                    obj.insert("sliding_window".into(), json!(s.window));
+                    let first = s.layers.iter().min().copied().unwrap_or(0);
+                    obj.insert("max_window_layers".into(), json!(first));
+                    obj.insert("layer_types".into(), json!(layer_types));
+                }
+            }
         }
         if let Some(b) = self.bos_token_id {
             obj.insert("bos_token_id".into(), json!(b));
@@ -272,34 +394,22 @@ impl Config {
         v
     }
 
-    /// Rotary inverse frequencies (length `head_dim / 2`), with llama3 scaling when configured.
-    /// Computed in f64 and rounded once, close to what `transformers` computes in f32.
-    pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        (0..d / 2)
-            .map(|i| {
-                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64);
-                match &self.rope_scaling {
-                    None => f as f32,
-                    Some(rs) => {
-                        let old = rs.original_max_position_embeddings as f64;
-                        let low_wavelen = old / rs.low_freq_factor;
-                        let high_wavelen = old / rs.high_freq_factor;
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        let scaled = if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / rs.factor
-                        } else {
-                            let smooth = (old / wavelen - rs.low_freq_factor)
-                                / (rs.high_freq_factor - rs.low_freq_factor);
-                            (1.0 - smooth) * f / rs.factor + smooth * f
-                        };
-                        scaled as f32
-                    }
-                }
-            })
-            .collect()
+    /// Rotary tables' parameters for a forward call whose largest position is `seq_len - 1`.
+    pub fn rope_frequencies(&self, seq_len: usize) -> RopeFrequencies {
+        self.rope
+            .frequencies(self.head_dim, self.max_position_embeddings, seq_len)
+    }
+
+    /// Refuses a sequence of `len` tokens that sliding-window layers would treat differently
+    /// from full attention (the only attention computed here). `what` names the request.
+    pub fn check_context(&self, len: usize, what: &str) -> Result<(), ModelError> {
+        match &self.sliding_window {
+            Some(s) if len > s.window => Err(ModelError::InvalidRequest(format!(
+                "{what} spans {len} tokens, more than the model's sliding attention window of {} tokens (layers {:?}); tsr computes full attention only, which differs beyond the window: shorten the prompt or max_new_tokens",
+                s.window, s.layers
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Every parameter name this config needs, in HF layout, with its shape.
@@ -358,6 +468,59 @@ mod tests {
         assert_eq!(c.head_dim, 16);
         let c2 = Config::from_hf_json(&c.to_hf_json(), Path::new("x")).unwrap();
         assert_eq!(c, c2);
+    }
+
+    #[test]
+    fn keys_that_change_the_math_are_refused() {
+        let base = json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300});
+        let with = |k: &str, x: Value| {
+            let mut v = base.clone();
+            v[k] = x;
+            Config::from_hf_json(&v, Path::new("/m/config.json")).map_err(|e| e.to_string())
+        };
+        for (k, x) in [
+            ("quantization_config", json!({"quant_method": "gptq"})),
+            ("final_logit_softcapping", json!(30.0)),
+            ("embedding_multiplier", json!(12.0)),
+            ("use_qk_norm", json!(true)),
+            ("partial_rotary_factor", json!(0.5)),
+            (
+                "layer_types",
+                json!(["full_attention", "sliding_attention"]),
+            ),
+            ("mlp_bias", json!(true)),
+        ] {
+            let e = with(k, x).unwrap_err();
+            assert!(e.contains(k) && e.contains("/m/config.json"), "{e}");
+        }
+        assert!(with("final_logit_softcapping", Value::Null).is_ok());
+        assert!(with("embedding_multiplier", json!(1.0)).is_ok());
+        // Mistral without a sliding_window key gets transformers' default of 4096.
+        let mut m = base.clone();
+        m["model_type"] = json!("mistral");
+        m["architectures"] = json!(["MistralForCausalLM"]);
+        let c = Config::from_hf_json(&m, Path::new("x")).unwrap();
+        assert_eq!(c.sliding_window.as_ref().map(|s| s.window), Some(4096));
+        assert!(c.check_context(4096, "t").is_ok());
+        let e = c
+            .check_context(4097, "a scored sequence")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4097 tokens") && e.contains("4096"), "{e}");
+        // Written back, read again: the same window (null would mean none).
+        assert_eq!(
+            Config::from_hf_json(&c.to_hf_json(), Path::new("x")).unwrap(),
+            c
+        );
+        m["sliding_window"] = Value::Null;
+        let c = Config::from_hf_json(&m, Path::new("x")).unwrap();
+        assert_eq!(
+            Config::from_hf_json(&c.to_hf_json(), Path::new("x"))
+                .unwrap()
+                .sliding_window,
+            None
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub enum ModelError {
     /// A request given to generate / logprobs / mean_hidden is invalid.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// An export folder cannot be written as asked.
+    #[error("{path}: {msg}")]
+    Export { path: PathBuf, msg: String },
     /// A tensor operation failed inside candle.
     #[error("tensor operation: {0}")]
     Candle(#[from] candle_core::Error),

@@ -205,7 +205,6 @@ impl LanguageModel {
     ) -> Result<Vec<GenOutput>, ModelError> {
         let dev = &self.device;
         let dtype = self.dtype;
-        let inv_freq = self.config.inv_freq();
         let stops = self.tokenizer.stop_ids();
         let pad_id = self.tokenizer.pad_id();
         let mut rows: Vec<Row> = reqs
@@ -219,6 +218,12 @@ impl LanguageModel {
             .collect();
         let max_prompt = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
         let max_new = reqs.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
+        for r in reqs {
+            self.config.check_context(
+                r.prompt_ids.len() + r.max_new_tokens,
+                "a prompt plus max_new_tokens",
+            )?;
+        }
         if max_new > 0 {
             // Cache rows map to request rows through `live`; padding per cache row in `pads`.
             let mut live: Vec<usize> = (0..rows.len()).collect();
@@ -237,7 +242,16 @@ impl LanguageModel {
             }
             let b = rows.len();
             let ids_t = Tensor::from_vec(ids, (b, max_prompt), dev)?;
-            let rope = Rope::new(&inv_freq, &pos, b, max_prompt, dtype, dev)?;
+            // Positions of the call decide dynamic RoPE's base, as in transformers.
+            let longest = pos.iter().max().map_or(0, |&p| p as usize + 1);
+            let rope = Rope::new(
+                &self.config.rope_frequencies(longest),
+                &pos,
+                b,
+                max_prompt,
+                dtype,
+                dev,
+            )?;
             let mask = attention_mask(&pads, max_prompt, max_prompt, 0, dtype, dev)?;
             let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
             let last = h.narrow(1, max_prompt - 1, 1)?.squeeze(1)?;
@@ -288,7 +302,15 @@ impl LanguageModel {
                     .collect();
                 let pos: Vec<u32> = pads.iter().map(|&p| (slot - p) as u32).collect();
                 let ids_t = Tensor::from_vec(next, (nb, 1), dev)?;
-                let rope = Rope::new(&inv_freq, &pos, nb, 1, dtype, dev)?;
+                let longest = pos.iter().max().map_or(0, |&p| p as usize + 1);
+                let rope = Rope::new(
+                    &self.config.rope_frequencies(longest),
+                    &pos,
+                    nb,
+                    1,
+                    dtype,
+                    dev,
+                )?;
                 let mask = attention_mask(&pads, 1, slot + 1, slot, dtype, dev)?;
                 let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
                 logits = w

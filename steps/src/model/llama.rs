@@ -94,22 +94,25 @@ pub(crate) struct Rope {
 impl Rope {
     /// `positions` is row-major `[B, T]`.
     pub fn new(
-        inv_freq: &[f32],
+        freqs: &super::rope::RopeFrequencies,
         positions: &[u32],
         b: usize,
         t: usize,
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
+        let inv_freq = &freqs.inv_freq;
+        let scale = freqs.attention_scaling as f64;
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
         for &p in positions {
             for &f in inv_freq {
-                // f32 product as in transformers, then an accurate cos/sin of that angle.
+                // f32 product as in transformers, then an accurate cos/sin of that angle,
+                // times the attention scaling (YaRN's; 1 for the other types).
                 let a = (p as f32 * f) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                cos.push((a.cos() * scale) as f32);
+                sin.push((a.sin() * scale) as f32);
             }
         }
         let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dtype)?;

@@ -195,18 +195,51 @@ fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
         }
     }
     let has_bias = c.tensor_infos.contains_key("blk.0.attn_q.bias");
+    let theta = meta_f64(c, &format!("{a}.rope.freq_base")).unwrap_or(10_000.0);
+    let scaling_type = c
+        .metadata
+        .get(&format!("{a}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok().cloned());
+    let rope = match scaling_type.as_deref() {
+        None | Some("none") => super::rope::Rope::plain(theta),
+        Some("linear") => super::rope::Rope {
+            theta,
+            scaling: super::rope::RopeScaling::Linear {
+                factor: meta_f64(c, &format!("{a}.rope.scaling.factor")).ok_or_else(|| {
+                    ModelError::Config {
+                        path: path.to_path_buf(),
+                        msg: format!("{a}.rope.scaling.type is linear but {a}.rope.scaling.factor is missing"),
+                    }
+                })?,
+            },
+        },
+        Some(other) => {
+            return Err(ModelError::Config {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "{a}.rope.scaling.type {other:?} is not supported from GGUF (none, linear); load the Hugging Face directory instead"
+                ),
+            })
+        }
+    };
+    let num_hidden_layers = meta_usize(c, &format!("{a}.block_count"), path)?;
+    let sliding_window = meta_u32(c, &format!("{a}.attention.sliding_window"))
+        .filter(|w| *w > 0)
+        .map(|w| super::SlidingWindow {
+            window: w as usize,
+            layers: (0..num_hidden_layers).collect(),
+        });
     Ok(Config {
         arch,
         hidden_size: hidden,
         intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"), path)?,
-        num_hidden_layers: meta_usize(c, &format!("{a}.block_count"), path)?,
+        num_hidden_layers,
         num_attention_heads: heads,
         num_key_value_heads: kv,
         head_dim,
         vocab_size: vocab,
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
-        rope_theta: meta_f64(c, &format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
-        rope_scaling: None,
+        rope,
         max_position_embeddings: meta_usize(c, &format!("{a}.context_length"), path)
             .unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
@@ -214,6 +247,7 @@ fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
         o_bias: arch == Arch::Llama && c.tensor_infos.contains_key("blk.0.attn_output.bias"),
         bos_token_id: meta_u32(c, "tokenizer.ggml.bos_token_id"),
         eos_token_ids: eos,
+        sliding_window,
     })
 }
 

@@ -20,12 +20,14 @@ mod alloc;
 pub mod config;
 mod device;
 mod error;
+pub mod export;
 mod generate;
 mod hub;
 mod kernels;
 mod llama;
 mod load_gguf;
 mod load_hf;
+pub mod rope;
 mod save;
 mod score;
 pub mod testing;
@@ -38,11 +40,12 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use candle_nn::VarMap;
 
 pub use alloc::{tune_allocator, tune_runtime};
-pub use config::{Arch, Config};
+pub use config::{Arch, Config, SlidingWindow};
 pub use device::parse_device;
 pub use error::ModelError;
 pub use generate::{FinishReason, GenOutput, GenRequest, Sampling};
 pub use hub::resolve_hub_id;
+pub use rope::{Rope as RopeSettings, RopeScaling};
 pub(crate) use save::write_f32_le;
 pub use tokenizer::ChatTokenizer;
 

@@ -143,8 +143,19 @@ impl LanguageModel {
         Ok(hasher.finalize().to_hex().to_string())
     }
 
-    /// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json`
-    /// (with `chat_template`) into `dir` (created if needed), each atomically.
+    /// Writes the model as a Hugging Face folder for other tools (transformers, vLLM, PEFT):
+    /// see [`super::export`]. A folder that holds files is refused unless `force`.
+    pub fn export_hf(&self, out: &Path, force: bool) -> Result<(), ModelError> {
+        let files = super::export::ExportFiles::new(&self.config, &self.tokenizer);
+        super::export::export_hf_folder(&files, out, force, |w| {
+            let mut w = w;
+            self.write_canonical(&mut w)
+        })
+    }
+
+    /// Writes the stored (canonical) form: `config.json`, `model.safetensors`, `tokenizer.json`
+    /// and `tokenizer_config.json` (with `chat_template`) into `dir` (created if needed), each
+    /// atomically. [`export_hf`](Self::export_hf) is the form for other tools.
     pub fn save_hf(&self, dir: &Path) -> Result<(), ModelError> {
         self.save_hf_with_digest(dir).map(|_| ())
     }

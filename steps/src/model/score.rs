@@ -60,7 +60,15 @@ impl LanguageModel {
         }
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
         let ids = Tensor::from_vec(ids, (b, l), dev)?;
-        let rope = Rope::new(&self.config.inv_freq(), &pos, b, l, self.dtype, dev)?;
+        self.config.check_context(l, "a scored sequence")?;
+        let rope = Rope::new(
+            &self.config.rope_frequencies(l),
+            &pos,
+            b,
+            l,
+            self.dtype,
+            dev,
+        )?;
         let mask = attention_mask(&vec![0; b], l, l, 0, self.dtype, dev)?;
         Ok(w.forward(&ids, &rope, &mask, None)?)
     }

@@ -134,14 +134,14 @@ pub fn tiny_config(vocab: usize) -> Config {
         head_dim: 16,
         vocab_size: vocab,
         rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
+        rope: super::rope::Rope::plain(10_000.0),
         max_position_embeddings: 2048,
         tie_word_embeddings: true,
         qkv_bias: false,
         o_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        sliding_window: None,
     }
 }
 
@@ -303,7 +303,7 @@ pub fn try_write_tiny_gguf(path: &Path, seed: u64) -> Result<(), ModelError> {
             "llama.attention.head_count_kv",
             u32v(cfg.num_key_value_heads),
         ),
-        ("llama.rope.freq_base", GValue::F32(cfg.rope_theta as f32)),
+        ("llama.rope.freq_base", GValue::F32(cfg.rope.theta as f32)),
         (
             "llama.attention.layer_norm_rms_epsilon",
             GValue::F32(cfg.rms_norm_eps as f32),
@@ -365,7 +365,7 @@ pub fn smollm2_135m_config() -> Config {
         num_key_value_heads: 3,
         head_dim: 64,
         vocab_size: 49152,
-        rope_theta: 100_000.0,
+        rope: super::rope::Rope::plain(100_000.0),
         max_position_embeddings: 8192,
         ..tiny_config(49152)
     }

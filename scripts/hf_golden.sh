@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Regenerate tests/fixtures/hf/: tiny models written by transformers 5 and 4.x, and the
+# reference numbers (token ids, log-probs, TRL's token ids) the compatibility tests compare
+# tsr with. Run it after changing scripts/hf_golden.py, the export format or the pinned
+# versions, and commit the result. CI never runs it (it needs torch, about 5 GB).
+#
+#   TSR_GOLDEN_VENVS   where the two virtual environments live (default ~/.cache/tsr/golden-venvs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venvs="${TSR_GOLDEN_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr/golden-venvs}"
+out=tests/fixtures/hf
+venv() { # name requirements
+  if [ ! -x "$venvs/$1/bin/python" ] || ! cmp -s "$2" "$venvs/$1/requirements.txt"; then
+    python3 -m venv "$venvs/$1"
+    "$venvs/$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
+    cp "$2" "$venvs/$1/requirements.txt"
+  fi
+  echo "$venvs/$1/bin/python"
+}
+py5=$(venv transformers5 scripts/requirements-hf-golden.txt)
+py4=$(venv transformers4 scripts/requirements-hf-golden-4x.txt)
+gguf=$(scripts/fetch-model.sh)
+cargo build --release --quiet --bin tsr --example write_tiny_model -p tsr -p tsr-steps
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+target/release/examples/write_tiny_model "$tmp/tiny" 1 >/dev/null
+rm -rf "$out" && mkdir -p "$out"
+"$py5" scripts/hf_golden.py fixtures "$out" "$tmp/tiny"
+"$py4" scripts/hf_golden.py fixtures "$out" "$tmp/tiny"
+# Round trip: what tsr exports, loaded by transformers 5 and 4.x.
+target/release/tsr export --model "$tmp/tiny" --out "$tmp/export-tiny" >/dev/null
+target/release/tsr export --model "$gguf" --out "$tmp/export-smollm2" >/dev/null
+for name in tiny smollm2; do
+  "$py5" scripts/hf_golden.py roundtrip "$out" "$name" "$tmp/export-$name"
+  "$py4" scripts/hf_golden.py roundtrip "$out" "$name" "$tmp/export-$name"
+done
+"$py5" scripts/hf_golden.py trl "$out" "$tmp/export-smollm2"
+echo "wrote $out ($(du -sh "$out" | cut -f1))"

@@ -1,0 +1,128 @@
+//! tsr against transformers on models that transformers itself wrote.
+//!
+//! `tests/fixtures/hf/` holds tiny random-weight models of each architecture and RoPE form,
+//! written by `save_pretrained` of transformers 5.23 (`rope_parameters`, `dtype`, Qwen2's
+//! `layer_types`, `chat_template.jinja`) and 4.57 (top-level `rope_theta` + `rope_scaling`),
+//! with the token ids and summed response log-probs transformers computed on them
+//! (`goldens-transformers{5,4}.json`). `scripts/hf_golden.sh` regenerates all of it.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tsr_steps::model::{DType, Device, LanguageModel, ModelSource};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/hf_golden.sh)", path.display()));
+    serde_json::from_str(&text).expect("golden JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id list")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Summed log-probs agree with transformers to 1e-3 (absolute, or relative for sums of
+/// hundreds of nats: both sides accumulate in f32).
+fn close(tsr: f32, reference: f64) -> bool {
+    let diff = (tsr as f64 - reference).abs();
+    diff <= 1e-3 || diff <= 2e-6 * reference.abs()
+}
+
+/// Every fixture model: tsr's prompt and response ids equal transformers', its log-probs match,
+/// and a sequence longer than a sliding window is refused rather than computed differently.
+#[test]
+fn models_written_by_transformers_score_as_transformers_scores_them() {
+    let mut checked = 0;
+    for golden in ["goldens-transformers5.json", "goldens-transformers4.json"] {
+        let g = read_json(&fixtures().join(golden));
+        for (name, entry) in g["models"].as_object().expect("models") {
+            let dir = fixtures().join(name);
+            let m = LanguageModel::load(&ModelSource::HfDir(dir.clone()), &Device::Cpu, DType::F32)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let window = m.config().sliding_window.as_ref().map(|s| s.window);
+            for pair in entry["pairs"].as_array().expect("pairs") {
+                let t = m.tokenizer();
+                let p = t.encode_prompt(pair["prompt"].as_str().unwrap()).unwrap();
+                let r = t
+                    .encode_response(pair["response"].as_str().unwrap())
+                    .unwrap();
+                assert_eq!(p, ids(&pair["prompt_ids"]), "{name}: prompt ids");
+                assert_eq!(r, ids(&pair["response_ids"]), "{name}: response ids");
+                let want = pair["logprob"].as_f64().unwrap();
+                // One pair per call: dynamic RoPE depends on the call's longest sequence.
+                let got = m.logprobs(&[(p.clone(), r.clone())], 1);
+                match window {
+                    Some(w) if p.len() + r.len() > w => {
+                        let e = got.expect_err("longer than the sliding window").to_string();
+                        assert!(
+                            e.contains("sliding attention window of 8 tokens"),
+                            "{name}: {e}"
+                        );
+                    }
+                    _ => {
+                        let lp = got.unwrap_or_else(|e| panic!("{name}: {e}"))[0];
+                        println!("{name}: tsr {lp:.4} transformers {want:.4}");
+                        assert!(
+                            close(lp, want),
+                            "{name}: tsr {lp} vs transformers {want} ({golden})"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 25, "only {checked} pairs compared");
+}
+
+/// The settings read from each form are the ones transformers used.
+#[test]
+fn config_forms_parse_to_the_settings_transformers_used() {
+    use tsr_steps::model::RopeScaling;
+    let load = |name: &str| {
+        let path = fixtures().join(name).join("config.json");
+        tsr_steps::model::Config::from_hf_json(&read_json(&path), &path).unwrap()
+    };
+    let new = load("llama-llama3");
+    let old = load("llama-llama3-4x");
+    assert_eq!(
+        new.rope, old.rope,
+        "rope_parameters and rope_scaling forms agree"
+    );
+    assert_eq!(new.rope.theta, 500000.0);
+    assert!(matches!(new.rope.scaling, RopeScaling::Llama3 { .. }));
+    assert_eq!(load("qwen2").rope.theta, 1e6);
+    assert_eq!(load("qwen2").sliding_window, None);
+    let s = load("qwen2-sliding")
+        .sliding_window
+        .expect("sliding layers");
+    assert_eq!((s.window, s.layers), (8, vec![1]));
+    assert_eq!(load("mistral").sliding_window.map(|s| s.window), Some(4096));
+    assert_eq!(load("llama-head-dim").head_dim, 24);
+    assert!(
+        matches!(load("llama-yarn").rope.scaling, RopeScaling::Yarn { factor, original_max_position_embeddings: 32, .. } if factor == 4.0)
+    );
+}
+
+/// Generation refuses a request that would run past a sliding window.
+#[test]
+fn generation_past_a_sliding_window_is_refused() {
+    let dir = fixtures().join("mistral-window");
+    let m = LanguageModel::load(&ModelSource::HfDir(dir), &Device::Cpu, DType::F32).unwrap();
+    let req = tsr_steps::model::GenRequest {
+        prompt_ids: vec![5, 6, 7],
+        max_new_tokens: 16,
+        sampling: tsr_steps::model::Sampling::Greedy,
+        seed: 0,
+    };
+    let e = m.generate(&[req], 1).unwrap_err().to_string();
+    assert!(e.contains("19 tokens") && e.contains("window of 8"), "{e}");
+}
