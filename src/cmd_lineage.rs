@@ -9,10 +9,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tsr_state::Store;
+use tsr_steps::trl::{trl_fields, TrlFormat};
 
 #[derive(Args)]
 pub struct LineageArgs {
@@ -240,7 +240,9 @@ pub struct ExportArgs {
     /// (same as `tsr export-model`).
     #[arg(long, conflicts_with_all = ["run", "what", "node"])]
     pub model: Option<String>,
-    #[arg(long, default_value = "jsonl")]
+    /// With `pairs`: TRL's `conversational` format (prompt as messages; the default) or
+    /// `standard` (strings, the chat template applied to the prompt).
+    #[arg(long, default_value = "conversational")]
     pub format: String,
     /// Output file for pairs (default: standard output); output folder for a model.
     #[arg(long)]
@@ -248,6 +250,9 @@ pub struct ExportArgs {
     /// With `model`: the node whose weights to export (default: the run's final model).
     #[arg(long)]
     pub node: Option<String>,
+    /// Replace the --out folder (or file) when it already holds something.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
@@ -263,6 +268,37 @@ pub fn final_model(
         .copied()
         .or_else(|| nodes.get("import"))
         .and_then(|n| n.output("weights").map(|d| (n, d)))
+}
+
+/// The config and tokenizer an import step stored (shared by every model of the run).
+fn stored_config_and_tokenizer(
+    store: &Store,
+    import: &NodeResult,
+) -> anyhow::Result<(tsr_steps::model::Config, tsr_steps::model::ChatTokenizer)> {
+    let blob = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let d = import
+            .output(name)
+            .with_context(|| format!("the import step has no `{name}` output"))?;
+        store_read::read_blob(store, &d)
+    };
+    let cfg_json: Value = serde_json::from_slice(&blob("config")?)
+        .context("the stored config.json is not JSON; run `tsr verify`")?;
+    let config = tsr_steps::model::Config::from_hf_json(
+        &cfg_json,
+        std::path::Path::new("config.json (stored)"),
+    )?;
+    let tok_config: Value = serde_json::from_slice(&blob("tokenizer_config")?)
+        .context("the stored tokenizer_config.json is not JSON; run `tsr verify`")?;
+    let tokenizer_json = String::from_utf8(blob("tokenizer")?)
+        .context("the stored tokenizer.json is not UTF-8; run `tsr verify`")?;
+    let tok = tsr_steps::model::ChatTokenizer::from_parts(
+        tokenizer_json,
+        tok_config,
+        config.eos_token_ids.first().copied(),
+        &config.eos_token_ids,
+        std::path::Path::new("tokenizer_config.json (stored)"),
+    )?;
+    Ok((config, tok))
 }
 
 fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
@@ -293,28 +329,25 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
     let base = nodes
         .get(base)
         .with_context(|| format!("run `{run}` has no finished `{base}` step"))?;
-    if out.exists() {
-        bail!("{} already exists; choose a new folder", out.display());
-    }
-    let tmp = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    for (name, file) in [
-        ("config", "config.json"),
-        ("tokenizer", "tokenizer.json"),
-        ("tokenizer_config", "tokenizer_config.json"),
-    ] {
-        let d = base
-            .output(name)
-            .with_context(|| format!("the import step has no `{name}` output"))?;
-        std::fs::write(tmp.join(file), store_read::read_blob(store, &d)?)?;
-    }
-    std::fs::write(
-        tmp.join("model.safetensors"),
-        store_read::read_blob(store, &weights)?,
-    )?;
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("moving the model into {}", out.display()))?;
+    let (config, tok) = stored_config_and_tokenizer(store, base)?;
+    let files = tsr_steps::model::export::ExportFiles::new(&config, &tok);
+    let weights_path = store
+        .blobs()
+        .verified_path(&weights)
+        .with_context(|| format!("reading the weights blob {}", weights.short()))?;
+    tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
+        let mut f =
+            std::fs::File::open(&weights_path).map_err(|e| tsr_steps::model::ModelError::Io {
+                path: weights_path.clone(),
+                source: e,
+            })?;
+        std::io::copy(&mut f, w)
+            .map(|_| ())
+            .map_err(|e| tsr_steps::model::ModelError::Io {
+                path: weights_path.clone(),
+                source: e,
+            })
+    })?;
     println!(
         "{}: model {} from node {} (Hugging Face layout)",
         out.display(),
@@ -333,6 +366,7 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
             model: model.clone(),
             out: out.clone(),
             device: "cpu".into(),
+            force: a.force,
         })?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -356,21 +390,33 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
     if what != "pairs" {
         bail!("`tsr export RUN {what}`: export `pairs` or `model`");
     }
-    if a.format != "jsonl" {
-        bail!("--format {}: only jsonl is supported", a.format);
-    }
+    let format: TrlFormat = match a.format.as_str() {
+        // The only value before the TRL formats existed: JSONL, now conversational.
+        "jsonl" => TrlFormat::Conversational,
+        f => f
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--format: {e}"))?,
+    };
     let store = open_store(&crate::store_dir(store_flag, None))?;
     let pairs = pairs_with_consumers(&store, &run)?;
+    let nodes = store_read::nodes(&store, &run)?;
+    let import = nodes
+        .get("import")
+        .with_context(|| format!("run `{run}` has no finished `import` step"))?;
+    let (_, tok) = stored_config_and_tokenizer(&store, import)?;
     let mut buf = Vec::new();
     for mut p in pairs {
-        // TRL's DPOTrainer reads prompt / chosen / rejected as strings; the lineage rides along.
-        let chosen_text = p["chosen"]["text"].clone();
-        let rejected_text = p["rejected"]["text"].clone();
-        let obj = p.as_object_mut().unwrap();
+        let text = |side: &str| p[side]["text"].as_str().unwrap_or_default().to_string();
+        let (chosen_text, rejected_text) = (text("chosen"), text("rejected"));
+        let prompt = p["prompt"].as_str().unwrap_or_default().to_string();
+        // Every pair (judge pairs too) trains the run's model, with the run's tokenizer.
+        let fields = trl_fields(format, &prompt, &chosen_text, &rejected_text, &tok)
+            .with_context(|| format!("pair {}", p["pair_id"]))?;
+        let obj = p.as_object_mut().context("a pair is not a JSON object")?;
         let chosen = obj.remove("chosen").unwrap_or(Value::Null);
         let rejected = obj.remove("rejected").unwrap_or(Value::Null);
-        obj.insert("chosen".into(), chosen_text);
-        obj.insert("rejected".into(), rejected_text);
+        obj.insert("prompt_text".into(), json!(prompt));
+        obj.extend(fields);
         obj.insert("chosen_lineage".into(), chosen);
         obj.insert("rejected_lineage".into(), rejected);
         serde_json::to_writer(&mut buf, &p)?;
@@ -378,11 +424,15 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
     }
     match a.out {
         Some(path) => {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+            if path.exists() && !a.force {
+                bail!(
+                    "{} already exists; choose another file or pass --force to replace it",
+                    path.display()
+                );
+            }
+            crate::write_file_atomic(&path, &buf)?;
         }
-        None => std::io::stdout().write_all(&buf)?,
+        None => crate::print_bytes(&buf)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -65,11 +65,14 @@ pub struct LogprobsArgs {
 pub struct ExportModelArgs {
     #[arg(long)]
     pub model: String,
-    /// Output directory (created; files are replaced atomically).
+    /// Output folder (created whole, or not at all).
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Replace the output folder when it already holds files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn load(model: &str, device: &str) -> anyhow::Result<LanguageModel> {
@@ -193,10 +196,13 @@ pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
 /// `tsr export-model`: prints the directory and the weights' digest.
 pub fn run_export_model(a: ExportModelArgs) -> anyhow::Result<()> {
     let m = load(&a.model, &a.device)?;
-    let digest = m
-        .save_hf_with_digest(&a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    println!("wrote {} (weights blake3 {digest})", a.out.display());
+    m.export_hf(&a.out, a.force)
+        .context("exporting the model as a Hugging Face folder")?;
+    println!(
+        "wrote {} (Hugging Face layout; weights blake3 {})",
+        a.out.display(),
+        m.digest()?
+    );
     Ok(())
 }
 
@@ -260,6 +266,7 @@ mod tests {
             model,
             out: tmp.path().join("out"),
             device: "cpu".into(),
+            force: false,
         })
         .unwrap();
         assert!(tmp.path().join("out/model.safetensors").is_file());

@@ -71,13 +71,75 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
         .unwrap_or_else(|| PathBuf::from(".tsr"))
 }
 
+/// Commands that only print: when the reader of their output goes away (`| head`), they stop
+/// quietly, as `cat` does. Commands that train keep going (their work is durable, and a closed
+/// pipe must not kill a run); their printing errors are handled below.
+fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
+    !matches!(
+        cmd,
+        Cmd::Run(_) | Cmd::Resume(_) | Cmd::Fork(_) | Cmd::Dpo(_) | Cmd::Bench(_)
+    )
+}
+
+/// Writes `bytes` to standard output and flushes.
+pub fn print_bytes(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    w.write_all(bytes)?;
+    w.flush()
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside it, fsync, rename,
+/// then the folder is fsynced.
+pub fn write_file_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// True when the error is the reader of standard output having gone away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> ExitCode {
     // Allocator and thread-pool settings for model code; sets an environment variable, so it
     // runs before any other thread starts.
     tsr_steps::model::tune_runtime();
     let cli = Cli::parse();
+    if stop_quietly_on_closed_pipe(&cli.cmd) {
+        // SAFETY: restoring the default disposition of SIGPIPE before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

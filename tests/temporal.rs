@@ -233,10 +233,12 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
         .collect();
     assert!(!pairs.is_empty());
     for p in &pairs {
-        assert!(
-            p["prompt"].is_string() && p["chosen"].is_string() && p["rejected"].is_string(),
-            "TRL fields"
-        );
+        // TRL's conversational format by default: messages, the raw prompt kept beside them.
+        assert_eq!(p["prompt"][0]["role"], "user", "TRL fields");
+        assert_eq!(p["prompt"][0]["content"], p["prompt_text"]);
+        assert_eq!(p["chosen"][0]["role"], "assistant");
+        assert_eq!(p["chosen"][0]["content"], p["chosen_lineage"]["text"]);
+        assert_eq!(p["rejected"][0]["content"], p["rejected_lineage"]["text"]);
         for side in ["chosen_lineage", "rejected_lineage"] {
             assert_eq!(p[side]["generator_model"].as_str().unwrap().len(), 64);
         }
@@ -254,6 +256,65 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
         assert!(o.status.success(), "{}", text(&o));
         assert!(text(&o).contains("trained by"), "{}", text(&o));
     }
+    // The standard format: the chat template applied to the prompt, the end-of-turn token
+    // after each response.
+    let o = tsr(&["export", run, "pairs", "--format", "standard"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().next().unwrap()).unwrap();
+    let prompt = first["prompt"].as_str().unwrap();
+    assert!(
+        prompt.starts_with("<|im_start|>system\n") && prompt.ends_with("<|im_start|>assistant\n"),
+        "{prompt}"
+    );
+    assert!(first["chosen"].as_str().unwrap().ends_with("<|im_end|>"));
+    let o = tsr(&["export", run, "pairs", "--format", "alpaca"], &store);
+    assert!(text(&o).contains("use `conversational`"), "{}", text(&o));
+    // A reader that goes away (`| head -1`) stops the export quietly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["export", run, "pairs", "--store", store.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        o.status.success() || o.status.signal() == Some(libc::SIGPIPE),
+        "{:?}",
+        o.status
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // --out writes a file whole; an existing one is replaced only with --force.
+    let file = dir.path().join("pairs.jsonl");
+    std::fs::write(&file, "keep").unwrap();
+    let o = tsr(
+        &["export", run, "pairs", "--out", file.to_str().unwrap()],
+        &store,
+    );
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    let o = tsr(
+        &[
+            "export",
+            run,
+            "pairs",
+            "--out",
+            file.to_str().unwrap(),
+            "--force",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().lines().count(),
+        pairs.len()
+    );
     // Iteration 2's judge is M1, not M0.
     assert!(pairs
         .iter()

@@ -17,3 +17,4 @@ pub mod pairs;
 pub mod prompts;
 pub mod reference;
 pub mod select;
+pub mod trl;
