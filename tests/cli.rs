@@ -101,6 +101,9 @@ fn edited_config_is_refused_and_fork_reuses_unchanged_steps() {
     let o = tsr(&["fork", "base", "--name", "b2"], &store);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("already exists"));
+    let o = tsr(&["fork", "base", "--name", "../b3"], &store);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("not starting with a dot"), "{}", text(&o));
     let o = tsr(&["runs", "--json"], &store);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let b2 = v
@@ -161,6 +164,19 @@ fn bad_config_names_the_key() {
         &dir.path().join("s"),
     );
     assert!(text(&o).contains("missing.toml"), "{}", text(&o));
+    // Run names become file names and object keys: a path is refused before anything is written.
+    let deep = dir.path().join("a/b");
+    std::fs::create_dir_all(&deep).unwrap();
+    let p = deep.join("evil.toml");
+    std::fs::write(&p, "name = \"../../evil\"\nworkflow = \"toy\"\n").unwrap();
+    let o = tsr(&["run", p.to_str().unwrap()], &deep.join("s"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("1 to 100 letters, digits, `.`, `_` or `-`, not starting with a dot"),
+        "{}",
+        text(&o)
+    );
+    assert!(!deep.join("s").exists() && !dir.path().join("evil").exists());
 }
 
 #[test]

@@ -110,7 +110,12 @@ fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineEr
 pub fn open_run(store: &Store, spec: &RunSpec, dag: &Dag) -> Result<RunRecord, EngineError> {
     tsr_state::validate_name(&spec.name)?;
     let externals = external_fingerprints(dag)?;
-    if let Some(existing) = store.get_run(&spec.name)? {
+    let existing = store.get_run(&spec.name)?;
+    if existing.is_none() {
+        // Run names become file names and object keys (a fork's new name comes here too).
+        tsr_state::validate_run_name(&spec.name)?;
+    }
+    if let Some(existing) = existing {
         let mut changes = Vec::new();
         let mut sets = Vec::new();
         let keys: BTreeSet<&String> = existing

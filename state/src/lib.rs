@@ -29,4 +29,4 @@ pub use records::{
     ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
-pub use store::{now_ms, validate_name, Commit, Store};
+pub use store::{now_ms, validate_name, validate_run_name, Commit, Store};

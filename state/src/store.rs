@@ -54,6 +54,26 @@ pub fn validate_name(name: &str) -> StateResult<()> {
     Ok(())
 }
 
+/// Run names, which become file names (report folders) and object keys: 1 to 100 characters,
+/// letters, digits and `._-`, not starting with a dot (so never `..`, a hidden file or a path).
+pub fn validate_run_name(name: &str) -> StateResult<()> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::BadName {
+            name: name.to_string(),
+            reason:
+                "a run name is 1 to 100 letters, digits, `.`, `_` or `-`, not starting with a dot",
+        })
+    }
+}
+
 /// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it when complete. A
 /// process killed in between leaves the partial file, and the next open fails with "Read
 /// corrupted data at file offset None" (sled issues #1527, #1533; reproduced here by SIGKILL
@@ -679,5 +699,11 @@ mod tests {
         assert!(validate_name("").is_err());
         assert!(validate_name("a b").is_err());
         assert!(validate_name("a\0b").is_err());
+        assert!(validate_run_name("quickstart-2.b_c").is_ok());
+        for bad in ["../../evil", "a/b", ".hidden", "..", "a:b", "", "a b", "é"] {
+            assert!(validate_run_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_run_name(&"a".repeat(100)).is_ok());
+        assert!(validate_run_name(&"a".repeat(101)).is_err());
     }
 }

@@ -369,7 +369,7 @@ impl Config {
                 reason: reason.into(),
             })
         };
-        if let Err(e) = tsr_state::validate_name(&self.name) {
+        if let Err(e) = tsr_state::validate_run_name(&self.name) {
             return bad("name", &e.to_string());
         }
         if !crate::WORKFLOWS.contains(&self.workflow.as_str()) {
