@@ -60,6 +60,9 @@ PAIRS = [
     ),
 ]
 
+# Raw token ids (no chat template), 8 tokens in all: short enough for the small sliding windows.
+RAW_PAIRS = [([5, 6, 7], [8, 9, 10, 11, 12]), ([40, 41], [42, 43, 44, 45, 46, 2])]
+
 # Texts whose tokenization tells tokenizer pipelines apart (digit splitting, prefix spaces,
 # special-token text, newlines before digits).
 TEXTS = [
@@ -191,10 +194,62 @@ def phase_fixtures(out, tokenizer_dir):
             "written_by": f"transformers {transformers.__version__}",
             "config": json.load(open(os.path.join(folder, "config.json"))),
             "pairs": score_pairs(load, saved),
+            "raw_pairs": [{"prompt_ids": p, "response_ids": r, "logprob": summed_logprob(load(), p, r)}
+                          for p, r in RAW_PAIRS],
         }
         print(f"{name + suffix}: {[round(p['logprob'], 3) for p in goldens[name + suffix]['pairs']]}", file=sys.stderr)
-    write_json(os.path.join(out, f"goldens-transformers{MAJOR}.json"), {
-        "transformers": transformers.__version__, "torch": torch.__version__, "models": goldens})
+    result = {"transformers": transformers.__version__, "torch": torch.__version__, "models": goldens}
+    if MAJOR >= 5:
+        result["rope_cases"] = rope_cases()
+    write_json(os.path.join(out, f"goldens-transformers{MAJOR}.json"), result)
+
+
+def rope_cases():
+    """Inverse frequencies and attention factors straight from transformers' RoPE functions,
+    for settings the tiny models do not cover (the config as transformers serializes it)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    shape = dict(hidden_size=256, num_attention_heads=2, head_dim=128, num_key_value_heads=1)
+    cases = [
+        ("llama3.1", dict(max_position_embeddings=131072, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), None),
+        ("llama3 top-level original_max_position_embeddings", dict(
+            max_position_embeddings=4096, original_max_position_embeddings=1024, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0}), None),
+        ("linear", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), None),
+        ("dynamic below max", dict(max_position_embeddings=64, rope_parameters={
+            "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), 40),
+        ("dynamic above max", dict(max_position_embeddings=64, rope_parameters={
+            "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), 100),
+        ("yarn mscale", dict(max_position_embeddings=16384, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
+            "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16.0, "beta_slow": 2.0}), None),
+        ("yarn no truncation", dict(max_position_embeddings=16384, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
+            "truncate": False}), None),
+        ("yarn null truncate", dict(max_position_embeddings=16384, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
+            "truncate": None}), None),
+        ("yarn attention factor", dict(max_position_embeddings=8192, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 4096,
+            "attention_factor": 1.25}), None),
+    ]
+    out = []
+    for name, kw, seq_len in cases:
+        cfg = LlamaConfig(**shape, **kw)
+        if seq_len is None:
+            rot = LlamaRotaryEmbedding(cfg)
+            inv, att = rot.inv_freq, rot.attention_scaling
+        else:
+            inv, att = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]](cfg, "cpu", seq_len=seq_len)
+        config = json.loads(cfg.to_json_string())
+        out.append({"name": name, "config": config, "seq_len": seq_len or 1,
+                    "inv_freq": [float(x) for x in inv], "attention_factor": float(att)})
+    return out
 
 
 def phase_roundtrip(out, name, export_dir):

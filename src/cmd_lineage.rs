@@ -390,28 +390,36 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
     if what != "pairs" {
         bail!("`tsr export RUN {what}`: export `pairs` or `model`");
     }
-    let format: TrlFormat = match a.format.as_str() {
-        // The only value before the TRL formats existed: JSONL, now conversational.
-        "jsonl" => TrlFormat::Conversational,
-        f => f
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--format: {e}"))?,
-    };
+    let format: TrlFormat = a
+        .format
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
     let store = open_store(&crate::store_dir(store_flag, None))?;
     let pairs = pairs_with_consumers(&store, &run)?;
-    let nodes = store_read::nodes(&store, &run)?;
-    let import = nodes
-        .get("import")
-        .with_context(|| format!("run `{run}` has no finished `import` step"))?;
-    let (_, tok) = stored_config_and_tokenizer(&store, import)?;
+    // Every pair (judge pairs too) trains the run's model, with the run's tokenizer.
+    let tok = match format {
+        TrlFormat::Conversational => None,
+        TrlFormat::Standard => {
+            let nodes = store_read::nodes(&store, &run)?;
+            let import = nodes
+                .get("import")
+                .with_context(|| format!("run `{run}` has no finished `import` step"))?;
+            Some(stored_config_and_tokenizer(&store, import)?.1)
+        }
+    };
     let mut buf = Vec::new();
     for mut p in pairs {
-        let text = |side: &str| p[side]["text"].as_str().unwrap_or_default().to_string();
-        let (chosen_text, rejected_text) = (text("chosen"), text("rejected"));
-        let prompt = p["prompt"].as_str().unwrap_or_default().to_string();
-        // Every pair (judge pairs too) trains the run's model, with the run's tokenizer.
-        let fields = trl_fields(format, &prompt, &chosen_text, &rejected_text, &tok)
-            .with_context(|| format!("pair {}", p["pair_id"]))?;
+        let id = p["pair_id"].clone();
+        let field = |v: &Value, what: &str| -> anyhow::Result<String> {
+            v.as_str()
+                .map(String::from)
+                .with_context(|| format!("pair {id} has no {what} text; run `tsr verify`"))
+        };
+        let prompt = field(&p["prompt"], "prompt")?;
+        let chosen_text = field(&p["chosen"]["text"], "chosen")?;
+        let rejected_text = field(&p["rejected"]["text"], "rejected")?;
+        let fields = trl_fields(format, &prompt, &chosen_text, &rejected_text, tok.as_ref())
+            .with_context(|| format!("pair {id}"))?;
         let obj = p.as_object_mut().context("a pair is not a JSON object")?;
         let chosen = obj.remove("chosen").unwrap_or(Value::Null);
         let rejected = obj.remove("rejected").unwrap_or(Value::Null);

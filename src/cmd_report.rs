@@ -9,6 +9,7 @@ use crate::store_read;
 use anyhow::Context;
 use clap::Args;
 use plotters::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tsr_steps::metrics::IterationMetrics;
@@ -25,7 +26,7 @@ pub struct ReportArgs {
     pub json: bool,
 }
 
-/// One plotted point: x = iteration + phase offset.
+/// One plotted line: x = the index of an (iteration, phase) slot named in the plot's x labels.
 struct Series {
     run: String,
     points: Vec<(f64, f64)>,
@@ -49,10 +50,36 @@ fn register_font() -> Option<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).ok()
 }
 
+/// The y range drawn for values from `y0` to `y1`: 10% margins, and for a flat line a range of
+/// a tenth of its value (at least 0.1) on each side, not a sliver that makes rounding noise
+/// look like a trend.
+fn y_range(y0: f64, y1: f64) -> (f64, f64) {
+    let span = y1 - y0;
+    if span <= 1e-9 * y0.abs().max(y1.abs()).max(1.0) {
+        let pad = (y0.abs() * 0.1).max(0.1);
+        (y0 - pad, y1 + pad)
+    } else {
+        (y0 - span * 0.1, y1 + span * 0.1)
+    }
+}
+
+/// Names of the x slots: "it1 anchored", "it1 future-guided", ... (phase names of every run
+/// at that slot, joined with "/" when runs name it differently).
+fn slot_names(slots: &BTreeMap<(u32, usize), BTreeSet<String>>) -> Vec<String> {
+    slots
+        .iter()
+        .map(|((it, _), names)| {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            format!("it{it} {}", names.join("/"))
+        })
+        .collect()
+}
+
 fn plot(
     path: &Path,
     title: &str,
     y_label: &str,
+    x_names: &[String],
     series: &[Series],
     text: bool,
 ) -> anyhow::Result<()> {
@@ -74,7 +101,7 @@ fn plot(
     if !x0.is_finite() {
         return Ok(());
     }
-    let pad = ((y1 - y0) * 0.1).max(1e-3);
+    let (lo, hi) = y_range(y0, y1);
     let mut builder = ChartBuilder::on(&root);
     builder
         .margin(20)
@@ -83,11 +110,23 @@ fn plot(
     if text {
         builder.caption(title, ("sans-serif", 22));
     }
-    let mut chart = builder.build_cartesian_2d((x0 - 0.25)..(x1 + 0.25), (y0 - pad)..(y1 + pad))?;
+    let mut chart = builder.build_cartesian_2d((x0 - 0.4)..(x1 + 0.4), lo..hi)?;
     if text {
+        // Ticks only where a slot is; each labelled with its iteration and phase.
+        let name = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                x_names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
-            .x_desc("iteration (phase 1, phase 2)")
+            .x_labels(x_names.len().max(2) * 2 + 1)
+            .x_label_formatter(&name)
+            .disable_x_mesh()
+            .x_desc("iteration and phase")
             .y_desc(y_label)
             .draw()?;
     }
@@ -180,6 +219,20 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             "tsr: no TrueType font found (set TSR_FONT=path.ttf); plots are drawn without text"
         );
     }
+    // One x slot per (iteration, phase position) of any run.
+    let mut slots: BTreeMap<(u32, usize), BTreeSet<String>> = BTreeMap::new();
+    for (_, its) in &all {
+        for it in its {
+            for (k, p) in it.phases.iter().enumerate() {
+                slots
+                    .entry((it.iteration, k))
+                    .or_default()
+                    .insert(p.phase.clone());
+            }
+        }
+    }
+    let x_names = slot_names(&slots);
+    let slot_of = |it: u32, k: usize| slots.keys().position(|s| *s == (it, k)).unwrap_or(0) as f64;
     let series = |f: &dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>| -> Vec<Series> {
         all.iter()
             .map(|(run, its)| Series {
@@ -187,9 +240,10 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
                 points: its
                     .iter()
                     .flat_map(|it| {
-                        it.phases.iter().enumerate().filter_map(move |(k, p)| {
-                            f(p).map(|y| (it.iteration as f64 + 0.5 * k as f64, y))
-                        })
+                        it.phases
+                            .iter()
+                            .enumerate()
+                            .filter_map(move |(k, p)| f(p).map(|y| (slot_of(it.iteration, k), y)))
                     })
                     .collect(),
             })
@@ -227,8 +281,20 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
         ),
     ];
     for (file, title, y, f) in plots.iter() {
-        plot(&out.join(file), title, y, &series(f.as_ref()), text)?;
+        plot(
+            &out.join(file),
+            title,
+            y,
+            &x_names,
+            &series(f.as_ref()),
+            text,
+        )?;
     }
+    let iterations: BTreeSet<u32> = all
+        .iter()
+        .flat_map(|(_, its)| its.iter().map(|it| it.iteration))
+        .collect();
+    let iteration_names: Vec<String> = iterations.iter().map(|i| format!("it{i}")).collect();
     let top: Vec<Series> = all
         .iter()
         .map(|(run, its)| Series {
@@ -236,10 +302,8 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             points: its
                 .iter()
                 .filter_map(|it| {
-                    it.meta
-                        .as_ref()?
-                        .top_score_share
-                        .map(|y| (it.iteration as f64, y))
+                    let x = iterations.iter().position(|i| *i == it.iteration)? as f64;
+                    it.meta.as_ref()?.top_score_share.map(|y| (x, y))
                 })
                 .collect(),
         })
@@ -250,6 +314,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             &out.join("judge_top_share.png"),
             "Share of top judge scores (judge collapse)",
             "share",
+            &iteration_names,
             &top,
             text,
         )?;
@@ -311,5 +376,36 @@ fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
                 m.mean_response_tokens
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flat_line_gets_a_readable_range() {
+        assert_eq!(y_range(0.0, 0.0), (-0.1, 0.1));
+        let (lo, hi) = y_range(120.0, 120.0);
+        assert!((lo - 108.0).abs() < 1e-9 && (hi - 132.0).abs() < 1e-9);
+        let (lo, hi) = y_range(0.98, 0.98 + 1e-12);
+        assert!(hi - lo > 0.19, "{lo}..{hi}");
+        assert_eq!(y_range(1.0, 2.0), (0.9, 2.1));
+    }
+
+    #[test]
+    fn slots_are_named_by_iteration_and_phase() {
+        let mut slots: BTreeMap<(u32, usize), BTreeSet<String>> = BTreeMap::new();
+        slots.entry((1, 0)).or_default().insert("anchored".into());
+        slots.entry((1, 0)).or_default().insert("standard".into());
+        slots
+            .entry((1, 1))
+            .or_default()
+            .insert("future-guided".into());
+        slots.entry((2, 0)).or_default().insert("anchored".into());
+        assert_eq!(
+            slot_names(&slots),
+            ["it1 anchored/standard", "it1 future-guided", "it2 anchored"]
+        );
     }
 }

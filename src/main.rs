@@ -71,14 +71,19 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
         .unwrap_or_else(|| PathBuf::from(".tsr"))
 }
 
-/// Commands that only print: when the reader of their output goes away (`| head`), they stop
-/// quietly, as `cat` does. Commands that train keep going (their work is durable, and a closed
-/// pipe must not kill a run); their printing errors are handled below.
+/// Commands that only read and print: when the reader of their output goes away (`| head`),
+/// they stop quietly, as `cat` does (the default action of SIGPIPE). Commands that change
+/// something (run, verify --repair, gc, export to a folder, report's plots) keep Rust's
+/// default of ignoring SIGPIPE, so a closed pipe never stops them halfway.
 fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
-    !matches!(
-        cmd,
-        Cmd::Run(_) | Cmd::Resume(_) | Cmd::Fork(_) | Cmd::Dpo(_) | Cmd::Bench(_)
-    )
+    match cmd {
+        Cmd::Status(_) | Cmd::Runs(_) | Cmd::Lineage(_) | Cmd::Generate(_) | Cmd::Logprobs(_) => {
+            true
+        }
+        // `export RUN pairs` to standard output only reads; with --out it writes a file.
+        Cmd::Export(a) => a.out.is_none(),
+        _ => false,
+    }
 }
 
 /// Writes `bytes` to standard output and flushes.
@@ -118,14 +123,6 @@ pub fn write_file_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result
     result.with_context(|| format!("writing {}", path.display()))
 }
 
-/// True when the error is the reader of standard output having gone away.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
-}
-
 fn main() -> ExitCode {
     // Allocator and thread-pool settings for model code; sets an environment variable, so it
     // runs before any other thread starts.
@@ -139,7 +136,6 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(code) => code,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

@@ -166,7 +166,7 @@ fn trl_tokenizes_exported_pairs_as_tsr_trained_on_them() {
                     (c("prompt"), c("chosen"), c("rejected"))
                 }
             };
-            let ours = trl_fields(f, &prompt, &chosen, &rejected, t).unwrap();
+            let ours = trl_fields(f, &prompt, &chosen, &rejected, Some(t)).unwrap();
             assert_eq!(&Value::Object(ours), row, "{format}: the row tsr writes");
             assert_eq!(
                 t.encode_prompt(&prompt).unwrap(),
@@ -202,10 +202,44 @@ fn export_into_a_folder_with_files_needs_force_and_replaces_it_whole() {
         e.contains("already holds 7 entries") && e.contains("--force"),
         "{e}"
     );
-    assert!(out.join("notes.txt").is_file(), "nothing was touched");
+    // --force replaces model folders only, never a folder holding other files.
+    let o = export(&src, &out, &["--force"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = common::text(&o);
+    assert!(
+        e.contains("notes.txt") && e.contains("not part of a model folder"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    std::fs::write(out.join("config.json"), "stale").unwrap();
+    std::fs::write(out.join("model-00002-of-00002.safetensors"), "stale shard").unwrap();
     let o = export(&src, &out, &["--force"]);
     assert!(o.status.success(), "{}", common::text(&o));
-    assert!(!out.join("notes.txt").exists(), "replaced, not merged");
+    assert!(
+        !out.join("model-00002-of-00002.safetensors").exists(),
+        "replaced, not merged"
+    );
+    assert!(std::fs::read_to_string(out.join("config.json"))
+        .unwrap()
+        .contains("LlamaForCausalLM"));
+    // The current folder is never replaced.
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args([
+            "export",
+            "--model",
+            src.to_str().unwrap(),
+            "--out",
+            ".",
+            "--force",
+        ])
+        .current_dir(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
     assert!(out.join("chat_template.jinja").is_file());
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -214,8 +248,6 @@ fn export_into_a_folder_with_files_needs_force_and_replaces_it_whole() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // A file where the folder should be is refused.
-    let o = export(&src, &out.join("notes"), &[]);
-    assert!(o.status.success());
     let o = export(&src, &dir.path().join("tiny/config.json"), &[]);
     assert!(
         common::text(&o).contains("not a folder"),

@@ -17,11 +17,16 @@ impl Step for ImportModel {
     fn kind(&self) -> &'static str {
         "import-model"
     }
-    /// 2: RoPE settings in transformers 5's `rope_parameters` form (and every RoPE type,
-    /// sliding windows) are read; version 1 fell back to theta 10000 for such models, so its
-    /// imports of them must not be reused. GGUF imports give the same bytes as before.
+    /// Folders: 2, since RoPE settings in transformers 5's `rope_parameters` form (and every
+    /// RoPE type, sliding windows) are read; version 1 fell back to theta 10000 for such
+    /// models, so its imports of them must not be reused. GGUF: still 1, its reading of the
+    /// file did not change, so runs from a GGUF keep their steps.
     fn version(&self) -> u32 {
-        2
+        if self.format == "gguf" {
+            1
+        } else {
+            2
+        }
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()

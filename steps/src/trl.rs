@@ -39,13 +39,14 @@ impl std::str::FromStr for TrlFormat {
     }
 }
 
-/// TRL's `prompt`, `chosen` and `rejected` fields for one pair.
+/// TRL's `prompt`, `chosen` and `rejected` fields for one pair. The standard format needs the
+/// model's tokenizer (its chat template and end-of-turn token); the conversational one none.
 pub fn trl_fields(
     format: TrlFormat,
     prompt: &str,
     chosen: &str,
     rejected: &str,
-    tok: &ChatTokenizer,
+    tok: Option<&ChatTokenizer>,
 ) -> Result<Map<String, Value>, ModelError> {
     let mut m = Map::new();
     match format {
@@ -64,6 +65,11 @@ pub fn trl_fields(
             );
         }
         TrlFormat::Standard => {
+            let tok = tok.ok_or_else(|| {
+                ModelError::InvalidRequest(
+                    "the standard TRL format needs the model's tokenizer".into(),
+                )
+            })?;
             let eot = tok.eot_token();
             m.insert(
                 "prompt".into(),
@@ -85,12 +91,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = crate::model::testing::write_tiny_hf_model(tmp.path(), 1);
         let tok = ChatTokenizer::from_hf_dir(&dir, Some(2), &[2]).unwrap();
-        let f = trl_fields(TrlFormat::Standard, "Add 2 and 3.", "5", "It is 6.", &tok).unwrap();
+        let f = trl_fields(
+            TrlFormat::Standard,
+            "Add 2 and 3.",
+            "5",
+            "It is 6.",
+            Some(&tok),
+        )
+        .unwrap();
         let ids = |k: &str| tok.encode(f[k].as_str().unwrap()).unwrap();
         assert_eq!(ids("prompt"), tok.encode_prompt("Add 2 and 3.").unwrap());
         assert_eq!(ids("chosen"), tok.encode_response("5").unwrap());
         assert_eq!(ids("rejected"), tok.encode_response("It is 6.").unwrap());
-        let c = trl_fields(TrlFormat::Conversational, "p", "c", "r", &tok).unwrap();
+        let c = trl_fields(TrlFormat::Conversational, "p", "c", "r", None).unwrap();
         assert_eq!(c["prompt"], json!([{"role": "user", "content": "p"}]));
         assert_eq!(
             c["rejected"],

@@ -41,6 +41,7 @@ fn close(tsr: f32, reference: f64) -> bool {
 #[test]
 fn models_written_by_transformers_score_as_transformers_scores_them() {
     let mut checked = 0;
+    let mut raw = 0;
     for golden in ["goldens-transformers5.json", "goldens-transformers4.json"] {
         let g = read_json(&fixtures().join(golden));
         for (name, entry) in g["models"].as_object().expect("models") {
@@ -78,9 +79,23 @@ fn models_written_by_transformers_score_as_transformers_scores_them() {
                     }
                 }
             }
+            // Raw ids, 8 tokens: inside every window, so the sliding-window models compare too.
+            for pair in entry["raw_pairs"].as_array().expect("raw_pairs") {
+                let (p, r) = (ids(&pair["prompt_ids"]), ids(&pair["response_ids"]));
+                let want = pair["logprob"].as_f64().unwrap();
+                let lp = m
+                    .logprobs(&[(p, r)], 1)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))[0];
+                assert!(
+                    close(lp, want),
+                    "{name} raw: tsr {lp} vs transformers {want} ({golden})"
+                );
+                raw += 1;
+            }
         }
     }
     assert!(checked >= 25, "only {checked} pairs compared");
+    assert_eq!(raw, 2 * 11, "raw pairs of every fixture model");
 }
 
 /// The settings read from each form are the ones transformers used.
@@ -110,6 +125,72 @@ fn config_forms_parse_to_the_settings_transformers_used() {
     assert!(
         matches!(load("llama-yarn").rope.scaling, RopeScaling::Yarn { factor, original_max_position_embeddings: 32, .. } if factor == 4.0)
     );
+}
+
+/// RoPE settings the tiny models do not cover: inverse frequencies and attention factors
+/// equal transformers' own (`ROPE_INIT_FUNCTIONS` / `LlamaRotaryEmbedding`) on its serialized
+/// config: Llama 3.1's real numbers, a top-level original_max_position_embeddings, dynamic
+/// below and above max_position_embeddings, YaRN with mscale, betas, no truncation, a null
+/// truncate and an explicit attention factor.
+#[test]
+fn rope_frequencies_equal_transformers() {
+    let g = read_json(&fixtures().join("goldens-transformers5.json"));
+    let cases = g["rope_cases"].as_array().expect("rope_cases");
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let c = tsr_steps::model::Config::from_hf_json(&case["config"], Path::new(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let f = c.rope_frequencies(case["seq_len"].as_u64().unwrap() as usize);
+        let want: Vec<f64> = case["inv_freq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(f.inv_freq.len(), want.len(), "{name}");
+        for (i, (a, b)) in f.inv_freq.iter().zip(&want).enumerate() {
+            assert!(
+                ((*a as f64) - b).abs() <= 2e-6 * b.abs(),
+                "{name}: inv_freq[{i}] tsr {a} vs transformers {b}"
+            );
+        }
+        let att = case["attention_factor"].as_f64().unwrap();
+        assert!(
+            (f.attention_scaling as f64 - att).abs() < 1e-6,
+            "{name}: attention factor {} vs {att}",
+            f.attention_scaling
+        );
+    }
+}
+
+/// Dynamic RoPE is computed per sequence: a pair scores the same alone and batched with
+/// longer ones (each against transformers on that sequence alone).
+#[test]
+fn dynamic_rope_does_not_depend_on_the_batch() {
+    let g = read_json(&fixtures().join("goldens-transformers5.json"));
+    let entry = &g["models"]["llama-dynamic"];
+    let m = LanguageModel::load(
+        &ModelSource::HfDir(fixtures().join("llama-dynamic")),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
+    let mut want = Vec::new();
+    for p in entry["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(entry["raw_pairs"].as_array().unwrap())
+    {
+        pairs.push((ids(&p["prompt_ids"]), ids(&p["response_ids"])));
+        want.push(p["logprob"].as_f64().unwrap());
+    }
+    let batched = m.logprobs(&pairs, pairs.len()).unwrap();
+    for (lp, w) in batched.iter().zip(&want) {
+        assert!(close(*lp, *w), "batched: tsr {lp} vs transformers {w}");
+    }
 }
 
 /// Generation refuses a request that would run past a sliding window.

@@ -3,28 +3,72 @@
 use super::{TrainPair, TrainerError};
 use crate::model::LanguageModel;
 
-/// One line of a pairs file for `tsr dpo`: `{"prompt": .., "chosen": .., "rejected": ..}`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// One pair for `tsr dpo`: the user prompt and the two response texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TextPair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
 }
 
-/// Parses a JSONL pairs file (blank lines skipped); a bad line is an error naming its number.
+/// A field of a pairs line: a string, or TRL's conversational form (a list of messages).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Field {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+#[derive(serde::Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Line {
+    prompt: Field,
+    chosen: Field,
+    rejected: Field,
+}
+
+impl Field {
+    /// The text of a field that must be one message of `role` (or a plain string).
+    fn text(self, name: &str, role: &str) -> Result<String, String> {
+        match self {
+            Field::Text(s) => Ok(s),
+            Field::Messages(m) => match m.as_slice() {
+                [one] if one.role == role => Ok(one.content.clone()),
+                _ => Err(format!(
+                    "`{name}` must be a string or one {role} message; found {} message(s) with roles {:?} (tsr trains single-turn pairs)",
+                    m.len(),
+                    m.iter().map(|x| x.role.as_str()).collect::<Vec<_>>()
+                )),
+            },
+        }
+    }
+}
+
+/// Parses a JSONL pairs file (blank lines skipped): `{"prompt", "chosen", "rejected"}` as
+/// strings (the user prompt and the two responses) or in TRL's conversational form, which
+/// `tsr export RUN pairs` writes. A bad line is an error naming its number.
 pub fn parse_pairs_jsonl(text: &str) -> Result<Vec<TextPair>, TrainerError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let p: TextPair = serde_json::from_str(line).map_err(|e| {
-            TrainerError::Invalid(format!(
-                "line {}: expected {{\"prompt\", \"chosen\", \"rejected\"}} strings: {e}",
-                i + 1
+        let bad = |e: String| TrainerError::Invalid(format!("line {}: {e}", i + 1));
+        let l: Line = serde_json::from_str(line).map_err(|e| {
+            bad(format!(
+                "expected {{\"prompt\", \"chosen\", \"rejected\"}} as strings or as TRL conversational messages: {e}"
             ))
         })?;
-        out.push(p);
+        out.push(TextPair {
+            prompt: l.prompt.text("prompt", "user").map_err(bad)?,
+            chosen: l.chosen.text("chosen", "assistant").map_err(bad)?,
+            rejected: l.rejected.text("rejected", "assistant").map_err(bad)?,
+        });
     }
     if out.is_empty() {
         return Err(TrainerError::Invalid("no pairs in the file".into()));

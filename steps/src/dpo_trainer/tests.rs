@@ -208,6 +208,18 @@ fn bad_pairs_lines_are_named() {
     let e = parse_pairs_jsonl(&bad).unwrap_err().to_string();
     assert!(e.starts_with("line 3:"), "{e}");
     assert!(parse_pairs_jsonl("\n").is_err());
+    // TRL's conversational rows (what `tsr export RUN pairs` writes) read as the same pair.
+    let conv = r#"{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}], "pair_id": "x"}"#;
+    assert_eq!(
+        parse_pairs_jsonl(conv).unwrap(),
+        parse_pairs_jsonl(ok).unwrap()
+    );
+    let two_turns = r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}"#;
+    let e = parse_pairs_jsonl(two_turns).unwrap_err().to_string();
+    assert!(
+        e.contains("line 1") && e.contains("\"system\", \"user\"") && e.contains("single-turn"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -177,6 +177,14 @@ fn sliding_window(
             };
             let w = if on { window(Some(4096))? } else { None };
             let layers = match &layer_types {
+                // transformers refuses sliding layers without a window ("Could not find a
+                // `sliding_window`"); so does tsr.
+                Some(t) if w.is_none() && !sliding_in(t).is_empty() => {
+                    return Err(err(format!(
+                        "layer_types marks layers {:?} as sliding_attention, but there is no sliding window (use_sliding_window is false or sliding_window is null)",
+                        sliding_in(t)
+                    )))
+                }
                 Some(t) => sliding_in(t),
                 None => {
                     let from = match v.get("max_window_layers") {

@@ -15,8 +15,8 @@
 //! - `config.json` carries the weights' dtype under both spellings (`dtype`, `torch_dtype`).
 //!
 //! The folder appears whole or not at all: files are written into a hidden sibling folder,
-//! fsynced, and the folder is renamed into place. A folder that already holds files is refused
-//! unless `force` (then it is replaced, never merged).
+//! fsynced, and swapped into place. A folder that already holds files is refused unless
+//! `force`, and even then only a model folder is replaced (never merged into).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -82,8 +82,89 @@ impl ExportFiles {
     }
 }
 
+/// Names a model folder holds (Hugging Face layout, as tsr, transformers, PEFT or the hub write
+/// them). `--force` replaces only a folder made of these, never a folder of other files.
+fn is_model_file(name: &str) -> bool {
+    const NAMES: [&str; 14] = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "model.safetensors.index.json",
+        "adapter_config.json",
+        "README.md",
+        ".gitattributes",
+    ];
+    NAMES.contains(&name)
+        || (name.ends_with(".safetensors") && !name.contains('/'))
+        || (name.starts_with("pytorch_model") && name.ends_with(".bin"))
+}
+
+/// Removes hidden work folders (`.NAME.partial-PID`) that a killed export of the same folder
+/// left behind; those of a live process are kept.
+fn sweep_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .map(|p| Path::new(&format!("/proc/{p}")).exists())
+            .unwrap_or(true);
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Exchanges two paths atomically (`renameat2(RENAME_EXCHANGE)`); `Ok(false)` where the
+/// filesystem cannot.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths; the call only renames.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// Writes a complete folder at `out`: the files of `files` and `model.safetensors` from
 /// `weights` (which streams the safetensors bytes).
+///
+/// `out` must not exist, be an empty folder, or (with `force`) be a model folder: one holding
+/// only files a model folder holds (never a folder of other files, the current folder or one
+/// above it). The new folder is written beside `out` and swapped in with one atomic exchange,
+/// so `out` is at every moment the old folder or the complete new one; the old one is then
+/// removed. Where the filesystem cannot exchange, an empty `out` is replaced by a rename.
 pub fn export_hf_folder(
     files: &ExportFiles,
     out: &Path,
@@ -94,22 +175,40 @@ pub fn export_hf_folder(
         path: out.to_path_buf(),
         msg,
     };
-    let existing = match std::fs::symlink_metadata(out) {
+    let existing: Option<Vec<String>> = match std::fs::symlink_metadata(out) {
         Ok(m) if m.is_dir() => {
-            let n = std::fs::read_dir(out)
-                .map_err(|e| ModelError::io(out, e))?
-                .count();
-            Some(n)
+            let mut names = Vec::new();
+            for e in std::fs::read_dir(out).map_err(|e| ModelError::io(out, e))? {
+                let e = e.map_err(|e| ModelError::io(out, e))?;
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+            names.sort();
+            Some(names)
         }
         Ok(_) => return Err(refuse("exists and is not a folder".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(ModelError::io(out, e)),
     };
-    if let Some(n) = existing {
-        if n > 0 && !force {
+    if let Some(names) = &existing {
+        if !names.is_empty() && !force {
             return Err(refuse(format!(
-                "the folder already holds {n} entries; choose an empty or new folder, or pass --force to replace it"
+                "the folder already holds {} entries; choose an empty or new folder, or pass --force to replace a model folder",
+                names.len()
             )));
+        }
+        let foreign: Vec<&String> = names.iter().filter(|n| !is_model_file(n)).collect();
+        if !foreign.is_empty() {
+            return Err(refuse(format!(
+                "the folder holds files that are not part of a model folder ({}); --force replaces only model folders: choose another folder",
+                foreign.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let here = std::env::current_dir().and_then(|d| d.canonicalize()).ok();
+        let target = out.canonicalize().map_err(|e| ModelError::io(out, e))?;
+        if here.is_some_and(|h| h.starts_with(&target)) {
+            return Err(refuse(
+                "is the current folder or one above it; choose another folder".into(),
+            ));
         }
     }
     let name = out
@@ -122,33 +221,45 @@ pub fn export_hf_folder(
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;
+    sweep_stale(&parent, &name);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let written = write_files(files, &tmp, weights);
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    // Swap: an existing folder (empty, or replaced with --force) moves aside first, so `out` is
-    // at every moment either the old folder or the complete new one.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if existing.is_some() {
-        std::fs::rename(out, &old).map_err(|e| ModelError::io(out, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, out) {
-        if existing.is_some() {
-            let _ = std::fs::rename(&old, out);
+    let swapped = write_files(files, &tmp, weights).and_then(|()| {
+        let fsync_parent = || {
+            std::fs::File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| ModelError::io(&parent, e))
+        };
+        match &existing {
+            None => {
+                std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
+                fsync_parent()
+            }
+            Some(names) => {
+                if exchange(&tmp, out).map_err(|e| ModelError::io(out, e))? {
+                    // `tmp` now holds the replaced folder.
+                    fsync_parent()?;
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Ok(())
+                } else if names.is_empty() {
+                    std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
+                    std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
+                    fsync_parent()
+                } else {
+                    Err(refuse(
+                        "this filesystem cannot swap folders atomically, so a model folder is not replaced in place; remove it or choose another folder".into(),
+                    ))
+                }
+            }
         }
+    });
+    if swapped.is_err() {
+        // Never the user's folder: before the exchange `tmp` is the new export, and a failed
+        // exchange leaves both where they were.
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(ModelError::io(out, e));
     }
-    if existing.is_some() {
-        std::fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
-    }
-    std::fs::File::open(&parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| ModelError::io(&parent, e))
+    swapped
 }
 
 fn write_files(

@@ -242,16 +242,8 @@ impl LanguageModel {
             }
             let b = rows.len();
             let ids_t = Tensor::from_vec(ids, (b, max_prompt), dev)?;
-            // Positions of the call decide dynamic RoPE's base, as in transformers.
-            let longest = pos.iter().max().map_or(0, |&p| p as usize + 1);
-            let rope = Rope::new(
-                &self.config.rope_frequencies(longest),
-                &pos,
-                b,
-                max_prompt,
-                dtype,
-                dev,
-            )?;
+            let row_len: Vec<usize> = reqs.iter().map(|r| r.prompt_ids.len()).collect();
+            let rope = Rope::new(&self.config, &pos, &row_len, max_prompt, dtype, dev)?;
             let mask = attention_mask(&pads, max_prompt, max_prompt, 0, dtype, dev)?;
             let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
             let last = h.narrow(1, max_prompt - 1, 1)?.squeeze(1)?;
@@ -302,15 +294,8 @@ impl LanguageModel {
                     .collect();
                 let pos: Vec<u32> = pads.iter().map(|&p| (slot - p) as u32).collect();
                 let ids_t = Tensor::from_vec(next, (nb, 1), dev)?;
-                let longest = pos.iter().max().map_or(0, |&p| p as usize + 1);
-                let rope = Rope::new(
-                    &self.config.rope_frequencies(longest),
-                    &pos,
-                    nb,
-                    1,
-                    dtype,
-                    dev,
-                )?;
+                let row_len: Vec<usize> = pos.iter().map(|&p| p as usize + 1).collect();
+                let rope = Rope::new(&self.config, &pos, &row_len, 1, dtype, dev)?;
                 let mask = attention_mask(&pads, 1, slot + 1, slot, dtype, dev)?;
                 let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
                 logits = w

@@ -92,27 +92,40 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    /// `positions` is row-major `[B, T]`.
+    /// `positions` is row-major `[B, T]`; `row_len[b]` is the length of row `b`'s own sequence
+    /// (its largest position + 1), which decides dynamic RoPE's base per row: each sequence
+    /// gets what transformers computes for it alone, whatever it is batched with.
     pub fn new(
-        freqs: &super::rope::RopeFrequencies,
+        config: &super::Config,
         positions: &[u32],
-        b: usize,
+        row_len: &[usize],
         t: usize,
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let inv_freq = &freqs.inv_freq;
-        let scale = freqs.attention_scaling as f64;
-        let half = inv_freq.len();
+        let b = row_len.len();
+        let half = config.head_dim / 2;
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
-        for &p in positions {
-            for &f in inv_freq {
-                // f32 product as in transformers, then an accurate cos/sin of that angle,
-                // times the attention scaling (YaRN's; 1 for the other types).
-                let a = (p as f32 * f) as f64;
-                cos.push((a.cos() * scale) as f32);
-                sin.push((a.sin() * scale) as f32);
+        let mut cached: Option<(usize, super::rope::RopeFrequencies)> = None;
+        for (r, &len) in row_len.iter().enumerate() {
+            let freqs = match &cached {
+                Some((l, f)) if *l == len || !config.rope.depends_on_length() => f.clone(),
+                _ => {
+                    let f = config.rope_frequencies(len);
+                    cached = Some((len, f.clone()));
+                    f
+                }
+            };
+            let scale = freqs.attention_scaling as f64;
+            for &p in &positions[r * t..(r + 1) * t] {
+                for &f in &freqs.inv_freq {
+                    // f32 product as in transformers, then an accurate cos/sin of that angle,
+                    // times the attention scaling (YaRN's; 1 for the other types).
+                    let a = (p as f32 * f) as f64;
+                    cos.push((a.cos() * scale) as f32);
+                    sin.push((a.sin() * scale) as f32);
+                }
             }
         }
         let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dtype)?;

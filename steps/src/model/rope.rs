@@ -11,7 +11,7 @@
 //! a partial rotary factor, or two sources that disagree is an error that names the key and the
 //! file: a setting that changes the math is never replaced by a default.
 //!
-//! The stored form ([`Rope::to_hf_json`]) is the older one (top-level `rope_theta` plus
+//! The stored form ([`Rope::write_hf_json`]) is the older one (top-level `rope_theta` plus
 //! `rope_scaling` with `rope_type`), which transformers 4.x and 5.x both read.
 
 use std::path::Path;
@@ -280,8 +280,11 @@ impl Rope {
                 beta_slow: num(&dict, "beta_slow", dict_name)?,
                 mscale: num(&dict, "mscale", dict_name)?,
                 mscale_all_dim: num(&dict, "mscale_all_dim", dict_name)?,
+                // transformers reads `.get("truncate", True)`: absent truncates, an explicit
+                // null does not.
                 truncate: match dict.get("truncate") {
-                    None | Some(Value::Null) => None,
+                    None => None,
+                    Some(Value::Null) => Some(false),
                     Some(Value::Bool(b)) => Some(*b),
                     Some(other) => {
                         return Err(err(format!(
@@ -349,6 +352,11 @@ impl Rope {
             }
         };
         obj.insert("rope_scaling".into(), scaling);
+    }
+
+    /// Whether the frequencies depend on the sequence length (dynamic NTK).
+    pub fn depends_on_length(&self) -> bool {
+        matches!(self.scaling, RopeScaling::Dynamic { .. })
     }
 
     /// The rotary tables' parameters for a forward call whose largest position is

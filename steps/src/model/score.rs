@@ -61,14 +61,8 @@ impl LanguageModel {
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..l as u32).collect();
         let ids = Tensor::from_vec(ids, (b, l), dev)?;
         self.config.check_context(l, "a scored sequence")?;
-        let rope = Rope::new(
-            &self.config.rope_frequencies(l),
-            &pos,
-            b,
-            l,
-            self.dtype,
-            dev,
-        )?;
+        let row_len: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let rope = Rope::new(&self.config, &pos, &row_len, l, self.dtype, dev)?;
         let mask = attention_mask(&vec![0; b], l, l, 0, self.dtype, dev)?;
         Ok(w.forward(&ids, &rope, &mask, None)?)
     }
