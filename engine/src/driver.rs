@@ -208,7 +208,7 @@ impl Driver {
             Ok(Outcome::Completed { .. }) => RunStatus::Done,
             Ok(Outcome::Interrupted) => RunStatus::Interrupted,
             Err(e) => RunStatus::Failed {
-                error: e.to_string(),
+                error: tsr_state::error_chain(e),
             },
         };
         self.set_run_status(status)?;
@@ -521,8 +521,12 @@ impl Job {
                 return Ok(Executed::Interrupted);
             }
             Err(e) => {
-                rec.status = transition(&rec.status, Event::Fail(e.to_string()), rec.attempts)
-                    .map_err(|(f, e)| self.transition_err(f, e))?;
+                rec.status = transition(
+                    &rec.status,
+                    Event::Fail(tsr_state::error_chain(&e)),
+                    rec.attempts,
+                )
+                .map_err(|(f, e)| self.transition_err(f, e))?;
                 let mut c = Commit::new();
                 c.step(&self.key, &rec);
                 store.commit(c)?;

@@ -14,7 +14,7 @@ pub enum StepError {
     Invalid(String),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -22,7 +22,7 @@ pub enum StepError {
     },
     #[error("{0}")]
     Other(String),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Wrapped {
         context: String,
         #[source]
@@ -91,7 +91,7 @@ pub enum EngineError {
         what: String,
     },
 
-    #[error("step `{node}` (kind {kind}, attempt {attempt}) failed: {source}")]
+    #[error("step `{node}` (kind {kind}, attempt {attempt}) failed")]
     StepFailed {
         node: String,
         kind: String,

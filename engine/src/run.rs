@@ -93,7 +93,7 @@ fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineEr
                     None => {
                         let d = fingerprint(path).map_err(|e| EngineError::BadNode {
                             node: node.name.clone(),
-                            reason: format!("input `{input}`: {e}"),
+                            reason: format!("input `{input}`: {}", tsr_state::error_chain(&e)),
                         })?;
                         cache.insert(path.clone(), d);
                         d

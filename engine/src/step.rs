@@ -89,7 +89,8 @@ impl StepInputs {
         let Some(path) = self.externals.get(name) else {
             return Ok(None);
         };
-        let now = crate::run::fingerprint(path).map_err(|e| StepError::Invalid(e.to_string()))?;
+        let now = crate::run::fingerprint(path)
+            .map_err(|e| StepError::Invalid(tsr_state::error_chain(&e)))?;
         if now != *digest {
             return Err(StepError::Invalid(format!(
                 "input {} changed while the run was in progress; restore it or fork the run",

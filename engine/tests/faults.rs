@@ -49,19 +49,11 @@ fn every_kind_of_io_fault_fails_cleanly_and_the_next_run_continues() {
                     Arc::new(Store::open_with_faults(&store_dir, Some(fault.clone())).unwrap());
                 let dag = Arc::new(toy_dag(&spec()).unwrap());
                 match open_run(&store, &run_spec("f", &spec()), &dag) {
-                    Err(e) => Some(e.to_string()),
+                    Err(e) => Some(tsr_state::error_chain(&e)),
                     Ok(_) => Driver::new(store, dag, "f", quiet(StopFlag::new()))
                         .run()
                         .err()
-                        .map(|e| {
-                            let mut s = e.to_string();
-                            let mut src = std::error::Error::source(&e);
-                            while let Some(c) = src {
-                                s.push_str(&format!(": {c}"));
-                                src = c.source();
-                            }
-                            s
-                        }),
+                        .map(|e| tsr_state::error_chain(&e)),
                 }
             };
             if fault.seen() <= nth {

@@ -4,19 +4,39 @@ use std::path::PathBuf;
 
 pub type StateResult<T> = Result<T, StateError>;
 
+/// One line for an error and every cause under it ("a: b: c"), for messages that are stored or
+/// shown as a single string. Errors here keep their cause out of their own message (the CLI
+/// prints the chain), so this is how a stored message keeps the cause; a level whose text the
+/// level above already contains (a wrapper from another crate) is skipped.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !last.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        last = msg;
+        cur = c.source();
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("store {path} is in use by pid {pid}; wait for that process to finish or stop it (two processes must never write one store)")]
     InUse { path: PathBuf, pid: String },
 
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
 
-    #[error("sled database at {path}: {source}; if it is damaged, restore the store folder from a copy, or start a new store (every step is recomputed)")]
+    #[error("sled database at {path} failed; if it is damaged, restore the store folder from a copy, or start a new store (every step is recomputed)")]
     Db {
         path: PathBuf,
         #[source]
@@ -70,5 +90,35 @@ impl StateError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer wrapper: {0}")]
+    struct Repeats(#[source] StateError);
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device");
+        let e = StateError::Io {
+            path: "/s/tmp/blob.tmp".into(),
+            source: io,
+        };
+        // The message itself no longer repeats the cause; the chain adds it once.
+        assert_eq!(e.to_string(), "I/O error on /s/tmp/blob.tmp");
+        assert_eq!(
+            error_chain(&e),
+            "I/O error on /s/tmp/blob.tmp: No space left on device"
+        );
+        // A foreign wrapper that prints its source is not repeated either.
+        let w = Repeats(e);
+        assert_eq!(
+            error_chain(&w),
+            "outer wrapper: I/O error on /s/tmp/blob.tmp: No space left on device"
+        );
     }
 }

@@ -51,7 +51,7 @@ fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
         Some(&keys::ITEM) | Some(&keys::META) => Ok(()),
         _ => return Err(format!("unknown key {}", keys::display(key))),
     };
-    r.map_err(|e| e.to_string())
+    r.map_err(|e| crate::error_chain(&e))
 }
 
 /// Check the whole store. Never modifies anything.
@@ -127,7 +127,7 @@ pub fn verify(store: &Store) -> StateResult<VerifyReport> {
             };
             report.problems.push(Problem {
                 kind: kind.into(),
-                detail: e.to_string(),
+                detail: crate::error_chain(&e),
                 blob: Some(d.to_hex()),
                 steps: producers.iter().cloned().collect(),
             });

@@ -23,7 +23,7 @@ mod store;
 pub use blobs::{BlobStore, BlobWriter};
 pub use digest::Digest;
 pub use envelope::Versioned;
-pub use error::{StateError, StateResult};
+pub use error::{error_chain, StateError, StateResult};
 pub use fsck::{gc, verify, GcReport, Problem, VerifyReport};
 pub use records::{
     ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,

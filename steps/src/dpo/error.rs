@@ -9,7 +9,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum DpoError {
     /// A candle operation failed (shape mismatch, device error, ...).
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed")]
     Candle(#[from] candle_core::Error),
 
     /// A loss, gradient norm or other scalar became NaN or infinite.
@@ -56,11 +56,11 @@ pub enum DpoError {
     InvalidConfig(String),
 
     /// safetensors encoding or decoding failed.
-    #[error("safetensors: {0}")]
+    #[error("safetensors encoding or decoding failed")]
     Safetensors(#[from] safetensors::SafeTensorError),
 
     /// Writing an encoding of `what` failed.
-    #[error("writing {what}: {source}")]
+    #[error("writing {what}")]
     Io {
         what: &'static str,
         #[source]
@@ -68,6 +68,6 @@ pub enum DpoError {
     },
 
     /// JSON encoding or decoding of a header failed.
-    #[error("json: {0}")]
+    #[error("JSON encoding or decoding failed")]
     Json(#[from] serde_json::Error),
 }

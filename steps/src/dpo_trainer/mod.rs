@@ -41,14 +41,14 @@ pub enum TrainerError {
     Dpo(#[from] DpoError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// Streaming one part of a checkpoint (named by its file name) failed.
-    #[error("writing the checkpoint's {part}: {source}")]
+    #[error("writing the checkpoint's {part}")]
     Checkpoint {
         part: &'static str,
         #[source]

@@ -280,11 +280,9 @@ fn checkpoint_into_blob_writers_equals_the_files_and_a_failing_sink_installs_not
             |_, w| Ok(w.0.finish()?),
         )
         .unwrap_err();
-    assert!(err.to_string().contains("disk full"), "{err}");
-    assert!(
-        err.to_string().contains("trainer.ckpt"),
-        "names the part: {err}"
-    );
+    let chain = tsr_state::error_chain(&err);
+    assert!(chain.contains("disk full"), "{chain}");
+    assert!(chain.contains("trainer.ckpt"), "names the part: {chain}");
     assert_eq!(blobs.list().unwrap(), before);
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -71,7 +71,7 @@ pub enum ModelError {
     #[error("{path}: {msg}")]
     Export { path: PathBuf, msg: String },
     /// A tensor operation failed inside candle.
-    #[error("tensor operation: {0}")]
+    #[error("tensor operation failed")]
     Candle(#[from] candle_core::Error),
 }
 
