@@ -17,6 +17,8 @@ Phases (one call each):
       A folder written by `tsr export`: the token ids transformers' `AutoTokenizer` gives for
       test texts and chat prompts, the special tokens and stop ids it reads, and the summed
       log-probs `AutoModelForCausalLM` gives for test pairs.
+  check OUT NAME...
+      transformers computes on tsr's exports of those fixtures what it computed on the fixtures.
   trl OUT EXPORT_DIR
       TRL's own DPO dataset processing (`DPOTrainer`) of pairs in the two formats
       `tsr export RUN pairs` writes: the prompt / chosen / rejected token ids TRL trains on.
@@ -265,7 +267,9 @@ def phase_roundtrip(out, name, export_dir):
         "special_tokens": {"eos": tok.eos_token, "bos": tok.bos_token, "pad": tok.pad_token},
         "generation_eos_token_ids": eos,
         "texts": [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in TEXTS],
-        "pairs": score_pairs(lambda: model, tok),
+        "pairs": score_pairs(lambda: AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval(), tok),
+        "raw_pairs": [{"prompt_ids": p, "response_ids": r, "logprob": summed_logprob(model, p, r)}
+                      for p, r in RAW_PAIRS],
     }
     write_json(os.path.join(out, f"roundtrip-{name}-transformers{MAJOR}.json"), result)
 
@@ -309,6 +313,19 @@ def phase_trl(out, export_dir):
     write_json(os.path.join(out, "trl.json"), result)
 
 
+def phase_check(out, *names):
+    """transformers computes on tsr's export of a fixture exactly what it computed on the
+    fixture itself (same weights, now f32): the export preserved every setting."""
+    g = json.load(open(os.path.join(out, "goldens-transformers5.json")))["models"]
+    for name in names:
+        for major in (5, 4):
+            r = json.load(open(os.path.join(out, f"roundtrip-fixture-{name}-transformers{major}.json")))
+            for kind in ("pairs", "raw_pairs"):
+                for a, b in zip(g[name][kind], r[kind]):
+                    assert abs(a["logprob"] - b["logprob"]) < 1e-4, (name, major, kind, a["logprob"], b["logprob"])
+    print(f"exports of {len(names)} fixtures read the same in transformers 5 and 4", file=sys.stderr)
+
+
 def write_json(path, value):
     with open(path, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True, ensure_ascii=False)
@@ -318,4 +335,4 @@ def write_json(path, value):
 if __name__ == "__main__":
     phase, out, *rest = sys.argv[1:]
     os.makedirs(out, exist_ok=True)
-    {"fixtures": phase_fixtures, "roundtrip": phase_roundtrip, "trl": phase_trl}[phase](out, *rest)
+    {"fixtures": phase_fixtures, "roundtrip": phase_roundtrip, "trl": phase_trl, "check": phase_check}[phase](out, *rest)

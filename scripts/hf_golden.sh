@@ -30,9 +30,15 @@ rm -rf "$out" && mkdir -p "$out"
 # Round trip: what tsr exports, loaded by transformers 5 and 4.x.
 target/release/tsr export --model "$tmp/tiny" --out "$tmp/export-tiny" >/dev/null
 target/release/tsr export --model "$gguf" --out "$tmp/export-smollm2" >/dev/null
-for name in tiny smollm2; do
+# tsr's exports of transformers-written fixtures: RoPE scaling and sliding windows written back.
+fixtures="llama-llama3 llama-yarn llama-dynamic qwen2-sliding mistral-window"
+for f in $fixtures; do
+  target/release/tsr export --model "$out/$f" --out "$tmp/export-fixture-$f" >/dev/null
+done
+for name in tiny smollm2 $(printf 'fixture-%s ' $fixtures); do
   "$py5" scripts/hf_golden.py roundtrip "$out" "$name" "$tmp/export-$name"
   "$py4" scripts/hf_golden.py roundtrip "$out" "$name" "$tmp/export-$name"
 done
+"$py5" scripts/hf_golden.py check "$out" $fixtures
 "$py5" scripts/hf_golden.py trl "$out" "$tmp/export-smollm2"
 echo "wrote $out ($(du -sh "$out" | cut -f1))"
