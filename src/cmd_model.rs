@@ -195,6 +195,16 @@ pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
 
 /// `tsr export-model`: prints the directory and the weights' digest.
 pub fn run_export_model(a: ExportModelArgs) -> anyhow::Result<()> {
+    // Never replace the folder being read (or one holding it), even with --force.
+    if let (Ok(src), Ok(out)) = (Path::new(&a.model).canonicalize(), a.out.canonicalize()) {
+        if src.starts_with(&out) {
+            bail!(
+                "{}: the output folder holds the model being exported ({}); choose another folder",
+                a.out.display(),
+                a.model
+            );
+        }
+    }
     let m = load(&a.model, &a.device)?;
     m.export_hf(&a.out, a.force)
         .context("exporting the model as a Hugging Face folder")?;

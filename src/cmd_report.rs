@@ -50,6 +50,26 @@ fn register_font() -> Option<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).ok()
 }
 
+/// A run's report folder name: the run name, with anything but letters, digits and `._-`
+/// replaced (runs recorded before names were restricted may hold `/` or `..`).
+fn folder_name(run: &str) -> String {
+    let s: String = run
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match s.trim_start_matches('.') {
+        "" => "_".into(),
+        t if t.len() < s.len() => format!("_{t}"),
+        _ => s,
+    }
+}
+
 /// The y range drawn for values from `y0` to `y1`: 10% margins, and for a flat line a range of
 /// a tenth of its value (at least 0.1) on each side, not a sliver that makes rounding noise
 /// look like a trend.
@@ -169,49 +189,10 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
         }
         all.push((run.clone(), its));
     }
-    if a.json {
-        let v: Vec<_> = all
-            .iter()
-            .map(|(r, m)| serde_json::json!({"run": r, "iterations": m}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>7} {:>5} {:>7}",
-            "RUN", "WORKFLOW", "IT", "PHASE", "PAIRS", "SKIP", "CHOSEN", "REJ", "GAP", "COS", "LEN_C", "LEN_R", "ANCH", "FUT", "LOSS", "ACC", "MARGIN"
-        );
-        for (run, its) in &all {
-            if its.is_empty() {
-                println!("{run:<16} (no finished iteration yet)");
-            }
-            for it in its {
-                for p in &it.phases {
-                    let opt = |v: Option<f64>, w: usize, d: usize| {
-                        v.map(|x| format!("{x:>w$.d$}"))
-                            .unwrap_or_else(|| format!("{:>w$}", "-"))
-                    };
-                    println!(
-                        "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6.3} {:>6.3} {:>6.3} {} {:>6.1} {:>6.1} {:>5.2} {:>5.2} {} {} {}",
-                        run, it.workflow, it.iteration, p.phase, p.pairs, p.skipped, p.mean_chosen_score, p.mean_rejected_score,
-                        p.score_gap, opt(p.cosine_similarity, 6, 3), p.mean_chosen_tokens, p.mean_rejected_tokens,
-                        p.share_rejected_from_anchor, p.share_chosen_from_future,
-                        opt(p.dpo_final_loss, 7, 4), opt(p.dpo_final_accuracy, 5, 2), opt(p.dpo_final_margin, 7, 4)
-                    );
-                }
-            }
-        }
-    }
-    if !a.json
-        && all
-            .iter()
-            .any(|(_, its)| its.iter().any(|it| it.meta.is_some()))
-    {
-        print_meta_table(&all);
-    }
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| dir.join("reports").join(&a.runs[0]));
+        .unwrap_or_else(|| dir.join("reports").join(folder_name(&a.runs[0])));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let text = register_font().is_some();
     if !text {
@@ -319,6 +300,47 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             text,
         )?;
     }
+    // Printed after the plots are written, so a reader that stops early (`| head`) ends
+    // the command only when its files are complete.
+    if a.json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(r, m)| serde_json::json!({"run": r, "iterations": m}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>7} {:>5} {:>7}",
+            "RUN", "WORKFLOW", "IT", "PHASE", "PAIRS", "SKIP", "CHOSEN", "REJ", "GAP", "COS", "LEN_C", "LEN_R", "ANCH", "FUT", "LOSS", "ACC", "MARGIN"
+        );
+        for (run, its) in &all {
+            if its.is_empty() {
+                println!("{run:<16} (no finished iteration yet)");
+            }
+            for it in its {
+                for p in &it.phases {
+                    let opt = |v: Option<f64>, w: usize, d: usize| {
+                        v.map(|x| format!("{x:>w$.d$}"))
+                            .unwrap_or_else(|| format!("{:>w$}", "-"))
+                    };
+                    println!(
+                        "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6.3} {:>6.3} {:>6.3} {} {:>6.1} {:>6.1} {:>5.2} {:>5.2} {} {} {}",
+                        run, it.workflow, it.iteration, p.phase, p.pairs, p.skipped, p.mean_chosen_score, p.mean_rejected_score,
+                        p.score_gap, opt(p.cosine_similarity, 6, 3), p.mean_chosen_tokens, p.mean_rejected_tokens,
+                        p.share_rejected_from_anchor, p.share_chosen_from_future,
+                        opt(p.dpo_final_loss, 7, 4), opt(p.dpo_final_accuracy, 5, 2), opt(p.dpo_final_margin, 7, 4)
+                    );
+                }
+            }
+        }
+    }
+    if !a.json
+        && all
+            .iter()
+            .any(|(_, its)| its.iter().any(|it| it.meta.is_some()))
+    {
+        print_meta_table(&all);
+    }
     eprintln!("tsr: plots in {}", out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -382,6 +404,15 @@ fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_folders_stay_inside_the_store() {
+        assert_eq!(folder_name("quickstart"), "quickstart");
+        let evil = folder_name("../../evil");
+        assert!(!evil.contains('/') && !evil.starts_with('.'), "{evil}");
+        assert!(!folder_name("..").starts_with('.'));
+        assert_eq!(folder_name("a/b:c"), "a_b_c");
+    }
 
     #[test]
     fn a_flat_line_gets_a_readable_range() {

@@ -144,6 +144,15 @@ fn drive(
 pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::from_file(&a.config)?;
     let store_dir = crate::store_dir(store_flag, config.store.as_ref());
+    // A new run's name becomes file names and object keys: check it before anything is
+    // written. A run recorded under an older, looser rule continues.
+    if let Err(e) = tsr_state::validate_run_name(&config.name) {
+        let recorded = store_dir.join("db").exists()
+            && open_store(&store_dir)?.get_run(&config.name)?.is_some();
+        if !recorded {
+            bail!("{}: config key `name`: {e}", a.config.display());
+        }
+    }
     let hint = format!(
         "tsr run {} --store {}",
         a.config.display(),
@@ -171,6 +180,7 @@ pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<Exi
 
 pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCode> {
     let store_dir = crate::store_dir(store_flag, None);
+    tsr_state::validate_run_name(&a.name).context("--name")?;
     let mut config = stored_config(&store_dir, &a.run)?;
     for s in &a.sets {
         config = tsr_workflows::apply_set(&config, s)?;

@@ -71,18 +71,17 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
         .unwrap_or_else(|| PathBuf::from(".tsr"))
 }
 
-/// Commands that only read and print: when the reader of their output goes away (`| head`),
-/// they stop quietly, as `cat` does (the default action of SIGPIPE). Commands that change
-/// something (run, verify --repair, gc, export to a folder, report's plots) keep Rust's
-/// default of ignoring SIGPIPE, so a closed pipe never stops them halfway.
+/// Commands that stop quietly when the reader of their output goes away (`| head`), as `cat`
+/// does (the default action of SIGPIPE): those that only read, and those that print only
+/// after their writes are complete (`report` draws its plots first, `export` prints after the
+/// folder is in place). Commands that train or repair (run, resume, fork, dpo, bench,
+/// verify --repair, gc) keep ignoring SIGPIPE, so a closed pipe never stops them halfway.
 fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
     match cmd {
-        Cmd::Status(_) | Cmd::Runs(_) | Cmd::Lineage(_) | Cmd::Generate(_) | Cmd::Logprobs(_) => {
-            true
-        }
-        // `export RUN pairs` to standard output only reads; with --out it writes a file.
-        Cmd::Export(a) => a.out.is_none(),
-        _ => false,
+        Cmd::Run(_) | Cmd::Resume(_) | Cmd::Fork(_) | Cmd::Dpo(_) | Cmd::Bench(_) => false,
+        Cmd::Verify(a) => !a.repair,
+        Cmd::Gc(a) => a.dry_run,
+        _ => true,
     }
 }
 

@@ -260,20 +260,32 @@ fn export_into_a_folder_with_files_needs_force_and_replaces_it_whole() {
     assert!(std::fs::read_to_string(out.join("config.json"))
         .unwrap()
         .contains("LlamaForCausalLM"));
-    // The current folder is never replaced.
+    // The current folder is never replaced, nor the folder being exported.
     let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
         .args([
             "export",
             "--model",
             src.to_str().unwrap(),
             "--out",
-            ".",
+            "../out",
             "--force",
         ])
         .current_dir(&out)
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("current folder"),
+        "{}",
+        common::text(&o)
+    );
+    let o = export(&src, &src, &["--force"]);
+    assert!(
+        common::text(&o).contains("holds the model being exported"),
+        "{}",
+        common::text(&o)
+    );
+    assert!(src.join("config.json").is_file());
     assert!(out.join("chat_template.jinja").is_file());
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

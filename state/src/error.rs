@@ -7,18 +7,16 @@ pub type StateResult<T> = Result<T, StateError>;
 /// One line for an error and every cause under it ("a: b: c"), for messages that are stored or
 /// shown as a single string. Errors here keep their cause out of their own message (the CLI
 /// prints the chain), so this is how a stored message keeps the cause; a level whose text the
-/// level above already contains (a wrapper from another crate) is skipped.
+/// line already contains (a wrapper from another crate that prints its source) is skipped.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
-    let mut last = out.clone();
     let mut cur = e.source();
     while let Some(c) = cur {
         let msg = c.to_string();
-        if !last.contains(&msg) {
+        if !out.contains(&msg) {
             out.push_str(": ");
             out.push_str(&msg);
         }
-        last = msg;
         cur = c.source();
     }
     out

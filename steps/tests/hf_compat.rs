@@ -58,7 +58,7 @@ fn models_written_by_transformers_score_as_transformers_scores_them() {
                 assert_eq!(p, ids(&pair["prompt_ids"]), "{name}: prompt ids");
                 assert_eq!(r, ids(&pair["response_ids"]), "{name}: response ids");
                 let want = pair["logprob"].as_f64().unwrap();
-                // One pair per call: dynamic RoPE depends on the call's longest sequence.
+                // One pair per call, as transformers scored them.
                 let got = m.logprobs(&[(p.clone(), r.clone())], 1);
                 match window {
                     Some(w) if p.len() + r.len() > w => {
@@ -191,6 +191,37 @@ fn dynamic_rope_does_not_depend_on_the_batch() {
     for (lp, w) in batched.iter().zip(&want) {
         assert!(close(*lp, *w), "batched: tsr {lp} vs transformers {w}");
     }
+}
+
+/// Batched greedy generation with dynamic RoPE gives each prompt what it gets alone (left
+/// padding and decode positions give every row its own sequence length).
+#[test]
+fn dynamic_rope_generation_does_not_depend_on_the_batch() {
+    let m = LanguageModel::load(
+        &ModelSource::HfDir(fixtures().join("llama-dynamic")),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let t = m.tokenizer();
+    let reqs: Vec<tsr_steps::model::GenRequest> =
+        ["Hi", "Please explain why the sky is blue, step by step."]
+            .iter()
+            .map(|p| tsr_steps::model::GenRequest {
+                prompt_ids: t.encode_prompt(p).unwrap(),
+                max_new_tokens: 12,
+                sampling: tsr_steps::model::Sampling::Greedy,
+                seed: 0,
+            })
+            .collect();
+    // Both prompts are longer than max_position_embeddings (16): the base grows per row.
+    assert!(reqs.iter().all(|r| r.prompt_ids.len() > 16));
+    let together = m.generate(&reqs, 2).unwrap();
+    for (r, both) in reqs.iter().zip(&together) {
+        let alone = m.generate(std::slice::from_ref(r), 1).unwrap().remove(0);
+        assert_eq!(alone.token_ids, both.token_ids);
+    }
+    assert_ne!(together[0].token_ids, together[1].token_ids);
 }
 
 /// Generation refuses a request that would run past a sliding window.

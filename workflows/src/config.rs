@@ -369,7 +369,9 @@ impl Config {
                 reason: reason.into(),
             })
         };
-        if let Err(e) = tsr_state::validate_run_name(&self.name) {
+        // The stricter rule for new run names is checked where a run is created (runs
+        // recorded under older names must stay resumable).
+        if let Err(e) = tsr_state::validate_name(&self.name) {
             return bad("name", &e.to_string());
         }
         if !crate::WORKFLOWS.contains(&self.workflow.as_str()) {

@@ -30,6 +30,9 @@ struct Line {
     prompt: Field,
     chosen: Field,
     rejected: Field,
+    /// Present in lines `tsr export RUN pairs` wrote.
+    #[serde(default)]
+    prompt_text: Option<serde_json::Value>,
 }
 
 impl Field {
@@ -64,6 +67,13 @@ pub fn parse_pairs_jsonl(text: &str) -> Result<Vec<TextPair>, TrainerError> {
                 "expected {{\"prompt\", \"chosen\", \"rejected\"}} as strings or as TRL conversational messages: {e}"
             ))
         })?;
+        if matches!(l.prompt, Field::Text(_)) && l.prompt_text.is_some() {
+            // tsr's standard-format export: the template is already applied and the responses
+            // end in the end-of-turn token; tsr dpo would apply both again.
+            return Err(bad(
+                "this is `tsr export ... pairs --format standard` output (chat template already applied); tsr dpo applies the template itself: export with the default conversational format".into(),
+            ));
+        }
         out.push(TextPair {
             prompt: l.prompt.text("prompt", "user").map_err(bad)?,
             chosen: l.chosen.text("chosen", "assistant").map_err(bad)?,

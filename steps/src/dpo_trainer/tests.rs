@@ -214,6 +214,12 @@ fn bad_pairs_lines_are_named() {
         parse_pairs_jsonl(conv).unwrap(),
         parse_pairs_jsonl(ok).unwrap()
     );
+    let standard = r#"{"prompt": "<|im_start|>user\na<|im_end|>\n", "chosen": "b<|im_end|>", "rejected": "c<|im_end|>", "prompt_text": "a"}"#;
+    let e = parse_pairs_jsonl(standard).unwrap_err().to_string();
+    assert!(
+        e.contains("--format standard") && e.contains("conversational"),
+        "{e}"
+    );
     let two_turns = r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}"#;
     let e = parse_pairs_jsonl(two_turns).unwrap_err().to_string();
     assert!(

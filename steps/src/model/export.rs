@@ -129,7 +129,15 @@ fn sweep_stale(parent: &Path, name: &str) {
 }
 
 /// Exchanges two paths atomically (`renameat2(RENAME_EXCHANGE)`); `Ok(false)` where the
+/// filesystem or the platform cannot.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
+}
+
+/// Exchanges two paths atomically (`renameat2(RENAME_EXCHANGE)`); `Ok(false)` where the
 /// filesystem cannot.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
@@ -176,15 +184,7 @@ pub fn export_hf_folder(
         msg,
     };
     let existing: Option<Vec<String>> = match std::fs::symlink_metadata(out) {
-        Ok(m) if m.is_dir() => {
-            let mut names = Vec::new();
-            for e in std::fs::read_dir(out).map_err(|e| ModelError::io(out, e))? {
-                let e = e.map_err(|e| ModelError::io(out, e))?;
-                names.push(e.file_name().to_string_lossy().into_owned());
-            }
-            names.sort();
-            Some(names)
-        }
+        Ok(m) if m.is_dir() => Some(list(out)?),
         Ok(_) => return Err(refuse("exists and is not a folder".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(ModelError::io(out, e)),
@@ -225,41 +225,71 @@ pub fn export_hf_folder(
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    let swapped = write_files(files, &tmp, weights).and_then(|()| {
-        let fsync_parent = || {
-            std::fs::File::open(&parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| ModelError::io(&parent, e))
-        };
-        match &existing {
-            None => {
-                std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
-                fsync_parent()
+    if let Err(e) = write_files(files, &tmp, weights) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    // Until the swap, `tmp` is the new export and nothing of the user's has moved: any
+    // failure up to there removes `tmp` and leaves `out` as it was.
+    let fail = |e: ModelError| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        Err(e)
+    };
+    let fsync_parent = || {
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ModelError::io(&parent, e))
+    };
+    match &existing {
+        None => {
+            if let Err(e) = std::fs::rename(&tmp, out) {
+                return fail(ModelError::io(out, e));
             }
-            Some(names) => {
-                if exchange(&tmp, out).map_err(|e| ModelError::io(out, e))? {
-                    // `tmp` now holds the replaced folder.
-                    fsync_parent()?;
+        }
+        Some(names) => {
+            // What was checked is what gets replaced: a file that appeared in `out` while the
+            // weights were written is not deleted with it.
+            let now = match list(out) {
+                Ok(n) => n,
+                Err(e) => return fail(e),
+            };
+            if &now != names {
+                return fail(refuse(
+                    "the folder changed while the export was written; nothing was replaced".into(),
+                ));
+            }
+            match exchange(&tmp, out) {
+                // `tmp` now holds the replaced folder, which --force asked to replace.
+                Ok(true) => {
                     let _ = std::fs::remove_dir_all(&tmp);
-                    Ok(())
-                } else if names.is_empty() {
-                    std::fs::remove_dir(out).map_err(|e| ModelError::io(out, e))?;
-                    std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
-                    fsync_parent()
-                } else {
-                    Err(refuse(
+                }
+                Ok(false) if names.is_empty() => {
+                    if let Err(e) = std::fs::remove_dir(out).and_then(|()| std::fs::rename(&tmp, out)) {
+                        return fail(ModelError::io(out, e));
+                    }
+                }
+                Ok(false) => {
+                    return fail(refuse(
                         "this filesystem cannot swap folders atomically, so a model folder is not replaced in place; remove it or choose another folder".into(),
                     ))
                 }
+                Err(e) => return fail(ModelError::io(out, e)),
             }
         }
-    });
-    if swapped.is_err() {
-        // Never the user's folder: before the exchange `tmp` is the new export, and a failed
-        // exchange leaves both where they were.
-        let _ = std::fs::remove_dir_all(&tmp);
     }
-    swapped
+    // The new folder is in place; this makes the rename itself durable.
+    fsync_parent()
+}
+
+/// The sorted entry names of a folder.
+fn list(dir: &Path) -> Result<Vec<String>, ModelError> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
+        let e = e.map_err(|e| ModelError::io(dir, e))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn write_files(
