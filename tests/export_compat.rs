@@ -8,31 +8,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tsr_steps::model::testing::{
+    golden_ids as ids, hf_fixtures as fixtures, read_golden as read_json,
+};
 use tsr_steps::model::LanguageModel;
 use tsr_steps::trl::{trl_fields, TrlFormat};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/hf_golden.sh)", path.display()));
-    serde_json::from_str(&text).expect("golden JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
 
 fn sha256(path: &Path) -> String {
     let mut h = Sha256::new();
@@ -63,6 +48,12 @@ fn round_trip(model: &Path, name: &str) {
     let o = export(model, &out, &[]);
     assert!(o.status.success(), "{}", common::text(&o));
     let m = LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
+    let source = LanguageModel::load_str(model.to_str().unwrap(), "cpu").unwrap();
+    assert_eq!(
+        m.digest().unwrap(),
+        source.digest().unwrap(),
+        "the weights survive the export"
+    );
     let t = m.tokenizer();
     for major in [5, 4] {
         let g = read_json(&fixtures().join(format!("roundtrip-{name}-transformers{major}.json")));
@@ -170,7 +161,7 @@ fn transformers_models_exported_by_tsr_read_the_same_in_transformers() {
 
 #[test]
 fn smollm2_exported_by_tsr_reads_the_same_in_transformers() {
-    round_trip(&common::default_model(), "smollm2");
+    round_trip(&tsr_steps::model::testing::default_model_path(), "smollm2");
 }
 
 /// TRL's `DPOTrainer` turns the exported pairs into tsr's prompt ids in both formats, and into
@@ -178,7 +169,13 @@ fn smollm2_exported_by_tsr_reads_the_same_in_transformers() {
 /// token (conversational).
 #[test]
 fn trl_tokenizes_exported_pairs_as_tsr_trained_on_them() {
-    let m = LanguageModel::load_str(common::default_model().to_str().unwrap(), "cpu").unwrap();
+    let m = LanguageModel::load_str(
+        tsr_steps::model::testing::default_model_path()
+            .to_str()
+            .unwrap(),
+        "cpu",
+    )
+    .unwrap();
     let t = m.tokenizer();
     let newline = t.encode("\n").unwrap();
     let g = read_json(&fixtures().join("trl.json"));

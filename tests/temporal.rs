@@ -512,28 +512,6 @@ fn a_tokenizer_without_chat_template_is_a_clear_error() {
 }
 
 #[test]
-fn export_model_converts_any_model_to_the_hf_layout() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("tiny");
-    tsr_steps::model::testing::write_tiny_hf_model(&src, 4);
-    let out = dir.path().join("out");
-    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args([
-            "export",
-            "--model",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let a = tsr_steps::model::LanguageModel::load_str(src.to_str().unwrap(), "cpu").unwrap();
-    let b = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
-    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
-}
-
-#[test]
 fn a_moved_checkout_continues_its_run_and_an_edited_prompts_file_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");

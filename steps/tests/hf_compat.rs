@@ -6,28 +6,12 @@
 //! with the token ids and summed response log-probs transformers computed on them
 //! (`goldens-transformers{5,4}.json`). `scripts/hf_golden.sh` regenerates all of it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde_json::Value;
+use tsr_steps::model::testing::{
+    golden_ids as ids, hf_fixtures as fixtures, read_golden as read_json,
+};
 use tsr_steps::model::{DType, Device, LanguageModel, ModelSource};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/hf_golden.sh)", path.display()));
-    serde_json::from_str(&text).expect("golden JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
 
 /// Summed log-probs agree with transformers to 1e-3 (absolute, or relative for sums of
 /// hundreds of nats: both sides accumulate in f32).

@@ -8,21 +8,7 @@ use std::sync::OnceLock;
 use tsr_steps::model::{GenRequest, LanguageModel, Sampling};
 
 fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("TSR_MODEL") {
-        return PathBuf::from(p);
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-model.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "fetch-model.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf8");
-    PathBuf::from(text.lines().last().expect("a path").trim())
+    tsr_steps::model::testing::default_model_path()
 }
 
 fn model() -> &'static LanguageModel {

@@ -91,23 +91,3 @@ pub fn assert_same_outputs(reference: &Path, store: &Path, run: &str, why: &str)
         assert_eq!(n["outputs"], m["outputs"], "node {name} differs {why}");
     }
 }
-
-/// The default real model (SmolLM2-135M-Instruct GGUF): `$TSR_MODEL`, else the file
-/// `scripts/fetch-model.sh` prints (CI runs it first; it reuses its cache).
-pub fn default_model() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("TSR_MODEL") {
-        return p.into();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "fetch-model.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf8");
-    text.lines().last().expect("a path").trim().into()
-}

@@ -391,3 +391,45 @@ pub fn random_model(
         dtype,
     )
 }
+
+/// `tests/fixtures/hf/` of the repository: models written by transformers and the reference
+/// numbers (`scripts/hf_golden.sh`).
+pub fn hf_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
+}
+
+/// A golden JSON file; panics naming the script that makes it (test helper).
+pub fn read_golden(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/hf_golden.sh)", path.display()));
+    serde_json::from_str(&text).expect("golden JSON")
+}
+
+/// A JSON list of token ids (test helper).
+pub fn golden_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id list")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The default real model (SmolLM2-135M-Instruct GGUF): `$TSR_MODEL`, else the file
+/// `scripts/fetch-model.sh` prints (CI runs it first; it reuses its cache). Test helper.
+pub fn default_model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TSR_MODEL") {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-model.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    PathBuf::from(text.lines().last().expect("a path").trim())
+}
