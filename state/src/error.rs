@@ -4,6 +4,19 @@ use std::path::PathBuf;
 
 pub type StateResult<T> = Result<T, StateError>;
 
+impl StateError {
+    /// A sled error at `path`: a full disk is said as such (sled reports it as an I/O error,
+    /// and the generic advice about damaged stores does not apply).
+    pub(crate) fn db(path: PathBuf, source: sled::Error) -> Self {
+        match &source {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                StateError::DiskFull { path, source }
+            }
+            _ => StateError::Db { path, source },
+        }
+    }
+}
+
 /// One line for an error and every cause under it ("a: b: c"), for messages that are stored or
 /// shown as a single string. Errors here keep their cause out of their own message (the CLI
 /// prints the chain), so this is how a stored message keeps the cause; a level whose text the
@@ -32,6 +45,13 @@ pub enum StateError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+
+    #[error("the disk holding {path} is full: free space and run the same command again (what was committed is kept)")]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
     },
 
     #[error("sled database at {path} failed; if it is damaged, restore the store folder from a copy, or start a new store (every step is recomputed)")]
@@ -98,6 +118,16 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("outer wrapper: {0}")]
     struct Repeats(#[source] StateError);
+
+    #[test]
+    fn a_full_disk_is_named_as_such() {
+        let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device");
+        let e = StateError::db("/s/db".into(), sled::Error::Io(full));
+        assert!(e.to_string().contains("is full: free space"), "{e}");
+        let other = std::io::Error::other("bad sector");
+        let e = StateError::db("/s/db".into(), sled::Error::Io(other));
+        assert!(e.to_string().contains("if it is damaged"), "{e}");
+    }
 
     #[test]
     fn the_chain_names_every_cause_once() {

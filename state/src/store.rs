@@ -247,19 +247,13 @@ impl Store {
             .path(&db_path)
             .cache_capacity(64 * 1024 * 1024)
             .open()
-            .map_err(|e| StateError::Db {
-                path: db_path.clone(),
-                source: e,
-            })?;
+            .map_err(|e| StateError::db(db_path.clone(), e))?;
         let blobs =
             BlobStore::open(dir.join("blobs"), dir.join("tmp"))?.with_faults(faults.clone());
         blobs.clean_tmp()?;
         let db_seq = db
             .get(keys::meta("seq"))
-            .map_err(|e| StateError::Db {
-                path: db_path.clone(),
-                source: e,
-            })?
+            .map_err(|e| StateError::db(db_path.clone(), e))?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
         let acked = std::fs::read(dir.join("SEQ"))
@@ -309,10 +303,7 @@ impl Store {
     }
 
     fn db_err(&self, e: sled::Error) -> StateError {
-        StateError::Db {
-            path: self.root.join("db"),
-            source: e,
-        }
+        StateError::db(self.root.join("db"), e)
     }
 
     /// Make every write so far durable.
