@@ -114,7 +114,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let cfg = policy.config().clone();
-    println!(
+    say!(
         "tsr bench: {what} ({:.1} M parameters, {:.1} M in matmuls), {} {:?}, loaded in {:.1} s; \
          threads {}",
         policy.num_parameters() as f64 / 1e6,
@@ -135,7 +135,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.only != Some(BenchWhat::Generate) {
         let reference = policy.clone_weights()?;
         let (p, r) = (a.prompt_tokens, a.response_tokens);
-        println!(
+        say!(
             "DPO: {p} prompt + {r} response tokens; reference forward + policy forward/backward + \
              clip + AdamW; {:.1} GFLOP per pair",
             dpo_flops_per_pair(&cfg, p, r) / 1e9
@@ -143,9 +143,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         for &b in &dpo_batches {
             let res = bench_dpo(&policy, &reference, b, p, r, a.steps, |i, s, loss| {
                 let tag = if i == 0 { " (warm-up)" } else { "" };
-                println!("  batch {b} step {i}{tag}: {s:.3} s, loss {loss:.6}");
+                say!("  batch {b} step {i}{tag}: {s:.3} s, loss {loss:.6}");
             })?;
-            println!(
+            say!(
                 "RESULT dpo batch {b}: {:.2} pairs/s (median step {:.3} s over {}), {:.2} TFLOP/s, {}",
                 res.pairs_per_s,
                 res.median_s,
@@ -169,7 +169,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             a.gen_new_tokens,
             sampling,
         )?;
-        println!(
+        say!(
             "RESULT generate batch {gen_batch}: {:.1} new tok/s ({} tokens in {:.2} s, prefill \
              included; {} of {gen_batch} rows stopped early at end-of-turn; {}-token prompts, <= {} new, \
              temperature {})",
@@ -183,7 +183,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if device.is_cpu() {
-        println!("peak RSS {:.0} MB", vm_hwm_mb());
+        say!("peak RSS {:.0} MB", vm_hwm_mb());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -180,15 +180,15 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
             "digest": digest,
             "out": a.out.as_ref().map(|p| p.display().to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
+        say!(
             "{} steps on {} pairs: loss {final_loss:.6} after the last step; model {digest}",
             trainer.steps_done(),
             trainer.pairs().len()
         );
         if let Some(dir) = &a.out {
-            println!("saved to {}", dir.display());
+            say!("saved to {}", dir.display());
         }
     }
     Ok(ExitCode::SUCCESS)

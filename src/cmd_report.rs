@@ -307,15 +307,15 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             .iter()
             .map(|(r, m)| serde_json::json!({"run": r, "iterations": m}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        say!(
             "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>7} {:>5} {:>7}",
             "RUN", "WORKFLOW", "IT", "PHASE", "PAIRS", "SKIP", "CHOSEN", "REJ", "GAP", "COS", "LEN_C", "LEN_R", "ANCH", "FUT", "LOSS", "ACC", "MARGIN"
         );
         for (run, its) in &all {
             if its.is_empty() {
-                println!("{run:<16} (no finished iteration yet)");
+                say!("{run:<16} (no finished iteration yet)");
             }
             for it in its {
                 for p in &it.phases {
@@ -323,7 +323,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
                         v.map(|x| format!("{x:>w$.d$}"))
                             .unwrap_or_else(|| format!("{:>w$}", "-"))
                     };
-                    println!(
+                    say!(
                         "{:<16} {:<15} {:>3} {:<14} {:>5} {:>4} {:>6.3} {:>6.3} {:>6.3} {} {:>6.1} {:>6.1} {:>5.2} {:>5.2} {} {} {}",
                         run, it.workflow, it.iteration, p.phase, p.pairs, p.skipped, p.mean_chosen_score, p.mean_rejected_score,
                         p.score_gap, opt(p.cosine_similarity, 6, 3), p.mean_chosen_tokens, p.mean_rejected_tokens,
@@ -350,8 +350,8 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
 /// giving it); AGREE the share of meta-judge comparisons whose two orders agreed; HIGHER the
 /// share of agreed comparisons that preferred the higher-scored judgement.
 fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
-    println!();
-    println!(
+    say!();
+    say!(
         "{:<16} {:<15} {:>3} {:>6} {:>6} {:>5} {:>6} {:>6} {:>5} {:>5} {:>6} {:>6} {:>6} {:>6}",
         "RUN",
         "WORKFLOW",
@@ -380,7 +380,7 @@ fn print_meta_table(all: &[(String, Vec<IterationMetrics>)]) {
                 .iter()
                 .filter_map(|p| p.judge_pairs)
                 .reduce(|a, b| a + b);
-            println!(
+            say!(
                 "{:<16} {:<15} {:>3} {:>6} {:>6} {} {} {:>6} {:>5} {} {} {:>6} {:>6} {:>6.1}",
                 run,
                 it.workflow,

@@ -81,7 +81,7 @@ fn drive(
     let spec = tsr_workflows::run_spec(config, forked_from);
     open_run(&store, &spec, &dag)?;
     if !execute {
-        println!(
+        say!(
             "recorded run `{}`; continue it with: tsr resume {} --store {}",
             config.name,
             config.name,

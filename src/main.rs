@@ -1,6 +1,16 @@
 //! `tsr`: the command line. Thin: parse flags into a validated config, call the libraries, print.
 //! `main -> run -> ExitCode`; on failure the whole error chain is printed.
 
+/// `println!` for commands that keep running when the reader of their output goes away (run,
+/// resume, fork, dpo, bench): a write that fails (a closed pipe) is dropped instead of
+/// panicking, because the work itself is recorded elsewhere (the store, the output folder).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod cmd_bench;
 mod cmd_dpo;
 mod cmd_inspect;
@@ -75,7 +85,8 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
 /// does (the default action of SIGPIPE): those that only read, and those that print only
 /// after their writes are complete (`report` draws its plots first, `export` prints after the
 /// folder is in place). Commands that train or repair (run, resume, fork, dpo, bench,
-/// verify --repair, gc) keep ignoring SIGPIPE, so a closed pipe never stops them halfway.
+/// verify --repair, gc) keep ignoring SIGPIPE, so a closed pipe never stops them halfway;
+/// they print with `say!`, which drops what a closed pipe cannot take.
 fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Run(_) | Cmd::Resume(_) | Cmd::Fork(_) | Cmd::Dpo(_) | Cmd::Bench(_) => false,

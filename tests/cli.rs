@@ -290,3 +290,34 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn a_run_whose_output_reader_goes_away_still_finishes() {
+    // `tsr run ... | true`: the pipe closes at once; the run must neither be killed by SIGPIPE
+    // nor panic when it prints its summary.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "piped", 4, 1);
+    let store = dir.path().join("s");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args([
+            "run",
+            cfg.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    let v = status(&store, "piped");
+    assert_eq!(v["status"], "done", "{v}");
+}
