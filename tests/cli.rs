@@ -298,19 +298,7 @@ fn a_run_whose_output_reader_goes_away_still_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "piped", 4, 1);
     let store = dir.path().join("s");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args([
-            "run",
-            cfg.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    let o = tsr_with_closed_stdout(&["run", cfg.to_str().unwrap()], &store);
     assert!(
         o.status.success(),
         "{:?}: {}",

@@ -271,14 +271,7 @@ fn two_iterations_reuse_m0_samples_and_lineage_walks_back_to_m0() {
     let o = tsr(&["export", run, "pairs", "--format", "alpaca"], &store);
     assert!(text(&o).contains("use `conversational`"), "{}", text(&o));
     // A reader that goes away (`| head -1`) stops the export quietly.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(["export", run, "pairs", "--store", store.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    let o = tsr_with_closed_stdout(&["export", run, "pairs"], &store);
     use std::os::unix::process::ExitStatusExt;
     assert!(
         o.status.success() || o.status.signal() == Some(libc::SIGPIPE),

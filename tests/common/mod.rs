@@ -91,3 +91,18 @@ pub fn assert_same_outputs(reference: &Path, store: &Path, run: &str, why: &str)
         assert_eq!(n["outputs"], m["outputs"], "node {name} differs {why}");
     }
 }
+
+/// Run `tsr ARGS --store STORE` with its standard output closed before it writes anything, as
+/// `tsr ... | true` (or `| head` after the first line) does.
+pub fn tsr_with_closed_stdout(args: &[&str], store: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
