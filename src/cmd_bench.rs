@@ -1,5 +1,5 @@
 //! `tsr bench`: DPO step throughput (pairs/s, MFU) and batched generation (new tokens/s) on one
-//! device, with the shapes of issue 6, so one GPU session can set tsr beside PyTorch
+//! device, with the shapes of the benchmark plan, so one GPU session can set tsr beside PyTorch
 //! (`scripts/bench_torch_gpu.py` prints the same figures for the same shapes and token ids).
 //! The measurements and the FLOP model live in `tsr_steps::bench`.
 

@@ -29,6 +29,9 @@ pub enum LineageWhat {
     Pair { id: String },
     /// A model (weights digest, or a unique prefix) walked back to M0.
     Model { digest: String },
+    /// Every evaluation judgement of one held-out prompt (its id in the eval prompts file):
+    /// both outputs and their generators, the judge, the template, both verdicts.
+    Eval { id: String },
 }
 
 /// The reference model of a DPO node: the model of the `ref-logprobs` step whose output it read.
@@ -166,6 +169,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                 None => println!("  not yet used by a DPO step"),
             }
         }
+        LineageWhat::Eval { id } => return lineage_eval(&store, &a.run, &id, a.json),
         LineageWhat::Model { digest } => {
             let nodes = store_read::nodes(&store, &a.run)?;
             let mut cur = resolve_model(&nodes, &digest)?;
@@ -233,7 +237,8 @@ pub struct ExportArgs {
     /// The run to export from (or give --model instead, to convert any model).
     #[arg(required_unless_present = "model")]
     pub run: Option<String>,
-    /// What to export: `pairs` (JSONL) or `model` (a Hugging Face folder, needs --out).
+    /// What to export: `pairs` (JSONL), `model` (a Hugging Face folder, needs --out) or `eval`
+    /// (AlpacaEval's files per evaluated model, needs --out).
     #[arg(required_unless_present = "model")]
     pub what: Option<String>,
     /// Convert this model (GGUF, HF folder, Org/Name) to a Hugging Face folder instead
@@ -387,8 +392,12 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
         let store = open_store(&crate::store_dir(store_flag, None))?;
         return export_model(&store, &a);
     }
+    if what == "eval" {
+        let store = open_store(&crate::store_dir(store_flag, None))?;
+        return export_eval(&store, &run, &a);
+    }
     if what != "pairs" {
-        bail!("`tsr export RUN {what}`: export `pairs` or `model`");
+        bail!("`tsr export RUN {what}`: export `pairs`, `model` or `eval`");
     }
     let format: TrlFormat = a
         .format
@@ -441,6 +450,273 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
             crate::write_file_atomic(&path, &buf)?;
         }
         None => crate::print_bytes(&buf)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A generator as exported: a model's weights digest shortened to 12 hex digits (what
+/// `tsr lineage RUN model` accepts); a reference file's generator name as it is.
+fn short_generator(g: &str) -> String {
+    if g.len() == 64 && g.bytes().all(|b| b.is_ascii_hexdigit()) {
+        g[..12].to_string()
+    } else {
+        g.to_string()
+    }
+}
+
+fn annotations_of(
+    store: &Store,
+    e: &store_read::EvalResult,
+) -> anyhow::Result<Vec<tsr_steps::eval::Annotation>> {
+    store_read::jsonl(store, &e.annotations)?
+        .into_iter()
+        .map(|v| {
+            serde_json::from_value(v)
+                .context("an evaluation annotation cannot be read; run `tsr verify`")
+        })
+        .collect()
+}
+
+fn finished_evals(store: &Store, run: &str) -> anyhow::Result<Vec<store_read::EvalResult>> {
+    let nodes = store_read::nodes(store, run)?;
+    let evals = store_read::evals(store, &nodes)?;
+    if evals.is_empty() {
+        bail!(
+            "run `{run}` has no finished evaluation; give it an [eval] section and run it (or use `tsr eval`)"
+        );
+    }
+    Ok(evals)
+}
+
+/// `tsr export RUN eval --out DIR`: per evaluated model `DIR/<model>/model_outputs.json` and
+/// `DIR/<model>/annotations.json` in AlpacaEval's formats, `DIR/baseline_outputs.json`, and
+/// `DIR/summary.json` with tsr's metrics.
+fn export_eval(store: &Store, run: &str, a: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let Some(out) = &a.out else {
+        bail!("`tsr export {run} eval` writes a folder of files; give --out DIR")
+    };
+    let labels = export_eval_to(store, run, out, a.force)?;
+    say!(
+        "{}: {} evaluated model(s) ({}) in AlpacaEval's format",
+        out.display(),
+        labels.len(),
+        labels.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the evaluation files of `run` to the folder `out` (whole or not at all); returns the
+/// evaluated models' labels.
+pub fn export_eval_to(
+    store: &Store,
+    run: &str,
+    out: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<Vec<String>> {
+    let evals = finished_evals(store, run)?;
+    let labels: Vec<String> = evals.iter().map(|e| e.label.clone()).collect();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value serializes");
+    let mut baseline: Option<Value> = None;
+    let mut summaries = Vec::new();
+    for e in &evals {
+        let rows = annotations_of(store, e)?;
+        let outputs: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"instruction": r.instruction, "output": r.output_2, "generator": short_generator(&r.generator_2)}))
+            .collect();
+        if baseline.is_none() {
+            baseline = Some(Value::Array(
+                rows.iter()
+                    .map(|r| json!({"instruction": r.instruction, "output": r.output_1, "generator": short_generator(&r.generator_1)}))
+                    .collect(),
+            ));
+        }
+        let annotations: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let raw: BTreeMap<String, Value> = r
+                    .verdicts
+                    .iter()
+                    .map(|v| {
+                        let key = serde_json::to_value(v.order)
+                            .ok()
+                            .and_then(|k| k.as_str().map(String::from))
+                            .unwrap_or_default();
+                        let val = match (&v.text, v.prob_a, v.prob_b) {
+                            (Some(t), _, _) => json!(t),
+                            (None, Some(pa), Some(pb)) => json!({"A": pa, "B": pb}),
+                            _ => Value::Null,
+                        };
+                        (key, val)
+                    })
+                    .collect();
+                json!({
+                    "instruction": r.instruction,
+                    "output_1": r.output_1,
+                    "output_2": r.output_2,
+                    "generator_1": short_generator(&r.generator_1),
+                    "generator_2": short_generator(&r.generator_2),
+                    "preference": r.preference,
+                    "annotator": format!("tsr_{}_{}", r.mode, short_generator(&r.judge_model)),
+                    "raw_completion": raw,
+                    "prompt_id": r.prompt_id,
+                    "decision": r.decision,
+                    "verdicts": r.verdicts,
+                    "judge_model": r.judge_model,
+                    "template_digest": r.template_digest,
+                    "answer": r.answer,
+                    "correct": r.correct,
+                })
+            })
+            .collect();
+        files.push((
+            format!("{}/model_outputs.json", e.label),
+            pretty(&Value::Array(outputs)),
+        ));
+        files.push((
+            format!("{}/annotations.json", e.label),
+            pretty(&Value::Array(annotations)),
+        ));
+        summaries.push(json!({"model": e.label, "node": e.node, "summary": e.summary}));
+    }
+    files.push((
+        "baseline_outputs.json".into(),
+        pretty(&baseline.unwrap_or(Value::Array(vec![]))),
+    ));
+    files.push(("summary.json".into(), pretty(&Value::Array(summaries))));
+    let replaceable = |name: &str| {
+        name == "summary.json"
+            || name == "baseline_outputs.json"
+            || name == "model"
+            || (name.starts_with('M')
+                && name
+                    .trim_start_matches("Mf")
+                    .trim_start_matches('M')
+                    .parse::<u32>()
+                    .is_ok())
+    };
+    tsr_steps::model::export::write_folder_whole(
+        out,
+        force,
+        "tsr evaluation export",
+        &replaceable,
+        |dir| {
+            for (name, bytes) in &files {
+                let path = dir.join(name);
+                let write = || -> std::io::Result<()> {
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    let mut f = std::fs::File::create(&path)?;
+                    std::io::Write::write_all(&mut f, bytes)?;
+                    f.sync_all()
+                };
+                write().map_err(|e| tsr_steps::model::ModelError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            }
+            for label in &labels {
+                let d = dir.join(label);
+                std::fs::File::open(&d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| tsr_steps::model::ModelError::Io {
+                        path: d.clone(),
+                        source: e,
+                    })?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(labels)
+}
+
+/// `tsr lineage RUN eval ID`.
+fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
+    let evals = finished_evals(store, run)?;
+    let mut found = Vec::new();
+    for e in &evals {
+        if let Some(r) = annotations_of(store, e)?
+            .into_iter()
+            .find(|r| r.prompt_id == id)
+        {
+            found.push((e, r));
+        }
+    }
+    if found.is_empty() {
+        bail!("run `{run}` has no evaluation of prompt `{id}`; `tsr export {run} eval --out DIR` lists them");
+    }
+    if as_json {
+        let v: Vec<Value> = found
+            .iter()
+            .map(|(e, r)| json!({"model": e.label, "node": e.node, "annotation": r}))
+            .collect();
+        say!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (_, first) = &found[0];
+    say!("evaluation prompt {id}: {:?}", first.instruction);
+    if let Some(ans) = &first.answer {
+        say!("  known answer: {ans}");
+    }
+    for (e, r) in &found {
+        say!("");
+        say!(
+            "{} (node {}): preference {} — {}",
+            e.label,
+            e.node,
+            r.preference
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none".into()),
+            r.decision
+        );
+        say!(
+            "  baseline ({}): {:?}",
+            short_generator(&r.generator_1),
+            r.output_1
+        );
+        say!(
+            "  model    ({}): {:?}",
+            short_generator(&r.generator_2),
+            r.output_2
+        );
+        if let Some(c) = r.correct {
+            say!(
+                "  exact match: model {}, baseline {}",
+                if c { "correct" } else { "wrong" },
+                match r.baseline_correct {
+                    Some(true) => "correct",
+                    Some(false) => "wrong",
+                    None => "-",
+                }
+            );
+        }
+        say!(
+            "  judge: model {}, mode {}, template {}",
+            short_generator(&r.judge_model),
+            r.mode,
+            &r.template_digest[..12.min(r.template_digest.len())]
+        );
+        for v in &r.verdicts {
+            let order = match v.order {
+                tsr_steps::eval::Order::BaselineFirst => "baseline as A",
+                tsr_steps::eval::Order::ModelFirst => "model as A",
+            };
+            let prefers = match &v.prefers {
+                tsr_steps::eval::Prefers::Baseline => "baseline".to_string(),
+                tsr_steps::eval::Prefers::Model => "model".to_string(),
+                tsr_steps::eval::Prefers::Tie => "tie".to_string(),
+                tsr_steps::eval::Prefers::Unparsed(why) => format!("unreadable ({why})"),
+            };
+            match (&v.text, v.prob_a, v.prob_b) {
+                (Some(t), _, _) => say!("  verdict, {order}: {prefers}; judge wrote {t:?}"),
+                (None, Some(pa), Some(pb)) => {
+                    say!("  verdict, {order}: {prefers}; P(A) {pa:.4}, P(B) {pb:.4}")
+                }
+                _ => say!("  verdict, {order}: {prefers}"),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

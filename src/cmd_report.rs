@@ -30,6 +30,8 @@ pub struct ReportArgs {
 struct Series {
     run: String,
     points: Vec<(f64, f64)>,
+    /// Intervals drawn as vertical bars: (x, low, high).
+    bars: Vec<(f64, f64, f64)>,
 }
 
 const FONT_PATHS: &[&str] = &[
@@ -95,10 +97,12 @@ fn slot_names(slots: &BTreeMap<(u32, usize), BTreeSet<String>>) -> Vec<String> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plot(
     path: &Path,
     title: &str,
     y_label: &str,
+    x_desc: &str,
     x_names: &[String],
     series: &[Series],
     text: bool,
@@ -108,7 +112,12 @@ fn plot(
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .map(|p| p.1)
+                .chain(s.bars.iter().flat_map(|b| [b.1, b.2]))
+        })
         .collect();
     let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
         (a.min(x), b.max(x))
@@ -146,7 +155,7 @@ fn plot(
             .x_labels(x_names.len().max(2) * 2 + 1)
             .x_label_formatter(&name)
             .disable_x_mesh()
-            .x_desc("iteration and phase")
+            .x_desc(x_desc)
             .y_desc(y_label)
             .draw()?;
     }
@@ -159,6 +168,11 @@ fn plot(
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        chart.draw_series(
+            s.bars.iter().map(|&(x, lo, hi)| {
+                PathElement::new(vec![(x, lo), (x, hi)], color.stroke_width(2))
+            }),
+        )?;
     }
     if text {
         chart
@@ -176,6 +190,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
     let dir = crate::store_dir(store_flag, None);
     let store = open_store(&dir)?;
     let mut all: Vec<(String, Vec<IterationMetrics>)> = Vec::new();
+    let mut evals: Vec<(String, Vec<store_read::EvalResult>)> = Vec::new();
     for run in &a.runs {
         let nodes = store_read::nodes(&store, run)?;
         let mut its = Vec::new();
@@ -188,6 +203,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             }
         }
         all.push((run.clone(), its));
+        evals.push((run.clone(), store_read::evals(&store, &nodes)?));
     }
     let out = a
         .out
@@ -227,6 +243,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
                             .filter_map(move |(k, p)| f(p).map(|y| (slot_of(it.iteration, k), y)))
                     })
                     .collect(),
+                bars: vec![],
             })
             .collect()
     };
@@ -266,6 +283,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             &out.join(file),
             title,
             y,
+            "iteration and phase",
             &x_names,
             &series(f.as_ref()),
             text,
@@ -287,6 +305,7 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
                     it.meta.as_ref()?.top_score_share.map(|y| (x, y))
                 })
                 .collect(),
+            bars: vec![],
         })
         .filter(|s| !s.points.is_empty())
         .collect();
@@ -295,17 +314,28 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
             &out.join("judge_top_share.png"),
             "Share of top judge scores (judge collapse)",
             "share",
+            "iteration",
             &iteration_names,
             &top,
             text,
         )?;
+    }
+    if evals.iter().any(|(_, e)| !e.is_empty()) {
+        plot_evals(&out, &evals, text)?;
     }
     // Printed after the plots are written, so a reader that stops early (`| head`) ends
     // the command only when its files are complete.
     if a.json {
         let v: Vec<_> = all
             .iter()
-            .map(|(r, m)| serde_json::json!({"run": r, "iterations": m}))
+            .zip(&evals)
+            .map(|((r, m), (_, e))| {
+                let e: Vec<_> = e
+                    .iter()
+                    .map(|e| serde_json::json!({"model": e.label, "node": e.node, "summary": e.summary}))
+                    .collect();
+                serde_json::json!({"run": r, "iterations": m, "eval": e})
+            })
             .collect();
         say!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -341,8 +371,128 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
     {
         print_meta_table(&all);
     }
+    if !a.json && evals.iter().any(|(_, e)| !e.is_empty()) {
+        print_eval_table(&evals);
+    }
     eprintln!("tsr: plots in {}", out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The evaluated models' slots on a shared x axis: M0, Mf1, M1, Mf2, M2, ...
+fn eval_slots(evals: &[(String, Vec<store_read::EvalResult>)]) -> Vec<((u32, u32), String)> {
+    let slots: BTreeMap<(u32, u32), String> = evals
+        .iter()
+        .flat_map(|(_, e)| e.iter().map(|e| (e.slot, e.label.clone())))
+        .collect();
+    slots.into_iter().collect()
+}
+
+/// `win_rate.png` (win rate with its 95% interval) and `lc_win_rate.png`, one line per run.
+fn plot_evals(
+    out: &Path,
+    evals: &[(String, Vec<store_read::EvalResult>)],
+    text: bool,
+) -> anyhow::Result<()> {
+    let slots = eval_slots(evals);
+    let names: Vec<String> = slots.iter().map(|s| s.1.clone()).collect();
+    let x_of = |slot: (u32, u32)| slots.iter().position(|s| s.0 == slot).unwrap_or(0) as f64;
+    let series = |f: &dyn Fn(&tsr_steps::eval::EvalSummary) -> Option<f64>, with_bars: bool| {
+        evals
+            .iter()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(run, e)| Series {
+                run: run.clone(),
+                points: e
+                    .iter()
+                    .filter_map(|e| f(&e.summary).map(|y| (x_of(e.slot), y)))
+                    .collect(),
+                bars: if with_bars {
+                    e.iter()
+                        .filter_map(|e| e.summary.ci95.map(|(lo, hi)| (x_of(e.slot), lo, hi)))
+                        .collect()
+                } else {
+                    vec![]
+                },
+            })
+            .collect::<Vec<_>>()
+    };
+    plot(
+        &out.join("win_rate.png"),
+        "Win rate against the baseline (bars: 95% bootstrap interval)",
+        "win rate (%)",
+        "evaluated model",
+        &names,
+        &series(&|s| s.win_rate.as_ref().map(|w| w.win_rate), true),
+        text,
+    )?;
+    plot(
+        &out.join("lc_win_rate.png"),
+        "Length-controlled win rate against the baseline",
+        "LC win rate (%)",
+        "evaluated model",
+        &names,
+        &series(&|s| s.lc_win_rate, false),
+        text,
+    )
+}
+
+/// One row per evaluated model. WIN and LC are percent (AlpacaEval's win rate and the minimal
+/// length-controlled one); CI the 95% bootstrap interval; UNDEC prompts whose verdict could not
+/// be read; UNPARSED% the share of unreadable verdicts; LEN_M / LEN_B mean characters of the
+/// model's and the baseline's outputs; EM exact-match accuracy where prompts have answers.
+fn print_eval_table(evals: &[(String, Vec<store_read::EvalResult>)]) {
+    say!("");
+    say!(
+        "{:<16} {:<6} {:>6} {:>15} {:>6} {:>4} {:>4} {:>4} {:>5} {:>9} {:>7} {:>7} {:>11}",
+        "RUN",
+        "MODEL",
+        "WIN",
+        "95% CI",
+        "LC",
+        "W",
+        "L",
+        "TIE",
+        "UNDEC",
+        "UNPARSED%",
+        "LEN_M",
+        "LEN_B",
+        "EM"
+    );
+    for (run, e) in evals {
+        for e in e {
+            let s = &e.summary;
+            let w = s.win_rate.as_ref();
+            let num = |v: Option<f64>, w: usize| {
+                v.map(|x| format!("{x:>w$.1}"))
+                    .unwrap_or_else(|| format!("{:>w$}", "-"))
+            };
+            let ci = s
+                .ci95
+                .map(|(lo, hi)| format!("[{lo:.1}, {hi:.1}]"))
+                .unwrap_or_else(|| "-".into());
+            let em = s
+                .exact_match
+                .as_ref()
+                .map(|m| format!("{}/{} ({:.0}%)", m.correct, m.total, m.accuracy))
+                .unwrap_or_else(|| "-".into());
+            say!(
+                "{:<16} {:<6} {} {:>15} {} {:>4} {:>4} {:>4} {:>5} {:>9.1} {:>7.1} {:>7.1} {:>11}",
+                run,
+                e.label,
+                num(w.map(|w| w.win_rate), 6),
+                ci,
+                num(s.lc_win_rate, 6),
+                w.map_or(0, |w| w.n_wins),
+                w.map_or(0, |w| w.n_wins_base),
+                w.map_or(0, |w| w.n_draws),
+                s.undecided,
+                s.unparsed_share,
+                s.avg_chars_model,
+                s.avg_chars_baseline,
+                em
+            );
+        }
+    }
 }
 
 /// The judge-side table of Meta-Rewarding runs: one row per iteration. TOP is the share of

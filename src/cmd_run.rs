@@ -110,7 +110,7 @@ fn drive(
                 config.name,
                 store_dir.display()
             );
-            if config.workflow != "toy" {
+            if config.workflow != "toy" && config.workflow != "eval" {
                 let nodes = crate::store_read::nodes(&store, &config.name)?;
                 if let Some((node, d)) = crate::cmd_lineage::final_model(&nodes) {
                     eprintln!(
@@ -139,6 +139,25 @@ fn drive(
             Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8))
         }
     }
+}
+
+/// Drive a `tsr eval` run (its config is made by the command, its name checked there).
+pub fn drive_eval(
+    store_dir: &Path,
+    config: &Config,
+    device: &str,
+    quiet: bool,
+    resume_hint: String,
+) -> anyhow::Result<ExitCode> {
+    drive(
+        store_dir,
+        config,
+        None,
+        Some(device.to_string()),
+        quiet,
+        true,
+        resume_hint,
+    )
 }
 
 pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode> {

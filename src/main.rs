@@ -13,6 +13,7 @@ macro_rules! say {
 
 mod cmd_bench;
 mod cmd_dpo;
+mod cmd_eval;
 mod cmd_inspect;
 mod cmd_lineage;
 mod cmd_model;
@@ -56,9 +57,9 @@ enum Cmd {
     Verify(cmd_inspect::VerifyArgs),
     /// Remove blobs and steps no run references.
     Gc(cmd_inspect::GcArgs),
-    /// The audit trail of a pair or a model.
+    /// The audit trail of a pair, a model or an evaluation judgement.
     Lineage(cmd_lineage::LineageArgs),
-    /// Export a run's pairs with their lineage (TRL-compatible prompt/chosen/rejected).
+    /// Export a run's pairs (TRL-compatible, with lineage), a model, or its evaluations (AlpacaEval's files).
     Export(cmd_lineage::ExportArgs),
     /// Metrics table per iteration and phase, and PNG plots; several runs side by side.
     Report(cmd_report::ReportArgs),
@@ -70,8 +71,10 @@ enum Cmd {
     ExportModel(cmd_model::ExportModelArgs),
     /// DPO-train a model on a JSONL file of preference pairs (outside any workflow).
     Dpo(cmd_dpo::DpoArgs),
-    /// DPO step throughput (pairs/s, MFU) and batched generation speed on a device (issue 6).
+    /// DPO step throughput (pairs/s, MFU) and batched generation speed on a device.
     Bench(cmd_bench::BenchArgs),
+    /// Win rate of a model against a baseline model or reference outputs on held-out prompts.
+    Eval(cmd_eval::EvalArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -89,7 +92,12 @@ pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathB
 /// they print with `say!`, which drops what a closed pipe cannot take.
 fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
     match cmd {
-        Cmd::Run(_) | Cmd::Resume(_) | Cmd::Fork(_) | Cmd::Dpo(_) | Cmd::Bench(_) => false,
+        Cmd::Run(_)
+        | Cmd::Resume(_)
+        | Cmd::Fork(_)
+        | Cmd::Dpo(_)
+        | Cmd::Bench(_)
+        | Cmd::Eval(_) => false,
         Cmd::Verify(a) => !a.repair,
         Cmd::Gc(a) => a.dry_run,
         _ => true,
@@ -175,5 +183,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::ExportModel(a) => cmd_model::run_export_model(a).map(|()| ExitCode::SUCCESS),
         Cmd::Dpo(a) => cmd_dpo::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Eval(a) => cmd_eval::run(&store, a),
     }
 }

@@ -72,3 +72,59 @@ pub fn jsonl(store: &Store, d: &Digest) -> anyhow::Result<Vec<serde_json::Value>
         .map(|l| serde_json::from_str(l).context("a JSONL blob has a bad line"))
         .collect()
 }
+
+/// One evaluated model of a run: its `eval-judge` node and what it measured.
+pub struct EvalResult {
+    pub node: String,
+    /// `M0`, `M1`, ... for the models an iteration produced, `Mf1`, ... for look-ahead models,
+    /// `model` for `tsr eval`.
+    pub label: String,
+    /// Sort key: (iteration, 0 for Mf / 1 for Mi+1).
+    pub slot: (u32, u32),
+    pub summary: tsr_steps::eval::EvalSummary,
+    pub annotations: Digest,
+}
+
+/// Where an evaluation node stands in the run: (label, slot), or `None` for other nodes.
+pub fn eval_label(node: &str) -> Option<(String, (u32, u32))> {
+    match node {
+        "eval/m0-judge" => return Some(("M0".into(), (0, 1))),
+        "eval/model-judge" => return Some(("model".into(), (0, 1))),
+        _ => {}
+    }
+    let rest = node.strip_prefix("iter")?;
+    let (it, tail) = rest.split_once('/')?;
+    let it: u32 = it.parse().ok()?;
+    match tail {
+        "eval-judge" => Some((format!("M{it}"), (it, 1))),
+        "eval-future-judge" => Some((format!("Mf{it}"), (it, 0))),
+        _ => None,
+    }
+}
+
+/// The finished evaluations of a run, in model order.
+pub fn evals(
+    store: &Store,
+    nodes: &BTreeMap<String, NodeResult>,
+) -> anyhow::Result<Vec<EvalResult>> {
+    let mut out = Vec::new();
+    for n in nodes.values().filter(|n| n.step.kind == "eval-judge") {
+        let (Some(sd), Some(ad)) = (n.output("summary"), n.output("annotations")) else {
+            continue;
+        };
+        let Some((label, slot)) = eval_label(&n.node) else {
+            continue;
+        };
+        let summary = serde_json::from_slice(&read_blob(store, &sd)?)
+            .with_context(|| format!("the evaluation summary of {}", n.node))?;
+        out.push(EvalResult {
+            node: n.node.clone(),
+            label,
+            slot,
+            summary,
+            annotations: ad,
+        });
+    }
+    out.sort_by_key(|e| e.slot);
+    Ok(out)
+}

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 pub struct WinRate {
     /// Mean of (preference - 1), in percent: wins count 1, ties 1/2.
     pub win_rate: f64,
-    /// Standard error of that mean (sample standard deviation / sqrt(n)), in percent.
-    pub standard_error: f64,
+    /// Standard error of that mean (sample standard deviation / sqrt(n)), in percent; `None`
+    /// for a single preference (pandas gives NaN).
+    pub standard_error: Option<f64>,
     pub n_wins: usize,
     pub n_wins_base: usize,
     pub n_draws: usize,
@@ -71,7 +72,7 @@ pub fn win_rate(preferences: &[f64]) -> Option<WinRate> {
         .collect();
     Some(WinRate {
         win_rate: mean * 100.0,
-        standard_error: sem * 100.0,
+        standard_error: sem.is_finite().then_some(sem * 100.0),
         n_wins: x.iter().filter(|&&v| v > 0.5).count(),
         n_wins_base: x.iter().filter(|&&v| v < 0.5).count(),
         n_draws: valid.iter().filter(|&&p| p == 1.5).count(),

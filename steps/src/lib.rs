@@ -4,6 +4,7 @@ pub mod bench;
 pub mod dpo;
 pub mod dpo_step;
 pub mod dpo_trainer;
+pub mod eval;
 pub mod eval_metrics;
 pub mod generate;
 pub mod import;

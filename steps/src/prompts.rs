@@ -1,4 +1,5 @@
-//! The user's prompts: JSONL, one `{"id"?: string, "prompt": string}` object per line. Every bad
+//! The user's prompts: JSONL, one `{"id"?: string, "prompt": string, "answer"?: string|number}`
+//! object per line (`answer`: a known answer, scored by exact match in evaluations). Every bad
 //! line is reported with its line number (all of them at once, not just the first); blank lines
 //! are skipped. A prompt without an id gets a stable one from its text's digest.
 
@@ -9,6 +10,9 @@ use std::collections::BTreeMap;
 pub struct Prompt {
     pub id: String,
     pub prompt: String,
+    /// A known answer (evaluation prompts): compared numerically with a response's final number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,7 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
     struct Line {
         id: Option<serde_json::Value>,
         prompt: Option<serde_json::Value>,
+        answer: Option<serde_json::Value>,
     }
     let mut out = Vec::new();
     let mut bad: Vec<String> = Vec::new();
@@ -92,13 +97,24 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
                 continue;
             }
         };
+        let answer = match parsed.answer {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s),
+            Some(serde_json::Value::Number(x)) => Some(x.to_string()),
+            Some(other) => {
+                bad.push(format!(
+                    "  line {n}: \"answer\" must be a non-empty string or a number, found {other}"
+                ));
+                continue;
+            }
+        };
         if let Some(first) = seen.insert(id.clone(), n) {
             bad.push(format!(
                 "  line {n}: duplicate id `{id}` (first on line {first}); ids must be unique"
             ));
             continue;
         }
-        out.push(Prompt { id, prompt });
+        out.push(Prompt { id, prompt, answer });
     }
     if !bad.is_empty() {
         return Err(PromptError::BadLines {

@@ -39,7 +39,7 @@ fn win_rates_equal_alpaca_eval_and_the_length_control_equals_a_logistic_fit() {
             );
         };
         close(w.win_rate, "win_rate");
-        close(w.standard_error, "standard_error");
+        close(w.standard_error.unwrap(), "standard_error");
         close(w.discrete_win_rate, "discrete_win_rate");
         close(w.n_wins as f64, "n_wins");
         close(w.n_wins_base as f64, "n_wins_base");

@@ -66,6 +66,9 @@ pub struct Config {
     /// workflows; filled with defaults for them, absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<MetaSection>,
+    /// `[eval]`: held-out evaluation of M0 and the trained models (absent: no evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalSection>,
 }
 
 /// The workflows that also train the judge on its own judgements (Meta-Rewarding).
@@ -233,6 +236,88 @@ impl Default for MetaSection {
     }
 }
 
+/// `[eval]`: win rates of the trained models against a baseline on held-out prompts, judged
+/// pairwise in both orders by a fixed judge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Held-out prompts: JSONL as for training, with an optional `"answer"` per line.
+    pub prompts: Option<PathBuf>,
+    /// Use only the first N evaluation prompts (0: all).
+    pub limit: usize,
+    /// Evaluate M0 once and the model made by every N-th iteration (and by the last); 0: off.
+    pub every: u32,
+    /// Also evaluate each iteration's look-ahead model Mf (workflows that train one).
+    pub future: bool,
+    /// Allow evaluation prompts that are also training prompts.
+    pub allow_overlap: bool,
+    pub max_new_tokens: usize,
+    /// 0: greedy answers (the default); > 0: seeded sampling.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    /// The baseline's answers come from this model (GGUF, HF folder or hub id); default: M0.
+    pub baseline_model: Option<String>,
+    /// Or from a reference outputs file in AlpacaEval's format (JSON list of
+    /// `{"instruction", "output", "generator"}`).
+    pub reference: Option<PathBuf>,
+    /// Bootstrap resamples of the 95% interval (0: no interval).
+    pub bootstrap_resamples: usize,
+    pub judge: EvalJudgeSection,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            prompts: None,
+            limit: 0,
+            every: 1,
+            future: false,
+            allow_overlap: false,
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            batch_size: 16,
+            baseline_model: None,
+            reference: None,
+            bootstrap_resamples: 1000,
+            judge: EvalJudgeSection::default(),
+        }
+    }
+}
+
+/// `[eval.judge]`: the fixed evaluation judge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalJudgeSection {
+    /// The judge model (GGUF, HF folder or hub id); default: the initial model, a weak judge.
+    pub model: Option<String>,
+    /// `text` (parse `Better: A|B`) or `logprob` (compare the probabilities of `A` and `B`).
+    pub mode: tsr_steps::judge::JudgeMode,
+    pub max_new_tokens: usize,
+    /// 0: greedy verdicts (the default).
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    /// A template file with {instruction}, {output_a} and {output_b}, ending with the request
+    /// for a `Better: A` or `Better: B` line; default: the built-in one.
+    pub template: Option<PathBuf>,
+}
+
+impl Default for EvalJudgeSection {
+    fn default() -> Self {
+        EvalJudgeSection {
+            model: None,
+            mode: tsr_steps::judge::JudgeMode::Text,
+            max_new_tokens: 160,
+            temperature: 0.0,
+            top_p: 1.0,
+            batch_size: 16,
+            template: None,
+        }
+    }
+}
+
 /// `[dpo]`
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -319,6 +404,24 @@ impl Config {
                 p.file = PathBuf::from(h);
             }
         }
+        if let Some(e) = c.eval.as_mut() {
+            for p in [&mut e.prompts, &mut e.reference, &mut e.judge.template]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(h) = p.to_str().and_then(home) {
+                    *p = PathBuf::from(h);
+                }
+            }
+            for m in [&mut e.baseline_model, &mut e.judge.model]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(h) = home(m) {
+                    *m = h;
+                }
+            }
+        }
         if let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) {
             let abs = |p: &mut PathBuf| {
                 if p.is_relative() {
@@ -346,6 +449,26 @@ impl Config {
                         .unwrap_or(candidate)
                         .display()
                         .to_string();
+                }
+            }
+            if let Some(e) = c.eval.as_mut() {
+                for p in [&mut e.prompts, &mut e.reference, &mut e.judge.template]
+                    .into_iter()
+                    .flatten()
+                {
+                    abs(p);
+                }
+                for m in [&mut e.baseline_model, &mut e.judge.model]
+                    .into_iter()
+                    .flatten()
+                {
+                    let candidate = dir.join(&*m);
+                    if Path::new(m.as_str()).is_relative() && candidate.exists() {
+                        *m = std::path::absolute(&candidate)
+                            .unwrap_or(candidate)
+                            .display()
+                            .to_string();
+                    }
                 }
             }
             if let Some(m) = c.model.as_mut() {
@@ -387,8 +510,24 @@ impl Config {
         if self.device != "cpu" && !self.device.starts_with("cuda") {
             return bad("device", "use `cpu` or `cuda:N`");
         }
-        if self.workflow != "toy" {
+        if self.workflow == "eval" {
+            if self.model.is_none() {
+                return bad(
+                    "model",
+                    "the eval workflow needs a [model] section with the model to evaluate",
+                );
+            }
+            if self.eval.is_none() {
+                return bad(
+                    "eval",
+                    "the eval workflow needs an [eval] section with `prompts = ...`",
+                );
+            }
+        } else if self.workflow != "toy" {
             self.validate_lm()?;
+        }
+        if self.eval.is_some() {
+            self.validate_eval()?;
         }
         if self.workflow == "toy" {
             let t = &self.toy;
@@ -520,6 +659,124 @@ impl Config {
         Ok(())
     }
 
+    fn validate_eval(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason,
+            })
+        };
+        let e = self.eval.as_ref().expect("checked by the caller");
+        if self.workflow == "toy" {
+            return bad(
+                "eval",
+                "the toy workflow trains no model to evaluate; remove [eval]".into(),
+            );
+        }
+        let Some(file) = &e.prompts else {
+            return bad(
+                "eval.prompts",
+                "give the held-out prompts file (JSONL, one {\"prompt\": ...} per line)".into(),
+            );
+        };
+        let eval_prompts = read_prompts_file("eval.prompts", file, e.limit)?;
+        if e.max_new_tokens == 0 || e.batch_size == 0 {
+            return bad(
+                "eval",
+                "max_new_tokens and batch_size must be at least 1".into(),
+            );
+        }
+        for (key, t, p) in [
+            ("eval", e.temperature, e.top_p),
+            ("eval.judge", e.judge.temperature, e.judge.top_p),
+        ] {
+            if !(t >= 0.0 && t.is_finite()) {
+                return bad(
+                    &format!("{key}.temperature"),
+                    format!("{t} is not >= 0 (0 is greedy)"),
+                );
+            }
+            if !(p > 0.0 && p <= 1.0) {
+                return bad(&format!("{key}.top_p"), format!("{p} is not in (0, 1]"));
+            }
+        }
+        if e.judge.max_new_tokens == 0 || e.judge.batch_size == 0 {
+            return bad(
+                "eval.judge",
+                "max_new_tokens and batch_size must be at least 1".into(),
+            );
+        }
+        if e.future
+            && !matches!(
+                self.workflow.as_str(),
+                "temporal" | "future-only" | "temporal-meta"
+            )
+        {
+            return bad(
+                "eval.future",
+                format!("workflow `{}` trains no look-ahead model Mf", self.workflow),
+            );
+        }
+        if e.baseline_model.is_some() && e.reference.is_some() {
+            return bad(
+                "eval.reference",
+                "give a baseline model (`eval.baseline_model`) or a reference outputs file, not both".into(),
+            );
+        }
+        if let Some(r) = &e.reference {
+            let bytes = std::fs::read(r).map_err(|err| ConfigError::Invalid {
+                key: "eval.reference".into(),
+                reason: format!("cannot read {}: {err}", r.display()),
+            })?;
+            tsr_steps::eval::parse_reference(&bytes, &r.display().to_string(), &eval_prompts)
+                .map_err(|err| ConfigError::Invalid {
+                    key: "eval.reference".into(),
+                    reason: err.to_string(),
+                })?;
+        }
+        if let Some(t) = &e.judge.template {
+            let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
+                key: "eval.judge.template".into(),
+                reason: format!("cannot read {}: {err}", t.display()),
+            })?;
+            tsr_steps::eval::check_pairwise_template(&text).map_err(|reason| {
+                ConfigError::Invalid {
+                    key: "eval.judge.template".into(),
+                    reason: format!("{}: {reason}", t.display()),
+                }
+            })?;
+        }
+        if let (Some(p), false) = (&self.prompts, e.allow_overlap) {
+            let train = read_prompts_file("prompts.file", &p.file, p.limit)?;
+            let texts: std::collections::BTreeSet<&str> =
+                train.iter().map(|p| p.prompt.trim()).collect();
+            let overlap: Vec<&str> = eval_prompts
+                .iter()
+                .filter(|p| texts.contains(p.prompt.trim()))
+                .map(|p| p.id.as_str())
+                .collect();
+            if !overlap.is_empty() {
+                let mut ids = overlap
+                    .iter()
+                    .take(10)
+                    .map(|i| format!("`{i}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if overlap.len() > 10 {
+                    ids.push_str(&format!(" and {} more", overlap.len() - 10));
+                }
+                return bad(
+                    "eval.prompts",
+                    format!(
+                        "{} evaluation prompt(s) are also training prompts: {ids}; held-out prompts must be new (remove them, or set eval.allow_overlap = true)",
+                        overlap.len()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn validate_meta(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, reason: String| {
             Err(ConfigError::Invalid {
@@ -585,6 +842,27 @@ impl Config {
     pub fn definition(&self) -> BTreeMap<String, String> {
         crate::definition_of(&self.to_value())
     }
+}
+
+/// A prompts file read as the `prompts` step reads it (first `limit` prompts; 0: all).
+fn read_prompts_file(
+    key: &str,
+    path: &Path,
+    limit: usize,
+) -> Result<Vec<tsr_steps::prompts::Prompt>, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+        key: key.into(),
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let mut prompts = tsr_steps::prompts::parse_prompts(&bytes, &path.display().to_string())
+        .map_err(|e| ConfigError::Invalid {
+            key: key.into(),
+            reason: e.to_string(),
+        })?;
+    if limit > 0 {
+        prompts.truncate(limit);
+    }
+    Ok(prompts)
 }
 
 /// `a/b/../c` -> `a/c` without touching the filesystem (for readable stored paths).

@@ -28,6 +28,7 @@ pub const WORKFLOWS: &[&str] = &[
     "future-only",
     "meta-rewarding",
     "temporal-meta",
+    "eval",
 ];
 
 /// Build the DAG of a validated config.
@@ -36,6 +37,7 @@ pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
         "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
         "temporal" | "self-rewarding" | "past-only" | "future-only" | "meta-rewarding"
         | "temporal-meta" => lm::build(config),
+        "eval" => lm::build_eval(config),
         other => Err(ConfigError::Invalid {
             key: "workflow".into(),
             reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),
@@ -71,6 +73,11 @@ pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
         "judge.template",
         "judge.model",
         "meta.template",
+        "eval.prompts",
+        "eval.reference",
+        "eval.baseline_model",
+        "eval.judge.template",
+        "eval.judge.model",
     ] {
         out.remove(k);
     }

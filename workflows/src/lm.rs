@@ -13,6 +13,7 @@ use crate::WorkflowError;
 use std::sync::Arc;
 use tsr_engine::{DagBuilder, InputSource};
 use tsr_steps::dpo_step::Dpo;
+use tsr_steps::eval::{Answer, PairwiseJudge, ReferenceOutputs, DEFAULT_PAIRWISE_TEMPLATE};
 use tsr_steps::generate::Generate;
 use tsr_steps::import::{ImportModel, LoadPrompts};
 use tsr_steps::judge::Judge;
@@ -174,6 +175,11 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         }
         None => None,
     };
+    // Models to evaluate: (node prefix, iteration, model).
+    let mut evaluated: Vec<(String, Option<u32>, ModelRef)> =
+        vec![("eval/m0".into(), None, m0.clone())];
+    let eval_every = c.eval.as_ref().map_or(0, |e| e.every);
+    let eval_future = c.eval.as_ref().is_some_and(|e| e.future);
     let mut prev: Option<ModelRef> = None; // M_{i-1}, for anchor = "previous"
     let mut mi = m0.clone();
     let workflow = c.workflow.as_str();
@@ -366,6 +372,9 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             vec![(phase1.to_string(), n("select-1"), String::new())];
         let next = if uses_future {
             let mf = train(&mut b, "future", n("select-1"));
+            if eval_future && eval_every > 0 && (i % eval_every == 0 || i == c.iterations) {
+                evaluated.push((n("eval-future"), it, mf.clone()));
+            }
             phases[0].2 = n("dpo-future");
             add(&mut b, n("gen-future"), gen.clone(), gen_in(&mf), it);
             add(
@@ -438,8 +447,192 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             batch_size: j.batch_size,
         });
         add(&mut b, n("metrics"), metrics, metrics_in, it);
+        if eval_every > 0 && (i % eval_every == 0 || i == c.iterations) {
+            evaluated.push((n("eval"), it, next.clone()));
+        }
         prev = Some(mi.clone());
         mi = next;
     }
+    if eval_every > 0 {
+        add_eval(&mut b, c, &m0, &evaluated)?;
+    }
     Ok(b.build()?)
+}
+
+/// The `eval` workflow (`tsr eval`): the model of `[model]` against the baseline of `[eval]`.
+pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
+    let m = c.model.as_ref().expect("validated: [model] present");
+    let mut b = DagBuilder::new();
+    let (path, format) = m.resolve()?;
+    b.add(
+        "import",
+        Arc::new(ImportModel { format }),
+        vec![("source", InputSource::External(path))],
+        None,
+    );
+    let model = ModelRef {
+        base: "import".into(),
+        node: "import".into(),
+    };
+    add_eval(
+        &mut b,
+        c,
+        &model,
+        &[("eval/model".into(), None, model.clone())],
+    )?;
+    Ok(b.build()?)
+}
+
+/// Resolve a model source given under `key`, naming that key in errors.
+fn resolve_source(key: &str, source: &str) -> Result<(std::path::PathBuf, String), WorkflowError> {
+    crate::config::ModelSection {
+        source: source.to_string(),
+    }
+    .resolve()
+    .map_err(|e| match e {
+        crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid {
+            key: key.into(),
+            reason,
+        }
+        .into(),
+        other => other.into(),
+    })
+}
+
+/// Evaluation nodes: the held-out prompts, the baseline's outputs, and for each evaluated model
+/// `<prefix>-answer` / `<prefix>-judge` (`eval/m0/answer` style for the prefix `eval/m0`).
+/// M0's answers and the baseline's have the same step key when the baseline is M0, so they are
+/// generated once; every run of a store shares them the same way.
+fn add_eval(
+    b: &mut DagBuilder,
+    c: &Config,
+    m0: &ModelRef,
+    evaluated: &[(String, Option<u32>, ModelRef)],
+) -> Result<(), WorkflowError> {
+    let e = c.eval.as_ref().expect("called with [eval]");
+    let file = e.prompts.clone().expect("validated: eval.prompts present");
+    b.add(
+        "eval-prompts",
+        Arc::new(LoadPrompts { limit: e.limit }),
+        vec![("file", InputSource::External(file))],
+        None,
+    );
+    let answer = Arc::new(Answer {
+        max_new_tokens: e.max_new_tokens,
+        temperature: e.temperature,
+        top_p: e.top_p,
+        batch_size: e.batch_size,
+    });
+    let answer_in = |model: &ModelRef| {
+        let mut v = vec![(
+            "prompts".to_string(),
+            InputSource::node("eval-prompts", "prompts"),
+        )];
+        v.extend(model.inputs("model"));
+        v
+    };
+    let imported = |b: &mut DagBuilder, node: &str, key: &str, source: &str| {
+        let (path, format) = resolve_source(key, source)?;
+        b.add(
+            node,
+            Arc::new(ImportModel { format }),
+            vec![("source", InputSource::External(path))],
+            None,
+        );
+        Ok::<ModelRef, WorkflowError>(ModelRef {
+            base: node.into(),
+            node: node.into(),
+        })
+    };
+    match (&e.reference, &e.baseline_model) {
+        (Some(file), _) => add(
+            b,
+            "eval-baseline".into(),
+            Arc::new(ReferenceOutputs {}),
+            vec![
+                (
+                    "prompts".to_string(),
+                    InputSource::node("eval-prompts", "prompts"),
+                ),
+                ("file".to_string(), InputSource::External(file.clone())),
+            ],
+            None,
+        ),
+        (None, Some(source)) => {
+            let base = imported(b, "import-eval-baseline", "eval.baseline_model", source)?;
+            add(
+                b,
+                "eval-baseline".into(),
+                answer.clone(),
+                answer_in(&base),
+                None,
+            );
+        }
+        (None, None) => add(
+            b,
+            "eval-baseline".into(),
+            answer.clone(),
+            answer_in(m0),
+            None,
+        ),
+    }
+    let judge_model = match &e.judge.model {
+        Some(source) => imported(b, "import-eval-judge", "eval.judge.model", source)?,
+        None => m0.clone(),
+    };
+    let template = match &e.judge.template {
+        Some(path) => std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
+            key: "eval.judge.template".into(),
+            reason: format!("cannot read {}: {err}", path.display()),
+        })?,
+        None => DEFAULT_PAIRWISE_TEMPLATE.to_string(),
+    };
+    tsr_steps::eval::check_pairwise_template(&template).map_err(|reason| {
+        crate::ConfigError::Invalid {
+            key: "eval.judge.template".into(),
+            reason,
+        }
+    })?;
+    let judge = Arc::new(PairwiseJudge {
+        mode: e.judge.mode,
+        max_new_tokens: e.judge.max_new_tokens,
+        temperature: e.judge.temperature,
+        top_p: e.judge.top_p,
+        batch_size: e.judge.batch_size,
+        bootstrap_resamples: e.bootstrap_resamples,
+        template,
+    });
+    for (prefix, iteration, model) in evaluated {
+        let answer_node = format!("{prefix}-answer");
+        add(
+            b,
+            answer_node.clone(),
+            answer.clone(),
+            answer_in(model),
+            *iteration,
+        );
+        let mut judge_in = vec![
+            (
+                "prompts".to_string(),
+                InputSource::node("eval-prompts", "prompts"),
+            ),
+            (
+                "baseline".to_string(),
+                InputSource::node("eval-baseline", "outputs"),
+            ),
+            (
+                "candidate".to_string(),
+                InputSource::node(&answer_node, "outputs"),
+            ),
+        ];
+        judge_in.extend(judge_model.inputs("model"));
+        add(
+            b,
+            format!("{prefix}-judge"),
+            judge.clone(),
+            judge_in,
+            *iteration,
+        );
+    }
+    Ok(())
 }

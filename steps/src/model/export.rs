@@ -179,6 +179,25 @@ pub fn export_hf_folder(
     force: bool,
     weights: impl FnOnce(&mut dyn Write) -> Result<(), ModelError>,
 ) -> Result<(), ModelError> {
+    write_folder_whole(out, force, "model folder", &is_model_file, |tmp| {
+        write_files(files, tmp, weights)
+    })
+}
+
+/// Writes a complete folder at `out` with `write` (which fills the empty folder it is given).
+///
+/// `out` must not exist, be an empty folder, or (with `force`) be a `kind` folder: one holding
+/// only entries `replaceable` accepts (never a folder of other files, the current folder or one
+/// above it). The new folder is written beside `out` and swapped in with one atomic exchange,
+/// so `out` is at every moment the old folder or the complete new one; the old one is then
+/// removed. Where the filesystem cannot exchange, an empty `out` is replaced by a rename.
+pub fn write_folder_whole(
+    out: &Path,
+    force: bool,
+    kind: &str,
+    replaceable: &dyn Fn(&str) -> bool,
+    write: impl FnOnce(&Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     let refuse = |msg: String| ModelError::Export {
         path: out.to_path_buf(),
         msg,
@@ -192,14 +211,14 @@ pub fn export_hf_folder(
     if let Some(names) = &existing {
         if !names.is_empty() && !force {
             return Err(refuse(format!(
-                "the folder already holds {} entries; choose an empty or new folder, or pass --force to replace a model folder",
+                "the folder already holds {} entries; choose an empty or new folder, or pass --force to replace a {kind}",
                 names.len()
             )));
         }
-        let foreign: Vec<&String> = names.iter().filter(|n| !is_model_file(n)).collect();
+        let foreign: Vec<&String> = names.iter().filter(|n| !replaceable(n)).collect();
         if !foreign.is_empty() {
             return Err(refuse(format!(
-                "the folder holds files that are not part of a model folder ({}); --force replaces only model folders: choose another folder",
+                "the folder holds files that are not part of a {kind} ({}); --force replaces only a {kind}: choose another folder",
                 foreign.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
@@ -225,7 +244,7 @@ pub fn export_hf_folder(
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    if let Err(e) = write_files(files, &tmp, weights) {
+    if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -270,7 +289,7 @@ pub fn export_hf_folder(
                 }
                 Ok(false) => {
                     return fail(refuse(
-                        "this filesystem cannot swap folders atomically, so a model folder is not replaced in place; remove it or choose another folder".into(),
+                        format!("this filesystem cannot swap folders atomically, so a {kind} is not replaced in place; remove it or choose another folder"),
                     ))
                 }
                 Err(e) => return fail(ModelError::io(out, e)),

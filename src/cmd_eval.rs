@@ -1,0 +1,198 @@
+//! `tsr eval`: one model against a baseline model or a reference outputs file on held-out
+//! prompts, judged pairwise in both orders by a fixed judge: the evaluation steps of the
+//! workflows, run on their own (a run of the `eval` workflow in the store, so it resumes and
+//! reuses work like any run).
+
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The model to evaluate (GGUF, Hugging Face folder or Org/Name from the local cache).
+    #[arg(long)]
+    pub model: String,
+    /// The baseline model whose answers it is compared with.
+    #[arg(
+        long,
+        required_unless_present = "reference",
+        conflicts_with = "reference"
+    )]
+    pub baseline: Option<String>,
+    /// Or a reference outputs file in AlpacaEval's format (a JSON list of
+    /// {"instruction", "output", "generator"}), one output per prompt.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Held-out prompts: JSONL, one {"id", "prompt", "answer"?} per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// The judge model (default: the baseline model, else the evaluated model).
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// `text` (the judge writes `Better: A|B`) or `logprob` (compares P(A) and P(B)).
+    #[arg(long, default_value = "text")]
+    pub mode: String,
+    /// A judge template file with {instruction}, {output_a} and {output_b}.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Use only the first N prompts (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// The run's name in the store (default: derived from the arguments and the files' content,
+    /// so the same command continues the same evaluation).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Also write AlpacaEval's files here (model_outputs.json, annotations.json, ...).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace --out when it holds an earlier evaluation export.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bars or step log.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn path_str(p: &Path) -> String {
+    toml_str(&p.display().to_string())
+}
+
+pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode> {
+    if !["text", "logprob"].contains(&a.mode.as_str()) {
+        bail!("--mode `{}`: use `text` or `logprob`", a.mode);
+    }
+    let judge = a
+        .judge
+        .clone()
+        .or_else(|| a.baseline.clone())
+        .unwrap_or_else(|| a.model.clone());
+    let mut body = format!(
+        "[model]\nsource = {}\n\n[eval]\nprompts = {}\nlimit = {}\nmax_new_tokens = {}\nbatch_size = {}\n",
+        toml_str(&a.model),
+        path_str(&a.prompts),
+        a.limit,
+        a.max_new_tokens,
+        a.batch_size
+    );
+    if let Some(b) = &a.baseline {
+        body.push_str(&format!("baseline_model = {}\n", toml_str(b)));
+    }
+    if let Some(r) = &a.reference {
+        body.push_str(&format!("reference = {}\n", path_str(r)));
+    }
+    body.push_str(&format!(
+        "\n[eval.judge]\nmodel = {}\nmode = {}\nbatch_size = {}\n",
+        toml_str(&judge),
+        toml_str(&a.mode),
+        a.batch_size
+    ));
+    if let Some(t) = &a.template {
+        body.push_str(&format!("template = {}\n", path_str(t)));
+    }
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            // The arguments and the content of the small files they name: a changed prompts
+            // or reference file is a new evaluation, not a refused one.
+            let mut h = blake3::Hasher::new();
+            h.update(body.as_bytes());
+            for f in [Some(&a.prompts), a.reference.as_ref(), a.template.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                h.update(blake3::hash(&bytes).as_bytes());
+            }
+            format!("eval-{}", &h.finalize().to_hex()[..12])
+        }
+    };
+    tsr_state::validate_run_name(&name).with_context(|| format!("--name `{name}`"))?;
+    let text = format!("name = {}\nworkflow = \"eval\"\n\n{body}", toml_str(&name));
+    let cwd = std::env::current_dir().context("reading the current folder")?;
+    let config = tsr_workflows::Config::from_str_at_dir(&text, Path::new("tsr eval"), Some(&cwd))?;
+    let store_dir = crate::store_dir(store_flag, None);
+    let hint = "the same tsr eval command".to_string();
+    let code = crate::cmd_run::drive_eval(&store_dir, &config, &a.device, a.quiet, hint)?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    let store = crate::cmd_run::open_store(&store_dir)?;
+    let nodes = crate::store_read::nodes(&store, &name)?;
+    let evals = crate::store_read::evals(&store, &nodes)?;
+    let e = evals.first().with_context(|| {
+        format!("run `{name}` finished without an evaluation; run `tsr verify`")
+    })?;
+    if let Some(out) = &a.out {
+        crate::cmd_lineage::export_eval_to(&store, &name, out, a.force)?;
+        eprintln!("tsr: AlpacaEval's files in {}", out.display());
+    }
+    let s = &e.summary;
+    if a.json {
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"run": name, "summary": s}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &s.win_rate {
+        Some(w) => say!(
+            "win rate {:.1}% (95% CI {}), length-controlled {}: {} wins, {} losses, {} ties over {} prompts",
+            w.win_rate,
+            s.ci95
+                .map(|(lo, hi)| format!("{lo:.1}-{hi:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            s.lc_win_rate
+                .map(|x| format!("{x:.1}%"))
+                .unwrap_or_else(|| "-".into()),
+            w.n_wins,
+            w.n_wins_base,
+            w.n_draws,
+            w.n_total
+        ),
+        None => say!(
+            "no win rate: none of the {} prompts got a readable verdict from both orders",
+            s.prompts
+        ),
+    }
+    if s.undecided > 0 {
+        say!(
+            "{} prompt(s) undecided: {:.1}% of the judge's verdicts could not be read (mode `logprob` works with judges that rarely write the verdict line)",
+            s.undecided,
+            s.unparsed_share
+        );
+    }
+    say!(
+        "mean length: model {:.0} characters, baseline {:.0}",
+        s.avg_chars_model,
+        s.avg_chars_baseline
+    );
+    if let Some(m) = &s.exact_match {
+        say!(
+            "exact match: model {}/{} ({:.1}%), baseline {}/{} ({:.1}%)",
+            m.correct,
+            m.total,
+            m.accuracy,
+            m.baseline_correct,
+            m.total,
+            m.baseline_accuracy
+        );
+    }
+    say!("lineage of one prompt: tsr lineage {name} eval ID; files: tsr export {name} eval --out DIR");
+    Ok(ExitCode::SUCCESS)
+}

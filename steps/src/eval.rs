@@ -1,0 +1,1013 @@
+//! Evaluation: did a model get better? Held-out prompts are answered by the evaluated model and
+//! by a baseline, and a fixed judge compares the two answers of every prompt, as AlpacaEval does.
+//!
+//! - `answer`: one response per prompt (greedy by default, or seeded sampling), with the model's
+//!   digest as its generator.
+//! - `reference-outputs`: a baseline from a file in AlpacaEval's format (a JSON list of
+//!   `{"instruction", "output", "generator"}`), matched to the prompts by instruction text.
+//! - `eval-judge`: pairwise judging in both orders (position bias). A preference counts only when
+//!   both orders agree; orders that disagree make a tie; a verdict that cannot be read leaves the
+//!   prompt undecided (counted and shown, never guessed). Identical outputs are a tie without
+//!   asking the judge. Two modes: `text` (the judge writes, `Better: A|B` is parsed) and
+//!   `logprob` (the probabilities of the tokens `A` and `B` after the verdict opening
+//!   `Better: `; usable with small judges). Outputs: `annotations` (one per prompt, with both
+//!   raw verdicts) and `summary` (win rate as AlpacaEval computes it, bootstrap interval,
+//!   length-controlled win rate, lengths, exact match).
+//!
+//! Items are prompts (both orders in one item); seeds derive from the step key, the prompt id
+//! and the order, so a resumed step equals an uninterrupted one.
+
+use crate::eval_metrics::{self, WinRate};
+use crate::judge_pairs::MetaVerdict;
+use crate::lm::{self, decode_item, model_err};
+use crate::meta_judge::parse_better;
+use crate::model::{GenRequest, Sampling};
+use crate::prompts::Prompt;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+
+/// The default pairwise template. Placeholders: `{instruction}`, `{output_a}`, `{output_b}`.
+/// It ends by asking for the verdict line that `text` mode parses and whose opening
+/// (`Better: `) `logprob` mode appends.
+pub const DEFAULT_PAIRWISE_TEMPLATE: &str = "Compare two responses to the same instruction and decide which one is better.
+
+A better response follows the instruction, is correct and helpful, and says what is needed without padding. Do not prefer a response because it is longer or comes first.
+
+<instruction>
+{instruction}
+</instruction>
+
+<response_a>
+{output_a}
+</response_a>
+
+<response_b>
+{output_b}
+</response_b>
+
+Compare the two responses in up to 80 words, then end with a line in exactly this form:
+Better: <A or B>";
+
+pub const PAIRWISE_PLACEHOLDERS: [&str; 3] = ["{instruction}", "{output_a}", "{output_b}"];
+
+/// The opening of the verdict line; `logprob` mode scores the next token (`A` or `B`).
+pub const VERDICT_OPENING: &str = "Better: ";
+
+/// A pairwise template must contain the three placeholders.
+pub fn check_pairwise_template(template: &str) -> Result<(), String> {
+    match PAIRWISE_PLACEHOLDERS
+        .iter()
+        .find(|p| !template.contains(**p))
+    {
+        Some(p) => Err(format!(
+            "the evaluation judge template lacks the placeholder {p}; it needs {{instruction}}, {{output_a}} and {{output_b}}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Fill placeholders in one pass (braces inside the values are never substituted).
+pub fn render_placeholders(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out =
+        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
+    let mut rest = template;
+    'outer: while let Some(pos) = rest.find('{') {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        for (name, value) in values {
+            if let Some(t) = tail.strip_prefix(name) {
+                out.push_str(value);
+                rest = t;
+                continue 'outer;
+            }
+        }
+        out.push('{');
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One output of a generator for one prompt (a model's answer or a reference output).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalOutput {
+    pub prompt_id: String,
+    pub output: String,
+    /// The model's weights digest, or the `generator` of a reference file.
+    pub generator: String,
+    /// Generated tokens (`None` for reference outputs).
+    #[serde(default)]
+    pub tokens: Option<usize>,
+    /// `eot` or `length` (`None` for reference outputs).
+    #[serde(default)]
+    pub finish: Option<String>,
+    /// The sampling seed (`None` for greedy answers and reference outputs).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// `answer`: one response per prompt from the model under `model`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answer {
+    pub max_new_tokens: usize,
+    /// 0: greedy (the default for evaluation); > 0: seeded sampling.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+}
+
+impl Step for Answer {
+    fn kind(&self) -> &'static str {
+        "answer"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["outputs"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
+        let generator = lm::model_digest(inputs, "model")?;
+        let total = prompts.len() as u64;
+        let done = ctx.items().indices()?.len() as u64;
+        let model = if done < total {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
+        ctx.progress().set_message("answering evaluation prompts");
+        let greedy = self.temperature <= 0.0;
+        ctx.for_each_batch(total, self.batch_size, |idx| {
+            let model = model.as_ref().expect("model loaded when work remains");
+            let tok = model.tokenizer();
+            let mut reqs = Vec::with_capacity(idx.len());
+            let mut seeds = Vec::with_capacity(idx.len());
+            for &i in idx {
+                let p = &prompts[i as usize];
+                let seed = ctx.derive_seed(&format!("answer/{}", p.id), 0);
+                reqs.push(GenRequest {
+                    prompt_ids: tok
+                        .encode_prompt(&p.prompt)
+                        .map_err(model_err("encoding a prompt"))?,
+                    max_new_tokens: self.max_new_tokens,
+                    sampling: if greedy {
+                        Sampling::Greedy
+                    } else {
+                        Sampling::Sample {
+                            temperature: self.temperature,
+                            top_p: Some(self.top_p),
+                            top_k: None,
+                        }
+                    },
+                    seed,
+                });
+                seeds.push((p.id.clone(), (!greedy).then_some(seed)));
+            }
+            let outs = model
+                .generate(&reqs, self.batch_size)
+                .map_err(model_err("answering"))?;
+            Ok(outs
+                .into_iter()
+                .zip(seeds)
+                .map(|(o, (prompt_id, seed))| {
+                    let row = EvalOutput {
+                        prompt_id,
+                        tokens: Some(o.token_ids.len()),
+                        output: o.text,
+                        generator: generator.clone(),
+                        finish: Some(
+                            match o.finished {
+                                crate::model::FinishReason::EndOfTurn => "eot",
+                                crate::model::FinishReason::MaxTokens => "length",
+                            }
+                            .into(),
+                        ),
+                        seed,
+                    };
+                    serde_json::to_vec(&row).expect("output serializes")
+                })
+                .collect())
+        })?;
+        let mut rows: Vec<EvalOutput> = Vec::with_capacity(total as usize);
+        for (i, b) in ctx.items().all()? {
+            rows.push(decode_item(&b, "answer", i)?);
+        }
+        Ok(StepOutputs::new().bytes("outputs", "eval-outputs-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Why a reference outputs file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("reference outputs {file}: {reason}; expected AlpacaEval's format, a JSON list of {{\"instruction\": ..., \"output\": ..., \"generator\": ...}}")]
+    Shape { file: String, reason: String },
+    #[error("reference outputs {file} have no output for {count} evaluation prompt(s): {ids}; add them or remove those prompts")]
+    Missing {
+        file: String,
+        count: usize,
+        ids: String,
+    },
+    #[error("reference outputs {file} give {count} different outputs for the instruction of prompt `{id}`; keep one")]
+    Ambiguous {
+        file: String,
+        id: String,
+        count: usize,
+    },
+}
+
+/// Read a reference outputs file (AlpacaEval's format) and pick the output of every prompt, by
+/// instruction text (exact, or equal after trimming surrounding whitespace). Every prompt must
+/// have one; extra instructions are ignored.
+pub fn parse_reference(
+    bytes: &[u8],
+    file: &str,
+    prompts: &[Prompt],
+) -> Result<Vec<EvalOutput>, ReferenceError> {
+    let shape = |reason: String| ReferenceError::Shape {
+        file: file.to_string(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| shape(format!("not JSON ({e})")))?;
+    let list = value
+        .as_array()
+        .ok_or_else(|| shape("the top level is not a list".into()))?;
+    let default_generator = std::path::Path::new(file)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "reference".into());
+    let mut by_instruction: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (n, row) in list.iter().enumerate() {
+        let obj = row
+            .as_object()
+            .ok_or_else(|| shape(format!("entry {n} is not an object")))?;
+        let field = |k: &str| -> Result<Option<String>, ReferenceError> {
+            match obj.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(shape(format!(
+                    "entry {n}: \"{k}\" must be a string, found {other}"
+                ))),
+            }
+        };
+        let instruction = field("instruction")?
+            .ok_or_else(|| shape(format!("entry {n} has no \"instruction\"")))?;
+        let output =
+            field("output")?.ok_or_else(|| shape(format!("entry {n} has no \"output\"")))?;
+        let generator = field("generator")?.unwrap_or_else(|| default_generator.clone());
+        by_instruction
+            .entry(instruction.trim().to_string())
+            .or_default()
+            .push((output, generator));
+    }
+    let mut out = Vec::with_capacity(prompts.len());
+    let mut missing = Vec::new();
+    for p in prompts {
+        match by_instruction.get(p.prompt.trim()) {
+            None => missing.push(p.id.clone()),
+            Some(v) => {
+                let distinct: std::collections::BTreeSet<&str> =
+                    v.iter().map(|(o, _)| o.as_str()).collect();
+                if distinct.len() > 1 {
+                    return Err(ReferenceError::Ambiguous {
+                        file: file.to_string(),
+                        id: p.id.clone(),
+                        count: distinct.len(),
+                    });
+                }
+                out.push(EvalOutput {
+                    prompt_id: p.id.clone(),
+                    output: v[0].0.clone(),
+                    generator: v[0].1.clone(),
+                    tokens: None,
+                    finish: None,
+                    seed: None,
+                });
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let count = missing.len();
+        let mut ids = missing
+            .iter()
+            .take(10)
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if count > 10 {
+            ids.push_str(&format!(" and {} more", count - 10));
+        }
+        return Err(ReferenceError::Missing {
+            file: file.to_string(),
+            count,
+            ids,
+        });
+    }
+    Ok(out)
+}
+
+/// `reference-outputs`: the baseline from a reference file (external input `file`).
+#[derive(Clone, Debug, Serialize)]
+pub struct ReferenceOutputs {}
+
+impl Step for ReferenceOutputs {
+    fn kind(&self) -> &'static str {
+        "reference-outputs"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["outputs"]
+    }
+    fn resources(&self) -> Vec<tsr_engine::Resource> {
+        vec![]
+    }
+    fn run(&self, inputs: &StepInputs, _ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
+        let path = inputs.path("file")?;
+        let rows = parse_reference(
+            &inputs.bytes("file")?,
+            &path.display().to_string(),
+            &prompts,
+        )
+        .map_err(|e| StepError::Invalid(e.to_string()))?;
+        Ok(StepOutputs::new().bytes("outputs", "eval-outputs-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Which output the judge saw first (as `A`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    BaselineFirst,
+    ModelFirst,
+}
+
+/// What one order's verdict says.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefers {
+    Baseline,
+    Model,
+    /// `logprob` mode only: both tokens exactly equally likely.
+    Tie,
+    /// The verdict could not be read (text mode), with the reason.
+    Unparsed(String),
+}
+
+/// The judge's verdict in one order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OrderVerdict {
+    pub order: Order,
+    /// The judge's raw text (`text` mode).
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Probabilities of `A` and `B` renormalised over the two (`logprob` mode).
+    #[serde(default)]
+    pub prob_a: Option<f64>,
+    #[serde(default)]
+    pub prob_b: Option<f64>,
+    pub prefers: Prefers,
+}
+
+/// One judged prompt: AlpacaEval's annotation fields (`output_1` is the baseline, `output_2`
+/// the evaluated model; `preference` 1 = baseline, 2 = model, 1.5 = tie, `None` = undecided)
+/// plus the lineage of the verdict.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Annotation {
+    pub prompt_id: String,
+    pub instruction: String,
+    pub output_1: String,
+    pub output_2: String,
+    pub generator_1: String,
+    pub generator_2: String,
+    pub preference: Option<f64>,
+    /// How the preference was reached, in words.
+    pub decision: String,
+    /// Both orders' verdicts (empty when the outputs are identical).
+    pub verdicts: Vec<OrderVerdict>,
+    pub judge_model: String,
+    pub mode: String,
+    pub template_digest: String,
+    #[serde(default)]
+    pub answer: Option<String>,
+    /// Exact match of the model's output (`output_2`) with `answer`.
+    #[serde(default)]
+    pub correct: Option<bool>,
+    /// Exact match of the baseline's output with `answer`.
+    #[serde(default)]
+    pub baseline_correct: Option<bool>,
+}
+
+/// Combine the two orders: the model (or baseline) is preferred only when both orders say so;
+/// any other pair of readable verdicts is a tie; an unreadable verdict leaves it undecided.
+pub fn combine(verdicts: &[OrderVerdict]) -> (Option<f64>, String) {
+    if let Some(v) = verdicts
+        .iter()
+        .find(|v| matches!(v.prefers, Prefers::Unparsed(_)))
+    {
+        let Prefers::Unparsed(why) = &v.prefers else {
+            unreachable!()
+        };
+        let order = match v.order {
+            Order::BaselineFirst => "baseline first",
+            Order::ModelFirst => "model first",
+        };
+        return (
+            None,
+            format!("undecided: the verdict with the {order} cannot be read ({why})"),
+        );
+    }
+    let all = |p: Prefers| verdicts.iter().all(|v| v.prefers == p);
+    if all(Prefers::Model) {
+        (Some(2.0), "both orders prefer the model".into())
+    } else if all(Prefers::Baseline) {
+        (Some(1.0), "both orders prefer the baseline".into())
+    } else {
+        (Some(1.5), "tie: the two orders disagree".into())
+    }
+}
+
+/// Exact-match accuracy over the prompts with an answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExactMatch {
+    pub correct: usize,
+    pub total: usize,
+    /// Percent.
+    pub accuracy: f64,
+    pub baseline_correct: usize,
+    pub baseline_accuracy: f64,
+}
+
+/// The metrics of one evaluated model against its baseline.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalSummary {
+    /// The baseline's generator and the evaluated model's (weights digest).
+    pub generator_1: String,
+    pub generator_2: String,
+    pub judge_model: String,
+    pub mode: String,
+    pub template_digest: String,
+    pub prompts: usize,
+    /// As `alpaca_eval.metrics.get_winrate` computes it over the decided prompts.
+    pub win_rate: Option<WinRate>,
+    /// Seeded percentile bootstrap, 95%.
+    pub ci95: Option<(f64, f64)>,
+    /// The minimal length-controlled win rate (see `eval_metrics`).
+    pub lc_win_rate: Option<f64>,
+    /// Prompts left undecided because a verdict could not be read.
+    pub undecided: usize,
+    /// Verdicts asked of the judge, and how many could not be read.
+    pub verdicts: usize,
+    pub unparsed_verdicts: usize,
+    /// Percent of verdicts that could not be read.
+    pub unparsed_share: f64,
+    /// Prompts whose two outputs are identical (ties, not judged).
+    pub identical: usize,
+    /// Mean output length in characters.
+    pub avg_chars_model: f64,
+    pub avg_chars_baseline: f64,
+    pub exact_match: Option<ExactMatch>,
+}
+
+/// Metrics over finished annotations (`seed` drives the bootstrap).
+pub fn summarize(
+    annotations: &[Annotation],
+    judge_model: &str,
+    mode: &str,
+    template_digest: &str,
+    seed: u64,
+    resamples: usize,
+) -> EvalSummary {
+    let prefs: Vec<f64> = annotations
+        .iter()
+        .map(|a| a.preference.unwrap_or(f64::NAN))
+        .collect();
+    let chars = |s: &str| s.chars().count();
+    let model_len: Vec<usize> = annotations.iter().map(|a| chars(&a.output_2)).collect();
+    let base_len: Vec<usize> = annotations.iter().map(|a| chars(&a.output_1)).collect();
+    let mean = |v: &[usize]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<usize>() as f64 / v.len() as f64
+        }
+    };
+    let verdicts: usize = annotations.iter().map(|a| a.verdicts.len()).sum();
+    let unparsed = annotations
+        .iter()
+        .flat_map(|a| &a.verdicts)
+        .filter(|v| matches!(v.prefers, Prefers::Unparsed(_)))
+        .count();
+    let with_answer: Vec<&Annotation> =
+        annotations.iter().filter(|a| a.correct.is_some()).collect();
+    let exact_match = (!with_answer.is_empty()).then(|| {
+        let total = with_answer.len();
+        let correct = with_answer
+            .iter()
+            .filter(|a| a.correct == Some(true))
+            .count();
+        let baseline_correct = with_answer
+            .iter()
+            .filter(|a| a.baseline_correct == Some(true))
+            .count();
+        ExactMatch {
+            correct,
+            total,
+            accuracy: 100.0 * correct as f64 / total as f64,
+            baseline_correct,
+            baseline_accuracy: 100.0 * baseline_correct as f64 / total as f64,
+        }
+    });
+    EvalSummary {
+        generator_1: annotations
+            .first()
+            .map(|a| a.generator_1.clone())
+            .unwrap_or_default(),
+        generator_2: annotations
+            .first()
+            .map(|a| a.generator_2.clone())
+            .unwrap_or_default(),
+        judge_model: judge_model.to_string(),
+        mode: mode.to_string(),
+        template_digest: template_digest.to_string(),
+        prompts: annotations.len(),
+        win_rate: eval_metrics::win_rate(&prefs),
+        ci95: eval_metrics::bootstrap_interval(&prefs, seed, resamples),
+        lc_win_rate: eval_metrics::length_controlled_win_rate(&prefs, &model_len, &base_len),
+        undecided: annotations
+            .iter()
+            .filter(|a| a.preference.is_none())
+            .count(),
+        verdicts,
+        unparsed_verdicts: unparsed,
+        unparsed_share: if verdicts == 0 {
+            0.0
+        } else {
+            100.0 * unparsed as f64 / verdicts as f64
+        },
+        identical: annotations.iter().filter(|a| a.verdicts.is_empty()).count(),
+        avg_chars_model: mean(&model_len),
+        avg_chars_baseline: mean(&base_len),
+        exact_match,
+    }
+}
+
+/// `eval-judge`: a fixed judge compares the baseline's and the model's output of every prompt.
+#[derive(Clone, Debug, Serialize)]
+pub struct PairwiseJudge {
+    pub mode: crate::judge::JudgeMode,
+    pub max_new_tokens: usize,
+    /// 0: greedy verdicts (the default); > 0: seeded sampling per prompt and order.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+    pub bootstrap_resamples: usize,
+    /// The pairwise template; part of the step key.
+    pub template: String,
+}
+
+impl PairwiseJudge {
+    pub fn template_digest(&self) -> String {
+        blake3::hash(self.template.as_bytes()).to_hex().to_string()
+    }
+    fn mode_name(&self) -> &'static str {
+        match self.mode {
+            crate::judge::JudgeMode::Text => "text",
+            crate::judge::JudgeMode::Logprob => "logprob",
+        }
+    }
+}
+
+fn read_outputs(
+    inputs: &StepInputs,
+    name: &str,
+    prompts: &[Prompt],
+) -> Result<BTreeMap<String, EvalOutput>, StepError> {
+    let rows: Vec<EvalOutput> = lm::from_jsonl(&inputs.bytes(name)?, name)?;
+    let map: BTreeMap<String, EvalOutput> =
+        rows.into_iter().map(|r| (r.prompt_id.clone(), r)).collect();
+    if let Some(p) = prompts.iter().find(|p| !map.contains_key(&p.id)) {
+        return Err(StepError::Invalid(format!(
+            "the {name} outputs have no output for evaluation prompt `{}`",
+            p.id
+        )));
+    }
+    Ok(map)
+}
+
+impl Step for PairwiseJudge {
+    fn kind(&self) -> &'static str {
+        "eval-judge"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["annotations", "summary"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
+        let baseline = read_outputs(inputs, "baseline", &prompts)?;
+        let candidate = read_outputs(inputs, "candidate", &prompts)?;
+        let judge_model = lm::model_digest(inputs, "model")?;
+        let template_digest = self.template_digest();
+        let mode = self.mode_name();
+        let total = prompts.len() as u64;
+        let done = ctx.items().indices()?.len() as u64;
+        let needs_judge = prompts
+            .iter()
+            .any(|p| baseline[&p.id].output != candidate[&p.id].output);
+        let model = if done < total && needs_judge {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
+        ctx.progress().set_message(format!("evaluating ({mode})"));
+        let per_batch = match self.mode {
+            crate::judge::JudgeMode::Text => (self.batch_size / 2).max(1),
+            crate::judge::JudgeMode::Logprob => self.batch_size.max(1),
+        };
+        ctx.for_each_batch(total, per_batch, |idx| {
+            // (item position, order, judge prompt ids)
+            let mut asks: Vec<(usize, Order, Vec<u32>)> = Vec::new();
+            for (n, &i) in idx.iter().enumerate() {
+                let p = &prompts[i as usize];
+                let (b, c) = (&baseline[&p.id], &candidate[&p.id]);
+                if b.output == c.output {
+                    continue;
+                }
+                let model = model.as_ref().expect("judge loaded when outputs differ");
+                for order in [Order::BaselineFirst, Order::ModelFirst] {
+                    let (a, bb) = match order {
+                        Order::BaselineFirst => (&b.output, &c.output),
+                        Order::ModelFirst => (&c.output, &b.output),
+                    };
+                    let text = render_placeholders(
+                        &self.template,
+                        &[("{instruction}", &p.prompt), ("{output_a}", a), ("{output_b}", bb)],
+                    );
+                    let ids = model
+                        .tokenizer()
+                        .encode_prompt(&text)
+                        .map_err(model_err("encoding an evaluation judge prompt"))?;
+                    asks.push((n, order, ids));
+                }
+            }
+            let mut verdicts: Vec<Vec<OrderVerdict>> = vec![Vec::new(); idx.len()];
+            let side = |order: Order, letter: MetaVerdict| match (order, letter) {
+                (Order::BaselineFirst, MetaVerdict::A) | (Order::ModelFirst, MetaVerdict::B) => {
+                    Prefers::Baseline
+                }
+                _ => Prefers::Model,
+            };
+            if !asks.is_empty() {
+                let model = model.as_ref().expect("judge loaded when outputs differ");
+                match self.mode {
+                    crate::judge::JudgeMode::Text => {
+                        let reqs: Vec<GenRequest> = asks
+                            .iter()
+                            .map(|(n, order, ids)| GenRequest {
+                                prompt_ids: ids.clone(),
+                                max_new_tokens: self.max_new_tokens,
+                                sampling: if self.temperature <= 0.0 {
+                                    Sampling::Greedy
+                                } else {
+                                    Sampling::Sample {
+                                        temperature: self.temperature,
+                                        top_p: Some(self.top_p),
+                                        top_k: None,
+                                    }
+                                },
+                                seed: ctx.derive_seed(
+                                    &format!("eval-judge/{}", prompts[idx[*n] as usize].id),
+                                    *order as u64,
+                                ),
+                            })
+                            .collect();
+                        let outs = model
+                            .generate(&reqs, self.batch_size)
+                            .map_err(model_err("judging evaluation outputs"))?;
+                        for ((n, order, _), o) in asks.iter().zip(outs) {
+                            let prefers = match parse_better(&o.text) {
+                                MetaVerdict::Unparsed(why) => Prefers::Unparsed(why),
+                                letter => side(*order, letter),
+                            };
+                            verdicts[*n].push(OrderVerdict {
+                                order: *order,
+                                text: Some(o.text),
+                                prob_a: None,
+                                prob_b: None,
+                                prefers,
+                            });
+                        }
+                    }
+                    crate::judge::JudgeMode::Logprob => {
+                        let tok = model.tokenizer();
+                        let opening = tok
+                            .encode(VERDICT_OPENING)
+                            .map_err(model_err("encoding the verdict opening"))?;
+                        let letters: Vec<u32> = ["A", "B"]
+                            .iter()
+                            .map(|l| {
+                                let ids = tok.encode(l).map_err(model_err("encoding a verdict letter"))?;
+                                match ids.as_slice() {
+                                    [one] => Ok(*one),
+                                    _ => Err(StepError::Invalid(format!(
+                                        "the judge's tokenizer splits `{l}` into {} tokens; use evaluation judge mode `text`",
+                                        ids.len()
+                                    ))),
+                                }
+                            })
+                            .collect::<Result<_, _>>()?;
+                        let seqs: Vec<Vec<u32>> = asks
+                            .iter()
+                            .map(|(_, _, ids)| {
+                                let mut s = ids.clone();
+                                s.extend_from_slice(&opening);
+                                s
+                            })
+                            .collect();
+                        let lps = model
+                            .next_token_logprobs(&seqs, &letters, self.batch_size)
+                            .map_err(model_err("scoring the verdict letters"))?;
+                        for ((n, order, _), lp) in asks.iter().zip(lps) {
+                            let (la, lb) = (lp[0] as f64, lp[1] as f64);
+                            let m = la.max(lb);
+                            let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+                            let (pa, pb) = (wa / (wa + wb), wb / (wa + wb));
+                            let prefers = if !(pa.is_finite() && pb.is_finite()) {
+                                Prefers::Unparsed("non-finite verdict-token probabilities".into())
+                            } else if pa > pb {
+                                side(*order, MetaVerdict::A)
+                            } else if pb > pa {
+                                side(*order, MetaVerdict::B)
+                            } else {
+                                Prefers::Tie
+                            };
+                            verdicts[*n].push(OrderVerdict {
+                                order: *order,
+                                text: None,
+                                prob_a: Some(pa),
+                                prob_b: Some(pb),
+                                prefers,
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(idx
+                .iter()
+                .zip(verdicts)
+                .map(|(&i, verdicts)| {
+                    let p = &prompts[i as usize];
+                    let (b, c) = (&baseline[&p.id], &candidate[&p.id]);
+                    let (preference, decision) = if verdicts.is_empty() {
+                        (Some(1.5), "tie: the two outputs are identical (not judged)".to_string())
+                    } else {
+                        combine(&verdicts)
+                    };
+                    let answer = p.answer.clone();
+                    let correct = answer
+                        .as_deref()
+                        .and_then(|a| eval_metrics::exact_match(&c.output, a));
+                    let baseline_correct = answer
+                        .as_deref()
+                        .and_then(|a| eval_metrics::exact_match(&b.output, a));
+                    let row = Annotation {
+                        prompt_id: p.id.clone(),
+                        instruction: p.prompt.clone(),
+                        output_1: b.output.clone(),
+                        output_2: c.output.clone(),
+                        generator_1: b.generator.clone(),
+                        generator_2: c.generator.clone(),
+                        preference,
+                        decision,
+                        verdicts,
+                        judge_model: judge_model.clone(),
+                        mode: mode.to_string(),
+                        template_digest: template_digest.clone(),
+                        answer,
+                        correct,
+                        baseline_correct,
+                    };
+                    serde_json::to_vec(&row).expect("annotation serializes")
+                })
+                .collect())
+        })?;
+        let mut rows: Vec<Annotation> = Vec::with_capacity(total as usize);
+        for (i, b) in ctx.items().all()? {
+            rows.push(decode_item(&b, "eval-judge", i)?);
+        }
+        let summary = summarize(
+            &rows,
+            &judge_model,
+            mode,
+            &template_digest,
+            ctx.derive_seed("bootstrap", 0),
+            self.bootstrap_resamples,
+        );
+        Ok(StepOutputs::new()
+            .bytes("annotations", "eval-annotations-jsonl", lm::to_jsonl(&rows))
+            .json("summary", &summary))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(order: Order, prefers: Prefers) -> OrderVerdict {
+        OrderVerdict {
+            order,
+            text: None,
+            prob_a: None,
+            prob_b: None,
+            prefers,
+        }
+    }
+
+    #[test]
+    fn a_preference_needs_both_orders() {
+        use Order::*;
+        use Prefers::*;
+        assert_eq!(
+            combine(&[v(BaselineFirst, Model), v(ModelFirst, Model)]).0,
+            Some(2.0)
+        );
+        assert_eq!(
+            combine(&[v(BaselineFirst, Baseline), v(ModelFirst, Baseline)]).0,
+            Some(1.0)
+        );
+        assert_eq!(
+            combine(&[v(BaselineFirst, Model), v(ModelFirst, Baseline)]).0,
+            Some(1.5)
+        );
+        assert_eq!(
+            combine(&[v(BaselineFirst, Tie), v(ModelFirst, Model)]).0,
+            Some(1.5)
+        );
+        let (p, why) = combine(&[
+            v(BaselineFirst, Model),
+            v(ModelFirst, Unparsed("no line".into())),
+        ]);
+        assert_eq!(p, None);
+        assert!(
+            why.contains("model first") && why.contains("no line"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn templates_need_their_placeholders_and_render_once() {
+        assert!(check_pairwise_template(DEFAULT_PAIRWISE_TEMPLATE).is_ok());
+        let e = check_pairwise_template("{instruction} {output_a}").unwrap_err();
+        assert!(e.contains("{output_b}"), "{e}");
+        let out = render_placeholders(
+            "Q {instruction} A {output_a} B {output_b} {other}",
+            &[
+                ("{instruction}", "{output_a}"),
+                ("{output_a}", "x"),
+                ("{output_b}", "y"),
+            ],
+        );
+        assert_eq!(out, "Q {output_a} A x B y {other}");
+    }
+
+    fn prompt(id: &str, text: &str) -> Prompt {
+        Prompt {
+            id: id.into(),
+            prompt: text.into(),
+            answer: None,
+        }
+    }
+
+    #[test]
+    fn reference_files_are_matched_by_instruction() {
+        let prompts = [prompt("a", "Name a colour."), prompt("b", "Add 2 and 2.")];
+        let file = br#"[{"instruction": "Add 2 and 2.", "output": "4", "generator": "gpt4_turbo", "dataset": "x"},
+                        {"instruction": " Name a colour.\n", "output": "Red."},
+                        {"instruction": "unused", "output": "-"}]"#;
+        let rows = parse_reference(file, "dir/ref.json", &prompts).unwrap();
+        assert_eq!(rows[0].prompt_id, "a");
+        assert_eq!(rows[0].output, "Red.");
+        assert_eq!(
+            rows[0].generator, "ref",
+            "a missing generator is the file's name"
+        );
+        assert_eq!(rows[1].generator, "gpt4_turbo");
+    }
+
+    #[test]
+    fn bad_reference_files_are_named() {
+        let prompts = [prompt("a", "Name a colour."), prompt("b", "Add 2 and 2.")];
+        let err = |bytes: &[u8]| {
+            parse_reference(bytes, "ref.json", &prompts)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(b"{\"instruction\": \"x\"}");
+        assert!(
+            e.contains("ref.json") && e.contains("not a list") && e.contains("AlpacaEval"),
+            "{e}"
+        );
+        let e = err(b"[{\"instruction\": \"Name a colour.\"}]");
+        assert!(e.contains("entry 0 has no \"output\""), "{e}");
+        let e = err(b"[{\"instruction\": \"Name a colour.\", \"output\": 3}]");
+        assert!(e.contains("\"output\" must be a string"), "{e}");
+        let e = err(b"[{\"instruction\": \"Name a colour.\", \"output\": \"Red\"}]");
+        assert!(e.contains("1 evaluation prompt(s): `b`"), "{e}");
+        let e = err(br#"[{"instruction": "Name a colour.", "output": "Red"}, {"instruction": "Name a colour.", "output": "Blue"}, {"instruction": "Add 2 and 2.", "output": "4"}]"#);
+        assert!(
+            e.contains("2 different outputs") && e.contains("`a`"),
+            "{e}"
+        );
+        let e = err(b"not json");
+        assert!(e.contains("not JSON"), "{e}");
+    }
+
+    fn ann(
+        pref: Option<f64>,
+        out1: &str,
+        out2: &str,
+        verdicts: Vec<OrderVerdict>,
+        correct: Option<bool>,
+    ) -> Annotation {
+        Annotation {
+            prompt_id: "p".into(),
+            instruction: "i".into(),
+            output_1: out1.into(),
+            output_2: out2.into(),
+            generator_1: "base".into(),
+            generator_2: "model".into(),
+            preference: pref,
+            decision: String::new(),
+            verdicts,
+            judge_model: "j".into(),
+            mode: "text".into(),
+            template_digest: "t".into(),
+            answer: correct.map(|_| "4".into()),
+            correct,
+            baseline_correct: correct.map(|_| false),
+        }
+    }
+
+    #[test]
+    fn summaries_count_what_was_decided() {
+        use Order::*;
+        let two = || {
+            vec![
+                v(BaselineFirst, Prefers::Model),
+                v(ModelFirst, Prefers::Model),
+            ]
+        };
+        let rows = vec![
+            ann(Some(2.0), "ab", "abcd", two(), Some(true)),
+            ann(Some(1.0), "ab", "abcd", two(), Some(false)),
+            ann(Some(1.5), "same", "same", vec![], None),
+            ann(
+                None,
+                "ab",
+                "a",
+                vec![
+                    v(BaselineFirst, Prefers::Unparsed("x".into())),
+                    v(ModelFirst, Prefers::Model),
+                ],
+                None,
+            ),
+        ];
+        let s = summarize(&rows, "j", "text", "t", 7, 200);
+        let w = s.win_rate.clone().unwrap();
+        assert_eq!(
+            w.n_total, 3,
+            "the undecided prompt is left out, as alpaca_eval drops NaN"
+        );
+        assert!((w.win_rate - 50.0).abs() < 1e-12);
+        assert_eq!(
+            (s.undecided, s.identical, s.verdicts, s.unparsed_verdicts),
+            (1, 1, 6, 1)
+        );
+        assert!((s.unparsed_share - 100.0 / 6.0).abs() < 1e-12);
+        let em = s.exact_match.unwrap();
+        assert_eq!((em.correct, em.total, em.baseline_correct), (1, 2, 0));
+        assert!((s.avg_chars_model - 13.0 / 4.0).abs() < 1e-12);
+        let (lo, hi) = s.ci95.unwrap();
+        assert!(lo <= 50.0 && 50.0 <= hi);
+        assert_eq!(
+            summarize(&rows, "j", "text", "t", 7, 200),
+            summarize(&rows, "j", "text", "t", 7, 200)
+        );
+    }
+}

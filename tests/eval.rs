@@ -1,0 +1,497 @@
+//! Evaluation on a tiny random model: the `[eval]` section of a workflow, `tsr eval`, the
+//! exported AlpacaEval files, lineage of every judgement, SIGKILL-and-resume, and bad inputs
+//! refused before anything runs.
+
+mod common;
+
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+const TRAIN: &str = "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n";
+const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"what is two plus two?\", \"answer\": 4}\n{\"id\": \"e2\", \"prompt\": \"name an animal\"}\n{\"id\": \"e3\", \"prompt\": \"say something kind\"}\n{\"id\": \"e4\", \"prompt\": \"how many legs has a cat?\", \"answer\": \"4\"}\n";
+
+fn setup(dir: &Path, name: &str, workflow: &str, eval: &str) -> PathBuf {
+    let model = dir.join("tiny");
+    if !model.exists() {
+        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    }
+    std::fs::write(dir.join("prompts.jsonl"), TRAIN).unwrap();
+    std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"{name}\"\nworkflow = \"{workflow}\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 6\nbatch_size = 4\n\
+             [judge]\nmode = \"logprob\"\nbatch_size = 4\n\
+             [dpo]\nlr = 1e-2\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = 1\n\
+             [eval]\n{}max_new_tokens = 8\nbatch_size = 3\n{eval}",
+            if eval.contains("prompts = ") {
+                ""
+            } else {
+                "prompts = \"held-out.jsonl\"\n"
+            }
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn summary(store: &Path, run: &str, node: &str) -> serde_json::Value {
+    let v = status(store, run);
+    serde_json::from_slice(&blob(store, &output_of(&v, node, "summary"))).unwrap()
+}
+
+fn node_states(store: &Path, run: &str) -> Vec<(String, String)> {
+    status(store, run)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().to_string(),
+                n["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(
+        dir.path(),
+        "t",
+        "temporal",
+        "future = true\n[eval.judge]\nmode = \"logprob\"\n",
+    );
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let states = node_states(&store, "t");
+    let names: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+    for want in [
+        "eval-prompts",
+        "eval-baseline",
+        "eval/m0-answer",
+        "eval/m0-judge",
+        "iter1/eval-answer",
+        "iter1/eval-judge",
+        "iter1/eval-future-answer",
+        "iter1/eval-future-judge",
+    ] {
+        assert!(names.contains(&want), "missing {want} in {names:?}");
+    }
+    // M0's answers are the baseline's: one step, generated once.
+    let v = status(&store, "t");
+    assert_eq!(
+        output_of(&v, "eval-baseline", "outputs"),
+        output_of(&v, "eval/m0-answer", "outputs")
+    );
+    let m0 = summary(&store, "t", "eval/m0-judge");
+    assert_eq!(
+        m0["identical"], 4,
+        "M0 against itself: every output identical, a tie"
+    );
+    assert_eq!(m0["win_rate"]["win_rate"], 50.0);
+    assert_eq!(m0["verdicts"], 0, "identical outputs are not judged");
+    let m1 = summary(&store, "t", "iter1/eval-judge");
+    assert_eq!(m1["prompts"], 4);
+    assert_eq!(m1["verdicts"], 8, "both orders of 4 prompts: {m1}");
+    assert_eq!(m1["mode"], "logprob");
+    assert_eq!(m1["exact_match"]["total"], 2, "two prompts have answers");
+
+    // The export: AlpacaEval's files, and the win rate alpaca_eval computes from them (its
+    // get_winrate, as tsr_steps::eval_metrics::win_rate reproduces it; tested against the
+    // real package in steps/tests/eval_metrics.rs) equals the reported one.
+    let out = dir.path().join("eval-export");
+    let o = tsr(
+        &["export", "t", "eval", "--out", out.to_str().unwrap()],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let summary_file = read_json(&out.join("summary.json"));
+    let labels: Vec<&str> = summary_file
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["M0", "Mf1", "M1"]);
+    let baseline = read_json(&out.join("baseline_outputs.json"));
+    assert_eq!(baseline.as_array().unwrap().len(), 4);
+    for (label, node) in [
+        ("M0", "eval/m0-judge"),
+        ("Mf1", "iter1/eval-future-judge"),
+        ("M1", "iter1/eval-judge"),
+    ] {
+        let outputs = read_json(&out.join(label).join("model_outputs.json"));
+        let ann = read_json(&out.join(label).join("annotations.json"));
+        let outputs = outputs.as_array().unwrap();
+        let ann = ann.as_array().unwrap();
+        assert_eq!((outputs.len(), ann.len()), (4, 4));
+        let s = summary(&store, "t", node);
+        let gen = &s["generator_2"].as_str().unwrap()[..12];
+        for (o, a) in outputs.iter().zip(ann) {
+            assert_eq!(o["generator"], gen);
+            assert_eq!(a["generator_2"], gen);
+            assert_eq!(o["instruction"], a["instruction"]);
+            assert_eq!(o["output"], a["output_2"]);
+            for k in [
+                "output_1",
+                "generator_1",
+                "preference",
+                "annotator",
+                "raw_completion",
+            ] {
+                assert!(a.get(k).is_some(), "{label}: annotation lacks {k}");
+            }
+        }
+        let prefs: Vec<f64> = ann
+            .iter()
+            .map(|a| a["preference"].as_f64().unwrap_or(f64::NAN))
+            .collect();
+        let w = tsr_steps::eval_metrics::win_rate(&prefs).unwrap();
+        assert_eq!(serde_json::to_value(&w).unwrap(), s["win_rate"], "{label}");
+    }
+    // An existing export is replaced only with --force, and never a folder of other files.
+    let o = tsr(
+        &["export", "t", "eval", "--out", out.to_str().unwrap()],
+        &store,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--force"),
+        "{}",
+        text(&o)
+    );
+    let o = tsr(
+        &[
+            "export",
+            "t",
+            "eval",
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    let o = tsr(
+        &[
+            "export",
+            "t",
+            "eval",
+            "--out",
+            other.to_str().unwrap(),
+            "--force",
+        ],
+        &store,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("notes.txt"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    // Lineage of one judgement: both outputs, their generators, the judge, both orders.
+    let o = tsr(&["lineage", "t", "eval", "e1"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "what is two plus two?",
+        "known answer: 4",
+        "M1 (node iter1/eval-judge)",
+        "baseline as A",
+        "model as A",
+        "P(A)",
+        "exact match",
+    ] {
+        assert!(t.contains(want), "lineage lacks {want:?}:\n{t}");
+    }
+    let o = tsr(&["lineage", "t", "eval", "e1", "--json"], &store);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(v[2]["annotation"]["verdicts"].as_array().unwrap().len(), 2);
+    let o = tsr(&["lineage", "t", "eval", "nope"], &store);
+    assert!(
+        !o.status.success() && text(&o).contains("no evaluation of prompt `nope`"),
+        "{}",
+        text(&o)
+    );
+
+    // The report: a table row per evaluated model and the win-rate plots.
+    let rep = dir.path().join("report");
+    let o = tsr(&["report", "t", "--out", rep.to_str().unwrap()], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("95% CI") && t.contains(" Mf1 ") && t.contains(" M1 "),
+        "{t}"
+    );
+    for f in ["win_rate.png", "lc_win_rate.png"] {
+        assert!(std::fs::metadata(rep.join(f)).unwrap().len() > 1000, "{f}");
+    }
+    let o = tsr(
+        &["report", "t", "--json", "--out", rep.to_str().unwrap()],
+        &store,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["eval"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn two_workflows_in_one_store_share_the_baseline_and_unreadable_verdicts_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // Text mode: the tiny random judge never writes a `Better:` line.
+    let eval = "[eval.judge]\nmode = \"text\"\nmax_new_tokens = 6\n";
+    let a = setup(dir.path(), "sr", "self-rewarding", eval);
+    let b = setup(dir.path(), "tp", "temporal", eval);
+    for cfg in [&a, &b] {
+        let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let states = node_states(&store, "tp");
+    for node in ["eval-baseline", "eval/m0-answer", "eval/m0-judge"] {
+        let s = &states.iter().find(|s| s.0 == node).unwrap().1;
+        assert_eq!(
+            s, "reused",
+            "{node} of the second run should reuse the first's work"
+        );
+    }
+    let s = summary(&store, "sr", "iter1/eval-judge");
+    assert_eq!(s["mode"], "text");
+    assert_eq!(s["undecided"], 4, "{s}");
+    assert_eq!(s["unparsed_share"], 100.0);
+    assert!(s["win_rate"].is_null(), "no verdict is guessed: {s}");
+    let o = tsr(
+        &[
+            "report",
+            "sr",
+            "tp",
+            "--out",
+            dir.path().join("r").to_str().unwrap(),
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("100.0"));
+}
+
+#[test]
+fn tsr_eval_compares_a_model_with_a_baseline_or_reference_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, HELD_OUT).unwrap();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "eval",
+            "--model",
+            dir.path().join("a").to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "6",
+            "--mode",
+            "logprob",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        tsr(&a, &store)
+    };
+    let b = dir.path().join("b");
+    let out = dir.path().join("files");
+    let o = run(&[
+        "--baseline",
+        b.to_str().unwrap(),
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let name = v["run"].as_str().unwrap().to_string();
+    assert!(name.starts_with("eval-"), "{name}");
+    assert_eq!(v["summary"]["prompts"], 4);
+    assert_eq!(v["summary"]["verdicts"], 8);
+    assert!(out.join("model/annotations.json").is_file());
+    // The same command continues the same run: everything is reused.
+    let o = run(&["--baseline", b.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!o.stdout.is_empty(), "{}", text(&o));
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again, v);
+    // A reference file in AlpacaEval's format as the baseline.
+    let reference = dir.path().join("ref.json");
+    let rows: Vec<serde_json::Value> = HELD_OUT
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|p| serde_json::json!({"instruction": p["prompt"], "output": "4", "generator": "gpt4_turbo"}))
+        .collect();
+    std::fs::write(&reference, serde_json::to_vec(&rows).unwrap()).unwrap();
+    let o = run(&["--reference", reference.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("win rate") && t.contains("baseline 2/2"), "{t}");
+    // A reference file that misses a prompt is refused before anything runs, naming it.
+    std::fs::write(&reference, serde_json::to_vec(&rows[..3]).unwrap()).unwrap();
+    let o = run(&["--reference", reference.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("no output for 1 evaluation prompt(s): `e4`"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[]);
+    assert!(
+        !o.status.success() && text(&o).contains("--baseline"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn bad_evaluation_inputs_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let refused =
+        |name: &str, workflow: &str, eval: &str, files: &[(&str, &str)], want: &[&str]| {
+            let cfg = setup(dir.path(), name, workflow, eval);
+            for (f, body) in files {
+                std::fs::write(dir.path().join(f), body).unwrap();
+            }
+            let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+            assert!(!o.status.success(), "{name} ran");
+            for w in want {
+                assert!(text(&o).contains(w), "{name}: {w:?} not in {}", text(&o));
+            }
+            assert!(
+                !store.join("db").exists() || {
+                    let o = tsr(&["runs", "--json"], &store);
+                    !String::from_utf8_lossy(&o.stdout).contains(&format!("\"{name}\""))
+                },
+                "{name} was recorded"
+            );
+        };
+    refused(
+        "overlap",
+        "temporal",
+        "prompts = \"mixed.jsonl\"\n",
+        &[("mixed.jsonl", "{\"id\": \"x\", \"prompt\": \"name a colour\"}\n{\"id\": \"y\", \"prompt\": \"new one\"}\n")],
+        &["eval.prompts", "1 evaluation prompt(s) are also training prompts: `x`", "allow_overlap"],
+    );
+    refused(
+        "empty",
+        "temporal",
+        "prompts = \"empty.jsonl\"\n",
+        &[("empty.jsonl", "\n")],
+        &["eval.prompts", "has no prompts"],
+    );
+    refused(
+        "malformed",
+        "temporal",
+        "prompts = \"bad.jsonl\"\n",
+        &[(
+            "bad.jsonl",
+            "{\"prompt\": \"ok\"}\nnot json\n{\"prompt\": \"x\", \"answer\": [1]}\n",
+        )],
+        &["eval.prompts", "line 2", "line 3", "\"answer\" must be"],
+    );
+    refused(
+        "template",
+        "temporal",
+        "[eval.judge]\ntemplate = \"t.txt\"\n",
+        &[("t.txt", "Which is better, {output_a} or {output_b}?")],
+        &["eval.judge.template", "{instruction}"],
+    );
+    refused(
+        "reference",
+        "temporal",
+        "reference = \"r.json\"\n",
+        &[(
+            "r.json",
+            "{\"instruction\": \"what is two plus two?\", \"output\": \"4\"}",
+        )],
+        &["eval.reference", "not a list", "AlpacaEval"],
+    );
+    refused(
+        "future",
+        "self-rewarding",
+        "future = true\n",
+        &[],
+        &["eval.future", "no look-ahead model"],
+    );
+    refused(
+        "both",
+        "temporal",
+        "reference = \"r.json\"\nbaseline_model = \"tiny\"\n",
+        &[("r.json", "[]")],
+        &["eval.reference", "not both"],
+    );
+}
+
+#[test]
+fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
+    // The `eval` workflow (what `tsr eval` runs): every kill lands in an evaluation step.
+    let dir = tempfile::tempdir().unwrap();
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
+    let many: String = (0..16)
+        .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("held-out.jsonl"), &many).unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"k\"\nworkflow = \"eval\"\n[model]\nsource = \"a\"\n\
+         [eval]\nprompts = \"held-out.jsonl\"\nbaseline_model = \"b\"\nmax_new_tokens = 24\nbatch_size = 2\ntemperature = 0.8\n\
+         [eval.judge]\nmode = \"text\"\nmax_new_tokens = 24\nbatch_size = 2\ntemperature = 0.7\n",
+    )
+    .unwrap();
+    let reference = dir.path().join("reference");
+    let started = std::time::Instant::now();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference);
+    assert!(o.status.success(), "{}", text(&o));
+    let whole = started.elapsed().as_millis() as u64;
+    // Kills spread over the uninterrupted run's duration (after the ~100 ms of start-up).
+    let delays: Vec<u64> = (1..=10).map(|k| 100 + whole * k / 11).collect();
+    let store = dir.path().join("killed");
+    let kills = kill_at_delays(&cfg, &store, &delays);
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed (run takes {whole} ms)"
+    );
+    assert_same_outputs(&reference, &store, "k", &format!("after {kills} kills"));
+    let s = summary(&store, "k", "eval/model-judge");
+    assert_eq!(s["prompts"], 16);
+    assert_eq!(s["verdicts"], 32);
+}
