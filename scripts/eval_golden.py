@@ -5,9 +5,17 @@ rate and its companions, scikit-learn's unpenalised LogisticRegression for the m
 length-controlled win rate (ties enter as half a win: each row once as a win with weight p and
 once as a loss with weight 1 - p).
 
-Run: scripts/eval_golden.sh (creates the pinned environment), which writes
-tests/fixtures/eval/winrate.json. CI reads that file; it never installs these packages.
+It also reads evaluation exports written by tsr (`tsr eval ... --out DIR`, copied to
+tests/fixtures/eval/export-*/) the way AlpacaEval reads annotation files, and records what
+`get_winrate` computes on each `annotations.json`: tsr's reported win rate must equal it.
+
+Run: scripts/eval_golden.sh (creates the pinned environment and the exports), which writes
+tests/fixtures/eval/winrate.json and tests/fixtures/eval/exports.json. CI reads those files; it
+never installs these packages.
 """
+
+import glob
+import os
 
 import json
 import sys
@@ -63,5 +71,22 @@ def main(out):
         f.write("\n")
 
 
+def exports(out, dirs):
+    from alpaca_eval.utils import load_or_convert_to_dataframe
+
+    result = {}
+    for d in dirs:
+        for path in sorted(glob.glob(os.path.join(d, "*", "annotations.json"))):
+            df = load_or_convert_to_dataframe(path)
+            wr = get_winrate(df)
+            key = os.path.relpath(path, os.path.dirname(out))
+            result[key] = {k: (None if np.isnan(float(v)) else float(v)) for k, v in wr.items()}
+    with open(out, "w") as f:
+        json.dump({"alpaca_eval": "0.6.6", "exports": result}, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    if len(sys.argv) > 3:
+        exports(sys.argv[2], sys.argv[3:])

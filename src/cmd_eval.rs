@@ -170,6 +170,9 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
             s.prompts
         ),
     }
+    if let Some(soft) = s.soft_win_rate {
+        say!("judge's probability that the model is better, both orders averaged: {soft:.1}%");
+    }
     if s.undecided > 0 {
         say!(
             "{} prompt(s) undecided: {:.1}% of the judge's verdicts could not be read (mode `logprob` works with judges that rarely write the verdict line)",

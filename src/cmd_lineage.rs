@@ -32,6 +32,10 @@ pub enum LineageWhat {
     /// Every evaluation judgement of one held-out prompt (its id in the eval prompts file):
     /// both outputs and their generators, the judge, the template, both verdicts.
     Eval { id: String },
+    /// A training prompt (its id in the prompts file) through every iteration and phase: each
+    /// response with its generator, seed, judgements and score, and what the selection made of
+    /// them (the pair, or why there is none).
+    Prompt { id: String },
 }
 
 /// The reference model of a DPO node: the model of the `ref-logprobs` step whose output it read.
@@ -170,6 +174,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
             }
         }
         LineageWhat::Eval { id } => return lineage_eval(&store, &a.run, &id, a.json),
+        LineageWhat::Prompt { id } => return lineage_prompt(&store, &a.run, &id, a.json),
         LineageWhat::Model { digest } => {
             let nodes = store_read::nodes(&store, &a.run)?;
             let mut cur = resolve_model(&nodes, &digest)?;
@@ -565,8 +570,10 @@ pub fn export_eval_to(
                     "verdicts": r.verdicts,
                     "judge_model": r.judge_model,
                     "template_digest": r.template_digest,
+                    "mode": r.mode,
                     "answer": r.answer,
                     "correct": r.correct,
+                    "baseline_correct": r.baseline_correct,
                 })
             })
             .collect();
@@ -716,6 +723,178 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
                 }
                 _ => say!("  verdict, {order}: {prefers}"),
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tsr lineage RUN prompt ID`.
+fn lineage_prompt(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
+    use tsr_steps::generate::Response;
+    use tsr_steps::judge::Judgement;
+    use tsr_steps::pairs::{candidates_of, decide, Pair, Rule};
+    use tsr_steps::select::{LengthControl, Role};
+    let nodes = store_read::nodes(store, run)?;
+    let mut selects: Vec<&NodeResult> = store_read::of_kind(&nodes, "select");
+    selects.retain(|n| matches!(n.step.status, tsr_state::StepStatus::Done { .. }));
+    if selects.is_empty() {
+        bail!("run `{run}` has no finished selection step yet");
+    }
+    let read_rows =
+        |d: &tsr_state::Digest| -> anyhow::Result<Vec<Value>> { store_read::jsonl(store, d) };
+    let typed = |d: &tsr_state::Digest, what: &str| -> anyhow::Result<Vec<Value>> {
+        read_rows(d).with_context(|| format!("reading recorded {what}"))
+    };
+    let mut prompt_text: Option<String> = None;
+    let mut phases: Vec<Value> = Vec::new();
+    for n in &selects {
+        let cfg: Value = serde_json::from_str(&n.step.config)
+            .context("a select step's config cannot be read")?;
+        let rule: Rule =
+            serde_json::from_value(cfg["rule"].clone()).context("a select step's rule")?;
+        let lc = cfg["length_band"]
+            .as_f64()
+            .map(|band| LengthControl { band });
+        let inputs = &n.step.inputs;
+        if prompt_text.is_none() {
+            if let Some(d) = inputs.get("prompts") {
+                prompt_text = typed(d, "prompts")?
+                    .into_iter()
+                    .find(|p| p["id"] == id)
+                    .and_then(|p| p["prompt"].as_str().map(String::from));
+            }
+        }
+        let mut sets = Vec::new();
+        let mut cands: BTreeMap<&str, Vec<tsr_steps::select::Candidate>> = BTreeMap::new();
+        for (prefix, role) in [
+            ("current", Role::Current),
+            ("anchor", Role::Anchor),
+            ("future", Role::Future),
+        ] {
+            let (Some(rd), Some(jd)) = (
+                inputs.get(&format!("{prefix}_responses")),
+                inputs.get(&format!("{prefix}_judgements")),
+            ) else {
+                continue;
+            };
+            let responses: Vec<Response> = typed(rd, "responses")?
+                .into_iter()
+                .filter(|r| r["prompt_id"] == id)
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .context("a recorded response cannot be read; run `tsr verify`")?;
+            let judgements: Vec<Judgement> = typed(jd, "judgements")?
+                .into_iter()
+                .filter(|j| j["prompt_id"] == id)
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .context("a recorded judgement cannot be read; run `tsr verify`")?;
+            cands.insert(prefix, candidates_of(&responses, &judgements, id, role));
+            let model = inputs
+                .get(&format!("{prefix}_model"))
+                .map(|d| d.to_hex())
+                .unwrap_or_default();
+            let rows: Vec<Value> = responses
+                .iter()
+                .map(|r| {
+                    let j = judgements.iter().find(|j| j.sample == r.sample);
+                    json!({
+                        "sample": r.sample, "seed": r.seed, "tokens": r.tokens, "finish": r.finish, "text": r.text,
+                        "score": j.and_then(|j| j.score),
+                        "judgements": j.map(|j| json!({"texts": j.texts, "verdicts": j.verdicts, "probs": j.probs})),
+                    })
+                })
+                .collect();
+            sets.push(json!({"set": prefix, "generator_model": model, "responses": rows}));
+        }
+        let phase1: Option<Pair> = match inputs.get("phase1_pairs") {
+            Some(d) => typed(d, "phase-1 pairs")?
+                .into_iter()
+                .filter(|p| p["prompt_id"] == id)
+                .map(serde_json::from_value::<Pair>)
+                .collect::<Result<Vec<_>, _>>()
+                .context("a recorded pair cannot be read; run `tsr verify`")?
+                .into_iter()
+                .find(|p| !p.is_judge()),
+            None => None,
+        };
+        let outcome = decide(
+            rule,
+            lc,
+            cands.get("current").map(Vec::as_slice).unwrap_or(&[]),
+            cands.get("anchor").map(Vec::as_slice),
+            cands.get("future").map(Vec::as_slice),
+            phase1.as_ref(),
+        );
+        let pair_id = match n.output("pairs") {
+            Some(d) => read_rows(&d)?
+                .into_iter()
+                .find(|p| p["prompt_id"] == id && p["kind"] != "judge")
+                .and_then(|p| p["pair_id"].as_str().map(String::from)),
+            None => None,
+        };
+        phases.push(json!({
+            "iteration": cfg["iteration"], "phase": cfg["phase"], "node": n.node, "rule": cfg["rule"],
+            "sets": sets, "decision": outcome.describe(), "pair_id": pair_id,
+        }));
+    }
+    let Some(prompt) = prompt_text else {
+        bail!("run `{run}` has no training prompt `{id}`; the ids are those of the prompts file (or the 12-digit text digest for lines without an id)");
+    };
+    if as_json {
+        say!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"prompt_id": id, "prompt": prompt, "phases": phases})
+            )?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    say!("prompt {id}: {prompt:?}");
+    for ph in &phases {
+        say!("");
+        say!(
+            "iteration {}, phase {} ({}, rule {})",
+            ph["iteration"],
+            ph["phase"].as_str().unwrap_or(""),
+            ph["node"].as_str().unwrap_or(""),
+            ph["rule"].as_str().unwrap_or("")
+        );
+        for set in ph["sets"].as_array().into_iter().flatten() {
+            let model = set["generator_model"].as_str().unwrap_or("");
+            say!(
+                "  {} responses (model {}):",
+                set["set"].as_str().unwrap_or(""),
+                &model[..12.min(model.len())]
+            );
+            for r in set["responses"].as_array().into_iter().flatten() {
+                let score = r["score"]
+                    .as_f64()
+                    .map(|s| format!("{s:.3}"))
+                    .unwrap_or_else(|| "unscored".into());
+                let texts = r["judgements"]["texts"].as_array().map_or(0, |t| t.len());
+                let judged = if texts > 0 {
+                    format!(", {texts} written judgements")
+                } else {
+                    String::new()
+                };
+                let text = r["text"].as_str().unwrap_or("");
+                let short: String = text.chars().take(70).collect();
+                let more = if text.chars().count() > 70 { "..." } else { "" };
+                say!(
+                    "    sample {} (seed {}, {} tokens): score {score}{judged}: {short:?}{more}",
+                    r["sample"],
+                    r["seed"],
+                    r["tokens"]
+                );
+            }
+        }
+        match ph["pair_id"].as_str() {
+            Some(p) => say!(
+                "  -> {} ({p}; tsr lineage {run} pair {p})",
+                ph["decision"].as_str().unwrap_or("")
+            ),
+            None => say!("  -> {}", ph["decision"].as_str().unwrap_or("")),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -439,7 +439,9 @@ fn plot_evals(
 /// One row per evaluated model. WIN and LC are percent (AlpacaEval's win rate and the minimal
 /// length-controlled one); CI the 95% bootstrap interval; UNDEC prompts whose verdict could not
 /// be read; UNPARSED% the share of unreadable verdicts; LEN_M / LEN_B mean characters of the
-/// model's and the baseline's outputs; EM exact-match accuracy where prompts have answers.
+/// model's and the baseline's outputs; EM exact-match accuracy where prompts have answers;
+/// SOFT (logprob judges) the judge's probability that the model is better, averaged over both
+/// orders.
 fn print_eval_table(evals: &[(String, Vec<store_read::EvalResult>)]) {
     say!("");
     say!(
@@ -476,12 +478,13 @@ fn print_eval_table(evals: &[(String, Vec<store_read::EvalResult>)]) {
                 .map(|m| format!("{}/{} ({:.0}%)", m.correct, m.total, m.accuracy))
                 .unwrap_or_else(|| "-".into());
             say!(
-                "{:<16} {:<6} {} {:>15} {} {:>4} {:>4} {:>4} {:>5} {:>9.1} {:>7.1} {:>7.1} {:>11}",
+                "{:<16} {:<6} {} {:>15} {} {} {:>4} {:>4} {:>4} {:>5} {:>9.1} {:>7.1} {:>7.1} {:>11}",
                 run,
                 e.label,
                 num(w.map(|w| w.win_rate), 6),
                 ci,
                 num(s.lc_win_rate, 6),
+                num(s.soft_win_rate, 6),
                 w.map_or(0, |w| w.n_wins),
                 w.map_or(0, |w| w.n_wins_base),
                 w.map_or(0, |w| w.n_draws),

@@ -111,6 +111,60 @@ fn temporal_iteration_on_a_tiny_model_with_complete_lineage() {
     if !pairs.is_empty() {
         assert_ne!(m1, m0, "DPO on at least one pair changes the weights");
     }
+    // Every training prompt's trail: per phase, each response with its generator and score,
+    // and the selection's outcome, which names the pair exactly when the run made one.
+    let all_pairs = tsr(&["export", "temporal-logprob", "pairs"], &store);
+    let all_pairs = String::from_utf8_lossy(&all_pairs.stdout).to_string();
+    for id in ["a", "b", "c"] {
+        let o = tsr(
+            &["lineage", "temporal-logprob", "prompt", id, "--json"],
+            &store,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let phases = v["phases"].as_array().unwrap();
+        assert_eq!(phases.len(), 2, "{v}");
+        assert_eq!(phases[0]["phase"], "anchored");
+        assert_eq!(phases[1]["phase"], "future-guided");
+        let sets: Vec<&str> = phases[1]["sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["set"].as_str().unwrap())
+            .collect();
+        assert_eq!(sets, ["current", "future"]);
+        assert_eq!(phases[1]["sets"][1]["generator_model"], mf.as_str());
+        for ph in phases {
+            let decision = ph["decision"].as_str().unwrap();
+            assert_eq!(
+                ph["sets"][0]["responses"].as_array().unwrap().len(),
+                3,
+                "K = 3"
+            );
+            match ph["pair_id"].as_str() {
+                Some(pid) => {
+                    assert!(decision.starts_with("pair: "), "{decision}");
+                    assert!(
+                        all_pairs.contains(&format!("\"pair_id\":\"{pid}\"")),
+                        "{pid}"
+                    );
+                }
+                None => assert!(decision.starts_with("no pair: "), "{decision}"),
+            }
+        }
+        let o = tsr(&["lineage", "temporal-logprob", "prompt", id], &store);
+        let t = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            t.contains("iteration 1, phase anchored") && t.contains("seed"),
+            "{t}"
+        );
+    }
+    let o = tsr(&["lineage", "temporal-logprob", "prompt", "nope"], &store);
+    assert!(
+        !o.status.success() && text(&o).contains("no training prompt `nope`"),
+        "{}",
+        text(&o)
+    );
     assert!(tsr(&["verify"], &store).status.success());
 }
 
@@ -136,6 +190,23 @@ fn text_judge_on_a_random_model_is_unscored_not_a_crash() {
     .unwrap();
     let first: serde_json::Value = serde_json::from_str(j.lines().next().unwrap()).unwrap();
     assert_eq!(first["texts"].as_array().unwrap().len(), 2);
+    // A prompt that made no pair still has a trail: its responses, the raw judgements, and why.
+    let skipped_no_scored = summary["skipped_no_scored"].as_u64().unwrap();
+    let mut no_scored_seen = 0;
+    for id in ["a", "b", "c"] {
+        let o = tsr(&["lineage", "self-rewarding-text", "prompt", id], &store);
+        assert!(o.status.success(), "{}", text(&o));
+        let t = String::from_utf8_lossy(&o.stdout);
+        assert!(t.contains("written judgements"), "{t}");
+        if t.contains("no pair: no response has a score") {
+            assert!(t.contains("score unscored"), "{t}");
+            no_scored_seen += 1;
+        }
+    }
+    assert_eq!(
+        no_scored_seen, skipped_no_scored,
+        "lineage explains every skip the summary counts"
+    );
 }
 
 #[test]

@@ -147,6 +147,32 @@ pub fn open_run(store: &Store, spec: &RunSpec, dag: &Dag) -> Result<RunRecord, E
                 sets: sets.join(" "),
             });
         }
+        // Path-valued settings are not part of the definition (a moved checkout continues its
+        // runs), but giving or dropping one changes which input files the DAG reads: that is
+        // another definition too.
+        let added: Vec<&String> = externals
+            .keys()
+            .filter(|k| !existing.externals.contains_key(*k))
+            .collect();
+        let removed: Vec<&String> = existing
+            .externals
+            .keys()
+            .filter(|k| !externals.contains_key(*k))
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            let mut changes = Vec::new();
+            let show = |k: &String| {
+                let (node, input) = k.split_once('/').unwrap_or((k, ""));
+                format!("input file `{input}` of node `{node}`")
+            };
+            changes.extend(added.iter().map(|k| format!("new {}", show(k))));
+            changes.extend(removed.iter().map(|k| format!("no more {}", show(k))));
+            return Err(EngineError::DefinitionChanged {
+                run: spec.name.clone(),
+                changes: changes.join("; "),
+                sets: String::new(),
+            });
+        }
         for (k, d) in &externals {
             if let Some(old) = existing.externals.get(k) {
                 if old != d {

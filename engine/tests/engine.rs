@@ -237,6 +237,54 @@ fn edited_external_input_is_refused_on_resume() {
 }
 
 #[test]
+fn a_new_or_dropped_input_file_is_another_definition() {
+    // Path settings are left out of a run's definition (so a moved checkout continues), but
+    // giving one that adds an input file changes the DAG: refused, not stalled.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+    let input = dir.path().join("lines.txt");
+    std::fs::write(&input, "a\nb\n").unwrap();
+    let build = |extra: bool| {
+        let mut b = DagBuilder::new();
+        b.add(
+            "m",
+            Arc::new(ToyMap::new("x", 0)),
+            vec![("data", InputSource::External(input.clone()))],
+            None,
+        );
+        if extra {
+            b.add(
+                "n",
+                Arc::new(ToyMap::new("y", 0)),
+                vec![("data", InputSource::External(input.clone()))],
+                None,
+            );
+        }
+        Arc::new(b.build().unwrap())
+    };
+    let spec = run_spec("ext", &small());
+    open_run(&store, &spec, &build(false)).unwrap();
+    let err = open_run(&store, &spec, &build(true)).unwrap_err();
+    assert!(
+        matches!(err, EngineError::DefinitionChanged { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("new input file `data` of node `n`"),
+        "{err}"
+    );
+    open_run(&store, &run_spec("ext2", &small()), &build(true)).unwrap();
+    let err = open_run(&store, &run_spec("ext2", &small()), &build(false)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no more input file `data` of node `n`"),
+        "{err}"
+    );
+    open_run(&store, &spec, &build(false)).unwrap();
+}
+
+#[test]
 fn failing_step_is_recorded_and_retried_on_the_next_run() {
     use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
     struct Flaky(std::path::PathBuf);

@@ -464,6 +464,12 @@ pub struct EvalSummary {
     pub ci95: Option<(f64, f64)>,
     /// The minimal length-controlled win rate (see `eval_metrics`).
     pub lc_win_rate: Option<f64>,
+    /// `logprob` mode: the mean over prompts of the judge's probability that the model's output
+    /// is better, averaged over both orders (position bias cancels), in percent; identical
+    /// outputs count 50. Not an AlpacaEval metric: a graded signal where a small judge's strong
+    /// position bias turns most strict verdicts into ties.
+    #[serde(default)]
+    pub soft_win_rate: Option<f64>,
     /// Prompts left undecided because a verdict could not be read.
     pub undecided: usize,
     /// Verdicts asked of the judge, and how many could not be read.
@@ -528,6 +534,26 @@ pub fn summarize(
             baseline_accuracy: 100.0 * baseline_correct as f64 / total as f64,
         }
     });
+    let soft: Option<Vec<f64>> = annotations
+        .iter()
+        .map(|a| {
+            if a.verdicts.is_empty() {
+                return Some(0.5);
+            }
+            let ps: Option<Vec<f64>> = a
+                .verdicts
+                .iter()
+                .map(|v| match v.order {
+                    Order::BaselineFirst => v.prob_b,
+                    Order::ModelFirst => v.prob_a,
+                })
+                .collect();
+            ps.map(|p| p.iter().sum::<f64>() / p.len() as f64)
+        })
+        .collect();
+    let soft_win_rate = soft
+        .filter(|v| !v.is_empty() && annotations.iter().any(|a| !a.verdicts.is_empty()))
+        .map(|v| 100.0 * v.iter().sum::<f64>() / v.len() as f64);
     EvalSummary {
         generator_1: annotations
             .first()
@@ -544,6 +570,7 @@ pub fn summarize(
         win_rate: eval_metrics::win_rate(&prefs),
         ci95: eval_metrics::bootstrap_interval(&prefs, seed, resamples),
         lc_win_rate: eval_metrics::length_controlled_win_rate(&prefs, &model_len, &base_len),
+        soft_win_rate,
         undecided: annotations
             .iter()
             .filter(|a| a.preference.is_none())
@@ -962,6 +989,40 @@ mod tests {
             correct,
             baseline_correct: correct.map(|_| false),
         }
+    }
+
+    #[test]
+    fn the_soft_win_rate_averages_both_orders() {
+        let pv = |order, pa: f64| OrderVerdict {
+            order,
+            text: None,
+            prob_a: Some(pa),
+            prob_b: Some(1.0 - pa),
+            prefers: Prefers::Tie,
+        };
+        // A judge that says A 90% of the time whatever it sees: no preference after debiasing.
+        let biased = vec![pv(Order::BaselineFirst, 0.9), pv(Order::ModelFirst, 0.9)];
+        // A judge that prefers the model in both orders.
+        let fond = vec![pv(Order::BaselineFirst, 0.2), pv(Order::ModelFirst, 0.7)];
+        let rows = vec![
+            ann(Some(1.5), "a", "b", biased, None),
+            ann(Some(2.0), "a", "b", fond, None),
+            ann(Some(1.5), "same", "same", vec![], None),
+        ];
+        let s = summarize(&rows, "j", "logprob", "t", 1, 10);
+        let want = 100.0 * ((0.1 + 0.9) / 2.0 + (0.8 + 0.7) / 2.0 + 0.5) / 3.0;
+        assert!((s.soft_win_rate.unwrap() - want).abs() < 1e-12);
+        let text_rows = vec![ann(
+            Some(2.0),
+            "a",
+            "b",
+            vec![v(Order::BaselineFirst, Prefers::Model)],
+            None,
+        )];
+        assert_eq!(
+            summarize(&text_rows, "j", "text", "t", 1, 10).soft_win_rate,
+            None
+        );
     }
 
     #[test]

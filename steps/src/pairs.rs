@@ -11,7 +11,7 @@ use crate::generate::Response;
 use crate::judge::Judgement;
 use crate::lm::{self, model_digest};
 use crate::prompts::Prompt;
-use crate::select::{self, Candidate, LengthControl, Role, Skip};
+use crate::select::{self, Candidate, LengthControl, Role, Selection, Skip};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Resource, Step, StepContext, StepError, StepInputs, StepOutputs};
@@ -195,6 +195,95 @@ impl Set {
     }
 }
 
+/// What the selection rule made of one prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A pair; with the future-guided rule, phase 1's rejected side it reuses.
+    Pair(Selection, Option<Side>),
+    /// Future-guided: phase 1 made no pair for this prompt, so there is no rejected to reuse.
+    NoPhase1,
+    /// No pair, and why.
+    Skipped(Skip),
+}
+
+impl Outcome {
+    /// The outcome in words, for lineage.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Pair(sel, _) => format!("pair: {}", sel.decision),
+            Outcome::NoPhase1 => {
+                "no pair: phase 1 made no pair for this prompt, so there is no rejected response to reuse".into()
+            }
+            Outcome::Skipped(Skip::NoScored) => {
+                "no pair: no response has a score (every judgement unscored)".into()
+            }
+            Outcome::Skipped(Skip::NoGap { chosen, rejected }) => format!(
+                "no pair: the chosen candidate ({chosen:.3}) does not score above the rejected ({rejected:.3})"
+            ),
+        }
+    }
+}
+
+/// The selection rule applied to one prompt's candidates (`anchor` / `future` as the rule
+/// needs them; `phase1` the prompt's phase-1 pair for the future-guided rule). The `select`
+/// step and `tsr lineage RUN prompt` both use it, so lineage explains exactly what was done.
+pub fn decide(
+    rule: Rule,
+    lc: Option<LengthControl>,
+    current: &[Candidate],
+    anchor: Option<&[Candidate]>,
+    future: Option<&[Candidate]>,
+    phase1: Option<&Pair>,
+) -> Outcome {
+    let result = match rule {
+        Rule::Standard => select::standard(current, lc).map(|s| (s, None)),
+        Rule::Anchored => select::anchored(current, anchor.unwrap_or(&[]), lc).map(|s| (s, None)),
+        Rule::FutureGuided => {
+            let Some(prev) = phase1 else {
+                return Outcome::NoPhase1;
+            };
+            let rej = Candidate {
+                role: prev.rejected.role,
+                sample: prev.rejected.sample,
+                score: Some(prev.rejected.score),
+                len: prev.rejected.tokens,
+            };
+            select::future_guided(current, future.unwrap_or(&[]), &rej, lc)
+                .map(|s| (s, Some(prev.rejected.clone())))
+        }
+        Rule::MetaJudge => unreachable!("meta-judge pairs come from the meta-judge step"),
+    };
+    match result {
+        Ok((sel, reused)) => Outcome::Pair(sel, reused),
+        Err(skip) => Outcome::Skipped(skip),
+    }
+}
+
+/// A prompt's candidates from recorded responses and judgements (as the `select` step builds
+/// them).
+pub fn candidates_of(
+    responses: &[Response],
+    judgements: &[Judgement],
+    prompt_id: &str,
+    role: Role,
+) -> Vec<Candidate> {
+    let mut v: Vec<Candidate> = responses
+        .iter()
+        .filter(|r| r.prompt_id == prompt_id)
+        .map(|r| Candidate {
+            role,
+            sample: r.sample,
+            score: judgements
+                .iter()
+                .find(|j| j.prompt_id == prompt_id && j.sample == r.sample)
+                .and_then(|j| j.score),
+            len: r.tokens,
+        })
+        .collect();
+    v.sort_by_key(|c| c.sample);
+    v
+}
+
 impl Step for Select {
     fn kind(&self) -> &'static str {
         "select"
@@ -251,42 +340,32 @@ impl Step for Select {
             + future.as_ref().map_or(0, Set::unscored);
         for p in &prompts {
             let cur = current.candidates(&p.id);
-            let result = match self.rule {
-                Rule::Standard => select::standard(&cur, lc).map(|s| (s, None)),
-                Rule::Anchored => {
-                    let anc = anchor
-                        .as_ref()
-                        .ok_or_else(|| missing("anchor"))?
-                        .candidates(&p.id);
-                    select::anchored(&cur, &anc, lc).map(|s| (s, None))
+            let fut_c = future.as_ref().map(|f| f.candidates(&p.id));
+            let anc_c = anchor.as_ref().map(|a| a.candidates(&p.id));
+            if self.rule == Rule::Anchored && anc_c.is_none() {
+                return Err(missing("anchor"));
+            }
+            if self.rule == Rule::FutureGuided && fut_c.is_none() {
+                return Err(missing("future"));
+            }
+            let (sel, reused_rejected) = match decide(
+                self.rule,
+                lc,
+                &cur,
+                anc_c.as_deref(),
+                fut_c.as_deref(),
+                phase1.get(&p.id),
+            ) {
+                Outcome::Pair(sel, reused) => (sel, reused),
+                Outcome::NoPhase1 => {
+                    sum.skipped_no_phase1 += 1;
+                    continue;
                 }
-                Rule::FutureGuided => {
-                    let fut = future
-                        .as_ref()
-                        .ok_or_else(|| missing("future"))?
-                        .candidates(&p.id);
-                    let Some(prev) = phase1.get(&p.id) else {
-                        sum.skipped_no_phase1 += 1;
-                        continue;
-                    };
-                    let rej = Candidate {
-                        role: prev.rejected.role,
-                        sample: prev.rejected.sample,
-                        score: Some(prev.rejected.score),
-                        len: prev.rejected.tokens,
-                    };
-                    select::future_guided(&cur, &fut, &rej, lc)
-                        .map(|s| (s, Some(prev.rejected.clone())))
-                }
-                Rule::MetaJudge => unreachable!("refused above"),
-            };
-            let (sel, reused_rejected) = match result {
-                Ok(x) => x,
-                Err(Skip::NoScored) => {
+                Outcome::Skipped(Skip::NoScored) => {
                     sum.skipped_no_scored += 1;
                     continue;
                 }
-                Err(Skip::NoGap { .. }) => {
+                Outcome::Skipped(Skip::NoGap { .. }) => {
                     sum.skipped_no_gap += 1;
                     continue;
                 }
