@@ -67,27 +67,7 @@ pub fn check_pairwise_template(template: &str) -> Result<(), String> {
     }
 }
 
-/// Fill placeholders in one pass (braces inside the values are never substituted).
-pub fn render_placeholders(template: &str, values: &[(&str, &str)]) -> String {
-    let mut out =
-        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
-    let mut rest = template;
-    'outer: while let Some(pos) = rest.find('{') {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        for (name, value) in values {
-            if let Some(t) = tail.strip_prefix(name) {
-                out.push_str(value);
-                rest = t;
-                continue 'outer;
-            }
-        }
-        out.push('{');
-        rest = &tail[1..];
-    }
-    out.push_str(rest);
-    out
-}
+pub use crate::judge_text::fill_placeholders as render_placeholders;
 
 /// One output of a generator for one prompt (a model's answer or a reference output).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

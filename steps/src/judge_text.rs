@@ -46,24 +46,7 @@ pub fn check_template(name: &str, template: &str) -> Result<(), TemplateError> {
 /// Fill the template. Substitution is single-pass, so braces inside the prompt or the response
 /// are never themselves substituted.
 pub fn render(template: &str, prompt: &str, response: &str) -> String {
-    let mut out = String::with_capacity(template.len() + prompt.len() + response.len());
-    let mut rest = template;
-    while let Some(pos) = rest.find('{') {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        if let Some(t) = tail.strip_prefix("{prompt}") {
-            out.push_str(prompt);
-            rest = t;
-        } else if let Some(t) = tail.strip_prefix("{response}") {
-            out.push_str(response);
-            rest = t;
-        } else {
-            out.push('{');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    out
+    fill_placeholders(template, &[("{prompt}", prompt), ("{response}", response)])
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,4 +163,27 @@ mod tests {
         assert!(check_template("mine.txt", "only {prompt}").is_err());
         assert!(check_template("default", DEFAULT_RUBRIC).is_ok());
     }
+}
+
+/// Fill `{name}` placeholders in one pass: braces inside the values are never substituted, and
+/// braces that name no placeholder are kept.
+pub fn fill_placeholders(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out =
+        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
+    let mut rest = template;
+    'outer: while let Some(pos) = rest.find('{') {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        for (name, value) in values {
+            if let Some(t) = tail.strip_prefix(name) {
+                out.push_str(value);
+                rest = t;
+                continue 'outer;
+            }
+        }
+        out.push('{');
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    out
 }

@@ -55,28 +55,14 @@ pub fn check_meta_template(template: &str) -> Result<(), String> {
 
 /// Fill the meta-judge template, single-pass (braces inside the values are never substituted).
 pub fn render_meta(template: &str, judge_prompt: &str, a: &str, b: &str) -> String {
-    let values = [
-        ("{judge_prompt}", judge_prompt),
-        ("{judgement_a}", a),
-        ("{judgement_b}", b),
-    ];
-    let mut out = String::with_capacity(template.len() + judge_prompt.len() + a.len() + b.len());
-    let mut rest = template;
-    'outer: while let Some(pos) = rest.find('{') {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        for (name, value) in values {
-            if let Some(t) = tail.strip_prefix(name) {
-                out.push_str(value);
-                rest = t;
-                continue 'outer;
-            }
-        }
-        out.push('{');
-        rest = &tail[1..];
-    }
-    out.push_str(rest);
-    out
+    crate::judge_text::fill_placeholders(
+        template,
+        &[
+            ("{judge_prompt}", judge_prompt),
+            ("{judgement_a}", a),
+            ("{judgement_b}", b),
+        ],
+    )
 }
 
 /// Find the verdict: a line starting (after markdown emphasis, `#`, `>` or `-`) with `Better`,

@@ -66,13 +66,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let p = c.prompts.as_ref().expect("validated: [prompts] present");
     let mut b = DagBuilder::new();
-    let (path, format) = m.resolve()?;
-    b.add(
-        "import",
-        Arc::new(ImportModel { format }),
-        vec![("source", InputSource::External(path))],
-        None,
-    );
+    let m0 = import_model(&mut b, "import", "model.source", &m.source)?;
     b.add(
         "prompts",
         Arc::new(LoadPrompts { limit: p.limit }),
@@ -144,35 +138,9 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         key: "meta.template".into(),
         reason,
     })?;
-    let m0 = ModelRef {
-        base: "import".into(),
-        node: "import".into(),
-    };
     // A fixed judge model, when configured; otherwise Mi judges itself.
     let fixed_judge = match &j.model {
-        Some(spec) => {
-            let (path, format) = crate::config::ModelSection {
-                source: spec.clone(),
-            }
-            .resolve()
-            .map_err(|e| match e {
-                crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid {
-                    key: "judge.model".into(),
-                    reason,
-                },
-                other => other,
-            })?;
-            b.add(
-                "import-judge",
-                Arc::new(ImportModel { format }),
-                vec![("source", InputSource::External(path))],
-                None,
-            );
-            Some(ModelRef {
-                base: "import-judge".into(),
-                node: "import-judge".into(),
-            })
-        }
+        Some(spec) => Some(import_model(&mut b, "import-judge", "judge.model", spec)?),
         None => None,
     };
     // Models to evaluate: (node prefix, iteration, model).
@@ -463,17 +431,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
 pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let mut b = DagBuilder::new();
-    let (path, format) = m.resolve()?;
-    b.add(
-        "import",
-        Arc::new(ImportModel { format }),
-        vec![("source", InputSource::External(path))],
-        None,
-    );
-    let model = ModelRef {
-        base: "import".into(),
-        node: "import".into(),
-    };
+    let model = import_model(&mut b, "import", "model.source", &m.source)?;
     add_eval(
         &mut b,
         c,
@@ -483,9 +441,15 @@ pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     Ok(b.build()?)
 }
 
-/// Resolve a model source given under `key`, naming that key in errors.
-fn resolve_source(key: &str, source: &str) -> Result<(std::path::PathBuf, String), WorkflowError> {
-    crate::config::ModelSection {
+/// An `import-model` node for the model source given under the config key `key` (errors name
+/// that key); the model it makes is its own base.
+fn import_model(
+    b: &mut DagBuilder,
+    node: &str,
+    key: &str,
+    source: &str,
+) -> Result<ModelRef, WorkflowError> {
+    let (path, format) = crate::config::ModelSection {
         source: source.to_string(),
     }
     .resolve()
@@ -493,9 +457,18 @@ fn resolve_source(key: &str, source: &str) -> Result<(std::path::PathBuf, String
         crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid {
             key: key.into(),
             reason,
-        }
-        .into(),
-        other => other.into(),
+        },
+        other => other,
+    })?;
+    b.add(
+        node,
+        Arc::new(ImportModel { format }),
+        vec![("source", InputSource::External(path))],
+        None,
+    );
+    Ok(ModelRef {
+        base: node.into(),
+        node: node.into(),
     })
 }
 
@@ -531,19 +504,6 @@ fn add_eval(
         v.extend(model.inputs("model"));
         v
     };
-    let imported = |b: &mut DagBuilder, node: &str, key: &str, source: &str| {
-        let (path, format) = resolve_source(key, source)?;
-        b.add(
-            node,
-            Arc::new(ImportModel { format }),
-            vec![("source", InputSource::External(path))],
-            None,
-        );
-        Ok::<ModelRef, WorkflowError>(ModelRef {
-            base: node.into(),
-            node: node.into(),
-        })
-    };
     match (&e.reference, &e.baseline_model) {
         (Some(file), _) => add(
             b,
@@ -559,7 +519,7 @@ fn add_eval(
             None,
         ),
         (None, Some(source)) => {
-            let base = imported(b, "import-eval-baseline", "eval.baseline_model", source)?;
+            let base = import_model(b, "import-eval-baseline", "eval.baseline_model", source)?;
             add(
                 b,
                 "eval-baseline".into(),
@@ -577,7 +537,7 @@ fn add_eval(
         ),
     }
     let judge_model = match &e.judge.model {
-        Some(source) => imported(b, "import-eval-judge", "eval.judge.model", source)?,
+        Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source)?,
         None => m0.clone(),
     };
     let template = match &e.judge.template {
