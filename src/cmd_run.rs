@@ -79,7 +79,34 @@ fn drive(
             .with_context(|| format!("building the `{}` workflow", config.workflow))?,
     );
     let spec = tsr_workflows::run_spec(config, forked_from);
-    open_run(&store, &spec, &dag)?;
+    match open_run(&store, &spec, &dag) {
+        Ok(_) => {}
+        Err(tsr_engine::EngineError::DefinitionChanged { run, changes, sets }) => {
+            // The suggested fork also needs the file settings this config gives and the
+            // recorded run did not (they are not part of the compared definition).
+            // They go first: each --set is checked on its own, and e.g. an [eval] section
+            // is valid only with its prompts file.
+            let mut paths = String::new();
+            if let Some(old) = store.get_run(&run)? {
+                let recorded: std::collections::BTreeMap<String, String> =
+                    Config::from_str_at(&old.config_toml, Path::new("(recorded run)"))
+                        .map(|c| tsr_workflows::path_settings(&c))
+                        .unwrap_or_default();
+                for (k, v) in tsr_workflows::path_settings(config) {
+                    if recorded.get(&k) != Some(&v) {
+                        paths.push_str(&format!("--set '{k}={v}' "));
+                    }
+                }
+            }
+            return Err(tsr_engine::EngineError::DefinitionChanged {
+                run,
+                changes,
+                sets: format!("{paths}{sets}").trim().to_string(),
+            }
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    }
     if !execute {
         say!(
             "recorded run `{}`; continue it with: tsr resume {} --store {}",

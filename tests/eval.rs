@@ -495,3 +495,57 @@ fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
     assert_eq!(s["prompts"], 16);
     assert_eq!(s["verdicts"], 32);
 }
+
+#[test]
+fn a_finished_run_gets_evaluated_by_the_fork_its_refusal_suggests() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(
+        dir.path(),
+        "late",
+        "self-rewarding",
+        "[eval.judge]\nmode = \"logprob\"\n",
+    );
+    let with_eval = std::fs::read_to_string(&cfg).unwrap();
+    let without = &with_eval[..with_eval.find("[eval]").unwrap()];
+    std::fs::write(&cfg, without).unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::write(&cfg, &with_eval).unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    let fork = msg[msg.find("tsr fork").unwrap_or_else(|| panic!("{msg}"))..]
+        .trim()
+        .to_string();
+    assert!(
+        fork.contains("--set 'eval.prompts="),
+        "the suggested fork names the prompts file: {fork}"
+    );
+    // Run the suggestion as a shell would.
+    let fork = fork.replace("NEW", "late-eval");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} {} --store '{}' --quiet",
+            env!("CARGO_BIN_EXE_tsr"),
+            fork.strip_prefix("tsr ").unwrap(),
+            store.display()
+        ))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let states = node_states(&store, "late-eval");
+    for (node, state) in &states {
+        if node.contains("eval") {
+            assert!(state == "done" || state == "reused", "{node}: {state}");
+        } else {
+            assert_eq!(state, "reused", "{node}: training is reused");
+        }
+    }
+    assert_eq!(
+        summary(&store, "late-eval", "iter1/eval-judge")["prompts"],
+        4
+    );
+}

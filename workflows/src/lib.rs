@@ -57,6 +57,33 @@ pub fn run_spec(config: &Config, forked_from: Option<String>) -> RunSpec {
     }
 }
 
+/// The settings a run's definition leaves out because they name files or folders (tracked by
+/// content instead): `key -> value` as `--set` takes them, for those this config gives.
+pub fn path_settings(config: &Config) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    config::flatten("", &config.to_value(), &mut all);
+    all.into_iter()
+        .filter(|(k, _)| {
+            PATH_KEYS.contains(&k.as_str()) && !["store", "device"].contains(&k.as_str())
+        })
+        .collect()
+}
+
+const PATH_KEYS: &[&str] = &[
+    "store",
+    "device",
+    "prompts.file",
+    "model.source",
+    "judge.template",
+    "judge.model",
+    "meta.template",
+    "eval.prompts",
+    "eval.reference",
+    "eval.baseline_model",
+    "eval.judge.template",
+    "eval.judge.model",
+];
+
 /// The run's definition compared on re-run: the flattened config without the keys that change
 /// no result (where the store is, the device) and without paths (tracked by content instead).
 pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
@@ -65,21 +92,8 @@ pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
     // Paths are left out too: what a path names is tracked by content (the fingerprints of
     // external inputs), so a moved checkout still continues its runs, and a different file
     // under the same path is still caught.
-    for k in [
-        "store",
-        "device",
-        "prompts.file",
-        "model.source",
-        "judge.template",
-        "judge.model",
-        "meta.template",
-        "eval.prompts",
-        "eval.reference",
-        "eval.baseline_model",
-        "eval.judge.template",
-        "eval.judge.model",
-    ] {
-        out.remove(k);
+    for k in PATH_KEYS {
+        out.remove(*k);
     }
     out
 }
