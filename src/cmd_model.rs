@@ -15,6 +15,10 @@ pub struct GenerateArgs {
     /// Model: Hugging Face directory, .gguf file, or Org/Name in the local HF cache.
     #[arg(long)]
     pub model: String,
+    /// A LoRA adapter folder as PEFT saves it (adapter_config.json + adapter_model.safetensors),
+    /// merged into the model's weights.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The user message; the model's chat template is applied.
     #[arg(long)]
     pub prompt: String,
@@ -48,6 +52,10 @@ pub struct GenerateArgs {
 pub struct LogprobsArgs {
     #[arg(long)]
     pub model: String,
+    /// A LoRA adapter folder as PEFT saves it (adapter_config.json + adapter_model.safetensors),
+    /// merged into the model's weights.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// JSONL file, one {"prompt": ..., "response": ...} object per line.
     #[arg(long)]
     pub pairs: PathBuf,
@@ -75,9 +83,15 @@ pub struct ExportModelArgs {
     pub force: bool,
 }
 
-fn load(model: &str, device: &str) -> anyhow::Result<LanguageModel> {
+fn load(model: &str, adapter: Option<&Path>, device: &str) -> anyhow::Result<LanguageModel> {
     tune_allocator();
-    LanguageModel::load_str(model, device).with_context(|| format!("loading model {model}"))
+    let m =
+        LanguageModel::load_str(model, device).with_context(|| format!("loading model {model}"))?;
+    if let Some(dir) = adapter {
+        let a = tsr_steps::model::LoraAdapter::load(dir, m.device())?;
+        m.merge_lora(&a)?;
+    }
+    Ok(m)
 }
 
 fn sampling(a: &GenerateArgs) -> Sampling {
@@ -93,7 +107,7 @@ fn sampling(a: &GenerateArgs) -> Sampling {
 
 /// `tsr generate`.
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let m = load(&a.model, &a.device)?;
+    let m = load(&a.model, a.adapter.as_deref(), &a.device)?;
     let prompt_ids = m.tokenizer().encode_prompt(&a.prompt)?;
     let req = GenRequest {
         prompt_ids: prompt_ids.clone(),
@@ -158,7 +172,7 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<PairLine>> {
 /// plus the end-of-turn token) given the chat-templated prompt.
 pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
     let lines = read_pairs(&a.pairs)?;
-    let m = load(&a.model, &a.device)?;
+    let m = load(&a.model, a.adapter.as_deref(), &a.device)?;
     let t = m.tokenizer();
     let mut pairs = Vec::with_capacity(lines.len());
     for l in &lines {
@@ -205,7 +219,7 @@ pub fn run_export_model(a: ExportModelArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let m = load(&a.model, &a.device)?;
+    let m = load(&a.model, None, &a.device)?;
     m.export_hf(&a.out, a.force)
         .context("exporting the model as a Hugging Face folder")?;
     println!(

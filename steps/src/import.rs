@@ -1,6 +1,7 @@
 //! `import-model`: read the user's model (GGUF file or Hugging Face folder; a hub id is resolved
-//! to a folder by the workflow) and write it in canonical Hugging Face layout. Its `weights`
-//! digest is M0's identity.
+//! to a folder by the workflow), merge a PEFT LoRA adapter into it when the optional `adapter`
+//! input is given, and write it in canonical Hugging Face layout. Its `weights` digest is M0's
+//! identity.
 
 use crate::lm::model_err;
 use crate::model::{parse_device, DType, LanguageModel, ModelSource};
@@ -43,6 +44,14 @@ impl Step for ImportModel {
         let device = parse_device("cpu").map_err(model_err("device"))?;
         let model = LanguageModel::load(&src, &device, DType::F32)
             .map_err(model_err("importing the model"))?;
+        if inputs.has("adapter") {
+            let dir = inputs.path("adapter")?;
+            let adapter = crate::model::LoraAdapter::load(&dir, &device)
+                .map_err(model_err("reading the LoRA adapter"))?;
+            model
+                .merge_lora(&adapter)
+                .map_err(model_err("merging the LoRA adapter"))?;
+        }
         let out = ctx.scratch().join("export");
         model
             .save_hf(&out)

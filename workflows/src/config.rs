@@ -87,6 +87,10 @@ fn initial() -> String {
 pub struct ModelSection {
     /// A GGUF file, a Hugging Face model folder, or a hub id (`Org/Name`) from the local cache.
     pub source: String,
+    /// A LoRA adapter folder as PEFT saves it, merged into the weights on import (M0 is the
+    /// base with the adapter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelSection {
@@ -390,6 +394,9 @@ impl Config {
             if let Some(h) = home(&m.source) {
                 m.source = h;
             }
+            if let Some(h) = m.adapter.as_ref().and_then(|a| a.to_str()).and_then(home) {
+                m.adapter = Some(PathBuf::from(h));
+            }
         }
         if let Some(m) = c.judge.model.as_mut() {
             if let Some(h) = home(m) {
@@ -435,6 +442,9 @@ impl Config {
             }
             if let Some(p) = c.prompts.as_mut() {
                 abs(&mut p.file);
+            }
+            if let Some(a) = c.model.as_mut().and_then(|m| m.adapter.as_mut()) {
+                abs(a);
             }
             if let Some(t) = c.judge.template.as_mut() {
                 abs(t);
@@ -509,6 +519,14 @@ impl Config {
         }
         if self.device != "cpu" && !self.device.starts_with("cuda") {
             return bad("device", "use `cpu` or `cuda:N`");
+        }
+        if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {
+            tsr_steps::model::LoraAdapter::load(dir, &tsr_steps::model::Device::Cpu).map_err(
+                |e| ConfigError::Invalid {
+                    key: "model.adapter".into(),
+                    reason: tsr_state::error_chain(&e),
+                },
+            )?;
         }
         if self.workflow == "eval" {
             if self.model.is_none() {

@@ -74,6 +74,7 @@ const PATH_KEYS: &[&str] = &[
     "device",
     "prompts.file",
     "model.source",
+    "model.adapter",
     "judge.template",
     "judge.model",
     "meta.template",

@@ -66,7 +66,13 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let p = c.prompts.as_ref().expect("validated: [prompts] present");
     let mut b = DagBuilder::new();
-    let m0 = import_model(&mut b, "import", "model.source", &m.source)?;
+    let m0 = import_model(
+        &mut b,
+        "import",
+        "model.source",
+        &m.source,
+        m.adapter.as_deref(),
+    )?;
     b.add(
         "prompts",
         Arc::new(LoadPrompts { limit: p.limit }),
@@ -140,7 +146,13 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     })?;
     // A fixed judge model, when configured; otherwise Mi judges itself.
     let fixed_judge = match &j.model {
-        Some(spec) => Some(import_model(&mut b, "import-judge", "judge.model", spec)?),
+        Some(spec) => Some(import_model(
+            &mut b,
+            "import-judge",
+            "judge.model",
+            spec,
+            None,
+        )?),
         None => None,
     };
     // Models to evaluate: (node prefix, iteration, model).
@@ -431,7 +443,13 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
 pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let mut b = DagBuilder::new();
-    let model = import_model(&mut b, "import", "model.source", &m.source)?;
+    let model = import_model(
+        &mut b,
+        "import",
+        "model.source",
+        &m.source,
+        m.adapter.as_deref(),
+    )?;
     add_eval(
         &mut b,
         c,
@@ -442,15 +460,18 @@ pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
 }
 
 /// An `import-model` node for the model source given under the config key `key` (errors name
-/// that key); the model it makes is its own base.
+/// that key), with a LoRA adapter merged in when one is given; the model it makes is its own
+/// base.
 fn import_model(
     b: &mut DagBuilder,
     node: &str,
     key: &str,
     source: &str,
+    adapter: Option<&std::path::Path>,
 ) -> Result<ModelRef, WorkflowError> {
     let (path, format) = crate::config::ModelSection {
         source: source.to_string(),
+        adapter: None,
     }
     .resolve()
     .map_err(|e| match e {
@@ -460,12 +481,11 @@ fn import_model(
         },
         other => other,
     })?;
-    b.add(
-        node,
-        Arc::new(ImportModel { format }),
-        vec![("source", InputSource::External(path))],
-        None,
-    );
+    let mut inputs = vec![("source", InputSource::External(path))];
+    if let Some(dir) = adapter {
+        inputs.push(("adapter", InputSource::External(dir.to_path_buf())));
+    }
+    b.add(node, Arc::new(ImportModel { format }), inputs, None);
     Ok(ModelRef {
         base: node.into(),
         node: node.into(),
@@ -519,7 +539,13 @@ fn add_eval(
             None,
         ),
         (None, Some(source)) => {
-            let base = import_model(b, "import-eval-baseline", "eval.baseline_model", source)?;
+            let base = import_model(
+                b,
+                "import-eval-baseline",
+                "eval.baseline_model",
+                source,
+                None,
+            )?;
             add(
                 b,
                 "eval-baseline".into(),
@@ -537,7 +563,7 @@ fn add_eval(
         ),
     }
     let judge_model = match &e.judge.model {
-        Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source)?,
+        Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source, None)?,
         None => m0.clone(),
     };
     let template = match &e.judge.template {

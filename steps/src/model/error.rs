@@ -70,6 +70,9 @@ pub enum ModelError {
     /// An export folder cannot be written as asked.
     #[error("{path}: {msg}")]
     Export { path: PathBuf, msg: String },
+    /// A LoRA adapter folder cannot be applied as it is (the setting or tensor is named).
+    #[error("adapter {path}: {msg}")]
+    Adapter { path: PathBuf, msg: String },
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed")]
     Candle(#[from] candle_core::Error),

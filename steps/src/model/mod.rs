@@ -16,6 +16,7 @@
 //! optimizer updates are seen and no autograd graph is built; training reads the `Var`s and
 //! uses only differentiable ops.
 
+pub mod adapter;
 mod alloc;
 pub mod config;
 mod device;
@@ -39,6 +40,7 @@ use std::path::{Path, PathBuf};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use candle_nn::VarMap;
 
+pub use adapter::LoraAdapter;
 pub use alloc::{tune_allocator, tune_runtime};
 pub use config::{Arch, Config, SlidingWindow};
 pub use device::parse_device;

@@ -1,0 +1,253 @@
+//! LoRA adapters as PEFT saves them (`adapter_config.json` + `adapter_model.safetensors`),
+//! applied to a loaded model by merging: `W += (lora_alpha / r) * B @ A` for every targeted
+//! projection, which is what PEFT's forward computes (`x A^T B^T * scale` added to `x W^T`).
+//!
+//! Only plain LoRA is applied. Every adapter setting that changes the computation and is not
+//! plain LoRA (DoRA, rsLoRA, bias training, other target modules, per-layer ranks, ...) is an
+//! error naming the setting, never ignored. Settings that only shape training or
+//! initialisation (`lora_dropout`, `init_lora_weights`, `loftq_config`, ...) are accepted.
+
+use super::ModelError;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The projections tsr's Llama/Qwen2/Mistral layers have, with their module path.
+const TARGETS: [(&str, &str); 7] = [
+    ("q_proj", "self_attn"),
+    ("k_proj", "self_attn"),
+    ("v_proj", "self_attn"),
+    ("o_proj", "self_attn"),
+    ("gate_proj", "mlp"),
+    ("up_proj", "mlp"),
+    ("down_proj", "mlp"),
+];
+
+/// Settings with no effect on a saved adapter's computation.
+const NEUTRAL: [&str; 16] = [
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "lora_dropout",
+    "task_type",
+    "peft_version",
+    "auto_mapping",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "layers_pattern",
+    "target_modules",
+];
+
+/// A LoRA adapter read from a PEFT folder.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub dir: PathBuf,
+    pub r: usize,
+    pub alpha: f64,
+    /// Targeted projections (`q_proj`, ...).
+    pub targets: Vec<String>,
+    /// Base weight name (`model.layers.0.self_attn.q_proj.weight`) -> (A [r, in], B [out, r]).
+    pub factors: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+impl LoraAdapter {
+    /// `alpha / r`: PEFT's scale for plain LoRA.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::Adapter {
+            path: dir.to_path_buf(),
+            msg,
+        };
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let cfg: serde_json::Map<String, Value> = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("adapter_config.json is not a JSON object: {e}")))?;
+        match cfg.get("peft_type").and_then(Value::as_str) {
+            Some("LORA") => {}
+            other => {
+                return Err(bad(format!(
+                    "peft_type is {}; tsr applies LoRA adapters (\"LORA\") only",
+                    other.map(|s| format!("{s:?}")).unwrap_or("missing".into())
+                )))
+            }
+        }
+        let r = cfg
+            .get("r")
+            .and_then(Value::as_u64)
+            .filter(|r| *r > 0)
+            .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+        let alpha = cfg
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+        for (key, value) in &cfg {
+            if NEUTRAL.contains(&key.as_str())
+                || ["peft_type", "r", "lora_alpha"].contains(&key.as_str())
+            {
+                continue;
+            }
+            let plain = match (key.as_str(), value) {
+                ("bias", Value::String(s)) => s == "none",
+                (_, Value::Null | Value::Bool(false)) => true,
+                (_, Value::Object(o)) => o.is_empty(),
+                (_, Value::Array(a)) => a.is_empty(),
+                _ => false,
+            };
+            if !plain {
+                let what = match key.as_str() {
+                    "use_dora" => " (DoRA)".to_string(),
+                    "use_rslora" => " (rank-stabilised LoRA scales by alpha / sqrt(r))".into(),
+                    "bias" | "lora_bias" => " (trained biases)".into(),
+                    "modules_to_save" => " (fully trained extra modules)".into(),
+                    "rank_pattern" | "alpha_pattern" => " (per-layer ranks or alphas)".into(),
+                    "layers_to_transform" => " (only some layers adapted)".into(),
+                    "fan_in_fan_out" => " (transposed weights)".into(),
+                    _ => String::new(),
+                };
+                return Err(bad(format!(
+                    "setting `{key}` = {value}{what} is not supported; tsr applies plain LoRA (W + lora_alpha / r * B A) to {}",
+                    TARGETS.map(|t| t.0).join(", ")
+                )));
+            }
+        }
+        let targets: Vec<String> = match cfg.get("target_modules") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|v| {
+                    let name = v.as_str().unwrap_or_default();
+                    if TARGETS.iter().any(|t| t.0 == name) {
+                        Ok(name.to_string())
+                    } else {
+                        Err(bad(format!(
+                            "target module {v} is not supported; tsr adapts {}",
+                            TARGETS.map(|t| t.0).join(", ")
+                        )))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            Some(Value::String(s)) if s == "all-linear" => {
+                TARGETS.iter().map(|t| t.0.to_string()).collect()
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "target_modules {other} is not supported: give a list of module names ({})",
+                    TARGETS.map(|t| t.0).join(", ")
+                )))
+            }
+            None => return Err(bad("target_modules is missing".into())),
+        };
+        let weights = dir.join("adapter_model.safetensors");
+        if !weights.is_file() {
+            return Err(bad(
+                "adapter_model.safetensors is missing (adapter_model.bin, PyTorch's pickle format, is not read: save with safe_serialization)".into(),
+            ));
+        }
+        let mut a_of: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut b_of: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, t) in super::load_hf::read_safetensors(&weights)? {
+            let parsed = name.strip_prefix("base_model.model.").and_then(|rest| {
+                for (which, suffix) in [
+                    ('A', ".lora_A.weight"),
+                    ('B', ".lora_B.weight"),
+                    ('A', ".lora_A.default.weight"),
+                    ('B', ".lora_B.default.weight"),
+                ] {
+                    if let Some(module) = rest.strip_suffix(suffix) {
+                        return Some((which, module.to_string()));
+                    }
+                }
+                None
+            });
+            let Some((which, module)) = parsed else {
+                return Err(bad(format!(
+                    "tensor {name:?} is not a LoRA factor (lora_A / lora_B of a projection); tsr applies plain LoRA only"
+                )));
+            };
+            let proj = module.rsplit('.').next().unwrap_or_default();
+            if !targets.iter().any(|t| t == proj) {
+                return Err(bad(format!(
+                    "tensor {name:?} adapts `{proj}`, which target_modules does not list"
+                )));
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            let base = format!("{module}.weight");
+            if which == 'A' {
+                a_of.insert(base, t);
+            } else {
+                b_of.insert(base, t);
+            }
+        }
+        let mut factors = BTreeMap::new();
+        for (base, a) in a_of {
+            let b = b_of
+                .remove(&base)
+                .ok_or_else(|| bad(format!("{base}: lora_A has no lora_B")))?;
+            let (ra, rb) = (a.dims()[0], b.dims()[b.dims().len() - 1]);
+            if a.rank() != 2 || b.rank() != 2 || ra != r || rb != r {
+                return Err(bad(format!(
+                    "{base}: lora_A {:?} and lora_B {:?} do not have rank r = {r}",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            factors.insert(base, (a, b));
+        }
+        if let Some(base) = b_of.keys().next() {
+            return Err(bad(format!("{base}: lora_B has no lora_A")));
+        }
+        if factors.is_empty() {
+            return Err(bad("adapter_model.safetensors holds no LoRA factors".into()));
+        }
+        Ok(LoraAdapter {
+            dir: dir.to_path_buf(),
+            r,
+            alpha,
+            targets,
+            factors,
+        })
+    }
+}
+
+impl super::LanguageModel {
+    /// Merges `adapter` into the weights: `W += scale * B @ A` for each adapted projection.
+    /// Every factor must name a projection of this model with matching shapes.
+    pub fn merge_lora(&self, adapter: &LoraAdapter) -> Result<(), ModelError> {
+        let bad = |msg: String| ModelError::Adapter {
+            path: adapter.dir.clone(),
+            msg,
+        };
+        let vars: BTreeMap<String, candle_core::Var> = self.vars().into_iter().collect();
+        // Check everything before changing anything.
+        for (name, (a, b)) in &adapter.factors {
+            let w = vars.get(name).ok_or_else(|| {
+                bad(format!(
+                    "adapts {name}, which this model does not have (an adapter for another model?)"
+                ))
+            })?;
+            let (out, inp) = w.as_tensor().dims2()?;
+            if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
+                return Err(bad(format!(
+                    "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}] (an adapter for another model?)",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+        }
+        for (name, (a, b)) in &adapter.factors {
+            let w = &vars[name];
+            let delta = (b.matmul(a)? * adapter.scale())?.to_dtype(w.as_tensor().dtype())?;
+            w.set(&(w.as_tensor() + delta)?)?;
+        }
+        Ok(())
+    }
+}
