@@ -12,5 +12,5 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-hf-golden.txt "$
 fi
 rm -rf tests/fixtures/peft
 mkdir -p tests/fixtures/peft
-"$venv/bin/python" scripts/peft_golden.py tests/fixtures/hf tests/fixtures/peft
+PYTHONHASHSEED=0 "$venv/bin/python" scripts/peft_golden.py tests/fixtures/hf tests/fixtures/peft
 echo "wrote tests/fixtures/peft/"

@@ -53,9 +53,25 @@ pub struct DpoArgs {
     /// Shuffle the pairs each epoch with this seed (default: file order).
     #[arg(long)]
     pub shuffle_seed: Option<u64>,
-    /// Save the trained model here (Hugging Face layout).
+    /// Train a new LoRA adapter over the frozen model instead of every weight:
+    /// `r=16,alpha=32[,targets=q_proj+k_proj+...]` (alpha defaults to 2r, targets to every
+    /// projection). A is initialised as PEFT does (Kaiming-uniform, seeded by --seed), B to zero.
+    #[arg(long, conflicts_with = "adapter")]
+    pub lora: Option<tsr_steps::model::adapter::LoraSpec>,
+    /// Train this PEFT LoRA adapter folder further (the reference is the model with the
+    /// adapter as loaded, so the first loss is ln 2).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Seed of a new adapter's initialisation (--lora).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save the trained model here: a Hugging Face folder, or with --lora / --adapter the
+    /// adapter as a PEFT folder (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace --out when it already holds an adapter folder (--lora / --adapter).
+    #[arg(long)]
+    pub force: bool,
     /// "cpu" or "cuda:N".
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -120,6 +136,14 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     let cfg = config(&a, texts.len())?;
     let model = LanguageModel::load_str(&a.model, &a.device)
         .with_context(|| format!("loading model {}", a.model))?;
+    let model = match (&a.lora, &a.adapter) {
+        (Some(spec), _) => model.with_new_lora(spec, a.seed)?,
+        (None, Some(dir)) => {
+            let adapter = tsr_steps::model::LoraAdapter::load(dir, model.device())?;
+            model.with_trainable_adapter(&adapter)?
+        }
+        (None, None) => model,
+    };
     let mut pairs = encode_text_pairs(&model, &texts).context("tokenizing the pairs")?;
     match &a.reference {
         Some(spec) => {
@@ -151,6 +175,12 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     }
     let final_loss = trainer.mean_loss().context("loss after the last step")?;
     let digest = match &a.out {
+        Some(dir) if model.lora().is_some() => {
+            model
+                .save_peft_adapter(dir, a.force)
+                .with_context(|| format!("saving the adapter to {}", dir.display()))?;
+            model.digest()?
+        }
         Some(dir) => model
             .save_hf_with_digest(dir)
             .with_context(|| format!("saving the model to {}", dir.display()))?,

@@ -267,6 +267,7 @@ mod tests {
         std::fs::write(&f, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").unwrap();
         run_logprobs(LogprobsArgs {
             model: model.clone(),
+            adapter: None,
             pairs: f,
             batch_size: 2,
             device: "cpu".into(),
@@ -275,6 +276,7 @@ mod tests {
         .unwrap();
         run_generate(GenerateArgs {
             model: model.clone(),
+            adapter: None,
             prompt: "Hi".into(),
             max_new: 4,
             greedy: false,

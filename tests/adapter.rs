@@ -141,3 +141,199 @@ fn adapters_apply_on_the_command_line_and_in_a_run() {
     let o = tsr(&["runs", "--json"], &store);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("\"dora\""));
 }
+
+fn dpo_json(args: &[&str], store: &Path) -> serde_json::Value {
+    let mut all = vec!["dpo"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let o = tsr(&all, store);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// One DPO step that trains a PEFT-saved adapter further equals PEFT + PyTorch doing it
+/// (`dpo_step` in tests/fixtures/peft/goldens.json): the loss before it (ln 2: the reference
+/// is the adapter as loaded), the gradient norm over the adapter, the loss after the AdamW step.
+#[test]
+fn a_dpo_step_on_a_peft_adapter_equals_peft_and_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("peft/goldens.json")).unwrap())
+            .unwrap();
+    let d = &g["dpo_step"];
+    let pairs = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = d["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    std::fs::write(&pairs, lines.join("\n")).unwrap();
+    let base = fixtures().join("hf").join(d["base"].as_str().unwrap());
+    let adapter = fixtures().join("peft").join(d["adapter"].as_str().unwrap());
+    let beta = d["beta"].to_string();
+    let lr = d["lr"].to_string();
+    let v = dpo_json(
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--beta",
+            &beta,
+            "--lr",
+            &lr,
+            "--steps",
+            "1",
+            "--max-grad-norm",
+            &d["max_grad_norm"].to_string(),
+        ],
+        &dir.path().join("store"),
+    );
+    let rel = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "{what}: tsr {a} vs PEFT {b}"
+        );
+    };
+    rel(
+        v["first_step"]["loss_before"].as_f64().unwrap(),
+        d["loss_before"].as_f64().unwrap(),
+        "loss before",
+    );
+    rel(
+        v["first_step"]["grad_norm"].as_f64().unwrap(),
+        d["grad_norm"].as_f64().unwrap(),
+        "gradient norm",
+    );
+    rel(
+        v["final_loss"].as_f64().unwrap(),
+        d["loss_after"].as_f64().unwrap(),
+        "loss after the step",
+    );
+}
+
+/// A new adapter trained by `tsr dpo --lora` is saved as a PEFT folder that reproduces the
+/// trained model: its loss recomputed from `tsr logprobs --adapter` equals the reported one.
+#[test]
+fn a_new_lora_adapter_is_saved_as_a_peft_folder_that_reproduces_the_trained_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let base = fixtures().join("hf/llama-llama3");
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"Name a colour.\", \"chosen\": \"Blue.\", \"rejected\": \"I will not.\"}\n\
+         {\"prompt\": \"Count to two.\", \"chosen\": \"One, two.\", \"rejected\": \"Seven.\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let v = dpo_json(
+        &[
+            "--model",
+            base.to_str().unwrap(),
+            "--lora",
+            "r=4,alpha=8,targets=q_proj+v_proj+down_proj",
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--lr",
+            "1e-2",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &store,
+    );
+    let metrics = v["metrics"].as_array().unwrap();
+    assert!(
+        (metrics[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "B = 0: the model starts as the base"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
+    // The loss of the saved adapter against the base (the reference), from log-probs alone.
+    let as_pairs = |side: &str| {
+        let f = dir.path().join(format!("{side}.jsonl"));
+        let text = std::fs::read_to_string(&pairs).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let p: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::json!({"prompt": p["prompt"], "response": p[side]}).to_string()
+            })
+            .collect();
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        f
+    };
+    let (c, r) = (as_pairs("chosen"), as_pairs("rejected"));
+    let (pc, pr) = (
+        logprobs(&base, Some(&out), &c, &store),
+        logprobs(&base, Some(&out), &r, &store),
+    );
+    let (rc, rr) = (
+        logprobs(&base, None, &c, &store),
+        logprobs(&base, None, &r, &store),
+    );
+    let loss: f64 = (0..2)
+        .map(|i| {
+            let z = 0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i]));
+            (1.0 + (-z).exp()).ln()
+        })
+        .sum::<f64>()
+        / 2.0;
+    let reported = v["final_loss"].as_f64().unwrap();
+    assert!(
+        (loss - reported).abs() < 1e-4,
+        "saved adapter's loss {loss} vs the trained model's {reported}"
+    );
+    assert!(
+        reported < std::f64::consts::LN_2,
+        "training lowered the loss"
+    );
+    // Saving again over it needs --force; a folder of other files is never replaced.
+    let o = tsr(
+        &[
+            "dpo",
+            "--model",
+            base.to_str().unwrap(),
+            "--lora",
+            "r=2",
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &store,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--force"),
+        "{}",
+        text(&o)
+    );
+    let o = tsr(
+        &[
+            "dpo",
+            "--model",
+            base.to_str().unwrap(),
+            "--lora",
+            "r=0",
+            "--pairs",
+            pairs.to_str().unwrap(),
+        ],
+        &store,
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("r must be a positive integer"),
+        "{}",
+        text(&o)
+    );
+}

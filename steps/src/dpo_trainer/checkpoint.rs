@@ -38,7 +38,7 @@ pub struct CheckpointFiles {
 impl DpoTrainer<'_> {
     /// Streams the policy weights as canonical safetensors (the bytes `save_hf` writes).
     pub fn write_weights(&self, w: &mut impl Write) -> Result<(), TrainerError> {
-        Ok(self.model.write_canonical(w)?)
+        Ok(self.model.write_trainable(w)?)
     }
 
     /// Streams the trainer state ([`TrainerCheckpoint`] encoding: plan, cursor, optimizer
@@ -126,7 +126,7 @@ impl DpoTrainer<'_> {
         let tensors = candle_core::safetensors::load(weights, self.model.device())
             .map_err(|e| TrainerError::Invalid(format!("{}: {e}", weights.display())))?;
         // Check everything before changing anything.
-        let vars = self.model.vars();
+        let vars = self.model.trainable_vars();
         for (name, var) in &vars {
             match tensors.get(name) {
                 Some(t) if t.dims() == var.dims() => {}

@@ -185,7 +185,7 @@ impl<'m> DpoTrainer<'m> {
         }
         cfg.schedule.validate()?;
         let plan = cfg.plan(pairs.len())?;
-        let opt = AdamW::new(model.vars(), cfg.optimizer.clone())?;
+        let opt = AdamW::new(model.trainable_vars(), cfg.optimizer.clone())?;
         Ok(Self {
             model,
             pairs,

@@ -133,6 +133,66 @@ fn resume_from_checkpoint_files_is_exact_and_never_skips_or_repeats_a_pair() {
 }
 
 #[test]
+fn a_lora_trainer_checkpoints_only_the_adapter_and_resumes_exactly() {
+    use crate::model::adapter::LoraSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let spec: LoraSpec = "r=4,alpha=8".parse().unwrap();
+    let lora_model = |d: &str| {
+        tiny_model(&dir.path().join(d), 5)
+            .with_new_lora(&spec, 3)
+            .unwrap()
+    };
+    let model = lora_model("m");
+    let base_before: Vec<f32> = model.vars()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pairs = pairs_for(&model);
+    let mut t = DpoTrainer::new(&model, pairs.clone(), config()).unwrap();
+    while !t.is_done() {
+        t.step().unwrap();
+    }
+    let want_digest = model.digest().unwrap();
+    let base_after: Vec<f32> = model.vars()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(base_before, base_after, "the base stays frozen");
+    assert_ne!(
+        want_digest,
+        tiny_model(&dir.path().join("plain"), 5).digest().unwrap()
+    );
+
+    let m = lora_model("m2");
+    let mut t = DpoTrainer::new(&m, pairs.clone(), config()).unwrap();
+    while t.steps_done() < 4 {
+        t.step().unwrap();
+    }
+    let files = t.write_checkpoint(&dir.path().join("ck")).unwrap();
+    let adapter_bytes = std::fs::metadata(&files.weights).unwrap().len();
+    let lora_params: usize = m.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    assert!(
+        adapter_bytes < (lora_params * 4 + 16 * 1024) as u64,
+        "the checkpoint holds the adapter ({adapter_bytes} bytes for {lora_params} parameters), not the model"
+    );
+    let metrics = t.metrics().to_vec();
+    let m3 = lora_model("m3");
+    let mut t = DpoTrainer::new(&m3, pairs, config()).unwrap();
+    let bytes = std::fs::read(&files.trainer).unwrap();
+    t.restore(&files.weights, &bytes, Some(metrics)).unwrap();
+    while !t.is_done() {
+        t.step().unwrap();
+    }
+    assert_eq!(m3.digest().unwrap(), want_digest);
+}
+
+#[test]
 fn self_reference_gives_ln2_at_the_first_step_and_mean_loss_matches_the_next_step() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 5);

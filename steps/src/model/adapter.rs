@@ -8,7 +8,7 @@
 //! initialisation (`lora_dropout`, `init_lora_weights`, `loftq_config`, ...) are accepted.
 
 use super::ModelError;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -249,5 +249,279 @@ impl super::LanguageModel {
             w.set(&(w.as_tensor() + delta)?)?;
         }
         Ok(())
+    }
+}
+
+/// Trainable LoRA factors over a frozen base (PEFT's `is_trainable`): what DPO updates when a
+/// model trains an adapter.
+#[derive(Debug)]
+pub struct LoraState {
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    /// Base weight name -> (A `[r, in]`, B `[out, r]`).
+    pub factors: BTreeMap<String, (Var, Var)>,
+}
+
+impl LoraState {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// The factors as named `Var`s (`<base>.lora_A`, `<base>.lora_B`), sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let base = |n: &str| n.strip_suffix(".weight").unwrap_or(n).to_string();
+        let mut v: Vec<(String, Var)> = self
+            .factors
+            .iter()
+            .flat_map(|(n, (a, b))| {
+                [
+                    (format!("{}.lora_A", base(n)), a.clone()),
+                    (format!("{}.lora_B", base(n)), b.clone()),
+                ]
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub(crate) fn deep_copy(&self) -> Result<Self, ModelError> {
+        let mut factors = BTreeMap::new();
+        for (n, (a, b)) in &self.factors {
+            factors.insert(
+                n.clone(),
+                (
+                    Var::from_tensor(&a.as_tensor().copy()?)?,
+                    Var::from_tensor(&b.as_tensor().copy()?)?,
+                ),
+            );
+        }
+        Ok(LoraState {
+            r: self.r,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            factors,
+        })
+    }
+
+    /// The factors as a PEFT-loadable adapter (`merge_lora` applies it).
+    pub fn to_adapter(&self, dir: &Path) -> LoraAdapter {
+        LoraAdapter {
+            dir: dir.to_path_buf(),
+            r: self.r,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            factors: self
+                .factors
+                .iter()
+                .map(|(n, (a, b))| (n.clone(), (a.as_tensor().detach(), b.as_tensor().detach())))
+                .collect(),
+        }
+    }
+}
+
+/// What `tsr dpo --lora` asks for: a new adapter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = String;
+    /// `r=16,alpha=32[,targets=q_proj+v_proj]` (targets default to every projection).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut r = None;
+        let mut alpha = None;
+        let mut targets: Vec<String> = TARGETS.iter().map(|t| t.0.to_string()).collect();
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}`: expected key=value, e.g. r=16,alpha=32"))?;
+            match k.trim() {
+                "r" => {
+                    r = Some(
+                        v.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|r| *r > 0)
+                            .ok_or("r must be a positive integer")?,
+                    )
+                }
+                "alpha" => {
+                    alpha = Some(
+                        v.trim()
+                            .parse::<f64>()
+                            .ok()
+                            .filter(|a| a.is_finite() && *a > 0.0)
+                            .ok_or("alpha must be a positive number")?,
+                    )
+                }
+                "targets" => {
+                    targets = v.split('+').map(|t| t.trim().to_string()).collect();
+                    if let Some(t) = targets
+                        .iter()
+                        .find(|t| !TARGETS.iter().any(|x| x.0 == t.as_str()))
+                    {
+                        return Err(format!(
+                            "target `{t}` is not a projection tsr adapts ({})",
+                            TARGETS.map(|t| t.0).join(", ")
+                        ));
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown LoRA setting `{other}` (r, alpha, targets)"
+                    ))
+                }
+            }
+        }
+        let r = r.ok_or("give the rank, e.g. r=16")?;
+        Ok(LoraSpec {
+            r,
+            alpha: alpha.unwrap_or(2.0 * r as f64),
+            targets,
+        })
+    }
+}
+
+impl super::LanguageModel {
+    /// The same model with a new trainable adapter over its (now frozen) weights, initialised
+    /// as PEFT does by default: A Kaiming-uniform (`U(-1/sqrt(in), 1/sqrt(in))`, drawn from a
+    /// ChaCha8 generator seeded with `seed`), B zero, so the model computes what it did.
+    pub fn with_new_lora(mut self, spec: &LoraSpec, seed: u64) -> Result<Self, ModelError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let vars: BTreeMap<String, Var> = self.vars().into_iter().collect();
+        let mut factors = BTreeMap::new();
+        for layer in 0..self.config().num_hidden_layers {
+            for (proj, module) in TARGETS {
+                if !spec.targets.iter().any(|t| t == proj) {
+                    continue;
+                }
+                let name = format!("model.layers.{layer}.{module}.{proj}.weight");
+                let (out, inp) = vars[&name].as_tensor().dims2()?;
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..spec.r * inp)
+                    .map(|_| rng.gen_range(-bound..bound) as f32)
+                    .collect();
+                let a = Tensor::from_vec(a, (spec.r, inp), self.device())?;
+                let b = Tensor::zeros((out, spec.r), DType::F32, self.device())?;
+                factors.insert(name, (Var::from_tensor(&a)?, Var::from_tensor(&b)?));
+            }
+        }
+        self.lora = Some(LoraState {
+            r: spec.r,
+            alpha: spec.alpha,
+            targets: spec.targets.clone(),
+            factors,
+        });
+        Ok(self)
+    }
+
+    /// The same model training `adapter` further (PEFT's `is_trainable`): it computes what the
+    /// base with the adapter computes.
+    pub fn with_trainable_adapter(mut self, adapter: &LoraAdapter) -> Result<Self, ModelError> {
+        let vars: BTreeMap<String, Var> = self.vars().into_iter().collect();
+        let mut factors = BTreeMap::new();
+        for (name, (a, b)) in &adapter.factors {
+            let w = vars.get(name).ok_or_else(|| ModelError::Adapter {
+                path: adapter.dir.clone(),
+                msg: format!(
+                    "adapts {name}, which this model does not have (an adapter for another model?)"
+                ),
+            })?;
+            let (out, inp) = w.as_tensor().dims2()?;
+            if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
+                return Err(ModelError::Adapter {
+                    path: adapter.dir.clone(),
+                    msg: format!(
+                        "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}]",
+                        a.dims(),
+                        b.dims()
+                    ),
+                });
+            }
+            factors.insert(
+                name.clone(),
+                (Var::from_tensor(&a.copy()?)?, Var::from_tensor(&b.copy()?)?),
+            );
+        }
+        self.lora = Some(LoraState {
+            r: adapter.r,
+            alpha: adapter.alpha,
+            targets: adapter.targets.clone(),
+            factors,
+        });
+        Ok(self)
+    }
+
+    /// A copy with the trainable factors merged into plain weights (no adapter).
+    pub fn merged(&self) -> Result<Self, ModelError> {
+        let mut m = self.clone_weights()?;
+        if let Some(l) = m.lora.take() {
+            m.merge_lora(&l.to_adapter(Path::new("<in-memory adapter>")))?;
+        }
+        Ok(m)
+    }
+
+    /// Writes the trainable adapter as a PEFT folder (`adapter_config.json`,
+    /// `adapter_model.safetensors` with PEFT's tensor names), whole or not at all.
+    pub fn save_peft_adapter(&self, out: &Path, force: bool) -> Result<(), ModelError> {
+        let l = self.lora.as_ref().ok_or_else(|| ModelError::Adapter {
+            path: out.to_path_buf(),
+            msg: "this model has no trainable adapter to save".into(),
+        })?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (n, (a, b)) in &l.factors {
+            let base = n.strip_suffix(".weight").unwrap_or(n);
+            tensors.push((
+                format!("base_model.model.{base}.lora_A.weight"),
+                a.as_tensor().detach(),
+            ));
+            tensors.push((
+                format!("base_model.model.{base}.lora_B.weight"),
+                b.as_tensor().detach(),
+            ));
+        }
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": l.r,
+            "lora_alpha": l.alpha,
+            "target_modules": l.targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "use_rslora": false,
+            "modules_to_save": null,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "base_model_name_or_path": null,
+        });
+        let replaceable = |n: &str| {
+            [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "README.md",
+            ]
+            .contains(&n)
+        };
+        super::export::write_folder_whole(out, force, "PEFT adapter folder", &replaceable, |dir| {
+            let cfg_path = dir.join("adapter_config.json");
+            std::fs::write(&cfg_path, serde_json::to_vec_pretty(&config).expect("json"))
+                .map_err(|e| ModelError::io(&cfg_path, e))?;
+            let st = dir.join("adapter_model.safetensors");
+            let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+            candle_core::safetensors::save(&map, &st)?;
+            for f in [&cfg_path, &st] {
+                std::fs::File::open(f)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| ModelError::io(f, e))?;
+            }
+            Ok(())
+        })
     }
 }

@@ -31,7 +31,20 @@ pub(crate) struct Layer {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// LoRA factors (A `[r, in]`, B `[out, r]`) per projection, in [`PROJECTIONS`] order.
+    pub lora: [Option<(Tensor, Tensor)>; 7],
 }
+
+/// The projections of a block, in the order of [`Layer::lora`].
+pub(crate) const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// All parameters, as tensors that either track gradients (from `Var`s) or are detached views
 /// of the same storage (inference: optimizer updates are visible, no graph is built).
@@ -42,6 +55,8 @@ pub(crate) struct Weights {
     pub norm: Tensor,
     pub lm_head: Tensor,
     pub differentiable: bool,
+    /// LoRA scale (`alpha / r`) of the layers' factors.
+    pub lora_scale: f64,
 }
 
 /// Per-layer K/V buffers `[B, KVH, capacity, head_dim]`, filled left to right.
@@ -184,6 +199,26 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape((bs, t, ()))
 }
 
+/// `linear` plus the LoRA update `scale * (x A^T) B^T` when the projection has factors.
+fn linear_lora(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: &Option<(Tensor, Tensor)>,
+    scale: f64,
+) -> Result<Tensor> {
+    let y = linear(x, w, b)?;
+    match lora {
+        None => Ok(y),
+        Some((a, bm)) => {
+            let (bs, t, i) = x.dims3()?;
+            let xa = matmul_wt(&x.reshape((bs * t, i))?, a)?;
+            let d = (matmul_wt(&xa, bm)? * scale)?;
+            y + d.reshape((bs, t, ()))?
+        }
+    }
+}
+
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -242,9 +277,10 @@ impl Weights {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(linear(x, &l.q, l.q_b.as_ref())?, nh)?;
-        let k = heads(linear(x, &l.k, l.k_b.as_ref())?, nkv)?;
-        let v = heads(linear(x, &l.v, l.v_b.as_ref())?, nkv)?;
+        let sc = self.lora_scale;
+        let q = heads(linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc)?, nh)?;
+        let k = heads(linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc)?, nkv)?;
+        let v = heads(linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc)?, nkv)?;
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         let (k, v) = match cache {
@@ -268,13 +304,14 @@ impl Weights {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        linear(&y, &l.o, l.o_b.as_ref())
+        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc)
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        let g = linear(x, &l.gate, None)?.silu()?;
-        let u = linear(x, &l.up, None)?;
-        linear(&(g * u)?, &l.down, None)
+        let sc = self.lora_scale;
+        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc)?.silu()?;
+        let u = linear_lora(x, &l.up, None, &l.lora[5], sc)?;
+        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc)
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.

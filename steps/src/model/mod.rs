@@ -106,6 +106,8 @@ pub struct LanguageModel {
     varmap: VarMap,
     device: Device,
     dtype: DType,
+    /// Trainable LoRA factors over frozen base weights (`None`: every weight trains).
+    lora: Option<adapter::LoraState>,
 }
 
 impl std::fmt::Debug for LanguageModel {
@@ -197,6 +199,7 @@ impl LanguageModel {
             varmap,
             device: device.clone(),
             dtype,
+            lora: None,
         })
     }
 
@@ -225,7 +228,21 @@ impl LanguageModel {
         &self.varmap
     }
 
-    /// Every trainable parameter, sorted by name (a stable order for optimizers and checkpoints).
+    /// The parameters training updates, sorted by name (a stable order for optimizers and
+    /// checkpoints): the LoRA factors when the model has trainable ones, else every weight.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        match &self.lora {
+            Some(l) => l.vars(),
+            None => self.vars(),
+        }
+    }
+
+    /// The trainable LoRA factors, if any.
+    pub fn lora(&self) -> Option<&adapter::LoraState> {
+        self.lora.as_ref()
+    }
+
+    /// Every weight of the base model, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -253,6 +270,7 @@ impl LanguageModel {
             varmap,
             device: self.device.clone(),
             dtype: self.dtype,
+            lora: self.lora.as_ref().map(|l| l.deep_copy()).transpose()?,
         })
     }
 
@@ -260,15 +278,29 @@ impl LanguageModel {
     /// detached views of the same storage (fused inference ops).
     pub(crate) fn weights(&self, differentiable: bool) -> Result<Weights, ModelError> {
         let data = self.varmap.data().lock().expect("varmap lock");
+        // With LoRA factors the base is frozen: only the factors track gradients.
+        let base_tracked = differentiable && self.lora.is_none();
         let get = |name: &str| -> Result<Tensor, ModelError> {
             let var = data.get(name).ok_or_else(|| ModelError::MissingTensor {
                 path: PathBuf::from("<in-memory model>"),
                 tensor: name.to_string(),
             })?;
-            Ok(if differentiable {
+            Ok(if base_tracked {
                 var.as_tensor().clone()
             } else {
                 var.as_tensor().detach()
+            })
+        };
+        let lora_of = |layer: usize, k: usize| -> Option<(Tensor, Tensor)> {
+            let l = self.lora.as_ref()?;
+            let (a, b) = l.factors.get(&format!(
+                "model.layers.{layer}.{}.weight",
+                llama::PROJECTIONS[k]
+            ))?;
+            Some(if differentiable {
+                (a.as_tensor().clone(), b.as_tensor().clone())
+            } else {
+                (a.as_tensor().detach(), b.as_tensor().detach())
             })
         };
         let opt = |name: String, present: bool| -> Result<Option<Tensor>, ModelError> {
@@ -296,6 +328,7 @@ impl LanguageModel {
                 gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
                 up: get(&format!("{p}.mlp.up_proj.weight"))?,
                 down: get(&format!("{p}.mlp.down_proj.weight"))?,
+                lora: std::array::from_fn(|k| lora_of(i, k)),
             });
         }
         let embed = get("model.embed_tokens.weight")?;
@@ -311,6 +344,7 @@ impl LanguageModel {
             norm: get("model.norm.weight")?,
             lm_head,
             differentiable,
+            lora_scale: self.lora.as_ref().map_or(0.0, |l| l.scale()),
         })
     }
 }

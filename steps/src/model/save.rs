@@ -110,11 +110,33 @@ impl LanguageModel {
 
     /// Streams the canonical safetensors bytes into `w`.
     pub(crate) fn write_canonical(&self, w: &mut impl Write) -> Result<(), ModelError> {
-        let tensors = self.canonical_tensors();
+        if self.lora().is_some() {
+            // The model's weights are the base with its factors merged in.
+            return self.merged()?.write_canonical(w);
+        }
+        write_vars(&self.canonical_tensors(), w)
+    }
+
+    /// Streams the trainable parameters (the LoRA factors, or every weight) as safetensors
+    /// bytes, sorted by name: what a training checkpoint holds.
+    pub fn write_trainable(&self, w: &mut impl Write) -> Result<(), ModelError> {
+        if self.lora().is_none() {
+            return self.write_canonical(w);
+        }
+        write_vars(&self.trainable_vars(), w)
+    }
+}
+
+/// `tensors` (sorted by name) as f32 safetensors bytes.
+fn write_vars(
+    tensors: &[(String, candle_core::Var)],
+    w: &mut impl Write,
+) -> Result<(), ModelError> {
+    {
         let mut header: BTreeMap<String, Value> = BTreeMap::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
         let mut off = 0usize;
-        for (name, var) in &tensors {
+        for (name, var) in tensors {
             let n = var.elem_count() * 4;
             header.insert(
                 name.clone(),
@@ -130,12 +152,14 @@ impl LanguageModel {
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&h).map_err(io)?;
         let mut buf = Vec::with_capacity(1 << 20);
-        for (_, var) in &tensors {
+        for (_, var) in tensors {
             write_f32_le(var.as_tensor(), w, &mut buf, io)?;
         }
         Ok(())
     }
+}
 
+impl LanguageModel {
     /// The model's identity: blake3 hex digest of its canonical safetensors bytes (see module doc).
     pub fn digest(&self) -> Result<String, ModelError> {
         let mut hasher = blake3::Hasher::new();
