@@ -1,10 +1,13 @@
 //! DPO step speed, peak memory and checkpoint time on the real model (issue 4):
 //!
 //! ```text
-//! cargo run --release -p tsr-steps --example bench_dpo -- [MODEL] [STEPS]
+//! cargo run --release -p tsr-steps --example bench_dpo -- [MODEL] [STEPS] [LORA]
 //! ```
 //! MODEL defaults to `$TSR_MODEL`, else the GGUF that `scripts/fetch-model.sh` caches; STEPS
-//! (default 5) optimizer steps per length, the first one (warm-up) excluded from the median.
+//! (default 5) optimizer steps per length, the first one (warm-up) excluded from the median;
+//! LORA (e.g. `r=16,alpha=32`) trains a new LoRA adapter over the frozen model instead of
+//! every weight (as `tsr dpo --lora`). The RESULT line also gives the median step without the
+//! reference forward (workflows precompute reference log-probs in their own step).
 //!
 //! One step = the frozen reference model's forward on the pair (inference path) + the
 //! policy's forward and backward on chosen and rejected + clipping + the AdamW update, on one
@@ -41,6 +44,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let policy = LanguageModel::load_str(&spec, "cpu")?;
     let reference = policy.clone_weights()?;
+    let policy = match args.get(2) {
+        Some(lora) => {
+            let lora: tsr_steps::model::adapter::LoraSpec = lora.parse()?;
+            println!("training a LoRA adapter: {lora:?}");
+            policy.with_new_lora(&lora, 0)?
+        }
+        None => policy,
+    };
     println!(
         "load {spec}: {:.2} s, {} parameters, peak so far {:.0} MB",
         t.elapsed().as_secs_f64(),
@@ -69,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         reference_logps(&reference, std::slice::from_mut(&mut pair), 1)?;
         let mut t = DpoTrainer::new(&policy, vec![pair.clone()], cfg.clone())?;
         let mut times = Vec::new();
+        let mut policy_times = Vec::new();
         for i in 0..steps {
             let s = Instant::now();
             let cpu0 = cpu_s();
@@ -88,6 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             if i > 0 {
                 times.push(total);
+                policy_times.push(total - ref_s);
             }
         }
         let peak = vm_hwm_mb();
@@ -110,12 +123,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             previous = vec![w, st];
         }
         println!(
-            "RESULT {p}+{r}: median step {:.2} s over {} steps (min {:.2}, max {:.2}); peak RSS {:.0} MB; \
-             checkpoint {:.0} MB durable: first {:.2} s, second {:.2} s",
+            "RESULT {p}+{r}: median step {:.2} s over {} steps (min {:.2}, max {:.2}); without the reference forward {:.2} s; \
+             peak RSS {:.0} MB; checkpoint {:.0} MB durable: first {:.2} s, second {:.2} s",
             median(times.clone()),
             times.len(),
             times.iter().cloned().fold(f64::INFINITY, f64::min),
             times.iter().cloned().fold(0.0, f64::max),
+            median(policy_times.clone()),
             peak,
             ck[0].1 as f64 / 1e6,
             ck[0].0,

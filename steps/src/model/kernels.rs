@@ -6,7 +6,7 @@
 //! 515 tok/s. Inference only: it has no backward pass (the differentiable path keeps candle's
 //! ops).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `exp(x)` for `x <= 0` to about 2e-7 relative error, branch-free so loops vectorise: range
@@ -102,6 +102,50 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
             .apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax)
     } else {
         candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)
+    }
+}
+
+/// `x @ w^T` for a frozen weight `w [out, in]` (a LoRA base): the backward pass gives the
+/// gradient of `x` only. candle's matmul backward also computes the weight's gradient, a
+/// full-size matmul and tensor per projection, even for a weight that is not trained.
+struct FrozenMatmulT {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("frozen-matmul-t: f32 only");
+        };
+        let Some((o0, o1)) = l.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul-t: contiguous input only");
+        };
+        let (m, k) = l.shape().dims2()?;
+        let x = Tensor::from_slice(&x[o0..o1], (m, k), self.w.device())?;
+        let y = super::llama::matmul_wt(&x, &self.w)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
+/// `x [M, in] @ w^T` where `w` is frozen: gradients flow to `x` only (CPU f32; elsewhere
+/// candle's matmul, whose backward also computes the unused weight gradient).
+pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+    {
+        x.contiguous()?.apply_op1(FrozenMatmulT { w: w.detach() })
+    } else {
+        super::llama::matmul_wt(x, w)
     }
 }
 

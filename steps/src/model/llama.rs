@@ -57,6 +57,9 @@ pub(crate) struct Weights {
     pub differentiable: bool,
     /// LoRA scale (`alpha / r`) of the layers' factors.
     pub lora_scale: f64,
+    /// Training LoRA factors over frozen base weights: the base matmuls skip the weight
+    /// gradient.
+    pub frozen_base: bool,
 }
 
 /// Per-layer K/V buffers `[B, KVH, capacity, head_dim]`, filled left to right.
@@ -199,6 +202,17 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape((bs, t, ()))
 }
 
+/// `x [B, T, in] @ w^T (+ b)` for a frozen `w` (no weight gradient).
+fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bs, t, i) = x.dims3()?;
+    let y = super::kernels::frozen_matmul_wt(&x.reshape((bs * t, i))?, w)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape((bs, t, ()))
+}
+
 /// `linear` plus the LoRA update `scale * (x A^T) B^T` when the projection has factors.
 fn linear_lora(
     x: &Tensor,
@@ -206,8 +220,13 @@ fn linear_lora(
     b: Option<&Tensor>,
     lora: &Option<(Tensor, Tensor)>,
     scale: f64,
+    frozen: bool,
 ) -> Result<Tensor> {
-    let y = linear(x, w, b)?;
+    let y = if frozen {
+        linear_frozen(x, w, b)?
+    } else {
+        linear(x, w, b)?
+    };
     match lora {
         None => Ok(y),
         Some((a, bm)) => {
@@ -277,10 +296,19 @@ impl Weights {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let sc = self.lora_scale;
-        let q = heads(linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc)?, nh)?;
-        let k = heads(linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc)?, nkv)?;
-        let v = heads(linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc)?, nkv)?;
+        let (sc, fz) = (self.lora_scale, self.frozen_base);
+        let q = heads(
+            linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc, fz)?,
+            nh,
+        )?;
+        let k = heads(
+            linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc, fz)?,
+            nkv,
+        )?;
+        let v = heads(
+            linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc, fz)?,
+            nkv,
+        )?;
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         let (k, v) = match cache {
@@ -304,14 +332,14 @@ impl Weights {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc)
+        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc, fz)
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        let sc = self.lora_scale;
-        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc)?.silu()?;
-        let u = linear_lora(x, &l.up, None, &l.lora[5], sc)?;
-        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc)
+        let (sc, fz) = (self.lora_scale, self.frozen_base);
+        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc, fz)?.silu()?;
+        let u = linear_lora(x, &l.up, None, &l.lora[5], sc, fz)?;
+        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc, fz)
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
@@ -352,6 +380,10 @@ impl Weights {
     /// Logits `[N, vocab]` for hidden rows `[N, hidden]` (possibly a transposed view: callers
     /// that need a contiguous tensor make it so).
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        matmul_wt(h, &self.lm_head)
+        if self.frozen_base {
+            super::kernels::frozen_matmul_wt(h, &self.lm_head)
+        } else {
+            matmul_wt(h, &self.lm_head)
+        }
     }
 }

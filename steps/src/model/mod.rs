@@ -345,6 +345,7 @@ impl LanguageModel {
             lm_head,
             differentiable,
             lora_scale: self.lora.as_ref().map_or(0.0, |l| l.scale()),
+            frozen_base: differentiable && self.lora.is_some(),
         })
     }
 }

@@ -109,10 +109,13 @@ impl LanguageModel {
             let idx = Tensor::new(&rows[start..start + len], dev)?;
             let tgt = Tensor::new(&targets[start..start + len], dev)?.unsqueeze(1)?;
             // Row-major logits: the softmax reductions below run along contiguous rows.
-            let logits = h
-                .index_select(&idx, 0)?
-                .matmul(&w.lm_head.t()?)?
-                .to_dtype(sdt)?;
+            let hs = h.index_select(&idx, 0)?;
+            let logits = if w.frozen_base {
+                super::kernels::frozen_matmul_wt(&hs, &w.lm_head)?
+            } else {
+                hs.matmul(&w.lm_head.t()?)?
+            }
+            .to_dtype(sdt)?;
             // log p = logit[target] - logsumexp(logits); the max shift carries no gradient.
             let m = logits.max_keepdim(D::Minus1)?.detach();
             let lse = (logits
