@@ -189,4 +189,48 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-6, "{diff}");
     }
+
+    #[test]
+    fn a_frozen_matmul_gives_the_input_gradient_and_no_weight_gradient() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap())
+            .unwrap();
+        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap())
+            .unwrap();
+        let t = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let loss = |y: Tensor| (y * &t).unwrap().sum_all().unwrap();
+        let plain = loss(x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap())
+            .backward()
+            .unwrap();
+        let frozen = loss(frozen_matmul_wt(x.as_tensor(), w.as_tensor()).unwrap())
+            .backward()
+            .unwrap();
+        let gx = |g: &candle_core::backprop::GradStore| {
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (a, b) in gx(&plain).iter().zip(gx(&frozen)) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(plain.get(w.as_tensor()).is_some());
+        assert!(
+            frozen.get(w.as_tensor()).is_none(),
+            "no gradient for the frozen weight"
+        );
+        let y1 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let y2 = frozen_matmul_wt(x.as_tensor(), w.as_tensor()).unwrap();
+        let d = (y1 - y2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
 }
