@@ -66,13 +66,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let p = c.prompts.as_ref().expect("validated: [prompts] present");
     let mut b = DagBuilder::new();
-    let m0 = import_model(
-        &mut b,
-        "import",
-        "model.source",
-        &m.source,
-        m.adapter.as_deref(),
-    )?;
+    let m0 = import_initial(&mut b, m)?;
     b.add(
         "prompts",
         Arc::new(LoadPrompts { limit: p.limit }),
@@ -443,13 +437,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
 pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let m = c.model.as_ref().expect("validated: [model] present");
     let mut b = DagBuilder::new();
-    let model = import_model(
-        &mut b,
-        "import",
-        "model.source",
-        &m.source,
-        m.adapter.as_deref(),
-    )?;
+    let model = import_initial(&mut b, m)?;
     add_eval(
         &mut b,
         c,
@@ -457,6 +445,14 @@ pub fn build_eval(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         &[("eval/model".into(), None, model.clone())],
     )?;
     Ok(b.build()?)
+}
+
+/// The `import` node of `[model]` (with its adapter, if any): M0.
+fn import_initial(
+    b: &mut DagBuilder,
+    m: &crate::config::ModelSection,
+) -> Result<ModelRef, WorkflowError> {
+    import_model(b, "import", "model.source", &m.source, m.adapter.as_deref())
 }
 
 /// An `import-model` node for the model source given under the config key `key` (errors name
