@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch side of `tsr bench` (issue 6): the same shapes, token ids, FLOP model and printed
+"""PyTorch side of `tsr bench`: the same shapes, token ids, FLOP model and printed
 figures, so one GPU session measures both sides.
 
   DPO:        batch B pairs of P prompt + R response tokens; one step = reference forward

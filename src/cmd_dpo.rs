@@ -134,6 +134,16 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     let texts = parse_pairs_jsonl(&text)
         .with_context(|| format!("reading pairs from {}", a.pairs.display()))?;
     let cfg = config(&a, texts.len())?;
+    if let Some(dir) = &a.out {
+        // Refused before training, not after it.
+        let occupied = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if (a.lora.is_some() || a.adapter.is_some()) && occupied && !a.force {
+            bail!(
+                "{} already holds files; choose an empty or new folder, or pass --force to replace an adapter folder",
+                dir.display()
+            );
+        }
+    }
     let model = LanguageModel::load_str(&a.model, &a.device)
         .with_context(|| format!("loading model {}", a.model))?;
     let model = match (&a.lora, &a.adapter) {

@@ -92,10 +92,24 @@ fn drive(
                     Config::from_str_at(&old.config_toml, Path::new("(recorded run)"))
                         .map(|c| tsr_workflows::path_settings(&c))
                         .unwrap_or_default();
-                for (k, v) in tsr_workflows::path_settings(config) {
-                    if recorded.get(&k) != Some(&v) {
+                let now = tsr_workflows::path_settings(config);
+                for (k, v) in &now {
+                    if recorded.get(k) != Some(v) {
                         paths.push_str(&format!("--set '{k}={v}' "));
                     }
+                }
+                // A fork starts from the recorded settings and --set cannot remove one.
+                let dropped: Vec<&String> =
+                    recorded.keys().filter(|k| !now.contains_key(*k)).collect();
+                if !dropped.is_empty() {
+                    let keys = dropped
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    bail!(
+                        "run `{run}` was started with another definition; changed: {changes}; this config no longer gives {keys}.\n  A fork keeps the recorded run's settings and cannot drop {keys}: run this config under another name"
+                    );
                 }
             }
             return Err(tsr_engine::EngineError::DefinitionChanged {

@@ -89,7 +89,7 @@ pub struct EvalResult {
 pub fn eval_label(node: &str) -> Option<(String, (u32, u32))> {
     match node {
         "eval/m0-judge" => return Some(("M0".into(), (0, 1))),
-        "eval/model-judge" => return Some(("model".into(), (0, 1))),
+        "eval/model-judge" => return Some(("model".into(), (0, 0))),
         _ => {}
     }
     let rest = node.strip_prefix("iter")?;

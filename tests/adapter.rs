@@ -58,6 +58,7 @@ fn adapters_apply_on_the_command_line_and_in_a_run() {
         .collect();
     std::fs::write(&pairs, lines.join("\n")).unwrap();
     let got = logprobs(&base, Some(&adapter), &pairs, &store);
+    assert_eq!(got.len(), golden.len());
     for (g, p) in got.iter().zip(&golden) {
         let want = p["logprob"].as_f64().unwrap();
         assert!((g - want).abs() < 1e-3, "tsr {g} vs PEFT {want}");
@@ -110,6 +111,7 @@ fn adapters_apply_on_the_command_line_and_in_a_run() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let got = logprobs(&out, None, &pairs, &store);
+    assert_eq!(got.len(), golden.len());
     for (g, p) in got.iter().zip(&golden) {
         let want = p["logprob"].as_f64().unwrap();
         assert!(
@@ -283,6 +285,7 @@ fn a_new_lora_adapter_is_saved_as_a_peft_folder_that_reproduces_the_trained_mode
         logprobs(&base, None, &c, &store),
         logprobs(&base, None, &r, &store),
     );
+    assert!([pc.len(), pr.len(), rc.len(), rr.len()] == [2, 2, 2, 2]);
     let loss: f64 = (0..2)
         .map(|i| {
             let z = 0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i]));

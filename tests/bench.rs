@@ -1,4 +1,4 @@
-//! `tsr bench` (issue 6) on the tiny model: both measurements print their RESULT lines, and
+//! `tsr bench` on the tiny model: both measurements print their RESULT lines, and
 //! what cannot run on this binary or device is a clear error with exit code 1, never a panic.
 
 mod common;

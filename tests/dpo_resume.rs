@@ -1,4 +1,4 @@
-//! Exact DPO resume through the engine (issue 4): a tiny-model self-rewarding iteration whose
+//! Exact DPO resume through the engine: a tiny-model self-rewarding iteration whose
 //! DPO node checkpoints after every optimizer step is SIGKILLed at random moments while that
 //! node trains, several times, and resumed each time; the final digests of every node (the
 //! trained weights and the per-step metrics included) must equal those of an uninterrupted run.

@@ -244,6 +244,19 @@ fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
         t.contains("95% CI") && t.contains(" Mf1 ") && t.contains(" M1 "),
         "{t}"
     );
+    // Every row of the evaluation table has as many fields as its header.
+    let table: Vec<&str> = t.lines().skip_while(|l| !l.contains("95% CI")).collect();
+    // (EM reads "1/2 (50%)": one field.)
+    let fields = |l: &str| l.replace(" (", "(").split_whitespace().count();
+    assert_eq!(table.len(), 4, "{t}");
+    for row in &table[1..] {
+        assert_eq!(
+            fields(row),
+            fields(table[0]),
+            "{row:?} under {:?}",
+            table[0]
+        );
+    }
     for f in ["win_rate.png", "lc_win_rate.png"] {
         assert!(std::fs::metadata(rep.join(f)).unwrap().len() > 1000, "{f}");
     }
@@ -547,5 +560,21 @@ fn a_finished_run_gets_evaluated_by_the_fork_its_refusal_suggests() {
     assert_eq!(
         summary(&store, "late-eval", "iter1/eval-judge")["prompts"],
         4
+    );
+    // Dropping a file setting cannot be forked (a fork keeps the recorded settings): the
+    // refusal says to use another name instead of suggesting a fork that changes nothing.
+    std::fs::write(
+        &cfg,
+        without.replace("name = \"late\"", "name = \"late-eval\""),
+    )
+    .unwrap();
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(
+        msg.contains("cannot drop `eval.prompts`")
+            && msg.contains("another name")
+            && !msg.contains("tsr fork"),
+        "{msg}"
     );
 }

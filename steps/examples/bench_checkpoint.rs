@@ -1,4 +1,4 @@
-//! DPO checkpoint time on the real model, as the `dpo` step takes it (issue 4):
+//! DPO checkpoint time on the real model, as the `dpo` step takes it:
 //!
 //! ```text
 //! cargo run --release -p tsr-steps --example bench_checkpoint -- [direct|blobs|files] [MODEL] [N]

@@ -1,4 +1,4 @@
-//! DPO step speed, peak memory and checkpoint time on the real model (issue 4):
+//! DPO step speed, peak memory and checkpoint time on the real model:
 //!
 //! ```text
 //! cargo run --release -p tsr-steps --example bench_dpo -- [MODEL] [STEPS] [LORA]

@@ -1,5 +1,5 @@
 //! Speed measurements shared by `tsr bench` and the `bench_*` examples: process counters
-//! (`/proc`), a median, the FLOP model behind MFU, and the two measurements issue 6 compares
+//! (`/proc`), a median, the FLOP model behind MFU, and the two measurements the GPU benchmark compares
 //! with PyTorch (`scripts/bench_torch_gpu.py` runs the same shapes and token ids):
 //!
 //! - [`bench_dpo`]: DPO optimizer steps on `batch` pairs of `prompt + response` tokens. One

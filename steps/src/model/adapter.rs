@@ -155,7 +155,16 @@ impl LoraAdapter {
         let mut a_of: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut b_of: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, t) in super::load_hf::read_safetensors(&weights)? {
-            let parsed = name.strip_prefix("base_model.model.").and_then(|rest| {
+            // PEFT names factors `base_model.model.<module>`; an adapter saved on a bare
+            // `LlamaModel` (no LM head) lacks the inner `model.`.
+            let module_name = name.strip_prefix("base_model.model.").map(|rest| {
+                if rest.starts_with("layers.") {
+                    format!("model.{rest}")
+                } else {
+                    rest.to_string()
+                }
+            });
+            let parsed = module_name.as_deref().and_then(|rest| {
                 for (which, suffix) in [
                     ('A', ".lora_A.weight"),
                     ('B', ".lora_B.weight"),
@@ -192,8 +201,7 @@ impl LoraAdapter {
             let b = b_of
                 .remove(&base)
                 .ok_or_else(|| bad(format!("{base}: lora_A has no lora_B")))?;
-            let (ra, rb) = (a.dims()[0], b.dims()[b.dims().len() - 1]);
-            if a.rank() != 2 || b.rank() != 2 || ra != r || rb != r {
+            if a.rank() != 2 || b.rank() != 2 || a.dims()[0] != r || b.dims()[1] != r {
                 return Err(bad(format!(
                     "{base}: lora_A {:?} and lora_B {:?} do not have rank r = {r}",
                     a.dims(),

@@ -244,7 +244,12 @@ pub fn write_folder_whole(
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    if let Err(e) = write(&tmp) {
+    if let Err(e) = write(&tmp).and_then(|()| {
+        // The new folder's entries are durable before it is swapped in.
+        std::fs::File::open(&tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ModelError::io(&tmp, e))
+    }) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }

@@ -1,4 +1,6 @@
-//! A CPU kernel for the inference path: masked softmax over attention scores, fusing the
+//! CPU kernels. A frozen-weight matmul whose backward gives only the input's gradient (LoRA
+//! training over a frozen base; see [`frozen_matmul_wt`]). And for the inference path: masked
+//! softmax over attention scores, fusing the
 //! additive mask (broadcast over heads) with the softmax and using a vectorisable `exp`.
 //! candle's separate `broadcast_add` + `softmax_last_dim` spend most of their time in glibc's
 //! scalar `expf`, including its slow underflow path for every masked (-1e9) entry. With this
