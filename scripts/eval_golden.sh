@@ -10,12 +10,7 @@
 # 3. exports.json: get_winrate on each exported annotations.json, read as AlpacaEval reads it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${TSR_GOLDEN_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr/golden-venvs}/eval"
-if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/requirements-eval-golden.txt "$venv/requirements.txt"; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-eval-golden.txt
-  cp scripts/requirements-eval-golden.txt "$venv/requirements.txt"
-fi
+py=$(scripts/golden-venv.sh eval scripts/requirements-eval-golden.txt)
 mkdir -p tests/fixtures/eval
 scripts/fetch-model.sh >/dev/null
 cargo build --release --quiet --bin tsr
@@ -31,6 +26,6 @@ for mode in logprob text; do
   # Keep what the tests read (the outputs files repeat the annotations' texts).
   find "tests/fixtures/eval/export-$mode" -name model_outputs.json -delete
 done
-"$venv/bin/python" scripts/eval_golden.py tests/fixtures/eval/winrate.json \
+"$py" scripts/eval_golden.py tests/fixtures/eval/winrate.json \
   tests/fixtures/eval/exports.json tests/fixtures/eval/export-logprob tests/fixtures/eval/export-text
 echo "wrote tests/fixtures/eval/"

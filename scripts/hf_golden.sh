@@ -7,18 +7,9 @@
 #   TSR_GOLDEN_VENVS   where the two virtual environments live (default ~/.cache/tsr/golden-venvs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venvs="${TSR_GOLDEN_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr/golden-venvs}"
 out=tests/fixtures/hf
-venv() { # name requirements
-  if [ ! -x "$venvs/$1/bin/python" ] || ! cmp -s "$2" "$venvs/$1/requirements.txt"; then
-    python3 -m venv "$venvs/$1"
-    "$venvs/$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
-    cp "$2" "$venvs/$1/requirements.txt"
-  fi
-  echo "$venvs/$1/bin/python"
-}
-py5=$(venv transformers5 scripts/requirements-hf-golden.txt)
-py4=$(venv transformers4 scripts/requirements-hf-golden-4x.txt)
+py5=$(scripts/golden-venv.sh transformers5 scripts/requirements-hf-golden.txt)
+py4=$(scripts/golden-venv.sh transformers4 scripts/requirements-hf-golden-4x.txt)
 gguf=$(scripts/fetch-model.sh)
 cargo build --release --quiet --bin tsr --example write_tiny_model -p tsr -p tsr-steps
 tmp=$(mktemp -d)

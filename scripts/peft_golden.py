@@ -89,7 +89,7 @@ def dpo_step(fixtures, out, base_name):
         after = float(loss_now())
     return {"base": base_name, **{k: v for k, v in DPO.items() if k != "pairs"},
             "pairs": [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in DPO["pairs"]],
-            "loss_before": float(loss), "grad_norm": float(norm), "loss_after": after,
+            "loss_before": float(loss.detach()), "grad_norm": float(norm), "loss_after": after,
             "ref_logps": ref}
 
 

@@ -56,10 +56,7 @@ pub const VERDICT_OPENING: &str = "Better: ";
 
 /// A pairwise template must contain the three placeholders.
 pub fn check_pairwise_template(template: &str) -> Result<(), String> {
-    match PAIRWISE_PLACEHOLDERS
-        .iter()
-        .find(|p| !template.contains(**p))
-    {
+    match crate::judge_text::missing_placeholder(template, &PAIRWISE_PLACEHOLDERS) {
         Some(p) => Err(format!(
             "the evaluation judge template lacks the placeholder {p}; it needs {{instruction}}, {{output_a}} and {{output_b}}"
         )),

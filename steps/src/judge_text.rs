@@ -32,15 +32,19 @@ pub enum TemplateError {
 
 /// Check a user template; returns it unchanged when usable.
 pub fn check_template(name: &str, template: &str) -> Result<(), TemplateError> {
-    for placeholder in ["{prompt}", "{response}"] {
-        if !template.contains(placeholder) {
-            return Err(TemplateError::MissingPlaceholder {
-                name: name.to_string(),
-                placeholder,
-            });
-        }
+    match missing_placeholder(template, &["{prompt}", "{response}"]) {
+        Some(placeholder) => Err(TemplateError::MissingPlaceholder {
+            name: name.to_string(),
+            placeholder,
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first of `placeholders` the template does not contain (judge, meta-judge and
+/// evaluation templates all check theirs with it).
+pub fn missing_placeholder(template: &str, placeholders: &[&'static str]) -> Option<&'static str> {
+    placeholders.iter().copied().find(|p| !template.contains(p))
 }
 
 /// Fill the template. Substitution is single-pass, so braces inside the prompt or the response

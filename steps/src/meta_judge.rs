@@ -45,7 +45,7 @@ pub const META_PLACEHOLDERS: [&str; 3] = ["{judge_prompt}", "{judgement_a}", "{j
 
 /// A user meta-judge template must contain the three placeholders.
 pub fn check_meta_template(template: &str) -> Result<(), String> {
-    match META_PLACEHOLDERS.iter().find(|p| !template.contains(**p)) {
+    match crate::judge_text::missing_placeholder(template, &META_PLACEHOLDERS) {
         Some(p) => Err(format!(
             "the meta-judge template lacks the placeholder {p}; it needs {{judge_prompt}}, {{judgement_a}} and {{judgement_b}}"
         )),
