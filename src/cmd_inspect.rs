@@ -43,6 +43,10 @@ pub struct VerifyArgs {
     /// Forget damaged results and re-run the affected runs to recompute them.
     #[arg(long)]
     pub repair: bool,
+    /// Check the remote copy at URL instead of the local store: every segment's checksum and
+    /// order, every blob's digest, no record that refers to a missing blob. Never writes.
+    #[arg(long, value_name = "URL", conflicts_with = "repair")]
+    pub remote: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -113,6 +117,7 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
                 status: format!("{:?}", rec.status).to_lowercase(),
                 live_pid: None,
                 nodes: status_rows(&store, &dag, &a.run, &Default::default())?,
+                remote: tsr_engine::remote_lag(&store),
             }
         }
         Err(e @ StateError::InUse { .. }) => tsr_engine::read_snapshot(&dir, &a.run)
@@ -124,6 +129,28 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print_status(&view);
+        if let Some(r) = &view.remote {
+            let lag = r.local_seq.saturating_sub(r.remote_seq);
+            println!(
+                "remote {}: holds commit {} of {}{}{}{}",
+                r.url,
+                r.remote_seq,
+                r.local_seq,
+                if lag == 0 {
+                    " (up to date)".to_string()
+                } else {
+                    format!(" ({lag} commits behind)")
+                },
+                r.taken_over_by
+                    .as_ref()
+                    .map(|h| format!("; taken over by {h}"))
+                    .unwrap_or_default(),
+                r.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -207,6 +234,9 @@ pub fn replay(store_flag: &Option<PathBuf>, a: ReplayArgs) -> anyhow::Result<Exi
 }
 
 pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &a.remote {
+        return crate::cmd_remote::verify_remote(url, a.json);
+    }
     let dir = crate::store_dir(store_flag, None);
     let mut store = Store::open_for_verify(&dir)
         .with_context(|| format!("opening the store {}", dir.display()))?;
@@ -298,6 +328,7 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
                 run,
                 device: None,
                 quiet: true,
+                remote: Default::default(),
             },
         )?;
         if c != ExitCode::SUCCESS {
@@ -319,10 +350,47 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
 
 pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
     let store: Arc<Store> = open_store(&crate::store_dir(store_flag, None))?;
+    // A replicated store cleans its remote too: the local removals travel as a commit, then a
+    // fresh snapshot lets older objects and unreferenced blobs go.
+    let replica = match store.remote()? {
+        Some(r) => {
+            let url = tsr_state::remote::RemoteUrl::parse(&r.url)?;
+            Some(crate::cmd_remote::start(
+                &store,
+                &url,
+                tsr_state::SyncMode::Step,
+                false,
+                None,
+                true,
+            )?)
+        }
+        None => None,
+    };
     let r = tsr_state::gc(&store, a.dry_run)?;
+    let remote = match replica {
+        Some(rep) => {
+            let g = rep.gc(a.dry_run);
+            crate::cmd_remote::finish(rep)?;
+            Some(g.context("cleaning the remote")?)
+        }
+        None => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["remote"] = serde_json::to_value(&remote)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        if let Some(g) = &remote {
+            println!(
+                "remote: {} {} objects before the snapshot at commit {} and {} unreferenced blobs ({} bytes); kept {} blobs",
+                if a.dry_run { "would remove" } else { "removed" },
+                g.removed_objects,
+                g.snapshot.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                g.removed_blobs,
+                g.removed_bytes,
+                g.kept_blobs
+            );
+        }
         println!(
             "{} {} blobs ({} bytes) and {} steps; kept {} blobs",
             if a.dry_run { "would remove" } else { "removed" },

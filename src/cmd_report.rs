@@ -189,6 +189,16 @@ fn plot(
 pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::store_dir(store_flag, None);
     let store = open_store(&dir)?;
+    report_on(&store, &dir, a)
+}
+
+/// The report of runs in an open store (`dir` is where it lives: plots go under it).
+pub fn report_on(
+    store: &tsr_state::Store,
+    dir: &std::path::Path,
+    a: ReportArgs,
+) -> anyhow::Result<ExitCode> {
+    let store = store;
     let mut all: Vec<(String, Vec<IterationMetrics>)> = Vec::new();
     let mut evals: Vec<(String, Vec<store_read::EvalResult>)> = Vec::new();
     for run in &a.runs {

@@ -19,6 +19,8 @@ pub struct RunArgs {
     /// No progress bars or step lines.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub remote: crate::cmd_remote::RemoteArgs,
 }
 
 #[derive(Args)]
@@ -28,6 +30,8 @@ pub struct ResumeArgs {
     pub device: Option<String>,
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub remote: crate::cmd_remote::RemoteArgs,
 }
 
 #[derive(Args)]
@@ -47,6 +51,8 @@ pub struct ForkArgs {
     pub device: Option<String>,
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub remote: crate::cmd_remote::RemoteArgs,
 }
 
 /// Open an existing store (inspection commands, resume, fork).
@@ -64,6 +70,9 @@ fn create_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
 }
 
 /// Drive a defined run to the end (or to an interruption). Shared by run, resume and fork.
+/// With a remote, the store is replicated while the run goes on (and first restored from the
+/// remote when it is empty), and what the remote lacks is uploaded before the process exits.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     store_dir: &Path,
     config: &Config,
@@ -72,8 +81,54 @@ fn drive(
     quiet: bool,
     execute: bool,
     resume_hint: String,
+    remote: &crate::cmd_remote::RemoteArgs,
 ) -> anyhow::Result<ExitCode> {
     let store = create_store(store_dir)?;
+    let stop = StopFlag::new();
+    let replica = match crate::cmd_remote::remote_of(
+        remote,
+        config.remote.as_deref(),
+        config.remote_sync.as_deref(),
+        &store,
+    )? {
+        Some((url, mode)) => Some(crate::cmd_remote::start(
+            &store,
+            &url,
+            mode,
+            remote.take_over,
+            Some(stop.clone()),
+            quiet,
+        )?),
+        None => None,
+    };
+    let result = drive_replicated(
+        &store, store_dir, config, forked_from, device, quiet, execute, resume_hint, stop,
+    );
+    let Some(replica) = replica else {
+        return result;
+    };
+    // Upload what the remote lacks, also after an interruption (a spot notice) or a failure.
+    let synced = crate::cmd_remote::finish(replica)?;
+    let code = result?;
+    if !synced && code == ExitCode::SUCCESS {
+        return Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8));
+    }
+    Ok(code)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive_replicated(
+    store: &Arc<Store>,
+    store_dir: &Path,
+    config: &Config,
+    forked_from: Option<String>,
+    device: Option<String>,
+    quiet: bool,
+    execute: bool,
+    resume_hint: String,
+    stop: StopFlag,
+) -> anyhow::Result<ExitCode> {
+    let store = store.clone();
     let dag = Arc::new(
         tsr_workflows::build(config)
             .with_context(|| format!("building the `{}` workflow", config.workflow))?,
@@ -130,7 +185,6 @@ fn drive(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = StopFlag::new();
     preempt::install(stop.clone(), format!("Resume with: {resume_hint}"))
         .map_err(anyhow::Error::msg)?;
     let opts = DriverOptions {
@@ -162,10 +216,9 @@ fn drive(
                     );
                 }
                 drop(nodes);
-                drop(store);
-                let flag = Some(store_dir.to_path_buf());
-                crate::cmd_report::report(
-                    &flag,
+                crate::cmd_report::report_on(
+                    &store,
+                    store_dir,
                     crate::cmd_report::ReportArgs {
                         runs: vec![config.name.clone()],
                         out: None,
@@ -198,6 +251,7 @@ pub fn drive_eval(
         quiet,
         true,
         resume_hint,
+        &Default::default(),
     )
 }
 
@@ -218,7 +272,7 @@ pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode>
         a.config.display(),
         store_dir.display()
     );
-    drive(&store_dir, &config, None, a.device, a.quiet, true, hint)
+    drive(&store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote)
 }
 
 fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
@@ -233,9 +287,19 @@ fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
 
 pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let store_dir = crate::store_dir(store_flag, None);
+    // A new machine: the run's definition is in the remote.
+    if let (false, Some(url)) = (store_dir.join("db").exists(), &a.remote.remote) {
+        let url = tsr_state::remote::RemoteUrl::parse(url)?;
+        let r = tsr_state::remote::restore(&url, &store_dir)
+            .with_context(|| format!("restoring {url} into {}", store_dir.display()))?;
+        eprintln!(
+            "tsr: remote: restored {} records and {} blobs up to commit {} in {:.1} s",
+            r.records, r.blobs, r.seq, r.secs
+        );
+    }
     let config = stored_config(&store_dir, &a.run)?;
     let hint = format!("tsr resume {} --store {}", a.run, store_dir.display());
-    drive(&store_dir, &config, None, a.device, a.quiet, true, hint)
+    drive(&store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote)
 }
 
 pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCode> {
@@ -261,5 +325,6 @@ pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCod
         a.quiet,
         !a.no_run,
         hint,
+        &a.remote,
     )
 }

@@ -17,6 +17,7 @@ mod cmd_eval;
 mod cmd_inspect;
 mod cmd_lineage;
 mod cmd_model;
+mod cmd_remote;
 mod cmd_report;
 mod cmd_run;
 mod store_read;
@@ -54,7 +55,10 @@ enum Cmd {
     /// Re-execute recorded steps in scratch space and compare output digests (exit 1 if any differ).
     Replay(cmd_inspect::ReplayArgs),
     /// Check every blob hash and every reference; exit 1 on damage. --repair recomputes.
+    /// With --remote URL, check the remote copy instead.
     Verify(cmd_inspect::VerifyArgs),
+    /// Rebuild a store from its remote copy (into a new, empty --store folder).
+    Restore(cmd_remote::RestoreArgs),
     /// Remove blobs and steps no run references.
     Gc(cmd_inspect::GcArgs),
     /// The audit trail of a pair, a model or an evaluation judgement.
@@ -175,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Replay(a) => cmd_inspect::replay(&store, a),
         Cmd::Verify(a) => cmd_inspect::verify(&store, a),
         Cmd::Gc(a) => cmd_inspect::gc(&store, a),
+        Cmd::Restore(a) => cmd_remote::restore(&store, a),
         Cmd::Lineage(a) => cmd_lineage::lineage(&store, a),
         Cmd::Export(a) => cmd_lineage::export(&store, a),
         Cmd::Report(a) => cmd_report::report(&store, a),

@@ -290,6 +290,10 @@ impl ItemJournal for StoreJournal {
         });
         self.store.commit_items(&self.key, &[], &next)?;
         *rec = next;
+        self.store.mark(
+            tsr_state::SyncPoint::Checkpoint,
+            &crate::driver::remote_waiting,
+        );
         // Only now, with the new checkpoint durable, drop the old one's files (unless shared).
         if let Some(old) = old {
             for d in old.blobs.values() {

@@ -151,6 +151,7 @@ impl Driver {
                     status: "running".into(),
                     live_pid: Some(std::process::id()),
                     nodes,
+                    remote: crate::status::remote_lag(&self.store),
                 },
             );
         }
@@ -597,6 +598,8 @@ impl Job {
         c.step(&self.key, &rec)
             .node(&self.run, &self.node, &self.binding());
         store.commit(c)?;
+        // A replicated store ships the finished step (and waits when the remote lags too far).
+        store.mark(tsr_state::SyncPoint::StepDone, &remote_waiting);
         // The step is durable; its checkpoint and scratch are no longer needed.
         if let Some(cp) = old_checkpoint {
             for d in cp.blobs.values() {
@@ -608,4 +611,9 @@ impl Job {
         let _ = std::fs::remove_dir_all(&scratch);
         Ok(Executed::Done)
     }
+}
+
+/// Said when a sync point waits for a remote that fell too far behind.
+pub(crate) fn remote_waiting(msg: &str) {
+    eprintln!("tsr: remote: {msg}");
 }

@@ -32,7 +32,9 @@ pub use plan::{plan, Action, JournalView, NodeView, Plan};
 pub use preempt::StopFlag;
 pub use replay::{replay, ReplayReport};
 pub use run::{fingerprint, open_run, RunSpec};
-pub use status::{read_snapshot, status_rows, write_snapshot, RunStatusView, StatusRow};
+pub use status::{
+    read_snapshot, remote_lag, status_rows, write_snapshot, RemoteLag, RunStatusView, StatusRow,
+};
 pub use step::{OutputData, Resource, Step, StepInputs, StepOutputs};
 
 /// Exit code of a process interrupted by SIGINT/SIGTERM after checkpointing: run the same

@@ -30,6 +30,34 @@ pub struct RunStatusView {
     /// Set when read from the snapshot of a running process.
     pub live_pid: Option<u32>,
     pub nodes: Vec<StatusRow>,
+    /// Where the remote copy stands, for a replicated store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteLag>,
+}
+
+/// How far a replicated store's remote copy lags behind it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RemoteLag {
+    pub url: String,
+    /// The remote holds every commit up to this one.
+    pub remote_seq: u64,
+    pub local_seq: u64,
+    /// Set when another machine took the remote over.
+    pub taken_over_by: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// The remote lag of a store (`None` when it is not replicated).
+pub fn remote_lag(store: &Store) -> Option<RemoteLag> {
+    let r = store.remote().ok()??;
+    let v = store.sync().view();
+    Some(RemoteLag {
+        url: r.url,
+        remote_seq: if v.enabled { v.acked.max(r.seq) } else { r.seq },
+        local_seq: store.seq(),
+        taken_over_by: v.fenced,
+        last_error: v.last_error,
+    })
 }
 
 /// `running`: the nodes this process is executing right now (for the live snapshot). A

@@ -100,6 +100,12 @@ pub enum StateError {
 
     #[error("run `{0}` does not exist in this store; `tsr runs` lists the runs")]
     NoSuchRun(String),
+
+    #[error("{0} already holds a store; restore into a new, empty folder")]
+    NotEmpty(PathBuf),
+
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
 }
 
 impl StateError {

@@ -41,14 +41,14 @@ impl VerifyReport {
     }
 }
 
-fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
+pub(crate) fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
     let r = match key.first() {
         Some(&keys::RUN) => decode::<RunRecord>(key, value).map(|_| ()),
         Some(&keys::NODE) => decode::<NodeRecord>(key, value).map(|_| ()),
         Some(&keys::STEP) => decode::<StepRecord>(key, value).map(|_| ()),
         Some(&keys::ARTIFACT) => decode::<ArtifactRecord>(key, value).map(|_| ()),
         Some(&keys::EDGE) => decode::<EdgeRecord>(key, value).map(|_| ()),
-        Some(&keys::ITEM) | Some(&keys::META) => Ok(()),
+        Some(&keys::ITEM) | Some(&keys::META) | Some(&keys::JOURNAL) => Ok(()),
         _ => return Err(format!("unknown key {}", keys::display(key))),
     };
     r.map_err(|e| crate::error_chain(&e))

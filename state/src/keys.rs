@@ -11,6 +11,7 @@
 //! | `A` | artifacts | digest (32) | `ArtifactRecord` |
 //! | `L` | lineage edges | output digest (32), input digest (32) | `EdgeRecord` |
 //! | `M` | meta | name | raw bytes (`format` = store format version) |
+//! | `J` | journal | commit number (u64 BE) | the commit's writes, for the remote copy (only while replicated) |
 
 use crate::digest::Digest;
 
@@ -21,6 +22,19 @@ pub const ITEM: u8 = b'I';
 pub const ARTIFACT: u8 = b'A';
 pub const EDGE: u8 = b'L';
 pub const META: u8 = b'M';
+pub const JOURNAL: u8 = b'J';
+
+pub fn journal(seq: u64) -> Vec<u8> {
+    let mut k = vec![JOURNAL];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Whether a key travels to the remote copy: records do; meta (local facts) and the journal
+/// (the means of shipping) do not.
+pub fn replicated(key: &[u8]) -> bool {
+    !matches!(key.first(), Some(&META) | Some(&JOURNAL))
+}
 
 pub fn run(name: &str) -> Vec<u8> {
     let mut k = vec![RUN];
@@ -103,6 +117,7 @@ pub fn display(key: &[u8]) -> String {
         ARTIFACT => "artifact",
         EDGE => "edge",
         META => "meta",
+        JOURNAL => "journal",
         _ => "unknown",
     };
     match prefix {

@@ -18,7 +18,9 @@ mod fsck;
 mod keys;
 mod lock;
 mod records;
+pub mod remote;
 mod store;
+mod sync;
 
 pub use blobs::{BlobStore, BlobWriter};
 pub use digest::Digest;
@@ -29,4 +31,5 @@ pub use records::{
     ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
-pub use store::{now_ms, validate_name, validate_run_name, Commit, Store};
+pub use store::{now_ms, validate_name, validate_run_name, Commit, RemoteState, Store};
+pub use sync::{SyncMode, SyncPoint, SyncView};

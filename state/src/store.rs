@@ -20,6 +20,23 @@ use std::sync::Arc;
 
 const FORMAT: &[u8] = b"tsr-store-1";
 
+/// Meta keys of a replicated store (local facts, never replicated).
+pub(crate) const META_REMOTE: &str = "remote";
+pub(crate) const META_REMOTE_SEQ: &str = "remote-seq";
+pub(crate) const META_STORE_ID: &str = "store-id";
+pub(crate) const META_REMOTE_EPOCH: &str = "remote-epoch";
+
+/// Where a replicated store stands with its remote (as last known locally).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteState {
+    /// The remote's URL, without credentials.
+    pub url: String,
+    /// The generation whose history this store continues.
+    pub epoch: u64,
+    /// The remote holds every commit up to this one.
+    pub seq: u64,
+}
+
 /// How long `open` waits for a short-lived holder of the store (an inspection command) to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
@@ -93,11 +110,13 @@ fn remove_partial_snapshots(db_path: &Path) -> StateResult<()> {
     Ok(())
 }
 
+/// One write of a commit: a key and its new value (`None` removes it).
+pub(crate) type Op = (Vec<u8>, Option<Vec<u8>>);
+
 /// A set of writes applied atomically (one sled batch) and flushed before `commit` returns.
 #[derive(Default)]
 pub struct Commit {
-    batch: sled::Batch,
-    pub(crate) writes: usize,
+    ops: Vec<Op>,
 }
 
 impl Commit {
@@ -120,23 +139,19 @@ impl Commit {
         self.put(keys::edge(output, input), encode(r))
     }
     pub fn remove_step(&mut self, key: &Digest) -> &mut Self {
-        self.batch.remove(keys::step(key));
-        self.writes += 1;
+        self.ops.push((keys::step(key), None));
         self
     }
     pub fn remove_artifact(&mut self, d: &Digest) -> &mut Self {
-        self.batch.remove(keys::artifact(d));
-        self.writes += 1;
+        self.ops.push((keys::artifact(d), None));
         self
     }
     pub fn remove_node(&mut self, run: &str, node: &str) -> &mut Self {
-        self.batch.remove(keys::node(run, node));
-        self.writes += 1;
+        self.ops.push((keys::node(run, node), None));
         self
     }
     fn put(&mut self, k: Vec<u8>, v: Vec<u8>) -> &mut Self {
-        self.batch.insert(k, v);
-        self.writes += 1;
+        self.ops.push((k, Some(v)));
         self
     }
 }
@@ -151,6 +166,10 @@ pub struct Store {
     seq: std::sync::Mutex<u64>,
     /// Set when opened despite a rolled-back database (for `verify`).
     rolled_back: Option<(u64, u64)>,
+    /// Whether commits are also written to the journal (`J` keys) for the remote copy: on while
+    /// the store is replicated (`M remote` set), whether or not a replicator runs now.
+    journal: std::sync::atomic::AtomicBool,
+    sync: Arc<crate::sync::SyncState>,
     _lock: StoreLock,
 }
 
@@ -271,8 +290,15 @@ impl Store {
             faults,
             seq: std::sync::Mutex::new(db_seq),
             rolled_back: (acked > db_seq).then_some((db_seq, acked)),
+            journal: std::sync::atomic::AtomicBool::new(false),
+            sync: Arc::new(crate::sync::SyncState::default()),
             _lock: lock,
         };
+        store.sync.committed(db_seq);
+        let replicated = store.get_raw(&keys::meta(META_REMOTE))?.is_some();
+        store
+            .journal
+            .store(replicated, std::sync::atomic::Ordering::SeqCst);
         match store.get_raw(&keys::meta("format"))? {
             None => {
                 store
@@ -348,18 +374,32 @@ impl Store {
             .map_err(|e| StateError::io(path, e))
     }
 
-    /// Apply a batch with the next commit number, flush, then mirror the number to `SEQ`.
-    /// Commits are serialized so the recorded number only grows.
-    fn apply(&self, mut batch: sled::Batch) -> StateResult<()> {
+    /// Apply writes atomically with the next commit number, flush, then mirror the number to
+    /// `SEQ`. Commits are serialized so the recorded number only grows. While the store is
+    /// replicated, the same batch records the writes in the journal under that number.
+    fn apply(&self, ops: Vec<Op>) -> StateResult<()> {
         self.fault(FaultOp::DbCommit)?;
         let mut seq = self.seq.lock().unwrap();
         let next = *seq + 1;
+        let mut batch = sled::Batch::default();
+        if self.journal.load(std::sync::atomic::Ordering::SeqCst) {
+            batch.insert(keys::journal(next), crate::remote::format::encode_ops(&ops));
+        }
+        for (k, v) in ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
         batch.insert(keys::meta("seq"), &next.to_be_bytes());
         self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
         self.flush()?;
         *seq = next;
         // After the flush: the sidecar never runs ahead of what sled acknowledged.
-        self.write_seq_sidecar(next)
+        self.write_seq_sidecar(next)?;
+        drop(seq);
+        self.sync.committed(next);
+        Ok(())
     }
 
     fn fault(&self, op: FaultOp) -> StateResult<()> {
@@ -372,7 +412,184 @@ impl Store {
 
     /// Apply a set of writes atomically and flush. Only after this returns are they durable.
     pub fn commit(&self, c: Commit) -> StateResult<()> {
-        self.apply(c.batch)
+        self.apply(c.ops)
+    }
+
+    // ---- replication --------------------------------------------------------------------------
+
+    /// Replication progress shared with the engine and the replicator.
+    pub fn sync(&self) -> &Arc<crate::sync::SyncState> {
+        &self.sync
+    }
+
+    /// The engine reached a sync point (a step is done, a checkpoint is saved).
+    pub fn mark(&self, point: crate::sync::SyncPoint, waiting: &dyn Fn(&str)) {
+        self.sync.mark(point, waiting)
+    }
+
+    /// The last commit number.
+    pub fn seq(&self) -> u64 {
+        *self.seq.lock().unwrap()
+    }
+
+    /// The remote this store is replicated to (its URL as the user gave it, without
+    /// credentials) and the last commit the remote is known to hold.
+    pub fn remote(&self) -> StateResult<Option<RemoteState>> {
+        let Some(url) = self.get_raw(&keys::meta(META_REMOTE))? else {
+            return Ok(None);
+        };
+        let num = |name| -> StateResult<u64> {
+            Ok(self
+                .get_raw(&keys::meta(name))?
+                .and_then(|b| b.as_slice().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0))
+        };
+        Ok(Some(RemoteState {
+            url: String::from_utf8_lossy(&url).into_owned(),
+            epoch: num(META_REMOTE_EPOCH)?,
+            seq: num(META_REMOTE_SEQ)?,
+        }))
+    }
+
+    /// This store's identity (random, made once): the remote lease names its holder by it, so
+    /// the same store continuing after a crash takes its own lease back at once.
+    pub fn store_id(&self) -> StateResult<String> {
+        if let Some(id) = self.get_raw(&keys::meta(META_STORE_ID))? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let mut seed = [0u8; 32];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut seed);
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(&seed);
+        h.update(&now_ms().to_be_bytes());
+        h.update(&std::process::id().to_be_bytes());
+        h.update(self.root.as_os_str().as_encoded_bytes());
+        let id = h.finalize().to_hex()[..16].to_string();
+        self.set_local_meta(META_STORE_ID, id.as_bytes())?;
+        Ok(id)
+    }
+
+    /// Write a local meta value (not a commit: not numbered, never replicated), durably.
+    pub(crate) fn set_local_meta(&self, name: &str, value: &[u8]) -> StateResult<()> {
+        self.db
+            .insert(keys::meta(name), value)
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// Run `f` with commits held back: what it reads is the state at one commit number.
+    pub(crate) fn with_commits_paused<R>(&self, f: impl FnOnce(u64) -> R) -> R {
+        let seq = self.seq.lock().unwrap();
+        f(*seq)
+    }
+
+    /// Turn journaling on and mark the store as replicated to `url` (durably). Call with
+    /// commits paused, so that no commit falls between the snapshot and the journal.
+    pub(crate) fn start_journal(&self, url: &str) -> StateResult<()> {
+        self.db
+            .insert(keys::meta(META_REMOTE), url.as_bytes())
+            .map_err(|e| self.db_err(e))?;
+        self.flush()?;
+        self.journal
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The remote holds every commit up to `seq` in generation `epoch`: record it and drop the
+    /// journal up to it.
+    pub(crate) fn remote_acked(&self, epoch: u64, seq: u64) -> StateResult<()> {
+        let mut batch = sled::Batch::default();
+        for k in self
+            .db
+            .range(keys::journal(0)..=keys::journal(seq))
+            .keys()
+        {
+            batch.remove(k.map_err(|e| self.db_err(e))?);
+        }
+        batch.insert(keys::meta(META_REMOTE_SEQ), &seq.to_be_bytes());
+        batch.insert(keys::meta(META_REMOTE_EPOCH), &epoch.to_be_bytes());
+        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// The journal's commits after `after` up to `upto`, collapsed to the last write of each
+    /// key. `None` when the journal does not hold all of them (the remote then needs a
+    /// snapshot).
+    pub(crate) fn journal_range(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> StateResult<Option<std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>>> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut expect = after + 1;
+        for kv in self
+            .db
+            .range(keys::journal(after + 1)..=keys::journal(upto))
+        {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let n = u64::from_be_bytes(k[1..9].try_into().unwrap());
+            if n != expect {
+                return Ok(None);
+            }
+            expect += 1;
+            for (k, v) in crate::remote::format::decode_ops(&v).map_err(|reason| {
+                StateError::Corrupt {
+                    what: "journal entry",
+                    key: keys::display(&k),
+                    reason,
+                }
+            })? {
+                out.insert(k, v);
+            }
+        }
+        Ok((expect == upto + 1).then_some(out))
+    }
+
+    /// Every replicated record (all but meta and journal), in key order.
+    pub(crate) fn dump_records(&self) -> StateResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.db.iter() {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            if keys::replicated(&k) {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fill an empty store with records restored from a remote, as commit `seq`, replicated to
+    /// `url` from there on.
+    pub(crate) fn import_replica(
+        &self,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        epoch: u64,
+        seq: u64,
+        url: &str,
+    ) -> StateResult<()> {
+        let mut cur = self.seq.lock().unwrap();
+        if *cur != 0 || self.db.iter().keys().any(|k| k.map(|k| keys::replicated(&k)).unwrap_or(true)) {
+            return Err(StateError::NotEmpty(self.root.clone()));
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            batch.insert(k, v);
+        }
+        batch.insert(keys::meta("seq"), &seq.to_be_bytes());
+        batch.insert(keys::meta(META_REMOTE), url.as_bytes());
+        batch.insert(keys::meta(META_REMOTE_SEQ), &seq.to_be_bytes());
+        batch.insert(keys::meta(META_REMOTE_EPOCH), &epoch.to_be_bytes());
+        self.db.apply_batch(batch).map_err(|e| self.db_err(e))?;
+        self.flush()?;
+        *cur = seq;
+        self.write_seq_sidecar(seq)?;
+        drop(cur);
+        self.journal
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.sync.committed(seq);
+        Ok(())
     }
 
     // ---- runs -------------------------------------------------------------------------------
@@ -444,7 +661,7 @@ impl Store {
         items: &[(u64, Vec<u8>)],
         record: &StepRecord,
     ) -> StateResult<()> {
-        let mut batch = sled::Batch::default();
+        let mut ops = Vec::with_capacity(items.len() + 1);
         for (i, bytes) in items {
             let k = keys::item(step, *i);
             if self.db.contains_key(&k).map_err(|e| self.db_err(e))? {
@@ -453,10 +670,10 @@ impl Store {
                     index: *i,
                 });
             }
-            batch.insert(k, bytes.as_slice());
+            ops.push((k, Some(bytes.clone())));
         }
-        batch.insert(keys::step(step), encode(record));
-        self.apply(batch)
+        ops.push((keys::step(step), Some(encode(record))));
+        self.apply(ops)
     }
 
     /// All committed items of a step in index order.
@@ -494,11 +711,11 @@ impl Store {
 
     /// Remove all items of a step (used by `verify --repair` to recompute a step from scratch).
     pub fn clear_items(&self, step: &Digest) -> StateResult<()> {
-        let mut batch = sled::Batch::default();
+        let mut ops = Vec::new();
         for k in self.db.scan_prefix(keys::item_prefix(step)).keys() {
-            batch.remove(k.map_err(|e| self.db_err(e))?);
+            ops.push((k.map_err(|e| self.db_err(e))?.to_vec(), None));
         }
-        self.apply(batch)
+        self.apply(ops)
     }
 
     // ---- artifacts and lineage ----------------------------------------------------------------

@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod s3;
+
 /// Run `tsr ARGS --store STORE` and capture its output.
 pub fn tsr(args: &[&str], store: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tsr"))

@@ -44,6 +44,13 @@ pub struct Config {
     /// Store folder (default `.tsr` beside where tsr runs; `--store` overrides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
+    /// Object storage the store is replicated to (`s3://bucket/prefix`, `gs://`, `az://`,
+    /// `file:///dir`); `--remote` overrides. Not part of the run's definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    /// When the remote catches up: `step` (default), `checkpoint` or `commit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_sync: Option<String>,
     #[serde(default)]
     pub toy: ToySpec,
     /// Language-model workflows: number of iterations.
@@ -519,6 +526,16 @@ impl Config {
         }
         if self.device != "cpu" && !self.device.starts_with("cuda") {
             return bad("device", "use `cpu` or `cuda:N`");
+        }
+        if let Some(url) = &self.remote {
+            if let Err(e) = tsr_state::remote::RemoteUrl::parse(url) {
+                return bad("remote", &e.to_string());
+            }
+        }
+        if let Some(mode) = &self.remote_sync {
+            if let Err(e) = mode.parse::<tsr_state::SyncMode>() {
+                return bad("remote_sync", &e);
+            }
         }
         if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {
             tsr_steps::model::LoraAdapter::load(dir, &tsr_steps::model::Device::Cpu).map_err(

@@ -64,7 +64,8 @@ pub fn path_settings(config: &Config) -> BTreeMap<String, String> {
     config::flatten("", &config.to_value(), &mut all);
     all.into_iter()
         .filter(|(k, _)| {
-            PATH_KEYS.contains(&k.as_str()) && !["store", "device"].contains(&k.as_str())
+            PATH_KEYS.contains(&k.as_str())
+                && !["store", "device", "remote", "remote_sync"].contains(&k.as_str())
         })
         .collect()
 }
@@ -72,6 +73,8 @@ pub fn path_settings(config: &Config) -> BTreeMap<String, String> {
 const PATH_KEYS: &[&str] = &[
     "store",
     "device",
+    "remote",
+    "remote_sync",
     "prompts.file",
     "model.source",
     "model.adapter",

@@ -1,0 +1,538 @@
+//! The store's remote copy against a real S3 server on loopback (`s3s-fs`): round trip,
+//! machine loss at random moments, fencing of a writer that lost the lease, faults, secrets.
+
+mod common;
+
+use common::s3::{files_under, S3Server, ACCESS_KEY, SECRET_KEY};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn toy_config(dir: &Path, name: &str, work_ms: u64) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"{name}\"\nworkflow = \"toy\"\nseed = 1\n[toy]\niterations = 2\nitems = 24\n\
+             train_steps = 20\ncheckpoint_every = 5\nwork_ms = {work_ms}\nseed = 1\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Segments of one generation on the server: (first, last).
+fn segments(server: &S3Server, prefix: &str, epoch: u64) -> Vec<(u64, u64)> {
+    let dir = server.object_path(prefix, &format!("gens/{epoch:010}/segments"));
+    let mut out: Vec<(u64, u64)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let (a, b) = n.split_once('-')?;
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// The newest commit any generation on the server holds.
+fn remote_end(server: &S3Server, prefix: &str) -> u64 {
+    let gens = server.object_path(prefix, "gens");
+    files_under(&gens)
+        .iter()
+        .filter_map(|p| {
+            let n = p.file_name()?.to_string_lossy().into_owned();
+            n.rsplit('-').next()?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn remote_view(server: &S3Server, url: &str, scratch: &Path) -> serde_json::Value {
+    let o = server.tsr(&["verify", "--remote", url, "--json"], scratch);
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)))
+}
+
+#[test]
+fn round_trip_restore_and_verify_without_leaking_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("rt");
+    let cfg = toy_config(dir.path(), "toy", 2);
+    let a = dir.path().join("a");
+    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--remote", &url], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut said = text(&o);
+    assert!(said.contains("holds every commit"), "{said}");
+    // The remote is a consistent copy, and status says it is up to date.
+    let v = remote_view(&server, &url, &dir.path().join("none"));
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    let st = status(&a, "toy");
+    assert_eq!(st["remote"]["remote_seq"], st["remote"]["local_seq"], "{st}");
+    assert_eq!(v["seq"], st["remote"]["local_seq"]);
+    let o = tsr(&["status", "toy"], &a);
+    assert!(text(&o).contains("(up to date)"), "{}", text(&o));
+
+    // The machine is gone: the same command on an empty folder restores and continues (here:
+    // nothing is left to do) with identical results.
+    let b = dir.path().join("b");
+    let o = server.tsr(
+        &["run", cfg.to_str().unwrap(), "--remote", &url, "--take-over"],
+        &b,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    said += &text(&o);
+    assert!(text(&o).contains("restored"), "{}", text(&o));
+    assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
+    assert_same_outputs(&a, &b, "toy", "after a restore");
+
+    // `tsr restore` into a third folder: the local verify is clean and every command works.
+    let c = dir.path().join("c");
+    let o = server.tsr(&["restore", &url], &c);
+    assert!(o.status.success(), "{}", text(&o));
+    said += &text(&o);
+    let o = tsr(&["verify"], &c);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_outputs(&a, &c, "toy", "after tsr restore");
+    for cmd in [
+        vec!["runs"],
+        vec!["status", "toy"],
+        vec!["replay", "toy", "--iteration", "2"],
+    ] {
+        let o = tsr(&cmd, &c);
+        assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+    }
+    // A restore never overwrites a store.
+    let o = server.tsr(&["restore", &url], &a);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already holds a store"), "{}", text(&o));
+
+    // No credential in any file of the stores or of the remote, nor in what was printed.
+    let mut files = Vec::new();
+    for d in [&a, &b, &c, &server.root] {
+        files.extend(files_under(d));
+    }
+    assert!(files.len() > 20);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        for secret in [SECRET_KEY, ACCESS_KEY] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} found in {}",
+                f.display()
+            );
+        }
+    }
+    assert!(!said.contains(SECRET_KEY) && !said.contains(ACCESS_KEY), "{said}");
+    // A URL with credentials in it is refused without repeating them.
+    let o = server.tsr(
+        &["run", cfg.to_str().unwrap(), "--remote", &format!("s3://AKIAX:{SECRET_KEY}@bucket/p")],
+        &dir.path().join("d"),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("credentials do not belong in the URL"), "{}", text(&o));
+    assert!(!text(&o).contains(SECRET_KEY), "{}", text(&o));
+}
+
+/// A tiny deterministic generator for the kill moments (seeded: the test is repeatable).
+fn delays(n: usize, lo: u64, hi: u64, mut seed: u64) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (seed >> 33) % (hi - lo)
+        })
+        .collect()
+}
+
+fn tiny_temporal(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny");
+    tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    let prompts: String = [
+        "hello there",
+        "name a colour",
+        "count to three",
+        "say something kind",
+        "what is rain",
+        "list two fruits",
+        "spell cat",
+        "greet a friend",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, p)| format!("{{\"id\": \"p{i}\", \"prompt\": \"{p}\"}}\n"))
+    .collect();
+    std::fs::write(dir.join("prompts.jsonl"), prompts).unwrap();
+    let cfg = dir.join("temporal.toml");
+    // Small batches: many commits, so that machines can be lost at many moments.
+    std::fs::write(
+        &cfg,
+        "name = \"temporal\"\nworkflow = \"temporal\"\niterations = 1\n\
+         [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+         [generate]\nk = 4\nmax_new_tokens = 8\nbatch_size = 2\n\
+         [judge]\nmode = \"logprob\"\nmax_new_tokens = 6\nbatch_size = 2\n\
+         [dpo]\nlr = 1e-3\nmicro_batch = 1\naccum_steps = 1\ncheckpoint_every = 1\n",
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("loss");
+    let cfg = tiny_temporal(dir.path());
+    let cfg_s = cfg.to_str().unwrap();
+    let reference = dir.path().join("reference");
+    let t0 = Instant::now();
+    let o = tsr(&["run", cfg_s, "--quiet"], &reference);
+    assert!(o.status.success(), "{}", text(&o));
+    let work = t0.elapsed().as_millis() as u64;
+    // How long a new machine takes to restore a finished run from the remote and see it done.
+    let probe = server.url("probe");
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &probe], &dir.path().join("p1"));
+    assert!(o.status.success(), "{}", text(&o));
+    let t0 = Instant::now();
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &probe, "--take-over"], &dir.path().join("p2"));
+    assert!(o.status.success(), "{}", text(&o));
+    let start = t0.elapsed().as_millis() as u64;
+
+    // Each round is a new machine: an empty folder, the remote, SIGKILL at a random moment,
+    // and the folder is lost with the machine. Every third round is killed while it starts
+    // (restoring, taking the lease); the others once they have shipped something new, a
+    // random moment later, so the kills spread over the whole iteration.
+    let jitter = delays(24, 0, 1000, 7);
+    let mut kills = 0;
+    let mut seen = remote_end(&server, "loss");
+    let mut moments = Vec::new();
+    for (i, &r) in jitter.iter().enumerate() {
+        let store = dir.path().join(format!("machine-{i}"));
+        let mut child = server
+            .command(
+                &["run", cfg_s, "--quiet", "--remote", &url, "--take-over", "--remote-sync", "commit"],
+                &store,
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("machine-{i}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        if i % 3 == 0 {
+            std::thread::sleep(Duration::from_millis(start / 5 + r * start / 1250));
+            moments.push(format!("start+{}ms", start / 5 + r * start / 1250));
+        } else {
+            let t0 = Instant::now();
+            while remote_end(&server, "loss") <= seen
+                && child.try_wait().unwrap().is_none()
+                && t0.elapsed() < Duration::from_secs(60)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(r * work / 20_000));
+            moments.push(format!("commit {}+{}ms", remote_end(&server, "loss"), r * work / 20_000));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        } else {
+            let log = std::fs::read_to_string(dir.path().join(format!("machine-{i}.log")))
+                .unwrap_or_default();
+            moments.push(format!("round {i} ended by itself: {log}"));
+        }
+        child.wait().unwrap();
+        std::fs::remove_dir_all(&store).unwrap();
+        seen = seen.max(remote_end(&server, "loss"));
+    }
+    assert!(kills >= 20, "only {kills} of {} kills landed: {moments:?}", jitter.len());
+    // The killed machines made progress that reached the remote (the last one does not start
+    // from scratch).
+    assert!(seen > 20, "the remote holds only commit {seen}: {moments:?}");
+    let last = dir.path().join("last");
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url, "--take-over"], &last);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_outputs(&reference, &last, "temporal", &format!("after {kills} machine losses"));
+    let pairs = |s: &Path| {
+        let o = tsr(&["export", "temporal", "pairs"], s);
+        assert!(o.status.success(), "{}", text(&o));
+        o.stdout
+    };
+    assert_eq!(pairs(&reference), pairs(&last), "exported pairs differ");
+    let v = remote_view(&server, &url, &dir.path().join("none"));
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["generations"].as_u64().unwrap() >= 2, "{v}");
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn a_second_writer_is_refused_and_a_take_over_fences_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("fence");
+    let cfg = toy_config(dir.path(), "toy", 60);
+    let cfg_s = cfg.to_str().unwrap();
+    let a = dir.path().join("a");
+    let a_child = server
+        .command(&["run", cfg_s, "--quiet", "--remote", &url], &a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first segment", 60, || !segments(&server, "fence", 1).is_empty());
+
+    // Another machine without --take-over is refused, naming the holder and the expiry.
+    let b = dir.path().join("b");
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url], &b);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("is held by host") && t.contains("--take-over"), "{t}");
+    assert!(t.contains(&format!("pid {}", a_child.id())), "{t}");
+
+    // With --take-over it restores, takes the remote and finishes the run.
+    let b2 = dir.path().join("b2");
+    let o = server.tsr(&["run", cfg_s, "--remote", &url, "--take-over"], &b2);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let restored_at: u64 = t
+        .split("up to commit ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{t}"));
+
+    // The first writer learns it lost the lease at its next write and stops.
+    let out = a_child.wait_with_output().unwrap();
+    let ta = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{ta}");
+    assert!(ta.contains("took the remote over"), "{ta}");
+    // Nothing the first writer wrote after losing the lease is in the remote's history: its
+    // generation ends where the second machine restored from, and the remote restores to the
+    // second machine's results.
+    for (_, last) in segments(&server, "fence", 1) {
+        assert!(last <= restored_at, "segment up to {last} written after the take-over at {restored_at}");
+    }
+    let c = dir.path().join("c");
+    let o = server.tsr(&["restore", &url], &c);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_outputs(&b2, &c, "toy", "restored after the take-over");
+    let v = remote_view(&server, &url, &dir.path().join("none"));
+    assert_eq!(v["epoch"], 2, "{v}");
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    // The first machine's store is intact but no longer continues the remote.
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url, "--take-over"], &a);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("holds the history of another store"), "{}", text(&o));
+}
+
+#[test]
+fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("faults");
+    let cfg = toy_config(dir.path(), "toy", 40);
+    let cfg_s = cfg.to_str().unwrap();
+    let reference = dir.path().join("reference");
+    assert!(tsr(&["run", cfg_s, "--quiet"], &reference).status.success());
+
+    // The server goes away mid-run and comes back: the run goes on locally and the remote
+    // catches up before the process exits.
+    let a = dir.path().join("a");
+    let child = server
+        .command(&["run", cfg_s, "--quiet", "--remote", &url], &a)
+        .env("TSR_REMOTE_FLUSH_S", "120")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first segment", 60, || !segments(&server, "faults", 1).is_empty());
+    server.stop();
+    std::thread::sleep(Duration::from_millis(8000));
+    server.restart();
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("the run goes on locally"), "{t}");
+    assert!(t.contains("answers again"), "{t}");
+    assert_same_outputs(&reference, &a, "toy", "with the server down for a while");
+    let st = status(&a, "toy");
+    assert_eq!(st["remote"]["remote_seq"], st["remote"]["local_seq"], "{st}");
+
+    // A PUT the server fails (it cannot create the blobs folder: a file stands in its way).
+    let url2 = server.url("failing");
+    let blocker = server.object_path("failing", "blobs");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let b = dir.path().join("b");
+    let child = server
+        .command(&["run", cfg_s, "--quiet", "--remote", &url2], &b)
+        .env("TSR_REMOTE_FLUSH_S", "120")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first step's output cannot be uploaded: the remote stays at its first snapshot
+    // while the run goes on.
+    std::thread::sleep(Duration::from_millis(4000));
+    assert!(segments(&server, "failing", 1).is_empty());
+    std::fs::remove_file(&blocker).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("uploading `blobs/"), "the failing PUT is named: {t}");
+    assert!(t.contains("the run goes on locally"), "{t}");
+    assert_same_outputs(&reference, &b, "toy", "with failing uploads");
+    let v = remote_view(&server, &url2, &dir.path().join("none"));
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+}
+
+#[test]
+fn verify_finds_corrupt_and_missing_remote_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("damage");
+    let cfg = toy_config(dir.path(), "toy", 2);
+    let a = dir.path().join("a");
+    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url, "--remote-sync", "commit"], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let none = dir.path().join("none");
+    let check = |what: &str, want: &str| {
+        let o = server.tsr(&["verify", "--remote", &url], &none);
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", text(&o));
+        assert!(text(&o).contains(want), "{what}: {}", text(&o));
+    };
+    let segs = segments(&server, "damage", 1);
+    assert!(segs.len() >= 3, "{segs:?}");
+    let (f, l) = segs[segs.len() / 2];
+    let seg = server.object_path("damage", &format!("gens/0000000001/segments/{f:020}-{l:020}"));
+    let good = std::fs::read(&seg).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x20;
+    std::fs::write(&seg, &bad).unwrap();
+    check("a flipped byte", "checksum does not match");
+    // A restore refuses it too, naming the object.
+    let o = server.tsr(&["restore", &url], &dir.path().join("r1"));
+    assert!(!o.status.success());
+    assert!(text(&o).contains(&format!("{f:020}-{l:020}")), "{}", text(&o));
+    std::fs::remove_file(&seg).unwrap();
+    check("a missing segment", "a segment before it is missing");
+    std::fs::write(&seg, &good).unwrap();
+    let o = server.tsr(&["verify", "--remote", &url], &none);
+    assert!(o.status.success(), "{}", text(&o));
+    // A blob: missing, then corrupt.
+    let model = output_of(&status(&a, "toy"), "iter2/train", "model");
+    let blob = server.object_path("damage", &format!("blobs/{model}"));
+    let bytes = std::fs::read(&blob).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    check("a missing blob", &format!("blob {model} is missing"));
+    let mut bad = bytes.clone();
+    bad[0] ^= 1;
+    std::fs::write(&blob, &bad).unwrap();
+    check("a corrupt blob", &format!("blob {model} is corrupt"));
+    std::fs::write(&blob, &bytes).unwrap();
+    assert!(server.tsr(&["verify", "--remote", &url], &none).status.success());
+}
+
+#[test]
+fn sigterm_uploads_what_the_remote_lacks_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("term");
+    let cfg = toy_config(dir.path(), "toy", 60);
+    let a = dir.path().join("a");
+    let child = server
+        .command(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first segment", 60, || !segments(&server, "term", 1).is_empty());
+    std::thread::sleep(Duration::from_millis(700));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(75), "{t}");
+    assert!(t.contains("holds every commit"), "{t}");
+    let st = status(&a, "toy");
+    let local = &st["remote"]["local_seq"];
+    assert_eq!(&st["remote"]["remote_seq"], local, "{st}");
+    let v = remote_view(&server, &url, &dir.path().join("none"));
+    assert_eq!(&v["seq"], local, "{v}");
+    // The lease was let go: another machine continues at once, without --take-over.
+    let b = dir.path().join("b");
+    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &b);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_store_stays_with_its_remote_and_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let cfg = toy_config(dir.path(), "toy", 1);
+    let cfg_s = cfg.to_str().unwrap();
+    let a = dir.path().join("a");
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &server.url("one")], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &server.url("two")], &a);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is replicated to s3://tsr-test/one"), "{}", text(&o));
+    // Resume without --remote keeps replicating to the store's remote.
+    let o = server.tsr(&["resume", "toy", "--remote-sync", "commit"], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = server.tsr(&["resume", "toy", "--remote-sync", "often"], &a);
+    assert!(text(&o).contains("`often` is not a sync mode"), "{}", text(&o));
+    // The remote settings in a config are checked before anything runs, and are not part of
+    // the run's definition (changing them is not another run).
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&cfg).unwrap().replace("seed = 1\n[toy]", "seed = 1\nremote = \"ftp://x/y\"\n[toy]")).unwrap();
+    let o = tsr(&["run", bad.to_str().unwrap()], &dir.path().join("z"));
+    assert!(text(&o).contains("`remote`") || text(&o).contains("remote"), "{}", text(&o));
+    assert!(text(&o).contains("not supported"), "{}", text(&o));
+    let with = dir.path().join("with.toml");
+    std::fs::write(&with, std::fs::read_to_string(&cfg).unwrap().replace("seed = 1\n[toy]", &format!("seed = 1\nremote = \"{}\"\nremote_sync = \"checkpoint\"\n[toy]", server.url("one")))).unwrap();
+    let o = server.tsr(&["run", with.to_str().unwrap(), "--quiet"], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    // gc cleans the remote too: after it, the remote holds one snapshot and what it refers to.
+    let o = server.tsr(&["gc"], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("remote: removed"), "{}", text(&o));
+    let v = remote_view(&server, &server.url("one"), &dir.path().join("none"));
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(v["segments"], 0, "{v}");
+    let c = dir.path().join("c");
+    assert!(server.tsr(&["restore", &server.url("one")], &c).status.success());
+    assert_same_outputs(&a, &c, "toy", "after gc");
+}
+
+#[test]
+fn file_remotes_work_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toy_config(dir.path(), "toy", 1);
+    let url = format!("file://{}", dir.path().join("bucket").display());
+    let a = dir.path().join("a");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let b = dir.path().join("b");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url, "--take-over"], &b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_outputs(&a, &b, "toy", "through a file remote");
+    let _ = Command::new("true").status();
+}
