@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tsr_state::remote::{ReplicaOptions, Replicator, RemoteUrl};
+use tsr_state::remote::{RemoteUrl, ReplicaOptions, Replicator};
 use tsr_state::{Store, SyncMode};
 
 #[derive(Args, Clone, Default)]
@@ -80,7 +80,9 @@ pub fn start(
     opts.take_over = take_over;
     opts.say = Arc::new(|m: &str| eprintln!("tsr: remote: {m}"));
     opts.on_fenced = Arc::new(move |holder: &str| {
-        eprintln!("tsr: remote: {holder} took the remote over; stopping (nothing more is written to it)");
+        eprintln!(
+            "tsr: remote: {holder} took the remote over; stopping (nothing more is written to it)"
+        );
         if let Some(s) = &stop {
             s.set();
         }
@@ -173,8 +175,7 @@ pub fn restore(store_flag: &Option<PathBuf>, a: RestoreArgs) -> anyhow::Result<E
 
 pub fn verify_remote(url: &str, json: bool) -> anyhow::Result<ExitCode> {
     let url = RemoteUrl::parse(url)?;
-    let r = tsr_state::remote::verify_remote(&url)
-        .with_context(|| format!("verifying {url}"))?;
+    let r = tsr_state::remote::verify_remote(&url).with_context(|| format!("verifying {url}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

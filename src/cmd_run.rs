@@ -102,7 +102,15 @@ fn drive(
         None => None,
     };
     let result = drive_replicated(
-        &store, store_dir, config, forked_from, device, quiet, execute, resume_hint, stop,
+        &store,
+        store_dir,
+        config,
+        forked_from,
+        device,
+        quiet,
+        execute,
+        resume_hint,
+        stop,
     );
     let Some(replica) = replica else {
         return result;
@@ -272,7 +280,9 @@ pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode>
         a.config.display(),
         store_dir.display()
     );
-    drive(&store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote)
+    drive(
+        &store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote,
+    )
 }
 
 fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
@@ -299,7 +309,9 @@ pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<Exi
     }
     let config = stored_config(&store_dir, &a.run)?;
     let hint = format!("tsr resume {} --store {}", a.run, store_dir.display());
-    drive(&store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote)
+    drive(
+        &store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote,
+    )
 }
 
 pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCode> {

@@ -73,7 +73,10 @@ fn round_trip_restore_and_verify_without_leaking_credentials() {
     let v = remote_view(&server, &url, &dir.path().join("none"));
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
     let st = status(&a, "toy");
-    assert_eq!(st["remote"]["remote_seq"], st["remote"]["local_seq"], "{st}");
+    assert_eq!(
+        st["remote"]["remote_seq"], st["remote"]["local_seq"],
+        "{st}"
+    );
     assert_eq!(v["seq"], st["remote"]["local_seq"]);
     let o = tsr(&["status", "toy"], &a);
     assert!(text(&o).contains("(up to date)"), "{}", text(&o));
@@ -82,7 +85,13 @@ fn round_trip_restore_and_verify_without_leaking_credentials() {
     // nothing is left to do) with identical results.
     let b = dir.path().join("b");
     let o = server.tsr(
-        &["run", cfg.to_str().unwrap(), "--remote", &url, "--take-over"],
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--remote",
+            &url,
+            "--take-over",
+        ],
         &b,
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -128,14 +137,26 @@ fn round_trip_restore_and_verify_without_leaking_credentials() {
             );
         }
     }
-    assert!(!said.contains(SECRET_KEY) && !said.contains(ACCESS_KEY), "{said}");
+    assert!(
+        !said.contains(SECRET_KEY) && !said.contains(ACCESS_KEY),
+        "{said}"
+    );
     // A URL with credentials in it is refused without repeating them.
     let o = server.tsr(
-        &["run", cfg.to_str().unwrap(), "--remote", &format!("s3://AKIAX:{SECRET_KEY}@bucket/p")],
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--remote",
+            &format!("s3://AKIAX:{SECRET_KEY}@bucket/p"),
+        ],
         &dir.path().join("d"),
     );
     assert!(!o.status.success());
-    assert!(text(&o).contains("credentials do not belong in the URL"), "{}", text(&o));
+    assert!(
+        text(&o).contains("credentials do not belong in the URL"),
+        "{}",
+        text(&o)
+    );
     assert!(!text(&o).contains(SECRET_KEY), "{}", text(&o));
 }
 
@@ -197,10 +218,16 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     let work = t0.elapsed().as_millis() as u64;
     // How long a new machine takes to restore a finished run from the remote and see it done.
     let probe = server.url("probe");
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &probe], &dir.path().join("p1"));
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &probe],
+        &dir.path().join("p1"),
+    );
     assert!(o.status.success(), "{}", text(&o));
     let t0 = Instant::now();
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &probe, "--take-over"], &dir.path().join("p2"));
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &probe, "--take-over"],
+        &dir.path().join("p2"),
+    );
     assert!(o.status.success(), "{}", text(&o));
     let start = t0.elapsed().as_millis() as u64;
 
@@ -216,7 +243,16 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
         let store = dir.path().join(format!("machine-{i}"));
         let mut child = server
             .command(
-                &["run", cfg_s, "--quiet", "--remote", &url, "--take-over", "--remote-sync", "commit"],
+                &[
+                    "run",
+                    cfg_s,
+                    "--quiet",
+                    "--remote",
+                    &url,
+                    "--take-over",
+                    "--remote-sync",
+                    "commit",
+                ],
                 &store,
             )
             .stdout(Stdio::null())
@@ -235,7 +271,11 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
                 std::thread::sleep(Duration::from_millis(5));
             }
             std::thread::sleep(Duration::from_millis(r * work / 20_000));
-            moments.push(format!("commit {}+{}ms", remote_end(&server, "loss"), r * work / 20_000));
+            moments.push(format!(
+                "commit {}+{}ms",
+                remote_end(&server, "loss"),
+                r * work / 20_000
+            ));
         }
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
@@ -249,14 +289,29 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
         std::fs::remove_dir_all(&store).unwrap();
         seen = seen.max(remote_end(&server, "loss"));
     }
-    assert!(kills >= 20, "only {kills} of {} kills landed: {moments:?}", jitter.len());
+    assert!(
+        kills >= 20,
+        "only {kills} of {} kills landed: {moments:?}",
+        jitter.len()
+    );
     // The killed machines made progress that reached the remote (the last one does not start
     // from scratch).
-    assert!(seen > 20, "the remote holds only commit {seen}: {moments:?}");
+    assert!(
+        seen > 20,
+        "the remote holds only commit {seen}: {moments:?}"
+    );
     let last = dir.path().join("last");
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url, "--take-over"], &last);
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &url, "--take-over"],
+        &last,
+    );
     assert!(o.status.success(), "{}", text(&o));
-    assert_same_outputs(&reference, &last, "temporal", &format!("after {kills} machine losses"));
+    assert_same_outputs(
+        &reference,
+        &last,
+        "temporal",
+        &format!("after {kills} machine losses"),
+    );
     let pairs = |s: &Path| {
         let o = tsr(&["export", "temporal", "pairs"], s);
         assert!(o.status.success(), "{}", text(&o));
@@ -271,7 +326,10 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -290,14 +348,19 @@ fn a_second_writer_is_refused_and_a_take_over_fences_the_first() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the first segment", 60, || !segments(&server, "fence", 1).is_empty());
+    wait_for("the first segment", 60, || {
+        !segments(&server, "fence", 1).is_empty()
+    });
 
     // Another machine without --take-over is refused, naming the holder and the expiry.
     let b = dir.path().join("b");
     let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url], &b);
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("is held by host") && t.contains("--take-over"), "{t}");
+    assert!(
+        t.contains("is held by host") && t.contains("--take-over"),
+        "{t}"
+    );
     assert!(t.contains(&format!("pid {}", a_child.id())), "{t}");
 
     // With --take-over it restores, takes the remote and finishes the run.
@@ -325,7 +388,10 @@ fn a_second_writer_is_refused_and_a_take_over_fences_the_first() {
     // generation ends where the second machine restored from, and the remote restores to the
     // second machine's results.
     for (_, last) in segments(&server, "fence", 1) {
-        assert!(last <= restored_at, "segment up to {last} written after the take-over at {restored_at}");
+        assert!(
+            last <= restored_at,
+            "segment up to {last} written after the take-over at {restored_at}"
+        );
     }
     let c = dir.path().join("c");
     let o = server.tsr(&["restore", &url], &c);
@@ -335,9 +401,16 @@ fn a_second_writer_is_refused_and_a_take_over_fences_the_first() {
     assert_eq!(v["epoch"], 2, "{v}");
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
     // The first machine's store is intact but no longer continues the remote.
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url, "--take-over"], &a);
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &url, "--take-over"],
+        &a,
+    );
     assert!(!o.status.success());
-    assert!(text(&o).contains("holds the history of another store"), "{}", text(&o));
+    assert!(
+        text(&o).contains("holds the history of another store"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -360,7 +433,9 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the first segment", 60, || !segments(&server, "faults", 1).is_empty());
+    wait_for("the first segment", 60, || {
+        !segments(&server, "faults", 1).is_empty()
+    });
     server.stop();
     std::thread::sleep(Duration::from_millis(8000));
     server.restart();
@@ -371,7 +446,10 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     assert!(t.contains("answers again"), "{t}");
     assert_same_outputs(&reference, &a, "toy", "with the server down for a while");
     let st = status(&a, "toy");
-    assert_eq!(st["remote"]["remote_seq"], st["remote"]["local_seq"], "{st}");
+    assert_eq!(
+        st["remote"]["remote_seq"], st["remote"]["local_seq"],
+        "{st}"
+    );
 
     // A PUT the server fails (it cannot create the blobs folder: a file stands in its way).
     let url2 = server.url("failing");
@@ -394,7 +472,10 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     let out = child.wait_with_output().unwrap();
     let t = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("uploading `blobs/"), "the failing PUT is named: {t}");
+    assert!(
+        t.contains("uploading `blobs/"),
+        "the failing PUT is named: {t}"
+    );
     assert!(t.contains("the run goes on locally"), "{t}");
     assert_same_outputs(&reference, &b, "toy", "with failing uploads");
     let v = remote_view(&server, &url2, &dir.path().join("none"));
@@ -408,7 +489,18 @@ fn verify_finds_corrupt_and_missing_remote_objects() {
     let url = server.url("damage");
     let cfg = toy_config(dir.path(), "toy", 2);
     let a = dir.path().join("a");
-    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url, "--remote-sync", "commit"], &a);
+    let o = server.tsr(
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--remote",
+            &url,
+            "--remote-sync",
+            "commit",
+        ],
+        &a,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let none = dir.path().join("none");
     let check = |what: &str, want: &str| {
@@ -419,7 +511,10 @@ fn verify_finds_corrupt_and_missing_remote_objects() {
     let segs = segments(&server, "damage", 1);
     assert!(segs.len() >= 3, "{segs:?}");
     let (f, l) = segs[segs.len() / 2];
-    let seg = server.object_path("damage", &format!("gens/0000000001/segments/{f:020}-{l:020}"));
+    let seg = server.object_path(
+        "damage",
+        &format!("gens/0000000001/segments/{f:020}-{l:020}"),
+    );
     let good = std::fs::read(&seg).unwrap();
     let mut bad = good.clone();
     let mid = bad.len() / 2;
@@ -429,7 +524,11 @@ fn verify_finds_corrupt_and_missing_remote_objects() {
     // A restore refuses it too, naming the object.
     let o = server.tsr(&["restore", &url], &dir.path().join("r1"));
     assert!(!o.status.success());
-    assert!(text(&o).contains(&format!("{f:020}-{l:020}")), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{f:020}-{l:020}")),
+        "{}",
+        text(&o)
+    );
     std::fs::remove_file(&seg).unwrap();
     check("a missing segment", "a segment before it is missing");
     std::fs::write(&seg, &good).unwrap();
@@ -446,7 +545,10 @@ fn verify_finds_corrupt_and_missing_remote_objects() {
     std::fs::write(&blob, &bad).unwrap();
     check("a corrupt blob", &format!("blob {model} is corrupt"));
     std::fs::write(&blob, &bytes).unwrap();
-    assert!(server.tsr(&["verify", "--remote", &url], &none).status.success());
+    assert!(server
+        .tsr(&["verify", "--remote", &url], &none)
+        .status
+        .success());
 }
 
 #[test]
@@ -457,12 +559,17 @@ fn sigterm_uploads_what_the_remote_lacks_before_exiting() {
     let cfg = toy_config(dir.path(), "toy", 60);
     let a = dir.path().join("a");
     let child = server
-        .command(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &a)
+        .command(
+            &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+            &a,
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the first segment", 60, || !segments(&server, "term", 1).is_empty());
+    wait_for("the first segment", 60, || {
+        !segments(&server, "term", 1).is_empty()
+    });
     std::thread::sleep(Duration::from_millis(700));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -478,7 +585,10 @@ fn sigterm_uploads_what_the_remote_lacks_before_exiting() {
     assert_eq!(&v["seq"], local, "{v}");
     // The lease was let go: another machine continues at once, without --take-over.
     let b = dir.path().join("b");
-    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &b);
+    let o = server.tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+        &b,
+    );
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -489,25 +599,59 @@ fn a_store_stays_with_its_remote_and_settings_are_checked() {
     let cfg = toy_config(dir.path(), "toy", 1);
     let cfg_s = cfg.to_str().unwrap();
     let a = dir.path().join("a");
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &server.url("one")], &a);
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &server.url("one")],
+        &a,
+    );
     assert!(o.status.success(), "{}", text(&o));
-    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &server.url("two")], &a);
+    let o = server.tsr(
+        &["run", cfg_s, "--quiet", "--remote", &server.url("two")],
+        &a,
+    );
     assert!(!o.status.success());
-    assert!(text(&o).contains("is replicated to s3://tsr-test/one"), "{}", text(&o));
+    assert!(
+        text(&o).contains("is replicated to s3://tsr-test/one"),
+        "{}",
+        text(&o)
+    );
     // Resume without --remote keeps replicating to the store's remote.
     let o = server.tsr(&["resume", "toy", "--remote-sync", "commit"], &a);
     assert!(o.status.success(), "{}", text(&o));
     let o = server.tsr(&["resume", "toy", "--remote-sync", "often"], &a);
-    assert!(text(&o).contains("`often` is not a sync mode"), "{}", text(&o));
+    assert!(
+        text(&o).contains("`often` is not a sync mode"),
+        "{}",
+        text(&o)
+    );
     // The remote settings in a config are checked before anything runs, and are not part of
     // the run's definition (changing them is not another run).
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&cfg).unwrap().replace("seed = 1\n[toy]", "seed = 1\nremote = \"ftp://x/y\"\n[toy]")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("seed = 1\n[toy]", "seed = 1\nremote = \"ftp://x/y\"\n[toy]"),
+    )
+    .unwrap();
     let o = tsr(&["run", bad.to_str().unwrap()], &dir.path().join("z"));
-    assert!(text(&o).contains("`remote`") || text(&o).contains("remote"), "{}", text(&o));
+    assert!(
+        text(&o).contains("`remote`") || text(&o).contains("remote"),
+        "{}",
+        text(&o)
+    );
     assert!(text(&o).contains("not supported"), "{}", text(&o));
     let with = dir.path().join("with.toml");
-    std::fs::write(&with, std::fs::read_to_string(&cfg).unwrap().replace("seed = 1\n[toy]", &format!("seed = 1\nremote = \"{}\"\nremote_sync = \"checkpoint\"\n[toy]", server.url("one")))).unwrap();
+    std::fs::write(
+        &with,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "seed = 1\n[toy]",
+            &format!(
+                "seed = 1\nremote = \"{}\"\nremote_sync = \"checkpoint\"\n[toy]",
+                server.url("one")
+            ),
+        ),
+    )
+    .unwrap();
     let o = server.tsr(&["run", with.to_str().unwrap(), "--quiet"], &a);
     assert!(o.status.success(), "{}", text(&o));
     // gc cleans the remote too: after it, the remote holds one snapshot and what it refers to.
@@ -518,7 +662,10 @@ fn a_store_stays_with_its_remote_and_settings_are_checked() {
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
     assert_eq!(v["segments"], 0, "{v}");
     let c = dir.path().join("c");
-    assert!(server.tsr(&["restore", &server.url("one")], &c).status.success());
+    assert!(server
+        .tsr(&["restore", &server.url("one")], &c)
+        .status
+        .success());
     assert_same_outputs(&a, &c, "toy", "after gc");
 }
 
@@ -528,10 +675,23 @@ fn file_remotes_work_the_same_way() {
     let cfg = toy_config(dir.path(), "toy", 1);
     let url = format!("file://{}", dir.path().join("bucket").display());
     let a = dir.path().join("a");
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url], &a);
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+        &a,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let b = dir.path().join("b");
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url, "--take-over"], &b);
+    let o = tsr(
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--remote",
+            &url,
+            "--take-over",
+        ],
+        &b,
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_same_outputs(&a, &b, "toy", "through a file remote");
     let _ = Command::new("true").status();

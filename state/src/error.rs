@@ -105,7 +105,13 @@ pub enum StateError {
     NotEmpty(PathBuf),
 
     #[error(transparent)]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(Box<crate::remote::RemoteError>),
+}
+
+impl From<crate::remote::RemoteError> for StateError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        StateError::Remote(Box::new(e))
+    }
 }
 
 impl StateError {

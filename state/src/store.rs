@@ -502,11 +502,7 @@ impl Store {
     /// journal up to it.
     pub(crate) fn remote_acked(&self, epoch: u64, seq: u64) -> StateResult<()> {
         let mut batch = sled::Batch::default();
-        for k in self
-            .db
-            .range(keys::journal(0)..=keys::journal(seq))
-            .keys()
-        {
+        for k in self.db.range(keys::journal(0)..=keys::journal(seq)).keys() {
             batch.remove(k.map_err(|e| self.db_err(e))?);
         }
         batch.insert(keys::meta(META_REMOTE_SEQ), &seq.to_be_bytes());
@@ -522,7 +518,7 @@ impl Store {
         &self,
         after: u64,
         upto: u64,
-    ) -> StateResult<Option<std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>>> {
+    ) -> StateResult<Option<crate::remote::format::Ops>> {
         let mut out = std::collections::BTreeMap::new();
         let mut expect = after + 1;
         for kv in self
@@ -535,13 +531,13 @@ impl Store {
                 return Ok(None);
             }
             expect += 1;
-            for (k, v) in crate::remote::format::decode_ops(&v).map_err(|reason| {
-                StateError::Corrupt {
+            for (k, v) in
+                crate::remote::format::decode_ops(&v).map_err(|reason| StateError::Corrupt {
                     what: "journal entry",
                     key: keys::display(&k),
                     reason,
-                }
-            })? {
+                })?
+            {
                 out.insert(k, v);
             }
         }
@@ -570,7 +566,13 @@ impl Store {
         url: &str,
     ) -> StateResult<()> {
         let mut cur = self.seq.lock().unwrap();
-        if *cur != 0 || self.db.iter().keys().any(|k| k.map(|k| keys::replicated(&k)).unwrap_or(true)) {
+        if *cur != 0
+            || self
+                .db
+                .iter()
+                .keys()
+                .any(|k| k.map(|k| keys::replicated(&k)).unwrap_or(true))
+        {
             return Err(StateError::NotEmpty(self.root.clone()));
         }
         let mut batch = sled::Batch::default();
@@ -899,6 +901,78 @@ mod tests {
         .unwrap();
         let s = Store::open(t.path()).unwrap();
         assert_eq!(s.get_step(&key).unwrap().unwrap(), step_record());
+    }
+
+    #[test]
+    fn a_replicated_store_journals_each_commit_and_ranges_collapse_or_say_gap() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(t.path()).unwrap();
+        let key = Digest::of(b"k");
+        // Not replicated: no journal.
+        s.commit_items(&key, &[(0, b"a".to_vec())], &step_record())
+            .unwrap();
+        assert_eq!(s.journal_range(0, 1).unwrap(), None);
+        s.with_commits_paused(|_| s.start_journal("file:///r"))
+            .unwrap();
+        s.commit_items(&key, &[(1, b"b".to_vec())], &step_record())
+            .unwrap();
+        let mut c = Commit::new();
+        c.remove_step(&key);
+        s.commit(c).unwrap();
+        let ops = s.journal_range(1, 3).unwrap().unwrap();
+        // The last write of each key: item 1 put, the step removed.
+        assert_eq!(ops.get(&keys::item(&key, 1)), Some(&Some(b"b".to_vec())));
+        assert_eq!(ops.get(&keys::step(&key)), Some(&None));
+        assert!(
+            !ops.keys().any(|k| !keys::replicated(k)),
+            "meta never travels"
+        );
+        assert_eq!(
+            s.journal_range(0, 3).unwrap(),
+            None,
+            "commit 1 was not journaled"
+        );
+        s.remote_acked(1, 2).unwrap();
+        assert_eq!(
+            s.journal_range(1, 3).unwrap(),
+            None,
+            "acknowledged commits are dropped"
+        );
+        assert!(s.journal_range(2, 3).unwrap().is_some());
+        assert_eq!(
+            s.remote().unwrap().unwrap(),
+            RemoteState {
+                url: "file:///r".into(),
+                epoch: 1,
+                seq: 2
+            }
+        );
+        drop(s);
+        // Journaling survives a reopen; the dump holds records only.
+        let s = Store::open(t.path()).unwrap();
+        s.commit_items(&key, &[(2, b"c".to_vec())], &step_record())
+            .unwrap();
+        assert!(s.journal_range(2, 4).unwrap().is_some());
+        assert!(s
+            .dump_records()
+            .unwrap()
+            .iter()
+            .all(|(k, _)| keys::replicated(k)));
+        // A restore fills only an empty store.
+        let err = s.import_replica(vec![], 1, 9, "file:///r").unwrap_err();
+        assert!(matches!(err, StateError::NotEmpty(_)), "{err}");
+        let t2 = tempfile::tempdir().unwrap();
+        let r = Store::open(t2.path()).unwrap();
+        r.import_replica(s.dump_records().unwrap(), 1, 4, "file:///r")
+            .unwrap();
+        assert_eq!(r.seq(), 4);
+        assert_eq!(r.items(&key).unwrap(), s.items(&key).unwrap());
+        r.commit_items(&key, &[(3, b"d".to_vec())], &step_record())
+            .unwrap();
+        assert!(
+            r.journal_range(4, 5).unwrap().is_some(),
+            "a restored store journals"
+        );
     }
 
     #[test]

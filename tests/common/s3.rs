@@ -17,7 +17,9 @@ fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TSR_S3S_FS") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let cached = home.join(".cache/tsr/s3s-fs/bin/s3s-fs");
     if cached.exists() {
         return cached;
@@ -66,7 +68,10 @@ impl S3Server {
         self.child = Some(child);
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "s3s-fs did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

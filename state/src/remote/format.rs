@@ -16,6 +16,9 @@ const MAGIC: &[u8; 8] = b"TSRREP01";
 
 pub type Ops = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// A commit's writes in order: (key, new value or `None` for a removal).
+pub type OpList = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Segment,
@@ -81,7 +84,7 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn ops(&mut self) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, String> {
+    fn ops(&mut self) -> Result<OpList, String> {
         let n = self.u32()? as usize;
         let mut out = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {
@@ -101,7 +104,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn decode_ops(b: &[u8]) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, String> {
+pub fn decode_ops(b: &[u8]) -> Result<OpList, String> {
     let mut r = Reader { b, at: 0 };
     let ops = r.ops()?;
     if r.at != b.len() {
@@ -174,7 +177,10 @@ mod tests {
         ops.insert(b"Sb".to_vec(), None);
         let b = encode_object(Kind::Segment, 3, 10, 12, &ops);
         let o = decode_object(&b).unwrap();
-        assert_eq!((o.kind, o.epoch, o.first, o.last), (Kind::Segment, 3, 10, 12));
+        assert_eq!(
+            (o.kind, o.epoch, o.first, o.last),
+            (Kind::Segment, 3, 10, 12)
+        );
         assert_eq!(o.ops, ops);
         for i in [0, 9, b.len() / 2, b.len() - 1] {
             let mut bad = b.clone();

@@ -242,7 +242,10 @@ pub(crate) fn acquire(
             url: remote.url.to_string(),
             holder: cur.holder.to_string(),
             until: time_of(cur.expires_ms),
-            left_s: cur.expires_ms.saturating_sub(crate::now_ms()).div_ceil(1000),
+            left_s: cur
+                .expires_ms
+                .saturating_sub(crate::now_ms())
+                .div_ceil(1000),
         }),
         None => Err(RemoteError::Corrupt {
             url: remote.url.to_string(),

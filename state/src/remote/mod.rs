@@ -25,8 +25,8 @@ mod replicate;
 mod restore;
 
 pub use lease::{Holder, LeaseDoc};
-pub use replicate::{ReplicaOptions, Replicator, StopReport};
 pub use replicate::StartReport;
+pub use replicate::{ReplicaOptions, Replicator, StopReport};
 pub use restore::{restore, verify_remote, RemoteGcReport, RemoteVerifyReport, RestoreReport};
 
 use futures::StreamExt;
@@ -47,7 +47,7 @@ pub enum RemoteError {
         op: &'static str,
         key: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 
     #[error("remote {url} is held by {holder} until {until} ({left_s} s from now): another machine is writing to it. Wait for it to finish, or, if that machine is gone, take the remote over with --take-over")]
@@ -72,7 +72,11 @@ pub enum RemoteError {
     Empty { url: String },
 
     #[error("remote {url} holds commit {remote} but this store only commit {local}: the remote is ahead of this store. Restore it into a new folder (tsr restore {url} --store DIR) and continue there")]
-    Ahead { url: String, remote: u64, local: u64 },
+    Ahead {
+        url: String,
+        remote: u64,
+        local: u64,
+    },
 
     #[error("remote {url} holds the history of another store (generation {epoch}, up to commit {seq}); this store cannot continue it. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there, or give another remote")]
     OtherHistory { url: String, epoch: u64, seq: u64 },
@@ -113,7 +117,9 @@ impl RemoteUrl {
             }
             "file" => {
                 if url.host_str().is_some_and(|h| !h.is_empty()) {
-                    return Err(bad("a file URL names an absolute folder: file:///path/to/folder"));
+                    return Err(bad(
+                        "a file URL names an absolute folder: file:///path/to/folder",
+                    ));
                 }
             }
             other => {
@@ -167,7 +173,9 @@ pub struct Remote {
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("url", &self.url.as_str()).finish()
+        f.debug_struct("Remote")
+            .field("url", &self.url.as_str())
+            .finish()
     }
 }
 
@@ -180,7 +188,7 @@ impl Remote {
             url: url.to_string(),
             op: "connecting to",
             key: url.to_string(),
-            source,
+            source: Box::new(source),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -263,7 +271,7 @@ impl Remote {
             url: self.url.to_string(),
             op,
             key: rel.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -273,10 +281,11 @@ impl Remote {
             mode: PutMode::Create,
             ..Default::default()
         };
-        let r = self.rt.block_on(
-            self.store
-                .put_opts(&self.path(rel), PutPayload::from(bytes), opts),
-        );
+        let r = self.rt.block_on(self.store.put_opts(
+            &self.path(rel),
+            PutPayload::from(bytes),
+            opts,
+        ));
         match r {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. })
@@ -362,10 +371,11 @@ impl Remote {
             let mut s = g.into_stream();
             while let Some(chunk) = s.next().await {
                 let chunk = chunk?;
-                out.write_all(&chunk).map_err(|e| object_store::Error::Generic {
-                    store: "local",
-                    source: Box::new(e),
-                })?;
+                out.write_all(&chunk)
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "local",
+                        source: Box::new(e),
+                    })?;
             }
             Ok::<_, object_store::Error>(())
         });
@@ -474,9 +484,12 @@ impl Chain {
     }
 }
 
+/// Per generation: its snapshots' commit numbers and its segments' (first, last).
+pub(crate) type Generations = std::collections::BTreeMap<u64, (Vec<u64>, Vec<(u64, u64)>)>;
+
 /// Read the remote's layout: every generation's snapshots and segments.
-pub(crate) fn chains(names: &Listing) -> std::collections::BTreeMap<u64, (Vec<u64>, Vec<(u64, u64)>)> {
-    let mut gens: std::collections::BTreeMap<u64, (Vec<u64>, Vec<(u64, u64)>)> = Default::default();
+pub(crate) fn chains(names: &Listing) -> Generations {
+    let mut gens = Generations::new();
     for (name, _) in names {
         match parse_name(name) {
             Some(Named::Snapshot { epoch, seq }) => gens.entry(epoch).or_default().0.push(seq),

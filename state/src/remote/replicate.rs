@@ -80,7 +80,10 @@ struct Shared {
     /// Blobs the remote is known to hold.
     known: Mutex<BTreeSet<String>>,
     segments_since_snapshot: Mutex<u64>,
+    /// Finish: return once the remote holds every commit.
     exit: AtomicBool,
+    /// Give up now (the flush deadline passed, or the replicator is dropped).
+    abort: AtomicBool,
 }
 
 /// A running replicator. [`Replicator::finish`] ships what is left and lets the lease go.
@@ -156,6 +159,7 @@ impl Replicator {
             known: Mutex::new(known),
             segments_since_snapshot: Mutex::new(0),
             exit: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
         });
         // Where this store's history ends on the remote, if the remote holds it.
         let local = store.seq();
@@ -244,9 +248,10 @@ impl Replicator {
     pub fn finish(mut self, within: Duration) -> StopReport {
         let t0 = Instant::now();
         let sync = self.shared.store.sync().clone();
+        self.shared.exit.store(true, Ordering::SeqCst);
         let latest = sync.request_all(true);
         sync.wait_acked(latest, t0 + within);
-        self.shared.exit.store(true, Ordering::SeqCst);
+        self.shared.abort.store(true, Ordering::SeqCst);
         sync.request_all(true);
         // The thread may be inside an upload; wait for it only as long as allowed.
         let (lock, cv) = &*self.done;
@@ -287,7 +292,7 @@ impl Replicator {
                     holder: "another machine".into(),
                 }
                 .into(),
-                None => StateError::Remote(RemoteError::Corrupt {
+                None => StateError::from(RemoteError::Corrupt {
                     url: self.shared.remote.url.to_string(),
                     key: "gens/".into(),
                     reason: format!(
@@ -302,13 +307,20 @@ impl Replicator {
         } else {
             Some(self.shared.snapshot()?)
         };
-        super::restore::gc_after_snapshot(&self.shared.remote, &self.shared.store, self.shared.epoch, snap, dry_run)
+        super::restore::gc_after_snapshot(
+            &self.shared.remote,
+            &self.shared.store,
+            self.shared.epoch,
+            snap,
+            dry_run,
+        )
     }
 }
 
 impl Drop for Replicator {
     fn drop(&mut self) {
         self.shared.exit.store(true, Ordering::SeqCst);
+        self.shared.abort.store(true, Ordering::SeqCst);
         self.shared.store.sync().request_all(true);
     }
 }
@@ -332,7 +344,11 @@ impl Shared {
     }
 
     /// Pin the blobs `records` refer to that the remote lacks. Called with commits paused.
-    fn pin(&self, blobs: BTreeSet<Digest>, required: &BTreeSet<Digest>) -> StateResult<Vec<Pinned>> {
+    fn pin(
+        &self,
+        blobs: BTreeSet<Digest>,
+        required: &BTreeSet<Digest>,
+    ) -> StateResult<Vec<Pinned>> {
         let known = self.known.lock().unwrap();
         let mut out = Vec::new();
         for d in blobs {
@@ -408,7 +424,8 @@ impl Shared {
             self.store.start_journal(self.remote.url.as_str())?;
             let records = self.store.dump_records()?;
             let refs = referenced_blobs(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-            let required = required_blobs(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            let required =
+                required_blobs(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
             let pinned = self.pin(refs, &required)?;
             Ok::<_, StateError>((seq, records, pinned))
         })?;
@@ -448,7 +465,10 @@ impl Shared {
             let Some(ops) = self.store.journal_range(acked, seq)? else {
                 return Ok(Some((seq, None, Vec::new())));
             };
-            let puts = || ops.iter().filter_map(|(k, v)| v.as_ref().map(|v| (k.as_slice(), v.as_slice())));
+            let puts = || {
+                ops.iter()
+                    .filter_map(|(k, v)| v.as_ref().map(|v| (k.as_slice(), v.as_slice())))
+            };
             let pinned = self.pin(referenced_blobs(puts()), &required_blobs(puts()))?;
             Ok::<_, StateError>(Some((seq, Some(ops), pinned)))
         })?;
@@ -483,7 +503,10 @@ impl Shared {
         let mut backoff = Duration::from_secs(1);
         let mut failing_since: Option<Instant> = None;
         loop {
-            if self.exit.load(Ordering::SeqCst) && (sync.view().acked >= sync.view().latest || failing_since.is_some()) {
+            let v = sync.view();
+            if self.abort.load(Ordering::SeqCst)
+                || (self.exit.load(Ordering::SeqCst) && v.acked >= v.latest)
+            {
                 return;
             }
             let wait = next_renew.saturating_duration_since(Instant::now());
@@ -513,10 +536,12 @@ impl Shared {
                     }
                     backoff = Duration::from_secs(1);
                 }
-                Err(StateError::Remote(RemoteError::Fenced { holder, .. })) => {
-                    if sync.view().fenced.is_none() {
-                        sync.set_fenced(holder.clone());
-                        (self.opts.on_fenced)(&holder);
+                Err(StateError::Remote(e)) if matches!(*e, RemoteError::Fenced { .. }) => {
+                    if let RemoteError::Fenced { holder, .. } = *e {
+                        if sync.view().fenced.is_none() {
+                            sync.set_fenced(holder.clone());
+                            (self.opts.on_fenced)(&holder);
+                        }
                     }
                     return;
                 }
@@ -528,12 +553,9 @@ impl Shared {
                         "{msg}; the run goes on locally and retries in {} s",
                         backoff.as_secs()
                     ));
-                    if self.exit.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    // Sleep in short steps so that finishing is not held up by the backoff.
+                    // Sleep in short steps so that giving up is not held up by the backoff.
                     let until = Instant::now() + backoff;
-                    while Instant::now() < until && !self.exit.load(Ordering::SeqCst) {
+                    while Instant::now() < until && !self.abort.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -39,7 +39,9 @@ fn fetch(remote: &Remote, key: &str, named: &Named) -> StateResult<Object> {
     };
     let o = decode_object(&bytes).map_err(corrupt)?;
     let ok = match *named {
-        Named::Snapshot { epoch, seq } => o.kind == Kind::Snapshot && o.epoch == epoch && o.last == seq,
+        Named::Snapshot { epoch, seq } => {
+            o.kind == Kind::Snapshot && o.epoch == epoch && o.last == seq
+        }
         Named::Segment { epoch, first, last } => {
             o.kind == Kind::Segment && o.epoch == epoch && o.first == first && o.last == last
         }
@@ -61,8 +63,11 @@ fn replay(remote: &Remote, chain: &Chain) -> StateResult<BTreeMap<Vec<u8>, Vec<u
         seq: snap,
     };
     let o = fetch(remote, &snapshot_key(chain.epoch, snap), &named)?;
-    let mut records: BTreeMap<Vec<u8>, Vec<u8>> =
-        o.ops.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+    let mut records: BTreeMap<Vec<u8>, Vec<u8>> = o
+        .ops
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
     for &(first, last) in &chain.segments {
         let named = Named::Segment {
             epoch: chain.epoch,
@@ -107,7 +112,11 @@ fn fetch_blob(remote: &Remote, store: &Store, d: &Digest) -> StateResult<u64> {
 /// Fill an empty store from a chain: records first into memory, blobs into the store, then the
 /// records in one commit (a crash before it leaves an empty store with stray blobs, which a
 /// second restore reuses).
-pub(crate) fn restore_into(remote: &Remote, store: &Store, chain: &Chain) -> StateResult<RestoreReport> {
+pub(crate) fn restore_into(
+    remote: &Remote,
+    store: &Store,
+    chain: &Chain,
+) -> StateResult<RestoreReport> {
     let t0 = Instant::now();
     let records = replay(remote, chain)?;
     let mut report = RestoreReport {
@@ -129,8 +138,8 @@ pub(crate) fn restore_into(remote: &Remote, store: &Store, chain: &Chain) -> Sta
             }
             // An artifact record whose blob was removed later (its step was dropped) does not
             // stop a restore; a step's output or checkpoint does.
-            Err(StateError::Remote(RemoteError::MissingBlob { .. }))
-                if !needed(&records, &d) => {}
+            Err(StateError::Remote(e))
+                if matches!(*e, RemoteError::MissingBlob { .. }) && !needed(&records, &d) => {}
             Err(e) => return Err(e),
         }
     }
@@ -235,7 +244,9 @@ pub fn verify_remote(url: &RemoteUrl) -> StateResult<RemoteVerifyReport> {
     report.records = records.len();
     for (k, v) in &records {
         if let Err(detail) = crate::fsck::decode_check(k, v) {
-            report.problems.push(format!("a record in the remote history: {detail}"));
+            report
+                .problems
+                .push(format!("a record in the remote history: {detail}"));
         }
     }
     let present: BTreeMap<String, u64> = remote
