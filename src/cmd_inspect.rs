@@ -53,9 +53,13 @@ pub struct VerifyArgs {
 
 #[derive(Args)]
 pub struct GcArgs {
-    /// Only report what would be removed.
+    /// Only report what would be removed (in this store; the remote is not contacted).
     #[arg(long)]
     pub dry_run: bool,
+    /// Clean only this store, not its remote copy (e.g. while the remote is unreachable or
+    /// another machine holds it); a later gc cleans the remote.
+    #[arg(long)]
+    pub local_only: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -353,18 +357,23 @@ pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
     // A replicated store cleans its remote too: the local removals travel as a commit, then a
     // fresh snapshot lets older objects and unreferenced blobs go.
     let replica = match store.remote()? {
-        Some(r) => {
+        Some(r) if !a.dry_run && !a.local_only => {
             let url = tsr_state::remote::RemoteUrl::parse(&r.url)?;
-            Some(crate::cmd_remote::start(
-                &store,
-                &url,
-                tsr_state::SyncMode::Step,
-                false,
-                None,
-                true,
-            )?)
+            Some(
+                crate::cmd_remote::start(
+                    &store,
+                    &url,
+                    tsr_state::SyncMode::Step,
+                    false,
+                    None,
+                    true,
+                )
+                .context(
+                    "cleaning the remote copy too (`tsr gc --local-only` cleans only this store)",
+                )?,
+            )
         }
-        None => None,
+        _ => None,
     };
     let r = tsr_state::gc(&store, a.dry_run)?;
     let remote = match replica {

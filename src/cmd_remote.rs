@@ -87,8 +87,8 @@ pub fn start(
             s.set();
         }
     });
-    let (rep, report) = Replicator::start(store.clone(), url, opts)
-        .with_context(|| format!("replicating to {url}"))?;
+    // The errors name the remote already.
+    let (rep, report) = Replicator::start(store.clone(), url, opts)?;
     if let Some(r) = &report.restored {
         eprintln!(
             "tsr: remote: restored {} records and {} blobs ({:.1} MB) up to commit {} in {:.1} s",

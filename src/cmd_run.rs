@@ -85,6 +85,10 @@ fn drive(
 ) -> anyhow::Result<ExitCode> {
     let store = create_store(store_dir)?;
     let stop = StopFlag::new();
+    // Before the remote starts: a SIGTERM during a restore or the first upload still ends in
+    // a clean exit 75 after uploading what is there.
+    preempt::install(stop.clone(), format!("Resume with: {resume_hint}"))
+        .map_err(anyhow::Error::msg)?;
     let replica = match crate::cmd_remote::remote_of(
         remote,
         config.remote.as_deref(),
@@ -193,8 +197,6 @@ fn drive_replicated(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    preempt::install(stop.clone(), format!("Resume with: {resume_hint}"))
-        .map_err(anyhow::Error::msg)?;
     let opts = DriverOptions {
         device: device.unwrap_or_else(|| config.device.clone()),
         stop,
@@ -297,8 +299,12 @@ fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
 
 pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let store_dir = crate::store_dir(store_flag, None);
-    // A new machine: the run's definition is in the remote.
-    if let (false, Some(url)) = (store_dir.join("db").exists(), &a.remote.remote) {
+    // A new machine (or a restore that was cut short): the run's definition is in the remote.
+    let empty = !store_dir.join("db").exists()
+        || open_store(&store_dir)
+            .map(|s| s.seq() == 0 && s.runs().map(|r| r.is_empty()).unwrap_or(false))
+            .unwrap_or(false);
+    if let (true, Some(url)) = (empty, &a.remote.remote) {
         let url = tsr_state::remote::RemoteUrl::parse(url)?;
         let r = tsr_state::remote::restore(&url, &store_dir)
             .with_context(|| format!("restoring {url} into {}", store_dir.display()))?;

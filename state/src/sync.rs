@@ -186,6 +186,9 @@ impl SyncState {
         let mut g = self.inner.lock().unwrap();
         if seq > g.acked {
             g.acked = seq;
+            // The lag is timed from the oldest commit still waiting, not from the first time
+            // the remote fell behind: a remote that keeps up never holds the run back.
+            g.behind_since_ms = (g.want > g.acked).then(crate::now_ms);
         }
         g.last_error = None;
         if g.acked >= g.want {

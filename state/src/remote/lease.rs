@@ -189,7 +189,22 @@ pub(crate) fn acquire(
     ttl: Duration,
     take_over: bool,
 ) -> RemoteResult<(Lease, bool)> {
+    // What we last tried to write: if a write succeeded but its reply was lost, the next read
+    // shows our own document, which is then ours with the generation decided at that attempt.
+    let mut attempt: Option<(LeaseDoc, bool)> = None;
     for _ in 0..5 {
+        let current = read(remote)?;
+        if let (Some((cur, version)), Some((doc, new_gen))) = (&current, &attempt) {
+            if cur == doc {
+                return Ok((
+                    Lease {
+                        doc: doc.clone(),
+                        version: version.clone(),
+                    },
+                    *new_gen,
+                ));
+            }
+        }
         let now = crate::now_ms();
         let mut doc = LeaseDoc {
             holder: me.clone(),
@@ -197,7 +212,7 @@ pub(crate) fn acquire(
             expires_ms: now + ttl.as_millis() as u64,
             renewed_ms: now,
         };
-        match read(remote)? {
+        match current {
             None => {
                 let newest = super::chains(&remote.list("gens")?)
                     .keys()
@@ -205,30 +220,25 @@ pub(crate) fn acquire(
                     .copied()
                     .unwrap_or(0);
                 doc.epoch = newest + 1;
+                attempt = Some((doc.clone(), true));
                 let bytes = serde_json::to_vec_pretty(&doc).expect("lease serializes");
-                if remote.put_new(LEASE, bytes)? {
-                    // Read back for its version (etag or content).
-                    if let Some((d, version)) = read(remote)? {
-                        if d == doc {
-                            return Ok((Lease { doc, version }, true));
-                        }
-                    }
-                }
+                remote.put_new(LEASE, bytes)?;
+                // Read back (next round) for its version (etag or content).
+                continue;
             }
             Some((cur, version)) => {
-                let ours = cur.holder.store_id == me.store_id;
+                // The same store continues its own lease, unless the lease is live on another
+                // host (a copied store folder is not the same writer).
+                let ours = cur.holder.store_id == me.store_id
+                    && (cur.holder.host == me.host || cur.expires_ms <= now);
                 if ours {
                     doc.epoch = cur.epoch;
                 } else if cur.expires_ms <= now || take_over {
                     doc.epoch = cur.epoch + 1;
                 } else {
-                    return Err(RemoteError::LeaseHeld {
-                        url: remote.url.to_string(),
-                        holder: cur.holder.to_string(),
-                        until: time_of(cur.expires_ms),
-                        left_s: (cur.expires_ms - now).div_ceil(1000),
-                    });
+                    return Err(held(remote, &cur, now));
                 }
+                attempt = Some((doc.clone(), !ours));
                 if let Some(version) = swap(remote, &version, &doc)? {
                     return Ok((Lease { doc, version }, !ours));
                 }
@@ -238,15 +248,7 @@ pub(crate) fn acquire(
         std::thread::sleep(Duration::from_millis(50));
     }
     match read(remote)? {
-        Some((cur, _)) => Err(RemoteError::LeaseHeld {
-            url: remote.url.to_string(),
-            holder: cur.holder.to_string(),
-            until: time_of(cur.expires_ms),
-            left_s: cur
-                .expires_ms
-                .saturating_sub(crate::now_ms())
-                .div_ceil(1000),
-        }),
+        Some((cur, _)) => Err(held(remote, &cur, crate::now_ms())),
         None => Err(RemoteError::Corrupt {
             url: remote.url.to_string(),
             key: LEASE.into(),
@@ -255,28 +257,62 @@ pub(crate) fn acquire(
     }
 }
 
+fn held(remote: &Remote, cur: &LeaseDoc, now: u64) -> RemoteError {
+    RemoteError::LeaseHeld {
+        url: remote.url.to_string(),
+        holder: cur.holder.to_string(),
+        until: time_of(cur.expires_ms),
+        left_s: cur.expires_ms.saturating_sub(now).div_ceil(1000),
+    }
+}
+
+/// Whether taking the lease now would start a new generation (it is held by another store or
+/// by this store on another host), without taking it.
+pub(crate) fn would_start_generation(remote: &Remote, me: &Holder) -> RemoteResult<bool> {
+    let now = crate::now_ms();
+    Ok(match read(remote)? {
+        None => true,
+        Some((cur, _)) => {
+            !(cur.holder.store_id == me.store_id
+                && (cur.holder.host == me.host || cur.expires_ms <= now))
+        }
+    })
+}
+
 /// Extend the lease. A lease another machine took is [`RemoteError::Fenced`].
 pub(crate) fn renew(remote: &Remote, lease: &mut Lease, ttl: Duration) -> RemoteResult<()> {
-    let now = crate::now_ms();
-    let mut doc = lease.doc.clone();
-    doc.expires_ms = now + ttl.as_millis() as u64;
-    doc.renewed_ms = now;
-    match swap(remote, &lease.version, &doc)? {
-        Some(v) => {
+    for _ in 0..3 {
+        let now = crate::now_ms();
+        let mut doc = lease.doc.clone();
+        doc.expires_ms = now + ttl.as_millis() as u64;
+        doc.renewed_ms = now;
+        if let Some(v) = swap(remote, &lease.version, &doc)? {
             lease.doc = doc;
             lease.version = v;
-            Ok(())
+            return Ok(());
         }
-        None => {
-            let holder = read(remote)?
-                .map(|(d, _)| d.holder.to_string())
-                .unwrap_or_else(|| "nobody (the lease was deleted)".into());
-            Err(RemoteError::Fenced {
-                url: remote.url.to_string(),
-                holder,
-            })
+        match read(remote)? {
+            // An earlier renewal went through but its reply was lost: the lease is still
+            // ours, at another version.
+            Some((cur, v)) if cur.holder == lease.doc.holder && cur.epoch == lease.doc.epoch => {
+                lease.doc = cur;
+                lease.version = v;
+            }
+            cur => {
+                return Err(RemoteError::Fenced {
+                    url: remote.url.to_string(),
+                    holder: cur
+                        .map(|(d, _)| d.holder.to_string())
+                        .unwrap_or_else(|| "nobody (the lease was deleted)".into()),
+                })
+            }
         }
     }
+    Err(RemoteError::Corrupt {
+        url: remote.url.to_string(),
+        key: LEASE.into(),
+        reason: "it refuses every renewal although this process holds it".into(),
+    })
 }
 
 /// Let the lease go at a clean exit, so the next machine takes it without waiting. Best effort:

@@ -47,8 +47,18 @@ pub enum RemoteError {
         op: &'static str,
         key: String,
         #[source]
-        source: Box<object_store::Error>,
+        source: Redacted,
     },
+
+    #[error("cannot set up the client for remote {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Redacted,
+    },
+
+    #[error("remote {url} did not take the last commits: {detail}")]
+    Unsynced { url: String, detail: String },
 
     #[error("remote {url} is held by {holder} until {until} ({left_s} s from now): another machine is writing to it. Wait for it to finish, or, if that machine is gone, take the remote over with --take-over")]
     LeaseHeld {
@@ -78,17 +88,56 @@ pub enum RemoteError {
         local: u64,
     },
 
-    #[error("remote {url} holds the history of another store (generation {epoch}, up to commit {seq}); this store cannot continue it. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there, or give another remote")]
+    #[error("remote {url} holds the history of another store (generation {epoch}, up to commit {seq}); this store cannot continue it. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
     OtherHistory { url: String, epoch: u64, seq: u64 },
 
     #[error("remote {url} is missing blob {digest}, which its records refer to")]
     MissingBlob { url: String, digest: String },
 
-    #[error("this store is replicated to {attached}, not to {given}; give --remote {attached}, or restore {given} into a new folder")]
+    #[error("this store is replicated to {attached}, not to {given}; give --remote {attached} (or no --remote), or restore {given} into a new folder")]
     OtherRemote { attached: String, given: String },
 }
 
 pub type RemoteResult<T> = Result<T, RemoteError>;
+
+/// A backend error as text, with every URL query removed: a request URL may carry a signature
+/// (an Azure SAS token, a presigned S3 URL), which must never reach a message or a log.
+#[derive(Debug)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Redacted {
+        let text: Vec<char> = crate::error_chain(e).chars().collect();
+        let ends = |c: char| c.is_whitespace() || "\"'),<>".contains(c);
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            let c = text[i];
+            out.push(c);
+            // A query follows a path (`.../lease.json?sv=...&sig=...`), not `<?xml` or the end
+            // of a question.
+            let after_path =
+                i > 0 && (text[i - 1].is_ascii_alphanumeric() || "/_-.".contains(text[i - 1]));
+            let starts = text.get(i + 1).is_some_and(|&n| !ends(n));
+            i += 1;
+            if c == '?' && after_path && starts {
+                out.push_str("<redacted>");
+                while i < text.len() && !ends(text[i]) {
+                    i += 1;
+                }
+            }
+        }
+        Redacted(out)
+    }
+}
+
+impl std::fmt::Display for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
 
 /// A parsed remote URL: what the user gave, checked, without credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,11 +233,9 @@ pub(crate) type Listing = Vec<(String, u64)>;
 
 impl Remote {
     pub fn open(url: &RemoteUrl) -> RemoteResult<Remote> {
-        let backend = |source: object_store::Error| RemoteError::Backend {
+        let backend = |source: object_store::Error| RemoteError::Connect {
             url: url.to_string(),
-            op: "connecting to",
-            key: url.to_string(),
-            source: Box::new(source),
+            source: Redacted::of(&source),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -271,7 +318,7 @@ impl Remote {
             url: self.url.to_string(),
             op,
             key: rel.to_string(),
-            source: Box::new(source),
+            source: Redacted::of(&source),
         }
     }
 
@@ -312,9 +359,8 @@ impl Remote {
         if size <= 32 << 20 {
             let mut buf = Vec::with_capacity(size as usize);
             f.read_to_end(&mut buf).map_err(io_err)?;
-            self.rt
-                .block_on(self.store.put(&self.path(rel), PutPayload::from(buf)))
-                .map_err(|e| self.err("uploading", rel, e))?;
+            // Content-addressed: an object already under this name holds these bytes.
+            self.put_new(rel, buf)?;
             return Ok(());
         }
         let path = self.path(rel);
@@ -338,6 +384,7 @@ impl Remote {
                     break;
                 }
                 if let Err(e) = w.wait_for_capacity(4).await {
+                    let _ = w.abort().await;
                     return Err(self.err("uploading", rel, e));
                 }
                 w.write(&buf[..n]);
@@ -516,12 +563,16 @@ pub(crate) fn current_chain(names: &Listing) -> Option<Chain> {
             snapshot: Some(snap),
             ..Default::default()
         };
+        // A segment may start before the commit that is next: a retried upload (its first
+        // reply lost) covers the commits of the first one and more. Segments hold the last
+        // write of each key over their commits of one linear history, so applying one that
+        // overlaps what is already applied gives the state at its last commit.
         let mut next = snap + 1;
         for (first, last) in segs {
             if last < next {
-                continue; // before the snapshot: superseded by it
+                continue; // before the snapshot or covered by a wider segment
             }
-            if first == next && chain.stray.is_empty() {
+            if first <= next && chain.stray.is_empty() {
                 chain.segments.push((first, last));
                 next = last + 1;
             } else {
@@ -585,6 +636,23 @@ mod tests {
     }
 
     #[test]
+    fn backend_errors_lose_url_queries() {
+        let e = std::io::Error::other(
+            "GET https://acct.blob.core.windows.net/c/lease.json?sv=2021&sig=SECRETSIG failed",
+        );
+        let r = Redacted::of(&e).to_string();
+        assert!(
+            !r.contains("SECRETSIG") && r.contains("lease.json?<redacted> failed"),
+            "{r}"
+        );
+        let e = std::io::Error::other("500: <?xml version=\"1.0\"?> is it up?");
+        assert_eq!(
+            Redacted::of(&e).to_string(),
+            "500: <?xml version=\"1.0\"?> is it up?"
+        );
+    }
+
+    #[test]
     fn the_chain_is_the_newest_generation_with_a_snapshot_up_to_a_gap() {
         let names: Listing = [
             "gens/0000000001/snapshots/00000000000000000000",
@@ -593,7 +661,9 @@ mod tests {
             "gens/0000000002/segments/00000000000000000003-00000000000000000004",
             "gens/0000000002/segments/00000000000000000006-00000000000000000007",
             "gens/0000000002/segments/00000000000000000008-00000000000000000008",
+            "gens/0000000002/segments/00000000000000000007-00000000000000000009",
             "gens/0000000002/segments/00000000000000000010-00000000000000000011",
+            "gens/0000000002/segments/00000000000000000013-00000000000000000014",
             "gens/0000000003/segments/00000000000000000012-00000000000000000012",
         ]
         .iter()
@@ -602,8 +672,10 @@ mod tests {
         let c = current_chain(&names).unwrap();
         assert_eq!(c.epoch, 2);
         assert_eq!(c.snapshot, Some(5));
-        assert_eq!(c.segments, vec![(6, 7), (8, 8)]);
-        assert_eq!(c.stray, vec![(10, 11)]);
-        assert_eq!(c.last(), 8);
+        // 7-9 is a retry that also took commits 8 and 9 (a reply was lost), so 8-8 adds
+        // nothing; commit 12 is missing, so 13-14 cannot be applied.
+        assert_eq!(c.segments, vec![(6, 7), (7, 9), (10, 11)]);
+        assert_eq!(c.stray, vec![(13, 14)]);
+        assert_eq!(c.last(), 11);
     }
 }

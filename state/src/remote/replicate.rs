@@ -73,8 +73,9 @@ impl StopReport {
 
 struct Shared {
     store: Arc<Store>,
-    remote: Remote,
-    lease: Mutex<Lease>,
+    remote: Arc<Remote>,
+    lease: Arc<Mutex<Lease>>,
+    keeper: Keeper,
     epoch: u64,
     opts: ReplicaOptions,
     /// Blobs the remote is known to hold.
@@ -123,10 +124,20 @@ impl Replicator {
                 .into());
             }
         }
-        let remote = Remote::open(url)?;
+        let remote = Arc::new(Remote::open(url)?);
         let me = Holder::this_process(store.store_id()?);
+        let empty = store.seq() == 0 && store.dump_records()?.is_empty();
+        // Refuse before touching the lease: a store that cannot continue the remote's history
+        // must not fence the machine that writes it.
+        if !empty && lease::would_start_generation(&remote, &me)? {
+            if let Some(c) = current_chain(&remote.list("gens")?) {
+                check_continues(url, &c, before.as_ref(), store.seq())?;
+            }
+        }
         let (lease, new_gen) = lease::acquire(&remote, &me, opts.lease_ttl, opts.take_over)?;
         let epoch = lease.doc.epoch;
+        let lease = Arc::new(Mutex::new(lease));
+        let keeper = Keeper::start(&remote, &lease, &store, &opts)?;
         let names = remote.list("gens")?;
         let chain = current_chain(&names);
         let mut report = StartReport {
@@ -134,7 +145,6 @@ impl Replicator {
             epoch,
             ..Default::default()
         };
-        let empty = store.seq() == 0 && store.dump_records()?.is_empty();
         if empty {
             if let Some(chain) = &chain {
                 (opts.say)(&format!(
@@ -153,7 +163,8 @@ impl Replicator {
         let shared = Arc::new(Shared {
             store: store.clone(),
             remote,
-            lease: Mutex::new(lease),
+            lease,
+            keeper,
             epoch,
             opts: opts.clone(),
             known: Mutex::new(known),
@@ -166,28 +177,13 @@ impl Replicator {
         let acked = match &chain {
             Some(c) if new_gen => {
                 // Taking the remote over: this store must hold the history the remote holds
-                // (restored from it, or written it), and no less of it.
-                let continues = report.restored.is_some()
-                    || before.as_ref().is_some_and(|b| b.epoch == c.epoch);
-                if !continues {
-                    return Err(RemoteError::OtherHistory {
-                        url: url.to_string(),
-                        epoch: c.epoch,
-                        seq: c.last(),
-                    }
-                    .into());
-                }
-                if c.last() > local {
-                    return Err(RemoteError::Ahead {
-                        url: url.to_string(),
-                        remote: c.last(),
-                        local,
-                    }
-                    .into());
+                // (restored from it just now, or written or restored earlier), and no less.
+                if report.restored.is_none() {
+                    check_continues(url, c, before.as_ref(), local)?;
                 }
                 None
             }
-            Some(c) if !new_gen && c.epoch == epoch => {
+            Some(c) if c.epoch == epoch => {
                 let end = c.last();
                 if end > local {
                     return Err(RemoteError::Ahead {
@@ -265,6 +261,7 @@ impl Replicator {
                 let _ = t.join();
             }
         }
+        self.shared.keeper.stop();
         let v = sync.view();
         if v.acked >= latest && v.fenced.is_none() && joined {
             lease::release(&self.shared.remote, &self.shared.lease.lock().unwrap());
@@ -287,20 +284,19 @@ impl Replicator {
         if !sync.wait_acked(latest, Instant::now() + Duration::from_secs(3600)) {
             let v = sync.view();
             return Err(match v.fenced {
-                Some(_) => RemoteError::Fenced {
+                Some(holder) => RemoteError::Fenced {
                     url: self.shared.remote.url.to_string(),
-                    holder: "another machine".into(),
-                }
-                .into(),
-                None => StateError::from(RemoteError::Corrupt {
+                    holder,
+                },
+                None => RemoteError::Unsynced {
                     url: self.shared.remote.url.to_string(),
-                    key: "gens/".into(),
-                    reason: format!(
-                        "the remote did not take the last commits within an hour: {}",
-                        v.last_error.unwrap_or_default()
+                    detail: format!(
+                        "still behind after an hour ({})",
+                        v.last_error.unwrap_or_else(|| "no error reported".into())
                     ),
-                }),
-            });
+                },
+            }
+            .into());
         }
         let snap = if dry_run {
             None
@@ -321,7 +317,107 @@ impl Drop for Replicator {
     fn drop(&mut self) {
         self.shared.exit.store(true, Ordering::SeqCst);
         self.shared.abort.store(true, Ordering::SeqCst);
+        self.shared.keeper.stop.store(true, Ordering::SeqCst);
         self.shared.store.sync().request_all(true);
+    }
+}
+
+/// Whether a store may take over a remote whose history is `c`: it must have written or
+/// restored that generation, and the remote must not have moved past what the store knew of it.
+fn check_continues(
+    url: &RemoteUrl,
+    c: &super::Chain,
+    before: Option<&crate::RemoteState>,
+    local: u64,
+) -> StateResult<()> {
+    let Some(b) = before.filter(|b| b.epoch == c.epoch) else {
+        return Err(RemoteError::OtherHistory {
+            url: url.to_string(),
+            epoch: c.epoch,
+            seq: c.last(),
+        }
+        .into());
+    };
+    if c.last() > b.seq || c.last() > local {
+        return Err(RemoteError::Ahead {
+            url: url.to_string(),
+            remote: c.last(),
+            local: b.seq.min(local),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Renews the lease every third of its time to live, whatever the replicator is doing (a
+/// restore, a snapshot, a large upload), and stops the run when another machine took it.
+struct Keeper {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Keeper {
+    fn start(
+        remote: &Arc<Remote>,
+        lease: &Arc<Mutex<Lease>>,
+        store: &Arc<Store>,
+        opts: &ReplicaOptions,
+    ) -> StateResult<Keeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (remote, lease, sync, opts, flag) = (
+            remote.clone(),
+            lease.clone(),
+            store.sync().clone(),
+            opts.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("tsr-lease".into())
+            .spawn(move || {
+                let every = opts.lease_ttl / 3;
+                let mut next = Instant::now() + every;
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if Instant::now() < next {
+                        continue;
+                    }
+                    let r = lease::renew(&remote, &mut lease.lock().unwrap(), opts.lease_ttl);
+                    match r {
+                        Ok(()) => next = Instant::now() + every,
+                        Err(RemoteError::Fenced { holder, .. }) => {
+                            if sync.view().fenced.is_none() {
+                                sync.set_fenced(holder.clone());
+                                (opts.on_fenced)(&holder);
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            let msg = crate::error_chain(&e);
+                            (opts.say)(&format!("renewing the lease: {msg}; retrying in 2 s"));
+                            sync.set_error(msg);
+                            next = Instant::now() + Duration::from_secs(2);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StateError::io(store.root(), e))?;
+        Ok(Keeper {
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -516,8 +612,6 @@ impl Shared {
             }
             let result = if want.is_some() {
                 self.ship(sync.view().acked).map(Some)
-            } else if Instant::now() >= next_renew {
-                self.renew().map(|_| None)
             } else {
                 Ok(None)
             };

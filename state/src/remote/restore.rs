@@ -327,8 +327,11 @@ pub(crate) fn gc_after_snapshot(
     let mut doomed = Vec::new();
     for (name, size) in &names {
         let old = match parse_name(name) {
-            Some(Named::Snapshot { epoch: e, seq }) => e != epoch || seq < keep_from,
-            Some(Named::Segment { epoch: e, last, .. }) => e != epoch || last <= keep_from,
+            // Never a newer generation: it belongs to a writer that took the remote over.
+            Some(Named::Snapshot { epoch: e, seq }) => e < epoch || (e == epoch && seq < keep_from),
+            Some(Named::Segment { epoch: e, last, .. }) => {
+                e < epoch || (e == epoch && last <= keep_from)
+            }
             None => false,
         };
         if old && snap.is_some() {
