@@ -279,18 +279,6 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_run_whose_output_reader_goes_away_still_finishes() {
     // `tsr run ... | true`: the pipe closes at once; the run must neither be killed by SIGPIPE

@@ -730,3 +730,50 @@ fn file_remotes_work_the_same_way() {
     assert!(o.status.success(), "{}", text(&o));
     assert_same_outputs(&a, &b, "toy", "through a file remote");
 }
+
+#[test]
+fn a_rolled_back_database_does_not_continue_its_remote() {
+    // The remote took commits the local database then lost (restored from an old copy): once
+    // `verify --repair` accepts the database, its new commits would reuse those numbers, so it
+    // no longer replicates to that remote; the remote itself restores whole.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toy_config(dir.path(), "toy", 1);
+    let url = format!("file://{}", dir.path().join("bucket").display());
+    let a = dir.path().join("a");
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+        &a,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let old = dir.path().join("db-old");
+    copy_dir(&a.join("db"), &old);
+    let o = tsr(
+        &[
+            "fork",
+            "toy",
+            "--name",
+            "toy2",
+            "--set",
+            "toy.train_steps=7",
+            "--quiet",
+        ],
+        &a,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(a.join("db")).unwrap();
+    copy_dir(&old, &a.join("db"));
+    let o = tsr(&["verify", "--repair"], &a);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("was rolled back and accepted"), "{t}");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &a);
+    assert!(
+        text(&o).contains("was rolled back and accepted"),
+        "{}",
+        text(&o)
+    );
+    let b = dir.path().join("b");
+    let o = tsr(&["restore", &url], &b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(status(&b, "toy2")["nodes"].as_array().unwrap().len(), 8);
+}

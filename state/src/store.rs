@@ -25,6 +25,9 @@ pub(crate) const META_REMOTE: &str = "remote";
 pub(crate) const META_REMOTE_SEQ: &str = "remote-seq";
 pub(crate) const META_STORE_ID: &str = "store-id";
 pub(crate) const META_REMOTE_EPOCH: &str = "remote-epoch";
+/// Set when a rolled-back database was accepted while replicated: it no longer continues the
+/// remote's history.
+pub(crate) const META_REMOTE_ROLLED_BACK: &str = "remote-rolled-back";
 
 /// Where a replicated store stands with its remote (as last known locally).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +38,8 @@ pub struct RemoteState {
     pub epoch: u64,
     /// The remote holds every commit up to this one.
     pub seq: u64,
+    /// A rolled-back database was accepted since: the store no longer continues the remote.
+    pub rolled_back: bool,
 }
 
 /// How long `open` waits for a short-lived holder of the store (an inspection command) to let go.
@@ -226,6 +231,11 @@ impl Store {
     /// Accept the database as it is (after a rollback): the sidecar is reset to its commit number.
     pub fn accept_rollback(&mut self) -> StateResult<()> {
         let seq = *self.seq.lock().unwrap();
+        // Commit numbers after this one are about to be reused for other commits: the remote
+        // may hold the lost ones, so this store no longer continues the remote's generation.
+        if self.get_raw(&keys::meta(META_REMOTE))?.is_some() {
+            self.set_local_meta(META_REMOTE_ROLLED_BACK, b"1")?;
+        }
         self.write_seq_sidecar(seq)?;
         self.rolled_back = None;
         Ok(())
@@ -448,6 +458,9 @@ impl Store {
             url: String::from_utf8_lossy(&url).into_owned(),
             epoch: num(META_REMOTE_EPOCH)?,
             seq: num(META_REMOTE_SEQ)?,
+            rolled_back: self
+                .get_raw(&keys::meta(META_REMOTE_ROLLED_BACK))?
+                .is_some(),
         }))
     }
 
@@ -944,7 +957,8 @@ mod tests {
             RemoteState {
                 url: "file:///r".into(),
                 epoch: 1,
-                seq: 2
+                seq: 2,
+                rolled_back: false,
             }
         );
         drop(s);

@@ -108,3 +108,16 @@ pub fn tsr_with_closed_stdout(args: &[&str], store: &Path) -> Output {
     drop(child.stdout.take());
     child.wait_with_output().unwrap()
 }
+
+/// Copy a folder recursively (a store's database, to put an older copy back).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}

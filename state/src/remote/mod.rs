@@ -91,6 +91,9 @@ pub enum RemoteError {
     #[error("remote {url} holds the history of another store (generation {epoch}, up to commit {seq}); this store cannot continue it. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
     OtherHistory { url: String, epoch: u64, seq: u64 },
 
+    #[error("this store's database was rolled back and accepted (tsr verify --repair) after it was replicated to {url}: its commits no longer line up with the remote's. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
+    RolledBack { url: String },
+
     #[error("remote {url} is missing blob {digest}, which its records refer to")]
     MissingBlob { url: String, digest: String },
 

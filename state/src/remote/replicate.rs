@@ -185,6 +185,13 @@ impl Replicator {
             }
             Some(c) if c.epoch == epoch => {
                 let end = c.last();
+                if before.as_ref().is_some_and(|b| b.rolled_back) {
+                    // Accepted a rolled-back database: its commit numbers no longer match.
+                    return Err(RemoteError::RolledBack {
+                        url: url.to_string(),
+                    }
+                    .into());
+                }
                 if end > local {
                     return Err(RemoteError::Ahead {
                         url: url.to_string(),
@@ -330,6 +337,12 @@ fn check_continues(
     before: Option<&crate::RemoteState>,
     local: u64,
 ) -> StateResult<()> {
+    if before.is_some_and(|b| b.rolled_back) {
+        return Err(RemoteError::RolledBack {
+            url: url.to_string(),
+        }
+        .into());
+    }
     let Some(b) = before.filter(|b| b.epoch == c.epoch) else {
         return Err(RemoteError::OtherHistory {
             url: url.to_string(),
