@@ -454,6 +454,8 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     let child = server
         .command(&["run", cfg_s, "--quiet", "--remote", &url], &a)
         .env("TSR_REMOTE_FLUSH_S", "120")
+        // The run may go on without the remote for 2 s, then waits for it.
+        .env("TSR_REMOTE_MAX_LAG_S", "2")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -469,6 +471,10 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     assert!(out.status.success(), "{t}");
     assert!(t.contains("the run goes on locally"), "{t}");
     assert!(t.contains("answers again"), "{t}");
+    assert!(
+        t.contains("more than the bound of 2 s; waiting for it"),
+        "{t}"
+    );
     assert_same_outputs(&reference, &a, "toy", "with the server down for a while");
     let st = status(&a, "toy");
     assert_eq!(
@@ -785,4 +791,37 @@ fn a_rolled_back_database_does_not_continue_its_remote() {
     let o = tsr(&["restore", &url], &b);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(status(&b, "toy2")["nodes"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn an_expired_lease_is_taken_without_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("expiry");
+    let cfg = toy_config(dir.path(), "toy", 60);
+    let cfg_s = cfg.to_str().unwrap();
+    let mut child = server
+        .command(
+            &["run", cfg_s, "--quiet", "--remote", &url],
+            &dir.path().join("a"),
+        )
+        .env("TSR_REMOTE_LEASE_S", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first segment", 60, || {
+        !segments(&server, "expiry", 1).is_empty()
+    });
+    // The machine vanishes without letting the lease go.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let b = dir.path().join("b");
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url], &b);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is held by host"), "{}", text(&o));
+    std::thread::sleep(Duration::from_millis(3500));
+    let o = server.tsr(&["run", cfg_s, "--quiet", "--remote", &url], &b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("restored"), "{}", text(&o));
 }
