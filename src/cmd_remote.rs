@@ -25,6 +25,20 @@ pub struct RemoteArgs {
     pub remote_sync: Option<String>,
 }
 
+impl RemoteArgs {
+    /// Check the flags before anything is created or written.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.remote {
+            RemoteUrl::parse(url)?;
+        }
+        if let Some(m) = &self.remote_sync {
+            m.parse::<SyncMode>()
+                .map_err(|e| anyhow::anyhow!("--remote-sync: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// How long a stopping run (a spot notice) may take to upload what the remote lacks.
 fn flush_within() -> Duration {
     Duration::from_secs(
@@ -116,6 +130,13 @@ pub fn finish(rep: Replicator) -> anyhow::Result<bool> {
     if let Some(holder) = &r.fenced {
         anyhow::bail!(
             "the remote was taken over by {holder}; this machine's local store is intact but is no longer replicated"
+        );
+    }
+    if let Some(why) = &r.fatal {
+        anyhow::bail!(
+            "replication stopped: {why}. The local store is intact; the remote holds commit {} of {}",
+            r.acked,
+            r.latest
         );
     }
     if r.caught_up() {

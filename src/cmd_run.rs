@@ -83,6 +83,7 @@ fn drive(
     resume_hint: String,
     remote: &crate::cmd_remote::RemoteArgs,
 ) -> anyhow::Result<ExitCode> {
+    remote.check()?;
     let store = create_store(store_dir)?;
     let stop = StopFlag::new();
     // Before the remote starts: a SIGTERM during a restore or the first upload still ends in
@@ -105,6 +106,33 @@ fn drive(
         )?),
         None => None,
     };
+    let Some(replica) = replica else {
+        return drive_replicated(
+            &store,
+            store_dir,
+            config,
+            forked_from,
+            device,
+            quiet,
+            execute,
+            resume_hint,
+            stop,
+        );
+    };
+    // A stop request also ends a wait for a lagging remote (the run then uploads and exits).
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (stop, sync, watching) = (stop.clone(), store.sync().clone(), watching.clone());
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                if stop.is_set() {
+                    sync.interrupt();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+    };
     let result = drive_replicated(
         &store,
         store_dir,
@@ -116,9 +144,8 @@ fn drive(
         resume_hint,
         stop,
     );
-    let Some(replica) = replica else {
-        return result;
-    };
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
     // Upload what the remote lacks, also after an interruption (a spot notice) or a failure.
     let synced = crate::cmd_remote::finish(replica)?;
     let code = result?;

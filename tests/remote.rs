@@ -825,3 +825,91 @@ fn an_expired_lease_is_taken_without_asking() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("restored"), "{}", text(&o));
 }
+
+#[test]
+fn a_damaged_local_blob_is_never_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = toy_config(dir.path(), "toy", 1);
+    let a = dir.path().join("a");
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &a)
+        .status
+        .success());
+    let model = output_of(&status(&a, "toy"), "iter2/train", "model");
+    let path = a.join("blobs").join(&model[..2]).join(&model[2..]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let bucket = dir.path().join("bucket");
+    let url = format!("file://{}", bucket.display());
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+        &a,
+    );
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("blob {model} of this store")) && t.contains("verify --repair"),
+        "{t}"
+    );
+    assert!(
+        !bucket.join("blobs").join(&model).exists(),
+        "the damaged blob was uploaded"
+    );
+    // Repaired, it replicates.
+    assert!(tsr(&["verify", "--repair"], &a).status.success());
+    let o = tsr(
+        &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+        &a,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(bucket.join("blobs").join(&model).exists());
+}
+
+#[test]
+fn sigterm_ends_a_wait_for_a_lagging_remote() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = S3Server::start(&dir.path().join("s3"));
+    let url = server.url("lag");
+    let cfg = toy_config(dir.path(), "toy", 60);
+    let a = dir.path().join("a");
+    let child = server
+        .command(
+            &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+            &a,
+        )
+        .env("TSR_REMOTE_MAX_LAG_S", "1")
+        .env("TSR_REMOTE_FLUSH_S", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first segment", 60, || {
+        !segments(&server, "lag", 1).is_empty()
+    });
+    server.stop();
+    // The run reaches a sync point and waits for the remote; a spot notice arrives.
+    std::thread::sleep(Duration::from_millis(4000));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(t.contains("waiting for it before going on"), "{t}");
+    assert_eq!(out.status.code(), Some(75), "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}: {t}",
+        t0.elapsed()
+    );
+    assert!(t.contains("the rest is in the local store"), "{t}");
+    // The next run on this store uploads what the remote lacks.
+    server.restart();
+    let o = server.tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = status(&a, "toy");
+    assert_eq!(
+        st["remote"]["remote_seq"], st["remote"]["local_seq"],
+        "{st}"
+    );
+}

@@ -24,6 +24,8 @@ const FORMAT: &[u8] = b"tsr-store-1";
 pub(crate) const META_REMOTE: &str = "remote";
 pub(crate) const META_REMOTE_SEQ: &str = "remote-seq";
 pub(crate) const META_STORE_ID: &str = "store-id";
+/// The device and inode of the store's folder when its identity was made.
+pub(crate) const META_STORE_HOME: &str = "store-home";
 pub(crate) const META_REMOTE_EPOCH: &str = "remote-epoch";
 /// Set when a rolled-back database was accepted while replicated: it no longer continues the
 /// remote's history.
@@ -464,11 +466,26 @@ impl Store {
         }))
     }
 
-    /// This store's identity (random, made once): the remote lease names its holder by it, so
-    /// the same store continuing after a crash takes its own lease back at once.
+    /// This store's identity (random): the remote lease names its holder by it, so the same
+    /// store continuing after a crash takes its own lease back at once. It belongs to the
+    /// folder (its device and inode): a copy of the folder is another store, which can only
+    /// continue a remote whose history it holds whole.
     pub fn store_id(&self) -> StateResult<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.root).map_err(|e| StateError::io(&self.root, e))?;
+        let home = format!("{}:{}", meta.dev(), meta.ino());
+        let recorded_home = self.get_raw(&keys::meta(META_STORE_HOME))?;
         if let Some(id) = self.get_raw(&keys::meta(META_STORE_ID))? {
-            return Ok(String::from_utf8_lossy(&id).into_owned());
+            match recorded_home {
+                Some(h) if h == home.as_bytes() => {
+                    return Ok(String::from_utf8_lossy(&id).into_owned())
+                }
+                None => {
+                    self.set_local_meta(META_STORE_HOME, home.as_bytes())?;
+                    return Ok(String::from_utf8_lossy(&id).into_owned());
+                }
+                Some(_) => {} // copied: a new identity below
+            }
         }
         let mut seed = [0u8; 32];
         if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -481,6 +498,7 @@ impl Store {
         h.update(&std::process::id().to_be_bytes());
         h.update(self.root.as_os_str().as_encoded_bytes());
         let id = h.finalize().to_hex()[..16].to_string();
+        self.set_local_meta(META_STORE_HOME, home.as_bytes())?;
         self.set_local_meta(META_STORE_ID, id.as_bytes())?;
         Ok(id)
     }
@@ -987,6 +1005,37 @@ mod tests {
             r.journal_range(4, 5).unwrap().is_some(),
             "a restored store journals"
         );
+    }
+
+    #[test]
+    fn a_copied_store_folder_is_another_store() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a");
+        let id = {
+            let s = Store::open(&a).unwrap();
+            let id = s.store_id().unwrap();
+            assert_eq!(s.store_id().unwrap(), id, "stable");
+            id
+        };
+        assert_eq!(
+            Store::open(&a).unwrap().store_id().unwrap(),
+            id,
+            "after a reopen"
+        );
+        let b = t.path().join("b");
+        std::fs::rename(&a, &b).unwrap();
+        assert_eq!(
+            Store::open(&b).unwrap().store_id().unwrap(),
+            id,
+            "a moved folder"
+        );
+        let c = t.path().join("c");
+        let status = std::process::Command::new("cp")
+            .args(["-a", b.to_str().unwrap(), c.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_ne!(Store::open(&c).unwrap().store_id().unwrap(), id, "a copy");
     }
 
     #[test]

@@ -64,6 +64,8 @@ struct Inner {
     max_lag_ms: u64,
     /// Set when another machine took the remote: nothing more is shipped.
     fenced: Option<String>,
+    /// Set when replication stopped for good (damage that retrying cannot fix).
+    fatal: Option<String>,
     last_error: Option<String>,
     stopping: bool,
 }
@@ -82,6 +84,7 @@ pub struct SyncView {
     pub latest: u64,
     pub acked: u64,
     pub fenced: Option<String>,
+    pub fatal: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -110,7 +113,7 @@ impl SyncState {
     /// locally only within that bound), and says why through `waiting`.
     pub fn mark(&self, point: SyncPoint, waiting: &dyn Fn(&str)) {
         let mut g = self.inner.lock().unwrap();
-        if !g.enabled || g.fenced.is_some() {
+        if !g.enabled || g.fenced.is_some() || g.fatal.is_some() || g.stopping {
             return;
         }
         let wanted = match point {
@@ -124,7 +127,7 @@ impl SyncState {
         }
         let mut said = false;
         while let Some(since) = g.behind_since_ms {
-            if g.fenced.is_some() || g.stopping {
+            if g.fenced.is_some() || g.fatal.is_some() || g.stopping {
                 return;
             }
             let behind = crate::now_ms().saturating_sub(since);
@@ -155,6 +158,7 @@ impl SyncState {
             latest: g.latest,
             acked: g.acked,
             fenced: g.fenced.clone(),
+            fatal: g.fatal.clone(),
             last_error: g.last_error.clone(),
         }
     }
@@ -186,8 +190,8 @@ impl SyncState {
         let mut g = self.inner.lock().unwrap();
         if seq > g.acked {
             g.acked = seq;
-            // The lag is timed from the oldest commit still waiting, not from the first time
-            // the remote fell behind: a remote that keeps up never holds the run back.
+            // The lag is timed from the last time the remote moved forward, not from the first
+            // time it fell behind: a remote that keeps moving never holds the run back.
             g.behind_since_ms = (g.want > g.acked).then(crate::now_ms);
         }
         g.last_error = None;
@@ -199,6 +203,22 @@ impl SyncState {
 
     pub(crate) fn set_error(&self, e: String) {
         self.inner.lock().unwrap().last_error = Some(e);
+    }
+
+    pub(crate) fn set_fatal(&self, why: String) {
+        let mut g = self.inner.lock().unwrap();
+        g.fatal = Some(why);
+        self.cv.notify_all();
+    }
+
+    /// The run is stopping (SIGTERM, SIGINT): a sync point no longer waits for a lagging
+    /// remote, and the replicator ships what there is.
+    pub fn interrupt(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.stopping = true;
+        let latest = g.latest;
+        Self::ask(&mut g, latest);
+        self.cv.notify_all();
     }
 
     pub(crate) fn set_fenced(&self, why: String) {
@@ -225,7 +245,7 @@ impl SyncState {
             if g.acked >= seq {
                 return true;
             }
-            if g.fenced.is_some() {
+            if g.fenced.is_some() || g.fatal.is_some() {
                 return false;
             }
             let now = std::time::Instant::now();

@@ -57,7 +57,11 @@ pub struct LeaseDoc {
 /// Which version of `lease.json` we last saw, for the conditional replace.
 #[derive(Clone, Debug)]
 enum Version {
-    ETag(Option<String>),
+    /// The ETag and the version (GCS's generation) the store gave, both passed back.
+    Tag {
+        e_tag: Option<String>,
+        version: Option<String>,
+    },
     /// `file://` remotes: the content itself (swapped under a lock file).
     Content(Vec<u8>),
 }
@@ -88,7 +92,7 @@ pub(crate) fn time_of(ms: u64) -> String {
 }
 
 fn read(remote: &Remote) -> RemoteResult<Option<(LeaseDoc, Version)>> {
-    let Some((bytes, etag)) = remote.get(LEASE)? else {
+    let Some((bytes, (e_tag, version))) = remote.get(LEASE)? else {
         return Ok(None);
     };
     let doc: LeaseDoc = serde_json::from_slice(&bytes).map_err(|e| RemoteError::Corrupt {
@@ -99,7 +103,7 @@ fn read(remote: &Remote) -> RemoteResult<Option<(LeaseDoc, Version)>> {
     let version = if remote.local_dir.is_some() {
         Version::Content(bytes)
     } else {
-        Version::ETag(etag)
+        Version::Tag { e_tag, version }
     };
     Ok(Some((doc, version)))
 }
@@ -113,11 +117,11 @@ pub fn holder(remote: &Remote) -> RemoteResult<Option<LeaseDoc>> {
 fn swap(remote: &Remote, version: &Version, doc: &LeaseDoc) -> RemoteResult<Option<Version>> {
     let bytes = serde_json::to_vec_pretty(doc).expect("lease serializes");
     match version {
-        Version::ETag(etag) => {
+        Version::Tag { e_tag, version } => {
             let opts = PutOptions {
                 mode: PutMode::Update(UpdateVersion {
-                    e_tag: etag.clone(),
-                    version: None,
+                    e_tag: e_tag.clone(),
+                    version: version.clone(),
                 }),
                 ..Default::default()
             };
@@ -127,7 +131,10 @@ fn swap(remote: &Remote, version: &Version, doc: &LeaseDoc) -> RemoteResult<Opti
                 opts,
             ));
             match r {
-                Ok(put) => Ok(Some(Version::ETag(put.e_tag))),
+                Ok(put) => Ok(Some(Version::Tag {
+                    e_tag: put.e_tag,
+                    version: put.version,
+                })),
                 Err(object_store::Error::Precondition { .. })
                 | Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(remote.err("replacing", LEASE, e)),

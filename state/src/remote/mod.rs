@@ -94,6 +94,13 @@ pub enum RemoteError {
     #[error("this store's database was rolled back and accepted (tsr verify --repair) after it was replicated to {url}: its commits no longer line up with the remote's. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
     RolledBack { url: String },
 
+    #[error("blob {digest} of this store ({path}) is damaged, so it was not uploaded to {url}; run `tsr verify --repair` to recompute it")]
+    LocalBlobCorrupt {
+        url: String,
+        digest: String,
+        path: PathBuf,
+    },
+
     #[error("remote {url} is missing blob {digest}, which its records refer to")]
     MissingBlob { url: String, digest: String },
 
@@ -231,6 +238,9 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// An object's (ETag, version), for conditional replaces.
+pub(crate) type ObjectVersion = (Option<String>, Option<String>);
+
 /// Objects under a prefix: (name relative to the remote's root, size).
 pub(crate) type Listing = Vec<(String, u64)>;
 
@@ -344,9 +354,11 @@ impl Remote {
         }
     }
 
-    /// Upload a local file (a blob) in parts of 16 MiB, never holding it whole in memory.
-    pub(crate) fn put_file(&self, rel: &str, file: &Path) -> RemoteResult<()> {
+    /// Upload a local blob (hashed as it is read: a damaged local file is never uploaded under
+    /// its name), in parts of 16 MiB above 32 MiB, never holding a large one whole in memory.
+    pub(crate) fn put_blob(&self, digest: &crate::Digest, file: &Path) -> RemoteResult<()> {
         use std::io::Read;
+        let rel = &blob_key(&digest.to_hex());
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         let io_err = |e: std::io::Error| {
             self.err(
@@ -358,10 +370,18 @@ impl Remote {
                 },
             )
         };
+        let damaged = || RemoteError::LocalBlobCorrupt {
+            url: self.url.to_string(),
+            digest: digest.to_hex(),
+            path: file.to_path_buf(),
+        };
         let mut f = std::fs::File::open(file).map_err(io_err)?;
         if size <= 32 << 20 {
             let mut buf = Vec::with_capacity(size as usize);
             f.read_to_end(&mut buf).map_err(io_err)?;
+            if crate::Digest::of(&buf) != *digest {
+                return Err(damaged());
+            }
             // Content-addressed: an object already under this name holds these bytes.
             self.put_new(rel, buf)?;
             return Ok(());
@@ -374,6 +394,7 @@ impl Remote {
                 .await
                 .map_err(|e| self.err("starting the upload of", rel, e))?;
             let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, 16 << 20);
+            let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; 4 << 20];
             loop {
                 let n = match f.read(&mut buf) {
@@ -390,7 +411,13 @@ impl Remote {
                     let _ = w.abort().await;
                     return Err(self.err("uploading", rel, e));
                 }
+                hasher.update(&buf[..n]);
                 w.write(&buf[..n]);
+            }
+            // Checked before the upload completes: a damaged file never appears remotely.
+            if crate::Digest::from(hasher.finalize()) != *digest {
+                let _ = w.abort().await;
+                return Err(damaged());
             }
             w.finish()
                 .await
@@ -399,13 +426,13 @@ impl Remote {
         })
     }
 
-    /// Read an object whole. `Ok(None)` when it does not exist.
-    pub(crate) fn get(&self, rel: &str) -> RemoteResult<Option<(Vec<u8>, Option<String>)>> {
+    /// Read an object whole, with its ETag and version. `Ok(None)` when it does not exist.
+    pub(crate) fn get(&self, rel: &str) -> RemoteResult<Option<(Vec<u8>, ObjectVersion)>> {
         let r = self.rt.block_on(async {
             let g = self.store.get(&self.path(rel)).await?;
-            let etag = g.meta.e_tag.clone();
+            let v = (g.meta.e_tag.clone(), g.meta.version.clone());
             let bytes = g.bytes().await?;
-            Ok::<_, object_store::Error>((bytes.to_vec(), etag))
+            Ok::<_, object_store::Error>((bytes.to_vec(), v))
         });
         match r {
             Ok(v) => Ok(Some(v)),

@@ -4,8 +4,7 @@
 use super::format::{encode_object, Kind, Ops};
 use super::lease::{self, Holder, Lease};
 use super::{
-    blob_key, current_chain, referenced_blobs, segment_key, snapshot_key, Remote, RemoteError,
-    RemoteUrl,
+    current_chain, referenced_blobs, segment_key, snapshot_key, Remote, RemoteError, RemoteUrl,
 };
 use crate::error::{StateError, StateResult};
 use crate::sync::SyncMode;
@@ -62,12 +61,14 @@ pub struct StopReport {
     pub latest: u64,
     pub secs: f64,
     pub fenced: Option<String>,
+    /// Replication stopped for good (damage); the local store is intact.
+    pub fatal: Option<String>,
     pub last_error: Option<String>,
 }
 
 impl StopReport {
     pub fn caught_up(&self) -> bool {
-        self.acked >= self.latest && self.fenced.is_none()
+        self.acked >= self.latest && self.fenced.is_none() && self.fatal.is_none()
     }
 }
 
@@ -128,15 +129,38 @@ impl Replicator {
         let me = Holder::this_process(store.store_id()?);
         let empty = store.seq() == 0 && store.dump_records()?.is_empty();
         // Refuse before touching the lease: a store that cannot continue the remote's history
-        // must not fence the machine that writes it.
-        if !empty && lease::would_start_generation(&remote, &me)? {
+        // must not fence the machine that writes it, nor hold the lease it was refused.
+        if before.as_ref().is_some_and(|b| b.rolled_back) {
+            return Err(RemoteError::RolledBack {
+                url: url.to_string(),
+            }
+            .into());
+        }
+        if !empty {
             if let Some(c) = current_chain(&remote.list("gens")?) {
-                check_continues(url, &c, before.as_ref(), store.seq())?;
+                if lease::would_start_generation(&remote, &me)? {
+                    check_continues(url, &c, before.as_ref(), store.seq())?;
+                } else if before.as_ref().is_some_and(|b| b.epoch == c.epoch)
+                    && c.last() > store.seq()
+                {
+                    return Err(RemoteError::Ahead {
+                        url: url.to_string(),
+                        remote: c.last(),
+                        local: store.seq(),
+                    }
+                    .into());
+                }
             }
         }
         let (lease, new_gen) = lease::acquire(&remote, &me, opts.lease_ttl, opts.take_over)?;
         let epoch = lease.doc.epoch;
         let lease = Arc::new(Mutex::new(lease));
+        // Any error from here on lets the lease go again.
+        let mut guard = ReleaseOnError {
+            remote: remote.clone(),
+            lease: lease.clone(),
+            armed: true,
+        };
         let keeper = Keeper::start(&remote, &lease, &store, &opts)?;
         let names = remote.list("gens")?;
         let chain = current_chain(&names);
@@ -219,6 +243,7 @@ impl Replicator {
         store.sync().enable(opts.mode, acked, opts.max_lag);
         // Whatever was committed while the remote was away is shipped now.
         store.sync().request_all(false);
+        guard.armed = false;
         let done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let thread = {
             let shared = shared.clone();
@@ -268,16 +293,20 @@ impl Replicator {
                 let _ = t.join();
             }
         }
-        self.shared.keeper.stop();
+        // The keeper may be inside a renewal: it is told to stop, not waited for.
+        self.shared.keeper.stop.store(true, Ordering::SeqCst);
         let v = sync.view();
         if v.acked >= latest && v.fenced.is_none() && joined {
-            lease::release(&self.shared.remote, &self.shared.lease.lock().unwrap());
+            if let Ok(l) = self.shared.lease.try_lock() {
+                lease::release(&self.shared.remote, &l);
+            }
         }
         StopReport {
             acked: v.acked,
             latest,
             secs: t0.elapsed().as_secs_f64(),
             fenced: v.fenced,
+            fatal: v.fatal,
             last_error: v.last_error,
         }
     }
@@ -329,6 +358,23 @@ impl Drop for Replicator {
     }
 }
 
+/// Lets the lease go when starting fails after it was taken.
+struct ReleaseOnError {
+    remote: Arc<Remote>,
+    lease: Arc<Mutex<Lease>>,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnError {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(l) = self.lease.try_lock() {
+                lease::release(&self.remote, &l);
+            }
+        }
+    }
+}
+
 /// Whether a store may take over a remote whose history is `c`: it must have written or
 /// restored that generation, and the remote must not have moved past what the store knew of it.
 fn check_continues(
@@ -366,7 +412,6 @@ fn check_continues(
 /// restore, a snapshot, a large upload), and stops the run when another machine took it.
 struct Keeper {
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Keeper {
@@ -384,7 +429,7 @@ impl Keeper {
             opts.clone(),
             stop.clone(),
         );
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("tsr-lease".into())
             .spawn(move || {
                 let every = opts.lease_ttl / 3;
@@ -414,17 +459,7 @@ impl Keeper {
                 }
             })
             .map_err(|e| StateError::io(store.root(), e))?;
-        Ok(Keeper {
-            stop,
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-
-    fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.lock().unwrap().take() {
-            let _ = t.join();
-        }
+        Ok(Keeper { stop })
     }
 }
 
@@ -437,6 +472,7 @@ impl Drop for Keeper {
 /// A blob hard-linked into the store's tmp folder: it survives the store removing the blob
 /// (an old checkpoint) while it uploads.
 struct Pinned {
+    digest: Digest,
     hex: String,
     path: PathBuf,
 }
@@ -468,7 +504,11 @@ impl Shared {
             let src = self.store.blobs().path(&d);
             let path = self.store.blobs().tmp_path("replica");
             match std::fs::hard_link(&src, &path) {
-                Ok(()) => out.push(Pinned { hex, path }),
+                Ok(()) => out.push(Pinned {
+                    digest: d,
+                    hex,
+                    path,
+                }),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required.contains(&d) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(StateError::BlobMissing {
@@ -487,7 +527,7 @@ impl Shared {
             if self.exit_fenced() {
                 return Err(self.fenced_err());
             }
-            self.remote.put_file(&blob_key(&p.hex), &p.path)?;
+            self.remote.put_blob(&p.digest, &p.path)?;
             self.known.lock().unwrap().insert(p.hex.clone());
         }
         Ok(())
@@ -652,6 +692,14 @@ impl Shared {
                     }
                     return;
                 }
+                Err(e) if permanent(&e) => {
+                    let msg = crate::error_chain(&e);
+                    self.say(&format!(
+                        "replication stopped: {msg}. The run goes on in the local store only"
+                    ));
+                    sync.set_fatal(msg);
+                    return;
+                }
                 Err(e) => {
                     let msg = crate::error_chain(&e);
                     sync.set_error(msg.clone());
@@ -669,6 +717,18 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// Errors that retrying cannot fix: damage, another writer's objects in this generation.
+fn permanent(e: &StateError) -> bool {
+    match e {
+        StateError::BlobMissing { .. } | StateError::BlobCorrupt { .. } => true,
+        StateError::Remote(r) => matches!(
+            **r,
+            RemoteError::Corrupt { .. } | RemoteError::LocalBlobCorrupt { .. }
+        ),
+        _ => false,
     }
 }
 

@@ -236,6 +236,10 @@ pub fn verify_remote(url: &RemoteUrl) -> StateResult<RemoteVerifyReport> {
     }
     let records = match replay(&remote, &chain) {
         Ok(r) => r,
+        // The remote could not be read (network): that is not damage.
+        Err(StateError::Remote(e)) if matches!(*e, RemoteError::Backend { .. }) => {
+            return Err(StateError::Remote(e))
+        }
         Err(e) => {
             report.problems.push(crate::error_chain(&e));
             return Ok(report);
