@@ -106,21 +106,9 @@ fn drive(
         )?),
         None => None,
     };
-    let Some(replica) = replica else {
-        return drive_replicated(
-            &store,
-            store_dir,
-            config,
-            forked_from,
-            device,
-            quiet,
-            execute,
-            resume_hint,
-            stop,
-        );
-    };
-    // A stop request also ends a wait for a lagging remote (the run then uploads and exits).
-    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // With a remote, a stop request also ends a wait for a lagging remote (the run then
+    // uploads what it can and exits).
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(replica.is_some()));
     let watcher = {
         let (stop, sync, watching) = (stop.clone(), store.sync().clone(), watching.clone());
         std::thread::spawn(move || {
@@ -146,6 +134,9 @@ fn drive(
     );
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = watcher.join();
+    let Some(replica) = replica else {
+        return result;
+    };
     // Upload what the remote lacks, also after an interruption (a spot notice) or a failure.
     let synced = crate::cmd_remote::finish(replica)?;
     let code = result?;

@@ -323,6 +323,25 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     assert!(v["generations"].as_u64().unwrap() >= 2, "{v}");
 }
 
+/// Start `tsr run CONFIG --quiet --remote URL` in the background with extra environment,
+/// its output captured.
+fn spawn_run(
+    server: &S3Server,
+    cfg: &str,
+    url: &str,
+    store: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut c = server.command(&["run", cfg, "--quiet", "--remote", url], store);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -342,12 +361,7 @@ fn a_second_writer_is_refused_and_a_take_over_fences_the_first() {
     let cfg = toy_config(dir.path(), "toy", 60);
     let cfg_s = cfg.to_str().unwrap();
     let a = dir.path().join("a");
-    let a_child = server
-        .command(&["run", cfg_s, "--quiet", "--remote", &url], &a)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let a_child = spawn_run(&server, cfg_s, &url, &a, &[]);
     wait_for("the first segment", 60, || {
         !segments(&server, "fence", 1).is_empty()
     });
@@ -451,15 +465,14 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     // The server goes away mid-run and comes back: the run goes on locally and the remote
     // catches up before the process exits.
     let a = dir.path().join("a");
-    let child = server
-        .command(&["run", cfg_s, "--quiet", "--remote", &url], &a)
-        .env("TSR_REMOTE_FLUSH_S", "120")
-        // The run may go on without the remote for 2 s, then waits for it.
-        .env("TSR_REMOTE_MAX_LAG_S", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // The run may go on without the remote for 2 s, then waits for it.
+    let child = spawn_run(
+        &server,
+        cfg_s,
+        &url,
+        &a,
+        &[("TSR_REMOTE_FLUSH_S", "120"), ("TSR_REMOTE_MAX_LAG_S", "2")],
+    );
     wait_for("the first segment", 60, || {
         !segments(&server, "faults", 1).is_empty()
     });
@@ -494,13 +507,7 @@ fn an_unreachable_server_and_failing_puts_do_not_stop_the_run_and_it_catches_up(
     std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
     std::fs::write(&blocker, b"in the way").unwrap();
     let b = dir.path().join("b");
-    let child = server
-        .command(&["run", cfg_s, "--quiet", "--remote", &url2], &b)
-        .env("TSR_REMOTE_FLUSH_S", "120")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&server, cfg_s, &url2, &b, &[("TSR_REMOTE_FLUSH_S", "120")]);
     // The first step's output cannot be uploaded: the remote stays at its first snapshot
     // while the run goes on.
     std::thread::sleep(Duration::from_millis(4000));
@@ -595,15 +602,7 @@ fn sigterm_uploads_what_the_remote_lacks_before_exiting() {
     let url = server.url("term");
     let cfg = toy_config(dir.path(), "toy", 60);
     let a = dir.path().join("a");
-    let child = server
-        .command(
-            &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
-            &a,
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&server, cfg.to_str().unwrap(), &url, &a, &[]);
     wait_for("the first segment", 60, || {
         !segments(&server, "term", 1).is_empty()
     });
@@ -800,16 +799,13 @@ fn an_expired_lease_is_taken_without_asking() {
     let url = server.url("expiry");
     let cfg = toy_config(dir.path(), "toy", 60);
     let cfg_s = cfg.to_str().unwrap();
-    let mut child = server
-        .command(
-            &["run", cfg_s, "--quiet", "--remote", &url],
-            &dir.path().join("a"),
-        )
-        .env("TSR_REMOTE_LEASE_S", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(
+        &server,
+        cfg_s,
+        &url,
+        &dir.path().join("a"),
+        &[("TSR_REMOTE_LEASE_S", "3")],
+    );
     wait_for("the first segment", 60, || {
         !segments(&server, "expiry", 1).is_empty()
     });
@@ -872,17 +868,13 @@ fn sigterm_ends_a_wait_for_a_lagging_remote() {
     let url = server.url("lag");
     let cfg = toy_config(dir.path(), "toy", 60);
     let a = dir.path().join("a");
-    let child = server
-        .command(
-            &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
-            &a,
-        )
-        .env("TSR_REMOTE_MAX_LAG_S", "1")
-        .env("TSR_REMOTE_FLUSH_S", "3")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(
+        &server,
+        cfg.to_str().unwrap(),
+        &url,
+        &a,
+        &[("TSR_REMOTE_MAX_LAG_S", "1"), ("TSR_REMOTE_FLUSH_S", "3")],
+    );
     wait_for("the first segment", 60, || {
         !segments(&server, "lag", 1).is_empty()
     });
