@@ -670,11 +670,7 @@ fn a_store_stays_with_its_remote_and_settings_are_checked() {
     )
     .unwrap();
     let o = tsr(&["run", bad.to_str().unwrap()], &dir.path().join("z"));
-    assert!(
-        text(&o).contains("`remote`") || text(&o).contains("remote"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("config key `remote`"), "{}", text(&o));
     assert!(text(&o).contains("not supported"), "{}", text(&o));
     let with = dir.path().join("with.toml");
     std::fs::write(
@@ -743,6 +739,19 @@ fn file_remotes_work_the_same_way() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_same_outputs(&a, &b, "toy", "through a file remote");
+    // Reading a folder that does not exist says so and creates nothing.
+    let missing = dir.path().join("missing");
+    let o = tsr(
+        &[
+            "verify",
+            "--remote",
+            &format!("file://{}", missing.display()),
+        ],
+        &b,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("holds no store yet"), "{}", text(&o));
+    assert!(!missing.exists());
 }
 
 #[test]

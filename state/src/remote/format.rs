@@ -2,6 +2,7 @@
 //! that carry them (segments and snapshots).
 //!
 //! ```text
+//! journal:  version u16 (1) | ops
 //! ops:      count u32 | (klen u32, key, tag u8 (0 remove, 1 put), [vlen u32, value])*
 //! object:   magic "TSRREP01" | kind u8 (1 segment, 2 snapshot) | epoch u64 | first u64 |
 //!           last u64 | ops | blake3 of everything before (32 bytes)
@@ -13,6 +14,9 @@
 use std::collections::BTreeMap;
 
 const MAGIC: &[u8; 8] = b"TSRREP01";
+
+/// Schema version of a journal entry (the local record of one commit's writes).
+const JOURNAL_VERSION: u16 = 1;
 
 pub type Ops = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
@@ -42,6 +46,7 @@ where
 {
     let it = ops.into_iter();
     let mut out = Vec::new();
+    out.extend_from_slice(&JOURNAL_VERSION.to_be_bytes());
     out.extend_from_slice(&(it.len() as u32).to_be_bytes());
     for (k, v) in it {
         put_op(&mut out, k, v.as_deref());
@@ -106,6 +111,12 @@ impl<'a> Reader<'a> {
 
 pub fn decode_ops(b: &[u8]) -> Result<OpList, String> {
     let mut r = Reader { b, at: 0 };
+    let version = u16::from_be_bytes(r.take(2)?.try_into().unwrap());
+    if version != JOURNAL_VERSION {
+        return Err(format!(
+            "schema version {version}, but this tsr reads version {JOURNAL_VERSION}; use the tsr release that wrote this store"
+        ));
+    }
     let ops = r.ops()?;
     if r.at != b.len() {
         return Err(format!("{} trailing bytes", b.len() - r.at));
@@ -194,5 +205,8 @@ mod tests {
             vec![(b"k".to_vec(), Some(vec![1, 2])), (b"r".to_vec(), None)]
         );
         assert!(decode_ops(&j[..j.len() - 1]).is_err());
+        let mut newer = j.clone();
+        newer[1] = 2;
+        assert!(decode_ops(&newer).unwrap_err().contains("schema version 2"));
     }
 }

@@ -44,9 +44,15 @@ impl std::fmt::Display for Holder {
     }
 }
 
+/// The format of `lease.json` this tsr writes and reads.
+const LEASE_FORMAT: u32 = 1;
+
 /// The content of `lease.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseDoc {
+    /// [`LEASE_FORMAT`]; another value is an error, never a guess.
+    #[serde(default)]
+    pub format: u32,
     pub holder: Holder,
     /// The generation this holder writes (`gens/<epoch>/`).
     pub epoch: u64,
@@ -100,6 +106,16 @@ fn read(remote: &Remote) -> RemoteResult<Option<(LeaseDoc, Version)>> {
         key: LEASE.into(),
         reason: format!("{e}; delete it only if no machine writes to this remote"),
     })?;
+    if doc.format != LEASE_FORMAT {
+        return Err(RemoteError::Corrupt {
+            url: remote.url.to_string(),
+            key: LEASE.into(),
+            reason: format!(
+                "it has format {}, but this tsr reads format {LEASE_FORMAT}; use the tsr release that writes this remote",
+                doc.format
+            ),
+        });
+    }
     let version = if remote.local_dir.is_some() {
         Version::Content(bytes)
     } else {
@@ -214,6 +230,7 @@ pub(crate) fn acquire(
         }
         let now = crate::now_ms();
         let mut doc = LeaseDoc {
+            format: LEASE_FORMAT,
             holder: me.clone(),
             epoch: 0,
             expires_ms: now + ttl.as_millis() as u64,

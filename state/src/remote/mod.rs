@@ -245,7 +245,18 @@ pub(crate) type ObjectVersion = (Option<String>, Option<String>);
 pub(crate) type Listing = Vec<(String, u64)>;
 
 impl Remote {
+    /// Open a remote to read it (restore, verify): a `file://` folder that does not exist is
+    /// an empty remote, and is not created.
     pub fn open(url: &RemoteUrl) -> RemoteResult<Remote> {
+        Self::open_with(url, false)
+    }
+
+    /// Open a remote to write to it: a `file://` folder is created if missing.
+    pub fn open_for_writing(url: &RemoteUrl) -> RemoteResult<Remote> {
+        Self::open_with(url, true)
+    }
+
+    fn open_with(url: &RemoteUrl, create: bool) -> RemoteResult<Remote> {
         let backend = |source: object_store::Error| RemoteError::Connect {
             url: url.to_string(),
             source: Redacted::of(&source),
@@ -272,10 +283,16 @@ impl Remote {
                         url: url.to_string(),
                         reason: "not an absolute folder".into(),
                     })?;
-                    std::fs::create_dir_all(&dir).map_err(|e| RemoteError::BadUrl {
-                        url: url.to_string(),
-                        reason: format!("cannot create the folder: {e}"),
-                    })?;
+                    if create {
+                        std::fs::create_dir_all(&dir).map_err(|e| RemoteError::BadUrl {
+                            url: url.to_string(),
+                            reason: format!("cannot create the folder: {e}"),
+                        })?;
+                    } else if !dir.is_dir() {
+                        return Err(RemoteError::Empty {
+                            url: url.to_string(),
+                        });
+                    }
                     let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                         .map_err(backend)?;
                     (Arc::new(fs), ObjPath::default(), Some(dir))

@@ -125,7 +125,7 @@ impl Replicator {
                 .into());
             }
         }
-        let remote = Arc::new(Remote::open(url)?);
+        let remote = Arc::new(Remote::open_for_writing(url)?);
         let me = Holder::this_process(store.store_id()?);
         let empty = store.seq() == 0 && store.dump_records()?.is_empty();
         // Refuse before touching the lease: a store that cannot continue the remote's history
