@@ -129,10 +129,29 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
             .context("the run is in use and has no live snapshot yet")?,
         Err(e) => return Err(e).with_context(|| format!("opening the store {}", dir.display())),
     };
+    // Models made by LoRA training are adapters over a base: name both.
+    let adapters = match Store::open_existing_nowait(&dir) {
+        Ok(store) => lora_models(&store, &a.run)?,
+        Err(_) => vec![],
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        let mut v = serde_json::to_value(&view)?;
+        if !adapters.is_empty() {
+            v["lora_models"] = json!(adapters);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_status(&view);
+        for m in &adapters {
+            println!(
+                "model {} of {}: LoRA adapter (r = {}, alpha = {}) over base {}",
+                &m["model"].as_str().unwrap_or("?")[..12],
+                m["node"].as_str().unwrap_or("?"),
+                m["r"],
+                m["alpha"].as_f64().unwrap_or(f64::NAN),
+                &m["base"].as_str().unwrap_or("?")[..12.min(m["base"].as_str().unwrap_or("?").len())]
+            );
+        }
         if let Some(r) = &view.remote {
             let lag = r.local_seq.saturating_sub(r.remote_seq);
             println!(
@@ -157,6 +176,21 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run's finished models that are LoRA adapters: node, model (adapter) digest, r, alpha
+/// and base digest.
+fn lora_models(store: &Store, run: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let nodes = crate::store_read::nodes(store, run)?;
+    let mut out = Vec::new();
+    for n in nodes.values() {
+        if let Some(mut a) = crate::cmd_lineage::adapter_of(store, n)? {
+            a["node"] = json!(n.node);
+            a["model"] = json!(n.output("weights").map(|d| d.to_hex()));
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 pub fn runs(store_flag: &Option<PathBuf>, a: JsonArgs) -> anyhow::Result<ExitCode> {

@@ -48,6 +48,24 @@ fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Optio
         .map(|x| x.to_hex())
 }
 
+/// When the node made a LoRA adapter (its `weights` output is one): its rank, alpha and the
+/// digest of the base it adapts.
+pub fn adapter_of(store: &Store, node: &NodeResult) -> anyhow::Result<Option<Value>> {
+    let Some(w) = node.output("weights") else {
+        return Ok(None);
+    };
+    if node.step.kind != "dpo" {
+        return Ok(None);
+    }
+    let path = store
+        .blobs()
+        .verified_path(&w)
+        .with_context(|| format!("reading the weights blob {}", w.short()))?;
+    Ok(tsr_steps::model::StoredAdapter::read(&path)
+        .ok()
+        .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})))
+}
+
 /// Every pair of a run with the DPO step that consumed it and the model that step made.
 pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Value>> {
     let nodes = store_read::nodes(store, run)?;
@@ -202,8 +220,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                     .get("pairs")
                     .and_then(|p| nodes.values().find(|n| n.output("pairs") == Some(*p)))
                     .map(|n| n.node.clone());
+                let adapter = adapter_of(&store, maker)?;
                 chain.push(json!({"model": cur, "made_by": maker.node, "kind": maker.step.kind, "dpo_step": maker.key.to_hex(),
-                    "pairs": pairs, "pairs_from": select, "reference_model": reference, "trained_from": parent}));
+                    "pairs": pairs, "pairs_from": select, "reference_model": reference, "trained_from": parent,
+                    "lora": adapter}));
                 match parent {
                     Some(p) if p != cur => cur = p,
                     _ => break,
@@ -220,14 +240,28 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                             hop["made_by"].as_str().unwrap_or("")
                         );
                     } else {
+                        let short = |k: &str| {
+                            let s = hop[k].as_str().unwrap_or("?");
+                            s[..12.min(s.len())].to_string()
+                        };
+                        let lora = &hop["lora"];
                         println!(
-                            "{}  <- {} ({} pairs from {}, reference {})",
+                            "{}  <- {} ({} pairs from {}, reference {}){}",
                             hop["model"].as_str().unwrap_or(""),
                             hop["made_by"].as_str().unwrap_or(""),
                             hop["pairs"],
                             hop["pairs_from"].as_str().unwrap_or("?"),
-                            &hop["reference_model"].as_str().unwrap_or("?")
-                                [..12.min(hop["reference_model"].as_str().unwrap_or("?").len())]
+                            short("reference_model"),
+                            if lora.is_null() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "; LoRA adapter r = {}, alpha = {} over base {}",
+                                    lora["r"],
+                                    lora["alpha"].as_f64().unwrap_or(f64::NAN),
+                                    lora["base"].as_str().map(|b| &b[..12.min(b.len())]).unwrap_or("?")
+                                )
+                            }
                         );
                     }
                 }
@@ -263,6 +297,10 @@ pub struct ExportArgs {
     /// Replace the --out folder (or file) when it already holds something.
     #[arg(long)]
     pub force: bool,
+    /// With `model`, for a run that trains LoRA adapters: write the model's adapter as a PEFT
+    /// folder (adapter_config.json + adapter_model.safetensors) instead of the merged model.
+    #[arg(long, conflicts_with = "model")]
+    pub adapter: bool,
 }
 
 /// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
@@ -345,6 +383,60 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
         .blobs()
         .verified_path(&weights)
         .with_context(|| format!("reading the weights blob {}", weights.short()))?;
+    // A model made by LoRA training is stored as its adapter, which names its base.
+    let adapter = tsr_steps::model::StoredAdapter::read(&weights_path).ok();
+    if a.adapter {
+        let Some(meta) = adapter else {
+            bail!(
+                "node `{}` holds a fully trained model, not an adapter; export it without --adapter",
+                node.node
+            )
+        };
+        tsr_steps::model::StoredAdapter::export(&weights_path, out, a.force)?;
+        println!(
+            "{}: LoRA adapter {} from node {} (PEFT folder, r = {}, alpha = {}; base model {})",
+            out.display(),
+            weights,
+            node.node,
+            meta.r,
+            meta.alpha,
+            &meta.base_digest[..12.min(meta.base_digest.len())]
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(meta) = adapter {
+        let base_weights = base
+            .output("weights")
+            .with_context(|| format!("the `{}` step has no weights output", base.node))?;
+        if base_weights.to_hex() != meta.base_digest {
+            bail!(
+                "the adapter of node `{}` adapts the base model {}, but the run's base is {}; run `tsr verify`",
+                node.node,
+                &meta.base_digest[..12.min(meta.base_digest.len())],
+                base_weights.short()
+            );
+        }
+        let base_path = store
+            .blobs()
+            .verified_path(&base_weights)
+            .with_context(|| format!("reading the base weights blob {}", base_weights.short()))?;
+        let lora = tsr_steps::model::StoredAdapter::load(
+            &weights_path,
+            &meta.base_digest,
+            &tsr_steps::model::Device::Cpu,
+        )?;
+        tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
+            tsr_steps::model::adapter::write_merged(&base_path, &lora, w)
+        })?;
+        println!(
+            "{}: model {} from node {} (Hugging Face layout: base {} with the LoRA adapter merged in; --adapter writes the adapter alone)",
+            out.display(),
+            weights,
+            node.node,
+            base_weights.short()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
         let mut f =
             std::fs::File::open(&weights_path).map_err(|e| tsr_steps::model::ModelError::Io {
@@ -393,6 +485,9 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
         what: Some(what.clone()),
         ..a
     };
+    if a.adapter && what != "model" {
+        bail!("--adapter goes with `tsr export RUN model`, not `{what}`");
+    }
     if what == "model" {
         let store = open_store(&crate::store_dir(store_flag, None))?;
         return export_model(&store, &a);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 const RUN: &str = "dpo-resume";
 
-fn setup(dir: &Path, checkpoint_every: u64) -> PathBuf {
+fn setup(dir: &Path, checkpoint_every: u64, lora: bool) -> PathBuf {
     tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     let prompts: String = [
         "hello there",
@@ -40,7 +40,12 @@ fn setup(dir: &Path, checkpoint_every: u64) -> PathBuf {
              [generate]\nk = 3\nmax_new_tokens = 8\nbatch_size = 6\n\
              [judge]\nmode = \"logprob\"\nsamples = 1\nmax_new_tokens = 4\nbatch_size = 6\n\
              [dpo]\nlr = 1e-3\nepochs = 16\nmicro_batch = 1\naccum_steps = 2\ncheckpoint_every = {checkpoint_every}\n\
-             warmup_steps = 3\nweight_decay = 0.01\n"
+             warmup_steps = 3\nweight_decay = 0.01\n{}",
+            if lora {
+                "adapter = \"lora\"\n[dpo.lora]\nr = 4\nalpha = 8\n"
+            } else {
+                ""
+            }
         ),
     )
     .unwrap();
@@ -114,8 +119,19 @@ fn dpo_checkpoint(store: &Path) -> Option<(u64, bool, u64)> {
 
 #[test]
 fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
+    sigkill_during_dpo(false);
+}
+
+/// The same with a LoRA adapter training: its checkpoints hold the adapter and its optimizer
+/// state only, and resume exactly.
+#[test]
+fn sigkill_during_lora_dpo_and_resume_gives_identical_adapter_and_metrics() {
+    sigkill_during_dpo(true);
+}
+
+fn sigkill_during_dpo(lora: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 1);
+    let cfg = setup(dir.path(), 1, lora);
     let cfg = cfg.to_str().unwrap();
     let reference = dir.path().join("ref");
     let o = tsr(&["run", cfg, "--quiet"], &reference);
@@ -213,6 +229,13 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
         dpo["attempts"].as_u64().unwrap() > landed.len() as u64,
         "{dpo}"
     );
+    let weights = output_of(&got, dpo["node"].as_str().unwrap(), "weights");
+    let stored = store.join("blobs").join(&weights[..2]).join(&weights[2..]);
+    assert_eq!(
+        tsr_steps::model::StoredAdapter::read(&stored).is_ok(),
+        lora,
+        "the DPO output should be an adapter exactly when LoRA trains"
+    );
     assert!(tsr(&["verify"], &store).status.success());
 }
 
@@ -220,8 +243,17 @@ fn sigkill_during_dpo_and_resume_gives_identical_weights_and_metrics() {
 /// checkpoint due (`checkpoint_every` larger than the run), and the resumed run ends identical.
 #[test]
 fn sigterm_during_dpo_checkpoints_at_the_stop_and_resumes_exactly() {
+    sigterm_during_dpo(false);
+}
+
+#[test]
+fn sigterm_during_lora_dpo_checkpoints_at_the_stop_and_resumes_exactly() {
+    sigterm_during_dpo(true);
+}
+
+fn sigterm_during_dpo(lora: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 1000);
+    let cfg = setup(dir.path(), 1000, lora);
     let cfg = cfg.to_str().unwrap();
     let reference = dir.path().join("ref");
     let o = tsr(&["run", cfg, "--quiet"], &reference);

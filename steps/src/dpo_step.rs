@@ -10,6 +10,8 @@
 use crate::dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
 use crate::dpo_trainer::{cursor_bytes, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use crate::lm::{self, model_err};
+use crate::model::adapter::LoraSpec;
+use crate::model::LanguageModel;
 use crate::pairs::Pair;
 use crate::reference::{encode_pair, RefLogps};
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,20 @@ pub struct Dpo {
     pub max_grad_norm: Option<f64>,
     pub weight_decay: f64,
     pub checkpoint_every: u64,
+    /// Train a LoRA adapter over the frozen input model instead of every weight (`None`: full
+    /// fine-tuning; left out of the step's config, so full runs keep their step keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraTraining>,
+}
+
+/// How LoRA training is set up: the adapter a first DPO creates (an input model that already
+/// has one trains that adapter further, with its own rank, alpha and targets).
+#[derive(Clone, Debug, Serialize)]
+pub struct LoraTraining {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<String>,
 }
 
 /// The step's `metrics` output: every optimizer step's metrics.
@@ -50,7 +66,51 @@ impl From<TrainerError> for StepError {
     }
 }
 
+/// The seed of a new adapter's initialisation: from the step's seed, apart from the shuffle's.
+fn lora_init_seed(step_seed: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tsr lora init");
+    h.update(&step_seed.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
 impl Dpo {
+    /// The step's `weights` output: the whole model in canonical safetensors, or with LoRA the
+    /// adapter as the store holds it (naming the base it adapts).
+    fn save_model(
+        &self,
+        model: &LanguageModel,
+        inputs: &StepInputs,
+        out_dir: &std::path::Path,
+    ) -> Result<StepOutputs, StepError> {
+        if self.lora.is_none() {
+            model
+                .save_hf(out_dir)
+                .map_err(model_err("saving the trained model"))?;
+            return Ok(StepOutputs::new().file(
+                "weights",
+                "model-weights",
+                &out_dir.join("model.safetensors"),
+            ));
+        }
+        let base = lm::base_digest(inputs, "model")?;
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| StepError::io(format!("creating {}", out_dir.display()), e))?;
+        let path = out_dir.join("adapter.safetensors");
+        let file = std::fs::File::create(&path)
+            .map_err(|e| StepError::io(format!("creating {}", path.display()), e))?;
+        let mut w = std::io::BufWriter::new(file);
+        model
+            .write_adapter_blob(&mut w, &base)
+            .map_err(model_err("saving the trained adapter"))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| StepError::io(format!("writing {}", path.display()), e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| StepError::io(format!("writing {}", path.display()), e))?;
+        Ok(StepOutputs::new().file("weights", "lora-adapter", &path))
+    }
+
     fn trainer_config(&self, seed: u64) -> TrainerConfig {
         TrainerConfig {
             loss: DpoLossConfig {
@@ -146,24 +206,38 @@ impl Step for Dpo {
                 .into_iter()
                 .map(|r| (r.pair_id.clone(), r))
                 .collect();
-        let model = lm::load(inputs, "model", ctx)?;
+        let model = match &self.lora {
+            None => lm::load(inputs, "model", ctx)?,
+            Some(l) => {
+                let (base, adapter) = lm::load_parts(inputs, "model", ctx)?;
+                match adapter {
+                    // Mi's adapter trains further (PEFT's `is_trainable`).
+                    Some(a) => base
+                        .with_trainable_adapter(&a)
+                        .map_err(model_err("setting up the adapter for training"))?,
+                    None => base
+                        .with_new_lora(
+                            &LoraSpec {
+                                r: l.r,
+                                alpha: l.alpha,
+                                targets: l.targets.clone(),
+                            },
+                            lora_init_seed(ctx.seed()),
+                        )
+                        .map_err(model_err("creating the adapter"))?,
+                }
+            }
+        };
         let out_dir = ctx.scratch().join("out");
         if pairs.is_empty() {
             // Nothing to learn from: the policy is the input model, unchanged.
-            model
-                .save_hf(&out_dir)
-                .map_err(model_err("saving the model"))?;
             let report = DpoReport {
                 pairs: 0,
                 steps: 0,
                 metrics: vec![],
             };
-            return Ok(StepOutputs::new()
-                .file(
-                    "weights",
-                    "model-weights",
-                    &out_dir.join("model.safetensors"),
-                )
+            return Ok(self
+                .save_model(&model, inputs, &out_dir)?
                 .json("metrics", &report));
         }
         let mut encoded = Vec::with_capacity(pairs.len());
@@ -203,20 +277,13 @@ impl Step for Dpo {
                 saved_at = t.steps_done();
             }
         }
-        model
-            .save_hf(&out_dir)
-            .map_err(model_err("saving the trained model"))?;
         let report = DpoReport {
             pairs: pairs.len(),
             steps: t.steps_done(),
             metrics: t.metrics().to_vec(),
         };
-        Ok(StepOutputs::new()
-            .file(
-                "weights",
-                "model-weights",
-                &out_dir.join("model.safetensors"),
-            )
+        Ok(self
+            .save_model(&model, inputs, &out_dir)?
             .json("metrics", &report))
     }
 }

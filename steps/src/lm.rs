@@ -3,8 +3,12 @@
 //! `weights` (canonical safetensors; its digest is the model's identity). A step that uses a
 //! model declares inputs `<prefix>.config`, `<prefix>.tokenizer`, `<prefix>.tokenizer_config`,
 //! `<prefix>.weights`; [`load`] links them into a scratch folder and loads it.
+//!
+//! A model made by LoRA training is a base plus an adapter: its `weights` blob is the adapter
+//! (a [`StoredAdapter`], whose header names the base's digest, so its digest still identifies
+//! the model) and the step also declares `<prefix>.base`, the base's weights.
 
-use crate::model::{parse_device, DType, LanguageModel, ModelSource};
+use crate::model::{parse_device, DType, LanguageModel, LoraAdapter, ModelSource, StoredAdapter};
 use tsr_engine::{StepContext, StepError, StepInputs};
 
 /// (input suffix, file name in the Hugging Face layout).
@@ -20,17 +24,56 @@ pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepErr
     Ok(inputs.digest(&format!("{prefix}.weights"))?.to_hex())
 }
 
-/// Load the model whose files are the inputs under `prefix`, on the step's device.
+/// Load the model whose files are the inputs under `prefix`, on the step's device, with its
+/// adapter (if it has one) merged in.
 pub fn load(
     inputs: &StepInputs,
     prefix: &str,
     ctx: &StepContext,
 ) -> Result<LanguageModel, StepError> {
+    let (model, adapter) = load_parts(inputs, prefix, ctx)?;
+    if let Some(a) = adapter {
+        model
+            .merge_lora(&a)
+            .map_err(|e| StepError::wrap(format!("applying the adapter of model `{prefix}`"), e))?;
+    }
+    Ok(model)
+}
+
+/// Whether the model under `prefix` is a base plus an adapter.
+pub fn has_adapter(inputs: &StepInputs, prefix: &str) -> bool {
+    inputs.has(&format!("{prefix}.base"))
+}
+
+/// The digest of the base weights of the model under `prefix` (its own weights when it has no
+/// adapter).
+pub fn base_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepError> {
+    let name = if has_adapter(inputs, prefix) {
+        format!("{prefix}.base")
+    } else {
+        format!("{prefix}.weights")
+    };
+    Ok(inputs.digest(&name)?.to_hex())
+}
+
+/// The model under `prefix` as its base (loaded) and its adapter (read, checked against the
+/// base's digest, not applied).
+pub fn load_parts(
+    inputs: &StepInputs,
+    prefix: &str,
+    ctx: &StepContext,
+) -> Result<(LanguageModel, Option<LoraAdapter>), StepError> {
     let dir = ctx.scratch().join(format!("model-{prefix}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| StepError::io(format!("creating {}", dir.display()), e))?;
+    let adapted = has_adapter(inputs, prefix);
     for (suffix, file) in MODEL_FILES {
+        let suffix = if adapted && suffix == "weights" {
+            "base"
+        } else {
+            suffix
+        };
         let src = inputs.path(&format!("{prefix}.{suffix}"))?;
         let dst = dir.join(file);
         std::os::unix::fs::symlink(&src, &dst).map_err(|e| {
@@ -39,8 +82,19 @@ pub fn load(
     }
     let device =
         parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
-    LanguageModel::load(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
-        .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))
+    let model = LanguageModel::load(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
+        .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))?;
+    let adapter = if adapted {
+        let path = inputs.path(&format!("{prefix}.weights"))?;
+        let base = base_digest(inputs, prefix)?;
+        Some(
+            StoredAdapter::load(&path, &base, &device)
+                .map_err(|e| StepError::wrap(format!("reading the adapter of model `{prefix}`"), e))?,
+        )
+    } else {
+        None
+    };
+    Ok((model, adapter))
 }
 
 pub fn model_err(what: &str) -> impl Fn(crate::model::ModelError) -> StepError + '_ {

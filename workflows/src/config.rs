@@ -345,6 +345,52 @@ pub struct DpoSection {
     pub checkpoint_every: u64,
     /// Reference model: `current` (Mi, the default) or `initial` (M0).
     pub reference: String,
+    /// What DPO trains: `full` (every weight, the default) or `lora` (a low-rank adapter over
+    /// the frozen base; models in the store are then the base plus an adapter).
+    #[serde(skip_serializing_if = "is_full")]
+    pub adapter: String,
+    /// `[dpo.lora]`: the adapter the first LoRA DPO creates (defaults when left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
+}
+
+fn is_full(s: &str) -> bool {
+    s == "full"
+}
+
+/// `[dpo.lora]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// Rank of the adapter.
+    pub r: usize,
+    /// Scale numerator: the update is `alpha / r * B A`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    /// Projections that get an adapter.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
 }
 
 impl Default for DpoSection {
@@ -361,6 +407,8 @@ impl Default for DpoSection {
             weight_decay: 0.0,
             checkpoint_every: 10,
             reference: "current".into(),
+            adapter: "full".into(),
+            lora: None,
         }
     }
 }
@@ -690,6 +738,50 @@ impl Config {
                 "dpo.reference",
                 "use `current` (Mi) or `initial` (M0)".into(),
             );
+        }
+        match d.adapter.as_str() {
+            "full" => {
+                if d.lora.is_some() {
+                    return bad(
+                        "dpo.lora",
+                        "is set but dpo.adapter is `full`; add `adapter = \"lora\"` to [dpo] to train an adapter".into(),
+                    );
+                }
+            }
+            "lora" => {
+                let l = d.lora.clone().unwrap_or_default();
+                if l.r == 0 {
+                    return bad("dpo.lora.r", "must be at least 1".into());
+                }
+                if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+                    return bad("dpo.lora.alpha", format!("{} is not > 0", l.alpha));
+                }
+                if !(0.0..1.0).contains(&l.dropout) {
+                    return bad("dpo.lora.dropout", format!("{} is not in [0, 1)", l.dropout));
+                }
+                if l.targets.is_empty() {
+                    return bad("dpo.lora.targets", "name at least one projection".into());
+                }
+                let known = LoraSection::default().targets;
+                if let Some(t) = l.targets.iter().find(|t| !known.contains(t)) {
+                    return bad(
+                        "dpo.lora.targets",
+                        format!("`{t}` is not a projection tsr adapts ({})", known.join(", ")),
+                    );
+                }
+                let mut seen = l.targets.clone();
+                seen.sort();
+                seen.dedup();
+                if seen.len() != l.targets.len() {
+                    return bad("dpo.lora.targets", "names a projection twice".into());
+                }
+            }
+            other => {
+                return bad(
+                    "dpo.adapter",
+                    format!("`{other}`: use `full` (every weight trains) or `lora` (a low-rank adapter)"),
+                )
+            }
         }
         Ok(())
     }

@@ -27,8 +27,10 @@ use tsr_steps::reference::ReferenceLogprobs;
 struct ModelRef {
     /// The import node whose config and tokenizer files the model uses.
     base: String,
-    /// The node whose `weights` output holds the model.
+    /// The node whose `weights` output holds the model (its identity).
     node: String,
+    /// The `weights` output is a LoRA adapter over the base node's weights.
+    adapter: bool,
 }
 
 impl ModelRef {
@@ -41,6 +43,12 @@ impl ModelRef {
             format!("{prefix}.weights"),
             InputSource::node(&self.node, "weights"),
         ));
+        if self.adapter {
+            v.push((
+                format!("{prefix}.base"),
+                InputSource::node(&self.base, "weights"),
+            ));
+        }
         v
     }
     fn weights(&self) -> InputSource {
@@ -122,6 +130,15 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         max_grad_norm: d.max_grad_norm,
         weight_decay: d.weight_decay,
         checkpoint_every: d.checkpoint_every,
+        lora: (d.adapter == "lora").then(|| {
+            let l = d.lora.clone().unwrap_or_default();
+            tsr_steps::dpo_step::LoraTraining {
+                r: l.r,
+                alpha: l.alpha,
+                dropout: l.dropout,
+                targets: l.targets,
+            }
+        }),
     });
     let reference = Arc::new(ReferenceLogprobs {
         batch_size: j.batch_size,
@@ -292,8 +309,9 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             dpo_in.extend(mi.inputs("model"));
             add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
             ModelRef {
-                base: "import".into(),
+                base: mi.base.clone(),
                 node: n(&format!("dpo-{tag}")),
+                adapter: d.adapter == "lora",
             }
         };
         let uses_anchor = matches!(workflow, "temporal" | "past-only" | "temporal-meta");
@@ -485,6 +503,7 @@ fn import_model(
     Ok(ModelRef {
         base: node.into(),
         node: node.into(),
+        adapter: false,
     })
 }
 

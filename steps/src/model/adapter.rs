@@ -64,13 +64,31 @@ impl LoraAdapter {
 
     /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let weights = dir.join("adapter_model.safetensors");
+        if !weights.is_file() {
+            return Err(ModelError::Adapter {
+                path: dir.to_path_buf(),
+                msg: "adapter_model.safetensors is missing (adapter_model.bin, PyTorch's pickle format, is not read: save with safe_serialization)".into(),
+            });
+        }
+        Self::from_parts(dir, &text, &weights, device)
+    }
+
+    /// An adapter from the text of its `adapter_config.json` and its safetensors file; `dir`
+    /// names it in errors.
+    pub fn from_parts(
+        dir: &Path,
+        text: &str,
+        weights: &Path,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let bad = |msg: String| ModelError::Adapter {
             path: dir.to_path_buf(),
             msg,
         };
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let cfg: serde_json::Map<String, Value> = serde_json::from_str(&text)
+        let cfg: serde_json::Map<String, Value> = serde_json::from_str(text)
             .map_err(|e| bad(format!("adapter_config.json is not a JSON object: {e}")))?;
         match cfg.get("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
@@ -146,15 +164,9 @@ impl LoraAdapter {
             }
             None => return Err(bad("target_modules is missing".into())),
         };
-        let weights = dir.join("adapter_model.safetensors");
-        if !weights.is_file() {
-            return Err(bad(
-                "adapter_model.safetensors is missing (adapter_model.bin, PyTorch's pickle format, is not read: save with safe_serialization)".into(),
-            ));
-        }
         let mut a_of: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut b_of: BTreeMap<String, Tensor> = BTreeMap::new();
-        for (name, t) in super::load_hf::read_safetensors(&weights)? {
+        for (name, t) in super::load_hf::read_safetensors(weights)? {
             // PEFT names factors `base_model.model.<module>`; an adapter saved on a bare
             // `LlamaModel` (no LM head) lacks the inner `model.`.
             let module_name = name.strip_prefix("base_model.model.").map(|rest| {
@@ -481,8 +493,69 @@ impl super::LanguageModel {
             path: out.to_path_buf(),
             msg: "this model has no trainable adapter to save".into(),
         })?;
+        let config = serde_json::to_vec_pretty(&l.peft_config()).expect("json");
+        write_peft_folder(out, force, &config, |w| l.write_safetensors(w, &BTreeMap::new()))
+    }
+
+    /// Streams the trainable adapter as the store holds a model made by LoRA training: PEFT's
+    /// `adapter_model.safetensors` whose metadata also carries the adapter's
+    /// `adapter_config.json` and the digest of the base it adapts, so the digest of these bytes
+    /// identifies base and adapter together.
+    pub fn write_adapter_blob(
+        &self,
+        w: &mut (impl std::io::Write + ?Sized),
+        base_digest: &str,
+    ) -> Result<(), ModelError> {
+        let l = self.lora.as_ref().ok_or_else(|| ModelError::Adapter {
+            path: PathBuf::from("<in-memory model>"),
+            msg: "this model has no trainable adapter to store".into(),
+        })?;
+        let meta = BTreeMap::from([
+            (META_KIND.to_string(), "lora".to_string()),
+            (
+                META_CONFIG.to_string(),
+                serde_json::to_string(&l.peft_config()).expect("json"),
+            ),
+            (META_BASE.to_string(), base_digest.to_string()),
+        ]);
+        l.write_safetensors(w, &meta)
+    }
+}
+
+/// Metadata keys of a stored adapter (see [`super::LanguageModel::write_adapter_blob`]).
+const META_KIND: &str = "tsr.adapter";
+const META_CONFIG: &str = "tsr.adapter_config";
+const META_BASE: &str = "tsr.base_digest";
+
+impl LoraState {
+    /// The `adapter_config.json` PEFT reads for these factors.
+    fn peft_config(&self) -> Value {
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "target_modules": self.targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "use_rslora": false,
+            "modules_to_save": null,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "base_model_name_or_path": null,
+        })
+    }
+
+    /// The factors under PEFT's tensor names (sorted), as f32 safetensors bytes.
+    fn write_safetensors(
+        &self,
+        w: &mut (impl std::io::Write + ?Sized),
+        meta: &BTreeMap<String, String>,
+    ) -> Result<(), ModelError> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        for (n, (a, b)) in &l.factors {
+        for (n, (a, b)) in &self.factors {
             let base = n.strip_suffix(".weight").unwrap_or(n);
             tensors.push((
                 format!("base_model.model.{base}.lora_A.weight"),
@@ -493,43 +566,176 @@ impl super::LanguageModel {
                 b.as_tensor().detach(),
             ));
         }
-        let config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": l.r,
-            "lora_alpha": l.alpha,
-            "target_modules": l.targets,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "use_dora": false,
-            "use_rslora": false,
-            "modules_to_save": null,
-            "init_lora_weights": true,
-            "inference_mode": true,
-            "base_model_name_or_path": null,
-        });
-        let replaceable = |n: &str| {
-            [
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "README.md",
-            ]
-            .contains(&n)
+        tensors.sort_by(|x, y| x.0.cmp(&y.0));
+        let named: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        super::save::write_safetensors_f32(&named, meta, w)
+    }
+}
+
+/// Writes a PEFT folder (`adapter_config.json` = `config`, `adapter_model.safetensors` from
+/// `weights`), whole or not at all; only a previous adapter folder is replaced (with `force`).
+fn write_peft_folder(
+    out: &Path,
+    force: bool,
+    config: &[u8],
+    weights: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    let replaceable = |n: &str| {
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+        ]
+        .contains(&n)
+    };
+    super::export::write_folder_whole(out, force, "PEFT adapter folder", &replaceable, |dir| {
+        let cfg_path = dir.join("adapter_config.json");
+        std::fs::write(&cfg_path, config).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let st = dir.join("adapter_model.safetensors");
+        let file = std::fs::File::create(&st).map_err(|e| ModelError::io(&st, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        weights(&mut w)?;
+        let file = w
+            .into_inner()
+            .map_err(|e| ModelError::io(&st, e.into_error()))?;
+        file.sync_all().map_err(|e| ModelError::io(&st, e))?;
+        std::fs::File::open(&cfg_path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| ModelError::io(&cfg_path, e))?;
+        Ok(())
+    })
+}
+
+/// What the header of a stored adapter says (see
+/// [`super::LanguageModel::write_adapter_blob`]).
+#[derive(Clone, Debug)]
+pub struct StoredAdapter {
+    /// The adapter's `adapter_config.json` text.
+    pub config: String,
+    /// Digest of the base model's weights the adapter applies to.
+    pub base_digest: String,
+    /// `r` and `lora_alpha` from the config.
+    pub r: u64,
+    pub alpha: f64,
+}
+
+impl StoredAdapter {
+    /// Reads the header of the stored adapter at `path`; a file that is not one is an error
+    /// naming it.
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        use std::io::Read;
+        let bad = |msg: String| ModelError::Adapter {
+            path: path.to_path_buf(),
+            msg,
         };
-        super::export::write_folder_whole(out, force, "PEFT adapter folder", &replaceable, |dir| {
-            let cfg_path = dir.join("adapter_config.json");
-            std::fs::write(&cfg_path, serde_json::to_vec_pretty(&config).expect("json"))
-                .map_err(|e| ModelError::io(&cfg_path, e))?;
-            let st = dir.join("adapter_model.safetensors");
-            let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-            candle_core::safetensors::save(&map, &st)?;
-            for f in [&cfg_path, &st] {
-                std::fs::File::open(f)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| ModelError::io(f, e))?;
-            }
+        let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|_| bad("too short for a safetensors header".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > 64 << 20 {
+            return Err(bad(format!("safetensors header of {n} bytes is not plausible")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header)
+            .map_err(|_| bad("safetensors header is cut short".into()))?;
+        let header: Value = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("safetensors header is not JSON: {e}")))?;
+        let meta = header.get("__metadata__").cloned().unwrap_or(Value::Null);
+        let get = |k: &str| meta.get(k).and_then(Value::as_str).map(str::to_string);
+        if get(META_KIND).as_deref() != Some("lora") {
+            return Err(bad(
+                "is not a LoRA adapter as tsr stores them (no `tsr.adapter` metadata); the model's weights file was expected to be an adapter because the model has a base".into(),
+            ));
+        }
+        let config = get(META_CONFIG).ok_or_else(|| bad("metadata lacks the adapter config".into()))?;
+        let base_digest =
+            get(META_BASE).ok_or_else(|| bad("metadata lacks the base model's digest".into()))?;
+        let cfg: Value = serde_json::from_str(&config)
+            .map_err(|e| bad(format!("adapter config in the metadata is not JSON: {e}")))?;
+        Ok(StoredAdapter {
+            r: cfg.get("r").and_then(Value::as_u64).unwrap_or(0),
+            alpha: cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(0.0),
+            config,
+            base_digest,
+        })
+    }
+
+    /// The adapter at `path` (a stored adapter), checked to apply to the base whose weights
+    /// digest is `base_digest`.
+    pub fn load(path: &Path, base_digest: &str, device: &Device) -> Result<LoraAdapter, ModelError> {
+        let meta = Self::read(path)?;
+        if meta.base_digest != base_digest {
+            return Err(ModelError::Adapter {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "adapts the base model {}, not the base {} it is given with",
+                    short(&meta.base_digest),
+                    short(base_digest)
+                ),
+            });
+        }
+        LoraAdapter::from_parts(path, &meta.config, path, device)
+    }
+
+    /// Writes the stored adapter at `path` as a PEFT folder `out` (PEFT's `PeftModel.from_pretrained`
+    /// loads it onto the base model).
+    pub fn export(path: &Path, out: &Path, force: bool) -> Result<(), ModelError> {
+        let meta = Self::read(path)?;
+        let cfg: Value = serde_json::from_str(&meta.config).expect("checked by read");
+        let config = serde_json::to_vec_pretty(&cfg).expect("json");
+        write_peft_folder(out, force, &config, |w| {
+            let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+            std::io::copy(&mut f, w).map_err(|e| ModelError::io(path, e))?;
             Ok(())
         })
     }
+}
+
+fn short(d: &str) -> &str {
+    &d[..d.len().min(12)]
+}
+
+/// Streams the canonical weights of a base model (the canonical safetensors file `base`) with
+/// `adapter` merged in (`W += scale * B A`): the model a base plus an adapter computes, as one
+/// file for tools that take plain weights.
+pub fn write_merged(
+    base: &Path,
+    adapter: &LoraAdapter,
+    w: &mut (impl std::io::Write + ?Sized),
+) -> Result<(), ModelError> {
+    let mut tensors = super::load_hf::read_safetensors(base)?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for name in adapter.factors.keys() {
+        if !tensors.iter().any(|(n, _)| n == name) {
+            return Err(ModelError::Adapter {
+                path: adapter.dir.clone(),
+                msg: format!("adapts {name}, which the base model {} does not have", base.display()),
+            });
+        }
+    }
+    let mut merged = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_dtype(DType::F32)?;
+        let t = match adapter.factors.get(&name) {
+            Some((a, b)) => {
+                let (out, inp) = t.dims2()?;
+                if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
+                    return Err(ModelError::Adapter {
+                        path: adapter.dir.clone(),
+                        msg: format!(
+                            "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}]",
+                            a.dims(),
+                            b.dims()
+                        ),
+                    });
+                }
+                (&t + (b.matmul(a)? * adapter.scale())?)?
+            }
+            None => t,
+        };
+        merged.push((name, t));
+    }
+    let named: Vec<(String, &Tensor)> = merged.iter().map(|(n, t)| (n.clone(), t)).collect();
+    super::save::write_safetensors_f32(&named, &BTreeMap::new(), w)
 }

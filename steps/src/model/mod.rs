@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use candle_nn::VarMap;
 
-pub use adapter::LoraAdapter;
+pub use adapter::{LoraAdapter, StoredAdapter};
 pub use alloc::{tune_allocator, tune_runtime};
 pub use config::{Arch, Config, SlidingWindow};
 pub use device::parse_device;

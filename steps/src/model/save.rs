@@ -132,9 +132,26 @@ fn write_vars(
     tensors: &[(String, candle_core::Var)],
     w: &mut impl Write,
 ) -> Result<(), ModelError> {
+    let named: Vec<(String, &candle_core::Tensor)> = tensors
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor()))
+        .collect();
+    write_safetensors_f32(&named, &BTreeMap::new(), w)
+}
+
+/// `tensors` (in the order given; callers sort by name) as f32 safetensors bytes, with
+/// `{"format": "pt"}` and `metadata` in the header. Header keys are sorted and the bytes depend
+/// on nothing but the arguments.
+pub(crate) fn write_safetensors_f32(
+    tensors: &[(String, &candle_core::Tensor)],
+    metadata: &BTreeMap<String, String>,
+    w: &mut (impl Write + ?Sized),
+) -> Result<(), ModelError> {
     {
         let mut header: BTreeMap<String, Value> = BTreeMap::new();
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut meta: BTreeMap<String, String> = metadata.clone();
+        meta.insert("format".into(), "pt".into());
+        header.insert("__metadata__".into(), json!(meta));
         let mut off = 0usize;
         for (name, var) in tensors {
             let n = var.elem_count() * 4;
@@ -152,8 +169,8 @@ fn write_vars(
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&h).map_err(io)?;
         let mut buf = Vec::with_capacity(1 << 20);
-        for (_, var) in tensors {
-            write_f32_le(var.as_tensor(), w, &mut buf, io)?;
+        for (_, t) in tensors {
+            write_f32_le(t, w, &mut buf, io)?;
         }
         Ok(())
     }

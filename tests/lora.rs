@@ -1,0 +1,276 @@
+//! LoRA training inside the workflows (`[dpo] adapter = "lora"`) on a tiny random model: every
+//! model DPO makes is stored as an adapter over the imported base, Mi+1 and Mf continue Mi's
+//! adapter, lineage and status name adapter and base, and `tsr export` writes the merged model
+//! or the PEFT adapter, which compute the same log-probs.
+
+mod common;
+
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+const RUN: &str = "lora";
+
+fn setup(dir: &Path, iterations: u32, extra_lora: &str) -> PathBuf {
+    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    std::fs::write(
+        dir.join("prompts.jsonl"),
+        "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n",
+    )
+    .unwrap();
+    let cfg = dir.join("lora.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"{RUN}\"\nworkflow = \"temporal\"\niterations = {iterations}\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 6\nbatch_size = 4\n\
+             [judge]\nmode = \"logprob\"\nsamples = 1\nmax_new_tokens = 4\nbatch_size = 4\n\
+             [dpo]\nlr = 1e-2\nepochs = 2\nmicro_batch = 1\naccum_steps = 1\ncheckpoint_every = 1\nadapter = \"lora\"\n\
+             [dpo.lora]\nr = 4\nalpha = 8\n{extra_lora}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn dpo_report(store: &Path, status: &serde_json::Value, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&blob(store, &output_of(status, name, "metrics"))).unwrap()
+}
+
+fn logprobs(model: &Path, adapter: Option<&Path>, pairs: &Path, store: &Path) -> Vec<f64> {
+    let mut args = vec![
+        "logprobs".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--pairs".into(),
+        pairs.display().to_string(),
+        "--json".into(),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter".to_string(), a.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = tsr(&args, store);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["logprob"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), 2, "");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let st = status(&store, RUN);
+    let base = output_of(&st, "import", "weights");
+    let base_size = blob(&store, &base).len();
+
+    // Every DPO node made an adapter over the imported base, a fraction of the model's size.
+    let models = st["lora_models"].as_array().expect("status names LoRA models");
+    let dpo_nodes = [
+        "iter1/dpo-future",
+        "iter1/dpo-next",
+        "iter2/dpo-future",
+        "iter2/dpo-next",
+    ];
+    assert_eq!(models.len(), dpo_nodes.len(), "{models:?}");
+    for name in dpo_nodes {
+        let m = models.iter().find(|m| m["node"] == name).unwrap();
+        assert_eq!(m["base"], base.as_str(), "{name}");
+        assert_eq!((m["r"].as_u64(), m["alpha"].as_f64()), (Some(4), Some(8.0)));
+        let adapter = output_of(&st, name, "weights");
+        assert_eq!(m["model"], adapter.as_str());
+        let size = blob(&store, &adapter).len();
+        assert!(
+            size * 4 < base_size,
+            "{name}: adapter of {size} bytes vs base of {base_size}"
+        );
+        // Policy = reference at the start (M_i's adapter continued, or a new one with B = 0),
+        // so the first loss is ln 2; a dropped adapter would start elsewhere.
+        let report = dpo_report(&store, &st, name);
+        let first: f64 = report["metrics"][0]["loss"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {report}"));
+        assert!(
+            (first - std::f64::consts::LN_2).abs() < 1e-5,
+            "{name}: first loss {first}"
+        );
+        assert!(report["steps"].as_u64().unwrap() >= 2, "{name}: {report}");
+    }
+    // Iteration 2 trains M1 = (base, iter1 adapter) further: its DPO steps read both.
+    let s = tsr_state::Store::open(&store).unwrap();
+    let nodes = s.nodes(RUN).unwrap();
+    for name in ["iter2/dpo-future", "iter2/dpo-next", "iter2/gen-current"] {
+        let rec = &nodes.iter().find(|(n, _)| n == name).unwrap().1;
+        let step = s.get_step(&rec.step_key).unwrap().unwrap();
+        assert_eq!(
+            step.inputs.get("model.base").map(|d| d.to_hex()),
+            Some(base.clone()),
+            "{name}"
+        );
+        assert_eq!(
+            step.inputs.get("model.weights").map(|d| d.to_hex()),
+            Some(output_of(&st, "iter1/dpo-next", "weights")),
+            "{name}"
+        );
+    }
+    drop(s);
+
+    // Lineage walks adapters back to M0 and names their base.
+    let m2 = output_of(&st, "iter2/dpo-next", "weights");
+    let o = tsr(&["lineage", RUN, "model", &m2[..12], "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let chain: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let chain = chain.as_array().unwrap();
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    assert_eq!(chain[0]["lora"]["base"], base.as_str());
+    assert_eq!(
+        chain[0]["trained_from"],
+        output_of(&st, "iter1/dpo-next", "weights").as_str()
+    );
+    assert_eq!(chain[2]["kind"], "import-model");
+    let o = tsr(&["lineage", RUN, "model", &m2[..12]], &store);
+    assert!(text(&o).contains("LoRA adapter r = 4"), "{}", text(&o));
+    let o = tsr(&["status", RUN], &store);
+    assert!(
+        text(&o).contains(&format!("LoRA adapter (r = 4, alpha = 8) over base {}", &base[..12])),
+        "{}",
+        text(&o)
+    );
+
+    // Export: the merged model, the adapter as a PEFT folder and the base; base + adapter
+    // computes what the merged model does.
+    let merged = dir.path().join("merged");
+    let peft = dir.path().join("peft");
+    let base_dir = dir.path().join("base");
+    for (args, out) in [
+        (vec!["export", RUN, "model"], &merged),
+        (vec!["export", RUN, "model", "--adapter"], &peft),
+        (vec!["export", RUN, "model", "--node", "import"], &base_dir),
+    ] {
+        let mut args = args.clone();
+        args.extend(["--out", out.to_str().unwrap()]);
+        let o = tsr(&args, &store);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    assert_eq!(cfg["peft_type"], "LORA");
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"hello there\", \"response\": \"hi, how are you?\"}\n{\"prompt\": \"count to three\", \"response\": \"one two three\"}\n",
+    )
+    .unwrap();
+    let a = logprobs(&merged, None, &pairs, &store);
+    let b = logprobs(&base_dir, Some(&peft), &pairs, &store);
+    let c = logprobs(&base_dir, None, &pairs, &store);
+    for i in 0..a.len() {
+        assert!((a[i] - b[i]).abs() < 1e-4, "merged {a:?} vs base + adapter {b:?}");
+    }
+    assert!(
+        a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-3),
+        "training changed nothing: {a:?} vs base {c:?}"
+    );
+    // --adapter of a node without one is refused with the reason.
+    let o = tsr(
+        &["export", RUN, "model", "--node", "import", "--adapter", "--out"],
+        &store,
+    );
+    assert!(!o.status.success());
+    let o = tsr(
+        &[
+            "export",
+            RUN,
+            "model",
+            "--node",
+            "import",
+            "--adapter",
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ],
+        &store,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not an adapter"), "{}", text(&o));
+    assert!(tsr(&["verify"], &store).status.success());
+}
+
+#[test]
+fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), 1, "");
+    let text0 = std::fs::read_to_string(&cfg).unwrap();
+    for (edit, key) in [
+        ("r = 4\n", "r = 0\n"),
+        ("alpha = 8\n", "alpha = -1\n"),
+        ("alpha = 8\n", "alpha = 8\ndropout = 1.5\n"),
+        ("alpha = 8\n", "alpha = 8\ntargets = [\"q_proj\", \"lm_head\"]\n"),
+        ("adapter = \"lora\"\n", "adapter = \"qlora\"\n"),
+        ("adapter = \"lora\"\n", ""),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text0.replace(edit, key)).unwrap();
+        let o = tsr(&["run", bad.to_str().unwrap(), "--quiet"], &store);
+        assert!(!o.status.success(), "{key}");
+        let msg = text(&o);
+        let named = if key.is_empty() {
+            "dpo.lora".to_string()
+        } else if key.starts_with("adapter") {
+            "dpo.adapter".to_string()
+        } else {
+            let k = key.lines().last().unwrap().split(' ').next().unwrap();
+            format!("dpo.lora.{k}")
+        };
+        assert!(msg.contains(&named), "{key}: {msg}");
+    }
+    // A full fine-tuning config defines the run exactly as before LoRA existed: no new keys.
+    let full = dir.path().join("full.toml");
+    std::fs::write(
+        &full,
+        text0
+            .replace("adapter = \"lora\"\n", "")
+            .replace("[dpo.lora]\nr = 4\nalpha = 8\n", ""),
+    )
+    .unwrap();
+    let c = tsr_workflows::Config::from_file(&full).unwrap();
+    let def = c.definition();
+    assert!(
+        def.keys().all(|k| !k.starts_with("dpo.adapter") && !k.starts_with("dpo.lora")),
+        "{def:?}"
+    );
+    let lora = tsr_workflows::Config::from_file(&cfg).unwrap();
+    assert_eq!(lora.definition().get("dpo.adapter").map(String::as_str), Some("\"lora\""));
+}
+
+#[test]
+fn sigkills_across_a_lora_temporal_run_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 2, "");
+    let reference = dir.path().join("ref");
+    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
+        .status
+        .success());
+    let store = dir.path().join("killed");
+    let kills = kill_at_delays(
+        &cfg,
+        &store,
+        &[150, 300, 450, 600, 750, 900, 1100, 1300, 1600, 1900],
+    );
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(kills >= 3, "only {kills} kills landed");
+    assert_same_outputs(&reference, &store, RUN, &format!("after {kills} kills"));
+}
