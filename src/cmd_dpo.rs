@@ -54,7 +54,7 @@ pub struct DpoArgs {
     #[arg(long)]
     pub shuffle_seed: Option<u64>,
     /// Train a new LoRA adapter over the frozen model instead of every weight:
-    /// `r=16,alpha=32[,targets=q_proj+k_proj+...]` (alpha defaults to 2r, targets to every
+    /// `r=16,alpha=32[,dropout=0.05][,targets=q_proj+k_proj+...]` (alpha defaults to 2r, targets to every
     /// projection). A is initialised as PEFT does (Kaiming-uniform, seeded by --seed), B to zero.
     #[arg(long, conflicts_with = "adapter")]
     pub lora: Option<tsr_steps::model::adapter::LoraSpec>,

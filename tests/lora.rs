@@ -257,8 +257,9 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
 
 #[test]
 fn sigkills_across_a_lora_temporal_run_change_nothing() {
+    // With dropout: its masks must follow the step, not the process.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 2, "");
+    let cfg = setup(dir.path(), 2, "dropout = 0.1\n");
     let reference = dir.path().join("ref");
     assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
         .status

@@ -221,11 +221,14 @@ impl Step for Dpo {
                                 r: l.r,
                                 alpha: l.alpha,
                                 targets: l.targets.clone(),
+                                dropout: l.dropout,
                             },
                             lora_init_seed(ctx.seed()),
                         )
                         .map_err(model_err("creating the adapter"))?,
                 }
+                .with_lora_dropout(l.dropout)
+                .map_err(model_err("setting the adapter's dropout"))?
             }
         };
         let out_dir = ctx.scratch().join("out");

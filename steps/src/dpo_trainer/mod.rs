@@ -149,6 +149,16 @@ pub struct StepReport {
     pub pairs: Vec<PairLogp>,
 }
 
+/// The dropout-mask seed of micro-batch `micro` of optimizer step `step`.
+fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tsr dpo dropout");
+    h.update(&seed.to_le_bytes());
+    h.update(&step.to_le_bytes());
+    h.update(&(micro as u64).to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
 /// A DPO training run over one policy model. See the module docs.
 pub struct DpoTrainer<'m> {
     model: &'m LanguageModel,
@@ -251,6 +261,7 @@ impl<'m> DpoTrainer<'m> {
         let (batch, next) = self.plan.next_batch(&self.cursor)?;
         let lr = self.cfg.schedule.lr_at(self.cursor.optimizer_step);
         let (model, pairs, loss) = (self.model, &self.pairs, &self.cfg.loss);
+        let (seed, step) = (self.cfg.seed, self.cursor.optimizer_step);
         let mut logps = Vec::with_capacity(batch.pairs());
         // train_step's closure can only fail with a DpoError: keep a model error aside and
         // return it as itself.
@@ -260,7 +271,14 @@ impl<'m> DpoTrainer<'m> {
             batch.micro_batches.len(),
             self.cfg.max_grad_norm,
             lr,
-            |i| match micro_loss(model, pairs, &batch.micro_batches[i], loss) {
+            |i| match {
+                // Dropout masks (when the adapter trains with dropout) depend on the step and
+                // the micro-batch alone, so a resumed run draws the same ones.
+                model.set_lora_dropout_seed(Some(dropout_seed(seed, step, i)));
+                let r = micro_loss(model, pairs, &batch.micro_batches[i], loss);
+                model.set_lora_dropout_seed(None);
+                r
+            } {
                 Ok((micro, lp)) => {
                     logps.extend(lp);
                     Ok(micro)

@@ -281,6 +281,10 @@ pub struct LoraState {
     pub targets: Vec<String>,
     /// Base weight name -> (A `[r, in]`, B `[out, r]`).
     pub factors: BTreeMap<String, (Var, Var)>,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`); applied only
+    /// while a mask seed is set (see [`super::LanguageModel::set_lora_dropout_seed`]).
+    pub dropout: f64,
+    pub(crate) dropout_seed: std::sync::Mutex<Option<u64>>,
 }
 
 impl LoraState {
@@ -321,6 +325,8 @@ impl LoraState {
             alpha: self.alpha,
             targets: self.targets.clone(),
             factors,
+            dropout: self.dropout,
+            dropout_seed: std::sync::Mutex::new(*self.dropout_seed.lock().expect("seed lock")),
         })
     }
 
@@ -346,14 +352,18 @@ pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
     pub targets: Vec<String>,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
 }
 
 impl std::str::FromStr for LoraSpec {
     type Err = String;
-    /// `r=16,alpha=32[,targets=q_proj+v_proj]` (targets default to every projection).
+    /// `r=16,alpha=32[,dropout=0.05][,targets=q_proj+v_proj]` (targets default to every
+    /// projection).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut r = None;
         let mut alpha = None;
+        let mut dropout = 0.0;
         let mut targets: Vec<String> = TARGETS.iter().map(|t| t.0.to_string()).collect();
         for part in s.split(',').filter(|p| !p.trim().is_empty()) {
             let (k, v) = part
@@ -378,6 +388,14 @@ impl std::str::FromStr for LoraSpec {
                             .ok_or("alpha must be a positive number")?,
                     )
                 }
+                "dropout" => {
+                    dropout = v
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|p| (0.0..1.0).contains(p))
+                        .ok_or("dropout must be a number in [0, 1)")?
+                }
                 "targets" => {
                     targets = v.split('+').map(|t| t.trim().to_string()).collect();
                     if let Some(t) = targets
@@ -392,7 +410,7 @@ impl std::str::FromStr for LoraSpec {
                 }
                 other => {
                     return Err(format!(
-                        "unknown LoRA setting `{other}` (r, alpha, targets)"
+                        "unknown LoRA setting `{other}` (r, alpha, dropout, targets)"
                     ))
                 }
             }
@@ -402,6 +420,7 @@ impl std::str::FromStr for LoraSpec {
             r,
             alpha: alpha.unwrap_or(2.0 * r as f64),
             targets,
+            dropout,
         })
     }
 }
@@ -436,6 +455,8 @@ impl super::LanguageModel {
             alpha: spec.alpha,
             targets: spec.targets.clone(),
             factors,
+            dropout: spec.dropout,
+            dropout_seed: std::sync::Mutex::new(None),
         });
         Ok(self)
     }
@@ -473,8 +494,37 @@ impl super::LanguageModel {
             alpha: adapter.alpha,
             targets: adapter.targets.clone(),
             factors,
+            dropout: 0.0,
+            dropout_seed: std::sync::Mutex::new(None),
         });
         Ok(self)
+    }
+
+    /// Trains the adapter with dropout `p` on its input (PEFT's `lora_dropout`); masks are
+    /// drawn only while a seed is set, so inference and evaluation never drop.
+    pub fn with_lora_dropout(mut self, p: f64) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::Adapter {
+            path: PathBuf::from("<in-memory model>"),
+            msg,
+        };
+        if !(0.0..1.0).contains(&p) {
+            return Err(bad(format!("LoRA dropout {p} is not in [0, 1)")));
+        }
+        let l = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| bad("LoRA dropout needs a trainable adapter".into()))?;
+        l.dropout = p;
+        Ok(self)
+    }
+
+    /// The seed of the dropout masks for the next training forward passes (`None`: no
+    /// dropout). Each projection of each layer draws its own mask from it, so a pass is a
+    /// function of the seed alone.
+    pub fn set_lora_dropout_seed(&self, seed: Option<u64>) {
+        if let Some(l) = &self.lora {
+            *l.dropout_seed.lock().expect("seed lock") = seed;
+        }
     }
 
     /// A copy with the trainable factors merged into plain weights (no adapter).
@@ -536,7 +586,7 @@ impl LoraState {
             "r": self.r,
             "lora_alpha": self.alpha,
             "target_modules": self.targets,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "bias": "none",
             "fan_in_fan_out": false,
             "use_dora": false,

@@ -33,6 +33,8 @@ pub(crate) struct Layer {
     pub down: Tensor,
     /// LoRA factors (A `[r, in]`, B `[out, r]`) per projection, in [`PROJECTIONS`] order.
     pub lora: [Option<(Tensor, Tensor)>; 7],
+    /// Dropout on each adapter's input: (probability, mask seed), while training with dropout.
+    pub lora_drop: [Option<(f64, u64)>; 7],
 }
 
 /// The projections of a block, in the order of [`Layer::lora`].
@@ -221,6 +223,7 @@ fn linear_lora(
     lora: &Option<(Tensor, Tensor)>,
     scale: f64,
     frozen: bool,
+    drop: Option<(f64, u64)>,
 ) -> Result<Tensor> {
     let y = if frozen {
         linear_frozen(x, w, b)?
@@ -231,11 +234,27 @@ fn linear_lora(
         None => Ok(y),
         Some((a, bm)) => {
             let (bs, t, i) = x.dims3()?;
-            let xa = matmul_wt(&x.reshape((bs * t, i))?, a)?;
+            let mut x2 = x.reshape((bs * t, i))?;
+            if let Some((p, seed)) = drop {
+                x2 = (x2 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs * t, i))?)?;
+            }
+            let xa = matmul_wt(&x2, a)?;
             let d = (matmul_wt(&xa, bm)? * scale)?;
             y + d.reshape((bs, t, ()))?
         }
     }
+}
+
+/// An inverted-dropout mask of `n` values (0, or `1 / (1 - p)` with probability `1 - p`) in
+/// `like`'s dtype and device, drawn from a ChaCha8 generator seeded with `seed`.
+fn dropout_mask(n: usize, p: f64, seed: u64, like: &Tensor) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(v, n, like.device())?.to_dtype(like.dtype())
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -298,15 +317,15 @@ impl Weights {
         };
         let (sc, fz) = (self.lora_scale, self.frozen_base);
         let q = heads(
-            linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc, fz)?,
+            linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc, fz, l.lora_drop[0])?,
             nh,
         )?;
         let k = heads(
-            linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc, fz)?,
+            linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc, fz, l.lora_drop[1])?,
             nkv,
         )?;
         let v = heads(
-            linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc, fz)?,
+            linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc, fz, l.lora_drop[2])?,
             nkv,
         )?;
         let q = self.rope(&q, rope)?;
@@ -332,14 +351,14 @@ impl Weights {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc, fz)
+        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc, fz, l.lora_drop[3])
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
         let (sc, fz) = (self.lora_scale, self.frozen_base);
-        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc, fz)?.silu()?;
-        let u = linear_lora(x, &l.up, None, &l.lora[5], sc, fz)?;
-        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc, fz)
+        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc, fz, l.lora_drop[4])?.silu()?;
+        let u = linear_lora(x, &l.up, None, &l.lora[5], sc, fz, l.lora_drop[5])?;
+        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc, fz, l.lora_drop[6])
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.

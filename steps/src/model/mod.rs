@@ -310,6 +310,24 @@ impl LanguageModel {
                 Ok(None)
             }
         };
+        // Dropout on the adapters' inputs: only in a training pass with a mask seed set.
+        let drop = self.lora.as_ref().and_then(|l| {
+            let seed = *l.dropout_seed.lock().expect("seed lock");
+            (differentiable && l.dropout > 0.0)
+                .then_some(seed)
+                .flatten()
+                .map(|s| (l.dropout, s))
+        });
+        let drop_of = |layer: usize, k: usize| -> Option<(f64, u64)> {
+            let (p, seed) = drop?;
+            let mut h = blake3::Hasher::new();
+            h.update(b"tsr lora dropout");
+            h.update(&seed.to_le_bytes());
+            h.update(&(layer as u64).to_le_bytes());
+            h.update(&(k as u64).to_le_bytes());
+            let d = h.finalize();
+            Some((p, u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"))))
+        };
         let cfg = &self.config;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -329,6 +347,7 @@ impl LanguageModel {
                 up: get(&format!("{p}.mlp.up_proj.weight"))?,
                 down: get(&format!("{p}.mlp.down_proj.weight"))?,
                 lora: std::array::from_fn(|k| lora_of(i, k)),
+                lora_drop: std::array::from_fn(|k| drop_of(i, k)),
             });
         }
         let embed = get("model.embed_tokens.weight")?;
