@@ -84,6 +84,9 @@ fn drive(
     remote: &crate::cmd_remote::RemoteArgs,
 ) -> anyhow::Result<ExitCode> {
     remote.check()?;
+    if execute {
+        crate::cmd_plan::check(config, device.as_deref())?;
+    }
     let store = create_store(store_dir)?;
     let stop = StopFlag::new();
     // Before the remote starts: a SIGTERM during a restore or the first upload still ends in

@@ -17,6 +17,7 @@ mod cmd_eval;
 mod cmd_inspect;
 mod cmd_lineage;
 mod cmd_model;
+mod cmd_plan;
 mod cmd_remote;
 mod cmd_report;
 mod cmd_run;
@@ -44,6 +45,8 @@ struct Cli {
 enum Cmd {
     /// Start a run from a config, or continue it (the same command resumes).
     Run(cmd_run::RunArgs),
+    /// Each step's peak memory on the run's device, before anything runs (exit 1 if it does not fit).
+    Plan(cmd_plan::PlanArgs),
     /// Continue a run recorded in the store, from its stored definition.
     Resume(cmd_run::ResumeArgs),
     /// Branch a new run from a recorded one with changed settings; unchanged steps are reused.
@@ -172,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let store = cli.store;
     match cli.cmd {
         Cmd::Run(a) => cmd_run::run(&store, a),
+        Cmd::Plan(a) => cmd_plan::run(a),
         Cmd::Resume(a) => cmd_run::resume(&store, a),
         Cmd::Fork(a) => cmd_run::fork(&store, a),
         Cmd::Status(a) => cmd_inspect::status(&store, a),

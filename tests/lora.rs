@@ -220,13 +220,16 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         ("alpha = 8\n", "alpha = 8\ntargets = [\"q_proj\", \"lm_head\"]\n"),
         ("adapter = \"lora\"\n", "adapter = \"qlora\"\n"),
         ("adapter = \"lora\"\n", ""),
+        ("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"f64\"\n"),
     ] {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, text0.replace(edit, key)).unwrap();
         let o = tsr(&["run", bad.to_str().unwrap(), "--quiet"], &store);
         assert!(!o.status.success(), "{key}");
         let msg = text(&o);
-        let named = if key.is_empty() {
+        let named = if key.contains("dtype") {
+            "model.dtype".to_string()
+        } else if key.is_empty() {
             "dpo.lora".to_string()
         } else if key.starts_with("adapter") {
             "dpo.adapter".to_string()
@@ -236,6 +239,23 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         };
         assert!(msg.contains(&named), "{key}: {msg}");
     }
+    // Half precision holds the base frozen: full fine-tuning is refused, naming the way out.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        text0
+            .replace("adapter = \"lora\"\n", "")
+            .replace("[dpo.lora]\nr = 4\nalpha = 8\n", "")
+            .replace("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"bf16\"\n"),
+    )
+    .unwrap();
+    let o = tsr(&["run", bad.to_str().unwrap(), "--quiet"], &store);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("model.dtype") && text(&o).contains("adapter = \"lora\""),
+        "{}",
+        text(&o)
+    );
     // A full fine-tuning config defines the run exactly as before LoRA existed: no new keys.
     let full = dir.path().join("full.toml");
     std::fs::write(
@@ -274,4 +294,72 @@ fn sigkills_across_a_lora_temporal_run_change_nothing() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(kills >= 3, "only {kills} kills landed");
     assert_same_outputs(&reference, &store, RUN, &format!("after {kills} kills"));
+}
+
+/// `[model] dtype = "bf16"`: the base is imported and held in bf16 (half the bytes), LoRA
+/// trains over it in f32, and the run computes close to the f32 run.
+#[test]
+fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 1, "");
+    let text0 = std::fs::read_to_string(&cfg).unwrap();
+    let half = dir.path().join("half.toml");
+    std::fs::write(
+        &half,
+        text0.replace("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"bf16\"\n"),
+    )
+    .unwrap();
+    let f32_store = dir.path().join("f32");
+    let half_store = dir.path().join("bf16");
+    for (c, s) in [(&cfg, &f32_store), (&half, &half_store)] {
+        let o = tsr(&["run", c.to_str().unwrap(), "--quiet"], s);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let (a, b) = (status(&f32_store, RUN), status(&half_store, RUN));
+    let wa = blob(&f32_store, &output_of(&a, "import", "weights")).len();
+    let wb = blob(&half_store, &output_of(&b, "import", "weights")).len();
+    assert!(
+        (wb as f64) < 0.55 * wa as f64,
+        "bf16 base {wb} bytes vs f32 {wa}"
+    );
+    for name in ["iter1/dpo-future", "iter1/dpo-next"] {
+        let report = dpo_report(&half_store, &b, name);
+        let first: f64 = report["metrics"][0]["loss"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {report}"));
+        assert!(
+            (first - std::f64::consts::LN_2).abs() < 1e-3,
+            "{name}: first loss {first}"
+        );
+    }
+    // The bf16 base computes what the f32 base does, to bf16's precision.
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\": \"hello there\", \"response\": \"hi, how are you?\"}\n",
+    )
+    .unwrap();
+    let mut lp = vec![];
+    for (store, st) in [(&f32_store, &a), (&half_store, &b)] {
+        let base = dir.path().join(format!("base-{}", lp.len()));
+        let o = tsr(
+            &["export", RUN, "model", "--node", "import", "--out", base.to_str().unwrap()],
+            store,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let _ = st;
+        lp.push(logprobs(&base, None, &pairs, store)[0]);
+    }
+    assert!(
+        (lp[0] - lp[1]).abs() < 0.02 * lp[0].abs() + 0.05,
+        "f32 base {} vs bf16 base {}",
+        lp[0],
+        lp[1]
+    );
+    // The merged export of the bf16 run is a plain f32 model.
+    let merged = dir.path().join("merged");
+    let o = tsr(&["export", RUN, "model", "--out", merged.to_str().unwrap()], &half_store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(tsr(&["verify"], &half_store).status.success());
 }

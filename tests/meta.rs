@@ -500,6 +500,7 @@ fn a_judge_pair_is_scored_by_the_reference_and_trained_on_by_dpo() {
         max_grad_norm: Some(1.0),
         weight_decay: 0.0,
         checkpoint_every: 1,
+        lora: None,
     };
     let train = |pairs: &[Pair], label: &str| {
         let jsonl = tsr_steps::lm::to_jsonl(pairs);

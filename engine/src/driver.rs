@@ -109,8 +109,44 @@ impl JournalView for StoreView<'_> {
 
 /// Outcome of one executed node, reported back to the driver loop.
 enum Executed {
-    Done,
+    /// Done; the peak resident memory while it ran, when measured.
+    Done(Option<u64>),
     Interrupted,
+}
+
+/// Set to 1 to print each compute step's peak resident memory when it is done (for checking
+/// `tsr plan`'s estimates). It resets the process's peak as the kernel keeps it, so the peak
+/// that `time -v` or getrusage report is then the last step's only.
+pub const STEP_MEMORY_ENV: &str = "TSR_STEP_MEMORY";
+
+/// Resets the process's peak resident memory (Linux: `VmHWM`), so that [`peak_rss`] measures
+/// from here. False where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Gives memory the allocator holds free back to the kernel (glibc keeps up to its trim
+/// threshold, 1 GiB as tsr sets it, and free pages inside the heap), so one step's buffers
+/// do not add to the next step's resident memory.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The process's peak resident memory in bytes since start or the last [`reset_peak_rss`].
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 pub struct Driver {
@@ -390,8 +426,11 @@ impl Driver {
             };
             in_flight.remove(&key);
             match res {
-                Ok(Executed::Done) => {
-                    self.log(&multi, format!("tsr: {node}: done"));
+                Ok(Executed::Done(peak)) => {
+                    let peak = peak
+                        .map(|b| format!(" (peak memory {:.2} GB)", b as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_default();
+                    self.log(&multi, format!("tsr: {node}: done{peak}"));
                     executed.push(node);
                 }
                 Ok(Executed::Interrupted) => {
@@ -497,6 +536,16 @@ impl Job {
             self.externals.clone(),
         );
         let t0 = Instant::now();
+        // Compute steps run one at a time: the process's peak while one runs is its peak.
+        let compute = step.resources().contains(&crate::step::Resource::Compute);
+        if compute {
+            release_free_memory();
+        }
+        // Per-step peaks only when asked: resetting the peak also resets what `time -v` and
+        // getrusage report for the whole process.
+        let measured = compute
+            && std::env::var(STEP_MEMORY_ENV).is_ok_and(|v| v == "1")
+            && reset_peak_rss();
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step.run(&inputs, &ctx)))
                 .unwrap_or_else(|p| {
@@ -609,7 +658,7 @@ impl Job {
             }
         }
         let _ = std::fs::remove_dir_all(&scratch);
-        Ok(Executed::Done)
+        Ok(Executed::Done(measured.then(peak_rss).flatten()))
     }
 }
 

@@ -12,6 +12,10 @@ use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 pub struct ImportModel {
     /// How to read the external input: `gguf` or `hf`.
     pub format: String,
+    /// Hold the weight matrices in this precision (`bf16` or `f16`): a frozen base for LoRA
+    /// training at half the memory. Left out of the config when f32, so imports keep their keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 impl Step for ImportModel {
@@ -51,6 +55,23 @@ impl Step for ImportModel {
             model
                 .merge_lora(&adapter)
                 .map_err(model_err("merging the LoRA adapter"))?;
+        }
+        match self.dtype.as_deref() {
+            None | Some("f32") => {}
+            Some(d) => {
+                let dt = match d {
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    other => {
+                        return Err(StepError::Invalid(format!(
+                            "dtype `{other}`: use f32, bf16 or f16"
+                        )))
+                    }
+                };
+                model
+                    .to_half_base(dt)
+                    .map_err(model_err("converting the weights to half precision"))?;
+            }
         }
         let out = ctx.scratch().join("export");
         model

@@ -12,6 +12,7 @@ pub mod judge;
 pub mod judge_pairs;
 pub mod judge_text;
 pub mod lm;
+pub mod memory;
 pub mod meta_judge;
 pub mod metrics;
 pub mod model;

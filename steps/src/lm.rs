@@ -82,7 +82,8 @@ pub fn load_parts(
     }
     let device =
         parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
-    let model = LanguageModel::load(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
+    // A base stored in half precision (`[model] dtype`) stays so in memory.
+    let model = LanguageModel::load_keep_half(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
         .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))?;
     let adapter = if adapted {
         let path = inputs.path(&format!("{prefix}.weights"))?;

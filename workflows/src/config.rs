@@ -98,9 +98,21 @@ pub struct ModelSection {
     /// base with the adapter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<PathBuf>,
+    /// Precision of the frozen base weights: `f32` (the default), `bf16` or `f16`. Half
+    /// precision needs `[dpo] adapter = "lora"` (adapters and their optimizer stay f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 impl ModelSection {
+    /// Bytes per base weight (4, or 2 for `bf16`/`f16`).
+    pub fn weight_bytes(&self) -> u64 {
+        match self.dtype.as_deref() {
+            Some("bf16") | Some("f16") => 2,
+            _ => 4,
+        }
+    }
+
     /// The external path to fingerprint and how to read it (`gguf` or `hf`).
     pub fn resolve(&self) -> Result<(PathBuf, String), ConfigError> {
         let src = tsr_steps::model::ModelSource::parse(&self.source).map_err(|e| {
@@ -657,6 +669,22 @@ impl Config {
         }
         if self.iterations == 0 {
             return bad("iterations", "must be at least 1".into());
+        }
+        match self.model.as_ref().and_then(|m| m.dtype.as_deref()) {
+            None | Some("f32") => {}
+            Some("bf16") | Some("f16") if self.dpo.adapter == "lora" => {}
+            Some(d @ ("bf16" | "f16")) => {
+                return bad(
+                    "model.dtype",
+                    format!("`{d}` holds the base frozen in half precision, which only LoRA training allows; add `adapter = \"lora\"` to [dpo], or use `f32` for full fine-tuning"),
+                )
+            }
+            Some(other) => {
+                return bad(
+                    "model.dtype",
+                    format!("`{other}`: use `f32`, `bf16` or `f16`"),
+                )
+            }
         }
         if !["initial", "previous"].contains(&self.anchor.as_str()) {
             return bad("anchor", "use `initial` (M0) or `previous` (Mi-1)".into());

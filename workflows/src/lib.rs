@@ -5,6 +5,7 @@
 
 mod config;
 mod lm;
+pub mod memory;
 
 pub use config::{apply_set, Config, ConfigError};
 

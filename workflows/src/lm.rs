@@ -470,12 +470,17 @@ fn import_initial(
     b: &mut DagBuilder,
     m: &crate::config::ModelSection,
 ) -> Result<ModelRef, WorkflowError> {
-    import_model(b, "import", "model.source", &m.source, m.adapter.as_deref())
+    let dtype = m.dtype.clone().filter(|d| d != "f32");
+    import_model_at(
+        b,
+        "import",
+        "model.source",
+        &m.source,
+        m.adapter.as_deref(),
+        dtype,
+    )
 }
 
-/// An `import-model` node for the model source given under the config key `key` (errors name
-/// that key), with a LoRA adapter merged in when one is given; the model it makes is its own
-/// base.
 fn import_model(
     b: &mut DagBuilder,
     node: &str,
@@ -483,9 +488,24 @@ fn import_model(
     source: &str,
     adapter: Option<&std::path::Path>,
 ) -> Result<ModelRef, WorkflowError> {
+    import_model_at(b, node, key, source, adapter, None)
+}
+
+/// An `import-model` node for the model source given under the config key `key` (errors name
+/// that key), with a LoRA adapter merged in when one is given and the weight matrices held in
+/// `dtype` when given (bf16, f16); the model it makes is its own base.
+fn import_model_at(
+    b: &mut DagBuilder,
+    node: &str,
+    key: &str,
+    source: &str,
+    adapter: Option<&std::path::Path>,
+    dtype: Option<String>,
+) -> Result<ModelRef, WorkflowError> {
     let (path, format) = crate::config::ModelSection {
         source: source.to_string(),
         adapter: None,
+        dtype: None,
     }
     .resolve()
     .map_err(|e| match e {
@@ -499,7 +519,7 @@ fn import_model(
     if let Some(dir) = adapter {
         inputs.push(("adapter", InputSource::External(dir.to_path_buf())));
     }
-    b.add(node, Arc::new(ImportModel { format }), inputs, None);
+    b.add(node, Arc::new(ImportModel { format, dtype }), inputs, None);
     Ok(ModelRef {
         base: node.into(),
         node: node.into(),

@@ -193,6 +193,14 @@ impl<'m> DpoTrainer<'m> {
                 )));
             }
         }
+        if model.lora().is_none() && model.base_dtype() != model.dtype() {
+            return Err(TrainerError::Invalid(format!(
+                "every weight would train, but the base is held in {:?}; full fine-tuning needs {:?} weights: train a LoRA adapter, or load the model in {:?}",
+                model.base_dtype(),
+                model.dtype(),
+                model.dtype()
+            )));
+        }
         cfg.schedule.validate()?;
         let plan = cfg.plan(pairs.len())?;
         let opt = AdamW::new(model.trainable_vars(), cfg.optimizer.clone())?;

@@ -203,6 +203,14 @@ impl LanguageModel {
         w: &Weights,
         reqs: &[&GenRequest],
     ) -> Result<Vec<GenOutput>, ModelError> {
+        super::llama::with_half_native(|| self.generate_batch_inner(w, reqs))
+    }
+
+    fn generate_batch_inner(
+        &self,
+        w: &Weights,
+        reqs: &[&GenRequest],
+    ) -> Result<Vec<GenOutput>, ModelError> {
         let dev = &self.device;
         let dtype = self.dtype;
         let stops = self.tokenizer.stop_ids();

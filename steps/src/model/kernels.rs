@@ -134,17 +134,16 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+        // A half-precision base is cast for the product (the gradient stays f32).
+        Ok(Some(grad_res.matmul(&self.w.to_dtype(grad_res.dtype())?)?))
     }
 }
 
-/// `x [M, in] @ w^T` where `w` is frozen: gradients flow to `x` only (CPU f32; elsewhere
-/// candle's matmul, whose backward also computes the unused weight gradient).
+/// `x [M, in] @ w^T` where `w` is frozen: gradients flow to `x` only (CPU f32 `x`, `w` in f32
+/// or half precision; elsewhere candle's matmul, whose backward also computes the unused weight
+/// gradient).
 pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && w.dtype() == candle_core::DType::F32
-    {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         x.contiguous()?.apply_op1(FrozenMatmulT { w: w.detach() })
     } else {
         super::llama::matmul_wt(x, w)

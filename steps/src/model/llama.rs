@@ -184,8 +184,32 @@ pub(crate) fn attention_mask(
 /// (measured on 2 AVX-512 cores: 16x1536 @ 1536x576 takes 2.2 ms one way, 0.28 ms the other).
 const SMALL_M: usize = 128;
 
-/// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation.
+thread_local! {
+    /// Set while this thread generates: see [`matmul_wt`].
+    static HALF_NATIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with products against half-precision weights computed in their precision (what
+/// generation does: casting every weight for each new token would cost more than the
+/// products). Scoring and training, whose numbers must agree with each other, cast instead.
+pub(crate) fn with_half_native<R>(f: impl FnOnce() -> R) -> R {
+    let before = HALF_NATIVE.with(|c| c.replace(true));
+    let r = f();
+    HALF_NATIVE.with(|c| c.set(before));
+    r
+}
+
+/// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation. A weight in
+/// another dtype than `x` (a frozen half-precision base) is cast to `x`'s dtype for the product,
+/// or inside [`with_half_native`] `x` is cast to the weight's; the result has `x`'s dtype.
 pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() != x.dtype() {
+        return if HALF_NATIVE.with(|c| c.get()) {
+            matmul_wt(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())
+        } else {
+            matmul_wt(x, &w.to_dtype(x.dtype())?)
+        };
+    }
     if x.dim(0)? <= SMALL_M {
         w.matmul(&x.t()?)?.t()
     } else {
@@ -375,6 +399,7 @@ impl Weights {
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.norm.dtype())?
             .reshape((b, t, ()))?;
         let off = cache.as_ref().map(|c| c.len).unwrap_or(0);
         if let Some(c) = cache.as_ref() {

@@ -12,6 +12,16 @@ use serde_json::Value;
 use super::{ChatTokenizer, Config, LanguageModel, ModelError};
 
 pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LanguageModel, ModelError> {
+    load_opts(dir, device, dtype, false)
+}
+
+/// [`load`], keeping half-precision weight matrices in their precision with `keep_half`.
+pub(crate) fn load_opts(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    keep_half: bool,
+) -> Result<LanguageModel, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
@@ -39,7 +49,8 @@ pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Language
     } else {
         dir.to_path_buf()
     };
-    LanguageModel::from_tensors(config, tokenizer, tensors, &path, device, dtype).map_err(|e| {
+    LanguageModel::from_tensors_opts(config, tokenizer, tensors, &path, device, dtype, keep_half)
+        .map_err(|e| {
         match e {
             ModelError::ShapeMismatch {
                 tensor,
@@ -115,31 +126,41 @@ fn safetensors_dtype(s: &str) -> Option<DType> {
 
 /// Reads every tensor of one safetensors file onto the CPU.
 pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    use std::io::{Read, Seek, SeekFrom};
+    // Tensor by tensor: the file is never held whole besides the tensors built from it.
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| ModelError::io(path, e))?
+        .len() as usize;
     let bad = |tensor: Option<String>, msg: String| ModelError::BadWeights {
         path: path.to_path_buf(),
         tensor,
         msg,
     };
-    if bytes.len() < 8 {
+    if file_len < 8 {
         return Err(bad(
             None,
-            format!("file is {} bytes, too short for a header", bytes.len()),
+            format!("file is {file_len} bytes, too short for a header"),
         ));
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    if n > bytes.len() - 8 {
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| ModelError::io(path, e))?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > file_len - 8 {
         return Err(bad(
             None,
             format!(
                 "truncated header: {n} bytes declared, {} available",
-                bytes.len() - 8
+                file_len - 8
             ),
         ));
     }
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n])
+    let mut head = vec![0u8; n];
+    file.read_exact(&mut head).map_err(|e| ModelError::io(path, e))?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&head)
         .map_err(|e| bad(None, format!("bad header: {e}")))?;
-    let data = &bytes[8 + n..];
+    let data_len = file_len - 8 - n;
     let mut out = Vec::with_capacity(header.len());
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
     names.sort();
@@ -188,17 +209,37 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
                 format!("data_offsets {start}..{end} do not match shape {shape:?} {dt}"),
             ));
         }
-        if end > data.len() {
+        if end > data_len {
             return Err(bad(
                 Some(name.clone()),
                 format!(
-                    "truncated file: tensor data ends at byte {end} but only {} data bytes exist",
-                    data.len()
+                    "truncated file: tensor data ends at byte {end} but only {data_len} data bytes exist"
                 ),
             ));
         }
-        let t = Tensor::from_raw_buffer(&data[start..end], dtype, &shape, &Device::Cpu)?;
+        let mut buf = vec![0u8; end - start];
+        file.seek(SeekFrom::Start((8 + n + start) as u64))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| ModelError::io(path, e))?;
+        let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)?;
+        drop(buf);
         out.push((name.clone(), t));
     }
     Ok(out)
+}
+
+/// The hyper-parameters of the Hugging Face folder `dir` and the total size of its weight files.
+pub(crate) fn read_config(dir: &Path) -> Result<(Config, u64), ModelError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: cfg_path.clone(),
+        msg: e.to_string(),
+    })?;
+    let config = Config::from_hf_json(&v, &cfg_path)?;
+    let mut bytes = 0;
+    for f in weight_files(dir)? {
+        bytes += std::fs::metadata(&f).map_err(|e| ModelError::io(&f, e))?.len();
+    }
+    Ok((config, bytes))
 }

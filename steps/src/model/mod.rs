@@ -89,6 +89,21 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// The model's hyper-parameters and the size of its weight files, without loading the
+    /// weights (a hub id is looked up in the local cache).
+    pub fn read_config(&self) -> Result<(Config, u64), ModelError> {
+        match self {
+            ModelSource::HfDir(dir) => load_hf::read_config(dir),
+            ModelSource::Gguf(path) => Ok((
+                load_gguf::read_config(path)?,
+                std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?.len(),
+            )),
+            ModelSource::HubId(id) => load_hf::read_config(&resolve_hub_id(id)?),
+        }
+    }
+}
+
 impl std::fmt::Display for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -143,6 +158,46 @@ impl LanguageModel {
         }
     }
 
+    /// [`load`](Self::load) keeping weight matrices that are stored in bf16 or f16 in that
+    /// precision (see [`from_tensors_opts`](Self::from_tensors_opts)): how a run loads its
+    /// models when `[model] dtype` holds the base in half precision.
+    pub fn load_keep_half(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        check_dtype(dtype)?;
+        match src {
+            ModelSource::HfDir(dir) => load_hf::load_opts(dir, device, dtype, true),
+            _ => Self::load(src, device, dtype),
+        }
+    }
+
+    /// The weight precision of the base: bf16 or f16 when its matrices are held in half
+    /// precision, else the compute dtype.
+    pub fn base_dtype(&self) -> DType {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.values()
+            .map(|v| v.dtype())
+            .find(|d| matches!(d, DType::BF16 | DType::F16))
+            .unwrap_or(self.dtype)
+    }
+
+    /// Holds the weight matrices in `dtype` (bf16 or f16) from now on: a frozen base at half
+    /// the memory. Norms and biases keep the compute dtype.
+    pub fn to_half_base(&self, dtype: DType) -> Result<(), ModelError> {
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Err(ModelError::UnsupportedDtype {
+                path: PathBuf::from("<in-memory model>"),
+                tensor: String::new(),
+                dtype: format!("{dtype:?} (a half-precision base is bf16 or f16)"),
+            });
+        }
+        let mut data = self.varmap.data().lock().expect("varmap lock");
+        for v in data.values_mut() {
+            if v.rank() == 2 {
+                *v = Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `load(ModelSource::parse(spec), parse_device(device_spec), f32)`.
     pub fn load_str(spec: &str, device_spec: &str) -> Result<Self, ModelError> {
         let device = parse_device(device_spec)?;
@@ -155,10 +210,25 @@ impl LanguageModel {
     pub fn from_tensors(
         config: Config,
         tokenizer: ChatTokenizer,
+        tensors: HashMap<String, Tensor>,
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        Self::from_tensors_opts(config, tokenizer, tensors, path, device, dtype, false)
+    }
+
+    /// [`from_tensors`](Self::from_tensors); with `keep_half`, weight matrices stored in bf16
+    /// or f16 stay so (a frozen half-precision base: half the memory, cast to the compute
+    /// dtype where used) while everything else is converted to `dtype`.
+    pub fn from_tensors_opts(
+        config: Config,
+        tokenizer: ChatTokenizer,
         mut tensors: HashMap<String, Tensor>,
         path: &Path,
         device: &Device,
         dtype: DType,
+        keep_half: bool,
     ) -> Result<Self, ModelError> {
         check_dtype(dtype)?;
         let varmap = VarMap::new();
@@ -189,7 +259,12 @@ impl LanguageModel {
                         })
                     }
                 }
-                let t = t.to_dtype(dtype)?.to_device(device)?;
+                let half = matches!(t.dtype(), DType::BF16 | DType::F16) && t.rank() == 2;
+                let t = if keep_half && half {
+                    t.to_device(device)?
+                } else {
+                    t.to_dtype(dtype)?.to_device(device)?
+                };
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }

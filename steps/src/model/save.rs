@@ -139,6 +139,36 @@ fn write_vars(
     write_safetensors_f32(&named, &BTreeMap::new(), w)
 }
 
+/// The values of a bf16 or f16 tensor as little-endian bytes, a row block at a time.
+fn write_half_le(
+    t: &candle_core::Tensor,
+    w: &mut (impl Write + ?Sized),
+    io: impl Fn(std::io::Error) -> ModelError,
+) -> Result<(), ModelError> {
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut start = 0;
+    while start < n {
+        let len = (n - start).min(1 << 22);
+        let part = flat.narrow(0, start, len)?;
+        let bytes: Vec<u8> = match t.dtype() {
+            DType::BF16 => part
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            _ => part
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        };
+        w.write_all(&bytes).map_err(&io)?;
+        start += len;
+    }
+    Ok(())
+}
+
 /// `tensors` (in the order given; callers sort by name) as f32 safetensors bytes, with
 /// `{"format": "pt"}` and `metadata` in the header. Header keys are sorted and the bytes depend
 /// on nothing but the arguments.
@@ -154,10 +184,17 @@ pub(crate) fn write_safetensors_f32(
         header.insert("__metadata__".into(), json!(meta));
         let mut off = 0usize;
         for (name, var) in tensors {
-            let n = var.elem_count() * 4;
+            // Half-precision tensors (a frozen base held in bf16 or f16) keep their precision;
+            // everything else is f32.
+            let (tag, size) = match var.dtype() {
+                DType::BF16 => ("BF16", 2),
+                DType::F16 => ("F16", 2),
+                _ => ("F32", 4),
+            };
+            let n = var.elem_count() * size;
             header.insert(
                 name.clone(),
-                json!({"dtype": "F32", "shape": var.dims(), "data_offsets": [off, off + n]}),
+                json!({"dtype": tag, "shape": var.dims(), "data_offsets": [off, off + n]}),
             );
             off += n;
         }
@@ -170,7 +207,10 @@ pub(crate) fn write_safetensors_f32(
         w.write_all(&h).map_err(io)?;
         let mut buf = Vec::with_capacity(1 << 20);
         for (_, t) in tensors {
-            write_f32_le(t, w, &mut buf, io)?;
+            match t.dtype() {
+                DType::BF16 | DType::F16 => write_half_le(t, w, io)?,
+                _ => write_f32_le(t, w, &mut buf, io)?,
+            }
         }
         Ok(())
     }

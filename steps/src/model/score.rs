@@ -113,7 +113,7 @@ impl LanguageModel {
             let logits = if w.frozen_base {
                 super::kernels::frozen_matmul_wt(&hs, &w.lm_head)?
             } else {
-                hs.matmul(&w.lm_head.t()?)?
+                hs.matmul(&w.lm_head.to_dtype(hs.dtype())?.t()?)?
             }
             .to_dtype(sdt)?;
             // log p = logit[target] - logsumexp(logits); the max shift carries no gradient.

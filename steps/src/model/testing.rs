@@ -180,6 +180,116 @@ pub fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     out
 }
 
+/// Writes a random model of shape `cfg` as a Hugging Face folder `dir` without holding its
+/// weights in memory: tensors are drawn (as [`random_weights`] draws them, same seed, same
+/// values) and streamed into `model.safetensors` one at a time, at `dtype` (f32, bf16 or f16).
+/// The tokenizer files are copied from `tokenizer_from` (a Hugging Face folder with the
+/// model's real tokenizer) or are the tiny test tokenizer.
+pub fn write_random_hf_model(
+    dir: &Path,
+    cfg: &Config,
+    seed: u64,
+    dtype: DType,
+    tokenizer_from: Option<&Path>,
+) -> Result<(), ModelError> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    match tokenizer_from {
+        Some(src) => {
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(src.join(f), dir.join(f)).map_err(|e| ModelError::io(src.join(f), e))?;
+            }
+        }
+        None => {
+            let (tj, tc, _, _) = tiny_tokenizer_files();
+            write_atomic(dir, "tokenizer.json", tj.as_bytes())?;
+            write_atomic(
+                dir,
+                "tokenizer_config.json",
+                &serde_json::to_vec_pretty(&tc).expect("json"),
+            )?;
+        }
+    }
+    let (tag, size) = match dtype {
+        DType::F32 => ("F32", 4),
+        DType::BF16 => ("BF16", 2),
+        DType::F16 => ("F16", 2),
+        other => {
+            return Err(ModelError::UnsupportedDtype {
+                path: dir.to_path_buf(),
+                tensor: String::new(),
+                dtype: format!("{other:?} (write f32, bf16 or f16)"),
+            })
+        }
+    };
+    let mut hf = cfg.to_hf_json();
+    hf["torch_dtype"] = json!(match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        _ => "float16",
+    });
+    write_atomic(dir, "config.json", &serde_json::to_vec_pretty(&hf).expect("json"))?;
+    let tensors = cfg.expected_tensors();
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut off = 0usize;
+    for (name, shape) in &tensors {
+        let n = shape.iter().product::<usize>() * size;
+        header.insert(
+            name.clone(),
+            json!({"dtype": tag, "shape": shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let mut h = serde_json::to_vec(&header).expect("json");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let path = dir.join("model.safetensors");
+    let file = std::fs::File::create(&path).map_err(|e| ModelError::io(&path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+    let io = |e: std::io::Error| ModelError::io(&path, e);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut normal = move || {
+        let u1: f64 = rng.gen::<f64>().max(1e-12);
+        let u2: f64 = rng.gen();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 22);
+    for (name, shape) in &tensors {
+        let n: usize = shape.iter().product();
+        let scale = if name.ends_with("norm.weight") {
+            0.1
+        } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
+            0.35
+        } else if name.ends_with(".bias") {
+            0.1
+        } else {
+            1.0 / (*shape.last().expect("shape") as f32).sqrt()
+        };
+        let offset = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1 << 20);
+            buf.clear();
+            for _ in 0..k {
+                let x = offset + scale * normal();
+                match dtype {
+                    DType::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                    DType::BF16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                    _ => buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                }
+            }
+            w.write_all(&buf).map_err(io)?;
+            left -= k;
+        }
+    }
+    let file = w.into_inner().map_err(|e| ModelError::io(&path, e.into_error()))?;
+    file.sync_all().map_err(|e| ModelError::io(&path, e))
+}
+
 fn tiny_tokenizer_files() -> (String, serde_json::Value, Vec<String>, Vec<String>) {
     let (tokens, merges) = tiny_vocab_and_merges();
     let types: Vec<i32> = (0..tokens.len())
@@ -368,6 +478,41 @@ pub fn smollm2_135m_config() -> Config {
         rope: super::rope::Rope::plain(100_000.0),
         max_position_embeddings: 8192,
         ..tiny_config(49152)
+    }
+}
+
+/// The shape of SmolLM2-1.7B (hidden 2048, 24 layers, 32 heads and KV heads, intermediate
+/// 8192, vocab 49152, tied embeddings; 1.71 B parameters).
+pub fn smollm2_1_7b_config() -> Config {
+    Config {
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_hidden_layers: 24,
+        num_attention_heads: 32,
+        num_key_value_heads: 32,
+        head_dim: 64,
+        vocab_size: 49152,
+        rope: super::rope::Rope::plain(130_000.0),
+        max_position_embeddings: 8192,
+        ..tiny_config(49152)
+    }
+}
+
+/// The shape of Llama-3.1-8B (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate
+/// 14336, vocab 128256, untied output head; 8.03 B parameters).
+pub fn llama31_8b_config() -> Config {
+    Config {
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        vocab_size: 128256,
+        rope: super::rope::Rope::plain(500_000.0),
+        max_position_embeddings: 131072,
+        tie_word_embeddings: false,
+        ..tiny_config(128256)
     }
 }
 
