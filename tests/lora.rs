@@ -363,3 +363,92 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(tsr(&["verify"], &half_store).status.success());
 }
+
+fn plan_peak(cfg: &Path, store: &Path) -> u64 {
+    let o = tsr(&["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["nodes"].as_array().unwrap().len() > 10, "{v}");
+    v["peak"].as_u64().unwrap()
+}
+
+/// `tsr plan` prints each step's estimate; a run whose plan does not fit the memory there is
+/// refused before anything is written, naming the estimate and a setting that would fit. The
+/// model is SmolLM2-135M's shape (config only: a plan reads no weights).
+#[test]
+fn a_run_that_does_not_fit_its_memory_is_refused_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let lora = setup(dir.path(), 1, "");
+    let shape = dir.path().join("shape135m");
+    std::fs::create_dir_all(&shape).unwrap();
+    let c = tsr_steps::model::testing::smollm2_135m_config();
+    std::fs::write(
+        shape.join("config.json"),
+        serde_json::to_vec(&c.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.path().join("tiny").join(f), shape.join(f)).unwrap();
+    }
+    std::fs::write(shape.join("model.safetensors"), b"").unwrap();
+    let lora_text = std::fs::read_to_string(&lora)
+        .unwrap()
+        .replace("source = \"tiny\"", "source = \"shape135m\"");
+    std::fs::write(&lora, &lora_text).unwrap();
+    let full = dir.path().join("full.toml");
+    std::fs::write(
+        &full,
+        lora_text
+            .replace("adapter = \"lora\"\n", "")
+            .replace("[dpo.lora]\nr = 4\nalpha = 8\n", ""),
+    )
+    .unwrap();
+    let (lora_peak, full_peak) = (plan_peak(&lora, &store), plan_peak(&full, &store));
+    assert!(
+        lora_peak * 2 < full_peak,
+        "LoRA {lora_peak} vs full {full_peak}"
+    );
+    let o = tsr(&["plan", full.to_str().unwrap(), "--memory", "1TB"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    for want in ["iter1/dpo-next", "every weight trains", "fits", "peak:", "<- peak"] {
+        assert!(text(&o).contains(want), "{want}: {}", text(&o));
+    }
+    let o = tsr(&["plan", full.to_str().unwrap(), "--memory", "10MB"], &store);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("does NOT fit"), "{}", text(&o));
+
+    // Between the two peaks: the full run is refused and LoRA is named as the way to fit.
+    let limit = format!("{}", (lora_peak + full_peak) / 2);
+    let run = |cfg: &Path, envs: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tsr"));
+        c.args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+            .arg(&store);
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let o = run(&full, &[("TSR_MEMORY_LIMIT", &limit)]);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(
+        msg.contains("this run needs about")
+            && msg.contains("TSR_MEMORY_LIMIT")
+            && msg.contains("[dpo] adapter = \"lora\""),
+        "{msg}"
+    );
+    assert!(!store.join("db").exists(), "a refused run wrote a store");
+    let o = tsr(
+        &["plan", lora.to_str().unwrap(), "--memory", &format!("{limit}B")],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // The check can be overridden: the run then starts (and here fails on the empty weights).
+    let o = run(
+        &full,
+        &[("TSR_MEMORY_LIMIT", "10MB"), ("TSR_IGNORE_MEMORY_PLAN", "1")],
+    );
+    assert!(!text(&o).contains("this run needs about"), "{}", text(&o));
+    assert!(store.join("db").exists());
+}

@@ -240,8 +240,27 @@ pub fn tokens_of(text_bytes: usize) -> u64 {
     (text_bytes as u64).div_ceil(3) + 16
 }
 
-/// What memory is there for a plan: `(bytes, where the number comes from)`.
+/// Caps the memory a run plans for (`20GB`): on a machine other work shares, or to check a
+/// plan against a smaller machine.
+pub const LIMIT_ENV: &str = "TSR_MEMORY_LIMIT";
+
+/// What memory is there for a plan: `(bytes, where the number comes from)`: what the device
+/// has free, or [`LIMIT_ENV`] when that is smaller.
 pub fn available(device: &str) -> Result<(u64, String), String> {
+    let found = device_available(device);
+    match std::env::var(LIMIT_ENV) {
+        Ok(v) => {
+            let limit = parse_size(&v).map_err(|e| format!("{LIMIT_ENV}: {e}"))?;
+            match found {
+                Ok((a, from)) if a <= limit => Ok((a, from)),
+                _ => Ok((limit, LIMIT_ENV.to_string())),
+            }
+        }
+        Err(_) => found,
+    }
+}
+
+fn device_available(device: &str) -> Result<(u64, String), String> {
     if device == "cpu" {
         return cpu_available();
     }
