@@ -75,6 +75,10 @@ pub struct DpoArgs {
     /// "cpu" or "cuda:N".
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hold the frozen base's weight matrices in bf16 or f16 (with --lora or --adapter: half
+    /// the memory; adapters, gradients and optimizer state stay f32).
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     /// Print one JSON object: first-step loss, gradient norm and per-pair log-probs, per-step
     /// metrics, and the mean loss after the last step.
     #[arg(long)]
@@ -144,8 +148,10 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let model = LanguageModel::load_str(&a.model, &a.device)
-        .with_context(|| format!("loading model {}", a.model))?;
+    if a.base_dtype.as_deref().is_some_and(|d| d != "f32") && a.lora.is_none() && a.adapter.is_none() {
+        bail!("--base-dtype holds the base frozen in half precision: train an adapter with --lora or --adapter");
+    }
+    let model = crate::cmd_model::load_model(&a.model, &a.device, a.base_dtype.as_deref())?;
     let model = match (&a.lora, &a.adapter) {
         (Some(spec), _) => model.with_new_lora(spec, a.seed)?,
         (None, Some(dir)) => {
@@ -190,6 +196,13 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
                 .save_peft_adapter(dir, a.force)
                 .with_context(|| format!("saving the adapter to {}", dir.display()))?;
             model.digest()?
+        }
+        // A half-precision base: the digest of the merged model would need an f32 copy of
+        // it; the trained adapter's bytes identify the result with the base.
+        None if model.lora().is_some() && model.base_dtype() != model.dtype() => {
+            let mut h = blake3::Hasher::new();
+            model.write_trainable(&mut h)?;
+            h.finalize().to_hex().to_string()
         }
         Some(dir) => model
             .save_hf_with_digest(dir)

@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// "cpu" or "cuda:N".
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hold the model's weight matrices in bf16 or f16 (half the memory; computed in f32).
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     /// Print {prompt_token_ids, generated_token_ids, text, finished} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -64,6 +67,9 @@ pub struct LogprobsArgs {
     pub batch_size: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Hold the model's weight matrices in bf16 or f16 (half the memory; computed in f32).
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     /// One JSON object per input line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -83,10 +89,39 @@ pub struct ExportModelArgs {
     pub force: bool,
 }
 
-fn load(model: &str, adapter: Option<&Path>, device: &str) -> anyhow::Result<LanguageModel> {
+/// Loads `spec` on `device`; with `base_dtype` (`bf16`, `f16`) its weight matrices are held in
+/// that precision (those stored so are never widened), as a run with `[model] dtype` does.
+pub fn load_model(
+    spec: &str,
+    device: &str,
+    base_dtype: Option<&str>,
+) -> anyhow::Result<LanguageModel> {
+    use tsr_steps::model::{parse_device, DType, ModelSource};
+    let half = match base_dtype {
+        None | Some("f32") => None,
+        Some("bf16") => Some(DType::BF16),
+        Some("f16") => Some(DType::F16),
+        Some(other) => anyhow::bail!("--base-dtype `{other}`: use f32, bf16 or f16"),
+    };
+    let Some(dt) = half else {
+        return LanguageModel::load_str(spec, device)
+            .with_context(|| format!("loading model {spec}"));
+    };
+    let dev = parse_device(device)?;
+    let m = LanguageModel::load_keep_half(&ModelSource::parse(spec)?, &dev, DType::F32)
+        .with_context(|| format!("loading model {spec}"))?;
+    m.to_half_base(dt)?;
+    Ok(m)
+}
+
+fn load(
+    model: &str,
+    adapter: Option<&Path>,
+    device: &str,
+    base_dtype: Option<&str>,
+) -> anyhow::Result<LanguageModel> {
     tune_allocator();
-    let m =
-        LanguageModel::load_str(model, device).with_context(|| format!("loading model {model}"))?;
+    let m = load_model(model, device, base_dtype)?;
     if let Some(dir) = adapter {
         let a = tsr_steps::model::LoraAdapter::load(dir, m.device())?;
         m.merge_lora(&a)?;
@@ -107,7 +142,7 @@ fn sampling(a: &GenerateArgs) -> Sampling {
 
 /// `tsr generate`.
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let m = load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let m = load(&a.model, a.adapter.as_deref(), &a.device, a.base_dtype.as_deref())?;
     let prompt_ids = m.tokenizer().encode_prompt(&a.prompt)?;
     let req = GenRequest {
         prompt_ids: prompt_ids.clone(),
@@ -172,7 +207,7 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<PairLine>> {
 /// plus the end-of-turn token) given the chat-templated prompt.
 pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
     let lines = read_pairs(&a.pairs)?;
-    let m = load(&a.model, a.adapter.as_deref(), &a.device)?;
+    let m = load(&a.model, a.adapter.as_deref(), &a.device, a.base_dtype.as_deref())?;
     let t = m.tokenizer();
     let mut pairs = Vec::with_capacity(lines.len());
     for l in &lines {
@@ -219,7 +254,7 @@ pub fn run_export_model(a: ExportModelArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let m = load(&a.model, None, &a.device)?;
+    let m = load(&a.model, None, &a.device, None)?;
     m.export_hf(&a.out, a.force)
         .context("exporting the model as a Hugging Face folder")?;
     println!(
@@ -271,6 +306,7 @@ mod tests {
             pairs: f,
             batch_size: 2,
             device: "cpu".into(),
+            base_dtype: Some("bf16".into()),
             json: true,
         })
         .unwrap();
@@ -285,6 +321,7 @@ mod tests {
             top_k: None,
             seed: 1,
             device: "cpu".into(),
+            base_dtype: Some("f16".into()),
             json: true,
         })
         .unwrap();

@@ -452,3 +452,59 @@ fn a_run_that_does_not_fit_its_memory_is_refused_before_it_starts() {
     assert!(!text(&o).contains("this run needs about"), "{}", text(&o));
     assert!(store.join("db").exists());
 }
+
+/// PEFT loads the adapter tsr exports onto the base tsr exports, and computes what tsr
+/// computes: `tests/fixtures/peft-export/` holds one run's exports and PEFT's log-probs
+/// (`scripts/peft_export_golden.sh`); the same run here must export the same adapter bytes.
+#[test]
+fn peft_loads_the_exported_adapter_onto_the_base_and_agrees() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-export");
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("goldens.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), 1, "");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = dir.path().join("adapter");
+    let o = tsr(
+        &["export", RUN, "model", "--adapter", "--out", out.to_str().unwrap()],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert!(
+            std::fs::read(out.join(f)).unwrap()
+                == std::fs::read(fixture.join("adapter").join(f)).unwrap(),
+            "{f} differs from the one PEFT was checked with: run scripts/peft_export_golden.sh"
+        );
+    }
+    let pairs = dir.path().join("pairs.jsonl");
+    let lines: String = golden["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("{}\n", serde_json::json!({"prompt": p["prompt"], "response": p["response"]})))
+        .collect();
+    std::fs::write(&pairs, lines).unwrap();
+    let base = fixture.join("base");
+    let through_adapter = logprobs(&base, Some(&fixture.join("adapter")), &pairs, &store);
+    let plain = logprobs(&base, None, &pairs, &store);
+    for (i, p) in golden["pairs"].as_array().unwrap().iter().enumerate() {
+        let want = p["logprob"].as_f64().unwrap();
+        assert!(
+            (through_adapter[i] - want).abs() < 1e-3,
+            "pair {i}: tsr {} vs PEFT {want}",
+            through_adapter[i]
+        );
+        assert!((p["merged_logprob"].as_f64().unwrap() - want).abs() < 1e-3);
+        assert!((plain[i] - p["base_logprob"].as_f64().unwrap()).abs() < 1e-3);
+    }
+    assert!(
+        through_adapter
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| (a - b).abs() > 1e-2),
+        "the adapter changes nothing: {through_adapter:?} vs {plain:?}"
+    );
+}

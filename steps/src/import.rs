@@ -46,8 +46,15 @@ impl Step for ImportModel {
             _ => ModelSource::HfDir(path),
         };
         let device = parse_device("cpu").map_err(model_err("device"))?;
-        let model = LanguageModel::load(&src, &device, DType::F32)
-            .map_err(model_err("importing the model"))?;
+        // With a half-precision base, weights already stored in half stay so while loading
+        // (an 8B bf16 checkpoint then never needs its f32 size).
+        let half = matches!(self.dtype.as_deref(), Some("bf16") | Some("f16"));
+        let model = if half {
+            LanguageModel::load_keep_half(&src, &device, DType::F32)
+        } else {
+            LanguageModel::load(&src, &device, DType::F32)
+        }
+        .map_err(model_err("importing the model"))?;
         if inputs.has("adapter") {
             let dir = inputs.path("adapter")?;
             let adapter = crate::model::LoraAdapter::load(&dir, &device)

@@ -200,7 +200,18 @@ pub fn training(
     // backward pass (the differentiable norm, rope and softmax keep several each), then the
     // backward pass holds one layer's gradients of them at a time.
     let seqs = 2 * micro_batch;
-    let per_token_layer = 40 * s.hidden + 12 * s.intermediate + 6 * s.heads * tokens;
+    // An adapted projection also keeps its update and the sum (two tensors of its output).
+    let lora_extra: u64 = match lora {
+        Some(l) => PROJECTIONS
+            .iter()
+            .zip(s.projections)
+            .filter(|(name, _)| l.targets.iter().any(|t| t == *name))
+            .map(|(_, (_, out))| 2 * out)
+            .sum(),
+        None => 0,
+    };
+    let per_token_layer =
+        40 * s.hidden + 12 * s.intermediate + 6 * s.heads * tokens + lora_extra;
     let kept = seqs * tokens * s.layers * per_token_layer * F;
     let logits = 4 * seqs * response_tokens * s.vocab * F;
     Estimate {
@@ -216,11 +227,20 @@ pub fn training(
     }
 }
 
-/// Importing a model: the source file read whole, the model built at f32, then written.
-pub fn import(s: &Shape, source_bytes: u64) -> Estimate {
+/// Importing a model and writing it in the store's form. A GGUF file is read whole and
+/// dequantised to f32. A Hugging Face folder is read a tensor at a time: into f32, or with a
+/// half-precision base (`half`) at the precision it is stored in.
+pub fn import(s: &Shape, source_bytes: u64, gguf: bool, half: bool) -> Estimate {
+    let (weights, load) = if gguf {
+        (s.params * F, source_bytes)
+    } else {
+        let stored = (source_bytes / s.params.max(1)).clamp(2, F);
+        let held = if half { stored } else { F };
+        (s.params * held, s.largest * stored)
+    };
     Estimate {
-        weights: s.params * F,
-        load: source_bytes,
+        weights,
+        load,
         overhead: OVERHEAD,
         ..Default::default()
     }

@@ -183,10 +183,13 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
         // evaluation baseline) load at f32.
         let w = if import.as_deref() == Some("import") { wb } else { 4 };
         let (assumes, parts) = match (kind, shape) {
-            ("import-model", Some((s, bytes))) => (
-                format!("{} parameters; source file {}", s.params, human(*bytes)),
-                memory::import(s, *bytes),
-            ),
+            ("import-model", Some((s, bytes))) => {
+                let gguf = !matches!(n.inputs.get("source"), Some(InputSource::External(p)) if p.is_dir());
+                (
+                    format!("{} parameters; source file {}", s.params, human(*bytes)),
+                    memory::import(s, *bytes, gguf, w < 4),
+                )
+            }
             ("generate", Some((s, _))) => (
                 format!(
                     "batch {}, prompts up to {prompt} tokens, {response} new",
