@@ -191,18 +191,23 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     }
     let final_loss = trainer.mean_loss().context("loss after the last step")?;
     let digest = match &a.out {
+        // A half-precision base: the digest of the merged model would need an f32 copy of
+        // it; the trained adapter's bytes identify the result with the base.
+        out if model.lora().is_some() && model.base_dtype() != model.dtype() => {
+            if let Some(dir) = out {
+                model
+                    .save_peft_adapter(dir, a.force)
+                    .with_context(|| format!("saving the adapter to {}", dir.display()))?;
+            }
+            let mut h = blake3::Hasher::new();
+            model.write_trainable(&mut h)?;
+            h.finalize().to_hex().to_string()
+        }
         Some(dir) if model.lora().is_some() => {
             model
                 .save_peft_adapter(dir, a.force)
                 .with_context(|| format!("saving the adapter to {}", dir.display()))?;
             model.digest()?
-        }
-        // A half-precision base: the digest of the merged model would need an f32 copy of
-        // it; the trained adapter's bytes identify the result with the base.
-        None if model.lora().is_some() && model.base_dtype() != model.dtype() => {
-            let mut h = blake3::Hasher::new();
-            model.write_trainable(&mut h)?;
-            h.finalize().to_hex().to_string()
         }
         Some(dir) => model
             .save_hf_with_digest(dir)

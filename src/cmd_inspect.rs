@@ -143,13 +143,17 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
     } else {
         print_status(&view);
         for m in &adapters {
+            let short = |k: &str| {
+                let s = m[k].as_str().unwrap_or("?");
+                s.get(..12).unwrap_or(s).to_string()
+            };
             println!(
                 "model {} of {}: LoRA adapter (r = {}, alpha = {}) over base {}",
-                &m["model"].as_str().unwrap_or("?")[..12],
+                short("model"),
                 m["node"].as_str().unwrap_or("?"),
                 m["r"],
                 m["alpha"].as_f64().unwrap_or(f64::NAN),
-                &m["base"].as_str().unwrap_or("?")[..12.min(m["base"].as_str().unwrap_or("?").len())]
+                short("base")
             );
         }
         if let Some(r) = &view.remote {

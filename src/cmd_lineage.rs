@@ -48,22 +48,43 @@ fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Optio
         .map(|x| x.to_hex())
 }
 
+/// `bfloat16` or `float16` when the safetensors file at `path` holds weight matrices in that
+/// precision (a run's base under `[model] dtype`).
+fn half_dtype_of(path: &std::path::Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 64 << 20 {
+        return None;
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h).ok()?;
+    let v: Value = serde_json::from_slice(&h).ok()?;
+    v.as_object()?.values().find_map(|t| match t["dtype"].as_str() {
+        Some("BF16") => Some("bfloat16"),
+        Some("F16") => Some("float16"),
+        _ => None,
+    })
+}
+
 /// When the node made a LoRA adapter (its `weights` output is one): its rank, alpha and the
 /// digest of the base it adapts.
 pub fn adapter_of(store: &Store, node: &NodeResult) -> anyhow::Result<Option<Value>> {
     let Some(w) = node.output("weights") else {
         return Ok(None);
     };
-    if node.step.kind != "dpo" {
+    // Only a DPO step configured for LoRA makes adapters; its header alone is read (a damaged
+    // blob is `tsr verify`'s to report, not a reason for status or lineage to fail).
+    if node.step.kind != "dpo" || !node.step.config.contains("\"lora\"") {
         return Ok(None);
     }
-    let path = store
-        .blobs()
-        .verified_path(&w)
-        .with_context(|| format!("reading the weights blob {}", w.short()))?;
-    Ok(tsr_steps::model::StoredAdapter::read(&path)
-        .ok()
-        .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})))
+    Ok(
+        tsr_steps::model::StoredAdapter::read(&store.blobs().path(&w))
+            .ok()
+            .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})),
+    )
 }
 
 /// Every pair of a run with the DPO step that consumed it and the model that step made.
@@ -259,7 +280,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                                     "; LoRA adapter r = {}, alpha = {} over base {}",
                                     lora["r"],
                                     lora["alpha"].as_f64().unwrap_or(f64::NAN),
-                                    lora["base"].as_str().map(|b| &b[..12.min(b.len())]).unwrap_or("?")
+                                    lora["base"].as_str().map(|b| b.get(..12).unwrap_or(b)).unwrap_or("?")
                                 )
                             }
                         );
@@ -400,7 +421,7 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
             node.node,
             meta.r,
             meta.alpha,
-            &meta.base_digest[..12.min(meta.base_digest.len())]
+            meta.short_base()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -412,7 +433,7 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
             bail!(
                 "the adapter of node `{}` adapts the base model {}, but the run's base is {}; run `tsr verify`",
                 node.node,
-                &meta.base_digest[..12.min(meta.base_digest.len())],
+                meta.short_base(),
                 base_weights.short()
             );
         }
@@ -436,6 +457,12 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
             base_weights.short()
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    // A base held in half precision is exported as stored: say so in config.json.
+    let mut files = files;
+    if let Some(dt) = half_dtype_of(&weights_path) {
+        files.config["dtype"] = json!(dt);
+        files.config["torch_dtype"] = json!(dt);
     }
     tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
         let mut f =

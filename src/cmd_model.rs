@@ -300,31 +300,35 @@ mod tests {
         let model = dir.to_str().unwrap().to_string();
         let f = tmp.path().join("p.jsonl");
         std::fs::write(&f, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").unwrap();
-        run_logprobs(LogprobsArgs {
-            model: model.clone(),
-            adapter: None,
-            pairs: f,
-            batch_size: 2,
-            device: "cpu".into(),
-            base_dtype: Some("bf16".into()),
-            json: true,
-        })
-        .unwrap();
-        run_generate(GenerateArgs {
-            model: model.clone(),
-            adapter: None,
-            prompt: "Hi".into(),
-            max_new: 4,
-            greedy: false,
-            temperature: Some(0.8),
-            top_p: Some(0.9),
-            top_k: None,
-            seed: 1,
-            device: "cpu".into(),
-            base_dtype: Some("f16".into()),
-            json: true,
-        })
-        .unwrap();
+        for base_dtype in [None, Some("bf16".to_string())] {
+            run_logprobs(LogprobsArgs {
+                model: model.clone(),
+                adapter: None,
+                pairs: f.clone(),
+                batch_size: 2,
+                device: "cpu".into(),
+                base_dtype,
+                json: true,
+            })
+            .unwrap();
+        }
+        for base_dtype in [None, Some("f16".to_string())] {
+            run_generate(GenerateArgs {
+                model: model.clone(),
+                adapter: None,
+                prompt: "Hi".into(),
+                max_new: 4,
+                greedy: false,
+                temperature: Some(0.8),
+                top_p: Some(0.9),
+                top_k: None,
+                seed: 1,
+                device: "cpu".into(),
+                base_dtype,
+                json: true,
+            })
+            .unwrap();
+        }
         run_export_model(ExportModelArgs {
             model,
             out: tmp.path().join("out"),

@@ -63,7 +63,7 @@ pub const IGNORE_ENV: &str = "TSR_IGNORE_MEMORY_PLAN";
 
 /// Refuses a run whose plan does not fit the memory its device has now, before anything is
 /// written.
-pub fn check(config: &Config, device: Option<&str>) -> anyhow::Result<()> {
+pub fn check(config: &Config, device: Option<&str>, store_dir: &std::path::Path) -> anyhow::Result<()> {
     if config.model.is_none() || std::env::var(IGNORE_ENV).is_ok_and(|v| v == "1") {
         return Ok(());
     }
@@ -79,11 +79,32 @@ pub fn check(config: &Config, device: Option<&str>) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let plan = tsr_workflows::memory::plan(&config, Some(available))?;
+    let plan =
+        tsr_workflows::memory::plan_remaining(&config, Some(available), &done_nodes(store_dir, &config.name))?;
     if let Some(msg) = plan.refusal() {
         anyhow::bail!(
             "{msg}. `tsr plan` prints the estimate per step; set {IGNORE_ENV}=1 to start anyway"
         );
     }
     Ok(())
+}
+
+/// The nodes of `run` whose steps are done in the store at `dir` (none when there is no store
+/// or it cannot be read now): a continuing run needs no memory for them.
+fn done_nodes(dir: &std::path::Path, run: &str) -> std::collections::BTreeSet<String> {
+    let mut done = std::collections::BTreeSet::new();
+    if !dir.join("db").exists() {
+        return done;
+    }
+    let Ok(store) = tsr_state::Store::open_existing_nowait(dir) else {
+        return done;
+    };
+    for (node, rec) in store.nodes(run).unwrap_or_default() {
+        if let Ok(Some(step)) = store.get_step(&rec.step_key) {
+            if matches!(step.status, tsr_state::StepStatus::Done { .. }) {
+                done.insert(node);
+            }
+        }
+    }
+    done
 }

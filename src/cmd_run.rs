@@ -85,7 +85,7 @@ fn drive(
 ) -> anyhow::Result<ExitCode> {
     remote.check()?;
     if execute {
-        crate::cmd_plan::check(config, device.as_deref())?;
+        crate::cmd_plan::check(config, device.as_deref(), store_dir)?;
     }
     let store = create_store(store_dir)?;
     let stop = StopFlag::new();

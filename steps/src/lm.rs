@@ -25,18 +25,27 @@ pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepErr
 }
 
 /// Load the model whose files are the inputs under `prefix`, on the step's device, with its
-/// adapter (if it has one) merged in.
+/// adapter (if it has one) merged in (applied unmerged over a half-precision base).
 pub fn load(
     inputs: &StepInputs,
     prefix: &str,
     ctx: &StepContext,
 ) -> Result<LanguageModel, StepError> {
     let (model, adapter) = load_parts(inputs, prefix, ctx)?;
-    if let Some(a) = adapter {
-        model
-            .merge_lora(&a)
-            .map_err(|e| StepError::wrap(format!("applying the adapter of model `{prefix}`"), e))?;
+    let Some(a) = adapter else {
+        return Ok(model);
+    };
+    let what = || format!("applying the adapter of model `{prefix}`");
+    if model.base_dtype() != model.dtype() {
+        // A half-precision base: merging would round the update to the base's precision, so
+        // the adapter is applied unmerged, in f32, as DPO trains it.
+        return model
+            .with_trainable_adapter(&a)
+            .map_err(|e| StepError::wrap(what(), e));
     }
+    model
+        .merge_lora(&a)
+        .map_err(|e| StepError::wrap(what(), e))?;
     Ok(model)
 }
 

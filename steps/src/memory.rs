@@ -91,6 +91,8 @@ impl Shape {
 pub struct LoraShape {
     pub r: u64,
     pub targets: Vec<String>,
+    /// Trains with dropout on the adapters' inputs (each keeps its mask and dropped input).
+    pub dropout: bool,
 }
 
 /// One step's estimate, in bytes, by what holds the memory.
@@ -206,7 +208,7 @@ pub fn training(
             .iter()
             .zip(s.projections)
             .filter(|(name, _)| l.targets.iter().any(|t| t == *name))
-            .map(|(_, (_, out))| 2 * out)
+            .map(|(_, (inp, out))| 2 * out + if l.dropout { 2 * inp } else { 0 })
             .sum(),
         None => 0,
     };
@@ -288,15 +290,26 @@ fn device_available(device: &str) -> Result<(u64, String), String> {
         Some("") => 0,
         Some(rest) => rest
             .strip_prefix(':')
-            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| format!("device `{device}`: use cpu, cuda or cuda:N"))?,
         None => return Err(format!("device `{device}`: use cpu, cuda or cuda:N")),
+    };
+    // CUDA numbers the devices CUDA_VISIBLE_DEVICES lists; nvidia-smi numbers them all.
+    let id = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .nth(index)
+            .map(|s| s.trim().to_string())
+            .ok_or_else(|| {
+                format!("device `{device}`: CUDA_VISIBLE_DEVICES={list} lists no device {index}")
+            })?,
+        _ => index.to_string(),
     };
     let out = std::process::Command::new("nvidia-smi")
         .args([
             "--query-gpu=memory.free",
             "--format=csv,noheader,nounits",
-            &format!("--id={index}"),
+            &format!("--id={id}"),
         ])
         .output()
         .map_err(|e| {
@@ -432,6 +445,7 @@ mod tests {
         let l = LoraShape {
             r: 16,
             targets: vec!["q_proj".into(), "v_proj".into()],
+            dropout: false,
         };
         let lora = training(&s, 2, Some(&l), 1, 64, 32);
         assert!(lora.peak() * 3 < full.peak(), "{lora:?} vs {full:?}");

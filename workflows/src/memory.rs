@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::WorkflowError;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use tsr_engine::InputSource;
 use tsr_steps::memory::{self, human, Estimate, LoraShape, Shape};
@@ -49,7 +49,7 @@ impl MemoryPlan {
             return None;
         }
         let mut msg = format!(
-            "this run needs about {} on {} at its peak ({}), but {} is available ({}); it would be killed part-way",
+            "this run needs about {} on {} at its peak ({}), but {} is available ({}); it would run out of memory part-way",
             human(self.peak),
             self.device,
             self.peak_node,
@@ -75,12 +75,22 @@ impl MemoryPlan {
 
 /// The plan of `c` on its device; `available` is what to compare against (`None`: do not).
 pub fn plan(c: &Config, available: Option<(u64, String)>) -> Result<MemoryPlan, WorkflowError> {
-    let mut p = estimate(c)?;
+    plan_remaining(c, available, &BTreeSet::new())
+}
+
+/// [`plan`] of the nodes not in `done` (a run that continues: its finished steps need no
+/// memory again); the peak is over those.
+pub fn plan_remaining(
+    c: &Config,
+    available: Option<(u64, String)>,
+    done: &BTreeSet<String>,
+) -> Result<MemoryPlan, WorkflowError> {
+    let mut p = estimate(c, done)?;
     if let Some((bytes, from)) = available {
         p.available = Some(bytes);
         p.available_from = Some(from);
         if p.peak > bytes {
-            p.would_fit = alternatives(c, bytes)?;
+            p.would_fit = alternatives(c, bytes, done)?;
         }
     }
     Ok(p)
@@ -115,7 +125,7 @@ fn template_len(key: &str, path: &Option<std::path::PathBuf>, default: &str) -> 
     }
 }
 
-fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
+fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowError> {
     let dag = crate::build(c)?;
     let m = c.model.as_ref().expect("validated: [model] present");
     let wb = m.weight_bytes();
@@ -133,11 +143,20 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
         } else {
             ModelSource::Gguf(path.clone())
         };
+        let key = match n.name.as_str() {
+            "import-judge" => "judge.model",
+            "import-eval-baseline" => "eval.baseline_model",
+            "import-eval-judge" => "eval.judge.model",
+            _ => "model.source",
+        };
         let (cfg, bytes) = src.read_config().map_err(|e| {
-            bad(
-                if n.name == "import" { "model.source" } else { "model" },
-                format!("cannot read the shape of {}: {e}", path.display()),
-            )
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why = format!("{why}: {c}");
+                cause = c.source();
+            }
+            bad(key, format!("cannot read the model's shape: {why}"))
         })?;
         shapes.insert(n.name.clone(), (Shape::of(&cfg), bytes));
     }
@@ -160,6 +179,7 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
         LoraShape {
             r: l.r as u64,
             targets: l.targets,
+            dropout: l.dropout > 0.0,
         }
     });
     let eval_prompt = match &c.eval {
@@ -170,7 +190,7 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
         None => 0,
     };
     let mut nodes = Vec::new();
-    for n in dag.nodes() {
+    for n in dag.nodes().iter().filter(|n| !done.contains(&n.name)) {
         let kind = n.step.kind();
         // The model a node uses: the import node its files come from.
         let import = match n.inputs.get("model.config") {
@@ -253,12 +273,19 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
                     ),
                     None => format!("every weight trains ({} parameters)", s.params),
                 };
+                let mut parts =
+                    memory::training(s, w, lora.as_ref(), d.micro_batch as u64, tokens, response);
+                if lora.is_some() && c.device != "cpu" {
+                    // Off the CPU, candle's matmul backward also computes every frozen
+                    // matrix's gradient and keeps it until the pass ends.
+                    parts.gradients += s.params * w;
+                }
                 (
                     format!(
                         "{what}; micro_batch {}, sequences up to {tokens} tokens",
                         d.micro_batch
                     ),
-                    memory::training(s, w, lora.as_ref(), d.micro_batch as u64, tokens, response),
+                    parts,
                 )
             }
             ("answer", Some((s, _))) => {
@@ -325,10 +352,14 @@ fn estimate(c: &Config) -> Result<MemoryPlan, WorkflowError> {
     })
 }
 
-/// Single changes of the settings the issue of fitting is about, each kept when its plan fits
-/// `avail`: LoRA instead of full training, a half-precision base, then halving micro_batch,
+/// Single changes of the settings that decide memory, each kept when its plan fits `avail`:
+/// LoRA instead of full training, a half-precision base, then halving micro_batch,
 /// max_new_tokens and batch sizes.
-fn alternatives(c: &Config, avail: u64) -> Result<Vec<(String, u64)>, WorkflowError> {
+fn alternatives(
+    c: &Config,
+    avail: u64,
+    done: &BTreeSet<String>,
+) -> Result<Vec<(String, u64)>, WorkflowError> {
     let mut out = Vec::new();
     let mut tries: Vec<(String, Config)> = Vec::new();
     let lora_on = c.dpo.adapter == "lora";
@@ -383,7 +414,7 @@ fn alternatives(c: &Config, avail: u64) -> Result<Vec<(String, u64)>, WorkflowEr
         ));
     }
     for (what, x) in tries {
-        let p = estimate(&x)?;
+        let p = estimate(&x, done)?;
         if p.peak <= avail {
             out.push((what, p.peak));
         }

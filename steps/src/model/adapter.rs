@@ -670,6 +670,11 @@ pub struct StoredAdapter {
 }
 
 impl StoredAdapter {
+    /// The base's digest shortened as tsr prints digests.
+    pub fn short_base(&self) -> &str {
+        &self.base_digest[..12]
+    }
+
     /// Reads the header of the stored adapter at `path`; a file that is not one is an error
     /// naming it.
     pub fn read(path: &Path) -> Result<Self, ModelError> {
@@ -701,6 +706,11 @@ impl StoredAdapter {
         let config = get(META_CONFIG).ok_or_else(|| bad("metadata lacks the adapter config".into()))?;
         let base_digest =
             get(META_BASE).ok_or_else(|| bad("metadata lacks the base model's digest".into()))?;
+        if base_digest.len() != 64 || !base_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!(
+                "the base model's digest {base_digest:?} in the metadata is not a blake3 hex digest"
+            )));
+        }
         let cfg: Value = serde_json::from_str(&config)
             .map_err(|e| bad(format!("adapter config in the metadata is not JSON: {e}")))?;
         Ok(StoredAdapter {
@@ -720,7 +730,7 @@ impl StoredAdapter {
                 path: path.to_path_buf(),
                 msg: format!(
                     "adapts the base model {}, not the base {} it is given with",
-                    short(&meta.base_digest),
+                    meta.short_base(),
                     short(base_digest)
                 ),
             });
@@ -743,7 +753,7 @@ impl StoredAdapter {
 }
 
 fn short(d: &str) -> &str {
-    &d[..d.len().min(12)]
+    d.get(..12).unwrap_or(d)
 }
 
 /// Streams the canonical weights of a base model (the canonical safetensors file `base`) with
@@ -788,4 +798,44 @@ pub fn write_merged(
     }
     let named: Vec<(String, &Tensor)> = merged.iter().map(|(n, t)| (n.clone(), t)).collect();
     super::save::write_safetensors_f32(&named, &BTreeMap::new(), w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_adapter_names_its_base_and_is_refused_on_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec: LoraSpec = "r=2,alpha=4,targets=q_proj+v_proj".parse().unwrap();
+        let m = crate::model::testing::tiny_model(dir.path(), 3)
+            .with_new_lora(&spec, 1)
+            .unwrap();
+        let base = "ab".repeat(32);
+        let path = dir.path().join("adapter.safetensors");
+        let mut f = std::fs::File::create(&path).unwrap();
+        m.write_adapter_blob(&mut f, &base).unwrap();
+        drop(f);
+        let meta = StoredAdapter::read(&path).unwrap();
+        assert_eq!((meta.r, meta.alpha, meta.base_digest.as_str()), (2, 4.0, base.as_str()));
+        let a = StoredAdapter::load(&path, &base, &Device::Cpu).unwrap();
+        assert_eq!(a.factors.len(), 2 * m.config().num_hidden_layers);
+        let other = "cd".repeat(32);
+        let err = StoredAdapter::load(&path, &other, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("abababababab") && err.contains("cdcdcdcdcdcd"), "{err}");
+        // A plain weights file is not an adapter, and says so.
+        let plain = dir.path().join("plain.safetensors");
+        let mut f = std::fs::File::create(&plain).unwrap();
+        m.write_canonical(&mut f).unwrap();
+        drop(f);
+        let err = StoredAdapter::read(&plain).unwrap_err().to_string();
+        assert!(err.contains("not a LoRA adapter"), "{err}");
+        // A digest that is not one is refused (and never sliced).
+        let bad = dir.path().join("bad.safetensors");
+        let mut f = std::fs::File::create(&bad).unwrap();
+        m.write_adapter_blob(&mut f, "é").unwrap();
+        drop(f);
+        let err = StoredAdapter::read(&bad).unwrap_err().to_string();
+        assert!(err.contains("not a blake3 hex digest"), "{err}");
+    }
 }

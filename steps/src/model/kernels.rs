@@ -145,6 +145,12 @@ impl CustomOp1 for FrozenMatmulT {
 pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         x.contiguous()?.apply_op1(FrozenMatmulT { w: w.detach() })
+    } else if x.dtype() != w.dtype() {
+        // A half-precision base elsewhere (CUDA): the product in the base's precision, so no
+        // f32 copy of the weight is made and kept for the backward pass.
+        x.to_dtype(w.dtype())?
+            .matmul(&w.t()?)?
+            .to_dtype(x.dtype())
     } else {
         super::llama::matmul_wt(x, w)
     }

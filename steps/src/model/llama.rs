@@ -193,10 +193,15 @@ thread_local! {
 /// generation does: casting every weight for each new token would cost more than the
 /// products). Scoring and training, whose numbers must agree with each other, cast instead.
 pub(crate) fn with_half_native<R>(f: impl FnOnce() -> R) -> R {
-    let before = HALF_NATIVE.with(|c| c.replace(true));
-    let r = f();
-    HALF_NATIVE.with(|c| c.set(before));
-    r
+    /// Restores the flag also when `f` panics (the thread may run another step after).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HALF_NATIVE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(HALF_NATIVE.with(|c| c.replace(true)));
+    f()
 }
 
 /// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation. A weight in
