@@ -6,9 +6,9 @@
 //! (a half-precision matrix is cast where it is used, one at a time). Training
 //! keeps every activation of the micro-batch for the backward pass, plus a gradient and
 //! AdamW's two moments per trainable parameter (every weight, or only a LoRA adapter's). The
-//! per-token activation constants were measured on this project's forward pass (see
-//! BENCHMARKS.md, "Memory plan"): the estimate is meant to be within 25% of the measured peak
-//! resident memory, and on the high side.
+//! per-token activation constants were fitted to this project's forward pass (BENCHMARKS.md,
+//! "Memory plan, LoRA in runs and half-precision bases"): the estimate is meant to be within
+//! 25% of the measured peak resident memory.
 
 use crate::model::Config;
 
