@@ -271,6 +271,20 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         def.keys().all(|k| !k.starts_with("dpo.adapter") && !k.starts_with("dpo.lora")),
         "{def:?}"
     );
+    // The steps of a full run are configured exactly as before: no LoRA or dtype keys in any
+    // step's config (a step's key hashes its config).
+    let dag = tsr_workflows::build(&c).unwrap();
+    for n in dag.nodes() {
+        let config = n.step.config().to_string();
+        assert!(
+            !config.contains("lora") && !config.contains("dtype"),
+            "{}: {config}",
+            n.name
+        );
+        if n.step.kind() == "import-model" {
+            assert_eq!(config, r#"{"format":"hf"}"#);
+        }
+    }
     let lora = tsr_workflows::Config::from_file(&cfg).unwrap();
     assert_eq!(lora.definition().get("dpo.adapter").map(String::as_str), Some("\"lora\""));
 }

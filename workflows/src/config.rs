@@ -1086,6 +1086,13 @@ pub fn apply_set(config: &Config, set: &str) -> Result<Config, ConfigError> {
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(Default::default()));
     }
+    // Back to full fine-tuning: the LoRA settings go with LoRA (a fork cannot remove a table
+    // otherwise).
+    if key == "dpo.adapter" && value.as_str() == Some("full") {
+        if let Some(dpo) = root.get_mut("dpo").and_then(|d| d.as_table_mut()) {
+            dpo.remove("lora");
+        }
+    }
     let text = toml::to_string(&root).expect("TOML");
     Config::from_str_at(&text, Path::new(&format!("--set {key}")))
 }
@@ -1096,6 +1103,20 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_str_at(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_fork_can_switch_lora_off_and_on_again() {
+        let lora = parse(
+            "name = \"r\"\nworkflow = \"toy\"\n[dpo]\nadapter = \"lora\"\n[dpo.lora]\nr = 4\n",
+        )
+        .unwrap();
+        let full = apply_set(&lora, "dpo.adapter=\"full\"").unwrap();
+        assert_eq!(full.dpo.adapter, "full");
+        assert!(full.dpo.lora.is_none());
+        assert!(full.definition().keys().all(|k| !k.starts_with("dpo.lora")));
+        let back = apply_set(&full, "dpo.adapter=\"lora\"").unwrap();
+        assert_eq!(back.dpo.adapter, "lora");
     }
 
     #[test]
