@@ -148,7 +148,10 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if a.base_dtype.as_deref().is_some_and(|d| d != "f32") && a.lora.is_none() && a.adapter.is_none() {
+    if a.base_dtype.as_deref().is_some_and(|d| d != "f32")
+        && a.lora.is_none()
+        && a.adapter.is_none()
+    {
         bail!("--base-dtype holds the base frozen in half precision: train an adapter with --lora or --adapter");
     }
     let model = crate::cmd_model::load_model(&a.model, &a.device, a.base_dtype.as_deref())?;

@@ -62,11 +62,13 @@ fn half_dtype_of(path: &std::path::Path) -> Option<&'static str> {
     let mut h = vec![0u8; n as usize];
     f.read_exact(&mut h).ok()?;
     let v: Value = serde_json::from_slice(&h).ok()?;
-    v.as_object()?.values().find_map(|t| match t["dtype"].as_str() {
-        Some("BF16") => Some("bfloat16"),
-        Some("F16") => Some("float16"),
-        _ => None,
-    })
+    v.as_object()?
+        .values()
+        .find_map(|t| match t["dtype"].as_str() {
+            Some("BF16") => Some("bfloat16"),
+            Some("F16") => Some("float16"),
+            _ => None,
+        })
 }
 
 /// When the node made a LoRA adapter (its `weights` output is one): its rank, alpha and the
@@ -280,7 +282,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                                     "; LoRA adapter r = {}, alpha = {} over base {}",
                                     lora["r"],
                                     lora["alpha"].as_f64().unwrap_or(f64::NAN),
-                                    lora["base"].as_str().map(|b| b.get(..12).unwrap_or(b)).unwrap_or("?")
+                                    lora["base"]
+                                        .as_str()
+                                        .map(|b| b.get(..12).unwrap_or(b))
+                                        .unwrap_or("?")
                                 )
                             }
                         );

@@ -142,7 +142,12 @@ fn sampling(a: &GenerateArgs) -> Sampling {
 
 /// `tsr generate`.
 pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let m = load(&a.model, a.adapter.as_deref(), &a.device, a.base_dtype.as_deref())?;
+    let m = load(
+        &a.model,
+        a.adapter.as_deref(),
+        &a.device,
+        a.base_dtype.as_deref(),
+    )?;
     let prompt_ids = m.tokenizer().encode_prompt(&a.prompt)?;
     let req = GenRequest {
         prompt_ids: prompt_ids.clone(),
@@ -207,7 +212,12 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<PairLine>> {
 /// plus the end-of-turn token) given the chat-templated prompt.
 pub fn run_logprobs(a: LogprobsArgs) -> anyhow::Result<()> {
     let lines = read_pairs(&a.pairs)?;
-    let m = load(&a.model, a.adapter.as_deref(), &a.device, a.base_dtype.as_deref())?;
+    let m = load(
+        &a.model,
+        a.adapter.as_deref(),
+        &a.device,
+        a.base_dtype.as_deref(),
+    )?;
     let t = m.tokenizer();
     let mut pairs = Vec::with_capacity(lines.len());
     for l in &lines {

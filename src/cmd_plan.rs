@@ -63,7 +63,11 @@ pub const IGNORE_ENV: &str = "TSR_IGNORE_MEMORY_PLAN";
 
 /// Refuses a run whose plan does not fit the memory its device has now, before anything is
 /// written.
-pub fn check(config: &Config, device: Option<&str>, store_dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn check(
+    config: &Config,
+    device: Option<&str>,
+    store_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     if config.model.is_none() || std::env::var(IGNORE_ENV).is_ok_and(|v| v == "1") {
         return Ok(());
     }
@@ -79,8 +83,11 @@ pub fn check(config: &Config, device: Option<&str>, store_dir: &std::path::Path)
             return Ok(());
         }
     };
-    let plan =
-        tsr_workflows::memory::plan_remaining(&config, Some(available), &done_nodes(store_dir, &config.name))?;
+    let plan = tsr_workflows::memory::plan_remaining(
+        &config,
+        Some(available),
+        &done_nodes(store_dir, &config.name),
+    )?;
     if let Some(msg) = plan.refusal() {
         anyhow::bail!(
             "{msg}. `tsr plan` prints the estimate per step; set {IGNORE_ENV}=1 to start anyway"

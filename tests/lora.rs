@@ -75,7 +75,9 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
     let base_size = blob(&store, &base).len();
 
     // Every DPO node made an adapter over the imported base, a fraction of the model's size.
-    let models = st["lora_models"].as_array().expect("status names LoRA models");
+    let models = st["lora_models"]
+        .as_array()
+        .expect("status names LoRA models");
     let dpo_nodes = [
         "iter1/dpo-future",
         "iter1/dpo-next",
@@ -143,7 +145,10 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
     assert!(text(&o).contains("LoRA adapter r = 4"), "{}", text(&o));
     let o = tsr(&["status", RUN], &store);
     assert!(
-        text(&o).contains(&format!("LoRA adapter (r = 4, alpha = 8) over base {}", &base[..12])),
+        text(&o).contains(&format!(
+            "LoRA adapter (r = 4, alpha = 8) over base {}",
+            &base[..12]
+        )),
         "{}",
         text(&o)
     );
@@ -165,7 +170,10 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
     }
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
     assert_eq!(cfg["peft_type"], "LORA");
     let pairs = dir.path().join("pairs.jsonl");
     std::fs::write(
@@ -177,7 +185,10 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
     let b = logprobs(&base_dir, Some(&peft), &pairs, &store);
     let c = logprobs(&base_dir, None, &pairs, &store);
     for i in 0..a.len() {
-        assert!((a[i] - b[i]).abs() < 1e-4, "merged {a:?} vs base + adapter {b:?}");
+        assert!(
+            (a[i] - b[i]).abs() < 1e-4,
+            "merged {a:?} vs base + adapter {b:?}"
+        );
     }
     assert!(
         a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-3),
@@ -185,7 +196,15 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
     );
     // --adapter of a node without one is refused with the reason.
     let o = tsr(
-        &["export", RUN, "model", "--node", "import", "--adapter", "--out"],
+        &[
+            "export",
+            RUN,
+            "model",
+            "--node",
+            "import",
+            "--adapter",
+            "--out",
+        ],
         &store,
     );
     assert!(!o.status.success());
@@ -217,10 +236,16 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         ("r = 4\n", "r = 0\n"),
         ("alpha = 8\n", "alpha = -1\n"),
         ("alpha = 8\n", "alpha = 8\ndropout = 1.5\n"),
-        ("alpha = 8\n", "alpha = 8\ntargets = [\"q_proj\", \"lm_head\"]\n"),
+        (
+            "alpha = 8\n",
+            "alpha = 8\ntargets = [\"q_proj\", \"lm_head\"]\n",
+        ),
         ("adapter = \"lora\"\n", "adapter = \"qlora\"\n"),
         ("adapter = \"lora\"\n", ""),
-        ("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"f64\"\n"),
+        (
+            "source = \"tiny\"\n",
+            "source = \"tiny\"\ndtype = \"f64\"\n",
+        ),
     ] {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, text0.replace(edit, key)).unwrap();
@@ -246,7 +271,10 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         text0
             .replace("adapter = \"lora\"\n", "")
             .replace("[dpo.lora]\nr = 4\nalpha = 8\n", "")
-            .replace("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"bf16\"\n"),
+            .replace(
+                "source = \"tiny\"\n",
+                "source = \"tiny\"\ndtype = \"bf16\"\n",
+            ),
     )
     .unwrap();
     let o = tsr(&["run", bad.to_str().unwrap(), "--quiet"], &store);
@@ -268,7 +296,8 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
     let c = tsr_workflows::Config::from_file(&full).unwrap();
     let def = c.definition();
     assert!(
-        def.keys().all(|k| !k.starts_with("dpo.adapter") && !k.starts_with("dpo.lora")),
+        def.keys()
+            .all(|k| !k.starts_with("dpo.adapter") && !k.starts_with("dpo.lora")),
         "{def:?}"
     );
     // The steps of a full run are configured exactly as before: no LoRA or dtype keys in any
@@ -286,7 +315,10 @@ fn lora_settings_are_checked_and_full_runs_keep_their_steps() {
         }
     }
     let lora = tsr_workflows::Config::from_file(&cfg).unwrap();
-    assert_eq!(lora.definition().get("dpo.adapter").map(String::as_str), Some("\"lora\""));
+    assert_eq!(
+        lora.definition().get("dpo.adapter").map(String::as_str),
+        Some("\"lora\"")
+    );
 }
 
 #[test]
@@ -320,7 +352,10 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
     let half = dir.path().join("half.toml");
     std::fs::write(
         &half,
-        text0.replace("source = \"tiny\"\n", "source = \"tiny\"\ndtype = \"bf16\"\n"),
+        text0.replace(
+            "source = \"tiny\"\n",
+            "source = \"tiny\"\ndtype = \"bf16\"\n",
+        ),
     )
     .unwrap();
     let f32_store = dir.path().join("f32");
@@ -365,7 +400,15 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
     for (store, st) in [(&f32_store, &a), (&half_store, &b)] {
         let base = dir.path().join(format!("base-{}", lp.len()));
         let o = tsr(
-            &["export", RUN, "model", "--node", "import", "--out", base.to_str().unwrap()],
+            &[
+                "export",
+                RUN,
+                "model",
+                "--node",
+                "import",
+                "--out",
+                base.to_str().unwrap(),
+            ],
             store,
         );
         assert!(o.status.success(), "{}", text(&o));
@@ -373,7 +416,10 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
         let want = if lp.is_empty() { "float32" } else { "bfloat16" };
-        assert_eq!(cfg["torch_dtype"], want, "the exported base says its precision");
+        assert_eq!(
+            cfg["torch_dtype"], want,
+            "the exported base says its precision"
+        );
         lp.push(logprobs(&base, None, &pairs, store)[0]);
     }
     assert!(
@@ -384,13 +430,19 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
     );
     // The merged export of the bf16 run is a plain f32 model.
     let merged = dir.path().join("merged");
-    let o = tsr(&["export", RUN, "model", "--out", merged.to_str().unwrap()], &half_store);
+    let o = tsr(
+        &["export", RUN, "model", "--out", merged.to_str().unwrap()],
+        &half_store,
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(tsr(&["verify"], &half_store).status.success());
 }
 
 fn plan_peak(cfg: &Path, store: &Path) -> u64 {
-    let o = tsr(&["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"], store);
+    let o = tsr(
+        &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
+        store,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["nodes"].as_array().unwrap().len() > 10, "{v}");
@@ -436,10 +488,19 @@ fn a_run_that_does_not_fit_its_memory_is_refused_before_it_starts() {
     );
     let o = tsr(&["plan", full.to_str().unwrap(), "--memory", "1TB"], &store);
     assert!(o.status.success(), "{}", text(&o));
-    for want in ["iter1/dpo-next", "every weight trains", "fits", "peak:", "<- peak"] {
+    for want in [
+        "iter1/dpo-next",
+        "every weight trains",
+        "fits",
+        "peak:",
+        "<- peak",
+    ] {
         assert!(text(&o).contains(want), "{want}: {}", text(&o));
     }
-    let o = tsr(&["plan", full.to_str().unwrap(), "--memory", "10MB"], &store);
+    let o = tsr(
+        &["plan", full.to_str().unwrap(), "--memory", "10MB"],
+        &store,
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("does NOT fit"), "{}", text(&o));
 
@@ -465,14 +526,22 @@ fn a_run_that_does_not_fit_its_memory_is_refused_before_it_starts() {
     );
     assert!(!store.join("db").exists(), "a refused run wrote a store");
     let o = tsr(
-        &["plan", lora.to_str().unwrap(), "--memory", &format!("{limit}B")],
+        &[
+            "plan",
+            lora.to_str().unwrap(),
+            "--memory",
+            &format!("{limit}B"),
+        ],
         &store,
     );
     assert!(o.status.success(), "{}", text(&o));
     // The check can be overridden: the run then starts (and here fails on the empty weights).
     let o = run(
         &full,
-        &[("TSR_MEMORY_LIMIT", "10MB"), ("TSR_IGNORE_MEMORY_PLAN", "1")],
+        &[
+            ("TSR_MEMORY_LIMIT", "10MB"),
+            ("TSR_IGNORE_MEMORY_PLAN", "1"),
+        ],
     );
     assert!(!text(&o).contains("this run needs about"), "{}", text(&o));
     assert!(store.join("db").exists());
@@ -493,7 +562,14 @@ fn peft_loads_the_exported_adapter_onto_the_base_and_agrees() {
     assert!(o.status.success(), "{}", text(&o));
     let out = dir.path().join("adapter");
     let o = tsr(
-        &["export", RUN, "model", "--adapter", "--out", out.to_str().unwrap()],
+        &[
+            "export",
+            RUN,
+            "model",
+            "--adapter",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &store,
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -521,7 +597,12 @@ fn peft_loads_the_exported_adapter_onto_the_base_and_agrees() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| format!("{}\n", serde_json::json!({"prompt": p["prompt"], "response": p["response"]})))
+        .map(|p| {
+            format!(
+                "{}\n",
+                serde_json::json!({"prompt": p["prompt"], "response": p["response"]})
+            )
+        })
         .collect();
     std::fs::write(&pairs, lines).unwrap();
     let base = fixture.join("base");
@@ -530,7 +611,10 @@ fn peft_loads_the_exported_adapter_onto_the_base_and_agrees() {
     // And this run's adapter computes what the checked one does.
     let ours = logprobs(&base, Some(&out), &pairs, &store);
     for (a, b) in ours.iter().zip(&through_adapter) {
-        assert!((a - b).abs() < 1e-2, "this run's adapter {ours:?} vs the fixture's {through_adapter:?}");
+        assert!(
+            (a - b).abs() < 1e-2,
+            "this run's adapter {ours:?} vs the fixture's {through_adapter:?}"
+        );
     }
     for (i, p) in golden["pairs"].as_array().unwrap().iter().enumerate() {
         let want = p["logprob"].as_f64().unwrap();

@@ -543,9 +543,8 @@ impl Job {
         }
         // Per-step peaks only when asked: resetting the peak also resets what `time -v` and
         // getrusage report for the whole process.
-        let measured = compute
-            && std::env::var(STEP_MEMORY_ENV).is_ok_and(|v| v == "1")
-            && reset_peak_rss();
+        let measured =
+            compute && std::env::var(STEP_MEMORY_ENV).is_ok_and(|v| v == "1") && reset_peak_rss();
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step.run(&inputs, &ctx)))
                 .unwrap_or_else(|p| {

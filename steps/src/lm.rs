@@ -92,18 +92,19 @@ pub fn load_parts(
     let device =
         parse_device(ctx.device()).map_err(|e| StepError::wrap("choosing the device", e))?;
     // A base stored in half precision (`[model] dtype`) stays so in memory.
-    let model = LanguageModel::load_keep_half(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
-        .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))?;
-    let adapter = if adapted {
-        let path = inputs.path(&format!("{prefix}.weights"))?;
-        let base = base_digest(inputs, prefix)?;
-        Some(
-            StoredAdapter::load(&path, &base, &device)
-                .map_err(|e| StepError::wrap(format!("reading the adapter of model `{prefix}`"), e))?,
-        )
-    } else {
-        None
-    };
+    let model =
+        LanguageModel::load_keep_half(&ModelSource::HfDir(dir.clone()), &device, DType::F32)
+            .map_err(|e| StepError::wrap(format!("loading model `{prefix}`"), e))?;
+    let adapter =
+        if adapted {
+            let path = inputs.path(&format!("{prefix}.weights"))?;
+            let base = base_digest(inputs, prefix)?;
+            Some(StoredAdapter::load(&path, &base, &device).map_err(|e| {
+                StepError::wrap(format!("reading the adapter of model `{prefix}`"), e)
+            })?)
+        } else {
+            None
+        };
     Ok((model, adapter))
 }
 

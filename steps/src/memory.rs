@@ -212,8 +212,7 @@ pub fn training(
             .sum(),
         None => 0,
     };
-    let per_token_layer =
-        40 * s.hidden + 12 * s.intermediate + 6 * s.heads * tokens + lora_extra;
+    let per_token_layer = 40 * s.hidden + 12 * s.intermediate + 6 * s.heads * tokens + lora_extra;
     let kept = seqs * tokens * s.layers * per_token_layer * F;
     let logits = 4 * seqs * response_tokens * s.vocab * F;
     Estimate {
@@ -424,9 +423,17 @@ mod tests {
     #[test]
     fn parameter_counts_match_the_published_models() {
         let s = smollm2_1_7b();
-        assert!((1.70e9..1.72e9).contains(&(s.params as f64)), "{}", s.params);
+        assert!(
+            (1.70e9..1.72e9).contains(&(s.params as f64)),
+            "{}",
+            s.params
+        );
         let l = Shape::of(&crate::model::testing::llama31_8b_config());
-        assert!((8.02e9..8.04e9).contains(&(l.params as f64)), "{}", l.params);
+        assert!(
+            (8.02e9..8.04e9).contains(&(l.params as f64)),
+            "{}",
+            l.params
+        );
         // r (in + out) per projection, as PEFT counts: 18,087,936 for r = 16 on all seven.
         let all: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
         assert_eq!(s.lora_params(16, &all), 18_087_936);

@@ -785,7 +785,10 @@ impl Config {
                     return bad("dpo.lora.alpha", format!("{} is not > 0", l.alpha));
                 }
                 if !(0.0..1.0).contains(&l.dropout) {
-                    return bad("dpo.lora.dropout", format!("{} is not in [0, 1)", l.dropout));
+                    return bad(
+                        "dpo.lora.dropout",
+                        format!("{} is not in [0, 1)", l.dropout),
+                    );
                 }
                 if l.targets.is_empty() {
                     return bad("dpo.lora.targets", "name at least one projection".into());
@@ -794,7 +797,10 @@ impl Config {
                 if let Some(t) = l.targets.iter().find(|t| !known.contains(t)) {
                     return bad(
                         "dpo.lora.targets",
-                        format!("`{t}` is not a projection tsr adapts ({})", known.join(", ")),
+                        format!(
+                            "`{t}` is not a projection tsr adapts ({})",
+                            known.join(", ")
+                        ),
                     );
                 }
                 let mut seen = l.targets.clone();
@@ -807,7 +813,9 @@ impl Config {
             other => {
                 return bad(
                     "dpo.adapter",
-                    format!("`{other}`: use `full` (every weight trains) or `lora` (a low-rank adapter)"),
+                    format!(
+                    "`{other}`: use `full` (every weight trains) or `lora` (a low-rank adapter)"
+                ),
                 )
             }
         }

@@ -116,7 +116,11 @@ fn longest_prompt(key: &str, path: &Path, limit: usize) -> Result<usize, Workflo
     Ok(prompts.iter().map(|p| p.prompt.len()).max().unwrap_or(0))
 }
 
-fn template_len(key: &str, path: &Option<std::path::PathBuf>, default: &str) -> Result<usize, WorkflowError> {
+fn template_len(
+    key: &str,
+    path: &Option<std::path::PathBuf>,
+    default: &str,
+) -> Result<usize, WorkflowError> {
     match path {
         Some(p) => Ok(std::fs::metadata(p)
             .map_err(|e| bad(key, format!("cannot read {}: {e}", p.display())))?
@@ -201,10 +205,15 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
         let shape = import.as_ref().and_then(|i| shapes.get(i));
         // Half precision applies to the run's own model; other models (a fixed judge, an
         // evaluation baseline) load at f32.
-        let w = if import.as_deref() == Some("import") { wb } else { 4 };
+        let w = if import.as_deref() == Some("import") {
+            wb
+        } else {
+            4
+        };
         let (assumes, parts) = match (kind, shape) {
             ("import-model", Some((s, bytes))) => {
-                let gguf = !matches!(n.inputs.get("source"), Some(InputSource::External(p)) if p.is_dir());
+                let gguf =
+                    !matches!(n.inputs.get("source"), Some(InputSource::External(p)) if p.is_dir());
                 (
                     format!("{} parameters; source file {}", s.params, human(*bytes)),
                     memory::import(s, *bytes, gguf, w < 4),
@@ -234,7 +243,10 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         ),
                     ),
                     _ => (
-                        format!("batch {}, judge prompts up to {tokens} tokens", j.batch_size),
+                        format!(
+                            "batch {}, judge prompts up to {tokens} tokens",
+                            j.batch_size
+                        ),
                         memory::scoring(s, w, j.batch_size as u64, tokens),
                     ),
                 }
@@ -444,10 +456,20 @@ pub fn render(p: &MemoryPlan) -> String {
             human(training),
             human(e.activations + e.kv_cache),
             n.assumes,
-            if n.node == p.peak_node { "  <- peak" } else { "" }
+            if n.node == p.peak_node {
+                "  <- peak"
+            } else {
+                ""
+            }
         );
     }
-    let _ = writeln!(s, "peak: {} ({}) on {}", human(p.peak), p.peak_node, p.device);
+    let _ = writeln!(
+        s,
+        "peak: {} ({}) on {}",
+        human(p.peak),
+        p.peak_node,
+        p.device
+    );
     match (p.available, &p.available_from) {
         (Some(a), Some(from)) => {
             let _ = writeln!(

@@ -279,22 +279,22 @@ impl<'m> DpoTrainer<'m> {
             batch.micro_batches.len(),
             self.cfg.max_grad_norm,
             lr,
-            |i| match {
+            |i| {
                 // Dropout masks (when the adapter trains with dropout) depend on the step and
                 // the micro-batch alone, so a resumed run draws the same ones.
                 model.set_lora_dropout_seed(Some(dropout_seed(seed, step, i)));
                 let r = micro_loss(model, pairs, &batch.micro_batches[i], loss);
                 model.set_lora_dropout_seed(None);
-                r
-            } {
-                Ok((micro, lp)) => {
-                    logps.extend(lp);
-                    Ok(micro)
-                }
-                Err(TrainerError::Dpo(e)) => Err(e),
-                Err(other) => {
-                    failure = Some(other);
-                    Err(DpoError::InvalidConfig("policy forward failed".into()))
+                match r {
+                    Ok((micro, lp)) => {
+                        logps.extend(lp);
+                        Ok(micro)
+                    }
+                    Err(TrainerError::Dpo(e)) => Err(e),
+                    Err(other) => {
+                        failure = Some(other);
+                        Err(DpoError::InvalidConfig("policy forward failed".into()))
+                    }
                 }
             },
         );

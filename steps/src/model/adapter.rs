@@ -544,7 +544,9 @@ impl super::LanguageModel {
             msg: "this model has no trainable adapter to save".into(),
         })?;
         let config = serde_json::to_vec_pretty(&l.peft_config()).expect("json");
-        write_peft_folder(out, force, &config, |w| l.write_safetensors(w, &BTreeMap::new()))
+        write_peft_folder(out, force, &config, |w| {
+            l.write_safetensors(w, &BTreeMap::new())
+        })
     }
 
     /// Streams the trainable adapter as the store holds a model made by LoRA training: PEFT's
@@ -689,7 +691,9 @@ impl StoredAdapter {
             .map_err(|_| bad("too short for a safetensors header".into()))?;
         let n = u64::from_le_bytes(len);
         if n > 64 << 20 {
-            return Err(bad(format!("safetensors header of {n} bytes is not plausible")));
+            return Err(bad(format!(
+                "safetensors header of {n} bytes is not plausible"
+            )));
         }
         let mut header = vec![0u8; n as usize];
         f.read_exact(&mut header)
@@ -703,7 +707,8 @@ impl StoredAdapter {
                 "is not a LoRA adapter as tsr stores them (no `tsr.adapter` metadata); the model's weights file was expected to be an adapter because the model has a base".into(),
             ));
         }
-        let config = get(META_CONFIG).ok_or_else(|| bad("metadata lacks the adapter config".into()))?;
+        let config =
+            get(META_CONFIG).ok_or_else(|| bad("metadata lacks the adapter config".into()))?;
         let base_digest =
             get(META_BASE).ok_or_else(|| bad("metadata lacks the base model's digest".into()))?;
         if base_digest.len() != 64 || !base_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -723,7 +728,11 @@ impl StoredAdapter {
 
     /// The adapter at `path` (a stored adapter), checked to apply to the base whose weights
     /// digest is `base_digest`.
-    pub fn load(path: &Path, base_digest: &str, device: &Device) -> Result<LoraAdapter, ModelError> {
+    pub fn load(
+        path: &Path,
+        base_digest: &str,
+        device: &Device,
+    ) -> Result<LoraAdapter, ModelError> {
         let meta = Self::read(path)?;
         if meta.base_digest != base_digest {
             return Err(ModelError::Adapter {
@@ -770,7 +779,10 @@ pub fn write_merged(
         if !tensors.iter().any(|(n, _)| n == name) {
             return Err(ModelError::Adapter {
                 path: adapter.dir.clone(),
-                msg: format!("adapts {name}, which the base model {} does not have", base.display()),
+                msg: format!(
+                    "adapts {name}, which the base model {} does not have",
+                    base.display()
+                ),
             });
         }
     }
@@ -817,12 +829,20 @@ mod tests {
         m.write_adapter_blob(&mut f, &base).unwrap();
         drop(f);
         let meta = StoredAdapter::read(&path).unwrap();
-        assert_eq!((meta.r, meta.alpha, meta.base_digest.as_str()), (2, 4.0, base.as_str()));
+        assert_eq!(
+            (meta.r, meta.alpha, meta.base_digest.as_str()),
+            (2, 4.0, base.as_str())
+        );
         let a = StoredAdapter::load(&path, &base, &Device::Cpu).unwrap();
         assert_eq!(a.factors.len(), 2 * m.config().num_hidden_layers);
         let other = "cd".repeat(32);
-        let err = StoredAdapter::load(&path, &other, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("abababababab") && err.contains("cdcdcdcdcdcd"), "{err}");
+        let err = StoredAdapter::load(&path, &other, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("abababababab") && err.contains("cdcdcdcdcdcd"),
+            "{err}"
+        );
         // A plain weights file is not an adapter, and says so.
         let plain = dir.path().join("plain.safetensors");
         let mut f = std::fs::File::create(&plain).unwrap();

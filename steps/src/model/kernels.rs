@@ -148,9 +148,7 @@ pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else if x.dtype() != w.dtype() {
         // A half-precision base elsewhere (CUDA): the product in the base's precision, so no
         // f32 copy of the weight is made and kept for the backward pass.
-        x.to_dtype(w.dtype())?
-            .matmul(&w.t()?)?
-            .to_dtype(x.dtype())
+        x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())
     } else {
         super::llama::matmul_wt(x, w)
     }

@@ -383,6 +383,17 @@ fn tokenizer_from_gguf(
     )
 }
 
+/// The hyper-parameters of the GGUF file at `path`, from its header alone.
+pub(crate) fn read_config(path: &Path) -> Result<Config, ModelError> {
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
+        path: path.to_path_buf(),
+        tensor: None,
+        msg: format!("not a readable GGUF file: {e}"),
+    })?;
+    config_from_gguf(&content, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,15 +423,4 @@ mod tests {
         );
         assert!(hf_name("rope_freqs.weight").is_none());
     }
-}
-
-/// The hyper-parameters of the GGUF file at `path`, from its header alone.
-pub(crate) fn read_config(path: &Path) -> Result<Config, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
-        path: path.to_path_buf(),
-        tensor: None,
-        msg: format!("not a readable GGUF file: {e}"),
-    })?;
-    config_from_gguf(&content, path)
 }

@@ -50,8 +50,7 @@ pub(crate) fn load_opts(
         dir.to_path_buf()
     };
     LanguageModel::from_tensors_opts(config, tokenizer, tensors, &path, device, dtype, keep_half)
-        .map_err(|e| {
-        match e {
+        .map_err(|e| match e {
             ModelError::ShapeMismatch {
                 tensor,
                 got,
@@ -69,8 +68,7 @@ pub(crate) fn load_opts(
                 dtype,
             },
             e => e,
-        }
-    })
+        })
 }
 
 /// The safetensors files of a model directory: the shards named by the index, else
@@ -129,10 +127,7 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
     use std::io::{Read, Seek, SeekFrom};
     // Tensor by tensor: the file is never held whole besides the tensors built from it.
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| ModelError::io(path, e))?
-        .len() as usize;
+    let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len() as usize;
     let bad = |tensor: Option<String>, msg: String| ModelError::BadWeights {
         path: path.to_path_buf(),
         tensor,
@@ -145,7 +140,8 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
         ));
     }
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| ModelError::io(path, e))?;
+    file.read_exact(&mut len)
+        .map_err(|e| ModelError::io(path, e))?;
     let n = u64::from_le_bytes(len) as usize;
     if n > file_len - 8 {
         return Err(bad(
@@ -157,9 +153,10 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
         ));
     }
     let mut head = vec![0u8; n];
-    file.read_exact(&mut head).map_err(|e| ModelError::io(path, e))?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&head)
-        .map_err(|e| bad(None, format!("bad header: {e}")))?;
+    file.read_exact(&mut head)
+        .map_err(|e| ModelError::io(path, e))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&head).map_err(|e| bad(None, format!("bad header: {e}")))?;
     let data_len = file_len - 8 - n;
     let mut out = Vec::with_capacity(header.len());
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
@@ -239,7 +236,9 @@ pub(crate) fn read_config(dir: &Path) -> Result<(Config, u64), ModelError> {
     let config = Config::from_hf_json(&v, &cfg_path)?;
     let mut bytes = 0;
     for f in weight_files(dir)? {
-        bytes += std::fs::metadata(&f).map_err(|e| ModelError::io(&f, e))?.len();
+        bytes += std::fs::metadata(&f)
+            .map_err(|e| ModelError::io(&f, e))?
+            .len();
     }
     Ok((config, bytes))
 }

@@ -97,7 +97,9 @@ impl ModelSource {
             ModelSource::HfDir(dir) => load_hf::read_config(dir),
             ModelSource::Gguf(path) => Ok((
                 load_gguf::read_config(path)?,
-                std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?.len(),
+                std::fs::metadata(path)
+                    .map_err(|e| ModelError::io(path, e))?
+                    .len(),
             )),
             ModelSource::HubId(id) => load_hf::read_config(&resolve_hub_id(id)?),
         }
@@ -161,7 +163,11 @@ impl LanguageModel {
     /// [`load`](Self::load) keeping weight matrices that are stored in bf16 or f16 in that
     /// precision (see [`from_tensors_opts`](Self::from_tensors_opts)): how a run loads its
     /// models when `[model] dtype` holds the base in half precision.
-    pub fn load_keep_half(src: &ModelSource, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+    pub fn load_keep_half(
+        src: &ModelSource,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
         check_dtype(dtype)?;
         match src {
             ModelSource::HfDir(dir) => load_hf::load_opts(dir, device, dtype, true),
@@ -401,7 +407,10 @@ impl LanguageModel {
             h.update(&(layer as u64).to_le_bytes());
             h.update(&(k as u64).to_le_bytes());
             let d = h.finalize();
-            Some((p, u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"))))
+            Some((
+                p,
+                u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")),
+            ))
         };
         let cfg = &self.config;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

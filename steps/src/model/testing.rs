@@ -197,7 +197,8 @@ pub fn write_random_hf_model(
     match tokenizer_from {
         Some(src) => {
             for f in ["tokenizer.json", "tokenizer_config.json"] {
-                std::fs::copy(src.join(f), dir.join(f)).map_err(|e| ModelError::io(src.join(f), e))?;
+                std::fs::copy(src.join(f), dir.join(f))
+                    .map_err(|e| ModelError::io(src.join(f), e))?;
             }
         }
         None => {
@@ -228,7 +229,11 @@ pub fn write_random_hf_model(
         DType::BF16 => "bfloat16",
         _ => "float16",
     });
-    write_atomic(dir, "config.json", &serde_json::to_vec_pretty(&hf).expect("json"))?;
+    write_atomic(
+        dir,
+        "config.json",
+        &serde_json::to_vec_pretty(&hf).expect("json"),
+    )?;
     let tensors = cfg.expected_tensors();
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -269,7 +274,11 @@ pub fn write_random_hf_model(
         } else {
             1.0 / (*shape.last().expect("shape") as f32).sqrt()
         };
-        let offset = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+        let offset = if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            0.0
+        };
         let mut left = n;
         while left > 0 {
             let k = left.min(1 << 20);
@@ -286,7 +295,9 @@ pub fn write_random_hf_model(
             left -= k;
         }
     }
-    let file = w.into_inner().map_err(|e| ModelError::io(&path, e.into_error()))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| ModelError::io(&path, e.into_error()))?;
     file.sync_all().map_err(|e| ModelError::io(&path, e))
 }
 
