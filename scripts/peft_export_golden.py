@@ -19,20 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_golden import prompt_ids, response_ids  # tsr's tokenization conventions
+from peft_golden import summed_logprob
 
 PAIRS = [
     ("hello there", "hi, how are you?"),
     ("count to three", "one two three"),
     ("name a colour", "blue"),
 ]
-
-
-def summed_logprob(model, p_ids, r_ids):
-    ids = torch.tensor([p_ids + r_ids])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    logp = torch.log_softmax(logits[0, len(p_ids) - 1 : -1], dim=-1)
-    return float(logp.gather(1, torch.tensor(r_ids)[:, None]).sum())
 
 
 def main(fixture):

@@ -19,31 +19,6 @@ fn golden_pairs(adapter: &str) -> Vec<serde_json::Value> {
     g["adapters"][adapter]["pairs"].as_array().unwrap().clone()
 }
 
-fn logprobs(model: &Path, adapter: Option<&Path>, pairs: &Path, store: &Path) -> Vec<f64> {
-    let mut args = vec![
-        "logprobs".to_string(),
-        "--model".into(),
-        model.display().to_string(),
-        "--pairs".into(),
-        pairs.display().to_string(),
-        "--json".into(),
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter".to_string(), a.display().to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = tsr(&args, store);
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["logprob"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn adapters_apply_on_the_command_line_and_in_a_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,31 +38,6 @@ fn dpo_report(store: &Path, status: &serde_json::Value, name: &str) -> serde_jso
     serde_json::from_slice(&blob(store, &output_of(status, name, "metrics"))).unwrap()
 }
 
-fn logprobs(model: &Path, adapter: Option<&Path>, pairs: &Path, store: &Path) -> Vec<f64> {
-    let mut args = vec![
-        "logprobs".to_string(),
-        "--model".into(),
-        model.display().to_string(),
-        "--pairs".into(),
-        pairs.display().to_string(),
-        "--json".into(),
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter".to_string(), a.display().to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = tsr(&args, store);
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["logprob"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,19 +170,6 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
         "training changed nothing: {a:?} vs base {c:?}"
     );
     // --adapter of a node without one is refused with the reason.
-    let o = tsr(
-        &[
-            "export",
-            RUN,
-            "model",
-            "--node",
-            "import",
-            "--adapter",
-            "--out",
-        ],
-        &store,
-    );
-    assert!(!o.status.success());
     let o = tsr(
         &[
             "export",

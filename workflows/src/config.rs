@@ -390,17 +390,7 @@ impl Default for LoraSection {
             r: 16,
             alpha: 32.0,
             dropout: 0.0,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: tsr_steps::memory::PROJECTIONS.map(String::from).to_vec(),
         }
     }
 }

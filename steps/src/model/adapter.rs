@@ -57,6 +57,29 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// Checks that the factors of `name` fit a weight of `dims` (`[out, in]`), or that there is
+    /// no such weight (`None`), naming the adapter and the tensor.
+    fn check_fits(&self, name: &str, dims: Option<&[usize]>) -> Result<(), ModelError> {
+        let bad = |msg: String| ModelError::Adapter {
+            path: self.dir.clone(),
+            msg,
+        };
+        let Some(&[out, inp]) = dims else {
+            return Err(bad(format!(
+                "adapts {name}, which this model does not have (an adapter for another model?)"
+            )));
+        };
+        let (a, b) = &self.factors[name];
+        if a.dims() != [self.r, inp] || b.dims() != [out, self.r] {
+            return Err(bad(format!(
+                "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}] (an adapter for another model?)",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        Ok(())
+    }
+
     /// `alpha / r`: PEFT's scale for plain LoRA.
     pub fn scale(&self) -> f64 {
         self.alpha / self.r as f64
@@ -242,26 +265,10 @@ impl super::LanguageModel {
     /// Merges `adapter` into the weights: `W += scale * B @ A` for each adapted projection.
     /// Every factor must name a projection of this model with matching shapes.
     pub fn merge_lora(&self, adapter: &LoraAdapter) -> Result<(), ModelError> {
-        let bad = |msg: String| ModelError::Adapter {
-            path: adapter.dir.clone(),
-            msg,
-        };
         let vars: BTreeMap<String, candle_core::Var> = self.vars().into_iter().collect();
         // Check everything before changing anything.
-        for (name, (a, b)) in &adapter.factors {
-            let w = vars.get(name).ok_or_else(|| {
-                bad(format!(
-                    "adapts {name}, which this model does not have (an adapter for another model?)"
-                ))
-            })?;
-            let (out, inp) = w.as_tensor().dims2()?;
-            if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
-                return Err(bad(format!(
-                    "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}] (an adapter for another model?)",
-                    a.dims(),
-                    b.dims()
-                )));
-            }
+        for name in adapter.factors.keys() {
+            adapter.check_fits(name, vars.get(name).map(|w| w.dims()))?;
         }
         for (name, (a, b)) in &adapter.factors {
             let w = &vars[name];
@@ -467,23 +474,7 @@ impl super::LanguageModel {
         let vars: BTreeMap<String, Var> = self.vars().into_iter().collect();
         let mut factors = BTreeMap::new();
         for (name, (a, b)) in &adapter.factors {
-            let w = vars.get(name).ok_or_else(|| ModelError::Adapter {
-                path: adapter.dir.clone(),
-                msg: format!(
-                    "adapts {name}, which this model does not have (an adapter for another model?)"
-                ),
-            })?;
-            let (out, inp) = w.as_tensor().dims2()?;
-            if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
-                return Err(ModelError::Adapter {
-                    path: adapter.dir.clone(),
-                    msg: format!(
-                        "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}]",
-                        a.dims(),
-                        b.dims()
-                    ),
-                });
-            }
+            adapter.check_fits(name, vars.get(name).map(|w| w.dims()))?;
             factors.insert(
                 name.clone(),
                 (Var::from_tensor(&a.copy()?)?, Var::from_tensor(&b.copy()?)?),
@@ -776,32 +767,18 @@ pub fn write_merged(
     let mut tensors = super::load_hf::read_safetensors(base)?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     for name in adapter.factors.keys() {
-        if !tensors.iter().any(|(n, _)| n == name) {
-            return Err(ModelError::Adapter {
-                path: adapter.dir.clone(),
-                msg: format!(
-                    "adapts {name}, which the base model {} does not have",
-                    base.display()
-                ),
-            });
-        }
+        let dims = tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.dims());
+        adapter.check_fits(name, dims)?;
     }
     let mut merged = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_dtype(DType::F32)?;
         let t = match adapter.factors.get(&name) {
             Some((a, b)) => {
-                let (out, inp) = t.dims2()?;
-                if a.dims() != [adapter.r, inp] || b.dims() != [out, adapter.r] {
-                    return Err(ModelError::Adapter {
-                        path: adapter.dir.clone(),
-                        msg: format!(
-                            "{name}: lora_A {:?} and lora_B {:?} do not fit the weight [{out}, {inp}]",
-                            a.dims(),
-                            b.dims()
-                        ),
-                    });
-                }
+                adapter.check_fits(&name, Some(t.dims()))?;
                 (&t + (b.matmul(a)? * adapter.scale())?)?
             }
             None => t,

@@ -22,12 +22,7 @@ pub(crate) fn load(
     device: &Device,
     dtype: DType,
 ) -> Result<LanguageModel, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
-        path: path.to_path_buf(),
-        tensor: None,
-        msg: format!("not a readable GGUF file: {e}"),
-    })?;
+    let (mut file, content) = open_gguf(path)?;
     let config = config_from_gguf(&content, path)?;
     let tokenizer = tokenizer_from_gguf(&content, &config, path)?;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -385,13 +380,18 @@ fn tokenizer_from_gguf(
 
 /// The hyper-parameters of the GGUF file at `path`, from its header alone.
 pub(crate) fn read_config(path: &Path) -> Result<Config, ModelError> {
+    config_from_gguf(&open_gguf(path)?.1, path)
+}
+
+/// The GGUF file at `path` and its header.
+fn open_gguf(path: &Path) -> Result<(std::fs::File, Content), ModelError> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
         path: path.to_path_buf(),
         tensor: None,
         msg: format!("not a readable GGUF file: {e}"),
     })?;
-    config_from_gguf(&content, path)
+    Ok((file, content))
 }
 
 #[cfg(test)]

@@ -22,13 +22,7 @@ pub(crate) fn load_opts(
     dtype: DType,
     keep_half: bool,
 ) -> Result<LanguageModel, ModelError> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        path: cfg_path.clone(),
-        msg: e.to_string(),
-    })?;
-    let config = Config::from_hf_json(&v, &cfg_path)?;
+    let config = config_of(dir)?;
     let tokenizer = ChatTokenizer::from_hf_dir(
         dir,
         config.eos_token_ids.first().copied(),
@@ -227,13 +221,7 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Mod
 
 /// The hyper-parameters of the Hugging Face folder `dir` and the total size of its weight files.
 pub(crate) fn read_config(dir: &Path) -> Result<(Config, u64), ModelError> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        path: cfg_path.clone(),
-        msg: e.to_string(),
-    })?;
-    let config = Config::from_hf_json(&v, &cfg_path)?;
+    let config = config_of(dir)?;
     let mut bytes = 0;
     for f in weight_files(dir)? {
         bytes += std::fs::metadata(&f)
@@ -241,4 +229,15 @@ pub(crate) fn read_config(dir: &Path) -> Result<(Config, u64), ModelError> {
             .len();
     }
     Ok((config, bytes))
+}
+
+/// `dir/config.json` read and checked.
+fn config_of(dir: &Path) -> Result<Config, ModelError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: cfg_path.clone(),
+        msg: e.to_string(),
+    })?;
+    Config::from_hf_json(&v, &cfg_path)
 }

@@ -146,14 +146,19 @@ pub fn tiny_config(vocab: usize) -> Config {
 }
 
 /// Random weights (HF names and layout) for `cfg`, from `seed`.
-pub fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
+/// Standard normal samples from a ChaCha8 generator seeded with `seed` (Box-Muller: two
+/// uniforms, one normal).
+fn normal_sampler(seed: u64) -> impl FnMut() -> f32 {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut normal = move || {
-        // Box-Muller: two uniforms -> one standard normal.
+    move || {
         let u1: f64 = rng.gen::<f64>().max(1e-12);
         let u2: f64 = rng.gen();
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    };
+    }
+}
+
+pub fn random_weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
+    let mut normal = normal_sampler(seed);
     let mut out = HashMap::new();
     for (name, shape) in cfg.expected_tensors() {
         let n: usize = shape.iter().product();
@@ -201,15 +206,7 @@ pub fn write_random_hf_model(
                     .map_err(|e| ModelError::io(src.join(f), e))?;
             }
         }
-        None => {
-            let (tj, tc, _, _) = tiny_tokenizer_files();
-            write_atomic(dir, "tokenizer.json", tj.as_bytes())?;
-            write_atomic(
-                dir,
-                "tokenizer_config.json",
-                &serde_json::to_vec_pretty(&tc).expect("json"),
-            )?;
-        }
+        None => write_tiny_tokenizer(dir)?,
     }
     let (tag, size) = match dtype {
         DType::F32 => ("F32", 4),
@@ -256,12 +253,7 @@ pub fn write_random_hf_model(
     let io = |e: std::io::Error| ModelError::io(&path, e);
     w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&h).map_err(io)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut normal = move || {
-        let u1: f64 = rng.gen::<f64>().max(1e-12);
-        let u2: f64 = rng.gen();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    };
+    let mut normal = normal_sampler(seed);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 22);
     for (name, shape) in &tensors {
         let n: usize = shape.iter().product();
@@ -332,16 +324,22 @@ pub fn write_tiny_hf_model(dir: &Path, seed: u64) -> PathBuf {
 }
 
 /// [`write_tiny_hf_model`] returning errors.
-pub fn try_write_tiny_hf_model(dir: &Path, seed: u64) -> Result<PathBuf, ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let (tj, tc, tokens, _) = tiny_tokenizer_files();
-    let cfg = tiny_config(tokens.len());
+/// The tiny test tokenizer's `tokenizer.json` and `tokenizer_config.json` in `dir`.
+fn write_tiny_tokenizer(dir: &Path) -> Result<(), ModelError> {
+    let (tj, tc, _, _) = tiny_tokenizer_files();
     write_atomic(dir, "tokenizer.json", tj.as_bytes())?;
     write_atomic(
         dir,
         "tokenizer_config.json",
         &serde_json::to_vec_pretty(&tc).expect("json"),
-    )?;
+    )
+}
+
+pub fn try_write_tiny_hf_model(dir: &Path, seed: u64) -> Result<PathBuf, ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let (tj, tc, tokens, _) = tiny_tokenizer_files();
+    let cfg = tiny_config(tokens.len());
+    write_tiny_tokenizer(dir)?;
     write_atomic(
         dir,
         "config.json",
