@@ -555,6 +555,7 @@ impl super::LanguageModel {
         })?;
         let meta = BTreeMap::from([
             (META_KIND.to_string(), "lora".to_string()),
+            (META_VERSION.to_string(), ADAPTER_VERSION.to_string()),
             (
                 META_CONFIG.to_string(),
                 serde_json::to_string(&l.peft_config()).expect("json"),
@@ -567,6 +568,9 @@ impl super::LanguageModel {
 
 /// Metadata keys of a stored adapter (see [`super::LanguageModel::write_adapter_blob`]).
 const META_KIND: &str = "tsr.adapter";
+const META_VERSION: &str = "tsr.adapter_version";
+/// The version of the stored adapter's layout this build writes and reads.
+const ADAPTER_VERSION: &str = "1";
 const META_CONFIG: &str = "tsr.adapter_config";
 const META_BASE: &str = "tsr.base_digest";
 
@@ -697,6 +701,15 @@ impl StoredAdapter {
             return Err(bad(
                 "is not a LoRA adapter as tsr stores them (no `tsr.adapter` metadata); the model's weights file was expected to be an adapter because the model has a base".into(),
             ));
+        }
+        match get(META_VERSION).as_deref() {
+            Some(ADAPTER_VERSION) => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "is a stored adapter of format version {v}; this build reads version {ADAPTER_VERSION} (a newer tsr wrote it?)"
+                )))
+            }
+            None => return Err(bad("metadata lacks the adapter's format version".into())),
         }
         let config =
             get(META_CONFIG).ok_or_else(|| bad("metadata lacks the adapter config".into()))?;
@@ -834,5 +847,13 @@ mod tests {
         drop(f);
         let err = StoredAdapter::read(&bad).unwrap_err().to_string();
         assert!(err.contains("not a blake3 hex digest"), "{err}");
+        // An unknown format version is named, not guessed at.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let key = b"\"tsr.adapter_version\":\"1\"";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+        bytes[at + key.len() - 2] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = StoredAdapter::read(&path).unwrap_err().to_string();
+        assert!(err.contains("format version 7"), "{err}");
     }
 }
