@@ -265,7 +265,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                     } else {
                         let short = |k: &str| {
                             let s = hop[k].as_str().unwrap_or("?");
-                            s[..12.min(s.len())].to_string()
+                            s.get(..12).unwrap_or(s).to_string()
                         };
                         let lora = &hop["lora"];
                         println!(

@@ -38,6 +38,16 @@ fn dpo_report(store: &Path, status: &serde_json::Value, name: &str) -> serde_jso
     serde_json::from_slice(&blob(store, &output_of(status, name, "metrics"))).unwrap()
 }
 
+/// The DPO node's report and the loss of its first optimizer step.
+fn first_loss(store: &Path, status: &serde_json::Value, name: &str) -> (serde_json::Value, f64) {
+    let report = dpo_report(store, status, name);
+    let first = report["metrics"][0]["loss"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: {report}"));
+    (report, first)
+}
+
 #[test]
 fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,11 +83,7 @@ fn lora_runs_store_adapters_that_continue_across_iterations_and_export_to_peft()
         );
         // Policy = reference at the start (M_i's adapter continued, or a new one with B = 0),
         // so the first loss is ln 2; a dropped adapter would start elsewhere.
-        let report = dpo_report(&store, &st, name);
-        let first: f64 = report["metrics"][0]["loss"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: {report}"));
+        let (report, first) = first_loss(&store, &st, name);
         assert!(
             (first - std::f64::consts::LN_2).abs() < 1e-5,
             "{name}: first loss {first}"
@@ -341,11 +347,7 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
         "iter2/dpo-future",
         "iter2/dpo-next",
     ] {
-        let report = dpo_report(&half_store, &b, name);
-        let first: f64 = report["metrics"][0]["loss"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("{name}: {report}"));
+        let (_, first) = first_loss(&half_store, &b, name);
         assert!(
             (first - std::f64::consts::LN_2).abs() < 1e-3,
             "{name}: first loss {first}"
