@@ -143,11 +143,15 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
         eprintln!("tsr: AlpacaEval's files in {}", out.display());
     }
     let s = &e.summary;
+    let hint = crate::cmd_report::undecided_hint(s, crate::cmd_report::HintFor::Flags);
     if a.json {
         say!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({"run": name, "summary": s}))?
         );
+        if let Some(h) = hint {
+            eprintln!("tsr: {h}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     match &s.win_rate {
@@ -173,12 +177,8 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if let Some(soft) = s.soft_win_rate {
         say!("judge's probability that the model is better, both orders averaged: {soft:.1}%");
     }
-    if s.undecided > 0 {
-        say!(
-            "{} prompt(s) undecided: {:.1}% of the judge's verdicts could not be read (mode `logprob` works with judges that rarely write the verdict line)",
-            s.undecided,
-            s.unparsed_share
-        );
+    if let Some(h) = hint {
+        say!("{h}");
     }
     say!(
         "mean length: model {:.0} characters, baseline {:.0}",

@@ -384,8 +384,51 @@ pub fn report_on(
     if !a.json && evals.iter().any(|(_, e)| !e.is_empty()) {
         print_eval_table(&evals);
     }
+    // On stderr, so that it shows beside the table and under --json alike.
+    for (run, e) in &evals {
+        for e in e {
+            if let Some(h) = undecided_hint(&e.summary, HintFor::Config) {
+                eprintln!("tsr: {run} {}: {h}", e.label);
+            }
+        }
+    }
     eprintln!("tsr: plots in {}", out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the user changes the judge: `tsr eval`'s flags or a run's `[eval.judge]` table.
+#[derive(Clone, Copy, PartialEq)]
+pub enum HintFor {
+    Flags,
+    Config,
+}
+
+/// What to do when an evaluation left prompts undecided (the judge's verdicts could not be
+/// read): judge by log-probabilities, or use a stronger judge. `None` when every prompt was
+/// decided.
+pub fn undecided_hint(s: &tsr_steps::eval::EvalSummary, to: HintFor) -> Option<String> {
+    if s.undecided == 0 {
+        return None;
+    }
+    let (mode, judge) = match to {
+        HintFor::Flags => ("--mode logprob", "--judge MODEL"),
+        HintFor::Config => (
+            "mode = \"logprob\" under [eval.judge]",
+            "model = \"...\" under [eval.judge]",
+        ),
+    };
+    let stronger = format!(
+        "a stronger judge ({judge}): an instruction-tuned model of 1B parameters or more, as a GGUF file or a Hugging Face folder (e.g. Qwen2.5-1.5B-Instruct or SmolLM2-1.7B-Instruct)"
+    );
+    let what = format!(
+        "{} of {} prompt(s) undecided: {:.1}% of the judge's verdicts could not be read",
+        s.undecided, s.prompts, s.unparsed_share
+    );
+    Some(if s.mode == "text" {
+        format!("{what}. Small judges rarely write the verdict line: judge by the probabilities of `A` and `B` instead ({mode}), or use {stronger}")
+    } else {
+        format!("{what}. Use {stronger}")
+    })
 }
 
 /// The evaluated models' slots on a shared x axis: M0, Mf1, M1, Mf2, M2, ...
