@@ -294,20 +294,7 @@ fn sigkills_across_a_lora_temporal_run_change_nothing() {
     // With dropout: its masks must follow the step, not the process.
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), 2, "dropout = 0.1\n");
-    let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
-        .status
-        .success());
-    let store = dir.path().join("killed");
-    let kills = kill_at_delays(
-        &cfg,
-        &store,
-        &[150, 300, 450, 600, 750, 900, 1100, 1300, 1600, 1900],
-    );
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(kills >= 3, "only {kills} kills landed");
-    assert_same_outputs(&reference, &store, RUN, &format!("after {kills} kills"));
+    assert_kills_change_nothing(&cfg, dir.path(), RUN, 1, 9);
 }
 
 /// `[model] dtype = "bf16"`: the base is imported and held in bf16 (half the bytes), LoRA

@@ -172,21 +172,7 @@ fn meta_rewarding_mixes_into_its_only_phase() {
 fn sigkill_and_resume_of_temporal_meta_gives_identical_digests() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "temporal-meta");
-    let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
-        .status
-        .success());
-    let store = dir.path().join("killed");
-    let kills = kill_at_delays(&cfg, &store, &[150, 300, 450, 600, 750, 900, 1100, 1300]);
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(kills >= 3, "only {kills} kills landed");
-    assert_same_outputs(
-        &reference,
-        &store,
-        "temporal-meta",
-        &format!("after {kills} kills"),
-    );
+    assert_kills_change_nothing(&cfg, dir.path(), "temporal-meta", 1, 5);
 }
 
 #[test]

@@ -1,15 +1,14 @@
 //! Reliability of the language-model workflow under faults, on a tiny random model: 30+ SIGKILLs
-//! at random moments across a whole temporal iteration (blob writes, sled commits and DPO
-//! checkpoints included, wherever the dice fall), and SIGTERM during each kind of long step.
+//! inside every step of a whole temporal iteration, each a seeded moment into a unit's work
+//! (blob writes, sled commits and DPO checkpoints included), and SIGTERM during each kind of long
+//! step. Kills are placed by the run's own events (it stops itself at a named unit), never by
+//! the clock, so the tests mean the same on any machine.
 
 mod common;
 
 use common::*;
 
-use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// A tiny-model temporal run heavy enough that each long step spans several batches.
 fn setup(dir: &Path) -> PathBuf {
@@ -49,58 +48,51 @@ fn outputs(v: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-fn spawn(cfg: &Path, store: &Path, unit_delay_ms: Option<u64>) -> std::process::Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
-    if let Some(ms) = unit_delay_ms {
-        c.env("TSR_TEST_UNIT_DELAY_MS", ms.to_string());
-    }
-    c.args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
-        .arg(store)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn thirty_sigkills_across_a_temporal_iteration_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path());
     let reference = dir.path().join("ref");
-    let t0 = Instant::now();
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference);
-    assert!(o.status.success(), "{}", text(&o));
-    let full = t0.elapsed();
-    let want = outputs(&status(&reference));
+    let (v, units) = reference_run(&cfg, &reference, "r");
+    let want = outputs(&v);
 
-    let store = dir.path().join("killed");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let max_delay = (full.as_millis() as u64 / 25).clamp(40, 1000);
-    let mut kills = 0;
-    loop {
-        let mut child = spawn(&cfg, &store, None);
-        if kills >= 30 {
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(30..max_delay)));
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "child failed: {s:?}");
-            break;
-        }
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        child.wait().unwrap();
-        kills += 1;
-    }
+    // Kills planned from the run's own events, not from the clock: each new process stops
+    // itself at a unit boundary of its step, then goes on for a seeded moment (up to half a
+    // unit) and is killed, so kills land inside every step, at any point of a unit's work,
+    // blob writes and commits, and DPO checkpoints, on a fast machine as on a slow one.
+    let plan = plan_kills(&v, &units, 5, 7);
     assert!(
-        kills >= 30,
-        "only {kills} kills landed (the run took {full:?} uninterrupted)"
+        plan.len() >= 30,
+        "only {} kills planned: {units:?}",
+        plan.len()
     );
+    let store = dir.path().join("killed");
+    let landed = kill_in_steps(&cfg, &store, "r", &plan);
+    // Every step kind with units was interrupted (its record left running) by some kill.
+    let kinds: std::collections::BTreeSet<&str> =
+        landed.iter().flatten().map(|(k, _)| k.as_str()).collect();
+    for kind in ["generate", "judge", "ref-logprobs", "dpo"] {
+        assert!(
+            kinds.contains(kind),
+            "no kill landed in a `{kind}` step: {landed:?}"
+        );
+    }
+    // And every step with units, of both phases, was.
+    let planned: std::collections::BTreeSet<&str> = plan.iter().map(|k| k.node.as_str()).collect();
+    let hit: std::collections::BTreeSet<&str> =
+        landed.iter().flatten().map(|(_, n)| n.as_str()).collect();
+    let missed: Vec<&&str> = planned.difference(&hit).collect();
+    assert!(
+        missed.is_empty(),
+        "no kill landed in {missed:?}: {landed:?}"
+    );
+    assert!(
+        planned.contains("iter1/dpo-future") && planned.contains("iter1/dpo-next"),
+        "{planned:?}"
+    );
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let kills = plan.len();
     let v = status(&store);
     assert_eq!(outputs(&v), want, "outputs differ after {kills} SIGKILLs");
     // Every item-journaled step holds exactly its items (a second commit of an item is refused
@@ -122,45 +114,35 @@ fn sigterm_during_each_kind_of_step_exits_resumable_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path());
     let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
-        .status
-        .success());
-    let want = outputs(&status(&reference));
+    let (v, units) = reference_run(&cfg, &reference, "r");
+    let want = outputs(&v);
     for kind in ["generate", "judge", "ref-logprobs", "dpo"] {
+        // The first step of this kind with work left after its second unit: the run stops
+        // itself there (an event, whatever the machine's speed) and gets SIGTERM.
+        let node = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| {
+                n["kind"] == kind
+                    && units.get(n["node"].as_str().unwrap()).copied().unwrap_or(0) >= 3
+            })
+            .unwrap_or_else(|| panic!("no `{kind}` step with 3 units: {units:?}"))["node"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let store = dir.path().join(format!("term-{kind}"));
-        let child = spawn(&cfg, &store, Some(40));
-        // Wait until a step of this kind is running (from the live status snapshot).
-        let t0 = Instant::now();
-        let mut seen = false;
-        while t0.elapsed() < Duration::from_secs(60) {
-            let o = tsr(&["status", "r", "--json"], &store);
-            if o.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-                if v["nodes"].as_array().map_or(false, |ns| {
-                    ns.iter()
-                        .any(|n| n["kind"] == kind && n["state"] == "running")
-                }) {
-                    seen = true;
-                    break;
-                }
-                if v["status"] == "done" {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(seen, "never saw a `{kind}` step running");
-        let t1 = Instant::now();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut child = spawn_paused(run_command(&cfg, &store), &KillAt::new(&node, 2, 0))
+            .unwrap_or_else(|o| panic!("{kind}: never reached {node}: {}", text(&o)));
+        assert!(signal_after(&mut child, 0, libc::SIGTERM));
         let out = child.wait_with_output().unwrap();
-        let took = t1.elapsed();
         let err = String::from_utf8_lossy(&out.stderr);
-        // The step may have finished just before the signal; then the next one stops.
         assert_eq!(out.status.code(), Some(75), "{kind}: {err}");
         assert!(err.contains("Resume with: tsr run"), "{kind}: {err}");
+        // It stopped at the next unit boundary, inside the step, not at its end.
         assert!(
-            took < Duration::from_secs(20),
-            "{kind}: took {took:?} to stop"
+            unfinished_kinds(&store, "r").contains(&(kind.to_string(), node.clone())),
+            "{kind}: {node} was not left unfinished: {err}"
         );
         let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
         assert!(o.status.success(), "{kind}: {}", text(&o));

@@ -160,18 +160,6 @@ fn round_trip_restore_and_verify_without_leaking_credentials() {
     assert!(!text(&o).contains(SECRET_KEY), "{}", text(&o));
 }
 
-/// A tiny deterministic generator for the kill moments (seeded: the test is repeatable).
-fn delays(n: usize, lo: u64, hi: u64, mut seed: u64) -> Vec<u64> {
-    (0..n)
-        .map(|_| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            lo + (seed >> 33) % (hi - lo)
-        })
-        .collect()
-}
-
 fn tiny_temporal(dir: &Path) -> PathBuf {
     let model = dir.join("tiny");
     tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
@@ -204,6 +192,12 @@ fn tiny_temporal(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// What the newest `lease.json` on the server says its holder's pid is.
+fn lease_pid(server: &S3Server, prefix: &str) -> Option<u64> {
+    let t = std::fs::read_to_string(server.object_path(prefix, "lease.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&t).ok()?["holder"]["pid"].as_u64()
+}
+
 #[test]
 fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_results() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,93 +206,116 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     let cfg = tiny_temporal(dir.path());
     let cfg_s = cfg.to_str().unwrap();
     let reference = dir.path().join("reference");
-    let t0 = Instant::now();
-    let o = tsr(&["run", cfg_s, "--quiet"], &reference);
-    assert!(o.status.success(), "{}", text(&o));
-    let work = t0.elapsed().as_millis() as u64;
-    // How long a new machine takes to restore a finished run from the remote and see it done.
-    let probe = server.url("probe");
-    let o = server.tsr(
-        &["run", cfg_s, "--quiet", "--remote", &probe],
-        &dir.path().join("p1"),
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let t0 = Instant::now();
-    let o = server.tsr(
-        &["run", cfg_s, "--quiet", "--remote", &probe, "--take-over"],
-        &dir.path().join("p2"),
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let start = t0.elapsed().as_millis() as u64;
+    let (v, units) = reference_run(&cfg, &reference, "temporal");
 
-    // Each round is a new machine: an empty folder, the remote, SIGKILL at a random moment,
-    // and the folder is lost with the machine. Every third round is killed while it starts
-    // (restoring, taking the lease); the others once they have shipped something new, a
-    // random moment later, so the kills spread over the whole iteration.
-    let jitter = delays(24, 0, 1000, 7);
-    let mut kills = 0;
-    let mut seen = remote_end(&server, "loss");
-    let mut moments = Vec::new();
-    for (i, &r) in jitter.iter().enumerate() {
+    // Each round is a new machine: an empty folder, the remote, SIGKILL, and the folder is lost
+    // with the machine. Every moment is an event the test observes, never a time, so the rounds
+    // mean the same on a fast machine and a slow one:
+    // - while it starts: once its restore has begun writing the folder, or once the remote's
+    //   lease names it;
+    // - inside every step with units, both phases: the machine stops itself at a unit of the
+    //   step, goes on for a seeded moment (up to half a unit) and is killed there.
+    let plan = plan_kills(&v, &units, 3, 11);
+    let machine = |i: usize| {
+        let mut c = server.command(
+            &[
+                "run",
+                cfg_s,
+                "--quiet",
+                "--remote",
+                &url,
+                "--take-over",
+                "--remote-sync",
+                "commit",
+            ],
+            &dir.path().join(format!("machine-{i}")),
+        );
+        c.stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("machine-{i}.log"))).unwrap());
+        c
+    };
+    let mut rounds: Vec<String> = Vec::new();
+    let mut hit = std::collections::BTreeSet::new();
+    let first = remote_end(&server, "loss");
+    for (i, at) in plan.iter().enumerate() {
         let store = dir.path().join(format!("machine-{i}"));
-        let mut child = server
-            .command(
-                &[
-                    "run",
-                    cfg_s,
-                    "--quiet",
-                    "--remote",
-                    &url,
-                    "--take-over",
-                    "--remote-sync",
-                    "commit",
-                ],
-                &store,
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(format!("machine-{i}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        if i % 3 == 0 {
-            std::thread::sleep(Duration::from_millis(start / 5 + r * start / 1250));
-            moments.push(format!("start+{}ms", start / 5 + r * start / 1250));
-        } else {
-            let t0 = Instant::now();
-            while remote_end(&server, "loss") <= seen
-                && child.try_wait().unwrap().is_none()
-                && t0.elapsed() < Duration::from_secs(60)
-            {
-                std::thread::sleep(Duration::from_millis(5));
+        if i % 2 == 1 {
+            // A start-up round before this step's round.
+            let mut child = machine(100 + i).spawn().unwrap();
+            let store0 = dir.path().join(format!("machine-{}", 100 + i));
+            let restoring = (i / 2) % 2 == 0;
+            loop {
+                let seen = if restoring {
+                    store0.exists()
+                } else {
+                    lease_pid(&server, "loss") == Some(child.id() as u64)
+                };
+                if seen || child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(r * work / 20_000));
-            moments.push(format!(
-                "commit {}+{}ms",
-                remote_end(&server, "loss"),
-                r * work / 20_000
-            ));
-        }
-        if child.try_wait().unwrap().is_none() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "round {i}: the machine ended while starting: {}",
+                std::fs::read_to_string(dir.path().join(format!("machine-{}.log", 100 + i)))
+                    .unwrap_or_default()
+            );
             child.kill().unwrap();
-            kills += 1;
-        } else {
-            let log = std::fs::read_to_string(dir.path().join(format!("machine-{i}.log")))
-                .unwrap_or_default();
-            moments.push(format!("round {i} ended by itself: {log}"));
+            child.wait().unwrap();
+            rounds.push(
+                if restoring {
+                    "while restoring"
+                } else {
+                    "lease taken"
+                }
+                .into(),
+            );
+            let _ = std::fs::remove_dir_all(&store0);
         }
+        let mut child = spawn_paused(machine(i), at).unwrap_or_else(|o| {
+            panic!(
+                "round {i}: the machine never reached {at:?} (exit {:?}): {}",
+                o.status.code(),
+                std::fs::read_to_string(dir.path().join(format!("machine-{i}.log")))
+                    .unwrap_or_default()
+            )
+        });
+        assert!(
+            signal_after(&mut child, at.after_ms, libc::SIGKILL),
+            "round {i}: the run finished within {at:?}"
+        );
         child.wait().unwrap();
+        let left = unfinished_kinds(&store, "temporal");
+        if left.iter().any(|(_, n)| *n == at.node) {
+            hit.insert(at.node.clone());
+        }
+        rounds.push(format!("{at:?} left {left:?} unfinished"));
         std::fs::remove_dir_all(&store).unwrap();
-        seen = seen.max(remote_end(&server, "loss"));
     }
+    // Coverage, not a count: a kill landed inside every step with units, in both phases.
+    let planned: std::collections::BTreeSet<String> = plan.iter().map(|k| k.node.clone()).collect();
+    let missed: Vec<&String> = planned.difference(&hit).collect();
     assert!(
-        kills >= 20,
-        "only {kills} of {} kills landed: {moments:?}",
-        jitter.len()
+        missed.is_empty(),
+        "no kill landed in {missed:?}: {rounds:#?}"
     );
-    // The killed machines made progress that reached the remote (the last one does not start
-    // from scratch).
+    for kind in ["generate", "judge", "ref-logprobs", "dpo"] {
+        assert!(
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["kind"] == kind && planned.contains(n["node"].as_str().unwrap())),
+            "no `{kind}` step planned: {units:?}"
+        );
+    }
+    // The killed machines' work reached the remote (the last machine does not start from
+    // scratch).
+    let seen = remote_end(&server, "loss");
     assert!(
-        seen > 20,
-        "the remote holds only commit {seen}: {moments:?}"
+        seen > first,
+        "the remote holds no commit of the killed machines: {rounds:#?}"
     );
     let last = dir.path().join("last");
     let o = server.tsr(
@@ -306,6 +323,8 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
         &last,
     );
     assert!(o.status.success(), "{}", text(&o));
+    let kills = rounds.len();
+    eprintln!("{kills} machine losses: {rounds:#?}");
     assert_same_outputs(
         &reference,
         &last,
@@ -321,6 +340,7 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     let v = remote_view(&server, &url, &dir.path().join("none"));
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
     assert!(v["generations"].as_u64().unwrap() >= 2, "{v}");
+    assert!(kills >= 24, "{kills} machine losses planned: {rounds:#?}");
 }
 
 /// Start `tsr run CONFIG --quiet --remote URL` in the background with extra environment,

@@ -213,21 +213,7 @@ fn text_judge_on_a_random_model_is_unscored_not_a_crash() {
 fn sigkill_and_resume_of_the_whole_workflow_gives_identical_digests() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "temporal", "logprob");
-    let reference = dir.path().join("ref");
-    assert!(tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &reference)
-        .status
-        .success());
-    let store = dir.path().join("killed");
-    let kills = kill_at_delays(&cfg, &store, &[150, 300, 450, 600, 750, 900, 1100, 1300]);
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(kills >= 3, "only {kills} kills landed");
-    assert_same_outputs(
-        &reference,
-        &store,
-        "temporal-logprob",
-        &format!("after {kills} kills"),
-    );
+    assert_kills_change_nothing(&cfg, dir.path(), "temporal-logprob", 1, 3);
 }
 
 fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> PathBuf {

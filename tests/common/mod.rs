@@ -58,24 +58,230 @@ pub fn blob(store: &Path, digest: &str) -> Vec<u8> {
     std::fs::read(store.join("blobs").join(&digest[..2]).join(&digest[2..])).unwrap()
 }
 
-/// Start `tsr run CONFIG` on `store` once per delay and SIGKILL it after that many
-/// milliseconds (if it is still running). Returns how many kills landed.
-pub fn kill_at_delays(cfg: &Path, store: &Path, delays_ms: &[u64]) -> usize {
-    let mut kills = 0;
-    for &delay_ms in delays_ms {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-            .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
-            .arg(store)
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
+/// Where a test stops a run: in step `node`, at the `unit`-th unit boundary (from 1) that the
+/// step reaches in the new process, then `after_ms` later (0: at the boundary itself).
+#[derive(Clone, Debug)]
+pub struct KillAt {
+    pub node: String,
+    pub unit: u64,
+    pub after_ms: u64,
+}
+
+impl KillAt {
+    pub fn new(node: &str, unit: u64, after_ms: u64) -> KillAt {
+        KillAt {
+            node: node.to_string(),
+            unit,
+            after_ms,
         }
-        child.wait().unwrap();
     }
-    kills
+}
+
+/// Whether process `pid` is stopped (state `T` in /proc).
+pub fn is_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+}
+
+/// Spawn `cmd` with `TSR_TEST_PAUSE_AT` set so that it stops itself at `at` (see the engine's
+/// `should_stop`), and wait for that event: `Ok(child)` stopped there, or `Err(output)` when
+/// it exited first (it never reached that unit). Waits on events only, never on a clock.
+pub fn spawn_paused(
+    mut cmd: Command,
+    at: &KillAt,
+) -> Result<std::process::Child, std::process::Output> {
+    let mut child = cmd
+        .env("TSR_TEST_PAUSE_AT", format!("{}#{}", at.node, at.unit))
+        .spawn()
+        .unwrap();
+    loop {
+        if is_stopped(child.id()) {
+            return Ok(child);
+        }
+        if child.try_wait().unwrap().is_some() {
+            return Err(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Let a stopped child go on for `after_ms`, then send it `signal`. Returns whether the signal
+/// found it still running (it was not finished by then).
+pub fn signal_after(child: &mut std::process::Child, after_ms: u64, signal: i32) -> bool {
+    let pid = child.id() as i32;
+    if after_ms > 0 {
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+    }
+    if child.try_wait().unwrap().is_some() {
+        return false;
+    }
+    unsafe { libc::kill(pid, signal) };
+    if signal != libc::SIGKILL && after_ms == 0 {
+        // A stopped process acts on a catchable signal once it runs again.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
+    true
+}
+
+/// `tsr run CONFIG --quiet --store STORE` with its output discarded (the way the kill tests
+/// start a run).
+pub fn run_command(cfg: &Path, store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    c.args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+        .arg(store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+/// Start `tsr run CONFIG` on `store` once per planned kill, wait until it stops itself there
+/// and SIGKILL it (after letting it go on for the planned time). Panics when a run finishes
+/// before its planned kill, naming it: every planned kill lands, whatever the machine's speed.
+/// Returns, for each kill, the (kind, node) of the steps it left unfinished.
+pub fn kill_in_steps(
+    cfg: &Path,
+    store: &Path,
+    run: &str,
+    plan: &[KillAt],
+) -> Vec<Vec<(String, String)>> {
+    let mut landed = Vec::new();
+    for at in plan {
+        let mut child = match spawn_paused(run_command(cfg, store), at) {
+            Ok(c) => c,
+            Err(o) => panic!(
+                "the run never reached {at:?} (exit {:?}): {}",
+                o.status.code(),
+                text(&o)
+            ),
+        };
+        assert!(
+            signal_after(&mut child, at.after_ms, libc::SIGKILL),
+            "the run finished within {} ms after {at:?}",
+            at.after_ms
+        );
+        child.wait().unwrap();
+        landed.push(unfinished_kinds(store, run));
+    }
+    landed
+}
+
+/// Run `tsr run CONFIG` uninterrupted on `store` as a reference: its status and how many unit
+/// boundaries each of its steps reached (`TSR_TEST_UNIT_LOG`), for planning kills.
+pub fn reference_run(
+    cfg: &Path,
+    store: &Path,
+    run: &str,
+) -> (serde_json::Value, std::collections::BTreeMap<String, u64>) {
+    let log = store.with_extension("units");
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
+        .arg(store)
+        .env("TSR_TEST_UNIT_LOG", &log)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let mut units = std::collections::BTreeMap::new();
+    for l in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        *units.entry(l.to_string()).or_insert(0) += 1;
+    }
+    (status(store, run), units)
+}
+
+/// Kills spread over a run: for each node of the reference status (in the run's order) with unit
+/// boundaries, `per_node` kills (fewer where it has fewer than `4 * per_node` units: one per 4
+/// units, at least one) at its first or second remaining unit,
+/// each a seeded moment later: up to half of one of its units, as long as the reference took
+/// (so that the kill lands inside the step, at any point of a unit's work and commit).
+pub fn plan_kills(
+    reference: &serde_json::Value,
+    units: &std::collections::BTreeMap<String, u64>,
+    per_node: u64,
+    seed: u64,
+) -> Vec<KillAt> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut plan = Vec::new();
+    for n in reference["nodes"].as_array().unwrap() {
+        let node = n["node"].as_str().unwrap();
+        let u = units.get(node).copied().unwrap_or(0);
+        if u == 0 {
+            continue;
+        }
+        let kills = per_node.min(u / 4).max(1);
+        // A step of one unit is killed at its boundary, before the unit's work.
+        let unit_ms = if u >= 2 {
+            (n["busy_s"].as_f64().unwrap_or(0.0) * 1000.0 / u as f64) as u64
+        } else {
+            0
+        };
+        for k in 0..kills {
+            plan.push(KillAt::new(node, 1 + k % 2, rng.gen_range(0..=unit_ms / 2)));
+        }
+    }
+    plan
+}
+
+/// The kill test of a workflow: an uninterrupted reference run, then `per_node` SIGKILLs inside
+/// every step with units (see [`plan_kills`]), each of which must leave its step unfinished, a
+/// final run, and every node's outputs equal to the reference's. Returns the number of kills.
+pub fn assert_kills_change_nothing(
+    cfg: &Path,
+    dir: &Path,
+    run: &str,
+    per_node: u64,
+    seed: u64,
+) -> usize {
+    let reference = dir.join("ref");
+    let (v, units) = reference_run(cfg, &reference, run);
+    let plan = plan_kills(&v, &units, per_node, seed);
+    assert!(
+        plan.len() >= 2,
+        "only {} kills planned: {units:?}",
+        plan.len()
+    );
+    let store = dir.join("killed");
+    let landed = kill_in_steps(cfg, &store, run, &plan);
+    for (at, left) in plan.iter().zip(&landed) {
+        if at.unit == 1 {
+            // A kill at most half a unit after the step's first unit boundary in this process
+            // leaves the step unfinished.
+            assert!(
+                left.iter().any(|(_, n)| *n == at.node),
+                "{at:?} left {left:?} unfinished, not its step"
+            );
+        }
+    }
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_outputs(
+        &reference,
+        &store,
+        run,
+        &format!("after {} kills", plan.len()),
+    );
+    plan.len()
+}
+
+/// The kinds of the steps that a killed run left unfinished (its store's status): where a kill
+/// landed.
+pub fn unfinished_kinds(store: &Path, run: &str) -> Vec<(String, String)> {
+    status(store, run)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] == "interrupted")
+        .map(|n| {
+            (
+                n["kind"].as_str().unwrap().to_string(),
+                n["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Every node of `run` has the same outputs in both stores.
