@@ -149,6 +149,13 @@ pub fn write_file_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result
 }
 
 fn main() -> ExitCode {
+    // With RUST_BACKTRACE set (as many users keep it), libraries capture a backtrace in every
+    // error they make and candle prints it inside the error's text. Backtraces are for panics:
+    // keep them there (RUST_BACKTRACE) and out of errors unless RUST_LIB_BACKTRACE asks for them.
+    // Set before any other thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     // Allocator and thread-pool settings for model code; sets an environment variable, so it
     // runs before any other thread starts.
     tsr_steps::model::tune_runtime();

@@ -297,3 +297,46 @@ fn a_run_whose_output_reader_goes_away_still_finishes() {
     let v = status(&store, "piped");
     assert_eq!(v["status"], "done", "{v}");
 }
+
+#[test]
+fn errors_show_their_cause_without_backtraces_when_rust_backtrace_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.gguf");
+    tsr_steps::model::testing::write_tiny_gguf(&whole, 1);
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = dir.path().join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 5]).unwrap();
+    // As a user with RUST_BACKTRACE=1 sees it; and with RUST_LIB_BACKTRACE=1 too, which makes
+    // candle capture backtraces into its errors (tsr must still keep them out of the message).
+    for lib in [None, Some("1")] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+        c.args([
+            "generate",
+            "--model",
+            cut.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ])
+        .args(["--max-new", "2", "--store"])
+        .arg(dir.path().join("s"))
+        .env("RUST_BACKTRACE", "1");
+        match lib {
+            Some(v) => c.env("RUST_LIB_BACKTRACE", v),
+            None => c.env_remove("RUST_LIB_BACKTRACE"),
+        };
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("truncated.gguf"), "the file is named: {err}");
+        assert!(
+            !err.contains("backtrace")
+                && !err.contains("rust_begin_unwind")
+                && !err.contains(" at /"),
+            "RUST_LIB_BACKTRACE={lib:?}: a backtrace inside the error: {err}"
+        );
+        assert!(
+            err.lines().count() <= 6,
+            "RUST_LIB_BACKTRACE={lib:?}: {err}"
+        );
+    }
+}

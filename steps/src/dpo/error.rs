@@ -5,12 +5,18 @@
 
 use thiserror::Error;
 
+impl From<candle_core::Error> for DpoError {
+    fn from(e: candle_core::Error) -> Self {
+        DpoError::Candle(crate::model::without_backtrace(e))
+    }
+}
+
 /// Errors of the DPO loss, optimizer, clipping, data cursor and checkpoint code.
 #[derive(Debug, Error)]
 pub enum DpoError {
     /// A candle operation failed (shape mismatch, device error, ...).
     #[error("tensor operation failed")]
-    Candle(#[from] candle_core::Error),
+    Candle(#[source] candle_core::Error),
 
     /// A loss, gradient norm or other scalar became NaN or infinite.
     #[error("non-finite {what} at optimizer step {step}")]

@@ -73,9 +73,40 @@ pub enum ModelError {
     /// A LoRA adapter folder cannot be applied as it is (the setting or tensor is named).
     #[error("adapter {path}: {msg}")]
     Adapter { path: PathBuf, msg: String },
-    /// A tensor operation failed inside candle.
+    /// A tensor operation failed inside candle (its backtraces removed: see
+    /// [`without_backtrace`]).
     #[error("tensor operation failed")]
-    Candle(#[from] candle_core::Error),
+    Candle(#[source] candle_core::Error),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(without_backtrace(e))
+    }
+}
+
+/// A candle error's text, without backtraces (for errors that carry a message).
+pub(crate) fn candle_text(e: candle_core::Error) -> String {
+    without_backtrace(e).to_string()
+}
+
+/// A candle error without the backtraces candle captures when `RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE` is set. candle prints them as part of the error's text, so an error
+/// message would carry dozens of stack frames; the cause stays, backtraces are for panics.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        e => e,
+    }
 }
 
 impl ModelError {
@@ -85,5 +116,32 @@ impl ModelError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_never_reach_the_message() {
+        let bt = |e: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let nested = bt(candle_core::Error::Msg("unexpected end of file".into()))
+            .with_path("/m/model.gguf")
+            .context("reading tensor blk.0.attn_q.weight");
+        let full = format!("{nested}");
+        assert!(
+            full.lines().count() > 3,
+            "a captured backtrace prints: {full}"
+        );
+        let e = ModelError::from(bt(nested));
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert_eq!(
+            source,
+            "reading tensor blk.0.attn_q.weight\npath: \"/m/model.gguf\" unexpected end of file"
+        );
     }
 }

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 
 use super::config::{Arch, Config};
+use super::error::candle_text;
 use super::{ChatTokenizer, LanguageModel, ModelError};
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -43,13 +44,15 @@ pub(crate) fn load(
         };
         let q = content
             .tensor(&mut file, gname, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
-        let mut t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(candle_text(e)))?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| bad(candle_text(e)))?;
         if config.arch == Arch::Llama {
             if hf.contains("self_attn.q_proj.") {
-                t = unpermute(&t, config.num_attention_heads).map_err(|e| bad(e.to_string()))?;
+                t = unpermute(&t, config.num_attention_heads).map_err(|e| bad(candle_text(e)))?;
             } else if hf.contains("self_attn.k_proj.") {
-                t = unpermute(&t, config.num_key_value_heads).map_err(|e| bad(e.to_string()))?;
+                t = unpermute(&t, config.num_key_value_heads).map_err(|e| bad(candle_text(e)))?;
             }
         }
         tensors.insert(hf, t);
@@ -151,7 +154,7 @@ fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
         .to_string()
         .map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
-            msg: e.to_string(),
+            msg: candle_text(e),
         })?
         .clone();
     let arch = match arch_name.as_str() {
@@ -178,7 +181,7 @@ fn config_from_gguf(c: &Content, path: &Path) -> Result<Config, ModelError> {
             .map(|v| v.len())
             .map_err(|e| ModelError::Config {
                 path: path.to_path_buf(),
-                msg: e.to_string(),
+                msg: candle_text(e),
             })?,
     };
     let mut eos = Vec::new();
@@ -253,9 +256,9 @@ fn strings(c: &Content, key: &str, path: &Path) -> Result<Vec<String>, ModelErro
     };
     let v = c.metadata.get(key).ok_or_else(|| err("missing".into()))?;
     v.to_vec()
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(candle_text(e)))?
         .iter()
-        .map(|x| x.to_string().cloned().map_err(|e| err(e.to_string())))
+        .map(|x| x.to_string().cloned().map_err(|e| err(candle_text(e))))
         .collect()
 }
 
@@ -389,7 +392,7 @@ fn open_gguf(path: &Path) -> Result<(std::fs::File, Content), ModelError> {
     let content = Content::read(&mut file).map_err(|e| ModelError::BadWeights {
         path: path.to_path_buf(),
         tensor: None,
-        msg: format!("not a readable GGUF file: {e}"),
+        msg: format!("not a readable GGUF file: {}", candle_text(e)),
     })?;
     Ok((file, content))
 }
