@@ -5,7 +5,15 @@
 #   TSR_CACHE   cache folder (default: $XDG_CACHE_HOME/tsr or ~/.cache/tsr)
 #
 # Idempotent: a cached file whose sha256 matches the pinned one is reused without a download.
+# With --cached it never downloads: it prints the cached file's path, or fails saying how to get it
+# (the tests use this: they install nothing).
 set -euo pipefail
+cached_only=0
+case "${1:-}" in
+  --cached) cached_only=1 ;;
+  "") ;;
+  *) echo "fetch-model: unknown argument \`$1\` (usage: scripts/fetch-model.sh [--cached])" >&2; exit 2 ;;
+esac
 cache="${TSR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr}"
 dest="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 version="0.1.2"
@@ -13,6 +21,10 @@ expected_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db5
 if [ -s "$dest" ] && [ "$(sha256sum "$dest" | cut -d' ' -f1)" = "$expected_sha256" ]; then
   echo "$dest"
   exit 0
+fi
+if [ "$cached_only" = 1 ]; then
+  echo "fetch-model: the default model is not in $cache/models: run scripts/test.sh (it fetches it), or scripts/fetch-model.sh" >&2
+  exit 1
 fi
 mkdir -p "$cache/models"
 tmp=$(mktemp -d "$cache/fetch.XXXXXX")

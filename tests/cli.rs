@@ -120,13 +120,9 @@ fn sigterm_gives_the_resumable_exit_code_and_the_same_command_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let cfg = write_config(dir.path(), "t", 300, 15);
-    let child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
-        .arg(&store)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // The run stops itself in the middle of training (an event, not a moment on the clock).
+    let mut child = spawn_paused(run_command(&cfg, &store), &KillAt::new("iter1/train", 5, 0))
+        .unwrap_or_else(|o| panic!("never reached iter1/train: {}", text(&o)));
     // While it runs, a second process is refused, and status reads the live snapshot.
     let o = tsr(&["verify"], &store);
     assert_eq!(o.status.code(), Some(1));
@@ -138,7 +134,7 @@ fn sigterm_gives_the_resumable_exit_code_and_the_same_command_resumes() {
     let o = tsr(&["status", "t"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("live snapshot"), "{}", text(&o));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(signal_after(&mut child, 0, libc::SIGTERM));
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

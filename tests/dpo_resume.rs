@@ -1,6 +1,7 @@
 //! Exact DPO resume through the engine: a tiny-model self-rewarding iteration whose
-//! DPO node checkpoints after every optimizer step is SIGKILLed at random moments while that
-//! node trains, several times, and resumed each time; the final digests of every node (the
+//! DPO node checkpoints after every optimizer step is SIGKILLed at seeded moments inside that
+//! node's steps (placed by the run's own events, not the clock), several times, and resumed each
+//! time; the final digests of every node (the
 //! trained weights and the per-step metrics included) must equal those of an uninterrupted run.
 //! After each kill the store is opened to check that the kill really landed inside DPO with a
 //! checkpoint part-way through training, so the test cannot pass by killing elsewhere.
@@ -11,8 +12,6 @@ use common::*;
 
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 const RUN: &str = "dpo-resume";
 
@@ -71,32 +70,6 @@ fn outputs_equal(want: &serde_json::Value, got: &serde_json::Value, what: &str) 
     }
 }
 
-/// Waits until this child's own DPO attempt runs: the node is running with more attempts than
-/// `attempts` (a killed run's record still says "running" for the attempt it killed).
-fn wait_for_dpo(child: &mut std::process::Child, store: &Path, attempts: u64) {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none()
-        && !dpo_running(store, attempts)
-        && start.elapsed() < Duration::from_secs(60)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn dpo_running(store: &Path, attempts: u64) -> bool {
-    let o = tsr(&["status", RUN, "--json"], store);
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
-        return false;
-    };
-    v["nodes"].as_array().is_some_and(|ns| {
-        ns.iter().any(|n| {
-            n["kind"] == "dpo"
-                && n["state"] == "running"
-                && n["attempts"].as_u64().unwrap_or(0) > attempts
-        })
-    })
-}
-
 /// (optimizer step of the DPO node's checkpoint, whether the node is done, attempts), read
 /// from the store of a killed run.
 fn dpo_checkpoint(store: &Path) -> Option<(u64, bool, u64)> {
@@ -131,90 +104,58 @@ fn sigkill_during_lora_dpo_and_resume_gives_identical_adapter_and_metrics() {
 
 fn sigkill_during_dpo(lora: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 1, lora);
-    let cfg = cfg.to_str().unwrap();
+    let cfg_path = setup(dir.path(), 1, lora);
+    let cfg = cfg_path.to_str().unwrap();
     let reference = dir.path().join("ref");
-    let o = tsr(&["run", cfg, "--quiet"], &reference);
-    assert!(o.status.success(), "{}", text(&o));
-    let want = status(&reference);
-    let dpo_metrics = want["nodes"]
+    let (want, units) = reference_run(&cfg_path, &reference, RUN);
+    let dpo_node = want["nodes"]
         .as_array()
         .unwrap()
         .iter()
         .find(|n| n["kind"] == "dpo")
         .unwrap();
-    let metrics = dpo_metrics["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o[0] == "metrics")
-        .unwrap()[1]
-        .as_str()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            reference
-                .join("blobs")
-                .join(&metrics[..2])
-                .join(&metrics[2..]),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let node = dpo_node["node"].as_str().unwrap().to_string();
+    let metrics = output_of(&want, &node, "metrics");
+    let report: serde_json::Value = serde_json::from_slice(&blob(&reference, &metrics)).unwrap();
     let total = report["steps"].as_u64().unwrap();
     assert!(total >= 12, "DPO should take several steps, took {total}");
-    // Kill moments span a few optimizer steps at the speed this machine runs them now (under
-    // the load of other tests a step takes longer; a fixed window would stop the kills from
-    // ever passing a new checkpoint).
-    let step_ms = (dpo_metrics["busy_s"].as_f64().unwrap() * 1000.0 / total as f64) as u64;
-    let window = (3 * step_ms).max(150);
-
-    let store = dir.path().join("killed");
+    assert_eq!(
+        units.get(&node),
+        Some(&total),
+        "one unit boundary per optimizer step"
+    );
+    // Five kills inside DPO, placed by events: each new process stops itself at its second or
+    // third optimizer step (so a step of its own is checkpointed), goes on for a seeded moment
+    // of up to half a step, and is killed. Each resumes from a later checkpoint.
+    let step_ms = (dpo_node["busy_s"].as_f64().unwrap() * 1000.0 / total as f64) as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let store = dir.path().join("killed");
     let mut landed: Vec<u64> = Vec::new();
     let mut attempts = 0u64;
-    for _attempt in 0..30 {
-        if landed.len() >= 5 {
-            break;
-        }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-            .args(["run", cfg, "--quiet", "--store"])
-            .arg(&store)
-            .spawn()
-            .unwrap();
-        // Wait until the DPO node trains, then kill at a random moment.
-        wait_for_dpo(&mut child, &store, attempts);
-        std::thread::sleep(Duration::from_millis(rng.gen_range(10..window)));
-        if child.try_wait().unwrap().is_some() {
-            break; // finished before the kill
-        }
-        child.kill().unwrap(); // SIGKILL
+    for k in 0..5 {
+        let at = KillAt::new(&node, 2 + k % 2, rng.gen_range(0..=step_ms / 2));
+        let mut child = spawn_paused(run_command(&cfg_path, &store), &at)
+            .unwrap_or_else(|o| panic!("never reached {at:?}: {}", text(&o)));
+        assert!(
+            signal_after(&mut child, at.after_ms, libc::SIGKILL),
+            "{at:?}"
+        );
         child.wait().unwrap();
-        if let Some((step, done, now)) = dpo_checkpoint(&store) {
-            // A kill landed when it stopped an attempt of its own past a checkpoint.
-            if !done && now > attempts && step > 0 && step < total {
-                landed.push(step);
-            }
-            attempts = now;
-        }
+        let (step, done, now) = dpo_checkpoint(&store).expect("a DPO node");
+        // The kill stopped an attempt of its own, past a checkpoint, before the end.
+        assert!(
+            !done && now > attempts && step > 0 && step < total,
+            "{at:?}: checkpoint at step {step} of {total}, done {done}, attempts {attempts} -> {now}"
+        );
+        landed.push(step);
+        attempts = now;
     }
     let o = tsr(&["run", cfg, "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     eprintln!("DPO takes {total} steps; kills landed at checkpointed steps {landed:?}");
     assert!(
-        landed.len() >= 3,
-        "only {} kills landed inside DPO with a checkpoint: {landed:?}",
-        landed.len()
-    );
-    assert!(
-        landed.windows(2).all(|w| w[0] <= w[1]),
-        "a checkpoint went backwards: {landed:?}"
-    );
-    let mut distinct = landed.clone();
-    distinct.dedup();
-    assert!(
-        distinct.len() >= 2,
-        "the kills should land at different checkpoints, so that resuming from more than one is tested: {landed:?}"
+        landed.windows(2).all(|w| w[0] < w[1]),
+        "each kill should resume from a later checkpoint: {landed:?}"
     );
 
     let got = status(&store);
@@ -260,19 +201,24 @@ fn sigterm_during_dpo(lora: bool) {
     assert!(o.status.success(), "{}", text(&o));
 
     let store = dir.path().join("stopped");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args(["run", cfg, "--quiet", "--store"])
-        .arg(&store)
-        .spawn()
-        .unwrap();
-    wait_for_dpo(&mut child, &store, 0);
-    std::thread::sleep(Duration::from_millis(60));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the run ended before the stop request"
-    );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
+    // The run stops itself at DPO's third optimizer step (an event), then gets SIGTERM.
+    let node = status(&reference)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "dpo")
+        .unwrap()["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut child = spawn_paused(
+        run_command(Path::new(cfg), &store),
+        &KillAt::new(&node, 3, 0),
+    )
+    .unwrap_or_else(|o| panic!("never reached DPO: {}", text(&o)));
+    assert!(signal_after(&mut child, 0, libc::SIGTERM));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
     let (step, done, _) = dpo_checkpoint(&store).expect("a DPO node");
     assert!(
         !done && step > 0,

@@ -897,27 +897,39 @@ fn sigterm_ends_a_wait_for_a_lagging_remote() {
     let url = server.url("lag");
     let cfg = toy_config(dir.path(), "toy", 60);
     let a = dir.path().join("a");
-    let child = spawn_run(
-        &server,
-        cfg.to_str().unwrap(),
-        &url,
-        &a,
-        &[("TSR_REMOTE_MAX_LAG_S", "1"), ("TSR_REMOTE_FLUSH_S", "3")],
-    );
+    let log = dir.path().join("a.log");
+    let mut child = server
+        .command(
+            &["run", cfg.to_str().unwrap(), "--quiet", "--remote", &url],
+            &a,
+        )
+        .env("TSR_REMOTE_MAX_LAG_S", "1")
+        .env("TSR_REMOTE_FLUSH_S", "3")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
     wait_for("the first segment", 60, || {
         !segments(&server, "lag", 1).is_empty()
     });
     server.stop();
-    // The run reaches a sync point and waits for the remote; a spot notice arrives.
-    std::thread::sleep(Duration::from_millis(4000));
+    // The run reaches a sync point and says it waits for the remote (an event in its log, not
+    // a time); then a spot notice arrives.
+    wait_for("the wait for the remote", 120, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("waiting for it before going on")
+    });
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let t0 = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let t = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(t.contains("waiting for it before going on"), "{t}");
-    assert_eq!(out.status.code(), Some(75), "{t}");
+    let exit = child.wait().unwrap();
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(exit.code(), Some(75), "{t}");
+    // The way out is bounded by TSR_REMOTE_FLUSH_S (3 s); 30 s leaves room for a loaded
+    // machine. Without the stop request ending the wait, the run would wait until the remote
+    // answers.
     assert!(
         t0.elapsed() < Duration::from_secs(30),
         "took {:?}: {t}",

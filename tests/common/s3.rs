@@ -1,5 +1,5 @@
-//! A real S3-compatible server on loopback for the tests: `s3s-fs` (crates.io), which `.ci/run`
-//! installs. It keeps objects as files under a folder, checks SigV4 signatures and honours
+//! A real S3-compatible server on loopback for the tests: `s3s-fs` (crates.io), which
+//! `scripts/test.sh` installs (the tests install nothing). It keeps objects as files under a folder, checks SigV4 signatures and honours
 //! conditional writes.
 
 #![allow(dead_code)]
@@ -25,7 +25,7 @@ fn binary() -> PathBuf {
         return cached;
     }
     panic!(
-        "the S3 server for these tests is missing: run .ci/run, or `cargo install s3s-fs@0.14.1 --locked --features binary --root ~/.cache/tsr/s3s-fs` (or set TSR_S3S_FS)"
+        "the S3 server for these tests (s3s-fs) is missing: run the tests with scripts/test.sh, which installs it"
     );
 }
 

@@ -568,8 +568,9 @@ pub fn golden_ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The default real model (SmolLM2-135M-Instruct GGUF): `$TSR_MODEL`, else the file
-/// `scripts/fetch-model.sh` prints (CI runs it first; it reuses its cache). Test helper.
+/// The default real model (SmolLM2-135M-Instruct GGUF): `$TSR_MODEL`, else the cached file
+/// `scripts/fetch-model.sh --cached` prints. Tests never download: `scripts/test.sh` fetches the
+/// model before it runs them. Test helper.
 pub fn default_model_path() -> PathBuf {
     if let Ok(p) = std::env::var("TSR_MODEL") {
         return PathBuf::from(p);
@@ -577,11 +578,12 @@ pub fn default_model_path() -> PathBuf {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-model.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)
+        .arg("--cached")
         .output()
         .expect("run fetch-model.sh");
     assert!(
         out.status.success(),
-        "fetch-model.sh failed: {}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("utf8");
