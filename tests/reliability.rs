@@ -117,25 +117,27 @@ fn sigterm_during_each_kind_of_step_exits_resumable_and_resumes() {
     let (v, units) = reference_run(&cfg, &reference, "r");
     let want = outputs(&v);
     for kind in ["generate", "judge", "ref-logprobs", "dpo"] {
-        // The first step of this kind with work left after its second unit: the run stops
-        // itself there (an event, whatever the machine's speed) and gets SIGTERM.
-        let node = v["nodes"]
+        // The step of this kind with the most units: the run stops itself at its second unit
+        // boundary (an event, whatever the machine's speed) and gets SIGTERM. The stop request
+        // reaches the step through a handler thread; three or more units left after the next
+        // boundary leave it time to, so the step stops inside, not at its end.
+        let (node, n) = v["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|n| {
-                n["kind"] == kind
-                    && units.get(n["node"].as_str().unwrap()).copied().unwrap_or(0) >= 3
+            .filter(|n| n["kind"] == kind)
+            .map(|n| {
+                let node = n["node"].as_str().unwrap().to_string();
+                let u = units.get(&node).copied().unwrap_or(0);
+                (node, u)
             })
-            .unwrap_or_else(|| panic!("no `{kind}` step with 3 units: {units:?}"))["node"]
-            .as_str()
-            .unwrap()
-            .to_string();
+            .max_by_key(|(_, u)| *u)
+            .unwrap();
+        assert!(n >= 6, "`{kind}`: {node} has {n} units: {units:?}");
         let store = dir.path().join(format!("term-{kind}"));
-        let mut child = spawn_paused(run_command(&cfg, &store), &KillAt::new(&node, 2, 0))
+        let child = spawn_paused(run_command(&cfg, &store), &KillAt::new(&node, 2, 0))
             .unwrap_or_else(|o| panic!("{kind}: never reached {node}: {}", text(&o)));
-        assert!(signal_after(&mut child, 0, libc::SIGTERM));
-        let out = child.wait_with_output().unwrap();
+        let out = terminate(child);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(75), "{kind}: {err}");
         assert!(err.contains("Resume with: tsr run"), "{kind}: {err}");

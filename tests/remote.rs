@@ -211,11 +211,14 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     // Each round is a new machine: an empty folder, the remote, SIGKILL, and the folder is lost
     // with the machine. Every moment is an event the test observes, never a time, so the rounds
     // mean the same on a fast machine and a slow one:
-    // - while it starts: once its restore has begun writing the folder, or once the remote's
-    //   lease names it;
+    // - while it starts: once the remote's lease names it (taken, nothing restored yet), or once
+    //   its restore has written a blob;
     // - inside every step with units, both phases: the machine stops itself at a unit of the
     //   step, goes on for a seeded moment (up to half a unit) and is killed there.
     let plan = plan_kills(&v, &units, 3, 11);
+    // One start-up round before every second step round.
+    let kills = plan.len() + plan.len() / 2;
+    assert!(kills >= 24, "{kills} machine losses planned: {units:?}");
     let machine = |i: usize| {
         let mut c = server.command(
             &[
@@ -246,7 +249,8 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
             let restoring = (i / 2) % 2 == 0;
             loop {
                 let seen = if restoring {
-                    store0.exists()
+                    // Restoring: it has written a blob it read from the remote.
+                    !files_under(&store0.join("blobs")).is_empty()
                 } else {
                     lease_pid(&server, "loss") == Some(child.id() as u64)
                 };
@@ -282,10 +286,9 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
             )
         });
         assert!(
-            signal_after(&mut child, at.after_ms, libc::SIGKILL),
+            kill_after(&mut child, at.after_ms),
             "round {i}: the run finished within {at:?}"
         );
-        child.wait().unwrap();
         let left = unfinished_kinds(&store, "temporal");
         if left.iter().any(|(_, n)| *n == at.node) {
             hit.insert(at.node.clone());
@@ -323,7 +326,7 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
         &last,
     );
     assert!(o.status.success(), "{}", text(&o));
-    let kills = rounds.len();
+    assert_eq!(rounds.len(), kills);
     eprintln!("{kills} machine losses: {rounds:#?}");
     assert_same_outputs(
         &reference,
@@ -340,7 +343,6 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     let v = remote_view(&server, &url, &dir.path().join("none"));
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
     assert!(v["generations"].as_u64().unwrap() >= 2, "{v}");
-    assert!(kills >= 24, "{kills} machine losses planned: {rounds:#?}");
 }
 
 /// Start `tsr run CONFIG --quiet --remote URL` in the background with extra environment,

@@ -140,19 +140,15 @@ impl StepContext {
     }
     /// Whether a stop was requested. Steps call this at every unit boundary.
     ///
-    /// Test hooks:
-    /// - with `TSR_TEST_UNIT_DELAY_MS` set, each call first sleeps that long, so that tests can
-    ///   catch a step of any kind in the middle of its work (e.g. to send SIGTERM);
-    /// - with `TSR_TEST_PAUSE_AT="NODE#N"` set, the process stops itself (SIGSTOP) at the N-th
-    ///   call (from 1) made by step NODE in this process, so that a test can signal or kill it
-    ///   inside that step whatever the machine's speed (it sees the process stopped, then sends
-    ///   SIGKILL, or SIGCONT and a signal a chosen moment later);
-    /// - with `TSR_TEST_UNIT_LOG=FILE` set, each call appends the step's node name to FILE, so
-    ///   that a test knows how many unit boundaries each step of a run has.
+    /// Test hooks (each does nothing unless its variable is set):
+    /// - with `TSR_TEST_PAUSE_AT="NODE#N"` (or `"NODE#N,M,..."`), the process stops itself
+    ///   (SIGSTOP) at the N-th (M-th, ...) call made by step NODE in this process, counting from 1,
+    ///   so that a test can signal or kill it inside that step whatever the machine's speed: it
+    ///   sees the process stopped, then sends SIGKILL, or SIGCONT and a signal a moment later (a
+    ///   second stop at N+1 bounds that moment to the unit after N);
+    /// - with `TSR_TEST_UNIT_LOG=FILE`, each call appends the step's node name to FILE, so that a
+    ///   test knows how many unit boundaries each step of a run has.
     pub fn should_stop(&self) -> bool {
-        if let Some(ms) = test_unit_delay() {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
         test_hooks(&self.node);
         self.stop.is_set()
     }
@@ -209,19 +205,24 @@ impl StepContext {
     }
 }
 
-/// `TSR_TEST_PAUSE_AT="NODE#N"`: stop the whole process at step NODE's N-th unit boundary, and
-/// `TSR_TEST_UNIT_LOG=FILE`: log every unit boundary (see [`StepContext::should_stop`]). Unset or
-/// unreadable: nothing happens.
+/// `TSR_TEST_PAUSE_AT="NODE#N[,M...]"`: stop the whole process at step NODE's N-th (M-th, ...)
+/// unit boundary, and `TSR_TEST_UNIT_LOG=FILE`: log every unit boundary (see
+/// [`StepContext::should_stop`]). Unset or unreadable: nothing happens.
 fn test_hooks(node: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
-    static TARGET: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    type Target = Option<(String, Vec<u64>)>;
+    static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
     static CALLS: AtomicU64 = AtomicU64::new(0);
+    static LOG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let target = TARGET.get_or_init(|| {
         let v = std::env::var("TSR_TEST_PAUSE_AT").ok()?;
-        let (n, k) = v.rsplit_once('#')?;
-        Some((n.to_string(), k.parse().ok()?))
+        let (n, at) = v.rsplit_once('#')?;
+        let at: Vec<u64> = at
+            .split(',')
+            .map(|k| k.parse().ok())
+            .collect::<Option<_>>()?;
+        Some((n.to_string(), at))
     });
-    static LOG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     if let Some(log) = LOG.get_or_init(|| std::env::var_os("TSR_TEST_UNIT_LOG").map(Into::into)) {
         use std::io::Write;
         // One append of one line: whole lines even when steps run side by side.
@@ -234,22 +235,13 @@ fn test_hooks(node: &str) {
         }
     }
     if let Some((target, at)) = target {
-        if target == node && CALLS.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+        if target == node && at.contains(&(CALLS.fetch_add(1, Ordering::SeqCst) + 1)) {
             // SAFETY: raise only sends a signal to this process; SIGSTOP cannot be caught.
             unsafe {
                 libc::raise(libc::SIGSTOP);
             }
         }
     }
-}
-
-fn test_unit_delay() -> Option<u64> {
-    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *DELAY.get_or_init(|| {
-        std::env::var("TSR_TEST_UNIT_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
 }
 
 /// The journal of a step in the store.

@@ -59,7 +59,8 @@ pub fn blob(store: &Path, digest: &str) -> Vec<u8> {
 }
 
 /// Where a test stops a run: in step `node`, at the `unit`-th unit boundary (from 1) that the
-/// step reaches in the new process, then `after_ms` later (0: at the boundary itself).
+/// step reaches in the new process, then `after_ms` later (0: at the boundary itself), but never
+/// past the step's next unit boundary.
 #[derive(Clone, Debug)]
 pub struct KillAt {
     pub node: String,
@@ -77,6 +78,10 @@ impl KillAt {
     }
 }
 
+/// How long the kill tests wait for an event before they call the run hung (a guard against a
+/// test that never ends, far beyond any machine's speed; no test relies on it).
+const HUNG: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Whether process `pid` is stopped (state `T` in /proc).
 pub fn is_stopped(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -87,45 +92,102 @@ pub fn is_stopped(pid: u32) -> bool {
         .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
 }
 
-/// Spawn `cmd` with `TSR_TEST_PAUSE_AT` set so that it stops itself at `at` (see the engine's
-/// `should_stop`), and wait for that event: `Ok(child)` stopped there, or `Err(output)` when
-/// it exited first (it never reached that unit). Waits on events only, never on a clock.
+/// Wait for `event` on behalf of `child`, failing (with the child killed) only if it never comes.
+fn wait_event(
+    child: &mut std::process::Child,
+    what: &str,
+    mut event: impl FnMut(&mut std::process::Child) -> bool,
+) {
+    let t0 = std::time::Instant::now();
+    while !event(child) {
+        if t0.elapsed() > HUNG {
+            let _ = child.kill();
+            panic!("no {what} after {HUNG:?}: the run hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Spawn `cmd` with `TSR_TEST_PAUSE_AT` set so that it stops itself at `at`, and again at the
+/// step's next unit boundary (see the engine's `should_stop`), and wait for the first stop:
+/// `Ok(child)` stopped there, or `Err(output)` when it exited first (it never reached that
+/// unit). The child is killed if the test's thread ends first (a failed assertion never leaves a
+/// stopped run behind holding its store).
 pub fn spawn_paused(
     mut cmd: Command,
     at: &KillAt,
 ) -> Result<std::process::Child, std::process::Output> {
-    let mut child = cmd
-        .env("TSR_TEST_PAUSE_AT", format!("{}#{}", at.node, at.unit))
-        .spawn()
-        .unwrap();
-    loop {
-        if is_stopped(child.id()) {
-            return Ok(child);
-        }
-        if child.try_wait().unwrap().is_some() {
-            return Err(child.wait_with_output().unwrap());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    use std::os::unix::process::CommandExt;
+    cmd.env(
+        "TSR_TEST_PAUSE_AT",
+        format!("{}#{},{}", at.node, at.unit, at.unit + 1),
+    );
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
+    let mut child = cmd.spawn().unwrap();
+    let mut exited = false;
+    wait_event(&mut child, "stop", |c| {
+        exited = c.try_wait().unwrap().is_some();
+        exited || is_stopped(c.id())
+    });
+    if exited {
+        return Err(child.wait_with_output().unwrap());
+    }
+    Ok(child)
 }
 
-/// Let a stopped child go on for `after_ms`, then send it `signal`. Returns whether the signal
-/// found it still running (it was not finished by then).
-pub fn signal_after(child: &mut std::process::Child, after_ms: u64, signal: i32) -> bool {
-    let pid = child.id() as i32;
+/// SIGCONT a stopped child and wait until it runs again.
+fn resume(child: &mut std::process::Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    wait_event(child, "resume", |c| {
+        c.try_wait().unwrap().is_some() || !is_stopped(c.id())
+    });
+}
+
+/// Let a child stopped at a unit boundary go on for `after_ms`, or until it stops again at the
+/// step's next boundary if that comes first, then SIGKILL it: the kill lands inside the unit
+/// after the boundary, at a seeded point of its work, blob writes and commit. Returns whether it
+/// was still running (not finished).
+pub fn kill_after(child: &mut std::process::Child, after_ms: u64) -> bool {
     if after_ms > 0 {
-        unsafe { libc::kill(pid, libc::SIGCONT) };
-        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+        resume(child);
+        let t0 = std::time::Instant::now();
+        let moment = std::time::Duration::from_millis(after_ms);
+        while t0.elapsed() < moment
+            && !is_stopped(child.id())
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
     if child.try_wait().unwrap().is_some() {
         return false;
     }
-    unsafe { libc::kill(pid, signal) };
-    if signal != libc::SIGKILL && after_ms == 0 {
-        // A stopped process acts on a catchable signal once it runs again.
-        unsafe { libc::kill(pid, libc::SIGCONT) };
-    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
     true
+}
+
+/// Send SIGTERM to a child stopped at a unit boundary, let it run (through its stop at the next
+/// boundary) and return its output once it exits.
+pub fn terminate(mut child: std::process::Child) -> std::process::Output {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    resume(&mut child);
+    wait_event(&mut child, "exit", |c| {
+        if c.try_wait().unwrap().is_some() {
+            return true;
+        }
+        if is_stopped(c.id()) {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        false
+    });
+    child.wait_with_output().unwrap()
 }
 
 /// `tsr run CONFIG --quiet --store STORE` with its output discarded (the way the kill tests
@@ -140,9 +202,10 @@ pub fn run_command(cfg: &Path, store: &Path) -> Command {
 }
 
 /// Start `tsr run CONFIG` on `store` once per planned kill, wait until it stops itself there
-/// and SIGKILL it (after letting it go on for the planned time). Panics when a run finishes
-/// before its planned kill, naming it: every planned kill lands, whatever the machine's speed.
-/// Returns, for each kill, the (kind, node) of the steps it left unfinished.
+/// and SIGKILL it within the next unit (see [`kill_after`]). Panics when a run finishes before
+/// its planned kill or a kill leaves its step finished, naming it: every planned kill lands in
+/// its step, whatever the machine's speed. Returns, for each kill, the (kind, node) of the steps
+/// it left unfinished.
 pub fn kill_in_steps(
     cfg: &Path,
     store: &Path,
@@ -160,12 +223,15 @@ pub fn kill_in_steps(
             ),
         };
         assert!(
-            signal_after(&mut child, at.after_ms, libc::SIGKILL),
-            "the run finished within {} ms after {at:?}",
-            at.after_ms
+            kill_after(&mut child, at.after_ms),
+            "the run finished after {at:?}"
         );
-        child.wait().unwrap();
-        landed.push(unfinished_kinds(store, run));
+        let left = unfinished_kinds(store, run);
+        assert!(
+            left.iter().any(|(_, n)| *n == at.node),
+            "{at:?} left {left:?} unfinished, not its step"
+        );
+        landed.push(left);
     }
     landed
 }
@@ -194,9 +260,9 @@ pub fn reference_run(
 
 /// Kills spread over a run: for each node of the reference status (in the run's order) with unit
 /// boundaries, `per_node` kills (fewer where it has fewer than `4 * per_node` units: one per 4
-/// units, at least one) at its first or second remaining unit,
-/// each a seeded moment later: up to half of one of its units, as long as the reference took
-/// (so that the kill lands inside the step, at any point of a unit's work and commit).
+/// units, at least one) at its first or second remaining unit, each a seeded moment later: up to
+/// the step's mean time per unit in the reference run (the stop at the next boundary bounds it
+/// whatever the machine's speed). A step of one unit is killed at its boundary.
 pub fn plan_kills(
     reference: &serde_json::Value,
     units: &std::collections::BTreeMap<String, u64>,
@@ -213,14 +279,13 @@ pub fn plan_kills(
             continue;
         }
         let kills = per_node.min(u / 4).max(1);
-        // A step of one unit is killed at its boundary, before the unit's work.
         let unit_ms = if u >= 2 {
             (n["busy_s"].as_f64().unwrap_or(0.0) * 1000.0 / u as f64) as u64
         } else {
             0
         };
         for k in 0..kills {
-            plan.push(KillAt::new(node, 1 + k % 2, rng.gen_range(0..=unit_ms / 2)));
+            plan.push(KillAt::new(node, 1 + k % 2, rng.gen_range(0..=unit_ms)));
         }
     }
     plan
@@ -245,17 +310,7 @@ pub fn assert_kills_change_nothing(
         plan.len()
     );
     let store = dir.join("killed");
-    let landed = kill_in_steps(cfg, &store, run, &plan);
-    for (at, left) in plan.iter().zip(&landed) {
-        if at.unit == 1 {
-            // A kill at most half a unit after the step's first unit boundary in this process
-            // leaves the step unfinished.
-            assert!(
-                left.iter().any(|(_, n)| *n == at.node),
-                "{at:?} left {left:?} unfinished, not its step"
-            );
-        }
-    }
+    kill_in_steps(cfg, &store, run, &plan);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
     assert!(o.status.success(), "{}", text(&o));
     assert_same_outputs(

@@ -123,8 +123,14 @@ impl DpoTrainer<'_> {
         metrics: Option<Vec<StepMetrics>>,
     ) -> Result<(), TrainerError> {
         let ck = TrainerCheckpoint::from_bytes(trainer)?;
-        let tensors = candle_core::safetensors::load(weights, self.model.device())
-            .map_err(|e| TrainerError::Invalid(format!("{}: {e}", weights.display())))?;
+        let tensors =
+            candle_core::safetensors::load(weights, self.model.device()).map_err(|e| {
+                TrainerError::Invalid(format!(
+                    "{}: {}",
+                    weights.display(),
+                    crate::model::candle_text(e)
+                ))
+            })?;
         // Check everything before changing anything.
         let vars = self.model.trainable_vars();
         for (name, var) in &vars {

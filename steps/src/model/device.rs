@@ -41,7 +41,10 @@ fn cuda_device(spec: &str, ordinal: usize) -> Result<Device, ModelError> {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(ModelError::Device {
             spec: spec.to_string(),
-            msg: format!("cannot open CUDA device {ordinal}: {e}"),
+            msg: format!(
+                "cannot open CUDA device {ordinal}: {}",
+                super::error::candle_text(e)
+            ),
         }),
         Err(payload) => {
             let why = payload

@@ -44,6 +44,7 @@ pub use adapter::{LoraAdapter, StoredAdapter};
 pub use alloc::{tune_allocator, tune_runtime};
 pub use config::{Arch, Config, SlidingWindow};
 pub use device::parse_device;
+pub(crate) use error::candle_text;
 pub use error::{without_backtrace, ModelError};
 pub use generate::{FinishReason, GenOutput, GenRequest, Sampling};
 pub use hub::resolve_hub_id;
