@@ -57,8 +57,8 @@ fn thirty_sigkills_across_a_temporal_iteration_change_nothing() {
     let want = outputs(&v);
 
     // Kills planned from the run's own events, not from the clock: each new process stops
-    // itself at a unit boundary of its step, then goes on for a seeded moment (up to half a
-    // unit) and is killed, so kills land inside every step, at any point of a unit's work,
+    // itself at a unit boundary of its step, then goes on for a seeded moment (cut short by
+    // its next unit boundary) and is killed, so kills land inside every step, at any point of a unit's work,
     // blob writes and commits, and DPO checkpoints, on a fast machine as on a slow one.
     let plan = plan_kills(&v, &units, 5, 7);
     assert!(
@@ -68,7 +68,7 @@ fn thirty_sigkills_across_a_temporal_iteration_change_nothing() {
     );
     let store = dir.path().join("killed");
     let landed = kill_in_steps(&cfg, &store, "r", &plan);
-    // Every step kind with units was interrupted (its record left running) by some kill.
+    // Every step kind with units was interrupted (its record left `interrupted`) by some kill.
     let kinds: std::collections::BTreeSet<&str> =
         landed.iter().flatten().map(|(k, _)| k.as_str()).collect();
     for kind in ["generate", "judge", "ref-logprobs", "dpo"] {

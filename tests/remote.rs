@@ -214,7 +214,8 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
     // - while it starts: once the remote's lease names it (taken, nothing restored yet), or once
     //   its restore has written a blob;
     // - inside every step with units, both phases: the machine stops itself at a unit of the
-    //   step, goes on for a seeded moment (up to half a unit) and is killed there.
+    //   step, goes on for a seeded moment (cut short by its next unit boundary) and is
+    //   killed there.
     let plan = plan_kills(&v, &units, 3, 11);
     // One start-up round before every second step round.
     let kills = plan.len() + plan.len() / 2;
@@ -247,18 +248,16 @@ fn machine_loss_at_random_moments_continues_from_the_remote_with_identical_resul
             let mut child = machine(100 + i).spawn().unwrap();
             let store0 = dir.path().join(format!("machine-{}", 100 + i));
             let restoring = (i / 2) % 2 == 0;
-            loop {
-                let seen = if restoring {
-                    // Restoring: it has written a blob it read from the remote.
-                    !files_under(&store0.join("blobs")).is_empty()
-                } else {
-                    lease_pid(&server, "loss") == Some(child.id() as u64)
-                };
-                if seen || child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            let what = if restoring { "restored blob" } else { "lease" };
+            wait_event(&mut child, what, |c| {
+                c.try_wait().unwrap().is_some()
+                    || if restoring {
+                        // Restoring: it has written a blob it read from the remote.
+                        !files_under(&store0.join("blobs")).is_empty()
+                    } else {
+                        lease_pid(&server, "loss") == Some(c.id() as u64)
+                    }
+            });
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "round {i}: the machine ended while starting: {}",

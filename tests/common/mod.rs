@@ -93,7 +93,7 @@ pub fn is_stopped(pid: u32) -> bool {
 }
 
 /// Wait for `event` on behalf of `child`, failing (with the child killed) only if it never comes.
-fn wait_event(
+pub fn wait_event(
     child: &mut std::process::Child,
     what: &str,
     mut event: impl FnMut(&mut std::process::Child) -> bool,

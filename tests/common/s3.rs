@@ -1,6 +1,6 @@
 //! A real S3-compatible server on loopback for the tests: `s3s-fs` (crates.io), which
-//! `scripts/test.sh` installs (the tests install nothing). It keeps objects as files under a folder, checks SigV4 signatures and honours
-//! conditional writes.
+//! `scripts/test.sh` installs (the tests install nothing). It keeps objects as files under a
+//! folder, checks SigV4 signatures and honours conditional writes.
 
 #![allow(dead_code)]
 

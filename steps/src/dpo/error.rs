@@ -5,12 +5,6 @@
 
 use thiserror::Error;
 
-impl From<candle_core::Error> for DpoError {
-    fn from(e: candle_core::Error) -> Self {
-        DpoError::Candle(crate::model::without_backtrace(e))
-    }
-}
-
 /// Errors of the DPO loss, optimizer, clipping, data cursor and checkpoint code.
 #[derive(Debug, Error)]
 pub enum DpoError {
@@ -76,4 +70,10 @@ pub enum DpoError {
     /// JSON encoding or decoding of a header failed.
     #[error("JSON encoding or decoding failed")]
     Json(#[from] serde_json::Error),
+}
+
+impl From<candle_core::Error> for DpoError {
+    fn from(e: candle_core::Error) -> Self {
+        DpoError::Candle(crate::model::without_backtrace(e))
+    }
 }
