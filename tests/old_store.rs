@@ -1,0 +1,106 @@
+//! Stores written by an earlier build of tsr, killed in the middle of a DPO step (one training
+//! the whole model, one a LoRA adapter with dropout), resume and replay with this build: the
+//! resumed run ends with the outputs of an uninterrupted run of this build, and replaying its
+//! iteration recomputes every step identically. The stores are `tests/fixtures/old-stores/`,
+//! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`).
+
+mod common;
+
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Unpack the fixture `variant` into `into` and return its folder.
+fn unpack(variant: &str, into: &Path) -> PathBuf {
+    let tar = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/old-stores")
+        .join(format!("{variant}.tar.gz"));
+    let o = Command::new("tar")
+        .arg("-xzf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(into)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "unpacking {}: {}", tar.display(), text(&o));
+    into.join(variant)
+}
+
+/// (optimizer step of the DPO step's checkpoint, whether it is done).
+fn dpo_checkpoint(store: &Path, run: &str) -> (u64, bool) {
+    let s = tsr_state::Store::open(store).unwrap();
+    for (_, rec) in s.nodes(run).unwrap() {
+        let step = s.get_step(&rec.step_key).unwrap().unwrap();
+        if step.kind != "dpo" {
+            continue;
+        }
+        let done = matches!(step.status, tsr_state::StepStatus::Done { .. });
+        let at = step.checkpoint.map(|c| {
+            let cursor: serde_json::Value = serde_json::from_slice(&c.cursor).unwrap();
+            cursor["optimizer_step"].as_u64().unwrap()
+        });
+        return (at.unwrap_or(0), done);
+    }
+    panic!("{run} has no DPO step");
+}
+
+/// `tsr ARGS --store STORE` run in `dir` (the stored config names its files relative to it).
+fn tsr_in(dir: &Path, args: &[&str], store: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .current_dir(dir)
+        .args(args)
+        .args(["--store", store])
+        .output()
+        .unwrap()
+}
+
+/// Each node's outputs, from `tsr status --json`.
+fn outputs(dir: &Path, run: &str, store: &str) -> Vec<(String, serde_json::Value)> {
+    let o = tsr_in(dir, &["status", run, "--json"], store);
+    assert!(o.status.success(), "status: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["node"].as_str().unwrap().to_string(), n["outputs"].clone()))
+        .collect()
+}
+
+fn resume_and_replay(variant: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = unpack(variant, tmp.path());
+    let run = format!("old-{variant}");
+    let store = dir.join("store");
+    let (at, done) = dpo_checkpoint(&store, &run);
+    assert!(!done && at >= 2, "the fixture should hold a DPO step interrupted after a checkpoint, holds step {at} (done: {done})");
+
+    let o = tsr_in(&dir, &["resume", &run, "--quiet"], "store");
+    assert!(o.status.success(), "resume: {}", text(&o));
+    let (_, done) = dpo_checkpoint(&store, &run);
+    assert!(done);
+
+    let o = tsr_in(&dir, &["run", "run.toml", "--quiet"], "fresh");
+    assert!(o.status.success(), "uninterrupted run: {}", text(&o));
+    assert_eq!(
+        outputs(&dir, &run, "store"),
+        outputs(&dir, &run, "fresh"),
+        "the resumed old store and an uninterrupted run of this build differ"
+    );
+
+    let o = tsr_in(&dir, &["replay", &run, "--iteration", "1", "--json"], "store");
+    assert!(o.status.success(), "replay: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["identical"], true, "{v}");
+}
+
+#[test]
+fn an_old_store_killed_inside_full_dpo_resumes_and_replays() {
+    resume_and_replay("full");
+}
+
+#[test]
+fn an_old_store_killed_inside_lora_dpo_resumes_and_replays() {
+    resume_and_replay("lora");
+}
