@@ -35,7 +35,7 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 
 
-# --- the FLOP model: the same formulas as steps/src/bench.rs ---------------------------------
+# --- the FLOP model: the same formulas as model/src/bench.rs ---------------------------------
 def matmul_params(c):
     h, q = c["hidden_size"], c["num_attention_heads"] * c["head_dim"]
     kv = c["num_key_value_heads"] * c["head_dim"]

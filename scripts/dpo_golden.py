@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden numbers for `steps/tests/dpo_golden.rs`, computed with PyTorch.
+"""Golden numbers for `dpo/tests/dpo_training.rs`, computed with PyTorch.
 
 A toy "policy" (embedding -> tanh(linear) -> gain -> lm_head -> log_softmax) scores two
 preference pairs; a reference model with nearby weights gives the reference log-probs. We

@@ -4,7 +4,7 @@
 Run through `scripts/hf_golden.sh`, which builds tsr, creates the pinned virtual environments
 (`scripts/requirements-hf-golden.txt`: transformers 5 + TRL; `scripts/requirements-hf-golden-4x.txt`:
 transformers 4.57) and calls this script in each. Everything written lands in
-`tests/fixtures/hf/`; the Rust tests (`steps/tests/hf_compat.rs`, `tests/export_compat.rs`)
+`tests/fixtures/hf/`; the Rust tests (`model/tests/hf_compat.rs`, `tests/export_compat.rs`)
 compare tsr with these files and never need torch.
 
 Phases (one call each):

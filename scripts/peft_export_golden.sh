@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(scripts/golden-venv.sh transformers5 scripts/requirements-hf-golden.txt)
 cargo build --release --quiet
-cargo build --release --quiet -p tsr-steps --example write_tiny_model
+cargo build --release --quiet -p tsr-model --example write_tiny_model
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 target/release/examples/write_tiny_model "$work/tiny" 5 >/dev/null

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference files for tsr's PEFT adapter tests (`steps/tests/peft_compat.rs`).
+"""Reference files for tsr's PEFT adapter tests (`model/tests/peft_compat.rs`).
 
 Run through `scripts/peft_golden.sh` (the pinned transformers 5 environment of
 `scripts/requirements-hf-golden.txt`, which includes PEFT). For two of the tiny models that

@@ -1,16 +1,17 @@
 //! `tsr bench`: DPO step throughput (pairs/s, MFU) and batched generation (new tokens/s) on one
 //! device, with the shapes of the benchmark plan, so one GPU session can set tsr beside PyTorch
 //! (`scripts/bench_torch_gpu.py` prints the same figures for the same shapes and token ids).
-//! The measurements and the FLOP model live in `tsr_steps::bench`.
+//! The measurements and the FLOP model live in `tsr_model::bench` and `tsr_dpo::bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use tsr_steps::bench::{bench_dpo, bench_generate, dpo_flops_per_pair, matmul_params, vm_hwm_mb};
-use tsr_steps::model::testing::{random_model, smollm2_135m_config};
-use tsr_steps::model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
+use tsr_dpo::bench::bench_dpo;
+use tsr_model::bench::{bench_generate, dpo_flops_per_pair, matmul_params, vm_hwm_mb};
+use tsr_model::testing::{random_model, smollm2_135m_config};
+use tsr_model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchDtype {
@@ -70,7 +71,7 @@ pub struct BenchArgs {
 }
 
 fn default_gguf() -> Option<PathBuf> {
-    tsr_steps::bench::cached_default_model().filter(|p| p.is_file())
+    tsr_model::bench::cached_default_model().filter(|p| p.is_file())
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {

@@ -1,5 +1,5 @@
 //! `tsr dpo`: DPO-train a model on a JSONL file of preference pairs, outside any workflow, with
-//! the same trainer as the workflow's `dpo` step (`tsr_steps::dpo_trainer`). Each optimizer
+//! the same trainer as the workflow's `dpo` step (`tsr_dpo::trainer`). Each optimizer
 //! step takes `--batch-size` pairs (default: all of them, i.e. full-batch steps); reference
 //! log-probs come from `--ref`, or from the policy's own starting weights, computed with the
 //! training code path so that the first step's loss is exactly ln 2.
@@ -10,11 +10,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
-use tsr_steps::dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
-use tsr_steps::dpo_trainer::{
+use tsr_dpo::trainer::{
     encode_text_pairs, parse_pairs_jsonl, reference_logps, DpoTrainer, StepReport, TrainerConfig,
 };
-use tsr_steps::model::{tune_runtime, LanguageModel};
+use tsr_dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
+use tsr_model::{tune_runtime, LanguageModel};
 
 #[derive(Args, Debug)]
 pub struct DpoArgs {
@@ -57,7 +57,7 @@ pub struct DpoArgs {
     /// `r=16,alpha=32[,dropout=0.05][,targets=q_proj+k_proj+...]` (alpha defaults to 2r, targets to every
     /// projection). A is initialised as PEFT does (Kaiming-uniform, seeded by --seed), B to zero.
     #[arg(long, conflicts_with = "adapter")]
-    pub lora: Option<tsr_steps::model::adapter::LoraSpec>,
+    pub lora: Option<tsr_model::adapter::LoraSpec>,
     /// Train this PEFT LoRA adapter folder further (the reference is the model with the
     /// adapter as loaded, so the first loss is ln 2).
     #[arg(long)]
@@ -158,7 +158,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<ExitCode> {
     let model = match (&a.lora, &a.adapter) {
         (Some(spec), _) => model.with_new_lora(spec, a.seed)?,
         (None, Some(dir)) => {
-            let adapter = tsr_steps::model::LoraAdapter::load(dir, model.device())?;
+            let adapter = tsr_model::LoraAdapter::load(dir, model.device())?;
             model.with_trainable_adapter(&adapter)?
         }
         (None, None) => model,

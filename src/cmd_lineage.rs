@@ -82,11 +82,9 @@ pub fn adapter_of(store: &Store, node: &NodeResult) -> anyhow::Result<Option<Val
     if node.step.kind != "dpo" || !node.step.config.contains("\"lora\"") {
         return Ok(None);
     }
-    Ok(
-        tsr_steps::model::StoredAdapter::read(&store.blobs().path(&w))
-            .ok()
-            .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})),
-    )
+    Ok(tsr_model::StoredAdapter::read(&store.blobs().path(&w))
+        .ok()
+        .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})))
 }
 
 /// Every pair of a run with the DPO step that consumed it and the model that step made.
@@ -348,7 +346,7 @@ pub fn final_model(
 fn stored_config_and_tokenizer(
     store: &Store,
     import: &NodeResult,
-) -> anyhow::Result<(tsr_steps::model::Config, tsr_steps::model::ChatTokenizer)> {
+) -> anyhow::Result<(tsr_model::Config, tsr_model::ChatTokenizer)> {
     let blob = |name: &str| -> anyhow::Result<Vec<u8>> {
         let d = import
             .output(name)
@@ -357,15 +355,13 @@ fn stored_config_and_tokenizer(
     };
     let cfg_json: Value = serde_json::from_slice(&blob("config")?)
         .context("the stored config.json is not JSON; run `tsr verify`")?;
-    let config = tsr_steps::model::Config::from_hf_json(
-        &cfg_json,
-        std::path::Path::new("config.json (stored)"),
-    )?;
+    let config =
+        tsr_model::Config::from_hf_json(&cfg_json, std::path::Path::new("config.json (stored)"))?;
     let tok_config: Value = serde_json::from_slice(&blob("tokenizer_config")?)
         .context("the stored tokenizer_config.json is not JSON; run `tsr verify`")?;
     let tokenizer_json = String::from_utf8(blob("tokenizer")?)
         .context("the stored tokenizer.json is not UTF-8; run `tsr verify`")?;
-    let tok = tsr_steps::model::ChatTokenizer::from_parts(
+    let tok = tsr_model::ChatTokenizer::from_parts(
         tokenizer_json,
         tok_config,
         config.eos_token_ids.first().copied(),
@@ -404,13 +400,13 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
         .get(base)
         .with_context(|| format!("run `{run}` has no finished `{base}` step"))?;
     let (config, tok) = stored_config_and_tokenizer(store, base)?;
-    let files = tsr_steps::model::export::ExportFiles::new(&config, &tok);
+    let files = tsr_model::export::ExportFiles::new(&config, &tok);
     let weights_path = store
         .blobs()
         .verified_path(&weights)
         .with_context(|| format!("reading the weights blob {}", weights.short()))?;
     // A model made by LoRA training is stored as its adapter, which names its base.
-    let adapter = tsr_steps::model::StoredAdapter::read(&weights_path).ok();
+    let adapter = tsr_model::StoredAdapter::read(&weights_path).ok();
     if a.adapter {
         let Some(meta) = adapter else {
             bail!(
@@ -418,7 +414,7 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
                 node.node
             )
         };
-        tsr_steps::model::StoredAdapter::export(&weights_path, out, a.force)?;
+        tsr_model::StoredAdapter::export(&weights_path, out, a.force)?;
         println!(
             "{}: LoRA adapter {} from node {} (PEFT folder, r = {}, alpha = {}; base model {})",
             out.display(),
@@ -446,13 +442,13 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
             .blobs()
             .verified_path(&base_weights)
             .with_context(|| format!("reading the base weights blob {}", base_weights.short()))?;
-        let lora = tsr_steps::model::StoredAdapter::load(
+        let lora = tsr_model::StoredAdapter::load(
             &weights_path,
             &meta.base_digest,
-            &tsr_steps::model::Device::Cpu,
+            &tsr_model::Device::Cpu,
         )?;
-        tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
-            tsr_steps::model::adapter::write_merged(&base_path, &lora, w)
+        tsr_model::export::export_hf_folder(&files, out, a.force, |w| {
+            tsr_model::adapter::write_merged(&base_path, &lora, w)
         })?;
         println!(
             "{}: model {} from node {} (Hugging Face layout: base {} with the LoRA adapter merged in; --adapter writes the adapter alone)",
@@ -469,15 +465,14 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
         files.config["dtype"] = json!(dt);
         files.config["torch_dtype"] = json!(dt);
     }
-    tsr_steps::model::export::export_hf_folder(&files, out, a.force, |w| {
-        let mut f =
-            std::fs::File::open(&weights_path).map_err(|e| tsr_steps::model::ModelError::Io {
-                path: weights_path.clone(),
-                source: e,
-            })?;
+    tsr_model::export::export_hf_folder(&files, out, a.force, |w| {
+        let mut f = std::fs::File::open(&weights_path).map_err(|e| tsr_model::ModelError::Io {
+            path: weights_path.clone(),
+            source: e,
+        })?;
         std::io::copy(&mut f, w)
             .map(|_| ())
-            .map_err(|e| tsr_steps::model::ModelError::Io {
+            .map_err(|e| tsr_model::ModelError::Io {
                 path: weights_path.clone(),
                 source: e,
             })
@@ -730,7 +725,7 @@ pub fn export_eval_to(
                     .parse::<u32>()
                     .is_ok())
     };
-    tsr_steps::model::export::write_folder_whole(
+    tsr_model::export::write_folder_whole(
         out,
         force,
         "tsr evaluation export",
@@ -746,7 +741,7 @@ pub fn export_eval_to(
                     std::io::Write::write_all(&mut f, bytes)?;
                     f.sync_all()
                 };
-                write().map_err(|e| tsr_steps::model::ModelError::Io {
+                write().map_err(|e| tsr_model::ModelError::Io {
                     path: path.clone(),
                     source: e,
                 })?;
@@ -755,7 +750,7 @@ pub fn export_eval_to(
                 let d = dir.join(label);
                 std::fs::File::open(&d)
                     .and_then(|f| f.sync_all())
-                    .map_err(|e| tsr_steps::model::ModelError::Io {
+                    .map_err(|e| tsr_model::ModelError::Io {
                         path: d.clone(),
                         source: e,
                     })?;

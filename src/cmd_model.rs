@@ -1,6 +1,6 @@
 //! Model commands: `tsr generate` (one prompt), `tsr logprobs` (score a JSONL file of
 //! prompt/response pairs) and `tsr export-model` (write Hugging Face layout). Thin wrappers over
-//! `tsr_steps::model`; `--model` takes a model directory, a `.gguf` file or an `Org/Name` hub id.
+//! `tsr_model`; `--model` takes a model directory, a `.gguf` file or an `Org/Name` hub id.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
-use tsr_steps::model::{tune_allocator, GenRequest, LanguageModel, Sampling};
+use tsr_model::{tune_allocator, GenRequest, LanguageModel, Sampling};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -96,7 +96,7 @@ pub fn load_model(
     device: &str,
     base_dtype: Option<&str>,
 ) -> anyhow::Result<LanguageModel> {
-    use tsr_steps::model::{parse_device, DType, ModelSource};
+    use tsr_model::{parse_device, DType, ModelSource};
     let half = match base_dtype {
         None | Some("f32") => None,
         Some("bf16") => Some(DType::BF16),
@@ -123,7 +123,7 @@ fn load(
     tune_allocator();
     let m = load_model(model, device, base_dtype)?;
     if let Some(dir) = adapter {
-        let a = tsr_steps::model::LoraAdapter::load(dir, m.device())?;
+        let a = tsr_model::LoraAdapter::load(dir, m.device())?;
         m.merge_lora(&a)?;
     }
     Ok(m)
@@ -158,8 +158,8 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let out = m.generate(&[req], 1)?.remove(0);
     if a.json {
         let finished = match out.finished {
-            tsr_steps::model::FinishReason::EndOfTurn => "end_of_turn",
-            tsr_steps::model::FinishReason::MaxTokens => "max_tokens",
+            tsr_model::FinishReason::EndOfTurn => "end_of_turn",
+            tsr_model::FinishReason::MaxTokens => "max_tokens",
         };
         println!(
             "{}",
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn handlers_run_on_a_tiny_model() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tsr_steps::model::testing::write_tiny_hf_model(&tmp.path().join("m"), 1);
+        let dir = tsr_model::testing::write_tiny_hf_model(&tmp.path().join("m"), 1);
         let model = dir.to_str().unwrap().to_string();
         let f = tmp.path().join("p.jsonl");
         std::fs::write(&f, "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n").unwrap();

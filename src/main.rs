@@ -120,32 +120,12 @@ pub fn print_bytes(bytes: &[u8]) -> std::io::Result<()> {
     w.flush()
 }
 
-/// Writes `bytes` to `path` whole or not at all: a temporary file beside it, fsync, rename,
-/// then the folder is fsynced.
+/// Writes `bytes` to `path` whole or not at all (`tsr_state::fsio`: a temporary file beside
+/// it, fsync, rename, then the folder is fsynced).
 pub fn write_file_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
-    use std::io::Write;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file name", path.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    tsr_state::fsio::write_atomic(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn main() -> ExitCode {
@@ -158,7 +138,7 @@ fn main() -> ExitCode {
     }
     // Allocator and thread-pool settings for model code; sets an environment variable, so it
     // runs before any other thread starts.
-    tsr_steps::model::tune_runtime();
+    tsr_model::tune_runtime();
     let cli = Cli::parse();
     if stop_quietly_on_closed_pipe(&cli.cmd) {
         // SAFETY: restoring the default disposition of SIGPIPE before any other thread exists.

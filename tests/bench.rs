@@ -8,7 +8,7 @@ use common::*;
 #[test]
 fn bench_prints_results_and_refuses_what_it_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 5);
+    let model = tsr_model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 5);
     let m = model.to_str().unwrap();
     let store = dir.path().join("store");
     let o = tsr(

@@ -297,7 +297,7 @@ fn a_run_whose_output_reader_goes_away_still_finishes() {
 fn errors_show_their_cause_without_backtraces_when_rust_backtrace_is_set() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.gguf");
-    tsr_steps::model::testing::write_tiny_gguf(&whole, 1);
+    tsr_model::testing::write_tiny_gguf(&whole, 1);
     let bytes = std::fs::read(&whole).unwrap();
     let cut = dir.path().join("truncated.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() * 3 / 5]).unwrap();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 const RUN: &str = "dpo-resume";
 
 fn setup(dir: &Path, checkpoint_every: u64, lora: bool) -> PathBuf {
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     let prompts: String = [
         "hello there",
         "name a colour",
@@ -169,7 +169,7 @@ fn sigkill_during_dpo(lora: bool) {
     let weights = output_of(&got, dpo["node"].as_str().unwrap(), "weights");
     let stored = store.join("blobs").join(&weights[..2]).join(&weights[2..]);
     assert_eq!(
-        tsr_steps::model::StoredAdapter::read(&stored).is_ok(),
+        tsr_model::StoredAdapter::read(&stored).is_ok(),
         lora,
         "the DPO output should be an adapter exactly when LoRA trains"
     );

@@ -14,7 +14,7 @@ const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"what is two plus two?\", 
 fn setup(dir: &Path, name: &str, workflow: &str, eval: &str) -> PathBuf {
     let model = dir.join("tiny");
     if !model.exists() {
-        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+        tsr_model::testing::write_tiny_hf_model(&model, 5);
     }
     std::fs::write(dir.join("prompts.jsonl"), TRAIN).unwrap();
     std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
@@ -329,8 +329,8 @@ fn two_workflows_in_one_store_share_the_baseline_and_unreadable_verdicts_are_cou
 fn tsr_eval_compares_a_model_with_a_baseline_or_reference_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
     let prompts = dir.path().join("p.jsonl");
     std::fs::write(&prompts, HELD_OUT).unwrap();
     let args = |extra: &[&str]| -> Vec<String> {
@@ -533,8 +533,8 @@ fn bad_evaluation_inputs_are_refused_before_anything_runs() {
 fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
     // The `eval` workflow (what `tsr eval` runs): every kill lands in an evaluation step.
     let dir = tempfile::tempdir().unwrap();
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
     let many: String = (0..16)
         .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
         .collect();

@@ -13,10 +13,8 @@ use std::process::Command;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tsr_steps::model::testing::{
-    golden_ids as ids, hf_fixtures as fixtures, read_golden as read_json,
-};
-use tsr_steps::model::LanguageModel;
+use tsr_model::testing::{golden_ids as ids, hf_fixtures as fixtures, read_golden as read_json};
+use tsr_model::LanguageModel;
 use tsr_steps::trl::{trl_fields, TrlFormat};
 
 fn sha256(path: &Path) -> String {
@@ -138,7 +136,7 @@ fn round_trip(model: &Path, name: &str) {
 #[test]
 fn the_tiny_model_exported_by_tsr_reads_the_same_in_transformers() {
     let dir = tempfile::tempdir().unwrap();
-    let src = tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 1);
+    let src = tsr_model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 1);
     round_trip(&src, "tiny");
 }
 
@@ -161,7 +159,7 @@ fn transformers_models_exported_by_tsr_read_the_same_in_transformers() {
 
 #[test]
 fn smollm2_exported_by_tsr_reads_the_same_in_transformers() {
-    round_trip(&tsr_steps::model::testing::default_model_path(), "smollm2");
+    round_trip(&tsr_model::testing::default_model_path(), "smollm2");
 }
 
 /// TRL's `DPOTrainer` turns the exported pairs into tsr's prompt ids in both formats, and into
@@ -170,9 +168,7 @@ fn smollm2_exported_by_tsr_reads_the_same_in_transformers() {
 #[test]
 fn trl_tokenizes_exported_pairs_as_tsr_trained_on_them() {
     let m = LanguageModel::load_str(
-        tsr_steps::model::testing::default_model_path()
-            .to_str()
-            .unwrap(),
+        tsr_model::testing::default_model_path().to_str().unwrap(),
         "cpu",
     )
     .unwrap();
@@ -220,7 +216,7 @@ fn trl_tokenizes_exported_pairs_as_tsr_trained_on_them() {
 #[test]
 fn export_into_a_folder_with_files_needs_force_and_replaces_it_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let src = tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 2);
+    let src = tsr_model::testing::write_tiny_hf_model(&dir.path().join("tiny"), 2);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     // An empty folder is fine.

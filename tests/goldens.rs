@@ -19,7 +19,8 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 const PROMPTS: &str = "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n";
-const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n";
+const HELD_OUT: &str =
+    "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
@@ -62,7 +63,7 @@ fn check(name: &str, got: &str) {
 /// Run the config `body` (with the tiny model, the prompts and the held-out prompts beside it)
 /// and return the store.
 fn run(dir: &Path, name: &str, body: &str) -> PathBuf {
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     std::fs::write(dir.join("prompts.jsonl"), PROMPTS).unwrap();
     std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
     let cfg = dir.join(format!("{name}.toml"));
@@ -80,20 +81,25 @@ fn record(store: &Path, name: &str) {
     let v = status(store, name);
     let mut out = String::new();
     for n in v["nodes"].as_array().unwrap() {
-        out.push_str(&serde_json::to_string(&serde_json::json!({
-            "node": n["node"],
-            "kind": n["kind"],
-            "step_key": n["step_key"],
-            "outputs": n["outputs"],
-        }))
-        .unwrap());
+        out.push_str(
+            &serde_json::to_string(&serde_json::json!({
+                "node": n["node"],
+                "kind": n["kind"],
+                "step_key": n["step_key"],
+                "outputs": n["outputs"],
+            }))
+            .unwrap(),
+        );
         out.push('\n');
     }
     check(&format!("{name}.steps.jsonl"), &out);
 
     let s = tsr_state::Store::open_existing_nowait(store).unwrap();
     let rec = s.run(name).unwrap();
-    let mut def = format!("workflow = {:?}\n# config_toml\n{}", rec.workflow, rec.config_toml);
+    let mut def = format!(
+        "workflow = {:?}\n# config_toml\n{}",
+        rec.workflow, rec.config_toml
+    );
     def.push_str("# definition\n");
     for (k, v) in &rec.definition {
         def.push_str(&format!("{k} = {v}\n"));
@@ -102,10 +108,14 @@ fn record(store: &Path, name: &str) {
     for (k, d) in &rec.externals {
         def.push_str(&format!("{k} = {}\n", d.to_hex()));
     }
-    check(&format!("{name}.definition.txt"), &def.replace(dir, "<dir>"));
+    check(
+        &format!("{name}.definition.txt"),
+        &def.replace(dir, "<dir>"),
+    );
 }
 
-const COMMON: &str = "iterations = 1\n[model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+const COMMON: &str =
+    "iterations = 1\n[model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
                       [generate]\nk = 3\nmax_new_tokens = 6\nbatch_size = 4\n";
 
 #[test]
@@ -123,16 +133,33 @@ fn temporal_with_eval_two_iterations_and_its_lineage() {
     record(&store, "temporal");
     let st = status(&store, "temporal");
     let last = output_of(&st, "iter2/dpo-next", "weights");
-    let o = tsr(&["export", "temporal", "pairs", "--out", dir.path().join("pairs.jsonl").to_str().unwrap()], &store);
+    let o = tsr(
+        &[
+            "export",
+            "temporal",
+            "pairs",
+            "--out",
+            dir.path().join("pairs.jsonl").to_str().unwrap(),
+        ],
+        &store,
+    );
     assert!(o.status.success(), "{}", text(&o));
     let pairs = std::fs::read_to_string(dir.path().join("pairs.jsonl")).unwrap();
     check("temporal.pairs.jsonl", &pairs);
     let last_pair: serde_json::Value = serde_json::from_str(pairs.lines().last().unwrap()).unwrap();
     let pair_id = last_pair["pair_id"].as_str().unwrap().to_string();
-    for (what, arg) in [("pair", pair_id.as_str()), ("model", &last[..16]), ("prompt", "b"), ("eval", "e2")] {
+    for (what, arg) in [
+        ("pair", pair_id.as_str()),
+        ("model", &last[..16]),
+        ("prompt", "b"),
+        ("eval", "e2"),
+    ] {
         let o = tsr(&["lineage", "temporal", what, arg, "--json"], &store);
         assert!(o.status.success(), "lineage {what}: {}", text(&o));
-        check(&format!("temporal.lineage-{what}.json"), &String::from_utf8(o.stdout).unwrap());
+        check(
+            &format!("temporal.lineage-{what}.json"),
+            &String::from_utf8(o.stdout).unwrap(),
+        );
     }
 }
 
@@ -206,7 +233,7 @@ fn lora_with_dropout_a_bf16_base_and_ipo() {
 #[test]
 fn eval_workflow() {
     let dir = tempfile::tempdir().unwrap();
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("other"), 7);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("other"), 7);
     let store = run(
         dir.path(),
         "eval",

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const RUN: &str = "lora";
 
 fn setup(dir: &Path, iterations: u32, extra_lora: &str) -> PathBuf {
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     std::fs::write(
         dir.join("prompts.jsonl"),
         "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n",
@@ -410,7 +410,7 @@ fn a_run_that_does_not_fit_its_memory_is_refused_before_it_starts() {
     let lora = setup(dir.path(), 1, "");
     let shape = dir.path().join("shape135m");
     std::fs::create_dir_all(&shape).unwrap();
-    let c = tsr_steps::model::testing::smollm2_135m_config();
+    let c = tsr_model::testing::smollm2_135m_config();
     std::fs::write(
         shape.join("config.json"),
         serde_json::to_vec(&c.to_hf_json()).unwrap(),

@@ -23,7 +23,7 @@ use tsr_steps::meta_judge::{MetaJudge, DEFAULT_META_PROMPT};
 fn setup(dir: &Path, workflow: &str) -> PathBuf {
     let model = dir.join("tiny");
     if !model.exists() {
-        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+        tsr_model::testing::write_tiny_hf_model(&model, 5);
     }
     std::fs::write(
         dir.join("prompts.jsonl"),
@@ -241,7 +241,7 @@ fn tiny_model_inputs(
 ) {
     let model = dir.join("tiny");
     if !model.exists() {
-        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+        tsr_model::testing::write_tiny_hf_model(&model, 5);
     }
     let blobs = BlobStore::open(dir.join("blobs"), dir.join("tmp")).unwrap();
     let mut digests = BTreeMap::new();
@@ -250,7 +250,7 @@ fn tiny_model_inputs(
         let path = model.join(file);
         digests.insert(
             format!("model.{suffix}"),
-            tsr_engine::fingerprint(&path).unwrap(),
+            tsr_state::fingerprint(&path).unwrap(),
         );
         externals.insert(format!("model.{suffix}"), path);
     }
@@ -477,7 +477,7 @@ fn a_judge_pair_is_scored_by_the_reference_and_trained_on_by_dpo() {
 
     let dpo = Dpo {
         beta: 0.1,
-        loss: tsr_steps::dpo::DpoLossKind::Sigmoid,
+        loss: tsr_dpo::DpoLossKind::Sigmoid,
         lr: 1e-2,
         warmup_steps: 0,
         epochs: 2,

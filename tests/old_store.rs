@@ -23,7 +23,12 @@ fn unpack(variant: &str, into: &Path) -> PathBuf {
         .arg(into)
         .output()
         .unwrap();
-    assert!(o.status.success(), "unpacking {}: {}", tar.display(), text(&o));
+    assert!(
+        o.status.success(),
+        "unpacking {}: {}",
+        tar.display(),
+        text(&o)
+    );
     into.join(variant)
 }
 
@@ -64,7 +69,12 @@ fn outputs(dir: &Path, run: &str, store: &str) -> Vec<(String, serde_json::Value
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| (n["node"].as_str().unwrap().to_string(), n["outputs"].clone()))
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap().to_string(),
+                n["outputs"].clone(),
+            )
+        })
         .collect()
 }
 
@@ -89,7 +99,11 @@ fn resume_and_replay(variant: &str) {
         "the resumed old store and an uninterrupted run of this build differ"
     );
 
-    let o = tsr_in(&dir, &["replay", &run, "--iteration", "1", "--json"], "store");
+    let o = tsr_in(
+        &dir,
+        &["replay", &run, "--iteration", "1", "--json"],
+        "store",
+    );
     assert!(o.status.success(), "replay: {}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["identical"], true, "{v}");

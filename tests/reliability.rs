@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// A tiny-model temporal run heavy enough that each long step spans several batches.
 fn setup(dir: &Path) -> PathBuf {
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.join("tiny"), 3);
+    tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 3);
     let prompts: String = (0..12)
         .map(|i| format!("{{\"id\": \"p{i}\", \"prompt\": \"question number {i}\"}}\n"))
         .collect();

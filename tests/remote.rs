@@ -162,7 +162,7 @@ fn round_trip_restore_and_verify_without_leaking_credentials() {
 
 fn tiny_temporal(dir: &Path) -> PathBuf {
     let model = dir.join("tiny");
-    tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+    tsr_model::testing::write_tiny_hf_model(&model, 5);
     let prompts: String = [
         "hello there",
         "name a colour",

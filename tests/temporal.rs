@@ -12,7 +12,7 @@ use std::process::Command;
 fn setup(dir: &Path, workflow: &str, judge_mode: &str) -> PathBuf {
     let model = dir.join("tiny");
     if !model.exists() {
-        tsr_steps::model::testing::write_tiny_hf_model(&model, 5);
+        tsr_model::testing::write_tiny_hf_model(&model, 5);
     }
     std::fs::write(
         dir.join("prompts.jsonl"),
@@ -485,7 +485,7 @@ fn bad_lm_configs_name_the_key() {
 fn fixed_judge_model_and_final_model_export() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    tsr_steps::model::testing::write_tiny_hf_model(&dir.path().join("judge"), 9);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("judge"), 9);
     let cfg = setup(dir.path(), "self-rewarding", "logprob");
     let body = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -514,7 +514,7 @@ fn fixed_judge_model_and_final_model_export() {
         &store,
     );
     assert!(o.status.success(), "{}", text(&o));
-    let m = tsr_steps::model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
+    let m = tsr_model::LanguageModel::load_str(out.to_str().unwrap(), "cpu").unwrap();
     assert_eq!(
         m.digest().unwrap(),
         output_of(&v, "iter1/dpo-next", "weights")

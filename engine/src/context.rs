@@ -326,7 +326,7 @@ impl ItemJournal for StoreJournal {
         *rec = next;
         self.store.mark(
             tsr_state::SyncPoint::Checkpoint,
-            &crate::driver::remote_waiting,
+            &crate::status::remote_waiting,
         );
         // Only now, with the new checkpoint durable, drop the old one's files (unless shared).
         if let Some(old) = old {

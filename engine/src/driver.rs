@@ -647,7 +647,10 @@ impl Job {
             .node(&self.run, &self.node, &self.binding());
         store.commit(c)?;
         // A replicated store ships the finished step (and waits when the remote lags too far).
-        store.mark(tsr_state::SyncPoint::StepDone, &remote_waiting);
+        store.mark(
+            tsr_state::SyncPoint::StepDone,
+            &crate::status::remote_waiting,
+        );
         // The step is durable; its checkpoint and scratch are no longer needed.
         if let Some(cp) = old_checkpoint {
             for d in cp.blobs.values() {
@@ -659,9 +662,4 @@ impl Job {
         let _ = std::fs::remove_dir_all(&scratch);
         Ok(Executed::Done(measured.then(peak_rss).flatten()))
     }
-}
-
-/// Said when a sync point waits for a remote that fell too far behind.
-pub(crate) fn remote_waiting(msg: &str) {
-    eprintln!("tsr: remote: {msg}");
 }

@@ -31,7 +31,7 @@ pub use key::step_key;
 pub use plan::{plan, Action, JournalView, NodeView, Plan};
 pub use preempt::StopFlag;
 pub use replay::{replay, ReplayReport};
-pub use run::{fingerprint, open_run, RunSpec};
+pub use run::{open_run, RunSpec};
 pub use status::{
     read_snapshot, remote_lag, status_rows, write_snapshot, RemoteLag, RunStatusView, StatusRow,
 };

@@ -106,7 +106,9 @@ pub fn replay(
         for (out_name, (_, data)) in produced.items {
             let d = match data {
                 OutputData::Bytes(b) => Digest::of(&b),
-                OutputData::File(p) => crate::run::fingerprint(&p)?,
+                OutputData::File(p) => {
+                    tsr_state::fingerprint(&p).map_err(tsr_state::StateError::from)?
+                }
                 OutputData::Blob(d) => d,
             };
             replayed.insert(out_name, d);

@@ -4,8 +4,8 @@
 use crate::dag::{Dag, InputSource};
 use crate::error::EngineError;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use tsr_state::{now_ms, Digest, RunRecord, RunStatus, StateError, Store};
+use std::path::PathBuf;
+use tsr_state::{now_ms, Digest, RunRecord, RunStatus, Store};
 
 /// How a run is defined, for creating it or checking that it did not change.
 #[derive(Clone, Debug)]
@@ -17,71 +17,6 @@ pub struct RunSpec {
     pub forked_from: Option<String>,
 }
 
-/// Content fingerprint of an external input: blake3 of a file, or of a folder's sorted
-/// (relative path, file digest) list.
-pub fn fingerprint(path: &Path) -> Result<Digest, StateError> {
-    let meta = std::fs::metadata(path).map_err(|e| StateError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    if meta.is_file() {
-        return hash_file(path);
-    }
-    let mut files = Vec::new();
-    collect_files(path, path, &mut files)?;
-    files.sort();
-    let mut h = blake3::Hasher::new();
-    h.update(b"tsr-dir-v1\0");
-    for rel in files {
-        let d = hash_file(&path.join(&rel))?;
-        h.update(rel.to_string_lossy().as_bytes());
-        h.update(b"\0");
-        h.update(&d.0);
-    }
-    Ok(Digest::from(h.finalize()))
-}
-
-fn hash_file(path: &Path) -> Result<Digest, StateError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| StateError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| StateError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Digest::from(h.finalize()))
-}
-
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StateError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| StateError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    for entry in rd {
-        let entry = entry.map_err(|e| StateError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
-        let p = entry.path();
-        if p.is_dir() {
-            collect_files(root, &p, out)?;
-        } else {
-            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
-        }
-    }
-    Ok(())
-}
-
 fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineError> {
     let mut out = BTreeMap::new();
     let mut cache: BTreeMap<PathBuf, Digest> = BTreeMap::new();
@@ -91,7 +26,7 @@ fn external_fingerprints(dag: &Dag) -> Result<BTreeMap<String, Digest>, EngineEr
                 let d = match cache.get(path) {
                     Some(d) => *d,
                     None => {
-                        let d = fingerprint(path).map_err(|e| EngineError::BadNode {
+                        let d = tsr_state::fingerprint(path).map_err(|e| EngineError::BadNode {
                             node: node.name.clone(),
                             reason: format!("input `{input}`: {}", tsr_state::error_chain(&e)),
                         })?;

@@ -89,7 +89,7 @@ impl StepInputs {
         let Some(path) = self.externals.get(name) else {
             return Ok(None);
         };
-        let now = crate::run::fingerprint(path)
+        let now = tsr_state::fingerprint(path)
             .map_err(|e| StepError::Invalid(tsr_state::error_chain(&e)))?;
         if now != *digest {
             return Err(StepError::Invalid(format!(

@@ -3,11 +3,11 @@
 //! and the directory fsynced, so a blob either exists whole under its name or not at all. Reads
 //! verify the digest: a mismatch is an error naming the file, never silently used.
 
-use crate::digest::Digest;
 use crate::direct::DirectFile;
 use crate::error::{StateError, StateResult};
 use crate::faults::{FaultInjector, FaultOp};
-use std::fs::{self, File, OpenOptions};
+use crate::Digest;
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -404,11 +404,7 @@ pub fn hash_file(path: &Path) -> StateResult<Digest> {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> StateResult<()> {
-    OpenOptions::new()
-        .read(true)
-        .open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StateError::io(dir, e))
+    Ok(tsr_base::fsio::sync_dir(dir)?)
 }
 
 #[cfg(test)]

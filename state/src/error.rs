@@ -114,6 +114,15 @@ impl From<crate::remote::RemoteError> for StateError {
     }
 }
 
+impl From<tsr_base::PathError> for StateError {
+    fn from(e: tsr_base::PathError) -> Self {
+        StateError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl StateError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         StateError::Io {

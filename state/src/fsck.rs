@@ -7,12 +7,12 @@
 //! gc: removes blobs and step records that no run references. What a run references: the steps
 //! bound to its nodes (their inputs, outputs, checkpoint blobs, items) and its external inputs.
 
-use crate::digest::Digest;
 use crate::envelope::decode;
 use crate::error::StateResult;
 use crate::keys;
 use crate::records::*;
 use crate::store::{Commit, Store};
+use crate::Digest;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 

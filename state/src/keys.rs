@@ -13,7 +13,7 @@
 //! | `M` | meta | name | raw bytes (`format` = store format version) |
 //! | `J` | journal | commit number (u64 BE) | the commit's writes, for the remote copy (only while replicated) |
 
-use crate::digest::Digest;
+use crate::Digest;
 
 pub const RUN: u8 = b'R';
 pub const NODE: u8 = b'N';

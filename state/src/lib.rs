@@ -9,7 +9,6 @@
 //! either the state before the call or the state after it, never a mix.
 
 mod blobs;
-mod digest;
 mod direct;
 mod envelope;
 mod error;
@@ -23,7 +22,6 @@ mod store;
 mod sync;
 
 pub use blobs::{BlobStore, BlobWriter};
-pub use digest::Digest;
 pub use envelope::Versioned;
 pub use error::{error_chain, StateError, StateResult};
 pub use fsck::{gc, verify, GcReport, Problem, VerifyReport};
@@ -33,3 +31,4 @@ pub use records::{
 };
 pub use store::{now_ms, validate_name, validate_run_name, Commit, RemoteState, Store};
 pub use sync::{SyncMode, SyncPoint, SyncView};
+pub use tsr_base::{fingerprint, fsio, BadDigest, Digest};

@@ -1,8 +1,8 @@
 //! The persisted record types. Each is a versioned envelope (see `envelope.rs`): change a shape,
 //! bump its `VERSION`.
 
-use crate::digest::Digest;
 use crate::envelope::Versioned;
+use crate::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

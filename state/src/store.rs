@@ -8,13 +8,13 @@
 //! ```
 
 use crate::blobs::BlobStore;
-use crate::digest::Digest;
 use crate::envelope::{decode, encode, Versioned};
 use crate::error::{StateError, StateResult};
 use crate::faults::{FaultInjector, FaultOp};
 use crate::keys;
 use crate::lock::StoreLock;
 use crate::records::*;
+use crate::Digest;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -19,10 +19,11 @@
 
 use std::time::Instant;
 
+use tsr_dpo::bench::bench_trainer_config;
+use tsr_dpo::trainer::{DpoTrainer, TrainPair, TrainerError};
+use tsr_model::bench::bench_model_spec;
+use tsr_model::{tune_runtime, LanguageModel};
 use tsr_state::BlobStore;
-use tsr_steps::bench::{bench_model_spec, bench_trainer_config};
-use tsr_steps::dpo_trainer::{DpoTrainer, TrainPair, TrainerError};
-use tsr_steps::model::{tune_runtime, LanguageModel};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tune_runtime();
@@ -63,13 +64,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let (w, s) = if mode == "direct" {
             t.write_checkpoint_with(
-                |_| Ok::<_, TrainerError>(blobs.large_writer()?),
-                |_, w| Ok(w.finish()?),
+                |_| blobs.large_writer().map_err(TrainerError::sink),
+                |_, w| w.finish().map_err(TrainerError::sink),
             )?
         } else if mode == "blobs" {
             t.write_checkpoint_with(
-                |_| Ok::<_, TrainerError>(blobs.writer()?),
-                |_, w| Ok(w.finish()?),
+                |_| blobs.writer().map_err(TrainerError::sink),
+                |_, w| w.finish().map_err(TrainerError::sink),
             )?
         } else {
             let files = t.write_checkpoint(&scratch)?;

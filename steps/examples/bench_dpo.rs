@@ -19,12 +19,11 @@
 
 use std::time::Instant;
 
+use tsr_dpo::bench::bench_trainer_config;
+use tsr_dpo::trainer::{reference_logps, DpoTrainer, TrainPair, TrainerError};
+use tsr_model::bench::{bench_model_spec, cpu_s, median, reset_hwm, vm_hwm_mb};
+use tsr_model::{tune_runtime, LanguageModel};
 use tsr_state::BlobStore;
-use tsr_steps::bench::{
-    bench_model_spec, bench_trainer_config, cpu_s, median, reset_hwm, vm_hwm_mb,
-};
-use tsr_steps::dpo_trainer::{reference_logps, DpoTrainer, TrainPair, TrainerError};
-use tsr_steps::model::{tune_runtime, LanguageModel};
 
 /// `n` token ids from real text (the model's own tokenizer), repeated to length.
 fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {
@@ -39,14 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
     println!(
         "mallopt tuned: {tuned}; threads: {}",
-        candle_core::utils::get_num_threads()
+        tsr_model::cpu_threads()
     );
     let t = Instant::now();
     let policy = LanguageModel::load_str(&spec, "cpu")?;
     let reference = policy.clone_weights()?;
     let policy = match args.get(2) {
         Some(lora) => {
-            let lora: tsr_steps::model::adapter::LoraSpec = lora.parse()?;
+            let lora: tsr_model::adapter::LoraSpec = lora.parse()?;
             println!("training a LoRA adapter: {lora:?}");
             policy.with_new_lora(&lora, 0)?
         }
@@ -111,8 +110,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // (hashed while written, fsynced, installed); the previous checkpoint then removed.
             let s = Instant::now();
             let (w, st) = t.write_checkpoint_with(
-                |_| Ok::<_, TrainerError>(blobs.large_writer()?),
-                |_, w| Ok(w.finish()?),
+                |_| blobs.large_writer().map_err(TrainerError::sink),
+                |_, w| w.finish().map_err(TrainerError::sink),
             )?;
             let secs = s.elapsed().as_secs_f64();
             for d in previous.drain(..) {

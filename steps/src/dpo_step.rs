@@ -1,22 +1,22 @@
 //! `dpo`: train a policy (initialised from the `model` input) on preference pairs against
 //! reference log-probs computed by `ref-logprobs`, with [`DpoTrainer`]. Checkpoints every
 //! `checkpoint_every` optimizer steps and at a stop request: files `weights` (safetensors),
-//! `trainer` ([`crate::dpo::TrainerCheckpoint`]: plan, cursor, optimizer state) and `metrics`
+//! `trainer` ([`tsr_dpo::TrainerCheckpoint`]: plan, cursor, optimizer state) and `metrics`
 //! (the full per-step history); the journal cursor is the data cursor as JSON, for
 //! inspection. A resumed step continues from the checkpoint and ends with bit-identical
 //! weights and metrics. A diverged step (non-finite loss or gradient) fails with an `Invalid`
 //! error before touching the weights, so the last checkpoint stays the last good state.
 
-use crate::dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
-use crate::dpo_trainer::{cursor_bytes, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
 use crate::lm::{self, model_err};
-use crate::model::adapter::LoraSpec;
-use crate::model::LanguageModel;
 use crate::pairs::Pair;
 use crate::reference::{encode_pair, RefLogps};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use tsr_dpo::trainer::{cursor_bytes, DpoTrainer, TrainPair, TrainerConfig, TrainerError};
+use tsr_dpo::{AdamWConfig, DpoLossConfig, DpoLossKind, LrSchedule, StepMetrics};
 use tsr_engine::{OutputData, Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::adapter::LoraSpec;
+use tsr_model::LanguageModel;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Dpo {
@@ -54,15 +54,24 @@ pub struct DpoReport {
     pub metrics: Vec<StepMetrics>,
 }
 
-impl From<TrainerError> for StepError {
+/// A trainer's error as the step reports it.
+fn trainer_err(e: TrainerError) -> StepError {
+    if e.is_non_finite() {
+        // Deterministic: retrying the same step diverges again. The last checkpoint (taken
+        // after the last good step) is intact.
+        StepError::Invalid(format!("DPO diverged: {e}; the last checkpoint is kept"))
+    } else {
+        StepError::wrap("DPO", e)
+    }
+}
+
+/// An error while a checkpoint is written into the journal: the trainer's (as [`trainer_err`]
+/// makes it) or the journal's own.
+struct CheckpointError(StepError);
+
+impl From<TrainerError> for CheckpointError {
     fn from(e: TrainerError) -> Self {
-        if e.is_non_finite() {
-            // Deterministic: retrying the same step diverges again. The last checkpoint (taken
-            // after the last good step) is intact.
-            StepError::Invalid(format!("DPO diverged: {e}; the last checkpoint is kept"))
-        } else {
-            StepError::wrap("DPO", e)
-        }
+        CheckpointError(trainer_err(e))
     }
 }
 
@@ -142,13 +151,19 @@ impl Dpo {
 /// drops the previous checkpoint once this one is committed.
 fn save(t: &DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
     let journal = ctx.items();
-    let (weights, trainer) = t.write_checkpoint_with(
-        |_| journal.blob_writer(),
-        |part, w| {
-            w.finish()
-                .map_err(|e| StepError::wrap(format!("DPO checkpoint ({})", part.file_name()), e))
-        },
-    )?;
+    let (weights, trainer) = t
+        .write_checkpoint_with(
+            |_| journal.blob_writer().map_err(CheckpointError),
+            |part, w| {
+                w.finish().map_err(|e| {
+                    CheckpointError(StepError::wrap(
+                        format!("DPO checkpoint ({})", part.file_name()),
+                        e,
+                    ))
+                })
+            },
+        )
+        .map_err(|e| e.0)?;
     let metrics = serde_json::to_vec(t.metrics()).expect("metrics serialize");
     let mut out = BTreeMap::new();
     out.insert("weights".to_string(), OutputData::Blob(weights));
@@ -174,7 +189,7 @@ fn restore(t: &mut DpoTrainer, ctx: &StepContext) -> Result<(), StepError> {
         StepError::Invalid(format!("DPO checkpoint metrics cannot be decoded: {e}"))
     })?;
     t.restore(file("weights")?, &trainer, Some(metrics))
-        .map_err(StepError::from)
+        .map_err(trainer_err)
 }
 
 fn progress_message(m: &StepMetrics) -> String {
@@ -258,7 +273,7 @@ impl Step for Dpo {
             });
         }
         let mut t = DpoTrainer::new(&model, encoded, self.trainer_config(ctx.seed()))
-            .map_err(StepError::from)?;
+            .map_err(trainer_err)?;
         restore(&mut t, ctx)?;
         ctx.progress().set_length(t.total_steps());
         ctx.progress().set_position(t.steps_done());
@@ -271,7 +286,7 @@ impl Step for Dpo {
                 }
                 return Err(StepError::Interrupted);
             }
-            let report = t.step().map_err(StepError::from)?;
+            let report = t.step().map_err(trainer_err)?;
             ctx.progress().inc(1);
             ctx.progress()
                 .set_message(progress_message(&report.metrics));

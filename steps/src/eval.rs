@@ -21,11 +21,11 @@ use crate::eval_metrics::{self, WinRate};
 use crate::judge_pairs::MetaVerdict;
 use crate::lm::{self, decode_item, model_err};
 use crate::meta_judge::parse_better;
-use crate::model::{GenRequest, Sampling};
 use crate::prompts::Prompt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{GenRequest, Sampling};
 
 /// The default pairwise template. Placeholders: `{instruction}`, `{output_a}`, `{output_b}`.
 /// It ends by asking for the verdict line that `text` mode parses and whose opening
@@ -159,8 +159,8 @@ impl Step for Answer {
                         generator: generator.clone(),
                         finish: Some(
                             match o.finished {
-                                crate::model::FinishReason::EndOfTurn => "eot",
-                                crate::model::FinishReason::MaxTokens => "length",
+                                tsr_model::FinishReason::EndOfTurn => "eot",
+                                tsr_model::FinishReason::MaxTokens => "length",
                             }
                             .into(),
                         ),

@@ -3,10 +3,10 @@
 //! depend on batching, and a resumed step produces exactly what an uninterrupted one would.
 
 use crate::lm::{self, decode_item, model_err};
-use crate::model::{GenRequest, Sampling};
 use crate::prompts::Prompt;
 use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{GenRequest, Sampling};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Response {
@@ -91,8 +91,8 @@ impl Step for Generate {
                         tokens: o.token_ids.len(),
                         text: o.text,
                         finish: match o.finished {
-                            crate::model::FinishReason::EndOfTurn => "eot".into(),
-                            crate::model::FinishReason::MaxTokens => "length".into(),
+                            tsr_model::FinishReason::EndOfTurn => "eot".into(),
+                            tsr_model::FinishReason::MaxTokens => "length".into(),
                         },
                     };
                     serde_json::to_vec(&r).expect("response serializes")

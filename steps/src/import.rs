@@ -4,9 +4,9 @@
 //! identity.
 
 use crate::lm::model_err;
-use crate::model::{parse_device, DType, LanguageModel, ModelSource};
 use serde::Serialize;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{parse_device, DType, LanguageModel, ModelSource};
 
 #[derive(Serialize)]
 pub struct ImportModel {
@@ -57,7 +57,7 @@ impl Step for ImportModel {
         .map_err(model_err("importing the model"))?;
         if inputs.has("adapter") {
             let dir = inputs.path("adapter")?;
-            let adapter = crate::model::LoraAdapter::load(&dir, &device)
+            let adapter = tsr_model::LoraAdapter::load(&dir, &device)
                 .map_err(model_err("reading the LoRA adapter"))?;
             model
                 .merge_lora(&adapter)

@@ -10,11 +10,11 @@
 use crate::generate::Response;
 use crate::judge_text::{parse_score, render, Verdict, MAX_SCORE};
 use crate::lm::{self, decode_item, model_err};
-use crate::model::{GenRequest, Sampling};
 use crate::prompts::Prompt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{GenRequest, Sampling};
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -1,9 +1,6 @@
 //! Concrete tsr steps and what they are built from.
 
-pub mod bench;
-pub mod dpo;
 pub mod dpo_step;
-pub mod dpo_trainer;
 pub mod eval;
 pub mod eval_metrics;
 pub mod generate;
@@ -15,7 +12,6 @@ pub mod lm;
 pub mod memory;
 pub mod meta_judge;
 pub mod metrics;
-pub mod model;
 pub mod pairs;
 pub mod prompts;
 pub mod reference;

@@ -8,8 +8,8 @@
 //! (a [`StoredAdapter`], whose header names the base's digest, so its digest still identifies
 //! the model) and the step also declares `<prefix>.base`, the base's weights.
 
-use crate::model::{parse_device, DType, LanguageModel, LoraAdapter, ModelSource, StoredAdapter};
 use tsr_engine::{StepContext, StepError, StepInputs};
+use tsr_model::{parse_device, DType, LanguageModel, LoraAdapter, ModelSource, StoredAdapter};
 
 /// (input suffix, file name in the Hugging Face layout).
 pub const MODEL_FILES: [(&str, &str); 4] = [
@@ -108,7 +108,7 @@ pub fn load_parts(
     Ok((model, adapter))
 }
 
-pub fn model_err(what: &str) -> impl Fn(crate::model::ModelError) -> StepError + '_ {
+pub fn model_err(what: &str) -> impl Fn(tsr_model::ModelError) -> StepError + '_ {
     move |e| StepError::wrap(what.to_string(), e)
 }
 

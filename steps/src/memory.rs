@@ -10,7 +10,7 @@
 //! "Memory plan, LoRA in runs and half-precision bases"): the estimate is meant to be within
 //! 25% of the measured peak resident memory.
 
-use crate::model::Config;
+use tsr_model::Config;
 
 /// Bytes in a mebibyte / gibibyte, for printing.
 pub const MIB: f64 = 1024.0 * 1024.0;
@@ -417,7 +417,7 @@ mod tests {
     use super::*;
 
     fn smollm2_1_7b() -> Shape {
-        Shape::of(&crate::model::testing::smollm2_1_7b_config())
+        Shape::of(&tsr_model::testing::smollm2_1_7b_config())
     }
 
     #[test]
@@ -428,7 +428,7 @@ mod tests {
             "{}",
             s.params
         );
-        let l = Shape::of(&crate::model::testing::llama31_8b_config());
+        let l = Shape::of(&tsr_model::testing::llama31_8b_config());
         assert!(
             (8.02e9..8.04e9).contains(&(l.params as f64)),
             "{}",

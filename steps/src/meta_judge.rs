@@ -14,11 +14,11 @@ use crate::judge::Judgement;
 use crate::judge_pairs::{self, Comparison, JudgePairContext, MetaVerdict, UncertainSpec};
 use crate::judge_text::{render, MAX_JUDGEMENT_SCAN};
 use crate::lm::{self, decode_item, model_err};
-use crate::model::{GenRequest, Sampling};
 use crate::prompts::Prompt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{GenRequest, Sampling};
 
 /// The default meta-judge prompt. Placeholders: `{judge_prompt}` (the task the judge was given:
 /// rubric, question and response), `{judgement_a}`, `{judgement_b}`.

@@ -25,7 +25,7 @@ pub struct ReferenceLogprobs {
 /// (prompt ids, chosen ids, rejected ids) of a pair, encoded exactly as for scoring:
 /// template(prompt, generation prompt) then response + end-of-turn.
 pub fn encode_pair(
-    tok: &crate::model::ChatTokenizer,
+    tok: &tsr_model::ChatTokenizer,
     p: &Pair,
 ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), StepError> {
     let prompt = tok

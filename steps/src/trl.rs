@@ -17,7 +17,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{ChatTokenizer, ModelError};
+use tsr_model::{ChatTokenizer, ModelError};
 
 /// Which of TRL's two preference formats to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ mod tests {
     #[test]
     fn standard_strings_tokenize_to_tsr_ids() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = crate::model::testing::write_tiny_hf_model(tmp.path(), 1);
+        let dir = tsr_model::testing::write_tiny_hf_model(tmp.path(), 1);
         let tok = ChatTokenizer::from_hf_dir(&dir, Some(2), &[2]).unwrap();
         let f = trl_fields(
             TrlFormat::Standard,

@@ -115,21 +115,19 @@ impl ModelSection {
 
     /// The external path to fingerprint and how to read it (`gguf` or `hf`).
     pub fn resolve(&self) -> Result<(PathBuf, String), ConfigError> {
-        let src = tsr_steps::model::ModelSource::parse(&self.source).map_err(|e| {
-            ConfigError::Invalid {
+        let src =
+            tsr_model::ModelSource::parse(&self.source).map_err(|e| ConfigError::Invalid {
                 key: "model.source".into(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(match src {
-            tsr_steps::model::ModelSource::Gguf(p) => (p, "gguf".into()),
-            tsr_steps::model::ModelSource::HfDir(p) => (p, "hf".into()),
-            tsr_steps::model::ModelSource::HubId(id) => {
-                let p =
-                    tsr_steps::model::resolve_hub_id(&id).map_err(|e| ConfigError::Invalid {
-                        key: "model.source".into(),
-                        reason: e.to_string(),
-                    })?;
+            tsr_model::ModelSource::Gguf(p) => (p, "gguf".into()),
+            tsr_model::ModelSource::HfDir(p) => (p, "hf".into()),
+            tsr_model::ModelSource::HubId(id) => {
+                let p = tsr_model::resolve_hub_id(&id).map_err(|e| ConfigError::Invalid {
+                    key: "model.source".into(),
+                    reason: e.to_string(),
+                })?;
                 (p, "hf".into())
             }
         })
@@ -346,7 +344,7 @@ impl Default for EvalJudgeSection {
 #[serde(deny_unknown_fields, default)]
 pub struct DpoSection {
     pub beta: f64,
-    pub loss: tsr_steps::dpo::DpoLossKind,
+    pub loss: tsr_dpo::DpoLossKind,
     pub lr: f64,
     pub warmup_steps: u64,
     pub epochs: u64,
@@ -399,7 +397,7 @@ impl Default for DpoSection {
     fn default() -> Self {
         DpoSection {
             beta: 0.1,
-            loss: tsr_steps::dpo::DpoLossKind::Sigmoid,
+            loss: tsr_dpo::DpoLossKind::Sigmoid,
             lr: 5e-7,
             warmup_steps: 0,
             epochs: 1,
@@ -588,12 +586,12 @@ impl Config {
             }
         }
         if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {
-            tsr_steps::model::LoraAdapter::load(dir, &tsr_steps::model::Device::Cpu).map_err(
-                |e| ConfigError::Invalid {
+            tsr_model::LoraAdapter::load(dir, &tsr_model::Device::Cpu).map_err(|e| {
+                ConfigError::Invalid {
                     key: "model.adapter".into(),
                     reason: tsr_state::error_chain(&e),
-                },
-            )?;
+                }
+            })?;
         }
         if self.workflow == "eval" {
             if self.model.is_none() {

@@ -8,8 +8,8 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use tsr_engine::InputSource;
+use tsr_model::ModelSource;
 use tsr_steps::memory::{self, human, Estimate, LoraShape, Shape};
-use tsr_steps::model::ModelSource;
 
 /// One node's estimate.
 #[derive(Clone, Debug, Serialize)]

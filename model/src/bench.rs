@@ -1,0 +1,209 @@
+//! Speed measurements shared by `tsr bench` and the `bench_*` examples: process counters
+//! (`/proc`), a median, the FLOP model behind MFU, synthetic token ids, and the generation
+//! measurement the GPU benchmark compares with PyTorch (`scripts/bench_torch_gpu.py` runs the
+//! same shapes and token ids; the DPO step's measurement is `tsr_dpo::bench`):
+//!
+//! - [`bench_generate`]: one batch of `batch` sampled continuations of a `prompt`-token chat
+//!   prompt, at most `max_new` tokens each; tokens per second counts the tokens produced
+//!   (a row that samples the end-of-turn token stops early; the count says how many did).
+//!
+//! The device is synchronised before every clock read, so CUDA's asynchronous kernels are
+//! inside the time they belong to.
+
+use std::time::Instant;
+
+use crate::{Config, FinishReason, GenRequest, LanguageModel, ModelError, Sampling};
+
+/// Where `scripts/fetch-model.sh` caches the default model (SmolLM2-135M-Instruct, GGUF Q4_1).
+pub fn cached_default_model() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    Some(std::path::Path::new(&home).join(".cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// The model a bench example loads: `arg`, else `$TSR_MODEL`, else [`cached_default_model`].
+pub fn bench_model_spec(arg: Option<&String>) -> String {
+    arg.cloned()
+        .or_else(|| std::env::var("TSR_MODEL").ok())
+        .or_else(|| cached_default_model().map(|p| p.display().to_string()))
+        .unwrap_or_default()
+}
+
+/// Peak resident memory of this process (VmHWM) in MB; NaN where `/proc` is unavailable.
+pub fn vm_hwm_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets VmHWM to the current resident size, so the next reading is the peak from now on.
+pub fn reset_hwm() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU seconds (user + system) this process has used.
+pub fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// The median (NaN for no values).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Parameters that take part in a matrix multiply per token: the attention and MLP projections
+/// of every layer and the output head (the tied embedding counts once, as the head: the input
+/// lookup is not a matmul). Norms and biases are left out (under 0.1 % here).
+pub fn matmul_params(cfg: &Config) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let q = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let per_layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * cfg.intermediate_size as f64;
+    cfg.num_hidden_layers as f64 * per_layer + cfg.vocab_size as f64 * h
+}
+
+/// Forward FLOPs of one token in a sequence of `seq` tokens: `2 * matmul_params` plus the
+/// attention scores and weighted sum, `4 * layers * heads * head_dim * seq` (PaLM's
+/// convention: the full `seq x seq` product, which is also what this model computes; the
+/// causal mask hides half of it but nothing is skipped). The backward pass is counted as twice
+/// the forward, so a training token costs 3x this.
+pub fn forward_flops_per_token(cfg: &Config, seq: usize) -> f64 {
+    let attn = 4.0
+        * cfg.num_hidden_layers as f64
+        * (cfg.num_attention_heads * cfg.head_dim) as f64
+        * seq as f64;
+    2.0 * matmul_params(cfg) + attn
+}
+
+/// Model FLOPs of one DPO pair: two sequences (chosen, rejected) of `prompt + response`
+/// tokens, each run forward by the reference (1x) and forward + backward by the policy (3x).
+/// The prompt is recomputed for both sequences, as the trainer does.
+pub fn dpo_flops_per_pair(cfg: &Config, prompt: usize, response: usize) -> f64 {
+    let seq = prompt + response;
+    2.0 * seq as f64 * 4.0 * forward_flops_per_token(cfg, seq)
+}
+
+/// Deterministic token ids in `[100, vocab)`; `scripts/bench_torch_gpu.py` uses the same
+/// formula, so both sides train on the same ids.
+pub fn synthetic_ids(vocab: usize, row: usize, len: usize, a: usize, b: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(100).clamp(1, 40_000);
+    (0..len)
+        .map(|j| (100 + (row * a + j * b) % span) as u32)
+        .collect()
+}
+
+/// The result of [`bench_generate`].
+#[derive(Debug, Clone)]
+pub struct GenBench {
+    pub batch: usize,
+    /// Tokens produced, the end-of-turn token included.
+    pub new_tokens: usize,
+    /// Rows that stopped before `max_new` tokens.
+    pub stopped_early: usize,
+    /// Wall time of the batch, prefill included.
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// A chat prompt of exactly `len` tokens: a long request, cut in the middle so that the
+/// template's start and its assistant header (the last 3 tokens) are kept.
+pub fn prompt_ids(model: &LanguageModel, len: usize) -> Result<Vec<u32>, ModelError> {
+    let text = "Write a long story about a brave knight who travels across the kingdom to find \
+                a dragon, and describe every village, river and mountain on the way. "
+        .repeat(8);
+    let ids = model.tokenizer().encode_prompt(&text)?;
+    if len < 4 || ids.len() < len {
+        return Err(ModelError::InvalidRequest(format!(
+            "prompt length {len}: must be in 4..={}",
+            ids.len()
+        )));
+    }
+    let tail = &ids[ids.len() - 3..];
+    Ok([&ids[..len - 3], tail].concat())
+}
+
+/// Batched sampling throughput (see the module docs): a short warm-up at the full batch,
+/// then one timed batch.
+pub fn bench_generate(
+    model: &LanguageModel,
+    batch: usize,
+    prompt: usize,
+    max_new: usize,
+    sampling: Sampling,
+) -> Result<GenBench, ModelError> {
+    let ids = prompt_ids(model, prompt)?;
+    let reqs = |n: usize| -> Vec<GenRequest> {
+        (0..batch as u64)
+            .map(|seed| GenRequest {
+                prompt_ids: ids.clone(),
+                max_new_tokens: n,
+                sampling: sampling.clone(),
+                seed,
+            })
+            .collect()
+    };
+    model.generate(&reqs(4.min(max_new)), batch)?;
+    let dev = model.device();
+    dev.synchronize()?;
+    let t = Instant::now();
+    let out = model.generate(&reqs(max_new), batch)?;
+    dev.synchronize()?;
+    let seconds = t.elapsed().as_secs_f64();
+    let new_tokens: usize = out
+        .iter()
+        .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
+        .sum();
+    let stopped_early = out
+        .iter()
+        .filter(|o| o.finished == FinishReason::EndOfTurn)
+        .count();
+    Ok(GenBench {
+        batch,
+        new_tokens,
+        stopped_early,
+        seconds,
+        tokens_per_s: new_tokens as f64 / seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::smollm2_135m_config;
+
+    #[test]
+    fn flop_model_of_smollm2() {
+        let cfg = smollm2_135m_config();
+        // Every parameter but the 61 norm vectors is in a matmul (the tied embedding once).
+        let all: usize = cfg
+            .expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(matmul_params(&cfg) as usize, all - 61 * 576);
+        assert_eq!(matmul_params(&cfg) as usize, 134_479_872);
+        // 128 + 128: 2 * 134.48 M + 4 * 30 * 576 * 256 per token forward, x 4 (policy fwd + bwd,
+        // reference fwd), x 512 tokens (chosen and rejected).
+        let per_token = 2.0 * 134_479_872.0 + 4.0 * 30.0 * 576.0 * 256.0;
+        assert_eq!(dpo_flops_per_pair(&cfg, 128, 128), 512.0 * 4.0 * per_token);
+        assert!((dpo_flops_per_pair(&cfg, 128, 128) / 1e9 - 587.1).abs() < 0.1);
+    }
+}

@@ -1,0 +1,396 @@
+//! The decoder forward pass shared by Llama, Qwen2 and Mistral, written for batching:
+//! per-row positions (rope tables are `[B, T, D/2]`), an additive mask (`-1e9`, never `-inf`, so
+//! fully masked padding rows stay finite) and an optional preallocated KV cache written in place.
+//!
+//! One code path, two op sets, chosen by [`Weights::differentiable`]:
+//! - differentiable (training): rope, softmax and RMS norm from primitive ops, because candle's
+//!   fused kernels cut the autograd graph without an error (see CANDLE.md);
+//! - inference: candle's fused `rope` and `rms_norm` and this crate's fused masked softmax
+//!   ([`super::kernels`]) on detached tensors.
+//!
+//! Grouped-query attention never materialises repeated K/V: the query heads that share a KV
+//! head are folded into the row dimension of one matmul (`[B, KVH, n_rep*T, D]`).
+//! This module does no I/O: weights come in as tensors.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::config::Config;
+use super::kernels::{self, matmul_wt};
+
+/// One transformer block's parameters.
+pub(crate) struct Layer {
+    pub attn_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub q_b: Option<Tensor>,
+    pub k_b: Option<Tensor>,
+    pub v_b: Option<Tensor>,
+    pub o_b: Option<Tensor>,
+    pub mlp_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+    /// LoRA factors (A `[r, in]`, B `[out, r]`) per projection, in [`PROJECTIONS`] order.
+    pub lora: [Option<(Tensor, Tensor)>; 7],
+    /// Dropout on each adapter's input: (probability, mask seed), while training with dropout.
+    pub lora_drop: [Option<(f64, u64)>; 7],
+}
+
+/// The projections of a block, in the order of [`Layer::lora`].
+pub(crate) const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// All parameters, as tensors that either track gradients (from `Var`s) or are detached views
+/// of the same storage (inference: optimizer updates are visible, no graph is built).
+pub(crate) struct Weights {
+    pub cfg: Config,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub differentiable: bool,
+    /// LoRA scale (`alpha / r`) of the layers' factors.
+    pub lora_scale: f64,
+    /// Training LoRA factors over frozen base weights: the base matmuls skip the weight
+    /// gradient.
+    pub frozen_base: bool,
+}
+
+/// Per-layer K/V buffers `[B, KVH, capacity, head_dim]`, filled left to right.
+pub(crate) struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Number of filled slots (the same for every row; rows differ by their left padding).
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        cfg: &Config,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(Tensor::zeros(shape, dtype, dev)?);
+            v.push(Tensor::zeros(shape, dtype, dev)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Keeps only the given batch rows (after some rows finished generating).
+    pub fn retain_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rotary tables for one forward call: `[B, T, head_dim/2]` each.
+pub(crate) struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// `positions` is row-major `[B, T]`; `row_len[b]` is the length of row `b`'s own sequence
+    /// (its largest position + 1), which decides dynamic RoPE's base per row: each sequence
+    /// gets what transformers computes for it alone, whatever it is batched with.
+    pub fn new(
+        config: &super::Config,
+        positions: &[u32],
+        row_len: &[usize],
+        t: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let b = row_len.len();
+        let half = config.head_dim / 2;
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        let mut cached: Option<(usize, super::rope::RopeFrequencies)> = None;
+        for (r, &len) in row_len.iter().enumerate() {
+            let freqs = match &cached {
+                Some((l, f)) if *l == len || !config.rope.depends_on_length() => f.clone(),
+                _ => {
+                    let f = config.rope_frequencies(len);
+                    cached = Some((len, f.clone()));
+                    f
+                }
+            };
+            let scale = freqs.attention_scaling as f64;
+            for &p in &positions[r * t..(r + 1) * t] {
+                for &f in &freqs.inv_freq {
+                    // f32 product as in transformers, then an accurate cos/sin of that angle,
+                    // times the attention scaling (YaRN's; 1 for the other types).
+                    let a = (p as f32 * f) as f64;
+                    cos.push((a.cos() * scale) as f32);
+                    sin.push((a.sin() * scale) as f32);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), dev)?.to_dtype(dtype)?;
+        Ok(Rope { cos, sin })
+    }
+}
+
+/// Additive attention mask `[B, 1, 1, T, S]`: query `i` sits in slot `offset + i`; key slot `j`
+/// is visible to it iff `pad_left[b] <= j <= offset + i`. Masked entries are `-1e9`.
+pub(crate) fn attention_mask(
+    pad_left: &[usize],
+    t: usize,
+    s: usize,
+    offset: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let b = pad_left.len();
+    let mut m = vec![0f32; b * t * s];
+    for (r, &pad) in pad_left.iter().enumerate() {
+        for i in 0..t {
+            let row = &mut m[(r * t + i) * s..(r * t + i + 1) * s];
+            for (j, x) in row.iter_mut().enumerate() {
+                if j < pad || j > offset + i {
+                    *x = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, 1, t, s), dev)?.to_dtype(dtype)
+}
+
+/// `x [B, T, in] @ w[out, in]^T (+ b)`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bs, t, i) = x.dims3()?;
+    let y = matmul_wt(&x.reshape((bs * t, i))?, w)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape((bs, t, ()))
+}
+
+/// `x [B, T, in] @ w^T (+ b)` for a frozen `w` (no weight gradient).
+fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bs, t, i) = x.dims3()?;
+    let y = kernels::frozen_matmul_wt(&x.reshape((bs * t, i))?, w)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape((bs, t, ()))
+}
+
+/// `linear` plus the LoRA update `scale * (x A^T) B^T` when the projection has factors.
+fn linear_lora(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: &Option<(Tensor, Tensor)>,
+    scale: f64,
+    frozen: bool,
+    drop: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let y = if frozen {
+        linear_frozen(x, w, b)?
+    } else {
+        linear(x, w, b)?
+    };
+    match lora {
+        None => Ok(y),
+        Some((a, bm)) => {
+            let (bs, t, i) = x.dims3()?;
+            let mut x2 = x.reshape((bs * t, i))?;
+            if let Some((p, seed)) = drop {
+                x2 = (x2 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs * t, i))?)?;
+            }
+            let xa = matmul_wt(&x2, a)?;
+            let d = (matmul_wt(&xa, bm)? * scale)?;
+            y + d.reshape((bs, t, ()))?
+        }
+    }
+}
+
+/// An inverted-dropout mask of `n` values (0, or `1 / (1 - p)` with probability `1 - p`) in
+/// `like`'s dtype and device, drawn from a ChaCha8 generator seeded with `seed`.
+fn dropout_mask(n: usize, p: f64, seed: u64, like: &Tensor) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(v, n, like.device())?.to_dtype(like.dtype())
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+impl Weights {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        if self.differentiable {
+            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+            x.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?
+                .broadcast_mul(w)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+        }
+    }
+
+    /// Half-split ("NeoX" / HF layout) rotary embedding of `x [B, H, T, D]`.
+    fn rope(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        if self.differentiable {
+            let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
+            x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &rope.cos, &rope.sin)
+        }
+    }
+
+    /// `softmax(scores + mask)` over the keys.
+    fn masked_softmax(&self, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)
+        } else {
+            kernels::masked_softmax(scores, mask)
+        }
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        cache: Option<(&Tensor, &Tensor, usize)>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let n_rep = nh / nkv;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let (sc, fz) = (self.lora_scale, self.frozen_base);
+        let q = heads(
+            linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc, fz, l.lora_drop[0])?,
+            nh,
+        )?;
+        let k = heads(
+            linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc, fz, l.lora_drop[1])?,
+            nkv,
+        )?;
+        let v = heads(
+            linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc, fz, l.lora_drop[2])?,
+            nkv,
+        )?;
+        let q = self.rope(&q, rope)?;
+        let k = self.rope(&k, rope)?;
+        let (k, v) = match cache {
+            Some((kc, vc, off)) => {
+                kc.slice_set(&k, 2, off)?;
+                vc.slice_set(&v, 2, off)?;
+                (kc.narrow(2, 0, off + t)?, vc.narrow(2, 0, off + t)?)
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+        let att = q.matmul(&k.t()?)?;
+        let att = att.reshape((b, nkv, n_rep, t, s))?;
+        let att = self
+            .masked_softmax(&att, mask)?
+            .reshape((b, nkv, n_rep * t, s))?;
+        let y = att.matmul(&v)?;
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc, fz, l.lora_drop[3])
+    }
+
+    fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        let (sc, fz) = (self.lora_scale, self.frozen_base);
+        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc, fz, l.lora_drop[4])?.silu()?;
+        let u = linear_lora(x, &l.up, None, &l.lora[5], sc, fz, l.lora_drop[5])?;
+        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc, fz, l.lora_drop[6])
+    }
+
+    /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
+    /// With a cache, the new keys/values go to slots `cache.len..cache.len+T` and `cache.len`
+    /// advances; `mask` must then be `[B, 1, 1, T, cache.len + T]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.norm.dtype())?
+            .reshape((b, t, ()))?;
+        let off = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        if let Some(c) = cache.as_ref() {
+            if off + t > c.capacity {
+                candle_core::bail!("kv cache overflow: {} + {t} > {}", off, c.capacity);
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &l.attn_norm)?;
+            let kv = cache.as_ref().map(|c| (&c.k[i], &c.v[i], off));
+            let a = self.attention(l, &h, rope, mask, kv)?;
+            x = (x + a)?;
+            let h = self.rms_norm(&x, &l.mlp_norm)?;
+            x = (&x + self.mlp(l, &h)?)?;
+        }
+        if let Some(c) = cache.as_mut() {
+            c.len += t;
+        }
+        self.rms_norm(&x, &self.norm)
+    }
+
+    /// Logits `[N, vocab]` for hidden rows `[N, hidden]` (possibly a transposed view: callers
+    /// that need a contiguous tensor make it so).
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        if self.frozen_base {
+            kernels::frozen_matmul_wt(h, &self.lm_head)
+        } else {
+            matmul_wt(h, &self.lm_head)
+        }
+    }
+}
