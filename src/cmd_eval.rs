@@ -132,7 +132,7 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    let store = crate::cmd_run::open_store(&store_dir)?;
+    let store = crate::store_read::open_store(&store_dir)?;
     let nodes = crate::store_read::nodes(&store, &name)?;
     let evals = crate::store_read::evals(&store, &nodes)?;
     let e = evals.first().with_context(|| {

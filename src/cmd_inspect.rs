@@ -1,6 +1,6 @@
 //! Inspection commands: status, runs, replay, verify (+ repair), gc. Each takes `--json`.
 
-use crate::cmd_run::open_store;
+use crate::store_read::open_store;
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;

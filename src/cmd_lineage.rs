@@ -3,8 +3,8 @@
 //! made) and of a model (back to M0 through every DPO step and its pairs).
 //! `tsr export RUN pairs`: every pair with its lineage, TRL-compatible fields included.
 
-use crate::cmd_run::open_store;
 use crate::store_read::{self, NodeResult};
+use crate::store_read::{final_model, open_store};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -327,21 +327,6 @@ pub struct ExportArgs {
     pub adapter: bool,
 }
 
-/// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
-pub fn final_model(
-    nodes: &BTreeMap<String, NodeResult>,
-) -> Option<(&NodeResult, tsr_state::Digest)> {
-    let mut dpo: Vec<&NodeResult> = nodes
-        .values()
-        .filter(|n| n.node.ends_with("/dpo-next") && n.output("weights").is_some())
-        .collect();
-    dpo.sort_by_key(|n| store_read::iteration_of(&n.node));
-    dpo.last()
-        .copied()
-        .or_else(|| nodes.get("import"))
-        .and_then(|n| n.output("weights").map(|d| (n, d)))
-}
-
 /// The config and tokenizer an import step stored (shared by every model of the run).
 fn stored_config_and_tokenizer(
     store: &Store,
@@ -594,7 +579,7 @@ fn short_generator(g: &str) -> String {
 fn annotations_of(
     store: &Store,
     e: &store_read::EvalResult,
-) -> anyhow::Result<Vec<tsr_steps::eval::Annotation>> {
+) -> anyhow::Result<Vec<tsr_steps::records::Annotation>> {
     store_read::jsonl(store, &e.annotations)?
         .into_iter()
         .map(|v| {
@@ -829,14 +814,14 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
         );
         for v in &r.verdicts {
             let order = match v.order {
-                tsr_steps::eval::Order::BaselineFirst => "baseline as A",
-                tsr_steps::eval::Order::ModelFirst => "model as A",
+                tsr_steps::records::Order::BaselineFirst => "baseline as A",
+                tsr_steps::records::Order::ModelFirst => "model as A",
             };
             let prefers = match &v.prefers {
-                tsr_steps::eval::Prefers::Baseline => "baseline".to_string(),
-                tsr_steps::eval::Prefers::Model => "model".to_string(),
-                tsr_steps::eval::Prefers::Tie => "tie".to_string(),
-                tsr_steps::eval::Prefers::Unparsed(why) => format!("unreadable ({why})"),
+                tsr_steps::records::Prefers::Baseline => "baseline".to_string(),
+                tsr_steps::records::Prefers::Model => "model".to_string(),
+                tsr_steps::records::Prefers::Tie => "tie".to_string(),
+                tsr_steps::records::Prefers::Unparsed(why) => format!("unreadable ({why})"),
             };
             match (&v.text, v.prob_a, v.prob_b) {
                 (Some(t), _, _) => say!("  verdict, {order}: {prefers}; judge wrote {t:?}"),
@@ -852,10 +837,13 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
 
 /// `tsr lineage RUN prompt ID`.
 fn lineage_prompt(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
-    use tsr_steps::generate::Response;
-    use tsr_steps::judge::Judgement;
-    use tsr_steps::pairs::{candidates_of, decide, Pair, Rule};
-    use tsr_steps::select::{LengthControl, Role};
+    use tsr_steps::records::Judgement;
+    use tsr_steps::records::Response;
+    use tsr_steps::records::Role;
+    use tsr_steps::records::{Pair, Rule};
+    use tsr_steps::rules::selection::candidates_of;
+    use tsr_steps::rules::selection::decide;
+    use tsr_steps::rules::selection::LengthControl;
     let nodes = store_read::nodes(store, run)?;
     let mut selects: Vec<&NodeResult> = store_read::of_kind(&nodes, "select");
     selects.retain(|n| matches!(n.step.status, tsr_state::StepStatus::Done { .. }));
@@ -887,7 +875,8 @@ fn lineage_prompt(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::
             }
         }
         let mut sets = Vec::new();
-        let mut cands: BTreeMap<&str, Vec<tsr_steps::select::Candidate>> = BTreeMap::new();
+        let mut cands: BTreeMap<&str, Vec<tsr_steps::rules::selection::Candidate>> =
+            BTreeMap::new();
         for (prefix, role) in [
             ("current", Role::Current),
             ("anchor", Role::Anchor),

@@ -4,15 +4,15 @@
 //! the Meta-Rewarding workflows add a judge table (score distribution, meta-judge agreement,
 //! judge pairs) and a plot of the share of top judge scores.
 
-use crate::cmd_run::open_store;
 use crate::store_read;
+use crate::store_read::open_store;
 use anyhow::Context;
 use clap::Args;
 use plotters::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tsr_steps::metrics::IterationMetrics;
+use tsr_steps::kinds::metrics::IterationMetrics;
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -240,28 +240,28 @@ pub fn report_on(
     }
     let x_names = slot_names(&slots);
     let slot_of = |it: u32, k: usize| slots.keys().position(|s| *s == (it, k)).unwrap_or(0) as f64;
-    let series = |f: &dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>| -> Vec<Series> {
-        all.iter()
-            .map(|(run, its)| Series {
-                run: run.clone(),
-                points: its
-                    .iter()
-                    .flat_map(|it| {
-                        it.phases
-                            .iter()
-                            .enumerate()
-                            .filter_map(move |(k, p)| f(p).map(|y| (slot_of(it.iteration, k), y)))
-                    })
-                    .collect(),
-                bars: vec![],
-            })
-            .collect()
-    };
+    let series =
+        |f: &dyn Fn(&tsr_steps::kinds::metrics::PhaseMetrics) -> Option<f64>| -> Vec<Series> {
+            all.iter()
+                .map(|(run, its)| Series {
+                    run: run.clone(),
+                    points: its
+                        .iter()
+                        .flat_map(|it| {
+                            it.phases.iter().enumerate().filter_map(move |(k, p)| {
+                                f(p).map(|y| (slot_of(it.iteration, k), y))
+                            })
+                        })
+                        .collect(),
+                    bars: vec![],
+                })
+                .collect()
+        };
     let plots: [(
         &str,
         &str,
         &str,
-        Box<dyn Fn(&tsr_steps::metrics::PhaseMetrics) -> Option<f64>>,
+        Box<dyn Fn(&tsr_steps::kinds::metrics::PhaseMetrics) -> Option<f64>>,
     ); 4] = [
         (
             "score_gap.png",
@@ -406,7 +406,7 @@ pub enum HintFor {
 /// What to do when an evaluation left prompts undecided (the judge's verdicts could not be
 /// read): judge by log-probabilities, or use a stronger judge. `None` when every prompt was
 /// decided.
-pub fn undecided_hint(s: &tsr_steps::eval::EvalSummary, to: HintFor) -> Option<String> {
+pub fn undecided_hint(s: &tsr_steps::rules::eval::EvalSummary, to: HintFor) -> Option<String> {
     if s.undecided == 0 {
         return None;
     }
@@ -449,7 +449,8 @@ fn plot_evals(
     let slots = eval_slots(evals);
     let names: Vec<String> = slots.iter().map(|s| s.1.clone()).collect();
     let x_of = |slot: (u32, u32)| slots.iter().position(|s| s.0 == slot).unwrap_or(0) as f64;
-    let series = |f: &dyn Fn(&tsr_steps::eval::EvalSummary) -> Option<f64>, with_bars: bool| {
+    let series = |f: &dyn Fn(&tsr_steps::rules::eval::EvalSummary) -> Option<f64>,
+                  with_bars: bool| {
         evals
             .iter()
             .filter(|(_, e)| !e.is_empty())

@@ -1,5 +1,6 @@
 //! `tsr run`, `tsr resume`, `tsr fork`: define or continue a run and drive it.
 
+use crate::store_read::open_store;
 use anyhow::{bail, Context};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -53,13 +54,6 @@ pub struct ForkArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub remote: crate::cmd_remote::RemoteArgs,
-}
-
-/// Open an existing store (inspection commands, resume, fork).
-pub fn open_store(dir: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open_existing(dir).with_context(|| {
-        format!("opening the store {}", dir.display())
-    })?))
 }
 
 /// Open or create the store of a run.
@@ -238,7 +232,7 @@ fn drive_replicated(
             );
             if config.workflow != "toy" && config.workflow != "eval" {
                 let nodes = crate::store_read::nodes(&store, &config.name)?;
-                if let Some((node, d)) = crate::cmd_lineage::final_model(&nodes) {
+                if let Some((node, d)) = crate::store_read::final_model(&nodes) {
                     eprintln!(
                         "tsr: final model {d} (from {}); as a Hugging Face folder: tsr export {} model --out DIR --store {}",
                         node.node,

@@ -34,7 +34,7 @@ use std::process::ExitCode;
     about = "Temporal Self-Rewarding training on a durable workflow engine"
 )]
 struct Cli {
-    /// Store folder (default: the config's `store`, else $TSR_STORE, else ./.tsr).
+    /// Store folder (default: $TSR_STORE, else the config's `store`, else ./.tsr).
     #[arg(long, global = true)]
     store: Option<PathBuf>,
     #[command(subcommand)]

@@ -1,5 +1,6 @@
 //! Reading a run's recorded results for the inspection commands (lineage, export, report):
-//! which step each node resolved to, its outputs, and the blobs behind them.
+//! opening the store, which step each node resolved to, its outputs, the blobs behind them and
+//! the run's final model.
 
 use anyhow::{anyhow, Context};
 use std::collections::BTreeMap;
@@ -81,7 +82,7 @@ pub struct EvalResult {
     pub label: String,
     /// Sort key: (iteration, 0 for Mf / 1 for Mi+1).
     pub slot: (u32, u32),
-    pub summary: tsr_steps::eval::EvalSummary,
+    pub summary: tsr_steps::rules::eval::EvalSummary,
     pub annotations: Digest,
 }
 
@@ -127,4 +128,27 @@ pub fn evals(
     }
     out.sort_by_key(|e| e.slot);
     Ok(out)
+}
+
+/// Open an existing store (inspection commands, resume, fork).
+pub fn open_store(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<Store>> {
+    Ok(std::sync::Arc::new(
+        Store::open_existing(dir)
+            .with_context(|| format!("opening the store {}", dir.display()))?,
+    ))
+}
+
+/// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
+pub fn final_model(
+    nodes: &BTreeMap<String, NodeResult>,
+) -> Option<(&NodeResult, tsr_state::Digest)> {
+    let mut dpo: Vec<&NodeResult> = nodes
+        .values()
+        .filter(|n| n.node.ends_with("/dpo-next") && n.output("weights").is_some())
+        .collect();
+    dpo.sort_by_key(|n| iteration_of(&n.node));
+    dpo.last()
+        .copied()
+        .or_else(|| nodes.get("import"))
+        .and_then(|n| n.output("weights").map(|d| (n, d)))
 }

@@ -337,3 +337,45 @@ fn errors_show_their_cause_without_backtraces_when_rust_backtrace_is_set() {
         );
     }
 }
+
+/// Where a run's store is: `--store`, else `$TSR_STORE`, else the config's `store`, else `./.tsr`
+/// (as `tsr --help` and the README say).
+#[test]
+fn the_store_is_the_flag_then_tsr_store_then_the_config_then_dot_tsr() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("s.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"s\"\nworkflow = \"toy\"\nstore = \"from-config\"\n[toy]\niterations = 1\nitems = 2\ntrain_steps = 1\ncheckpoint_every = 1\nwork_ms = 0\n",
+    )
+    .unwrap();
+    let run = |flag: Option<&str>, env: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tsr"));
+        c.current_dir(dir.path()).args(["run", "s.toml", "--quiet"]);
+        if let Some(f) = flag {
+            c.args(["--store", f]);
+        }
+        match env {
+            Some(e) => c.env("TSR_STORE", e),
+            None => c.env_remove("TSR_STORE"),
+        };
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let has_run = |store: &str| dir.path().join(store).join("LOCK").exists();
+    run(Some("from-flag"), Some("from-env"));
+    assert!(has_run("from-flag") && !has_run("from-env") && !has_run("from-config"));
+    run(None, Some("from-env"));
+    assert!(has_run("from-env") && !has_run("from-config"));
+    run(None, None);
+    assert!(has_run("from-config"));
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("store = \"from-config\"\n", ""),
+    )
+    .unwrap();
+    run(None, None);
+    assert!(has_run(".tsr"));
+}

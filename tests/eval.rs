@@ -111,7 +111,7 @@ fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
     assert_eq!(m1["exact_match"]["total"], 2, "two prompts have answers");
 
     // The export: AlpacaEval's files, and the win rate alpaca_eval computes from them (its
-    // get_winrate, as tsr_steps::eval_metrics::win_rate reproduces it; tested against the
+    // get_winrate, as tsr_steps::rules::eval_metrics::win_rate reproduces it; tested against the
     // real package in steps/tests/eval_metrics.rs) equals the reported one.
     let out = dir.path().join("eval-export");
     let o = tsr(
@@ -160,7 +160,7 @@ fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
             .iter()
             .map(|a| a["preference"].as_f64().unwrap_or(f64::NAN))
             .collect();
-        let w = tsr_steps::eval_metrics::win_rate(&prefs).unwrap();
+        let w = tsr_steps::rules::eval_metrics::win_rate(&prefs).unwrap();
         assert_eq!(serde_json::to_value(&w).unwrap(), s["win_rate"], "{label}");
     }
     // An existing export is replaced only with --force, and never a folder of other files.

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tsr_engine::{ItemJournal, MemoryJournal, Progress, Step, StepContext, StepInputs, StopFlag};
 use tsr_state::{BlobStore, Digest};
-use tsr_steps::judge_pairs::{decide, Comparison};
-use tsr_steps::meta_judge::{MetaJudge, DEFAULT_META_PROMPT};
+use tsr_steps::kinds::meta_judge::MetaJudge;
+use tsr_steps::rules::judge_pairs::{decide, Comparison};
+use tsr_steps::rules::meta_verdict::DEFAULT_META_PROMPT;
 
 fn setup(dir: &Path, workflow: &str) -> PathBuf {
     let model = dir.join("tiny");
@@ -310,7 +311,7 @@ fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
         top_p: 0.9,
         batch_size: 2,
         template: DEFAULT_META_PROMPT.into(),
-        judge_template: tsr_steps::judge_text::DEFAULT_RUBRIC.into(),
+        judge_template: tsr_steps::rules::verdict::DEFAULT_RUBRIC.into(),
     };
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
@@ -419,14 +420,15 @@ fn run_step(
 /// texts after the rendered judge prompt, and it changes the trained model.
 #[test]
 fn a_judge_pair_is_scored_by_the_reference_and_trained_on_by_dpo() {
-    use tsr_steps::dpo_step::{Dpo, DpoReport};
-    use tsr_steps::judge::Judgement;
-    use tsr_steps::judge_pairs::{judge_pair, mix, Decision, JudgePairContext, MetaVerdict};
-    use tsr_steps::pairs::Pair;
-    use tsr_steps::reference::{RefLogps, ReferenceLogprobs};
+    use tsr_steps::kinds::dpo::{Dpo, DpoReport};
+    use tsr_steps::kinds::ref_logprobs::{RefLogps, ReferenceLogprobs};
+    use tsr_steps::records::Judgement;
+    use tsr_steps::records::MetaVerdict;
+    use tsr_steps::records::Pair;
+    use tsr_steps::rules::judge_pairs::{judge_pair, mix, Decision, JudgePairContext};
 
     let dir = tempfile::tempdir().unwrap();
-    let judge_prompt = tsr_steps::judge_text::DEFAULT_RUBRIC
+    let judge_prompt = tsr_steps::rules::verdict::DEFAULT_RUBRIC
         .replace("{prompt}", "Name a colour.")
         .replace("{response}", "Blue.");
     let judgement = Judgement {

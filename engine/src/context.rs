@@ -3,8 +3,8 @@
 //! checkpoints). The journal is a trait so that `replay` can run a step against memory.
 
 use crate::error::StepError;
+use crate::output::OutputData;
 use crate::preempt::StopFlag;
-use crate::step::OutputData;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -324,10 +324,8 @@ impl ItemJournal for StoreJournal {
         });
         self.store.commit_items(&self.key, &[], &next)?;
         *rec = next;
-        self.store.mark(
-            tsr_state::SyncPoint::Checkpoint,
-            &crate::status::remote_waiting,
-        );
+        self.store
+            .mark(tsr_state::SyncPoint::Checkpoint, &remote_waiting);
         // Only now, with the new checkpoint durable, drop the old one's files (unless shared).
         if let Some(old) = old {
             for d in old.blobs.values() {
@@ -458,4 +456,9 @@ pub(crate) fn new_step_record(
         first_run: run.to_string(),
         first_node: node.to_string(),
     }
+}
+
+/// Said when a sync point waits for a remote that fell too far behind.
+pub(crate) fn remote_waiting(msg: &str) {
+    eprintln!("tsr: remote: {msg}");
 }

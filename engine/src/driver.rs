@@ -11,9 +11,10 @@ use crate::context::{new_step_record, Progress, StepContext, StoreJournal};
 use crate::dag::Dag;
 use crate::error::{EngineError, StepError};
 use crate::machine::{transition, Event};
+use crate::output::OutputData;
 use crate::plan::{plan, Action, JournalView};
 use crate::preempt::StopFlag;
-use crate::step::{OutputData, Resource, Step, StepInputs};
+use crate::step::{Resource, Step, StepInputs};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -649,7 +650,7 @@ impl Job {
         // A replicated store ships the finished step (and waits when the remote lags too far).
         store.mark(
             tsr_state::SyncPoint::StepDone,
-            &crate::status::remote_waiting,
+            &crate::context::remote_waiting,
         );
         // The step is durable; its checkpoint and scratch are no longer needed.
         if let Some(cp) = old_checkpoint {

@@ -15,6 +15,7 @@ mod driver;
 mod error;
 mod key;
 pub mod machine;
+mod output;
 mod plan;
 pub mod preempt;
 mod replay;
@@ -28,6 +29,7 @@ pub use dag::{Dag, DagBuilder, InputSource, Node};
 pub use driver::{Driver, DriverOptions, Outcome};
 pub use error::{EngineError, StepError};
 pub use key::step_key;
+pub use output::OutputData;
 pub use plan::{plan, Action, JournalView, NodeView, Plan};
 pub use preempt::StopFlag;
 pub use replay::{replay, ReplayReport};
@@ -35,7 +37,7 @@ pub use run::{open_run, RunSpec};
 pub use status::{
     read_snapshot, remote_lag, status_rows, write_snapshot, RemoteLag, RunStatusView, StatusRow,
 };
-pub use step::{OutputData, Resource, Step, StepInputs, StepOutputs};
+pub use step::{Resource, Step, StepInputs, StepOutputs};
 
 /// Exit code of a process interrupted by SIGINT/SIGTERM after checkpointing: run the same
 /// command again to continue (BSD `EX_TEMPFAIL`).

@@ -144,8 +144,3 @@ pub fn read_snapshot(store_root: &Path, run: &str) -> Option<RunStatusView> {
     let bytes = std::fs::read(snapshot_path(store_root, run)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
-
-/// Said when a sync point waits for a remote that fell too far behind.
-pub(crate) fn remote_waiting(msg: &str) {
-    eprintln!("tsr: remote: {msg}");
-}

@@ -3,6 +3,7 @@
 
 use crate::context::StepContext;
 use crate::error::StepError;
+use crate::output::OutputData;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tsr_state::{BlobStore, Digest};
@@ -122,15 +123,6 @@ impl StepInputs {
 #[derive(Default)]
 pub struct StepOutputs {
     pub(crate) items: BTreeMap<String, (String, OutputData)>,
-}
-
-pub enum OutputData {
-    Bytes(Vec<u8>),
-    /// A file in the step's scratch folder; moved into the store on commit.
-    File(PathBuf),
-    /// A blob already in the store (e.g. written through [`crate::ItemJournal::blob_writer`]).
-    /// Only its presence is checked on commit; its content is verified whenever it is read.
-    Blob(Digest),
 }
 
 impl StepOutputs {

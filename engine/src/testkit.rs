@@ -8,7 +8,8 @@
 use crate::context::StepContext;
 use crate::dag::{Dag, DagBuilder, InputSource};
 use crate::error::{EngineError, StepError};
-use crate::step::{OutputData, Resource, Step, StepInputs, StepOutputs};
+use crate::output::OutputData;
+use crate::step::{Resource, Step, StepInputs, StepOutputs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;

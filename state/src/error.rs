@@ -105,11 +105,11 @@ pub enum StateError {
     NotEmpty(PathBuf),
 
     #[error(transparent)]
-    Remote(Box<crate::remote::RemoteError>),
+    Remote(Box<RemoteError>),
 }
 
-impl From<crate::remote::RemoteError> for StateError {
-    fn from(e: crate::remote::RemoteError) -> Self {
+impl From<RemoteError> for StateError {
+    fn from(e: RemoteError) -> Self {
         StateError::Remote(Box::new(e))
     }
 }
@@ -131,6 +131,120 @@ impl StateError {
         }
     }
 }
+
+/// Errors of the remote copy. Each names the remote (its URL without credentials) or object.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("remote URL `{url}`: {reason}")]
+    BadUrl { url: String, reason: String },
+
+    #[error("remote {url}: {op} `{key}` failed")]
+    Backend {
+        url: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Redacted,
+    },
+
+    #[error("cannot set up the client for remote {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Redacted,
+    },
+
+    #[error("remote {url} did not take the last commits: {detail}")]
+    Unsynced { url: String, detail: String },
+
+    #[error("remote {url} is held by {holder} until {until} ({left_s} s from now): another machine is writing to it. Wait for it to finish, or, if that machine is gone, take the remote over with --take-over")]
+    LeaseHeld {
+        url: String,
+        holder: String,
+        until: String,
+        left_s: u64,
+    },
+
+    #[error("remote {url} was taken over by {holder}: this process stopped writing to it (its local store is intact). Continue from the remote on that machine")]
+    Fenced { url: String, holder: String },
+
+    #[error("remote object `{key}` in {url} is damaged: {reason}")]
+    Corrupt {
+        url: String,
+        key: String,
+        reason: String,
+    },
+
+    #[error("remote {url} holds no store yet (no snapshot under gens/); start a run with --remote {url} to fill it")]
+    Empty { url: String },
+
+    #[error("remote {url} holds commit {remote} but this store only commit {local}: the remote is ahead of this store. Restore it into a new folder (tsr restore {url} --store DIR) and continue there")]
+    Ahead {
+        url: String,
+        remote: u64,
+        local: u64,
+    },
+
+    #[error("remote {url} holds the history of another store (generation {epoch}, up to commit {seq}); this store cannot continue it. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
+    OtherHistory { url: String, epoch: u64, seq: u64 },
+
+    #[error("this store's database was rolled back and accepted (tsr verify --repair) after it was replicated to {url}: its commits no longer line up with the remote's. Restore the remote into a new folder (tsr restore {url} --store DIR) and continue there")]
+    RolledBack { url: String },
+
+    #[error("blob {digest} of this store ({path}) is damaged, so it was not uploaded to {url}; run `tsr verify --repair` to recompute it")]
+    LocalBlobCorrupt {
+        url: String,
+        digest: String,
+        path: PathBuf,
+    },
+
+    #[error("remote {url} is missing blob {digest}, which its records refer to")]
+    MissingBlob { url: String, digest: String },
+
+    #[error("this store is replicated to {attached}, not to {given}; give --remote {attached} (or no --remote), or restore {given} into a new folder")]
+    OtherRemote { attached: String, given: String },
+}
+
+pub type RemoteResult<T> = Result<T, RemoteError>;
+
+/// A backend error as text, with every URL query removed: a request URL may carry a signature
+/// (an Azure SAS token, a presigned S3 URL), which must never reach a message or a log.
+#[derive(Debug)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Redacted {
+        let text: Vec<char> = crate::error_chain(e).chars().collect();
+        let ends = |c: char| c.is_whitespace() || "\"'),<>".contains(c);
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            let c = text[i];
+            out.push(c);
+            // A query follows a path (`.../lease.json?sv=...&sig=...`), not `<?xml` or the end
+            // of a question.
+            let after_path =
+                i > 0 && (text[i - 1].is_ascii_alphanumeric() || "/_-.".contains(text[i - 1]));
+            let starts = text.get(i + 1).is_some_and(|&n| !ends(n));
+            i += 1;
+            if c == '?' && after_path && starts {
+                out.push_str("<redacted>");
+                while i < text.len() && !ends(text[i]) {
+                    i += 1;
+                }
+            }
+        }
+        Redacted(out)
+    }
+}
+
+impl std::fmt::Display for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
 
 #[cfg(test)]
 mod tests {

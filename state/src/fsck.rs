@@ -7,7 +7,6 @@
 //! gc: removes blobs and step records that no run references. What a run references: the steps
 //! bound to its nodes (their inputs, outputs, checkpoint blobs, items) and its external inputs.
 
-use crate::envelope::decode;
 use crate::error::StateResult;
 use crate::keys;
 use crate::records::*;
@@ -39,19 +38,6 @@ impl VerifyReport {
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }
-}
-
-pub(crate) fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
-    let r = match key.first() {
-        Some(&keys::RUN) => decode::<RunRecord>(key, value).map(|_| ()),
-        Some(&keys::NODE) => decode::<NodeRecord>(key, value).map(|_| ()),
-        Some(&keys::STEP) => decode::<StepRecord>(key, value).map(|_| ()),
-        Some(&keys::ARTIFACT) => decode::<ArtifactRecord>(key, value).map(|_| ()),
-        Some(&keys::EDGE) => decode::<EdgeRecord>(key, value).map(|_| ()),
-        Some(&keys::ITEM) | Some(&keys::META) | Some(&keys::JOURNAL) => Ok(()),
-        _ => return Err(format!("unknown key {}", keys::display(key))),
-    };
-    r.map_err(|e| crate::error_chain(&e))
 }
 
 /// Check the whole store. Never modifies anything.

@@ -9,10 +9,12 @@
 //! either the state before the call or the state after it, never a mix.
 
 mod blobs;
+mod clock;
 mod direct;
 mod envelope;
 mod error;
 pub mod faults;
+mod format;
 mod fsck;
 mod keys;
 mod lock;
@@ -22,6 +24,7 @@ mod store;
 mod sync;
 
 pub use blobs::{BlobStore, BlobWriter};
+pub use clock::now_ms;
 pub use envelope::Versioned;
 pub use error::{error_chain, StateError, StateResult};
 pub use fsck::{gc, verify, GcReport, Problem, VerifyReport};
@@ -29,6 +32,6 @@ pub use records::{
     ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,
     StepStatus,
 };
-pub use store::{now_ms, validate_name, validate_run_name, Commit, RemoteState, Store};
+pub use store::{validate_name, validate_run_name, Commit, RemoteState, Store};
 pub use sync::{SyncMode, SyncPoint, SyncView};
 pub use tsr_base::{fingerprint, fsio, BadDigest, Digest};

@@ -2,6 +2,7 @@
 //! bump its `VERSION`.
 
 use crate::envelope::Versioned;
+use crate::keys;
 use crate::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -143,4 +144,18 @@ pub struct EdgeRecord {
 impl Versioned for EdgeRecord {
     const WHAT: &'static str = "edge";
     const VERSION: u16 = 1;
+}
+
+/// Whether a raw record of the database decodes as the type its key says.
+pub(crate) fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
+    let r = match key.first() {
+        Some(&keys::RUN) => crate::envelope::decode::<RunRecord>(key, value).map(|_| ()),
+        Some(&keys::NODE) => crate::envelope::decode::<NodeRecord>(key, value).map(|_| ()),
+        Some(&keys::STEP) => crate::envelope::decode::<StepRecord>(key, value).map(|_| ()),
+        Some(&keys::ARTIFACT) => crate::envelope::decode::<ArtifactRecord>(key, value).map(|_| ()),
+        Some(&keys::EDGE) => crate::envelope::decode::<EdgeRecord>(key, value).map(|_| ()),
+        Some(&keys::ITEM) | Some(&keys::META) | Some(&keys::JOURNAL) => Ok(()),
+        _ => return Err(format!("unknown key {}", keys::display(key))),
+    };
+    r.map_err(|e| crate::error_chain(&e))
 }

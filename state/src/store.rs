@@ -8,6 +8,7 @@
 //! ```
 
 use crate::blobs::BlobStore;
+use crate::clock::now_ms;
 use crate::envelope::{decode, encode, Versioned};
 use crate::error::{StateError, StateResult};
 use crate::faults::{FaultInjector, FaultOp};
@@ -46,13 +47,6 @@ pub struct RemoteState {
 
 /// How long `open` waits for a short-lived holder of the store (an inspection command) to let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Run and node names: non-empty, at most 128 bytes, letters, digits and `._-/:` (no NUL, no
 /// spaces), so that they can be keys and path components.
@@ -395,7 +389,7 @@ impl Store {
         let next = *seq + 1;
         let mut batch = sled::Batch::default();
         if self.journal.load(std::sync::atomic::Ordering::SeqCst) {
-            batch.insert(keys::journal(next), crate::remote::format::encode_ops(&ops));
+            batch.insert(keys::journal(next), crate::format::encode_ops(&ops));
         }
         for (k, v) in ops {
             match v {
@@ -549,7 +543,7 @@ impl Store {
         &self,
         after: u64,
         upto: u64,
-    ) -> StateResult<Option<crate::remote::format::Ops>> {
+    ) -> StateResult<Option<crate::format::Ops>> {
         let mut out = std::collections::BTreeMap::new();
         let mut expect = after + 1;
         for kv in self
@@ -562,13 +556,11 @@ impl Store {
                 return Ok(None);
             }
             expect += 1;
-            for (k, v) in
-                crate::remote::format::decode_ops(&v).map_err(|reason| StateError::Corrupt {
-                    what: "journal entry",
-                    key: keys::display(&k),
-                    reason,
-                })?
-            {
+            for (k, v) in crate::format::decode_ops(&v).map_err(|reason| StateError::Corrupt {
+                what: "journal entry",
+                key: keys::display(&k),
+                reason,
+            })? {
                 out.insert(k, v);
             }
         }

@@ -104,7 +104,7 @@ impl SyncState {
             g.want = seq;
         }
         if g.want > g.acked && g.behind_since_ms.is_none() {
-            g.behind_since_ms = Some(crate::now_ms());
+            g.behind_since_ms = Some(crate::clock::now_ms());
         }
     }
 
@@ -130,7 +130,7 @@ impl SyncState {
             if g.fenced.is_some() || g.fatal.is_some() || g.stopping {
                 return;
             }
-            let behind = crate::now_ms().saturating_sub(since);
+            let behind = crate::clock::now_ms().saturating_sub(since);
             if behind <= g.max_lag_ms {
                 return;
             }
@@ -192,7 +192,7 @@ impl SyncState {
             g.acked = seq;
             // The lag is timed from the last time the remote moved forward, not from the first
             // time it fell behind: a remote that keeps moving never holds the run back.
-            g.behind_since_ms = (g.want > g.acked).then(crate::now_ms);
+            g.behind_since_ms = (g.want > g.acked).then(crate::clock::now_ms);
         }
         g.last_error = None;
         if g.acked >= g.want {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tsr_steps::eval_metrics::{length_controlled_win_rate, win_rate, WinRate};
+use tsr_steps::rules::eval_metrics::{length_controlled_win_rate, win_rate, WinRate};
 
 #[test]
 fn win_rates_equal_alpaca_eval_and_the_length_control_equals_a_logistic_fit() {
@@ -70,11 +70,11 @@ fn exported_annotations_give_alpaca_evals_win_rate() {
     let mut undecided_seen = false;
     for (path, want) in exports {
         let file = dir.join(path);
-        let rows: Vec<tsr_steps::eval::Annotation> =
+        let rows: Vec<tsr_steps::records::Annotation> =
             serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         undecided_seen |= rows.iter().any(|r| r.preference.is_none());
         let mode = rows[0].mode.clone();
-        let now = tsr_steps::eval::summarize(&rows, "judge", &mode, "t", 1, 10);
+        let now = tsr_steps::rules::eval::summarize(&rows, "judge", &mode, "t", 1, 10);
         let label = file
             .parent()
             .unwrap()

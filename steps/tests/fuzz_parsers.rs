@@ -3,8 +3,9 @@
 //! what they accept must satisfy their contracts.
 
 use proptest::prelude::*;
-use tsr_steps::judge_text::{check_template, parse_score, render, Verdict, MAX_SCORE};
 use tsr_steps::prompts::parse_prompts;
+use tsr_steps::records::Verdict;
+use tsr_steps::rules::verdict::{check_template, parse_score, render, MAX_SCORE};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]

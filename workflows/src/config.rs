@@ -34,14 +34,14 @@ fn default_device() -> String {
 pub struct Config {
     /// Run name: the same name continues the same run.
     pub name: String,
-    /// toy | (language-model workflows as they land)
+    /// temporal, self-rewarding, past-only, future-only, meta-rewarding, temporal-meta, eval or toy.
     pub workflow: String,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// cpu | cuda:N
     #[serde(default = "default_device")]
     pub device: String,
-    /// Store folder (default `.tsr` beside where tsr runs; `--store` overrides).
+    /// Store folder (default `.tsr` where tsr runs; `--store` and `$TSR_STORE` override it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
     /// Object storage the store is replicated to (`s3://bucket/prefix`, `gs://`, `az://`,
@@ -174,7 +174,7 @@ impl Default for GenerateSection {
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeSection {
     /// `text` (generate, parse `Score: N`, average J samples) or `logprob` (expected score).
-    pub mode: tsr_steps::judge::JudgeMode,
+    pub mode: tsr_steps::kinds::judge::JudgeMode,
     /// J: judgements per response in text mode.
     pub samples: u32,
     pub max_new_tokens: usize,
@@ -195,7 +195,7 @@ pub struct JudgeSection {
 impl Default for JudgeSection {
     fn default() -> Self {
         JudgeSection {
-            mode: tsr_steps::judge::JudgeMode::Text,
+            mode: tsr_steps::kinds::judge::JudgeMode::Text,
             samples: 3,
             max_new_tokens: 160,
             temperature: 0.7,
@@ -314,7 +314,7 @@ pub struct EvalJudgeSection {
     /// The judge model (GGUF, HF folder or hub id); default: the initial model, a weak judge.
     pub model: Option<String>,
     /// `text` (parse `Better: A|B`) or `logprob` (compare the probabilities of `A` and `B`).
-    pub mode: tsr_steps::judge::JudgeMode,
+    pub mode: tsr_steps::kinds::judge::JudgeMode,
     pub max_new_tokens: usize,
     /// 0: greedy verdicts (the default).
     pub temperature: f64,
@@ -329,7 +329,7 @@ impl Default for EvalJudgeSection {
     fn default() -> Self {
         EvalJudgeSection {
             model: None,
-            mode: tsr_steps::judge::JudgeMode::Text,
+            mode: tsr_steps::kinds::judge::JudgeMode::Text,
             max_new_tokens: 160,
             temperature: 0.0,
             top_p: 1.0,
@@ -879,18 +879,22 @@ impl Config {
                 key: "eval.reference".into(),
                 reason: format!("cannot read {}: {err}", r.display()),
             })?;
-            tsr_steps::eval::parse_reference(&bytes, &r.display().to_string(), &eval_prompts)
-                .map_err(|err| ConfigError::Invalid {
-                    key: "eval.reference".into(),
-                    reason: err.to_string(),
-                })?;
+            tsr_steps::rules::eval::parse_reference(
+                &bytes,
+                &r.display().to_string(),
+                &eval_prompts,
+            )
+            .map_err(|err| ConfigError::Invalid {
+                key: "eval.reference".into(),
+                reason: err.to_string(),
+            })?;
         }
         if let Some(t) = &e.judge.template {
             let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
                 key: "eval.judge.template".into(),
                 reason: format!("cannot read {}: {err}", t.display()),
             })?;
-            tsr_steps::eval::check_pairwise_template(&text).map_err(|reason| {
+            tsr_steps::rules::eval::check_pairwise_template(&text).map_err(|reason| {
                 ConfigError::Invalid {
                     key: "eval.judge.template".into(),
                     reason: format!("{}: {reason}", t.display()),
@@ -937,7 +941,7 @@ impl Config {
         };
         let w = &self.workflow;
         let j = &self.judge;
-        if j.mode != tsr_steps::judge::JudgeMode::Text {
+        if j.mode != tsr_steps::kinds::judge::JudgeMode::Text {
             return bad(
                 "judge.mode",
                 format!("workflow `{w}` meta-judges written judgements; use judge mode `text`"),

@@ -12,15 +12,21 @@ use crate::config::Config;
 use crate::WorkflowError;
 use std::sync::Arc;
 use tsr_engine::{DagBuilder, InputSource};
-use tsr_steps::dpo_step::Dpo;
-use tsr_steps::eval::{Answer, PairwiseJudge, ReferenceOutputs, DEFAULT_PAIRWISE_TEMPLATE};
-use tsr_steps::generate::Generate;
-use tsr_steps::import::{ImportModel, LoadPrompts};
-use tsr_steps::judge::Judge;
-use tsr_steps::meta_judge::{check_meta_template, MetaJudge, DEFAULT_META_PROMPT};
-use tsr_steps::metrics::Metrics;
-use tsr_steps::pairs::{Rule, Select};
-use tsr_steps::reference::ReferenceLogprobs;
+use tsr_steps::kinds::answer::Answer;
+use tsr_steps::kinds::dpo::Dpo;
+use tsr_steps::kinds::eval_judge::PairwiseJudge;
+use tsr_steps::kinds::generate::Generate;
+use tsr_steps::kinds::import_model::ImportModel;
+use tsr_steps::kinds::judge::Judge;
+use tsr_steps::kinds::meta_judge::MetaJudge;
+use tsr_steps::kinds::metrics::Metrics;
+use tsr_steps::kinds::prompts::LoadPrompts;
+use tsr_steps::kinds::ref_logprobs::ReferenceLogprobs;
+use tsr_steps::kinds::reference_outputs::ReferenceOutputs;
+use tsr_steps::kinds::select::Select;
+use tsr_steps::records::Rule;
+use tsr_steps::rules::eval::DEFAULT_PAIRWISE_TEMPLATE;
+use tsr_steps::rules::meta_verdict::{check_meta_template, DEFAULT_META_PROMPT};
 
 /// A model in the DAG: the shared base files from `import` plus a weights output.
 #[derive(Clone)]
@@ -96,9 +102,9 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
             key: "judge.template".into(),
             reason: format!("cannot read {}: {e}", path.display()),
         })?,
-        None => tsr_steps::judge_text::DEFAULT_RUBRIC.to_string(),
+        None => tsr_steps::rules::verdict::DEFAULT_RUBRIC.to_string(),
     };
-    tsr_steps::judge_text::check_template(
+    tsr_steps::rules::verdict::check_template(
         &j.template
             .as_ref()
             .map(|p| p.display().to_string())
@@ -132,7 +138,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         checkpoint_every: d.checkpoint_every,
         lora: (d.adapter == "lora").then(|| {
             let l = d.lora.clone().unwrap_or_default();
-            tsr_steps::dpo_step::LoraTraining {
+            tsr_steps::kinds::dpo::LoraTraining {
                 r: l.r,
                 alpha: l.alpha,
                 dropout: l.dropout,
@@ -608,7 +614,7 @@ fn add_eval(
         })?,
         None => DEFAULT_PAIRWISE_TEMPLATE.to_string(),
     };
-    tsr_steps::eval::check_pairwise_template(&template).map_err(|reason| {
+    tsr_steps::rules::eval::check_pairwise_template(&template).map_err(|reason| {
         crate::ConfigError::Invalid {
             key: "eval.judge.template".into(),
             reason,

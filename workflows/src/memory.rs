@@ -176,7 +176,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
     let rubric = memory::tokens_of(template_len(
         "judge.template",
         &j.template,
-        tsr_steps::judge_text::DEFAULT_RUBRIC,
+        tsr_steps::rules::verdict::DEFAULT_RUBRIC,
     )?);
     let lora = (d.adapter == "lora").then(|| {
         let l = d.lora.clone().unwrap_or_default();
@@ -229,7 +229,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
             ("judge", Some((s, _))) => {
                 let tokens = rubric + prompt + response;
                 match j.mode {
-                    tsr_steps::judge::JudgeMode::Text => (
+                    tsr_steps::kinds::judge::JudgeMode::Text => (
                         format!(
                             "batch {}, judge prompts up to {tokens} tokens, {} new",
                             j.batch_size, j.max_new_tokens
@@ -321,7 +321,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                 let template = memory::tokens_of(template_len(
                     "eval.judge.template",
                     &e.judge.template,
-                    tsr_steps::eval::DEFAULT_PAIRWISE_TEMPLATE,
+                    tsr_steps::rules::eval::DEFAULT_PAIRWISE_TEMPLATE,
                 )?);
                 let tokens = template + eval_prompt + 2 * e.max_new_tokens as u64;
                 (

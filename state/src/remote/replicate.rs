@@ -1,12 +1,12 @@
 //! The replicator: a thread that ships the store's commits to the remote as segments, after
 //! the blobs they refer to, renews the lease, and stops at once when it lost the lease.
 
-use super::format::{encode_object, Kind, Ops};
 use super::lease::{self, Holder, Lease};
 use super::{
     current_chain, referenced_blobs, segment_key, snapshot_key, Remote, RemoteError, RemoteUrl,
 };
 use crate::error::{StateError, StateResult};
+use crate::format::{encode_object, Kind, Ops};
 use crate::sync::SyncMode;
 use crate::{Digest, Store};
 use std::collections::BTreeSet;

@@ -1,11 +1,11 @@
 //! Reading the remote back: restore a store from it, verify it, and clean it.
 
-use super::format::{decode_object, Kind, Object};
 use super::{
     blob_key, chains, current_chain, parse_name, referenced_blobs, segment_key, snapshot_key,
     Chain, Named, Remote, RemoteError, RemoteUrl,
 };
 use crate::error::{StateError, StateResult};
+use crate::format::{decode_object, Kind, Object};
 use crate::{Digest, Store};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -247,7 +247,7 @@ pub fn verify_remote(url: &RemoteUrl) -> StateResult<RemoteVerifyReport> {
     };
     report.records = records.len();
     for (k, v) in &records {
-        if let Err(detail) = crate::fsck::decode_check(k, v) {
+        if let Err(detail) = crate::records::decode_check(k, v) {
             report
                 .problems
                 .push(format!("a record in the remote history: {detail}"));

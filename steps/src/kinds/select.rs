@@ -1,4 +1,4 @@
-//! `select`: turn judged responses into preference pairs by a rule (see `select.rs`), each pair
+//! `select`: turn judged responses into preference pairs by a rule (`rules::selection`), each pair
 //! carrying its lineage: the prompt, both responses with their generator role, model digest,
 //! sample index and seed, the judge (model, mode, template) with raw judgements and scores, the
 //! rule and the comparison that decided it.
@@ -7,85 +7,21 @@
 //! pairs of the `meta-judge` step, at most `judge_pair_share` of the total (see
 //! `judge_pairs::mix`), so the DPO step trains on both from one `pairs` input.
 
-use crate::generate::Response;
-use crate::judge::Judgement;
 use crate::lm::{self, model_digest};
 use crate::prompts::Prompt;
-use crate::select::{self, Candidate, LengthControl, Role, Selection, Skip};
+use crate::records::JudgeInfo;
+use crate::records::Judgement;
+use crate::records::Pair;
+use crate::records::Response;
+use crate::records::Role;
+use crate::records::Rule;
+use crate::records::Side;
+use crate::rules::selection::decide;
+use crate::rules::selection::Outcome;
+use crate::rules::selection::{Candidate, LengthControl, Skip};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Resource, Step, StepContext, StepError, StepInputs, StepOutputs};
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Rule {
-    /// Self-Rewarding: best vs worst of Mi.
-    Standard,
-    /// Anchored Rejection (phase 1 of Temporal).
-    Anchored,
-    /// Future-Guided Chosen (phase 2), reusing phase 1's rejected.
-    FutureGuided,
-    /// Meta-Rewarding: a judgement preferred by the meta-judge in both orders.
-    MetaJudge,
-}
-
-/// What a pair trains: the actor (responses to prompts; the default, left out of the record) or
-/// the judge (judgements of a response, whose prompt is the rendered judge prompt).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PairKind {
-    Actor,
-    Judge,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Side {
-    pub text: String,
-    pub role: Role,
-    pub generator_model: String,
-    pub sample: u32,
-    pub seed: u64,
-    pub tokens: usize,
-    pub judgements: Vec<String>,
-    pub scores: Vec<Option<u8>>,
-    pub score: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct JudgeInfo {
-    pub model: String,
-    pub mode: String,
-    pub template_digest: String,
-}
-
-/// One preference pair with its lineage. `prompt`/`chosen`/`rejected` at the top level are
-/// TRL-compatible when exported.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Pair {
-    pub pair_id: String,
-    pub iteration: u32,
-    pub phase: String,
-    pub prompt_id: String,
-    pub prompt: String,
-    pub prompt_digest: String,
-    pub chosen: Side,
-    pub rejected: Side,
-    pub judge: JudgeInfo,
-    pub rule: Rule,
-    pub decision: String,
-    /// `None` for actor pairs (records written before judge pairs existed read the same).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<PairKind>,
-    /// Lineage of a judge pair.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub meta: Option<crate::judge_pairs::MetaLineage>,
-}
-
-impl Pair {
-    pub fn is_judge(&self) -> bool {
-        self.kind == Some(PairKind::Judge)
-    }
-}
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SelectSummary {
@@ -193,95 +129,6 @@ impl Set {
             .map(|j| j.verdicts.iter().filter(|v| v.score().is_none()).count())
             .sum()
     }
-}
-
-/// What the selection rule made of one prompt.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// A pair; with the future-guided rule, phase 1's rejected side it reuses.
-    Pair(Selection, Option<Side>),
-    /// Future-guided: phase 1 made no pair for this prompt, so there is no rejected to reuse.
-    NoPhase1,
-    /// No pair, and why.
-    Skipped(Skip),
-}
-
-impl Outcome {
-    /// The outcome in words, for lineage.
-    pub fn describe(&self) -> String {
-        match self {
-            Outcome::Pair(sel, _) => format!("pair: {}", sel.decision),
-            Outcome::NoPhase1 => {
-                "no pair: phase 1 made no pair for this prompt, so there is no rejected response to reuse".into()
-            }
-            Outcome::Skipped(Skip::NoScored) => {
-                "no pair: no response has a score (every judgement unscored)".into()
-            }
-            Outcome::Skipped(Skip::NoGap { chosen, rejected }) => format!(
-                "no pair: the chosen candidate ({chosen:.3}) does not score above the rejected ({rejected:.3})"
-            ),
-        }
-    }
-}
-
-/// The selection rule applied to one prompt's candidates (`anchor` / `future` as the rule
-/// needs them; `phase1` the prompt's phase-1 pair for the future-guided rule). The `select`
-/// step and `tsr lineage RUN prompt` both use it, so lineage explains exactly what was done.
-pub fn decide(
-    rule: Rule,
-    lc: Option<LengthControl>,
-    current: &[Candidate],
-    anchor: Option<&[Candidate]>,
-    future: Option<&[Candidate]>,
-    phase1: Option<&Pair>,
-) -> Outcome {
-    let result = match rule {
-        Rule::Standard => select::standard(current, lc).map(|s| (s, None)),
-        Rule::Anchored => select::anchored(current, anchor.unwrap_or(&[]), lc).map(|s| (s, None)),
-        Rule::FutureGuided => {
-            let Some(prev) = phase1 else {
-                return Outcome::NoPhase1;
-            };
-            let rej = Candidate {
-                role: prev.rejected.role,
-                sample: prev.rejected.sample,
-                score: Some(prev.rejected.score),
-                len: prev.rejected.tokens,
-            };
-            select::future_guided(current, future.unwrap_or(&[]), &rej, lc)
-                .map(|s| (s, Some(prev.rejected.clone())))
-        }
-        Rule::MetaJudge => unreachable!("meta-judge pairs come from the meta-judge step"),
-    };
-    match result {
-        Ok((sel, reused)) => Outcome::Pair(sel, reused),
-        Err(skip) => Outcome::Skipped(skip),
-    }
-}
-
-/// A prompt's candidates from recorded responses and judgements (as the `select` step builds
-/// them).
-pub fn candidates_of(
-    responses: &[Response],
-    judgements: &[Judgement],
-    prompt_id: &str,
-    role: Role,
-) -> Vec<Candidate> {
-    let mut v: Vec<Candidate> = responses
-        .iter()
-        .filter(|r| r.prompt_id == prompt_id)
-        .map(|r| Candidate {
-            role,
-            sample: r.sample,
-            score: judgements
-                .iter()
-                .find(|j| j.prompt_id == prompt_id && j.sample == r.sample)
-                .and_then(|j| j.score),
-            len: r.tokens,
-        })
-        .collect();
-    v.sort_by_key(|c| c.sample);
-    v
 }
 
 impl Step for Select {
@@ -423,7 +270,7 @@ impl Step for Select {
             sum.judge_pairs_offered = Some(judge.len());
             let share = self.judge_pair_share.unwrap_or(1.0);
             let (mixed, kept) =
-                crate::judge_pairs::mix(pairs, judge, share, ctx.derive_seed("mix", 0));
+                crate::rules::judge_pairs::mix(pairs, judge, share, ctx.derive_seed("mix", 0));
             sum.judge_pairs_kept = Some(kept);
             pairs = mixed;
         }

@@ -12,18 +12,13 @@
 //! control: among candidates within `band` of the top score prefer the shortest chosen; within
 //! `band` of the bottom, the longest rejected.
 
+use crate::records::Judgement;
+use crate::records::Pair;
+use crate::records::Response;
+use crate::records::Role;
+use crate::records::Rule;
+use crate::records::Side;
 use serde::{Deserialize, Serialize};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Mi, the model being trained this iteration.
-    Current,
-    /// M0 (or Mi-1): the past anchor.
-    Anchor,
-    /// Mf: the look-ahead model of phase 1.
-    Future,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
@@ -205,6 +200,95 @@ pub fn future_guided(
         score(phase1_rejected)
     );
     keep(chosen, phase1_rejected.clone(), decision)
+}
+
+/// What the selection rule made of one prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A pair; with the future-guided rule, phase 1's rejected side it reuses.
+    Pair(Selection, Option<Side>),
+    /// Future-guided: phase 1 made no pair for this prompt, so there is no rejected to reuse.
+    NoPhase1,
+    /// No pair, and why.
+    Skipped(Skip),
+}
+
+impl Outcome {
+    /// The outcome in words, for lineage.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Pair(sel, _) => format!("pair: {}", sel.decision),
+            Outcome::NoPhase1 => {
+                "no pair: phase 1 made no pair for this prompt, so there is no rejected response to reuse".into()
+            }
+            Outcome::Skipped(Skip::NoScored) => {
+                "no pair: no response has a score (every judgement unscored)".into()
+            }
+            Outcome::Skipped(Skip::NoGap { chosen, rejected }) => format!(
+                "no pair: the chosen candidate ({chosen:.3}) does not score above the rejected ({rejected:.3})"
+            ),
+        }
+    }
+}
+
+/// The selection rule applied to one prompt's candidates (`anchor` / `future` as the rule
+/// needs them; `phase1` the prompt's phase-1 pair for the future-guided rule). The `select`
+/// step and `tsr lineage RUN prompt` both use it, so lineage explains exactly what was done.
+pub fn decide(
+    rule: Rule,
+    lc: Option<LengthControl>,
+    current: &[Candidate],
+    anchor: Option<&[Candidate]>,
+    future: Option<&[Candidate]>,
+    phase1: Option<&Pair>,
+) -> Outcome {
+    let result = match rule {
+        Rule::Standard => standard(current, lc).map(|s| (s, None)),
+        Rule::Anchored => anchored(current, anchor.unwrap_or(&[]), lc).map(|s| (s, None)),
+        Rule::FutureGuided => {
+            let Some(prev) = phase1 else {
+                return Outcome::NoPhase1;
+            };
+            let rej = Candidate {
+                role: prev.rejected.role,
+                sample: prev.rejected.sample,
+                score: Some(prev.rejected.score),
+                len: prev.rejected.tokens,
+            };
+            future_guided(current, future.unwrap_or(&[]), &rej, lc)
+                .map(|s| (s, Some(prev.rejected.clone())))
+        }
+        Rule::MetaJudge => unreachable!("meta-judge pairs come from the meta-judge step"),
+    };
+    match result {
+        Ok((sel, reused)) => Outcome::Pair(sel, reused),
+        Err(skip) => Outcome::Skipped(skip),
+    }
+}
+
+/// A prompt's candidates from recorded responses and judgements (as the `select` step builds
+/// them).
+pub fn candidates_of(
+    responses: &[Response],
+    judgements: &[Judgement],
+    prompt_id: &str,
+    role: Role,
+) -> Vec<Candidate> {
+    let mut v: Vec<Candidate> = responses
+        .iter()
+        .filter(|r| r.prompt_id == prompt_id)
+        .map(|r| Candidate {
+            role,
+            sample: r.sample,
+            score: judgements
+                .iter()
+                .find(|j| j.prompt_id == prompt_id && j.sample == r.sample)
+                .and_then(|j| j.score),
+            len: r.tokens,
+        })
+        .collect();
+    v.sort_by_key(|c| c.sample);
+    v
 }
 
 #[cfg(test)]

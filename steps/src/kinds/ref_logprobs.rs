@@ -3,7 +3,7 @@
 //! resume. The reference model's digest is recorded with the numbers.
 
 use crate::lm::{self, decode_item, model_err};
-use crate::pairs::Pair;
+use crate::records::Pair;
 use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 

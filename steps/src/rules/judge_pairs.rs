@@ -1,5 +1,5 @@
 //! Meta-Rewarding's judge preference data, as pure functions (the `meta-judge` step in
-//! `meta_judge.rs` does the generation around them):
+//! `kinds/meta_judge.rs` does the generation around them):
 //!
 //! - [`uncertain`]: the responses whose judge scores vary most across the J judge samples
 //!   (population variance of the parsed scores; ties by (prompt id, sample)), capped per prompt,
@@ -13,21 +13,13 @@
 //! - [`mix`]: actor pairs plus at most `share` of judge pairs (deterministic subsample): a large
 //!   share is reported to collapse the judge into always giving the top score.
 
-use crate::judge::Judgement;
-use crate::judge_text::{Verdict, MAX_SCORE};
-use crate::pairs::{JudgeInfo, Pair, PairKind, Rule, Side};
-use crate::select::Role;
+use crate::records::Judgement;
+use crate::records::Verdict;
+use crate::records::{JudgeInfo, Pair, PairKind, Rule, Side};
+use crate::records::{JudgementRef, MetaLineage, MetaVerdict, Role};
+use crate::rules::verdict::MAX_SCORE;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// A meta-judge's verdict in one order: which of the two judgements shown (A first, B second)
-/// is better; unparseable outputs are kept with the reason.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MetaVerdict {
-    A,
-    B,
-    Unparsed(String),
-}
 
 /// The outcome of both orders.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,40 +173,6 @@ pub struct Comparison {
     pub meta_verdicts: [MetaVerdict; 2],
     pub meta_seeds: [u64; 2],
     pub decision: Decision,
-}
-
-/// One judgement of a judge pair.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JudgementRef {
-    /// Index among the response's J judgements.
-    pub index: usize,
-    pub score: u8,
-    pub text: String,
-}
-
-/// The lineage of a judge pair: the response judged, the two judgements compared, and the
-/// meta-judgements of both orders.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MetaLineage {
-    pub response_prompt_id: String,
-    pub response_sample: u32,
-    pub response_generator_model: String,
-    pub response_digest: String,
-    /// The model that wrote the judgements.
-    pub judge_model: String,
-    pub judge_template_digest: String,
-    /// Variance of the response's parsed judge scores.
-    pub variance: f64,
-    /// Judgement A and B as shown in order "ab".
-    pub judgements: [JudgementRef; 2],
-    pub meta_model: String,
-    pub meta_template_digest: String,
-    /// Order "ab" then order "ba", verbatim, with their parsed verdicts and seeds.
-    pub meta_texts: [String; 2],
-    pub meta_verdicts: [MetaVerdict; 2],
-    pub meta_seeds: [u64; 2],
-    /// The agreed verdict in order "ab" terms: `A` or `B`.
-    pub verdict: String,
 }
 
 /// What a judge pair needs besides its comparison.

@@ -4,20 +4,10 @@
 
 use crate::lm::{self, decode_item, model_err};
 use crate::prompts::Prompt;
-use serde::{Deserialize, Serialize};
+use crate::records::Response;
+use serde::Serialize;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 use tsr_model::{GenRequest, Sampling};
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Response {
-    pub prompt_id: String,
-    pub sample: u32,
-    pub seed: u64,
-    pub text: String,
-    pub tokens: usize,
-    /// `eot` (end of turn) or `length` (max tokens reached).
-    pub finish: String,
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Generate {

@@ -9,14 +9,15 @@
 //! Meta workflows add `meta_judgements`, `meta_responses`, `meta_summary` and
 //! `meta_comparisons`, giving the judge-side diagnostics (`judge_pairs::MetaMetrics`).
 
-use crate::dpo_step::DpoReport;
-use crate::generate::Response;
-use crate::judge::Judgement;
-use crate::judge_pairs::{meta_metrics, Comparison};
+use crate::kinds::dpo::DpoReport;
+use crate::kinds::meta_judge::MetaSummary;
+use crate::kinds::select::SelectSummary;
 use crate::lm::{self, model_err};
-use crate::meta_judge::MetaSummary;
-use crate::pairs::{Pair, SelectSummary};
-use crate::select::Role;
+use crate::records::Judgement;
+use crate::records::Pair;
+use crate::records::Response;
+use crate::records::Role;
+use crate::rules::judge_pairs::{meta_metrics, Comparison};
 use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 
@@ -56,7 +57,7 @@ pub struct IterationMetrics {
     pub phases: Vec<PhaseMetrics>,
     /// Judge-side diagnostics (meta workflows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub meta: Option<crate::judge_pairs::MetaMetrics>,
+    pub meta: Option<crate::rules::judge_pairs::MetaMetrics>,
 }
 
 #[derive(Clone, Debug, Serialize)]

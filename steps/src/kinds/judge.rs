@@ -7,10 +7,12 @@
 //!   the verdict, `Score: `; score = expected value of the digit tokens 0-5 under the model's
 //!   next-token distribution (renormalised over those six tokens).
 
-use crate::generate::Response;
-use crate::judge_text::{parse_score, render, Verdict, MAX_SCORE};
 use crate::lm::{self, decode_item, model_err};
 use crate::prompts::Prompt;
+use crate::records::Judgement;
+use crate::records::Response;
+use crate::records::Verdict;
+use crate::rules::verdict::{parse_score, render, MAX_SCORE};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
@@ -21,19 +23,6 @@ use tsr_model::{GenRequest, Sampling};
 pub enum JudgeMode {
     Text,
     Logprob,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Judgement {
-    pub prompt_id: String,
-    pub sample: u32,
-    /// Raw judge outputs (text mode), verbatim.
-    pub texts: Vec<String>,
-    pub verdicts: Vec<Verdict>,
-    /// Probabilities of scores 0..=5 (logprob mode).
-    pub probs: Option<Vec<f64>>,
-    /// Mean parsed score (text) or expected score (logprob); `None` when nothing parsed.
-    pub score: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -2,7 +2,7 @@
 //! (prompt, response), and parsing the `Score: N` verdict out of a judgement. A judgement that
 //! cannot be parsed is kept verbatim and counted as unscored, never a crash and never a zero.
 
-use serde::{Deserialize, Serialize};
+use crate::records::Verdict;
 
 /// The default rubric. Placeholders: `{prompt}`, `{response}`. A user template must contain both.
 pub const DEFAULT_RUBRIC: &str = "Review the user's question and the response below, and score the response with the additive 5-point system described here. Points accumulate when each condition is met:
@@ -51,21 +51,6 @@ pub fn missing_placeholder(template: &str, placeholders: &[&'static str]) -> Opt
 /// are never themselves substituted.
 pub fn render(template: &str, prompt: &str, response: &str) -> String {
     fill_placeholders(template, &[("{prompt}", prompt), ("{response}", response)])
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Verdict {
-    Score(u8),
-    Unscored(String),
-}
-
-impl Verdict {
-    pub fn score(&self) -> Option<u8> {
-        match self {
-            Verdict::Score(s) => Some(*s),
-            Verdict::Unscored(_) => None,
-        }
-    }
 }
 
 /// Only this much of a judgement is examined (a runaway judge can produce megabytes).

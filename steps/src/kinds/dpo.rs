@@ -7,9 +7,9 @@
 //! weights and metrics. A diverged step (non-finite loss or gradient) fails with an `Invalid`
 //! error before touching the weights, so the last checkpoint stays the last good state.
 
+use crate::kinds::ref_logprobs::{encode_pair, RefLogps};
 use crate::lm::{self, model_err};
-use crate::pairs::Pair;
-use crate::reference::{encode_pair, RefLogps};
+use crate::records::Pair;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_dpo::trainer::{cursor_bytes, DpoTrainer, TrainPair, TrainerConfig, TrainerError};

@@ -1,0 +1,104 @@
+//! `answer`: one response per held-out prompt from the evaluated model (greedy by default, or
+//! seeded sampling), with the model's digest as its generator. Seeds derive from the step key and
+//! the prompt id, so a resumed step equals an uninterrupted one.
+
+use crate::lm::{self, decode_item, model_err};
+use crate::prompts::Prompt;
+use crate::records::EvalOutput;
+use serde::Serialize;
+use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
+use tsr_model::{GenRequest, Sampling};
+
+/// `answer`: one response per prompt from the model under `model`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answer {
+    pub max_new_tokens: usize,
+    /// 0: greedy (the default for evaluation); > 0: seeded sampling.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub batch_size: usize,
+}
+
+impl Step for Answer {
+    fn kind(&self) -> &'static str {
+        "answer"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["outputs"]
+    }
+    fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
+        let generator = lm::model_digest(inputs, "model")?;
+        let total = prompts.len() as u64;
+        let done = ctx.items().indices()?.len() as u64;
+        let model = if done < total {
+            Some(lm::load(inputs, "model", ctx)?)
+        } else {
+            None
+        };
+        ctx.progress().set_message("answering evaluation prompts");
+        let greedy = self.temperature <= 0.0;
+        ctx.for_each_batch(total, self.batch_size, |idx| {
+            let model = model.as_ref().expect("model loaded when work remains");
+            let tok = model.tokenizer();
+            let mut reqs = Vec::with_capacity(idx.len());
+            let mut seeds = Vec::with_capacity(idx.len());
+            for &i in idx {
+                let p = &prompts[i as usize];
+                let seed = ctx.derive_seed(&format!("answer/{}", p.id), 0);
+                reqs.push(GenRequest {
+                    prompt_ids: tok
+                        .encode_prompt(&p.prompt)
+                        .map_err(model_err("encoding a prompt"))?,
+                    max_new_tokens: self.max_new_tokens,
+                    sampling: if greedy {
+                        Sampling::Greedy
+                    } else {
+                        Sampling::Sample {
+                            temperature: self.temperature,
+                            top_p: Some(self.top_p),
+                            top_k: None,
+                        }
+                    },
+                    seed,
+                });
+                seeds.push((p.id.clone(), (!greedy).then_some(seed)));
+            }
+            let outs = model
+                .generate(&reqs, self.batch_size)
+                .map_err(model_err("answering"))?;
+            Ok(outs
+                .into_iter()
+                .zip(seeds)
+                .map(|(o, (prompt_id, seed))| {
+                    let row = EvalOutput {
+                        prompt_id,
+                        tokens: Some(o.token_ids.len()),
+                        output: o.text,
+                        generator: generator.clone(),
+                        finish: Some(
+                            match o.finished {
+                                tsr_model::FinishReason::EndOfTurn => "eot",
+                                tsr_model::FinishReason::MaxTokens => "length",
+                            }
+                            .into(),
+                        ),
+                        seed,
+                    };
+                    serde_json::to_vec(&row).expect("output serializes")
+                })
+                .collect())
+        })?;
+        let mut rows: Vec<EvalOutput> = Vec::with_capacity(total as usize);
+        for (i, b) in ctx.items().all()? {
+            rows.push(decode_item(&b, "answer", i)?);
+        }
+        Ok(StepOutputs::new().bytes("outputs", "eval-outputs-jsonl", lm::to_jsonl(&rows)))
+    }
+}

@@ -1,0 +1,8 @@
+//! The pure rules the step kinds apply: no model, no store.
+
+pub mod eval;
+pub mod eval_metrics;
+pub mod judge_pairs;
+pub mod meta_verdict;
+pub mod selection;
+pub mod verdict;
