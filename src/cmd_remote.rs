@@ -54,7 +54,7 @@ fn flush_within() -> Duration {
 pub fn remote_of(
     args: &RemoteArgs,
     config_remote: Option<&str>,
-    config_sync: Option<&str>,
+    config_sync: Option<SyncMode>,
     store: &Store,
 ) -> anyhow::Result<Option<(RemoteUrl, SyncMode)>> {
     let attached = store.remote()?.map(|r| r.url);
@@ -71,11 +71,11 @@ pub fn remote_of(
         return Ok(None);
     };
     let url = RemoteUrl::parse(&url)?;
-    let mode = match args.remote_sync.as_deref().or(config_sync) {
+    let mode = match args.remote_sync.as_deref() {
         Some(m) => m
             .parse::<SyncMode>()
             .map_err(|e| anyhow::anyhow!("--remote-sync: {e}"))?,
-        None => SyncMode::default(),
+        None => config_sync.unwrap_or_default(),
     };
     Ok(Some((url, mode)))
 }

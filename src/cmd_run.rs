@@ -90,7 +90,7 @@ fn drive(
     let replica = match crate::cmd_remote::remote_of(
         remote,
         config.remote.as_deref(),
-        config.remote_sync.as_deref(),
+        config.remote_sync,
         &store,
     )? {
         Some((url, mode)) => Some(crate::cmd_remote::start(
@@ -230,7 +230,7 @@ fn drive_replicated(
                 config.name,
                 store_dir.display()
             );
-            if config.workflow != "toy" && config.workflow != "eval" {
+            if config.workflow.trains() {
                 let nodes = crate::store_read::nodes(&store, &config.name)?;
                 if let Some((node, d)) = crate::store_read::final_model(&nodes) {
                     eprintln!(

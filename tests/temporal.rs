@@ -481,6 +481,130 @@ fn bad_lm_configs_name_the_key() {
     assert!(text(&o).contains("line 2"), "{}", text(&o));
 }
 
+/// `tsr fork --set` on each enumerated config value: every name is accepted and stored as the
+/// same string, and anything else is refused with a message naming the key and the choices.
+#[test]
+fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), "temporal", "logprob");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let stored = |name: &str| {
+        let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+        let rec = s.run(name).unwrap();
+        (rec.workflow, rec.config_toml, rec.definition)
+    };
+    let accepted: &[(&[&str], &str, &str)] = &[
+        (
+            &["workflow=self-rewarding"],
+            "workflow",
+            "\"self-rewarding\"",
+        ),
+        (&["workflow=past-only"], "workflow", "\"past-only\""),
+        (&["workflow=future-only"], "workflow", "\"future-only\""),
+        (&["anchor=previous"], "anchor", "\"previous\""),
+        (&["dpo.reference=initial"], "dpo.reference", "\"initial\""),
+        (&["dpo.adapter=lora"], "dpo.adapter", "\"lora\""),
+        (
+            &["dpo.adapter=lora", "model.dtype=bf16"],
+            "model.dtype",
+            "\"bf16\"",
+        ),
+        (
+            &["dpo.adapter=lora", "model.dtype=f16"],
+            "model.dtype",
+            "\"f16\"",
+        ),
+        (&["model.dtype=f32"], "model.dtype", "\"f32\""),
+        (&["judge.mode=text"], "judge.mode", "\"text\""),
+        (&["dpo.loss=ipo"], "dpo.loss", "\"ipo\""),
+    ];
+    for (k, (sets, key, value)) in accepted.iter().enumerate() {
+        let name = format!("f{k}");
+        let mut args = vec!["fork", "temporal-logprob", "--name", &name, "--no-run"];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let o = tsr(&args, &store);
+        assert!(o.status.success(), "{sets:?}: {}", text(&o));
+        let (workflow, toml, def) = stored(&name);
+        assert_eq!(def.get(*key).map(String::as_str), Some(*value), "{sets:?}");
+        if *key == "workflow" {
+            assert_eq!(format!("{workflow:?}"), *value);
+        }
+        let line = format!("{} = {value}", key.rsplit('.').next().unwrap());
+        assert!(toml.contains(&line), "{sets:?}: `{line}` not in\n{toml}");
+    }
+    // Not part of the definition, but stored with the run.
+    let o = tsr(
+        &[
+            "fork",
+            "temporal-logprob",
+            "--name",
+            "sync",
+            "--no-run",
+            "--set",
+            "remote_sync=checkpoint",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(stored("sync").1.contains("remote_sync = \"checkpoint\""));
+
+    for (sets, want) in [
+        (
+            vec!["workflow=nope"],
+            "unknown workflow `nope`; choose one of [\"toy\", \"temporal\"",
+        ),
+        (
+            vec!["anchor=past"],
+            "config key `anchor`: use `initial` (M0) or `previous` (Mi-1)",
+        ),
+        (
+            vec!["dpo.reference=mine"],
+            "config key `dpo.reference`: use `current` (Mi) or `initial` (M0)",
+        ),
+        (
+            vec!["dpo.adapter=dora"],
+            "config key `dpo.adapter`: `dora`: use `full` (every weight trains) or `lora`",
+        ),
+        (
+            vec!["model.dtype=f64"],
+            "config key `model.dtype`: `f64`: use `f32`, `bf16` or `f16`",
+        ),
+        (
+            vec!["model.dtype=bf16"],
+            "config key `model.dtype`: `bf16` holds the base frozen in half precision",
+        ),
+        (
+            vec!["remote_sync=always"],
+            "config key `remote_sync`: `always` is not a sync mode; use `step`, `checkpoint` or `commit`",
+        ),
+        (
+            vec!["judge.mode=vibes"],
+            "config key `judge.mode`: `vibes`: use `text`",
+        ),
+        (
+            vec!["dpo.loss=hinge"],
+            "config key `dpo.loss`: `hinge`: use `sigmoid` (DPO) or `ipo` (IPO)",
+        ),
+    ] {
+        let mut args = vec!["fork", "temporal-logprob", "--name", "bad", "--no-run"];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let o = tsr(&args, &store);
+        assert_eq!(o.status.code(), Some(1), "{sets:?}: {}", text(&o));
+        assert!(text(&o).contains(want), "{sets:?}: expected `{want}` in {}", text(&o));
+    }
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    assert!(
+        s.get_run("bad").unwrap().is_none(),
+        "a refused fork was recorded"
+    );
+}
+
 #[test]
 fn fixed_judge_model_and_final_model_export() {
     let dir = tempfile::tempdir().unwrap();

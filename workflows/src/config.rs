@@ -1,6 +1,7 @@
 //! The run config: TOML, validated before anything runs. Unknown keys and bad values are errors
 //! that name the key (and the line, from the TOML parser).
 
+use crate::choices::{Adapter, Anchor, Dtype, Reference, Workflow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ pub struct Config {
     /// Run name: the same name continues the same run.
     pub name: String,
     /// temporal, self-rewarding, past-only, future-only, meta-rewarding, temporal-meta, eval or toy.
-    pub workflow: String,
+    pub workflow: Workflow,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// cpu | cuda:N
@@ -49,8 +50,12 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<String>,
     /// When the remote catches up: `step` (default), `checkpoint` or `commit`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remote_sync: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::choices::remote_sync"
+    )]
+    pub remote_sync: Option<tsr_state::SyncMode>,
     #[serde(default)]
     pub toy: ToySpec,
     /// Language-model workflows: number of iterations.
@@ -58,7 +63,7 @@ pub struct Config {
     pub iterations: u32,
     /// Past anchor for rejected responses: `initial` (M0) or `previous` (Mi-1).
     #[serde(default = "initial")]
-    pub anchor: String,
+    pub anchor: Anchor,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,14 +83,11 @@ pub struct Config {
     pub eval: Option<EvalSection>,
 }
 
-/// The workflows that also train the judge on its own judgements (Meta-Rewarding).
-pub const META_WORKFLOWS: &[&str] = &["meta-rewarding", "temporal-meta"];
-
 fn one() -> u32 {
     1
 }
-fn initial() -> String {
-    "initial".into()
+fn initial() -> Anchor {
+    Anchor::Initial
 }
 
 /// `[model]`: the initial model M0.
@@ -101,16 +103,13 @@ pub struct ModelSection {
     /// Precision of the frozen base weights: `f32` (the default), `bf16` or `f16`. Half
     /// precision needs `[dpo] adapter = "lora"` (adapters and their optimizer stay f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<String>,
+    pub dtype: Option<Dtype>,
 }
 
 impl ModelSection {
     /// Bytes per base weight (4, or 2 for `bf16`/`f16`).
     pub fn weight_bytes(&self) -> u64 {
-        match self.dtype.as_deref() {
-            Some("bf16") | Some("f16") => 2,
-            _ => 4,
-        }
+        self.dtype.unwrap_or(Dtype::F32).bytes()
     }
 
     /// The external path to fingerprint and how to read it (`gguf` or `hf`).
@@ -174,6 +173,7 @@ impl Default for GenerateSection {
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeSection {
     /// `text` (generate, parse `Score: N`, average J samples) or `logprob` (expected score).
+    #[serde(deserialize_with = "crate::choices::judge_mode")]
     pub mode: tsr_steps::kinds::judge::JudgeMode,
     /// J: judgements per response in text mode.
     pub samples: u32,
@@ -314,6 +314,7 @@ pub struct EvalJudgeSection {
     /// The judge model (GGUF, HF folder or hub id); default: the initial model, a weak judge.
     pub model: Option<String>,
     /// `text` (parse `Better: A|B`) or `logprob` (compare the probabilities of `A` and `B`).
+    #[serde(deserialize_with = "crate::choices::eval_judge_mode")]
     pub mode: tsr_steps::kinds::judge::JudgeMode,
     pub max_new_tokens: usize,
     /// 0: greedy verdicts (the default).
@@ -344,6 +345,7 @@ impl Default for EvalJudgeSection {
 #[serde(deny_unknown_fields, default)]
 pub struct DpoSection {
     pub beta: f64,
+    #[serde(deserialize_with = "crate::choices::dpo_loss")]
     pub loss: tsr_dpo::DpoLossKind,
     pub lr: f64,
     pub warmup_steps: u64,
@@ -354,18 +356,18 @@ pub struct DpoSection {
     pub weight_decay: f64,
     pub checkpoint_every: u64,
     /// Reference model: `current` (Mi, the default) or `initial` (M0).
-    pub reference: String,
+    pub reference: Reference,
     /// What DPO trains: `full` (every weight, the default) or `lora` (a low-rank adapter over
     /// the frozen base; models in the store are then the base plus an adapter).
     #[serde(skip_serializing_if = "is_full")]
-    pub adapter: String,
+    pub adapter: Adapter,
     /// `[dpo.lora]`: the adapter the first LoRA DPO creates (defaults when left out).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
 }
 
-fn is_full(s: &str) -> bool {
-    s == "full"
+fn is_full(a: &Adapter) -> bool {
+    *a == Adapter::Full
 }
 
 /// `[dpo.lora]`
@@ -406,8 +408,8 @@ impl Default for DpoSection {
             max_grad_norm: Some(1.0),
             weight_decay: 0.0,
             checkpoint_every: 10,
-            reference: "current".into(),
-            adapter: "full".into(),
+            reference: Reference::Current,
+            adapter: Adapter::Full,
             lora: None,
         }
     }
@@ -458,7 +460,7 @@ impl Config {
                 *m = h;
             }
         }
-        if META_WORKFLOWS.contains(&c.workflow.as_str()) && c.meta.is_none() {
+        if c.workflow.is_meta() && c.meta.is_none() {
             c.meta = Some(MetaSection::default());
         }
         if let Some(p) = c.prompts.as_mut() {
@@ -562,27 +564,12 @@ impl Config {
         if let Err(e) = tsr_state::validate_name(&self.name) {
             return bad("name", &e.to_string());
         }
-        if !crate::WORKFLOWS.contains(&self.workflow.as_str()) {
-            return bad(
-                "workflow",
-                &format!(
-                    "unknown workflow `{}`; choose one of {:?}",
-                    self.workflow,
-                    crate::WORKFLOWS
-                ),
-            );
-        }
         if self.device != "cpu" && !self.device.starts_with("cuda") {
             return bad("device", "use `cpu` or `cuda:N`");
         }
         if let Some(url) = &self.remote {
             if let Err(e) = tsr_state::remote::RemoteUrl::parse(url) {
                 return bad("remote", &e.to_string());
-            }
-        }
-        if let Some(mode) = &self.remote_sync {
-            if let Err(e) = mode.parse::<tsr_state::SyncMode>() {
-                return bad("remote_sync", &e);
             }
         }
         if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {
@@ -593,7 +580,7 @@ impl Config {
                 }
             })?;
         }
-        if self.workflow == "eval" {
+        if self.workflow == Workflow::Eval {
             if self.model.is_none() {
                 return bad(
                     "model",
@@ -606,13 +593,13 @@ impl Config {
                     "the eval workflow needs an [eval] section with `prompts = ...`",
                 );
             }
-        } else if self.workflow != "toy" {
+        } else if self.workflow.trains() {
             self.validate_lm()?;
         }
         if self.eval.is_some() {
             self.validate_eval()?;
         }
-        if self.workflow == "toy" {
+        if self.workflow == Workflow::Toy {
             let t = &self.toy;
             if t.iterations == 0 {
                 return bad("toy.iterations", "must be at least 1");
@@ -658,24 +645,13 @@ impl Config {
         if self.iterations == 0 {
             return bad("iterations", "must be at least 1".into());
         }
-        match self.model.as_ref().and_then(|m| m.dtype.as_deref()) {
-            None | Some("f32") => {}
-            Some("bf16") | Some("f16") if self.dpo.adapter == "lora" => {}
-            Some(d @ ("bf16" | "f16")) => {
+        if let Some(d) = self.model.as_ref().and_then(|m| m.dtype) {
+            if d.is_half() && self.dpo.adapter != Adapter::Lora {
                 return bad(
                     "model.dtype",
                     format!("`{d}` holds the base frozen in half precision, which only LoRA training allows; add `adapter = \"lora\"` to [dpo], or use `f32` for full fine-tuning"),
-                )
+                );
             }
-            Some(other) => {
-                return bad(
-                    "model.dtype",
-                    format!("`{other}`: use `f32`, `bf16` or `f16`"),
-                )
-            }
-        }
-        if !["initial", "previous"].contains(&self.anchor.as_str()) {
-            return bad("anchor", "use `initial` (M0) or `previous` (Mi-1)".into());
         }
         let g = &self.generate;
         if g.k < 2 {
@@ -725,7 +701,7 @@ impl Config {
                 );
             }
         }
-        if META_WORKFLOWS.contains(&self.workflow.as_str()) {
+        if self.workflow.is_meta() {
             self.validate_meta()?;
         }
         let d = &self.dpo;
@@ -749,14 +725,8 @@ impl Config {
                 return bad("dpo.max_grad_norm", "must be > 0".into());
             }
         }
-        if !["current", "initial"].contains(&d.reference.as_str()) {
-            return bad(
-                "dpo.reference",
-                "use `current` (Mi) or `initial` (M0)".into(),
-            );
-        }
-        match d.adapter.as_str() {
-            "full" => {
+        match d.adapter {
+            Adapter::Full => {
                 if d.lora.is_some() {
                     return bad(
                         "dpo.lora",
@@ -764,7 +734,7 @@ impl Config {
                     );
                 }
             }
-            "lora" => {
+            Adapter::Lora => {
                 let l = d.lora.clone().unwrap_or_default();
                 if l.r == 0 {
                     return bad("dpo.lora.r", "must be at least 1".into());
@@ -798,14 +768,6 @@ impl Config {
                     return bad("dpo.lora.targets", "names a projection twice".into());
                 }
             }
-            other => {
-                return bad(
-                    "dpo.adapter",
-                    format!(
-                    "`{other}`: use `full` (every weight trains) or `lora` (a low-rank adapter)"
-                ),
-                )
-            }
         }
         Ok(())
     }
@@ -818,7 +780,7 @@ impl Config {
             })
         };
         let e = self.eval.as_ref().expect("checked by the caller");
-        if self.workflow == "toy" {
+        if self.workflow == Workflow::Toy {
             return bad(
                 "eval",
                 "the toy workflow trains no model to evaluate; remove [eval]".into(),
@@ -857,12 +819,7 @@ impl Config {
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
         }
-        if e.future
-            && !matches!(
-                self.workflow.as_str(),
-                "temporal" | "future-only" | "temporal-meta"
-            )
-        {
+        if e.future && !self.workflow.uses_future() {
             return bad(
                 "eval.future",
                 format!("workflow `{}` trains no look-ahead model Mf", self.workflow),
@@ -1112,11 +1069,11 @@ mod tests {
         )
         .unwrap();
         let full = apply_set(&lora, "dpo.adapter=\"full\"").unwrap();
-        assert_eq!(full.dpo.adapter, "full");
+        assert_eq!(full.dpo.adapter, Adapter::Full);
         assert!(full.dpo.lora.is_none());
         assert!(full.definition().keys().all(|k| !k.starts_with("dpo.lora")));
         let back = apply_set(&full, "dpo.adapter=\"lora\"").unwrap();
-        assert_eq!(back.dpo.adapter, "lora");
+        assert_eq!(back.dpo.adapter, Adapter::Lora);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! (temporal, self-rewarding, past-only, future-only, and the Meta-Rewarding ones,
 //! meta-rewarding and temporal-meta) build on `tsr-steps`.
 
+pub mod choices;
 mod config;
 mod lm;
 pub mod memory;
 
+pub use choices::{Adapter, Anchor, Dtype, Reference, Workflow};
 pub use config::{apply_set, Config, ConfigError};
 
 use std::collections::BTreeMap;
@@ -20,30 +22,17 @@ pub enum WorkflowError {
     Engine(#[from] EngineError),
 }
 
-/// Names of the workflows this build knows.
-pub const WORKFLOWS: &[&str] = &[
-    "toy",
-    "temporal",
-    "self-rewarding",
-    "past-only",
-    "future-only",
-    "meta-rewarding",
-    "temporal-meta",
-    "eval",
-];
-
 /// Build the DAG of a validated config.
 pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
-    match config.workflow.as_str() {
-        "toy" => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
-        "temporal" | "self-rewarding" | "past-only" | "future-only" | "meta-rewarding"
-        | "temporal-meta" => lm::build(config),
-        "eval" => lm::build_eval(config),
-        other => Err(ConfigError::Invalid {
-            key: "workflow".into(),
-            reason: format!("unknown workflow `{other}`; this build knows {WORKFLOWS:?}"),
-        }
-        .into()),
+    match config.workflow {
+        Workflow::Toy => Ok(tsr_engine::testkit::toy_dag(&config.toy)?),
+        Workflow::Eval => lm::build_eval(config),
+        Workflow::Temporal
+        | Workflow::SelfRewarding
+        | Workflow::PastOnly
+        | Workflow::FutureOnly
+        | Workflow::MetaRewarding
+        | Workflow::TemporalMeta => lm::build(config),
     }
 }
 
@@ -51,7 +40,7 @@ pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
 pub fn run_spec(config: &Config, forked_from: Option<String>) -> RunSpec {
     RunSpec {
         name: config.name.clone(),
-        workflow: config.workflow.clone(),
+        workflow: config.workflow.to_string(),
         config_toml: config.to_toml(),
         definition: config.definition(),
         forked_from,

@@ -9,7 +9,7 @@
 //! only to generate) is trained on actor pairs alone, so it equals `temporal`'s phase 1.
 
 use crate::config::Config;
-use crate::WorkflowError;
+use crate::{Adapter, Anchor, Reference, WorkflowError};
 use std::sync::Arc;
 use tsr_engine::{DagBuilder, InputSource};
 use tsr_steps::kinds::answer::Answer;
@@ -76,17 +76,18 @@ fn add(
     b.add(name, step, inputs, iteration);
 }
 
-pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
-    let m = c.model.as_ref().expect("validated: [model] present");
-    let p = c.prompts.as_ref().expect("validated: [prompts] present");
-    let mut b = DagBuilder::new();
-    let m0 = import_initial(&mut b, m)?;
-    b.add(
-        "prompts",
-        Arc::new(LoadPrompts { limit: p.limit }),
-        vec![("file", InputSource::External(p.file.clone()))],
-        None,
-    );
+/// The steps every iteration shares, made once from the config.
+struct Parts {
+    gen: Arc<Generate>,
+    judge: Arc<Judge>,
+    reference: Arc<ReferenceLogprobs>,
+    dpo: Arc<Dpo>,
+    /// The meta-judge step (Meta-Rewarding workflows) and the judge-pair share of selection.
+    meta: Option<(Arc<MetaJudge>, f64)>,
+}
+
+/// Generation and judging: `[generate]` and `[judge]` (the rubric template read and checked).
+fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowError> {
     let g = &c.generate;
     let gen = Arc::new(Generate {
         k: g.k,
@@ -124,6 +125,11 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         batch_size: j.batch_size,
         template,
     });
+    Ok((gen, judge))
+}
+
+/// DPO: `[dpo]` (with `[dpo.lora]`), and the reference log-probabilities it starts from.
+fn dpo_part(c: &Config) -> (Arc<ReferenceLogprobs>, Arc<Dpo>) {
     let d = &c.dpo;
     let dpo = Arc::new(Dpo {
         beta: d.beta,
@@ -136,7 +142,7 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         max_grad_norm: d.max_grad_norm,
         weight_decay: d.weight_decay,
         checkpoint_every: d.checkpoint_every,
-        lora: (d.adapter == "lora").then(|| {
+        lora: (d.adapter == Adapter::Lora).then(|| {
             let l = d.lora.clone().unwrap_or_default();
             tsr_steps::kinds::dpo::LoraTraining {
                 r: l.r,
@@ -147,8 +153,14 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         }),
     });
     let reference = Arc::new(ReferenceLogprobs {
-        batch_size: j.batch_size,
+        batch_size: c.judge.batch_size,
     });
+    (reference, dpo)
+}
+
+/// Meta-judging (`[meta]`, Meta-Rewarding workflows only): the step of iteration `i` and the
+/// judge-pair share. The template is read and checked for every workflow, as before.
+fn meta_part(c: &Config, judge: &Judge) -> Result<Option<(MetaJudge, f64)>, WorkflowError> {
     let meta_cfg = c.meta.clone().unwrap_or_default();
     let meta_template = match &meta_cfg.template {
         Some(path) => std::fs::read_to_string(path).map_err(|e| crate::ConfigError::Invalid {
@@ -161,8 +173,41 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
         key: "meta.template".into(),
         reason,
     })?;
+    Ok(c.workflow.is_meta().then(|| {
+        (
+            MetaJudge {
+                iteration: 0,
+                max_responses: meta_cfg.max_responses,
+                response_share: meta_cfg.response_share,
+                max_per_prompt: meta_cfg.max_per_prompt,
+                max_new_tokens: meta_cfg.max_new_tokens,
+                temperature: meta_cfg.temperature,
+                top_p: meta_cfg.top_p,
+                batch_size: meta_cfg.batch_size,
+                template: meta_template,
+                judge_template: judge.template.clone(),
+            },
+            meta_cfg.judge_pair_share,
+        )
+    }))
+}
+
+pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
+    let m = c.model.as_ref().expect("validated: [model] present");
+    let p = c.prompts.as_ref().expect("validated: [prompts] present");
+    let mut b = DagBuilder::new();
+    let m0 = import_initial(&mut b, m)?;
+    b.add(
+        "prompts",
+        Arc::new(LoadPrompts { limit: p.limit }),
+        vec![("file", InputSource::External(p.file.clone()))],
+        None,
+    );
+    let (gen, judge) = generation_part(c)?;
+    let (reference, dpo) = dpo_part(c);
+    let meta = meta_part(c, &judge)?;
     // A fixed judge model, when configured; otherwise Mi judges itself.
-    let fixed_judge = match &j.model {
+    let fixed_judge = match &c.judge.model {
         Some(spec) => Some(import_model(
             &mut b,
             "import-judge",
@@ -179,232 +224,284 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
     let eval_future = c.eval.as_ref().is_some_and(|e| e.future);
     let mut prev: Option<ModelRef> = None; // M_{i-1}, for anchor = "previous"
     let mut mi = m0.clone();
-    let workflow = c.workflow.as_str();
     for i in 1..=c.iterations {
-        let it = Some(i);
-        let n = |s: &str| format!("iter{i}/{s}");
-        let anchor_model = match (c.anchor.as_str(), &prev) {
-            ("previous", Some(p)) => p.clone(),
+        let anchor = match (c.anchor, &prev) {
+            (Anchor::Previous, Some(p)) => p.clone(),
             _ => m0.clone(),
         };
-        // Generation by Mi and judging by Mi.
-        let gen_in = |model: &ModelRef| {
-            let mut v = vec![(
-                "prompts".to_string(),
-                InputSource::node("prompts", "prompts"),
-            )];
-            v.extend(model.inputs("model"));
-            v
+        let judge_model = fixed_judge.clone().unwrap_or_else(|| mi.clone());
+        let it = Iteration {
+            c,
+            i,
+            parts: Parts {
+                gen: gen.clone(),
+                judge: judge.clone(),
+                reference: reference.clone(),
+                dpo: dpo.clone(),
+                meta: meta.as_ref().map(|(step, share)| {
+                    (
+                        Arc::new(MetaJudge {
+                            iteration: i,
+                            ..step.clone()
+                        }),
+                        *share,
+                    )
+                }),
+            },
+            m0: &m0,
+            mi: &mi,
+            judge_model: &judge_model,
         };
-        let judge_in = |gen_node: &str| {
-            let mut v = vec![
-                (
-                    "prompts".to_string(),
-                    InputSource::node("prompts", "prompts"),
-                ),
-                (
-                    "responses".to_string(),
-                    InputSource::node(gen_node, "responses"),
-                ),
-            ];
-            v.extend(fixed_judge.as_ref().unwrap_or(&mi).inputs("model"));
-            v
-        };
-        add(&mut b, n("gen-current"), gen.clone(), gen_in(&mi), it);
-        add(
-            &mut b,
-            n("judge-current"),
-            judge.clone(),
-            judge_in(&n("gen-current")),
-            it,
-        );
-        let set = |prefix: &str, gen_node: String, judge_node: String, model: &ModelRef| {
-            vec![
-                (
-                    format!("{prefix}_responses"),
-                    InputSource::node(&gen_node, "responses"),
-                ),
-                (
-                    format!("{prefix}_judgements"),
-                    InputSource::node(&judge_node, "judgements"),
-                ),
-                (format!("{prefix}_model"), model.weights()),
-            ]
-        };
-        let base_select_in = || {
-            let mut v = vec![(
-                "prompts".to_string(),
-                InputSource::node("prompts", "prompts"),
-            )];
-            v.extend(set("current", n("gen-current"), n("judge-current"), &mi));
-            v.push((
-                "judge.weights".to_string(),
-                fixed_judge.as_ref().unwrap_or(&mi).weights(),
-            ));
-            v
-        };
-        let select = |rule: Rule, phase: &str, mix: bool| {
-            Arc::new(Select {
-                rule,
-                length_band: j.band_for(i),
-                iteration: i,
-                phase: phase.to_string(),
-                judge_mode: format!("{:?}", j.mode).to_lowercase(),
-                judge_template_digest: judge.template_digest(),
-                judge_pair_share: mix.then_some(meta_cfg.judge_pair_share),
-            })
-        };
-        let meta = matches!(workflow, "meta-rewarding" | "temporal-meta");
-        if meta {
-            // Mi meta-judges its own judgements of its own responses.
-            let mut meta_in = vec![
-                (
-                    "prompts".to_string(),
-                    InputSource::node("prompts", "prompts"),
-                ),
-                (
-                    "responses".to_string(),
-                    InputSource::node(&n("gen-current"), "responses"),
-                ),
-                (
-                    "judgements".to_string(),
-                    InputSource::node(&n("judge-current"), "judgements"),
-                ),
-                ("generator.weights".to_string(), mi.weights()),
-                ("judge.weights".to_string(), mi.weights()),
-            ];
-            meta_in.extend(mi.inputs("model"));
-            let step = Arc::new(MetaJudge {
-                iteration: i,
-                max_responses: meta_cfg.max_responses,
-                response_share: meta_cfg.response_share,
-                max_per_prompt: meta_cfg.max_per_prompt,
-                max_new_tokens: meta_cfg.max_new_tokens,
-                temperature: meta_cfg.temperature,
-                top_p: meta_cfg.top_p,
-                batch_size: meta_cfg.batch_size,
-                template: meta_template.clone(),
-                judge_template: judge.template.clone(),
-            });
-            add(&mut b, n("meta-judge"), step, meta_in, it);
+        let (next, mf) = it.add(&mut b, &anchor);
+        let due = eval_every > 0 && (i % eval_every == 0 || i == c.iterations);
+        if let (Some(mf), true, true) = (mf, eval_future, due) {
+            evaluated.push((it.n("eval-future"), Some(i), mf));
         }
-        let judge_pairs_in = || {
-            (
-                "judge_pairs".to_string(),
-                InputSource::node(&n("meta-judge"), "pairs"),
-            )
-        };
-        let train = |b: &mut DagBuilder, tag: &str, select_node: String| {
-            let mut ref_in = vec![(
-                "pairs".to_string(),
-                InputSource::node(&select_node, "pairs"),
-            )];
-            let ref_model = if d.reference == "initial" { &m0 } else { &mi };
-            ref_in.extend(ref_model.inputs("model"));
-            add(b, n(&format!("ref-{tag}")), reference.clone(), ref_in, it);
-            let mut dpo_in = vec![
-                (
-                    "pairs".to_string(),
-                    InputSource::node(&select_node, "pairs"),
-                ),
-                (
-                    "ref_logps".to_string(),
-                    InputSource::node(&n(&format!("ref-{tag}")), "logps"),
-                ),
-            ];
-            dpo_in.extend(mi.inputs("model"));
-            add(b, n(&format!("dpo-{tag}")), dpo.clone(), dpo_in, it);
-            ModelRef {
-                base: mi.base.clone(),
-                node: n(&format!("dpo-{tag}")),
-                adapter: d.adapter == "lora",
-            }
-        };
-        let uses_anchor = matches!(workflow, "temporal" | "past-only" | "temporal-meta");
-        let uses_future = matches!(workflow, "temporal" | "future-only" | "temporal-meta");
-        if uses_anchor {
-            // The anchor's samples: generate(M0) has the same key every iteration, so it runs once.
-            add(
-                &mut b,
-                n("gen-anchor"),
-                gen.clone(),
-                gen_in(&anchor_model),
-                it,
-            );
-            add(
-                &mut b,
-                n("judge-anchor"),
-                judge.clone(),
-                judge_in(&n("gen-anchor")),
-                it,
-            );
+        if due {
+            evaluated.push((it.n("eval"), Some(i), next.clone()));
         }
-        let phase1_rule = if uses_anchor {
-            Rule::Anchored
+        prev = Some(mi.clone());
+        mi = next;
+    }
+    if eval_every > 0 {
+        add_eval(&mut b, c, &m0, &evaluated)?;
+    }
+    Ok(b.build()?)
+}
+
+/// One iteration's nodes, `iter<i>/...`: generation and judging, meta-judging, selection,
+/// DPO, metrics.
+struct Iteration<'a> {
+    c: &'a Config,
+    i: u32,
+    parts: Parts,
+    m0: &'a ModelRef,
+    /// The model being trained, Mi.
+    mi: &'a ModelRef,
+    /// The model that judges: Mi, or the fixed judge.
+    judge_model: &'a ModelRef,
+}
+
+impl Iteration<'_> {
+    fn n(&self, s: &str) -> String {
+        format!("iter{}/{s}", self.i)
+    }
+
+    fn prompts(&self) -> (String, InputSource) {
+        (
+            "prompts".to_string(),
+            InputSource::node("prompts", "prompts"),
+        )
+    }
+
+    /// Adds the nodes and returns Mi+1 and, where the workflow trains it, Mf.
+    fn add(&self, b: &mut DagBuilder, anchor: &ModelRef) -> (ModelRef, Option<ModelRef>) {
+        let w = self.c.workflow;
+        self.generate_and_judge(b, "current", self.mi);
+        if let Some((step, _)) = &self.parts.meta {
+            self.meta_judge(b, step.clone());
+        }
+        if w.uses_anchor() {
+            // generate(M0) has the same key every iteration, so it runs once.
+            self.generate_and_judge(b, "anchor", anchor);
+        }
+        let (phase1_rule, phase1) = if w.uses_anchor() {
+            (Rule::Anchored, "anchored")
         } else {
-            Rule::Standard
+            (Rule::Standard, "standard")
         };
-        let mut s1_in = base_select_in();
-        if uses_anchor {
-            s1_in.extend(set(
-                "anchor",
-                n("gen-anchor"),
-                n("judge-anchor"),
-                &anchor_model,
-            ));
+        let mut s1_in = self.select_in();
+        if w.uses_anchor() {
+            s1_in.extend(self.set("anchor", anchor));
         }
-        let phase1 = if uses_anchor { "anchored" } else { "standard" };
         // Judge pairs go to the phase whose pairs train Mi+1.
-        let mix1 = meta && !uses_future;
+        let mix1 = w.is_meta() && !w.uses_future();
         if mix1 {
-            s1_in.push(judge_pairs_in());
+            s1_in.push(self.judge_pairs());
         }
         add(
-            &mut b,
-            n("select-1"),
-            select(phase1_rule, phase1, mix1),
+            b,
+            self.n("select-1"),
+            self.select(phase1_rule, phase1, mix1),
             s1_in,
-            it,
+            Some(self.i),
         );
         let mut phases: Vec<(String, String, String)> =
-            vec![(phase1.to_string(), n("select-1"), String::new())];
-        let next = if uses_future {
-            let mf = train(&mut b, "future", n("select-1"));
-            if eval_future && eval_every > 0 && (i % eval_every == 0 || i == c.iterations) {
-                evaluated.push((n("eval-future"), it, mf.clone()));
-            }
-            phases[0].2 = n("dpo-future");
-            add(&mut b, n("gen-future"), gen.clone(), gen_in(&mf), it);
-            add(
-                &mut b,
-                n("judge-future"),
-                judge.clone(),
-                judge_in(&n("gen-future")),
-                it,
-            );
-            let mut s2_in = base_select_in();
-            s2_in.extend(set("future", n("gen-future"), n("judge-future"), &mf));
+            vec![(phase1.to_string(), self.n("select-1"), String::new())];
+        let (next, mf) = if w.uses_future() {
+            let mf = self.train(b, "future", self.n("select-1"));
+            phases[0].2 = self.n("dpo-future");
+            self.generate_and_judge(b, "future", &mf);
+            let mut s2_in = self.select_in();
+            s2_in.extend(self.set("future", &mf));
             s2_in.push((
                 "phase1_pairs".to_string(),
-                InputSource::node(&n("select-1"), "pairs"),
+                InputSource::node(&self.n("select-1"), "pairs"),
             ));
-            if meta {
-                s2_in.push(judge_pairs_in());
+            if w.is_meta() {
+                s2_in.push(self.judge_pairs());
             }
             add(
-                &mut b,
-                n("select-2"),
-                select(Rule::FutureGuided, "future-guided", meta),
+                b,
+                self.n("select-2"),
+                self.select(Rule::FutureGuided, "future-guided", w.is_meta()),
                 s2_in,
-                it,
+                Some(self.i),
             );
-            phases.push(("future-guided".to_string(), n("select-2"), n("dpo-next")));
-            train(&mut b, "next", n("select-2"))
+            phases.push((
+                "future-guided".to_string(),
+                self.n("select-2"),
+                self.n("dpo-next"),
+            ));
+            (self.train(b, "next", self.n("select-2")), Some(mf))
         } else {
-            phases[0].2 = n("dpo-next");
-            train(&mut b, "next", n("select-1"))
+            phases[0].2 = self.n("dpo-next");
+            (self.train(b, "next", self.n("select-1")), None)
         };
-        let mut metrics_in = mi.inputs("model");
+        self.metrics(b, &phases, &next);
+        (next, mf)
+    }
+
+    /// `gen-<tag>`: `model` writes K responses per prompt; `judge-<tag>`: the judge scores them.
+    fn generate_and_judge(&self, b: &mut DagBuilder, tag: &str, model: &ModelRef) {
+        let gen_node = self.n(&format!("gen-{tag}"));
+        let mut gen_in = vec![self.prompts()];
+        gen_in.extend(model.inputs("model"));
+        add(
+            b,
+            gen_node.clone(),
+            self.parts.gen.clone(),
+            gen_in,
+            Some(self.i),
+        );
+        let mut judge_in = vec![
+            self.prompts(),
+            (
+                "responses".to_string(),
+                InputSource::node(&gen_node, "responses"),
+            ),
+        ];
+        judge_in.extend(self.judge_model.inputs("model"));
+        add(
+            b,
+            self.n(&format!("judge-{tag}")),
+            self.parts.judge.clone(),
+            judge_in,
+            Some(self.i),
+        );
+    }
+
+    /// Mi meta-judges its own judgements of its own responses.
+    fn meta_judge(&self, b: &mut DagBuilder, step: Arc<MetaJudge>) {
+        let mut meta_in = vec![
+            self.prompts(),
+            (
+                "responses".to_string(),
+                InputSource::node(&self.n("gen-current"), "responses"),
+            ),
+            (
+                "judgements".to_string(),
+                InputSource::node(&self.n("judge-current"), "judgements"),
+            ),
+            ("generator.weights".to_string(), self.mi.weights()),
+            ("judge.weights".to_string(), self.mi.weights()),
+        ];
+        meta_in.extend(self.mi.inputs("model"));
+        add(b, self.n("meta-judge"), step, meta_in, Some(self.i));
+    }
+
+    /// A select input set: `<prefix>_responses`, `<prefix>_judgements`, `<prefix>_model`.
+    fn set(&self, prefix: &str, model: &ModelRef) -> Vec<(String, InputSource)> {
+        vec![
+            (
+                format!("{prefix}_responses"),
+                InputSource::node(&self.n(&format!("gen-{prefix}")), "responses"),
+            ),
+            (
+                format!("{prefix}_judgements"),
+                InputSource::node(&self.n(&format!("judge-{prefix}")), "judgements"),
+            ),
+            (format!("{prefix}_model"), model.weights()),
+        ]
+    }
+
+    /// The inputs every select step has: the prompts, Mi's set and the judge's weights.
+    fn select_in(&self) -> Vec<(String, InputSource)> {
+        let mut v = vec![self.prompts()];
+        v.extend(self.set("current", self.mi));
+        v.push(("judge.weights".to_string(), self.judge_model.weights()));
+        v
+    }
+
+    fn judge_pairs(&self) -> (String, InputSource) {
+        (
+            "judge_pairs".to_string(),
+            InputSource::node(&self.n("meta-judge"), "pairs"),
+        )
+    }
+
+    fn select(&self, rule: Rule, phase: &str, mix: bool) -> Arc<Select> {
+        let j = &self.c.judge;
+        Arc::new(Select {
+            rule,
+            length_band: j.band_for(self.i),
+            iteration: self.i,
+            phase: phase.to_string(),
+            judge_mode: format!("{:?}", j.mode).to_lowercase(),
+            judge_template_digest: self.parts.judge.template_digest(),
+            judge_pair_share: mix
+                .then(|| self.parts.meta.as_ref().map(|(_, share)| *share))
+                .flatten(),
+        })
+    }
+
+    /// `ref-<tag>` and `dpo-<tag>`: DPO of Mi on the pairs of `select_node`; returns the model.
+    fn train(&self, b: &mut DagBuilder, tag: &str, select_node: String) -> ModelRef {
+        let d = &self.c.dpo;
+        let pairs = (
+            "pairs".to_string(),
+            InputSource::node(&select_node, "pairs"),
+        );
+        let mut ref_in = vec![pairs.clone()];
+        let ref_model = match d.reference {
+            Reference::Initial => self.m0,
+            Reference::Current => self.mi,
+        };
+        ref_in.extend(ref_model.inputs("model"));
+        let ref_node = self.n(&format!("ref-{tag}"));
+        add(
+            b,
+            ref_node.clone(),
+            self.parts.reference.clone(),
+            ref_in,
+            Some(self.i),
+        );
+        let mut dpo_in = vec![
+            pairs,
+            (
+                "ref_logps".to_string(),
+                InputSource::node(&ref_node, "logps"),
+            ),
+        ];
+        dpo_in.extend(self.mi.inputs("model"));
+        let dpo_node = self.n(&format!("dpo-{tag}"));
+        add(
+            b,
+            dpo_node.clone(),
+            self.parts.dpo.clone(),
+            dpo_in,
+            Some(self.i),
+        );
+        ModelRef {
+            base: self.mi.base.clone(),
+            node: dpo_node,
+            adapter: d.adapter == Adapter::Lora,
+        }
+    }
+
+    /// `metrics`: each phase's (name, select node, DPO node), and the model made.
+    fn metrics(&self, b: &mut DagBuilder, phases: &[(String, String, String)], next: &ModelRef) {
+        let mut metrics_in = self.mi.inputs("model");
         metrics_in.push(("produced".to_string(), next.weights()));
         for (k, (_, select_node, dpo_node)) in phases.iter().enumerate() {
             metrics_in.push((
@@ -420,41 +517,24 @@ pub fn build(c: &Config) -> Result<tsr_engine::Dag, WorkflowError> {
                 InputSource::node(dpo_node, "metrics"),
             ));
         }
-        if meta {
-            metrics_in.push((
-                "meta_judgements".to_string(),
-                InputSource::node(&n("judge-current"), "judgements"),
-            ));
-            metrics_in.push((
-                "meta_responses".to_string(),
-                InputSource::node(&n("gen-current"), "responses"),
-            ));
-            metrics_in.push((
-                "meta_summary".to_string(),
-                InputSource::node(&n("meta-judge"), "summary"),
-            ));
-            metrics_in.push((
-                "meta_comparisons".to_string(),
-                InputSource::node(&n("meta-judge"), "comparisons"),
-            ));
+        if self.parts.meta.is_some() {
+            for (name, node, output) in [
+                ("meta_judgements", "judge-current", "judgements"),
+                ("meta_responses", "gen-current", "responses"),
+                ("meta_summary", "meta-judge", "summary"),
+                ("meta_comparisons", "meta-judge", "comparisons"),
+            ] {
+                metrics_in.push((name.to_string(), InputSource::node(&self.n(node), output)));
+            }
         }
         let metrics = Arc::new(Metrics {
-            workflow: workflow.to_string(),
-            iteration: i,
+            workflow: self.c.workflow.to_string(),
+            iteration: self.i,
             phases: phases.iter().map(|p| p.0.clone()).collect(),
-            batch_size: j.batch_size,
+            batch_size: self.c.judge.batch_size,
         });
-        add(&mut b, n("metrics"), metrics, metrics_in, it);
-        if eval_every > 0 && (i % eval_every == 0 || i == c.iterations) {
-            evaluated.push((n("eval"), it, next.clone()));
-        }
-        prev = Some(mi.clone());
-        mi = next;
+        add(b, self.n("metrics"), metrics, metrics_in, Some(self.i));
     }
-    if eval_every > 0 {
-        add_eval(&mut b, c, &m0, &evaluated)?;
-    }
-    Ok(b.build()?)
 }
 
 /// The `eval` workflow (`tsr eval`): the model of `[model]` against the baseline of `[eval]`.
@@ -476,7 +556,7 @@ fn import_initial(
     b: &mut DagBuilder,
     m: &crate::config::ModelSection,
 ) -> Result<ModelRef, WorkflowError> {
-    let dtype = m.dtype.clone().filter(|d| d != "f32");
+    let dtype = m.dtype.filter(|d| d.is_half()).map(|d| d.to_string());
     import_model_at(
         b,
         "import",

@@ -178,7 +178,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
         &j.template,
         tsr_steps::rules::verdict::DEFAULT_RUBRIC,
     )?);
-    let lora = (d.adapter == "lora").then(|| {
+    let lora = (d.adapter == crate::Adapter::Lora).then(|| {
         let l = d.lora.clone().unwrap_or_default();
         LoraShape {
             r: l.r as u64,
@@ -374,13 +374,13 @@ fn alternatives(
 ) -> Result<Vec<(String, u64)>, WorkflowError> {
     let mut out = Vec::new();
     let mut tries: Vec<(String, Config)> = Vec::new();
-    let lora_on = c.dpo.adapter == "lora";
+    let lora_on = c.dpo.adapter == crate::Adapter::Lora;
     if !lora_on {
         let mut x = c.clone();
-        x.dpo.adapter = "lora".into();
+        x.dpo.adapter = crate::Adapter::Lora;
         tries.push(("[dpo] adapter = \"lora\"".into(), x.clone()));
         if let Some(m) = x.model.as_mut() {
-            m.dtype = Some("bf16".into());
+            m.dtype = Some(crate::Dtype::Bf16);
         }
         tries.push((
             "[dpo] adapter = \"lora\" with [model] dtype = \"bf16\"".into(),
@@ -389,7 +389,7 @@ fn alternatives(
     } else if c.model.as_ref().is_some_and(|m| m.weight_bytes() == 4) {
         let mut x = c.clone();
         if let Some(m) = x.model.as_mut() {
-            m.dtype = Some("bf16".into());
+            m.dtype = Some(crate::Dtype::Bf16);
         }
         tries.push(("[model] dtype = \"bf16\"".into(), x));
     }
