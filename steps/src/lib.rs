@@ -7,6 +7,7 @@
 //! - [`lm`]: a model as step inputs; [`prompts`]: the prompts reader; [`trl`]: pairs in TRL's
 //!   formats; [`memory`]: peak-memory estimates per step kind.
 
+pub mod items;
 pub mod kinds;
 pub mod lm;
 pub mod memory;

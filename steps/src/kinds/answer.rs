@@ -2,7 +2,8 @@
 //! seeded sampling), with the model's digest as its generator. Seeds derive from the step key and
 //! the prompt id, so a resumed step equals an uninterrupted one.
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::EvalOutput;
 use serde::Serialize;
@@ -35,70 +36,92 @@ impl Step for Answer {
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
         let generator = lm::model_digest(inputs, "model")?;
-        let total = prompts.len() as u64;
-        let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
-        };
-        ctx.progress().set_message("answering evaluation prompts");
-        let greedy = self.temperature <= 0.0;
-        ctx.for_each_batch(total, self.batch_size, |idx| {
-            let model = model.as_ref().expect("model loaded when work remains");
-            let tok = model.tokenizer();
-            let mut reqs = Vec::with_capacity(idx.len());
-            let mut seeds = Vec::with_capacity(idx.len());
-            for &i in idx {
-                let p = &prompts[i as usize];
-                let seed = ctx.derive_seed(&format!("answer/{}", p.id), 0);
-                reqs.push(GenRequest {
-                    prompt_ids: tok
-                        .encode_prompt(&p.prompt)
-                        .map_err(model_err("encoding a prompt"))?,
-                    max_new_tokens: self.max_new_tokens,
-                    sampling: if greedy {
-                        Sampling::Greedy
-                    } else {
-                        Sampling::Sample {
-                            temperature: self.temperature,
-                            top_p: Some(self.top_p),
-                            top_k: None,
-                        }
-                    },
-                    seed,
-                });
-                seeds.push((p.id.clone(), (!greedy).then_some(seed)));
-            }
-            let outs = model
-                .generate(&reqs, self.batch_size)
-                .map_err(model_err("answering"))?;
-            Ok(outs
-                .into_iter()
-                .zip(seeds)
-                .map(|(o, (prompt_id, seed))| {
-                    let row = EvalOutput {
-                        prompt_id,
-                        tokens: Some(o.token_ids.len()),
-                        output: o.text,
-                        generator: generator.clone(),
-                        finish: Some(
-                            match o.finished {
-                                tsr_model::FinishReason::EndOfTurn => "eot",
-                                tsr_model::FinishReason::MaxTokens => "length",
-                            }
-                            .into(),
-                        ),
-                        seed,
-                    };
-                    serde_json::to_vec(&row).expect("output serializes")
-                })
-                .collect())
-        })?;
-        let mut rows: Vec<EvalOutput> = Vec::with_capacity(total as usize);
-        for (i, b) in ctx.items().all()? {
-            rows.push(decode_item(&b, "answer", i)?);
-        }
+        let rows = items::run(
+            &Answers {
+                step: self,
+                prompts,
+                generator,
+            },
+            inputs,
+            ctx,
+        )?;
         Ok(StepOutputs::new().bytes("outputs", "eval-outputs-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Item `i`: the answer to prompt `i`.
+struct Answers<'a> {
+    step: &'a Answer,
+    prompts: Vec<Prompt>,
+    /// The model's digest.
+    generator: String,
+}
+
+impl items::Batches for Answers<'_> {
+    type Item = EvalOutput;
+    const NAME: &'static str = "answer";
+    fn count(&self) -> u64 {
+        self.prompts.len() as u64
+    }
+    fn batch_size(&self) -> usize {
+        self.step.batch_size
+    }
+    fn message(&self) -> String {
+        "answering evaluation prompts".into()
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<EvalOutput>, StepError> {
+        let model = model.get();
+        let st = self.step;
+        let greedy = st.temperature <= 0.0;
+        let tok = model.tokenizer();
+        let mut reqs = Vec::with_capacity(idx.len());
+        let mut seeds = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let p = &self.prompts[i as usize];
+            let seed = ctx.derive_seed(&format!("answer/{}", p.id), 0);
+            reqs.push(GenRequest {
+                prompt_ids: tok
+                    .encode_prompt(&p.prompt)
+                    .map_err(model_err("encoding a prompt"))?,
+                max_new_tokens: st.max_new_tokens,
+                sampling: if greedy {
+                    Sampling::Greedy
+                } else {
+                    Sampling::Sample {
+                        temperature: st.temperature,
+                        top_p: Some(st.top_p),
+                        top_k: None,
+                    }
+                },
+                seed,
+            });
+            seeds.push((p.id.clone(), (!greedy).then_some(seed)));
+        }
+        let outs = model
+            .generate(&reqs, st.batch_size)
+            .map_err(model_err("answering"))?;
+        Ok(outs
+            .into_iter()
+            .zip(seeds)
+            .map(|(o, (prompt_id, seed))| EvalOutput {
+                prompt_id,
+                tokens: Some(o.token_ids.len()),
+                output: o.text,
+                generator: self.generator.clone(),
+                finish: Some(
+                    match o.finished {
+                        tsr_model::FinishReason::EndOfTurn => "eot",
+                        tsr_model::FinishReason::MaxTokens => "length",
+                    }
+                    .into(),
+                ),
+                seed,
+            })
+            .collect())
     }
 }

@@ -14,7 +14,8 @@
 //! Items are prompts (both orders in one item); seeds derive from the step key, the prompt id
 //! and the order, so a resumed step equals an uninterrupted one.
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::Annotation;
 use crate::records::EvalOutput;
@@ -96,192 +97,21 @@ impl Step for PairwiseJudge {
         let judge_model = lm::model_digest(inputs, "model")?;
         let template_digest = self.template_digest();
         let mode = self.mode_name();
-        let total = prompts.len() as u64;
-        let done = ctx.items().indices()?.len() as u64;
-        let needs_judge = prompts
-            .iter()
-            .any(|p| baseline[&p.id].output != candidate[&p.id].output);
-        let model = if done < total && needs_judge {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
+        let work = Annotations {
+            step: self,
+            prompts,
+            baseline,
+            candidate,
+            judge_model,
+            mode,
+            template_digest,
         };
-        ctx.progress().set_message(format!("evaluating ({mode})"));
-        let per_batch = match self.mode {
-            crate::kinds::judge::JudgeMode::Text => (self.batch_size / 2).max(1),
-            crate::kinds::judge::JudgeMode::Logprob => self.batch_size.max(1),
-        };
-        ctx.for_each_batch(total, per_batch, |idx| {
-            // (item position, order, judge prompt ids)
-            let mut asks: Vec<(usize, Order, Vec<u32>)> = Vec::new();
-            for (n, &i) in idx.iter().enumerate() {
-                let p = &prompts[i as usize];
-                let (b, c) = (&baseline[&p.id], &candidate[&p.id]);
-                if b.output == c.output {
-                    continue;
-                }
-                let model = model.as_ref().expect("judge loaded when outputs differ");
-                for order in [Order::BaselineFirst, Order::ModelFirst] {
-                    let (a, bb) = match order {
-                        Order::BaselineFirst => (&b.output, &c.output),
-                        Order::ModelFirst => (&c.output, &b.output),
-                    };
-                    let text = render_placeholders(
-                        &self.template,
-                        &[("{instruction}", &p.prompt), ("{output_a}", a), ("{output_b}", bb)],
-                    );
-                    let ids = model
-                        .tokenizer()
-                        .encode_prompt(&text)
-                        .map_err(model_err("encoding an evaluation judge prompt"))?;
-                    asks.push((n, order, ids));
-                }
-            }
-            let mut verdicts: Vec<Vec<OrderVerdict>> = vec![Vec::new(); idx.len()];
-            let side = |order: Order, letter: MetaVerdict| match (order, letter) {
-                (Order::BaselineFirst, MetaVerdict::A) | (Order::ModelFirst, MetaVerdict::B) => {
-                    Prefers::Baseline
-                }
-                _ => Prefers::Model,
-            };
-            if !asks.is_empty() {
-                let model = model.as_ref().expect("judge loaded when outputs differ");
-                match self.mode {
-                    crate::kinds::judge::JudgeMode::Text => {
-                        let reqs: Vec<GenRequest> = asks
-                            .iter()
-                            .map(|(n, order, ids)| GenRequest {
-                                prompt_ids: ids.clone(),
-                                max_new_tokens: self.max_new_tokens,
-                                sampling: if self.temperature <= 0.0 {
-                                    Sampling::Greedy
-                                } else {
-                                    Sampling::Sample {
-                                        temperature: self.temperature,
-                                        top_p: Some(self.top_p),
-                                        top_k: None,
-                                    }
-                                },
-                                seed: ctx.derive_seed(
-                                    &format!("eval-judge/{}", prompts[idx[*n] as usize].id),
-                                    *order as u64,
-                                ),
-                            })
-                            .collect();
-                        let outs = model
-                            .generate(&reqs, self.batch_size)
-                            .map_err(model_err("judging evaluation outputs"))?;
-                        for ((n, order, _), o) in asks.iter().zip(outs) {
-                            let prefers = match parse_better(&o.text) {
-                                MetaVerdict::Unparsed(why) => Prefers::Unparsed(why),
-                                letter => side(*order, letter),
-                            };
-                            verdicts[*n].push(OrderVerdict {
-                                order: *order,
-                                text: Some(o.text),
-                                prob_a: None,
-                                prob_b: None,
-                                prefers,
-                            });
-                        }
-                    }
-                    crate::kinds::judge::JudgeMode::Logprob => {
-                        let tok = model.tokenizer();
-                        let opening = tok
-                            .encode(VERDICT_OPENING)
-                            .map_err(model_err("encoding the verdict opening"))?;
-                        let letters: Vec<u32> = ["A", "B"]
-                            .iter()
-                            .map(|l| {
-                                let ids = tok.encode(l).map_err(model_err("encoding a verdict letter"))?;
-                                match ids.as_slice() {
-                                    [one] => Ok(*one),
-                                    _ => Err(StepError::Invalid(format!(
-                                        "the judge's tokenizer splits `{l}` into {} tokens; use evaluation judge mode `text`",
-                                        ids.len()
-                                    ))),
-                                }
-                            })
-                            .collect::<Result<_, _>>()?;
-                        let seqs: Vec<Vec<u32>> = asks
-                            .iter()
-                            .map(|(_, _, ids)| {
-                                let mut s = ids.clone();
-                                s.extend_from_slice(&opening);
-                                s
-                            })
-                            .collect();
-                        let lps = model
-                            .next_token_logprobs(&seqs, &letters, self.batch_size)
-                            .map_err(model_err("scoring the verdict letters"))?;
-                        for ((n, order, _), lp) in asks.iter().zip(lps) {
-                            let (la, lb) = (lp[0] as f64, lp[1] as f64);
-                            let m = la.max(lb);
-                            let (wa, wb) = ((la - m).exp(), (lb - m).exp());
-                            let (pa, pb) = (wa / (wa + wb), wb / (wa + wb));
-                            let prefers = if !(pa.is_finite() && pb.is_finite()) {
-                                Prefers::Unparsed("non-finite verdict-token probabilities".into())
-                            } else if pa > pb {
-                                side(*order, MetaVerdict::A)
-                            } else if pb > pa {
-                                side(*order, MetaVerdict::B)
-                            } else {
-                                Prefers::Tie
-                            };
-                            verdicts[*n].push(OrderVerdict {
-                                order: *order,
-                                text: None,
-                                prob_a: Some(pa),
-                                prob_b: Some(pb),
-                                prefers,
-                            });
-                        }
-                    }
-                }
-            }
-            Ok(idx
-                .iter()
-                .zip(verdicts)
-                .map(|(&i, verdicts)| {
-                    let p = &prompts[i as usize];
-                    let (b, c) = (&baseline[&p.id], &candidate[&p.id]);
-                    let (preference, decision) = if verdicts.is_empty() {
-                        (Some(1.5), "tie: the two outputs are identical (not judged)".to_string())
-                    } else {
-                        combine(&verdicts)
-                    };
-                    let answer = p.answer.clone();
-                    let correct = answer
-                        .as_deref()
-                        .and_then(|a| eval_metrics::exact_match(&c.output, a));
-                    let baseline_correct = answer
-                        .as_deref()
-                        .and_then(|a| eval_metrics::exact_match(&b.output, a));
-                    let row = Annotation {
-                        prompt_id: p.id.clone(),
-                        instruction: p.prompt.clone(),
-                        output_1: b.output.clone(),
-                        output_2: c.output.clone(),
-                        generator_1: b.generator.clone(),
-                        generator_2: c.generator.clone(),
-                        preference,
-                        decision,
-                        verdicts,
-                        judge_model: judge_model.clone(),
-                        mode: mode.to_string(),
-                        template_digest: template_digest.clone(),
-                        answer,
-                        correct,
-                        baseline_correct,
-                    };
-                    serde_json::to_vec(&row).expect("annotation serializes")
-                })
-                .collect())
-        })?;
-        let mut rows: Vec<Annotation> = Vec::with_capacity(total as usize);
-        for (i, b) in ctx.items().all()? {
-            rows.push(decode_item(&b, "eval-judge", i)?);
-        }
+        let rows = items::run(&work, inputs, ctx)?;
+        let Annotations {
+            judge_model,
+            template_digest,
+            ..
+        } = work;
         let summary = summarize(
             &rows,
             &judge_model,
@@ -293,5 +123,219 @@ impl Step for PairwiseJudge {
         Ok(StepOutputs::new()
             .bytes("annotations", "eval-annotations-jsonl", lm::to_jsonl(&rows))
             .json("summary", &summary))
+    }
+}
+
+/// Item `i`: the annotation of prompt `i` (both orders judged, unless the outputs are
+/// identical).
+struct Annotations<'a> {
+    step: &'a PairwiseJudge,
+    prompts: Vec<Prompt>,
+    baseline: BTreeMap<String, EvalOutput>,
+    candidate: BTreeMap<String, EvalOutput>,
+    judge_model: String,
+    mode: &'static str,
+    template_digest: String,
+}
+
+impl items::Batches for Annotations<'_> {
+    type Item = Annotation;
+    const NAME: &'static str = "eval-judge";
+    fn count(&self) -> u64 {
+        self.prompts.len() as u64
+    }
+    /// Prompts per batch: text mode asks twice per prompt (both orders).
+    fn batch_size(&self) -> usize {
+        match self.step.mode {
+            crate::kinds::judge::JudgeMode::Text => (self.step.batch_size / 2).max(1),
+            crate::kinds::judge::JudgeMode::Logprob => self.step.batch_size.max(1),
+        }
+    }
+    fn message(&self) -> String {
+        format!("evaluating ({})", self.mode)
+    }
+    fn needs_model(&self) -> bool {
+        self.prompts
+            .iter()
+            .any(|p| self.baseline[&p.id].output != self.candidate[&p.id].output)
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<Annotation>, StepError> {
+        let st = self.step;
+        // (item position, order, judge prompt ids)
+        let mut asks: Vec<(usize, Order, Vec<u32>)> = Vec::new();
+        for (n, &i) in idx.iter().enumerate() {
+            let p = &self.prompts[i as usize];
+            let (b, c) = (&self.baseline[&p.id], &self.candidate[&p.id]);
+            if b.output == c.output {
+                continue;
+            }
+            let model = model.get();
+            for order in [Order::BaselineFirst, Order::ModelFirst] {
+                let (a, bb) = match order {
+                    Order::BaselineFirst => (&b.output, &c.output),
+                    Order::ModelFirst => (&c.output, &b.output),
+                };
+                let text = render_placeholders(
+                    &st.template,
+                    &[
+                        ("{instruction}", &p.prompt),
+                        ("{output_a}", a),
+                        ("{output_b}", bb),
+                    ],
+                );
+                let ids = model
+                    .tokenizer()
+                    .encode_prompt(&text)
+                    .map_err(model_err("encoding an evaluation judge prompt"))?;
+                asks.push((n, order, ids));
+            }
+        }
+        let mut verdicts: Vec<Vec<OrderVerdict>> = vec![Vec::new(); idx.len()];
+        let side = |order: Order, letter: MetaVerdict| match (order, letter) {
+            (Order::BaselineFirst, MetaVerdict::A) | (Order::ModelFirst, MetaVerdict::B) => {
+                Prefers::Baseline
+            }
+            _ => Prefers::Model,
+        };
+        if !asks.is_empty() {
+            let model = model.get();
+            match st.mode {
+                crate::kinds::judge::JudgeMode::Text => {
+                    let reqs: Vec<GenRequest> = asks
+                        .iter()
+                        .map(|(n, order, ids)| GenRequest {
+                            prompt_ids: ids.clone(),
+                            max_new_tokens: st.max_new_tokens,
+                            sampling: if st.temperature <= 0.0 {
+                                Sampling::Greedy
+                            } else {
+                                Sampling::Sample {
+                                    temperature: st.temperature,
+                                    top_p: Some(st.top_p),
+                                    top_k: None,
+                                }
+                            },
+                            seed: ctx.derive_seed(
+                                &format!("eval-judge/{}", self.prompts[idx[*n] as usize].id),
+                                *order as u64,
+                            ),
+                        })
+                        .collect();
+                    let outs = model
+                        .generate(&reqs, st.batch_size)
+                        .map_err(model_err("judging evaluation outputs"))?;
+                    for ((n, order, _), o) in asks.iter().zip(outs) {
+                        let prefers = match parse_better(&o.text) {
+                            MetaVerdict::Unparsed(why) => Prefers::Unparsed(why),
+                            letter => side(*order, letter),
+                        };
+                        verdicts[*n].push(OrderVerdict {
+                            order: *order,
+                            text: Some(o.text),
+                            prob_a: None,
+                            prob_b: None,
+                            prefers,
+                        });
+                    }
+                }
+                crate::kinds::judge::JudgeMode::Logprob => {
+                    let tok = model.tokenizer();
+                    let opening = tok
+                        .encode(VERDICT_OPENING)
+                        .map_err(model_err("encoding the verdict opening"))?;
+                    let letters: Vec<u32> = ["A", "B"]
+                        .iter()
+                        .map(|l| {
+                            let ids = tok.encode(l).map_err(model_err("encoding a verdict letter"))?;
+                            match ids.as_slice() {
+                                [one] => Ok(*one),
+                                _ => Err(StepError::Invalid(format!(
+                                    "the judge's tokenizer splits `{l}` into {} tokens; use evaluation judge mode `text`",
+                                    ids.len()
+                                ))),
+                            }
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let seqs: Vec<Vec<u32>> = asks
+                        .iter()
+                        .map(|(_, _, ids)| {
+                            let mut s = ids.clone();
+                            s.extend_from_slice(&opening);
+                            s
+                        })
+                        .collect();
+                    let lps = model
+                        .next_token_logprobs(&seqs, &letters, st.batch_size)
+                        .map_err(model_err("scoring the verdict letters"))?;
+                    for ((n, order, _), lp) in asks.iter().zip(lps) {
+                        let (la, lb) = (lp[0] as f64, lp[1] as f64);
+                        let m = la.max(lb);
+                        let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+                        let (pa, pb) = (wa / (wa + wb), wb / (wa + wb));
+                        let prefers = if !(pa.is_finite() && pb.is_finite()) {
+                            Prefers::Unparsed("non-finite verdict-token probabilities".into())
+                        } else if pa > pb {
+                            side(*order, MetaVerdict::A)
+                        } else if pb > pa {
+                            side(*order, MetaVerdict::B)
+                        } else {
+                            Prefers::Tie
+                        };
+                        verdicts[*n].push(OrderVerdict {
+                            order: *order,
+                            text: None,
+                            prob_a: Some(pa),
+                            prob_b: Some(pb),
+                            prefers,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(idx
+            .iter()
+            .zip(verdicts)
+            .map(|(&i, verdicts)| {
+                let p = &self.prompts[i as usize];
+                let (b, c) = (&self.baseline[&p.id], &self.candidate[&p.id]);
+                let (preference, decision) = if verdicts.is_empty() {
+                    (
+                        Some(1.5),
+                        "tie: the two outputs are identical (not judged)".to_string(),
+                    )
+                } else {
+                    combine(&verdicts)
+                };
+                let answer = p.answer.clone();
+                let correct = answer
+                    .as_deref()
+                    .and_then(|a| eval_metrics::exact_match(&c.output, a));
+                let baseline_correct = answer
+                    .as_deref()
+                    .and_then(|a| eval_metrics::exact_match(&b.output, a));
+                Annotation {
+                    prompt_id: p.id.clone(),
+                    instruction: p.prompt.clone(),
+                    output_1: b.output.clone(),
+                    output_2: c.output.clone(),
+                    generator_1: b.generator.clone(),
+                    generator_2: c.generator.clone(),
+                    preference,
+                    decision,
+                    verdicts,
+                    judge_model: self.judge_model.clone(),
+                    mode: self.mode.to_string(),
+                    template_digest: self.template_digest.clone(),
+                    answer,
+                    correct,
+                    baseline_correct,
+                }
+            })
+            .collect())
     }
 }

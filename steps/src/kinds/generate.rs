@@ -2,7 +2,8 @@
 //! `i / K`; its seed derives from the step key, the prompt id and the sample index, so it does not
 //! depend on batching, and a resumed step produces exactly what an uninterrupted one would.
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::Response;
 use serde::Serialize;
@@ -34,65 +35,89 @@ impl Step for Generate {
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
-        let k = self.k.max(1) as u64;
-        let total = prompts.len() as u64 * k;
-        let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
-        };
-        ctx.progress().set_message("generating");
-        ctx.for_each_batch(total, self.batch_size, |idx| {
-            let model = model.as_ref().expect("model loaded when work remains");
-            let tok = model.tokenizer();
-            let mut reqs = Vec::with_capacity(idx.len());
-            let mut meta = Vec::with_capacity(idx.len());
-            for &i in idx {
-                let p = &prompts[(i / k) as usize];
-                let sample = (i % k) as u32;
-                let seed = ctx.derive_seed(&format!("sample/{}", p.id), sample as u64);
-                let prompt_ids = tok
-                    .encode_prompt(&p.prompt)
-                    .map_err(model_err("encoding a prompt"))?;
-                reqs.push(GenRequest {
-                    prompt_ids,
-                    max_new_tokens: self.max_new_tokens,
-                    sampling: Sampling::Sample {
-                        temperature: self.temperature,
-                        top_p: Some(self.top_p),
-                        top_k: self.top_k,
-                    },
-                    seed,
-                });
-                meta.push((p.id.clone(), sample, seed));
-            }
-            let outs = model
-                .generate(&reqs, self.batch_size)
-                .map_err(model_err("generating"))?;
-            Ok(outs
-                .into_iter()
-                .zip(meta)
-                .map(|(o, (prompt_id, sample, seed))| {
-                    let r = Response {
-                        prompt_id,
-                        sample,
-                        seed,
-                        tokens: o.token_ids.len(),
-                        text: o.text,
-                        finish: match o.finished {
-                            tsr_model::FinishReason::EndOfTurn => "eot".into(),
-                            tsr_model::FinishReason::MaxTokens => "length".into(),
-                        },
-                    };
-                    serde_json::to_vec(&r).expect("response serializes")
-                })
-                .collect())
-        })?;
-        let mut rows: Vec<Response> = Vec::with_capacity(total as usize);
-        for (i, b) in ctx.items().all()? {
-            rows.push(decode_item(&b, "generate", i)?);
-        }
+        let rows = items::run(
+            &Samples {
+                step: self,
+                prompts,
+            },
+            inputs,
+            ctx,
+        )?;
         Ok(StepOutputs::new().bytes("responses", "responses-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Item `i`: sample `i % K` of prompt `i / K`.
+struct Samples<'a> {
+    step: &'a Generate,
+    prompts: Vec<Prompt>,
+}
+
+impl Samples<'_> {
+    fn k(&self) -> u64 {
+        self.step.k.max(1) as u64
+    }
+}
+
+impl items::Batches for Samples<'_> {
+    type Item = Response;
+    const NAME: &'static str = "generate";
+    fn count(&self) -> u64 {
+        self.prompts.len() as u64 * self.k()
+    }
+    fn batch_size(&self) -> usize {
+        self.step.batch_size
+    }
+    fn message(&self) -> String {
+        "generating".into()
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<Response>, StepError> {
+        let model = model.get();
+        let (k, s) = (self.k(), self.step);
+        let tok = model.tokenizer();
+        let mut reqs = Vec::with_capacity(idx.len());
+        let mut meta = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let p = &self.prompts[(i / k) as usize];
+            let sample = (i % k) as u32;
+            let seed = ctx.derive_seed(&format!("sample/{}", p.id), sample as u64);
+            let prompt_ids = tok
+                .encode_prompt(&p.prompt)
+                .map_err(model_err("encoding a prompt"))?;
+            reqs.push(GenRequest {
+                prompt_ids,
+                max_new_tokens: s.max_new_tokens,
+                sampling: Sampling::Sample {
+                    temperature: s.temperature,
+                    top_p: Some(s.top_p),
+                    top_k: s.top_k,
+                },
+                seed,
+            });
+            meta.push((p.id.clone(), sample, seed));
+        }
+        let outs = model
+            .generate(&reqs, s.batch_size)
+            .map_err(model_err("generating"))?;
+        Ok(outs
+            .into_iter()
+            .zip(meta)
+            .map(|(o, (prompt_id, sample, seed))| Response {
+                prompt_id,
+                sample,
+                seed,
+                tokens: o.token_ids.len(),
+                text: o.text,
+                finish: match o.finished {
+                    tsr_model::FinishReason::EndOfTurn => "eot".into(),
+                    tsr_model::FinishReason::MaxTokens => "length".into(),
+                },
+            })
+            .collect())
     }
 }

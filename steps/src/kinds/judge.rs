@@ -7,7 +7,8 @@
 //!   the verdict, `Score: `; score = expected value of the digit tokens 0-5 under the model's
 //!   next-token distribution (renormalised over those six tokens).
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::Judgement;
 use crate::records::Response;
@@ -64,113 +65,179 @@ impl Step for Judge {
                 .map(|p| (p.id.clone(), p))
                 .collect();
         let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("responses")?, "responses")?;
-        let total = responses.len() as u64;
-        let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
-        };
-        ctx.progress()
-            .set_message(format!("judging ({:?})", self.mode));
-        // Per response batch: text mode makes J requests per response.
-        let per_batch = match self.mode {
-            JudgeMode::Text => (self.batch_size / self.samples.max(1) as usize).max(1),
-            JudgeMode::Logprob => self.batch_size.max(1),
-        };
-        ctx.for_each_batch(total, per_batch, |idx| {
-            let model = model.as_ref().expect("model loaded when work remains");
-            let tok = model.tokenizer();
-            let mut prompt_ids = Vec::with_capacity(idx.len());
-            for &i in idx {
-                let r = &responses[i as usize];
-                let p = prompts.get(&r.prompt_id).ok_or_else(|| {
-                    StepError::Invalid(format!("response for unknown prompt id `{}`", r.prompt_id))
-                })?;
-                let text = render(&self.template, &p.prompt, &r.text);
-                prompt_ids.push(tok.encode_prompt(&text).map_err(model_err("encoding a judge prompt"))?);
-            }
-            let rows: Vec<Judgement> = match self.mode {
-                JudgeMode::Text => {
-                    let j = self.samples.max(1) as usize;
-                    let mut reqs = Vec::with_capacity(idx.len() * j);
-                    for (n, &i) in idx.iter().enumerate() {
-                        let r = &responses[i as usize];
-                        for s in 0..j {
-                            reqs.push(GenRequest {
-                                prompt_ids: prompt_ids[n].clone(),
-                                max_new_tokens: self.max_new_tokens,
-                                sampling: Sampling::Sample {
-                                    temperature: self.temperature,
-                                    top_p: Some(self.top_p),
-                                    top_k: None,
-                                },
-                                seed: ctx.derive_seed(&format!("judge/{}/{}", r.prompt_id, r.sample), s as u64),
-                            });
-                        }
-                    }
-                    let outs = model.generate(&reqs, self.batch_size).map_err(model_err("judging"))?;
-                    idx.iter()
-                        .enumerate()
-                        .map(|(n, &i)| {
-                            let r = &responses[i as usize];
-                            let texts: Vec<String> = outs[n * j..(n + 1) * j].iter().map(|o| o.text.clone()).collect();
-                            let verdicts: Vec<Verdict> = texts.iter().map(|t| parse_score(t)).collect();
-                            let parsed: Vec<f64> = verdicts.iter().filter_map(|v| v.score()).map(f64::from).collect();
-                            let score = (!parsed.is_empty()).then(|| parsed.iter().sum::<f64>() / parsed.len() as f64);
-                            Judgement { prompt_id: r.prompt_id.clone(), sample: r.sample, texts, verdicts, probs: None, score }
-                        })
-                        .collect()
-                }
-                JudgeMode::Logprob => {
-                    let opening = tok.encode("Score: ").map_err(model_err("encoding the verdict opening"))?;
-                    let digits: Vec<u32> = (0..=MAX_SCORE)
-                        .map(|d| {
-                            let ids = tok.encode(&d.to_string()).map_err(model_err("encoding a digit"))?;
-                            match ids.as_slice() {
-                                [one] => Ok(*one),
-                                _ => Err(StepError::Invalid(format!(
-                                    "the tokenizer splits the digit {d} into {} tokens; use judge mode `text`",
-                                    ids.len()
-                                ))),
-                            }
-                        })
-                        .collect::<Result<_, _>>()?;
-                    let seqs: Vec<Vec<u32>> = prompt_ids
-                        .into_iter()
-                        .map(|mut p| {
-                            p.extend_from_slice(&opening);
-                            p
-                        })
-                        .collect();
-                    let logps = model
-                        .next_token_logprobs(&seqs, &digits, self.batch_size)
-                        .map_err(model_err("scoring the verdict tokens"))?;
-                    idx.iter()
-                        .zip(logps)
-                        .map(|(&i, lp)| {
-                            let r = &responses[i as usize];
-                            let m = lp.iter().cloned().fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
-                            let w: Vec<f64> = lp.iter().map(|&l| (l as f64 - m).exp()).collect();
-                            let z: f64 = w.iter().sum();
-                            let probs: Vec<f64> = w.iter().map(|x| x / z).collect();
-                            let score = probs.iter().enumerate().map(|(d, p)| d as f64 * p).sum::<f64>();
-                            let (score, verdicts) = if score.is_finite() {
-                                (Some(score), vec![])
-                            } else {
-                                (None, vec![Verdict::Unscored("non-finite score-token probabilities".into())])
-                            };
-                            Judgement { prompt_id: r.prompt_id.clone(), sample: r.sample, texts: vec![], verdicts, probs: Some(probs), score }
-                        })
-                        .collect()
-                }
-            };
-            Ok(rows.iter().map(|r| serde_json::to_vec(r).expect("judgement serializes")).collect())
-        })?;
-        let mut rows: Vec<Judgement> = Vec::with_capacity(total as usize);
-        for (i, b) in ctx.items().all()? {
-            rows.push(decode_item(&b, "judge", i)?);
-        }
+        let rows = items::run(
+            &Judgements {
+                step: self,
+                prompts,
+                responses,
+            },
+            inputs,
+            ctx,
+        )?;
         Ok(StepOutputs::new().bytes("judgements", "judgements-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Item `i`: the judgement of response `i`.
+struct Judgements<'a> {
+    step: &'a Judge,
+    prompts: BTreeMap<String, Prompt>,
+    responses: Vec<Response>,
+}
+
+impl items::Batches for Judgements<'_> {
+    type Item = Judgement;
+    const NAME: &'static str = "judge";
+    fn count(&self) -> u64 {
+        self.responses.len() as u64
+    }
+    /// Responses per batch: text mode makes J requests per response.
+    fn batch_size(&self) -> usize {
+        match self.step.mode {
+            JudgeMode::Text => (self.step.batch_size / self.step.samples.max(1) as usize).max(1),
+            JudgeMode::Logprob => self.step.batch_size.max(1),
+        }
+    }
+    fn message(&self) -> String {
+        format!("judging ({:?})", self.step.mode)
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<Judgement>, StepError> {
+        let model = model.get();
+        let st = self.step;
+        let tok = model.tokenizer();
+        let mut prompt_ids = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let r = &self.responses[i as usize];
+            let p = self.prompts.get(&r.prompt_id).ok_or_else(|| {
+                StepError::Invalid(format!("response for unknown prompt id `{}`", r.prompt_id))
+            })?;
+            let text = render(&st.template, &p.prompt, &r.text);
+            prompt_ids.push(
+                tok.encode_prompt(&text)
+                    .map_err(model_err("encoding a judge prompt"))?,
+            );
+        }
+        let rows: Vec<Judgement> = match st.mode {
+            JudgeMode::Text => {
+                let j = st.samples.max(1) as usize;
+                let mut reqs = Vec::with_capacity(idx.len() * j);
+                for (n, &i) in idx.iter().enumerate() {
+                    let r = &self.responses[i as usize];
+                    for s in 0..j {
+                        reqs.push(GenRequest {
+                            prompt_ids: prompt_ids[n].clone(),
+                            max_new_tokens: st.max_new_tokens,
+                            sampling: Sampling::Sample {
+                                temperature: st.temperature,
+                                top_p: Some(st.top_p),
+                                top_k: None,
+                            },
+                            seed: ctx.derive_seed(
+                                &format!("judge/{}/{}", r.prompt_id, r.sample),
+                                s as u64,
+                            ),
+                        });
+                    }
+                }
+                let outs = model
+                    .generate(&reqs, st.batch_size)
+                    .map_err(model_err("judging"))?;
+                idx.iter()
+                    .enumerate()
+                    .map(|(n, &i)| {
+                        let r = &self.responses[i as usize];
+                        let texts: Vec<String> = outs[n * j..(n + 1) * j]
+                            .iter()
+                            .map(|o| o.text.clone())
+                            .collect();
+                        let verdicts: Vec<Verdict> = texts.iter().map(|t| parse_score(t)).collect();
+                        let parsed: Vec<f64> = verdicts
+                            .iter()
+                            .filter_map(|v| v.score())
+                            .map(f64::from)
+                            .collect();
+                        let score = (!parsed.is_empty())
+                            .then(|| parsed.iter().sum::<f64>() / parsed.len() as f64);
+                        Judgement {
+                            prompt_id: r.prompt_id.clone(),
+                            sample: r.sample,
+                            texts,
+                            verdicts,
+                            probs: None,
+                            score,
+                        }
+                    })
+                    .collect()
+            }
+            JudgeMode::Logprob => {
+                let opening = tok
+                    .encode("Score: ")
+                    .map_err(model_err("encoding the verdict opening"))?;
+                let digits: Vec<u32> = (0..=MAX_SCORE)
+                    .map(|d| {
+                        let ids = tok.encode(&d.to_string()).map_err(model_err("encoding a digit"))?;
+                        match ids.as_slice() {
+                            [one] => Ok(*one),
+                            _ => Err(StepError::Invalid(format!(
+                                "the tokenizer splits the digit {d} into {} tokens; use judge mode `text`",
+                                ids.len()
+                            ))),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                let seqs: Vec<Vec<u32>> = prompt_ids
+                    .into_iter()
+                    .map(|mut p| {
+                        p.extend_from_slice(&opening);
+                        p
+                    })
+                    .collect();
+                let logps = model
+                    .next_token_logprobs(&seqs, &digits, st.batch_size)
+                    .map_err(model_err("scoring the verdict tokens"))?;
+                idx.iter()
+                    .zip(logps)
+                    .map(|(&i, lp)| {
+                        let r = &self.responses[i as usize];
+                        let m = lp
+                            .iter()
+                            .cloned()
+                            .fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+                        let w: Vec<f64> = lp.iter().map(|&l| (l as f64 - m).exp()).collect();
+                        let z: f64 = w.iter().sum();
+                        let probs: Vec<f64> = w.iter().map(|x| x / z).collect();
+                        let score = probs
+                            .iter()
+                            .enumerate()
+                            .map(|(d, p)| d as f64 * p)
+                            .sum::<f64>();
+                        let (score, verdicts) = if score.is_finite() {
+                            (Some(score), vec![])
+                        } else {
+                            (
+                                None,
+                                vec![Verdict::Unscored(
+                                    "non-finite score-token probabilities".into(),
+                                )],
+                            )
+                        };
+                        Judgement {
+                            prompt_id: r.prompt_id.clone(),
+                            sample: r.sample,
+                            texts: vec![],
+                            verdicts,
+                            probs: Some(probs),
+                            score,
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Ok(rows)
     }
 }

@@ -9,11 +9,12 @@
 //! uninterrupted one would. Outputs: `pairs` (judge pairs), `comparisons` (every item, decided
 //! or not) and `summary`.
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::Judgement;
 use crate::records::Response;
-use crate::rules::judge_pairs::{self, Comparison, JudgePairContext, UncertainSpec};
+use crate::rules::judge_pairs::{self, Comparison, JudgePairContext, Uncertain, UncertainSpec};
 use crate::rules::meta_verdict::parse_better;
 use crate::rules::meta_verdict::render_meta;
 use crate::rules::verdict::render;
@@ -116,101 +117,14 @@ impl Step for MetaJudge {
             },
         )
         .len();
-        // The judge prompt of a response, exactly as the judge step rendered it.
-        let judge_prompt =
-            |prompt_id: &str, sample: u32| -> Result<(String, &Response), StepError> {
-                let p = prompts.get(prompt_id).ok_or_else(|| {
-                    StepError::Invalid(format!("judgement for unknown prompt id `{prompt_id}`"))
-                })?;
-                let r = responses
-                    .get(&(prompt_id.to_string(), sample))
-                    .ok_or_else(|| {
-                        StepError::Invalid(format!(
-                            "judgement for a missing response ({prompt_id}, sample {sample})"
-                        ))
-                    })?;
-                Ok((render(&self.judge_template, &p.prompt, &r.text), r))
-            };
-        let total = todo.len() as u64;
-        let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
+        let work = Comparisons {
+            step: self,
+            prompts,
+            responses,
+            by_key,
+            todo,
         };
-        ctx.progress().set_message("meta-judging");
-        ctx.for_each_batch(total, (self.batch_size / 2).max(1), |idx| {
-            let model = model.as_ref().expect("model loaded when work remains");
-            let tok = model.tokenizer();
-            let mut reqs = Vec::with_capacity(idx.len() * 2);
-            let mut seeds = Vec::with_capacity(idx.len());
-            for &i in idx {
-                let u = &todo[i as usize];
-                let j = by_key[&(u.prompt_id.clone(), u.sample)];
-                let (jp, _) = judge_prompt(&u.prompt_id, u.sample)?;
-                let (ta, tb) = (&j.texts[u.a], &j.texts[u.b]);
-                let mut pair_seeds = [0u64; 2];
-                for (order, (first, second)) in [(ta, tb), (tb, ta)].into_iter().enumerate() {
-                    let seed = ctx
-                        .derive_seed(&format!("meta/{}/{}", u.prompt_id, u.sample), order as u64);
-                    pair_seeds[order] = seed;
-                    let text = render_meta(&self.template, &jp, first, second);
-                    reqs.push(GenRequest {
-                        prompt_ids: tok
-                            .encode_prompt(&text)
-                            .map_err(model_err("encoding a meta-judge prompt"))?,
-                        max_new_tokens: self.max_new_tokens,
-                        sampling: Sampling::Sample {
-                            temperature: self.temperature,
-                            top_p: Some(self.top_p),
-                            top_k: None,
-                        },
-                        seed,
-                    });
-                }
-                seeds.push(pair_seeds);
-            }
-            let outs = model
-                .generate(&reqs, self.batch_size)
-                .map_err(model_err("meta-judging"))?;
-            idx.iter()
-                .enumerate()
-                .map(|(n, &i)| {
-                    let u = &todo[i as usize];
-                    let j = by_key[&(u.prompt_id.clone(), u.sample)];
-                    let texts = [outs[2 * n].text.clone(), outs[2 * n + 1].text.clone()];
-                    let verdicts = [parse_better(&texts[0]), parse_better(&texts[1])];
-                    let score = |k: usize| {
-                        j.verdicts[k]
-                            .score()
-                            .expect("uncertain judgements are scored")
-                    };
-                    let tokens = |k: usize| {
-                        tok.encode(&j.texts[k])
-                            .map(|t| t.len())
-                            .map_err(model_err("counting judgement tokens"))
-                    };
-                    let c = Comparison {
-                        prompt_id: u.prompt_id.clone(),
-                        sample: u.sample,
-                        variance: u.variance,
-                        a: u.a,
-                        b: u.b,
-                        scores: [score(u.a), score(u.b)],
-                        tokens: [tokens(u.a)?, tokens(u.b)?],
-                        decision: judge_pairs::decide(&verdicts[0], &verdicts[1], u.a, u.b),
-                        meta_texts: texts,
-                        meta_verdicts: verdicts,
-                        meta_seeds: seeds[n],
-                    };
-                    Ok(serde_json::to_vec(&c).expect("comparison serializes"))
-                })
-                .collect()
-        })?;
-        let mut comparisons: Vec<Comparison> = Vec::with_capacity(total as usize);
-        for (i, b) in ctx.items().all()? {
-            comparisons.push(decode_item(&b, "meta-judge", i)?);
-        }
+        let comparisons = items::run(&work, inputs, ctx)?;
         let generator = lm::model_digest(inputs, "generator")?;
         let judge_model = lm::model_digest(inputs, "judge")?;
         let meta_model = lm::model_digest(inputs, "model")?;
@@ -220,7 +134,7 @@ impl Step for MetaJudge {
         let meta_template_digest = self.template_digest();
         let mut pairs = Vec::new();
         for c in &comparisons {
-            let (jp, r) = judge_prompt(&c.prompt_id, c.sample)?;
+            let (jp, r) = work.judge_prompt(&c.prompt_id, c.sample)?;
             let x = JudgePairContext {
                 iteration: self.iteration,
                 judge_prompt: &jp,
@@ -233,7 +147,7 @@ impl Step for MetaJudge {
             };
             pairs.extend(judge_pairs::judge_pair(
                 c,
-                by_key[&(c.prompt_id.clone(), c.sample)],
+                work.by_key[&(c.prompt_id.clone(), c.sample)],
                 &x,
             ));
         }
@@ -264,5 +178,120 @@ impl Step for MetaJudge {
                 lm::to_jsonl(&comparisons),
             )
             .json("summary", &summary))
+    }
+}
+
+/// Item `i`: the comparison, in both orders, of the two judgements of uncertain response `i`.
+struct Comparisons<'a> {
+    step: &'a MetaJudge,
+    prompts: BTreeMap<String, Prompt>,
+    responses: BTreeMap<(String, u32), Response>,
+    by_key: BTreeMap<(String, u32), &'a Judgement>,
+    todo: Vec<Uncertain>,
+}
+
+impl Comparisons<'_> {
+    /// The judge prompt of a response, exactly as the judge step rendered it.
+    fn judge_prompt(&self, prompt_id: &str, sample: u32) -> Result<(String, &Response), StepError> {
+        let p = self.prompts.get(prompt_id).ok_or_else(|| {
+            StepError::Invalid(format!("judgement for unknown prompt id `{prompt_id}`"))
+        })?;
+        let r = self
+            .responses
+            .get(&(prompt_id.to_string(), sample))
+            .ok_or_else(|| {
+                StepError::Invalid(format!(
+                    "judgement for a missing response ({prompt_id}, sample {sample})"
+                ))
+            })?;
+        Ok((render(&self.step.judge_template, &p.prompt, &r.text), r))
+    }
+}
+
+impl items::Batches for Comparisons<'_> {
+    type Item = Comparison;
+    const NAME: &'static str = "meta-judge";
+    fn count(&self) -> u64 {
+        self.todo.len() as u64
+    }
+    /// Responses per batch: each asks twice (both orders).
+    fn batch_size(&self) -> usize {
+        (self.step.batch_size / 2).max(1)
+    }
+    fn message(&self) -> String {
+        "meta-judging".into()
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<Comparison>, StepError> {
+        let model = model.get();
+        let st = self.step;
+        let tok = model.tokenizer();
+        let mut reqs = Vec::with_capacity(idx.len() * 2);
+        let mut seeds = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let u = &self.todo[i as usize];
+            let j = self.by_key[&(u.prompt_id.clone(), u.sample)];
+            let (jp, _) = self.judge_prompt(&u.prompt_id, u.sample)?;
+            let (ta, tb) = (&j.texts[u.a], &j.texts[u.b]);
+            let mut pair_seeds = [0u64; 2];
+            for (order, (first, second)) in [(ta, tb), (tb, ta)].into_iter().enumerate() {
+                let seed =
+                    ctx.derive_seed(&format!("meta/{}/{}", u.prompt_id, u.sample), order as u64);
+                pair_seeds[order] = seed;
+                let text = render_meta(&st.template, &jp, first, second);
+                reqs.push(GenRequest {
+                    prompt_ids: tok
+                        .encode_prompt(&text)
+                        .map_err(model_err("encoding a meta-judge prompt"))?,
+                    max_new_tokens: st.max_new_tokens,
+                    sampling: Sampling::Sample {
+                        temperature: st.temperature,
+                        top_p: Some(st.top_p),
+                        top_k: None,
+                    },
+                    seed,
+                });
+            }
+            seeds.push(pair_seeds);
+        }
+        let outs = model
+            .generate(&reqs, st.batch_size)
+            .map_err(model_err("meta-judging"))?;
+        idx.iter()
+            .enumerate()
+            .map(|(n, &i)| {
+                let u = &self.todo[i as usize];
+                let j = self.by_key[&(u.prompt_id.clone(), u.sample)];
+                let texts = [outs[2 * n].text.clone(), outs[2 * n + 1].text.clone()];
+                let verdicts = [parse_better(&texts[0]), parse_better(&texts[1])];
+                let score = |k: usize| {
+                    j.verdicts[k]
+                        .score()
+                        .expect("uncertain judgements are scored")
+                };
+                let tokens = |k: usize| {
+                    tok.encode(&j.texts[k])
+                        .map(|t| t.len())
+                        .map_err(model_err("counting judgement tokens"))
+                };
+                Ok(Comparison {
+                    prompt_id: u.prompt_id.clone(),
+                    sample: u.sample,
+                    variance: u.variance,
+                    a: u.a,
+                    b: u.b,
+                    scores: [score(u.a), score(u.b)],
+                    tokens: [tokens(u.a)?, tokens(u.b)?],
+                    decision: judge_pairs::decide(&verdicts[0], &verdicts[1], u.a, u.b),
+                    meta_texts: texts,
+                    meta_verdicts: verdicts,
+                    meta_seeds: seeds[n],
+                })
+            })
+            .collect()
     }
 }

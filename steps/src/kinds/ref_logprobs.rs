@@ -2,7 +2,8 @@
 //! frozen reference model, computed once per pair (items) and reused by every DPO epoch and by
 //! resume. The reference model's digest is recorded with the numbers.
 
-use crate::lm::{self, decode_item, model_err};
+use crate::items::{self, Model};
+use crate::lm::{self, model_err};
 use crate::records::Pair;
 use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
@@ -56,47 +57,68 @@ impl Step for ReferenceLogprobs {
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
         let pairs: Vec<Pair> = lm::from_jsonl(&inputs.bytes("pairs")?, "pairs")?;
         let digest = lm::model_digest(inputs, "model")?;
-        let total = pairs.len() as u64;
-        let done = ctx.items().indices()?.len() as u64;
-        let model = if done < total {
-            Some(lm::load(inputs, "model", ctx)?)
-        } else {
-            None
-        };
-        ctx.progress().set_message("reference log-probs");
-        ctx.for_each_batch(total, self.batch_size, |idx| {
-            let model = model.as_ref().expect("model loaded when work remains");
-            let mut seqs = Vec::with_capacity(idx.len() * 2);
-            let mut lens = Vec::with_capacity(idx.len());
-            for &i in idx {
-                let (p, c, r) = encode_pair(model.tokenizer(), &pairs[i as usize])?;
-                lens.push((c.len(), r.len()));
-                seqs.push((p.clone(), c));
-                seqs.push((p, r));
-            }
-            let lp = model
-                .logprobs(&seqs, self.batch_size * 2)
-                .map_err(model_err("reference log-probs"))?;
-            Ok(idx
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| {
-                    serde_json::to_vec(&RefLogps {
-                        pair_id: pairs[i as usize].pair_id.clone(),
-                        chosen: lp[2 * n],
-                        rejected: lp[2 * n + 1],
-                        chosen_tokens: lens[n].0,
-                        rejected_tokens: lens[n].1,
-                        reference_model: digest.clone(),
-                    })
-                    .expect("serializes")
-                })
-                .collect())
-        })?;
-        let mut rows: Vec<RefLogps> = Vec::new();
-        for (i, b) in ctx.items().all()? {
-            rows.push(decode_item(&b, "ref-logprobs", i)?);
-        }
+        let rows = items::run(
+            &PairLogps {
+                step: self,
+                pairs,
+                digest,
+            },
+            inputs,
+            ctx,
+        )?;
         Ok(StepOutputs::new().bytes("logps", "ref-logps-jsonl", lm::to_jsonl(&rows)))
+    }
+}
+
+/// Item `i`: the reference model's log-probabilities of both sides of pair `i`.
+struct PairLogps<'a> {
+    step: &'a ReferenceLogprobs,
+    pairs: Vec<Pair>,
+    /// The reference model's digest.
+    digest: String,
+}
+
+impl items::Batches for PairLogps<'_> {
+    type Item = RefLogps;
+    const NAME: &'static str = "ref-logprobs";
+    fn count(&self) -> u64 {
+        self.pairs.len() as u64
+    }
+    fn batch_size(&self) -> usize {
+        self.step.batch_size
+    }
+    fn message(&self) -> String {
+        "reference log-probs".into()
+    }
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        _ctx: &StepContext,
+    ) -> Result<Vec<RefLogps>, StepError> {
+        let model = model.get();
+        let mut seqs = Vec::with_capacity(idx.len() * 2);
+        let mut lens = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let (p, c, r) = encode_pair(model.tokenizer(), &self.pairs[i as usize])?;
+            lens.push((c.len(), r.len()));
+            seqs.push((p.clone(), c));
+            seqs.push((p, r));
+        }
+        let lp = model
+            .logprobs(&seqs, self.step.batch_size * 2)
+            .map_err(model_err("reference log-probs"))?;
+        Ok(idx
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| RefLogps {
+                pair_id: self.pairs[i as usize].pair_id.clone(),
+                chosen: lp[2 * n],
+                rejected: lp[2 * n + 1],
+                chosen_tokens: lens[n].0,
+                rejected_tokens: lens[n].1,
+                reference_model: self.digest.clone(),
+            })
+            .collect())
     }
 }

@@ -8,6 +8,7 @@ use crate::records::EvalOutput;
 use crate::records::Order;
 use crate::records::OrderVerdict;
 use crate::records::Prefers;
+use crate::rules::agreement::{agree, Agreement, Said};
 use crate::rules::eval_metrics::{self, WinRate};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -164,29 +165,32 @@ pub fn parse_reference(
 /// Combine the two orders: the model (or baseline) is preferred only when both orders say so;
 /// any other pair of readable verdicts is a tie; an unreadable verdict leaves it undecided.
 pub fn combine(verdicts: &[OrderVerdict]) -> (Option<f64>, String) {
-    if let Some(v) = verdicts
+    let said: Vec<Said<Prefers>> = verdicts
         .iter()
-        .find(|v| matches!(v.prefers, Prefers::Unparsed(_)))
-    {
-        let Prefers::Unparsed(why) = &v.prefers else {
-            unreachable!()
-        };
-        let order = match v.order {
-            Order::BaselineFirst => "baseline first",
-            Order::ModelFirst => "model first",
-        };
-        return (
-            None,
-            format!("undecided: the verdict with the {order} cannot be read ({why})"),
-        );
-    }
-    let all = |p: Prefers| verdicts.iter().all(|v| v.prefers == p);
-    if all(Prefers::Model) {
-        (Some(2.0), "both orders prefer the model".into())
-    } else if all(Prefers::Baseline) {
-        (Some(1.0), "both orders prefer the baseline".into())
-    } else {
-        (Some(1.5), "tie: the two orders disagree".into())
+        .map(|v| match &v.prefers {
+            Prefers::Unparsed(_) => Said::Unreadable,
+            Prefers::Tie => Said::Tie,
+            p => Said::Prefers(p.clone()),
+        })
+        .collect();
+    match agree(&said) {
+        Agreement::Unreadable(i) => {
+            let v = &verdicts[i];
+            let Prefers::Unparsed(why) = &v.prefers else {
+                unreachable!("only unparsed verdicts are unreadable")
+            };
+            let order = match v.order {
+                Order::BaselineFirst => "baseline first",
+                Order::ModelFirst => "model first",
+            };
+            (
+                None,
+                format!("undecided: the verdict with the {order} cannot be read ({why})"),
+            )
+        }
+        Agreement::Both(Prefers::Model) => (Some(2.0), "both orders prefer the model".into()),
+        Agreement::Both(_) => (Some(1.0), "both orders prefer the baseline".into()),
+        Agreement::Disagree => (Some(1.5), "tie: the two orders disagree".into()),
     }
 }
 

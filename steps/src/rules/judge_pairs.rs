@@ -17,6 +17,7 @@ use crate::records::Judgement;
 use crate::records::Verdict;
 use crate::records::{JudgeInfo, Pair, PairKind, Rule, Side};
 use crate::records::{JudgementRef, MetaLineage, MetaVerdict, Role};
+use crate::rules::agreement::{agree, Agreement, Said};
 use crate::rules::verdict::MAX_SCORE;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,20 +140,16 @@ pub fn uncertain(judgements: &[Judgement], spec: UncertainSpec) -> Vec<Uncertain
 
 /// Combine the verdicts of order "ab" (a shown first) and order "ba" (b shown first).
 pub fn decide(ab: &MetaVerdict, ba: &MetaVerdict, a: usize, b: usize) -> Decision {
-    let first = match ab {
-        MetaVerdict::A => a,
-        MetaVerdict::B => b,
-        MetaVerdict::Unparsed(_) => return Decision::Unparsed,
+    // Order "ab" shows a as A; order "ba" shows b as A.
+    let said = |v: &MetaVerdict, shown_a: usize, shown_b: usize| match v {
+        MetaVerdict::A => Said::Prefers(shown_a),
+        MetaVerdict::B => Said::Prefers(shown_b),
+        MetaVerdict::Unparsed(_) => Said::Unreadable,
     };
-    let second = match ba {
-        MetaVerdict::A => b,
-        MetaVerdict::B => a,
-        MetaVerdict::Unparsed(_) => return Decision::Unparsed,
-    };
-    if first == second {
-        Decision::Prefer { judgement: first }
-    } else {
-        Decision::Disagree
+    match agree(&[said(ab, a, b), said(ba, b, a)]) {
+        Agreement::Both(judgement) => Decision::Prefer { judgement },
+        Agreement::Disagree => Decision::Disagree,
+        Agreement::Unreadable(_) => Decision::Unparsed,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The pure rules the step kinds apply: no model, no store.
 
+pub mod agreement;
 pub mod eval;
 pub mod eval_metrics;
 pub mod judge_pairs;

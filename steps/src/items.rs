@@ -1,0 +1,93 @@
+//! The skeleton every item step shares (generate, judge, meta_judge, ref_logprobs, answer,
+//! eval_judge): a known number of items, computed by one model in a fixed partition of
+//! batches, each batch committed as it is done; then the step's output is assembled from every
+//! committed item, in index order.
+//!
+//! A step states its items in a [`Batches`] value (made from its parsed inputs): how many, the
+//! batch size, and how one batch is computed. [`run`] does the rest: it loads the model only
+//! when items are left (a finished step resumes without reading a model), hands the missing
+//! batches to the engine, and reads all items back. Seeds come from the step key and the
+//! item's identity, never from the batch, so a batch computes the same bytes wherever and
+//! whenever it runs; that is what lets a batch run on another machine.
+
+use crate::lm::{self, decode_item};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tsr_engine::{StepContext, StepError, StepInputs};
+use tsr_model::LanguageModel;
+
+/// The items of one step, ready to compute.
+pub trait Batches {
+    /// The record each item is stored as (one JSON document per item).
+    type Item: Serialize + DeserializeOwned;
+    /// The step's name in errors about a committed item.
+    const NAME: &'static str;
+    /// How many items the step makes.
+    fn count(&self) -> u64;
+    /// Items per batch: the fixed partition (batch `b` is items `b * size ..`).
+    fn batch_size(&self) -> usize;
+    /// The progress bar's message.
+    fn message(&self) -> String;
+    /// Whether any item needs the model (a step whose items are all decided without one, as
+    /// identical outputs in evaluation, never loads it).
+    fn needs_model(&self) -> bool {
+        true
+    }
+    /// The items `idx` (one batch, ascending), one per index, computed with `model`.
+    fn compute(
+        &self,
+        model: Model<'_>,
+        idx: &[u64],
+        ctx: &StepContext,
+    ) -> Result<Vec<Self::Item>, StepError>;
+}
+
+/// The step's model, as a batch sees it: loaded when items are left and
+/// [`Batches::needs_model`] says so.
+#[derive(Clone, Copy)]
+pub struct Model<'a>(Option<&'a LanguageModel>);
+
+impl<'a> Model<'a> {
+    /// The model; a step asks only where [`Batches::needs_model`] promised it would.
+    pub fn get(self) -> &'a LanguageModel {
+        self.0
+            .expect("the model is loaded for every batch when the step needs one")
+    }
+}
+
+/// Compute what is missing of `work` with the model under the inputs `model.*`, and return
+/// every item in index order.
+pub fn run<B: Batches>(
+    work: &B,
+    inputs: &StepInputs,
+    ctx: &StepContext,
+) -> Result<Vec<B::Item>, StepError> {
+    let total = work.count();
+    let done = ctx.items().indices()?.len() as u64;
+    let model = if done < total && work.needs_model() {
+        Some(lm::load(inputs, "model", ctx)?)
+    } else {
+        None
+    };
+    ctx.progress().set_message(work.message());
+    ctx.for_each_batch(total, work.batch_size(), |idx| {
+        let items = work.compute(Model(model.as_ref()), idx, ctx)?;
+        if items.len() != idx.len() {
+            return Err(StepError::Invalid(format!(
+                "{}: a batch of {} items computed {}",
+                B::NAME,
+                idx.len(),
+                items.len()
+            )));
+        }
+        Ok(items
+            .iter()
+            .map(|r| serde_json::to_vec(r).expect("item serializes"))
+            .collect())
+    })?;
+    let mut rows = Vec::with_capacity(total as usize);
+    for (i, b) in ctx.items().all()? {
+        rows.push(decode_item(&b, B::NAME, i)?);
+    }
+    Ok(rows)
+}
