@@ -133,8 +133,8 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
         return Ok(code);
     }
     let store = crate::store_read::open_store(&store_dir)?;
-    let nodes = crate::store_read::nodes(&store, &name)?;
-    let evals = crate::store_read::evals(&store, &nodes)?;
+    let nodes = tsr_workflows::lineage::nodes(&store, &name)?;
+    let evals = tsr_workflows::lineage::evals::evals(&store, &nodes)?;
     let e = evals.first().with_context(|| {
         format!("run `{name}` finished without an evaluation; run `tsr verify`")
     })?;

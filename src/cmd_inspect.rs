@@ -185,10 +185,11 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
 /// The run's finished models that are LoRA adapters: node, model (adapter) digest, r, alpha
 /// and base digest.
 fn lora_models(store: &Store, run: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let nodes = crate::store_read::nodes(store, run)?;
+    let nodes = tsr_workflows::lineage::nodes(store, run)?;
     let mut out = Vec::new();
     for n in nodes.values() {
-        if let Some(mut a) = crate::cmd_lineage::adapter_of(store, n)? {
+        if let Some(a) = tsr_workflows::lineage::models::adapter_of(store, n) {
+            let mut a = serde_json::to_value(a)?;
             a["node"] = json!(n.node);
             a["model"] = json!(n.output("weights").map(|d| d.to_hex()));
             out.push(a);

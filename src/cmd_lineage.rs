@@ -3,8 +3,7 @@
 //! made) and of a model (back to M0 through every DPO step and its pairs).
 //! `tsr export RUN pairs`: every pair with its lineage, TRL-compatible fields included.
 
-use crate::store_read::{self, NodeResult};
-use crate::store_read::{final_model, open_store};
+use crate::store_read::open_store;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -13,6 +12,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tsr_state::Store;
 use tsr_steps::trl::{trl_fields, TrlFormat};
+use tsr_workflows::lineage::evals::{annotations_of, finished_evals};
+use tsr_workflows::lineage::models::ModelHop;
+use tsr_workflows::lineage::{self, final_model, NodeResult};
 
 #[derive(Args)]
 pub struct LineageArgs {
@@ -38,16 +40,6 @@ pub enum LineageWhat {
     Prompt { id: String },
 }
 
-/// The reference model of a DPO node: the model of the `ref-logprobs` step whose output it read.
-fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Option<String> {
-    dpo.step
-        .inputs
-        .get("ref_logps")
-        .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
-        .and_then(|n| n.step.inputs.get("model.weights"))
-        .map(|x| x.to_hex())
-}
-
 /// `bfloat16` or `float16` when the safetensors file at `path` holds weight matrices in that
 /// precision (a run's base under `[model] dtype`).
 fn half_dtype_of(path: &std::path::Path) -> Option<&'static str> {
@@ -71,143 +63,81 @@ fn half_dtype_of(path: &std::path::Path) -> Option<&'static str> {
         })
 }
 
-/// When the node made a LoRA adapter (its `weights` output is one): its rank, alpha and the
-/// digest of the base it adapts.
-pub fn adapter_of(store: &Store, node: &NodeResult) -> anyhow::Result<Option<Value>> {
-    let Some(w) = node.output("weights") else {
-        return Ok(None);
-    };
-    // Only a DPO step configured for LoRA makes adapters; its header alone is read (a damaged
-    // blob is `tsr verify`'s to report, not a reason for status or lineage to fail).
-    if node.step.kind != "dpo" || !node.step.config.contains("\"lora\"") {
-        return Ok(None);
-    }
-    Ok(tsr_model::StoredAdapter::read(&store.blobs().path(&w))
-        .ok()
-        .map(|m| json!({"r": m.r, "alpha": m.alpha, "base": m.base_digest})))
-}
-
-/// Every pair of a run with the DPO step that consumed it and the model that step made.
-pub fn pairs_with_consumers(store: &Store, run: &str) -> anyhow::Result<Vec<Value>> {
-    let nodes = store_read::nodes(store, run)?;
-    let dpos = store_read::of_kind(&nodes, "dpo");
-    let mut out = Vec::new();
-    for sel in store_read::of_kind(&nodes, "select") {
-        let Some(pairs_digest) = sel.output("pairs") else {
-            continue;
-        };
-        let consumer: Option<&&NodeResult> = dpos
-            .iter()
-            .find(|d| d.step.inputs.get("pairs") == Some(&pairs_digest));
-        for mut p in store_read::jsonl(store, &pairs_digest)? {
-            let obj = p.as_object_mut().context("a pair is not a JSON object")?;
-            obj.insert("select_node".into(), json!(sel.node));
-            obj.insert("select_step".into(), json!(sel.key.to_hex()));
-            if let Some(d) = consumer {
-                obj.insert("dpo_node".into(), json!(d.node));
-                obj.insert("dpo_step".into(), json!(d.key.to_hex()));
-                obj.insert(
-                    "trained_from".into(),
-                    json!(d.step.inputs.get("model.weights").map(|x| x.to_hex())),
-                );
-                obj.insert(
-                    "produced_model".into(),
-                    json!(d.output("weights").map(|x| x.to_hex())),
-                );
-                obj.insert("reference_model".into(), json!(reference_of(&nodes, d)));
-            }
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
-fn show_side(v: &Value) -> String {
+fn show_side(v: &tsr_steps::records::Side) -> String {
+    let scores: Vec<String> = v
+        .scores
+        .iter()
+        .map(|s| s.map_or("null".to_string(), |s| s.to_string()))
+        .collect();
     format!(
-        "{} sample {} (seed {}), generator {}, score {:.3}, judge scores {}\n      text: {:?}",
-        v["role"].as_str().unwrap_or("?"),
-        v["sample"],
-        v["seed"],
-        &v["generator_model"].as_str().unwrap_or("?")
-            [..12.min(v["generator_model"].as_str().unwrap_or("?").len())],
-        v["score"].as_f64().unwrap_or(f64::NAN),
-        v["scores"],
-        v["text"].as_str().unwrap_or("")
+        "{} sample {} (seed {}), generator {}, score {:.3}, judge scores [{}]\n      text: {:?}",
+        serde_json::to_value(v.role)
+            .ok()
+            .and_then(|r| r.as_str().map(String::from))
+            .unwrap_or_default(),
+        v.sample,
+        v.seed,
+        short(&v.generator_model),
+        v.score,
+        scores.join(","),
+        v.text
     )
 }
 
-fn resolve_model(nodes: &BTreeMap<String, NodeResult>, prefix: &str) -> anyhow::Result<String> {
-    let mut all: Vec<String> = nodes
-        .values()
-        .filter_map(|n| n.output("weights"))
-        .map(|d| d.to_hex())
-        .collect();
-    all.sort();
-    all.dedup();
-    let hits: Vec<&String> = all.iter().filter(|d| d.starts_with(prefix)).collect();
-    match hits.as_slice() {
-        [one] => Ok((*one).clone()),
-        [] => bail!(
-            "no model of this run has a digest starting with `{prefix}`; models: {}",
-            all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", ")
-        ),
-        _ => bail!("`{prefix}` matches {} models; give more digits", hits.len()),
-    }
+/// The first 12 hex digits of a digest (all of a shorter text).
+fn short(d: &str) -> &str {
+    d.get(..12).unwrap_or(d)
+}
+
+/// Pretty JSON with sorted keys.
+fn pretty_json<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(&serde_json::to_value(v)?)?)
 }
 
 pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&crate::store_dir(store_flag, None))?;
     match a.what {
         LineageWhat::Pair { id } => {
-            let pairs = pairs_with_consumers(&store, &a.run)?;
-            let Some(p) = pairs.iter().find(|p| p["pair_id"] == id.as_str()) else {
-                bail!(
-                    "run `{}` has no pair `{id}`; `tsr export {} pairs` lists them",
-                    a.run,
-                    a.run
-                );
-            };
+            let l = lineage::pairs::pair(&store, &a.run, &id)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(p)?);
+                println!("{}", pretty_json(&l)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "pair {id} (iteration {}, phase {})",
-                p["iteration"],
-                p["phase"].as_str().unwrap_or("")
-            );
+            let p = &l.pair;
+            println!("pair {id} (iteration {}, phase {})", p.iteration, p.phase);
             println!(
                 "  prompt {} (text digest {}): {:?}",
-                p["prompt_id"].as_str().unwrap_or(""),
-                &p["prompt_digest"].as_str().unwrap_or("")[..12],
-                p["prompt"].as_str().unwrap_or("")
+                p.prompt_id,
+                short(&p.prompt_digest),
+                p.prompt
             );
-            println!("  chosen:   {}", show_side(&p["chosen"]));
-            println!("  rejected: {}", show_side(&p["rejected"]));
+            println!("  chosen:   {}", show_side(&p.chosen));
+            println!("  rejected: {}", show_side(&p.rejected));
             println!(
                 "  judge: model {}, mode {}, template {}",
-                p["judge"]["model"].as_str().unwrap_or(""),
-                p["judge"]["mode"].as_str().unwrap_or(""),
-                &p["judge"]["template_digest"].as_str().unwrap_or("")[..12]
+                p.judge.model,
+                p.judge.mode,
+                short(&p.judge.template_digest)
             );
+            let rule = serde_json::to_value(p.rule)?;
             println!(
                 "  rule: {} — {}",
-                p["rule"].as_str().unwrap_or(""),
-                p["decision"].as_str().unwrap_or("")
+                rule.as_str().unwrap_or_default(),
+                p.decision
             );
             println!(
                 "  selected by {} (step {})",
-                p["select_node"].as_str().unwrap_or(""),
-                &p["select_step"].as_str().unwrap_or("")[..12]
+                l.select_node,
+                short(&l.select_step)
             );
-            match p.get("dpo_node") {
-                Some(d) => println!(
+            match &l.training {
+                Some(t) => println!(
                     "  trained by {} (step {}): from model {} with reference {} -> model {}",
-                    d.as_str().unwrap_or(""),
-                    &p["dpo_step"].as_str().unwrap_or("")[..12],
-                    p["trained_from"].as_str().unwrap_or("?"),
-                    p["reference_model"].as_str().unwrap_or("?"),
-                    p["produced_model"].as_str().unwrap_or("(not finished)")
+                    t.dpo_node,
+                    short(&t.dpo_step),
+                    t.trained_from.as_deref().unwrap_or("?"),
+                    t.reference_model.as_deref().unwrap_or("?"),
+                    t.produced_model.as_deref().unwrap_or("(not finished)")
                 ),
                 None => println!("  not yet used by a DPO step"),
             }
@@ -215,79 +145,39 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
         LineageWhat::Eval { id } => return lineage_eval(&store, &a.run, &id, a.json),
         LineageWhat::Prompt { id } => return lineage_prompt(&store, &a.run, &id, a.json),
         LineageWhat::Model { digest } => {
-            let nodes = store_read::nodes(&store, &a.run)?;
-            let mut cur = resolve_model(&nodes, &digest)?;
-            let mut chain = Vec::new();
-            loop {
-                let maker = nodes
-                    .values()
-                    .find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
-                let Some(maker) = maker else { break };
-                if maker.step.kind == "import-model" {
-                    chain.push(json!({"model": cur, "made_by": maker.node, "kind": "import-model", "note": "M0, the initial model"}));
-                    break;
-                }
-                let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
-                let pairs = maker
-                    .step
-                    .inputs
-                    .get("pairs")
-                    .map(|d| store_read::jsonl(&store, d).map(|v| v.len()))
-                    .transpose()?;
-                let reference = reference_of(&nodes, maker);
-                let select = maker
-                    .step
-                    .inputs
-                    .get("pairs")
-                    .and_then(|p| nodes.values().find(|n| n.output("pairs") == Some(*p)))
-                    .map(|n| n.node.clone());
-                let adapter = adapter_of(&store, maker)?;
-                chain.push(json!({"model": cur, "made_by": maker.node, "kind": maker.step.kind, "dpo_step": maker.key.to_hex(),
-                    "pairs": pairs, "pairs_from": select, "reference_model": reference, "trained_from": parent,
-                    "lora": adapter}));
-                match parent {
-                    Some(p) if p != cur => cur = p,
-                    _ => break,
-                }
-            }
+            let chain = lineage::models::model_chain(&store, &a.run, &digest)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&chain)?);
-            } else {
-                for hop in &chain {
-                    if hop["kind"] == "import-model" {
-                        println!(
-                            "{}  M0 (imported by {})",
-                            hop["model"].as_str().unwrap_or(""),
-                            hop["made_by"].as_str().unwrap_or("")
-                        );
-                    } else {
-                        let short = |k: &str| {
-                            let s = hop[k].as_str().unwrap_or("?");
-                            s.get(..12).unwrap_or(s).to_string()
-                        };
-                        let lora = &hop["lora"];
-                        println!(
-                            "{}  <- {} ({} pairs from {}, reference {}){}",
-                            hop["model"].as_str().unwrap_or(""),
-                            hop["made_by"].as_str().unwrap_or(""),
-                            hop["pairs"],
-                            hop["pairs_from"].as_str().unwrap_or("?"),
-                            short("reference_model"),
-                            if lora.is_null() {
-                                String::new()
-                            } else {
-                                format!(
-                                    "; LoRA adapter r = {}, alpha = {} over base {}",
-                                    lora["r"],
-                                    lora["alpha"].as_f64().unwrap_or(f64::NAN),
-                                    lora["base"]
-                                        .as_str()
-                                        .map(|b| b.get(..12).unwrap_or(b))
-                                        .unwrap_or("?")
-                                )
-                            }
-                        );
+                println!("{}", pretty_json(&chain)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for hop in &chain {
+                match hop {
+                    ModelHop::Imported { model, made_by, .. } => {
+                        println!("{model}  M0 (imported by {made_by})")
                     }
+                    ModelHop::Trained {
+                        model,
+                        made_by,
+                        pairs,
+                        pairs_from,
+                        reference_model,
+                        lora,
+                        ..
+                    } => println!(
+                        "{model}  <- {made_by} ({} pairs from {}, reference {}){}",
+                        pairs.map_or("null".to_string(), |n| n.to_string()),
+                        pairs_from.as_deref().unwrap_or("?"),
+                        reference_model.as_deref().map_or("?", short),
+                        match lora {
+                            None => String::new(),
+                            Some(l) => format!(
+                                "; LoRA adapter r = {}, alpha = {} over base {}",
+                                l.r,
+                                l.alpha,
+                                short(&l.base)
+                            ),
+                        }
+                    ),
                 }
             }
         }
@@ -336,7 +226,7 @@ fn stored_config_and_tokenizer(
         let d = import
             .output(name)
             .with_context(|| format!("the import step has no `{name}` output"))?;
-        store_read::read_blob(store, &d)
+        Ok(lineage::read_blob(store, &d)?)
     };
     let cfg_json: Value = serde_json::from_slice(&blob("config")?)
         .context("the stored config.json is not JSON; run `tsr verify`")?;
@@ -361,7 +251,7 @@ fn export_model(store: &Store, a: &ExportArgs) -> anyhow::Result<ExitCode> {
     let Some(out) = &a.out else {
         bail!("`tsr export {run} model` needs --out DIR")
     };
-    let nodes = store_read::nodes(store, run)?;
+    let nodes = lineage::nodes(store, run)?;
     let (node, weights) = match &a.node {
         Some(n) => {
             let r = nodes
@@ -516,12 +406,12 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--format: {e}"))?;
     let store = open_store(&crate::store_dir(store_flag, None))?;
-    let pairs = pairs_with_consumers(&store, &run)?;
+    let pairs = lineage::pairs::pairs_with_consumers(&store, &run)?;
     // Every pair (judge pairs too) trains the run's model, with the run's tokenizer.
     let tok = match format {
         TrlFormat::Conversational => None,
         TrlFormat::Standard => {
-            let nodes = store_read::nodes(&store, &run)?;
+            let nodes = lineage::nodes(&store, &run)?;
             let import = nodes
                 .get("import")
                 .with_context(|| format!("run `{run}` has no finished `import` step"))?;
@@ -529,22 +419,24 @@ pub fn export(store_flag: &Option<PathBuf>, a: ExportArgs) -> anyhow::Result<Exi
         }
     };
     let mut buf = Vec::new();
-    for mut p in pairs {
-        let id = p["pair_id"].clone();
-        let field = |v: &Value, what: &str| -> anyhow::Result<String> {
-            v.as_str()
-                .map(String::from)
-                .with_context(|| format!("pair {id} has no {what} text; run `tsr verify`"))
-        };
-        let prompt = field(&p["prompt"], "prompt")?;
-        let chosen_text = field(&p["chosen"]["text"], "chosen")?;
-        let rejected_text = field(&p["rejected"]["text"], "rejected")?;
-        let fields = trl_fields(format, &prompt, &chosen_text, &rejected_text, tok.as_ref())
-            .with_context(|| format!("pair {id}"))?;
-        let obj = p.as_object_mut().context("a pair is not a JSON object")?;
+    for l in pairs {
+        let p = &l.pair;
+        let fields = trl_fields(
+            format,
+            &p.prompt,
+            &p.chosen.text,
+            &p.rejected.text,
+            tok.as_ref(),
+        )
+        .with_context(|| format!("pair {}", p.pair_id))?;
+        let mut p = l.to_value();
+        let obj = p
+            .as_object_mut()
+            .expect("a pair's lineage is a JSON object");
         let chosen = obj.remove("chosen").unwrap_or(Value::Null);
         let rejected = obj.remove("rejected").unwrap_or(Value::Null);
-        obj.insert("prompt_text".into(), json!(prompt));
+        let prompt = obj.get("prompt").cloned().unwrap_or(Value::Null);
+        obj.insert("prompt_text".into(), prompt);
         obj.extend(fields);
         obj.insert("chosen_lineage".into(), chosen);
         obj.insert("rejected_lineage".into(), rejected);
@@ -574,30 +466,6 @@ fn short_generator(g: &str) -> String {
     } else {
         g.to_string()
     }
-}
-
-fn annotations_of(
-    store: &Store,
-    e: &store_read::EvalResult,
-) -> anyhow::Result<Vec<tsr_steps::records::Annotation>> {
-    store_read::jsonl(store, &e.annotations)?
-        .into_iter()
-        .map(|v| {
-            serde_json::from_value(v)
-                .context("an evaluation annotation cannot be read; run `tsr verify`")
-        })
-        .collect()
-}
-
-fn finished_evals(store: &Store, run: &str) -> anyhow::Result<Vec<store_read::EvalResult>> {
-    let nodes = store_read::nodes(store, run)?;
-    let evals = store_read::evals(store, &nodes)?;
-    if evals.is_empty() {
-        bail!(
-            "run `{run}` has no finished evaluation; give it an [eval] section and run it (or use `tsr eval`)"
-        );
-    }
-    Ok(evals)
 }
 
 /// `tsr export RUN eval --out DIR`: per evaluated model `DIR/<model>/model_outputs.json` and
@@ -748,37 +616,22 @@ pub fn export_eval_to(
 
 /// `tsr lineage RUN eval ID`.
 fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
-    let evals = finished_evals(store, run)?;
-    let mut found = Vec::new();
-    for e in &evals {
-        if let Some(r) = annotations_of(store, e)?
-            .into_iter()
-            .find(|r| r.prompt_id == id)
-        {
-            found.push((e, r));
-        }
-    }
-    if found.is_empty() {
-        bail!("run `{run}` has no evaluation of prompt `{id}`; `tsr export {run} eval --out DIR` lists them");
-    }
+    let found = lineage::evals::eval_lineage(store, run, id)?;
     if as_json {
-        let v: Vec<Value> = found
-            .iter()
-            .map(|(e, r)| json!({"model": e.label, "node": e.node, "annotation": r}))
-            .collect();
-        say!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", pretty_json(&found)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let (_, first) = &found[0];
+    let first = &found[0].annotation;
     say!("evaluation prompt {id}: {:?}", first.instruction);
     if let Some(ans) = &first.answer {
         say!("  known answer: {ans}");
     }
-    for (e, r) in &found {
+    for e in &found {
+        let r = &e.annotation;
         say!("");
         say!(
             "{} (node {}): preference {} — {}",
-            e.label,
+            e.model,
             e.node,
             r.preference
                 .map(|p| p.to_string())
@@ -837,175 +690,56 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
 
 /// `tsr lineage RUN prompt ID`.
 fn lineage_prompt(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
-    use tsr_steps::records::Judgement;
-    use tsr_steps::records::Response;
-    use tsr_steps::records::Role;
-    use tsr_steps::records::{Pair, Rule};
-    use tsr_steps::rules::selection::candidates_of;
-    use tsr_steps::rules::selection::decide;
-    use tsr_steps::rules::selection::LengthControl;
-    let nodes = store_read::nodes(store, run)?;
-    let mut selects: Vec<&NodeResult> = store_read::of_kind(&nodes, "select");
-    selects.retain(|n| matches!(n.step.status, tsr_state::StepStatus::Done { .. }));
-    if selects.is_empty() {
-        bail!("run `{run}` has no finished selection step yet");
-    }
-    let read_rows =
-        |d: &tsr_state::Digest| -> anyhow::Result<Vec<Value>> { store_read::jsonl(store, d) };
-    let typed = |d: &tsr_state::Digest, what: &str| -> anyhow::Result<Vec<Value>> {
-        read_rows(d).with_context(|| format!("reading recorded {what}"))
-    };
-    let mut prompt_text: Option<String> = None;
-    let mut phases: Vec<Value> = Vec::new();
-    for n in &selects {
-        let cfg: Value = serde_json::from_str(&n.step.config)
-            .context("a select step's config cannot be read")?;
-        let rule: Rule =
-            serde_json::from_value(cfg["rule"].clone()).context("a select step's rule")?;
-        let lc = cfg["length_band"]
-            .as_f64()
-            .map(|band| LengthControl { band });
-        let inputs = &n.step.inputs;
-        if prompt_text.is_none() {
-            if let Some(d) = inputs.get("prompts") {
-                prompt_text = typed(d, "prompts")?
-                    .into_iter()
-                    .find(|p| p["id"] == id)
-                    .and_then(|p| p["prompt"].as_str().map(String::from));
-            }
-        }
-        let mut sets = Vec::new();
-        let mut cands: BTreeMap<&str, Vec<tsr_steps::rules::selection::Candidate>> =
-            BTreeMap::new();
-        for (prefix, role) in [
-            ("current", Role::Current),
-            ("anchor", Role::Anchor),
-            ("future", Role::Future),
-        ] {
-            let (Some(rd), Some(jd)) = (
-                inputs.get(&format!("{prefix}_responses")),
-                inputs.get(&format!("{prefix}_judgements")),
-            ) else {
-                continue;
-            };
-            let responses: Vec<Response> = typed(rd, "responses")?
-                .into_iter()
-                .filter(|r| r["prompt_id"] == id)
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()
-                .context("a recorded response cannot be read; run `tsr verify`")?;
-            let judgements: Vec<Judgement> = typed(jd, "judgements")?
-                .into_iter()
-                .filter(|j| j["prompt_id"] == id)
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()
-                .context("a recorded judgement cannot be read; run `tsr verify`")?;
-            cands.insert(prefix, candidates_of(&responses, &judgements, id, role));
-            let model = inputs
-                .get(&format!("{prefix}_model"))
-                .map(|d| d.to_hex())
-                .unwrap_or_default();
-            let rows: Vec<Value> = responses
-                .iter()
-                .map(|r| {
-                    let j = judgements.iter().find(|j| j.sample == r.sample);
-                    json!({
-                        "sample": r.sample, "seed": r.seed, "tokens": r.tokens, "finish": r.finish, "text": r.text,
-                        "score": j.and_then(|j| j.score),
-                        "judgements": j.map(|j| json!({"texts": j.texts, "verdicts": j.verdicts, "probs": j.probs})),
-                    })
-                })
-                .collect();
-            sets.push(json!({"set": prefix, "generator_model": model, "responses": rows}));
-        }
-        let phase1: Option<Pair> = match inputs.get("phase1_pairs") {
-            Some(d) => typed(d, "phase-1 pairs")?
-                .into_iter()
-                .filter(|p| p["prompt_id"] == id)
-                .map(serde_json::from_value::<Pair>)
-                .collect::<Result<Vec<_>, _>>()
-                .context("a recorded pair cannot be read; run `tsr verify`")?
-                .into_iter()
-                .find(|p| !p.is_judge()),
-            None => None,
-        };
-        let outcome = decide(
-            rule,
-            lc,
-            cands.get("current").map(Vec::as_slice).unwrap_or(&[]),
-            cands.get("anchor").map(Vec::as_slice),
-            cands.get("future").map(Vec::as_slice),
-            phase1.as_ref(),
-        );
-        let pair_id = match n.output("pairs") {
-            Some(d) => read_rows(&d)?
-                .into_iter()
-                .find(|p| p["prompt_id"] == id && p["kind"] != "judge")
-                .and_then(|p| p["pair_id"].as_str().map(String::from)),
-            None => None,
-        };
-        phases.push(json!({
-            "iteration": cfg["iteration"], "phase": cfg["phase"], "node": n.node, "rule": cfg["rule"],
-            "sets": sets, "decision": outcome.describe(), "pair_id": pair_id,
-        }));
-    }
-    let Some(prompt) = prompt_text else {
-        bail!("run `{run}` has no training prompt `{id}`; the ids are those of the prompts file (or the 12-digit text digest for lines without an id)");
-    };
+    let l = lineage::prompts::prompt_lineage(store, run, id)?;
     if as_json {
-        say!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"prompt_id": id, "prompt": prompt, "phases": phases})
-            )?
-        );
+        say!("{}", pretty_json(&l)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let prompt = &l.prompt;
     say!("prompt {id}: {prompt:?}");
-    for ph in &phases {
+    for ph in &l.phases {
         say!("");
         say!(
             "iteration {}, phase {} ({}, rule {})",
-            ph["iteration"],
-            ph["phase"].as_str().unwrap_or(""),
-            ph["node"].as_str().unwrap_or(""),
-            ph["rule"].as_str().unwrap_or("")
+            ph.iteration,
+            ph.phase,
+            ph.node,
+            serde_json::to_value(ph.rule)?.as_str().unwrap_or_default()
         );
-        for set in ph["sets"].as_array().into_iter().flatten() {
-            let model = set["generator_model"].as_str().unwrap_or("");
+        for set in &ph.sets {
             say!(
                 "  {} responses (model {}):",
-                set["set"].as_str().unwrap_or(""),
-                &model[..12.min(model.len())]
+                set.set,
+                short(&set.generator_model)
             );
-            for r in set["responses"].as_array().into_iter().flatten() {
-                let score = r["score"]
-                    .as_f64()
+            for r in &set.responses {
+                let score = r
+                    .score
                     .map(|s| format!("{s:.3}"))
                     .unwrap_or_else(|| "unscored".into());
-                let texts = r["judgements"]["texts"].as_array().map_or(0, |t| t.len());
+                let texts = r.judgements.as_ref().map_or(0, |j| j.texts.len());
                 let judged = if texts > 0 {
                     format!(", {texts} written judgements")
                 } else {
                     String::new()
                 };
-                let text = r["text"].as_str().unwrap_or("");
-                let short: String = text.chars().take(70).collect();
-                let more = if text.chars().count() > 70 { "..." } else { "" };
+                let short: String = r.text.chars().take(70).collect();
+                let more = if r.text.chars().count() > 70 {
+                    "..."
+                } else {
+                    ""
+                };
                 say!(
                     "    sample {} (seed {}, {} tokens): score {score}{judged}: {short:?}{more}",
-                    r["sample"],
-                    r["seed"],
-                    r["tokens"]
+                    r.sample,
+                    r.seed,
+                    r.tokens
                 );
             }
         }
-        match ph["pair_id"].as_str() {
-            Some(p) => say!(
-                "  -> {} ({p}; tsr lineage {run} pair {p})",
-                ph["decision"].as_str().unwrap_or("")
-            ),
-            None => say!("  -> {}", ph["decision"].as_str().unwrap_or("")),
+        match &ph.pair_id {
+            Some(p) => say!("  -> {} ({p}; tsr lineage {run} pair {p})", ph.decision),
+            None => say!("  -> {}", ph.decision),
         }
     }
     Ok(ExitCode::SUCCESS)

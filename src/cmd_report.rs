@@ -4,7 +4,6 @@
 //! the Meta-Rewarding workflows add a judge table (score distribution, meta-judge agreement,
 //! judge pairs) and a plot of the share of top judge scores.
 
-use crate::store_read;
 use crate::store_read::open_store;
 use anyhow::Context;
 use clap::Args;
@@ -13,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tsr_steps::kinds::metrics::IterationMetrics;
+use tsr_workflows::lineage::{self, evals::EvalResult};
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -200,20 +200,19 @@ pub fn report_on(
 ) -> anyhow::Result<ExitCode> {
     let store = store;
     let mut all: Vec<(String, Vec<IterationMetrics>)> = Vec::new();
-    let mut evals: Vec<(String, Vec<store_read::EvalResult>)> = Vec::new();
+    let mut evals: Vec<(String, Vec<EvalResult>)> = Vec::new();
     for run in &a.runs {
-        let nodes = store_read::nodes(&store, run)?;
+        let nodes = lineage::nodes(&store, run)?;
         let mut its = Vec::new();
-        for n in store_read::of_kind(&nodes, "metrics") {
+        for n in lineage::of_kind(&nodes, "metrics") {
             if let Some(d) = n.output("metrics") {
-                let m: IterationMetrics =
-                    serde_json::from_slice(&store_read::read_blob(&store, &d)?)
-                        .with_context(|| format!("metrics of {}", n.node))?;
+                let m: IterationMetrics = serde_json::from_slice(&lineage::read_blob(&store, &d)?)
+                    .with_context(|| format!("metrics of {}", n.node))?;
                 its.push(m);
             }
         }
         all.push((run.clone(), its));
-        evals.push((run.clone(), store_read::evals(&store, &nodes)?));
+        evals.push((run.clone(), lineage::evals::evals(&store, &nodes)?));
     }
     let out = a
         .out
@@ -432,7 +431,7 @@ pub fn undecided_hint(s: &tsr_steps::rules::eval::EvalSummary, to: HintFor) -> O
 }
 
 /// The evaluated models' slots on a shared x axis: M0, Mf1, M1, Mf2, M2, ...
-fn eval_slots(evals: &[(String, Vec<store_read::EvalResult>)]) -> Vec<((u32, u32), String)> {
+fn eval_slots(evals: &[(String, Vec<EvalResult>)]) -> Vec<((u32, u32), String)> {
     let slots: BTreeMap<(u32, u32), String> = evals
         .iter()
         .flat_map(|(_, e)| e.iter().map(|e| (e.slot, e.label.clone())))
@@ -441,11 +440,7 @@ fn eval_slots(evals: &[(String, Vec<store_read::EvalResult>)]) -> Vec<((u32, u32
 }
 
 /// `win_rate.png` (win rate with its 95% interval) and `lc_win_rate.png`, one line per run.
-fn plot_evals(
-    out: &Path,
-    evals: &[(String, Vec<store_read::EvalResult>)],
-    text: bool,
-) -> anyhow::Result<()> {
+fn plot_evals(out: &Path, evals: &[(String, Vec<EvalResult>)], text: bool) -> anyhow::Result<()> {
     let slots = eval_slots(evals);
     let names: Vec<String> = slots.iter().map(|s| s.1.clone()).collect();
     let x_of = |slot: (u32, u32)| slots.iter().position(|s| s.0 == slot).unwrap_or(0) as f64;
@@ -496,7 +491,7 @@ fn plot_evals(
 /// model's and the baseline's outputs; EM exact-match accuracy where prompts have answers;
 /// SOFT (logprob judges) the judge's probability that the model is better, averaged over both
 /// orders.
-fn print_eval_table(evals: &[(String, Vec<store_read::EvalResult>)]) {
+fn print_eval_table(evals: &[(String, Vec<EvalResult>)]) {
     say!("");
     say!(
         "{:<16} {:<6} {:>6} {:>15} {:>6} {:>6} {:>4} {:>4} {:>4} {:>5} {:>9} {:>7} {:>7} {:>11}",

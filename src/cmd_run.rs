@@ -231,8 +231,8 @@ fn drive_replicated(
                 store_dir.display()
             );
             if config.workflow.trains() {
-                let nodes = crate::store_read::nodes(&store, &config.name)?;
-                if let Some((node, d)) = crate::store_read::final_model(&nodes) {
+                let nodes = tsr_workflows::lineage::nodes(&store, &config.name)?;
+                if let Some((node, d)) = tsr_workflows::lineage::final_model(&nodes) {
                     eprintln!(
                         "tsr: final model {d} (from {}); as a Hugging Face folder: tsr export {} model --out DIR --store {}",
                         node.node,

@@ -5,6 +5,7 @@
 
 pub mod choices;
 mod config;
+pub mod lineage;
 mod lm;
 pub mod memory;
 

@@ -1,0 +1,135 @@
+//! A model's chain back to M0: for each model, the step that made it, from which model, on
+//! which pairs and against which reference (what `tsr lineage RUN model DIGEST` shows).
+
+use super::pairs::reference_of;
+use super::{nodes, records, NodeResult, QueryError};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use tsr_state::Store;
+
+/// One model of the chain.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum ModelHop {
+    /// M0, the initial model.
+    Imported {
+        model: String,
+        made_by: String,
+        /// `import-model`.
+        kind: String,
+        note: String,
+    },
+    /// A model DPO made.
+    Trained {
+        model: String,
+        made_by: String,
+        kind: String,
+        dpo_step: String,
+        /// How many pairs it trained on.
+        pairs: Option<usize>,
+        /// The select node the pairs came from.
+        pairs_from: Option<String>,
+        reference_model: Option<String>,
+        trained_from: Option<String>,
+        /// When the model is a LoRA adapter: its shape and base.
+        lora: Option<AdapterInfo>,
+    },
+}
+
+/// A LoRA adapter a DPO step made: its rank, alpha and the digest of the base it adapts.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterInfo {
+    pub r: u64,
+    pub alpha: f64,
+    pub base: String,
+}
+
+/// When the node made a LoRA adapter (its `weights` output is one): its shape and base. Only
+/// the adapter's header is read: a damaged blob is `tsr verify`'s to report, not a reason for
+/// status or lineage to fail.
+pub fn adapter_of(store: &Store, node: &NodeResult) -> Option<AdapterInfo> {
+    let w = node.output("weights")?;
+    // Only a DPO step configured for LoRA makes adapters.
+    if node.step.kind != "dpo" || !node.step.config.contains("\"lora\"") {
+        return None;
+    }
+    tsr_model::StoredAdapter::read(&store.blobs().path(&w))
+        .ok()
+        .map(|m| AdapterInfo {
+            r: m.r,
+            alpha: m.alpha,
+            base: m.base_digest,
+        })
+}
+
+/// The one model of the run whose digest starts with `prefix`.
+pub fn resolve_model(
+    nodes: &BTreeMap<String, NodeResult>,
+    prefix: &str,
+) -> Result<String, QueryError> {
+    let mut all: Vec<String> = nodes
+        .values()
+        .filter_map(|n| n.output("weights"))
+        .map(|d| d.to_hex())
+        .collect();
+    all.sort();
+    all.dedup();
+    let hits: Vec<&String> = all.iter().filter(|d| d.starts_with(prefix)).collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(QueryError::NoModel {
+            prefix: prefix.to_string(),
+            models: all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", "),
+        }),
+        _ => Err(QueryError::AmbiguousModel {
+            prefix: prefix.to_string(),
+            count: hits.len(),
+        }),
+    }
+}
+
+/// The chain from the model whose digest starts with `prefix` back to M0.
+pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHop>, QueryError> {
+    let nodes = nodes(store, run)?;
+    let mut cur = resolve_model(&nodes, prefix)?;
+    let mut chain = Vec::new();
+    loop {
+        let maker = nodes
+            .values()
+            .find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
+        let Some(maker) = maker else { break };
+        if maker.step.kind == "import-model" {
+            chain.push(ModelHop::Imported {
+                model: cur,
+                made_by: maker.node.clone(),
+                kind: "import-model".into(),
+                note: "M0, the initial model".into(),
+            });
+            break;
+        }
+        let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
+        let pairs_input = maker.step.inputs.get("pairs");
+        let pairs = pairs_input
+            .map(|d| records::<serde::de::IgnoredAny>(store, d, "pair").map(|v| v.len()))
+            .transpose()?;
+        let pairs_from = pairs_input
+            .and_then(|p| nodes.values().find(|n| n.output("pairs") == Some(*p)))
+            .map(|n| n.node.clone());
+        chain.push(ModelHop::Trained {
+            model: cur.clone(),
+            made_by: maker.node.clone(),
+            kind: maker.step.kind.clone(),
+            dpo_step: maker.key.to_hex(),
+            pairs,
+            pairs_from,
+            reference_model: reference_of(&nodes, maker),
+            trained_from: parent.clone(),
+            lora: adapter_of(store, maker),
+        });
+        match parent {
+            Some(p) if p != cur => cur = p,
+            _ => break,
+        }
+    }
+    Ok(chain)
+}
