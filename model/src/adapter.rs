@@ -7,22 +7,12 @@
 //! error naming the setting, never ignored. Settings that only shape training or
 //! initialisation (`lora_dropout`, `init_lora_weights`, `loftq_config`, ...) are accepted.
 
+use super::projection::Proj;
 use super::ModelError;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// The projections tsr's Llama/Qwen2/Mistral layers have, with their module path.
-const TARGETS: [(&str, &str); 7] = [
-    ("q_proj", "self_attn"),
-    ("k_proj", "self_attn"),
-    ("v_proj", "self_attn"),
-    ("o_proj", "self_attn"),
-    ("gate_proj", "mlp"),
-    ("up_proj", "mlp"),
-    ("down_proj", "mlp"),
-];
 
 /// Settings with no effect on a saved adapter's computation.
 const NEUTRAL: [&str; 16] = [
@@ -157,7 +147,7 @@ impl LoraAdapter {
                 };
                 return Err(bad(format!(
                     "setting `{key}` = {value}{what} is not supported; tsr applies plain LoRA (W + lora_alpha / r * B A) to {}",
-                    TARGETS.map(|t| t.0).join(", ")
+                    Proj::names()
                 )));
             }
         }
@@ -166,23 +156,23 @@ impl LoraAdapter {
                 .iter()
                 .map(|v| {
                     let name = v.as_str().unwrap_or_default();
-                    if TARGETS.iter().any(|t| t.0 == name) {
+                    if Proj::named(name).is_some() {
                         Ok(name.to_string())
                     } else {
                         Err(bad(format!(
                             "target module {v} is not supported; tsr adapts {}",
-                            TARGETS.map(|t| t.0).join(", ")
+                            Proj::names()
                         )))
                     }
                 })
                 .collect::<Result<_, _>>()?,
             Some(Value::String(s)) if s == "all-linear" => {
-                TARGETS.iter().map(|t| t.0.to_string()).collect()
+                Proj::ALL.iter().map(|p| p.name().to_string()).collect()
             }
             Some(other) => {
                 return Err(bad(format!(
                     "target_modules {other} is not supported: give a list of module names ({})",
-                    TARGETS.map(|t| t.0).join(", ")
+                    Proj::names()
                 )))
             }
             None => return Err(bad("target_modules is missing".into())),
@@ -371,7 +361,7 @@ impl std::str::FromStr for LoraSpec {
         let mut r = None;
         let mut alpha = None;
         let mut dropout = 0.0;
-        let mut targets: Vec<String> = TARGETS.iter().map(|t| t.0.to_string()).collect();
+        let mut targets: Vec<String> = Proj::ALL.iter().map(|p| p.name().to_string()).collect();
         for part in s.split(',').filter(|p| !p.trim().is_empty()) {
             let (k, v) = part
                 .split_once('=')
@@ -405,13 +395,10 @@ impl std::str::FromStr for LoraSpec {
                 }
                 "targets" => {
                     targets = v.split('+').map(|t| t.trim().to_string()).collect();
-                    if let Some(t) = targets
-                        .iter()
-                        .find(|t| !TARGETS.iter().any(|x| x.0 == t.as_str()))
-                    {
+                    if let Some(t) = targets.iter().find(|t| Proj::named(t).is_none()) {
                         return Err(format!(
                             "target `{t}` is not a projection tsr adapts ({})",
-                            TARGETS.map(|t| t.0).join(", ")
+                            Proj::names()
                         ));
                     }
                 }
@@ -442,11 +429,11 @@ impl super::LanguageModel {
         let vars: BTreeMap<String, Var> = self.vars().into_iter().collect();
         let mut factors = BTreeMap::new();
         for layer in 0..self.config().num_hidden_layers {
-            for (proj, module) in TARGETS {
-                if !spec.targets.iter().any(|t| t == proj) {
+            for proj in Proj::ALL {
+                if !spec.targets.iter().any(|t| t == proj.name()) {
                     continue;
                 }
-                let name = format!("model.layers.{layer}.{module}.{proj}.weight");
+                let name = proj.weight_name(layer);
                 let (out, inp) = vars[&name].as_tensor().dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f32> = (0..spec.r * inp)

@@ -31,6 +31,7 @@ mod kernels;
 mod llama;
 mod load_gguf;
 mod load_hf;
+pub mod projection;
 pub mod rope;
 mod save;
 mod score;
@@ -51,6 +52,7 @@ pub use error::candle_text;
 pub use error::{without_backtrace, ModelError};
 pub use generate::{FinishReason, GenOutput, GenRequest, Sampling};
 pub use hub::resolve_hub_id;
+pub use projection::Proj;
 pub use rope::{Rope as RopeSettings, RopeScaling};
 pub use save::write_f32_le;
 pub use tokenizer::ChatTokenizer;
@@ -376,24 +378,14 @@ impl LanguageModel {
                 var.as_tensor().detach()
             })
         };
-        let lora_of = |layer: usize, k: usize| -> Option<(Tensor, Tensor)> {
+        let lora_of = |layer: usize, p: Proj| -> Option<(Tensor, Tensor)> {
             let l = self.lora.as_ref()?;
-            let (a, b) = l.factors.get(&format!(
-                "model.layers.{layer}.{}.weight",
-                llama::PROJECTIONS[k]
-            ))?;
+            let (a, b) = l.factors.get(&p.weight_name(layer))?;
             Some(if differentiable {
                 (a.as_tensor().clone(), b.as_tensor().clone())
             } else {
                 (a.as_tensor().detach(), b.as_tensor().detach())
             })
-        };
-        let opt = |name: String, present: bool| -> Result<Option<Tensor>, ModelError> {
-            if present {
-                get(&name).map(Some)
-            } else {
-                Ok(None)
-            }
         };
         // Dropout on the adapters' inputs: only in a training pass with a mask seed set.
         let drop = self.lora.as_ref().and_then(|l| {
@@ -403,41 +395,34 @@ impl LanguageModel {
                 .flatten()
                 .map(|s| (l.dropout, s))
         });
-        let drop_of = |layer: usize, k: usize| -> Option<(f64, u64)> {
-            let (p, seed) = drop?;
+        let drop_of = |layer: usize, p: Proj| -> Option<(f64, u64)> {
+            let (prob, seed) = drop?;
+            let k = Proj::ALL
+                .iter()
+                .position(|x| *x == p)
+                .expect("a projection") as u64;
             let mut h = blake3::Hasher::new();
             h.update(b"tsr lora dropout");
             h.update(&seed.to_le_bytes());
             h.update(&(layer as u64).to_le_bytes());
-            h.update(&(k as u64).to_le_bytes());
+            h.update(&k.to_le_bytes());
             let d = h.finalize();
             Some((
-                p,
+                prob,
                 u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")),
             ))
         };
         let cfg = &self.config;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(Layer {
-                attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
-                q: get(&format!("{p}.self_attn.q_proj.weight"))?,
-                k: get(&format!("{p}.self_attn.k_proj.weight"))?,
-                v: get(&format!("{p}.self_attn.v_proj.weight"))?,
-                o: get(&format!("{p}.self_attn.o_proj.weight"))?,
-                q_b: opt(format!("{p}.self_attn.q_proj.bias"), cfg.qkv_bias)?,
-                k_b: opt(format!("{p}.self_attn.k_proj.bias"), cfg.qkv_bias)?,
-                v_b: opt(format!("{p}.self_attn.v_proj.bias"), cfg.qkv_bias)?,
-                o_b: opt(format!("{p}.self_attn.o_proj.bias"), cfg.o_bias)?,
-                mlp_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
-                up: get(&format!("{p}.mlp.up_proj.weight"))?,
-                down: get(&format!("{p}.mlp.down_proj.weight"))?,
-                lora: std::array::from_fn(|k| lora_of(i, k)),
-                lora_drop: std::array::from_fn(|k| drop_of(i, k)),
-            });
-        }
+        let src = llama::TensorSource {
+            get: &get,
+            lora: &lora_of,
+            dropout: &drop_of,
+            lora_scale: self.lora.as_ref().map_or(0.0, |l| l.scale()),
+            frozen_base: differentiable && self.lora.is_some(),
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(&src, cfg, i))
+            .collect::<Result<Vec<_>, _>>()?;
         let embed = get("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
@@ -451,7 +436,6 @@ impl LanguageModel {
             norm: get("model.norm.weight")?,
             lm_head,
             differentiable,
-            lora_scale: self.lora.as_ref().map_or(0.0, |l| l.scale()),
             frozen_base: differentiable && self.lora.is_some(),
         })
     }

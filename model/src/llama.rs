@@ -16,38 +16,152 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::config::Config;
 use super::kernels::{self, matmul_wt};
+use super::projection::Proj;
+use super::ModelError;
+
+/// One linear projection of a block: its weight `[out, in]`, optional bias, optional LoRA
+/// factors (A `[r, in]`, B `[out, r]`) with their scale, and the dropout on the adapter's input
+/// while training with it.
+pub(crate) struct Projection {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<(Tensor, Tensor)>,
+    /// `alpha / r` of the LoRA factors.
+    pub scale: f64,
+    /// (probability, mask seed) while training with dropout.
+    pub dropout: Option<(f64, u64)>,
+    /// The weight is frozen under training LoRA factors: its matmul skips the weight gradient.
+    pub frozen: bool,
+}
+
+impl Projection {
+    /// `x W^T (+ b)`, plus the LoRA update `scale * (x A^T) B^T` when it has factors.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.frozen {
+            linear_frozen(x, &self.weight, self.bias.as_ref())?
+        } else {
+            linear(x, &self.weight, self.bias.as_ref())?
+        };
+        let Some((a, bm)) = &self.lora else {
+            return Ok(y);
+        };
+        let (bs, t, i) = x.dims3()?;
+        let mut x2 = x.reshape((bs * t, i))?;
+        if let Some((p, seed)) = self.dropout {
+            x2 = (x2 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs * t, i))?)?;
+        }
+        let xa = matmul_wt(&x2, a)?;
+        let d = (matmul_wt(&xa, bm)? * self.scale)?;
+        y + d.reshape((bs, t, ()))?
+    }
+}
+
+/// Where one forward pass's tensors come from: the model's weights by name, and per layer and
+/// projection its LoRA factors and dropout.
+pub(crate) struct TensorSource<'a> {
+    pub get: &'a dyn Fn(&str) -> std::result::Result<Tensor, ModelError>,
+    pub lora: &'a dyn Fn(usize, Proj) -> Option<(Tensor, Tensor)>,
+    pub dropout: &'a dyn Fn(usize, Proj) -> Option<(f64, u64)>,
+    pub lora_scale: f64,
+    pub frozen_base: bool,
+}
+
+impl TensorSource<'_> {
+    fn projection(
+        &self,
+        cfg: &Config,
+        layer: usize,
+        p: Proj,
+    ) -> std::result::Result<Projection, ModelError> {
+        Ok(Projection {
+            weight: (self.get)(&p.weight_name(layer))?,
+            bias: if p.has_bias(cfg) {
+                Some((self.get)(&p.bias_name(layer))?)
+            } else {
+                None
+            },
+            lora: (self.lora)(layer, p),
+            scale: self.lora_scale,
+            dropout: (self.dropout)(layer, p),
+            frozen: self.frozen_base,
+        })
+    }
+}
+
+/// Attention's projections.
+pub(crate) struct Attention {
+    pub q: Projection,
+    pub k: Projection,
+    pub v: Projection,
+    pub o: Projection,
+}
+
+impl Attention {
+    fn load(
+        src: &TensorSource,
+        cfg: &Config,
+        layer: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Attention {
+            q: src.projection(cfg, layer, Proj::Q)?,
+            k: src.projection(cfg, layer, Proj::K)?,
+            v: src.projection(cfg, layer, Proj::V)?,
+            o: src.projection(cfg, layer, Proj::O)?,
+        })
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+pub(crate) struct Mlp {
+    pub gate: Projection,
+    pub up: Projection,
+    pub down: Projection,
+}
+
+impl Mlp {
+    fn load(
+        src: &TensorSource,
+        cfg: &Config,
+        layer: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Mlp {
+            gate: src.projection(cfg, layer, Proj::Gate)?,
+            up: src.projection(cfg, layer, Proj::Up)?,
+            down: src.projection(cfg, layer, Proj::Down)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        let u = self.up.forward(x)?;
+        self.down.forward(&(g * u)?)
+    }
+}
 
 /// One transformer block's parameters.
 pub(crate) struct Layer {
     pub attn_norm: Tensor,
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub o: Tensor,
-    pub q_b: Option<Tensor>,
-    pub k_b: Option<Tensor>,
-    pub v_b: Option<Tensor>,
-    pub o_b: Option<Tensor>,
+    pub attn: Attention,
     pub mlp_norm: Tensor,
-    pub gate: Tensor,
-    pub up: Tensor,
-    pub down: Tensor,
-    /// LoRA factors (A `[r, in]`, B `[out, r]`) per projection, in [`PROJECTIONS`] order.
-    pub lora: [Option<(Tensor, Tensor)>; 7],
-    /// Dropout on each adapter's input: (probability, mask seed), while training with dropout.
-    pub lora_drop: [Option<(f64, u64)>; 7],
+    pub mlp: Mlp,
 }
 
-/// The projections of a block, in the order of [`Layer::lora`].
-pub(crate) const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+impl Layer {
+    /// Layer `layer`'s tensors under their Hugging Face names.
+    pub fn load(
+        src: &TensorSource,
+        cfg: &Config,
+        layer: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let p = format!("model.layers.{layer}");
+        Ok(Layer {
+            attn_norm: (src.get)(&format!("{p}.input_layernorm.weight"))?,
+            attn: Attention::load(src, cfg, layer)?,
+            mlp_norm: (src.get)(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: Mlp::load(src, cfg, layer)?,
+        })
+    }
+}
 
 /// All parameters, as tensors that either track gradients (from `Var`s) or are detached views
 /// of the same storage (inference: optimizer updates are visible, no graph is built).
@@ -58,10 +172,8 @@ pub(crate) struct Weights {
     pub norm: Tensor,
     pub lm_head: Tensor,
     pub differentiable: bool,
-    /// LoRA scale (`alpha / r`) of the layers' factors.
-    pub lora_scale: f64,
-    /// Training LoRA factors over frozen base weights: the base matmuls skip the weight
-    /// gradient.
+    /// Training LoRA factors over frozen base weights: the base matmuls (the LM head's too)
+    /// skip the weight gradient.
     pub frozen_base: bool,
 }
 
@@ -202,36 +314,6 @@ fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     y.reshape((bs, t, ()))
 }
 
-/// `linear` plus the LoRA update `scale * (x A^T) B^T` when the projection has factors.
-fn linear_lora(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    lora: &Option<(Tensor, Tensor)>,
-    scale: f64,
-    frozen: bool,
-    drop: Option<(f64, u64)>,
-) -> Result<Tensor> {
-    let y = if frozen {
-        linear_frozen(x, w, b)?
-    } else {
-        linear(x, w, b)?
-    };
-    match lora {
-        None => Ok(y),
-        Some((a, bm)) => {
-            let (bs, t, i) = x.dims3()?;
-            let mut x2 = x.reshape((bs * t, i))?;
-            if let Some((p, seed)) = drop {
-                x2 = (x2 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs * t, i))?)?;
-            }
-            let xa = matmul_wt(&x2, a)?;
-            let d = (matmul_wt(&xa, bm)? * scale)?;
-            y + d.reshape((bs, t, ()))?
-        }
-    }
-}
-
 /// An inverted-dropout mask of `n` values (0, or `1 / (1 - p)` with probability `1 - p`) in
 /// `like`'s dtype and device, drawn from a ChaCha8 generator seeded with `seed`.
 fn dropout_mask(n: usize, p: f64, seed: u64, like: &Tensor) -> Result<Tensor> {
@@ -302,19 +384,9 @@ impl Weights {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let (sc, fz) = (self.lora_scale, self.frozen_base);
-        let q = heads(
-            linear_lora(x, &l.q, l.q_b.as_ref(), &l.lora[0], sc, fz, l.lora_drop[0])?,
-            nh,
-        )?;
-        let k = heads(
-            linear_lora(x, &l.k, l.k_b.as_ref(), &l.lora[1], sc, fz, l.lora_drop[1])?,
-            nkv,
-        )?;
-        let v = heads(
-            linear_lora(x, &l.v, l.v_b.as_ref(), &l.lora[2], sc, fz, l.lora_drop[2])?,
-            nkv,
-        )?;
+        let q = heads(l.attn.q.forward(x)?, nh)?;
+        let k = heads(l.attn.k.forward(x)?, nkv)?;
+        let v = heads(l.attn.v.forward(x)?, nkv)?;
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         let (k, v) = match cache {
@@ -338,14 +410,7 @@ impl Weights {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        linear_lora(&y, &l.o, l.o_b.as_ref(), &l.lora[3], sc, fz, l.lora_drop[3])
-    }
-
-    fn mlp(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
-        let (sc, fz) = (self.lora_scale, self.frozen_base);
-        let g = linear_lora(x, &l.gate, None, &l.lora[4], sc, fz, l.lora_drop[4])?.silu()?;
-        let u = linear_lora(x, &l.up, None, &l.lora[5], sc, fz, l.lora_drop[5])?;
-        linear_lora(&(g * u)?, &l.down, None, &l.lora[6], sc, fz, l.lora_drop[6])
+        l.attn.o.forward(&y)
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
@@ -376,7 +441,7 @@ impl Weights {
             let a = self.attention(l, &h, rope, mask, kv)?;
             x = (x + a)?;
             let h = self.rms_norm(&x, &l.mlp_norm)?;
-            x = (&x + self.mlp(l, &h)?)?;
+            x = (&x + l.mlp.forward(&h)?)?;
         }
         if let Some(c) = cache.as_mut() {
             c.len += t;

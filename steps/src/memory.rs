@@ -10,7 +10,7 @@
 //! "Memory plan, LoRA in runs and half-precision bases"): the estimate is meant to be within
 //! 25% of the measured peak resident memory.
 
-use tsr_model::Config;
+use tsr_model::{Config, Proj};
 
 /// Bytes in a mebibyte / gibibyte, for printing.
 pub const MIB: f64 = 1024.0 * 1024.0;
@@ -32,23 +32,11 @@ pub struct Shape {
     pub vocab: u64,
     /// Every parameter (a tied output head counted once).
     pub params: u64,
-    /// `(in, out)` of the seven projections of one layer, in the order q, k, v, o, gate, up,
-    /// down.
+    /// `(in, out)` of the seven projections of one layer, in [`Proj::ALL`] order.
     pub projections: [(u64, u64); 7],
     /// Elements of the largest tensor (what a load reads at once besides the model).
     pub largest: u64,
 }
-
-/// The projections a LoRA adapter can target, in [`Shape::projections`] order.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 impl Shape {
     pub fn of(c: &Config) -> Shape {
@@ -58,8 +46,6 @@ impl Shape {
             .map(|(_, s)| s.iter().product::<usize>() as u64)
             .sum();
         let (h, f) = (c.hidden_size as u64, c.intermediate_size as u64);
-        let q = (c.num_attention_heads * c.head_dim) as u64;
-        let kv = (c.num_key_value_heads * c.head_dim) as u64;
         Shape {
             hidden: h,
             intermediate: f,
@@ -69,17 +55,20 @@ impl Shape {
             head_dim: c.head_dim as u64,
             vocab: c.vocab_size as u64,
             params,
-            projections: [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)],
+            projections: Proj::ALL.map(|p| {
+                let (i, o) = p.shape(c);
+                (i as u64, o as u64)
+            }),
             largest: (c.vocab_size as u64 * h).max(f * h),
         }
     }
 
     /// Parameters of a LoRA adapter of rank `r` on `targets`.
     pub fn lora_params(&self, r: u64, targets: &[String]) -> u64 {
-        PROJECTIONS
+        Proj::ALL
             .iter()
             .zip(self.projections)
-            .filter(|(name, _)| targets.iter().any(|t| t == *name))
+            .filter(|(p, _)| targets.iter().any(|t| t == p.name()))
             .map(|(_, (i, o))| r * (i + o))
             .sum::<u64>()
             * self.layers
@@ -204,10 +193,10 @@ pub fn training(
     let seqs = 2 * micro_batch;
     // An adapted projection also keeps its update and the sum (two tensors of its output).
     let lora_extra: u64 = match lora {
-        Some(l) => PROJECTIONS
+        Some(l) => Proj::ALL
             .iter()
             .zip(s.projections)
-            .filter(|(name, _)| l.targets.iter().any(|t| t == *name))
+            .filter(|(p, _)| l.targets.iter().any(|t| t == p.name()))
             .map(|(_, (inp, out))| 2 * out + if l.dropout { 2 * inp } else { 0 })
             .sum(),
         None => 0,
@@ -435,7 +424,7 @@ mod tests {
             l.params
         );
         // r (in + out) per projection, as PEFT counts: 18,087,936 for r = 16 on all seven.
-        let all: Vec<String> = PROJECTIONS.iter().map(|s| s.to_string()).collect();
+        let all: Vec<String> = Proj::ALL.iter().map(|p| p.name().to_string()).collect();
         assert_eq!(s.lora_params(16, &all), 18_087_936);
     }
 

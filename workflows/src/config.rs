@@ -390,7 +390,7 @@ impl Default for LoraSection {
             r: 16,
             alpha: 32.0,
             dropout: 0.0,
-            targets: tsr_steps::memory::PROJECTIONS.map(String::from).to_vec(),
+            targets: tsr_model::Proj::ALL.map(|p| p.name().to_string()).to_vec(),
         }
     }
 }
