@@ -77,7 +77,7 @@ fn show_side(v: &tsr_steps::records::Side) -> String {
             .unwrap_or_default(),
         v.sample,
         v.seed,
-        short(&v.generator_model),
+        v.generator_model.short(),
         v.score,
         scores.join(","),
         v.text
@@ -135,9 +135,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                     "  trained by {} (step {}): from model {} with reference {} -> model {}",
                     t.dpo_node,
                     short(&t.dpo_step),
-                    t.trained_from.as_deref().unwrap_or("?"),
-                    t.reference_model.as_deref().unwrap_or("?"),
-                    t.produced_model.as_deref().unwrap_or("(not finished)")
+                    t.trained_from.map_or("?".into(), |d| d.to_hex()),
+                    t.reference_model.map_or("?".into(), |d| d.to_hex()),
+                    t.produced_model
+                        .map_or("(not finished)".into(), |d| d.to_hex())
                 ),
                 None => println!("  not yet used by a DPO step"),
             }
@@ -167,7 +168,7 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                         "{model}  <- {made_by} ({} pairs from {}, reference {}){}",
                         pairs.map_or("null".to_string(), |n| n.to_string()),
                         pairs_from.as_deref().unwrap_or("?"),
-                        reference_model.as_deref().map_or("?", short),
+                        reference_model.map_or("?".into(), |d| d.short()),
                         match lora {
                             None => String::new(),
                             Some(l) => format!(
@@ -538,7 +539,7 @@ pub fn export_eval_to(
                     "generator_1": short_generator(&r.generator_1),
                     "generator_2": short_generator(&r.generator_2),
                     "preference": r.preference,
-                    "annotator": format!("tsr_{}_{}", r.mode, short_generator(&r.judge_model)),
+                    "annotator": format!("tsr_{}_{}", r.mode, r.judge_model.short()),
                     "raw_completion": raw,
                     "prompt_id": r.prompt_id,
                     "decision": r.decision,
@@ -661,7 +662,7 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
         }
         say!(
             "  judge: model {}, mode {}, template {}",
-            short_generator(&r.judge_model),
+            r.judge_model.short(),
             r.mode,
             &r.template_digest[..12.min(r.template_digest.len())]
         );
@@ -710,7 +711,7 @@ fn lineage_prompt(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::
             say!(
                 "  {} responses (model {}):",
                 set.set,
-                short(&set.generator_model)
+                set.generator_model.map_or("?".into(), |d| d.short())
             );
             for r in &set.responses {
                 let score = r

@@ -459,10 +459,10 @@ fn a_judge_pair_is_scored_by_the_reference_and_trained_on_by_dpo() {
         iteration: 1,
         judge_prompt: &judge_prompt,
         response_text: "Blue.",
-        generator_model: "g",
-        judge_model: "j",
+        generator_model: tsr_state::Digest::of(b"g"),
+        judge_model: tsr_state::Digest::of(b"j"),
         judge_template_digest: "t",
-        meta_model: "m",
+        meta_model: tsr_state::Digest::of(b"m"),
         meta_template_digest: "mt",
     };
     let judge = judge_pair(&comparison, &judgement, &ctx).expect("an agreed comparison");

@@ -117,6 +117,41 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), 
     Ok(())
 }
 
+/// Serde as 64 hex characters, for records that store a digest as text (models in pairs,
+/// judgements and evaluations): `#[serde(with = "tsr_base::hex")]`.
+pub mod hex {
+    use super::Digest;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(d)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        s.parse().map_err(D::Error::custom)
+    }
+
+    /// An optional digest: hex, or `null`.
+    pub mod option {
+        use super::Digest;
+        use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(d: &Option<Digest>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.collect_str(d),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Digest>, D::Error> {
+            Option::<std::borrow::Cow<str>>::deserialize(d)?
+                .map(|s| s.parse().map_err(D::Error::custom))
+                .transpose()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

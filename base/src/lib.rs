@@ -5,5 +5,5 @@
 mod digest;
 pub mod fsio;
 
-pub use digest::{fingerprint, BadDigest, Digest};
+pub use digest::{fingerprint, hex, BadDigest, Digest};
 pub use fsio::PathError;

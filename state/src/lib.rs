@@ -34,4 +34,4 @@ pub use records::{
 };
 pub use store::{validate_name, validate_run_name, Commit, RemoteState, Store};
 pub use sync::{SyncMode, SyncPoint, SyncView};
-pub use tsr_base::{fingerprint, fsio, BadDigest, Digest};
+pub use tsr_base::{fingerprint, fsio, hex, BadDigest, Digest};

@@ -10,6 +10,7 @@
 
 use tsr_engine::{StepContext, StepError, StepInputs};
 use tsr_model::{parse_device, DType, LanguageModel, LoraAdapter, ModelSource, StoredAdapter};
+use tsr_state::Digest;
 
 /// (input suffix, file name in the Hugging Face layout).
 pub const MODEL_FILES: [(&str, &str); 4] = [
@@ -20,8 +21,8 @@ pub const MODEL_FILES: [(&str, &str); 4] = [
 ];
 
 /// The digest (model identity) of the model under `prefix`.
-pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<String, StepError> {
-    Ok(inputs.digest(&format!("{prefix}.weights"))?.to_hex())
+pub fn model_digest(inputs: &StepInputs, prefix: &str) -> Result<Digest, StepError> {
+    inputs.digest(&format!("{prefix}.weights"))
 }
 
 /// Load the model whose files are the inputs under `prefix`, on the step's device, with its

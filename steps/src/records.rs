@@ -5,6 +5,7 @@
 //! later needs `#[serde(default)]` so that older records still read.
 
 use serde::{Deserialize, Serialize};
+use tsr_state::Digest;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Response {
@@ -56,7 +57,9 @@ pub enum PairKind {
 pub struct Side {
     pub text: String,
     pub role: Role,
-    pub generator_model: String,
+    /// The model that wrote the text (its weights digest).
+    #[serde(with = "tsr_state::hex")]
+    pub generator_model: Digest,
     pub sample: u32,
     pub seed: u64,
     pub tokens: usize,
@@ -67,7 +70,8 @@ pub struct Side {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct JudgeInfo {
-    pub model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub model: Digest,
     pub mode: String,
     pub template_digest: String,
 }
@@ -170,7 +174,8 @@ pub struct Annotation {
     pub decision: String,
     /// Both orders' verdicts (empty when the outputs are identical).
     pub verdicts: Vec<OrderVerdict>,
-    pub judge_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub judge_model: Digest,
     pub mode: String,
     pub template_digest: String,
     #[serde(default)]
@@ -233,16 +238,19 @@ pub struct JudgementRef {
 pub struct MetaLineage {
     pub response_prompt_id: String,
     pub response_sample: u32,
-    pub response_generator_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub response_generator_model: Digest,
     pub response_digest: String,
     /// The model that wrote the judgements.
-    pub judge_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub judge_model: Digest,
     pub judge_template_digest: String,
     /// Variance of the response's parsed judge scores.
     pub variance: f64,
     /// Judgement A and B as shown in order "ab".
     pub judgements: [JudgementRef; 2],
-    pub meta_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub meta_model: Digest,
     pub meta_template_digest: String,
     /// Order "ab" then order "ba", verbatim, with their parsed verdicts and seeds.
     pub meta_texts: [String; 2],

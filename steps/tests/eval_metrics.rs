@@ -74,7 +74,14 @@ fn exported_annotations_give_alpaca_evals_win_rate() {
             serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         undecided_seen |= rows.iter().any(|r| r.preference.is_none());
         let mode = rows[0].mode.clone();
-        let now = tsr_steps::rules::eval::summarize(&rows, "judge", &mode, "t", 1, 10);
+        let now = tsr_steps::rules::eval::summarize(
+            &rows,
+            tsr_state::Digest::of(b"judge"),
+            &mode,
+            "t",
+            1,
+            10,
+        );
         let label = file
             .parent()
             .unwrap()

@@ -40,7 +40,7 @@ impl Step for Answer {
             &Answers {
                 step: self,
                 prompts,
-                generator,
+                generator: generator.to_hex(),
             },
             inputs,
             ctx,

@@ -114,7 +114,7 @@ impl Step for PairwiseJudge {
         } = work;
         let summary = summarize(
             &rows,
-            &judge_model,
+            judge_model,
             mode,
             &template_digest,
             ctx.derive_seed("bootstrap", 0),
@@ -133,7 +133,7 @@ struct Annotations<'a> {
     prompts: Vec<Prompt>,
     baseline: BTreeMap<String, EvalOutput>,
     candidate: BTreeMap<String, EvalOutput>,
-    judge_model: String,
+    judge_model: tsr_state::Digest,
     mode: &'static str,
     template_digest: String,
 }
@@ -328,7 +328,7 @@ impl items::Batches for Annotations<'_> {
                     preference,
                     decision,
                     verdicts,
-                    judge_model: self.judge_model.clone(),
+                    judge_model: self.judge_model,
                     mode: self.mode.to_string(),
                     template_digest: self.template_digest.clone(),
                     answer,

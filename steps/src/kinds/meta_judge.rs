@@ -139,10 +139,10 @@ impl Step for MetaJudge {
                 iteration: self.iteration,
                 judge_prompt: &jp,
                 response_text: &r.text,
-                generator_model: &generator,
-                judge_model: &judge_model,
+                generator_model: generator,
+                judge_model,
                 judge_template_digest: &judge_template_digest,
-                meta_model: &meta_model,
+                meta_model,
                 meta_template_digest: &meta_template_digest,
             };
             pairs.extend(judge_pairs::judge_pair(

@@ -97,7 +97,7 @@ impl Step for Metrics {
         let mut out = IterationMetrics {
             workflow: self.workflow.clone(),
             iteration: self.iteration,
-            model: lm::model_digest(inputs, "model")?,
+            model: lm::model_digest(inputs, "model")?.to_hex(),
             produced: inputs
                 .has("produced")
                 .then(|| inputs.digest("produced").map(|d| d.to_hex()))

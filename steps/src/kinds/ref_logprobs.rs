@@ -15,7 +15,8 @@ pub struct RefLogps {
     pub rejected: f32,
     pub chosen_tokens: usize,
     pub rejected_tokens: usize,
-    pub reference_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub reference_model: tsr_state::Digest,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -75,7 +76,7 @@ struct PairLogps<'a> {
     step: &'a ReferenceLogprobs,
     pairs: Vec<Pair>,
     /// The reference model's digest.
-    digest: String,
+    digest: tsr_state::Digest,
 }
 
 impl items::Batches for PairLogps<'_> {
@@ -117,7 +118,7 @@ impl items::Batches for PairLogps<'_> {
                 rejected: lp[2 * n + 1],
                 chosen_tokens: lens[n].0,
                 rejected_tokens: lens[n].1,
-                reference_model: self.digest.clone(),
+                reference_model: self.digest,
             })
             .collect())
     }

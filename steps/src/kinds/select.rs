@@ -59,7 +59,7 @@ pub struct Select {
 
 struct Set {
     role: Role,
-    model: String,
+    model: tsr_state::Digest,
     responses: BTreeMap<(String, u32), Response>,
     judgements: BTreeMap<(String, u32), Judgement>,
 }
@@ -77,7 +77,7 @@ impl Set {
         )?;
         Ok(Some(Set {
             role,
-            model: inputs.digest(&format!("{prefix}_model"))?.to_hex(),
+            model: inputs.digest(&format!("{prefix}_model"))?,
             responses: responses
                 .into_iter()
                 .map(|r| ((r.prompt_id.clone(), r.sample), r))
@@ -111,7 +111,7 @@ impl Set {
         Side {
             text: r.text.clone(),
             role: self.role,
-            generator_model: self.model.clone(),
+            generator_model: self.model,
             sample: c.sample,
             seed: r.seed,
             tokens: r.tokens,

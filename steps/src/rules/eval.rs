@@ -211,7 +211,8 @@ pub struct EvalSummary {
     /// The baseline's generator and the evaluated model's (weights digest).
     pub generator_1: String,
     pub generator_2: String,
-    pub judge_model: String,
+    #[serde(with = "tsr_state::hex")]
+    pub judge_model: tsr_state::Digest,
     pub mode: String,
     pub template_digest: String,
     pub prompts: usize,
@@ -245,7 +246,7 @@ pub struct EvalSummary {
 /// Metrics over finished annotations (`seed` drives the bootstrap).
 pub fn summarize(
     annotations: &[Annotation],
-    judge_model: &str,
+    judge_model: tsr_state::Digest,
     mode: &str,
     template_digest: &str,
     seed: u64,
@@ -320,7 +321,7 @@ pub fn summarize(
             .first()
             .map(|a| a.generator_2.clone())
             .unwrap_or_default(),
-        judge_model: judge_model.to_string(),
+        judge_model,
         mode: mode.to_string(),
         template_digest: template_digest.to_string(),
         prompts: annotations.len(),
@@ -351,6 +352,7 @@ mod tests {
     use super::*;
     use crate::records::Order;
     use crate::records::Prefers;
+    use tsr_state::Digest;
 
     fn v(order: Order, prefers: Prefers) -> OrderVerdict {
         OrderVerdict {
@@ -478,7 +480,7 @@ mod tests {
             preference: pref,
             decision: String::new(),
             verdicts,
-            judge_model: "j".into(),
+            judge_model: Digest::of(b"j"),
             mode: "text".into(),
             template_digest: "t".into(),
             answer: correct.map(|_| "4".into()),
@@ -505,7 +507,7 @@ mod tests {
             ann(Some(2.0), "a", "b", fond, None),
             ann(Some(1.5), "same", "same", vec![], None),
         ];
-        let s = summarize(&rows, "j", "logprob", "t", 1, 10);
+        let s = summarize(&rows, Digest::of(b"j"), "logprob", "t", 1, 10);
         let want = 100.0 * ((0.1 + 0.9) / 2.0 + (0.8 + 0.7) / 2.0 + 0.5) / 3.0;
         assert!((s.soft_win_rate.unwrap() - want).abs() < 1e-12);
         let text_rows = vec![ann(
@@ -516,7 +518,7 @@ mod tests {
             None,
         )];
         assert_eq!(
-            summarize(&text_rows, "j", "text", "t", 1, 10).soft_win_rate,
+            summarize(&text_rows, Digest::of(b"j"), "text", "t", 1, 10).soft_win_rate,
             None
         );
     }
@@ -545,7 +547,7 @@ mod tests {
                 None,
             ),
         ];
-        let s = summarize(&rows, "j", "text", "t", 7, 200);
+        let s = summarize(&rows, Digest::of(b"j"), "text", "t", 7, 200);
         let w = s.win_rate.clone().unwrap();
         assert_eq!(
             w.n_total, 3,
@@ -563,8 +565,8 @@ mod tests {
         let (lo, hi) = s.ci95.unwrap();
         assert!(lo <= 50.0 && 50.0 <= hi);
         assert_eq!(
-            summarize(&rows, "j", "text", "t", 7, 200),
-            summarize(&rows, "j", "text", "t", 7, 200)
+            summarize(&rows, Digest::of(b"j"), "text", "t", 7, 200),
+            summarize(&rows, Digest::of(b"j"), "text", "t", 7, 200)
         );
     }
 }

@@ -21,6 +21,7 @@ use crate::rules::agreement::{agree, Agreement, Said};
 use crate::rules::verdict::MAX_SCORE;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use tsr_state::Digest;
 
 /// The outcome of both orders.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,10 +179,10 @@ pub struct JudgePairContext<'a> {
     /// The rendered judge prompt (rubric + question + response): the pair's prompt.
     pub judge_prompt: &'a str,
     pub response_text: &'a str,
-    pub generator_model: &'a str,
-    pub judge_model: &'a str,
+    pub generator_model: Digest,
+    pub judge_model: Digest,
     pub judge_template_digest: &'a str,
-    pub meta_model: &'a str,
+    pub meta_model: Digest,
     pub meta_template_digest: &'a str,
 }
 
@@ -195,7 +196,7 @@ pub fn judge_pair(c: &Comparison, judgement: &Judgement, x: &JudgePairContext) -
     let side = |i: usize| Side {
         text: judgement.texts[i].clone(),
         role: Role::Current,
-        generator_model: x.judge_model.to_string(),
+        generator_model: x.judge_model,
         sample: i as u32,
         // The judge step's seeds derive from its own key; the judgement is identified by
         // (response, index) and its text.
@@ -220,7 +221,7 @@ pub fn judge_pair(c: &Comparison, judgement: &Judgement, x: &JudgePairContext) -
         chosen: side(win),
         rejected: side(lose),
         judge: JudgeInfo {
-            model: x.meta_model.to_string(),
+            model: x.meta_model,
             mode: "meta".into(),
             template_digest: x.meta_template_digest.to_string(),
         },
@@ -234,13 +235,13 @@ pub fn judge_pair(c: &Comparison, judgement: &Judgement, x: &JudgePairContext) -
         meta: Some(MetaLineage {
             response_prompt_id: c.prompt_id.clone(),
             response_sample: c.sample,
-            response_generator_model: x.generator_model.to_string(),
+            response_generator_model: x.generator_model,
             response_digest: blake3::hash(x.response_text.as_bytes()).to_hex().to_string(),
-            judge_model: x.judge_model.to_string(),
+            judge_model: x.judge_model,
             judge_template_digest: x.judge_template_digest.to_string(),
             variance: c.variance,
             judgements: [jref(c.a), jref(c.b)],
-            meta_model: x.meta_model.to_string(),
+            meta_model: x.meta_model,
             meta_template_digest: x.meta_template_digest.to_string(),
             meta_texts: c.meta_texts.clone(),
             meta_verdicts: c.meta_verdicts.clone(),
@@ -519,10 +520,10 @@ mod tests {
             iteration: 3,
             judge_prompt: "RUBRIC <question>q</question><response>r</response>",
             response_text: "r",
-            generator_model: "gen",
-            judge_model: "judge",
+            generator_model: Digest::of(b"gen"),
+            judge_model: Digest::of(b"judge"),
             judge_template_digest: "jt",
-            meta_model: "meta",
+            meta_model: Digest::of(b"meta"),
             meta_template_digest: "mt",
         }
     }
@@ -549,18 +550,18 @@ mod tests {
         );
         assert_eq!((p.chosen.tokens, p.rejected.tokens), (9, 7));
         assert_eq!(
-            (p.chosen.sample, p.chosen.generator_model.as_str()),
-            (2, "judge")
+            (p.chosen.sample, p.chosen.generator_model),
+            (2, Digest::of(b"judge"))
         );
         assert_eq!(p.kind, Some(PairKind::Judge));
         assert_eq!(p.rule, Rule::MetaJudge);
-        assert_eq!(p.judge.model, "meta");
+        assert_eq!(p.judge.model, Digest::of(b"meta"));
         let m = p.meta.as_ref().unwrap();
         assert_eq!(
             (m.response_prompt_id.as_str(), m.response_sample),
             ("q1", 2)
         );
-        assert_eq!(m.response_generator_model, "gen");
+        assert_eq!(m.response_generator_model, Digest::of(b"gen"));
         assert_eq!(
             m.judgements[0],
             JudgementRef {

@@ -5,7 +5,7 @@ use super::pairs::reference_of;
 use super::{nodes, records, NodeResult, QueryError};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use tsr_state::Store;
+use tsr_state::{Digest, Store};
 
 /// One model of the chain.
 #[derive(Clone, Debug, Serialize)]
@@ -13,7 +13,8 @@ use tsr_state::Store;
 pub enum ModelHop {
     /// M0, the initial model.
     Imported {
-        model: String,
+        #[serde(with = "tsr_state::hex")]
+        model: Digest,
         made_by: String,
         /// `import-model`.
         kind: String,
@@ -21,7 +22,8 @@ pub enum ModelHop {
     },
     /// A model DPO made.
     Trained {
-        model: String,
+        #[serde(with = "tsr_state::hex")]
+        model: Digest,
         made_by: String,
         kind: String,
         dpo_step: String,
@@ -29,8 +31,10 @@ pub enum ModelHop {
         pairs: Option<usize>,
         /// The select node the pairs came from.
         pairs_from: Option<String>,
-        reference_model: Option<String>,
-        trained_from: Option<String>,
+        #[serde(with = "tsr_state::hex::option")]
+        reference_model: Option<Digest>,
+        #[serde(with = "tsr_state::hex::option")]
+        trained_from: Option<Digest>,
         /// When the model is a LoRA adapter: its shape and base.
         lora: Option<AdapterInfo>,
     },
@@ -66,20 +70,19 @@ pub fn adapter_of(store: &Store, node: &NodeResult) -> Option<AdapterInfo> {
 pub fn resolve_model(
     nodes: &BTreeMap<String, NodeResult>,
     prefix: &str,
-) -> Result<String, QueryError> {
-    let mut all: Vec<String> = nodes
-        .values()
-        .filter_map(|n| n.output("weights"))
-        .map(|d| d.to_hex())
-        .collect();
+) -> Result<Digest, QueryError> {
+    let mut all: Vec<Digest> = nodes.values().filter_map(|n| n.output("weights")).collect();
     all.sort();
     all.dedup();
-    let hits: Vec<&String> = all.iter().filter(|d| d.starts_with(prefix)).collect();
+    let hits: Vec<&Digest> = all
+        .iter()
+        .filter(|d| d.to_hex().starts_with(prefix))
+        .collect();
     match hits.as_slice() {
-        [one] => Ok((*one).clone()),
+        [one] => Ok(**one),
         [] => Err(QueryError::NoModel {
             prefix: prefix.to_string(),
-            models: all.iter().map(|d| &d[..12]).collect::<Vec<_>>().join(", "),
+            models: all.iter().map(Digest::short).collect::<Vec<_>>().join(", "),
         }),
         _ => Err(QueryError::AmbiguousModel {
             prefix: prefix.to_string(),
@@ -94,9 +97,7 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
     let mut cur = resolve_model(&nodes, prefix)?;
     let mut chain = Vec::new();
     loop {
-        let maker = nodes
-            .values()
-            .find(|n| n.output("weights").map(|d| d.to_hex()) == Some(cur.clone()));
+        let maker = nodes.values().find(|n| n.output("weights") == Some(cur));
         let Some(maker) = maker else { break };
         if maker.step.kind == "import-model" {
             chain.push(ModelHop::Imported {
@@ -107,7 +108,7 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
             });
             break;
         }
-        let parent = maker.step.inputs.get("model.weights").map(|d| d.to_hex());
+        let parent = maker.step.inputs.get("model.weights").copied();
         let pairs_input = maker.step.inputs.get("pairs");
         let pairs = pairs_input
             .map(|d| records::<serde::de::IgnoredAny>(store, d, "pair").map(|v| v.len()))
@@ -116,7 +117,7 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
             .and_then(|p| nodes.values().find(|n| n.output("pairs") == Some(*p)))
             .map(|n| n.node.clone());
         chain.push(ModelHop::Trained {
-            model: cur.clone(),
+            model: cur,
             made_by: maker.node.clone(),
             kind: maker.step.kind.clone(),
             dpo_step: maker.key.to_hex(),

@@ -4,7 +4,7 @@
 use super::{nodes, of_kind, records, NodeResult, QueryError};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use tsr_state::Store;
+use tsr_state::{Digest, Store};
 use tsr_steps::records::Pair;
 
 /// A pair as recorded, with where it came from and what it trained.
@@ -26,11 +26,14 @@ pub struct Training {
     pub dpo_node: String,
     pub dpo_step: String,
     /// The model it started from.
-    pub trained_from: Option<String>,
+    #[serde(with = "tsr_state::hex::option")]
+    pub trained_from: Option<Digest>,
     /// The model it made (`None` while it runs).
-    pub produced_model: Option<String>,
+    #[serde(with = "tsr_state::hex::option")]
+    pub produced_model: Option<Digest>,
     /// The model of the reference log-probabilities it read.
-    pub reference_model: Option<String>,
+    #[serde(with = "tsr_state::hex::option")]
+    pub reference_model: Option<Digest>,
 }
 
 impl PairLineage {
@@ -41,13 +44,13 @@ impl PairLineage {
 }
 
 /// The reference model of a DPO node: the model of the `ref-logprobs` step whose output it read.
-pub fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Option<String> {
+pub fn reference_of(nodes: &BTreeMap<String, NodeResult>, dpo: &NodeResult) -> Option<Digest> {
     dpo.step
         .inputs
         .get("ref_logps")
         .and_then(|r| nodes.values().find(|n| n.output("logps") == Some(*r)))
         .and_then(|n| n.step.inputs.get("model.weights"))
-        .map(|x| x.to_hex())
+        .copied()
 }
 
 /// Every pair of a run (select nodes in iteration order), with its consumer.
@@ -65,8 +68,8 @@ pub fn pairs_with_consumers(store: &Store, run: &str) -> Result<Vec<PairLineage>
             .map(|d| Training {
                 dpo_node: d.node.clone(),
                 dpo_step: d.key.to_hex(),
-                trained_from: d.step.inputs.get("model.weights").map(|x| x.to_hex()),
-                produced_model: d.output("weights").map(|x| x.to_hex()),
+                trained_from: d.step.inputs.get("model.weights").copied(),
+                produced_model: d.output("weights"),
                 reference_model: reference_of(&nodes, d),
             });
         for pair in records::<Pair>(store, &pairs_digest, "pair")? {

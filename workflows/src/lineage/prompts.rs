@@ -6,7 +6,7 @@
 use super::{nodes, of_kind, records, QueryError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tsr_state::Store;
+use tsr_state::{Digest, Store};
 use tsr_steps::prompts::Prompt;
 use tsr_steps::records::{Judgement, Pair, Response, Role, Rule, Verdict};
 use tsr_steps::rules::selection::{candidates_of, decide, Candidate, LengthControl};
@@ -37,7 +37,8 @@ pub struct PhaseView {
 #[derive(Clone, Debug, Serialize)]
 pub struct SetView {
     pub set: String,
-    pub generator_model: String,
+    #[serde(with = "tsr_state::hex::option")]
+    pub generator_model: Option<Digest>,
     pub responses: Vec<ResponseView>,
 }
 
@@ -139,10 +140,7 @@ pub fn prompt_lineage(store: &Store, run: &str, id: &str) -> Result<PromptLineag
                 .collect();
             sets.push(SetView {
                 set: prefix.to_string(),
-                generator_model: inputs
-                    .get(&format!("{prefix}_model"))
-                    .map(|d| d.to_hex())
-                    .unwrap_or_default(),
+                generator_model: inputs.get(&format!("{prefix}_model")).copied(),
                 responses,
             });
         }
