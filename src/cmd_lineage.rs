@@ -587,27 +587,16 @@ pub fn export_eval_to(
         |dir| {
             for (name, bytes) in &files {
                 let path = dir.join(name);
-                let write = || -> std::io::Result<()> {
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    let mut f = std::fs::File::create(&path)?;
-                    std::io::Write::write_all(&mut f, bytes)?;
-                    f.sync_all()
-                };
-                write().map_err(|e| tsr_model::ModelError::Io {
-                    path: path.clone(),
-                    source: e,
+                let parent = tsr_state::fsio::parent_of(&path);
+                std::fs::create_dir_all(&parent)
+                    .map_err(tsr_state::fsio::PathError::at(&parent))?;
+                tsr_state::fsio::create_synced(&path, |w| {
+                    w.write_all(bytes)
+                        .map_err(tsr_state::fsio::PathError::at(&path))
                 })?;
             }
             for label in &labels {
-                let d = dir.join(label);
-                std::fs::File::open(&d)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| tsr_model::ModelError::Io {
-                        path: d.clone(),
-                        source: e,
-                    })?;
+                tsr_state::fsio::sync_dir(&dir.join(label))?;
             }
             Ok(())
         },

@@ -1,6 +1,7 @@
 //! Crash-safe file writes, the one implementation every crate uses: a file is written whole
-//! or not at all (a temporary file beside it, fsync, rename, fsync of the folder), a folder's
-//! entries are made durable with [`sync_dir`], and two folders are swapped in one step with
+//! or not at all (a temporary file beside it, fsync, rename, fsync of the folder), a file that
+//! is published another way is written and fsynced with [`create_synced`], a folder's entries
+//! are made durable with [`sync_dir`], and two folders are swapped in one step with
 //! [`exchange`].
 
 use std::io::Write;
@@ -64,6 +65,24 @@ pub fn write_atomic_with(
 /// [`write_atomic_with`] for bytes in memory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
     write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes a new file that is published some other way (inside a folder that is renamed into
+/// place whole, or a step's scratch file the store then takes in): `write` streams into a
+/// buffered `path`, which is then flushed and fsynced. The caller syncs the folder when it
+/// publishes. `write`'s own errors come back as they are.
+pub fn create_synced<E: From<PathError>>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
+    let file = std::fs::File::create(path).map_err(PathError::at(path))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        write(&mut w)?;
+        w.flush().map_err(PathError::at(path))?;
+    }
+    file.sync_all().map_err(PathError::at(path))?;
+    Ok(())
 }
 
 /// Makes a folder's entries (files created, renamed or removed in it) durable.

@@ -48,6 +48,13 @@ impl StepError {
     }
 }
 
+/// A failed crash-safe write (`fsio`) of a step's file.
+impl From<tsr_state::fsio::PathError> for StepError {
+    fn from(e: tsr_state::fsio::PathError) -> Self {
+        StepError::io(format!("writing {}", e.path.display()), e.source)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use tsr_base::fsio;
 
 /// Settings with no effect on a saved adapter's computation.
 const NEUTRAL: [&str; 16] = [
@@ -612,7 +613,7 @@ fn write_peft_folder(
     out: &Path,
     force: bool,
     config: &[u8],
-    weights: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), ModelError>,
+    weights: impl FnOnce(&mut dyn std::io::Write) -> Result<(), ModelError>,
 ) -> Result<(), ModelError> {
     let replaceable = |n: &str| {
         [
@@ -625,14 +626,7 @@ fn write_peft_folder(
     super::export::write_folder_whole(out, force, "PEFT adapter folder", &replaceable, |dir| {
         let cfg_path = dir.join("adapter_config.json");
         std::fs::write(&cfg_path, config).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let st = dir.join("adapter_model.safetensors");
-        let file = std::fs::File::create(&st).map_err(|e| ModelError::io(&st, e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        weights(&mut w)?;
-        let file = w
-            .into_inner()
-            .map_err(|e| ModelError::io(&st, e.into_error()))?;
-        file.sync_all().map_err(|e| ModelError::io(&st, e))?;
+        fsio::create_synced(&dir.join("adapter_model.safetensors"), weights)?;
         std::fs::File::open(&cfg_path)
             .and_then(|f| f.sync_all())
             .map_err(|e| ModelError::io(&cfg_path, e))?;

@@ -293,15 +293,6 @@ fn write_files(
         &dir.join("chat_template.jinja"),
         files.chat_template.as_bytes(),
     )?;
-    let path = dir.join("model.safetensors");
-    let file = std::fs::File::create(&path).map_err(|e| ModelError::io(&path, e))?;
-    {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-        weights(&mut w)?;
-        w.flush().map_err(|e| ModelError::io(&path, e))?;
-    }
-    file.sync_all().map_err(|e| ModelError::io(&path, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| ModelError::io(dir, e))
+    fsio::create_synced(&dir.join("model.safetensors"), weights)?;
+    Ok(fsio::sync_dir(dir)?)
 }

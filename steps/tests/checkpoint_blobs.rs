@@ -3,85 +3,15 @@
 //! from the blobs that continues exactly.
 
 use std::io::Write;
-use tsr_dpo::trainer::{
-    encode_text_pairs, reference_logps, CheckpointPart, DpoTrainer, TextPair, TrainPair,
-    TrainerConfig, TrainerError,
-};
-use tsr_dpo::{AdamWConfig, Decay, DpoLossConfig, DpoLossKind, LrSchedule};
+use tsr_dpo::trainer::{CheckpointPart, DpoTrainer, TrainPair, TrainerError};
 use tsr_model::testing::tiny_model;
 use tsr_model::LanguageModel;
 
-const TEXTS: [(&str, &str, &str); 5] = [
-    (
-        "What is the capital of France?",
-        "The capital of France is Paris.",
-        "Berlin.",
-    ),
-    (
-        "What is two plus two?",
-        "The answer is four.",
-        "The sea is blue.",
-    ),
-    (
-        "Write a short poem about the sea.",
-        "The sea is blue and the sky is wide.",
-        "No.",
-    ),
-    (
-        "Please explain why the sky is blue.",
-        "Sunlight is scattered by the air.",
-        "Rust is fast.",
-    ),
-    (
-        "Hello!",
-        "Hello! How can I help you today?",
-        "the quick brown fox",
-    ),
-];
-
-fn text_pairs() -> Vec<TextPair> {
-    TEXTS
-        .iter()
-        .map(|(p, c, r)| TextPair {
-            prompt: p.to_string(),
-            chosen: c.to_string(),
-            rejected: r.to_string(),
-        })
-        .collect()
-}
-
-fn config() -> TrainerConfig {
-    TrainerConfig {
-        loss: DpoLossConfig {
-            beta: 0.1,
-            kind: DpoLossKind::Sigmoid,
-            length_normalize: false,
-        },
-        schedule: LrSchedule {
-            peak_lr: 1e-2,
-            warmup_steps: 2,
-            total_steps: 9,
-            decay: Decay::Cosine,
-            min_lr_ratio: 0.1,
-        },
-        optimizer: AdamWConfig::default(),
-        epochs: 3,
-        max_steps: None,
-        micro_batch: 1,
-        accum_steps: 2,
-        max_grad_norm: Some(0.5),
-        seed: 7,
-        shuffle: true,
-    }
-}
+use tsr_dpo::trainer::testing::config;
 
 fn pairs_for(model: &LanguageModel) -> Vec<TrainPair> {
-    let mut pairs = encode_text_pairs(model, &text_pairs()).unwrap();
-    // A reference that differs from the policy (a second tiny model).
     let dir = tempfile::tempdir().unwrap();
-    let reference = tiny_model(dir.path(), 99);
-    reference_logps(&reference, &mut pairs, 2).unwrap();
-    pairs
+    tsr_dpo::trainer::testing::pairs_for(model, dir.path())
 }
 
 #[test]

@@ -28,6 +28,7 @@ use tsr_model::{LanguageModel, ModelError};
 mod checkpoint;
 mod forward;
 mod pairs;
+pub mod testing;
 
 use forward::{micro_loss, policy_logps};
 

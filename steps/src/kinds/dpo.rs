@@ -106,17 +106,11 @@ impl Dpo {
         std::fs::create_dir_all(out_dir)
             .map_err(|e| StepError::io(format!("creating {}", out_dir.display()), e))?;
         let path = out_dir.join("adapter.safetensors");
-        let file = std::fs::File::create(&path)
-            .map_err(|e| StepError::io(format!("creating {}", path.display()), e))?;
-        let mut w = std::io::BufWriter::new(file);
-        model
-            .write_adapter_blob(&mut w, &base)
-            .map_err(model_err("saving the trained adapter"))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| StepError::io(format!("writing {}", path.display()), e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| StepError::io(format!("writing {}", path.display()), e))?;
+        tsr_state::fsio::create_synced(&path, |w| {
+            model
+                .write_adapter_blob(w, &base)
+                .map_err(model_err("saving the trained adapter"))
+        })?;
         Ok(StepOutputs::new().file("weights", "lora-adapter", &path))
     }
 
