@@ -663,6 +663,24 @@ fn a_relative_store_path_works_from_any_directory() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+    // The config was named without a folder: its relative paths were stored absolute, so the
+    // run reads and resumes from anywhere.
+    let store = dir.path().join("relative-store");
+    let elsewhere = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["status", "self-rewarding-logprob"],
+        vec!["resume", "self-rewarding-logprob", "--quiet"],
+        vec!["replay", "self-rewarding-logprob", "--iteration", "1"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .args(&args)
+            .arg("--store")
+            .arg(&store)
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    }
 }
 
 #[test]

@@ -421,8 +421,13 @@ impl Config {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let c = Config::from_str_at_dir(&text, path, path.parent())?;
-        Ok(c)
+        // A bare file name (`tsr run run.toml`) lives in the folder tsr runs in: its relative
+        // paths are stored absolute like any other config's.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Config::from_str_at_dir(&text, path, Some(dir))
     }
 
     pub fn from_str_at(text: &str, path: &Path) -> Result<Config, ConfigError> {
