@@ -372,6 +372,7 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
                 device: None,
                 quiet: true,
                 remote: Default::default(),
+                executor: Default::default(),
             },
         )?;
         if c != ExitCode::SUCCESS {

@@ -22,6 +22,74 @@ pub struct RunArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub remote: crate::cmd_remote::RemoteArgs,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
+/// Where item steps' batches are computed; overrides the config's `[executor]` (not part of a
+/// run's definition).
+#[derive(Args, Clone, Default)]
+pub struct ExecutorArgs {
+    /// `local` (this process) or `processes` (worker processes on this machine).
+    #[arg(long, value_name = "KIND")]
+    pub executor: Option<String>,
+    /// Worker processes (with --executor processes).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+impl ExecutorArgs {
+    /// `config` with these flags applied, validated.
+    pub fn apply(&self, config: &Config) -> anyhow::Result<Config> {
+        let mut c = config.clone();
+        if let Some(k) = &self.executor {
+            let kind: tsr_workflows::Executor = k
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--executor: {e}"))?;
+            c.executor.get_or_insert_with(Default::default).kind = kind;
+        }
+        if let Some(n) = self.workers {
+            c.executor.get_or_insert_with(Default::default).workers = n;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The batch runner of the config's executor (`None`: this process computes the batches), with
+/// this program's identity for its workers.
+fn runner_of(
+    config: &Config,
+    store: &Store,
+    log: bool,
+) -> anyhow::Result<Option<(Arc<dyn tsr_engine::shard::BatchRunner>, String)>> {
+    let Some(x) = config
+        .executor
+        .as_ref()
+        .filter(|x| x.kind == tsr_workflows::Executor::Processes)
+    else {
+        return Ok(None);
+    };
+    let exe = std::env::current_exe().context("finding this program's executable")?;
+    let threads = tsr_model::cpu_threads();
+    let slots = (0..x.workers)
+        .map(|i| match x.devices.get(i) {
+            Some(d) => vec![("TSR_WORKER_DEVICE".to_string(), d.clone())],
+            None => vec![(
+                "RAYON_NUM_THREADS".to_string(),
+                (threads / x.workers).max(1).to_string(),
+            )],
+        })
+        .collect();
+    let runner = tsr_engine::processes::ProcessRunner {
+        command: vec![exe.into_os_string(), "worker".into()],
+        slots,
+        shard_items: x.shard_items,
+        max_attempts: x.max_attempts,
+        work: store.blobs().tmp_dir().join("shards"),
+        log,
+    };
+    Ok(Some((Arc::new(runner), crate::cmd_worker::build_id()?)))
 }
 
 #[derive(Args)]
@@ -33,6 +101,8 @@ pub struct ResumeArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub remote: crate::cmd_remote::RemoteArgs,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 #[derive(Args)]
@@ -54,6 +124,8 @@ pub struct ForkArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub remote: crate::cmd_remote::RemoteArgs,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 /// Open or create the store of a run.
@@ -217,6 +289,7 @@ fn drive_replicated(
         stop,
         progress: !quiet,
         log: !quiet,
+        runner: runner_of(config, &store, !quiet)?,
         ..DriverOptions::default()
     };
     let outcome = Driver::new(store.clone(), dag, &config.name, opts).run()?;
@@ -281,7 +354,7 @@ pub fn drive_eval(
 }
 
 pub fn run(store_flag: &Option<PathBuf>, a: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::from_file(&a.config)?;
+    let config = a.executor.apply(&Config::from_file(&a.config)?)?;
     let store_dir = crate::store_dir(store_flag, config.store.as_ref());
     // A new run's name becomes file names and object keys: check it before anything is
     // written. A run recorded under an older, looser rule continues.
@@ -328,7 +401,7 @@ pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<Exi
             r.records, r.blobs, r.seq, r.secs
         );
     }
-    let config = stored_config(&store_dir, &a.run)?;
+    let config = a.executor.apply(&stored_config(&store_dir, &a.run)?)?;
     let hint = format!("tsr resume {} --store {}", a.run, store_dir.display());
     drive(
         &store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote,
@@ -343,6 +416,7 @@ pub fn fork(store_flag: &Option<PathBuf>, a: ForkArgs) -> anyhow::Result<ExitCod
         config = tsr_workflows::apply_set(&config, s)?;
     }
     config = tsr_workflows::apply_set(&config, &format!("name=\"{}\"", a.name))?;
+    config = a.executor.apply(&config)?;
     {
         let store = open_store(&store_dir)?;
         if store.get_run(&a.name)?.is_some() {

@@ -21,6 +21,7 @@ mod cmd_plan;
 mod cmd_remote;
 mod cmd_report;
 mod cmd_run;
+mod cmd_worker;
 mod store_read;
 
 use clap::{Parser, Subcommand};
@@ -82,6 +83,9 @@ enum Cmd {
     Bench(cmd_bench::BenchArgs),
     /// Win rate of a model against a baseline model or reference outputs on held-out prompts.
     Eval(cmd_eval::EvalArgs),
+    /// Compute a shard of a step for a driver (started by the `processes` executor).
+    #[command(hide = true)]
+    Worker(cmd_worker::WorkerArgs),
 }
 
 pub fn store_dir(flag: &Option<PathBuf>, from_config: Option<&PathBuf>) -> PathBuf {
@@ -104,7 +108,8 @@ fn stop_quietly_on_closed_pipe(cmd: &Cmd) -> bool {
         | Cmd::Fork(_)
         | Cmd::Dpo(_)
         | Cmd::Bench(_)
-        | Cmd::Eval(_) => false,
+        | Cmd::Eval(_)
+        | Cmd::Worker(_) => false,
         Cmd::Verify(a) => !a.repair,
         Cmd::Gc(a) => a.dry_run,
         _ => true,
@@ -180,5 +185,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Dpo(a) => cmd_dpo::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Eval(a) => cmd_eval::run(&store, a),
+        Cmd::Worker(a) => cmd_worker::run(a),
     }
 }

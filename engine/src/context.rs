@@ -5,7 +5,8 @@
 use crate::error::StepError;
 use crate::output::OutputData;
 use crate::preempt::StopFlag;
-use std::collections::BTreeMap;
+use crate::shard::{BatchRunner, ShardJob};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tsr_state::{now_ms, BlobStore, BlobWriter, CheckpointRecord, Digest, StepRecord, Store};
@@ -91,6 +92,10 @@ pub struct StepContext {
     pub(crate) stop: StopFlag,
     pub(crate) journal: Arc<dyn ItemJournal>,
     pub(crate) progress: Progress,
+    /// The driver of a sharded step: where the batches go instead of being computed here.
+    pub(crate) delegate: Option<(Arc<dyn BatchRunner>, ShardJob)>,
+    /// A worker: the only batches to compute here.
+    pub(crate) only: Option<BTreeSet<u64>>,
 }
 
 impl StepContext {
@@ -111,7 +116,27 @@ impl StepContext {
             stop,
             journal,
             progress,
+            delegate: None,
+            only: None,
         }
+    }
+
+    /// Batches go to `runner` (described to it by `job`; its item count and batch size are
+    /// filled in by [`Self::for_each_batch`]) instead of being computed here.
+    pub fn with_runner(mut self, runner: Arc<dyn BatchRunner>, job: ShardJob) -> Self {
+        self.delegate = Some((runner, job));
+        self
+    }
+
+    /// Computes only these batches (a worker's shard).
+    pub fn with_only(mut self, batches: BTreeSet<u64>) -> Self {
+        self.only = Some(batches);
+        self
+    }
+
+    /// Whether batches are computed elsewhere: a step then loads no model to compute them.
+    pub fn delegates(&self) -> bool {
+        self.delegate.is_some()
     }
 
     pub fn node(&self) -> &str {
@@ -175,14 +200,21 @@ impl StepContext {
     ) -> Result<(), StepError> {
         let batch = batch.max(1) as u64;
         self.journal.set_total(total)?;
-        let done: std::collections::BTreeSet<u64> = self.journal.indices()?.into_iter().collect();
+        let done: BTreeSet<u64> = self.journal.indices()?.into_iter().collect();
         self.progress.set_length(total);
         self.progress.set_position(done.len() as u64);
+        if let Some((runner, job)) = &self.delegate {
+            return self.delegate_batches(runner.as_ref(), job, total, batch, &done);
+        }
         let mut start = 0;
         while start < total {
             let end = (start + batch).min(total);
             let todo: Vec<u64> = (start..end).filter(|i| !done.contains(i)).collect();
-            if !todo.is_empty() {
+            let mine = self
+                .only
+                .as_ref()
+                .is_none_or(|only| only.contains(&(start / batch)));
+            if !todo.is_empty() && mine {
                 if self.should_stop() {
                     return Err(StepError::Interrupted);
                 }
@@ -200,6 +232,59 @@ impl StepContext {
                 self.progress.inc(items.len() as u64);
             }
             start = end;
+        }
+        Ok(())
+    }
+}
+
+impl StepContext {
+    /// Hands the batches with missing items to `runner` and commits what it delivers: each
+    /// batch once, whole, with exactly its indices; a batch delivered again is ignored.
+    fn delegate_batches(
+        &self,
+        runner: &dyn BatchRunner,
+        job: &ShardJob,
+        total: u64,
+        batch: u64,
+        done: &BTreeSet<u64>,
+    ) -> Result<(), StepError> {
+        let job = ShardJob {
+            total,
+            batch,
+            ..job.clone()
+        };
+        let missing: Vec<u64> = (0..job.batches())
+            .filter(|b| job.batch_items(*b).any(|i| !done.contains(&i)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut delivered: BTreeSet<u64> = BTreeSet::new();
+        runner.run(&job, &missing, &self.stop, &mut |b, items| {
+            if !missing.contains(&b) || !delivered.insert(b) {
+                return Ok(());
+            }
+            let idx: Vec<u64> = job.batch_items(b).collect();
+            if items.len() != idx.len() {
+                return Err(StepError::Other(format!(
+                    "batch {b} came back with {} items, not {}",
+                    items.len(),
+                    idx.len()
+                )));
+            }
+            let new: Vec<(u64, Vec<u8>)> = idx
+                .into_iter()
+                .zip(items)
+                .filter(|(i, _)| !done.contains(i))
+                .collect();
+            self.journal.commit(&new)?;
+            self.progress.inc(new.len() as u64);
+            Ok(())
+        })?;
+        if let Some(b) = missing.iter().find(|b| !delivered.contains(b)) {
+            return Err(StepError::Other(format!(
+                "the workers finished without batch {b}"
+            )));
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::machine::{transition, Event};
 use crate::output::OutputData;
 use crate::plan::{plan, Action, JournalView};
 use crate::preempt::StopFlag;
+use crate::shard::{BatchRunner, ShardJob};
 use crate::step::{Resource, Step, StepInputs};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +37,9 @@ pub struct DriverOptions {
     pub progress: bool,
     /// One line per step start/finish on stderr.
     pub log: bool,
+    /// Where the batches of shardable steps go (another executor than this process), with the
+    /// identity of this program that its workers check.
+    pub runner: Option<(Arc<dyn BatchRunner>, String)>,
 }
 
 impl Default for DriverOptions {
@@ -50,6 +54,7 @@ impl Default for DriverOptions {
             max_parallel: 2,
             progress: true,
             log: true,
+            runner: None,
         }
     }
 }
@@ -358,6 +363,7 @@ impl Driver {
                         device: self.opts.device.clone(),
                         stop: self.opts.stop.clone(),
                         progress: Progress::new(bar),
+                        runner: self.opts.runner.clone(),
                     };
                     let rec = self.store.get_step(&key)?;
                     let resume = rec
@@ -460,6 +466,7 @@ struct Job {
     device: String,
     stop: StopFlag,
     progress: Progress,
+    runner: Option<(Arc<dyn BatchRunner>, String)>,
 }
 
 impl Job {
@@ -522,7 +529,7 @@ impl Job {
             source: e,
         })?;
         let journal = Arc::new(StoreJournal::new(store.clone(), self.key, rec));
-        let ctx = StepContext::new(
+        let mut ctx = StepContext::new(
             &self.node,
             self.key,
             scratch.clone(),
@@ -531,6 +538,26 @@ impl Job {
             journal.clone(),
             self.progress.clone(),
         );
+        if let (Some((runner, build)), true) = (&self.runner, step.shardable()) {
+            ctx = ctx.with_runner(
+                runner.clone(),
+                ShardJob {
+                    node: self.node.clone(),
+                    key: self.key,
+                    kind: step.kind().to_string(),
+                    version: step.version(),
+                    config: step.config(),
+                    inputs: self.inputs.clone(),
+                    externals: self.externals.clone(),
+                    blobs: store.blobs().dir().to_path_buf(),
+                    device: self.device.clone(),
+                    // Filled in by the step's `for_each_batch`.
+                    total: 0,
+                    batch: 1,
+                    build: build.clone(),
+                },
+            );
+        }
         let inputs = StepInputs::new(
             store.blobs().clone(),
             self.inputs.clone(),

@@ -18,11 +18,14 @@ pub mod machine;
 mod output;
 mod plan;
 pub mod preempt;
+pub mod processes;
 mod replay;
 mod run;
+pub mod shard;
 mod status;
 mod step;
 pub mod testkit;
+pub mod worker;
 
 pub use context::{Checkpoint, ItemJournal, MemoryJournal, Progress, StepContext};
 pub use dag::{Dag, DagBuilder, InputSource, Node};

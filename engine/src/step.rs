@@ -35,6 +35,19 @@ pub trait Step: Send + Sync + 'static {
     /// Do the work. Long steps commit items through `ctx.items()` and return
     /// `StepError::Interrupted` when `ctx.should_stop()` at an item boundary.
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError>;
+    /// Whether other processes can compute this step's batches ([`Self::shard`]); the driver
+    /// then hands them to its batch runner, and `run` only assembles the outputs.
+    fn shardable(&self) -> bool {
+        false
+    }
+    /// Compute the batches `ctx` assigns (a worker's shard) through `ctx.for_each_batch`,
+    /// exactly as `run` computes them, without assembling outputs.
+    fn shard(&self, _inputs: &StepInputs, _ctx: &StepContext) -> Result<(), StepError> {
+        Err(StepError::Invalid(format!(
+            "step kind `{}` cannot run as shards",
+            self.kind()
+        )))
+    }
 }
 
 /// Verified access to a step's inputs (blobs by input name).

@@ -99,7 +99,7 @@ impl Step for ToySource {
 
 /// Maps each input line (one item per line) through a labelled hash, optionally mixed with a
 /// `model` input.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ToyMap {
     label: String,
     #[serde(skip)]
@@ -132,6 +132,26 @@ impl Step for ToyMap {
         vec![Resource::Compute]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
+        self.compute(inputs, ctx)?;
+        let out: Vec<String> = ctx
+            .items()
+            .all()?
+            .into_iter()
+            .map(|(_, b)| String::from_utf8(b).expect("toy items are UTF-8"))
+            .collect();
+        Ok(StepOutputs::new().bytes("data", "lines", out.join("\n").into_bytes()))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        self.compute(inputs, ctx)
+    }
+}
+
+impl ToyMap {
+    /// One item per line, three per batch.
+    fn compute(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
         let data = String::from_utf8(inputs.bytes("data")?)
             .map_err(|_| StepError::Invalid("toy data is not UTF-8".into()))?;
         let lines: Vec<&str> = data.lines().collect();
@@ -153,15 +173,20 @@ impl Step for ToyMap {
                     hex(h.finalize().as_bytes()).into_bytes()
                 })
                 .collect())
-        })?;
-        let out: Vec<String> = ctx
-            .items()
-            .all()?
-            .into_iter()
-            .map(|(_, b)| String::from_utf8(b).expect("toy items are UTF-8"))
-            .collect();
-        Ok(StepOutputs::new().bytes("data", "lines", out.join("\n").into_bytes()))
+        })
     }
+}
+
+/// The toy steps a shard worker can compute, made back from a job's kind and config.
+pub fn shard_step(
+    kind: &str,
+    config: &serde_json::Value,
+) -> Option<Result<Arc<dyn Step>, StepError>> {
+    (kind == "toy-map").then(|| {
+        serde_json::from_value::<ToyMap>(config.clone())
+            .map(|s| Arc::new(s) as Arc<dyn Step>)
+            .map_err(|e| StepError::Invalid(format!("the shard job's `{kind}` config: {e}")))
+    })
 }
 
 #[derive(Serialize, Deserialize)]

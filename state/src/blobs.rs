@@ -45,6 +45,11 @@ impl BlobStore {
         }
     }
 
+    /// The folder the blobs live in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where a blob lives (whether or not it exists).
     pub fn path(&self, d: &Digest) -> PathBuf {
         let hex = d.to_hex();

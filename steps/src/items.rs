@@ -55,16 +55,17 @@ impl<'a> Model<'a> {
     }
 }
 
-/// Compute what is missing of `work` with the model under the inputs `model.*`, and return
-/// every item in index order.
-pub fn run<B: Batches>(
+/// Compute the missing batches that `ctx` computes here (all of them; a worker's shard; none
+/// when they go to other processes, which then load the model themselves), without reading the
+/// items back.
+pub fn compute<B: Batches>(
     work: &B,
     inputs: &StepInputs,
     ctx: &StepContext,
-) -> Result<Vec<B::Item>, StepError> {
+) -> Result<(), StepError> {
     let total = work.count();
     let done = ctx.items().indices()?.len() as u64;
-    let model = if done < total && work.needs_model() {
+    let model = if done < total && work.needs_model() && !ctx.delegates() {
         Some(lm::load(inputs, "model", ctx)?)
     } else {
         None
@@ -84,7 +85,18 @@ pub fn run<B: Batches>(
             .iter()
             .map(|r| serde_json::to_vec(r).expect("item serializes"))
             .collect())
-    })?;
+    })
+}
+
+/// Compute what is missing of `work` with the model under the inputs `model.*`, and return
+/// every item in index order.
+pub fn run<B: Batches>(
+    work: &B,
+    inputs: &StepInputs,
+    ctx: &StepContext,
+) -> Result<Vec<B::Item>, StepError> {
+    let total = work.count();
+    compute(work, inputs, ctx)?;
     let mut rows = Vec::with_capacity(total as usize);
     for (i, b) in ctx.items().all()? {
         rows.push(decode_item(&b, B::NAME, i)?);

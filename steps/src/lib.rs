@@ -14,4 +14,5 @@ pub mod memory;
 pub mod prompts;
 pub mod records;
 pub mod rules;
+pub mod shards;
 pub mod trl;

@@ -180,6 +180,20 @@ choice! {
     refuse = |other: &str| format!("`{other}`: use `f32`, `bf16` or `f16`")
 }
 
+choice! {
+    /// Where the batches of item steps (generation, judging, scoring) are computed.
+    Executor, key = "executor.kind",
+    {
+        /// In this process (the default).
+        Local = "local",
+        /// In worker processes on this machine.
+        Processes = "processes",
+    },
+    refuse = |other: &str| format!(
+        "`{other}`: use `local` (this process) or `processes` (worker processes on this machine)"
+    )
+}
+
 impl Dtype {
     /// Bytes per weight.
     pub fn bytes(self) -> u64 {
@@ -276,6 +290,7 @@ mod tests {
         check(Reference::ALL, Reference::NAMES);
         check(Adapter::ALL, Adapter::NAMES);
         check(Dtype::ALL, Dtype::NAMES);
+        check(Executor::ALL, Executor::NAMES);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The run config: TOML, validated before anything runs. Unknown keys and bad values are errors
 //! that name the key (and the line, from the TOML parser).
 
-use crate::choices::{Adapter, Anchor, Dtype, Reference, Workflow};
+use crate::choices::{Adapter, Anchor, Dtype, Executor, Reference, Workflow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +81,40 @@ pub struct Config {
     /// `[eval]`: held-out evaluation of M0 and the trained models (absent: no evaluation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalSection>,
+    /// `[executor]`: where item steps' batches are computed (absent: in this process). Not
+    /// part of the run's definition: a run can continue under another executor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ExecutorSection>,
+}
+
+/// `[executor]`
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorSection {
+    /// `local` (this process) or `processes` (worker processes on this machine).
+    pub kind: Executor,
+    /// Worker processes (the most shards computed at once).
+    pub workers: usize,
+    /// Items per shard: a whole number of each step's batches (default: a step's batches
+    /// split evenly between the workers).
+    pub shard_items: Option<u64>,
+    /// Attempts per shard that end in an error before its step fails.
+    pub max_attempts: u32,
+    /// One device per worker (`cuda:0`, `cuda:1`, ...); empty: every worker uses the run's
+    /// device, and on CPU the threads are split between the workers.
+    pub devices: Vec<String>,
+}
+
+impl Default for ExecutorSection {
+    fn default() -> Self {
+        ExecutorSection {
+            kind: Executor::Local,
+            workers: 2,
+            shard_items: None,
+            max_attempts: 3,
+            devices: vec![],
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -575,6 +609,37 @@ impl Config {
         if let Some(url) = &self.remote {
             if let Err(e) = tsr_state::remote::RemoteUrl::parse(url) {
                 return bad("remote", &e.to_string());
+            }
+        }
+        if let Some(x) = &self.executor {
+            if x.workers == 0 {
+                return bad("executor.workers", "must be at least 1");
+            }
+            if x.max_attempts == 0 {
+                return bad("executor.max_attempts", "must be at least 1");
+            }
+            if x.shard_items == Some(0) {
+                return bad(
+                    "executor.shard_items",
+                    "must be at least 1 (or leave it out)",
+                );
+            }
+            if !x.devices.is_empty() && x.devices.len() != x.workers {
+                return bad(
+                    "executor.devices",
+                    &format!(
+                        "gives {} devices for {} workers; give one device per worker",
+                        x.devices.len(),
+                        x.workers
+                    ),
+                );
+            }
+            if let Some(d) = x
+                .devices
+                .iter()
+                .find(|d| *d != "cpu" && !d.starts_with("cuda:"))
+            {
+                return bad("executor.devices", &format!("`{d}`: use `cpu` or `cuda:N`"));
             }
         }
         if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {

@@ -9,8 +9,8 @@ pub mod lineage;
 mod lm;
 pub mod memory;
 
-pub use choices::{Adapter, Anchor, Dtype, Reference, Workflow};
-pub use config::{apply_set, Config, ConfigError};
+pub use choices::{Adapter, Anchor, Dtype, Executor, Reference, Workflow};
+pub use config::{apply_set, Config, ConfigError, ExecutorSection};
 
 use std::collections::BTreeMap;
 use tsr_engine::{Dag, EngineError, RunSpec};
@@ -90,5 +90,7 @@ pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
     for k in PATH_KEYS {
         out.remove(*k);
     }
+    // Where batches are computed changes no result: a run continues under another executor.
+    out.retain(|k, _| !k.starts_with("executor."));
     out
 }

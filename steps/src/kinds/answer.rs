@@ -6,12 +6,12 @@ use crate::items::{self, Model};
 use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::EvalOutput;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 use tsr_model::{GenRequest, Sampling};
 
 /// `answer`: one response per prompt from the model under `model`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Answer {
     pub max_new_tokens: usize,
     /// 0: greedy (the default for evaluation); > 0: seeded sampling.
@@ -34,18 +34,24 @@ impl Step for Answer {
         vec!["outputs"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
-        let generator = lm::model_digest(inputs, "model")?;
-        let rows = items::run(
-            &Answers {
-                step: self,
-                prompts,
-                generator: generator.to_hex(),
-            },
-            inputs,
-            ctx,
-        )?;
+        let rows = items::run(&self.batches(inputs)?, inputs, ctx)?;
         Ok(StepOutputs::new().bytes("outputs", "eval-outputs-jsonl", lm::to_jsonl(&rows)))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        items::compute(&self.batches(inputs)?, inputs, ctx)
+    }
+}
+
+impl Answer {
+    fn batches(&self, inputs: &StepInputs) -> Result<Answers<'_>, StepError> {
+        Ok(Answers {
+            step: self,
+            prompts: lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?,
+            generator: lm::model_digest(inputs, "model")?.to_hex(),
+        })
     }
 }
 

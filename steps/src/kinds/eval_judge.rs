@@ -29,13 +29,13 @@ use crate::rules::eval::summarize;
 use crate::rules::eval::VERDICT_OPENING;
 use crate::rules::eval_metrics::{self};
 use crate::rules::meta_verdict::parse_better;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 use tsr_model::{GenRequest, Sampling};
 
 /// `eval-judge`: a fixed judge compares the baseline's and the model's output of every prompt.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PairwiseJudge {
     pub mode: crate::kinds::judge::JudgeMode,
     pub max_new_tokens: usize,
@@ -91,21 +91,8 @@ impl Step for PairwiseJudge {
         vec!["annotations", "summary"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
-        let baseline = read_outputs(inputs, "baseline", &prompts)?;
-        let candidate = read_outputs(inputs, "candidate", &prompts)?;
-        let judge_model = lm::model_digest(inputs, "model")?;
-        let template_digest = self.template_digest();
-        let mode = self.mode_name();
-        let work = Annotations {
-            step: self,
-            prompts,
-            baseline,
-            candidate,
-            judge_model,
-            mode,
-            template_digest,
-        };
+        let work = self.batches(inputs)?;
+        let mode = work.mode;
         let rows = items::run(&work, inputs, ctx)?;
         let Annotations {
             judge_model,
@@ -123,6 +110,29 @@ impl Step for PairwiseJudge {
         Ok(StepOutputs::new()
             .bytes("annotations", "eval-annotations-jsonl", lm::to_jsonl(&rows))
             .json("summary", &summary))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        items::compute(&self.batches(inputs)?, inputs, ctx)
+    }
+}
+
+impl PairwiseJudge {
+    fn batches(&self, inputs: &StepInputs) -> Result<Annotations<'_>, StepError> {
+        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
+        let baseline = read_outputs(inputs, "baseline", &prompts)?;
+        let candidate = read_outputs(inputs, "candidate", &prompts)?;
+        Ok(Annotations {
+            step: self,
+            prompts,
+            baseline,
+            candidate,
+            judge_model: lm::model_digest(inputs, "model")?,
+            mode: self.mode_name(),
+            template_digest: self.template_digest(),
+        })
     }
 }
 

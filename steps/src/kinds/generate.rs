@@ -6,11 +6,11 @@ use crate::items::{self, Model};
 use crate::lm::{self, model_err};
 use crate::prompts::Prompt;
 use crate::records::Response;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tsr_engine::{Step, StepContext, StepError, StepInputs, StepOutputs};
 use tsr_model::{GenRequest, Sampling};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Generate {
     pub k: u32,
     pub max_new_tokens: usize,
@@ -34,16 +34,23 @@ impl Step for Generate {
         vec!["responses"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: Vec<Prompt> = lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?;
-        let rows = items::run(
-            &Samples {
-                step: self,
-                prompts,
-            },
-            inputs,
-            ctx,
-        )?;
+        let rows = items::run(&self.batches(inputs)?, inputs, ctx)?;
         Ok(StepOutputs::new().bytes("responses", "responses-jsonl", lm::to_jsonl(&rows)))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        items::compute(&self.batches(inputs)?, inputs, ctx)
+    }
+}
+
+impl Generate {
+    fn batches(&self, inputs: &StepInputs) -> Result<Samples<'_>, StepError> {
+        Ok(Samples {
+            step: self,
+            prompts: lm::from_jsonl(&inputs.bytes("prompts")?, "prompts")?,
+        })
     }
 }
 

@@ -26,7 +26,7 @@ pub enum JudgeMode {
     Logprob,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Judge {
     pub mode: JudgeMode,
     /// J: judgements per response (text mode).
@@ -59,22 +59,27 @@ impl Step for Judge {
         vec!["judgements"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: BTreeMap<String, Prompt> =
-            lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
+        let rows = items::run(&self.batches(inputs)?, inputs, ctx)?;
+        Ok(StepOutputs::new().bytes("judgements", "judgements-jsonl", lm::to_jsonl(&rows)))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        items::compute(&self.batches(inputs)?, inputs, ctx)
+    }
+}
+
+impl Judge {
+    fn batches(&self, inputs: &StepInputs) -> Result<Judgements<'_>, StepError> {
+        Ok(Judgements {
+            step: self,
+            prompts: lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
                 .into_iter()
                 .map(|p| (p.id.clone(), p))
-                .collect();
-        let responses: Vec<Response> = lm::from_jsonl(&inputs.bytes("responses")?, "responses")?;
-        let rows = items::run(
-            &Judgements {
-                step: self,
-                prompts,
-                responses,
-            },
-            inputs,
-            ctx,
-        )?;
-        Ok(StepOutputs::new().bytes("judgements", "judgements-jsonl", lm::to_jsonl(&rows)))
+                .collect(),
+            responses: lm::from_jsonl(&inputs.bytes("responses")?, "responses")?,
+        })
     }
 }
 

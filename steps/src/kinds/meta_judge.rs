@@ -36,7 +36,7 @@ pub struct MetaSummary {
     pub pairs: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MetaJudge {
     pub iteration: u32,
     pub max_responses: usize,
@@ -79,35 +79,7 @@ impl Step for MetaJudge {
         vec!["pairs", "comparisons", "summary"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let prompts: BTreeMap<String, Prompt> =
-            lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
-                .into_iter()
-                .map(|p| (p.id.clone(), p))
-                .collect();
-        let responses: BTreeMap<(String, u32), Response> =
-            lm::from_jsonl::<Response>(&inputs.bytes("responses")?, "responses")?
-                .into_iter()
-                .map(|r| ((r.prompt_id.clone(), r.sample), r))
-                .collect();
-        let judgements: Vec<Judgement> =
-            lm::from_jsonl(&inputs.bytes("judgements")?, "judgements")?;
-        if let Some(j) = judgements
-            .iter()
-            .find(|j| j.texts.len() != j.verdicts.len())
-        {
-            return Err(StepError::Invalid(format!(
-                "judgement of ({}, sample {}) has {} texts but {} verdicts; the meta-judge needs text-mode judgements",
-                j.prompt_id,
-                j.sample,
-                j.texts.len(),
-                j.verdicts.len()
-            )));
-        }
-        let by_key: BTreeMap<(String, u32), &Judgement> = judgements
-            .iter()
-            .map(|j| ((j.prompt_id.clone(), j.sample), j))
-            .collect();
-        let todo = judge_pairs::uncertain(&judgements, self.spec());
+        let judgements = judgements_of(inputs)?;
         let uncertain = judge_pairs::uncertain(
             &judgements,
             UncertainSpec {
@@ -117,13 +89,7 @@ impl Step for MetaJudge {
             },
         )
         .len();
-        let work = Comparisons {
-            step: self,
-            prompts,
-            responses,
-            by_key,
-            todo,
-        };
+        let work = self.batches(inputs, &judgements)?;
         let comparisons = items::run(&work, inputs, ctx)?;
         let generator = lm::model_digest(inputs, "generator")?;
         let judge_model = lm::model_digest(inputs, "judge")?;
@@ -178,6 +144,57 @@ impl Step for MetaJudge {
                 lm::to_jsonl(&comparisons),
             )
             .json("summary", &summary))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        let judgements = judgements_of(inputs)?;
+        items::compute(&self.batches(inputs, &judgements)?, inputs, ctx)
+    }
+}
+
+/// The judgements to meta-judge: text-mode ones, with one verdict per written judgement.
+fn judgements_of(inputs: &StepInputs) -> Result<Vec<Judgement>, StepError> {
+    let judgements: Vec<Judgement> = lm::from_jsonl(&inputs.bytes("judgements")?, "judgements")?;
+    if let Some(j) = judgements
+        .iter()
+        .find(|j| j.texts.len() != j.verdicts.len())
+    {
+        return Err(StepError::Invalid(format!(
+            "judgement of ({}, sample {}) has {} texts but {} verdicts; the meta-judge needs text-mode judgements",
+            j.prompt_id,
+            j.sample,
+            j.texts.len(),
+            j.verdicts.len()
+        )));
+    }
+    Ok(judgements)
+}
+
+impl MetaJudge {
+    /// The uncertain responses of `judgements` to compare, with what comparing them reads.
+    fn batches<'a>(
+        &'a self,
+        inputs: &StepInputs,
+        judgements: &'a [Judgement],
+    ) -> Result<Comparisons<'a>, StepError> {
+        Ok(Comparisons {
+            step: self,
+            prompts: lm::from_jsonl::<Prompt>(&inputs.bytes("prompts")?, "prompts")?
+                .into_iter()
+                .map(|p| (p.id.clone(), p))
+                .collect(),
+            responses: lm::from_jsonl::<Response>(&inputs.bytes("responses")?, "responses")?
+                .into_iter()
+                .map(|r| ((r.prompt_id.clone(), r.sample), r))
+                .collect(),
+            by_key: judgements
+                .iter()
+                .map(|j| ((j.prompt_id.clone(), j.sample), j))
+                .collect(),
+            todo: judge_pairs::uncertain(judgements, self.spec()),
+        })
     }
 }
 

@@ -19,7 +19,7 @@ pub struct RefLogps {
     pub reference_model: tsr_state::Digest,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReferenceLogprobs {
     pub batch_size: usize,
 }
@@ -56,18 +56,24 @@ impl Step for ReferenceLogprobs {
         vec!["logps"]
     }
     fn run(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<StepOutputs, StepError> {
-        let pairs: Vec<Pair> = lm::from_jsonl(&inputs.bytes("pairs")?, "pairs")?;
-        let digest = lm::model_digest(inputs, "model")?;
-        let rows = items::run(
-            &PairLogps {
-                step: self,
-                pairs,
-                digest,
-            },
-            inputs,
-            ctx,
-        )?;
+        let rows = items::run(&self.batches(inputs)?, inputs, ctx)?;
         Ok(StepOutputs::new().bytes("logps", "ref-logps-jsonl", lm::to_jsonl(&rows)))
+    }
+    fn shardable(&self) -> bool {
+        true
+    }
+    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
+        items::compute(&self.batches(inputs)?, inputs, ctx)
+    }
+}
+
+impl ReferenceLogprobs {
+    fn batches(&self, inputs: &StepInputs) -> Result<PairLogps<'_>, StepError> {
+        Ok(PairLogps {
+            step: self,
+            pairs: lm::from_jsonl(&inputs.bytes("pairs")?, "pairs")?,
+            digest: lm::model_digest(inputs, "model")?,
+        })
     }
 }
 

@@ -1,0 +1,329 @@
+//! The `processes` executor: a step's batches computed by worker processes on this machine
+//! (several GPUs in one box, or CPU threads split between workers). The driver stays the single
+//! writer of its store; workers read the inputs from its blob folder and write result files
+//! that the driver verifies and commits (see [`crate::shard`]).
+//!
+//! Shards are fixed groups of whole batches (shard `s` is batches `s * k ..` for the `k` batches
+//! of `shard_items`), so a shard computes exactly what one process computes. A worker that exits with an error uses up
+//! one of its shard's attempts; one killed by a signal (the OOM killer, an operator, a test) or
+//! stopped at a batch boundary is restarted without using one, up to a bound. A restarted shard
+//! skips the batches that already have a verified result.
+
+use crate::error::StepError;
+use crate::preempt::StopFlag;
+use crate::shard::{read_batch, result_files, BatchRunner, ShardJob};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Restarts of one shard after signals, before the step fails (a worker that dies by a signal
+/// every time would otherwise restart forever).
+const MAX_SIGNAL_RESTARTS: u32 = 100;
+
+/// Worker processes on this machine.
+#[derive(Debug)]
+pub struct ProcessRunner {
+    /// The program and leading arguments of a worker (`tsr worker`).
+    pub command: Vec<OsString>,
+    /// Environment of each worker slot (its threads, its device); its length is the number of
+    /// workers.
+    pub slots: Vec<Vec<(String, String)>>,
+    /// Items per shard: a whole number of the step's batches (default: the step's batches
+    /// split evenly between the workers).
+    pub shard_items: Option<u64>,
+    /// Attempts per shard that end in an error before the step fails.
+    pub max_attempts: u32,
+    /// Where each step's job, results and logs go (`<work>/<step key>/`).
+    pub work: PathBuf,
+    /// One line on stderr per step handed to the workers.
+    pub log: bool,
+}
+
+struct Running {
+    child: Child,
+    shard: u64,
+    slot: usize,
+    log: PathBuf,
+}
+
+struct ShardState {
+    batches: Vec<u64>,
+    failures: u32,
+    restarts: u32,
+    last_error: Option<String>,
+}
+
+impl ProcessRunner {
+    fn spawn(
+        &self,
+        dir: &Path,
+        shard: u64,
+        pending: &[u64],
+        slot: usize,
+        launch: u32,
+    ) -> Result<Running, StepError> {
+        let log = dir.join("logs").join(format!("{shard}.{launch}.log"));
+        let err = std::fs::File::create(&log)
+            .map_err(|e| StepError::io(format!("creating {}", log.display()), e))?;
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .arg("--job")
+            .arg(dir.join("job.json"))
+            .arg("--batches")
+            .arg(
+                pending
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg("--out")
+            .arg(dir.join("results"))
+            .arg("--tag")
+            .arg(format!("{shard}-{launch}"))
+            .arg("--scratch")
+            .arg(dir.join("scratch").join(slot.to_string()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err);
+        for (k, v) in &self.slots[slot] {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().map_err(|e| {
+            StepError::io(
+                format!(
+                    "starting a worker ({})",
+                    Path::new(&self.command[0]).display()
+                ),
+                e,
+            )
+        })?;
+        Ok(Running {
+            child,
+            shard,
+            slot,
+            log,
+        })
+    }
+}
+
+/// The last lines of a worker's log: its own error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    if tail.is_empty() {
+        "(it wrote nothing)".into()
+    } else {
+        tail
+    }
+}
+
+impl BatchRunner for ProcessRunner {
+    fn run(
+        &self,
+        job: &ShardJob,
+        batches: &[u64],
+        stop: &StopFlag,
+        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+    ) -> Result<(), StepError> {
+        let dir = self.work.join(job.key.to_hex());
+        for sub in ["results", "logs", "scratch"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d)
+                .map_err(|e| StepError::io(format!("creating {}", d.display()), e))?;
+        }
+        let job_bytes = serde_json::to_vec_pretty(job).expect("a shard job serializes");
+        tsr_state::fsio::write_atomic(&dir.join("job.json"), &job_bytes)?;
+
+        let per = match self.shard_items {
+            Some(n) if n == 0 || n % job.batch != 0 => {
+                return Err(StepError::Invalid(format!(
+                    "executor.shard_items = {n} is not a whole number of this step's batches of {} items; use a multiple of {}",
+                    job.batch, job.batch
+                )))
+            }
+            Some(n) => n / job.batch,
+            None => job.batches().div_ceil(self.slots.len().max(1) as u64),
+        }
+        .max(1);
+        let mut shards: BTreeMap<u64, ShardState> = BTreeMap::new();
+        for &b in batches {
+            shards
+                .entry(b / per)
+                .or_insert_with(|| ShardState {
+                    batches: vec![],
+                    failures: 0,
+                    restarts: 0,
+                    last_error: None,
+                })
+                .batches
+                .push(b);
+        }
+        if self.log {
+            eprintln!(
+                "tsr: {}: {} batch(es) in {} shard(s) on {} worker process(es)",
+                job.node,
+                batches.len(),
+                shards.len(),
+                self.slots.len()
+            );
+        }
+        let mut queue: VecDeque<u64> = shards.keys().copied().collect();
+        let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
+        let mut running: Vec<Running> = Vec::new();
+        let mut free: Vec<usize> = (0..self.slots.len().max(1)).rev().collect();
+        let mut launches = 0u32;
+        let results = dir.join("results");
+
+        // Verified results not yet delivered, first one per batch.
+        let mut collect = |pending: &mut BTreeSet<u64>| -> Result<(), StepError> {
+            for (b, path) in result_files(&results) {
+                if pending.contains(&b) {
+                    if let Ok(items) = read_batch(job, b, &path) {
+                        pending.remove(&b);
+                        deliver(b, items)?;
+                    }
+                }
+            }
+            Ok(())
+        };
+
+        let outcome = loop {
+            if let Err(e) = collect(&mut pending) {
+                break Err(e);
+            }
+            if pending.is_empty() {
+                break Ok(());
+            }
+            if stop.is_set() {
+                break Err(StepError::Interrupted);
+            }
+            // Workers that ended.
+            let mut i = 0;
+            let mut failed: Option<StepError> = None;
+            while i < running.len() {
+                let status = match running[i].child.try_wait() {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        i += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        failed = Some(StepError::io("waiting for a worker", e));
+                        break;
+                    }
+                };
+                let r = running.swap_remove(i);
+                free.push(r.slot);
+                if let Err(e) = collect(&mut pending) {
+                    failed = Some(e);
+                    break;
+                }
+                let st = shards.get_mut(&r.shard).expect("a running shard is known");
+                if !st.batches.iter().any(|b| pending.contains(b)) {
+                    continue;
+                }
+                use std::os::unix::process::ExitStatusExt;
+                match (status.code(), status.signal()) {
+                    (Some(crate::EXIT_INTERRUPTED), _) | (None, Some(_)) => {
+                        st.restarts += 1;
+                        if st.restarts > MAX_SIGNAL_RESTARTS {
+                            failed = Some(StepError::Other(format!(
+                                "the worker of shard {} was stopped or killed {} times; last log {}",
+                                r.shard,
+                                st.restarts,
+                                r.log.display()
+                            )));
+                            break;
+                        }
+                    }
+                    (code, _) => {
+                        st.failures += 1;
+                        let why = match code {
+                            Some(0) => "it exited without writing every batch".to_string(),
+                            Some(c) => format!("it exited with {c}"),
+                            None => "it ended abnormally".to_string(),
+                        };
+                        st.last_error = Some(format!(
+                            "{why}: {} (log {})",
+                            log_tail(&r.log),
+                            r.log.display()
+                        ));
+                        if st.failures >= self.max_attempts.max(1) {
+                            failed = Some(StepError::Other(format!(
+                                "shard {} failed {} times; last attempt: {}",
+                                r.shard,
+                                st.failures,
+                                st.last_error.as_deref().unwrap_or("")
+                            )));
+                            break;
+                        }
+                    }
+                }
+                queue.push_back(r.shard);
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            // Start shards on free slots.
+            while let (Some(&slot), Some(&shard)) = (free.last(), queue.front()) {
+                let todo: Vec<u64> = shards[&shard]
+                    .batches
+                    .iter()
+                    .copied()
+                    .filter(|b| pending.contains(b))
+                    .collect();
+                queue.pop_front();
+                if todo.is_empty() {
+                    continue;
+                }
+                launches += 1;
+                match self.spawn(&dir, shard, &todo, slot, launches) {
+                    Ok(r) => {
+                        free.pop();
+                        running.push(r);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            if running.is_empty() && queue.is_empty() {
+                break Err(StepError::Other(format!(
+                    "no worker is left to compute batches {:?}",
+                    pending.iter().take(10).collect::<Vec<_>>()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+
+        // Stop what still runs: at a batch boundary (SIGTERM), then wait for it.
+        for r in &running {
+            // SAFETY: kill only sends a signal to a child this process started.
+            unsafe {
+                libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        for mut r in running {
+            let _ = r.child.wait();
+        }
+        match outcome {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(())
+            }
+            Err(e) => {
+                // What finished while stopping is kept for the next attempt of the step.
+                let _ = collect(&mut pending);
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Item steps computed in shards by other processes: the job a worker gets, the batch runner
+//! the driver hands a step's missing batches to, the result files workers write and the
+//! journal a worker computes into.
+//!
+//! The protocol keeps the driver the single writer of its store:
+//! - a worker gets a [`ShardJob`] (everything that makes the step's key, and where its inputs
+//!   are) and a list of batch indices of the step's fixed partition;
+//! - it recomputes the step key from the job and refuses a mismatch, so a result always
+//!   belongs to the step it is imported into;
+//! - it writes one result file per batch (created whole, under a name of its own), and a
+//!   retried shard skips the batches that already have a verified result;
+//! - the driver verifies each result (magic, checksum, the batch's exact indices), commits the
+//!   first verified result of each batch once, and ignores duplicates and damaged files.
+//!
+//! Seeds come from the step key and each item's identity, and a batch holds the same items as
+//! in a local run, so a batch computes the same bytes wherever it runs (on the same hardware
+//! class and thread count).
+
+use crate::error::StepError;
+use crate::preempt::StopFlag;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tsr_state::Digest;
+
+/// What a worker needs to compute batches of one step.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardJob {
+    /// The node the step runs for (for messages and logs).
+    pub node: String,
+    #[serde(with = "tsr_state::hex")]
+    pub key: Digest,
+    pub kind: String,
+    pub version: u32,
+    pub config: serde_json::Value,
+    /// Input digests, by input name.
+    pub inputs: BTreeMap<String, Digest>,
+    /// External inputs (files outside the store), by input name.
+    pub externals: BTreeMap<String, PathBuf>,
+    /// The blob folder the inputs are read from.
+    pub blobs: PathBuf,
+    pub device: String,
+    /// Items of the step, and items per batch (the fixed partition).
+    pub total: u64,
+    pub batch: u64,
+    /// The identity of the program that made the job; a worker that is another program
+    /// refuses it.
+    pub build: String,
+}
+
+impl ShardJob {
+    /// The item indices of batch `b`.
+    pub fn batch_items(&self, b: u64) -> std::ops::Range<u64> {
+        let start = b * self.batch;
+        start..(start + self.batch).min(self.total)
+    }
+
+    /// How many batches the step has.
+    pub fn batches(&self) -> u64 {
+        self.total.div_ceil(self.batch.max(1))
+    }
+}
+
+/// Computes batches of an item step elsewhere and hands back their items.
+pub trait BatchRunner: Send + Sync + std::fmt::Debug {
+    /// Compute `batches` of `job`, calling `deliver(batch, items)` with each batch's items (in
+    /// index order) as they arrive, in any order, each batch once. Returns when every batch is
+    /// delivered, with [`StepError::Interrupted`] when `stop` is set first, or with the
+    /// workers' error after they used up their attempts.
+    fn run(
+        &self,
+        job: &ShardJob,
+        batches: &[u64],
+        stop: &StopFlag,
+        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+    ) -> Result<(), StepError>;
+}
+
+const MAGIC: &[u8] = b"tsr shard result 1\n";
+
+/// A batch's result as a worker writes it: the items with their indices, then a blake3 of
+/// everything before it.
+pub fn encode_result(items: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+    for (i, b) in items {
+        out.extend_from_slice(&i.to_le_bytes());
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// The items of a result file, or why it is not one (damaged, cut short, another format).
+pub fn decode_result(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    if bytes.len() < MAGIC.len() + 8 + 32 || !bytes.starts_with(MAGIC) {
+        return Err("not a shard result (no header)".into());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err("checksum mismatch (damaged or cut short)".into());
+    }
+    let mut pos = MAGIC.len();
+    let u64_at = |pos: &mut usize| -> Result<u64, String> {
+        let b = body
+            .get(*pos..*pos + 8)
+            .ok_or_else(|| "truncated record".to_string())?;
+        *pos += 8;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let n = u64_at(&mut pos)?;
+    let mut items = Vec::new();
+    for _ in 0..n {
+        let i = u64_at(&mut pos)?;
+        let len = u64_at(&mut pos)? as usize;
+        let b = body
+            .get(pos..pos + len)
+            .ok_or_else(|| "truncated item".to_string())?;
+        pos += len;
+        items.push((i, b.to_vec()));
+    }
+    if pos != body.len() {
+        return Err("trailing bytes after the items".into());
+    }
+    Ok(items)
+}
+
+/// The result files for batches in `dir`: `<batch>.<writer>` (temporary files start with `.`).
+pub fn result_files(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                return None;
+            }
+            let b = name.split('.').next()?.parse().ok()?;
+            Some((b, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The items of batch `b` of `job` from the result file at `path`, when it verifies and holds
+/// exactly that batch's indices in order.
+pub fn read_batch(job: &ShardJob, b: u64, path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let items = decode_result(&bytes)?;
+    let want: Vec<u64> = job.batch_items(b).collect();
+    let got: Vec<u64> = items.iter().map(|(i, _)| *i).collect();
+    if got != want {
+        return Err(format!(
+            "it holds items {got:?}, not batch {b}'s {}..{}",
+            want.first().unwrap_or(&0),
+            want.last().map_or(0, |l| l + 1)
+        ));
+    }
+    Ok(items.into_iter().map(|(_, b)| b).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_reads_back_and_any_damage_is_refused() {
+        let items = vec![(3u64, b"abc".to_vec()), (4, vec![]), (5, vec![0u8; 300])];
+        let bytes = encode_result(&items);
+        assert_eq!(decode_result(&bytes).unwrap(), items);
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode_result(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        for flip in [0, MAGIC.len() + 3, bytes.len() / 2, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[flip] ^= 1;
+            assert!(decode_result(&b).is_err(), "flip at {flip}");
+        }
+    }
+
+    #[test]
+    fn a_result_must_hold_exactly_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = ShardJob {
+            node: "n".into(),
+            key: Digest::of(b"k"),
+            kind: "toy-map".into(),
+            version: 1,
+            config: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            externals: BTreeMap::new(),
+            blobs: dir.path().to_path_buf(),
+            device: "cpu".into(),
+            total: 7,
+            batch: 3,
+            build: "b".into(),
+        };
+        assert_eq!(job.batches(), 3);
+        assert_eq!(job.batch_items(2), 6..7);
+        let p = dir.path().join("1.w");
+        std::fs::write(
+            &p,
+            encode_result(&[(3, vec![1]), (4, vec![2]), (5, vec![3])]),
+        )
+        .unwrap();
+        assert_eq!(
+            read_batch(&job, 1, &p).unwrap(),
+            vec![vec![1], vec![2], vec![3]]
+        );
+        assert!(read_batch(&job, 0, &p).is_err());
+        std::fs::write(&p, encode_result(&[(3, vec![1]), (4, vec![2])])).unwrap();
+        assert!(read_batch(&job, 1, &p).is_err());
+    }
+}

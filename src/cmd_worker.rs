@@ -1,0 +1,92 @@
+//! `tsr worker`: computes a shard of an item step for a driver (the `processes` executor
+//! starts it; it is not meant to be typed). It has no store and no lease: it reads the step's
+//! inputs from the blob folder the job names, writes one result file per batch, and exits 0
+//! when done, 75 when stopped at a batch boundary (SIGTERM), 1 on an error (its message on
+//! standard error, which the driver reports).
+
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tsr_engine::shard::ShardJob;
+use tsr_engine::{preempt, StepError, StopFlag};
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The shard job (JSON) the driver wrote.
+    #[arg(long)]
+    pub job: PathBuf,
+    /// The batches to compute: indices of the step's fixed partition, comma-separated.
+    #[arg(long)]
+    pub batches: String,
+    /// The folder results go to (one file per batch).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Names this worker's result files.
+    #[arg(long)]
+    pub tag: String,
+    /// A scratch folder of this worker's own.
+    #[arg(long)]
+    pub scratch: PathBuf,
+}
+
+/// This program's identity: the digest of its executable, which a worker compares with the
+/// driver's (a different build could compute other bytes).
+pub fn build_id() -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("finding this program's executable")?;
+    let bytes =
+        std::fs::read(&exe).with_context(|| format!("reading {} to identify it", exe.display()))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(&a.job).with_context(|| format!("reading {}", a.job.display()))?;
+    let mut job: ShardJob = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a shard job of this build", a.job.display()))?;
+    let me = build_id()?;
+    if job.build != me {
+        bail!(
+            "this worker is another tsr build ({}) than the driver's ({}); run the driver's binary on the workers",
+            &me[..12],
+            job.build.get(..12).unwrap_or(&job.build)
+        );
+    }
+    if let Ok(d) = std::env::var("TSR_WORKER_DEVICE") {
+        job.device = d;
+    }
+    let batches: Vec<u64> = a
+        .batches
+        .split(',')
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| b.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--batches `{}`: give batch indices like 0,1,2", a.batches))?;
+    if let Some(b) = batches.iter().find(|b| **b >= job.batches()) {
+        bail!(
+            "--batches: step `{}` has {} batches; {b} is not one",
+            job.node,
+            job.batches()
+        );
+    }
+    let step = tsr_steps::shards::step_of(&job.kind, &job.config)
+        .or_else(|| tsr_engine::testkit::shard_step(&job.kind, &job.config))
+        .with_context(|| format!("step kind `{}` cannot run as shards", job.kind))??;
+    let stop = StopFlag::new();
+    preempt::install(stop.clone(), String::new()).map_err(anyhow::Error::msg)?;
+    match tsr_engine::worker::run_shard(
+        step.as_ref(),
+        &job,
+        &batches,
+        &a.out,
+        &a.scratch,
+        &a.tag,
+        stop,
+    ) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "computing batches {} of step `{}`",
+            a.batches, job.node
+        ))),
+    }
+}

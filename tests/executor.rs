@@ -1,0 +1,238 @@
+//! The `processes` executor on a tiny random model: a temporal iteration with evaluation whose
+//! item steps (generation, judging, reference log-probs, answers, evaluation judging) are
+//! computed by worker processes gives every output of the same run in one process, also when
+//! workers are killed in the middle of their shards; a shard that fails every time fails its
+//! step with the worker's own message after its attempts.
+//!
+//! Every process runs one CPU thread (`RAYON_NUM_THREADS=1`, which the driver also gives each
+//! worker), so the comparison is between the same computations on the same thread count.
+
+mod common;
+
+use common::*;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const PROMPTS: &str = "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n{\"id\": \"d\", \"prompt\": \"say yes\"}\n";
+const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n{\"id\": \"e3\", \"prompt\": \"name a fish\"}\n";
+
+/// A temporal iteration with evaluation whose item steps have several batches each.
+fn setup(dir: &Path, executor: &str) -> PathBuf {
+    if !dir.join("tiny").exists() {
+        tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    }
+    std::fs::write(dir.join("prompts.jsonl"), PROMPTS).unwrap();
+    std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"x\"\nworkflow = \"temporal\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 5\nbatch_size = 2\n\
+             [judge]\nmode = \"logprob\"\nbatch_size = 2\n\
+             [dpo]\nlr = 1e-3\naccum_steps = 2\ncheckpoint_every = 1\n\
+             [eval]\nprompts = \"held-out.jsonl\"\nmax_new_tokens = 5\nbatch_size = 2\nbootstrap_resamples = 10\n\
+             [eval.judge]\nmode = \"logprob\"\nbatch_size = 1\n{executor}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn command(cfg: &Path, store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    c.args([
+        "run",
+        cfg.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ])
+    .env("RAYON_NUM_THREADS", "1")
+    .env_remove("TSR_TEST_PAUSE_AT");
+    c
+}
+
+fn run(cfg: &Path, store: &Path) -> Output {
+    let o = command(cfg, store).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+/// Every node's outputs, the exported pairs and a pair's lineage.
+fn results(store: &Path) -> (Vec<String>, Vec<u8>, String) {
+    let v = status(store, "x");
+    let nodes = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{} {}", n["node"], n["outputs"]))
+        .collect();
+    let o = tsr(&["export", "x", "pairs"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    let pairs = o.stdout;
+    let first: serde_json::Value =
+        serde_json::from_slice(pairs.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let id = first["pair_id"].as_str().unwrap();
+    let o = tsr(&["lineage", "x", "pair", id, "--json"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    (nodes, pairs, String::from_utf8(o.stdout).unwrap())
+}
+
+/// The same run in one process (the reference).
+fn reference(dir: &Path) -> (Vec<String>, Vec<u8>, String) {
+    let cfg = setup(&dir.join("local"), "");
+    let store = dir.join("local/store");
+    run(&cfg, &store);
+    results(&store)
+}
+
+fn same(want: &(Vec<String>, Vec<u8>, String), got: &(Vec<String>, Vec<u8>, String)) {
+    assert_eq!(want.0.len(), got.0.len());
+    for (a, b) in want.0.iter().zip(&got.0) {
+        assert_eq!(a, b, "a node's outputs differ");
+    }
+    assert!(want.1 == got.1, "the exported pairs differ");
+    assert_eq!(want.2, got.2, "a pair's lineage differs");
+}
+
+#[test]
+fn worker_processes_give_the_outputs_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(dir.path());
+    let cfg = setup(
+        &dir.path().join("workers"),
+        "[executor]\nkind = \"processes\"\nworkers = 2\n",
+    );
+    let store = dir.path().join("workers/store");
+    let o = run(&cfg, &store);
+    // Every item step went to the workers: generation (current, anchor, future), judging,
+    // reference log-probs, answers and evaluation judging.
+    let t = text(&o);
+    for node in [
+        "iter1/gen-current",
+        "iter1/judge-current",
+        "iter1/gen-anchor",
+        "iter1/ref-future",
+        "iter1/gen-future",
+        "iter1/ref-next",
+        "eval-baseline",
+        "iter1/eval-answer",
+        "iter1/eval-judge",
+    ] {
+        assert!(
+            t.contains(&format!("tsr: {node}: ")) && t.contains("worker process(es)"),
+            "{node} was not computed by workers:\n{t}"
+        );
+    }
+    same(&want, &results(&store));
+
+    // The same store continues under another executor: nothing is redone.
+    let o = tsr(&["resume", "x", "--executor", "local"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
+}
+
+/// The worker processes that are stopped (`TSR_TEST_PAUSE_AT`) among the children of `parent`.
+fn stopped_children(parent: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"T") && fields.get(1) == Some(&parent.to_string().as_str()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn workers_killed_in_the_middle_of_their_shards_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(dir.path());
+    let cfg = setup(
+        &dir.path().join("killed"),
+        "[executor]\nkind = \"processes\"\nworkers = 2\n",
+    );
+    let store = dir.path().join("killed/store");
+    // Each worker of `iter1/gen-current` (6 batches, 3 per shard) stops itself before its
+    // second batch: it has committed one and has more to do. The test kills it there; its
+    // shard restarts without the batches that have a result, and stops again before its
+    // second. So each shard is killed twice, at a batch boundary it provably reached.
+    let mut c = command(&cfg, &store);
+    c.env("TSR_TEST_PAUSE_AT", "iter1/gen-current#2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut killed = BTreeSet::new();
+    wait_event(&mut child, "end of the run", |c| {
+        for pid in stopped_children(c.id()) {
+            if killed.insert(pid) {
+                // SAFETY: kill only sends a signal to a stopped child of the run.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(killed.len(), 4, "two kills per shard of 3 batches");
+    same(&want, &results(&store));
+}
+
+#[test]
+fn a_shard_that_fails_every_time_fails_its_step_with_the_workers_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // Workers on a device this build cannot use: each attempt fails the same way.
+    let cfg = setup(
+        dir.path(),
+        "[executor]\nkind = \"processes\"\nworkers = 2\nmax_attempts = 2\ndevices = [\"cuda:0\", \"cuda:1\"]\n",
+    );
+    let store = dir.path().join("store");
+    let o = command(&cfg, &store).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("failed 2 times"), "{t}");
+    assert!(
+        t.contains("cuda"),
+        "the worker's own message is missing: {t}"
+    );
+
+    // Items per shard must be whole batches of every sharded step.
+    let cfg = setup(
+        dir.path(),
+        "[executor]\nkind = \"processes\"\nworkers = 2\nshard_items = 3\n",
+    );
+    let o = command(&cfg, &dir.path().join("store2")).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("executor.shard_items = 3 is not a whole number"),
+        "{}",
+        text(&o)
+    );
+
+    // Bad settings are refused before anything runs, naming the key.
+    for (body, want) in [
+        ("workers = 0", "executor.workers"),
+        ("kind = \"slurm\"", "executor.kind"),
+        ("devices = [\"cuda:0\"]", "executor.devices"),
+        ("max_attempts = 0", "executor.max_attempts"),
+    ] {
+        let cfg = setup(dir.path(), &format!("[executor]\n{body}\n"));
+        let o = command(&cfg, &dir.path().join("store3")).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{body}: {}", text(&o));
+        assert!(text(&o).contains(want), "{body}: {}", text(&o));
+    }
+}
