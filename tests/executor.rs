@@ -236,3 +236,80 @@ fn a_shard_that_fails_every_time_fails_its_step_with_the_workers_message() {
         assert!(text(&o).contains(want), "{body}: {}", text(&o));
     }
 }
+
+#[test]
+fn a_stopped_driver_keeps_what_its_workers_finished_and_resumes_to_the_same_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(dir.path());
+    let cfg = setup(
+        &dir.path().join("stopped"),
+        "[executor]\nkind = \"processes\"\nworkers = 2\n",
+    );
+    let store = dir.path().join("stopped/store");
+    // Both workers of `iter1/gen-current` stop themselves before their second batch; then
+    // the driver gets SIGTERM, passes it on, and the workers are let go: they see the stop at a
+    // batch boundary and exit 75, the driver commits their finished batches and exits 75 too.
+    let mut c = command(&cfg, &store);
+    c.env("TSR_TEST_PAUSE_AT", "iter1/gen-current#2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut workers = vec![];
+    wait_event(&mut child, "both workers stopped", |c| {
+        workers = stopped_children(c.id());
+        workers.len() == 2 || c.try_wait().unwrap().is_some()
+    });
+    assert_eq!(workers.len(), 2, "the run ended before its workers stopped");
+    // SAFETY: signals to the run and its stopped workers only.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    // The driver passes the stop on to its workers (SIGTERM); once it is pending at both, they
+    // are continued.
+    wait_event(&mut child, "SIGTERM pending at both workers", |_| {
+        workers.iter().all(|w| sigterm_pending(*w))
+    });
+    for w in &workers {
+        unsafe {
+            libc::kill(*w as i32, libc::SIGCONT);
+        }
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    let v = status(&store, "x");
+    let gen = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "iter1/gen-current")
+        .unwrap()
+        .clone();
+    // Each worker finished its first batch, and saw the stop at its second or third boundary
+    // (the signal handler's thread may set the stop flag just after the check): whole batches
+    // are kept, and the step is unfinished.
+    let done = gen["items_done"].as_u64().unwrap();
+    assert!(
+        (4..12).contains(&done) && done % 2 == 0,
+        "whole batches kept, step unfinished: {gen}"
+    );
+    assert_eq!(gen["state"], "interrupted", "{gen}");
+    let o = command(&cfg, &store).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    same(&want, &results(&store));
+}
+
+/// Whether SIGTERM is pending at process `pid` (it is stopped and has not handled it yet), or
+/// the process is gone.
+fn sigterm_pending(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
