@@ -313,3 +313,45 @@ fn sigterm_pending(pid: u32) -> bool {
         .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
         .any(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }
+
+/// `tsr plan` counts every worker that shares the device: each holds the model and a batch.
+#[test]
+fn the_memory_plan_counts_the_workers_that_share_a_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |executor: &str| -> serde_json::Value {
+        let cfg = setup(dir.path(), executor);
+        let o = tsr(
+            &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
+            &dir.path().join("store"),
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let node = |v: &serde_json::Value, name: &str| -> (u64, String) {
+        let n = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == name)
+            .unwrap();
+        (n["peak"].as_u64().unwrap(), n["assumes"].to_string())
+    };
+    let local = plan("");
+    let three = plan("[executor]\nkind = \"processes\"\nworkers = 3\n");
+    let own =
+        plan("[executor]\nkind = \"processes\"\nworkers = 2\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
+    let (one, _) = node(&local, "iter1/gen-current");
+    let (all, why) = node(&three, "iter1/gen-current");
+    assert_eq!(all, 3 * one);
+    assert!(why.contains("3 worker processes"), "{why}");
+    assert_eq!(
+        node(&own, "iter1/gen-current").0,
+        one,
+        "one worker per device"
+    );
+    // DPO runs in the run's own process.
+    assert_eq!(
+        node(&three, "iter1/dpo-next").0,
+        node(&local, "iter1/dpo-next").0
+    );
+}

@@ -129,6 +129,25 @@ fn template_len(
     }
 }
 
+/// How many worker processes of the `processes` executor compute on one device at once: all
+/// of them without `devices`, else the most that share one (1 for a local run).
+fn workers_per_device(c: &Config) -> u64 {
+    match &c.executor {
+        Some(x) if x.kind == crate::Executor::Processes => {
+            if x.devices.is_empty() {
+                x.workers as u64
+            } else {
+                x.devices
+                    .iter()
+                    .map(|d| x.devices.iter().filter(|e| *e == d).count() as u64)
+                    .max()
+                    .unwrap_or(1)
+            }
+        }
+        _ => 1,
+    }
+}
+
 fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowError> {
     let dag = crate::build(c)?;
     let m = c.model.as_ref().expect("validated: [model] present");
@@ -340,11 +359,21 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
             }
             _ => ("no model".to_string(), memory::small()),
         };
+        // Worker processes that share this device each hold the model and a batch.
+        let sharers = workers_per_device(c);
+        let (peak, assumes) = if sharers > 1 && tsr_steps::shards::SHARDABLE.contains(&kind) {
+            (
+                parts.peak() * sharers,
+                format!("{assumes}; {sharers} worker processes at once"),
+            )
+        } else {
+            (parts.peak(), assumes)
+        };
         nodes.push(NodePlan {
             node: n.name.clone(),
             kind: kind.to_string(),
             assumes,
-            peak: parts.peak(),
+            peak,
             parts,
         });
     }

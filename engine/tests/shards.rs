@@ -1,0 +1,156 @@
+//! Sharded item steps in one process: a batch runner that computes each batch the way a worker
+//! does (`worker::run_shard` into result files, read back and verified) gives the outputs of the
+//! local run; a batch delivered twice is committed once; a batch with the wrong number of items,
+//! or one never delivered, fails the step; a worker whose step is not the job's refuses it.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tsr_engine::shard::{read_batch, BatchRunner, ShardJob};
+use tsr_engine::testkit::{shard_step, toy_dag, ToyMap, ToySpec};
+use tsr_engine::{open_run, Driver, EngineError, Outcome, Step, StepError, StopFlag};
+use tsr_state::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Misbehave {
+    None,
+    /// Every batch delivered twice.
+    Twice,
+    /// The last batch delivered with one item fewer.
+    Short,
+    /// The last batch never delivered.
+    Lost,
+}
+
+/// Computes each batch as a worker does, in this process.
+#[derive(Debug)]
+struct InProcess {
+    work: PathBuf,
+    how: Misbehave,
+}
+
+impl BatchRunner for InProcess {
+    fn run(
+        &self,
+        job: &ShardJob,
+        batches: &[u64],
+        stop: &StopFlag,
+        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+    ) -> Result<(), StepError> {
+        let step = shard_step(&job.kind, &job.config).expect("a toy kind")?;
+        let dir = self.work.join(job.key.to_hex());
+        for (n, &b) in batches.iter().enumerate() {
+            let last = n + 1 == batches.len();
+            tsr_engine::worker::run_shard(
+                step.as_ref(),
+                job,
+                &[b],
+                &dir.join("results"),
+                &dir.join("scratch"),
+                "t",
+                stop.clone(),
+            )?;
+            let path = dir.join("results").join(format!("{b}.t"));
+            let mut items = read_batch(job, b, &path).map_err(StepError::Other)?;
+            match self.how {
+                Misbehave::Lost if last => continue,
+                Misbehave::Short if last => {
+                    items.pop();
+                }
+                _ => {}
+            }
+            if self.how == Misbehave::Twice {
+                deliver(b, items.clone())?;
+            }
+            deliver(b, items)?;
+        }
+        Ok(())
+    }
+}
+
+fn spec() -> ToySpec {
+    ToySpec {
+        iterations: 1,
+        items: 10,
+        train_steps: 2,
+        checkpoint_every: 1,
+        work_ms: 0,
+        seed: 3,
+    }
+}
+
+fn run_with(store: &Arc<Store>, how: Misbehave) -> Result<Outcome, EngineError> {
+    let dag = Arc::new(toy_dag(&spec()).unwrap());
+    open_run(store, &run_spec("r", &spec()), &dag).unwrap();
+    let mut opts = quiet(StopFlag::new());
+    let runner = InProcess {
+        work: store.blobs().tmp_dir().join("shards"),
+        how,
+    };
+    opts.runner = Some((Arc::new(runner), "test".into()));
+    Driver::new(store.clone(), dag, "r", opts).run()
+}
+
+#[test]
+fn batches_computed_as_workers_do_give_the_local_outputs_once_each() {
+    let local = tempfile::tempdir().unwrap();
+    let local = Arc::new(Store::open(local.path()).unwrap());
+    run_toy(&local, "r", &spec());
+    let want = outputs(&local, "r");
+    for how in [Misbehave::None, Misbehave::Twice] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        assert!(matches!(
+            run_with(&store, how).unwrap(),
+            Outcome::Completed { .. }
+        ));
+        assert_eq!(outputs(&store, "r"), want, "{how:?}");
+    }
+}
+
+#[test]
+fn a_short_or_missing_batch_fails_the_step() {
+    for (how, want) in [
+        (Misbehave::Short, "came back with 0 items, not 1"),
+        (Misbehave::Lost, "the workers finished without batch 3"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let e = run_with(&store, how).unwrap_err();
+        let chain = tsr_state::error_chain(&e);
+        assert!(chain.contains(want), "{how:?}: {chain}");
+    }
+}
+
+#[test]
+fn a_worker_refuses_a_job_that_is_not_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let step = ToyMap::new("a", 0);
+    let job = ShardJob {
+        node: "iter1/map".into(),
+        key: tsr_state::Digest::of(b"another step"),
+        kind: step.kind().into(),
+        version: step.version(),
+        config: step.config(),
+        inputs: Default::default(),
+        externals: Default::default(),
+        blobs: dir.path().join("blobs"),
+        device: "cpu".into(),
+        total: 3,
+        batch: 3,
+        build: "b".into(),
+    };
+    let e = tsr_engine::worker::run_shard(
+        &step,
+        &job,
+        &[0],
+        &dir.path().join("out"),
+        &dir.path().join("scratch"),
+        "t",
+        StopFlag::new(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not the job's"), "{e}");
+}
