@@ -49,7 +49,11 @@ impl ExecutorArgs {
             c.executor.get_or_insert_with(Default::default).kind = kind;
         }
         if let Some(n) = self.workers {
-            c.executor.get_or_insert_with(Default::default).workers = n;
+            let x = c.executor.get_or_insert_with(Default::default);
+            if x.kind != tsr_workflows::Executor::Processes {
+                bail!("--workers goes with worker processes: add --executor processes (or kind = \"processes\" in [executor])");
+            }
+            x.workers = n;
         }
         c.validate()?;
         Ok(c)
@@ -70,7 +74,6 @@ fn runner_of(
     else {
         return Ok(None);
     };
-    let exe = std::env::current_exe().context("finding this program's executable")?;
     let threads = tsr_model::cpu_threads();
     let slots = (0..x.workers)
         .map(|i| match x.devices.get(i) {
@@ -82,7 +85,7 @@ fn runner_of(
         })
         .collect();
     let runner = tsr_engine::processes::ProcessRunner {
-        command: vec![exe.into_os_string(), "worker".into()],
+        command: vec![crate::cmd_worker::SELF_EXE.into(), "worker".into()],
         slots,
         shard_items: x.shard_items,
         max_attempts: x.max_attempts,

@@ -16,7 +16,7 @@ pub struct WorkerArgs {
     /// The shard job (JSON) the driver wrote.
     #[arg(long)]
     pub job: PathBuf,
-    /// The batches to compute: indices of the step's fixed partition, comma-separated.
+    /// The batches to compute: indices of the step's fixed partition, as `0-2,5,7-9`.
     #[arg(long)]
     pub batches: String,
     /// The folder results go to (one file per batch).
@@ -30,12 +30,15 @@ pub struct WorkerArgs {
     pub scratch: PathBuf,
 }
 
-/// This program's identity: the digest of its executable, which a worker compares with the
-/// driver's (a different build could compute other bytes).
+/// The executable this process runs, even when its file was replaced or removed since it
+/// started (a rebuild while a run goes on): workers are started from it.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// This program's identity: the digest of the executable it runs, which a worker compares with
+/// the driver's (a different build could compute other bytes).
 pub fn build_id() -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("finding this program's executable")?;
     let bytes =
-        std::fs::read(&exe).with_context(|| format!("reading {} to identify it", exe.display()))?;
+        std::fs::read(SELF_EXE).context("reading this program's executable to identify it")?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
@@ -54,13 +57,8 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if let Ok(d) = std::env::var("TSR_WORKER_DEVICE") {
         job.device = d;
     }
-    let batches: Vec<u64> = a
-        .batches
-        .split(',')
-        .filter(|b| !b.trim().is_empty())
-        .map(|b| b.trim().parse::<u64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--batches `{}`: give batch indices like 0,1,2", a.batches))?;
+    let batches = tsr_engine::processes::parse_batches(&a.batches)
+        .map_err(|e| anyhow::anyhow!("--batches: {e}"))?;
     if let Some(b) = batches.iter().find(|b| **b >= job.batches()) {
         bail!(
             "--batches: step `{}` has {} batches; {b} is not one",
@@ -72,7 +70,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| tsr_engine::testkit::shard_step(&job.kind, &job.config))
         .with_context(|| format!("step kind `{}` cannot run as shards", job.kind))??;
     let stop = StopFlag::new();
-    preempt::install(stop.clone(), String::new()).map_err(anyhow::Error::msg)?;
+    preempt::install_worker(stop.clone()).map_err(anyhow::Error::msg)?;
     match tsr_engine::worker::run_shard(
         step.as_ref(),
         &job,
@@ -84,9 +82,9 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     ) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "computing batches {} of step `{}`",
-            a.batches, job.node
-        ))),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("computing batches {} of the step", a.batches)))
+        }
     }
 }

@@ -39,3 +39,30 @@ pub fn install(flag: StopFlag, hint: String) -> Result<(), String> {
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))
 }
+
+/// The flag a worker's signal handler sets (see [`install_worker`]).
+static WORKER_FLAG: std::sync::OnceLock<StopFlag> = std::sync::OnceLock::new();
+
+extern "C" fn worker_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    if let Some(f) = WORKER_FLAG.get() {
+        f.set();
+    }
+}
+
+/// A shard worker's SIGINT/SIGTERM/SIGHUP handling: every signal only sets `flag`, inside the
+/// handler itself (so a stopped worker that is continued sees the flag at the boundary where it
+/// stopped), and never exits; the driver decides when to kill. Once per process.
+pub fn install_worker(flag: StopFlag) -> Result<(), String> {
+    WORKER_FLAG
+        .set(flag)
+        .map_err(|_| "the worker's signal handler is already installed".to_string())?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only performs an atomic store.
+        let old = unsafe { libc::signal(sig, worker_signal as *const () as libc::sighandler_t) };
+        if old == libc::SIG_ERR {
+            return Err(format!("cannot install the handler of signal {sig}"));
+        }
+    }
+    Ok(())
+}

@@ -4,10 +4,14 @@
 //! that the driver verifies and commits (see [`crate::shard`]).
 //!
 //! Shards are fixed groups of whole batches (shard `s` is batches `s * k ..` for the `k` batches
-//! of `shard_items`), so a shard computes exactly what one process computes. A worker that exits with an error uses up
-//! one of its shard's attempts; one killed by a signal (the OOM killer, an operator, a test) or
-//! stopped at a batch boundary is restarted without using one, up to a bound. A restarted shard
-//! skips the batches that already have a verified result.
+//! of `shard_items`), so a shard computes exactly what one process computes. A worker that
+//! exits with an error, crashes (SIGSEGV, SIGABRT, ...) or is killed without having finished a
+//! batch since it started uses up one of its shard's attempts; one stopped at a batch boundary
+//! (exit 75, SIGTERM) or killed after finishing a batch is restarted without using one, up to a
+//! bound. A restarted shard skips the batches that already have a verified result.
+//!
+//! Workers run in their own process group (a Ctrl-C on the terminal reaches only the driver,
+//! which passes the stop on) and die with the driver (`PR_SET_PDEATHSIG`), so none outlives it.
 
 use crate::error::StepError;
 use crate::preempt::StopFlag;
@@ -46,6 +50,78 @@ struct Running {
     shard: u64,
     slot: usize,
     log: PathBuf,
+    /// The shard's batches still to deliver when it started.
+    pending_at_start: usize,
+}
+
+impl Drop for Running {
+    /// A worker is never left behind: one not yet reaped is killed and reaped (a reaped one is
+    /// not signalled again).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Batch indices as ranges (`0-2,5,7-9`): a shard's pending list stays short on the command
+/// line however many batches it has.
+pub fn format_batches(batches: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < batches.len() {
+        let mut j = i;
+        while j + 1 < batches.len() && batches[j + 1] == batches[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            batches[i].to_string()
+        } else {
+            format!("{}-{}", batches[i], batches[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// The batch indices of [`format_batches`]' text.
+pub fn parse_batches(text: &str) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let num = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("`{part}` is not a batch index or a range like 3-7"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("`{part}` is an empty range"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    Ok(out)
+}
+
+/// The name of a signal, for messages.
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        libc::SIGILL => "SIGILL".into(),
+        libc::SIGFPE => "SIGFPE".into(),
+        other => format!("signal {other}"),
+    }
 }
 
 struct ShardState {
@@ -64,6 +140,7 @@ impl ProcessRunner {
         slot: usize,
         launch: u32,
     ) -> Result<Running, StepError> {
+        use std::os::unix::process::CommandExt;
         let log = dir.join("logs").join(format!("{shard}.{launch}.log"));
         let err = std::fs::File::create(&log)
             .map_err(|e| StepError::io(format!("creating {}", log.display()), e))?;
@@ -72,13 +149,7 @@ impl ProcessRunner {
             .arg("--job")
             .arg(dir.join("job.json"))
             .arg("--batches")
-            .arg(
-                pending
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
+            .arg(format_batches(pending))
             .arg("--out")
             .arg(dir.join("results"))
             .arg("--tag")
@@ -90,6 +161,20 @@ impl ProcessRunner {
             .stderr(err);
         for (k, v) in &self.slots[slot] {
             cmd.env(k, v);
+        }
+        // Its own process group: a terminal's Ctrl-C reaches the driver only. It dies with the
+        // driver: PR_SET_PDEATHSIG, then a check that the driver did not die before it was set.
+        let driver = std::process::id() as libc::pid_t;
+        cmd.process_group(0);
+        // SAFETY: prctl, getppid and _exit are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != driver {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().map_err(|e| {
             StepError::io(
@@ -105,6 +190,7 @@ impl ProcessRunner {
             shard,
             slot,
             log,
+            pending_at_start: pending.len(),
         })
     }
 }
@@ -227,40 +313,49 @@ impl BatchRunner for ProcessRunner {
                     continue;
                 }
                 use std::os::unix::process::ExitStatusExt;
-                match (status.code(), status.signal()) {
-                    (Some(crate::EXIT_INTERRUPTED), _) | (None, Some(_)) => {
-                        st.restarts += 1;
-                        if st.restarts > MAX_SIGNAL_RESTARTS {
-                            failed = Some(StepError::Other(format!(
-                                "the worker of shard {} was stopped or killed {} times; last log {}",
-                                r.shard,
-                                st.restarts,
-                                r.log.display()
-                            )));
-                            break;
-                        }
-                    }
-                    (code, _) => {
-                        st.failures += 1;
-                        let why = match code {
-                            Some(0) => "it exited without writing every batch".to_string(),
-                            Some(c) => format!("it exited with {c}"),
-                            None => "it ended abnormally".to_string(),
-                        };
-                        st.last_error = Some(format!(
-                            "{why}: {} (log {})",
-                            log_tail(&r.log),
+                let left = st.batches.iter().filter(|b| pending.contains(b)).count();
+                let progressed = left < r.pending_at_start;
+                let stopped = status.code() == Some(crate::EXIT_INTERRUPTED)
+                    || matches!(
+                        status.signal(),
+                        Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP)
+                    )
+                    || (status.signal() == Some(libc::SIGKILL) && progressed);
+                if stopped {
+                    st.restarts += 1;
+                    if st.restarts > MAX_SIGNAL_RESTARTS {
+                        failed = Some(StepError::Other(format!(
+                            "the worker of shard {} was stopped or killed {} times; last log {}",
+                            r.shard,
+                            st.restarts,
                             r.log.display()
-                        ));
-                        if st.failures >= self.max_attempts.max(1) {
-                            failed = Some(StepError::Other(format!(
-                                "shard {} failed {} times; last attempt: {}",
-                                r.shard,
-                                st.failures,
-                                st.last_error.as_deref().unwrap_or("")
-                            )));
-                            break;
-                        }
+                        )));
+                        break;
+                    }
+                } else {
+                    st.failures += 1;
+                    let why = match (status.code(), status.signal()) {
+                        (Some(0), _) => "it exited without writing every batch".to_string(),
+                        (Some(c), _) => format!("it exited with {c}"),
+                        (None, Some(sig)) => format!(
+                            "it was killed by {} before finishing a batch",
+                            signal_name(sig)
+                        ),
+                        (None, None) => "it ended abnormally".to_string(),
+                    };
+                    st.last_error = Some(format!(
+                        "{why}: {} (log {})",
+                        log_tail(&r.log),
+                        r.log.display()
+                    ));
+                    if st.failures >= self.max_attempts.max(1) {
+                        failed = Some(StepError::Other(format!(
+                            "shard {} failed {} times; last attempt: {}",
+                            r.shard,
+                            st.failures,
+                            st.last_error.as_deref().unwrap_or("")
+                        )));
+                        break;
                     }
                 }
                 queue.push_back(r.shard);
@@ -268,8 +363,10 @@ impl BatchRunner for ProcessRunner {
             if let Some(e) = failed {
                 break Err(e);
             }
-            // Start shards on free slots.
-            while let (Some(&slot), Some(&shard)) = (free.last(), queue.front()) {
+            // Start shards on free slots (none once a stop was asked for).
+            while let (Some(&slot), Some(&shard), false) =
+                (free.last(), queue.front(), stop.is_set())
+            {
                 let todo: Vec<u64> = shards[&shard]
                     .batches
                     .iter()
@@ -295,7 +392,8 @@ impl BatchRunner for ProcessRunner {
             if let Some(e) = failed {
                 break Err(e);
             }
-            if running.is_empty() && queue.is_empty() {
+            // (Batches delivered while reaping leave nothing pending: the next round ends.)
+            if running.is_empty() && queue.is_empty() && !stop.is_set() && !pending.is_empty() {
                 break Err(StepError::Other(format!(
                     "no worker is left to compute batches {:?}",
                     pending.iter().take(10).collect::<Vec<_>>()
@@ -304,14 +402,22 @@ impl BatchRunner for ProcessRunner {
             std::thread::sleep(Duration::from_millis(20));
         };
 
-        // Stop what still runs: at a batch boundary (SIGTERM), then wait for it.
-        for r in &running {
-            // SAFETY: kill only sends a signal to a child this process started.
-            unsafe {
-                libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM);
+        // What still runs: after a stop, it finishes its batch (SIGTERM, and SIGCONT for one
+        // that is stopped) and is waited for (a second signal ends the driver, and with it the
+        // workers); otherwise it has nothing left to give and is killed.
+        let stopping = matches!(outcome, Err(StepError::Interrupted));
+        for r in &mut running {
+            if stopping {
+                // SAFETY: signals to a child this process started and has not reaped.
+                unsafe {
+                    libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM);
+                    libc::kill(r.child.id() as libc::pid_t, libc::SIGCONT);
+                }
+            } else {
+                let _ = r.child.kill();
             }
         }
-        for mut r in running {
+        for mut r in running.drain(..) {
             let _ = r.child.wait();
         }
         match outcome {
@@ -324,6 +430,29 @@ impl BatchRunner for ProcessRunner {
                 let _ = collect(&mut pending);
                 Err(e)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_lists_travel_as_ranges() {
+        for list in [
+            vec![],
+            vec![7],
+            vec![0, 1, 2, 5, 7, 8, 9],
+            (0..100_000).collect(),
+        ] {
+            let text = format_batches(&list);
+            assert!(text.len() < 40, "{text}");
+            assert_eq!(parse_batches(&text).unwrap(), list);
+        }
+        assert_eq!(format_batches(&[0, 1, 2, 5, 7, 8, 9]), "0-2,5,7-9");
+        for bad in ["x", "3-1", "1-", "-2"] {
+            assert!(parse_batches(bad).is_err(), "{bad}");
         }
     }
 }

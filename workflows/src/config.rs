@@ -100,8 +100,8 @@ pub struct ExecutorSection {
     pub shard_items: Option<u64>,
     /// Attempts per shard that end in an error before its step fails.
     pub max_attempts: u32,
-    /// One device per worker (`cuda:0`, `cuda:1`, ...); empty: every worker uses the run's
-    /// device, and on CPU the threads are split between the workers.
+    /// One GPU per worker (`cuda:0`, `cuda:1`, ...); empty: every worker uses the run's device,
+    /// and on CPU the threads are split between the workers.
     pub devices: Vec<String>,
 }
 
@@ -634,12 +634,14 @@ impl Config {
                     ),
                 );
             }
-            if let Some(d) = x
-                .devices
-                .iter()
-                .find(|d| *d != "cpu" && !d.starts_with("cuda:"))
-            {
-                return bad("executor.devices", &format!("`{d}`: use `cpu` or `cuda:N`"));
+            if let Some(d) = x.devices.iter().find(|d| {
+                d.strip_prefix("cuda:")
+                    .is_none_or(|n| n.parse::<usize>().is_err())
+            }) {
+                return bad(
+                    "executor.devices",
+                    &format!("`{d}`: give one GPU per worker as `cuda:N`; leave `devices` out to split the CPU threads between the workers"),
+                );
             }
         }
         if let Some(dir) = self.model.as_ref().and_then(|m| m.adapter.as_ref()) {
