@@ -271,6 +271,8 @@ impl BatchRunner for ProcessRunner {
                     if let Ok(items) = read_batch(job, b, &path) {
                         pending.remove(&b);
                         deliver(b, items)?;
+                        // Committed: the folder the driver lists keeps only what is to come.
+                        let _ = std::fs::remove_file(&path);
                     }
                 }
             }

@@ -21,11 +21,19 @@ pub struct ShardJournal {
     dir: PathBuf,
     /// Names this worker's files (`<batch>.<tag>`).
     tag: String,
+    /// The batches this worker computes.
+    mine: BTreeSet<u64>,
 }
 
 impl ShardJournal {
-    pub fn new(job: ShardJob, dir: PathBuf, tag: String) -> Self {
-        ShardJournal { job, dir, tag }
+    /// The journal of a worker computing `mine` (batch indices) of `job` into `dir`.
+    pub fn new(job: ShardJob, dir: PathBuf, tag: String, mine: BTreeSet<u64>) -> Self {
+        ShardJournal {
+            job,
+            dir,
+            tag,
+            mine,
+        }
     }
 
     fn unsupported(&self, what: &str) -> StepError {
@@ -40,10 +48,15 @@ impl ItemJournal for ShardJournal {
     fn get(&self, _index: u64) -> Result<Option<Vec<u8>>, StepError> {
         Err(self.unsupported("reads committed items"))
     }
+    /// What this worker need not compute: the other workers' batches, and its own that already
+    /// have a verified result (only those are read). All of them: the step loads no model.
     fn indices(&self) -> Result<Vec<u64>, StepError> {
-        let mut done = BTreeSet::new();
+        let mut done: BTreeSet<u64> = (0..self.job.batches())
+            .filter(|b| !self.mine.contains(b))
+            .flat_map(|b| self.job.batch_items(b))
+            .collect();
         for (b, path) in result_files(&self.dir) {
-            if b < self.job.batches() && read_batch(&self.job, b, &path).is_ok() {
+            if self.mine.contains(&b) && read_batch(&self.job, b, &path).is_ok() {
                 done.extend(self.job.batch_items(b));
             }
         }
@@ -119,10 +132,12 @@ pub fn run_shard(
         .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
     let blobs = tsr_state::BlobStore::open(job.blobs.clone(), scratch.join("tmp"))?;
     let inputs = StepInputs::new(blobs, job.inputs.clone(), job.externals.clone());
+    let mine: BTreeSet<u64> = batches.iter().copied().collect();
     let journal = Arc::new(ShardJournal::new(
         job.clone(),
         out.to_path_buf(),
         tag.to_string(),
+        mine.clone(),
     ));
     let ctx = StepContext::new(
         &job.node,
@@ -133,6 +148,6 @@ pub fn run_shard(
         journal,
         Progress::hidden(),
     )
-    .with_only(batches.iter().copied().collect());
+    .with_only(mine);
     step.shard(&inputs, &ctx)
 }
