@@ -42,6 +42,24 @@ pub trait Batches {
     ) -> Result<Vec<Self::Item>, StepError>;
 }
 
+/// A `Step` impl's `shardable` and `shard` for an item step whose `batches(inputs)` method makes
+/// its [`Batches`]: a worker computes its share of them with [`compute`].
+macro_rules! shard_by_batches {
+    () => {
+        fn shardable(&self) -> bool {
+            true
+        }
+        fn shard(
+            &self,
+            inputs: &tsr_engine::StepInputs,
+            ctx: &tsr_engine::StepContext,
+        ) -> Result<(), tsr_engine::StepError> {
+            $crate::items::compute(&self.batches(inputs)?, inputs, ctx)
+        }
+    };
+}
+pub(crate) use shard_by_batches;
+
 /// The step's model, as a batch sees it: loaded when items are left and
 /// [`Batches::needs_model`] says so.
 #[derive(Clone, Copy)]

@@ -111,12 +111,7 @@ impl Step for PairwiseJudge {
             .bytes("annotations", "eval-annotations-jsonl", lm::to_jsonl(&rows))
             .json("summary", &summary))
     }
-    fn shardable(&self) -> bool {
-        true
-    }
-    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
-        items::compute(&self.batches(inputs)?, inputs, ctx)
-    }
+    items::shard_by_batches!();
 }
 
 impl PairwiseJudge {

@@ -37,12 +37,7 @@ impl Step for Generate {
         let rows = items::run(&self.batches(inputs)?, inputs, ctx)?;
         Ok(StepOutputs::new().bytes("responses", "responses-jsonl", lm::to_jsonl(&rows)))
     }
-    fn shardable(&self) -> bool {
-        true
-    }
-    fn shard(&self, inputs: &StepInputs, ctx: &StepContext) -> Result<(), StepError> {
-        items::compute(&self.batches(inputs)?, inputs, ctx)
-    }
+    items::shard_by_batches!();
 }
 
 impl Generate {
