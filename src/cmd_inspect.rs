@@ -416,6 +416,7 @@ pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let r = tsr_state::gc(&store, a.dry_run)?;
+    let work = gc_work(&store, a.dry_run)?;
     let remote = match replica {
         Some(rep) => {
             let g = rep.gc(a.dry_run);
@@ -427,6 +428,7 @@ pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["remote"] = serde_json::to_value(&remote)?;
+        v["work"] = serde_json::json!({"removed_steps": work.0, "removed_bytes": work.1});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         if let Some(g) = &remote {
@@ -448,6 +450,51 @@ pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
             r.removed_steps,
             r.kept_blobs
         );
+        if work.0 > 0 {
+            println!(
+                "{} the worker results of {} finished or unknown steps ({} bytes)",
+                if a.dry_run { "would remove" } else { "removed" },
+                work.0,
+                work.1
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Worker results (`<store>/work/<step key>/`) that no step will read again: those of steps
+/// that are done or that the store no longer records. An unfinished step's stay: resuming it
+/// commits them instead of computing them again. Returns (steps, bytes).
+fn gc_work(store: &Store, dry_run: bool) -> anyhow::Result<(u64, u64)> {
+    let dir = store.root().join(crate::cmd_run::WORK_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok((0, 0));
+    };
+    let (mut steps, mut bytes) = (0, 0);
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let needed = match name.parse::<tsr_state::Digest>() {
+            Ok(key) => store
+                .get_step(&key)?
+                .is_some_and(|s| !matches!(s.status, tsr_state::StepStatus::Done { .. })),
+            Err(_) => false,
+        };
+        if needed {
+            continue;
+        }
+        steps += 1;
+        bytes += folder_bytes(&e.path());
+        if !dry_run {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok((steps, bytes))
+}
+
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return std::fs::metadata(dir).map_or(0, |m| m.len());
+    };
+    entries.flatten().map(|e| folder_bytes(&e.path())).sum()
 }

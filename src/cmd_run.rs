@@ -60,6 +60,11 @@ impl ExecutorArgs {
     }
 }
 
+/// Where worker processes put their results, per step key and build (`<store>/work/`): a
+/// driver that resumes a step commits what its predecessor's workers finished; `tsr gc` removes
+/// what no step will read again.
+pub const WORK_DIR: &str = "work";
+
 /// The batch runner of the config's executor (`None`: this process computes the batches), with
 /// this program's identity for its workers.
 fn runner_of(
@@ -89,7 +94,7 @@ fn runner_of(
         slots,
         shard_items: x.shard_items,
         max_attempts: x.max_attempts,
-        work: store.blobs().tmp_dir().join("shards"),
+        work: store.root().join(WORK_DIR),
         log,
     };
     Ok(Some((Arc::new(runner), crate::cmd_worker::build_id()?)))

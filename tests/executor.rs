@@ -296,9 +296,28 @@ fn a_stopped_driver_keeps_what_its_workers_finished_and_resumes_to_the_same_outp
         "whole batches kept, step unfinished: {gen}"
     );
     assert_eq!(gen["state"], "interrupted", "{gen}");
-    let o = command(&cfg, &store).output().unwrap();
+    // The unfinished step's worker folder stays for its resume; gc keeps it.
+    let work = store.join("work");
+    let gc = |store: &Path| -> serde_json::Value {
+        let o = tsr(&["gc", "--json"], store);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1);
+    assert_eq!(gc(&store)["work"]["removed_steps"], 0);
+    // Resumed in this process (the executor is not part of the run's definition): the same
+    // outputs, and gc then removes the finished step's worker folder.
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["resume", "x", "--executor", "local", "--quiet", "--store"])
+        .arg(&store)
+        .env("RAYON_NUM_THREADS", "1")
+        .env_remove("TSR_TEST_PAUSE_AT")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     same(&want, &results(&store));
+    assert_eq!(gc(&store)["work"]["removed_steps"], 1);
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
 }
 
 /// `tsr plan` counts every worker that shares the device: each holds the model and a batch.

@@ -39,7 +39,8 @@ pub struct ProcessRunner {
     pub shard_items: Option<u64>,
     /// Attempts per shard that end in an error before the step fails.
     pub max_attempts: u32,
-    /// Where each step's job, results and logs go (`<work>/<step key>/`).
+    /// Where each step's job, results and logs go (`<work>/<step key>/<build>/`); results left
+    /// there by an earlier driver of the same step and build are committed, not recomputed.
     pub work: PathBuf,
     /// One line on stderr per step handed to the workers.
     pub log: bool,
@@ -215,7 +216,12 @@ impl BatchRunner for ProcessRunner {
         stop: &StopFlag,
         deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
     ) -> Result<(), StepError> {
-        let dir = self.work.join(job.key.to_hex());
+        // Per build too: results of another build are never read (a worker checks the build of
+        // its job; this keeps an older build's leftovers apart).
+        let dir = self
+            .work
+            .join(job.key.to_hex())
+            .join(job.build.get(..16).unwrap_or(&job.build));
         for sub in ["results", "logs", "scratch"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d)
@@ -424,7 +430,7 @@ impl BatchRunner for ProcessRunner {
         }
         match outcome {
             Ok(()) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
                 Ok(())
             }
             Err(e) => {

@@ -5,6 +5,8 @@
 //! <store>/db/       sled database
 //! <store>/blobs/    content-addressed files
 //! <store>/tmp/      temporary files, removed on open
+//! <store>/work/     worker processes' results per step key and build (the CLI's `processes`
+//!                   executor; `tsr gc` removes those no step will read again)
 //! ```
 
 use crate::blobs::BlobStore;
