@@ -135,6 +135,19 @@ fn worker_processes_give_the_outputs_of_one_process() {
     assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
 }
 
+/// Starts the run in `dir` under 2 worker processes, each of which stops itself (SIGSTOP)
+/// before its second batch of `iter1/gen-current`: (store, the run).
+fn spawn_pausing_workers(dir: &Path) -> (PathBuf, std::process::Child) {
+    let cfg = setup(dir, "[executor]\nkind = \"processes\"\nworkers = 2\n");
+    let store = dir.join("store");
+    let mut c = command(&cfg, &store);
+    c.env("TSR_TEST_PAUSE_AT", "iter1/gen-current#2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    (store, child)
+}
+
 /// The worker processes that are stopped (`TSR_TEST_PAUSE_AT`) among the children of `parent`.
 fn stopped_children(parent: u32) -> Vec<u32> {
     let mut out = vec![];
@@ -160,20 +173,11 @@ fn stopped_children(parent: u32) -> Vec<u32> {
 fn workers_killed_in_the_middle_of_their_shards_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let want = reference(dir.path());
-    let cfg = setup(
-        &dir.path().join("killed"),
-        "[executor]\nkind = \"processes\"\nworkers = 2\n",
-    );
-    let store = dir.path().join("killed/store");
     // Each worker of `iter1/gen-current` (6 batches, 3 per shard) stops itself before its
     // second batch: it has committed one and has more to do. The test kills it there; its
     // shard restarts without the batches that have a result, and stops again before its
     // second. So each shard is killed twice, at a batch boundary it provably reached.
-    let mut c = command(&cfg, &store);
-    c.env("TSR_TEST_PAUSE_AT", "iter1/gen-current#2")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let (store, mut child) = spawn_pausing_workers(&dir.path().join("killed"));
     let mut killed = BTreeSet::new();
     wait_event(&mut child, "end of the run", |c| {
         for pid in stopped_children(c.id()) {
@@ -253,20 +257,11 @@ fn a_shard_that_fails_every_time_fails_its_step_with_the_workers_message() {
 fn a_stopped_driver_keeps_what_its_workers_finished_and_resumes_to_the_same_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let want = reference(dir.path());
-    let cfg = setup(
-        &dir.path().join("stopped"),
-        "[executor]\nkind = \"processes\"\nworkers = 2\n",
-    );
-    let store = dir.path().join("stopped/store");
     // Both workers of `iter1/gen-current` stop themselves before their second batch; then the
     // driver gets SIGTERM. It passes the stop on (SIGTERM, then SIGCONT): each worker's handler
     // sets its stop flag, the worker exits 75 at a batch boundary, and the driver commits the
     // batches they finished and exits 75 too.
-    let mut c = command(&cfg, &store);
-    c.env("TSR_TEST_PAUSE_AT", "iter1/gen-current#2")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let (store, mut child) = spawn_pausing_workers(&dir.path().join("stopped"));
     let mut workers = vec![];
     wait_event(&mut child, "both workers stopped", |c| {
         workers = stopped_children(c.id());
