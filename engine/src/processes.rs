@@ -15,7 +15,7 @@
 
 use crate::error::StepError;
 use crate::preempt::StopFlag;
-use crate::shard::{read_batch, result_files, BatchRunner, ShardJob};
+use crate::shard::{log_tail, read_batch, result_files, BatchRunner, ShardJob};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -196,18 +196,6 @@ impl ProcessRunner {
     }
 }
 
-/// The last lines of a worker's log: its own error message.
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-    if tail.is_empty() {
-        "(it wrote nothing)".into()
-    } else {
-        tail
-    }
-}
-
 impl BatchRunner for ProcessRunner {
     fn run(
         &self,
@@ -216,44 +204,21 @@ impl BatchRunner for ProcessRunner {
         stop: &StopFlag,
         deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
     ) -> Result<(), StepError> {
-        // Per build too: results of another build are never read (a worker checks the build of
-        // its job; this keeps an older build's leftovers apart).
-        let dir = self
-            .work
-            .join(job.key.to_hex())
-            .join(job.build.get(..16).unwrap_or(&job.build));
-        for sub in ["results", "logs", "scratch"] {
-            let d = dir.join(sub);
-            std::fs::create_dir_all(&d)
-                .map_err(|e| StepError::io(format!("creating {}", d.display()), e))?;
-        }
-        let job_bytes = serde_json::to_vec_pretty(job).expect("a shard job serializes");
-        tsr_state::fsio::write_atomic(&dir.join("job.json"), &job_bytes)?;
-
-        let per = match self.shard_items {
-            Some(n) if n == 0 || n % job.batch != 0 => {
-                return Err(StepError::Invalid(format!(
-                    "executor.shard_items = {n} is not a whole number of this step's batches of {} items; use a multiple of {}",
-                    job.batch, job.batch
-                )))
-            }
-            Some(n) => n / job.batch,
-            None => job.batches().div_ceil(self.slots.len().max(1) as u64),
-        }
-        .max(1);
-        let mut shards: BTreeMap<u64, ShardState> = BTreeMap::new();
-        for &b in batches {
-            shards
-                .entry(b / per)
-                .or_insert_with(|| ShardState {
-                    batches: vec![],
+        let dir = crate::shard::prepare_dir(&self.work, job)?;
+        let (_, plan) =
+            crate::shard::plan_shards(job, batches, self.shard_items, self.slots.len())?;
+        let mut shards: BTreeMap<u64, ShardState> = plan
+            .into_iter()
+            .map(|(s, batches)| {
+                let st = ShardState {
+                    batches,
                     failures: 0,
                     restarts: 0,
                     last_error: None,
-                })
-                .batches
-                .push(b);
-        }
+                };
+                (s, st)
+            })
+            .collect();
         if self.log {
             eprintln!(
                 "tsr: {}: {} batch(es) in {} shard(s) on {} worker process(es)",

@@ -76,6 +76,62 @@ pub trait BatchRunner: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StepError>;
 }
 
+/// The folder of one step's shards under an executor's work folder:
+/// `<work>/<step key>/<build, 16 hex>/` (results of another build are never read), with its
+/// `results`, `logs` and `scratch` folders and the job a worker reads (`job.json`).
+pub fn prepare_dir(work: &Path, job: &ShardJob) -> Result<PathBuf, StepError> {
+    let dir = work
+        .join(job.key.to_hex())
+        .join(job.build.get(..16).unwrap_or(&job.build));
+    for sub in ["results", "logs", "scratch"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d)
+            .map_err(|e| StepError::io(format!("creating {}", d.display()), e))?;
+    }
+    let job_bytes = serde_json::to_vec_pretty(job).expect("a shard job serializes");
+    tsr_state::fsio::write_atomic(&dir.join("job.json"), &job_bytes)?;
+    Ok(dir)
+}
+
+/// The fixed shards of a step: `k` batches per shard (shard `s` is batches `s * k ..`), from
+/// `shard_items` (a whole number of the step's batches) or, by default, the step's batches split
+/// evenly between `workers`; returns `k` and the shards that hold any of `batches`.
+pub fn plan_shards(
+    job: &ShardJob,
+    batches: &[u64],
+    shard_items: Option<u64>,
+    workers: usize,
+) -> Result<(u64, BTreeMap<u64, Vec<u64>>), StepError> {
+    let per = match shard_items {
+        Some(n) if n == 0 || n % job.batch != 0 => {
+            return Err(StepError::Invalid(format!(
+                "executor.shard_items = {n} is not a whole number of this step's batches of {} items; use a multiple of {}",
+                job.batch, job.batch
+            )))
+        }
+        Some(n) => n / job.batch,
+        None => job.batches().div_ceil(workers.max(1) as u64),
+    }
+    .max(1);
+    let mut shards: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for &b in batches {
+        shards.entry(b / per).or_default().push(b);
+    }
+    Ok((per, shards))
+}
+
+/// The last lines of a worker's log: its own error message.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    if tail.is_empty() {
+        "(it wrote nothing)".into()
+    } else {
+        tail
+    }
+}
+
 const MAGIC: &[u8] = b"tsr shard result 1\n";
 
 /// A batch's result as a worker writes it: the items with their indices, then a blake3 of

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 pub mod s3;
+pub mod sharded;
+pub mod slurm;
 
 /// Run `tsr ARGS --store STORE` and capture its output.
 pub fn tsr(args: &[&str], store: &Path) -> Output {

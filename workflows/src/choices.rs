@@ -188,9 +188,11 @@ choice! {
         Local = "local",
         /// In worker processes on this machine.
         Processes = "processes",
+        /// In Slurm array jobs.
+        Slurm = "slurm",
     },
     refuse = |other: &str| format!(
-        "`{other}`: use `local` (this process) or `processes` (worker processes on this machine)"
+        "`{other}`: use `local` (this process), `processes` (worker processes on this machine) or `slurm` (Slurm array jobs)"
     )
 }
 

@@ -103,6 +103,47 @@ pub struct ExecutorSection {
     /// One GPU per worker (`cuda:0`, `cuda:1`, ...); empty: every worker uses the run's device,
     /// and on CPU the threads are split between the workers.
     pub devices: Vec<String>,
+    /// Slurm: the partition, account and qos of the array jobs (`--partition`, ...).
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// Slurm: generic resources per task, e.g. `gpu:1` (`--gres`).
+    pub gres: Option<String>,
+    /// Slurm: CPUs per task (`--cpus-per-task`); a worker runs that many threads.
+    pub cpus_per_task: u32,
+    /// Slurm: memory per task, e.g. `16G` (`--mem`).
+    pub mem: Option<String>,
+    /// Slurm: time limit per task, e.g. `02:00:00` (`--time`).
+    pub time: Option<String>,
+    /// Slurm: further `sbatch` options, one per element (e.g. `["--constraint=a100"]`).
+    pub extra_args: Vec<String>,
+    /// Slurm: the path of tsr on the nodes (default: the running executable). It must be the
+    /// same build as the driver's.
+    pub binary: Option<std::path::PathBuf>,
+    /// Slurm: seconds a task may stay pending for a reason that waiting does not clear (a held
+    /// job, a node or partition that is not available) before its step fails.
+    pub stuck_after_s: u64,
+}
+
+impl ExecutorSection {
+    /// The `sbatch` options of the Slurm keys.
+    pub fn sbatch_args(&self) -> Vec<String> {
+        let mut out = vec![format!("--cpus-per-task={}", self.cpus_per_task)];
+        for (flag, v) in [
+            ("partition", &self.partition),
+            ("account", &self.account),
+            ("qos", &self.qos),
+            ("gres", &self.gres),
+            ("mem", &self.mem),
+            ("time", &self.time),
+        ] {
+            if let Some(v) = v {
+                out.push(format!("--{flag}={v}"));
+            }
+        }
+        out.extend(self.extra_args.iter().cloned());
+        out
+    }
 }
 
 impl Default for ExecutorSection {
@@ -113,6 +154,16 @@ impl Default for ExecutorSection {
             shard_items: None,
             max_attempts: 3,
             devices: vec![],
+            partition: None,
+            account: None,
+            qos: None,
+            gres: None,
+            cpus_per_task: 1,
+            mem: None,
+            time: None,
+            extra_args: vec![],
+            binary: None,
+            stuck_after_s: 1800,
         }
     }
 }
@@ -617,6 +668,67 @@ impl Config {
             }
             if x.max_attempts == 0 {
                 return bad("executor.max_attempts", "must be at least 1");
+            }
+            if x.kind != Executor::Slurm {
+                let d = ExecutorSection::default();
+                for (key, set) in [
+                    ("partition", x.partition.is_some()),
+                    ("account", x.account.is_some()),
+                    ("qos", x.qos.is_some()),
+                    ("gres", x.gres.is_some()),
+                    ("cpus_per_task", x.cpus_per_task != d.cpus_per_task),
+                    ("mem", x.mem.is_some()),
+                    ("time", x.time.is_some()),
+                    ("extra_args", !x.extra_args.is_empty()),
+                    ("binary", x.binary.is_some()),
+                    ("stuck_after_s", x.stuck_after_s != d.stuck_after_s),
+                ] {
+                    if set {
+                        return bad(
+                            &format!("executor.{key}"),
+                            "is a Slurm setting: add kind = \"slurm\" to [executor], or remove it",
+                        );
+                    }
+                }
+            } else {
+                if !x.devices.is_empty() {
+                    return bad(
+                        "executor.devices",
+                        "is for worker processes on one machine; under Slurm, ask each task for its GPU with gres = \"gpu:1\"",
+                    );
+                }
+                if x.cpus_per_task == 0 {
+                    return bad("executor.cpus_per_task", "must be at least 1");
+                }
+                if let Some(a) = x.extra_args.iter().find(|a| !a.starts_with("--")) {
+                    return bad(
+                        "executor.extra_args",
+                        &format!("`{a}`: give each sbatch option whole, as `--name=value`"),
+                    );
+                }
+                const OWN: [&str; 11] = [
+                    "--array",
+                    "--job-name",
+                    "--output",
+                    "--error",
+                    "--export",
+                    "--comment",
+                    "--parsable",
+                    "--chdir",
+                    "--open-mode",
+                    "--wrap",
+                    "--signal",
+                ];
+                if let Some(a) = x
+                    .extra_args
+                    .iter()
+                    .find(|a| OWN.iter().any(|o| a.split('=').next() == Some(o)))
+                {
+                    return bad(
+                        "executor.extra_args",
+                        &format!("`{a}`: tsr sets this sbatch option itself (it names, logs and signals its array tasks); remove it"),
+                    );
+                }
             }
             if x.shard_items == Some(0) {
                 return bad(

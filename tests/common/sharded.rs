@@ -1,0 +1,98 @@
+//! The tiny-model run the executor tests compare: a temporal iteration with evaluation whose
+//! item steps have several batches each, run in one process as the reference, and what a run
+//! gives (every node's outputs, the exported pairs, a pair's lineage).
+//!
+//! Every process runs one CPU thread (`RAYON_NUM_THREADS=1`, which the executors also give
+//! each worker), so the comparison is between the same computations on the same thread count.
+
+#![allow(dead_code)]
+
+use super::{status, text, tsr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Every node's outputs, the exported pairs and a pair's lineage.
+pub type Results = (Vec<String>, Vec<u8>, String);
+
+pub const PROMPTS: &str = "{\"id\": \"a\", \"prompt\": \"hello there\"}\n{\"id\": \"b\", \"prompt\": \"name a colour\"}\n{\"id\": \"c\", \"prompt\": \"count to three\"}\n{\"id\": \"d\", \"prompt\": \"say yes\"}\n";
+pub const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n{\"id\": \"e3\", \"prompt\": \"name a fish\"}\n";
+
+/// A temporal iteration with evaluation whose item steps have several batches each.
+pub fn setup(dir: &Path, executor: &str) -> PathBuf {
+    if !dir.join("tiny").exists() {
+        tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    }
+    std::fs::write(dir.join("prompts.jsonl"), PROMPTS).unwrap();
+    std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"x\"\nworkflow = \"temporal\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 5\nbatch_size = 2\n\
+             [judge]\nmode = \"logprob\"\nbatch_size = 2\n\
+             [dpo]\nlr = 1e-3\naccum_steps = 2\ncheckpoint_every = 1\n\
+             [eval]\nprompts = \"held-out.jsonl\"\nmax_new_tokens = 5\nbatch_size = 2\nbootstrap_resamples = 10\n\
+             [eval.judge]\nmode = \"logprob\"\nbatch_size = 1\n{executor}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+pub fn command(cfg: &Path, store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    c.args([
+        "run",
+        cfg.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ])
+    .env("RAYON_NUM_THREADS", "1")
+    .env_remove("TSR_TEST_PAUSE_AT");
+    c
+}
+
+pub fn run(cfg: &Path, store: &Path) -> Output {
+    let o = command(cfg, store).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+/// Every node's outputs, the exported pairs and a pair's lineage.
+pub fn results(store: &Path) -> Results {
+    let v = status(store, "x");
+    let nodes = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{} {}", n["node"], n["outputs"]))
+        .collect();
+    let o = tsr(&["export", "x", "pairs"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    let pairs = o.stdout;
+    let first: serde_json::Value =
+        serde_json::from_slice(pairs.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let id = first["pair_id"].as_str().unwrap();
+    let o = tsr(&["lineage", "x", "pair", id, "--json"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    (nodes, pairs, String::from_utf8(o.stdout).unwrap())
+}
+
+/// The same run in one process (the reference).
+pub fn reference(dir: &Path) -> Results {
+    let cfg = setup(&dir.join("local"), "");
+    let store = dir.join("local/store");
+    run(&cfg, &store);
+    results(&store)
+}
+
+pub fn same(want: &Results, got: &Results) {
+    assert_eq!(want.0.len(), got.0.len());
+    for (a, b) in want.0.iter().zip(&got.0) {
+        assert_eq!(a, b, "a node's outputs differ");
+    }
+    assert!(want.1 == got.1, "the exported pairs differ");
+    assert_eq!(want.2, got.2, "a pair's lineage differs");
+}

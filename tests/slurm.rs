@@ -1,0 +1,382 @@
+//! The `slurm` executor against a real one-node Slurm on loopback (munge, slurmctld and slurmd
+//! from Debian's packages, started by this test and stopped by PID): a tiny-model temporal
+//! iteration with evaluation whose item steps run as Slurm array tasks gives every output of
+//! the same run in one process, through faults made by Slurm and by the test:
+//! - array tasks SIGKILLed in the middle of their shards, and one requeued (`scontrol
+//!   requeue`, as a preemption does);
+//! - the driver SIGKILLed while its array runs: the next driver adopts the running tasks and
+//!   submits nothing for them (a counting `sbatch` shows it);
+//! - the controller down at the start (refused before anything is recorded) and down for a
+//!   while in the middle of a run (the driver waits and goes on);
+//! - a shard that fails every time (a worker of another build), which fails its step after
+//!   its attempts with the worker's own message.
+//!
+//! Faults are made at observed events: workers stop themselves (SIGSTOP) before their second
+//! batch of `iter1/gen-current` (`TSR_TEST_PAUSE_AT`, set by a wrapper script given as the
+//! executor's `binary`), and the test acts on the stopped process. One cluster serves every
+//! scenario, one after the other: two clusters would share the node's name and CPUs. About
+//! 3 minutes on 2 cores.
+
+mod common;
+
+use common::sharded::*;
+use common::slurm::Cluster;
+use common::*;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A wrapper that runs this build of tsr with workers stopping themselves before their second
+/// batch of `iter1/gen-current`.
+fn pausing_binary(dir: &Path) -> PathBuf {
+    let p = dir.join("tsr-pausing");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nexport TSR_TEST_PAUSE_AT='iter1/gen-current#2'\nexec '{}' \"$@\"\n",
+            env!("CARGO_BIN_EXE_tsr")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn executor(binary: &Path, extra: &str) -> String {
+    format!(
+        "[executor]\nkind = \"slurm\"\nworkers = 2\ncpus_per_task = 1\nbinary = \"{}\"\n{extra}",
+        binary.display()
+    )
+}
+
+/// The run's driver under the cluster, its standard error in `<dir>/driver.log`.
+fn spawn_driver(cluster: &Cluster, cfg: &Path, store: &Path) -> (Child, PathBuf) {
+    let log = store.with_extension("driver.log");
+    let mut c = command(cfg, store);
+    cluster.env(&mut c);
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    (c.spawn().unwrap(), log)
+}
+
+/// A worker stopped by the test hook: its PID, array task (`<array>_<task>`) and step key.
+#[derive(Debug, Clone)]
+struct Stopped {
+    pid: i32,
+    task: String,
+    key: String,
+}
+
+/// The workers of `store` that are stopped.
+fn stopped_workers(store: &Path) -> Vec<Stopped> {
+    let needle = store.join("work").display().to_string();
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if !is_stopped(pid as u32) {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(job) = args.iter().find(|a| a.starts_with(&needle)) else {
+            continue;
+        };
+        if !args.iter().any(|a| a == "worker") {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let var = |name: &str| -> String {
+            env.split(|b| *b == 0)
+                .filter_map(|kv| std::str::from_utf8(kv).ok())
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
+                .unwrap_or_default()
+        };
+        let key = job[needle.len() + 1..]
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        out.push(Stopped {
+            pid,
+            task: format!(
+                "{}_{}",
+                var("SLURM_ARRAY_JOB_ID"),
+                var("SLURM_ARRAY_TASK_ID")
+            ),
+            key,
+        });
+    }
+    out
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: a signal to a worker process of this test's cluster.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Waits for `child` (the driver) to end, failing with its log if it does not succeed.
+fn finish(mut child: Child, log: &Path) {
+    let st = child.wait().unwrap();
+    assert!(
+        st.success(),
+        "the driver of {} failed: {}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// The state of an array task.
+fn task_state(cluster: &Cluster, task: &str) -> String {
+    let o = cluster
+        .client("squeue")
+        .args([
+            "--noheader",
+            "--array",
+            "--states=all",
+            "--format=%T",
+            "--jobs",
+            task,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut cluster = Cluster::start(&dir.join("slurm"));
+    let want = reference(dir);
+    let pausing = pausing_binary(dir);
+
+    // 1. Tasks killed mid-shard, and one requeued. Each shard of `iter1/gen-current` (6
+    // batches, 3 per shard) has a task that stops before its second batch. The first two
+    // stopped tasks are SIGKILLed (each delivered a batch: resubmitted without using an
+    // attempt); the third is requeued (Slurm puts it back in the queue under the same id, and
+    // the driver waits for it); later ones are let go.
+    let cfg = setup(&dir.join("faults"), &executor(&pausing, ""));
+    let store = dir.join("faults/store");
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    let mut seen = BTreeSet::new();
+    let mut acted = 0;
+    let mut requeued = String::new();
+    wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_workers(&store) {
+            if !seen.insert(w.pid) {
+                continue;
+            }
+            acted += 1;
+            match acted {
+                1 | 2 => signal(w.pid, libc::SIGKILL),
+                3 => {
+                    cluster.scontrol(&["requeue", &w.task]);
+                    requeued = w.task.clone();
+                }
+                _ => signal(w.pid, libc::SIGCONT),
+            }
+        }
+        // A requeued task waits for its begin time (about 2 minutes): start it now, as the
+        // cluster would later.
+        if !requeued.is_empty() && task_state(&cluster, &requeued) == "PENDING" {
+            cluster.scontrol(&["update", &format!("JobId={requeued}"), "StartTime=now"]);
+            requeued.clear();
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    finish(child, &log);
+    assert!(acted >= 3, "{acted} workers stopped");
+    let t = std::fs::read_to_string(&log).unwrap();
+    for node in [
+        "iter1/gen-current",
+        "iter1/judge-current",
+        "iter1/gen-anchor",
+        "iter1/ref-future",
+        "iter1/gen-future",
+        "iter1/eval-answer",
+        "iter1/eval-judge",
+    ] {
+        assert!(
+            t.contains(&format!("tsr: {node}: ")) && t.contains("as Slurm array tasks"),
+            "{node} was not computed by Slurm tasks:\n{t}"
+        );
+    }
+    same(&want, &results(&store));
+    cluster.wait_idle();
+
+    // 2. The driver SIGKILLed while both tasks of `iter1/gen-current` run (stopped): the next
+    // driver adopts them and submits nothing for that step.
+    let cfg = setup(&dir.join("takeover"), &executor(&pausing, ""));
+    let store = dir.join("takeover/store");
+    let (mut child, _) = spawn_driver(&cluster, &cfg, &store);
+    let mut stopped = vec![];
+    wait_event(&mut child, "both tasks stopped", |c| {
+        stopped = stopped_workers(&store);
+        stopped.len() == 2 || c.try_wait().unwrap().is_some()
+    });
+    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = cluster.submissions().len();
+    let reads = cluster.queue_reads();
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    // Two reads of the queue by the new driver: it has decided what to submit for the step.
+    wait_event(&mut child, "the new driver reading the queue", |c| {
+        cluster.queue_reads() >= reads + 2 || c.try_wait().unwrap().is_some()
+    });
+    let key = &stopped[0].key[..16];
+    assert!(
+        !cluster.submissions()[before..]
+            .iter()
+            .any(|s| s.contains(key)),
+        "the step's running tasks were submitted again: {:?}",
+        &cluster.submissions()[before..]
+    );
+    for w in &stopped {
+        signal(w.pid, libc::SIGCONT);
+    }
+    finish(child, &log);
+    assert!(
+        !cluster.submissions()[before..]
+            .iter()
+            .any(|s| s.contains(key)),
+        "the adopted step was submitted again: {:?}",
+        &cluster.submissions()[before..]
+    );
+    same(&want, &results(&store));
+    cluster.wait_idle();
+
+    // 3. A worker of another build (a copy of tsr with a byte more) refuses every job: the step
+    // fails after its attempts with the worker's own message, and nothing of it stays queued.
+    let other = dir.join("tsr-other");
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_tsr")).unwrap();
+    bytes.push(0);
+    std::fs::write(&other, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = setup(&dir.join("other"), &executor(&other, "max_attempts = 2\n"));
+    let store = dir.join("other/store");
+    let (child, log) = spawn_driver(&cluster, &cfg, &store);
+    let o = child.wait_with_output().unwrap();
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("failed 2 times"), "{t}");
+    assert!(
+        t.contains("another tsr build"),
+        "the worker's message is missing: {t}"
+    );
+    cluster.wait_idle();
+
+    // 4. The controller down at the start: refused before anything is recorded.
+    cluster.stop_controller();
+    let cfg = setup(&dir.join("down"), &executor(&pausing, ""));
+    let store = dir.join("down/store");
+    let mut c = command(&cfg, &store);
+    cluster.env(&mut c);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("Slurm would not accept the array jobs"),
+        "{}",
+        text(&o)
+    );
+    let runs = tsr(&["runs", "--json"], &store);
+    assert!(
+        !String::from_utf8_lossy(&runs.stdout).contains("\"x\""),
+        "a run was recorded: {}",
+        text(&runs)
+    );
+    cluster.start_controller(false);
+    cluster.wait_idle();
+
+    // 5. The controller down while tasks run: the driver says so, waits, and goes on when it
+    // is back.
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    let mut stopped = vec![];
+    wait_event(&mut child, "a task stopped", |c| {
+        stopped = stopped_workers(&store);
+        !stopped.is_empty() || c.try_wait().unwrap().is_some()
+    });
+    cluster.stop_controller();
+    wait_event(
+        &mut child,
+        "the driver noticing the controller is down",
+        |c| {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("does not answer")
+                || c.try_wait().unwrap().is_some()
+        },
+    );
+    cluster.start_controller(false);
+    // Stopped tasks from now on are let go.
+    wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_workers(&store) {
+            signal(w.pid, libc::SIGCONT);
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    finish(child, &log);
+    same(&want, &results(&store));
+    cluster.wait_idle();
+}
+
+/// Slurm settings are checked before anything runs, each refusal naming its key.
+#[test]
+fn slurm_settings_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, want) in [
+        (
+            "kind = \"processes\"\npartition = \"gpu\"",
+            "executor.partition",
+        ),
+        ("kind = \"local\"\ngres = \"gpu:1\"", "executor.gres"),
+        (
+            "kind = \"slurm\"\nworkers = 2\ndevices = [\"cuda:0\", \"cuda:1\"]",
+            "executor.devices",
+        ),
+        (
+            "kind = \"slurm\"\nextra_args = [\"--array=0-3\"]",
+            "executor.extra_args",
+        ),
+        (
+            "kind = \"slurm\"\nextra_args = [\"gpu\"]",
+            "executor.extra_args",
+        ),
+        (
+            "kind = \"slurm\"\ncpus_per_task = 0",
+            "executor.cpus_per_task",
+        ),
+        ("kind = \"slurmm\"", "executor.kind"),
+    ] {
+        let cfg = setup(dir.path(), &format!("[executor]\n{body}\n"));
+        let o = command(&cfg, &dir.path().join("store")).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{body}: {}", text(&o));
+        assert!(text(&o).contains(want), "{body}: {}", text(&o));
+    }
+    // Without Slurm's tools on the PATH, a clear refusal before anything is recorded.
+    let cfg = setup(dir.path(), "[executor]\nkind = \"slurm\"\n");
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args(["run", cfg.to_str().unwrap(), "--store"])
+        .arg(dir.path().join("store"))
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("`sbatch` is not installed here"),
+        "{}",
+        text(&o)
+    );
+}
