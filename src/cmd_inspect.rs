@@ -105,6 +105,22 @@ fn print_status(view: &RunStatusView) {
         if let Some(e) = &r.error {
             println!("    error: {e}");
         }
+        if let Some(p) = &r.shards {
+            let mut line = format!(
+                "    shards: {} running, {} waiting, {} done of {}",
+                p.running, p.waiting, p.done, p.shards
+            );
+            if p.failed_attempts > 0 {
+                line.push_str(&format!("; {} failed attempt(s)", p.failed_attempts));
+            }
+            if !p.workers.is_empty() {
+                line.push_str(&format!("; {}", p.workers.join(", ")));
+            }
+            println!("{line}");
+            if let Some(n) = &p.note {
+                println!("    note: {n}");
+            }
+        }
     }
 }
 

@@ -98,6 +98,7 @@ fn runner_of(
         max_attempts: x.max_attempts,
         work: store.root().join(WORK_DIR),
         log,
+        board: Default::default(),
     };
     Ok(Some((Arc::new(runner), crate::cmd_worker::build_id()?)))
 }
@@ -126,6 +127,7 @@ fn slurm_runner(
         poll: std::time::Duration::from_secs(1),
         stuck_after: std::time::Duration::from_secs(x.stuck_after_s),
         log,
+        board: Default::default(),
     };
     runner.check().map_err(|e| {
         anyhow::anyhow!(

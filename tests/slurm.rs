@@ -8,6 +8,9 @@
 //!   submits nothing for them (a counting `sbatch` shows it);
 //! - the controller down at the start (refused before anything is recorded) and down for a
 //!   while in the middle of a run (the driver waits and goes on);
+//! - SIGTERM on the driver, which leaves its tasks running, then `tsr cancel`;
+//! - the node lost while its tasks run (slurmd SIGKILLed), with a late write from an orphaned
+//!   task;
 //! - a shard that fails every time (a worker of another build), which fails its step after
 //!   its attempts with the worker's own message.
 //!
@@ -226,6 +229,40 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
         stopped.len() == 2 || c.try_wait().unwrap().is_some()
     });
     assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    // `tsr status` (from the running driver's live snapshot) names the running tasks.
+    let mut shards = serde_json::Value::Null;
+    wait_event(&mut child, "the shards in the live status", |c| {
+        let o = tsr(&["status", "x", "--json"], &store);
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+            if let Some(n) = v["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["node"] == "iter1/gen-current"))
+            {
+                shards = n["shards"].clone();
+            }
+        }
+        shards["running"] == 2 || c.try_wait().unwrap().is_some()
+    });
+    let mut tasks: Vec<String> = stopped
+        .iter()
+        .map(|w| format!("array task {}", w.task))
+        .collect();
+    tasks.sort();
+    let mut shown: Vec<String> = shards["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_string())
+        .collect();
+    shown.sort();
+    assert_eq!(shown, tasks, "{shards}");
+    assert_eq!(shards["done"], 0, "{shards}");
+    let o = tsr(&["status", "x"], &store);
+    assert!(
+        text(&o).contains("shards: 2 running, 0 waiting, 0 done of 2"),
+        "{}",
+        text(&o)
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let before = cluster.submissions().len();
@@ -322,6 +359,134 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     cluster.start_controller(false);
     // Stopped tasks from now on are let go.
     wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_workers(&store) {
+            signal(w.pid, libc::SIGCONT);
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    finish(child, &log);
+    same(&want, &results(&store));
+    cluster.wait_idle();
+
+    // 6. SIGTERM on the driver leaves its tasks running (exit 75); `tsr cancel` ends them, and
+    // the same command then submits what is missing and finishes.
+    let cfg = setup(&dir.join("cancel"), &executor(&pausing, ""));
+    let store = dir.join("cancel/store");
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    let mut stopped = vec![];
+    wait_event(&mut child, "both tasks stopped", |c| {
+        stopped = stopped_workers(&store);
+        stopped.len() == 2 || c.try_wait().unwrap().is_some()
+    });
+    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    signal(child.id() as i32, libc::SIGTERM);
+    let st = child.wait().unwrap();
+    assert_eq!(
+        st.code(),
+        Some(75),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    for w in &stopped {
+        assert!(
+            task_state(&cluster, &w.task) == "RUNNING",
+            "a stopped driver's task {} is `{}`, not running",
+            w.task,
+            task_state(&cluster, &w.task)
+        );
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    c.args(["cancel", "x", "--store"]).arg(&store);
+    cluster.env(&mut c);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("cancelled 1 Slurm job(s) of run `x`"),
+        "{}",
+        text(&o)
+    );
+    cluster.wait_idle();
+    for w in &stopped {
+        assert_eq!(task_state(&cluster, &w.task), "CANCELLED");
+    }
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_workers(&store) {
+            signal(w.pid, libc::SIGCONT);
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    finish(child, &log);
+    same(&want, &results(&store));
+    cluster.wait_idle();
+
+    // 7. The node lost (slurmd SIGKILLed) while both tasks run: the controller notices after
+    // its SlurmdTimeout and requeues them. One orphaned task goes on and writes its batches
+    // late; the other is ended by its PID. When the node is back, the requeued tasks skip
+    // what the orphan wrote, and the outputs are the same.
+    let cfg = setup(&dir.join("node"), &executor(&pausing, ""));
+    let store = dir.join("node/store");
+    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
+    let mut stopped = vec![];
+    wait_event(&mut child, "both tasks stopped", |c| {
+        stopped = stopped_workers(&store);
+        stopped.len() == 2 || c.try_wait().unwrap().is_some()
+    });
+    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    // The node unreachable: its daemon and its tasks' step daemons die, so nothing reports to
+    // the controller again, but the tasks' processes go on (orphans).
+    cluster.kill_node();
+    assert!(
+        cluster.kill_node_processes() > 0,
+        "no step daemon of the node was found"
+    );
+    // Requeued, and the node down with its CPUs released (a node daemon back before the
+    // release leaves them allocated for good in Slurm 22.05).
+    wait_event(
+        &mut child,
+        "the tasks requeued after the node's loss",
+        |c| {
+            (stopped
+                .iter()
+                .all(|w| task_state(&cluster, &w.task) == "PENDING")
+                && cluster.node_state().0.starts_with("DOWN")
+                && cluster.node_state().1 == 0)
+                || c.try_wait().unwrap().is_some()
+        },
+    );
+    // The orphan computes the rest of its shard and exits; its results arrive after its task
+    // was requeued.
+    signal(stopped[0].pid, libc::SIGCONT);
+    signal(stopped[1].pid, libc::SIGKILL);
+    wait_event(&mut child, "the orphan's end", |c| {
+        !Path::new(&format!("/proc/{}/cmdline", stopped[0].pid)).exists()
+            || std::fs::read(format!("/proc/{}/cmdline", stopped[0].pid))
+                .map(|b| b.is_empty())
+                .unwrap_or(true)
+            || c.try_wait().unwrap().is_some()
+    });
+    cluster.start_node();
+    // Back and registered before the requeued tasks may start.
+    wait_event(&mut child, "the node back", |c| {
+        cluster.node_state() == ("IDLE".to_string(), 0) || c.try_wait().unwrap().is_some()
+    });
+    let mut released = BTreeSet::new();
+    let mut reconfigured = false;
+    wait_event(&mut child, "end of the run", |c| {
+        // Slurm 22.05 can keep the lost tasks' CPUs allocated on an idle node after it comes
+        // back (seen here when the requeued tasks end within a second): the next array then
+        // waits for `Resources` for ever. `scontrol reconfigure` recounts them, as an
+        // operator would.
+        if !reconfigured && matches!(cluster.node_state(), (s, n) if s == "IDLE" && n > 0) {
+            cluster.scontrol(&["reconfigure"]);
+            reconfigured = true;
+        }
+        for w in &stopped {
+            if !released.contains(&w.task) && task_state(&cluster, &w.task) == "PENDING" {
+                cluster.scontrol(&["update", &format!("JobId={}", w.task), "StartTime=now"]);
+                released.insert(w.task.clone());
+            }
+        }
         for w in stopped_workers(&store) {
             signal(w.pid, libc::SIGCONT);
         }

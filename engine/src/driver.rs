@@ -184,7 +184,14 @@ impl Driver {
     }
 
     fn snapshot(&self, workflow: &str, running: &BTreeSet<String>) {
-        if let Ok(nodes) = crate::status::status_rows(&self.store, &self.dag, &self.run, running) {
+        if let Ok(mut nodes) =
+            crate::status::status_rows(&self.store, &self.dag, &self.run, running)
+        {
+            if let Some((runner, _)) = &self.opts.runner {
+                for row in nodes.iter_mut().filter(|r| running.contains(&r.node)) {
+                    row.shards = runner.progress(&row.node);
+                }
+            }
             crate::status::write_snapshot(
                 self.store.root(),
                 &crate::status::RunStatusView {

@@ -44,6 +44,8 @@ pub struct ProcessRunner {
     pub work: PathBuf,
     /// One line on stderr per step handed to the workers.
     pub log: bool,
+    /// Where each step's shards stand (for `tsr status`).
+    pub board: crate::shard::ProgressBoard,
 }
 
 struct Running {
@@ -197,6 +199,10 @@ impl ProcessRunner {
 }
 
 impl BatchRunner for ProcessRunner {
+    fn progress(&self, node: &str) -> Option<crate::shard::ShardProgress> {
+        self.board.get(node)
+    }
+
     fn run(
         &self,
         job: &ShardJob,
@@ -365,6 +371,26 @@ impl BatchRunner for ProcessRunner {
             if let Some(e) = failed {
                 break Err(e);
             }
+            self.board.set(&job.node, {
+                let done = shards
+                    .values()
+                    .filter(|st| !st.batches.iter().any(|b| pending.contains(b)))
+                    .count() as u64;
+                crate::shard::ShardProgress {
+                    shards: shards.len() as u64,
+                    waiting: (shards.len() as u64)
+                        .saturating_sub(done)
+                        .saturating_sub(running.len() as u64),
+                    running: running.len() as u64,
+                    done,
+                    failed_attempts: shards.values().map(|st| st.failures).sum(),
+                    workers: running
+                        .iter()
+                        .map(|r| format!("pid {} (shard {})", r.child.id(), r.shard))
+                        .collect(),
+                    note: None,
+                }
+            });
             // (Batches delivered while reaping leave nothing pending: the next round ends.)
             if running.is_empty() && queue.is_empty() && !stop.is_set() && !pending.is_empty() {
                 break Err(StepError::Other(format!(
@@ -375,6 +401,7 @@ impl BatchRunner for ProcessRunner {
             std::thread::sleep(Duration::from_millis(20));
         };
 
+        self.board.clear(&job.node);
         // What still runs: after a stop, it finishes its batch (SIGTERM, and SIGCONT for one
         // that is stopped) and is waited for (a second signal ends the driver, and with it the
         // workers); otherwise it has nothing left to give and is killed.

@@ -61,8 +61,51 @@ impl ShardJob {
     }
 }
 
+/// Where a step's shards stand while an executor computes them (for `tsr status`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShardProgress {
+    /// Shards with batches left when the step was handed over.
+    pub shards: u64,
+    /// Waiting to start (queued by tsr, or pending in the cluster's queue).
+    pub waiting: u64,
+    pub running: u64,
+    pub done: u64,
+    /// Attempts used up by failures, over all shards.
+    pub failed_attempts: u32,
+    /// Who computes the running and pending ones (`array task 812_3`, `pid 4711`).
+    pub workers: Vec<String>,
+    /// What a user should know now: a pending reason, the controller not answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The progress of each step a runner is computing, by node.
+#[derive(Debug, Default)]
+pub struct ProgressBoard(std::sync::Mutex<BTreeMap<String, ShardProgress>>);
+
+impl ProgressBoard {
+    pub fn set(&self, node: &str, p: ShardProgress) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(node.to_string(), p);
+        }
+    }
+    pub fn clear(&self, node: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(node);
+        }
+    }
+    pub fn get(&self, node: &str) -> Option<ShardProgress> {
+        self.0.lock().ok()?.get(node).cloned()
+    }
+}
+
 /// Computes batches of an item step elsewhere and hands back their items.
 pub trait BatchRunner: Send + Sync + std::fmt::Debug {
+    /// Where the shards of `node`'s step stand, while this runner computes them.
+    fn progress(&self, _node: &str) -> Option<ShardProgress> {
+        None
+    }
+
     /// Compute `batches` of `job`, calling `deliver(batch, items)` with each batch's items (in
     /// index order) as they arrive, in any order, each batch once. Returns when every batch is
     /// delivered, with [`StepError::Interrupted`] when `stop` is set first, or with the

@@ -29,7 +29,7 @@ use crate::error::StepError;
 use crate::preempt::StopFlag;
 use crate::processes::format_batches;
 use crate::shard::{log_tail, plan_shards, prepare_dir, read_batch, result_files};
-use crate::shard::{BatchRunner, ShardJob};
+use crate::shard::{BatchRunner, ProgressBoard, ShardJob, ShardProgress};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,7 +61,7 @@ const STUCK_REASONS: &[&str] = &[
 ];
 
 /// Slurm array jobs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SlurmRunner {
     /// tsr on the nodes (the same build as the driver: a worker refuses a job of another build).
     pub binary: PathBuf,
@@ -88,6 +88,8 @@ pub struct SlurmRunner {
     pub stuck_after: Duration,
     /// One line on stderr per step handed to Slurm and per problem with the controller.
     pub log: bool,
+    /// Where each step's shards stand (for `tsr status`).
+    pub board: ProgressBoard,
 }
 
 /// Why a call to one of Slurm's tools did not give an answer.
@@ -407,7 +409,59 @@ fn cancel_name(name: &str) {
     let _ = call("scancel", &[format!("--name={name}")]);
 }
 
+/// Where the shards stand, for `tsr status`.
+fn progress_of(
+    shards: &BTreeMap<u64, Shard>,
+    pending: &BTreeSet<u64>,
+    controller_down: Option<Instant>,
+) -> ShardProgress {
+    let mut p = ShardProgress {
+        shards: shards.len() as u64,
+        ..Default::default()
+    };
+    let mut notes = vec![];
+    for (s, st) in shards {
+        p.failed_attempts += st.failures;
+        if !st.batches.iter().any(|b| pending.contains(b)) {
+            p.done += 1;
+            continue;
+        }
+        match &st.current {
+            Some(c) if matches!(c.state.as_str(), "RUNNING" | "COMPLETING" | "CONFIGURING") => {
+                p.running += 1;
+                p.workers.push(format!("array task {}_{s}", c.array));
+            }
+            Some(c) => {
+                p.waiting += 1;
+                if !matches!(
+                    c.reason.as_str(),
+                    "" | "None" | "JobArrayTaskLimit" | "Priority" | "Resources" | "BeginTime"
+                ) && notes.len() < 3
+                {
+                    notes.push(format!("array task {}_{s} pending: {}", c.array, c.reason));
+                }
+            }
+            None => p.waiting += 1,
+        }
+    }
+    if let Some(t) = controller_down {
+        notes.insert(
+            0,
+            format!(
+                "the Slurm controller has not answered for {:.0} s",
+                t.elapsed().as_secs_f64()
+            ),
+        );
+    }
+    p.note = (!notes.is_empty()).then(|| notes.join("; "));
+    p
+}
+
 impl BatchRunner for SlurmRunner {
+    fn progress(&self, node: &str) -> Option<ShardProgress> {
+        self.board.get(node)
+    }
+
     fn run(
         &self,
         job: &ShardJob,
@@ -488,6 +542,8 @@ impl BatchRunner for SlurmRunner {
                         ));
                         controller_down = Some(Instant::now());
                     }
+                    self.board
+                        .set(&job.node, progress_of(&shards, &pending, controller_down));
                     stop.sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                     continue;
@@ -650,8 +706,11 @@ impl BatchRunner for SlurmRunner {
                     }
                 }
             }
+            self.board
+                .set(&job.node, progress_of(&shards, &pending, controller_down));
             stop.sleep(self.poll);
         };
+        self.board.clear(&job.node);
 
         match outcome {
             Ok(()) => {

@@ -20,6 +20,9 @@ pub struct StatusRow {
     pub step_key: Option<String>,
     pub outputs: Vec<(String, String)>,
     pub error: Option<String>,
+    /// Where its shards stand, while an executor's workers compute them (live snapshot only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<crate::shard::ShardProgress>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -82,6 +85,7 @@ pub fn status_rows(
             step_key: None,
             outputs: vec![],
             error: None,
+            shards: None,
         };
         if let Some(b) = store.get_node(run, &node.name)? {
             row.step_key = Some(b.step_key.to_hex());

@@ -215,6 +215,52 @@ impl Cluster {
         }
     }
 
+    /// Kills (SIGKILL) the `slurmstepd` processes of this cluster, which watch over its tasks
+    /// and report their ends: with [`Cluster::kill_node`], the node is cut off from the
+    /// controller while the tasks' own processes go on as orphans.
+    pub fn kill_node_processes(&self) -> usize {
+        let conf = format!("SLURM_CONF={}", self.conf.display());
+        let mut killed = 0;
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if !cmd.starts_with(b"slurmstepd") {
+                continue;
+            }
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|b| *b == 0).any(|kv| kv == conf.as_bytes()) {
+                // SAFETY: a signal to a step daemon of this test's cluster.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                killed += 1;
+            }
+        }
+        killed
+    }
+
+    /// The node's state and allocated CPUs, as the controller sees them.
+    pub fn node_state(&self) -> (String, u32) {
+        let o = self
+            .client("scontrol")
+            .args(["-o", "show", "node"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let field = |name: &str| {
+            text.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or("")
+                .to_string()
+        };
+        (
+            field("State="),
+            field("CPUAlloc=").parse().unwrap_or(u32::MAX),
+        )
+    }
+
     /// Whether the controller answers.
     pub fn answers(&self) -> bool {
         self.client("scontrol")

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The slurm executor against one process, back to back on this machine, on a one-node Slurm
+# cluster on loopback that this script starts and stops (by PID). Needs root and Debian's
+# slurmctld, slurmd, slurm-client and munge (scripts/test.sh installs them).
+#
+# 1. Overhead: a Temporal iteration with almost no work per step (2 prompts, K = 2, one new
+#    token), so each item step's time under Slurm is submission, scheduling, the tasks' start
+#    and model load, and the driver's polling. Prints each item step's time both ways.
+# 2. The quickstart (examples/quickstart.toml) both ways: wall time and ratio.
+# Local runs use every core in one process; Slurm runs 2 tasks of 1 CPU each. Both runs of a
+# pair must give the same outputs (checked).
+#
+#   scripts/bench_slurm.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for d in munged slurmctld slurmd; do
+  [ -x "/usr/sbin/$d" ] || { echo "bench_slurm.sh: $d is missing: run scripts/test.sh (it installs Slurm), or apt-get install slurmctld slurmd slurm-client munge" >&2; exit 1; }
+done
+scripts/fetch-model.sh >/dev/null
+cargo build --release --quiet --bin tsr
+tsr="$PWD/target/release/tsr"
+dir="$(mktemp -d)"
+pids=()
+cleanup() {
+  SLURM_CONF="$dir/slurm.conf" scancel --user="$(id -un)" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# The cluster (see ../shared/CLUSTER.md and tests/common/slurm.rs).
+host=$(hostname -s)
+mkdir -p "$dir/state" "$dir/spool" "$dir/log"
+head -c 64 /dev/urandom > "$dir/munge.key"; chmod 400 "$dir/munge.key"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cat > "$dir/slurm.conf" <<CONF
+ClusterName=tsrbench
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$dir/munge.sock
+CredType=cred/munge
+SlurmctldPort=$(port)
+SlurmdPort=$(port)
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+CONF
+export SLURM_CONF="$dir/slurm.conf"
+/usr/sbin/munged -F --force --key-file="$dir/munge.key" --socket="$dir/munge.sock" \
+  --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge.seed" &
+pids+=($!)
+sleep 1
+/usr/sbin/slurmctld -D -i -c 2> "$dir/log/ctld.err" & pids+=($!)
+/usr/sbin/slurmd -D 2> "$dir/log/slurmd.err" & pids+=($!)
+for _ in $(seq 100); do [ "$(sinfo -h -o %T 2>/dev/null)" = idle ] && break; sleep 0.2; done
+[ "$(sinfo -h -o %T)" = idle ] || { echo "bench_slurm.sh: the node did not come up" >&2; exit 1; }
+
+threads="$(nproc)"
+run() { # CONFIG STORE LOG [ARGS...]: prints the wall time in seconds
+  local cfg="$1" store="$2" log="$3"; shift 3
+  local t0 t1
+  t0=$(date +%s.%N)
+  RAYON_NUM_THREADS="$threads" "$tsr" run "$cfg" --store "$store" "$@" > "$log" 2>&1 || { cat "$log" >&2; exit 1; }
+  t1=$(date +%s.%N)
+  python3 -c "print(f'{$t1 - $t0:.1f}')"
+}
+cat > "$dir/exec.toml" <<TOML
+[executor]
+kind = "slurm"
+workers = 2
+cpus_per_task = 1
+TOML
+
+# 1. Overhead.
+printf '{"id": "a", "prompt": "Say hi."}\n{"id": "b", "prompt": "Name a colour."}\n' > "$dir/p.jsonl"
+base() {
+  cat <<TOML
+name = "overhead"
+workflow = "temporal"
+iterations = 1
+[model]
+source = "~/.cache/tsr/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+[prompts]
+file = "$dir/p.jsonl"
+[generate]
+k = 2
+max_new_tokens = 1
+batch_size = 2
+[judge]
+mode = "logprob"
+batch_size = 2
+[dpo]
+accum_steps = 1
+checkpoint_every = 100
+TOML
+}
+base > "$dir/o-local.toml"
+{ base; cat "$dir/exec.toml"; } > "$dir/o-slurm.toml"
+wl=$(run "$dir/o-local.toml" "$dir/o-local" "$dir/o-local.log")
+ws=$(run "$dir/o-slurm.toml" "$dir/o-slurm" "$dir/o-slurm.log")
+"$tsr" status overhead --json --store "$dir/o-local" > "$dir/o-local.json"
+"$tsr" status overhead --json --store "$dir/o-slurm" > "$dir/o-slurm.json"
+
+# 2. The quickstart (its relative paths made absolute; its store in the temporary folder).
+sed -e 's#^store = .*##' \
+  -e "s#^file = \"prompts.jsonl\"#file = \"$PWD/examples/prompts.jsonl\"#" \
+  -e "s#^prompts = \"held-out.jsonl\"#prompts = \"$PWD/examples/held-out.jsonl\"#" \
+  -e "s#^reference = \"held-out-reference.json\"#reference = \"$PWD/examples/held-out-reference.json\"#" \
+  examples/quickstart.toml > "$dir/q-local.toml"
+{ cat "$dir/q-local.toml"; cat "$dir/exec.toml"; } > "$dir/q-slurm.toml"
+ql=$(run "$dir/q-local.toml" "$dir/q-local" "$dir/q-local.log")
+qs=$(run "$dir/q-slurm.toml" "$dir/q-slurm" "$dir/q-slurm.log")
+"$tsr" status quickstart --json --store "$dir/q-local" > "$dir/q-local.json"
+"$tsr" status quickstart --json --store "$dir/q-slurm" > "$dir/q-slurm.json"
+
+python3 - "$dir" "$wl" "$ws" "$ql" "$qs" "$threads" <<'PY'
+import json, sys
+d, wl, ws, ql, qs, threads = sys.argv[1:7]
+load = lambda n: json.load(open(f"{d}/{n}.json"))
+ITEM = {"generate", "judge", "ref-logprobs", "answer", "eval-judge", "meta-judge"}
+rows = lambda v: {n["node"]: n for n in v["nodes"]}
+outputs = lambda v: {k: n["outputs"] for k, n in rows(v).items()}
+print(f"machine: {threads} cores; local: one process, {threads} threads; slurm: 2 array tasks of 1 CPU")
+a, b = rows(load("o-local")), rows(load("o-slurm"))
+print(f"1. overhead run (2 prompts, K = 2, 1 new token): wall local {wl} s, slurm {ws} s")
+extra = []
+for node, n in a.items():
+    if n["kind"] in ITEM and n["state"] == "done" and b[node]["state"] == "done":
+        x = b[node]["busy_s"] - n["busy_s"]
+        extra.append(x)
+        print(f"   {node:<24} local {n['busy_s']:6.2f} s   slurm {b[node]['busy_s']:6.2f} s   +{x:5.2f} s")
+if extra:
+    print(f"   each item step under Slurm: +{sum(extra) / len(extra):.2f} s on average over {len(extra)} steps")
+print("   outputs identical:", outputs(load("o-local")) == outputs(load("o-slurm")))
+print(f"2. quickstart: wall local {ql} s, slurm {qs} s, ratio {float(qs) / float(ql):.2f}")
+print("   outputs identical:", outputs(load("q-local")) == outputs(load("q-slurm")))
+PY
