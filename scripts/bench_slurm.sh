@@ -65,7 +65,8 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$dir/slurm.conf"
 /usr/sbin/munged -F --force --key-file="$dir/munge.key" --socket="$dir/munge.sock" \
-  --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge.seed" &
+  --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge.seed" \
+  2> "$dir/log/munged.err" &
 pids+=($!)
 sleep 1
 /usr/sbin/slurmctld -D -i -c 2> "$dir/log/ctld.err" & pids+=($!)
