@@ -28,23 +28,7 @@ fn worker_processes_give_the_outputs_of_one_process() {
     let o = run(&cfg, &store);
     // Every item step went to the workers: generation (current, anchor, future), judging,
     // reference log-probs, answers and evaluation judging.
-    let t = text(&o);
-    for node in [
-        "iter1/gen-current",
-        "iter1/judge-current",
-        "iter1/gen-anchor",
-        "iter1/ref-future",
-        "iter1/gen-future",
-        "iter1/ref-next",
-        "eval-baseline",
-        "iter1/eval-answer",
-        "iter1/eval-judge",
-    ] {
-        assert!(
-            t.contains(&format!("tsr: {node}: ")) && t.contains("worker process(es)"),
-            "{node} was not computed by workers:\n{t}"
-        );
-    }
+    assert_handed_over(&text(&o), "worker process(es)");
     same(&want, &results(&store));
 
     // The same store continues under another executor: nothing is redone.

@@ -139,6 +139,28 @@ fn finish(mut child: Child, log: &Path) {
     );
 }
 
+/// Waits until `n` workers of `store` (or more) are stopped, failing if the run ends first.
+fn wait_stopped(child: &mut Child, store: &Path, n: usize) -> Vec<Stopped> {
+    let mut stopped = vec![];
+    wait_event(child, "tasks stopped", |c| {
+        stopped = stopped_workers(store);
+        stopped.len() >= n || c.try_wait().unwrap().is_some()
+    });
+    assert!(stopped.len() >= n, "the run ended before its tasks stopped");
+    stopped
+}
+
+/// Lets every stopped worker go on until the run ends, and checks that it succeeded.
+fn finish_releasing(mut child: Child, log: &Path, store: &Path) {
+    wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_workers(store) {
+            signal(w.pid, libc::SIGCONT);
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    finish(child, log);
+}
+
 /// The state of an array task.
 fn task_state(cluster: &Cluster, task: &str) -> String {
     let o = cluster
@@ -200,21 +222,10 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     });
     finish(child, &log);
     assert!(acted >= 3, "{acted} workers stopped");
-    let t = std::fs::read_to_string(&log).unwrap();
-    for node in [
-        "iter1/gen-current",
-        "iter1/judge-current",
-        "iter1/gen-anchor",
-        "iter1/ref-future",
-        "iter1/gen-future",
-        "iter1/eval-answer",
-        "iter1/eval-judge",
-    ] {
-        assert!(
-            t.contains(&format!("tsr: {node}: ")) && t.contains("as Slurm array tasks"),
-            "{node} was not computed by Slurm tasks:\n{t}"
-        );
-    }
+    assert_handed_over(
+        &std::fs::read_to_string(&log).unwrap(),
+        "as Slurm array tasks",
+    );
     same(&want, &results(&store));
     cluster.wait_idle();
 
@@ -223,12 +234,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     let cfg = setup(&dir.join("takeover"), &executor(&pausing, ""));
     let store = dir.join("takeover/store");
     let (mut child, _) = spawn_driver(&cluster, &cfg, &store);
-    let mut stopped = vec![];
-    wait_event(&mut child, "both tasks stopped", |c| {
-        stopped = stopped_workers(&store);
-        stopped.len() == 2 || c.try_wait().unwrap().is_some()
-    });
-    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    let stopped = wait_stopped(&mut child, &store, 2);
     // `tsr status` (from the running driver's live snapshot) names the running tasks.
     let mut shards = serde_json::Value::Null;
     wait_event(&mut child, "the shards in the live status", |c| {
@@ -340,11 +346,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     // 5. The controller down while tasks run: the driver says so, waits, and goes on when it
     // is back.
     let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
-    let mut stopped = vec![];
-    wait_event(&mut child, "a task stopped", |c| {
-        stopped = stopped_workers(&store);
-        !stopped.is_empty() || c.try_wait().unwrap().is_some()
-    });
+    wait_stopped(&mut child, &store, 1);
     cluster.stop_controller();
     wait_event(
         &mut child,
@@ -358,13 +360,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     );
     cluster.start_controller(false);
     // Stopped tasks from now on are let go.
-    wait_event(&mut child, "end of the run", |c| {
-        for w in stopped_workers(&store) {
-            signal(w.pid, libc::SIGCONT);
-        }
-        c.try_wait().unwrap().is_some()
-    });
-    finish(child, &log);
+    finish_releasing(child, &log, &store);
     same(&want, &results(&store));
     cluster.wait_idle();
 
@@ -373,12 +369,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     let cfg = setup(&dir.join("cancel"), &executor(&pausing, ""));
     let store = dir.join("cancel/store");
     let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
-    let mut stopped = vec![];
-    wait_event(&mut child, "both tasks stopped", |c| {
-        stopped = stopped_workers(&store);
-        stopped.len() == 2 || c.try_wait().unwrap().is_some()
-    });
-    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    let stopped = wait_stopped(&mut child, &store, 2);
     signal(child.id() as i32, libc::SIGTERM);
     let st = child.wait().unwrap();
     assert_eq!(
@@ -409,14 +400,8 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     for w in &stopped {
         assert_eq!(task_state(&cluster, &w.task), "CANCELLED");
     }
-    let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
-    wait_event(&mut child, "end of the run", |c| {
-        for w in stopped_workers(&store) {
-            signal(w.pid, libc::SIGCONT);
-        }
-        c.try_wait().unwrap().is_some()
-    });
-    finish(child, &log);
+    let (child, log) = spawn_driver(&cluster, &cfg, &store);
+    finish_releasing(child, &log, &store);
     same(&want, &results(&store));
     cluster.wait_idle();
 
@@ -427,12 +412,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     let cfg = setup(&dir.join("node"), &executor(&pausing, ""));
     let store = dir.join("node/store");
     let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
-    let mut stopped = vec![];
-    wait_event(&mut child, "both tasks stopped", |c| {
-        stopped = stopped_workers(&store);
-        stopped.len() == 2 || c.try_wait().unwrap().is_some()
-    });
-    assert_eq!(stopped.len(), 2, "the run ended before its tasks stopped");
+    let stopped = wait_stopped(&mut child, &store, 2);
     // The node unreachable: its daemon and its tasks' step daemons die, so nothing reports to
     // the controller again, but the tasks' processes go on (orphans).
     cluster.kill_node();

@@ -15,7 +15,7 @@
 
 use crate::error::StepError;
 use crate::preempt::StopFlag;
-use crate::shard::{log_tail, read_batch, result_files, BatchRunner, ShardJob};
+use crate::shard::{log_tail, BatchRunner, ShardJob};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -242,18 +242,8 @@ impl BatchRunner for ProcessRunner {
         let results = dir.join("results");
 
         // Verified results not yet delivered, first one per batch.
-        let mut collect = |pending: &mut BTreeSet<u64>| -> Result<(), StepError> {
-            for (b, path) in result_files(&results) {
-                if pending.contains(&b) {
-                    if let Ok(items) = read_batch(job, b, &path) {
-                        pending.remove(&b);
-                        deliver(b, items)?;
-                        // Committed: the folder the driver lists keeps only what is to come.
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-            }
-            Ok(())
+        let mut collect = |pending: &mut BTreeSet<u64>| {
+            crate::shard::deliver_results(job, &results, pending, &mut *deliver)
         };
 
         let outcome = loop {

@@ -163,6 +163,27 @@ pub fn plan_shards(
     Ok((per, shards))
 }
 
+/// Delivers the verified results in `results` of the batches still `pending` (the first
+/// verified result of each, once) and removes each file once delivered: the folder keeps only
+/// what is to come. Damaged files and results of other batches are left alone.
+pub fn deliver_results(
+    job: &ShardJob,
+    results: &Path,
+    pending: &mut std::collections::BTreeSet<u64>,
+    deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+) -> Result<(), StepError> {
+    for (b, path) in result_files(results) {
+        if pending.contains(&b) {
+            if let Ok(items) = read_batch(job, b, &path) {
+                pending.remove(&b);
+                deliver(b, items)?;
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The last lines of a worker's log: its own error message.
 pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

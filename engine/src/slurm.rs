@@ -28,7 +28,7 @@
 use crate::error::StepError;
 use crate::preempt::StopFlag;
 use crate::processes::format_batches;
-use crate::shard::{log_tail, plan_shards, prepare_dir, read_batch, result_files};
+use crate::shard::{log_tail, plan_shards, prepare_dir};
 use crate::shard::{BatchRunner, ProgressBoard, ShardJob, ShardProgress};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -494,17 +494,9 @@ impl BatchRunner for SlurmRunner {
         ));
         let results = dir.join("results");
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
-        let mut collect = |pending: &mut BTreeSet<u64>| -> Result<(), StepError> {
-            for (b, path) in result_files(&results) {
-                if pending.contains(&b) {
-                    if let Ok(items) = read_batch(job, b, &path) {
-                        pending.remove(&b);
-                        deliver(b, items)?;
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-            }
-            Ok(())
+        // Verified results not yet delivered, first one per batch.
+        let mut collect = |pending: &mut BTreeSet<u64>| {
+            crate::shard::deliver_results(job, &results, pending, &mut *deliver)
         };
         let left = |st: &Shard, pending: &BTreeSet<u64>| {
             st.batches.iter().filter(|b| pending.contains(b)).count()

@@ -96,3 +96,28 @@ pub fn same(want: &Results, got: &Results) {
     assert!(want.1 == got.1, "the exported pairs differ");
     assert_eq!(want.2, got.2, "a pair's lineage differs");
 }
+
+/// The item steps of [`setup`]'s run that an executor computes (generation of the current,
+/// anchor and future models, judging, reference log-probs, answers, evaluation judging).
+pub const SHARDED_NODES: [&str; 9] = [
+    "iter1/gen-current",
+    "iter1/judge-current",
+    "iter1/gen-anchor",
+    "iter1/ref-future",
+    "iter1/gen-future",
+    "iter1/ref-next",
+    "eval-baseline",
+    "iter1/eval-answer",
+    "iter1/eval-judge",
+];
+
+/// Fails unless the driver's log `t` says that each of [`SHARDED_NODES`] was handed over with
+/// a line ending in `how` (its `tsr: NODE: ...` line).
+pub fn assert_handed_over(t: &str, how: &str) {
+    for node in SHARDED_NODES {
+        let line = t
+            .lines()
+            .find(|l| l.starts_with(&format!("tsr: {node}: ")) && l.contains(how));
+        assert!(line.is_some(), "{node} was not handed over ({how}):\n{t}");
+    }
+}
