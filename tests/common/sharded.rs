@@ -97,12 +97,13 @@ pub fn same(want: &Results, got: &Results) {
     assert_eq!(want.2, got.2, "a pair's lineage differs");
 }
 
-/// The item steps of [`setup`]'s run that an executor computes (generation of the current,
-/// anchor and future models, judging, reference log-probs, answers, evaluation judging).
-pub const SHARDED_NODES: [&str; 9] = [
+/// The item steps of [`setup`]'s run that an executor computes (generation by the current and
+/// future models, judging, reference log-probs, answers, evaluation judging). The anchor's
+/// generation is the same step as the current model's in the first iteration (M0 is both):
+/// it is reused.
+pub const SHARDED_NODES: [&str; 8] = [
     "iter1/gen-current",
     "iter1/judge-current",
-    "iter1/gen-anchor",
     "iter1/ref-future",
     "iter1/gen-future",
     "iter1/ref-next",
