@@ -98,6 +98,63 @@ fn workers_killed_in_the_middle_of_their_shards_change_nothing() {
     same(&want, &results(&store));
 }
 
+/// Twenty worker SIGKILLs across four steps, at batch boundaries chosen by a seeded generator:
+/// each worker stops itself before its second and fourth batch of `iter1/gen-current`,
+/// `iter1/judge-current`, `iter1/gen-future` and `iter1/judge-future` (2 shards each), and the
+/// test kills it or lets it go on, until it has killed 20.
+#[test]
+fn twenty_random_worker_kills_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference_k(dir.path(), 6);
+    let run_dir = dir.path().join("random");
+    let cfg = setup_k(
+        &run_dir,
+        "[executor]\nkind = \"processes\"\nworkers = 2\n",
+        6,
+    );
+    let store = run_dir.join("store");
+    let mut c = command(&cfg, &store);
+    c.env(
+        "TSR_TEST_PAUSE_AT",
+        "iter1/gen-current#2,4;iter1/judge-current#2,4;iter1/gen-future#2,4;iter1/judge-future#2,4",
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut seen = BTreeSet::new();
+    let (mut killed, mut released) = (0, 0);
+    let mut rng: u64 = 0x7e57_5eed;
+    wait_event(&mut child, "end of the run", |c| {
+        let stopped = stopped_children(c.id());
+        // A worker let go that stops again (before its fourth batch) is a new stop.
+        seen.retain(|p| stopped.contains(p));
+        for pid in stopped {
+            if !seen.insert(pid) {
+                continue;
+            }
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // About 3 in 4 stopped workers are killed, until 20 are.
+            let kill = killed < 20 && (rng >> 33) % 4 != 0;
+            // SAFETY: signals to a stopped worker of the run.
+            unsafe {
+                libc::kill(pid as i32, if kill { libc::SIGKILL } else { libc::SIGCONT });
+            }
+            if kill {
+                killed += 1;
+            } else {
+                released += 1;
+            }
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(killed, 20, "{killed} kills, {released} let go");
+    same(&want, &results(&store));
+}
+
 #[test]
 fn a_shard_that_fails_every_time_fails_its_step_with_the_workers_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -166,7 +166,8 @@ impl StepContext {
     /// Whether a stop was requested. Steps call this at every unit boundary.
     ///
     /// Test hooks (each does nothing unless its variable is set):
-    /// - with `TSR_TEST_PAUSE_AT="NODE#N"` (or `"NODE#N,M,..."`), the process stops itself
+    /// - with `TSR_TEST_PAUSE_AT="NODE#N"` (or `"NODE#N,M,..."`, and several nodes separated by
+    ///   `;`), the process stops itself
     ///   (SIGSTOP) at the N-th (M-th, ...) call made by step NODE in this process, counting from 1,
     ///   so that a test can signal or kill it inside that step whatever the machine's speed: it
     ///   sees the process stopped, then sends SIGKILL, or SIGCONT and a signal a moment later (a
@@ -290,23 +291,30 @@ impl StepContext {
     }
 }
 
-/// `TSR_TEST_PAUSE_AT="NODE#N[,M...]"`: stop the whole process at step NODE's N-th (M-th, ...)
-/// unit boundary, and `TSR_TEST_UNIT_LOG=FILE`: log every unit boundary (see
-/// [`StepContext::should_stop`]). Unset or unreadable: nothing happens.
+/// `TSR_TEST_PAUSE_AT="NODE#N[,M...][;NODE2#K...]"`: stop the whole process at step NODE's N-th
+/// (M-th, ...) unit boundary in this process (and NODE2's K-th, ...), and
+/// `TSR_TEST_UNIT_LOG=FILE`: log every unit boundary (see [`StepContext::should_stop`]). Unset
+/// or unreadable: nothing happens.
 fn test_hooks(node: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
-    type Target = Option<(String, Vec<u64>)>;
-    static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
-    static CALLS: AtomicU64 = AtomicU64::new(0);
+    /// Each target node, its boundaries, and the calls it has made.
+    type Targets = Vec<(String, Vec<u64>, AtomicU64)>;
+    static TARGETS: std::sync::OnceLock<Targets> = std::sync::OnceLock::new();
     static LOG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    let target = TARGET.get_or_init(|| {
-        let v = std::env::var("TSR_TEST_PAUSE_AT").ok()?;
-        let (n, at) = v.rsplit_once('#')?;
-        let at: Vec<u64> = at
-            .split(',')
-            .map(|k| k.parse().ok())
-            .collect::<Option<_>>()?;
-        Some((n.to_string(), at))
+    let targets = TARGETS.get_or_init(|| {
+        let Ok(v) = std::env::var("TSR_TEST_PAUSE_AT") else {
+            return vec![];
+        };
+        v.split(';')
+            .filter_map(|t| {
+                let (n, at) = t.trim().rsplit_once('#')?;
+                let at: Vec<u64> = at
+                    .split(',')
+                    .map(|k| k.parse().ok())
+                    .collect::<Option<_>>()?;
+                Some((n.to_string(), at, AtomicU64::new(0)))
+            })
+            .collect()
     });
     if let Some(log) = LOG.get_or_init(|| std::env::var_os("TSR_TEST_UNIT_LOG").map(Into::into)) {
         use std::io::Write;
@@ -319,8 +327,8 @@ fn test_hooks(node: &str) {
             let _ = f.write_all(format!("{node}\n").as_bytes());
         }
     }
-    if let Some((target, at)) = target {
-        if target == node && at.contains(&(CALLS.fetch_add(1, Ordering::SeqCst) + 1)) {
+    for (target, at, calls) in targets {
+        if target == node && at.contains(&(calls.fetch_add(1, Ordering::SeqCst) + 1)) {
             // SAFETY: raise only sends a signal to this process; SIGSTOP cannot be caught.
             unsafe {
                 libc::raise(libc::SIGSTOP);

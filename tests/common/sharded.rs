@@ -19,6 +19,11 @@ pub const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \
 
 /// A temporal iteration with evaluation whose item steps have several batches each.
 pub fn setup(dir: &Path, executor: &str) -> PathBuf {
+    setup_k(dir, executor, 3)
+}
+
+/// [`setup`]'s run with `k` responses per prompt (generation and judging have `2 * k` batches).
+pub fn setup_k(dir: &Path, executor: &str, k: u32) -> PathBuf {
     if !dir.join("tiny").exists() {
         tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
     }
@@ -30,7 +35,7 @@ pub fn setup(dir: &Path, executor: &str) -> PathBuf {
         format!(
             "name = \"x\"\nworkflow = \"temporal\"\niterations = 1\n\
              [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
-             [generate]\nk = 3\nmax_new_tokens = 5\nbatch_size = 2\n\
+             [generate]\nk = {k}\nmax_new_tokens = 5\nbatch_size = 2\n\
              [judge]\nmode = \"logprob\"\nbatch_size = 2\n\
              [dpo]\nlr = 1e-3\naccum_steps = 2\ncheckpoint_every = 1\n\
              [eval]\nprompts = \"held-out.jsonl\"\nmax_new_tokens = 5\nbatch_size = 2\nbootstrap_resamples = 10\n\
@@ -82,7 +87,12 @@ pub fn results(store: &Path) -> Results {
 
 /// The same run in one process (the reference).
 pub fn reference(dir: &Path) -> Results {
-    let cfg = setup(&dir.join("local"), "");
+    reference_k(dir, 3)
+}
+
+/// [`setup_k`]'s run in one process.
+pub fn reference_k(dir: &Path, k: u32) -> Results {
+    let cfg = setup_k(&dir.join("local"), "", k);
     let store = dir.join("local/store");
     run(&cfg, &store);
     results(&store)
