@@ -51,7 +51,7 @@ fn slurm_var(name: &str) -> anyhow::Result<String> {
 fn assignment(a: &WorkerArgs, job: &ShardJob) -> anyhow::Result<(Vec<u64>, String, PathBuf)> {
     let Some(per) = a.array_shards else {
         let text = a.batches.as_deref().unwrap_or_default();
-        let batches = tsr_engine::processes::parse_batches(text)
+        let batches = tsr_engine::shard::parse_batches(text)
             .map_err(|e| anyhow::anyhow!("--batches: {e}"))?;
         return Ok((
             batches,
@@ -127,7 +127,7 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
         Err(e) => Err(anyhow::Error::new(e).context(format!(
             "computing batches {} of step `{}`",
-            tsr_engine::processes::format_batches(&batches),
+            tsr_engine::shard::format_batches(&batches),
             job.node
         ))),
     }

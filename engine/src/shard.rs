@@ -119,6 +119,49 @@ pub trait BatchRunner: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StepError>;
 }
 
+/// Batch indices as ranges (`0-2,5,7-9`): a shard's pending list stays short on the command
+/// line however many batches it has.
+pub fn format_batches(batches: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < batches.len() {
+        let mut j = i;
+        while j + 1 < batches.len() && batches[j + 1] == batches[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            batches[i].to_string()
+        } else {
+            format!("{}-{}", batches[i], batches[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// The batch indices of [`format_batches`]' text.
+pub fn parse_batches(text: &str) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let num = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("`{part}` is not a batch index or a range like 3-7"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("`{part}` is an empty range"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    Ok(out)
+}
+
 /// The folder of one step's shards under an executor's work folder:
 /// `<work>/<step key>/<build, 16 hex>/` (results of another build are never read), with its
 /// `results`, `logs` and `scratch` folders and the job a worker reads (`job.json`).
@@ -287,6 +330,24 @@ pub fn read_batch(job: &ShardJob, b: u64, path: &Path) -> Result<Vec<Vec<u8>>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_lists_travel_as_ranges() {
+        for list in [
+            vec![],
+            vec![7],
+            vec![0, 1, 2, 5, 7, 8, 9],
+            (0..100_000).collect(),
+        ] {
+            let text = format_batches(&list);
+            assert!(text.len() < 40, "{text}");
+            assert_eq!(parse_batches(&text).unwrap(), list);
+        }
+        assert_eq!(format_batches(&[0, 1, 2, 5, 7, 8, 9]), "0-2,5,7-9");
+        for bad in ["x", "3-1", "1-", "-2"] {
+            assert!(parse_batches(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_result_reads_back_and_any_damage_is_refused() {

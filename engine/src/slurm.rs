@@ -27,8 +27,7 @@
 
 use crate::error::StepError;
 use crate::preempt::StopFlag;
-use crate::processes::format_batches;
-use crate::shard::{log_tail, plan_shards, prepare_dir};
+use crate::shard::{format_batches, log_tail, plan_shards, prepare_dir};
 use crate::shard::{BatchRunner, ProgressBoard, ShardJob, ShardProgress};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
