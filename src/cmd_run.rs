@@ -92,7 +92,7 @@ fn runner_of(
         })
         .collect();
     let runner = tsr_engine::processes::ProcessRunner {
-        command: vec![crate::cmd_worker::SELF_EXE.into(), "worker".into()],
+        command: vec![tsr_engine::identity::SELF_EXE.into(), "worker".into()],
         slots,
         shard_items: x.shard_items,
         max_attempts: x.max_attempts,

@@ -30,7 +30,8 @@ pub struct WorkerArgs {
     /// The folder results go to (one file per batch).
     #[arg(long)]
     pub out: PathBuf,
-    /// Names this worker's result files (as an array task: `<array>_<task>.<restart>`).
+    /// Names this worker's result files: `<shard>-<launch>` (as an array task, tsr names them
+    /// `<array>_<task>.<restart>`).
     #[arg(long, required_unless_present = "array_shards")]
     pub tag: Option<String>,
     /// A scratch folder of this worker's own (as an array task: one under it per task).
@@ -47,17 +48,36 @@ fn slurm_var(name: &str) -> anyhow::Result<String> {
     })
 }
 
-/// The batches, tag and scratch folder of this worker.
-fn assignment(a: &WorkerArgs, job: &ShardJob) -> anyhow::Result<(Vec<u64>, String, PathBuf)> {
+/// What a worker is assigned: its batches, the tag of its result files, its scratch folder,
+/// and who it is (kept with each batch in the driver's store).
+struct Assignment {
+    batches: Vec<u64>,
+    tag: String,
+    scratch: PathBuf,
+    who: tsr_state::WorkerRecord,
+}
+
+/// This worker's [`Assignment`].
+fn assignment(a: &WorkerArgs, job: &ShardJob) -> anyhow::Result<Assignment> {
     let Some(per) = a.array_shards else {
         let text = a.batches.as_deref().unwrap_or_default();
         let batches = tsr_engine::shard::parse_batches(text)
             .map_err(|e| anyhow::anyhow!("--batches: {e}"))?;
-        return Ok((
+        let tag = a.tag.clone().unwrap_or_default();
+        // `<shard>-<launch>` as the processes executor names it; any other tag is kept whole.
+        let (name, launch) = match tag
+            .split_once('-')
+            .map(|(s, l)| (s.parse::<u64>(), l.parse()))
+        {
+            Some((Ok(s), Ok(l))) => (format!("shard {s}"), l),
+            _ => (tag.clone(), 0),
+        };
+        return Ok(Assignment {
             batches,
-            a.tag.clone().unwrap_or_default(),
-            a.scratch.clone(),
-        ));
+            tag,
+            scratch: a.scratch.clone(),
+            who: tsr_engine::identity::here("processes", Some(name), launch, &job.device),
+        });
     };
     if per == 0 {
         bail!("--array-shards must be at least 1");
@@ -66,7 +86,10 @@ fn assignment(a: &WorkerArgs, job: &ShardJob) -> anyhow::Result<(Vec<u64>, Strin
         .parse()
         .context("$SLURM_ARRAY_TASK_ID is not a task index")?;
     let array = slurm_var("SLURM_ARRAY_JOB_ID")?;
-    let restart = std::env::var("SLURM_RESTART_COUNT").unwrap_or_else(|_| "0".into());
+    let restart: u32 = std::env::var("SLURM_RESTART_COUNT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0);
     let job_id = slurm_var("SLURM_JOB_ID")?;
     let start = task.saturating_mul(per);
     let batches: Vec<u64> = (start..start.saturating_add(per).min(job.batches())).collect();
@@ -77,20 +100,22 @@ fn assignment(a: &WorkerArgs, job: &ShardJob) -> anyhow::Result<(Vec<u64>, Strin
             job.batches()
         );
     }
-    let tag = format!("{array}_{task}.{restart}");
-    Ok((batches, tag, a.scratch.join(job_id)))
+    Ok(Assignment {
+        batches,
+        tag: format!("{array}_{task}.{restart}"),
+        scratch: a.scratch.join(job_id),
+        who: tsr_engine::identity::here(
+            "slurm",
+            Some(format!("{array}_{task}")),
+            restart,
+            &job.device,
+        ),
+    })
 }
 
-/// The executable this process runs, even when its file was replaced or removed since it
-/// started (a rebuild while a run goes on): workers are started from it.
-pub const SELF_EXE: &str = "/proc/self/exe";
-
-/// This program's identity: the digest of the executable it runs, which a worker compares with
-/// the driver's (a different build could compute other bytes).
+/// This program's identity (see [`tsr_engine::identity::build_id`]).
 pub fn build_id() -> anyhow::Result<String> {
-    let bytes =
-        std::fs::read(SELF_EXE).context("reading this program's executable to identify it")?;
-    Ok(blake3::hash(&bytes).to_hex().to_string())
+    tsr_engine::identity::build_id().context("reading this program's executable to identify it")
 }
 
 pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -108,7 +133,12 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     if let Ok(d) = std::env::var("TSR_WORKER_DEVICE") {
         job.device = d;
     }
-    let (batches, tag, scratch) = assignment(&a, &job)?;
+    let Assignment {
+        batches,
+        tag,
+        scratch,
+        who,
+    } = assignment(&a, &job)?;
     if let Some(b) = batches.iter().find(|b| **b >= job.batches()) {
         bail!(
             "--batches: step `{}` has {} batches; {b} is not one",
@@ -121,8 +151,13 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("step kind `{}` cannot run as shards", job.kind))??;
     let stop = StopFlag::new();
     preempt::install_worker(stop.clone()).map_err(anyhow::Error::msg)?;
-    match tsr_engine::worker::run_shard(step.as_ref(), &job, &batches, &a.out, &scratch, &tag, stop)
-    {
+    let place = tsr_engine::worker::ShardPlace {
+        out: &a.out,
+        scratch: &scratch,
+        tag: &tag,
+        who,
+    };
+    match tsr_engine::worker::run_shard(step.as_ref(), &job, &batches, place, stop) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
         Err(e) => Err(anyhow::Error::new(e).context(format!(

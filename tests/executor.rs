@@ -30,6 +30,7 @@ fn worker_processes_give_the_outputs_of_one_process() {
     // reference log-probs, answers and evaluation judging.
     assert_handed_over(&text(&o), "worker process(es)");
     same(&want, &results(&store));
+    assert_computed_by(&store, "processes");
 
     // The same store continues under another executor: nothing is redone.
     let o = tsr(&["resume", "x", "--executor", "local"], &store);

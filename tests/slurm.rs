@@ -227,6 +227,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
         "as Slurm array tasks",
     );
     same(&want, &results(&store));
+    assert_computed_by(&store, "slurm");
     cluster.wait_idle();
 
     // 2. The driver SIGKILLed while both tasks of `iter1/gen-current` run (stopped): the next

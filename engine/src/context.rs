@@ -9,7 +9,9 @@ use crate::shard::{BatchRunner, ShardJob};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tsr_state::{now_ms, BlobStore, BlobWriter, CheckpointRecord, Digest, StepRecord, Store};
+use tsr_state::{
+    now_ms, BlobStore, BlobWriter, CheckpointRecord, Digest, StepRecord, Store, WorkerRecord,
+};
 
 /// A step's restored checkpoint.
 #[derive(Clone, Debug)]
@@ -27,6 +29,11 @@ pub trait ItemJournal: Send + Sync {
     fn indices(&self) -> Result<Vec<u64>, StepError>;
     /// Commit items atomically; durable when this returns. A committed index is refused.
     fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), StepError>;
+    /// [`Self::commit`] items another process computed, keeping who did (where the journal
+    /// keeps such records).
+    fn commit_by(&self, items: &[(u64, Vec<u8>)], _who: &WorkerRecord) -> Result<(), StepError> {
+        self.commit(items)
+    }
     fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError>;
     fn set_total(&self, total: u64) -> Result<(), StepError>;
     /// Record a checkpoint (files become blobs); the previous checkpoint's blobs are removed
@@ -261,7 +268,7 @@ impl StepContext {
             return Ok(());
         }
         let mut delivered: BTreeSet<u64> = BTreeSet::new();
-        runner.run(&job, &missing, &self.stop, &mut |b, items| {
+        runner.run(&job, &missing, &self.stop, &mut |b, items, who| {
             if !missing.contains(&b) || !delivered.insert(b) {
                 return Ok(());
             }
@@ -278,7 +285,7 @@ impl StepContext {
                 .zip(items)
                 .filter(|(i, _)| !done.contains(i))
                 .collect();
-            self.journal.commit(&new)?;
+            self.journal.commit_by(&new, &who)?;
             self.progress.inc(new.len() as u64);
             Ok(())
         })?;
@@ -342,6 +349,8 @@ pub struct StoreJournal {
     store: Arc<Store>,
     key: Digest,
     record: Mutex<StepRecord>,
+    /// Who computes the batches committed here (the driver), when kept.
+    local: Option<WorkerRecord>,
 }
 
 impl StoreJournal {
@@ -350,7 +359,34 @@ impl StoreJournal {
             store,
             key,
             record: Mutex::new(record),
+            local: None,
         }
+    }
+    /// Keep `who` with each batch this process computes and commits.
+    pub fn with_worker(mut self, who: WorkerRecord) -> Self {
+        self.local = Some(who);
+        self
+    }
+    fn commit_as(
+        &self,
+        items: &[(u64, Vec<u8>)],
+        who: Option<&WorkerRecord>,
+    ) -> Result<(), StepError> {
+        let who = who.map(|w| WorkerRecord {
+            finished_ms: if w.finished_ms == 0 {
+                now_ms()
+            } else {
+                w.finished_ms
+            },
+            ..w.clone()
+        });
+        let mut rec = self.record.lock().unwrap();
+        let mut next = rec.clone();
+        next.items_done += items.len() as u64;
+        self.store
+            .commit_items_by(&self.key, items, &next, who.as_ref())?;
+        *rec = next;
+        Ok(())
     }
     pub fn record(&self) -> StepRecord {
         self.record.lock().unwrap().clone()
@@ -376,12 +412,10 @@ impl ItemJournal for StoreJournal {
         Ok(self.store.item_indices(&self.key)?)
     }
     fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), StepError> {
-        let mut rec = self.record.lock().unwrap();
-        let mut next = rec.clone();
-        next.items_done += items.len() as u64;
-        self.store.commit_items(&self.key, items, &next)?;
-        *rec = next;
-        Ok(())
+        self.commit_as(items, self.local.as_ref())
+    }
+    fn commit_by(&self, items: &[(u64, Vec<u8>)], who: &WorkerRecord) -> Result<(), StepError> {
+        self.commit_as(items, Some(who))
     }
     fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError> {
         Ok(self.store.items(&self.key)?)

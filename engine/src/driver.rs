@@ -535,7 +535,14 @@ impl Job {
             path: scratch.clone(),
             source: e,
         })?;
-        let journal = Arc::new(StoreJournal::new(store.clone(), self.key, rec));
+        let journal = Arc::new(
+            StoreJournal::new(store.clone(), self.key, rec).with_worker(crate::identity::here(
+                "local",
+                None,
+                attempt,
+                &self.device,
+            )),
+        );
         let mut ctx = StepContext::new(
             &self.node,
             self.key,

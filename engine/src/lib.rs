@@ -13,6 +13,7 @@ mod context;
 mod dag;
 mod driver;
 mod error;
+pub mod identity;
 mod key;
 pub mod machine;
 mod output;

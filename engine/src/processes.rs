@@ -165,7 +165,7 @@ impl BatchRunner for ProcessRunner {
         job: &ShardJob,
         batches: &[u64],
         stop: &StopFlag,
-        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+        deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
         let dir = crate::shard::prepare_dir(&self.work, job)?;
         let (_, plan) =

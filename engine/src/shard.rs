@@ -21,7 +21,7 @@ use crate::preempt::StopFlag;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tsr_state::Digest;
+use tsr_state::{Digest, WorkerRecord};
 
 /// What a worker needs to compute batches of one step.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -106,18 +106,21 @@ pub trait BatchRunner: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Compute `batches` of `job`, calling `deliver(batch, items)` with each batch's items (in
-    /// index order) as they arrive, in any order, each batch once. Returns when every batch is
-    /// delivered, with [`StepError::Interrupted`] when `stop` is set first, or with the
-    /// workers' error after they used up their attempts.
+    /// Compute `batches` of `job`, calling `deliver(batch, items, worker)` with each batch's
+    /// items (in index order) and who computed them as they arrive, in any order, each batch
+    /// once. Returns when every batch is delivered, with [`StepError::Interrupted`] when `stop`
+    /// is set first, or with the workers' error after they used up their attempts.
     fn run(
         &self,
         job: &ShardJob,
         batches: &[u64],
         stop: &StopFlag,
-        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+        deliver: &mut Deliver<'_>,
     ) -> Result<(), StepError>;
 }
+
+/// Takes a computed batch: its index, its items in index order, and who computed them.
+pub type Deliver<'a> = dyn FnMut(u64, Vec<Vec<u8>>, WorkerRecord) -> Result<(), StepError> + 'a;
 
 /// Batch indices as ranges (`0-2,5,7-9`): a shard's pending list stays short on the command
 /// line however many batches it has.
@@ -213,13 +216,13 @@ pub fn deliver_results(
     job: &ShardJob,
     results: &Path,
     pending: &mut std::collections::BTreeSet<u64>,
-    deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+    deliver: &mut Deliver<'_>,
 ) -> Result<(), StepError> {
     for (b, path) in result_files(results) {
         if pending.contains(&b) {
-            if let Ok(items) = read_batch(job, b, &path) {
+            if let Ok((who, items)) = read_batch(job, b, &path) {
                 pending.remove(&b);
-                deliver(b, items)?;
+                deliver(b, items, who)?;
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -239,12 +242,15 @@ pub fn log_tail(path: &Path) -> String {
     }
 }
 
-const MAGIC: &[u8] = b"tsr shard result 1\n";
+const MAGIC: &[u8] = b"tsr shard result 2\n";
 
-/// A batch's result as a worker writes it: the items with their indices, then a blake3 of
-/// everything before it.
-pub fn encode_result(items: &[(u64, Vec<u8>)]) -> Vec<u8> {
+/// A batch's result as a worker writes it: who computed it (JSON), the items with their
+/// indices, then a blake3 of everything before it.
+pub fn encode_result(who: &WorkerRecord, items: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
+    let who = serde_json::to_vec(who).expect("a worker record serializes");
+    out.extend_from_slice(&(who.len() as u64).to_le_bytes());
+    out.extend_from_slice(&who);
     out.extend_from_slice(&(items.len() as u64).to_le_bytes());
     for (i, b) in items {
         out.extend_from_slice(&i.to_le_bytes());
@@ -256,8 +262,12 @@ pub fn encode_result(items: &[(u64, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The items of a result file, or why it is not one (damaged, cut short, another format).
-pub fn decode_result(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+/// A result file's content: who computed it, and its items with their indices.
+pub type ShardResult = (WorkerRecord, Vec<(u64, Vec<u8>)>);
+
+/// Who computed a result file and its items, or why it is not one (damaged, cut short,
+/// another format).
+pub fn decode_result(bytes: &[u8]) -> Result<ShardResult, String> {
     if bytes.len() < MAGIC.len() + 8 + 32 || !bytes.starts_with(MAGIC) {
         return Err("not a shard result (no header)".into());
     }
@@ -273,13 +283,20 @@ pub fn decode_result(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
         *pos += 8;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
+    let who_len = u64_at(&mut pos)? as usize;
+    let who = body
+        .get(pos..pos.saturating_add(who_len))
+        .ok_or_else(|| "truncated worker record".to_string())?;
+    let who: WorkerRecord =
+        serde_json::from_slice(who).map_err(|e| format!("its worker record: {e}"))?;
+    pos += who_len;
     let n = u64_at(&mut pos)?;
     let mut items = Vec::new();
     for _ in 0..n {
         let i = u64_at(&mut pos)?;
         let len = u64_at(&mut pos)? as usize;
         let b = body
-            .get(pos..pos + len)
+            .get(pos..pos.saturating_add(len))
             .ok_or_else(|| "truncated item".to_string())?;
         pos += len;
         items.push((i, b.to_vec()));
@@ -287,7 +304,7 @@ pub fn decode_result(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
     if pos != body.len() {
         return Err("trailing bytes after the items".into());
     }
-    Ok(items)
+    Ok((who, items))
 }
 
 /// The result files for batches in `dir`: `<batch>.<writer>` (temporary files start with `.`).
@@ -310,11 +327,15 @@ pub fn result_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// The items of batch `b` of `job` from the result file at `path`, when it verifies and holds
-/// exactly that batch's indices in order.
-pub fn read_batch(job: &ShardJob, b: u64, path: &Path) -> Result<Vec<Vec<u8>>, String> {
+/// Who computed batch `b` of `job` and its items, from the result file at `path`, when it
+/// verifies and holds exactly that batch's indices in order.
+pub fn read_batch(
+    job: &ShardJob,
+    b: u64,
+    path: &Path,
+) -> Result<(WorkerRecord, Vec<Vec<u8>>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let items = decode_result(&bytes)?;
+    let (who, items) = decode_result(&bytes)?;
     let want: Vec<u64> = job.batch_items(b).collect();
     let got: Vec<u64> = items.iter().map(|(i, _)| *i).collect();
     if got != want {
@@ -324,7 +345,7 @@ pub fn read_batch(job: &ShardJob, b: u64, path: &Path) -> Result<Vec<Vec<u8>>, S
             want.last().map_or(0, |l| l + 1)
         ));
     }
-    Ok(items.into_iter().map(|(_, b)| b).collect())
+    Ok((who, items.into_iter().map(|(_, b)| b).collect()))
 }
 
 #[cfg(test)]
@@ -352,8 +373,9 @@ mod tests {
     #[test]
     fn a_result_reads_back_and_any_damage_is_refused() {
         let items = vec![(3u64, b"abc".to_vec()), (4, vec![]), (5, vec![0u8; 300])];
-        let bytes = encode_result(&items);
-        assert_eq!(decode_result(&bytes).unwrap(), items);
+        let who = crate::identity::here("slurm", Some("812_3".into()), 2, "cpu");
+        let bytes = encode_result(&who, &items);
+        assert_eq!(decode_result(&bytes).unwrap(), (who, items));
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
             assert!(decode_result(&bytes[..cut]).is_err(), "cut at {cut}");
         }
@@ -383,18 +405,19 @@ mod tests {
         };
         assert_eq!(job.batches(), 3);
         assert_eq!(job.batch_items(2), 6..7);
+        let who = crate::identity::here("processes", Some("shard 0".into()), 0, "cpu");
         let p = dir.path().join("1.w");
         std::fs::write(
             &p,
-            encode_result(&[(3, vec![1]), (4, vec![2]), (5, vec![3])]),
+            encode_result(&who, &[(3, vec![1]), (4, vec![2]), (5, vec![3])]),
         )
         .unwrap();
         assert_eq!(
             read_batch(&job, 1, &p).unwrap(),
-            vec![vec![1], vec![2], vec![3]]
+            (who.clone(), vec![vec![1], vec![2], vec![3]])
         );
         assert!(read_batch(&job, 0, &p).is_err());
-        std::fs::write(&p, encode_result(&[(3, vec![1]), (4, vec![2])])).unwrap();
+        std::fs::write(&p, encode_result(&who, &[(3, vec![1]), (4, vec![2])])).unwrap();
         assert!(read_batch(&job, 1, &p).is_err());
     }
 }

@@ -466,7 +466,7 @@ impl BatchRunner for SlurmRunner {
         job: &ShardJob,
         batches: &[u64],
         stop: &StopFlag,
-        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+        deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
         let dir = prepare_dir(&self.work, job)?;
         let (per, plan) = plan_shards(job, batches, self.shard_items, self.workers)?;

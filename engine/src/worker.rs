@@ -12,7 +12,7 @@ use crate::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tsr_state::BlobWriter;
+use tsr_state::{BlobWriter, WorkerRecord};
 
 /// A worker's journal: each committed batch becomes a result file in `dir`; the batches that
 /// already have a verified result there count as done.
@@ -23,16 +23,25 @@ pub struct ShardJournal {
     tag: String,
     /// The batches this worker computes.
     mine: BTreeSet<u64>,
+    /// Who this worker is, written into each result.
+    who: WorkerRecord,
 }
 
 impl ShardJournal {
     /// The journal of a worker computing `mine` (batch indices) of `job` into `dir`.
-    pub fn new(job: ShardJob, dir: PathBuf, tag: String, mine: BTreeSet<u64>) -> Self {
+    pub fn new(
+        job: ShardJob,
+        dir: PathBuf,
+        tag: String,
+        mine: BTreeSet<u64>,
+        who: WorkerRecord,
+    ) -> Self {
         ShardJournal {
             job,
             dir,
             tag,
             mine,
+            who,
         }
     }
 
@@ -68,7 +77,11 @@ impl ItemJournal for ShardJournal {
         };
         let b = first / self.job.batch.max(1);
         let path = self.dir.join(format!("{b}.{}", self.tag));
-        tsr_state::fsio::write_atomic(&path, &encode_result(items))?;
+        let who = WorkerRecord {
+            finished_ms: tsr_state::now_ms(),
+            ..self.who.clone()
+        };
+        tsr_state::fsio::write_atomic(&path, &encode_result(&who, items))?;
         Ok(())
     }
     fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError> {
@@ -98,18 +111,31 @@ impl ItemJournal for ShardJournal {
     }
 }
 
+/// Where a worker writes and who it is: its result folder, its scratch folder, the tag that
+/// names its result files, and the record kept with each batch it computes.
+pub struct ShardPlace<'a> {
+    pub out: &'a Path,
+    pub scratch: &'a Path,
+    pub tag: &'a str,
+    pub who: WorkerRecord,
+}
+
 /// Runs a worker's shard: checks that `step` is the job's step (same key from kind, version,
-/// config and inputs), then computes `batches` into result files under `out`. Returns
+/// config and inputs), then computes `batches` into result files under `place.out`. Returns
 /// [`StepError::Interrupted`] when `stop` is set at a batch boundary.
 pub fn run_shard(
     step: &dyn Step,
     job: &ShardJob,
     batches: &[u64],
-    out: &Path,
-    scratch: &Path,
-    tag: &str,
+    place: ShardPlace<'_>,
     stop: StopFlag,
 ) -> Result<(), StepError> {
+    let ShardPlace {
+        out,
+        scratch,
+        tag,
+        who,
+    } = place;
     let key = crate::key::step_key(step.kind(), step.version(), &step.config(), &job.inputs);
     if key != job.key {
         return Err(StepError::Invalid(format!(
@@ -138,6 +164,7 @@ pub fn run_shard(
         out.to_path_buf(),
         tag.to_string(),
         mine.clone(),
+        who,
     ));
     let ctx = StepContext::new(
         &job.node,

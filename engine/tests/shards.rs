@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tsr_engine::shard::{read_batch, BatchRunner, ShardJob};
 use tsr_engine::testkit::{shard_step, toy_dag, ToyMap, ToySpec};
+use tsr_engine::worker::ShardPlace;
 use tsr_engine::{open_run, Driver, EngineError, Outcome, Step, StepError, StopFlag};
 use tsr_state::Store;
 
@@ -37,23 +38,21 @@ impl BatchRunner for InProcess {
         job: &ShardJob,
         batches: &[u64],
         stop: &StopFlag,
-        deliver: &mut dyn FnMut(u64, Vec<Vec<u8>>) -> Result<(), StepError>,
+        deliver: &mut tsr_engine::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
         let step = shard_step(&job.kind, &job.config).expect("a toy kind")?;
         let dir = self.work.join(job.key.to_hex());
         for (n, &b) in batches.iter().enumerate() {
             let last = n + 1 == batches.len();
-            tsr_engine::worker::run_shard(
-                step.as_ref(),
-                job,
-                &[b],
-                &dir.join("results"),
-                &dir.join("scratch"),
-                "t",
-                stop.clone(),
-            )?;
+            let place = ShardPlace {
+                out: &dir.join("results"),
+                scratch: &dir.join("scratch"),
+                tag: "t",
+                who: tsr_engine::identity::here("processes", Some(format!("batch {b}")), 7, "cpu"),
+            };
+            tsr_engine::worker::run_shard(step.as_ref(), job, &[b], place, stop.clone())?;
             let path = dir.join("results").join(format!("{b}.t"));
-            let mut items = read_batch(job, b, &path).map_err(StepError::Other)?;
+            let (who, mut items) = read_batch(job, b, &path).map_err(StepError::Other)?;
             match self.how {
                 Misbehave::Lost if last => continue,
                 Misbehave::Short if last => {
@@ -61,10 +60,14 @@ impl BatchRunner for InProcess {
                 }
                 _ => {}
             }
+            let again = (items.clone(), who.clone());
+            deliver(b, items, who)?;
             if self.how == Misbehave::Twice {
-                deliver(b, items.clone())?;
+                // The first delivery is committed; this one, and who made it, are ignored.
+                let mut other = again.1;
+                other.job = Some("a second delivery".into());
+                deliver(b, again.0, other)?;
             }
-            deliver(b, items)?;
         }
         Ok(())
     }
@@ -107,7 +110,45 @@ fn batches_computed_as_workers_do_give_the_local_outputs_once_each() {
             Outcome::Completed { .. }
         ));
         assert_eq!(outputs(&store, "r"), want, "{how:?}");
+        assert_computed_by(&store, |w, first, kind| {
+            // Only the map step is handed to workers; the others run in the driver.
+            if kind != "toy-map" {
+                return w.executor == "local";
+            }
+            w.executor == "processes"
+                && w.attempt == 7
+                && w.job.as_deref().is_some_and(|j| j.starts_with("batch "))
+                && w.job.as_deref() != Some("a second delivery")
+                && w.finished_ms > 0
+                && w.last >= first
+        });
     }
+    assert_computed_by(&local, |w, _, _| {
+        w.executor == "local" && w.job.is_none() && w.attempt == 1 && w.pid == std::process::id()
+    });
+}
+
+/// Every item of every item step in `store` has a record of who computed it, and each record
+/// passes `ok` (with the first item index of its batch and the step's kind).
+fn assert_computed_by(store: &Store, ok: impl Fn(&tsr_state::WorkerRecord, u64, &str) -> bool) {
+    let mut seen = 0;
+    for (key, rec) in store.steps().unwrap() {
+        let Some(total) = rec.items_total.filter(|t| *t > 0) else {
+            continue;
+        };
+        let workers = store.workers(&key).unwrap();
+        assert!(!workers.is_empty(), "{}", rec.kind);
+        for (first, w) in &workers {
+            assert!(ok(w, *first, &rec.kind), "{}: {w:?}", rec.kind);
+        }
+        for i in 0..total {
+            let w = store.worker_of(&key, i).unwrap();
+            assert!(w.is_some(), "{} item {i} has no worker", rec.kind);
+        }
+        assert!(store.worker_of(&key, total).unwrap().is_none());
+        seen += 1;
+    }
+    assert!(seen > 0, "no item steps");
 }
 
 #[test]
@@ -142,15 +183,12 @@ fn a_worker_refuses_a_job_that_is_not_its_step() {
         batch: 3,
         build: "b".into(),
     };
-    let e = tsr_engine::worker::run_shard(
-        &step,
-        &job,
-        &[0],
-        &dir.path().join("out"),
-        &dir.path().join("scratch"),
-        "t",
-        StopFlag::new(),
-    )
-    .unwrap_err();
+    let place = ShardPlace {
+        out: &dir.path().join("out"),
+        scratch: &dir.path().join("scratch"),
+        tag: "t",
+        who: tsr_engine::identity::here("processes", None, 0, "cpu"),
+    };
+    let e = tsr_engine::worker::run_shard(&step, &job, &[0], place, StopFlag::new()).unwrap_err();
     assert!(e.to_string().contains("not the job's"), "{e}");
 }

@@ -12,6 +12,7 @@
 //! | `L` | lineage edges | output digest (32), input digest (32) | `EdgeRecord` |
 //! | `M` | meta | name | raw bytes (`format` = store format version) |
 //! | `J` | journal | commit number (u64 BE) | the commit's writes, for the remote copy (only while replicated) |
+//! | `W` | who computed items | step key (32), first item index of the batch (u64 BE) | `WorkerRecord` |
 
 use crate::Digest;
 
@@ -23,6 +24,7 @@ pub const ARTIFACT: u8 = b'A';
 pub const EDGE: u8 = b'L';
 pub const META: u8 = b'M';
 pub const JOURNAL: u8 = b'J';
+pub const WORKER: u8 = b'W';
 
 pub fn journal(seq: u64) -> Vec<u8> {
     let mut k = vec![JOURNAL];
@@ -73,6 +75,18 @@ pub fn item(step: &Digest, index: u64) -> Vec<u8> {
     k
 }
 
+pub fn worker_prefix(step: &Digest) -> Vec<u8> {
+    let mut k = vec![WORKER];
+    k.extend_from_slice(&step.0);
+    k
+}
+
+pub fn worker(step: &Digest, first: u64) -> Vec<u8> {
+    let mut k = worker_prefix(step);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
 pub fn artifact(d: &Digest) -> Vec<u8> {
     let mut k = vec![ARTIFACT];
     k.extend_from_slice(&d.0);
@@ -118,6 +132,7 @@ pub fn display(key: &[u8]) -> String {
         EDGE => "edge",
         META => "meta",
         JOURNAL => "journal",
+        WORKER => "worker",
         _ => "unknown",
     };
     match prefix {
@@ -125,10 +140,10 @@ pub fn display(key: &[u8]) -> String {
             "{table}:{}",
             String::from_utf8_lossy(rest).replace('\0', "/")
         ),
-        ITEM if rest.len() == 40 => {
+        ITEM | WORKER if rest.len() == 40 => {
             let d = digest_at(key, 1).unwrap();
             let idx = u64::from_be_bytes(rest[32..40].try_into().unwrap());
-            format!("item:{}#{idx}", d.short())
+            format!("{table}:{}#{idx}", d.short())
         }
         _ => {
             let hex: String = rest.iter().take(8).map(|b| format!("{b:02x}")).collect();

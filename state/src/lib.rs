@@ -30,7 +30,7 @@ pub use error::{error_chain, StateError, StateResult};
 pub use fsck::{gc, verify, GcReport, Problem, VerifyReport};
 pub use records::{
     ArtifactRecord, CheckpointRecord, EdgeRecord, NodeRecord, RunRecord, RunStatus, StepRecord,
-    StepStatus,
+    StepStatus, WorkerRecord,
 };
 pub use store::{validate_name, validate_run_name, Commit, RemoteState, Store};
 pub use sync::{SyncMode, SyncPoint, SyncView};

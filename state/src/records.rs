@@ -146,6 +146,59 @@ impl Versioned for EdgeRecord {
     const VERSION: u16 = 1;
 }
 
+/// Who computed one batch of a step's items, kept beside the items (never inside them, so a
+/// step's output is the same bytes wherever its batches ran). Outputs can depend on the thread
+/// count, the CPU's vector features and the device, so those are kept with the host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// `local` (the driver itself), `processes` or `slurm`.
+    pub executor: String,
+    pub host: String,
+    pub pid: u32,
+    /// The executor's name for the worker: `812_3` (Slurm array job and task), `shard 2`.
+    pub job: Option<String>,
+    /// Which try made the batch: the Slurm task's restart count, the worker's launch, or the
+    /// step's attempt in the driver.
+    pub attempt: u32,
+    /// CPU threads the worker computed with.
+    pub threads: u32,
+    pub device: String,
+    /// The CPU's model and the vector features its kernels can use.
+    pub cpu: String,
+    /// The program's identity (the digest of its executable, 16 hex digits).
+    pub build: String,
+    /// The last item index of the batch (the first is in the key).
+    pub last: u64,
+    pub finished_ms: u64,
+}
+
+impl Versioned for WorkerRecord {
+    const WHAT: &'static str = "worker";
+    const VERSION: u16 = 1;
+}
+
+impl WorkerRecord {
+    /// One line for people: `array task 812_3 (restart 0) on node7, pid 4711: 4 threads, cpu,
+    /// AMD EPYC 9R14 (avx512f avx2 fma)`.
+    pub fn describe(&self) -> String {
+        let who = match (self.executor.as_str(), &self.job) {
+            ("slurm", Some(j)) => format!("array task {j} (restart {})", self.attempt),
+            ("processes", Some(j)) => format!("worker process, {j} (launch {})", self.attempt),
+            (_, _) => format!("the driver (attempt {})", self.attempt),
+        };
+        format!(
+            "{who} on {}, pid {}: {} thread{}, {}, {}, build {}",
+            self.host,
+            self.pid,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            self.device,
+            self.cpu,
+            self.build.get(..12).unwrap_or(&self.build)
+        )
+    }
+}
+
 /// Whether a raw record of the database decodes as the type its key says.
 pub(crate) fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
     let r = match key.first() {
@@ -154,6 +207,7 @@ pub(crate) fn decode_check(key: &[u8], value: &[u8]) -> Result<(), String> {
         Some(&keys::STEP) => crate::envelope::decode::<StepRecord>(key, value).map(|_| ()),
         Some(&keys::ARTIFACT) => crate::envelope::decode::<ArtifactRecord>(key, value).map(|_| ()),
         Some(&keys::EDGE) => crate::envelope::decode::<EdgeRecord>(key, value).map(|_| ()),
+        Some(&keys::WORKER) => crate::envelope::decode::<WorkerRecord>(key, value).map(|_| ()),
         Some(&keys::ITEM) | Some(&keys::META) | Some(&keys::JOURNAL) => Ok(()),
         _ => return Err(format!("unknown key {}", keys::display(key))),
     };

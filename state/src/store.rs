@@ -688,7 +688,26 @@ impl Store {
         items: &[(u64, Vec<u8>)],
         record: &StepRecord,
     ) -> StateResult<()> {
-        let mut ops = Vec::with_capacity(items.len() + 1);
+        self.commit_items_by(step, items, record, None)
+    }
+
+    /// [`Self::commit_items`], with who computed them (kept beside the items, in the same
+    /// commit) when `who` is given and there are items.
+    pub fn commit_items_by(
+        &self,
+        step: &Digest,
+        items: &[(u64, Vec<u8>)],
+        record: &StepRecord,
+        who: Option<&WorkerRecord>,
+    ) -> StateResult<()> {
+        let mut ops = Vec::with_capacity(items.len() + 2);
+        if let (Some(who), Some((first, _)), Some((last, _))) = (who, items.first(), items.last()) {
+            let who = WorkerRecord {
+                last: *last,
+                ..who.clone()
+            };
+            ops.push((keys::worker(step, *first), Some(encode(&who))));
+        }
         for (i, bytes) in items {
             let k = keys::item(step, *i);
             if self.db.contains_key(&k).map_err(|e| self.db_err(e))? {
@@ -736,13 +755,45 @@ impl Store {
         Ok(out)
     }
 
-    /// Remove all items of a step (used by `verify --repair` to recompute a step from scratch).
+    /// Remove all items of a step and who computed them (used by `verify --repair` to
+    /// recompute a step from scratch, and by gc).
     pub fn clear_items(&self, step: &Digest) -> StateResult<()> {
         let mut ops = Vec::new();
-        for k in self.db.scan_prefix(keys::item_prefix(step)).keys() {
-            ops.push((k.map_err(|e| self.db_err(e))?.to_vec(), None));
+        for prefix in [keys::item_prefix(step), keys::worker_prefix(step)] {
+            for k in self.db.scan_prefix(prefix).keys() {
+                ops.push((k.map_err(|e| self.db_err(e))?.to_vec(), None));
+            }
         }
         self.apply(ops)
+    }
+
+    /// Who computed item `index` of `step`: the record of the batch that holds it (none for
+    /// items committed before tsr kept them).
+    pub fn worker_of(&self, step: &Digest, index: u64) -> StateResult<Option<WorkerRecord>> {
+        let prefix = keys::worker_prefix(step);
+        let Some(kv) = self
+            .db
+            .range(prefix.clone()..=keys::worker(step, index))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = kv.map_err(|e| self.db_err(e))?;
+        let who: WorkerRecord = decode(&k, &v)?;
+        Ok((who.last >= index).then_some(who))
+    }
+
+    /// Who computed each batch of `step`, by the batch's first item index.
+    pub fn workers(&self, step: &Digest) -> StateResult<Vec<(u64, WorkerRecord)>> {
+        let prefix = keys::worker_prefix(step);
+        Ok(self
+            .scan::<WorkerRecord>(&prefix)?
+            .into_iter()
+            .filter_map(|(k, r)| {
+                let first = u64::from_be_bytes(k.get(33..41)?.try_into().ok()?);
+                Some((first, r))
+            })
+            .collect())
     }
 
     // ---- artifacts and lineage ----------------------------------------------------------------

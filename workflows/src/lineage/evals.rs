@@ -1,10 +1,10 @@
 //! The evaluations of a run: per evaluated model its summary and annotations (what
 //! `tsr report`, `tsr export RUN eval` and `tsr lineage RUN eval ID` read).
 
-use super::{nodes, read_blob, records, NodeResult, QueryError};
+use super::{computed_by, nodes, read_blob, records, NodeResult, QueryError};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use tsr_state::{Digest, Store};
+use tsr_state::{Digest, Store, WorkerRecord};
 use tsr_steps::records::Annotation;
 use tsr_steps::rules::eval::EvalSummary;
 
@@ -92,20 +92,25 @@ pub struct EvalLineage {
     pub model: String,
     pub node: String,
     pub annotation: Annotation,
+    /// Who judged it (where the store kept it).
+    pub judged_by: Option<WorkerRecord>,
 }
 
 /// Every evaluated model's annotation of the evaluation prompt `id`, in model order.
 pub fn eval_lineage(store: &Store, run: &str, id: &str) -> Result<Vec<EvalLineage>, QueryError> {
     let mut found = Vec::new();
     for e in finished_evals(store, run)? {
-        if let Some(r) = annotations_of(store, &e)?
+        // The annotations are the judge step's items in order: a position is an item index.
+        if let Some((at, r)) = annotations_of(store, &e)?
             .into_iter()
-            .find(|r| r.prompt_id == id)
+            .enumerate()
+            .find(|(_, r)| r.prompt_id == id)
         {
             found.push(EvalLineage {
                 model: e.label.clone(),
                 node: e.node.clone(),
                 annotation: r,
+                judged_by: computed_by(store, &e.annotations)?.remove(&(at as u64)),
             });
         }
     }

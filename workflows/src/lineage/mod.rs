@@ -10,7 +10,9 @@ pub mod nodes;
 pub mod pairs;
 pub mod prompts;
 
-pub use nodes::{final_model, iteration_of, nodes, of_kind, read_blob, records, NodeResult};
+pub use nodes::{
+    computed_by, final_model, iteration_of, nodes, of_kind, read_blob, records, NodeResult,
+};
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]

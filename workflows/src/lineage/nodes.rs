@@ -98,6 +98,25 @@ pub fn records<T: DeserializeOwned>(
         .collect()
 }
 
+/// Who computed each record of the JSONL blob `d`, by record position: the step that made it
+/// wrote one record per item, in item order. Empty where the store has no such records (a
+/// blob not made by an item step, or a store older than these records).
+pub fn computed_by(
+    store: &Store,
+    d: &Digest,
+) -> Result<BTreeMap<u64, tsr_state::WorkerRecord>, QueryError> {
+    let Some(step) = store.get_artifact(d)?.and_then(|a| a.producer) else {
+        return Ok(BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    for (first, w) in store.workers(&step)? {
+        for i in first..=w.last {
+            out.insert(i, w.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// The run's final model: the last iteration's `dpo-next` weights (or M0 if none finished).
 pub fn final_model(nodes: &BTreeMap<String, NodeResult>) -> Option<(&NodeResult, Digest)> {
     let mut dpo: Vec<&NodeResult> = nodes

@@ -3,10 +3,10 @@
 //! `tsr lineage RUN prompt ID` shows). The decision is recomputed from the recorded inputs with
 //! the same rule, so it explains the recorded pair.
 
-use super::{nodes, of_kind, records, QueryError};
+use super::{computed_by, nodes, of_kind, records, QueryError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tsr_state::{Digest, Store};
+use tsr_state::{Digest, Store, WorkerRecord};
 use tsr_steps::prompts::Prompt;
 use tsr_steps::records::{Judgement, Pair, Response, Role, Rule, Verdict};
 use tsr_steps::rules::selection::{candidates_of, decide, Candidate, LengthControl};
@@ -51,6 +51,8 @@ pub struct ResponseView {
     pub text: String,
     pub score: Option<f64>,
     pub judgements: Option<JudgementView>,
+    /// Who generated it (where the store kept it).
+    pub generated_by: Option<WorkerRecord>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,6 +60,8 @@ pub struct JudgementView {
     pub texts: Vec<String>,
     pub verdicts: Vec<Verdict>,
     pub probs: Option<Vec<f64>>,
+    /// Who judged it (where the store kept it).
+    pub judged_by: Option<WorkerRecord>,
 }
 
 /// The part of a select step's config the decision needs.
@@ -110,19 +114,35 @@ pub fn prompt_lineage(store: &Store, run: &str, id: &str) -> Result<PromptLineag
             ) else {
                 continue;
             };
-            let responses: Vec<Response> = records::<Response>(store, rd, "response")?
-                .into_iter()
-                .filter(|r| r.prompt_id == id)
-                .collect();
-            let judgements: Vec<Judgement> = records::<Judgement>(store, jd, "judgement")?
-                .into_iter()
-                .filter(|j| j.prompt_id == id)
-                .collect();
+            // Each with its position in its blob: the item index of the step that made it.
+            let (positions, responses): (Vec<u64>, Vec<Response>) =
+                records::<Response>(store, rd, "response")?
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.prompt_id == id)
+                    .map(|(i, r)| (i as u64, r))
+                    .unzip();
+            let (judged_at, judgements): (Vec<u64>, Vec<Judgement>) =
+                records::<Judgement>(store, jd, "judgement")?
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, j)| j.prompt_id == id)
+                    .map(|(i, j)| (i as u64, j))
+                    .unzip();
+            let (generators, judges) = (computed_by(store, rd)?, computed_by(store, jd)?);
             cands.insert(prefix, candidates_of(&responses, &judgements, id, role));
             let responses = responses
                 .iter()
-                .map(|r| {
-                    let j = judgements.iter().find(|j| j.sample == r.sample);
+                .zip(&positions)
+                .map(|(r, at)| {
+                    let j = judgements
+                        .iter()
+                        .zip(&judged_at)
+                        .find(|(j, _)| j.sample == r.sample);
+                    let (j, judged_by) = match j {
+                        Some((j, at)) => (Some(j), judges.get(at).cloned()),
+                        None => (None, None),
+                    };
                     ResponseView {
                         sample: r.sample,
                         seed: r.seed,
@@ -134,7 +154,9 @@ pub fn prompt_lineage(store: &Store, run: &str, id: &str) -> Result<PromptLineag
                             texts: j.texts.clone(),
                             verdicts: j.verdicts.clone(),
                             probs: j.probs.clone(),
+                            judged_by,
                         }),
+                        generated_by: generators.get(at).cloned(),
                     }
                 })
                 .collect();
