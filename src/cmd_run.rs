@@ -115,9 +115,31 @@ fn slurm_runner(
         None => std::env::current_exe()
             .context("finding this program's path for the Slurm tasks; set executor.binary")?,
     };
+    // Each item step's tasks ask for the memory the plan estimates for it (with a quarter more:
+    // Slurm ends a task at its limit), unless `mem` is set; on a GPU, for what the host holds
+    // while the model loads.
+    let plan = tsr_workflows::memory::plan(config, None)
+        .context("estimating each step's memory for its Slurm tasks")?;
+    let step_args = plan
+        .nodes
+        .iter()
+        .filter(|n| tsr_steps::shards::SHARDABLE.contains(&n.kind.as_str()))
+        .map(|n| {
+            let host = if config.device == "cpu" {
+                n.peak
+            } else {
+                n.parts.overhead + n.parts.weights + n.parts.load
+            };
+            (
+                n.node.clone(),
+                x.sbatch_args_for(Some(&n.kind), Some(host + host / 4)),
+            )
+        })
+        .collect();
     let runner = tsr_engine::slurm::SlurmRunner {
         binary,
         sbatch_args: x.sbatch_args(),
+        step_args,
         workers: x.workers,
         shard_items: x.shard_items,
         max_attempts: x.max_attempts,

@@ -191,7 +191,32 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     // stopped tasks are SIGKILLed (each delivered a batch: resubmitted without using an
     // attempt); the third is requeued (Slurm puts it back in the queue under the same id, and
     // the driver waits for it); later ones are let go.
-    let cfg = setup(&dir.join("faults"), &executor(&pausing, ""));
+    // A step kind's own resources that Slurm refuses stop the run before anything is recorded,
+    // naming the steps and Slurm's words.
+    let cfg = setup(
+        &dir.join("refused"),
+        &executor(&pausing, "[executor.steps.judge]\npartition = \"nope\"\n"),
+    );
+    let mut c = command(&cfg, &dir.join("refused/store"));
+    cluster.env(&mut c);
+    let o = c.output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("iter1/judge-current") && t.contains("--partition=nope") && t.contains("nope"),
+        "{t}"
+    );
+    let o = tsr(&["status", "x"], &dir.join("refused/store"));
+    assert!(!o.status.success(), "the run was recorded: {}", text(&o));
+
+    // The judge's tasks get their own limits; the others ask for the plan's memory.
+    let cfg = setup(
+        &dir.join("faults"),
+        &executor(
+            &pausing,
+            "[executor.steps.judge]\nmem = \"300M\"\ntime = \"00:30:00\"\n",
+        ),
+    );
     let store = dir.join("faults/store");
     let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
     let mut seen = BTreeSet::new();
@@ -222,9 +247,23 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     });
     finish(child, &log);
     assert!(acted >= 3, "{acted} workers stopped");
-    assert_handed_over(
-        &std::fs::read_to_string(&log).unwrap(),
-        "as Slurm array tasks",
+    let driver_log = std::fs::read_to_string(&log).unwrap();
+    assert_handed_over(&driver_log, "--cpus-per-task=1");
+    let handed = |node: &str| {
+        driver_log
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("tsr: {node}: ")) && l.contains("as Slurm array tasks")
+            })
+            .unwrap_or_else(|| panic!("{node}:\n{driver_log}"))
+            .to_string()
+    };
+    let judge = handed("iter1/judge-current");
+    assert!(judge.contains("--mem=300M --time=00:30:00"), "{judge}");
+    let gen = handed("iter1/gen-current");
+    assert!(
+        gen.contains(" --mem=") && gen.contains("M") && !gen.contains("--time"),
+        "{gen}"
     );
     same(&want, &results(&store));
     assert_computed_by(&store, "slurm");

@@ -67,6 +67,9 @@ pub struct SlurmRunner {
     /// Resource options passed to `sbatch` as they are (`--partition=gpu`, `--gres=gpu:1`,
     /// `--cpus-per-task=8`, ...).
     pub sbatch_args: Vec<String>,
+    /// The options of particular steps, by node, in place of [`Self::sbatch_args`] (a step
+    /// kind's own resources, memory from the memory plan).
+    pub step_args: BTreeMap<String, Vec<String>>,
     /// The most shards in flight (the array's `%N` throttle).
     pub workers: usize,
     /// Items per shard: a whole number of the step's batches (default: the step's batches
@@ -327,11 +330,38 @@ impl SlurmRunner {
     /// Asks Slurm whether it would accept this runner's jobs (`sbatch --test-only`): the tools
     /// are there, the controller answers, and the partition, account, qos and resources are
     /// valid. Nothing is submitted.
+    /// Each distinct set of step options is asked about once; a refusal names the steps
+    /// whose options Slurm refused.
     pub fn check(&self) -> Result<(), SlurmCallError> {
-        let mut args = vec!["--test-only".to_string(), "--job-name=tsr-check".into()];
-        args.extend(self.sbatch_args.iter().cloned());
-        args.push("--wrap=true".into());
-        call("sbatch", &args).map(|_| ())
+        let mut sets: BTreeMap<&Vec<String>, Vec<&str>> = BTreeMap::new();
+        sets.entry(&self.sbatch_args).or_default();
+        for (node, args) in &self.step_args {
+            sets.entry(args).or_default().push(node);
+        }
+        for (set, nodes) in sets {
+            let mut args = vec!["--test-only".to_string(), "--job-name=tsr-check".into()];
+            args.extend(set.iter().cloned());
+            args.push("--wrap=true".into());
+            call("sbatch", &args).map_err(|e| match e {
+                SlurmCallError::Refused { tool, message } if !nodes.is_empty() => {
+                    SlurmCallError::Refused {
+                        tool,
+                        message: format!(
+                            "{message} (for step {}: {})",
+                            nodes.join(", "),
+                            set.join(" ")
+                        ),
+                    }
+                }
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The `sbatch` resource options of `node`'s array tasks.
+    fn args_for(&self, node: &str) -> &[String] {
+        self.step_args.get(node).unwrap_or(&self.sbatch_args)
     }
 
     fn write_script(&self, dir: &Path, job: &ShardJob, per: u64) -> Result<PathBuf, StepError> {
@@ -359,6 +389,7 @@ impl SlurmRunner {
 
     fn submit(
         &self,
+        node: &str,
         name: &str,
         dir: &Path,
         script: &Path,
@@ -377,7 +408,7 @@ impl SlurmRunner {
             "--signal=B:TERM@120".into(),
             format!("--chdir={}", dir.display()),
         ];
-        args.extend(self.sbatch_args.iter().cloned());
+        args.extend(self.args_for(node).iter().cloned());
         args.push(script.to_string_lossy().into_owned());
         let out = call("sbatch", &args)?;
         // `--parsable`: `<job id>` or `<job id>;<cluster>`.
@@ -485,11 +516,12 @@ impl BatchRunner for SlurmRunner {
             })
             .collect();
         self.say(format!(
-            "{}: {} batch(es) in {} shard(s) as Slurm array tasks `{name}` (at most {} at once)",
+            "{}: {} batch(es) in {} shard(s) as Slurm array tasks `{name}` (at most {} at once; {})",
             job.node,
             batches.len(),
             shards.len(),
-            self.workers
+            self.workers,
+            self.args_for(&job.node).join(" ")
         ));
         let results = dir.join("results");
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
@@ -666,7 +698,7 @@ impl BatchRunner for SlurmRunner {
             }
             let capacity = self.workers.max(1).saturating_sub(active);
             if !queued.is_empty() && capacity > 0 && !stop.is_set() {
-                match self.submit(&name, &dir, &script, &queued, capacity) {
+                match self.submit(&job.node, &name, &dir, &script, &queued, capacity) {
                     Ok(array) => {
                         for s in &queued {
                             let st = shards.get_mut(s).expect("a queued shard is known");

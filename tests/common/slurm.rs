@@ -273,6 +273,8 @@ impl Cluster {
     /// Waits until the node is idle (no task of an earlier scenario left).
     pub fn wait_idle(&self) {
         let t0 = Instant::now();
+        let mut empty_since: Option<Instant> = None;
+        let mut reconfigured = 0;
         loop {
             let o = self
                 .client("sinfo")
@@ -282,6 +284,27 @@ impl Cluster {
             let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
             if s == "idle" {
                 return;
+            }
+            // Slurm 22.05 can leave a lost or requeued task's CPUs allocated on a node that
+            // runs nothing (the node stays `mixed` with an empty queue). `scontrol reconfigure`
+            // recounts them, as an operator would; it is asked once the queue has been empty
+            // for 3 s, and again every 10 s.
+            let q = self
+                .client("squeue")
+                .args([
+                    "--noheader",
+                    "--states=PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED",
+                ])
+                .output()
+                .unwrap();
+            if q.status.success() && q.stdout.iter().all(u8::is_ascii_whitespace) {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(3 + 10 * reconfigured) {
+                    self.scontrol(&["reconfigure"]);
+                    reconfigured += 1;
+                }
+            } else {
+                empty_since = None;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(120),

@@ -123,19 +123,51 @@ pub struct ExecutorSection {
     /// Slurm: seconds a task may stay pending for a reason that waiting does not clear (a held
     /// job, a node or partition that is not available) before its step fails.
     pub stuck_after_s: u64,
+    /// Slurm: `[executor.steps.<kind>]`, resources of one step kind's array tasks (`judge`'s
+    /// long prompts may want more memory or another partition than `generate`).
+    pub steps: std::collections::BTreeMap<String, StepResources>,
+}
+
+/// `[executor.steps.<kind>]`: what one step kind's array tasks ask Slurm for, over the
+/// `[executor]` settings of the same names.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepResources {
+    pub partition: Option<String>,
+    pub gres: Option<String>,
+    pub cpus_per_task: Option<u32>,
+    pub mem: Option<String>,
+    pub time: Option<String>,
 }
 
 impl ExecutorSection {
     /// The `sbatch` options of the Slurm keys.
     pub fn sbatch_args(&self) -> Vec<String> {
-        let mut out = vec![format!("--cpus-per-task={}", self.cpus_per_task)];
+        self.sbatch_args_for(None, None)
+    }
+
+    /// The `sbatch` options of one step kind's array tasks: `[executor.steps.<kind>]` over
+    /// `[executor]`; without a `mem` in either, `planned_mem` bytes (the memory plan's estimate
+    /// for the step) rounded up to MiB.
+    pub fn sbatch_args_for(&self, kind: Option<&str>, planned_mem: Option<u64>) -> Vec<String> {
+        let own = kind
+            .and_then(|k| self.steps.get(k))
+            .cloned()
+            .unwrap_or_default();
+        let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+        let mem = pick(&own.mem, &self.mem)
+            .or_else(|| planned_mem.map(|b| format!("{}M", b.div_ceil(1 << 20).max(1))));
+        let mut out = vec![format!(
+            "--cpus-per-task={}",
+            own.cpus_per_task.unwrap_or(self.cpus_per_task)
+        )];
         for (flag, v) in [
-            ("partition", &self.partition),
-            ("account", &self.account),
-            ("qos", &self.qos),
-            ("gres", &self.gres),
-            ("mem", &self.mem),
-            ("time", &self.time),
+            ("partition", pick(&own.partition, &self.partition)),
+            ("account", self.account.clone()),
+            ("qos", self.qos.clone()),
+            ("gres", pick(&own.gres, &self.gres)),
+            ("mem", mem),
+            ("time", pick(&own.time, &self.time)),
         ] {
             if let Some(v) = v {
                 out.push(format!("--{flag}={v}"));
@@ -164,6 +196,7 @@ impl Default for ExecutorSection {
             extra_args: vec![],
             binary: None,
             stuck_after_s: 1800,
+            steps: Default::default(),
         }
     }
 }
@@ -682,6 +715,7 @@ impl Config {
                     ("extra_args", !x.extra_args.is_empty()),
                     ("binary", x.binary.is_some()),
                     ("stuck_after_s", x.stuck_after_s != d.stuck_after_s),
+                    ("steps", !x.steps.is_empty()),
                 ] {
                     if set {
                         return bad(
@@ -699,6 +733,23 @@ impl Config {
                 }
                 if x.cpus_per_task == 0 {
                     return bad("executor.cpus_per_task", "must be at least 1");
+                }
+                for (kind, r) in &x.steps {
+                    if !tsr_steps::shards::SHARDABLE.contains(&kind.as_str()) {
+                        return bad(
+                            &format!("executor.steps.{kind}"),
+                            &format!(
+                                "is not a step kind that runs as array tasks; use one of {}",
+                                tsr_steps::shards::SHARDABLE.join(", ")
+                            ),
+                        );
+                    }
+                    if r.cpus_per_task == Some(0) {
+                        return bad(
+                            &format!("executor.steps.{kind}.cpus_per_task"),
+                            "must be at least 1",
+                        );
+                    }
                 }
                 if let Some(a) = x.extra_args.iter().find(|a| !a.starts_with("--")) {
                     return bad(
@@ -1244,6 +1295,54 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_str_at(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_step_kinds_slurm_resources_override_the_executors() {
+        let c = parse(
+            "name = \"r\"\nworkflow = \"toy\"\n[executor]\nkind = \"slurm\"\npartition = \"cpu\"\n\
+             account = \"lab\"\ncpus_per_task = 4\ntime = \"01:00:00\"\nextra_args = [\"--constraint=x\"]\n\
+             [executor.steps.judge]\npartition = \"big\"\nmem = \"64G\"\ncpus_per_task = 8\n",
+        )
+        .unwrap();
+        let x = c.executor.unwrap();
+        let args = |kind, planned| x.sbatch_args_for(kind, planned).join(" ");
+        assert_eq!(
+            args(Some("judge"), Some(3 << 30)),
+            "--cpus-per-task=8 --partition=big --account=lab --mem=64G --time=01:00:00 --constraint=x"
+        );
+        // Without a `mem`, the plan's estimate in MiB, rounded up.
+        assert_eq!(
+            args(Some("generate"), Some((3 << 30) + 1)),
+            "--cpus-per-task=4 --partition=cpu --account=lab --mem=3073M --time=01:00:00 --constraint=x"
+        );
+        assert_eq!(args(None, None), x.sbatch_args().join(" "));
+        assert!(!args(None, None).contains("--mem"));
+        for (body, key) in [
+            (
+                "kind = \"slurm\"\n[executor.steps.dpo]\nmem = \"1G\"",
+                "executor.steps.dpo",
+            ),
+            (
+                "kind = \"slurm\"\n[executor.steps.judge]\ncpus_per_task = 0",
+                "executor.steps.judge.cpus_per_task",
+            ),
+            (
+                "kind = \"processes\"\n[executor.steps.judge]\nmem = \"1G\"",
+                "executor.steps",
+            ),
+            (
+                "kind = \"slurm\"\n[executor.steps.judge]\nmemory = \"1G\"",
+                "memory",
+            ),
+        ] {
+            let e = parse(&format!(
+                "name = \"r\"\nworkflow = \"toy\"\n[executor]\n{body}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key), "{body}: {e}");
+        }
     }
 
     #[test]
