@@ -15,10 +15,22 @@ pub struct CancelArgs {
     pub run: String,
 }
 
+/// What names a store's Slurm jobs: with a remote copy, its URL (a store restored from it on
+/// another machine, a driver that took the run over, finds the jobs its predecessor
+/// submitted); without one, the store's own id.
+pub fn job_owner(store: &tsr_state::Store) -> anyhow::Result<String> {
+    Ok(match store.remote()? {
+        Some(r) => blake3::hash(format!("tsr remote\0{}", r.url).as_bytes())
+            .to_hex()
+            .to_string(),
+        None => store.store_id()?,
+    })
+}
+
 pub fn run(store: &Option<PathBuf>, a: CancelArgs) -> anyhow::Result<ExitCode> {
     let dir = crate::store_dir(store, None);
     let store = open_store(&dir)?;
-    let comment = SlurmRunner::comment(&store.store_id()?, &a.run);
+    let comment = SlurmRunner::comment(&job_owner(&store)?, &a.run);
     let listed = call(
         "squeue",
         &[

@@ -432,7 +432,11 @@ pub fn gc(store_flag: &Option<PathBuf>, a: GcArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let r = tsr_state::gc(&store, a.dry_run)?;
-    let work = gc_work(&store, a.dry_run)?;
+    let mut work = gc_work(&store, a.dry_run)?;
+    if let (Some(remote), false) = (store.remote()?, a.local_only) {
+        let (steps, bytes) = gc_remote_work(&store, &remote.url, a.dry_run)?;
+        work = (work.0 + steps, work.1 + bytes);
+    }
     let remote = match replica {
         Some(rep) => {
             let g = rep.gc(a.dry_run);
@@ -503,6 +507,39 @@ fn gc_work(store: &Store, dry_run: bool) -> anyhow::Result<(u64, u64)> {
         if !dry_run {
             std::fs::remove_dir_all(e.path())
                 .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok((steps, bytes))
+}
+
+/// [`gc_work`] for the results workers left in the remote (`<remote>/work/<step key>/`).
+fn gc_remote_work(store: &Store, url: &str, dry_run: bool) -> anyhow::Result<(u64, u64)> {
+    let parsed = tsr_state::remote::RemoteUrl::parse(url)?;
+    let remote = match tsr_state::remote::Remote::open(&parsed) {
+        Ok(r) => r,
+        Err(tsr_state::remote::RemoteError::Empty { .. }) => return Ok((0, 0)),
+        Err(e) => return Err(e).context("listing the workers' results in the remote"),
+    };
+    let (mut steps, mut bytes) = (0, 0);
+    for (name, size) in remote
+        .work_folders()
+        .context("listing the workers' results in the remote")?
+    {
+        let needed = match name.parse::<tsr_state::Digest>() {
+            Ok(key) => store
+                .get_step(&key)?
+                .is_some_and(|s| !matches!(s.status, tsr_state::StepStatus::Done { .. })),
+            Err(_) => false,
+        };
+        if needed {
+            continue;
+        }
+        steps += 1;
+        bytes += size;
+        if !dry_run {
+            remote
+                .work_delete_all(&name)
+                .with_context(|| format!("removing work/{name} from {url}"))?;
         }
     }
     Ok((steps, bytes))

@@ -228,6 +228,13 @@ pub fn verify_remote(url: &str, json: bool) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+        if !r.work_folders.is_empty() {
+            println!(
+                "  workers' results: {} step folder(s) under work/ ({} bytes), not part of the store's history; `tsr gc` removes those of finished steps",
+                r.work_folders.len(),
+                r.work_folders.iter().map(|(_, b)| b).sum::<u64>()
+            );
+        }
         for p in &r.problems {
             println!("  problem: {p}");
         }

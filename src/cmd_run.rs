@@ -91,7 +91,9 @@ fn runner_of(
             )],
         })
         .collect();
+    let exchange = exchange_of(x, store, log)?;
     let runner = tsr_engine::processes::ProcessRunner {
+        exchange,
         command: vec![tsr_engine::identity::SELF_EXE.into(), "worker".into()],
         slots,
         shard_items: x.shard_items,
@@ -101,6 +103,43 @@ fn runner_of(
         board: Default::default(),
     };
     Ok(Some((Arc::new(runner), crate::cmd_worker::build_id()?)))
+}
+
+/// How the workers get inputs and hand back results: through the store's remote copy
+/// (`share = "remote"`, the default under Slurm when the run has a remote), else `None` (a
+/// folder they share with the driver).
+fn exchange_of(
+    x: &tsr_workflows::ExecutorSection,
+    store: &Store,
+    log: bool,
+) -> anyhow::Result<Option<Arc<tsr_engine::exchange::RemoteExchange>>> {
+    use tsr_workflows::{Executor, Share};
+    let url = store.remote()?.map(|r| r.url);
+    let share = x.share.unwrap_or(match (x.kind, &url) {
+        (Executor::Slurm, Some(_)) => Share::Remote,
+        _ => Share::Filesystem,
+    });
+    if share == Share::Filesystem {
+        return Ok(None);
+    }
+    let url = url.context(
+        "executor.share = \"remote\": this run has no remote copy; give --remote URL (or remote = \"...\" in the config), or set share = \"filesystem\" with the store on a filesystem the workers see",
+    )?;
+    let parsed = tsr_state::remote::RemoteUrl::parse(&url)?;
+    let remote = tsr_state::remote::Remote::open_for_writing(&parsed)
+        .with_context(|| format!("opening {url} for the workers' inputs and results"))?;
+    if log {
+        eprintln!(
+            "tsr: workers take their inputs from {url} (cached per node in {}, at most {} GB) and hand back results there",
+            x.node_cache.display(),
+            x.node_cache_gb
+        );
+    }
+    Ok(Some(Arc::new(tsr_engine::exchange::RemoteExchange {
+        remote: Arc::new(remote),
+        node_cache: x.node_cache.clone(),
+        node_cache_bytes: (x.node_cache_gb * 1e9) as u64,
+    })))
 }
 
 /// The `slurm` executor's runner, once Slurm said it would accept its jobs.
@@ -136,7 +175,10 @@ fn slurm_runner(
             )
         })
         .collect();
+    let exchange = exchange_of(x, store, log)?;
     let runner = tsr_engine::slurm::SlurmRunner {
+        exchange,
+        worker_env: x.worker_env.clone(),
         binary,
         sbatch_args: x.sbatch_args(),
         step_args,
@@ -144,7 +186,7 @@ fn slurm_runner(
         shard_items: x.shard_items,
         max_attempts: x.max_attempts,
         work: store.root().join(WORK_DIR),
-        store_id: store.store_id()?,
+        store_id: crate::cmd_cancel::job_owner(store)?,
         run: config.name.clone(),
         poll: std::time::Duration::from_secs(1),
         stuck_after: std::time::Duration::from_secs(x.stuck_after_s),

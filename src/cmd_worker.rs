@@ -1,8 +1,11 @@
 //! `tsr worker`: computes a shard of an item step for a driver (the `processes` executor
-//! starts it, and the `slurm` executor's array tasks run it; it is not meant to be typed). It has no store and no lease: it reads the step's
-//! inputs from the blob folder the job names, writes one result file per batch, and exits 0
-//! when done, 75 when stopped at a batch boundary (SIGTERM), 1 on an error (its message on
-//! standard error, which the driver reports).
+//! starts it, and the `slurm` executor's array tasks run it; it is not meant to be typed). It
+//! has no store and no lease. With `--job`, it reads the step's inputs from the blob folder the
+//! job names and writes one result file per batch into `--out`; with `--remote`, it reads the
+//! job and the inputs from the store's remote copy (the inputs through the node's cache) and
+//! writes its results there. It exits 0 when done, 75 when stopped at a batch boundary
+//! (SIGTERM), 1 on an error (its message on standard error, and through a remote also as an
+//! object the driver reports).
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -14,8 +17,21 @@ use tsr_engine::{preempt, StepError, StopFlag};
 #[derive(Args)]
 pub struct WorkerArgs {
     /// The shard job (JSON) the driver wrote.
-    #[arg(long)]
-    pub job: PathBuf,
+    #[arg(long, required_unless_present = "remote", conflicts_with = "remote")]
+    pub job: Option<PathBuf>,
+    /// Through the store's remote copy: its URL (credentials come from the environment, as
+    /// for the store's remote).
+    #[arg(long, requires = "step")]
+    pub remote: Option<String>,
+    /// With --remote: the step's folder under the remote's `work/` (`<step key>/<build>`).
+    #[arg(long, requires = "remote")]
+    pub step: Option<String>,
+    /// With --remote: the node's input cache, shared by the workers of the node.
+    #[arg(long, default_value = "/tmp/tsr-node-cache")]
+    pub node_cache: PathBuf,
+    /// With --remote: the most the node cache may hold, in bytes.
+    #[arg(long, default_value_t = 100_000_000_000)]
+    pub node_cache_bytes: u64,
     /// The batches to compute: indices of the step's fixed partition, as `0-2,5,7-9`.
     #[arg(
         long,
@@ -28,8 +44,8 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "BATCHES")]
     pub array_shards: Option<u64>,
     /// The folder results go to (one file per batch).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "remote", conflicts_with = "remote")]
+    pub out: Option<PathBuf>,
     /// Names this worker's result files: `<shard>-<launch>` (as an array task, tsr names them
     /// `<array>_<task>.<restart>`).
     #[arg(long, required_unless_present = "array_shards")]
@@ -118,18 +134,42 @@ pub fn build_id() -> anyhow::Result<String> {
     tsr_engine::identity::build_id().context("reading this program's executable to identify it")
 }
 
+/// The remote, the step's folder in it, and the job there.
+fn remote_job(
+    url: &str,
+    step: &str,
+) -> anyhow::Result<(std::sync::Arc<tsr_state::remote::Remote>, ShardJob)> {
+    let url = tsr_state::remote::RemoteUrl::parse(url)?;
+    let remote = tsr_state::remote::Remote::open(&url)?;
+    let rel = format!("{step}/job.json");
+    let bytes = remote
+        .work_get(&rel)
+        .with_context(|| format!("reading the shard job work/{rel} in {url}"))?
+        .with_context(|| {
+            format!("{url} has no shard job work/{rel}: the driver removed it (the step is done) or wrote it elsewhere")
+        })?;
+    let job = serde_json::from_slice(&bytes)
+        .with_context(|| format!("work/{rel} in {url} is not a shard job of this build"))?;
+    Ok((std::sync::Arc::new(remote), job))
+}
+
 pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(&a.job).with_context(|| format!("reading {}", a.job.display()))?;
-    let mut job: ShardJob = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a shard job of this build", a.job.display()))?;
-    let me = build_id()?;
-    if job.build != me {
-        bail!(
-            "this worker is another tsr build ({}) than the driver's ({}); run the driver's binary on the workers",
-            &me[..12],
-            job.build.get(..12).unwrap_or(&job.build)
-        );
-    }
+    let (remote, mut job): (Option<std::sync::Arc<tsr_state::remote::Remote>>, ShardJob) =
+        match (&a.remote, &a.step, &a.job) {
+            (Some(url), Some(step), _) => {
+                let (r, j) = remote_job(url, step)?;
+                (Some(r), j)
+            }
+            (_, _, Some(path)) => {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let job = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is not a shard job of this build", path.display())
+                })?;
+                (None, job)
+            }
+            _ => bail!("give --job FILE (a shared folder) or --remote URL --step DIR"),
+        };
     if let Ok(d) = std::env::var("TSR_WORKER_DEVICE") {
         job.device = d;
     }
@@ -139,6 +179,18 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         scratch,
         who,
     } = assignment(&a, &job)?;
+    let me = build_id()?;
+    if job.build != me {
+        let e = anyhow::anyhow!(
+            "this worker is another tsr build ({}) than the driver's ({}); run the driver's binary on the workers",
+            &me[..12],
+            job.build.get(..12).unwrap_or(&job.build)
+        );
+        return Err(match &remote {
+            Some(r) => report(r, a.step.as_deref().unwrap_or_default(), &tag, e),
+            None => e,
+        });
+    }
     if let Some(b) = batches.iter().find(|b| **b >= job.batches()) {
         bail!(
             "--batches: step `{}` has {} batches; {b} is not one",
@@ -151,8 +203,31 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("step kind `{}` cannot run as shards", job.kind))??;
     let stop = StopFlag::new();
     preempt::install_worker(stop.clone()).map_err(anyhow::Error::msg)?;
+    let (sink, _cache): (Box<dyn tsr_engine::worker::ResultSink>, _) = match &remote {
+        None => (
+            Box::new(tsr_engine::worker::FolderSink(
+                a.out.clone().context("--out is required with --job")?,
+            )),
+            None,
+        ),
+        Some(r) => {
+            let step_rel = a.step.clone().unwrap_or_default();
+            let outcome = take_inputs(r, &a, &mut job);
+            let cache = match outcome {
+                Ok(c) => c,
+                Err(e) => return Err(report(r, &step_rel, &tag, e)),
+            };
+            (
+                Box::new(tsr_engine::exchange::RemoteSink {
+                    remote: r.clone(),
+                    rel: format!("{step_rel}/results"),
+                }),
+                Some(cache),
+            )
+        }
+    };
     let place = tsr_engine::worker::ShardPlace {
-        out: &a.out,
+        sink,
         scratch: &scratch,
         tag: &tag,
         who,
@@ -160,10 +235,76 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     match tsr_engine::worker::run_shard(step.as_ref(), &job, &batches, place, stop) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "computing batches {} of step `{}`",
-            tsr_engine::shard::format_batches(&batches),
-            job.node
-        ))),
+        Err(e) => {
+            let e = anyhow::Error::new(e).context(format!(
+                "computing batches {} of step `{}`",
+                tsr_engine::shard::format_batches(&batches),
+                job.node
+            ));
+            Err(match &remote {
+                Some(r) => report(r, a.step.as_deref().unwrap_or_default(), &tag, e),
+                None => e,
+            })
+        }
     }
+}
+
+/// Takes the job's inputs through the node cache and points the job at them.
+fn take_inputs(
+    remote: &tsr_state::remote::Remote,
+    a: &WorkerArgs,
+    job: &mut ShardJob,
+) -> anyhow::Result<tsr_engine::node_cache::NodeCache> {
+    let cache = tsr_engine::node_cache::NodeCache::open(&a.node_cache, a.node_cache_bytes)?;
+    let wanted: Vec<tsr_state::Digest> = job
+        .inputs
+        .values()
+        .chain(job.external_blobs.values())
+        .copied()
+        .collect();
+    let t = cache.take(remote, &wanted).with_context(|| {
+        format!(
+            "taking the inputs of step `{}` from {}",
+            job.node,
+            remote.url()
+        )
+    })?;
+    eprintln!(
+        "tsr worker: inputs of `{}`: {} from the node cache {} ({:.1} MB), {} downloaded ({:.1} MB){}",
+        job.node,
+        t.hits,
+        a.node_cache.display(),
+        t.hit_bytes as f64 / 1e6,
+        t.fetched,
+        t.fetched_bytes as f64 / 1e6,
+        if t.evicted > 0 {
+            format!(
+                "; {} older input(s) ({:.1} MB) removed to stay under its limit",
+                t.evicted,
+                t.evicted_bytes as f64 / 1e6
+            )
+        } else {
+            String::new()
+        }
+    );
+    job.blobs = cache.blobs().dir().to_path_buf();
+    for (name, d) in &job.external_blobs {
+        job.externals.insert(name.clone(), cache.blobs().path(d));
+    }
+    Ok(cache)
+}
+
+/// Writes the worker's error where the driver reads it (`work/<step>/errors/<tag>`), and
+/// returns it.
+fn report(
+    remote: &tsr_state::remote::Remote,
+    step: &str,
+    tag: &str,
+    e: anyhow::Error,
+) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if let Err(w) = remote.work_put(&format!("{step}/errors/{tag}"), text.into_bytes()) {
+        eprintln!("tsr worker: could not hand the error to the driver through the remote: {w}");
+    }
+    e
 }

@@ -38,6 +38,95 @@ fn worker_processes_give_the_outputs_of_one_process() {
     assert!(text(&o).contains("0 steps executed"), "{}", text(&o));
 }
 
+#[test]
+fn worker_processes_through_a_remote_give_the_outputs_of_one_process() {
+    use common::s3::{files_under, S3Server};
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(dir.path());
+    let server = S3Server::start(&dir.path().join("s3"));
+    let mut roomy = 0;
+    for (name, limit) in [("roomy", "100"), ("tight", "0.000001")] {
+        let cache = dir.path().join(format!("{name}/node-cache"));
+        let cfg = setup(
+            &dir.path().join(name),
+            &format!(
+                "[executor]\nkind = \"processes\"\nworkers = 2\nshare = \"remote\"\n\
+                 node_cache = \"{}\"\nnode_cache_gb = {limit}\n",
+                cache.display()
+            ),
+        );
+        let store = dir.path().join(format!("{name}/store"));
+        let mut c = command(&cfg, &store);
+        c.args(["--remote", &server.url(name)]);
+        for (k, v) in server.env() {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        assert!(
+            t.contains(&format!(
+                "workers take their inputs from {}",
+                server.url(name)
+            )),
+            "{t}"
+        );
+        assert_handed_over(&t, "worker process(es)");
+        same(&want, &results(&store));
+        assert_computed_by(&store, "processes");
+        // The workers read the model from the node cache, not from the store; each step's
+        // folder in the remote is removed once its items are committed.
+        let weights = output_of(&status(&store, "x"), "import", "weights");
+        let cached = cache.join("blobs").join(&weights[..2]).join(&weights[2..]);
+        let work = files_under(&server.object_path(name, "work"));
+        assert!(work.is_empty(), "{work:?}");
+        if name == "roomy" {
+            // What a failed or abandoned step leaves in the remote's work/ is reported by
+            // `verify --remote` and removed by `tsr gc` (here: a finished step's and an
+            // unknown key's folders).
+            let done_key = status(&store, "x")["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node"] == "iter1/gen-current")
+                .unwrap()["step_key"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            for key in [done_key.as_str(), "not-a-step"] {
+                let p = server.object_path(name, &format!("work/{key}/b/results/0.t"));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, b"left behind").unwrap();
+            }
+            let o = server.tsr(&["verify", "--remote", &server.url(name)], &store);
+            assert!(
+                text(&o).contains("workers' results: 2 step folder(s) under work/ (22 bytes)"),
+                "{}",
+                text(&o)
+            );
+            let o = server.tsr(&["gc"], &store);
+            assert!(o.status.success(), "{}", text(&o));
+            assert!(
+                text(&o).contains("removed the worker results of 2 finished or unknown steps"),
+                "{}",
+                text(&o)
+            );
+            let left = files_under(&server.object_path(name, "work"));
+            assert!(left.is_empty(), "{left:?}");
+        }
+        let kept = files_under(&cache.join("blobs")).len();
+        match name {
+            "roomy" => {
+                assert!(cached.is_file(), "{}", cached.display());
+                roomy = kept;
+            }
+            // Over the limit, each worker removes what no worker reads: what is left is the
+            // inputs of the last step (4 model files, the prompts, two sets of outputs).
+            _ => assert!(kept < roomy && kept <= 7, "{kept} of {roomy}"),
+        }
+    }
+}
+
 /// Starts the run in `dir` under 2 worker processes, each of which stops itself (SIGSTOP)
 /// before its second batch of `iter1/gen-current`: (store, the run).
 fn spawn_pausing_workers(dir: &Path) -> (PathBuf, std::process::Child) {

@@ -75,6 +75,23 @@ struct Stopped {
 /// The workers of `store` that are stopped.
 fn stopped_workers(store: &Path) -> Vec<Stopped> {
     let needle = store.join("work").display().to_string();
+    stopped_workers_where(|args| {
+        let job = args.iter().find(|a| a.starts_with(&needle))?;
+        Some(job[needle.len() + 1..].split('/').next()?.to_string())
+    })
+}
+
+/// The stopped workers that read from the remote `url`.
+fn stopped_remote_workers(url: &str) -> Vec<Stopped> {
+    stopped_workers_where(|args| {
+        let at = |flag: &str| args.iter().position(|a| a == flag).map(|i| &args[i + 1]);
+        (at("--remote")? == url).then_some(())?;
+        Some(at("--step")?.split('/').next()?.to_string())
+    })
+}
+
+/// The stopped workers whose arguments `key_of` recognises (giving their step key).
+fn stopped_workers_where(key_of: impl Fn(&[String]) -> Option<String>) -> Vec<Stopped> {
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -90,12 +107,12 @@ fn stopped_workers(store: &Path) -> Vec<Stopped> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let Some(job) = args.iter().find(|a| a.starts_with(&needle)) else {
-            continue;
-        };
         if !args.iter().any(|a| a == "worker") {
             continue;
         }
+        let Some(key) = key_of(&args) else {
+            continue;
+        };
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let var = |name: &str| -> String {
             env.split(|b| *b == 0)
@@ -103,11 +120,6 @@ fn stopped_workers(store: &Path) -> Vec<Stopped> {
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
                 .unwrap_or_default()
         };
-        let key = job[needle.len() + 1..]
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
         out.push(Stopped {
             pid,
             task: format!(
@@ -514,6 +526,105 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     });
     finish(child, &log);
     same(&want, &results(&store));
+    cluster.wait_idle();
+
+    // 8. Through the remote copy (the default under Slurm with a remote): tasks read the inputs
+    // through the node cache and hand back results as objects, with the remote's credentials
+    // from a file on the node that their script sources. The driver's machine is lost while
+    // both tasks of `iter1/gen-current` run; the same command on an empty folder restores the
+    // store from the remote, takes the run over, adopts the tasks (nothing is submitted
+    // twice) and commits what they wrote.
+    let server = common::s3::S3Server::start(&dir.join("s3"));
+    let url = server.url("lost");
+    let env_file = dir.join("node.env");
+    std::fs::write(
+        &env_file,
+        server
+            .env()
+            .iter()
+            .map(|(k, v)| format!("export {k}='{v}'\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let cache = dir.join("node-cache");
+    let cfg = setup(
+        &dir.join("lost"),
+        &executor(
+            &pausing,
+            &format!(
+                "node_cache = \"{}\"\nworker_env = \"{}\"\n",
+                cache.display(),
+                env_file.display()
+            ),
+        ),
+    );
+    let driver = |store: &Path, take_over: bool| {
+        let log = store.with_extension("driver.log");
+        let mut c = command(&cfg, store);
+        cluster.env(&mut c);
+        c.args(["--remote", &url]);
+        if take_over {
+            c.arg("--take-over");
+        }
+        for (k, v) in server.env() {
+            c.env(k, v);
+        }
+        c.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        (c.spawn().unwrap(), log)
+    };
+    let first = dir.join("lost/store");
+    let (mut child, log) = driver(&first, false);
+    let mut stopped = vec![];
+    wait_event(&mut child, "tasks stopped", |c| {
+        stopped = stopped_remote_workers(&url);
+        stopped.len() >= 2 || c.try_wait().unwrap().is_some()
+    });
+    assert_eq!(
+        stopped.len(),
+        2,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        t.contains(&format!("workers take their inputs from {url}")),
+        "{t}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    let before = cluster.submissions().len();
+    let reads = cluster.queue_reads();
+    let second = dir.join("lost/elsewhere");
+    let (mut child, log) = driver(&second, true);
+    wait_event(&mut child, "the new driver reading the queue", |c| {
+        cluster.queue_reads() >= reads + 2 || c.try_wait().unwrap().is_some()
+    });
+    let key = &stopped[0].key[..16];
+    for w in &stopped {
+        signal(w.pid, libc::SIGCONT);
+    }
+    finish(child, &log);
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert!(t.contains("restored"), "{t}");
+    assert!(
+        !cluster.submissions()[before..]
+            .iter()
+            .any(|s| s.contains(key)),
+        "the step's running tasks were submitted again after the take-over: {:?}",
+        &cluster.submissions()[before..]
+    );
+    same(&want, &results(&second));
+    assert_computed_by(&second, "slurm");
+    let work = common::s3::files_under(&server.object_path("lost", "work"));
+    assert!(work.is_empty(), "{work:?}");
+    assert!(!common::s3::files_under(&cache.join("blobs")).is_empty());
+    // No credential in what tsr wrote for the tasks: the scripts hold paths only.
+    for f in common::s3::files_under(&second.join("work")) {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        assert!(!text.contains(common::s3::SECRET_KEY), "{}", f.display());
+    }
     cluster.wait_idle();
 }
 

@@ -563,6 +563,7 @@ impl Job {
                     config: step.config(),
                     inputs: self.inputs.clone(),
                     externals: self.externals.clone(),
+                    external_blobs: Default::default(),
                     blobs: store.blobs().dir().to_path_buf(),
                     device: self.device.clone(),
                     // Filled in by the step's `for_each_batch`.

@@ -46,6 +46,9 @@ pub struct ProcessRunner {
     pub log: bool,
     /// Where each step's shards stand (for `tsr status`).
     pub board: crate::shard::ProgressBoard,
+    /// Through the store's remote copy instead of `work` (inputs from the remote's blobs,
+    /// results as its objects); `work` then keeps only the workers' logs.
+    pub exchange: Option<std::sync::Arc<crate::exchange::RemoteExchange>>,
 }
 
 struct Running {
@@ -53,6 +56,8 @@ struct Running {
     shard: u64,
     slot: usize,
     log: PathBuf,
+    /// The tag of its results (and of its error, through a remote).
+    tag: String,
     /// The shard's batches still to deliver when it started.
     pending_at_start: usize,
 }
@@ -94,6 +99,7 @@ struct ShardState {
 impl ProcessRunner {
     fn spawn(
         &self,
+        job: &ShardJob,
         dir: &Path,
         shard: u64,
         pending: &[u64],
@@ -104,16 +110,21 @@ impl ProcessRunner {
         let log = dir.join("logs").join(format!("{shard}.{launch}.log"));
         let err = std::fs::File::create(&log)
             .map_err(|e| StepError::io(format!("creating {}", log.display()), e))?;
+        let tag = format!("{shard}-{launch}");
         let mut cmd = Command::new(&self.command[0]);
-        cmd.args(&self.command[1..])
-            .arg("--job")
-            .arg(dir.join("job.json"))
-            .arg("--batches")
+        cmd.args(&self.command[1..]);
+        match &self.exchange {
+            Some(x) => cmd.args(x.worker_args(job)),
+            None => cmd
+                .arg("--job")
+                .arg(dir.join("job.json"))
+                .arg("--out")
+                .arg(dir.join("results")),
+        };
+        cmd.arg("--batches")
             .arg(format_batches(pending))
-            .arg("--out")
-            .arg(dir.join("results"))
             .arg("--tag")
-            .arg(format!("{shard}-{launch}"))
+            .arg(&tag)
             .arg("--scratch")
             .arg(dir.join("scratch").join(slot.to_string()))
             .stdin(Stdio::null())
@@ -150,6 +161,7 @@ impl ProcessRunner {
             shard,
             slot,
             log,
+            tag,
             pending_at_start: pending.len(),
         })
     }
@@ -168,6 +180,17 @@ impl BatchRunner for ProcessRunner {
         deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
         let dir = crate::shard::prepare_dir(&self.work, job)?;
+        if let Some(x) = &self.exchange {
+            let (n, bytes) = x.publish(job)?;
+            if self.log && n > 0 {
+                eprintln!(
+                    "tsr: {}: offered {n} input(s) ({:.1} MB) to the workers through {}",
+                    job.node,
+                    bytes as f64 / 1e6,
+                    x.remote.url()
+                );
+            }
+        }
         let (_, plan) =
             crate::shard::plan_shards(job, batches, self.shard_items, self.slots.len())?;
         let mut shards: BTreeMap<u64, ShardState> = plan
@@ -199,13 +222,25 @@ impl BatchRunner for ProcessRunner {
         let results = dir.join("results");
 
         // Verified results not yet delivered, first one per batch.
-        let mut collect = |pending: &mut BTreeSet<u64>| {
-            crate::shard::deliver_results(job, &results, pending, &mut *deliver)
+        let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
+            Some(x) => x.deliver(job, pending, &mut *deliver),
+            None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
         };
+        // Through a remote, results are listed at most twice a second (and when a worker
+        // ends); a folder is read every round.
+        let every = if self.exchange.is_some() {
+            Duration::from_millis(500)
+        } else {
+            Duration::ZERO
+        };
+        let mut last_collect: Option<std::time::Instant> = None;
 
         let outcome = loop {
-            if let Err(e) = collect(&mut pending) {
-                break Err(e);
+            if last_collect.is_none_or(|t| t.elapsed() >= every) {
+                last_collect = Some(std::time::Instant::now());
+                if let Err(e) = collect(&mut pending) {
+                    break Err(e);
+                }
             }
             if pending.is_empty() {
                 break Ok(());
@@ -269,11 +304,12 @@ impl BatchRunner for ProcessRunner {
                         ),
                         (None, None) => "it ended abnormally".to_string(),
                     };
-                    st.last_error = Some(format!(
-                        "{why}: {} (log {})",
-                        log_tail(&r.log),
-                        r.log.display()
-                    ));
+                    let said = self
+                        .exchange
+                        .as_ref()
+                        .and_then(|x| x.worker_error(job, &r.tag, false))
+                        .unwrap_or_else(|| log_tail(&r.log));
+                    st.last_error = Some(format!("{why}: {said} (log {})", r.log.display()));
                     if st.failures >= self.max_attempts.max(1) {
                         failed = Some(StepError::Other(format!(
                             "shard {} failed {} times; last attempt: {}",
@@ -304,7 +340,7 @@ impl BatchRunner for ProcessRunner {
                     continue;
                 }
                 launches += 1;
-                match self.spawn(&dir, shard, &todo, slot, launches) {
+                match self.spawn(job, &dir, shard, &todo, slot, launches) {
                     Ok(r) => {
                         free.pop();
                         running.push(r);
@@ -370,6 +406,9 @@ impl BatchRunner for ProcessRunner {
         match outcome {
             Ok(()) => {
                 let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
+                if let Some(x) = &self.exchange {
+                    x.finish(job)?;
+                }
                 Ok(())
             }
             Err(e) => {

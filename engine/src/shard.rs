@@ -37,6 +37,10 @@ pub struct ShardJob {
     pub inputs: BTreeMap<String, Digest>,
     /// External inputs (files outside the store), by input name.
     pub externals: BTreeMap<String, PathBuf>,
+    /// Through a remote: the digests the external inputs are offered under (a worker reads
+    /// them from its node cache instead of the paths).
+    #[serde(default)]
+    pub external_blobs: BTreeMap<String, Digest>,
     /// The blob folder the inputs are read from.
     pub blobs: PathBuf,
     pub device: String,
@@ -335,7 +339,17 @@ pub fn read_batch(
     path: &Path,
 ) -> Result<(WorkerRecord, Vec<Vec<u8>>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let (who, items) = decode_result(&bytes)?;
+    check_batch(job, b, &bytes)
+}
+
+/// Who computed batch `b` of `job` and its items, from a result's bytes, when they verify and
+/// hold exactly that batch's indices in order.
+pub fn check_batch(
+    job: &ShardJob,
+    b: u64,
+    bytes: &[u8],
+) -> Result<(WorkerRecord, Vec<Vec<u8>>), String> {
+    let (who, items) = decode_result(bytes)?;
     let want: Vec<u64> = job.batch_items(b).collect();
     let got: Vec<u64> = items.iter().map(|(i, _)| *i).collect();
     if got != want {
@@ -397,6 +411,7 @@ mod tests {
             config: serde_json::json!({}),
             inputs: BTreeMap::new(),
             externals: BTreeMap::new(),
+            external_blobs: BTreeMap::new(),
             blobs: dir.path().to_path_buf(),
             device: "cpu".into(),
             total: 7,

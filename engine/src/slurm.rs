@@ -80,7 +80,8 @@ pub struct SlurmRunner {
     /// Where each step's job, script, results and task output files go
     /// (`<work>/<step key>/<build>/`): a folder the nodes see at the same path.
     pub work: PathBuf,
-    /// Names the store's arrays (`tsr.<store id>.…`).
+    /// Names the store's arrays (`tsr.<store id>.…`): with a remote copy, the digest of its URL
+    /// (so that a store restored from it elsewhere finds them), else the store's id.
     pub store_id: String,
     /// The run whose driver submits (in each array's comment, for `tsr cancel`).
     pub run: String,
@@ -92,6 +93,18 @@ pub struct SlurmRunner {
     pub log: bool,
     /// Where each step's shards stand (for `tsr status`).
     pub board: ProgressBoard,
+    /// Through the store's remote copy instead of `work` (inputs from the remote's blobs,
+    /// results as its objects): the nodes need not see the driver's folders. `work` then
+    /// keeps only the job scripts, and the tasks' output goes to `/tmp` on their node.
+    pub exchange: Option<std::sync::Arc<crate::exchange::RemoteExchange>>,
+    /// A file on the nodes each task's script sources before it starts tsr (the site's
+    /// credentials for the remote); only its path is written.
+    pub worker_env: Option<PathBuf>,
+}
+
+/// Under a remote exchange, where a task's output file is on its node.
+fn node_log(array: &str, task: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/tsr-task-{array}_{task}.log"))
 }
 
 /// Why a call to one of Slurm's tools did not give an answer.
@@ -322,6 +335,14 @@ impl SlurmRunner {
         )
     }
 
+    /// Where the output of task `task` of array `array` goes.
+    fn task_log(&self, dir: &Path, array: u64, task: u64) -> PathBuf {
+        match &self.exchange {
+            Some(_) => node_log(&array.to_string(), &task.to_string()),
+            None => dir.join("logs").join(format!("{array}_{task}.log")),
+        }
+    }
+
     /// The comment on a run's arrays (`tsr cancel` finds them by it).
     pub fn comment(store_id: &str, run: &str) -> String {
         format!("tsr:{}:{run}", store_id.get(..12).unwrap_or(store_id))
@@ -366,18 +387,42 @@ impl SlurmRunner {
 
     fn write_script(&self, dir: &Path, job: &ShardJob, per: u64) -> Result<PathBuf, StepError> {
         let q = |p: &Path| shell_quote(&p.to_string_lossy());
+        let (source, place) = match &self.exchange {
+            Some(x) => (
+                match &self.worker_env {
+                    Some(f) => format!(". {}\n", q(f)),
+                    None => String::new(),
+                },
+                format!(
+                    "{} --scratch {}",
+                    x.worker_args(job)
+                        .iter()
+                        .map(|a| shell_quote(a))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    q(&x.node_cache.join("scratch"))
+                ),
+            ),
+            None => (
+                String::new(),
+                format!(
+                    "--job {} --out {} --scratch {}",
+                    q(&dir.join("job.json")),
+                    q(&dir.join("results")),
+                    q(&dir.join("scratch"))
+                ),
+            ),
+        };
         let script = format!(
             "#!/bin/sh\n\
              # tsr: batches of step `{node}` (key {key}), {per} batch(es) per array task.\n\
              # Written by the driver; it holds paths only, never a secret.\n\
+             {source}\
              export RAYON_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-1}}\"\n\
-             exec {bin} worker --job {job} --array-shards {per} --out {out} --scratch {scratch}\n",
+             exec {bin} worker --array-shards {per} {place}\n",
             node = job.node,
             key = job.key.to_hex(),
             bin = q(&self.binary),
-            job = q(&dir.join("job.json")),
-            out = q(&dir.join("results")),
-            scratch = q(&dir.join("scratch")),
         );
         let path = dir.join("shard.sh");
         tsr_state::fsio::write_atomic(&path, script.as_bytes())?;
@@ -401,12 +446,26 @@ impl SlurmRunner {
             format!("--job-name={name}"),
             format!("--comment={}", Self::comment(&self.store_id, &self.run)),
             format!("--array={}%{}", format_batches(shards), throttle.max(1)),
-            format!("--output={}", dir.join("logs").join("%A_%a.log").display()),
+            format!(
+                "--output={}",
+                match &self.exchange {
+                    Some(_) => node_log("%A", "%a"),
+                    None => dir.join("logs").join("%A_%a.log"),
+                }
+                .display()
+            ),
             "--open-mode=append".into(),
             "--export=NONE".into(),
             "--requeue".into(),
             "--signal=B:TERM@120".into(),
-            format!("--chdir={}", dir.display()),
+            format!(
+                "--chdir={}",
+                match &self.exchange {
+                    Some(_) => Path::new("/tmp"),
+                    None => dir,
+                }
+                .display()
+            ),
         ];
         args.extend(self.args_for(node).iter().cloned());
         args.push(script.to_string_lossy().into_owned());
@@ -502,6 +561,17 @@ impl BatchRunner for SlurmRunner {
         let dir = prepare_dir(&self.work, job)?;
         let (per, plan) = plan_shards(job, batches, self.shard_items, self.workers)?;
         let name = self.array_name(job, per);
+        if let Some(x) = &self.exchange {
+            let (n, bytes) = x.publish(job)?;
+            if n > 0 {
+                self.say(format!(
+                    "{}: offered {n} input(s) ({:.1} MB) to the tasks through {}",
+                    job.node,
+                    bytes as f64 / 1e6,
+                    x.remote.url()
+                ));
+            }
+        }
         let script = self.write_script(&dir, job, per)?;
         let mut shards: BTreeMap<u64, Shard> = plan
             .into_iter()
@@ -526,8 +596,9 @@ impl BatchRunner for SlurmRunner {
         let results = dir.join("results");
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
         // Verified results not yet delivered, first one per batch.
-        let mut collect = |pending: &mut BTreeSet<u64>| {
-            crate::shard::deliver_results(job, &results, pending, &mut *deliver)
+        let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
+            Some(x) => x.deliver(job, pending, &mut *deliver),
+            None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
         };
         let left = |st: &Shard, pending: &BTreeSet<u64>| {
             st.batches.iter().filter(|b| pending.contains(b)).count()
@@ -660,14 +731,14 @@ impl BatchRunner for SlurmRunner {
                                 st.restarts,
                                 cur.array,
                                 ended.as_deref().unwrap_or("gone from the queue"),
-                                dir.join("logs").join(format!("{}_{s}.log", cur.array)).display()
+                                self.task_log(&dir, cur.array, s).display()
                             )));
                         }
                         queued.push(s);
                     }
                     Ending::Failed => {
                         st.failures += 1;
-                        let log = dir.join("logs").join(format!("{}_{s}.log", cur.array));
+                        let log = self.task_log(&dir, cur.array, s);
                         let why = match (ended.as_deref(), exit) {
                             (Some("COMPLETED"), _) => {
                                 "it completed without writing every batch".to_string()
@@ -676,10 +747,19 @@ impl BatchRunner for SlurmRunner {
                             (Some(state), None) => format!("it ended {state}"),
                             (None, _) => "it is gone from the queue".to_string(),
                         };
+                        // The worker's own error, as it wrote it through the remote; else the
+                        // end of the task's output (readable where the driver sees it).
+                        let said = self
+                            .exchange
+                            .as_ref()
+                            .and_then(|x| x.worker_error(job, &format!("{}_{s}.", cur.array), true))
+                            .unwrap_or_else(|| match log.exists() || self.exchange.is_none() {
+                                true => log_tail(&log),
+                                false => "(its output file is on the node that ran it)".into(),
+                            });
                         let message = format!(
-                            "task {}_{s} {why}: {} (output {})",
+                            "task {}_{s} {why}: {said} (output {})",
                             cur.array,
-                            log_tail(&log),
                             log.display()
                         );
                         if st.failures >= self.max_attempts.max(1) {
@@ -740,6 +820,9 @@ impl BatchRunner for SlurmRunner {
                 // Duplicates still queued have nothing left to give.
                 cancel_name(&name);
                 let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
+                if let Some(x) = &self.exchange {
+                    x.finish(job)?;
+                }
                 Ok(())
             }
             // Stopped: the tasks go on; the next driver commits their results.

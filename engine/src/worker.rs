@@ -6,7 +6,7 @@ use crate::context::{ItemJournal, Progress, StepContext};
 use crate::error::StepError;
 use crate::output::OutputData;
 use crate::preempt::StopFlag;
-use crate::shard::{encode_result, read_batch, result_files, ShardJob};
+use crate::shard::{check_batch, encode_result, result_files, ShardJob};
 use crate::step::{Step, StepInputs};
 use crate::Checkpoint;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,11 +14,49 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tsr_state::{BlobWriter, WorkerRecord};
 
-/// A worker's journal: each committed batch becomes a result file in `dir`; the batches that
+/// Where a worker's results go: one whole result per batch and writer.
+pub trait ResultSink: Send + Sync {
+    /// The results present (of any writer), as (batch, name), in order.
+    fn list(&self) -> Result<Vec<(u64, String)>, StepError>;
+    /// A result's bytes (`None`: gone since it was listed).
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StepError>;
+    /// Writes batch `b`'s result under this writer's `tag`, whole.
+    fn write(&self, b: u64, tag: &str, bytes: Vec<u8>) -> Result<(), StepError>;
+}
+
+/// Result files `<batch>.<tag>` in a folder (written whole with fsio).
+pub struct FolderSink(pub PathBuf);
+
+impl ResultSink for FolderSink {
+    fn list(&self) -> Result<Vec<(u64, String)>, StepError> {
+        Ok(result_files(&self.0)
+            .into_iter()
+            .filter_map(|(b, p)| Some((b, p.file_name()?.to_string_lossy().into_owned())))
+            .collect())
+    }
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StepError> {
+        match std::fs::read(self.0.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StepError::io(
+                format!("reading {}", self.0.join(name).display()),
+                e,
+            )),
+        }
+    }
+    fn write(&self, b: u64, tag: &str, bytes: Vec<u8>) -> Result<(), StepError> {
+        std::fs::create_dir_all(&self.0)
+            .map_err(|e| StepError::io(format!("creating {}", self.0.display()), e))?;
+        tsr_state::fsio::write_atomic(&self.0.join(format!("{b}.{tag}")), &bytes)?;
+        Ok(())
+    }
+}
+
+/// A worker's journal: each committed batch becomes a result in its sink; the batches that
 /// already have a verified result there count as done.
 pub struct ShardJournal {
     job: ShardJob,
-    dir: PathBuf,
+    sink: Box<dyn ResultSink>,
     /// Names this worker's files (`<batch>.<tag>`).
     tag: String,
     /// The batches this worker computes.
@@ -31,14 +69,14 @@ impl ShardJournal {
     /// The journal of a worker computing `mine` (batch indices) of `job` into `dir`.
     pub fn new(
         job: ShardJob,
-        dir: PathBuf,
+        sink: Box<dyn ResultSink>,
         tag: String,
         mine: BTreeSet<u64>,
         who: WorkerRecord,
     ) -> Self {
         ShardJournal {
             job,
-            dir,
+            sink,
             tag,
             mine,
             who,
@@ -64,9 +102,13 @@ impl ItemJournal for ShardJournal {
             .filter(|b| !self.mine.contains(b))
             .flat_map(|b| self.job.batch_items(b))
             .collect();
-        for (b, path) in result_files(&self.dir) {
-            if self.mine.contains(&b) && read_batch(&self.job, b, &path).is_ok() {
-                done.extend(self.job.batch_items(b));
+        for (b, name) in self.sink.list()? {
+            if self.mine.contains(&b) && !done.contains(&self.job.batch_items(b).start) {
+                if let Some(bytes) = self.sink.read(&name)? {
+                    if check_batch(&self.job, b, &bytes).is_ok() {
+                        done.extend(self.job.batch_items(b));
+                    }
+                }
             }
         }
         Ok(done.into_iter().collect())
@@ -76,13 +118,11 @@ impl ItemJournal for ShardJournal {
             return Ok(());
         };
         let b = first / self.job.batch.max(1);
-        let path = self.dir.join(format!("{b}.{}", self.tag));
         let who = WorkerRecord {
             finished_ms: tsr_state::now_ms(),
             ..self.who.clone()
         };
-        tsr_state::fsio::write_atomic(&path, &encode_result(&who, items))?;
-        Ok(())
+        self.sink.write(b, &self.tag, encode_result(&who, items))
     }
     fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, StepError> {
         Err(self.unsupported("reads all its items back"))
@@ -111,10 +151,10 @@ impl ItemJournal for ShardJournal {
     }
 }
 
-/// Where a worker writes and who it is: its result folder, its scratch folder, the tag that
-/// names its result files, and the record kept with each batch it computes.
+/// Where a worker writes and who it is: where its results go, its scratch folder, the tag
+/// that names its results, and the record kept with each batch it computes.
 pub struct ShardPlace<'a> {
-    pub out: &'a Path,
+    pub sink: Box<dyn ResultSink>,
     pub scratch: &'a Path,
     pub tag: &'a str,
     pub who: WorkerRecord,
@@ -131,7 +171,7 @@ pub fn run_shard(
     stop: StopFlag,
 ) -> Result<(), StepError> {
     let ShardPlace {
-        out,
+        sink,
         scratch,
         tag,
         who,
@@ -152,8 +192,6 @@ pub fn run_shard(
             step.kind()
         )));
     }
-    std::fs::create_dir_all(out)
-        .map_err(|e| StepError::io(format!("creating {}", out.display()), e))?;
     std::fs::create_dir_all(scratch)
         .map_err(|e| StepError::io(format!("creating {}", scratch.display()), e))?;
     let blobs = tsr_state::BlobStore::open(job.blobs.clone(), scratch.join("tmp"))?;
@@ -161,7 +199,7 @@ pub fn run_shard(
     let mine: BTreeSet<u64> = batches.iter().copied().collect();
     let journal = Arc::new(ShardJournal::new(
         job.clone(),
-        out.to_path_buf(),
+        sink,
         tag.to_string(),
         mine.clone(),
         who,

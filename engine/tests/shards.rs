@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tsr_engine::shard::{read_batch, BatchRunner, ShardJob};
 use tsr_engine::testkit::{shard_step, toy_dag, ToyMap, ToySpec};
-use tsr_engine::worker::ShardPlace;
+use tsr_engine::worker::{FolderSink, ShardPlace};
 use tsr_engine::{open_run, Driver, EngineError, Outcome, Step, StepError, StopFlag};
 use tsr_state::Store;
 
@@ -45,7 +45,7 @@ impl BatchRunner for InProcess {
         for (n, &b) in batches.iter().enumerate() {
             let last = n + 1 == batches.len();
             let place = ShardPlace {
-                out: &dir.join("results"),
+                sink: Box::new(FolderSink(dir.join("results"))),
                 scratch: &dir.join("scratch"),
                 tag: "t",
                 who: tsr_engine::identity::here("processes", Some(format!("batch {b}")), 7, "cpu"),
@@ -177,6 +177,7 @@ fn a_worker_refuses_a_job_that_is_not_its_step() {
         config: step.config(),
         inputs: Default::default(),
         externals: Default::default(),
+        external_blobs: Default::default(),
         blobs: dir.path().join("blobs"),
         device: "cpu".into(),
         total: 3,
@@ -184,7 +185,7 @@ fn a_worker_refuses_a_job_that_is_not_its_step() {
         build: "b".into(),
     };
     let place = ShardPlace {
-        out: &dir.path().join("out"),
+        sink: Box::new(FolderSink(dir.path().join("out"))),
         scratch: &dir.path().join("scratch"),
         tag: "t",
         who: tsr_engine::identity::here("processes", None, 0, "cpu"),

@@ -23,7 +23,7 @@ pub mod remote;
 mod store;
 mod sync;
 
-pub use blobs::{BlobStore, BlobWriter};
+pub use blobs::{hash_file, BlobStore, BlobWriter};
 pub use clock::now_ms;
 pub use envelope::Versioned;
 pub use error::{error_chain, StateError, StateResult};

@@ -196,6 +196,21 @@ choice! {
     )
 }
 
+choice! {
+    /// How workers get a step's inputs and hand back its results.
+    Share, key = "executor.share",
+    {
+        /// Through a folder the workers see at the same path (the store's `work/`).
+        Filesystem = "filesystem",
+        /// Through the store's remote copy: inputs from its blobs (cached per node), results
+        /// as objects under its `work/`.
+        Remote = "remote",
+    },
+    refuse = |other: &str| format!(
+        "`{other}`: use `filesystem` (the store on a filesystem the workers share) or `remote` (through the store's remote copy)"
+    )
+}
+
 impl Dtype {
     /// Bytes per weight.
     pub fn bytes(self) -> u64 {
@@ -293,6 +308,7 @@ mod tests {
         check(Adapter::ALL, Adapter::NAMES);
         check(Dtype::ALL, Dtype::NAMES);
         check(Executor::ALL, Executor::NAMES);
+        check(Share::ALL, Share::NAMES);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The run config: TOML, validated before anything runs. Unknown keys and bad values are errors
 //! that name the key (and the line, from the TOML parser).
 
-use crate::choices::{Adapter, Anchor, Dtype, Executor, Reference, Workflow};
+use crate::choices::{Adapter, Anchor, Dtype, Executor, Reference, Share, Workflow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -126,6 +126,18 @@ pub struct ExecutorSection {
     /// Slurm: `[executor.steps.<kind>]`, resources of one step kind's array tasks (`judge`'s
     /// long prompts may want more memory or another partition than `generate`).
     pub steps: std::collections::BTreeMap<String, StepResources>,
+    /// How workers get inputs and hand back results: `filesystem` or `remote` (default: `remote`
+    /// under Slurm when the store has a remote copy, else `filesystem`).
+    pub share: Option<Share>,
+    /// With `share = "remote"`: the folder on each node where workers keep the inputs they
+    /// read from the remote (shared by the workers of a node).
+    pub node_cache: std::path::PathBuf,
+    /// With `share = "remote"`: the most the node cache may hold, in GB; the inputs least
+    /// recently used that no worker is reading are removed beyond it.
+    pub node_cache_gb: f64,
+    /// Slurm: a file on the nodes that each task's script sources before it starts tsr (where a
+    /// site keeps the object store's credentials); tsr writes only its path.
+    pub worker_env: Option<std::path::PathBuf>,
 }
 
 /// `[executor.steps.<kind>]`: what one step kind's array tasks ask Slurm for, over the
@@ -197,6 +209,10 @@ impl Default for ExecutorSection {
             binary: None,
             stuck_after_s: 1800,
             steps: Default::default(),
+            share: None,
+            node_cache: std::path::PathBuf::from("/tmp/tsr-node-cache"),
+            node_cache_gb: 100.0,
+            worker_env: None,
         }
     }
 }
@@ -716,6 +732,7 @@ impl Config {
                     ("binary", x.binary.is_some()),
                     ("stuck_after_s", x.stuck_after_s != d.stuck_after_s),
                     ("steps", !x.steps.is_empty()),
+                    ("worker_env", x.worker_env.is_some()),
                 ] {
                     if set {
                         return bad(
@@ -780,6 +797,33 @@ impl Config {
                         &format!("`{a}`: tsr sets this sbatch option itself (it names, logs and signals its array tasks); remove it"),
                     );
                 }
+            }
+            if x.kind == Executor::Local {
+                let d = ExecutorSection::default();
+                for (key, set) in [
+                    ("share", x.share.is_some()),
+                    ("node_cache", x.node_cache != d.node_cache),
+                    ("node_cache_gb", x.node_cache_gb != d.node_cache_gb),
+                ] {
+                    if set {
+                        return bad(
+                            &format!("executor.{key}"),
+                            "is for workers: add kind = \"processes\" or kind = \"slurm\" to [executor], or remove it",
+                        );
+                    }
+                }
+            }
+            if !x.node_cache.is_absolute() {
+                return bad(
+                    "executor.node_cache",
+                    "must be an absolute folder on the nodes (their local disk, such as /tmp/tsr-node-cache)",
+                );
+            }
+            if !(x.node_cache_gb > 0.0 && x.node_cache_gb.is_finite()) {
+                return bad(
+                    "executor.node_cache_gb",
+                    "must be a positive number of GB (the largest model and its inputs must fit)",
+                );
             }
             if x.shard_items == Some(0) {
                 return bad(

@@ -9,7 +9,7 @@ pub mod lineage;
 mod lm;
 pub mod memory;
 
-pub use choices::{Adapter, Anchor, Dtype, Executor, Reference, Workflow};
+pub use choices::{Adapter, Anchor, Dtype, Executor, Reference, Share, Workflow};
 pub use config::{apply_set, Config, ConfigError, ExecutorSection};
 
 use std::collections::BTreeMap;

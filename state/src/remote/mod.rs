@@ -22,6 +22,7 @@
 mod lease;
 mod replicate;
 mod restore;
+pub mod work;
 
 pub use lease::{Holder, LeaseDoc};
 pub use replicate::StartReport;

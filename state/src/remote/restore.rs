@@ -187,6 +187,9 @@ pub struct RemoteVerifyReport {
     pub blobs_checked: usize,
     pub problems: Vec<String>,
     pub lease: Option<super::LeaseDoc>,
+    /// Workers' folders under `work/` (one per step key) and their bytes: not part of the
+    /// store's history, so not checked.
+    pub work_folders: Vec<(String, u64)>,
 }
 
 impl RemoteVerifyReport {
@@ -205,6 +208,7 @@ pub fn verify_remote(url: &RemoteUrl) -> StateResult<RemoteVerifyReport> {
         url: url.to_string(),
         generations: chains(&names).len(),
         lease: super::lease::holder(&remote)?,
+        work_folders: remote.work_folders()?,
         ..Default::default()
     };
     for (name, _) in &names {
