@@ -7,6 +7,9 @@
 #    token), so each item step's time under Slurm is submission, scheduling, the tasks' start
 #    and model load, and the driver's polling. Prints each item step's time both ways.
 # 2. The quickstart (examples/quickstart.toml) both ways: wall time and ratio.
+# 3. The quickstart both ways again, each with a remote copy on a loopback S3 server (s3s-fs,
+#    which scripts/test.sh installs), so that the Slurm tasks take their inputs through the
+#    remote and a node cache and hand back results there (the default with a remote).
 # Local runs use every core in one process; Slurm runs 2 tasks of 1 CPU each. Both runs of a
 # pair must give the same outputs (checked).
 #
@@ -132,9 +135,27 @@ qs=$(run "$dir/q-slurm.toml" "$dir/q-slurm" "$dir/q-slurm.log")
 "$tsr" status quickstart --json --store "$dir/q-local" > "$dir/q-local.json"
 "$tsr" status quickstart --json --store "$dir/q-slurm" > "$dir/q-slurm.json"
 
-python3 - "$dir" "$wl" "$ws" "$ql" "$qs" "$threads" <<'PY'
+# 3. The quickstart with a remote copy, both ways (the same server, a prefix each).
+s3s="${TSR_S3S_FS:-${TSR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr}/s3s-fs/bin/s3s-fs}"
+[ -x "$s3s" ] || { echo "bench_slurm.sh: $s3s is missing: run scripts/test.sh (it installs s3s-fs)" >&2; exit 1; }
+mkdir -p "$dir/s3/bench"
+s3port=$(port)
+"$s3s" --host 127.0.0.1 --port "$s3port" --access-key AKIABENCH0001 --secret-key bench-secret "$dir/s3" 2> "$dir/log/s3.err" &
+pids+=($!)
+for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && break; sleep 0.1; done
+export AWS_ACCESS_KEY_ID=AKIABENCH0001 AWS_SECRET_ACCESS_KEY=bench-secret \
+  AWS_ENDPOINT="http://127.0.0.1:$s3port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
+env | grep '^AWS_' | sed 's/^/export /' > "$dir/node.env"
+{ cat "$dir/q-slurm.toml"; printf 'node_cache = "%s"\nworker_env = "%s"\n' "$dir/node-cache" "$dir/node.env"; } > "$dir/q-slurm-remote.toml"
+qlr=$(run "$dir/q-local.toml" "$dir/q-local-remote" "$dir/q-local-remote.log" --remote s3://bench/local)
+qsr=$(run "$dir/q-slurm-remote.toml" "$dir/q-slurm-remote" "$dir/q-slurm-remote.log" --remote s3://bench/slurm)
+grep -q "workers take their inputs from s3://bench/slurm" "$dir/q-slurm-remote.log" || { echo "bench_slurm.sh: the Slurm run did not go through the remote" >&2; exit 1; }
+"$tsr" status quickstart --json --store "$dir/q-local-remote" > "$dir/q-local-remote.json"
+"$tsr" status quickstart --json --store "$dir/q-slurm-remote" > "$dir/q-slurm-remote.json"
+
+python3 - "$dir" "$wl" "$ws" "$ql" "$qs" "$threads" "$qlr" "$qsr" <<'PY'
 import json, sys
-d, wl, ws, ql, qs, threads = sys.argv[1:7]
+d, wl, ws, ql, qs, threads, qlr, qsr = sys.argv[1:9]
 load = lambda n: json.load(open(f"{d}/{n}.json"))
 ITEM = {"generate", "judge", "ref-logprobs", "answer", "eval-judge", "meta-judge"}
 rows = lambda v: {n["node"]: n for n in v["nodes"]}
@@ -153,4 +174,7 @@ if extra:
 print("   outputs identical:", outputs(load("o-local")) == outputs(load("o-slurm")))
 print(f"2. quickstart: wall local {ql} s, slurm {qs} s, ratio {float(qs) / float(ql):.2f}")
 print("   outputs identical:", outputs(load("q-local")) == outputs(load("q-slurm")))
+print(f"3. quickstart with a loopback S3 remote: wall local {qlr} s, slurm through the remote {qsr} s, ratio {float(qsr) / float(qlr):.2f}")
+print("   outputs identical:", outputs(load("q-local-remote")) == outputs(load("q-slurm-remote")),
+      "and equal to the runs without a remote:", outputs(load("q-local-remote")) == outputs(load("q-local")))
 PY

@@ -238,7 +238,7 @@ mod tests {
             vec![("0.t".to_string(), 3)]
         );
         assert_eq!(remote.work_list("k/x").unwrap(), vec![]);
-        assert_eq!(remote.work_folders().unwrap(), vec![("k".to_string(), 5)]);
+        assert_eq!(remote.work_folders().unwrap(), vec![("k".to_string(), 6)]);
         assert_eq!(remote.work_delete_all("k").unwrap(), 2);
         assert_eq!(remote.work_list("k").unwrap(), vec![]);
         assert!(remote.has_blob(&d).unwrap(), "blobs are not work objects");
