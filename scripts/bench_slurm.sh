@@ -78,12 +78,24 @@ for _ in $(seq 100); do [ "$(sinfo -h -o %T 2>/dev/null)" = idle ] && break; sle
 [ "$(sinfo -h -o %T)" = idle ] || { echo "bench_slurm.sh: the node did not come up" >&2; exit 1; }
 
 threads="$(nproc)"
+# Slurm 22.05 can keep a finished task's CPUs allocated (the node stays `mixed` with nothing
+# queued), which would halve what the next run gets: each run starts on an idle node, and the
+# CPUs still held after each Slurm run are printed.
+settle() {
+  for _ in $(seq 50); do [ "$(sinfo -h -o %T)" = idle ] && return; sleep 0.2; done
+  echo "bench_slurm.sh: the node is $(sinfo -h -o %T) with nothing queued: scontrol reconfigure" >&2
+  scontrol reconfigure; sleep 2
+}
+held() { scontrol show node | sed -n 's/.*CPUAlloc=\([0-9]*\).*/\1/p'; }
 run() { # CONFIG STORE LOG [ARGS...]: prints the wall time in seconds
   local cfg="$1" store="$2" log="$3"; shift 3
   local t0 t1
+  settle
   t0=$(date +%s.%N)
   RAYON_NUM_THREADS="$threads" "$tsr" run "$cfg" --store "$store" "$@" > "$log" 2>&1 || { cat "$log" >&2; exit 1; }
   t1=$(date +%s.%N)
+  sleep 1
+  echo "$(basename "$log" .log): CPUs still allocated 1 s after the run: $(held)" >&2
   python3 -c "print(f'{$t1 - $t0:.1f}')"
 }
 cat > "$dir/exec.toml" <<TOML

@@ -126,7 +126,8 @@ impl NodeCache {
                 lock.unlock()
                     .map_err(|e| io(format!("unlocking {} in the node cache", d.short()), e))?;
             }
-            if let Ok(f) = File::options().write(true).open(&path) {
+            // Used now (the owner may set the time through a read-only handle).
+            if let Ok(f) = File::open(&path) {
                 let _ = f.set_modified(std::time::SystemTime::now());
             }
             self.held.lock().unwrap().push(lock);

@@ -160,7 +160,8 @@ impl ExecutorSection {
 
     /// The `sbatch` options of one step kind's array tasks: `[executor.steps.<kind>]` over
     /// `[executor]`; without a `mem` in either, `planned_mem` bytes (the memory plan's estimate
-    /// for the step) rounded up to MiB.
+    /// for the step) rounded up to a multiple of 256 MiB (steps of about the same size ask
+    /// for the same, so Slurm checks fewer distinct requests).
     pub fn sbatch_args_for(&self, kind: Option<&str>, planned_mem: Option<u64>) -> Vec<String> {
         let own = kind
             .and_then(|k| self.steps.get(k))
@@ -168,7 +169,7 @@ impl ExecutorSection {
             .unwrap_or_default();
         let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
         let mem = pick(&own.mem, &self.mem)
-            .or_else(|| planned_mem.map(|b| format!("{}M", b.div_ceil(1 << 20).max(1))));
+            .or_else(|| planned_mem.map(|b| format!("{}M", b.div_ceil(256 << 20).max(1) * 256)));
         let mut out = vec![format!(
             "--cpus-per-task={}",
             own.cpus_per_task.unwrap_or(self.cpus_per_task)
@@ -1355,11 +1356,12 @@ mod tests {
             args(Some("judge"), Some(3 << 30)),
             "--cpus-per-task=8 --partition=big --account=lab --mem=64G --time=01:00:00 --constraint=x"
         );
-        // Without a `mem`, the plan's estimate in MiB, rounded up.
+        // Without a `mem`, the plan's estimate rounded up to 256 MiB.
         assert_eq!(
             args(Some("generate"), Some((3 << 30) + 1)),
-            "--cpus-per-task=4 --partition=cpu --account=lab --mem=3073M --time=01:00:00 --constraint=x"
+            "--cpus-per-task=4 --partition=cpu --account=lab --mem=3328M --time=01:00:00 --constraint=x"
         );
+        assert!(args(Some("generate"), Some(3 << 30)).contains("--mem=3072M"));
         assert_eq!(args(None, None), x.sbatch_args().join(" "));
         assert!(!args(None, None).contains("--mem"));
         for (body, key) in [
