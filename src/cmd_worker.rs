@@ -142,8 +142,7 @@ fn remote_job(
     let url = tsr_state::remote::RemoteUrl::parse(url)?;
     let remote = tsr_state::remote::Remote::open(&url)?;
     let rel = format!("{step}/job.json");
-    let bytes = remote
-        .work_get(&rel)
+    let bytes = tsr_engine::exchange::patiently("reading the shard job", || remote.work_get(&rel))
         .with_context(|| format!("reading the shard job work/{rel} in {url}"))?
         .with_context(|| {
             format!("{url} has no shard job work/{rel}: the driver removed it (the step is done) or wrote it elsewhere")

@@ -43,7 +43,7 @@ fn worker_processes_through_a_remote_give_the_outputs_of_one_process() {
     use common::s3::{files_under, S3Server};
     let dir = tempfile::tempdir().unwrap();
     let want = reference(dir.path());
-    let server = S3Server::start(&dir.path().join("s3"));
+    let mut server = S3Server::start(&dir.path().join("s3"));
     let mut roomy = 0;
     for (name, limit) in [("roomy", "100"), ("tight", "0.000001")] {
         let cache = dir.path().join(format!("{name}/node-cache"));
@@ -125,6 +125,56 @@ fn worker_processes_through_a_remote_give_the_outputs_of_one_process() {
             _ => assert!(kept < roomy && kept <= 7, "{kept} of {roomy}"),
         }
     }
+
+    // The object store down for a while once workers have written results: the run says so,
+    // waits (the driver for the results and the next step's inputs, the workers for their
+    // writes and downloads), and goes on when it is back, with the same outputs.
+    let name = "outage";
+    let cfg = setup(
+        &dir.path().join(name),
+        &format!(
+            "[executor]\nkind = \"processes\"\nworkers = 2\nshare = \"remote\"\nnode_cache = \"{}\"\n",
+            dir.path().join("outage/node-cache").display()
+        ),
+    );
+    let store = dir.path().join(format!("{name}/store"));
+    let log = dir.path().join("outage/driver.log");
+    let mut c = command(&cfg, &store);
+    c.args(["--remote", &server.url(name)]);
+    for (k, v) in server.env() {
+        c.env(k, v);
+    }
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let work = server.object_path(name, "work");
+    wait_event(&mut child, "a worker's result in the remote", |c| {
+        files_under(&work)
+            .iter()
+            .any(|p| p.parent().is_some_and(|d| d.ends_with("results")))
+            || c.try_wait().unwrap().is_some()
+    });
+    server.stop();
+    wait_event(&mut child, "the driver noticing the outage", |c| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("does not answer")
+            || c.try_wait().unwrap().is_some()
+    });
+    server.restart();
+    let status = child.wait().unwrap();
+    let t = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{t}");
+    // The executor's own lines name the step (the remote copy's start with `tsr: remote:`).
+    let said = |what: &str| {
+        t.lines()
+            .any(|l| l.contains(what) && !l.starts_with("tsr: remote:"))
+    };
+    assert!(
+        said("the remote does not answer (") && said("the remote answers again after"),
+        "{t}"
+    );
+    same(&want, &results(&store));
 }
 
 /// Starts the run in `dir` under 2 worker processes, each of which stops itself (SIGSTOP)

@@ -27,6 +27,46 @@ fn remote_err(e: RemoteError) -> StepError {
     StepError::State(e.into())
 }
 
+/// What the object store said when it did not answer, as one line.
+fn unanswered(e: &RemoteError) -> String {
+    tsr_state::error_chain(e)
+}
+
+/// How long a worker waits for a remote that does not answer before it gives up (its task then
+/// ends with the error, and its shard is tried again).
+pub const WORKER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `f` again with backoff while the remote does not answer, for up to [`WORKER_PATIENCE`]
+/// (saying so once on standard error, for a worker's log).
+pub fn patiently<T>(
+    what: &str,
+    mut f: impl FnMut() -> Result<T, RemoteError>,
+) -> Result<T, RemoteError> {
+    let give_up = std::time::Instant::now() + WORKER_PATIENCE;
+    let mut failures = 0;
+    loop {
+        match f() {
+            Err(e) if e.is_transient() && std::time::Instant::now() < give_up => {
+                if failures == 0 {
+                    eprintln!(
+                        "tsr worker: {what}: the remote does not answer ({}); trying again for up to {} s",
+                        unanswered(&e),
+                        WORKER_PATIENCE.as_secs()
+                    );
+                }
+                std::thread::sleep(backoff(failures));
+                failures += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long to wait before asking the remote again after `failures` failed tries in a row.
+pub fn backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1u64 << failures.min(5)).min(std::time::Duration::from_secs(30))
+}
+
 /// The step's folder under the remote's `work/`: `<step key>/<build, 16 hex>`.
 pub fn step_rel(job: &ShardJob) -> String {
     format!(
@@ -46,9 +86,76 @@ pub struct RemoteExchange {
 }
 
 impl RemoteExchange {
+    /// [`Self::publish`], waiting out a remote that does not answer (with backoff, saying so
+    /// once through `say`) until it does or `stop` is set.
+    pub fn publish_waiting(
+        &self,
+        job: &ShardJob,
+        stop: &crate::StopFlag,
+        say: &dyn Fn(String),
+    ) -> Result<(usize, u64), StepError> {
+        let ext = Self::external_digests(job)?;
+        let mut failures = 0;
+        let since = std::time::Instant::now();
+        loop {
+            match self.try_publish(job, &ext) {
+                Ok(done) => {
+                    if failures > 0 {
+                        say(format!(
+                            "{}: the remote answers again after {:.0} s",
+                            job.node,
+                            since.elapsed().as_secs_f64()
+                        ));
+                    }
+                    return Ok(done);
+                }
+                Err(e) if e.is_transient() => {
+                    if failures == 0 {
+                        say(format!(
+                            "{}: the remote does not answer ({}); waiting for it before the step's workers start",
+                            job.node,
+                            unanswered(&e)
+                        ));
+                    }
+                    stop.sleep(backoff(failures));
+                    failures += 1;
+                    if stop.is_set() {
+                        return Err(StepError::Interrupted);
+                    }
+                }
+                Err(e) => {
+                    return Err(StepError::wrap(
+                        "offering the step's inputs to the remote",
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
     /// Offers `job`'s inputs and writes the job for its workers (external files go by digest).
     /// Returns how many blobs were uploaded and their bytes.
     pub fn publish(&self, job: &ShardJob) -> Result<(usize, u64), StepError> {
+        let ext = Self::external_digests(job)?;
+        self.try_publish(job, &ext).map_err(remote_err)
+    }
+
+    /// The digests of the job's external files.
+    fn external_digests(
+        job: &ShardJob,
+    ) -> Result<std::collections::BTreeMap<String, tsr_state::Digest>, StepError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (name, path) in &job.externals {
+            out.insert(name.clone(), tsr_state::hash_file(path)?);
+        }
+        Ok(out)
+    }
+
+    fn try_publish(
+        &self,
+        job: &ShardJob,
+        ext: &std::collections::BTreeMap<String, tsr_state::Digest>,
+    ) -> Result<(usize, u64), RemoteError> {
         let mut job = job.clone();
         let (mut n, mut bytes) = (0, 0);
         let blobs = |d: &tsr_state::Digest| {
@@ -57,14 +164,14 @@ impl RemoteExchange {
         };
         for d in job.inputs.values() {
             let path = blobs(d);
-            if self.remote.offer_blob(d, &path).map_err(remote_err)? {
+            if self.remote.offer_blob(d, &path)? {
                 n += 1;
                 bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
             }
         }
         for (name, path) in &job.externals {
-            let d = tsr_state::hash_file(path)?;
-            if self.remote.offer_blob(&d, path).map_err(remote_err)? {
+            let d = ext[name];
+            if self.remote.offer_blob(&d, path)? {
                 n += 1;
                 bytes += std::fs::metadata(path).map_or(0, |m| m.len());
             }
@@ -72,31 +179,44 @@ impl RemoteExchange {
         }
         let text = serde_json::to_vec_pretty(&job).expect("a shard job serializes");
         self.remote
-            .work_put(&format!("{}/job.json", step_rel(&job)), text)
-            .map_err(remote_err)?;
+            .work_put(&format!("{}/job.json", step_rel(&job)), text)?;
         Ok((n, bytes))
     }
 
     /// Delivers the verified results of the batches still `pending` (the first of each).
+    /// `Ok(Some(why))` when the remote did not answer: what was read so far is delivered, and
+    /// the caller asks again later.
     pub fn deliver(
         &self,
         job: &ShardJob,
         pending: &mut BTreeSet<u64>,
         deliver: &mut Deliver<'_>,
-    ) -> Result<(), StepError> {
+    ) -> Result<Option<String>, StepError> {
         let sink = self.sink(job);
-        for (b, name) in sink.list()? {
+        let listed = match self.remote.work_list(&sink.rel) {
+            Ok(l) => l,
+            Err(e) if e.is_transient() => return Ok(Some(unanswered(&e))),
+            Err(e) => return Err(remote_err(e)),
+        };
+        for (name, _) in listed {
+            let Some(b) = name.split('.').next().and_then(|b| b.parse::<u64>().ok()) else {
+                continue;
+            };
             if !pending.contains(&b) {
                 continue;
             }
-            if let Some(bytes) = sink.read(&name)? {
-                if let Ok((who, items)) = check_batch(job, b, &bytes) {
-                    pending.remove(&b);
-                    deliver(b, items, who)?;
-                }
+            let bytes = match self.remote.work_get(&format!("{}/{name}", sink.rel)) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(e) if e.is_transient() => return Ok(Some(unanswered(&e))),
+                Err(e) => return Err(remote_err(e)),
+            };
+            if let Ok((who, items)) = check_batch(job, b, &bytes) {
+                pending.remove(&b);
+                deliver(b, items, who)?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The error the worker tagged `tag` (or, with `prefix`, the last one whose tag starts so)
@@ -119,11 +239,16 @@ impl RemoteExchange {
     }
 
     /// Removes the step's folder (its job, results and errors) once its items are committed.
-    pub fn finish(&self, job: &ShardJob) -> Result<(), StepError> {
-        self.remote
-            .work_delete_all(&step_rel(job))
-            .map(|_| ())
-            .map_err(remote_err)
+    /// A failure is only said: the items are safe, and `tsr gc` removes what is left.
+    pub fn finish(&self, job: &ShardJob, say: &dyn Fn(String)) {
+        if let Err(e) = self.remote.work_delete_all(&step_rel(job)) {
+            say(format!(
+                "{}: the workers' results stay in the remote's work/{} ({}); `tsr gc` removes them",
+                job.node,
+                step_rel(job),
+                tsr_state::error_chain(&e)
+            ));
+        }
     }
 
     /// The worker's arguments that name where its job, inputs and results are.
@@ -173,11 +298,15 @@ impl ResultSink for RemoteSink {
             .work_get(&format!("{}/{name}", self.rel))
             .map_err(remote_err)
     }
+    /// Create-only: a name already taken holds this writer's earlier copy of the batch. A
+    /// remote that does not answer is asked again (see [`patiently`]): the batch is computed,
+    /// and losing it would cost its compute.
     fn write(&self, b: u64, tag: &str, bytes: Vec<u8>) -> Result<(), StepError> {
-        // Create-only: a name already taken holds this writer's earlier copy of the batch.
-        self.remote
-            .work_put_new(&format!("{}/{b}.{tag}", self.rel), bytes)
-            .map(|_| ())
-            .map_err(remote_err)
+        let rel = format!("{}/{b}.{tag}", self.rel);
+        patiently(&format!("writing batch {b}'s result"), || {
+            self.remote.work_put_new(&rel, bytes.clone())
+        })
+        .map(|_| ())
+        .map_err(remote_err)
     }
 }

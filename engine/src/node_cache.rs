@@ -106,9 +106,10 @@ impl NodeCache {
                 lock.lock_exclusive()
                     .map_err(|e| io(format!("locking {} in the node cache", d.short()), e))?;
                 if !path.is_file() {
-                    match remote
-                        .fetch_blob(d, &self.blobs)
-                        .map_err(|e| StepError::State(e.into()))?
+                    match crate::exchange::patiently(&format!("downloading input {}", d.short()), || {
+                        remote.fetch_blob(d, &self.blobs)
+                    })
+                    .map_err(|e| StepError::State(e.into()))?
                     {
                         Some(n) => {
                             t.fetched += 1;

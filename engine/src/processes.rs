@@ -180,15 +180,20 @@ impl BatchRunner for ProcessRunner {
         deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
         let dir = crate::shard::prepare_dir(&self.work, job)?;
+        let say = |m: String| {
+            if self.log {
+                eprintln!("tsr: {m}");
+            }
+        };
         if let Some(x) = &self.exchange {
-            let (n, bytes) = x.publish(job)?;
-            if self.log && n > 0 {
-                eprintln!(
-                    "tsr: {}: offered {n} input(s) ({:.1} MB) to the workers through {}",
+            let (n, bytes) = x.publish_waiting(job, stop, &say)?;
+            if n > 0 {
+                say(format!(
+                    "{}: offered {n} input(s) ({:.1} MB) to the workers through {}",
                     job.node,
                     bytes as f64 / 1e6,
                     x.remote.url()
-                );
+                ));
             }
         }
         let (_, plan) =
@@ -222,8 +227,27 @@ impl BatchRunner for ProcessRunner {
         let results = dir.join("results");
 
         // Verified results not yet delivered, first one per batch.
+        // A remote that does not answer is said once and asked again at the next round.
+        let mut unanswered: Option<std::time::Instant> = None;
         let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
-            Some(x) => x.deliver(job, pending, &mut *deliver),
+            Some(x) => {
+                match (x.deliver(job, pending, &mut *deliver)?, unanswered) {
+                    (Some(why), None) => {
+                        say(format!("{}: the remote does not answer ({why}); the workers' results wait there", job.node));
+                        unanswered = Some(std::time::Instant::now());
+                    }
+                    (None, Some(t)) => {
+                        say(format!(
+                            "{}: the remote answers again after {:.0} s",
+                            job.node,
+                            t.elapsed().as_secs_f64()
+                        ));
+                        unanswered = None;
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
             None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
         };
         // Through a remote, results are listed at most twice a second (and when a worker
@@ -407,7 +431,7 @@ impl BatchRunner for ProcessRunner {
             Ok(()) => {
                 let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
                 if let Some(x) = &self.exchange {
-                    x.finish(job)?;
+                    x.finish(job, &say);
                 }
                 Ok(())
             }

@@ -562,7 +562,7 @@ impl BatchRunner for SlurmRunner {
         let (per, plan) = plan_shards(job, batches, self.shard_items, self.workers)?;
         let name = self.array_name(job, per);
         if let Some(x) = &self.exchange {
-            let (n, bytes) = x.publish(job)?;
+            let (n, bytes) = x.publish_waiting(job, stop, &|m| self.say(m))?;
             if n > 0 {
                 self.say(format!(
                     "{}: offered {n} input(s) ({:.1} MB) to the tasks through {}",
@@ -596,8 +596,30 @@ impl BatchRunner for SlurmRunner {
         let results = dir.join("results");
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
         // Verified results not yet delivered, first one per batch.
+        // A remote that does not answer is said once and asked again at the next poll.
+        let mut unanswered: Option<Instant> = None;
         let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
-            Some(x) => x.deliver(job, pending, &mut *deliver),
+            Some(x) => {
+                match (x.deliver(job, pending, &mut *deliver)?, unanswered) {
+                    (Some(why), None) => {
+                        self.say(format!(
+                            "{}: the remote does not answer ({why}); the tasks' results wait there",
+                            job.node
+                        ));
+                        unanswered = Some(Instant::now());
+                    }
+                    (None, Some(t)) => {
+                        self.say(format!(
+                            "{}: the remote answers again after {:.0} s",
+                            job.node,
+                            t.elapsed().as_secs_f64()
+                        ));
+                        unanswered = None;
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
             None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
         };
         let left = |st: &Shard, pending: &BTreeSet<u64>| {
@@ -821,7 +843,7 @@ impl BatchRunner for SlurmRunner {
                 cancel_name(&name);
                 let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
                 if let Some(x) = &self.exchange {
-                    x.finish(job)?;
+                    x.finish(job, &|m| self.say(m));
                 }
                 Ok(())
             }

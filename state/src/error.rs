@@ -205,6 +205,14 @@ pub enum RemoteError {
     OtherRemote { attached: String, given: String },
 }
 
+impl RemoteError {
+    /// Whether the object store failed to answer (the network, a 5xx, a timeout) rather than
+    /// refused: worth waiting for.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RemoteError::Backend { .. })
+    }
+}
+
 pub type RemoteResult<T> = Result<T, RemoteError>;
 
 /// A backend error as text, with every URL query removed: a request URL may carry a signature
