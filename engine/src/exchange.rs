@@ -86,8 +86,9 @@ pub struct RemoteExchange {
 }
 
 impl RemoteExchange {
-    /// [`Self::publish`], waiting out a remote that does not answer (with backoff, saying so
-    /// once through `say`) until it does or `stop` is set.
+    /// Offers `job`'s inputs and writes the job for its workers (external files go by digest),
+    /// waiting out a remote that does not answer (with backoff, saying so once through `say`)
+    /// until it does or `stop` is set. Returns how many blobs were uploaded and their bytes.
     pub fn publish_waiting(
         &self,
         job: &ShardJob,
@@ -131,13 +132,6 @@ impl RemoteExchange {
                 }
             }
         }
-    }
-
-    /// Offers `job`'s inputs and writes the job for its workers (external files go by digest).
-    /// Returns how many blobs were uploaded and their bytes.
-    pub fn publish(&self, job: &ShardJob) -> Result<(usize, u64), StepError> {
-        let ext = Self::external_digests(job)?;
-        self.try_publish(job, &ext).map_err(remote_err)
     }
 
     /// The digests of the job's external files.
@@ -308,5 +302,128 @@ impl ResultSink for RemoteSink {
         })
         .map(|_| ())
         .map_err(remote_err)
+    }
+}
+
+/// One step's exchange with its workers, for a runner: through the folder the workers share
+/// with the driver (`<work>/<step key>/<build>/`), or through the remote. The runner keeps its
+/// own folder for scripts and logs either way.
+pub struct StepExchange<'a> {
+    /// The step's folder under the runner's work folder.
+    pub dir: PathBuf,
+    remote: Option<&'a RemoteExchange>,
+    /// Since when the remote has not answered (said once).
+    unanswered: Option<std::time::Instant>,
+}
+
+impl<'a> StepExchange<'a> {
+    /// Prepares the step's folder and, through a remote, offers the step's inputs (waiting
+    /// out a remote that does not answer until `stop` is set).
+    pub fn open(
+        work: &std::path::Path,
+        remote: Option<&'a RemoteExchange>,
+        job: &ShardJob,
+        stop: &crate::StopFlag,
+        say: &dyn Fn(String),
+    ) -> Result<StepExchange<'a>, StepError> {
+        let dir = crate::shard::prepare_dir(work, job)?;
+        if let Some(x) = remote {
+            let (n, bytes) = x.publish_waiting(job, stop, say)?;
+            if n > 0 {
+                say(format!(
+                    "{}: offered {n} input(s) ({:.1} MB) to the workers through {}",
+                    job.node,
+                    bytes as f64 / 1e6,
+                    x.remote.url()
+                ));
+            }
+        }
+        Ok(StepExchange {
+            dir,
+            remote,
+            unanswered: None,
+        })
+    }
+
+    /// Whether results go through the remote.
+    pub fn remote(&self) -> Option<&'a RemoteExchange> {
+        self.remote
+    }
+
+    /// The worker's arguments that say where its job is and where its results go (its
+    /// scratch folder is the runner's to give).
+    pub fn worker_args(&self, job: &ShardJob) -> Vec<String> {
+        match self.remote {
+            Some(x) => x.worker_args(job),
+            None => vec![
+                "--job".into(),
+                self.dir.join("job.json").to_string_lossy().into_owned(),
+                "--out".into(),
+                self.dir.join("results").to_string_lossy().into_owned(),
+            ],
+        }
+    }
+
+    /// Delivers the verified results of the batches still `pending`; a remote that does not
+    /// answer is said once (and its return), and asked again at the next call.
+    pub fn collect(
+        &mut self,
+        job: &ShardJob,
+        pending: &mut BTreeSet<u64>,
+        deliver: &mut Deliver<'_>,
+        say: &dyn Fn(String),
+    ) -> Result<(), StepError> {
+        let Some(x) = self.remote else {
+            return crate::shard::deliver_results(job, &self.dir.join("results"), pending, deliver);
+        };
+        match (x.deliver(job, pending, deliver)?, self.unanswered) {
+            (Some(why), None) => {
+                say(format!(
+                    "{}: the remote does not answer ({why}); the workers' results wait there",
+                    job.node
+                ));
+                self.unanswered = Some(std::time::Instant::now());
+            }
+            (None, Some(t)) => {
+                say(format!(
+                    "{}: the remote answers again after {:.0} s",
+                    job.node,
+                    t.elapsed().as_secs_f64()
+                ));
+                self.unanswered = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// What a failed worker said: the error it wrote through the remote (the worker tagged
+    /// `tag`, or with `prefix` the last whose tag starts so), else the end of its output file
+    /// at `log` where the driver can read it.
+    pub fn failure(
+        &self,
+        job: &ShardJob,
+        tag: &str,
+        prefix: bool,
+        log: &std::path::Path,
+    ) -> String {
+        if let Some(said) = self.remote.and_then(|x| x.worker_error(job, tag, prefix)) {
+            return said;
+        }
+        if self.remote.is_none() || log.exists() {
+            crate::shard::log_tail(log)
+        } else {
+            "(its output file is on the machine that ran it)".into()
+        }
+    }
+
+    /// The step is done: its folders go (through a remote, a failure to remove is only said).
+    pub fn finish(&self, job: &ShardJob, say: &dyn Fn(String)) {
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+        if let Some(x) = self.remote {
+            x.finish(job, say);
+        }
     }
 }

@@ -15,7 +15,7 @@
 
 use crate::error::StepError;
 use crate::preempt::StopFlag;
-use crate::shard::{format_batches, log_tail, BatchRunner, ShardJob};
+use crate::shard::{format_batches, BatchRunner, ShardJob};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -100,28 +100,22 @@ impl ProcessRunner {
     fn spawn(
         &self,
         job: &ShardJob,
-        dir: &Path,
+        x: &crate::exchange::StepExchange<'_>,
         shard: u64,
         pending: &[u64],
         slot: usize,
         launch: u32,
     ) -> Result<Running, StepError> {
         use std::os::unix::process::CommandExt;
+        let dir = &x.dir;
         let log = dir.join("logs").join(format!("{shard}.{launch}.log"));
         let err = std::fs::File::create(&log)
             .map_err(|e| StepError::io(format!("creating {}", log.display()), e))?;
         let tag = format!("{shard}-{launch}");
         let mut cmd = Command::new(&self.command[0]);
-        cmd.args(&self.command[1..]);
-        match &self.exchange {
-            Some(x) => cmd.args(x.worker_args(job)),
-            None => cmd
-                .arg("--job")
-                .arg(dir.join("job.json"))
-                .arg("--out")
-                .arg(dir.join("results")),
-        };
-        cmd.arg("--batches")
+        cmd.args(&self.command[1..])
+            .args(x.worker_args(job))
+            .arg("--batches")
             .arg(format_batches(pending))
             .arg("--tag")
             .arg(&tag)
@@ -179,23 +173,18 @@ impl BatchRunner for ProcessRunner {
         stop: &StopFlag,
         deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
-        let dir = crate::shard::prepare_dir(&self.work, job)?;
         let say = |m: String| {
             if self.log {
                 eprintln!("tsr: {m}");
             }
         };
-        if let Some(x) = &self.exchange {
-            let (n, bytes) = x.publish_waiting(job, stop, &say)?;
-            if n > 0 {
-                say(format!(
-                    "{}: offered {n} input(s) ({:.1} MB) to the workers through {}",
-                    job.node,
-                    bytes as f64 / 1e6,
-                    x.remote.url()
-                ));
-            }
-        }
+        let mut x = crate::exchange::StepExchange::open(
+            &self.work,
+            self.exchange.as_deref(),
+            job,
+            stop,
+            &say,
+        )?;
         let (_, plan) =
             crate::shard::plan_shards(job, batches, self.shard_items, self.slots.len())?;
         let mut shards: BTreeMap<u64, ShardState> = plan
@@ -224,31 +213,11 @@ impl BatchRunner for ProcessRunner {
         let mut running: Vec<Running> = Vec::new();
         let mut free: Vec<usize> = (0..self.slots.len().max(1)).rev().collect();
         let mut launches = 0u32;
-        let results = dir.join("results");
 
         // Verified results not yet delivered, first one per batch.
-        // A remote that does not answer is said once and asked again at the next round.
-        let mut unanswered: Option<std::time::Instant> = None;
-        let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
-            Some(x) => {
-                match (x.deliver(job, pending, &mut *deliver)?, unanswered) {
-                    (Some(why), None) => {
-                        say(format!("{}: the remote does not answer ({why}); the workers' results wait there", job.node));
-                        unanswered = Some(std::time::Instant::now());
-                    }
-                    (None, Some(t)) => {
-                        say(format!(
-                            "{}: the remote answers again after {:.0} s",
-                            job.node,
-                            t.elapsed().as_secs_f64()
-                        ));
-                        unanswered = None;
-                    }
-                    _ => {}
-                }
-                Ok(())
-            }
-            None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
+        let mut collect = |x: &mut crate::exchange::StepExchange<'_>,
+                           pending: &mut BTreeSet<u64>| {
+            x.collect(job, pending, &mut *deliver, &say)
         };
         // Through a remote, results are listed at most twice a second (and when a worker
         // ends); a folder is read every round.
@@ -262,7 +231,7 @@ impl BatchRunner for ProcessRunner {
         let outcome = loop {
             if last_collect.is_none_or(|t| t.elapsed() >= every) {
                 last_collect = Some(std::time::Instant::now());
-                if let Err(e) = collect(&mut pending) {
+                if let Err(e) = collect(&mut x, &mut pending) {
                     break Err(e);
                 }
             }
@@ -289,7 +258,7 @@ impl BatchRunner for ProcessRunner {
                 };
                 let r = running.swap_remove(i);
                 free.push(r.slot);
-                if let Err(e) = collect(&mut pending) {
+                if let Err(e) = collect(&mut x, &mut pending) {
                     failed = Some(e);
                     break;
                 }
@@ -328,11 +297,7 @@ impl BatchRunner for ProcessRunner {
                         ),
                         (None, None) => "it ended abnormally".to_string(),
                     };
-                    let said = self
-                        .exchange
-                        .as_ref()
-                        .and_then(|x| x.worker_error(job, &r.tag, false))
-                        .unwrap_or_else(|| log_tail(&r.log));
+                    let said = x.failure(job, &r.tag, false, &r.log);
                     st.last_error = Some(format!("{why}: {said} (log {})", r.log.display()));
                     if st.failures >= self.max_attempts.max(1) {
                         failed = Some(StepError::Other(format!(
@@ -364,7 +329,7 @@ impl BatchRunner for ProcessRunner {
                     continue;
                 }
                 launches += 1;
-                match self.spawn(job, &dir, shard, &todo, slot, launches) {
+                match self.spawn(job, &x, shard, &todo, slot, launches) {
                     Ok(r) => {
                         free.pop();
                         running.push(r);
@@ -429,15 +394,12 @@ impl BatchRunner for ProcessRunner {
         }
         match outcome {
             Ok(()) => {
-                let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
-                if let Some(x) = &self.exchange {
-                    x.finish(job, &say);
-                }
+                x.finish(job, &say);
                 Ok(())
             }
             Err(e) => {
                 // What finished while stopping is kept for the next attempt of the step.
-                let _ = collect(&mut pending);
+                let _ = collect(&mut x, &mut pending);
                 Err(e)
             }
         }

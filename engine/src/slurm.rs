@@ -26,8 +26,9 @@
 //!   environment is stored in the controller's job records. The job script holds paths only.
 
 use crate::error::StepError;
+use crate::exchange::StepExchange;
 use crate::preempt::StopFlag;
-use crate::shard::{format_batches, log_tail, plan_shards, prepare_dir};
+use crate::shard::{format_batches, plan_shards};
 use crate::shard::{BatchRunner, ProgressBoard, ShardJob, ShardProgress};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -385,34 +386,35 @@ impl SlurmRunner {
         self.step_args.get(node).unwrap_or(&self.sbatch_args)
     }
 
-    fn write_script(&self, dir: &Path, job: &ShardJob, per: u64) -> Result<PathBuf, StepError> {
+    fn write_script(
+        &self,
+        x: &StepExchange<'_>,
+        job: &ShardJob,
+        per: u64,
+    ) -> Result<PathBuf, StepError> {
         let q = |p: &Path| shell_quote(&p.to_string_lossy());
-        let (source, place) = match &self.exchange {
-            Some(x) => (
+        let dir = &x.dir;
+        // Through a remote the nodes see none of the driver's folders: the scratch folder is
+        // under the node cache, and the site's environment file gives the credentials.
+        let (source, scratch) = match x.remote() {
+            Some(r) => (
                 match &self.worker_env {
                     Some(f) => format!(". {}\n", q(f)),
                     None => String::new(),
                 },
-                format!(
-                    "{} --scratch {}",
-                    x.worker_args(job)
-                        .iter()
-                        .map(|a| shell_quote(a))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    q(&x.node_cache.join("scratch"))
-                ),
+                r.node_cache.join("scratch"),
             ),
-            None => (
-                String::new(),
-                format!(
-                    "--job {} --out {} --scratch {}",
-                    q(&dir.join("job.json")),
-                    q(&dir.join("results")),
-                    q(&dir.join("scratch"))
-                ),
-            ),
+            None => (String::new(), dir.join("scratch")),
         };
+        let place = format!(
+            "{} --scratch {}",
+            x.worker_args(job)
+                .iter()
+                .map(|a| shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            q(&scratch)
+        );
         let script = format!(
             "#!/bin/sh\n\
              # tsr: batches of step `{node}` (key {key}), {per} batch(es) per array task.\n\
@@ -558,21 +560,12 @@ impl BatchRunner for SlurmRunner {
         stop: &StopFlag,
         deliver: &mut crate::shard::Deliver<'_>,
     ) -> Result<(), StepError> {
-        let dir = prepare_dir(&self.work, job)?;
         let (per, plan) = plan_shards(job, batches, self.shard_items, self.workers)?;
         let name = self.array_name(job, per);
-        if let Some(x) = &self.exchange {
-            let (n, bytes) = x.publish_waiting(job, stop, &|m| self.say(m))?;
-            if n > 0 {
-                self.say(format!(
-                    "{}: offered {n} input(s) ({:.1} MB) to the tasks through {}",
-                    job.node,
-                    bytes as f64 / 1e6,
-                    x.remote.url()
-                ));
-            }
-        }
-        let script = self.write_script(&dir, job, per)?;
+        let say = |m: String| self.say(m);
+        let mut x = StepExchange::open(&self.work, self.exchange.as_deref(), job, stop, &say)?;
+        let dir = x.dir.clone();
+        let script = self.write_script(&x, job, per)?;
         let mut shards: BTreeMap<u64, Shard> = plan
             .into_iter()
             .map(|(s, batches)| {
@@ -593,34 +586,10 @@ impl BatchRunner for SlurmRunner {
             self.workers,
             self.args_for(&job.node).join(" ")
         ));
-        let results = dir.join("results");
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
         // Verified results not yet delivered, first one per batch.
-        // A remote that does not answer is said once and asked again at the next poll.
-        let mut unanswered: Option<Instant> = None;
-        let mut collect = |pending: &mut BTreeSet<u64>| match &self.exchange {
-            Some(x) => {
-                match (x.deliver(job, pending, &mut *deliver)?, unanswered) {
-                    (Some(why), None) => {
-                        self.say(format!(
-                            "{}: the remote does not answer ({why}); the tasks' results wait there",
-                            job.node
-                        ));
-                        unanswered = Some(Instant::now());
-                    }
-                    (None, Some(t)) => {
-                        self.say(format!(
-                            "{}: the remote answers again after {:.0} s",
-                            job.node,
-                            t.elapsed().as_secs_f64()
-                        ));
-                        unanswered = None;
-                    }
-                    _ => {}
-                }
-                Ok(())
-            }
-            None => crate::shard::deliver_results(job, &results, pending, &mut *deliver),
+        let mut collect = |x: &mut StepExchange<'_>, pending: &mut BTreeSet<u64>| {
+            x.collect(job, pending, &mut *deliver, &say)
         };
         let left = |st: &Shard, pending: &BTreeSet<u64>| {
             st.batches.iter().filter(|b| pending.contains(b)).count()
@@ -629,7 +598,7 @@ impl BatchRunner for SlurmRunner {
         let mut controller_down: Option<Instant> = None;
         let mut backoff = self.poll;
         let outcome: Result<(), StepError> = 'poll: loop {
-            if let Err(e) = collect(&mut pending) {
+            if let Err(e) = collect(&mut x, &mut pending) {
                 break Err(e);
             }
             if pending.is_empty() {
@@ -671,7 +640,7 @@ impl BatchRunner for SlurmRunner {
                 }
             };
             // Deliver what the tasks that just ended wrote before judging how they ended.
-            if let Err(e) = collect(&mut pending) {
+            if let Err(e) = collect(&mut x, &mut pending) {
                 break Err(e);
             }
             let mut queued: Vec<u64> = Vec::new();
@@ -771,14 +740,7 @@ impl BatchRunner for SlurmRunner {
                         };
                         // The worker's own error, as it wrote it through the remote; else the
                         // end of the task's output (readable where the driver sees it).
-                        let said = self
-                            .exchange
-                            .as_ref()
-                            .and_then(|x| x.worker_error(job, &format!("{}_{s}.", cur.array), true))
-                            .unwrap_or_else(|| match log.exists() || self.exchange.is_none() {
-                                true => log_tail(&log),
-                                false => "(its output file is on the node that ran it)".into(),
-                            });
+                        let said = x.failure(job, &format!("{}_{s}.", cur.array), true, &log);
                         let message = format!(
                             "task {}_{s} {why}: {said} (output {})",
                             cur.array,
@@ -841,17 +803,14 @@ impl BatchRunner for SlurmRunner {
             Ok(()) => {
                 // Duplicates still queued have nothing left to give.
                 cancel_name(&name);
-                let _ = std::fs::remove_dir_all(self.work.join(job.key.to_hex()));
-                if let Some(x) = &self.exchange {
-                    x.finish(job, &|m| self.say(m));
-                }
+                x.finish(job, &say);
                 Ok(())
             }
             // Stopped: the tasks go on; the next driver commits their results.
             Err(StepError::Interrupted) => Err(StepError::Interrupted),
             Err(e) => {
                 cancel_name(&name);
-                let _ = collect(&mut pending);
+                let _ = collect(&mut x, &mut pending);
                 Err(e)
             }
         }
