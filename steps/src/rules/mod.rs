@@ -5,5 +5,6 @@ pub mod eval;
 pub mod eval_metrics;
 pub mod judge_pairs;
 pub mod meta_verdict;
+pub mod py_random;
 pub mod selection;
 pub mod verdict;
