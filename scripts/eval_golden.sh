@@ -8,6 +8,9 @@
 #    examples/prompts.jsonl (all 24 with logprob verdicts, the first 8 with text verdicts),
 #    exported by tsr (needs the default model: scripts/fetch-model.sh).
 # 3. exports.json: get_winrate on each exported annotations.json, read as AlpacaEval reads it.
+# 4. alpaca-annotator.json: alpaca_eval's prompt filling, chat messages and logprob parser
+#    (scripts/alpaca_annotator_golden.py), and py-random.json: CPython's random.Random on string
+#    seeds, AlpacaEval's output order (scripts/py_random_golden.py, standard library only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(scripts/golden-venv.sh eval scripts/requirements-eval-golden.txt)
@@ -28,4 +31,6 @@ for mode in logprob text; do
 done
 "$py" scripts/eval_golden.py tests/fixtures/eval/winrate.json \
   tests/fixtures/eval/exports.json tests/fixtures/eval/export-logprob tests/fixtures/eval/export-text
+"$py" scripts/alpaca_annotator_golden.py
+"$py" scripts/py_random_golden.py
 echo "wrote tests/fixtures/eval/"

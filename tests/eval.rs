@@ -660,3 +660,57 @@ fn alpaca_eval_output_order_is_pythons() {
     // Both orders occur (a constant answer would be no reproduction at all).
     assert!(switched > 100 && switched < rows.len() - 100, "{switched}");
 }
+
+/// The pure parts of AlpacaEval 2.0's default annotator equal alpaca_eval 0.6.6's own
+/// functions (fixture by `scripts/alpaca_annotator_golden.py`): the filled prompt and its chat
+/// messages for templates and values with JSON braces, `system name=` blocks, a value holding a
+/// later placeholder's name, non-ASCII text and an `<|im_end|>`; and the soft preference from
+/// top log-probabilities, undecided when neither `m` nor `M` is among them.
+#[test]
+fn alpaca_eval_prompts_messages_and_preferences_are_alpaca_evals() {
+    use tsr_steps::rules::alpaca_annotator::{fill_template, soft_preference, to_chat_messages};
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/alpaca-annotator.json");
+    let doc = read_json(&path);
+    let fills = doc["fills"].as_array().unwrap();
+    assert!(fills.len() >= 15);
+    for f in fills {
+        let t = f["template"].as_str().unwrap();
+        let values: Vec<(&str, &str)> = f["values"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+            .collect();
+        let prompt = fill_template(t, &values).unwrap();
+        assert_eq!(
+            prompt,
+            f["prompt"].as_str().unwrap(),
+            "{t:?} with {values:?}"
+        );
+        let messages = serde_json::to_value(to_chat_messages(&prompt).unwrap()).unwrap();
+        assert_eq!(messages, f["messages"], "{prompt:?}");
+    }
+    let prefs = doc["preferences"].as_array().unwrap();
+    let mut undecided = 0;
+    for p in prefs {
+        let top: Vec<(String, f64)> = p["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_f64().unwrap()))
+            .collect();
+        let got = soft_preference(&top);
+        match p["preference"].as_f64() {
+            None => {
+                assert_eq!(got, None, "{top:?}");
+                undecided += 1;
+            }
+            Some(want) => {
+                let got = got.unwrap_or_else(|| panic!("{top:?}: undecided"));
+                assert!((got - want).abs() < 1e-12, "{top:?}: {got} vs {want}");
+            }
+        }
+    }
+    assert_eq!(undecided, 1);
+}

@@ -1,6 +1,7 @@
 //! The pure rules the step kinds apply: no model, no store.
 
 pub mod agreement;
+pub mod alpaca_annotator;
 pub mod eval;
 pub mod eval_metrics;
 pub mod judge_pairs;
