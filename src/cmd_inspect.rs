@@ -493,13 +493,7 @@ fn gc_work(store: &Store, dry_run: bool) -> anyhow::Result<(u64, u64)> {
     let (mut steps, mut bytes) = (0, 0);
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let needed = match name.parse::<tsr_state::Digest>() {
-            Ok(key) => store
-                .get_step(&key)?
-                .is_some_and(|s| !matches!(s.status, tsr_state::StepStatus::Done { .. })),
-            Err(_) => false,
-        };
-        if needed {
+        if work_needed(store, &name)? {
             continue;
         }
         steps += 1;
@@ -510,6 +504,17 @@ fn gc_work(store: &Store, dry_run: bool) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok((steps, bytes))
+}
+
+/// Whether the workers' folder `name` (a step key) may still be read: its step is recorded and
+/// not done (resuming it commits the results instead of computing them again).
+fn work_needed(store: &Store, name: &str) -> anyhow::Result<bool> {
+    Ok(match name.parse::<tsr_state::Digest>() {
+        Ok(key) => store
+            .get_step(&key)?
+            .is_some_and(|s| !matches!(s.status, tsr_state::StepStatus::Done { .. })),
+        Err(_) => false,
+    })
 }
 
 /// [`gc_work`] for the results workers left in the remote (`<remote>/work/<step key>/`).
@@ -525,13 +530,7 @@ fn gc_remote_work(store: &Store, url: &str, dry_run: bool) -> anyhow::Result<(u6
         .work_folders()
         .context("listing the workers' results in the remote")?
     {
-        let needed = match name.parse::<tsr_state::Digest>() {
-            Ok(key) => store
-                .get_step(&key)?
-                .is_some_and(|s| !matches!(s.status, tsr_state::StepStatus::Done { .. })),
-            Err(_) => false,
-        };
-        if needed {
+        if work_needed(store, &name)? {
             continue;
         }
         steps += 1;

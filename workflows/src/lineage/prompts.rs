@@ -73,6 +73,15 @@ struct SelectConfig {
     phase: String,
 }
 
+/// The records that pass `keep`, each with its position among all of them.
+fn positioned<T>(all: Vec<T>, keep: impl Fn(&T) -> bool) -> (Vec<u64>, Vec<T>) {
+    all.into_iter()
+        .enumerate()
+        .filter(|(_, r)| keep(r))
+        .map(|(i, r)| (i as u64, r))
+        .unzip()
+}
+
 /// The training prompt `id` through every finished select step of the run.
 pub fn prompt_lineage(store: &Store, run: &str, id: &str) -> Result<PromptLineage, QueryError> {
     let nodes = nodes(store, run)?;
@@ -115,20 +124,14 @@ pub fn prompt_lineage(store: &Store, run: &str, id: &str) -> Result<PromptLineag
                 continue;
             };
             // Each with its position in its blob: the item index of the step that made it.
-            let (positions, responses): (Vec<u64>, Vec<Response>) =
-                records::<Response>(store, rd, "response")?
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.prompt_id == id)
-                    .map(|(i, r)| (i as u64, r))
-                    .unzip();
-            let (judged_at, judgements): (Vec<u64>, Vec<Judgement>) =
-                records::<Judgement>(store, jd, "judgement")?
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(_, j)| j.prompt_id == id)
-                    .map(|(i, j)| (i as u64, j))
-                    .unzip();
+            let (positions, responses) =
+                positioned(records::<Response>(store, rd, "response")?, |r| {
+                    r.prompt_id == id
+                });
+            let (judged_at, judgements) =
+                positioned(records::<Judgement>(store, jd, "judgement")?, |j| {
+                    j.prompt_id == id
+                });
             let (generators, judges) = (computed_by(store, rd)?, computed_by(store, jd)?);
             cands.insert(prefix, candidates_of(&responses, &judgements, id, role));
             let responses = responses
