@@ -399,7 +399,10 @@ impl SlurmRunner {
         let (source, scratch) = match x.remote() {
             Some(r) => (
                 match &self.worker_env {
-                    Some(f) => format!(". {}\n", q(f)),
+                    Some(f) => format!(
+                        "[ -r {f} ] || {{ echo \"tsr: executor.worker_env {f} is not readable on $(hostname); put the file there or fix the setting\" >&2; exit 1; }}\n. {f}\n",
+                        f = q(f)
+                    ),
                     None => String::new(),
                 },
                 r.node_cache.join("scratch"),
