@@ -190,6 +190,17 @@ fn spawn_pausing_workers(dir: &Path) -> (PathBuf, std::process::Child) {
     (store, child)
 }
 
+/// How many times process `pid` has been switched out (voluntarily or not): it grows whenever
+/// the process runs.
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The worker processes that are stopped (`TSR_TEST_PAUSE_AT`) among the children of `parent`.
 fn stopped_children(parent: u32) -> Vec<u32> {
     let mut out = vec![];
@@ -261,17 +272,19 @@ fn twenty_random_worker_kills_change_nothing() {
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut seen = BTreeSet::new();
+    // Each stop is acted on once. A worker let go stops again before its fourth batch, and it
+    // can do so before this loop sees it running: a stop is told from the last one by the
+    // context switches the process made since (it ran in between), not by its pid.
+    let mut acted: std::collections::BTreeMap<u32, u64> = Default::default();
     let (mut killed, mut released) = (0, 0);
     let mut rng: u64 = 0x7e57_5eed;
     wait_event(&mut child, "end of the run", |c| {
-        let stopped = stopped_children(c.id());
-        // A worker let go that stops again (before its fourth batch) is a new stop.
-        seen.retain(|p| stopped.contains(p));
-        for pid in stopped {
-            if !seen.insert(pid) {
+        for pid in stopped_children(c.id()) {
+            let switches = context_switches(pid);
+            if acted.get(&pid) == Some(&switches) {
                 continue;
             }
+            acted.insert(pid, switches);
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
