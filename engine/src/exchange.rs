@@ -152,12 +152,8 @@ impl RemoteExchange {
     ) -> Result<(usize, u64), RemoteError> {
         let mut job = job.clone();
         let (mut n, mut bytes) = (0, 0);
-        let blobs = |d: &tsr_state::Digest| {
-            let hex = d.to_hex();
-            job.blobs.join(&hex[..2]).join(&hex[2..])
-        };
         for d in job.inputs.values() {
-            let path = blobs(d);
+            let path = tsr_state::BlobStore::path_in(&job.blobs, d);
             if self.remote.offer_blob(d, &path)? {
                 n += 1;
                 bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -193,7 +189,7 @@ impl RemoteExchange {
             Err(e) => return Err(remote_err(e)),
         };
         for (name, _) in listed {
-            let Some(b) = name.split('.').next().and_then(|b| b.parse::<u64>().ok()) else {
+            let Some(b) = crate::shard::batch_of(&name) else {
                 continue;
             };
             if !pending.contains(&b) {
@@ -282,7 +278,7 @@ impl ResultSink for RemoteSink {
             .work_list(&self.rel)
             .map_err(remote_err)?
             .into_iter()
-            .filter_map(|(n, _)| Some((n.split('.').next()?.parse().ok()?, n)))
+            .filter_map(|(n, _)| Some((crate::shard::batch_of(&n)?, n)))
             .collect();
         out.sort();
         Ok(out)

@@ -311,6 +311,11 @@ pub fn decode_result(bytes: &[u8]) -> Result<ShardResult, String> {
     Ok((who, items))
 }
 
+/// The batch a result named `<batch>.<writer>` is for.
+pub fn batch_of(name: &str) -> Option<u64> {
+    name.split('.').next()?.parse().ok()
+}
+
 /// The result files for batches in `dir`: `<batch>.<writer>` (temporary files start with `.`).
 pub fn result_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -323,7 +328,7 @@ pub fn result_files(dir: &Path) -> Vec<(u64, PathBuf)> {
             if name.starts_with('.') {
                 return None;
             }
-            let b = name.split('.').next()?.parse().ok()?;
+            let b = batch_of(&name)?;
             Some((b, e.path()))
         })
         .collect();

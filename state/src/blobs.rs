@@ -52,8 +52,14 @@ impl BlobStore {
 
     /// Where a blob lives (whether or not it exists).
     pub fn path(&self, d: &Digest) -> PathBuf {
+        Self::path_in(&self.dir, d)
+    }
+
+    /// Where blob `d` lives in the blob folder `dir` (the layout every blob folder shares:
+    /// the store's, a node cache's), without opening it.
+    pub fn path_in(dir: &Path, d: &Digest) -> PathBuf {
         let hex = d.to_hex();
-        self.dir.join(&hex[..2]).join(&hex[2..])
+        dir.join(&hex[..2]).join(&hex[2..])
     }
 
     /// The folder for temporary files of this store (same filesystem as the blobs, so a rename

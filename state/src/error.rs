@@ -203,6 +203,9 @@ pub enum RemoteError {
 
     #[error("this store is replicated to {attached}, not to {given}; give --remote {attached} (or no --remote), or restore {given} into a new folder")]
     OtherRemote { attached: String, given: String },
+
+    #[error("`{name}` is not a name inside the remote's work/ folder: give the step's folder as the driver wrote it (`<step key>/<build>`), without empty parts, `.` or `..`")]
+    WorkName { name: String },
 }
 
 impl RemoteError {

@@ -25,9 +25,8 @@ fn work_key(rel: &str) -> RemoteResult<String> {
             .split('/')
             .any(|p| p.is_empty() || p == "." || p == "..")
     {
-        return Err(RemoteError::BadUrl {
-            url: rel.to_string(),
-            reason: "not a name inside the remote's work/ folder".into(),
+        return Err(RemoteError::WorkName {
+            name: rel.to_string(),
         });
     }
     Ok(format!("{WORK}/{rel}"))
