@@ -162,7 +162,7 @@ fn slurm_runner(
     let step_args = plan
         .nodes
         .iter()
-        .filter(|n| tsr_steps::shards::SHARDABLE.contains(&n.kind.as_str()))
+        .filter(|n| tsr_steps::shards::in_workers(&n.kind))
         .map(|n| {
             let host = if config.device == "cpu" {
                 n.peak

@@ -1,5 +1,6 @@
-//! `tsr worker`: computes a shard of an item step for a driver (the `processes` executor
-//! starts it, and the `slurm` executor's array tasks run it; it is not meant to be typed). It
+//! `tsr worker`: computes a shard of an item step, or runs a whole step such as DPO, for a
+//! driver (the `processes` executor starts it, and the `slurm` executor's array tasks run it;
+//! it is not meant to be typed). It
 //! has no store and no lease. With `--job`, it reads the step's inputs from the blob folder the
 //! job names and writes one result file per batch into `--out`; with `--remote`, it reads the
 //! job and the inputs from the store's remote copy (the inputs through the node's cache) and
@@ -199,16 +200,11 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     let step = tsr_steps::shards::step_of(&job.kind, &job.config)
         .or_else(|| tsr_engine::testkit::shard_step(&job.kind, &job.config))
-        .with_context(|| format!("step kind `{}` cannot run as shards", job.kind))??;
+        .with_context(|| format!("step kind `{}` cannot run in a worker", job.kind))??;
     let stop = StopFlag::new();
     preempt::install_worker(stop.clone()).map_err(anyhow::Error::msg)?;
     let (sink, _cache): (Box<dyn tsr_engine::worker::ResultSink>, _) = match &remote {
-        None => (
-            Box::new(tsr_engine::worker::FolderSink(
-                a.out.clone().context("--out is required with --job")?,
-            )),
-            None,
-        ),
+        None => (Box::new(tsr_engine::worker::FolderSink(out_dir(&a)?)), None),
         Some(r) => {
             let step_rel = a.step.clone().unwrap_or_default();
             let outcome = take_inputs(r, &a, &mut job);
@@ -225,27 +221,66 @@ pub fn run(a: WorkerArgs) -> anyhow::Result<ExitCode> {
             )
         }
     };
-    let place = tsr_engine::worker::ShardPlace {
-        sink,
-        scratch: &scratch,
-        tag: &tag,
-        who,
+    let outcome = if job.whole {
+        // A whole step: its checkpoints and outputs go to the job's folder (beside the
+        // results) or through the remote.
+        let files: Box<dyn tsr_engine::job::JobFiles> = match &remote {
+            None => {
+                let out = out_dir(&a)?;
+                let dir = out.parent().with_context(|| {
+                    format!(
+                        "--out {} has no parent folder for the job's files",
+                        out.display()
+                    )
+                })?;
+                Box::new(tsr_engine::job::FolderFiles::open(dir)?)
+            }
+            Some(r) => Box::new(tsr_engine::exchange::RemoteFiles {
+                remote: r.clone(),
+                rel: a.step.clone().unwrap_or_default(),
+            }),
+        };
+        let place = tsr_engine::job::JobPlace {
+            sink,
+            files,
+            scratch: &scratch,
+            tag: &tag,
+            who,
+        };
+        tsr_engine::job::run_job(step.as_ref(), &job, place, stop)
+    } else {
+        let place = tsr_engine::worker::ShardPlace {
+            sink,
+            scratch: &scratch,
+            tag: &tag,
+            who,
+        };
+        tsr_engine::worker::run_shard(step.as_ref(), &job, &batches, place, stop)
     };
-    match tsr_engine::worker::run_shard(step.as_ref(), &job, &batches, place, stop) {
+    match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(StepError::Interrupted) => Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8)),
         Err(e) => {
-            let e = anyhow::Error::new(e).context(format!(
-                "computing batches {} of step `{}`",
-                tsr_engine::shard::format_batches(&batches),
-                job.node
-            ));
+            let e = anyhow::Error::new(e).context(if job.whole {
+                format!("running step `{}`", job.node)
+            } else {
+                format!(
+                    "computing batches {} of step `{}`",
+                    tsr_engine::shard::format_batches(&batches),
+                    job.node
+                )
+            });
             Err(match &remote {
                 Some(r) => report(r, a.step.as_deref().unwrap_or_default(), &tag, e),
                 None => e,
             })
         }
     }
+}
+
+/// `--out`, which a worker of a shared folder needs.
+fn out_dir(a: &WorkerArgs) -> anyhow::Result<PathBuf> {
+    a.out.clone().context("--out is required with --job")
 }
 
 /// Takes the job's inputs through the node cache and points the job at them.

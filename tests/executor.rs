@@ -249,6 +249,53 @@ fn workers_killed_in_the_middle_of_their_shards_change_nothing() {
     same(&want, &results(&store));
 }
 
+/// A training step runs as one job in a worker process: SIGKILLed after its first checkpoint,
+/// its next launch continues from that checkpoint, and the run ends with the outputs of one
+/// process.
+#[test]
+fn a_training_worker_killed_after_a_checkpoint_continues_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = reference(dir.path());
+    let run_dir = dir.path().join("dpo-killed");
+    let cfg = setup(&run_dir, "[executor]\nkind = \"processes\"\nworkers = 2\n");
+    let store = run_dir.join("store");
+    let mut c = command(&cfg, &store);
+    // Before its second optimizer step, so after its first checkpoint (one per step).
+    c.env("TSR_TEST_PAUSE_AT", "iter1/dpo-future#2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut seen = BTreeSet::new();
+    wait_event(&mut child, "end of the run", |c| {
+        for pid in stopped_children(c.id()) {
+            if seen.insert(pid) {
+                // SAFETY: signals only to a stopped child of the run.
+                unsafe {
+                    libc::kill(
+                        pid as i32,
+                        if seen.len() == 1 {
+                            libc::SIGKILL
+                        } else {
+                            libc::SIGCONT
+                        },
+                    );
+                }
+            }
+        }
+        c.try_wait().unwrap().is_some()
+    });
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(seen.len(), 1, "only the first launch stops: {t}");
+    assert!(
+        t.contains("tsr: iter1/dpo-future: ran as one job by worker process, shard 0 (launch 2)")
+            && t.contains("continued from checkpoint 0 (saved by 0-1)"),
+        "{t}"
+    );
+    same(&want, &results(&store));
+}
+
 /// Twenty worker SIGKILLs across four steps, at batch boundaries chosen by a seeded generator:
 /// each worker stops itself before its second and fourth batch of `iter1/gen-current`,
 /// `iter1/judge-current`, `iter1/gen-future` and `iter1/judge-future` (2 shards each), and the

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tsr_state::{
     now_ms, ArtifactRecord, Commit, Digest, EdgeRecord, NodeRecord, RunStatus, StateError,
-    StepRecord, Store,
+    StepRecord, Store, WorkerRecord,
 };
 
 #[derive(Clone, Debug)]
@@ -552,26 +552,33 @@ impl Job {
             journal.clone(),
             self.progress.clone(),
         );
+        let shard_job = |build: &String, whole: bool| ShardJob {
+            node: self.node.clone(),
+            key: self.key,
+            kind: step.kind().to_string(),
+            version: step.version(),
+            config: step.config(),
+            inputs: self.inputs.clone(),
+            externals: self.externals.clone(),
+            external_blobs: Default::default(),
+            blobs: store.blobs().dir().to_path_buf(),
+            device: self.device.clone(),
+            // Filled in by the step's `for_each_batch`; a whole step is one item.
+            total: whole as u64,
+            batch: 1,
+            build: build.clone(),
+            whole,
+        };
+        // A whole step another executor runs (see `crate::job`), with who ran it.
+        let elsewhere = match &self.runner {
+            Some((runner, build)) if step.runs_as_job() => {
+                Some((runner.clone(), shard_job(build, true)))
+            }
+            _ => None,
+        };
+        let mut ran_by = None;
         if let (Some((runner, build)), true) = (&self.runner, step.shardable()) {
-            ctx = ctx.with_runner(
-                runner.clone(),
-                ShardJob {
-                    node: self.node.clone(),
-                    key: self.key,
-                    kind: step.kind().to_string(),
-                    version: step.version(),
-                    config: step.config(),
-                    inputs: self.inputs.clone(),
-                    externals: self.externals.clone(),
-                    external_blobs: Default::default(),
-                    blobs: store.blobs().dir().to_path_buf(),
-                    device: self.device.clone(),
-                    // Filled in by the step's `for_each_batch`.
-                    total: 0,
-                    batch: 1,
-                    build: build.clone(),
-                },
-            );
+            ctx = ctx.with_runner(runner.clone(), shard_job(build, false));
         }
         let inputs = StepInputs::new(
             store.blobs().clone(),
@@ -588,7 +595,12 @@ impl Job {
         // getrusage report for the whole process.
         let measured =
             compute && std::env::var(STEP_MEMORY_ENV).is_ok_and(|v| v == "1") && reset_peak_rss();
-        let result =
+        let result = if let Some((runner, job)) = &elsewhere {
+            crate::job::run_elsewhere(runner.as_ref(), job, &self.stop).map(|(out, who, _)| {
+                ran_by = Some(who);
+                out
+            })
+        } else {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step.run(&inputs, &ctx)))
                 .unwrap_or_else(|p| {
                     let msg = p
@@ -597,7 +609,8 @@ impl Job {
                         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_else(|| "unknown panic".into());
                     Err(StepError::Other(format!("the step panicked: {msg}")))
-                });
+                })
+        };
         self.progress.finish();
         let mut rec = journal.record();
         rec.busy_ms += t0.elapsed().as_millis() as u64;
@@ -686,6 +699,16 @@ impl Job {
         rec.status = transition(&rec.status, Event::Finish(digests.clone()), rec.attempts)
             .map_err(|(f, e)| self.transition_err(f, e))?;
         let old_checkpoint = rec.checkpoint.take();
+        if let Some(who) = &ran_by {
+            c.worker(
+                &self.key,
+                0,
+                &WorkerRecord {
+                    last: 0,
+                    ..who.clone()
+                },
+            );
+        }
         c.step(&self.key, &rec)
             .node(&self.run, &self.node, &self.binding());
         store.commit(c)?;

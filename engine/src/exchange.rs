@@ -301,6 +301,130 @@ impl ResultSink for RemoteSink {
     }
 }
 
+/// Takes a whole step's outputs into the driver's blob store (`job.blobs`): from the job
+/// folder's `out/` that the driver shares, or from the remote's blobs. Each is verified.
+fn take_outputs(
+    job: &ShardJob,
+    dir: &std::path::Path,
+    remote: Option<&RemoteExchange>,
+    manifest: &crate::job::JobOutputs,
+) -> Result<(), StepError> {
+    let blobs = tsr_state::BlobStore::open(job.blobs.clone(), dir.join("tmp"))?;
+    for o in &manifest.outputs {
+        if blobs.exists(&o.digest) {
+            continue;
+        }
+        let what = || format!("taking output `{}` of `{}`", o.name, job.node);
+        match remote {
+            Some(x) => {
+                let got = patiently(&what(), || x.remote.fetch_blob(&o.digest, &blobs))
+                    .map_err(|e| StepError::wrap(what(), e))?;
+                if got.is_none() {
+                    return Err(StepError::Other(format!(
+                        "{}: {} has no blob {}; the job's worker did not hand it over, so its step runs again",
+                        what(),
+                        x.remote.url(),
+                        o.digest.short()
+                    )));
+                }
+            }
+            None => {
+                let path = crate::job::FolderFiles::output_path(dir, &o.digest);
+                let copy = blobs.tmp_path("output");
+                std::fs::copy(&path, &copy).map_err(|e| {
+                    StepError::io(format!("{}: copying {}", what(), path.display()), e)
+                })?;
+                let got = blobs.put_file(&copy)?;
+                if got != o.digest {
+                    return Err(StepError::Other(format!(
+                        "{}: {} is {}, not the {} its job listed",
+                        what(),
+                        path.display(),
+                        got.short(),
+                        o.digest.short()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A whole step's checkpoints through the remote: `work/<step>/ckpt/<digest>` and the record
+/// `work/<step>/ckpt.json`; its outputs as the remote's blobs. A remote that does not answer
+/// is waited for (see [`patiently`]).
+pub struct RemoteFiles {
+    pub remote: Arc<Remote>,
+    /// `<step key>/<build>`.
+    pub rel: String,
+}
+
+impl crate::job::JobFiles for RemoteFiles {
+    fn checkpoint(&self) -> Result<Option<crate::job::SavedCheckpoint>, StepError> {
+        let rel = format!("{}/ckpt.json", self.rel);
+        let Some(bytes) = patiently("reading the last checkpoint", || self.remote.work_get(&rel))
+            .map_err(remote_err)?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            StepError::Invalid(format!(
+                "work/{rel} in {} is not a checkpoint record of this build ({e}); remove it to start the step over",
+                self.remote.url()
+            ))
+        })
+    }
+    fn put_checkpoint_file(
+        &self,
+        d: &tsr_state::Digest,
+        path: &std::path::Path,
+    ) -> Result<(), StepError> {
+        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        patiently("uploading a checkpoint file", || {
+            self.remote.work_put_file(&rel, d, path)
+        })
+        .map_err(remote_err)?;
+        let _ = std::fs::remove_file(path);
+        Ok(())
+    }
+    fn take_checkpoint_file(
+        &self,
+        d: &tsr_state::Digest,
+        blobs: &tsr_state::BlobStore,
+    ) -> Result<PathBuf, StepError> {
+        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        let got = patiently("downloading a checkpoint file", || {
+            self.remote.work_fetch(&rel, d, blobs)
+        })
+        .map_err(remote_err)?;
+        if got.is_none() {
+            return Err(StepError::Other(format!(
+                "{} has no work/{rel}, which the last checkpoint names; remove work/{}/ckpt.json to start the step over",
+                self.remote.url(),
+                self.rel
+            )));
+        }
+        Ok(blobs.path(d))
+    }
+    fn record_checkpoint(&self, cp: &crate::job::SavedCheckpoint) -> Result<(), StepError> {
+        let rel = format!("{}/ckpt.json", self.rel);
+        let bytes = serde_json::to_vec_pretty(cp).expect("a checkpoint record serializes");
+        patiently("recording a checkpoint", || {
+            self.remote.work_put(&rel, bytes.clone())
+        })
+        .map_err(remote_err)
+    }
+    fn drop_checkpoint_file(&self, d: &tsr_state::Digest) -> Result<(), StepError> {
+        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        self.remote.work_delete(&rel).map_err(remote_err)
+    }
+    fn put_output(&self, d: &tsr_state::Digest, path: &std::path::Path) -> Result<(), StepError> {
+        patiently("uploading an output", || self.remote.offer_blob(d, path)).map_err(remote_err)?;
+        let _ = std::fs::remove_file(path);
+        Ok(())
+    }
+}
+
 /// One step's exchange with its workers, for a runner: through the folder the workers share
 /// with the driver (`<work>/<step key>/<build>/`), or through the remote. The runner keeps its
 /// own folder for scripts and logs either way.
@@ -362,6 +486,8 @@ impl<'a> StepExchange<'a> {
 
     /// Delivers the verified results of the batches still `pending`; a remote that does not
     /// answer is said once (and its return), and asked again at the next call.
+    /// A whole step's result (see [`crate::job`]) is delivered only once its outputs are in
+    /// the driver's blob store.
     pub fn collect(
         &mut self,
         job: &ShardJob,
@@ -369,6 +495,22 @@ impl<'a> StepExchange<'a> {
         deliver: &mut Deliver<'_>,
         say: &dyn Fn(String),
     ) -> Result<(), StepError> {
+        let (dir, remote) = (self.dir.clone(), self.remote);
+        let mut take = |b: u64, items: Vec<Vec<u8>>, who: tsr_state::WorkerRecord| {
+            if job.whole {
+                let manifest =
+                    crate::job::JobOutputs::decode(items.first().map_or(&[][..], |i| i))?;
+                take_outputs(job, &dir, remote, &manifest)?;
+                say(format!(
+                    "{}: ran as one job by {}: {}",
+                    job.node,
+                    who.describe(),
+                    manifest.describe()
+                ));
+            }
+            deliver(b, items, who)
+        };
+        let deliver: &mut Deliver<'_> = &mut take;
         let Some(x) = self.remote else {
             return crate::shard::deliver_results(job, &self.dir.join("results"), pending, deliver);
         };

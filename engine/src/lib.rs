@@ -15,6 +15,7 @@ mod driver;
 mod error;
 pub mod exchange;
 pub mod identity;
+pub mod job;
 mod key;
 pub mod machine;
 pub mod node_cache;

@@ -199,7 +199,13 @@ impl BatchRunner for ProcessRunner {
                 (s, st)
             })
             .collect();
-        if self.log {
+        if self.log && job.whole {
+            eprintln!(
+                "tsr: {}: runs as one job in a worker process (checkpoints in {})",
+                job.node,
+                x.dir.display()
+            );
+        } else if self.log {
             eprintln!(
                 "tsr: {}: {} batch(es) in {} shard(s) on {} worker process(es)",
                 job.node,

@@ -50,6 +50,10 @@ pub struct ShardJob {
     /// The identity of the program that made the job; a worker that is another program
     /// refuses it.
     pub build: String,
+    /// A whole step run as one job (see [`crate::job`]): one batch of one item, whose result
+    /// lists the step's outputs.
+    #[serde(default)]
+    pub whole: bool,
 }
 
 impl ShardJob {
@@ -196,6 +200,8 @@ pub fn plan_shards(
     workers: usize,
 ) -> Result<(u64, BTreeMap<u64, Vec<u64>>), StepError> {
     let per = match shard_items {
+        // A whole step is one job, whatever the shard size.
+        _ if job.whole => 1,
         Some(n) if n == 0 || n % job.batch != 0 => {
             return Err(StepError::Invalid(format!(
                 "executor.shard_items = {n} is not a whole number of this step's batches of {} items; use a multiple of {}",
@@ -422,6 +428,7 @@ mod tests {
             total: 7,
             batch: 3,
             build: "b".into(),
+            whole: false,
         };
         assert_eq!(job.batches(), 3);
         assert_eq!(job.batch_items(2), 6..7);

@@ -420,12 +420,16 @@ impl SlurmRunner {
         );
         let script = format!(
             "#!/bin/sh\n\
-             # tsr: batches of step `{node}` (key {key}), {per} batch(es) per array task.\n\
+             # tsr: {what} (key {key}).\n\
              # Written by the driver; it holds paths only, never a secret.\n\
              {source}\
              export RAYON_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-1}}\"\n\
              exec {bin} worker --array-shards {per} {place}\n",
-            node = job.node,
+            what = if job.whole {
+                format!("step `{}`, run whole", job.node)
+            } else {
+                format!("batches of step `{}`, {per} per array task", job.node)
+            },
             key = job.key.to_hex(),
             bin = q(&self.binary),
         );
@@ -581,7 +585,19 @@ impl BatchRunner for SlurmRunner {
                 (s, st)
             })
             .collect();
-        self.say(format!(
+        if job.whole {
+            self.say(format!(
+                "{}: runs as one Slurm job `{name}` ({}; checkpoints in {})",
+                job.node,
+                self.args_for(&job.node).join(" "),
+                match x.remote() {
+                    Some(r) =>
+                        format!("{}/work/{}", r.remote.url(), crate::exchange::step_rel(job)),
+                    None => dir.display().to_string(),
+                }
+            ));
+        } else {
+            self.say(format!(
             "{}: {} batch(es) in {} shard(s) as Slurm array tasks `{name}` (at most {} at once; {})",
             job.node,
             batches.len(),
@@ -589,6 +605,7 @@ impl BatchRunner for SlurmRunner {
             self.workers,
             self.args_for(&job.node).join(" ")
         ));
+        }
         let mut pending: BTreeSet<u64> = batches.iter().copied().collect();
         // Verified results not yet delivered, first one per batch.
         let mut collect = |x: &mut StepExchange<'_>, pending: &mut BTreeSet<u64>| {

@@ -40,6 +40,12 @@ pub trait Step: Send + Sync + 'static {
     fn shardable(&self) -> bool {
         false
     }
+    /// Whether an executor other than `local` runs this whole step in one of its workers
+    /// (see [`crate::job`]): a step that loads a model but has no items, such as training.
+    /// It must checkpoint only through `ctx.items()` and commit no items.
+    fn runs_as_job(&self) -> bool {
+        false
+    }
     /// Compute the batches `ctx` assigns (a worker's shard) through `ctx.for_each_batch`,
     /// exactly as `run` computes them, without assembling outputs.
     fn shard(&self, _inputs: &StepInputs, _ctx: &StepContext) -> Result<(), StepError> {

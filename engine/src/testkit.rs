@@ -182,11 +182,21 @@ pub fn shard_step(
     kind: &str,
     config: &serde_json::Value,
 ) -> Option<Result<Arc<dyn Step>, StepError>> {
-    (kind == "toy-map").then(|| {
-        serde_json::from_value::<ToyMap>(config.clone())
-            .map(|s| Arc::new(s) as Arc<dyn Step>)
-            .map_err(|e| StepError::Invalid(format!("the shard job's `{kind}` config: {e}")))
-    })
+    let bad =
+        |e: serde_json::Error| StepError::Invalid(format!("the shard job's `{kind}` config: {e}"));
+    match kind {
+        "toy-map" => Some(
+            serde_json::from_value::<ToyMap>(config.clone())
+                .map(|s| Arc::new(s) as Arc<dyn Step>)
+                .map_err(bad),
+        ),
+        "toy-train" => Some(
+            serde_json::from_value::<ToyTrain>(config.clone())
+                .map(|s| Arc::new(s) as Arc<dyn Step>)
+                .map_err(bad),
+        ),
+        _ => None,
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,8 +205,9 @@ struct TrainCursor {
 }
 
 /// A stand-in for DPO: `steps` sequential updates of a 64 KiB state, checkpointed every
-/// `checkpoint_every` steps and at a stop request; resumes from the last checkpoint.
-#[derive(Serialize)]
+/// `checkpoint_every` steps and at a stop request; resumes from the last checkpoint. Another
+/// executor runs it as one job.
+#[derive(Serialize, Deserialize)]
 pub struct ToyTrain {
     steps: u64,
     checkpoint_every: u64,
@@ -217,6 +228,9 @@ impl ToyTrain {
 impl Step for ToyTrain {
     fn kind(&self) -> &'static str {
         "toy-train"
+    }
+    fn runs_as_job(&self) -> bool {
+        true
     }
     fn version(&self) -> u32 {
         1

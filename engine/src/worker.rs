@@ -160,6 +160,21 @@ pub struct ShardPlace<'a> {
     pub who: WorkerRecord,
 }
 
+/// Refuses a step that is not the job's (another key from kind, version, config and inputs).
+pub fn check_step(step: &dyn Step, job: &ShardJob) -> Result<(), StepError> {
+    let key = crate::key::step_key(step.kind(), step.version(), &step.config(), &job.inputs);
+    if key != job.key {
+        return Err(StepError::Invalid(format!(
+            "this worker's step `{}` version {} has key {}, not the job's {}: the worker runs another tsr build or step version",
+            step.kind(),
+            step.version(),
+            key.short(),
+            job.key.short()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs a worker's shard: checks that `step` is the job's step (same key from kind, version,
 /// config and inputs), then computes `batches` into result files under `place.out`. Returns
 /// [`StepError::Interrupted`] when `stop` is set at a batch boundary.
@@ -176,17 +191,8 @@ pub fn run_shard(
         tag,
         who,
     } = place;
-    let key = crate::key::step_key(step.kind(), step.version(), &step.config(), &job.inputs);
-    if key != job.key {
-        return Err(StepError::Invalid(format!(
-            "this worker's step `{}` version {} has key {}, not the job's {}: the worker runs another tsr build or step version",
-            step.kind(),
-            step.version(),
-            key.short(),
-            job.key.short()
-        )));
-    }
-    if !step.shardable() {
+    check_step(step, job)?;
+    if job.whole || !step.shardable() {
         return Err(StepError::Invalid(format!(
             "step kind `{}` cannot run as shards",
             step.kind()

@@ -141,6 +141,11 @@ impl Commit {
     pub fn edge(&mut self, output: &Digest, input: &Digest, r: &EdgeRecord) -> &mut Self {
         self.put(keys::edge(output, input), encode(r))
     }
+    /// Who computed the items `first..=who.last` of step `key` (or, at 0 for a step without
+    /// items, who ran it elsewhere).
+    pub fn worker(&mut self, key: &Digest, first: u64, who: &WorkerRecord) -> &mut Self {
+        self.put(keys::worker(key, first), encode(who))
+    }
     pub fn remove_step(&mut self, key: &Digest) -> &mut Self {
         self.ops.push((keys::step(key), None));
         self

@@ -1,9 +1,9 @@
-//! The step kinds whose batches other processes can compute, made back from a shard job's kind
-//! and config (`tsr worker`). The worker then checks that the step's key equals the job's.
+//! The step kinds that other processes compute (their batches, or the whole step), made back
+//! from a job's kind and config (`tsr worker`). The worker then checks that the step's key equals the job's.
 
 use crate::kinds::{
-    answer::Answer, eval_judge::PairwiseJudge, generate::Generate, judge::Judge,
-    meta_judge::MetaJudge, ref_logprobs::ReferenceLogprobs,
+    answer::Answer, dpo::Dpo, eval_judge::PairwiseJudge, generate::Generate, judge::Judge,
+    meta_judge::MetaJudge, metrics::Metrics, ref_logprobs::ReferenceLogprobs,
 };
 use std::sync::Arc;
 use tsr_engine::{Step, StepError};
@@ -18,7 +18,15 @@ pub const SHARDABLE: [&str; 6] = [
     "eval-judge",
 ];
 
-/// The step of kind `kind` with this config, or `None` for a kind that is not sharded.
+/// The kinds another executor runs whole, in one of its workers (see `tsr_engine::job`).
+pub const WHOLE: [&str; 2] = ["dpo", "metrics"];
+
+/// Whether a worker runs steps of kind `kind` (as shards, or whole).
+pub fn in_workers(kind: &str) -> bool {
+    SHARDABLE.contains(&kind) || WHOLE.contains(&kind)
+}
+
+/// The step of kind `kind` with this config, or `None` for a kind no worker runs.
 pub fn step_of(kind: &str, config: &serde_json::Value) -> Option<Result<Arc<dyn Step>, StepError>> {
     fn make<T: Step + serde::de::DeserializeOwned>(
         kind: &str,
@@ -39,6 +47,8 @@ pub fn step_of(kind: &str, config: &serde_json::Value) -> Option<Result<Arc<dyn 
         "ref-logprobs" => make::<ReferenceLogprobs>(kind, config),
         "answer" => make::<Answer>(kind, config),
         "eval-judge" => make::<PairwiseJudge>(kind, config),
+        "dpo" => make::<Dpo>(kind, config),
+        "metrics" => make::<Metrics>(kind, config),
         _ => return None,
     })
 }
@@ -107,6 +117,41 @@ mod tests {
             assert_eq!(back.kind(), s.kind());
             assert_eq!(back.version(), s.version());
             assert_eq!(back.config(), s.config(), "{}", s.kind());
+        }
+        // The whole-step kinds too, LoRA or not.
+        let dpo = |lora| crate::kinds::dpo::Dpo {
+            beta: 0.1 + 0.2,
+            loss: tsr_dpo::DpoLossKind::Sigmoid,
+            lr: 5e-7 / 3.0,
+            warmup_steps: 3,
+            epochs: 2,
+            micro_batch: 2,
+            accum_steps: 4,
+            max_grad_norm: Some(1.0 / 3.0),
+            weight_decay: 0.0,
+            checkpoint_every: 7,
+            lora,
+        };
+        let whole: Vec<Arc<dyn Step>> = vec![
+            Arc::new(dpo(None)),
+            Arc::new(dpo(Some(crate::kinds::dpo::LoraTraining {
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.05,
+                targets: vec!["q_proj".into(), "v_proj".into()],
+            }))),
+            Arc::new(Metrics {
+                workflow: "temporal".into(),
+                iteration: 2,
+                phases: vec!["d1".into(), "d2".into()],
+                batch_size: 8,
+            }),
+        ];
+        for s in whole {
+            assert!(s.runs_as_job() && in_workers(s.kind()), "{}", s.kind());
+            let back = step_of(s.kind(), &s.config()).unwrap().unwrap();
+            assert_eq!(back.config(), s.config(), "{}", s.kind());
+            assert_eq!(back.version(), s.version());
         }
         assert!(step_of("select", &serde_json::json!({})).is_none());
         let e = step_of("generate", &serde_json::json!({"k": "seven"}))

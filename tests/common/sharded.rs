@@ -176,13 +176,30 @@ pub const SHARDED_NODES: [&str; 8] = [
     "iter1/eval-judge",
 ];
 
+/// The steps of [`setup`]'s run that an executor runs whole, in one of its workers: the two
+/// trainings and the iteration's metrics.
+pub const WHOLE_NODES: [&str; 3] = ["iter1/dpo-future", "iter1/dpo-next", "iter1/metrics"];
+
 /// Fails unless the driver's log `t` says that each of [`SHARDED_NODES`] was handed over with
-/// a line ending in `how` (its `tsr: NODE: ...` line).
+/// a line ending in `how` (its `tsr: NODE: ...` line), and that each of [`WHOLE_NODES`] ran
+/// as one job of the executor (who ran it, and from which checkpoint).
 pub fn assert_handed_over(t: &str, how: &str) {
     for node in SHARDED_NODES {
         let line = t
             .lines()
             .find(|l| l.starts_with(&format!("tsr: {node}: ")) && l.contains(how));
         assert!(line.is_some(), "{node} was not handed over ({how}):\n{t}");
+    }
+    let by = if how.contains("worker process") {
+        "worker process, shard 0"
+    } else {
+        "array task "
+    };
+    for node in WHOLE_NODES {
+        let line = t.lines().find(|l| {
+            l.starts_with(&format!("tsr: {node}: ran as one job by {by}"))
+                && (l.contains("ran from the start") || l.contains("continued from checkpoint"))
+        });
+        assert!(line.is_some(), "{node} did not run as one job ({by}):\n{t}");
     }
 }

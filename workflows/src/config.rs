@@ -123,8 +123,8 @@ pub struct ExecutorSection {
     /// Slurm: seconds a task may stay pending for a reason that waiting does not clear (a held
     /// job, a node or partition that is not available) before its step fails.
     pub stuck_after_s: u64,
-    /// Slurm: `[executor.steps.<kind>]`, resources of one step kind's array tasks (`judge`'s
-    /// long prompts may want more memory or another partition than `generate`).
+    /// Slurm: `[executor.steps.<kind>]`, resources of one step kind's jobs (`judge`'s long
+    /// prompts may want more memory or another partition than `generate`; `dpo` a GPU).
     pub steps: std::collections::BTreeMap<String, StepResources>,
     /// How workers get inputs and hand back results: `filesystem` or `remote` (default: `remote`
     /// under Slurm when the store has a remote copy, else `filesystem`).
@@ -753,12 +753,13 @@ impl Config {
                     return bad("executor.cpus_per_task", "must be at least 1");
                 }
                 for (kind, r) in &x.steps {
-                    if !tsr_steps::shards::SHARDABLE.contains(&kind.as_str()) {
+                    if !tsr_steps::shards::in_workers(kind) {
                         return bad(
                             &format!("executor.steps.{kind}"),
                             &format!(
-                                "is not a step kind that runs as array tasks; use one of {}",
-                                tsr_steps::shards::SHARDABLE.join(", ")
+                                "is not a step kind that runs as Slurm jobs; use one of {}, {}",
+                                tsr_steps::shards::SHARDABLE.join(", "),
+                                tsr_steps::shards::WHOLE.join(", ")
                             ),
                         );
                     }
@@ -1366,8 +1367,8 @@ mod tests {
         assert!(!args(None, None).contains("--mem"));
         for (body, key) in [
             (
-                "kind = \"slurm\"\n[executor.steps.dpo]\nmem = \"1G\"",
-                "executor.steps.dpo",
+                "kind = \"slurm\"\n[executor.steps.select]\nmem = \"1G\"",
+                "executor.steps.select",
             ),
             (
                 "kind = \"slurm\"\n[executor.steps.judge]\ncpus_per_task = 0",

@@ -262,8 +262,17 @@ impl Remote {
     /// Upload a local blob (hashed as it is read: a damaged local file is never uploaded under
     /// its name), in parts of 16 MiB above 32 MiB, never holding a large one whole in memory.
     pub(crate) fn put_blob(&self, digest: &crate::Digest, file: &Path) -> RemoteResult<()> {
+        self.put_file_as(&blob_key(&digest.to_hex()), digest, file)
+    }
+
+    /// Upload `file`, whose content is `digest`, as the object `rel` (see [`Self::put_blob`]).
+    pub(crate) fn put_file_as(
+        &self,
+        rel: &str,
+        digest: &crate::Digest,
+        file: &Path,
+    ) -> RemoteResult<()> {
         use std::io::Read;
-        let rel = &blob_key(&digest.to_hex());
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         let io_err = |e: std::io::Error| {
             self.err(

@@ -76,7 +76,11 @@ impl Remote {
     /// synced, and renamed into place only when it is `d`. Returns its size, or `None` when the
     /// remote does not hold it.
     pub fn fetch_blob(&self, d: &Digest, blobs: &BlobStore) -> RemoteResult<Option<u64>> {
-        let rel = blob_key(&d.to_hex());
+        self.fetch_as(blob_key(&d.to_hex()), d, blobs)
+    }
+
+    /// Downloads the object `rel`, whose content is `d`, into `blobs` (as [`Self::fetch_blob`]).
+    fn fetch_as(&self, rel: String, d: &Digest, blobs: &BlobStore) -> RemoteResult<Option<u64>> {
         let tmp = blobs.tmp_path("fetch");
         let local = |e: std::io::Error, what: &str, path: &std::path::Path| {
             self.err(
@@ -123,6 +127,23 @@ impl Remote {
         Ok(Some(out.bytes))
     }
 
+    /// Uploads `file`, whose content is `d`, as `work/<rel>` (streamed, hashed on the way: a
+    /// file that is not `d` is refused, never uploaded).
+    pub fn work_put_file(&self, rel: &str, d: &Digest, file: &std::path::Path) -> RemoteResult<()> {
+        self.put_file_as(&work_key(rel)?, d, file)
+    }
+
+    /// Downloads `work/<rel>`, whose content is `d`, into `blobs` as blob `d` (verified, installed
+    /// by rename). Returns its size, or `None` when there is no such object.
+    pub fn work_fetch(
+        &self,
+        rel: &str,
+        d: &Digest,
+        blobs: &BlobStore,
+    ) -> RemoteResult<Option<u64>> {
+        self.fetch_as(work_key(rel)?, d, blobs)
+    }
+
     /// Writes (or replaces) `work/<rel>`.
     pub fn work_put(&self, rel: &str, bytes: Vec<u8>) -> RemoteResult<()> {
         let key = work_key(rel)?;
@@ -166,6 +187,11 @@ impl Remote {
             }
         }
         Ok(out.into_iter().collect())
+    }
+
+    /// Deletes `work/<rel>` (nothing to do when it is gone).
+    pub fn work_delete(&self, rel: &str) -> RemoteResult<()> {
+        self.delete(&work_key(rel)?)
     }
 
     /// Deletes every object under `work/<rel>/`; returns how many there were.

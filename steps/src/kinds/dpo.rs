@@ -18,7 +18,7 @@ use tsr_engine::{OutputData, Step, StepContext, StepError, StepInputs, StepOutpu
 use tsr_model::adapter::LoraSpec;
 use tsr_model::LanguageModel;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Dpo {
     pub beta: f64,
     pub loss: DpoLossKind,
@@ -32,13 +32,13 @@ pub struct Dpo {
     pub checkpoint_every: u64,
     /// Train a LoRA adapter over the frozen input model instead of every weight (`None`: full
     /// fine-tuning; left out of the step's config, so full runs keep their step keys).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraTraining>,
 }
 
 /// How LoRA training is set up: the adapter a first DPO creates (an input model that already
 /// has one trains that adapter further, with its own rank, alpha and targets).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoraTraining {
     pub r: usize,
     pub alpha: f64,
@@ -197,6 +197,9 @@ fn progress_message(m: &StepMetrics) -> String {
 impl Step for Dpo {
     fn kind(&self) -> &'static str {
         "dpo"
+    }
+    fn runs_as_job(&self) -> bool {
+        true
     }
     fn version(&self) -> u32 {
         // 2: checkpoints are weights + TrainerCheckpoint + metrics files (v1 used another cursor).

@@ -60,7 +60,7 @@ pub struct IterationMetrics {
     pub meta: Option<crate::rules::judge_pairs::MetaMetrics>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Metrics {
     pub workflow: String,
     pub iteration: u32,
@@ -81,6 +81,9 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 impl Step for Metrics {
     fn kind(&self) -> &'static str {
         "metrics"
+    }
+    fn runs_as_job(&self) -> bool {
+        true
     }
     fn version(&self) -> u32 {
         1
