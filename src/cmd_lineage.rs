@@ -163,9 +163,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                         pairs_from,
                         reference_model,
                         lora,
+                        trained_by,
                         ..
                     } => println!(
-                        "{model}  <- {made_by} ({} pairs from {}, reference {}){}",
+                        "{model}  <- {made_by} ({} pairs from {}, reference {}){}{}",
                         pairs.map_or("null".to_string(), |n| n.to_string()),
                         pairs_from.as_deref().unwrap_or("?"),
                         reference_model.map_or("?".into(), |d| d.short()),
@@ -177,6 +178,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                                 l.alpha,
                                 short(&l.base)
                             ),
+                        },
+                        match trained_by {
+                            None => String::new(),
+                            Some(w) => format!("; trained by {}", w.describe()),
                         }
                     ),
                 }

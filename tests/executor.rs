@@ -294,6 +294,34 @@ fn a_training_worker_killed_after_a_checkpoint_continues_from_it() {
         "{t}"
     );
     same(&want, &results(&store));
+    // The final model's lineage names who trained it.
+    let model = t
+        .lines()
+        .find_map(|l| l.strip_prefix("tsr: final model "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{t}"));
+    let o = tsr(&["lineage", "x", "model", model, "--json"], &store);
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
+    let trained: Vec<&serde_json::Value> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h.get("dpo_step").is_some())
+        .collect();
+    // M1 comes from M0 by `iter1/dpo-next` (the future model is a side branch).
+    assert_eq!(trained.len(), 1, "{v}");
+    for h in trained {
+        assert_eq!(h["trained_by"]["executor"], "processes", "{h}");
+        assert_eq!(h["trained_by"]["job"], "shard 0", "{h}");
+    }
+    let o = tsr(&["lineage", "x", "model", model], &store);
+    assert!(
+        text(&o).contains("<- iter1/dpo-next (")
+            && text(&o).contains("trained by worker process, shard 0 (launch 1)"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// Twenty worker SIGKILLs across four steps, at batch boundaries chosen by a seeded generator:

@@ -12,7 +12,9 @@
 //! - the node lost while its tasks run (slurmd SIGKILLed), with a late write from an orphaned
 //!   task;
 //! - a shard that fails every time (a worker of another build), which fails its step after
-//!   its attempts with the worker's own message.
+//!   its attempts with the worker's own message;
+//! - the training job (DPO runs as one task) requeued after its first checkpoint: it
+//!   continues from the checkpoint it left in the remote.
 //!
 //! Faults are made at observed events: workers stop themselves (SIGSTOP) before their second
 //! batch of `iter1/gen-current` (`TSR_TEST_PAUSE_AT`, set by a wrapper script given as the
@@ -33,11 +35,17 @@ use std::process::{Child, Command, Stdio};
 /// A wrapper that runs this build of tsr with workers stopping themselves before their second
 /// batch of `iter1/gen-current`.
 fn pausing_binary(dir: &Path) -> PathBuf {
-    let p = dir.join("tsr-pausing");
+    pausing_binary_at(dir, "tsr-pausing", "iter1/gen-current#2")
+}
+
+/// A wrapper named `name` that runs this build of tsr with workers stopping themselves where
+/// `at` says (`TSR_TEST_PAUSE_AT`).
+fn pausing_binary_at(dir: &Path, name: &str, at: &str) -> PathBuf {
+    let p = dir.join(name);
     std::fs::write(
         &p,
         format!(
-            "#!/bin/sh\nexport TSR_TEST_PAUSE_AT='iter1/gen-current#2'\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\nexport TSR_TEST_PAUSE_AT='{at}'\nexec '{}' \"$@\"\n",
             env!("CARGO_BIN_EXE_tsr")
         ),
     )
@@ -547,10 +555,17 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     )
     .unwrap();
     let cache = dir.join("node-cache");
+    // Its training job also stops itself before its second optimizer step (after its first
+    // checkpoint), for the preemption below.
+    let pausing_dpo = pausing_binary_at(
+        dir,
+        "tsr-pausing-dpo",
+        "iter1/gen-current#2;iter1/dpo-future#2",
+    );
     let cfg = setup(
         &dir.join("lost"),
         &executor(
-            &pausing,
+            &pausing_dpo,
             &format!(
                 "node_cache = \"{}\"\nworker_env = \"{}\"\n",
                 cache.display(),
@@ -602,12 +617,46 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
         cluster.queue_reads() >= reads + 2 || c.try_wait().unwrap().is_some()
     });
     let key = &stopped[0].key[..16];
+    let mut seen: BTreeSet<i32> = stopped.iter().map(|w| w.pid).collect();
     for w in &stopped {
         signal(w.pid, libc::SIGCONT);
     }
+    // 9. The training job preempted after its first checkpoint (`scontrol requeue`): the task
+    // starts again and continues from the checkpoint it left in the remote.
+    let (mut requeued, mut to_start) = (String::new(), false);
+    wait_event(&mut child, "end of the run", |c| {
+        for w in stopped_remote_workers(&url) {
+            if !seen.insert(w.pid) {
+                continue;
+            }
+            if requeued.is_empty() {
+                // The stop a preemption sends, waiting for it when the controller continues the
+                // task (a stopped process gets it before it runs again, so the job checkpoints
+                // and exits at once instead of finishing).
+                signal(w.pid, libc::SIGTERM);
+                cluster.scontrol(&["requeue", &w.task]);
+                requeued = w.task.clone();
+                to_start = true;
+            } else {
+                signal(w.pid, libc::SIGCONT);
+            }
+        }
+        if to_start && task_state(&cluster, &requeued) == "PENDING" {
+            cluster.scontrol(&["update", &format!("JobId={requeued}"), "StartTime=now"]);
+            to_start = false;
+        }
+        c.try_wait().unwrap().is_some()
+    });
     finish(child, &log);
     let t = std::fs::read_to_string(&log).unwrap();
     assert!(t.contains("restored"), "{t}");
+    assert!(!requeued.is_empty(), "the training job never stopped: {t}");
+    assert!(
+        t.lines().any(|l| l.starts_with(&format!(
+            "tsr: iter1/dpo-future: ran as one job by array task {requeued} (restart 1)"
+        )) && l.contains("continued from checkpoint")),
+        "{t}"
+    );
     assert!(
         !cluster.submissions()[before..]
             .iter()

@@ -37,6 +37,10 @@ pub enum ModelHop {
         trained_from: Option<Digest>,
         /// When the model is a LoRA adapter: its shape and base.
         lora: Option<AdapterInfo>,
+        /// Who trained it, when an executor ran the step as one job (absent when the run's
+        /// own process did).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trained_by: Option<tsr_state::WorkerRecord>,
     },
 }
 
@@ -124,8 +128,9 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
             pairs,
             pairs_from,
             reference_model: reference_of(&nodes, maker),
-            trained_from: parent.clone(),
+            trained_from: parent,
             lora: adapter_of(store, maker),
+            trained_by: store.worker_of(&maker.key, 0)?,
         });
         match parent {
             Some(p) if p != cur => cur = p,
