@@ -10,7 +10,8 @@
 # 3. The quickstart both ways again, each with a remote copy on a loopback S3 server (s3s-fs,
 #    which scripts/test.sh installs), so that the Slurm tasks take their inputs through the
 #    remote and a node cache and hand back results there (the default with a remote).
-# Local runs use every core in one process; Slurm runs 2 tasks of 1 CPU each. Both runs of a
+# Local runs use every core in one process; Slurm runs 2 tasks of 1 CPU each for the item
+# steps, and DPO and metrics as one task of 2 CPUs each. Both runs of a
 # pair must give the same outputs (checked).
 #
 #   scripts/bench_slurm.sh
@@ -63,7 +64,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=4000 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(free -m | awk '/^Mem:/{print $2}') State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$dir/slurm.conf"
@@ -103,6 +104,11 @@ cat > "$dir/exec.toml" <<TOML
 kind = "slurm"
 workers = 2
 cpus_per_task = 1
+# DPO and metrics run as one task each: give them the node's 2 CPUs, as the local run has.
+[executor.steps.dpo]
+cpus_per_task = 2
+[executor.steps.metrics]
+cpus_per_task = 2
 TOML
 
 # 1. Overhead.

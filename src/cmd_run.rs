@@ -446,6 +446,12 @@ fn drive_replicated(
             eprintln!("tsr: interrupted; progress is saved. Resume with: {resume_hint}");
             Ok(ExitCode::from(tsr_engine::EXIT_INTERRUPTED as u8))
         }
+        Outcome::Limited(why) => {
+            eprintln!(
+                "tsr: stopped at a limit ({why}); progress is saved. Raise the limit in the config and resume with: {resume_hint}"
+            );
+            Ok(ExitCode::from(tsr_engine::EXIT_LIMIT as u8))
+        }
     }
 }
 

@@ -500,6 +500,11 @@ impl MemoryJournal {
             blobs,
         }
     }
+    /// A journal holding `items` as committed.
+    pub fn with_items(self, items: Vec<(u64, Vec<u8>)>) -> Self {
+        *self.items.lock().unwrap() = items.into_iter().collect();
+        self
+    }
 }
 
 impl ItemJournal for MemoryJournal {

@@ -66,6 +66,9 @@ pub enum Outcome {
         reused: Vec<String>,
     },
     Interrupted,
+    /// Stopped at a limit the user set (a token budget), progress saved: raise it and run
+    /// again. Says which step and limit.
+    Limited(String),
 }
 
 struct StoreView<'a> {
@@ -118,6 +121,9 @@ enum Executed {
     /// Done; the peak resident memory while it ran, when measured.
     Done(Option<u64>),
     Interrupted,
+    /// Paused with its progress saved: a service it uses does not answer (`Unavailable`) or a
+    /// limit was reached (`Limit`); the message says which.
+    Paused(StepError),
 }
 
 /// Set to 1 to print each compute step's peak resident memory when it is done (for checking
@@ -256,7 +262,7 @@ impl Driver {
         let res = rt.block_on(self.run_async());
         let status = match &res {
             Ok(Outcome::Completed { .. }) => RunStatus::Done,
-            Ok(Outcome::Interrupted) => RunStatus::Interrupted,
+            Ok(Outcome::Interrupted | Outcome::Limited(_)) => RunStatus::Interrupted,
             Err(e) => RunStatus::Failed {
                 error: tsr_state::error_chain(e),
             },
@@ -284,6 +290,8 @@ impl Driver {
         let mut reused = Vec::new();
         let mut failure: Option<EngineError> = None;
         let mut interrupted = false;
+        // The first step stopped at a limit the user set.
+        let mut limited: Option<String> = None;
         loop {
             let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
             self.snapshot(&run.workflow, &running);
@@ -407,6 +415,9 @@ impl Driver {
                 if let Some(e) = failure {
                     return Err(e);
                 }
+                if let Some(why) = limited {
+                    return Ok(Outcome::Limited(why));
+                }
                 if stopping {
                     return Ok(Outcome::Interrupted);
                 }
@@ -450,6 +461,16 @@ impl Driver {
                 Ok(Executed::Interrupted) => {
                     self.log(&multi, format!("tsr: {node}: interrupted, progress saved"));
                     interrupted = true;
+                }
+                Ok(Executed::Paused(e)) => {
+                    self.log(
+                        &multi,
+                        format!("tsr: {node}: stopped with its progress saved: {e}"),
+                    );
+                    interrupted = true;
+                    if matches!(e, StepError::Limit(_)) {
+                        limited.get_or_insert_with(|| format!("{node}: {e}"));
+                    }
                 }
                 Err(e) => {
                     self.log(&multi, format!("tsr: {node}: failed"));
@@ -624,6 +645,16 @@ impl Job {
                 c.step(&self.key, &rec);
                 store.commit(c)?;
                 return Ok(Executed::Interrupted);
+            }
+            Err(e @ (StepError::Unavailable(_) | StepError::Limit(_))) => {
+                // Not a failure: the step continues where it stopped when the run is started
+                // again (later, or with a higher limit).
+                rec.status = transition(&rec.status, Event::Interrupt, rec.attempts)
+                    .map_err(|(f, e)| self.transition_err(f, e))?;
+                let mut c = Commit::new();
+                c.step(&self.key, &rec);
+                store.commit(c)?;
+                return Ok(Executed::Paused(e));
             }
             Err(e) => {
                 rec.status = transition(

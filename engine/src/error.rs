@@ -9,6 +9,14 @@ pub enum StepError {
     /// The stop flag was seen at an item boundary; progress up to there is committed.
     #[error("interrupted at an item boundary (progress is saved)")]
     Interrupted,
+    /// A service the step uses (an API server) did not answer within its retries; what was
+    /// done is saved, and running again later continues (the run exits 75).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A limit the user set (a token budget) was reached; what was done is saved, and raising
+    /// the limit and running again continues (the run exits with [`crate::EXIT_LIMIT`]).
+    #[error("{0}")]
+    Limit(String),
     /// Bad input data or config; re-running without a change will fail again.
     #[error("{0}")]
     Invalid(String),

@@ -50,3 +50,6 @@ pub use step::{Resource, Step, StepInputs, StepOutputs};
 /// Exit code of a process interrupted by SIGINT/SIGTERM after checkpointing: run the same
 /// command again to continue (BSD `EX_TEMPFAIL`).
 pub const EXIT_INTERRUPTED: i32 = 75;
+/// A run stopped at a limit the user set (a token budget): not 75, so that a requeueable job
+/// is not requeued forever at its budget.
+pub const EXIT_LIMIT: i32 = 3;

@@ -89,7 +89,11 @@ pub fn replay(
             work,
             device,
             stop.clone(),
-            Arc::new(MemoryJournal::new(scratch_blobs)),
+            Arc::new(if node.step.replays_recorded_items() {
+                MemoryJournal::new(scratch_blobs).with_items(store.items(&binding.step_key)?)
+            } else {
+                MemoryJournal::new(scratch_blobs)
+            }),
             Progress::hidden(),
         );
         let t0 = std::time::Instant::now();

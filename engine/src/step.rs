@@ -46,6 +46,12 @@ pub trait Step: Send + Sync + 'static {
     fn runs_as_job(&self) -> bool {
         false
     }
+    /// Whether replaying this step must reuse its recorded items instead of computing them
+    /// again (a step whose items are answers of a paid service): replay then checks only that
+    /// the outputs assemble from the recorded items to the recorded bytes.
+    fn replays_recorded_items(&self) -> bool {
+        false
+    }
     /// Compute the batches `ctx` assigns (a worker's shard) through `ctx.for_each_batch`,
     /// exactly as `run` computes them, without assembling outputs.
     fn shard(&self, _inputs: &StepInputs, _ctx: &StepContext) -> Result<(), StepError> {

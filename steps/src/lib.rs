@@ -11,6 +11,7 @@ pub mod items;
 pub mod kinds;
 pub mod lm;
 pub mod memory;
+pub mod openai;
 pub mod prompts;
 pub mod records;
 pub mod rules;

@@ -186,6 +186,36 @@ pub struct Annotation {
     /// Exact match of the baseline's output with `answer`.
     #[serde(default)]
     pub baseline_correct: Option<bool>,
+    /// An API judge's answer: who answered, what it cost, the raw log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiVerdict>,
+}
+
+/// What an OpenAI-compatible judge answered for one comparison (`api-judge`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ApiVerdict {
+    pub annotator: String,
+    /// The model name the request gave.
+    pub requested_model: String,
+    /// The answer's own `model`, `system_fingerprint` and `id` (an alias can change behind a
+    /// name).
+    pub model: Option<String>,
+    pub system_fingerprint: Option<String>,
+    pub id: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    /// The model's output was shown first (AlpacaEval's switch).
+    pub switched: bool,
+    /// The judge's one token's top log-probabilities, as answered.
+    pub top_logprobs: Vec<(String, f64)>,
+    /// The preference in the order shown (before the switch is undone).
+    pub shown_preference: Option<f64>,
+    /// Why the comparison is undecided, if it is.
+    pub error: Option<String>,
+    /// Tries until the server answered (0: not asked).
+    pub tries: u32,
+    pub elapsed_ms: u64,
+    pub at_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ pub fn child_main() {
         match Driver::new(store, dag, "crash", quiet(stop)).run() {
             Ok(Outcome::Completed { .. }) => Ok(0),
             Ok(Outcome::Interrupted) => Ok(tsr_engine::EXIT_INTERRUPTED),
+            Ok(Outcome::Limited(why)) => Err(why),
             Err(e) => Err(e.to_string()),
         }
     })()

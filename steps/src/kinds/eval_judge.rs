@@ -60,7 +60,7 @@ impl PairwiseJudge {
     }
 }
 
-fn read_outputs(
+pub(crate) fn read_outputs(
     inputs: &StepInputs,
     name: &str,
     prompts: &[Prompt],
@@ -339,6 +339,7 @@ impl items::Batches for Annotations<'_> {
                     answer,
                     correct,
                     baseline_correct,
+                    api: None,
                 }
             })
             .collect())

@@ -1,6 +1,7 @@
 //! One file per step kind; the file name is the kind's string (`-` written `_`).
 
 pub mod answer;
+pub mod api_judge;
 pub mod dpo;
 pub mod eval_judge;
 pub mod generate;

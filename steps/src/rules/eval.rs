@@ -241,6 +241,22 @@ pub struct EvalSummary {
     pub avg_chars_model: f64,
     pub avg_chars_baseline: f64,
     pub exact_match: Option<ExactMatch>,
+    /// An API judge's requests and the tokens they used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiUsage>,
+}
+
+/// What an API judge's evaluation asked and spent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ApiUsage {
+    /// The model name asked.
+    pub model: String,
+    /// Comparisons the server answered or refused (identical outputs are not asked).
+    pub requests: usize,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Requests the server refused (each leaves its prompt undecided).
+    pub refused: usize,
 }
 
 /// Metrics over finished annotations (`seed` drives the bootstrap).
@@ -343,6 +359,7 @@ pub fn summarize(
         identical: annotations.iter().filter(|a| a.verdicts.is_empty()).count(),
         avg_chars_model: mean(&model_len),
         avg_chars_baseline: mean(&base_len),
+        api: None,
         exact_match,
     }
 }
@@ -486,6 +503,7 @@ mod tests {
             answer: correct.map(|_| "4".into()),
             correct,
             baseline_correct: correct.map(|_| false),
+            api: None,
         }
     }
 
