@@ -104,7 +104,10 @@ cat > "$dir/exec.toml" <<TOML
 kind = "slurm"
 workers = 2
 cpus_per_task = 1
+TOML
 # DPO and metrics run as one task each: give them the node's 2 CPUs, as the local run has.
+# (Tables after the [executor] keys: a config appends its own keys to exec.toml first.)
+cat > "$dir/steps.toml" <<TOML
 [executor.steps.dpo]
 cpus_per_task = 2
 [executor.steps.metrics]
@@ -135,7 +138,7 @@ checkpoint_every = 100
 TOML
 }
 base > "$dir/o-local.toml"
-{ base; cat "$dir/exec.toml"; } > "$dir/o-slurm.toml"
+{ base; cat "$dir/exec.toml" "$dir/steps.toml"; } > "$dir/o-slurm.toml"
 wl=$(run "$dir/o-local.toml" "$dir/o-local" "$dir/o-local.log")
 ws=$(run "$dir/o-slurm.toml" "$dir/o-slurm" "$dir/o-slurm.log")
 "$tsr" status overhead --json --store "$dir/o-local" > "$dir/o-local.json"
@@ -147,7 +150,7 @@ sed -e 's#^store = .*##' \
   -e "s#^prompts = \"held-out.jsonl\"#prompts = \"$PWD/examples/held-out.jsonl\"#" \
   -e "s#^reference = \"held-out-reference.json\"#reference = \"$PWD/examples/held-out-reference.json\"#" \
   examples/quickstart.toml > "$dir/q-local.toml"
-{ cat "$dir/q-local.toml"; cat "$dir/exec.toml"; } > "$dir/q-slurm.toml"
+{ cat "$dir/q-local.toml" "$dir/exec.toml" "$dir/steps.toml"; } > "$dir/q-slurm.toml"
 ql=$(run "$dir/q-local.toml" "$dir/q-local" "$dir/q-local.log")
 qs=$(run "$dir/q-slurm.toml" "$dir/q-slurm" "$dir/q-slurm.log")
 "$tsr" status quickstart --json --store "$dir/q-local" > "$dir/q-local.json"
@@ -164,7 +167,7 @@ for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$s3port") 2>/dev/null && bre
 export AWS_ACCESS_KEY_ID=AKIABENCH0001 AWS_SECRET_ACCESS_KEY=bench-secret \
   AWS_ENDPOINT="http://127.0.0.1:$s3port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1
 env | grep '^AWS_' | sed 's/^/export /' > "$dir/node.env"
-{ cat "$dir/q-slurm.toml"; printf 'node_cache = "%s"\nworker_env = "%s"\n' "$dir/node-cache" "$dir/node.env"; } > "$dir/q-slurm-remote.toml"
+{ cat "$dir/q-local.toml" "$dir/exec.toml"; printf 'node_cache = "%s"\nworker_env = "%s"\n' "$dir/node-cache" "$dir/node.env"; cat "$dir/steps.toml"; } > "$dir/q-slurm-remote.toml"
 qlr=$(run "$dir/q-local.toml" "$dir/q-local-remote" "$dir/q-local-remote.log" --remote s3://bench/local)
 qsr=$(run "$dir/q-slurm-remote.toml" "$dir/q-slurm-remote" "$dir/q-slurm-remote.log" --remote s3://bench/slurm)
 grep -q "workers take their inputs from s3://bench/slurm" "$dir/q-slurm-remote.log" || { echo "bench_slurm.sh: the Slurm run did not go through the remote" >&2; exit 1; }

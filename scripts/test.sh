@@ -9,12 +9,17 @@
 #   - the S3-compatible server `s3s-fs` 0.14.1 that the remote-copy tests start on loopback
 #     (built from crates.io into ~/.cache/tsr/s3s-fs, about 80 s on 2 cores);
 #   - Slurm and munge (Debian's slurmctld, slurmd, slurm-client and munge, about 1 minute),
-#     which the Slurm executor's tests start as a one-node cluster on loopback and stop.
+#     which the Slurm executor's tests start as a one-node cluster on loopback and stop;
+#   - the OpenAI-compatible server llama-cpp-python[server] (scripts/requirements-llama-server.txt)
+#     that the API judge's tests start on loopback, in a virtual environment in
+#     ~/.cache/tsr/llama-cpp-server (built once from its sources with cmake and g++, about 8
+#     minutes on 2 cores; needs python3-venv and g++).
 # Debian packages are installed with apt-get when missing (as root); nothing is installed by the
 # tests themselves, which only say what is missing.
 #
 #   TSR_CACHE     cache folder (default: $XDG_CACHE_HOME/tsr or ~/.cache/tsr)
 #   TSR_S3S_FS    an s3s-fs binary to use instead of the cached one
+#   TSR_LLAMA_SERVER_PYTHON   a python with llama-cpp-python[server] to use instead of the cached venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +34,12 @@ command -v cargo >/dev/null \
 # Debian packages: one apt-get update, only when something is missing.
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+lcpp="$cache/llama-cpp-server"
+lcpp_ok() { "$1" -c "import llama_cpp, llama_cpp.server, uvicorn; assert llama_cpp.__version__ == '0.3.36'" 2>/dev/null; }
+if [ -z "${TSR_LLAMA_SERVER_PYTHON:-}" ] && ! lcpp_ok "$lcpp/bin/python"; then
+  command -v g++ >/dev/null || missing+=(g++)
+  python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+fi
 for daemon in slurmctld slurmd munged; do
   [ -x "/usr/sbin/$daemon" ] || { missing+=(slurmctld slurmd slurm-client munge); break; }
 done
@@ -66,6 +77,19 @@ if [ ! -x "$s3s" ] || ! "$s3s" --version 2>/dev/null | grep -qx "s3s-fs $s3s_ver
   cargo install "s3s-fs@$s3s_version" --locked --quiet --features binary --root "$cache/s3s-fs" --force
 fi
 export TSR_S3S_FS="$s3s"
+
+# The OpenAI-compatible server for the API judge's tests.
+if [ -n "${TSR_LLAMA_SERVER_PYTHON:-}" ]; then
+  lcpp_ok "$TSR_LLAMA_SERVER_PYTHON" || die "TSR_LLAMA_SERVER_PYTHON=$TSR_LLAMA_SERVER_PYTHON has no llama-cpp-python[server] 0.3.36: unset it to build one"
+elif ! lcpp_ok "$lcpp/bin/python"; then
+  say "building llama-cpp-python[server] 0.3.36 into $lcpp (once, about 8 minutes on 2 cores)"
+  rm -rf "$lcpp"
+  python3 -m venv "$lcpp"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$lcpp/bin/pip" install --quiet --no-cache-dir -r scripts/requirements-llama-server.txt \
+    || { rm -rf "$lcpp"; die "could not build llama-cpp-python (see above); run scripts/test.sh again once PyPI can be reached"; }
+  lcpp_ok "$lcpp/bin/python" || die "llama-cpp-python was installed into $lcpp but does not import"
+fi
+export TSR_LLAMA_SERVER_PYTHON="${TSR_LLAMA_SERVER_PYTHON:-$lcpp/bin/python}"
 
 say "cargo test --release --workspace $*"
 exec cargo test --release --workspace "$@"

@@ -27,9 +27,24 @@ pub struct EvalArgs {
     /// Held-out prompts: JSONL, one {"id", "prompt", "answer"?} per line.
     #[arg(long)]
     pub prompts: PathBuf,
-    /// The judge model (default: the baseline model, else the evaluated model).
+    /// The judge model (default: the baseline model, else the evaluated model); with
+    /// --judge-url, the model name the server serves.
     #[arg(long)]
     pub judge: Option<String>,
+    /// Judge with AlpacaEval 2.0's annotator through this OpenAI-compatible server (e.g.
+    /// https://api.openai.com/v1) instead of a local model; needs --judge and --template.
+    #[arg(long)]
+    pub judge_url: Option<String>,
+    /// With --judge-url: the environment variable holding the key.
+    #[arg(long, requires = "judge_url")]
+    pub api_key_env: Option<String>,
+    /// With --judge-url: requests in flight at once.
+    #[arg(long, requires = "judge_url", default_value_t = 4)]
+    pub max_concurrency: usize,
+    /// With --judge-url: tokens (in and out) the evaluation may spend; it stops there (exit 3)
+    /// and the same command with a higher limit continues.
+    #[arg(long, requires = "judge_url")]
+    pub max_cost_tokens: Option<u64>,
     /// `text` (the judge writes `Better: A|B`) or `logprob` (compares P(A) and P(B)).
     #[arg(long, default_value = "text")]
     pub mode: String,
@@ -77,6 +92,9 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if !["text", "logprob"].contains(&a.mode.as_str()) {
         bail!("--mode `{}`: use `text` or `logprob`", a.mode);
     }
+    if a.judge_url.is_some() && (a.judge.is_none() || a.template.is_none()) {
+        bail!("--judge-url needs --judge (the model name the server serves) and --template (AlpacaEval's alpaca_eval_clf.txt)");
+    }
     let judge = a
         .judge
         .clone()
@@ -105,6 +123,25 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if let Some(t) = &a.template {
         body.push_str(&format!("template = {}\n", path_str(t)));
     }
+    if a.judge_url.is_some() {
+        body.push_str("kind = \"openai\"\n");
+    }
+    // Where and how patiently to ask is not part of the evaluation (nor of its name): another
+    // server address, key variable, concurrency or budget continues it.
+    let mut serving = String::new();
+    if let Some(u) = &a.judge_url {
+        serving.push_str(&format!(
+            "base_url = {}\nmax_concurrency = {}\n",
+            toml_str(u),
+            a.max_concurrency
+        ));
+        if let Some(k) = &a.api_key_env {
+            serving.push_str(&format!("api_key_env = {}\n", toml_str(k)));
+        }
+        if let Some(n) = a.max_cost_tokens {
+            serving.push_str(&format!("max_cost_tokens = {n}\n"));
+        }
+    }
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
@@ -123,7 +160,10 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
         }
     };
     tsr_state::validate_run_name(&name).with_context(|| format!("--name `{name}`"))?;
-    let text = format!("name = {}\nworkflow = \"eval\"\n\n{body}", toml_str(&name));
+    let text = format!(
+        "name = {}\nworkflow = \"eval\"\n\n{body}{serving}",
+        toml_str(&name)
+    );
     let cwd = std::env::current_dir().context("reading the current folder")?;
     let config = tsr_workflows::Config::from_str_at_dir(&text, Path::new("tsr eval"), Some(&cwd))?;
     let store_dir = crate::store_dir(store_flag, None);

@@ -423,6 +423,12 @@ pub fn undecided_hint(s: &tsr_steps::rules::eval::EvalSummary, to: HintFor) -> O
         "{} of {} prompt(s) undecided: {:.1}% of the judge's verdicts could not be read",
         s.undecided, s.prompts, s.unparsed_share
     );
+    if let Some(api) = &s.api {
+        return Some(format!(
+            "{} of {} prompt(s) undecided by {}: {} request(s) refused by the server, the others answered without `m` or `M` among the top log-probabilities; each annotation's decision says why (tsr export RUN eval)",
+            s.undecided, s.prompts, api.model, api.refused
+        ));
+    }
     Some(if s.mode == "text" {
         format!("{what}. Small judges rarely write the verdict line: judge by the probabilities of `A` and `B` instead ({mode}), or use {stronger}")
     } else {
@@ -544,6 +550,24 @@ fn print_eval_table(evals: &[(String, Vec<EvalResult>)]) {
                 s.avg_chars_baseline,
                 em
             );
+        }
+    }
+    // What the API judges asked and spent.
+    for (run, e) in evals {
+        for e in e {
+            if let Some(api) = &e.summary.api {
+                say!(
+                    "{:<16} {:<6} judged by {} ({}): {} request(s), {} refused, {} tokens in, {} out",
+                    run,
+                    e.label,
+                    api.model,
+                    e.summary.mode,
+                    api.requests,
+                    api.refused,
+                    api.prompt_tokens,
+                    api.completion_tokens
+                );
+            }
         }
     }
 }

@@ -348,6 +348,15 @@ fn drive_replicated(
     } else {
         None
     };
+    // An API judge's key must be there before the run starts (its evaluation may come
+    // hours later).
+    if let (true, Some(s)) = (
+        execute,
+        config.eval.as_ref().and_then(|e| e.judge.api_settings()),
+    ) {
+        s.key()
+            .map_err(|e| anyhow::anyhow!("eval.judge.api_key_env: {e}"))?;
+    }
     let spec = tsr_workflows::run_spec(config, forked_from);
     match open_run(&store, &spec, &dag) {
         Ok(_) => {}

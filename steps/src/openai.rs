@@ -41,6 +41,12 @@ pub enum SettingsError {
 impl ApiSettings {
     /// Checks the settings and reads the key (before any work).
     pub fn check(&self) -> Result<Option<String>, SettingsError> {
+        self.check_form()?;
+        self.key()
+    }
+
+    /// Checks the settings without the environment.
+    pub fn check_form(&self) -> Result<(), SettingsError> {
         let url = url::Url::parse(&self.base_url)
             .map_err(|_| SettingsError::NotHttp(self.base_url.clone()))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -55,6 +61,11 @@ impl ApiSettings {
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
             return Err(SettingsError::Timeout);
         }
+        Ok(())
+    }
+
+    /// The key from the environment variable `api_key_env` names (`None` without one).
+    pub fn key(&self) -> Result<Option<String>, SettingsError> {
         match &self.api_key_env {
             None => Ok(None),
             Some(var) => match std::env::var(var) {

@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod llama_server;
+pub mod proxy;
 pub mod s3;
 pub mod sharded;
 pub mod slurm;

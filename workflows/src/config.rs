@@ -457,8 +457,40 @@ pub struct EvalJudgeSection {
     pub top_p: f64,
     pub batch_size: usize,
     /// A template file with {instruction}, {output_a} and {output_b}, ending with the request
-    /// for a `Better: A` or `Better: B` line; default: the built-in one.
+    /// for a `Better: A` or `Better: B` line; default: the built-in one. With `kind = "openai"`:
+    /// the annotator's template (AlpacaEval's `alpaca_eval_clf.txt`), required.
     pub template: Option<PathBuf>,
+    /// `local` (a model run here, `model` its source) or `openai` (an OpenAI-compatible server
+    /// at `base_url`, `model` the name it serves).
+    pub kind: String,
+    /// `openai`: the server's base URL, up to `/chat/completions`.
+    pub base_url: Option<String>,
+    /// `openai`: the environment variable holding the key (none: no key is sent).
+    pub api_key_env: Option<String>,
+    /// `openai`: the annotator reproduced.
+    pub annotator: String,
+    /// `openai`: requests in flight at once.
+    pub max_concurrency: usize,
+    /// `openai`: seconds before a request is given up and tried again.
+    pub timeout_s: f64,
+    /// `openai`: tries after the first for a request the server cannot answer now.
+    pub max_retries: u32,
+    /// `openai`: tokens (in and out) one evaluation may spend; the run stops there (exit 3)
+    /// and continues when the limit is raised.
+    pub max_cost_tokens: Option<u64>,
+}
+
+impl EvalJudgeSection {
+    /// The API judge's server settings (`kind = "openai"`).
+    pub fn api_settings(&self) -> Option<tsr_steps::openai::ApiSettings> {
+        (self.kind == "openai").then(|| tsr_steps::openai::ApiSettings {
+            base_url: self.base_url.clone().unwrap_or_default(),
+            api_key_env: self.api_key_env.clone(),
+            max_concurrency: self.max_concurrency,
+            timeout_s: self.timeout_s,
+            max_retries: self.max_retries,
+        })
+    }
 }
 
 impl Default for EvalJudgeSection {
@@ -471,6 +503,14 @@ impl Default for EvalJudgeSection {
             top_p: 1.0,
             batch_size: 16,
             template: None,
+            kind: "local".into(),
+            base_url: None,
+            api_key_env: None,
+            annotator: tsr_steps::kinds::api_judge::WEIGHTED_ALPACA_EVAL_GPT4_TURBO.into(),
+            max_concurrency: 4,
+            timeout_s: 60.0,
+            max_retries: 5,
+            max_cost_tokens: None,
         }
     }
 }
@@ -1127,7 +1167,68 @@ impl Config {
                 reason: err.to_string(),
             })?;
         }
-        if let Some(t) = &e.judge.template {
+        let j = &e.judge;
+        match j.kind.as_str() {
+            "local" => {
+                for (key, set) in [
+                    ("base_url", j.base_url.is_some()),
+                    ("api_key_env", j.api_key_env.is_some()),
+                    ("max_cost_tokens", j.max_cost_tokens.is_some()),
+                ] {
+                    if set {
+                        return bad(
+                            &format!("eval.judge.{key}"),
+                            "is for an API judge; set eval.judge.kind = \"openai\" or remove it"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            "openai" => {
+                let Some(settings) = j.api_settings() else {
+                    unreachable!("kind is openai")
+                };
+                if j.base_url.is_none() {
+                    return bad(
+                        "eval.judge.base_url",
+                        "an API judge needs its server, such as https://api.openai.com/v1 or http://127.0.0.1:8000/v1".into(),
+                    );
+                }
+                settings.check_form().map_err(|err| ConfigError::Invalid {
+                    key: "eval.judge".into(),
+                    reason: err.to_string(),
+                })?;
+                if j.model.is_none() {
+                    return bad(
+                        "eval.judge.model",
+                        "an API judge needs the model name its server serves (the paper's is gpt-4-1106-preview)".into(),
+                    );
+                }
+                let Some(t) = &j.template else {
+                    return bad(
+                        "eval.judge.template",
+                        "an API judge needs the annotator's template: AlpacaEval's evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt from an installed alpaca_eval (pip install alpaca-eval==0.6.6)".into(),
+                    );
+                };
+                let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
+                    key: "eval.judge.template".into(),
+                    reason: format!("cannot read {}: {err}", t.display()),
+                })?;
+                crate::lm::api_judge(e, text, None)
+                    .check()
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "eval.judge".into(),
+                        reason: format!("{}: {reason}", t.display()),
+                    })?;
+            }
+            other => {
+                return bad(
+                    "eval.judge.kind",
+                    format!("`{other}`: use `local` (a model run here) or `openai` (an OpenAI-compatible server)"),
+                )
+            }
+        }
+        if let (Some(t), "local") = (&e.judge.template, e.judge.kind.as_str()) {
             let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
                 key: "eval.judge.template".into(),
                 reason: format!("cannot read {}: {err}", t.display()),

@@ -92,5 +92,20 @@ pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
     }
     // Where batches are computed changes no result: a run continues under another executor.
     out.retain(|k, _| !k.starts_with("executor."));
+    // Nor where an API judge is asked and how patiently: another address, key variable,
+    // concurrency, timeout, retries or budget continues the evaluation.
+    for k in API_SERVING_KEYS {
+        out.remove(*k);
+    }
     out
 }
+
+/// The `[eval.judge]` keys of an API judge that change no answer (not in its step key either).
+const API_SERVING_KEYS: &[&str] = &[
+    "eval.judge.base_url",
+    "eval.judge.api_key_env",
+    "eval.judge.max_concurrency",
+    "eval.judge.timeout_s",
+    "eval.judge.max_retries",
+    "eval.judge.max_cost_tokens",
+];

@@ -683,6 +683,53 @@ fn add_eval(
             None,
         ),
     }
+    if e.judge.kind == "openai" {
+        let path = e
+            .judge
+            .template
+            .as_ref()
+            .ok_or_else(|| crate::ConfigError::Invalid {
+                key: "eval.judge.template".into(),
+                reason: "an API judge needs the annotator's template".into(),
+            })?;
+        let text = std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
+            key: "eval.judge.template".into(),
+            reason: format!("cannot read {}: {err}", path.display()),
+        })?;
+        let judge = Arc::new(api_judge(e, text, e.judge.api_settings()));
+        for (prefix, iteration, model) in evaluated {
+            let answer_node = format!("{prefix}-answer");
+            add(
+                b,
+                answer_node.clone(),
+                answer.clone(),
+                answer_in(model),
+                *iteration,
+            );
+            let judge_in = vec![
+                (
+                    "prompts".to_string(),
+                    InputSource::node("eval-prompts", "prompts"),
+                ),
+                (
+                    "baseline".to_string(),
+                    InputSource::node("eval-baseline", "outputs"),
+                ),
+                (
+                    "candidate".to_string(),
+                    InputSource::node(&answer_node, "outputs"),
+                ),
+            ];
+            add(
+                b,
+                format!("{prefix}-judge"),
+                judge.clone(),
+                judge_in,
+                *iteration,
+            );
+        }
+        return Ok(());
+    }
     let judge_model = match &e.judge.model {
         Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source, None)?,
         None => m0.clone(),
@@ -742,4 +789,25 @@ fn add_eval(
         );
     }
     Ok(())
+}
+
+/// The evaluation's API judge (`[eval.judge] kind = "openai"`) with its template's text and,
+/// to ask, its server.
+pub(crate) fn api_judge(
+    e: &crate::config::EvalSection,
+    template: String,
+    server: Option<tsr_steps::openai::ApiSettings>,
+) -> tsr_steps::kinds::api_judge::ApiJudge {
+    tsr_steps::kinds::api_judge::ApiJudge {
+        annotator: e.judge.annotator.clone(),
+        model: e.judge.model.clone().unwrap_or_default(),
+        template,
+        // AlpacaEval's completion settings for this annotator.
+        max_tokens: 1,
+        temperature: 1.0,
+        top_logprobs: 5,
+        bootstrap_resamples: e.bootstrap_resamples,
+        server,
+        max_cost_tokens: e.judge.max_cost_tokens,
+    }
 }

@@ -1,0 +1,411 @@
+//! The evaluation's API judge (`[eval.judge] kind = "openai"`, AlpacaEval 2.0's default
+//! annotator) against a real OpenAI-compatible server on loopback: llama-cpp-python serving the
+//! default model, behind a proxy of the test's own that counts what the server answered and
+//! injects faults. A tiny-model Temporal iteration is evaluated on 8 held-out prompts; its M0
+//! evaluation has identical outputs on both sides (nothing asked), its M1 evaluation asks once
+//! per prompt.
+//!
+//! - SIGKILLs at answers the proxy has seen paid: no comparison is paid for again beyond the
+//!   requests in flight at each kill; the annotations equal their recorded answers read as
+//!   AlpacaEval reads them; replay asks nothing; the key appears nowhere tsr writes.
+//! - Faults: a 429 with `Retry-After`, a 500 and a timeout are retried; an answer without
+//!   log-probabilities and one that is not JSON leave their prompt undecided, saying why; a
+//!   401 stops the run; a server down beyond the retries exits 75 and the next run continues;
+//!   a token budget exits 3 and a higher one continues, paying nothing twice.
+
+mod common;
+
+use common::llama_server::LlamaServer;
+use common::proxy::{Fault, Proxy};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const KEY_VAR: &str = "TSR_TEST_JUDGE_KEY";
+const KEY: &str = "sk-tsr-test-judge-Qm4e7Rx";
+
+const TEMPLATE: &str = "<|im_start|>system\nYou compare two outputs for one instruction and answer with the identifier of the better one, nothing else.\n<|im_end|>\n<|im_start|>user\nInstruction: {instruction}\n\nOutput m: {output_1}\n\nOutput M: {output_2}\n\nWhich output is better? Answer with m or M only.\n<|im_end|>\n";
+
+const HELD_OUT: &str = "{\"id\": \"e1\", \"prompt\": \"say hi\"}\n{\"id\": \"e2\", \"prompt\": \"list two fruits\"}\n{\"id\": \"e3\", \"prompt\": \"name a fish\"}\n{\"id\": \"e4\", \"prompt\": \"count to five\"}\n{\"id\": \"e5\", \"prompt\": \"what is two plus two?\"}\n{\"id\": \"e6\", \"prompt\": \"name a planet\"}\n{\"id\": \"e7\", \"prompt\": \"give a colour of the sky\"}\n{\"id\": \"e8\", \"prompt\": \"spell cat\"}\n";
+
+/// The run in `dir`, judged through `base_url`, with `extra` lines in `[eval.judge]`.
+fn setup(dir: &Path, base_url: &str, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    if !dir.join("tiny").exists() {
+        tsr_model::testing::write_tiny_hf_model(&dir.join("tiny"), 5);
+    }
+    std::fs::write(dir.join("prompts.jsonl"), sharded::PROMPTS).unwrap();
+    std::fs::write(dir.join("held-out.jsonl"), HELD_OUT).unwrap();
+    std::fs::write(dir.join("judge.txt"), TEMPLATE).unwrap();
+    // The test's settings, unless `extra` sets them.
+    let defaults: String = [
+        ("max_concurrency", "2"),
+        ("timeout_s", "20"),
+        ("max_retries", "3"),
+    ]
+    .iter()
+    .filter(|(k, _)| !extra.lines().any(|l| l.starts_with(&format!("{k} "))))
+    .map(|(k, v)| format!("{k} = {v}\n"))
+    .collect();
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"x\"\nworkflow = \"temporal\"\niterations = 1\n\
+             [model]\nsource = \"tiny\"\n[prompts]\nfile = \"prompts.jsonl\"\n\
+             [generate]\nk = 3\nmax_new_tokens = 5\nbatch_size = 2\n\
+             [judge]\nmode = \"logprob\"\nbatch_size = 2\n\
+             [dpo]\nlr = 1e-3\naccum_steps = 2\n\
+             [eval]\nprompts = \"held-out.jsonl\"\nmax_new_tokens = 6\nbatch_size = 4\nbootstrap_resamples = 10\n\
+             [eval.judge]\nkind = \"openai\"\nbase_url = \"{base_url}\"\nmodel = \"smollm2\"\n\
+             api_key_env = \"{KEY_VAR}\"\ntemplate = \"judge.txt\"\n{defaults}{extra}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn command(cfg: &Path, store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    c.args([
+        "run",
+        cfg.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ])
+    .env("RAYON_NUM_THREADS", "1")
+    .env(KEY_VAR, KEY);
+    c
+}
+
+fn run(cfg: &Path, store: &Path) -> Output {
+    command(cfg, store).output().unwrap()
+}
+
+/// The annotations of `node`.
+fn annotations(store: &Path, node: &str) -> Vec<serde_json::Value> {
+    let v = status(store, "x");
+    let d = output_of(&v, node, "annotations");
+    String::from_utf8(blob(store, &d))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn summary(store: &Path, node: &str) -> serde_json::Value {
+    let v = status(store, "x");
+    serde_json::from_slice(&blob(store, &output_of(&v, node, "summary"))).unwrap()
+}
+
+/// Every file under `dir` (recursively).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The preference AlpacaEval's `logprob_parser` reads from an annotation's recorded top
+/// log-probabilities, in the original order; `None` when neither `m` nor `M` is there.
+fn alpaca_preference(api: &serde_json::Value) -> Option<f64> {
+    let top = api["top_logprobs"].as_array()?;
+    let lp = |t: &str| {
+        top.iter()
+            .filter(|e| e[0] == t)
+            .filter_map(|e| e[1].as_f64())
+            .last()
+    };
+    let (m, big) = (lp("m"), lp("M"));
+    if m.is_none() && big.is_none() {
+        return None;
+    }
+    let (a, b) = (
+        m.unwrap_or(f64::NEG_INFINITY),
+        big.unwrap_or(f64::NEG_INFINITY),
+    );
+    let shown = 2.0 - a.exp() / (a.exp() + b.exp());
+    Some(if api["switched"] == true {
+        3.0 - shown
+    } else {
+        shown
+    })
+}
+
+#[test]
+fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+    let cfg = setup(&dir.join("run"), &proxy.base_url(), "");
+    let store = dir.join("run/store");
+
+    // SIGKILL the run once the server has answered 1, then 3, then 5 comparisons.
+    let mut kills = 0;
+    let mut said = String::new();
+    for k in [1u32, 3, 5] {
+        let mut child = command(&cfg, &store)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_event(&mut child, "answers paid", |c| {
+            proxy.paid_total() >= k || c.try_wait().unwrap().is_some()
+        });
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        said.push_str(&text(&child.wait_with_output().unwrap()));
+    }
+    assert_eq!(kills, 3, "{said}");
+    let o = run(&cfg, &store);
+    said.push_str(&text(&o));
+    assert!(o.status.success(), "{said}");
+
+    let m1 = annotations(&store, "iter1/eval-judge");
+    assert_eq!(m1.len(), 8);
+    let asked: Vec<&serde_json::Value> = m1.iter().filter(|a| a["api"]["tries"] != 0).collect();
+    // At most the requests in flight at each kill (2) are paid twice.
+    let paid = proxy.paid_total() as usize;
+    assert!(
+        paid >= asked.len() && paid <= asked.len() + kills * 2,
+        "{paid} answers paid for {} comparisons and {kills} kills",
+        asked.len()
+    );
+    // Each annotation is its recorded answer read as AlpacaEval reads it.
+    let mut decided = 0;
+    for a in &m1 {
+        let api = &a["api"];
+        assert_eq!(api["requested_model"], "smollm2", "{a}");
+        if api["tries"] == 0 {
+            assert_eq!(a["preference"], 1.5, "{a}");
+            continue;
+        }
+        assert!(api["prompt_tokens"].as_u64().unwrap() > 50, "{a}");
+        match alpaca_preference(api) {
+            Some(p) => {
+                let got = a["preference"].as_f64().unwrap();
+                assert!((got - p).abs() < 1e-12, "{got} vs {p}: {a}");
+                decided += 1;
+            }
+            None => assert!(a["preference"].is_null(), "{a}"),
+        }
+    }
+    assert!(decided > 0, "the judge decided nothing: {m1:?}");
+    let s = summary(&store, "iter1/eval-judge");
+    assert_eq!(s["mode"], "weighted_alpaca_eval_gpt4_turbo", "{s}");
+    assert_eq!(s["api"]["requests"], asked.len(), "{s}");
+    assert!(s["win_rate"]["win_rate"].as_f64().is_some(), "{s}");
+    // M0 against itself: every output identical, nothing asked.
+    let m0 = summary(&store, "eval/m0-judge");
+    assert_eq!(m0["identical"], 8, "{m0}");
+
+    // Done: running again and replaying ask nothing.
+    let before = proxy.asked_total();
+    let o = run(&cfg, &store);
+    assert!(o.status.success(), "{}", text(&o));
+    said.push_str(&text(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args([
+            "replay",
+            "x",
+            "iter1/eval-judge",
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .env_remove(KEY_VAR)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("identical"),
+        "{}",
+        text(&o)
+    );
+    said.push_str(&text(&o));
+    assert_eq!(proxy.asked_total(), before);
+
+    // The key went to the server and nowhere else.
+    assert!(proxy
+        .authorizations()
+        .iter()
+        .all(|a| a == &format!("Bearer {KEY}")));
+    assert!(!proxy.authorizations().is_empty());
+    assert!(!said.contains(KEY), "the key was printed");
+    for f in files_under(&store) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the key is in {}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn server_faults_end_with_the_same_annotations_or_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+
+    // Refused before anything is recorded: a missing key variable, a URL with credentials.
+    let cfg = setup(&dir.join("refused"), &proxy.base_url(), "");
+    let o = command(&cfg, &dir.join("refused/store"))
+        .env_remove(KEY_VAR)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("eval.judge.api_key_env") && t.contains(KEY_VAR),
+        "{t}"
+    );
+    assert!(!tsr(&["status", "x"], &dir.join("refused/store"))
+        .status
+        .success());
+    let cfg = setup(
+        &dir.join("refused-url"),
+        &format!("http://user:pw@127.0.0.1:{}/v1", proxy.port),
+        "",
+    );
+    let o = run(&cfg, &dir.join("refused-url/store"));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("eval.judge") && t.contains("credentials"), "{t}");
+    assert_eq!(proxy.asked_total(), 0);
+
+    // A reference without faults.
+    let cfg = setup(&dir.join("clean"), &proxy.base_url(), "");
+    let o = run(&cfg, &dir.join("clean/store"));
+    assert!(o.status.success(), "{}", text(&o));
+    let want: Vec<serde_json::Value> = annotations(&dir.join("clean/store"), "iter1/eval-judge")
+        .iter()
+        .map(|a| a["preference"].clone())
+        .collect();
+
+    // 429 with Retry-After, a 500 and a timeout: retried, the same preferences.
+    let cfg = setup(&dir.join("retried"), &proxy.base_url(), "timeout_s = 2\n");
+    proxy.push(Fault::Status {
+        code: 429,
+        headers: vec![("Retry-After".into(), "1".into())],
+        body: r#"{"error": {"message": "slow down"}}"#.into(),
+    });
+    proxy.push(Fault::Status {
+        code: 500,
+        headers: vec![],
+        body: "oops".into(),
+    });
+    proxy.push(Fault::Stall(std::time::Duration::from_secs(4)));
+    let o = run(&cfg, &dir.join("retried/store"));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("the judge server:") && t.contains("trying again"),
+        "{t}"
+    );
+    let got: Vec<serde_json::Value> = annotations(&dir.join("retried/store"), "iter1/eval-judge")
+        .iter()
+        .map(|a| a["preference"].clone())
+        .collect();
+    assert_eq!(got, want);
+
+    // An answer without log-probabilities, and one that is not JSON: undecided, saying why.
+    let cfg = setup(&dir.join("odd"), &proxy.base_url(), "max_concurrency = 1\n");
+    proxy.push(Fault::NoLogprobs);
+    proxy.push(Fault::Garbage);
+    let o = run(&cfg, &dir.join("odd/store"));
+    assert!(o.status.success(), "{}", text(&o));
+    let odd = annotations(&dir.join("odd/store"), "iter1/eval-judge");
+    let decisions: Vec<String> = odd
+        .iter()
+        .map(|a| a["decision"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        decisions.iter().any(|d| d.contains("no log-probabilities"))
+            && decisions.iter().any(|d| d.contains("not JSON")),
+        "{decisions:?}"
+    );
+    // (The judge itself may leave others undecided: neither `m` nor `M` in its top five.)
+    let undecided = summary(&dir.join("odd/store"), "iter1/eval-judge")["undecided"]
+        .as_u64()
+        .unwrap();
+    assert!(undecided >= 2, "{undecided}");
+
+    // A 401: the run stops with the server's words, before asking more.
+    let cfg = setup(
+        &dir.join("denied"),
+        &proxy.base_url(),
+        "max_concurrency = 1\n",
+    );
+    proxy.push(Fault::Status {
+        code: 401,
+        headers: vec![],
+        body: r#"{"error": {"message": "Incorrect API key provided"}}"#.into(),
+    });
+    let asked = proxy.asked_total();
+    let o = run(&cfg, &dir.join("denied/store"));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("401") && t.contains("Incorrect API key") && t.contains("check the key"),
+        "{t}"
+    );
+    assert_eq!(proxy.asked_total(), asked + 1, "{t}");
+
+    // The server down beyond the retries: exit 75, saying so; the next run continues.
+    let cfg = setup(&dir.join("down"), &proxy.base_url(), "max_retries = 1\n");
+    proxy.set_down(true);
+    let o = run(&cfg, &dir.join("down/store"));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(75), "{t}");
+    assert!(t.contains("did not answer after 2 tries"), "{t}");
+    proxy.set_down(false);
+    let o = run(&cfg, &dir.join("down/store"));
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A token budget: exit 3 with the limit named; raised, the evaluation continues and pays
+    // nothing twice.
+    let budget = |n: u64| format!("max_concurrency = 1\nmax_cost_tokens = {n}\n");
+    let cfg = setup(&dir.join("budget"), &proxy.base_url(), &budget(1));
+    let paid = proxy.paid_total();
+    let o = run(&cfg, &dir.join("budget/store"));
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{t}");
+    assert!(
+        t.contains("max_cost_tokens = 1") && t.contains("raise"),
+        "{t}"
+    );
+    assert_eq!(
+        proxy.paid_total(),
+        paid + 1,
+        "one request before the budget was seen spent"
+    );
+    let cfg = setup(&dir.join("budget"), &proxy.base_url(), &budget(1_000_000));
+    let o = run(&cfg, &dir.join("budget/store"));
+    assert!(o.status.success(), "{}", text(&o));
+    let got: Vec<serde_json::Value> = annotations(&dir.join("budget/store"), "iter1/eval-judge")
+        .iter()
+        .map(|a| a["preference"].clone())
+        .collect();
+    assert_eq!(got, want);
+    let asked = annotations(&dir.join("budget/store"), "iter1/eval-judge")
+        .iter()
+        .filter(|a| a["api"]["tries"] != 0)
+        .count() as u32;
+    assert_eq!(
+        proxy.paid_total(),
+        paid + asked,
+        "a comparison was paid twice"
+    );
+}
