@@ -544,7 +544,11 @@ pub fn export_eval_to(
                     "generator_1": short_generator(&r.generator_1),
                     "generator_2": short_generator(&r.generator_2),
                     "preference": r.preference,
-                    "annotator": format!("tsr_{}_{}", r.mode, r.judge_model.short()),
+                    // An API judge reproduces AlpacaEval's annotator, under its name.
+                    "annotator": match &r.api {
+                        Some(api) => api.annotator.clone(),
+                        None => format!("tsr_{}_{}", r.mode, r.judge_model.short()),
+                    },
                     "raw_completion": raw,
                     "prompt_id": r.prompt_id,
                     "decision": r.decision,
@@ -555,6 +559,7 @@ pub fn export_eval_to(
                     "answer": r.answer,
                     "correct": r.correct,
                     "baseline_correct": r.baseline_correct,
+                    "api": r.api,
                 })
             })
             .collect();
@@ -654,12 +659,29 @@ fn lineage_eval(store: &Store, run: &str, id: &str, as_json: bool) -> anyhow::Re
                 }
             );
         }
-        say!(
-            "  judge: model {}, mode {}, template {}",
-            r.judge_model.short(),
-            r.mode,
-            &r.template_digest[..12.min(r.template_digest.len())]
-        );
+        match &r.api {
+            Some(api) => say!(
+                "  judge: {} ({} answered as {}{}), annotator {}, template {}; {} tokens in, {} out, {} tries",
+                api.requested_model,
+                api.id.as_deref().unwrap_or("no id"),
+                api.model.as_deref().unwrap_or("?"),
+                api.system_fingerprint
+                    .as_deref()
+                    .map(|f| format!(", fingerprint {f}"))
+                    .unwrap_or_default(),
+                api.annotator,
+                &r.template_digest[..12.min(r.template_digest.len())],
+                api.prompt_tokens.unwrap_or(0),
+                api.completion_tokens.unwrap_or(0),
+                api.tries
+            ),
+            None => say!(
+                "  judge: model {}, mode {}, template {}",
+                r.judge_model.short(),
+                r.mode,
+                &r.template_digest[..12.min(r.template_digest.len())]
+            ),
+        }
         if let Some(w) = &e.judged_by {
             say!("  judged by {}", w.describe());
         }

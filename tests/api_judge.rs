@@ -211,6 +211,26 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let m0 = summary(&store, "eval/m0-judge");
     assert_eq!(m0["identical"], 8, "{m0}");
 
+    // AlpacaEval's files name its annotator; lineage shows what answered.
+    let out = dir.join("export");
+    let o = tsr(
+        &["export", "x", "eval", "--out", out.to_str().unwrap()],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("M1/annotations.json")).unwrap()).unwrap();
+    for a in exported.as_array().unwrap() {
+        assert_eq!(a["annotator"], "weighted_alpaca_eval_gpt4_turbo", "{a}");
+    }
+    let asked_id = asked[0]["prompt_id"].as_str().unwrap();
+    let o = tsr(&["lineage", "x", "eval", asked_id], &store);
+    let t = text(&o);
+    assert!(
+        t.contains("judge: smollm2 (") && t.contains("annotator weighted_alpaca_eval_gpt4_turbo"),
+        "{t}"
+    );
+
     // Done: running again and replaying ask nothing.
     let before = proxy.asked_total();
     let o = run(&cfg, &store);
@@ -250,6 +270,55 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
             f.display()
         );
     }
+}
+
+/// `tsr eval` with the same judge as flags: a model against AlpacaEval-style reference outputs.
+#[test]
+fn tsr_eval_takes_the_api_judge_as_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+    setup(&dir.join("e"), &proxy.base_url(), "");
+    let reference: Vec<serde_json::Value> = HELD_OUT
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|p| serde_json::json!({"instruction": p["prompt"], "output": format!("A careful answer to: {}", p["prompt"].as_str().unwrap()), "generator": "ref"}))
+        .collect();
+    std::fs::write(
+        dir.join("e/reference.json"),
+        serde_json::to_vec(&reference).unwrap(),
+    )
+    .unwrap();
+    let eval = |budget: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+        c.current_dir(dir.join("e"))
+            .args(["eval", "--model", "tiny", "--reference", "reference.json"])
+            .args(["--prompts", "held-out.jsonl", "--max-new-tokens", "6"])
+            .args(["--judge-url", &proxy.base_url(), "--judge", "smollm2"])
+            .args([
+                "--template",
+                "judge.txt",
+                "--api-key-env",
+                KEY_VAR,
+                "--json",
+            ])
+            .args(["--max-cost-tokens", budget, "--store", "store"])
+            .env(KEY_VAR, KEY)
+            .env("RAYON_NUM_THREADS", "1");
+        c.output().unwrap()
+    };
+    // A budget that stops it, then one that lets it finish: the same evaluation continues.
+    let o = eval("1");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let o = eval("10000000");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = &v["summary"];
+    assert_eq!(s["mode"], "weighted_alpaca_eval_gpt4_turbo", "{v}");
+    assert_eq!(s["api"]["requests"], 8, "{v}");
+    assert_eq!(proxy.paid_total(), 8, "a comparison was paid twice");
+    assert!(s["api"]["prompt_tokens"].as_u64().unwrap() > 8 * 50, "{v}");
 }
 
 #[test]

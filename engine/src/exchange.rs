@@ -350,13 +350,22 @@ fn take_outputs(
     Ok(())
 }
 
-/// A whole step's checkpoints through the remote: `work/<step>/ckpt/<digest>` and the record
+/// A whole step's checkpoints through the remote: `work/<step>/ckpt/<first 16 hex digits of the digest>` and the record
 /// `work/<step>/ckpt.json`; its outputs as the remote's blobs. A remote that does not answer
 /// is waited for (see [`patiently`]).
 pub struct RemoteFiles {
     pub remote: Arc<Remote>,
     /// `<step key>/<build>`.
     pub rel: String,
+}
+
+impl RemoteFiles {
+    /// Where checkpoint file `d` goes: `<step>/ckpt/<first 16 hex digits>` (the record holds
+    /// the whole digest, and every download is checked against it). Short, because stores keep
+    /// long object names in file names of limited length (s3s-fs, under a multipart upload).
+    fn ckpt_rel(&self, d: &tsr_state::Digest) -> String {
+        format!("{}/ckpt/{}", self.rel, &d.to_hex()[..16])
+    }
 }
 
 impl crate::job::JobFiles for RemoteFiles {
@@ -379,7 +388,7 @@ impl crate::job::JobFiles for RemoteFiles {
         d: &tsr_state::Digest,
         path: &std::path::Path,
     ) -> Result<(), StepError> {
-        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        let rel = self.ckpt_rel(d);
         patiently("uploading a checkpoint file", || {
             self.remote.work_put_file(&rel, d, path)
         })
@@ -392,7 +401,7 @@ impl crate::job::JobFiles for RemoteFiles {
         d: &tsr_state::Digest,
         blobs: &tsr_state::BlobStore,
     ) -> Result<PathBuf, StepError> {
-        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        let rel = self.ckpt_rel(d);
         let got = patiently("downloading a checkpoint file", || {
             self.remote.work_fetch(&rel, d, blobs)
         })
@@ -415,7 +424,7 @@ impl crate::job::JobFiles for RemoteFiles {
         .map_err(remote_err)
     }
     fn drop_checkpoint_file(&self, d: &tsr_state::Digest) -> Result<(), StepError> {
-        let rel = format!("{}/ckpt/{}", self.rel, d.to_hex());
+        let rel = self.ckpt_rel(d);
         self.remote.work_delete(&rel).map_err(remote_err)
     }
     fn put_output(&self, d: &tsr_state::Digest, path: &std::path::Path) -> Result<(), StepError> {

@@ -43,7 +43,10 @@ pub fn evals(
     nodes: &BTreeMap<String, NodeResult>,
 ) -> Result<Vec<EvalResult>, QueryError> {
     let mut out = Vec::new();
-    for n in nodes.values().filter(|n| n.step.kind == "eval-judge") {
+    for n in nodes
+        .values()
+        .filter(|n| n.step.kind == "eval-judge" || n.step.kind == "api-judge")
+    {
         let (Some(sd), Some(ad)) = (n.output("summary"), n.output("annotations")) else {
             continue;
         };
