@@ -16,13 +16,7 @@ fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("TSR_LLAMA_SERVER_PYTHON") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var_os("TSR_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("tsr")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tsr")
-        });
-    let cached = cache.join("llama-cpp-server/bin/python");
+    let cached = super::cache_dir().join("llama-cpp-server/bin/python");
     if cached.exists() {
         return cached;
     }

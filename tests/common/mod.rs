@@ -413,3 +413,15 @@ pub fn logprobs(model: &Path, adapter: Option<&Path>, pairs: &Path, store: &Path
         })
         .collect()
 }
+
+/// The cache `scripts/test.sh` installs into: `$TSR_CACHE`, else `$XDG_CACHE_HOME/tsr`, else
+/// `~/.cache/tsr`.
+pub fn cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    std::env::var_os("TSR_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("tsr")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tsr")
+        })
+}

@@ -17,14 +17,8 @@ fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TSR_S3S_FS") {
         return PathBuf::from(p);
     }
-    // Where scripts/test.sh installs it: $TSR_CACHE, else $XDG_CACHE_HOME/tsr, else ~/.cache/tsr.
-    let cache = std::env::var_os("TSR_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("tsr")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tsr")
-        });
-    let cached = cache.join("s3s-fs/bin/s3s-fs");
+    // Where scripts/test.sh installs it.
+    let cached = super::cache_dir().join("s3s-fs/bin/s3s-fs");
     if cached.exists() {
         return cached;
     }

@@ -97,6 +97,12 @@ pub fn definition_of(value: &toml::Value) -> BTreeMap<String, String> {
     for k in API_SERVING_KEYS {
         out.remove(*k);
     }
+    // A local judge's definition is what it was before API judges existed, so that runs
+    // recorded then continue: `kind = "local"` and the API annotator are left out.
+    if out.get("eval.judge.kind").is_none_or(|k| k == "\"local\"") {
+        out.remove("eval.judge.kind");
+        out.remove("eval.judge.annotator");
+    }
     out
 }
 
@@ -109,3 +115,44 @@ const API_SERVING_KEYS: &[&str] = &[
     "eval.judge.max_retries",
     "eval.judge.max_cost_tokens",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::definition_of;
+
+    /// A local judge's definition is what runs recorded before API judges had (so they
+    /// continue); an API judge's holds its kind and annotator, never where and how patiently
+    /// it asks.
+    #[test]
+    fn judge_settings_in_the_definition() {
+        let def = |judge: &str| {
+            let v: toml::Value = toml::from_str(&format!(
+                "name = \"x\"\n[eval]\nmax_new_tokens = 8\n[eval.judge]\n{judge}"
+            ))
+            .unwrap();
+            definition_of(&v)
+        };
+        let serving = "base_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"K\"\nmax_concurrency = 4\ntimeout_s = 60.0\nmax_retries = 5\nmax_cost_tokens = 9\n";
+        let local = def(&format!(
+            "mode = \"text\"\nkind = \"local\"\nannotator = \"weighted_alpaca_eval_gpt4_turbo\"\n{serving}"
+        ));
+        assert_eq!(local, def("mode = \"text\"\n"));
+        let api = def(&format!(
+            "kind = \"openai\"\nmodel = \"gpt-4-1106-preview\"\nannotator = \"weighted_alpaca_eval_gpt4_turbo\"\n{serving}"
+        ));
+        assert_eq!(
+            api.get("eval.judge.kind").map(String::as_str),
+            Some("\"openai\"")
+        );
+        assert!(api.contains_key("eval.judge.annotator"));
+        assert!(!api.keys().any(|k| [
+            "eval.judge.base_url",
+            "eval.judge.api_key_env",
+            "eval.judge.max_concurrency",
+            "eval.judge.timeout_s",
+            "eval.judge.max_retries",
+            "eval.judge.max_cost_tokens"
+        ]
+        .contains(&k.as_str())));
+    }
+}

@@ -683,7 +683,11 @@ fn add_eval(
             None,
         ),
     }
-    if e.judge.kind == "openai" {
+    // The judge: an API judge asks a server and takes no model input; the local one is a
+    // model of the run.
+    let (judge, judge_model): (Arc<dyn tsr_engine::Step>, Option<ModelRef>) = if e.judge.kind
+        == "openai"
+    {
         let path = e
             .judge
             .template
@@ -696,66 +700,10 @@ fn add_eval(
             key: "eval.judge.template".into(),
             reason: format!("cannot read {}: {err}", path.display()),
         })?;
-        let judge = Arc::new(api_judge(e, text, e.judge.api_settings()));
-        for (prefix, iteration, model) in evaluated {
-            let answer_node = format!("{prefix}-answer");
-            add(
-                b,
-                answer_node.clone(),
-                answer.clone(),
-                answer_in(model),
-                *iteration,
-            );
-            let judge_in = vec![
-                (
-                    "prompts".to_string(),
-                    InputSource::node("eval-prompts", "prompts"),
-                ),
-                (
-                    "baseline".to_string(),
-                    InputSource::node("eval-baseline", "outputs"),
-                ),
-                (
-                    "candidate".to_string(),
-                    InputSource::node(&answer_node, "outputs"),
-                ),
-            ];
-            add(
-                b,
-                format!("{prefix}-judge"),
-                judge.clone(),
-                judge_in,
-                *iteration,
-            );
-        }
-        return Ok(());
-    }
-    let judge_model = match &e.judge.model {
-        Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source, None)?,
-        None => m0.clone(),
+        (Arc::new(api_judge(e, text, e.judge.api_settings())), None)
+    } else {
+        local_judge(b, e, m0)?
     };
-    let template = match &e.judge.template {
-        Some(path) => std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
-            key: "eval.judge.template".into(),
-            reason: format!("cannot read {}: {err}", path.display()),
-        })?,
-        None => DEFAULT_PAIRWISE_TEMPLATE.to_string(),
-    };
-    tsr_steps::rules::eval::check_pairwise_template(&template).map_err(|reason| {
-        crate::ConfigError::Invalid {
-            key: "eval.judge.template".into(),
-            reason,
-        }
-    })?;
-    let judge = Arc::new(PairwiseJudge {
-        mode: e.judge.mode,
-        max_new_tokens: e.judge.max_new_tokens,
-        temperature: e.judge.temperature,
-        top_p: e.judge.top_p,
-        batch_size: e.judge.batch_size,
-        bootstrap_resamples: e.bootstrap_resamples,
-        template,
-    });
     for (prefix, iteration, model) in evaluated {
         let answer_node = format!("{prefix}-answer");
         add(
@@ -779,7 +727,9 @@ fn add_eval(
                 InputSource::node(&answer_node, "outputs"),
             ),
         ];
-        judge_in.extend(judge_model.inputs("model"));
+        if let Some(m) = &judge_model {
+            judge_in.extend(m.inputs("model"));
+        }
         add(
             b,
             format!("{prefix}-judge"),
@@ -810,4 +760,39 @@ pub(crate) fn api_judge(
         server,
         max_cost_tokens: e.judge.max_cost_tokens,
     }
+}
+
+/// The evaluation's local judge (`[eval.judge] kind = "local"`) and its model.
+fn local_judge(
+    b: &mut DagBuilder,
+    e: &crate::config::EvalSection,
+    m0: &ModelRef,
+) -> Result<(Arc<dyn tsr_engine::Step>, Option<ModelRef>), WorkflowError> {
+    let judge_model = match &e.judge.model {
+        Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source, None)?,
+        None => m0.clone(),
+    };
+    let template = match &e.judge.template {
+        Some(path) => std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
+            key: "eval.judge.template".into(),
+            reason: format!("cannot read {}: {err}", path.display()),
+        })?,
+        None => DEFAULT_PAIRWISE_TEMPLATE.to_string(),
+    };
+    tsr_steps::rules::eval::check_pairwise_template(&template).map_err(|reason| {
+        crate::ConfigError::Invalid {
+            key: "eval.judge.template".into(),
+            reason,
+        }
+    })?;
+    let judge = Arc::new(PairwiseJudge {
+        mode: e.judge.mode,
+        max_new_tokens: e.judge.max_new_tokens,
+        temperature: e.judge.temperature,
+        top_p: e.judge.top_p,
+        batch_size: e.judge.batch_size,
+        bootstrap_resamples: e.bootstrap_resamples,
+        template,
+    });
+    Ok((judge, Some(judge_model)))
 }
