@@ -480,6 +480,29 @@ pub struct EvalJudgeSection {
     pub max_cost_tokens: Option<u64>,
 }
 
+impl EvalSection {
+    /// The evaluation's API judge (`[eval.judge] kind = "openai"`) with its template's text and,
+    /// to ask, its server.
+    pub(crate) fn api_judge(
+        &self,
+        template: String,
+        server: Option<tsr_steps::openai::ApiSettings>,
+    ) -> tsr_steps::kinds::api_judge::ApiJudge {
+        tsr_steps::kinds::api_judge::ApiJudge {
+            annotator: self.judge.annotator.clone(),
+            model: self.judge.model.clone().unwrap_or_default(),
+            template,
+            // AlpacaEval's completion settings for this annotator.
+            max_tokens: 1,
+            temperature: 1.0,
+            top_logprobs: 5,
+            bootstrap_resamples: self.bootstrap_resamples,
+            server,
+            max_cost_tokens: self.judge.max_cost_tokens,
+        }
+    }
+}
+
 impl EvalJudgeSection {
     /// The API judge's server settings (`kind = "openai"`).
     pub fn api_settings(&self) -> Option<tsr_steps::openai::ApiSettings> {
@@ -1214,7 +1237,7 @@ impl Config {
                     key: "eval.judge.template".into(),
                     reason: format!("cannot read {}: {err}", t.display()),
                 })?;
-                crate::lm::api_judge(e, text, None)
+                e.api_judge(text, None)
                     .check()
                     .map_err(|reason| ConfigError::Invalid {
                         key: "eval.judge".into(),

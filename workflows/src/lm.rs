@@ -700,7 +700,7 @@ fn add_eval(
             key: "eval.judge.template".into(),
             reason: format!("cannot read {}: {err}", path.display()),
         })?;
-        (Arc::new(api_judge(e, text, e.judge.api_settings())), None)
+        (Arc::new(e.api_judge(text, e.judge.api_settings())), None)
     } else {
         local_judge(b, e, m0)?
     };
@@ -739,27 +739,6 @@ fn add_eval(
         );
     }
     Ok(())
-}
-
-/// The evaluation's API judge (`[eval.judge] kind = "openai"`) with its template's text and,
-/// to ask, its server.
-pub(crate) fn api_judge(
-    e: &crate::config::EvalSection,
-    template: String,
-    server: Option<tsr_steps::openai::ApiSettings>,
-) -> tsr_steps::kinds::api_judge::ApiJudge {
-    tsr_steps::kinds::api_judge::ApiJudge {
-        annotator: e.judge.annotator.clone(),
-        model: e.judge.model.clone().unwrap_or_default(),
-        template,
-        // AlpacaEval's completion settings for this annotator.
-        max_tokens: 1,
-        temperature: 1.0,
-        top_logprobs: 5,
-        bootstrap_resamples: e.bootstrap_resamples,
-        server,
-        max_cost_tokens: e.judge.max_cost_tokens,
-    }
 }
 
 /// The evaluation's local judge (`[eval.judge] kind = "local"`) and its model.
