@@ -145,15 +145,19 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
             .context("the run is in use and has no live snapshot yet")?,
         Err(e) => return Err(e).with_context(|| format!("opening the store {}", dir.display())),
     };
-    // Models made by LoRA training are adapters over a base: name both.
-    let adapters = match Store::open_existing_nowait(&dir) {
-        Ok(store) => lora_models(&store, &a.run)?,
-        Err(_) => vec![],
+    // Models made by LoRA training are adapters over a base: name both. API judges: what they
+    // asked and spent so far.
+    let (adapters, judges) = match Store::open_existing_nowait(&dir) {
+        Ok(store) => (lora_models(&store, &a.run)?, api_judges(&store, &a.run)?),
+        Err(_) => (vec![], vec![]),
     };
     if a.json {
         let mut v = serde_json::to_value(&view)?;
         if !adapters.is_empty() {
             v["lora_models"] = json!(adapters);
+        }
+        if !judges.is_empty() {
+            v["api_judges"] = json!(judges);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -170,6 +174,20 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
                 m["r"],
                 m["alpha"].as_f64().unwrap_or(f64::NAN),
                 short("base")
+            );
+        }
+        for j in &judges {
+            println!(
+                "evaluation judge {}: {} ({}): {} of {} comparisons recorded, {} request(s) ({} refused), {} tokens in, {} out",
+                j["node"].as_str().unwrap_or("?"),
+                j["model"].as_str().unwrap_or("?"),
+                j["annotator"].as_str().unwrap_or("?"),
+                j["recorded"],
+                j["total"],
+                j["requests"],
+                j["refused"],
+                j["prompt_tokens"],
+                j["completion_tokens"]
             );
         }
         if let Some(r) = &view.remote {
@@ -196,6 +214,32 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run's API judge steps (finished or not): what their recorded answers asked and spent.
+fn api_judges(store: &Store, run: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let nodes = tsr_workflows::lineage::nodes(store, run)?;
+    let mut out = Vec::new();
+    for n in nodes.values().filter(|n| n.step.kind == "api-judge") {
+        let config: serde_json::Value = serde_json::from_str(&n.step.config)
+            .with_context(|| format!("reading the config of `{}`", n.node))?;
+        let model = config["model"].as_str().unwrap_or("?");
+        let items = store.items(&n.key)?;
+        let u = tsr_steps::kinds::api_judge::usage_of(&items, model)
+            .with_context(|| format!("reading the answers recorded for `{}`", n.node))?;
+        out.push(json!({
+            "node": n.node,
+            "model": u.model,
+            "annotator": config["annotator"],
+            "recorded": items.len(),
+            "total": n.step.items_total,
+            "requests": u.requests,
+            "refused": u.refused,
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+        }));
+    }
+    Ok(out)
 }
 
 /// The run's finished models that are LoRA adapters: node, model (adapter) digest, r, alpha

@@ -207,6 +207,17 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     assert_eq!(s["mode"], "weighted_alpaca_eval_gpt4_turbo", "{s}");
     assert_eq!(s["api"]["requests"], asked.len(), "{s}");
     assert!(s["win_rate"]["win_rate"].as_f64().is_some(), "{s}");
+    // `tsr status` counts what the judge asked and spent, as the summary does.
+    let o = tsr(&["status", "x"], &store);
+    let t = text(&o);
+    assert!(
+        t.contains(&format!(
+            "evaluation judge iter1/eval-judge: smollm2 (weighted_alpaca_eval_gpt4_turbo): 8 of 8 comparisons recorded, {} request(s) (0 refused), {} tokens in",
+            asked.len(),
+            s["api"]["prompt_tokens"]
+        )),
+        "{t}"
+    );
     // M0 against itself: every output identical, nothing asked.
     let m0 = summary(&store, "eval/m0-judge");
     assert_eq!(m0["identical"], 8, "{m0}");

@@ -147,6 +147,35 @@ fn tokens_of(e: &Exchange) -> u64 {
     }
 }
 
+/// What the answers recorded so far (the items of an `api-judge` step, finished or not)
+/// asked and spent; `model` is the step's.
+pub fn usage_of(
+    items: &[(u64, Vec<u8>)],
+    model: &str,
+) -> Result<crate::rules::eval::ApiUsage, StepError> {
+    let mut u = crate::rules::eval::ApiUsage {
+        model: model.to_string(),
+        ..Default::default()
+    };
+    for (i, bytes) in items {
+        let e = decode(*i, bytes)?;
+        match &e.reply {
+            Recorded::Identical => {}
+            Recorded::Refused { .. } => {
+                u.requests += 1;
+                u.refused += 1;
+            }
+            Recorded::Answered { body, .. } => {
+                let p = parse_body(body);
+                u.requests += 1;
+                u.prompt_tokens += p.prompt_tokens.unwrap_or(0);
+                u.completion_tokens += p.completion_tokens.unwrap_or(0);
+            }
+        }
+    }
+    Ok(u)
+}
+
 fn decode(i: u64, bytes: &[u8]) -> Result<Exchange, StepError> {
     serde_json::from_slice(bytes).map_err(|e| {
         StepError::Invalid(format!(
