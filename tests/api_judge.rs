@@ -150,10 +150,27 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let cfg = setup(&dir.join("run"), &proxy.base_url(), "");
     let store = dir.join("run/store");
 
-    // SIGKILL the run once the server has answered 1, then 3, then 5 comparisons.
+    // SIGTERM once the server has answered a comparison: the answers in flight are committed
+    // and the run exits 75 (nothing it was paid for is lost: no kill counts for it below).
+    let mut child = command(&cfg, &store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_event(&mut child, "an answer paid", |c| {
+        proxy.paid_total() >= 1 || c.try_wait().unwrap().is_some()
+    });
+    // SAFETY: a signal to the run this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let o = child.wait_with_output().unwrap();
+    let mut said = text(&o);
+    assert_eq!(o.status.code(), Some(75), "{said}");
+
+    // SIGKILL the run once the server has answered 2, then 4, then 6 comparisons.
     let mut kills = 0;
-    let mut said = String::new();
-    for k in [1u32, 3, 5] {
+    for k in [2u32, 4, 6] {
         let mut child = command(&cfg, &store)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

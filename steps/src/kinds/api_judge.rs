@@ -28,7 +28,6 @@ use crate::rules::alpaca_annotator::{
     fill_template, soft_preference, to_chat_messages, unswitch, ChatMessage,
 };
 use crate::rules::eval::summarize;
-use crate::rules::eval_metrics;
 use crate::rules::py_random::alpaca_eval_switched;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -267,11 +266,7 @@ impl ApiJudge {
             ..Default::default()
         };
         let (preference, decision, verdicts) = match &e.reply {
-            Recorded::Identical => (
-                Some(1.5),
-                "tie: the two outputs are identical (not judged)".to_string(),
-                vec![],
-            ),
+            Recorded::Identical => (Some(1.5), crate::rules::eval::IDENTICAL.to_string(), vec![]),
             Recorded::Refused { status, message } => {
                 let why = format!("the server refused the request ({status}: {message})");
                 api.error = Some(why.clone());
@@ -348,29 +343,20 @@ impl ApiJudge {
                 }
             }
         };
-        let answer = p.answer.clone();
-        Annotation {
-            prompt_id: p.id.clone(),
-            instruction: p.prompt.clone(),
-            output_1: b.output.clone(),
-            output_2: c.output.clone(),
-            generator_1: b.generator.clone(),
-            generator_2: c.generator.clone(),
-            preference,
-            decision,
-            verdicts,
-            judge_model: self.judge_id(),
-            mode: self.annotator.clone(),
-            template_digest: self.template_digest(),
-            correct: answer
-                .as_deref()
-                .and_then(|a| eval_metrics::exact_match(&c.output, a)),
-            baseline_correct: answer
-                .as_deref()
-                .and_then(|a| eval_metrics::exact_match(&b.output, a)),
-            answer,
-            api: Some(api),
-        }
+        crate::rules::eval::annotation(
+            p,
+            b,
+            c,
+            crate::rules::eval::Judged {
+                preference,
+                decision,
+                verdicts,
+                judge_model: self.judge_id(),
+                mode: self.annotator.clone(),
+                template_digest: self.template_digest(),
+                api: Some(api),
+            },
+        )
     }
 }
 

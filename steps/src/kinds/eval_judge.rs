@@ -27,7 +27,6 @@ use crate::rules::eval::combine;
 use crate::rules::eval::render_placeholders;
 use crate::rules::eval::summarize;
 use crate::rules::eval::VERDICT_OPENING;
-use crate::rules::eval_metrics::{self};
 use crate::rules::meta_verdict::parse_better;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -309,38 +308,24 @@ impl items::Batches for Annotations<'_> {
                 let p = &self.prompts[i as usize];
                 let (b, c) = (&self.baseline[&p.id], &self.candidate[&p.id]);
                 let (preference, decision) = if verdicts.is_empty() {
-                    (
-                        Some(1.5),
-                        "tie: the two outputs are identical (not judged)".to_string(),
-                    )
+                    (Some(1.5), crate::rules::eval::IDENTICAL.to_string())
                 } else {
                     combine(&verdicts)
                 };
-                let answer = p.answer.clone();
-                let correct = answer
-                    .as_deref()
-                    .and_then(|a| eval_metrics::exact_match(&c.output, a));
-                let baseline_correct = answer
-                    .as_deref()
-                    .and_then(|a| eval_metrics::exact_match(&b.output, a));
-                Annotation {
-                    prompt_id: p.id.clone(),
-                    instruction: p.prompt.clone(),
-                    output_1: b.output.clone(),
-                    output_2: c.output.clone(),
-                    generator_1: b.generator.clone(),
-                    generator_2: c.generator.clone(),
-                    preference,
-                    decision,
-                    verdicts,
-                    judge_model: self.judge_model,
-                    mode: self.mode.to_string(),
-                    template_digest: self.template_digest.clone(),
-                    answer,
-                    correct,
-                    baseline_correct,
-                    api: None,
-                }
+                crate::rules::eval::annotation(
+                    p,
+                    b,
+                    c,
+                    crate::rules::eval::Judged {
+                        preference,
+                        decision,
+                        verdicts,
+                        judge_model: self.judge_model,
+                        mode: self.mode.to_string(),
+                        template_digest: self.template_digest.clone(),
+                        api: None,
+                    },
+                )
             })
             .collect())
     }

@@ -259,6 +259,49 @@ pub struct ApiUsage {
     pub refused: usize,
 }
 
+/// The decision of a prompt whose two outputs are the same text.
+pub const IDENTICAL: &str = "tie: the two outputs are identical (not judged)";
+
+/// How a judge decided one prompt, and which judge it was.
+pub struct Judged {
+    pub preference: Option<f64>,
+    pub decision: String,
+    pub verdicts: Vec<OrderVerdict>,
+    pub judge_model: tsr_state::Digest,
+    pub mode: String,
+    pub template_digest: String,
+    pub api: Option<crate::records::ApiVerdict>,
+}
+
+/// The annotation of prompt `p` from the baseline's output `b`, the model's `c` and how the
+/// judge decided; the parts every judge fills the same way (outputs, generators, the known
+/// answer and both exact matches) are filled here.
+pub fn annotation(p: &Prompt, b: &EvalOutput, c: &EvalOutput, j: Judged) -> Annotation {
+    let answer = p.answer.clone();
+    Annotation {
+        prompt_id: p.id.clone(),
+        instruction: p.prompt.clone(),
+        output_1: b.output.clone(),
+        output_2: c.output.clone(),
+        generator_1: b.generator.clone(),
+        generator_2: c.generator.clone(),
+        preference: j.preference,
+        decision: j.decision,
+        verdicts: j.verdicts,
+        judge_model: j.judge_model,
+        mode: j.mode,
+        template_digest: j.template_digest,
+        correct: answer
+            .as_deref()
+            .and_then(|a| eval_metrics::exact_match(&c.output, a)),
+        baseline_correct: answer
+            .as_deref()
+            .and_then(|a| eval_metrics::exact_match(&b.output, a)),
+        answer,
+        api: j.api,
+    }
+}
+
 /// Metrics over finished annotations (`seed` drives the bootstrap).
 pub fn summarize(
     annotations: &[Annotation],
