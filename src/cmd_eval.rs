@@ -45,6 +45,11 @@ pub struct EvalArgs {
     /// and the same command with a higher limit continues.
     #[arg(long, requires = "judge_url")]
     pub max_cost_tokens: Option<u64>,
+    /// With --judge-url: also compute AlpacaEval 2.0's length-controlled win rate from this
+    /// folder (df_gamed.csv and alpaca_eval_gpt4_baseline.json from the model hub's dataset
+    /// tatsu-lab/alpaca_eval); --prompts must then be that instructions file.
+    #[arg(long, requires = "judge_url")]
+    pub lc_data: Option<PathBuf>,
     /// `text` (the judge writes `Better: A|B`) or `logprob` (compares P(A) and P(B)).
     #[arg(long, default_value = "text")]
     pub mode: String,
@@ -113,6 +118,9 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     }
     if let Some(r) = &a.reference {
         body.push_str(&format!("reference = {}\n", path_str(r)));
+    }
+    if let Some(d) = &a.lc_data {
+        body.push_str(&format!("lc_data = {}\n", path_str(d)));
     }
     body.push_str(&format!(
         "\n[eval.judge]\nmodel = {}\nmode = {}\nbatch_size = {}\n",
@@ -187,7 +195,9 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if a.json {
         say!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"run": name, "summary": s}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"run": name, "summary": s, "lc": e.lc})
+            )?
         );
         if let Some(h) = hint {
             eprintln!("tsr: {h}");
@@ -201,8 +211,8 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
             s.ci95
                 .map(|(lo, hi)| format!("{lo:.1}-{hi:.1}"))
                 .unwrap_or_else(|| "-".into()),
-            s.lc_win_rate
-                .map(|x| format!("{x:.1}%"))
+            e.lc_win_rate()
+                .map(|(x, glm)| format!("{x:.1}% ({glm})"))
                 .unwrap_or_else(|| "-".into()),
             w.n_wins,
             w.n_wins_base,

@@ -537,7 +537,7 @@ pub fn export_eval_to(
                         (key, val)
                     })
                     .collect();
-                json!({
+                let mut row = json!({
                     "instruction": r.instruction,
                     "output_1": r.output_1,
                     "output_2": r.output_2,
@@ -553,14 +553,18 @@ pub fn export_eval_to(
                     "prompt_id": r.prompt_id,
                     "decision": r.decision,
                     "verdicts": r.verdicts,
-                    "judge_model": r.judge_model,
+                    // As tsr stores it (64 hex digits), so the file reads back as annotations.
+                    "judge_model": r.judge_model.to_hex(),
                     "template_digest": r.template_digest,
                     "mode": r.mode,
                     "answer": r.answer,
                     "correct": r.correct,
                     "baseline_correct": r.baseline_correct,
-                    "api": r.api,
-                })
+                });
+                if let Some(api) = &r.api {
+                    row["api"] = json!(api);
+                }
+                row
             })
             .collect();
         files.push((
@@ -571,7 +575,12 @@ pub fn export_eval_to(
             format!("{}/annotations.json", e.label),
             pretty(&Value::Array(annotations)),
         ));
-        summaries.push(json!({"model": e.label, "node": e.node, "summary": e.summary}));
+        let mut entry = json!({"model": e.label, "node": e.node, "summary": e.summary});
+        // AlpacaEval 2.0's length-controlled win rate, where the run computed it.
+        if let Some(lc) = &e.lc {
+            entry["lc"] = json!(lc);
+        }
+        summaries.push(entry);
     }
     files.push((
         "baseline_outputs.json".into(),

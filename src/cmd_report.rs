@@ -341,7 +341,7 @@ pub fn report_on(
             .map(|((r, m), (_, e))| {
                 let e: Vec<_> = e
                     .iter()
-                    .map(|e| serde_json::json!({"model": e.label, "node": e.node, "summary": e.summary}))
+                    .map(|e| serde_json::json!({"model": e.label, "node": e.node, "summary": e.summary, "lc": e.lc}))
                     .collect();
                 serde_json::json!({"run": r, "iterations": m, "eval": e})
             })
@@ -450,8 +450,7 @@ fn plot_evals(out: &Path, evals: &[(String, Vec<EvalResult>)], text: bool) -> an
     let slots = eval_slots(evals);
     let names: Vec<String> = slots.iter().map(|s| s.1.clone()).collect();
     let x_of = |slot: (u32, u32)| slots.iter().position(|s| s.0 == slot).unwrap_or(0) as f64;
-    let series = |f: &dyn Fn(&tsr_steps::rules::eval::EvalSummary) -> Option<f64>,
-                  with_bars: bool| {
+    let series = |f: &dyn Fn(&EvalResult) -> Option<f64>, with_bars: bool| {
         evals
             .iter()
             .filter(|(_, e)| !e.is_empty())
@@ -459,7 +458,7 @@ fn plot_evals(out: &Path, evals: &[(String, Vec<EvalResult>)], text: bool) -> an
                 run: run.clone(),
                 points: e
                     .iter()
-                    .filter_map(|e| f(&e.summary).map(|y| (x_of(e.slot), y)))
+                    .filter_map(|e| f(e).map(|y| (x_of(e.slot), y)))
                     .collect(),
                 bars: if with_bars {
                     e.iter()
@@ -477,22 +476,35 @@ fn plot_evals(out: &Path, evals: &[(String, Vec<EvalResult>)], text: bool) -> an
         "win rate (%)",
         "evaluated model",
         &names,
-        &series(&|s| s.win_rate.as_ref().map(|w| w.win_rate), true),
+        &series(&|e| e.summary.win_rate.as_ref().map(|w| w.win_rate), true),
         text,
     )?;
+    // Say which length control the plot shows (AlpacaEval 2.0's where its data was given).
+    let kinds: std::collections::BTreeSet<&str> = evals
+        .iter()
+        .flat_map(|(_, e)| e.iter().filter_map(|e| e.lc_win_rate().map(|(_, k)| k)))
+        .collect();
+    let title = match kinds.len() {
+        1 => format!(
+            "Length-controlled win rate against the baseline ({})",
+            kinds.first().expect("one")
+        ),
+        _ => "Length-controlled win rate against the baseline (mixed GLMs: see tsr report)".into(),
+    };
     plot(
         &out.join("lc_win_rate.png"),
-        "Length-controlled win rate against the baseline",
+        &title,
         "LC win rate (%)",
         "evaluated model",
         &names,
-        &series(&|s| s.lc_win_rate, false),
+        &series(&|e| e.lc_win_rate().map(|(x, _)| x), false),
         text,
     )
 }
 
-/// One row per evaluated model. WIN and LC are percent (AlpacaEval's win rate and the minimal
-/// length-controlled one); CI the 95% bootstrap interval; UNDEC prompts whose verdict could not
+/// One row per evaluated model. WIN and LC are percent (AlpacaEval's win rate and the
+/// length-controlled one: AlpacaEval 2.0's GLM where `eval.lc_data` was given, else the minimal
+/// GLM, named under the table); CI the 95% bootstrap interval; UNDEC prompts whose verdict could not
 /// be read; UNPARSED% the share of unreadable verdicts; LEN_M / LEN_B mean characters of the
 /// model's and the baseline's outputs; EM exact-match accuracy where prompts have answers;
 /// SOFT (logprob judges) the judge's probability that the model is better, averaged over both
@@ -539,7 +551,7 @@ fn print_eval_table(evals: &[(String, Vec<EvalResult>)]) {
                 e.label,
                 num(w.map(|w| w.win_rate), 6),
                 ci,
-                num(s.lc_win_rate, 6),
+                num(e.lc_win_rate().map(|(x, _)| x), 6),
                 num(s.soft_win_rate, 6),
                 w.map_or(0, |w| w.n_wins),
                 w.map_or(0, |w| w.n_wins_base),
@@ -550,6 +562,34 @@ fn print_eval_table(evals: &[(String, Vec<EvalResult>)]) {
                 s.avg_chars_baseline,
                 em
             );
+        }
+    }
+    // Which length control each LC is: one line when all are the minimal GLM's.
+    let any_v1 = evals.iter().any(|(_, e)| e.iter().any(|e| e.lc.is_some()));
+    if !any_v1 {
+        say!("LC: the minimal GLM (length term only); AlpacaEval 2.0's needs eval.lc_data with the API judge");
+    }
+    for (run, e) in evals.iter().filter(|_| any_v1) {
+        for e in e {
+            match (&e.lc, e.summary.lc_win_rate) {
+                (Some(lc), _) => say!(
+                    "{:<16} {:<6} LC: AlpacaEval 2.0's {} GLM, {:.2}% (standard error {}; C {})",
+                    run,
+                    e.label,
+                    lc.glm,
+                    lc.length_controlled_winrate,
+                    lc.lc_standard_error
+                        .map(|x| format!("{x:.2}"))
+                        .unwrap_or_else(|| "-".into()),
+                    lc.c
+                ),
+                (None, Some(_)) => say!(
+                    "{:<16} {:<6} LC: the minimal GLM (length term only; AlpacaEval 2.0's needs eval.lc_data)",
+                    run,
+                    e.label
+                ),
+                (None, None) => {}
+            }
         }
     }
     // What the API judges asked and spent.

@@ -318,11 +318,37 @@ fn tsr_eval_takes_the_api_judge_as_flags() {
         serde_json::to_vec(&reference).unwrap(),
     )
     .unwrap();
-    let eval = |budget: &str| {
+    // AlpacaEval 2.0's length-control folder for these 8 instructions: the instructions file
+    // (the reference outputs, as AlpacaEval's alpaca_eval_gpt4_baseline.json holds GPT-4
+    // Turbo's) and synthetic gamed annotations of AlpacaEval's schema.
+    let lc = dir.join("e/lc");
+    std::fs::create_dir_all(&lc).unwrap();
+    std::fs::copy(
+        dir.join("e/reference.json"),
+        lc.join("alpaca_eval_gpt4_baseline.json"),
+    )
+    .unwrap();
+    let mut gamed = String::from(
+        "index,model,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\n",
+    );
+    for (m, model) in ["verbose", "concise"].iter().enumerate() {
+        for i in 0..8 {
+            let sign = if m == 0 { -1.0 } else { 1.0 };
+            gamed.push_str(&format!(
+                "{i},{model},{},{},{},False\n",
+                (0.2 + 0.08 * i as f64 + 0.1 * m as f64).min(1.0),
+                sign * (0.3 + 0.1 * i as f64),
+                i as f64 / 4.0 - 1.0
+            ));
+        }
+    }
+    std::fs::write(lc.join("df_gamed.csv"), gamed).unwrap();
+    let eval_with = |budget: &str, extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
         c.current_dir(dir.join("e"))
             .args(["eval", "--model", "tiny", "--reference", "reference.json"])
-            .args(["--prompts", "held-out.jsonl", "--max-new-tokens", "6"])
+            // AlpacaEval's own list as the prompts, as for its 805 instructions.
+            .args(["--prompts", "reference.json", "--max-new-tokens", "6"])
             .args(["--judge-url", &proxy.base_url(), "--judge", "smollm2"])
             .args([
                 "--template",
@@ -332,10 +358,12 @@ fn tsr_eval_takes_the_api_judge_as_flags() {
                 "--json",
             ])
             .args(["--max-cost-tokens", budget, "--store", "store"])
+            .args(extra)
             .env(KEY_VAR, KEY)
             .env("RAYON_NUM_THREADS", "1");
         c.output().unwrap()
     };
+    let eval = |budget: &str| eval_with(budget, &[]);
     // A budget that stops it, then one that lets it finish: the same evaluation continues.
     let o = eval("1");
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
@@ -347,6 +375,96 @@ fn tsr_eval_takes_the_api_judge_as_flags() {
     assert_eq!(s["api"]["requests"], 8, "{v}");
     assert_eq!(proxy.paid_total(), 8, "a comparison was paid twice");
     assert!(s["api"]["prompt_tokens"].as_u64().unwrap() > 8 * 50, "{v}");
+    assert!(
+        v["lc"].is_null(),
+        "no length-control data, no AlpacaEval LC: {v}"
+    );
+
+    // Adding AlpacaEval's length-control data afterwards computes its LC from the recorded
+    // annotations: nothing is asked again.
+    let o = eval_with("10000000", &["--lc-data", "lc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lc"]["glm"], "length_controlled_v1", "{v}");
+    assert_eq!(v["lc"]["gamed_rows"], 16, "{v}");
+    let lc = v["lc"]["length_controlled_winrate"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&lc), "{v}");
+    assert_eq!(
+        proxy.paid_total(),
+        8,
+        "adding the LC data asked the judge again"
+    );
+    // The same as the library computes from the annotations and the folder.
+    let o = tsr(
+        &[
+            "export",
+            v["run"].as_str().unwrap(),
+            "eval",
+            "--out",
+            dir.join("e/export").to_str().unwrap(),
+        ],
+        &dir.join("e/store"),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<tsr_steps::records::Annotation> = serde_json::from_slice(
+        &std::fs::read(dir.join("e/export/model/annotations.json")).unwrap(),
+    )
+    .unwrap();
+    let (data, _) = tsr_steps::kinds::alpaca_lc::read_lc_data(&dir.join("e/lc")).unwrap();
+    let lc_rows: Vec<_> = rows
+        .iter()
+        .map(|a| tsr_steps::rules::lc_glm::LcRow {
+            preference: a.preference,
+            model_chars: a.output_2.chars().count(),
+            baseline_chars: a.output_1.chars().count(),
+        })
+        .collect();
+    let want = tsr_steps::rules::lc_glm::length_controlled_v1(&data, &lc_rows, false).unwrap();
+    assert_eq!(want.length_controlled_winrate, lc);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("e/export/summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        summary[0]["lc"]["length_controlled_winrate"].as_f64(),
+        Some(lc)
+    );
+
+    // Refused before any work: prompts that are not the folder's instructions, and data that
+    // is not AlpacaEval's.
+    let o = eval_with("10000000", &["--lc-data", "lc", "--limit", "4"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("eval.lc_data")
+            && t.contains("its 8 instructions, and the evaluation has 4 prompts"),
+        "{t}"
+    );
+    std::fs::create_dir_all(dir.join("e/not-lc")).unwrap();
+    std::fs::write(dir.join("e/not-lc/df_gamed.csv"), "index,model\n0,a\n").unwrap();
+    let o = eval_with("10000000", &["--lc-data", "not-lc"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("df_gamed.csv") && t.contains("no `preference` column"),
+        "{t}"
+    );
+    // AlpacaEval's GLM is fitted to its own annotator's annotations: a local judge is refused.
+    std::fs::write(
+        dir.join("e/local.toml"),
+        "name = \"l\"\nworkflow = \"eval\"\n[model]\nsource = \"tiny\"\n\
+         [eval]\nprompts = \"reference.json\"\nreference = \"reference.json\"\nlc_data = \"lc\"\n",
+    )
+    .unwrap();
+    let o = tsr(
+        &["run", dir.join("e/local.toml").to_str().unwrap()],
+        &dir.join("e/store-local"),
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("eval.lc_data") && t.contains("kind = \"openai\""),
+        "{t}"
+    );
+    assert_eq!(proxy.paid_total(), 8);
 }
 
 #[test]

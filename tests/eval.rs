@@ -162,6 +162,19 @@ fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
             .collect();
         let w = tsr_steps::rules::eval_metrics::win_rate(&prefs).unwrap();
         assert_eq!(serde_json::to_value(&w).unwrap(), s["win_rate"], "{label}");
+        // The file reads back as tsr's annotations (digests as the 64 hex digits tsr stores).
+        let back: Vec<tsr_steps::records::Annotation> =
+            serde_json::from_value(serde_json::Value::Array(ann.clone())).unwrap_or_else(|e| {
+                panic!("{label}: the exported annotations do not read back: {e}")
+            });
+        assert_eq!(
+            back[0].judge_model.to_hex(),
+            ann[0]["judge_model"].as_str().unwrap()
+        );
+        assert!(
+            ann.iter().all(|a| a.get("api").is_none()),
+            "{label}: a local judge's annotation has no API answer"
+        );
     }
     // An existing export is replaced only with --force, and never a folder of other files.
     let o = tsr(
@@ -245,7 +258,13 @@ fn a_temporal_run_evaluates_its_models_and_exports_alpaca_eval_files() {
         "{t}"
     );
     // Every row of the evaluation table has as many fields as its header.
-    let table: Vec<&str> = t.lines().skip_while(|l| !l.contains("95% CI")).collect();
+    let table: Vec<&str> = t
+        .lines()
+        .skip_while(|l| !l.contains("95% CI"))
+        .take_while(|l| !l.starts_with("LC:"))
+        .collect();
+    // Under it, which length control the LC column is.
+    assert!(t.contains("LC: the minimal GLM (length term only)"), "{t}");
     // (EM reads "1/2 (50%)": one field.)
     let fields = |l: &str| l.replace(" (", "(").split_whitespace().count();
     assert_eq!(table.len(), 4, "{t}");

@@ -2,6 +2,9 @@
 //! object per line (`answer`: a known answer, scored by exact match in evaluations). Every bad
 //! line is reported with its line number (all of them at once, not just the first); blank lines
 //! are skipped. A prompt without an id gets a stable one from its text's digest.
+//!
+//! An AlpacaEval file is read too: a JSON list of `{"instruction": string, ...}` (its evaluation
+//! set, such as `alpaca_eval_gpt4_baseline.json`), each instruction a prompt in list order.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,12 +28,23 @@ pub enum PromptError {
         count: usize,
         lines: String,
     },
+    #[error(
+        "prompts file {source_name} (AlpacaEval's JSON list) has {count} bad entr(ies):\n{entries}"
+    )]
+    BadEntries {
+        source_name: String,
+        count: usize,
+        entries: String,
+    },
 }
 
 /// Longest prompt accepted, in bytes (a guard against a binary or a whole book on one line).
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 
 pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, PromptError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return parse_alpaca_eval(bytes, source_name);
+    }
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Line {
@@ -131,6 +145,72 @@ pub fn parse_prompts(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, Pro
     Ok(out)
 }
 
+/// An AlpacaEval evaluation set: a JSON list of objects with an `"instruction"` (other fields,
+/// such as `output`, `generator` and `dataset`, are ignored). Ids come from the text, as for
+/// JSONL prompts without one; an instruction listed twice is an error.
+fn parse_alpaca_eval(bytes: &[u8], source_name: &str) -> Result<Vec<Prompt>, PromptError> {
+    let bad = |entries: Vec<String>| PromptError::BadEntries {
+        source_name: source_name.to_string(),
+        count: entries.len(),
+        entries: entries.join("\n"),
+    };
+    let list: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| {
+        bad(vec![format!(
+            "  a file starting with `[` is read as AlpacaEval's JSON list of {{\"instruction\": ...}}, and this one is not valid JSON ({e})"
+        )])
+    })?;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (n, row) in list.iter().enumerate() {
+        let prompt = match row.get("instruction") {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(serde_json::Value::String(_)) => {
+                errors.push(format!("  entry {n}: \"instruction\" is empty"));
+                continue;
+            }
+            Some(other) => {
+                errors.push(format!(
+                    "  entry {n}: \"instruction\" must be a string, found {other}"
+                ));
+                continue;
+            }
+            None => {
+                errors.push(format!("  entry {n}: no \"instruction\""));
+                continue;
+            }
+        };
+        if prompt.len() > MAX_PROMPT_BYTES {
+            errors.push(format!(
+                "  entry {n}: the instruction is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+                prompt.len()
+            ));
+            continue;
+        }
+        let id = blake3::hash(prompt.as_bytes()).to_hex()[..12].to_string();
+        if let Some(first) = seen.insert(id.clone(), n) {
+            errors.push(format!(
+                "  entry {n}: the same instruction as entry {first}"
+            ));
+            continue;
+        }
+        out.push(Prompt {
+            id,
+            prompt,
+            answer: None,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(bad(errors));
+    }
+    if out.is_empty() {
+        return Err(PromptError::Empty {
+            source_name: source_name.to_string(),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +244,40 @@ mod tests {
         ] {
             assert!(e.contains(want), "missing `{want}` in:\n{e}");
         }
+    }
+
+    #[test]
+    fn alpaca_eval_lists_are_prompts_in_order() {
+        let p = parse_prompts(
+            br#" [{"instruction": "Name a colour.", "output": "Red", "generator": "gpt4_turbo", "dataset": "x"},
+                {"instruction": "Add 2 and 2."}]"#,
+            "alpaca_eval.json",
+        )
+        .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].prompt, "Name a colour.");
+        assert_eq!(p[1].prompt, "Add 2 and 2.");
+        // The same id as the line `{"prompt": "Add 2 and 2."}`.
+        assert_eq!(
+            p[1].id,
+            parse_prompts(br#"{"prompt": "Add 2 and 2."}"#, "p.jsonl").unwrap()[0].id
+        );
+        let e = parse_prompts(
+            br#"[{"instruction": "a"}, {"output": "b"}, {"instruction": 3}, {"instruction": "a"}]"#,
+            "ae.json",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "ae.json (AlpacaEval's JSON list) has 3 bad entr(ies)",
+            "entry 1: no \"instruction\"",
+            "entry 2: \"instruction\" must be a string",
+            "entry 3: the same instruction as entry 0",
+        ] {
+            assert!(e.contains(want), "missing `{want}` in:\n{e}");
+        }
+        let e = parse_prompts(b"[1, 2", "x.json").unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
     }
 
     #[test]

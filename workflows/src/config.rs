@@ -420,6 +420,13 @@ pub struct EvalSection {
     /// Bootstrap resamples of the 95% interval (0: no interval).
     pub bootstrap_resamples: usize,
     pub judge: EvalJudgeSection,
+    /// AlpacaEval 2.0's length-control data: a folder with `df_gamed.csv` and
+    /// `alpaca_eval_gpt4_baseline.json` from the model hub's dataset `tatsu-lab/alpaca_eval`.
+    /// With it, each evaluation also reports AlpacaEval 2.0's own length-controlled win rate
+    /// (its `length_controlled_v1` GLM); it needs the API judge with AlpacaEval's annotator and
+    /// AlpacaEval's 805 instructions in its order as the prompts. Without it, the reported LC
+    /// is the minimal GLM (the length term alone).
+    pub lc_data: Option<PathBuf>,
 }
 
 impl Default for EvalSection {
@@ -438,6 +445,7 @@ impl Default for EvalSection {
             reference: None,
             bootstrap_resamples: 1000,
             judge: EvalJudgeSection::default(),
+            lc_data: None,
         }
     }
 }
@@ -672,9 +680,14 @@ impl Config {
             }
         }
         if let Some(e) = c.eval.as_mut() {
-            for p in [&mut e.prompts, &mut e.reference, &mut e.judge.template]
-                .into_iter()
-                .flatten()
+            for p in [
+                &mut e.prompts,
+                &mut e.reference,
+                &mut e.judge.template,
+                &mut e.lc_data,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if let Some(h) = p.to_str().and_then(home) {
                     *p = PathBuf::from(h);
@@ -722,9 +735,14 @@ impl Config {
                 }
             }
             if let Some(e) = c.eval.as_mut() {
-                for p in [&mut e.prompts, &mut e.reference, &mut e.judge.template]
-                    .into_iter()
-                    .flatten()
+                for p in [
+                    &mut e.prompts,
+                    &mut e.reference,
+                    &mut e.judge.template,
+                    &mut e.lc_data,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     abs(p);
                 }
@@ -1250,6 +1268,22 @@ impl Config {
                     format!("`{other}`: use `local` (a model run here) or `openai` (an OpenAI-compatible server)"),
                 )
             }
+        }
+        if let Some(dir) = &e.lc_data {
+            let lc_bad = |reason: String| ConfigError::Invalid {
+                key: "eval.lc_data".into(),
+                reason,
+            };
+            if e.judge.kind != "openai" {
+                return Err(lc_bad(format!(
+                    "AlpacaEval 2.0's length control is fitted to the annotations of its own annotator; set [eval.judge] kind = \"openai\" with annotator = \"{}\", or leave lc_data out for the minimal length control",
+                    tsr_steps::kinds::api_judge::WEIGHTED_ALPACA_EVAL_GPT4_TURBO
+                )));
+            }
+            let (_, instructions) =
+                tsr_steps::kinds::alpaca_lc::read_lc_data(dir).map_err(lc_bad)?;
+            let texts: Vec<String> = eval_prompts.iter().map(|p| p.prompt.clone()).collect();
+            tsr_steps::kinds::alpaca_lc::check_prompts(&instructions, &texts).map_err(lc_bad)?;
         }
         if let (Some(t), "local") = (&e.judge.template, e.judge.kind.as_str()) {
             let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {

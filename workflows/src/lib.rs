@@ -77,6 +77,7 @@ const PATH_KEYS: &[&str] = &[
     "eval.baseline_model",
     "eval.judge.template",
     "eval.judge.model",
+    "eval.lc_data",
 ];
 
 /// The run's definition compared on re-run: the flattened config without the keys that change

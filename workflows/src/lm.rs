@@ -737,6 +737,31 @@ fn add_eval(
             judge_in,
             *iteration,
         );
+        // AlpacaEval 2.0's length control: its own step, so that adding the data later never
+        // asks the judge again.
+        if let Some(dir) = &e.lc_data {
+            use tsr_steps::kinds::alpaca_lc::{AlpacaLc, GAMED_FILE, INSTRUCTIONS_FILE};
+            add(
+                b,
+                format!("{prefix}-lc"),
+                Arc::new(AlpacaLc::default()),
+                vec![
+                    (
+                        "annotations".to_string(),
+                        InputSource::node(&format!("{prefix}-judge"), "annotations"),
+                    ),
+                    (
+                        "gamed".to_string(),
+                        InputSource::External(dir.join(GAMED_FILE)),
+                    ),
+                    (
+                        "instructions".to_string(),
+                        InputSource::External(dir.join(INSTRUCTIONS_FILE)),
+                    ),
+                ],
+                *iteration,
+            );
+        }
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One file per step kind; the file name is the kind's string (`-` written `_`).
 
+pub mod alpaca_lc;
 pub mod answer;
 pub mod api_judge;
 pub mod dpo;

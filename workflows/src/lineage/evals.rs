@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use tsr_state::{Digest, Store, WorkerRecord};
 use tsr_steps::records::Annotation;
 use tsr_steps::rules::eval::EvalSummary;
+use tsr_steps::rules::lc_glm::LcResult;
 
 /// One evaluated model of a run: its `eval-judge` node and what it measured.
 pub struct EvalResult {
@@ -18,6 +19,26 @@ pub struct EvalResult {
     pub slot: (u32, u32),
     pub summary: EvalSummary,
     pub annotations: Digest,
+    /// AlpacaEval 2.0's length-controlled win rate (`<prefix>-lc`), when the run has the data
+    /// and that step finished.
+    pub lc: Option<LcResult>,
+}
+
+impl EvalResult {
+    /// The length-controlled win rate to show: AlpacaEval 2.0's when computed, else the minimal
+    /// GLM's, with which one it is.
+    pub fn lc_win_rate(&self) -> Option<(f64, &'static str)> {
+        match &self.lc {
+            Some(lc) => Some((
+                lc.length_controlled_winrate,
+                "AlpacaEval 2.0 length_controlled_v1",
+            )),
+            None => self
+                .summary
+                .lc_win_rate
+                .map(|x| (x, "minimal GLM (length term only)")),
+        }
+    }
 }
 
 /// Where an evaluation node stands in the run: (label, slot), or `None` for other nodes.
@@ -60,12 +81,25 @@ pub fn evals(
                 source,
             }
         })?;
+        let lc_node = format!("{}-lc", n.node.strip_suffix("-judge").unwrap_or(&n.node));
+        let lc =
+            match nodes.get(&lc_node).and_then(|l| l.output("lc")) {
+                Some(d) => Some(serde_json::from_slice(&read_blob(store, &d)?).map_err(
+                    |source| QueryError::Config {
+                        what: "length-controlled win rate",
+                        node: lc_node.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         out.push(EvalResult {
             node: n.node.clone(),
             label,
             slot,
             summary,
             annotations: ad,
+            lc,
         });
     }
     out.sort_by_key(|e| e.slot);
