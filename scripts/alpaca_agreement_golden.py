@@ -4,7 +4,7 @@ server with AlpacaEval 2.0's annotator (`weighted_alpaca_eval_gpt4_turbo`), from
 tsr exported (`tsr eval ... --out DIR`):
 
 - per annotation: the output order alpaca_eval's own processor picks for its instruction
-  (`RandomSwitchTwoColumnsProcessor` as `PairwiseAnnotator` configures it), and the preference
+  (the `RandomSwitchTwoColumnsProcessor` of a `PairwiseAnnotator` for this annotator), and the preference
   its `logprob_parser` reads from the raw top log-probabilities tsr recorded, switched back by
   the processor;
 - `get_winrate` on the exported annotations;
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import alpaca_eval.metrics.glm_winrate as glm  # noqa: E402
-from alpaca_eval import completion_parsers, processors  # noqa: E402
+from alpaca_eval import annotators, completion_parsers, processors  # noqa: E402
 from alpaca_eval.metrics import get_length_controlled_winrate, get_winrate  # noqa: E402
 
 
@@ -40,12 +40,13 @@ def main(export, lc_dir, out):
     with open(path) as f:
         annotations = json.load(f)
     df = pd.DataFrame(annotations)[["instruction", "output_1", "output_2"]]
-    switcher = processors.RandomSwitchTwoColumnsProcessor(
-        two_columns_to_switch=["output_1", "output_2"],
-        fn_replace_if_switch=lambda d: d.assign(preference=3 - d["preference"]) if "preference" in d else d,
-        random_seed_columns=["instruction"],
-        _switch_column="is_switched_outputs",
+    # The switch processor of alpaca_eval's own annotator for this configuration (its seed is
+    # the annotator's).
+    annotator = annotators.PairwiseAnnotator(
+        annotators_config="weighted_alpaca_eval_gpt4_turbo", caching_path=None
     )
+    [single] = annotator.annotators.values()
+    [switcher] = [p for p in single.processors if isinstance(p, processors.RandomSwitchTwoColumnsProcessor)]
     shown = switcher.preprocess(df)
     raw = []
     for a in annotations:

@@ -11,6 +11,8 @@
 # 4. alpaca-annotator.json: alpaca_eval's prompt filling, chat messages and logprob parser
 #    (scripts/alpaca_annotator_golden.py), and py-random.json: CPython's random.Random on string
 #    seeds, AlpacaEval's output order (scripts/py_random_golden.py, standard library only).
+#    alpaca-requests.json: the request bodies alpaca_eval's own annotator sends through the openai
+#    client to a recorder on loopback (scripts/alpaca_request_golden.py).
 # 5. lc/ and lc-small/: synthetic length-control data of AlpacaEval's schema and what
 #    alpaca_eval's get_length_controlled_winrate computes with it (scripts/lc_golden.py).
 # 6. export-api/ and export-api.json: a tsr evaluation judged through an OpenAI-compatible
@@ -40,6 +42,7 @@ done
   tests/fixtures/eval/exports.json tests/fixtures/eval/export-logprob tests/fixtures/eval/export-text
 "$py" scripts/alpaca_annotator_golden.py
 "$py" scripts/py_random_golden.py
+"$py" scripts/alpaca_request_golden.py
 "$py" scripts/lc_golden.py tests/fixtures/eval/lc tests/fixtures/eval/lc-small \
   tests/fixtures/eval/weak-reference.json
 # The API judge: a real server on loopback, stopped by PID on exit.

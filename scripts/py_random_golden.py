@@ -5,9 +5,9 @@ judge in the order alpaca_eval does.
 
 For each instruction: the first three 32-bit draws of `random.Random(instruction)`, its first
 `random()`, and AlpacaEval's switch for it:
-`random.Random("is_switched_outputs" + instruction + "123").choices([False, True])[0]`
+`random.Random("is_switched_outputs" + instruction + "0").choices([False, True])[0]`
 (alpaca_eval's `utils.random_seeded_choice`, seeded as its `RandomSwitchTwoColumnsProcessor`
-does for the pairwise annotators). Standard library only; any CPython 3.9+ gives the same file.
+is seeded by the pairwise annotators: with the annotator's seed, 0 by default). Standard library only; any CPython 3.9+ gives the same file.
 
     python3 scripts/py_random_golden.py
 """
@@ -56,7 +56,7 @@ def main():
         g = random.Random(s)
         u32s = [g.getrandbits(32) for _ in range(3)]
         first = random.Random(s).random()
-        switched = random.Random("is_switched_outputs" + s + "123").choices([False, True])[0]
+        switched = random.Random("is_switched_outputs" + s + "0").choices([False, True])[0]
         rows.append({"instruction": s, "u32": u32s, "random": first, "switched": switched})
     out = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures/eval/py-random.json"
     doc = {

@@ -132,3 +132,74 @@ fn an_api_evaluation_agrees_with_alpaca_eval_on_order_preferences_and_win_rates(
         );
     }
 }
+
+/// Numbers compared as numbers (`1` and `1.0` are the same value in a request).
+fn normalise(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => serde_json::json!(n.as_f64().unwrap()),
+        Value::Array(a) => Value::Array(a.iter().map(normalise).collect()),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (k.clone(), normalise(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// The request bodies alpaca_eval itself sends for its default annotator (recorded through the
+/// openai client by `scripts/alpaca_request_golden.py`) equal tsr's for the same pairs, and
+/// the preference alpaca_eval reads from the recorder's answer is tsr's reading of it.
+#[test]
+fn request_bodies_equal_the_ones_alpaca_eval_sends() {
+    use tsr_steps::kinds::api_judge::{ApiJudge, WEIGHTED_ALPACA_EVAL_GPT4_TURBO};
+    let golden = read(&dir().join("alpaca-requests.json"));
+    let judge = ApiJudge {
+        annotator: WEIGHTED_ALPACA_EVAL_GPT4_TURBO.into(),
+        model: "gpt-4-1106-preview".into(),
+        template: golden["template"].as_str().unwrap().into(),
+        max_tokens: 1,
+        temperature: 1.0,
+        top_logprobs: 5,
+        bootstrap_resamples: 0,
+        server: None,
+        max_cost_tokens: None,
+    };
+    judge.check().unwrap();
+    let pairs = golden["pairs"].as_array().unwrap();
+    assert!(pairs.len() >= 5);
+    let mut switched_seen = [false, false];
+    for p in pairs {
+        let instruction = p["instruction"].as_str().unwrap();
+        let prompt = tsr_steps::prompts::Prompt {
+            id: "p".into(),
+            prompt: instruction.into(),
+            answer: None,
+        };
+        let (body, switched) = judge
+            .request(
+                &prompt,
+                p["output_1"].as_str().unwrap(),
+                p["output_2"].as_str().unwrap(),
+            )
+            .unwrap();
+        switched_seen[switched as usize] = true;
+        let ours: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            normalise(&ours),
+            normalise(&p["body"]),
+            "the request for `{instruction}`"
+        );
+        // The recorder answered P(m) = 0.7 for the output shown first.
+        let top = vec![
+            ("m".to_string(), 0.7f64.ln()),
+            ("M".to_string(), 0.3f64.ln()),
+        ];
+        let raw = soft_preference(&top).unwrap();
+        let pref = if switched { unswitch(raw) } else { raw };
+        let want = p["preference"].as_f64().unwrap();
+        assert!(
+            (pref - want).abs() < 1e-12,
+            "`{instruction}`: {pref} vs {want}"
+        );
+    }
+    assert_eq!(switched_seen, [true, true], "both orders among the pairs");
+}

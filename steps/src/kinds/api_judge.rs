@@ -211,8 +211,11 @@ impl ApiJudge {
         Ok(())
     }
 
-    /// The request body for one prompt, and whether its outputs are switched.
-    fn request(
+    /// The request body for one prompt (its instruction), with the baseline's output and the
+    /// model's, and whether the model's is shown first: the body alpaca_eval's openai decoder
+    /// sends (`top_p = 1.0` included, as it sends it; the servers' default, so not part of the
+    /// key).
+    pub fn request(
         &self,
         p: &Prompt,
         baseline: &str,
@@ -240,6 +243,7 @@ impl ApiJudge {
             "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
+            "top_p": 1.0,
             "logprobs": true,
             "top_logprobs": self.top_logprobs,
         });
@@ -376,8 +380,10 @@ impl Step for ApiJudge {
     fn kind(&self) -> &'static str {
         "api-judge"
     }
+    /// 2: AlpacaEval's output order with the annotator's seed (0), and `top_p = 1.0` in each
+    /// request, as alpaca_eval sends them (version 1 seeded the order with 123).
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()

@@ -5,9 +5,12 @@
 //! n)]`).
 //!
 //! AlpacaEval 2.0 shows the two outputs of a prompt to its judge in an order drawn so:
-//! `random.Random("is_switched_outputs" + instruction + "123").choices([False, True])[0]`
-//! ([`alpaca_eval_switched`]). Reproducing it exactly is what lets tsr's annotations be
-//! compared one for one with alpaca_eval's. Checked against CPython on many instructions,
+//! `random.Random("is_switched_outputs" + instruction + "0").choices([False, True])[0]`
+//! ([`alpaca_eval_switched`]): its `RandomSwitchTwoColumnsProcessor` seeded with the
+//! annotator's seed, 0 by default (the processor's own default, 123, is overridden by the
+//! `PairwiseAnnotator` that builds it). Reproducing it exactly is what lets tsr's annotations
+//! be compared one for one with alpaca_eval's; the request bodies alpaca_eval sends are
+//! recorded by `scripts/alpaca_request_golden.py` and compared in `steps/tests`. Checked against CPython on many instructions,
 //! non-ASCII included, by `scripts/py_random_golden.py` (fixture
 //! `tests/fixtures/eval/py-random.json`).
 
@@ -122,9 +125,9 @@ impl PyRandom {
 
 /// Whether AlpacaEval 2.0 shows the two outputs for `instruction` switched (the model's output
 /// first): its `RandomSwitchTwoColumnsProcessor` with seed column `instruction`, switch column
-/// `is_switched_outputs` and seed 123.
+/// `is_switched_outputs` and the annotator's default seed, 0.
 pub fn alpaca_eval_switched(instruction: &str) -> bool {
-    let seed = format!("is_switched_outputs{instruction}123");
+    let seed = format!("is_switched_outputs{instruction}0");
     *PyRandom::from_str_seed(&seed).choice(&[false, true])
 }
 
