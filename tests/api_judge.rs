@@ -149,6 +149,11 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let proxy = Proxy::start(server.port);
     let cfg = setup(&dir.join("run"), &proxy.base_url(), "");
     let store = dir.join("run/store");
+    // 24 held-out prompts: room for 10 kills that each let at least one answer through.
+    let held_out: String = (1..=24)
+        .map(|i| format!("{{\"id\": \"q{i}\", \"prompt\": \"question number {i}: name something {i}\"}}\n"))
+        .collect();
+    std::fs::write(dir.join("run/held-out.jsonl"), held_out).unwrap();
 
     // SIGTERM once the server has answered a comparison: the answers in flight are committed
     // and the run exits 75 (nothing it was paid for is lost: no kill counts for it below).
@@ -168,38 +173,78 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let mut said = text(&o);
     assert_eq!(o.status.code(), Some(75), "{said}");
 
-    // SIGKILL the run once the server has answered 2, then 4, then 6 comparisons.
+    // SIGKILL at 10 moments: while a request is held in flight by the proxy (twice), and after
+    // 1, 2 or 3 more answers were paid.
     let mut kills = 0;
-    for k in [2u32, 4, 6] {
+    for (n, more) in [0u32, 1, 1, 2, 1, 3, 0, 1, 2, 1].into_iter().enumerate() {
         let mut child = command(&cfg, &store)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_event(&mut child, "answers paid", |c| {
-            proxy.paid_total() >= k || c.try_wait().unwrap().is_some()
-        });
+        if more == 0 {
+            let asked = proxy.asked_total();
+            proxy.push(Fault::Stall(std::time::Duration::from_secs(30)));
+            wait_event(&mut child, "a request in flight", |c| {
+                proxy.asked_total() > asked || c.try_wait().unwrap().is_some()
+            });
+        } else {
+            let k = proxy.paid_total() + more;
+            wait_event(&mut child, "answers paid", |c| {
+                proxy.paid_total() >= k || c.try_wait().unwrap().is_some()
+            });
+        }
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;
         }
+        said.push_str(&format!("--- kill {n}\n"));
         said.push_str(&text(&child.wait_with_output().unwrap()));
     }
-    assert_eq!(kills, 3, "{said}");
+    assert_eq!(kills, 10, "{said}");
     let o = run(&cfg, &store);
     said.push_str(&text(&o));
     assert!(o.status.success(), "{said}");
 
     let m1 = annotations(&store, "iter1/eval-judge");
-    assert_eq!(m1.len(), 8);
+    assert_eq!(m1.len(), 24);
     let asked: Vec<&serde_json::Value> = m1.iter().filter(|a| a["api"]["tries"] != 0).collect();
-    // At most the requests in flight at each kill (2) are paid twice.
+    // At most the requests in flight at each kill (max_concurrency = 2) are paid twice.
     let paid = proxy.paid_total() as usize;
     assert!(
         paid >= asked.len() && paid <= asked.len() + kills * 2,
         "{paid} answers paid for {} comparisons and {kills} kills",
         asked.len()
     );
+    // No comparison was asked again once its answer was committed: every request for a prompt
+    // reached the server no later than the answer the store kept for it arrived.
+    let log = proxy.log();
+    for a in &m1 {
+        let instruction = a["instruction"].as_str().unwrap();
+        let needle = format!("Instruction: {instruction}\n");
+        let sent: Vec<u64> = log
+            .iter()
+            .filter(|(_, body)| {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                v["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["content"].as_str().unwrap().contains(&needle))
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        if a["api"]["tries"] == 0 {
+            assert!(sent.is_empty(), "identical outputs were asked: {a}");
+            continue;
+        }
+        let committed = a["api"]["at_ms"].as_u64().unwrap();
+        assert!(!sent.is_empty(), "{a}");
+        assert!(
+            sent.iter().all(|t| *t <= committed),
+            "`{instruction}` was asked again after its answer was committed at {committed}: {sent:?}"
+        );
+    }
     // Each annotation is its recorded answer read as AlpacaEval reads it.
     let mut decided = 0;
     for a in &m1 {
@@ -229,7 +274,7 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let t = text(&o);
     assert!(
         t.contains(&format!(
-            "evaluation judge iter1/eval-judge: smollm2 (weighted_alpaca_eval_gpt4_turbo): 8 of 8 comparisons recorded, {} request(s) (0 refused), {} tokens in",
+            "evaluation judge iter1/eval-judge: smollm2 (weighted_alpaca_eval_gpt4_turbo): 24 of 24 comparisons recorded, {} request(s) (0 refused), {} tokens in",
             asked.len(),
             s["api"]["prompt_tokens"]
         )),
@@ -237,7 +282,7 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     );
     // M0 against itself: every output identical, nothing asked.
     let m0 = summary(&store, "eval/m0-judge");
-    assert_eq!(m0["identical"], 8, "{m0}");
+    assert_eq!(m0["identical"], 24, "{m0}");
 
     // AlpacaEval's files name its annotator; lineage shows what answered.
     let out = dir.join("export");

@@ -39,6 +39,8 @@ struct State {
     paid: BTreeMap<String, u32>,
     /// Every `Authorization` header seen.
     authorizations: Vec<String>,
+    /// Every request as it reached the proxy: (ms since the Unix epoch, body).
+    log: Vec<(u64, String)>,
 }
 
 pub struct Proxy {
@@ -168,6 +170,11 @@ impl Proxy {
         self.state.lock().unwrap().asked.values().sum()
     }
 
+    /// Every request that reached the proxy: when (ms since the Unix epoch) and its body.
+    pub fn log(&self) -> Vec<(u64, String)> {
+        self.state.lock().unwrap().log.clone()
+    }
+
     pub fn authorizations(&self) -> Vec<String> {
         self.state.lock().unwrap().authorizations.clone()
     }
@@ -184,6 +191,11 @@ fn handle(conn: TcpStream, upstream: u16, st: &Mutex<State>) {
     let fault = {
         let mut s = st.lock().unwrap();
         *s.asked.entry(digest.clone()).or_default() += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        s.log.push((now, String::from_utf8_lossy(&body).into_owned()));
         if let Some((_, a)) = headers.iter().find(|(k, _)| k == "authorization") {
             s.authorizations.push(a.clone());
         }
