@@ -105,6 +105,9 @@ fn print_status(view: &RunStatusView) {
         if let Some(e) = &r.error {
             println!("    error: {e}");
         }
+        if let Some(n) = &r.note {
+            println!("    {n}");
+        }
         if let Some(p) = &r.shards {
             let mut line = format!(
                 "    shards: {} running, {} waiting, {} done of {}",

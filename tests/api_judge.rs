@@ -151,7 +151,11 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let store = dir.join("run/store");
     // 24 held-out prompts: room for 10 kills that each let at least one answer through.
     let held_out: String = (1..=24)
-        .map(|i| format!("{{\"id\": \"q{i}\", \"prompt\": \"question number {i}: name something {i}\"}}\n"))
+        .map(|i| {
+            format!(
+                "{{\"id\": \"q{i}\", \"prompt\": \"question number {i}: name something {i}\"}}\n"
+            )
+        })
         .collect();
     std::fs::write(dir.join("run/held-out.jsonl"), held_out).unwrap();
 
@@ -188,6 +192,21 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
             wait_event(&mut child, "a request in flight", |c| {
                 proxy.asked_total() > asked || c.try_wait().unwrap().is_some()
             });
+            // While it runs, `tsr status` shows what the judge asked and spent so far.
+            if n == 0 {
+                let mut seen = String::new();
+                wait_event(&mut child, "the judge's counts in tsr status", |c| {
+                    seen = text(&tsr(&["status", "x"], &store));
+                    seen.contains("live snapshot") && seen.contains("of 24 comparisons recorded")
+                        || c.try_wait().unwrap().is_some()
+                });
+                assert!(
+                    seen.contains("    judge smollm2: ")
+                        && seen.contains(" request(s) (0 refused), ")
+                        && seen.contains(" tokens in, "),
+                    "{seen}"
+                );
+            }
         } else {
             let k = proxy.paid_total() + more;
             wait_event(&mut child, "answers paid", |c| {
@@ -668,4 +687,67 @@ fn server_faults_end_with_the_same_annotations_or_a_clear_message() {
         paid + asked,
         "a comparison was paid twice"
     );
+}
+
+/// A benchmark, not a test (`scripts/bench_api_judge.sh`): an evaluation's throughput at
+/// `max_concurrency` 1, 4 and 16 against the real server behind the proxy, which adds
+/// `TSR_BENCH_LATENCY_MS` (default 500) before each request, as a far-away API would. The test
+/// server answers one request at a time, so concurrency can only hide the latency. Prints one
+/// line per concurrency: comparisons, the time from the first request to the last answer, and
+/// comparisons per second.
+#[test]
+#[ignore = "a benchmark: scripts/bench_api_judge.sh"]
+fn bench_api_judge_throughput_by_concurrency() {
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let latency = env_num("TSR_BENCH_LATENCY_MS", 500);
+    let n = env_num("TSR_BENCH_PROMPTS", 48) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+    proxy.set_latency(std::time::Duration::from_millis(latency));
+    let e = dir.join("e");
+    setup(&e, &proxy.base_url(), "");
+    let reference: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"instruction": format!("Describe item {i} in one sentence."), "output": format!("Item {i} is a thing."), "generator": "ref"}))
+        .collect();
+    std::fs::write(
+        e.join("reference.json"),
+        serde_json::to_vec(&reference).unwrap(),
+    )
+    .unwrap();
+    println!("evaluation judge throughput: {n} comparisons, {latency} ms added before each request, one llama-cpp-python server (serial)");
+    println!(
+        "{:>15} {:>8} {:>10} {:>16}",
+        "max_concurrency", "asked", "seconds", "comparisons/s"
+    );
+    for c in [1usize, 4, 16] {
+        let before = proxy.spans().len();
+        let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .current_dir(&e)
+            .args(["eval", "--model", "tiny", "--reference", "reference.json"])
+            .args(["--prompts", "reference.json", "--max-new-tokens", "6"])
+            .args(["--judge-url", &proxy.base_url(), "--judge", "smollm2"])
+            .args(["--template", "judge.txt", "--quiet", "--json"])
+            .args(["--max-concurrency", &c.to_string()])
+            .args(["--store", &format!("store-{c}")])
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let spans: Vec<(u64, u64)> = proxy.spans()[before..].to_vec();
+        let first = spans.iter().map(|s| s.0).min().unwrap();
+        let last = spans.iter().map(|s| s.1).max().unwrap();
+        let secs = (last - first) as f64 / 1000.0;
+        println!(
+            "{c:>15} {:>8} {secs:>10.2} {:>16.2}",
+            spans.len(),
+            spans.len() as f64 / secs
+        );
+    }
 }

@@ -55,14 +55,33 @@ pub trait ItemJournal: Send + Sync {
 #[derive(Clone)]
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// One line the step publishes about where it stands (shown by `tsr status` while it runs).
+    note: Note,
 }
+
+/// A step's published line, shared with the driver's live snapshot.
+pub(crate) type Note = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl Progress {
     pub fn hidden() -> Self {
-        Progress { bar: None }
+        Progress {
+            bar: None,
+            note: Note::default(),
+        }
     }
     pub(crate) fn new(bar: indicatif::ProgressBar) -> Self {
-        Progress { bar: Some(bar) }
+        Progress {
+            bar: Some(bar),
+            note: Note::default(),
+        }
+    }
+    /// A line on where the step stands, beyond its item count, for `tsr status` from another
+    /// terminal while the step runs (such as what a paid API has cost so far).
+    pub fn set_note(&self, line: impl Into<String>) {
+        *self.note.lock().unwrap_or_else(|p| p.into_inner()) = Some(line.into());
+    }
+    pub(crate) fn note(&self) -> Note {
+        self.note.clone()
     }
     pub fn set_length(&self, n: u64) {
         if let Some(b) = &self.bar {

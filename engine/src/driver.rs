@@ -189,7 +189,12 @@ impl Driver {
         }
     }
 
-    fn snapshot(&self, workflow: &str, running: &BTreeSet<String>) {
+    fn snapshot(
+        &self,
+        workflow: &str,
+        running: &BTreeSet<String>,
+        notes: &BTreeMap<String, crate::context::Note>,
+    ) {
         if let Ok(mut nodes) =
             crate::status::status_rows(&self.store, &self.dag, &self.run, running)
         {
@@ -197,6 +202,11 @@ impl Driver {
                 for row in nodes.iter_mut().filter(|r| running.contains(&r.node)) {
                     row.shards = runner.progress(&row.node);
                 }
+            }
+            for row in nodes.iter_mut().filter(|r| running.contains(&r.node)) {
+                row.note = notes
+                    .get(&row.node)
+                    .and_then(|n| n.lock().unwrap_or_else(|p| p.into_inner()).clone());
             }
             crate::status::write_snapshot(
                 self.store.root(),
@@ -269,7 +279,7 @@ impl Driver {
         };
         self.set_run_status(status)?;
         if let Ok(run) = self.store.run(&self.run) {
-            self.snapshot(&run.workflow, &BTreeSet::new());
+            self.snapshot(&run.workflow, &BTreeSet::new(), &BTreeMap::new());
         }
         let _ = std::fs::remove_file(crate::status::snapshot_path(self.store.root(), &self.run));
         res
@@ -286,6 +296,8 @@ impl Driver {
         let mut set: tokio::task::JoinSet<(String, Digest, Result<Executed, EngineError>)> =
             tokio::task::JoinSet::new();
         let mut in_flight: BTreeMap<Digest, (String, Vec<Resource>)> = BTreeMap::new();
+        // What each running step published about itself, for the live snapshot.
+        let mut notes: BTreeMap<String, crate::context::Note> = BTreeMap::new();
         let mut executed = Vec::new();
         let mut reused = Vec::new();
         let mut failure: Option<EngineError> = None;
@@ -294,7 +306,7 @@ impl Driver {
         let mut limited: Option<String> = None;
         loop {
             let running: BTreeSet<String> = in_flight.values().map(|(n, _)| n.clone()).collect();
-            self.snapshot(&run.workflow, &running);
+            self.snapshot(&run.workflow, &running, &notes);
             let view = StoreView::load(&self.store, &self.run, &externals)?;
             let keys: BTreeSet<Digest> = in_flight.keys().copied().collect();
             let p = plan(&self.dag, &view, &keys);
@@ -398,6 +410,7 @@ impl Driver {
                         }
                     };
                     self.log(&multi, format!("tsr: {node}: started{resume}"));
+                    notes.insert(node.clone(), job.progress.note());
                     in_flight.insert(key, (node.clone(), res));
                     set.spawn_blocking(move || {
                         let node = job.node.clone();
@@ -409,7 +422,7 @@ impl Driver {
             if changed {
                 let running: BTreeSet<String> =
                     in_flight.values().map(|(n, _)| n.clone()).collect();
-                self.snapshot(&run.workflow, &running);
+                self.snapshot(&run.workflow, &running, &notes);
             }
             if set.is_empty() {
                 if let Some(e) = failure {
@@ -437,7 +450,7 @@ impl Driver {
                     Err(_) => {
                         let running: BTreeSet<String> =
                             in_flight.values().map(|(n, _)| n.clone()).collect();
-                        self.snapshot(&run.workflow, &running);
+                        self.snapshot(&run.workflow, &running, &notes);
                     }
                 }
             };
@@ -450,6 +463,7 @@ impl Driver {
                 }
             };
             in_flight.remove(&key);
+            notes.remove(&node);
             match res {
                 Ok(Executed::Done(peak)) => {
                     let peak = peak

@@ -23,6 +23,9 @@ pub struct StatusRow {
     /// Where its shards stand, while an executor's workers compute them (live snapshot only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<crate::shard::ShardProgress>,
+    /// The line the running step published about itself (live snapshot only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +89,7 @@ pub fn status_rows(
             outputs: vec![],
             error: None,
             shards: None,
+            note: None,
         };
         if let Some(b) = store.get_node(run, &node.name)? {
             row.step_key = Some(b.step_key.to_hex());

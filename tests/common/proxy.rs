@@ -41,6 +41,17 @@ struct State {
     authorizations: Vec<String>,
     /// Every request as it reached the proxy: (ms since the Unix epoch, body).
     log: Vec<(u64, String)>,
+    /// Added before forwarding each request (a server far away).
+    latency: Duration,
+    /// Each request's (arrived, answered) in ms since the Unix epoch.
+    spans: Vec<(u64, u64)>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 pub struct Proxy {
@@ -170,6 +181,16 @@ impl Proxy {
         self.state.lock().unwrap().asked.values().sum()
     }
 
+    /// Wait this long before forwarding each request from now on.
+    pub fn set_latency(&self, d: Duration) {
+        self.state.lock().unwrap().latency = d;
+    }
+
+    /// Each request's (arrived, answered), ms since the Unix epoch.
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.state.lock().unwrap().spans.clone()
+    }
+
     /// Every request that reached the proxy: when (ms since the Unix epoch) and its body.
     pub fn log(&self) -> Vec<(u64, String)> {
         self.state.lock().unwrap().log.clone()
@@ -188,14 +209,12 @@ fn handle(conn: TcpStream, upstream: u16, st: &Mutex<State>) {
     };
     let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
     let digest = blake3::hash(&body).to_hex().to_string();
+    let arrived = now_ms();
     let fault = {
         let mut s = st.lock().unwrap();
         *s.asked.entry(digest.clone()).or_default() += 1;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        s.log.push((now, String::from_utf8_lossy(&body).into_owned()));
+        s.log
+            .push((now_ms(), String::from_utf8_lossy(&body).into_owned()));
         if let Some((_, a)) = headers.iter().find(|(k, _)| k == "authorization") {
             s.authorizations.push(a.clone());
         }
@@ -219,6 +238,8 @@ fn handle(conn: TcpStream, upstream: u16, st: &Mutex<State>) {
         Some(Fault::Stall(d)) => std::thread::sleep(d),
         Some(Fault::NoLogprobs) | None => {
             let strip = matches!(fault, Some(Fault::NoLogprobs));
+            let latency = st.lock().unwrap().latency;
+            std::thread::sleep(latency);
             match forward(upstream, &path, &body) {
                 Some((code, mut answer)) => {
                     if code == 200 {
@@ -242,4 +263,5 @@ fn handle(conn: TcpStream, upstream: u16, st: &Mutex<State>) {
             }
         }
     }
+    st.lock().unwrap().spans.push((arrived, now_ms()));
 }

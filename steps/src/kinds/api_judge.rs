@@ -513,11 +513,23 @@ impl ApiJudge {
             .map_err(|e| StepError::Invalid(format!("eval.judge: {e}")))?;
         let client = Client::new(server, key)
             .map_err(|e| StepError::wrap("setting up the judge server's client", e))?;
-        // What was spent before this run, from the recorded answers.
+        // What was asked and spent before this run, from the recorded answers.
         let mut spent: u64 = 0;
-        for (i, bytes) in journal.all()? {
-            spent += tokens_of(&decode(i, &bytes)?);
+        let recorded = journal.all()?;
+        let mut usage = usage_of(&recorded, &self.model)?;
+        let mut count = recorded.len() as u64;
+        for (i, bytes) in &recorded {
+            spent += tokens_of(&decode(*i, bytes)?);
         }
+        // For `tsr status` from another terminal while this runs.
+        let total = prompts.len();
+        let publish = |u: &crate::rules::eval::ApiUsage, count: u64| {
+            ctx.progress().set_note(format!(
+                "judge {}: {count} of {total} comparisons recorded, {} request(s) ({} refused), {} tokens in, {} out",
+                u.model, u.requests, u.refused, u.prompt_tokens, u.completion_tokens
+            ));
+        };
+        publish(&usage, count);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -590,8 +602,16 @@ impl ApiJudge {
                             at_ms: tsr_state::now_ms(),
                         };
                         spent += tokens_of(&e);
-                        journal.commit(&[(i, serde_json::to_vec(&e).expect("an exchange serializes"))])?;
+                        let bytes = serde_json::to_vec(&e).expect("an exchange serializes");
+                        journal.commit(&[(i, bytes.clone())])?;
                         ctx.progress().inc(1);
+                        let now = usage_of(&[(i, bytes)], &self.model)?;
+                        usage.requests += now.requests;
+                        usage.refused += now.refused;
+                        usage.prompt_tokens += now.prompt_tokens;
+                        usage.completion_tokens += now.completion_tokens;
+                        count += 1;
+                        publish(&usage, count);
                     }
                     Err(CallError::Fatal { status, message }) => {
                         ended.get_or_insert(Ended::Fatal(format!(
