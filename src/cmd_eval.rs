@@ -35,6 +35,14 @@ pub struct EvalArgs {
     /// https://api.openai.com/v1) instead of a local model; needs --judge and --template.
     #[arg(long)]
     pub judge_url: Option<String>,
+    /// With --judge-url: `weighted_alpaca_eval_gpt4_turbo` (AlpacaEval 2.0's annotator, needs
+    /// --template) or `tsr_pairwise` (tsr's own judgement in both orders, --mode text).
+    #[arg(
+        long,
+        requires = "judge_url",
+        default_value = "weighted_alpaca_eval_gpt4_turbo"
+    )]
+    pub annotator: String,
     /// With --judge-url: the environment variable holding the key.
     #[arg(long, requires = "judge_url")]
     pub api_key_env: Option<String>,
@@ -97,8 +105,12 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
     if !["text", "logprob"].contains(&a.mode.as_str()) {
         bail!("--mode `{}`: use `text` or `logprob`", a.mode);
     }
-    if a.judge_url.is_some() && (a.judge.is_none() || a.template.is_none()) {
-        bail!("--judge-url needs --judge (the model name the server serves) and --template (AlpacaEval's alpaca_eval_clf.txt)");
+    let pairwise = a.annotator == tsr_steps::kinds::api_judge::TSR_PAIRWISE;
+    if a.judge_url.is_some() && a.judge.is_none() {
+        bail!("--judge-url needs --judge (the model name the server serves)");
+    }
+    if a.judge_url.is_some() && !pairwise && a.template.is_none() {
+        bail!("--judge-url with AlpacaEval's annotator needs --template (AlpacaEval's alpaca_eval_clf.txt)");
     }
     let judge = a
         .judge
@@ -132,7 +144,10 @@ pub fn run(store_flag: &Option<PathBuf>, a: EvalArgs) -> anyhow::Result<ExitCode
         body.push_str(&format!("template = {}\n", path_str(t)));
     }
     if a.judge_url.is_some() {
-        body.push_str("kind = \"openai\"\n");
+        body.push_str(&format!(
+            "kind = \"openai\"\nannotator = {}\n",
+            toml_str(&a.annotator)
+        ));
     }
     // Where and how patiently to ask is not part of the evaluation (nor of its name): another
     // server address, key variable, concurrency or budget continues it.

@@ -181,7 +181,7 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
         }
         for j in &judges {
             println!(
-                "evaluation judge {}: {} ({}): {} of {} comparisons recorded, {} request(s) ({} refused), {} tokens in, {} out",
+                "evaluation judge {}: {} ({}): {} of {} answers recorded, {} request(s) ({} refused), {} tokens in, {} out",
                 j["node"].as_str().unwrap_or("?"),
                 j["model"].as_str().unwrap_or("?"),
                 j["annotator"].as_str().unwrap_or("?"),

@@ -197,7 +197,7 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
                 let mut seen = String::new();
                 wait_event(&mut child, "the judge's counts in tsr status", |c| {
                     seen = text(&tsr(&["status", "x"], &store));
-                    seen.contains("live snapshot") && seen.contains("of 24 comparisons recorded")
+                    seen.contains("live snapshot") && seen.contains("of 24 answers recorded")
                         || c.try_wait().unwrap().is_some()
                 });
                 assert!(
@@ -293,7 +293,7 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let t = text(&o);
     assert!(
         t.contains(&format!(
-            "evaluation judge iter1/eval-judge: smollm2 (weighted_alpaca_eval_gpt4_turbo): 24 of 24 comparisons recorded, {} request(s) (0 refused), {} tokens in",
+            "evaluation judge iter1/eval-judge: smollm2 (weighted_alpaca_eval_gpt4_turbo): 24 of 24 answers recorded, {} request(s) (0 refused), {} tokens in",
             asked.len(),
             s["api"]["prompt_tokens"]
         )),
@@ -750,4 +750,104 @@ fn bench_api_judge_throughput_by_concurrency() {
             spans.len() as f64 / secs
         );
     }
+}
+
+/// tsr's own two-order judgement through the API (`annotator = "tsr_pairwise"`, text verdicts):
+/// each order is its own request and recorded answer, a preference needs both to agree, and a
+/// kill loses at most the requests in flight.
+#[test]
+fn tsrs_own_pairwise_judgement_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+    let cfg = setup(&dir.join("run"), &proxy.base_url(), "");
+    // The built-in pairwise template instead of the AlpacaEval-style one.
+    let toml = std::fs::read_to_string(&cfg).unwrap().replace(
+        "template = \"judge.txt\"\n",
+        "annotator = \"tsr_pairwise\"\nmode = \"text\"\nmax_new_tokens = 48\n",
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    let store = dir.join("run/store");
+    let mut child = command(&cfg, &store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_event(&mut child, "answers paid", |c| {
+        proxy.paid_total() >= 3 || c.try_wait().unwrap().is_some()
+    });
+    let killed = child.try_wait().unwrap().is_none();
+    if killed {
+        child.kill().unwrap();
+    }
+    let mut said = text(&child.wait_with_output().unwrap());
+    assert!(killed, "{said}");
+    let o = run(&cfg, &store);
+    said.push_str(&text(&o));
+    assert!(o.status.success(), "{said}");
+    let m1 = annotations(&store, "iter1/eval-judge");
+    assert_eq!(m1.len(), 8);
+    let asked = m1.iter().filter(|a| a["api"]["tries"] != 0).count();
+    // Two requests per compared prompt; at most the two in flight at the kill paid twice.
+    let paid = proxy.paid_total() as usize;
+    assert!(
+        paid >= 2 * asked && paid <= 2 * asked + 2,
+        "{paid} answers paid for {asked} prompts asked in both orders"
+    );
+    for a in &m1 {
+        assert_eq!(a["mode"], "tsr_pairwise", "{a}");
+        if a["api"]["tries"] == 0 {
+            assert_eq!(a["preference"], 1.5, "{a}");
+            continue;
+        }
+        let v = a["verdicts"].as_array().unwrap();
+        assert_eq!(v.len(), 2, "{a}");
+        assert_eq!(v[0]["order"], "baseline-first");
+        assert_eq!(v[1]["order"], "model-first");
+        // The preference is the two recorded texts read again and combined.
+        let verdicts: Vec<tsr_steps::records::OrderVerdict> =
+            serde_json::from_value(a["verdicts"].clone()).unwrap();
+        for ov in &verdicts {
+            let letter = tsr_steps::rules::meta_verdict::parse_better(ov.text.as_deref().unwrap());
+            let want = match (ov.order, letter) {
+                (_, tsr_steps::records::MetaVerdict::Unparsed(_)) => None,
+                (tsr_steps::records::Order::BaselineFirst, tsr_steps::records::MetaVerdict::A)
+                | (tsr_steps::records::Order::ModelFirst, tsr_steps::records::MetaVerdict::B) => {
+                    Some(tsr_steps::records::Prefers::Baseline)
+                }
+                _ => Some(tsr_steps::records::Prefers::Model),
+            };
+            match want {
+                Some(w) => assert_eq!(ov.prefers, w, "{a}"),
+                None => assert!(
+                    matches!(ov.prefers, tsr_steps::records::Prefers::Unparsed(_)),
+                    "{a}"
+                ),
+            }
+        }
+        let (pref, _) = tsr_steps::rules::eval::combine(&verdicts);
+        assert_eq!(a["preference"].as_f64(), pref, "{a}");
+    }
+    let s = summary(&store, "iter1/eval-judge");
+    assert_eq!(s["api"]["requests"], 2 * asked, "{s}");
+    // Replay reads the recorded answers and asks nothing.
+    let before = proxy.asked_total();
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args([
+            "replay",
+            "x",
+            "iter1/eval-judge",
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .env_remove(KEY_VAR)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("identical"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(proxy.asked_total(), before);
 }

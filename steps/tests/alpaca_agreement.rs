@@ -158,6 +158,7 @@ fn request_bodies_equal_the_ones_alpaca_eval_sends() {
         template: golden["template"].as_str().unwrap().into(),
         max_tokens: 1,
         temperature: 1.0,
+        top_p: 1.0,
         top_logprobs: 5,
         bootstrap_resamples: 0,
         server: None,

@@ -496,14 +496,25 @@ impl EvalSection {
         template: String,
         server: Option<tsr_steps::openai::ApiSettings>,
     ) -> tsr_steps::kinds::api_judge::ApiJudge {
+        let pairwise = self.judge.annotator == tsr_steps::kinds::api_judge::TSR_PAIRWISE;
         tsr_steps::kinds::api_judge::ApiJudge {
             annotator: self.judge.annotator.clone(),
             model: self.judge.model.clone().unwrap_or_default(),
             template,
-            // AlpacaEval's completion settings for this annotator.
-            max_tokens: 1,
-            temperature: 1.0,
-            top_logprobs: 5,
+            // tsr's own judgement writes its comparison with the judge's settings; AlpacaEval's
+            // annotator uses its completion settings.
+            max_tokens: if pairwise {
+                self.judge.max_new_tokens as u32
+            } else {
+                1
+            },
+            temperature: if pairwise {
+                self.judge.temperature
+            } else {
+                1.0
+            },
+            top_p: if pairwise { self.judge.top_p } else { 1.0 },
+            top_logprobs: if pairwise { 0 } else { 5 },
             bootstrap_resamples: self.bootstrap_resamples,
             server,
             max_cost_tokens: self.judge.max_cost_tokens,
@@ -1245,21 +1256,35 @@ impl Config {
                         "an API judge needs the model name its server serves (the paper's is gpt-4-1106-preview)".into(),
                     );
                 }
-                let Some(t) = &j.template else {
+                let pairwise = j.annotator == tsr_steps::kinds::api_judge::TSR_PAIRWISE;
+                if pairwise && j.mode == tsr_steps::kinds::judge::JudgeMode::Logprob {
                     return bad(
+                        "eval.judge.mode",
+                        format!("`logprob` reads the token after `Better: `, which a chat API cannot be made to continue; use mode = \"text\" with annotator = \"{}\", or annotator = \"{}\" (AlpacaEval's, read from log-probabilities)", tsr_steps::kinds::api_judge::TSR_PAIRWISE, tsr_steps::kinds::api_judge::WEIGHTED_ALPACA_EVAL_GPT4_TURBO),
+                    );
+                }
+                let (text, named) = match (&j.template, pairwise) {
+                    (Some(t), _) => (
+                        std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
+                            key: "eval.judge.template".into(),
+                            reason: format!("cannot read {}: {err}", t.display()),
+                        })?,
+                        t.display().to_string(),
+                    ),
+                    (None, true) => (
+                        tsr_steps::rules::eval::DEFAULT_PAIRWISE_TEMPLATE.to_string(),
+                        "the built-in pairwise template".into(),
+                    ),
+                    (None, false) => return bad(
                         "eval.judge.template",
                         "an API judge needs the annotator's template: AlpacaEval's evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt from an installed alpaca_eval (pip install alpaca-eval==0.6.6)".into(),
-                    );
+                    ),
                 };
-                let text = std::fs::read_to_string(t).map_err(|err| ConfigError::Invalid {
-                    key: "eval.judge.template".into(),
-                    reason: format!("cannot read {}: {err}", t.display()),
-                })?;
                 e.api_judge(text, None)
                     .check()
                     .map_err(|reason| ConfigError::Invalid {
                         key: "eval.judge".into(),
-                        reason: format!("{}: {reason}", t.display()),
+                        reason: format!("{named}: {reason}"),
                     })?;
             }
             other => {
@@ -1274,7 +1299,9 @@ impl Config {
                 key: "eval.lc_data".into(),
                 reason,
             };
-            if e.judge.kind != "openai" {
+            if e.judge.kind != "openai"
+                || e.judge.annotator != tsr_steps::kinds::api_judge::WEIGHTED_ALPACA_EVAL_GPT4_TURBO
+            {
                 return Err(lc_bad(format!(
                     "AlpacaEval 2.0's length control is fitted to the annotations of its own annotator; set [eval.judge] kind = \"openai\" with annotator = \"{}\", or leave lc_data out for the minimal length control",
                     tsr_steps::kinds::api_judge::WEIGHTED_ALPACA_EVAL_GPT4_TURBO

@@ -685,25 +685,30 @@ fn add_eval(
     }
     // The judge: an API judge asks a server and takes no model input; the local one is a
     // model of the run.
-    let (judge, judge_model): (Arc<dyn tsr_engine::Step>, Option<ModelRef>) = if e.judge.kind
-        == "openai"
-    {
-        let path = e
-            .judge
-            .template
-            .as_ref()
-            .ok_or_else(|| crate::ConfigError::Invalid {
-                key: "eval.judge.template".into(),
-                reason: "an API judge needs the annotator's template".into(),
-            })?;
-        let text = std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
-            key: "eval.judge.template".into(),
-            reason: format!("cannot read {}: {err}", path.display()),
-        })?;
-        (Arc::new(e.api_judge(text, e.judge.api_settings())), None)
-    } else {
-        local_judge(b, e, m0)?
-    };
+    let (judge, judge_model): (Arc<dyn tsr_engine::Step>, Option<ModelRef>) =
+        if e.judge.kind == "openai" {
+            let text = match &e.judge.template {
+                Some(path) => {
+                    std::fs::read_to_string(path).map_err(|err| crate::ConfigError::Invalid {
+                        key: "eval.judge.template".into(),
+                        reason: format!("cannot read {}: {err}", path.display()),
+                    })?
+                }
+                None if e.judge.annotator == tsr_steps::kinds::api_judge::TSR_PAIRWISE => {
+                    DEFAULT_PAIRWISE_TEMPLATE.to_string()
+                }
+                None => {
+                    return Err(crate::ConfigError::Invalid {
+                        key: "eval.judge.template".into(),
+                        reason: "an API judge needs the annotator's template".into(),
+                    }
+                    .into())
+                }
+            };
+            (Arc::new(e.api_judge(text, e.judge.api_settings())), None)
+        } else {
+            local_judge(b, e, m0)?
+        };
     for (prefix, iteration, model) in evaluated {
         let answer_node = format!("{prefix}-answer");
         add(

@@ -33,8 +33,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use tsr_engine::{Resource, Step, StepContext, StepError, StepInputs, StepOutputs};
 
-/// The one annotator this step reproduces.
+/// AlpacaEval 2.0's default annotator, reproduced.
 pub const WEIGHTED_ALPACA_EVAL_GPT4_TURBO: &str = "weighted_alpaca_eval_gpt4_turbo";
+/// tsr's own pairwise judgement (the local judge's, in `text` mode) asked of a server: both
+/// orders, each its own request, a preference only when they agree.
+pub const TSR_PAIRWISE: &str = "tsr_pairwise";
 
 /// The step. Its config (the step key) is what changes the answers: the annotator, the
 /// model's name, the template and the completion settings.
@@ -48,6 +51,9 @@ pub struct ApiJudge {
     pub template: String,
     pub max_tokens: u32,
     pub temperature: f64,
+    /// Sent as is (AlpacaEval's client sends 1.0).
+    pub top_p: f64,
+    /// AlpacaEval's annotator: the top log-probabilities asked for (`tsr_pairwise`: 0, none).
     pub top_logprobs: u32,
     pub bootstrap_resamples: usize,
     /// Where and how to ask (not part of the key).
@@ -188,6 +194,153 @@ impl ApiJudge {
         blake3::hash(self.template.as_bytes()).to_hex().to_string()
     }
 
+    /// tsr's own two-order judgement rather than AlpacaEval's annotator.
+    pub fn pairwise(&self) -> bool {
+        self.annotator == TSR_PAIRWISE
+    }
+
+    /// Recorded answers per prompt: one for AlpacaEval's annotator, one per order for tsr's.
+    fn per_prompt(&self) -> u64 {
+        if self.pairwise() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The request body for answer `j` of prompt `p` under tsr's pairwise judgement: the
+    /// template filled with the two outputs in the order `j` names (even: the baseline's first),
+    /// as one user message, as the local judge sees it.
+    pub fn pairwise_request(
+        &self,
+        p: &Prompt,
+        baseline: &str,
+        model: &str,
+        order: Order,
+    ) -> Vec<u8> {
+        let (a, b) = match order {
+            Order::BaselineFirst => (baseline, model),
+            Order::ModelFirst => (model, baseline),
+        };
+        let text = crate::rules::eval::render_placeholders(
+            &self.template,
+            &[
+                ("{instruction}", p.prompt.as_str()),
+                ("{output_a}", a),
+                ("{output_b}", b),
+            ],
+        );
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        });
+        serde_json::to_vec(&body).expect("a request serializes")
+    }
+
+    /// The annotation of prompt `p` under tsr's pairwise judgement from its two recorded
+    /// answers (baseline first, model first). The `api` record sums both requests' tries and
+    /// tokens and keeps the later answer's identity.
+    fn annotate_pairwise(
+        &self,
+        p: &Prompt,
+        b: &EvalOutput,
+        c: &EvalOutput,
+        answers: [&Exchange; 2],
+    ) -> Annotation {
+        use crate::records::MetaVerdict;
+        let mut api = ApiVerdict {
+            annotator: self.annotator.clone(),
+            requested_model: self.model.clone(),
+            ..Default::default()
+        };
+        let identical = answers
+            .iter()
+            .all(|e| matches!(e.reply, Recorded::Identical));
+        let mut verdicts = Vec::new();
+        let mut errors = Vec::new();
+        for (e, order) in answers
+            .iter()
+            .zip([Order::BaselineFirst, Order::ModelFirst])
+        {
+            api.tries += e.tries;
+            api.elapsed_ms += e.elapsed_ms;
+            api.at_ms = api.at_ms.max(e.at_ms);
+            let side = |letter: MetaVerdict| match (order, letter) {
+                (Order::BaselineFirst, MetaVerdict::A) | (Order::ModelFirst, MetaVerdict::B) => {
+                    Prefers::Baseline
+                }
+                _ => Prefers::Model,
+            };
+            let (text, prefers) = match &e.reply {
+                Recorded::Identical => continue,
+                Recorded::Refused { status, message } => {
+                    let why = format!("the server refused the request ({status}: {message})");
+                    errors.push(why.clone());
+                    (None, Prefers::Unparsed(why))
+                }
+                Recorded::Answered { body, .. } => {
+                    let parsed = parse_body(body);
+                    api.model = parsed.model.or(api.model.take());
+                    api.system_fingerprint =
+                        parsed.system_fingerprint.or(api.system_fingerprint.take());
+                    api.id = parsed.id.or(api.id.take());
+                    api.prompt_tokens =
+                        Some(api.prompt_tokens.unwrap_or(0) + parsed.prompt_tokens.unwrap_or(0));
+                    api.completion_tokens = Some(
+                        api.completion_tokens.unwrap_or(0) + parsed.completion_tokens.unwrap_or(0),
+                    );
+                    match parsed.text {
+                        Some(t) => {
+                            let prefers = match crate::rules::meta_verdict::parse_better(&t) {
+                                MetaVerdict::Unparsed(why) => Prefers::Unparsed(why),
+                                letter => side(letter),
+                            };
+                            (Some(t), prefers)
+                        }
+                        None => {
+                            let why = "the answer has no message text (choices[0].message.content)"
+                                .to_string();
+                            errors.push(why.clone());
+                            (None, Prefers::Unparsed(why))
+                        }
+                    }
+                }
+            };
+            verdicts.push(OrderVerdict {
+                order,
+                text,
+                prob_a: None,
+                prob_b: None,
+                prefers,
+            });
+        }
+        if !errors.is_empty() {
+            api.error = Some(errors.join("; "));
+        }
+        let (preference, decision) = if identical {
+            (Some(1.5), crate::rules::eval::IDENTICAL.to_string())
+        } else {
+            crate::rules::eval::combine(&verdicts)
+        };
+        crate::rules::eval::annotation(
+            p,
+            b,
+            c,
+            crate::rules::eval::Judged {
+                preference,
+                decision,
+                verdicts,
+                judge_model: self.judge_id(),
+                mode: self.annotator.clone(),
+                template_digest: self.template_digest(),
+                api: Some(api),
+            },
+        )
+    }
+
     /// What the judge is, as annotations and summaries name it.
     fn judge_id(&self) -> tsr_state::Digest {
         tsr_state::Digest::of(format!("api:{}:{}", self.annotator, self.model).as_bytes())
@@ -196,9 +349,13 @@ impl ApiJudge {
     /// Checks the template before any work: it fills with the three placeholders and splits
     /// into chat messages.
     pub fn check(&self) -> Result<(), String> {
+        if self.pairwise() {
+            return crate::rules::eval::check_pairwise_template(&self.template)
+                .map_err(|e| format!("the pairwise template: {e}"));
+        }
         if self.annotator != WEIGHTED_ALPACA_EVAL_GPT4_TURBO {
             return Err(format!(
-                "annotator `{}` is not known; use `{WEIGHTED_ALPACA_EVAL_GPT4_TURBO}`",
+                "annotator `{}` is not known; use `{WEIGHTED_ALPACA_EVAL_GPT4_TURBO}` (AlpacaEval 2.0's) or `{TSR_PAIRWISE}` (tsr's own two-order judgement)",
                 self.annotator
             ));
         }
@@ -243,7 +400,7 @@ impl ApiJudge {
             "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
-            "top_p": 1.0,
+            "top_p": self.top_p,
             "logprobs": true,
             "top_logprobs": self.top_logprobs,
         });
@@ -404,7 +561,7 @@ impl Step for ApiJudge {
         let baseline = read_outputs(inputs, "baseline", &prompts)?;
         let candidate = read_outputs(inputs, "candidate", &prompts)?;
         let journal = ctx.items();
-        let n = prompts.len() as u64;
+        let n = prompts.len() as u64 * self.per_prompt();
         journal.set_total(n)?;
         let done: BTreeSet<u64> = journal.indices()?.into_iter().collect();
         ctx.progress().set_length(n);
@@ -415,19 +572,30 @@ impl Step for ApiJudge {
             self.ask(&prompts, &baseline, &candidate, &todo, ctx)?;
         }
         let mut rows = Vec::with_capacity(prompts.len());
-        let recorded: BTreeMap<u64, Vec<u8>> = journal.all()?.into_iter().collect();
-        for (i, p) in prompts.iter().enumerate() {
-            let bytes = recorded.get(&(i as u64)).ok_or_else(|| {
+        let all = journal.all()?;
+        let recorded: BTreeMap<u64, Vec<u8>> = all.iter().cloned().collect();
+        let answer = |j: u64, p: &Prompt| -> Result<Exchange, StepError> {
+            let bytes = recorded.get(&j).ok_or_else(|| {
                 StepError::Other(format!("prompt `{}` has no recorded answer", p.id))
             })?;
-            let e = decode(i as u64, bytes)?;
+            let e = decode(j, bytes)?;
             if e.prompt_id != p.id {
                 return Err(StepError::Invalid(format!(
-                    "recorded answer {i} is for prompt `{}`, not `{}`: the evaluation prompts changed under the step",
+                    "recorded answer {j} is for prompt `{}`, not `{}`: the evaluation prompts changed under the step",
                     e.prompt_id, p.id
                 )));
             }
-            rows.push(self.annotate(p, &baseline[&p.id], &candidate[&p.id], &e));
+            Ok(e)
+        };
+        for (i, p) in prompts.iter().enumerate() {
+            let (b, c) = (&baseline[&p.id], &candidate[&p.id]);
+            if self.pairwise() {
+                let j = 2 * i as u64;
+                let (first, second) = (answer(j, p)?, answer(j + 1, p)?);
+                rows.push(self.annotate_pairwise(p, b, c, [&first, &second]));
+            } else {
+                rows.push(self.annotate(p, b, c, &answer(i as u64, p)?));
+            }
         }
         let mut summary = summarize(
             &rows,
@@ -437,29 +605,9 @@ impl Step for ApiJudge {
             ctx.derive_seed("bootstrap", 0),
             self.bootstrap_resamples,
         );
-        summary.api = Some(crate::rules::eval::ApiUsage {
-            model: self.model.clone(),
-            requests: rows
-                .iter()
-                .filter(|a| a.api.as_ref().is_some_and(|x| x.tries > 0))
-                .count(),
-            prompt_tokens: rows
-                .iter()
-                .filter_map(|a| a.api.as_ref()?.prompt_tokens)
-                .sum(),
-            completion_tokens: rows
-                .iter()
-                .filter_map(|a| a.api.as_ref()?.completion_tokens)
-                .sum(),
-            refused: rows
-                .iter()
-                .filter(|a| {
-                    a.verdicts
-                        .iter()
-                        .any(|v| matches!(&v.prefers, Prefers::Unparsed(w) if w.starts_with("the server refused")))
-                })
-                .count(),
-        });
+        // What the recorded answers asked and spent (both orders' requests for tsr's pairwise
+        // judgement).
+        summary.api = Some(usage_of(&all, &self.model)?);
         Ok(StepOutputs::new()
             .bytes("annotations", "eval-annotations-jsonl", lm::to_jsonl(&rows))
             .json("summary", &summary))
@@ -482,7 +630,7 @@ impl ApiJudge {
         // Identical outputs are ties without asking.
         let mut asks = Vec::new();
         for &i in todo {
-            let p = &prompts[i as usize];
+            let p = &prompts[(i / self.per_prompt()) as usize];
             let (b, c) = (&baseline[&p.id].output, &candidate[&p.id].output);
             if b == c {
                 let e = Exchange {
@@ -522,10 +670,10 @@ impl ApiJudge {
             spent += tokens_of(&decode(*i, bytes)?);
         }
         // For `tsr status` from another terminal while this runs.
-        let total = prompts.len();
+        let total = prompts.len() as u64 * self.per_prompt();
         let publish = |u: &crate::rules::eval::ApiUsage, count: u64| {
             ctx.progress().set_note(format!(
-                "judge {}: {count} of {total} comparisons recorded, {} request(s) ({} refused), {} tokens in, {} out",
+                "judge {}: {count} of {total} answers recorded, {} request(s) ({} refused), {} tokens in, {} out",
                 u.model, u.requests, u.refused, u.prompt_tokens, u.completion_tokens
             ));
         };
@@ -558,9 +706,15 @@ impl ApiJudge {
                         }
                     }
                     let Some(i) = next.next() else { break };
-                    let p = &prompts[i as usize];
-                    let (body, switched) =
-                        self.request(p, &baseline[&p.id].output, &candidate[&p.id].output)?;
+                    let p = &prompts[(i / self.per_prompt()) as usize];
+                    let (b, c) = (&baseline[&p.id].output, &candidate[&p.id].output);
+                    let (body, switched) = if self.pairwise() {
+                        // Even: the baseline's output first; odd: the model's.
+                        let order = if i % 2 == 0 { Order::BaselineFirst } else { Order::ModelFirst };
+                        (self.pairwise_request(p, b, c, order), i % 2 == 1)
+                    } else {
+                        self.request(p, b, c)?
+                    };
                     let client = client.clone();
                     let said = last_said.clone();
                     let node = node.clone();
@@ -590,7 +744,7 @@ impl ApiJudge {
                 match r {
                     Ok(called) => {
                         let e = Exchange {
-                            prompt_id: prompts[i as usize].id.clone(),
+                            prompt_id: prompts[(i / self.per_prompt()) as usize].id.clone(),
                             switched,
                             request,
                             reply: match called.reply {
@@ -662,6 +816,7 @@ mod tests {
             template: "<|im_start|>system\nYou judge.\n<|im_end|>\n<|im_start|>user\n{instruction}\nm: {output_1}\nM: {output_2}\n<|im_end|>".into(),
             max_tokens: 1,
             temperature: 1.0,
+            top_p: 1.0,
             top_logprobs: 5,
             bootstrap_resamples: 0,
             server: None,
@@ -678,6 +833,99 @@ mod tests {
             finish: None,
             seed: None,
         }
+    }
+
+    fn answered(text: &str, switched: bool) -> Exchange {
+        let body = serde_json::json!({
+            "id": "x", "model": "m",
+            "choices": [{"message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3},
+        });
+        Exchange {
+            prompt_id: "p".into(),
+            switched,
+            request: String::new(),
+            reply: Recorded::Answered {
+                status: 200,
+                body: body.to_string(),
+            },
+            tries: 1,
+            elapsed_ms: 5,
+            at_ms: 7,
+        }
+    }
+
+    #[test]
+    fn tsrs_pairwise_judgement_needs_both_orders_to_agree() {
+        let mut j = judge();
+        j.annotator = TSR_PAIRWISE.into();
+        j.template = crate::rules::eval::DEFAULT_PAIRWISE_TEMPLATE.into();
+        j.max_tokens = 160;
+        j.top_logprobs = 0;
+        assert!(j.check().is_ok());
+        let p = Prompt {
+            id: "p".into(),
+            prompt: "Say hi.".into(),
+            answer: None,
+        };
+        let (b, c) = (out("hello"), out("hi there"));
+        // Baseline first says A (the baseline), model first says B (the baseline): the baseline.
+        let a = j.annotate_pairwise(
+            &p,
+            &b,
+            &c,
+            [
+                &answered("x\nBetter: A", false),
+                &answered("y\nBetter: B", true),
+            ],
+        );
+        assert_eq!(a.preference, Some(1.0), "{}", a.decision);
+        assert_eq!(a.verdicts.len(), 2);
+        let api = a.api.as_ref().unwrap();
+        assert_eq!(
+            (api.tries, api.prompt_tokens, api.completion_tokens),
+            (2, Some(20), Some(6))
+        );
+        // Both say A: each order prefers its first output, so they disagree: a tie.
+        let a = j.annotate_pairwise(
+            &p,
+            &b,
+            &c,
+            [&answered("Better: A", false), &answered("Better: A", true)],
+        );
+        assert_eq!(a.preference, Some(1.5), "{}", a.decision);
+        // Both prefer the model.
+        let a = j.annotate_pairwise(
+            &p,
+            &b,
+            &c,
+            [&answered("Better: B", false), &answered("Better: A", true)],
+        );
+        assert_eq!(a.preference, Some(2.0), "{}", a.decision);
+        // An order without a verdict leaves the prompt undecided, saying why.
+        let a = j.annotate_pairwise(
+            &p,
+            &b,
+            &c,
+            [&answered("Better: B", false), &answered("no idea", true)],
+        );
+        assert_eq!(a.preference, None);
+        assert!(a.decision.contains("model first"), "{}", a.decision);
+        // The request is the template with the outputs in that order, one user message.
+        let body: serde_json::Value =
+            serde_json::from_slice(&j.pairwise_request(&p, "hello", "hi there", Order::ModelFirst))
+                .unwrap();
+        let text = body["messages"][0]["content"].as_str().unwrap();
+        assert!(
+            text.find("hi there").unwrap() < text.find("hello").unwrap(),
+            "{text}"
+        );
+        assert_eq!(body["max_tokens"], 160);
+        assert!(body.get("logprobs").is_none());
+        // Logprob-free: AlpacaEval's template is not a pairwise one.
+        let mut bad = j.clone();
+        bad.template = "no placeholders".into();
+        assert!(bad.check().unwrap_err().contains("pairwise template"));
     }
 
     #[test]
