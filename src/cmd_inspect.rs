@@ -43,6 +43,10 @@ pub struct VerifyArgs {
     /// Forget damaged results and re-run the affected runs to recompute them.
     #[arg(long)]
     pub repair: bool,
+    /// With --repair: let API judges ask their server again for answers the store no longer
+    /// has (paid again). Without it, repair recomputes evaluations from recorded answers only.
+    #[arg(long, requires = "repair")]
+    pub ask_api: bool,
     /// Check the remote copy at URL instead of the local store: every segment's checksum and
     /// order, every blob's digest, no record that refers to a missing blob. Never writes.
     #[arg(long, value_name = "URL", conflicts_with = "repair")]
@@ -428,18 +432,25 @@ pub fn verify(store_flag: &Option<PathBuf>, a: VerifyArgs) -> anyhow::Result<Exi
     let mut code = ExitCode::SUCCESS;
     for run in affected {
         eprintln!("tsr: re-running `{run}` to recompute");
-        let c = crate::cmd_run::resume(
+        // A run that cannot finish here (such as an API evaluation with answers not recorded
+        // yet) is reported, and the other runs are still repaired.
+        match crate::cmd_run::resume(
             store_flag,
             crate::cmd_run::ResumeArgs {
-                run,
+                run: run.clone(),
                 device: None,
                 quiet: true,
                 remote: Default::default(),
                 executor: Default::default(),
+                offline_api_judges: !a.ask_api,
             },
-        )?;
-        if c != ExitCode::SUCCESS {
-            code = c;
+        ) {
+            Ok(c) if c == ExitCode::SUCCESS => {}
+            Ok(c) => code = c,
+            Err(e) => {
+                eprintln!("tsr: `{run}` did not finish: {e:#}");
+                code = ExitCode::from(1);
+            }
         }
     }
     let store = open_store(&dir)?;

@@ -213,6 +213,10 @@ pub struct ResumeArgs {
     pub remote: crate::cmd_remote::RemoteArgs,
     #[command(flatten)]
     pub executor: ExecutorArgs,
+    /// API judges read their recorded answers and ask their server for none (`tsr verify
+    /// --repair` without --ask-api).
+    #[arg(skip)]
+    pub offline_api_judges: bool,
 }
 
 #[derive(Args)]
@@ -532,7 +536,12 @@ pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<Exi
             r.records, r.blobs, r.seq, r.secs
         );
     }
-    let config = a.executor.apply(&stored_config(&store_dir, &a.run)?)?;
+    let mut config = a.executor.apply(&stored_config(&store_dir, &a.run)?)?;
+    if a.offline_api_judges {
+        if let Some(e) = config.eval.as_mut() {
+            e.judge.offline = true;
+        }
+    }
     let hint = format!("tsr resume {} --store {}", a.run, store_dir.display());
     drive(
         &store_dir, &config, None, a.device, a.quiet, true, hint, &a.remote,

@@ -670,6 +670,24 @@ fn server_faults_end_with_the_same_annotations_or_a_clear_message() {
         paid + 1,
         "one request before the budget was seen spent"
     );
+    // `tsr verify --repair` of this store (a damaged result of the same run) recomputes what was
+    // lost but never asks the server for the answers not recorded yet: it says how to.
+    let bstore = dir.join("budget/store");
+    let d = output_of(&status(&bstore, "x"), "eval-baseline", "outputs");
+    let path = bstore.join("blobs").join(&d[..2]).join(&d[2..]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let asked_before = proxy.asked_total();
+    let o = tsr(&["verify", "--repair"], &bstore);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("may not ask its server here") && t.contains("--ask-api"),
+        "{t}"
+    );
+    assert!(t.contains("after repair: ok"), "{t}");
+    assert_eq!(proxy.asked_total(), asked_before, "repair asked the server");
     let cfg = setup(&dir.join("budget"), &proxy.base_url(), &budget(1_000_000));
     let o = run(&cfg, &dir.join("budget/store"));
     assert!(o.status.success(), "{}", text(&o));

@@ -486,6 +486,10 @@ pub struct EvalJudgeSection {
     /// `openai`: tokens (in and out) one evaluation may spend; the run stops there (exit 3)
     /// and continues when the limit is raised.
     pub max_cost_tokens: Option<u64>,
+    /// Not a setting: set by `tsr verify --repair` so that a recomputed API evaluation reads
+    /// its recorded answers and never asks (pays) the server again.
+    #[serde(skip)]
+    pub offline: bool,
 }
 
 impl EvalSection {
@@ -525,7 +529,7 @@ impl EvalSection {
 impl EvalJudgeSection {
     /// The API judge's server settings (`kind = "openai"`).
     pub fn api_settings(&self) -> Option<tsr_steps::openai::ApiSettings> {
-        (self.kind == "openai").then(|| tsr_steps::openai::ApiSettings {
+        (self.kind == "openai" && !self.offline).then(|| tsr_steps::openai::ApiSettings {
             base_url: self.base_url.clone().unwrap_or_default(),
             api_key_env: self.api_key_env.clone(),
             max_concurrency: self.max_concurrency,
@@ -553,6 +557,7 @@ impl Default for EvalJudgeSection {
             timeout_s: 60.0,
             max_retries: 5,
             max_cost_tokens: None,
+            offline: false,
         }
     }
 }

@@ -653,7 +653,8 @@ impl ApiJudge {
         }
         let server = self.server.as_ref().ok_or_else(|| {
             StepError::Invalid(format!(
-                "`{node}` has prompts without a recorded answer and no server to ask (set [eval.judge] base_url)"
+                "`{node}` has {} answer(s) not recorded and may not ask its server here: `tsr verify --repair` recomputes evaluations from recorded answers only (it never pays twice); run `tsr verify --repair --ask-api` or `tsr resume RUN` to ask for them",
+                asks.len()
             ))
         })?;
         let key = server
