@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tsr_dpo::bench::bench_dpo;
-use tsr_model::bench::{bench_generate, dpo_flops_per_pair, matmul_params, vm_hwm_mb};
+use tsr_model::bench::{
+    bench_generate, dpo_flops_per_pair, forward_flops_per_token, matmul_params, measure_cpu_bounds,
+    vm_hwm_mb, weight_bytes_f32,
+};
 use tsr_model::testing::{random_model, smollm2_135m_config};
 use tsr_model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
 
@@ -23,6 +26,8 @@ pub enum BenchDtype {
 pub enum BenchWhat {
     Dpo,
     Generate,
+    /// The machine's own bounds only: f32 matmul FLOP/s and memory bandwidth.
+    Bounds,
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +102,29 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let gen_batch = a.gen_batch.unwrap_or(if cuda { 256 } else { 16 });
     let peak = a.peak_tflops.or(cuda.then_some(989.0));
 
+    // On CPU, what the machine allows, so each result is also a share of its bound.
+    let bounds = if device.is_cpu() {
+        let b = measure_cpu_bounds()?;
+        let products: Vec<String> = b
+            .matmul
+            .iter()
+            .map(|(m, k, n, g)| format!("{m}x{k}x{n} {g:.1}"))
+            .collect();
+        say!(
+            "bounds ({} threads): f32 matmul GFLOP/s {} (peak {:.1}); memory read {:.1} GB/s, triad {:.1} GB/s",
+            tsr_model::cpu_threads(),
+            products.join(", "),
+            b.peak_gflops,
+            b.read_gbs,
+            b.triad_gbs
+        );
+        Some(b)
+    } else {
+        None
+    };
+    if a.only == Some(BenchWhat::Bounds) {
+        return Ok(ExitCode::SUCCESS);
+    }
     let t = std::time::Instant::now();
     let (policy, what) = match (&a.model, a.random, default_gguf()) {
         (Some(spec), _, _) => (
@@ -147,12 +175,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 say!("  batch {b} step {i}{tag}: {s:.3} s, loss {loss:.6}");
             })?;
             say!(
-                "RESULT dpo batch {b}: {:.2} pairs/s (median step {:.3} s over {}), {:.2} TFLOP/s, {}",
+                "RESULT dpo batch {b}: {:.2} pairs/s (median step {:.3} s over {}), {:.2} TFLOP/s, {}{}",
                 res.pairs_per_s,
                 res.median_s,
                 res.step_s.len(),
                 res.flops_per_s / 1e12,
-                mfu(res.flops_per_s)
+                mfu(res.flops_per_s),
+                bounds
+                    .as_ref()
+                    .map(|x| format!(
+                        "; {:.0}% of the measured matmul peak",
+                        100.0 * res.flops_per_s / 1e9 / x.peak_gflops
+                    ))
+                    .unwrap_or_default()
             );
         }
     }
@@ -182,6 +217,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             a.gen_new_tokens,
             a.temperature
         );
+        if let Some(b) = &bounds {
+            // A decode step reads every weight once and does 2 FLOP per weight per row: its
+            // time is at least the larger of the two (prefill and attention left out).
+            let read_s = weight_bytes_f32(&cfg) / (b.read_gbs * 1e9);
+            let seq = a.gen_prompt_tokens + a.gen_new_tokens / 2;
+            let flop_s =
+                gen_batch as f64 * forward_flops_per_token(&cfg, seq) / (b.peak_gflops * 1e9);
+            let bound = gen_batch as f64 / read_s.max(flop_s);
+            say!(
+                "  bound at batch {gen_batch}: {bound:.0} tok/s ({} per step: {:.1} ms to read {:.0} MB of weights, {:.1} ms of matmul at the peak); {:.0}% of it",
+                if read_s >= flop_s { "memory-bound" } else { "compute-bound" },
+                read_s * 1e3,
+                weight_bytes_f32(&cfg) / 1e6,
+                flop_s * 1e3,
+                100.0 * res.tokens_per_s / bound
+            );
+        }
     }
     if device.is_cpu() {
         say!("peak RSS {:.0} MB", vm_hwm_mb());

@@ -207,3 +207,106 @@ mod tests {
         assert!((dpo_flops_per_pair(&cfg, 128, 128) / 1e9 - 587.1).abs() < 0.1);
     }
 }
+
+/// What the machine can do at most, measured here: f32 matmul FLOP/s through candle's CPU
+/// kernels (the ones tsr's models use) and memory bandwidth, so a benchmark can print its result
+/// as a share of its bound.
+#[derive(Clone, Debug)]
+pub struct Bounds {
+    /// (M, K, N, GFLOP/s) per measured product, square first.
+    pub matmul: Vec<(usize, usize, usize, f64)>,
+    /// The best of them, in GFLOP/s.
+    pub peak_gflops: f64,
+    /// Read bandwidth (sum of a 512 MiB array, all threads), GB/s.
+    pub read_gbs: f64,
+    /// STREAM triad `a = b + s c` over three 256 MiB arrays (bytes counted as STREAM counts
+    /// them, 3 per element), GB/s.
+    pub triad_gbs: f64,
+}
+
+/// Runs `f` at least `min_s` seconds (after one warm-up call) and returns the mean seconds per
+/// call.
+fn time_per_call(
+    min_s: f64,
+    mut f: impl FnMut() -> Result<(), ModelError>,
+) -> Result<f64, ModelError> {
+    f()?;
+    let t = Instant::now();
+    let mut n = 0u32;
+    while n == 0 || t.elapsed().as_secs_f64() < min_s {
+        f()?;
+        n += 1;
+    }
+    Ok(t.elapsed().as_secs_f64() / n as f64)
+}
+
+/// Measures [`Bounds`] on the CPU: products of SmolLM2-135M's shapes (a 1024 cube, a DPO
+/// step's 256 x 576 x 1536 and a batch-16 decode step's 16 x 576 x 1536) and the bandwidths.
+/// Takes a few seconds.
+pub fn measure_cpu_bounds() -> Result<Bounds, ModelError> {
+    use candle_core::{Device, Tensor};
+    use rayon::prelude::*;
+    let dev = Device::Cpu;
+    let mut matmul = Vec::new();
+    for (m, k, n) in [(1024, 1024, 1024), (256, 576, 1536), (16, 576, 1536)] {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+        let s = time_per_call(1.0, || {
+            let c = a.matmul(&b)?;
+            std::hint::black_box(c);
+            Ok(())
+        })?;
+        matmul.push((m, k, n, 2.0 * (m * k * n) as f64 / s / 1e9));
+    }
+    let peak_gflops = matmul.iter().map(|x| x.3).fold(0.0, f64::max);
+    // Bandwidth: arrays far larger than the caches, touched once before timing.
+    let len = 128 << 20; // f32 elements: 512 MiB
+    let big: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
+    // Sixteen independent sums per chunk, so the loop vectorises and memory is the limit.
+    let lanes = |c: &[f32]| {
+        let mut acc = [0f32; 16];
+        for w in c.chunks_exact(16) {
+            for (a, x) in acc.iter_mut().zip(w) {
+                *a += x;
+            }
+        }
+        acc.iter().sum::<f32>()
+    };
+    let s = time_per_call(1.0, || {
+        let sum: f32 = big.par_chunks(1 << 16).map(lanes).sum();
+        std::hint::black_box(sum);
+        Ok(())
+    })?;
+    let read_gbs = (len * 4) as f64 / s / 1e9;
+    drop(big);
+    let len = 64 << 20; // 256 MiB each
+    let b: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 5) as f32).collect();
+    let c: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 3) as f32).collect();
+    let mut a: Vec<f32> = vec![0.0; len];
+    a.par_iter_mut().for_each(|x| *x = 1.0);
+    let s = time_per_call(1.0, || {
+        a.par_chunks_mut(1 << 16)
+            .zip(b.par_chunks(1 << 16))
+            .zip(c.par_chunks(1 << 16))
+            .for_each(|((a, b), c)| {
+                for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                    *a = b + 3.0 * c;
+                }
+            });
+        std::hint::black_box(&a);
+        Ok(())
+    })?;
+    let triad_gbs = (3 * len * 4) as f64 / s / 1e9;
+    Ok(Bounds {
+        matmul,
+        peak_gflops,
+        read_gbs,
+        triad_gbs,
+    })
+}
+
+/// Bytes of f32 weights one decode step reads: every matmul weight once, the output projection
+/// included (the embedding lookup reads only the batch's rows).
+pub fn weight_bytes_f32(cfg: &Config) -> f64 {
+    4.0 * matmul_params(cfg)
+}

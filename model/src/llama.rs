@@ -389,6 +389,20 @@ impl Weights {
         let v = heads(l.attn.v.forward(x)?, nkv)?;
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
+        // A decode step (one new token per row) on the CPU: the fused kernel.
+        if let (Some((kc, vc, off)), false, 1) = (cache, self.differentiable, t) {
+            kc.slice_set(&k, 2, off)?;
+            vc.slice_set(&v, 2, off)?;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let qs = (q.clone() * scale)?.reshape((b, nkv, n_rep, hd))?;
+            if let Some(y) = kernels::decode_attention(&qs, kc, vc, off + 1, mask)? {
+                let y = y
+                    .reshape((b, nh, 1, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, 1, nh * hd))?;
+                return l.attn.o.forward(&y);
+            }
+        }
         let (k, v) = match cache {
             Some((kc, vc, off)) => {
                 kc.slice_set(&k, 2, off)?;
