@@ -869,3 +869,50 @@ fn tsrs_own_pairwise_judgement_through_the_api() {
     );
     assert_eq!(proxy.asked_total(), before);
 }
+
+/// With worker processes, the API judge still runs in the driver, which holds the key: its
+/// answers are recorded as the driver's, while the generation steps' batches are the workers'.
+#[test]
+fn the_api_judge_runs_in_the_driver_under_an_executor() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let server = LlamaServer::start(&dir.join("server"));
+    let proxy = Proxy::start(server.port);
+    let cfg = setup(&dir.join("run"), &proxy.base_url(), "");
+    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    toml.push_str("[executor]\nkind = \"processes\"\nworkers = 2\n");
+    std::fs::write(&cfg, toml).unwrap();
+    let store = dir.join("run/store");
+    let o = run(&cfg, &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let judged = |id: &str| -> serde_json::Value {
+        let o = tsr(&["lineage", "x", "eval", id, "--json"], &store);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = judged("e1");
+    let m1 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node"] == "iter1/eval-judge")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(m1["judged_by"]["executor"], "local", "{m1}");
+    assert!(
+        m1["annotation"]["api"]["tries"].as_u64().unwrap() > 0,
+        "{m1}"
+    );
+    // The generation batches went to the workers.
+    let o = tsr(&["lineage", "x", "prompt", "a", "--json"], &store);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.contains("\"processes\""), "{t}");
+    // No worker saw the key: the job files hold none.
+    for f in files_under(&store) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the key is in {}",
+            f.display()
+        );
+    }
+}
