@@ -581,7 +581,7 @@ fn print_eval_table(evals: &[(String, Vec<EvalResult>)]) {
                     lc.lc_standard_error
                         .map(|x| format!("{x:.2}"))
                         .unwrap_or_else(|| "-".into()),
-                    lc.c
+                    lc.c.map(|c| format!("{c}")).unwrap_or_else(|| "- (its own baseline)".into())
                 ),
                 (None, Some(_)) => say!(
                     "{:<16} {:<6} LC: the minimal GLM (length term only; AlpacaEval 2.0's needs eval.lc_data)",

@@ -491,6 +491,24 @@ fn tsr_eval_takes_the_api_judge_as_flags() {
         summary[0]["lc"]["length_controlled_winrate"].as_f64(),
         Some(lc)
     );
+    // The report names the GLM beside the number.
+    let o = tsr(
+        &[
+            "report",
+            v["run"].as_str().unwrap(),
+            "--out",
+            dir.join("e/report").to_str().unwrap(),
+        ],
+        &dir.join("e/store"),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains(&format!(
+            "LC: AlpacaEval 2.0's length_controlled_v1 GLM, {lc:.2}%"
+        )),
+        "{t}"
+    );
 
     // Refused before any work: prompts that are not the folder's instructions, and data that
     // is not AlpacaEval's.

@@ -54,7 +54,7 @@ fn length_controlled_win_rates_equal_alpaca_evals() {
         let want_se = c["lc_standard_error"].as_f64().unwrap();
         let want_c = c["C"].as_f64().unwrap();
         eprintln!(
-            "{name}: LC tsr {:.6} alpaca_eval {want:.6} (C {} vs {want_c}; weights {:?} vs {})",
+            "{name}: LC tsr {:.6} alpaca_eval {want:.6} (C {:?} vs {want_c}; weights {:?} vs {})",
             got.length_controlled_winrate, got.c, got.weights, c["weights"]
         );
         // The same number within what liblinear's looser stopping point allows (alpaca_eval's
@@ -75,7 +75,7 @@ fn length_controlled_win_rates_equal_alpaca_evals() {
             got.fitted_rows,
             rows.iter().filter(|r| r.preference.is_some()).count()
         );
-        chosen.insert(got.c.to_bits());
+        chosen.insert(got.c.unwrap().to_bits());
     }
     // The cases exercise the validation: it does not pick one C for all.
     assert!(chosen.len() > 1, "every case chose the same C");

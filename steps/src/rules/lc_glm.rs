@@ -81,8 +81,8 @@ pub struct LcResult {
     pub length_controlled_winrate: f64,
     /// In percent; `None` for a single annotation.
     pub lc_standard_error: Option<f64>,
-    /// The C the validation chose.
-    pub c: f64,
+    /// The C the validation chose (`None` when the model is its own baseline: no fit).
+    pub c: Option<f64>,
     /// Weights of `tanh(std_delta_len)`, `instruction_difficulty`, `not_gamed_baseline`.
     pub weights: [f64; 3],
     /// Annotations in the fit (with a preference) and gamed rows in it.
@@ -425,7 +425,7 @@ pub fn length_controlled_v1(
             glm: GLM_NAME.into(),
             length_controlled_winrate: 50.0,
             lc_standard_error: (n > 1).then_some(0.0),
-            c: f64::NAN,
+            c: None,
             weights: [0.0; 3],
             fitted_rows: 0,
             gamed_rows: 0,
@@ -509,7 +509,7 @@ pub fn length_controlled_v1(
         glm: GLM_NAME.into(),
         length_controlled_winrate: mean_p * 100.0,
         lc_standard_error: se,
-        c: grid[best],
+        c: Some(grid[best]),
         weights: w,
         fitted_rows: m - gamed_rows,
         gamed_rows,
@@ -582,6 +582,9 @@ mod tests {
         );
         let same = length_controlled_v1(&d, &[row; 6], true).unwrap();
         assert_eq!(same.length_controlled_winrate, 50.0);
+        // It travels as JSON and back (no NaN in it).
+        let back: LcResult = serde_json::from_slice(&serde_json::to_vec(&same).unwrap()).unwrap();
+        assert_eq!(back, same);
     }
 
     #[test]
