@@ -115,6 +115,28 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `tsr replay x iter1/eval-judge` without the key in the environment: it must succeed and
+/// find the recomputed outputs identical (it asks the server nothing).
+fn replay_without_key(store: &Path) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+        .args([
+            "replay",
+            "x",
+            "iter1/eval-judge",
+            "--store",
+            store.to_str().unwrap(),
+        ])
+        .env_remove(KEY_VAR)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("identical"),
+        "{}",
+        text(&o)
+    );
+    o
+}
+
 /// The preference AlpacaEval's `logprob_parser` reads from an annotation's recorded top
 /// log-probabilities, in the original order; `None` when neither `m` nor `M` is there.
 fn alpaca_preference(api: &serde_json::Value) -> Option<f64> {
@@ -328,22 +350,7 @@ fn an_api_judge_evaluation_is_paid_once_and_agrees_with_its_recorded_answers() {
     let o = run(&cfg, &store);
     assert!(o.status.success(), "{}", text(&o));
     said.push_str(&text(&o));
-    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args([
-            "replay",
-            "x",
-            "iter1/eval-judge",
-            "--store",
-            store.to_str().unwrap(),
-        ])
-        .env_remove(KEY_VAR)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success() && text(&o).contains("identical"),
-        "{}",
-        text(&o)
-    );
+    let o = replay_without_key(&store);
     said.push_str(&text(&o));
     assert_eq!(proxy.asked_total(), before);
 
@@ -475,15 +482,12 @@ fn tsr_eval_takes_the_api_judge_as_flags() {
     )
     .unwrap();
     let (data, _) = tsr_steps::kinds::alpaca_lc::read_lc_data(&dir.join("e/lc")).unwrap();
-    let lc_rows: Vec<_> = rows
-        .iter()
-        .map(|a| tsr_steps::rules::lc_glm::LcRow {
-            preference: a.preference,
-            model_chars: a.output_2.chars().count(),
-            baseline_chars: a.output_1.chars().count(),
-        })
-        .collect();
-    let want = tsr_steps::rules::lc_glm::length_controlled_v1(&data, &lc_rows, false).unwrap();
+    let want = tsr_steps::rules::lc_glm::length_controlled_v1(
+        &data,
+        &tsr_steps::kinds::alpaca_lc::lc_rows(&rows),
+        false,
+    )
+    .unwrap();
     assert_eq!(want.length_controlled_winrate, lc);
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("e/export/summary.json")).unwrap()).unwrap();
@@ -869,22 +873,7 @@ fn tsrs_own_pairwise_judgement_through_the_api() {
     assert_eq!(s["api"]["requests"], 2 * asked, "{s}");
     // Replay reads the recorded answers and asks nothing.
     let before = proxy.asked_total();
-    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
-        .args([
-            "replay",
-            "x",
-            "iter1/eval-judge",
-            "--store",
-            store.to_str().unwrap(),
-        ])
-        .env_remove(KEY_VAR)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success() && text(&o).contains("identical"),
-        "{}",
-        text(&o)
-    );
+    replay_without_key(&store);
     assert_eq!(proxy.asked_total(), before);
 }
 

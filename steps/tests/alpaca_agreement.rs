@@ -13,11 +13,11 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tsr_steps::kinds::alpaca_lc::{check_prompts, read_lc_data};
+use tsr_steps::kinds::alpaca_lc::{check_prompts, lc_rows, read_lc_data};
 use tsr_steps::records::Annotation;
 use tsr_steps::rules::alpaca_annotator::{soft_preference, unswitch};
 use tsr_steps::rules::eval_metrics::WinRate;
-use tsr_steps::rules::lc_glm::{length_controlled_v1, LcResult, LcRow};
+use tsr_steps::rules::lc_glm::{length_controlled_v1, LcResult};
 use tsr_steps::rules::py_random::alpaca_eval_switched;
 
 fn dir() -> PathBuf {
@@ -107,15 +107,7 @@ fn an_api_evaluation_agrees_with_alpaca_eval_on_order_preferences_and_win_rates(
     let (data, instructions) = read_lc_data(&dir().join("lc-small")).unwrap();
     let texts: Vec<String> = rows.iter().map(|a| a.instruction.clone()).collect();
     check_prompts(&instructions, &texts).unwrap();
-    let lc_rows: Vec<LcRow> = rows
-        .iter()
-        .map(|a| LcRow {
-            preference: a.preference,
-            model_chars: a.output_2.chars().count(),
-            baseline_chars: a.output_1.chars().count(),
-        })
-        .collect();
-    let now = length_controlled_v1(&data, &lc_rows, false).unwrap();
+    let now = length_controlled_v1(&data, &lc_rows(&rows), false).unwrap();
     let reported: LcResult =
         serde_json::from_value(entry["lc"].clone()).expect("the export has the LC");
     let want_lc = golden["length_controlled_winrate"].as_f64().unwrap();

@@ -103,6 +103,18 @@ pub fn check_prompts(instructions: &[Prompt], prompts: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// What the length control reads of each annotation: its preference and both outputs' lengths
+/// in characters (as Python's `len` counts them).
+pub fn lc_rows(rows: &[Annotation]) -> Vec<LcRow> {
+    rows.iter()
+        .map(|a| LcRow {
+            preference: a.preference,
+            model_chars: a.output_2.chars().count(),
+            baseline_chars: a.output_1.chars().count(),
+        })
+        .collect()
+}
+
 impl Step for AlpacaLc {
     fn kind(&self) -> &'static str {
         "alpaca-lc"
@@ -130,16 +142,8 @@ impl Step for AlpacaLc {
         check_instructions(&data, &instructions, &instructions_path).map_err(StepError::Invalid)?;
         let texts: Vec<String> = rows.iter().map(|a| a.instruction.clone()).collect();
         check_prompts(&instructions, &texts).map_err(StepError::Invalid)?;
-        let lc_rows: Vec<LcRow> = rows
-            .iter()
-            .map(|a| LcRow {
-                preference: a.preference,
-                model_chars: a.output_2.chars().count(),
-                baseline_chars: a.output_1.chars().count(),
-            })
-            .collect();
         let same = rows.first().is_some_and(|a| a.generator_1 == a.generator_2);
-        let result = length_controlled_v1(&data, &lc_rows, same)
+        let result = length_controlled_v1(&data, &lc_rows(&rows), same)
             .map_err(|e| StepError::Invalid(e.to_string()))?;
         Ok(StepOutputs::new().json("lc", &result))
     }
