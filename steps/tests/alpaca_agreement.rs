@@ -142,20 +142,13 @@ fn normalise(v: &Value) -> Value {
 /// the preference alpaca_eval reads from the recorder's answer is tsr's reading of it.
 #[test]
 fn request_bodies_equal_the_ones_alpaca_eval_sends() {
-    use tsr_steps::kinds::api_judge::{ApiJudge, WEIGHTED_ALPACA_EVAL_GPT4_TURBO};
+    use tsr_steps::kinds::api_judge::ApiJudge;
     let golden = read(&dir().join("alpaca-requests.json"));
-    let judge = ApiJudge {
-        annotator: WEIGHTED_ALPACA_EVAL_GPT4_TURBO.into(),
-        model: "gpt-4-1106-preview".into(),
-        template: golden["template"].as_str().unwrap().into(),
-        max_tokens: 1,
-        temperature: 1.0,
-        top_p: 1.0,
-        top_logprobs: 5,
-        bootstrap_resamples: 0,
-        server: None,
-        max_cost_tokens: None,
-    };
+    let judge = ApiJudge::weighted_alpaca_eval(
+        "gpt-4-1106-preview",
+        golden["template"].as_str().unwrap().into(),
+        0,
+    );
     judge.check().unwrap();
     let pairs = golden["pairs"].as_array().unwrap();
     assert!(pairs.len() >= 5);

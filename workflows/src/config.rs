@@ -493,6 +493,16 @@ pub struct EvalJudgeSection {
 }
 
 impl EvalSection {
+    /// The section's file paths (`~` expansion and paths relative to the config apply to each).
+    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 4] {
+        [
+            &mut self.prompts,
+            &mut self.reference,
+            &mut self.judge.template,
+            &mut self.lc_data,
+        ]
+    }
+
     /// The evaluation's API judge (`[eval.judge] kind = "openai"`) with its template's text and,
     /// to ask, its server.
     pub(crate) fn api_judge(
@@ -500,29 +510,21 @@ impl EvalSection {
         template: String,
         server: Option<tsr_steps::openai::ApiSettings>,
     ) -> tsr_steps::kinds::api_judge::ApiJudge {
-        let pairwise = self.judge.annotator == tsr_steps::kinds::api_judge::TSR_PAIRWISE;
-        tsr_steps::kinds::api_judge::ApiJudge {
-            annotator: self.judge.annotator.clone(),
-            model: self.judge.model.clone().unwrap_or_default(),
-            template,
-            // tsr's own judgement writes its comparison with the judge's settings; AlpacaEval's
-            // annotator uses its completion settings.
-            max_tokens: if pairwise {
-                self.judge.max_new_tokens as u32
-            } else {
-                1
-            },
-            temperature: if pairwise {
-                self.judge.temperature
-            } else {
-                1.0
-            },
-            top_p: if pairwise { self.judge.top_p } else { 1.0 },
-            top_logprobs: if pairwise { 0 } else { 5 },
-            bootstrap_resamples: self.bootstrap_resamples,
-            server,
-            max_cost_tokens: self.judge.max_cost_tokens,
+        use tsr_steps::kinds::api_judge::{ApiJudge, TSR_PAIRWISE};
+        let model = self.judge.model.clone().unwrap_or_default();
+        // AlpacaEval's annotator uses its own completion settings; tsr's judgement writes its
+        // comparison with the judge's.
+        let mut j = ApiJudge::weighted_alpaca_eval(&model, template, self.bootstrap_resamples);
+        j.annotator = self.judge.annotator.clone();
+        if j.annotator == TSR_PAIRWISE {
+            j.max_tokens = self.judge.max_new_tokens as u32;
+            j.temperature = self.judge.temperature;
+            j.top_p = self.judge.top_p;
+            j.top_logprobs = 0;
         }
+        j.server = server;
+        j.max_cost_tokens = self.judge.max_cost_tokens;
+        j
     }
 }
 
@@ -696,15 +698,7 @@ impl Config {
             }
         }
         if let Some(e) = c.eval.as_mut() {
-            for p in [
-                &mut e.prompts,
-                &mut e.reference,
-                &mut e.judge.template,
-                &mut e.lc_data,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for p in e.paths_mut().into_iter().flatten() {
                 if let Some(h) = p.to_str().and_then(home) {
                     *p = PathBuf::from(h);
                 }
@@ -751,15 +745,7 @@ impl Config {
                 }
             }
             if let Some(e) = c.eval.as_mut() {
-                for p in [
-                    &mut e.prompts,
-                    &mut e.reference,
-                    &mut e.judge.template,
-                    &mut e.lc_data,
-                ]
-                .into_iter()
-                .flatten()
-                {
+                for p in e.paths_mut().into_iter().flatten() {
                     abs(p);
                 }
                 for m in [&mut e.baseline_model, &mut e.judge.model]

@@ -190,6 +190,24 @@ fn decode(i: u64, bytes: &[u8]) -> Result<Exchange, StepError> {
 }
 
 impl ApiJudge {
+    /// AlpacaEval 2.0's default annotator with its completion settings (alpaca_eval's
+    /// `weighted_alpaca_eval_gpt4_turbo/configs.yaml`: one token, temperature 1, the top 5
+    /// log-probabilities; its client also sends `top_p = 1.0`), asking `model` with `template`.
+    pub fn weighted_alpaca_eval(model: &str, template: String, bootstrap_resamples: usize) -> Self {
+        ApiJudge {
+            annotator: WEIGHTED_ALPACA_EVAL_GPT4_TURBO.into(),
+            model: model.into(),
+            template,
+            max_tokens: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_logprobs: 5,
+            bootstrap_resamples,
+            server: None,
+            max_cost_tokens: None,
+        }
+    }
+
     fn template_digest(&self) -> String {
         blake3::hash(self.template.as_bytes()).to_hex().to_string()
     }
@@ -811,18 +829,11 @@ mod tests {
     use super::*;
 
     fn judge() -> ApiJudge {
-        ApiJudge {
-            annotator: WEIGHTED_ALPACA_EVAL_GPT4_TURBO.into(),
-            model: "gpt-4-1106-preview".into(),
-            template: "<|im_start|>system\nYou judge.\n<|im_end|>\n<|im_start|>user\n{instruction}\nm: {output_1}\nM: {output_2}\n<|im_end|>".into(),
-            max_tokens: 1,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_logprobs: 5,
-            bootstrap_resamples: 0,
-            server: None,
-            max_cost_tokens: None,
-        }
+        ApiJudge::weighted_alpaca_eval(
+            "gpt-4-1106-preview",
+            "<|im_start|>system\nYou judge.\n<|im_end|>\n<|im_start|>user\n{instruction}\nm: {output_1}\nM: {output_2}\n<|im_end|>".into(),
+            0,
+        )
     }
 
     fn out(text: &str) -> EvalOutput {
