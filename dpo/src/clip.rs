@@ -12,6 +12,7 @@
 //! non-finite norm is an error, never a silent skip.
 
 use candle_core::DType;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{DpoError, ParamGrads};
@@ -51,12 +52,24 @@ fn cpu_sum_sq(g: &candle_core::Tensor) -> Option<f64> {
     } else {
         values.len().max(1)
     };
-    Some(
-        values
-            .chunks(row)
-            .map(|r| r.iter().map(|x| x * x).sum::<f32>() as f64)
-            .sum(),
-    )
+    // Rows in parallel, each summed in sixteen lanes (a sequential f32 sum is one dependent
+    // chain: about 0.14 s a step over 134 M parameters), the row sums then added in row order:
+    // the same bits whatever the thread count.
+    let sums: Vec<f64> = values
+        .par_chunks(row)
+        .map(|r| {
+            let mut acc = [0f32; 16];
+            let c = r.chunks_exact(16);
+            let tail: f32 = c.remainder().iter().map(|x| x * x).sum();
+            for v in c {
+                for l in 0..16 {
+                    acc[l] += v[l] * v[l];
+                }
+            }
+            (acc.iter().sum::<f32>() + tail) as f64
+        })
+        .collect();
+    Some(sums.iter().sum())
 }
 
 /// Global L2 norm of all gradients, accumulated in f64 (may be NaN or infinite).

@@ -1,22 +1,38 @@
 //! Process-level CPU tuning: the glibc allocator and candle's thread count.
 //!
 //! glibc allocator tuning: candle allocates and frees large buffers on every op, and glibc's
-//! default thresholds return them to the kernel each time (mmap/munmap + page faults). Raising
-//! the thresholds keeps them in the heap; CANDLE.md measured a DPO step going from ~7 s to ~3.7 s.
+//! default thresholds return them to the kernel each time, so the next op faults in pages the
+//! kernel must zero first (about 0.5 GB/s on the test VM). Keeping freed memory in the heap
+//! made a DPO step of SmolLM2-135M go from ~7 s to ~3.7 s (CANDLE.md), and turning off the
+//! last two ways memory still went back per step from ~3.3 s to ~2.9 s (BENCHMARKS.md).
 
-/// Raises glibc's `M_MMAP_THRESHOLD` (to its maximum, 32 MiB on 64-bit glibc: larger values are
-/// rejected) and `M_TRIM_THRESHOLD` (1 GiB) so big tensors are reused instead of being mapped and
-/// unmapped on every operation. Call once at start-up. Returns whether glibc accepted both
-/// settings; a no-op returning `false` on non-glibc targets.
+/// Keeps freed memory in the process for reuse: no buffer is mapped on its own (`M_MMAP_MAX`
+/// 0; glibc still maps when the heap cannot grow), and the heap's top is never trimmed
+/// (`M_TRIM_THRESHOLD` -1). Before, each buffer over 32 MiB (an embedding-sized gradient) was
+/// mapped and unmapped every step, and a heap top over 1 GiB was returned whenever a free
+/// happened to leave one, which depended on how threads interleaved (1.8 GB of fresh pages a
+/// step in one profiled run, 0.2 GB in the next). Memory is returned by
+/// [`release_memory`], which long phases call when they end. Call once at start-up. Returns
+/// whether glibc accepted the settings; a no-op returning `false` on non-glibc targets.
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
-        let mmap_ok = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1;
-        let trim_ok = libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1;
+        let mmap_ok = libc::mallopt(libc::M_MMAP_MAX, 0) == 1;
+        let trim_ok = libc::mallopt(libc::M_TRIM_THRESHOLD, -1) == 1;
         mmap_ok && trim_ok
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
+}
+
+/// Returns the heap's free pages to the kernel (`malloc_trim`): [`tune_allocator`] keeps them
+/// for reuse, so a phase that allocated a lot (a DPO training) calls this when it ends, and
+/// the process does not hold its peak through the phases after it. A no-op off glibc.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// [`tune_allocator`], and pins candle's thread count: without `RAYON_NUM_THREADS`, candle

@@ -1,12 +1,13 @@
 //! CPU kernels. A frozen-weight matmul whose backward gives only the input's gradient (LoRA
-//! training over a frozen base; see [`frozen_matmul_wt`]). And for the inference path: masked
-//! softmax over attention scores, fusing the
+//! training over a frozen base; see [`frozen_matmul_wt`]). A masked softmax over attention
+//! scores, fusing the
 //! additive mask (broadcast over heads) with the softmax and using a vectorisable `exp`.
 //! candle's separate `broadcast_add` + `softmax_last_dim` spend most of their time in glibc's
 //! scalar `expf`, including its slow underflow path for every masked (-1e9) entry. With this
 //! kernel, scoring 16 x 256 tokens of SmolLM2-135M on 2 cores went from about 460 to about
-//! 515 tok/s. Inference only: it has no backward pass (the differentiable path keeps candle's
-//! ops). And `x @ w^T` itself ([`matmul_wt`]), in the faster gemm orientation for the shape.
+//! 515 tok/s. Training uses it too, with its backward (the gradient to the scores, from the
+//! result; the mask is a constant). And `x @ w^T` itself ([`matmul_wt`]), in the faster gemm
+//! orientation for the shape.
 //! And a decode step's whole attention against the KV cache ([`decode_attention`]): batch-16
 //! greedy decoding of SmolLM2-135M on 2 cores went from about 146 to about 161 tok/s, with the
 //! same tokens on every generation measured (BENCHMARKS.md).
@@ -92,19 +93,87 @@ impl CustomOp2 for MaskedSoftmax {
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = res.apply_op2(&grad_res.contiguous()?, SoftmaxBwd)?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// The softmax's backward over the last dim, from its result `p` and the incoming gradient
+/// `g`: `p (g - sum(g p))`, each row one thread's sequential sum.
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("softmax-bwd: f32 only");
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax-bwd: contiguous inputs only");
+        };
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "softmax-bwd: result {:?} and gradient {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let (p, g) = (&p[p0..p1], &g[g0..g1]);
+        let s = l1.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; p.len()];
+        out.par_chunks_mut(s)
+            .zip(p.par_chunks(s).zip(g.par_chunks(s)))
+            .for_each(|(o, (p, g))| {
+                let dot: f32 = p.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
+                    *o = p * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// `softmax(scores + mask, last dim)` for `scores [B, H, R, T, S]`, `mask [B, 1, 1, T, S]`:
-/// the fused kernel for contiguous f32 CPU tensors, candle's ops otherwise.
-pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// the fused kernel for contiguous f32 CPU tensors, candle's ops otherwise. With
+/// `differentiable`, the kernel carries its backward (to the scores; the mask is a constant)
+/// and the fallback is candle's unfused softmax, whose gradients flow (its fused
+/// `softmax_last_dim` has no backward on the CPU).
+pub(crate) fn masked_softmax(
+    scores: &Tensor,
+    mask: &Tensor,
+    differentiable: bool,
+) -> Result<Tensor> {
     let fast = scores.device().is_cpu()
         && scores.dtype() == candle_core::DType::F32
         && mask.dtype() == candle_core::DType::F32
         && scores.rank() == 5;
     if fast {
-        scores
-            .contiguous()?
-            .apply_op2_no_bwd(&mask.contiguous()?, &MaskedSoftmax)
+        let (scores, mask) = (scores.contiguous()?, mask.detach().contiguous()?);
+        if differentiable {
+            scores.apply_op2(&mask, MaskedSoftmax)
+        } else {
+            scores.apply_op2_no_bwd(&mask, &MaskedSoftmax)
+        }
+    } else if differentiable {
+        candle_nn::ops::softmax(&scores.broadcast_add(mask)?, candle_core::D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)
     }
@@ -368,7 +437,7 @@ mod tests {
             .map(|i| if i % 3 == 0 { -1e9 } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(m, (2, 1, 1, 4, 5), &dev).unwrap();
-        let fast = masked_softmax(&scores, &mask).unwrap();
+        let fast = masked_softmax(&scores, &mask, false).unwrap();
         let slow =
             candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
         let diff = (fast - slow)
@@ -380,6 +449,55 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-6, "{diff}");
+    }
+
+    /// The differentiable kernel's gradient against candle's unfused softmax, with a padded
+    /// row (its first slots masked) and a fully masked row, from a non-contiguous input.
+    #[test]
+    fn masked_softmax_gradient_matches_candles() {
+        let dev = Device::Cpu;
+        let (b, h, r, t, s) = (2, 3, 2, 4, 6);
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 3.0, (b, h, r, s, t), &dev).unwrap(),
+        )
+        .unwrap();
+        let scores = x.as_tensor().transpose(3, 4).unwrap(); // [b, h, r, t, s], strided
+        let mut m = vec![0f32; b * t * s];
+        for (i, v) in m.iter_mut().enumerate() {
+            let (bi, ti, si) = (i / (t * s), (i / s) % t, i % s);
+            if (bi == 1 && si < 2) || si > ti + 2 || (bi == 0 && ti == 3) {
+                *v = -1e9;
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev).unwrap();
+        let weights: Vec<f32> = (0..b * h * r * t * s)
+            .map(|i| ((i * 29 % 53) as f32 - 26.0) / 13.0)
+            .collect();
+        let weights = Tensor::from_vec(weights, (b, h, r, t, s), &dev).unwrap();
+        let run = |fused: bool| {
+            let p = if fused {
+                masked_softmax(&scores, &mask, true).unwrap()
+            } else {
+                candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+            };
+            let loss = (&p * &weights).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (p, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let ((p, dx), (p0, dx0)) = (run(true), run(false));
+        let max = |a: Tensor, b: Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(max(p, p0) < 1e-6);
+        let d = max(dx, dx0);
+        assert!(d < 1e-5, "gradient differs by {d}");
     }
 
     /// The fused decode attention against candle's ops on random inputs: grouped KV heads,

@@ -25,6 +25,7 @@ pub mod config;
 mod device;
 mod error;
 pub mod export;
+mod fused;
 mod generate;
 mod hub;
 mod kernels;
@@ -45,7 +46,7 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use candle_nn::VarMap;
 
 pub use adapter::{LoraAdapter, StoredAdapter};
-pub use alloc::{cpu_threads, tune_allocator, tune_runtime};
+pub use alloc::{cpu_threads, release_memory, tune_allocator, tune_runtime};
 pub use config::{Arch, Config, SlidingWindow};
 pub use device::parse_device;
 pub use error::candle_text;

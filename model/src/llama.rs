@@ -3,10 +3,12 @@
 //! fully masked padding rows stay finite) and an optional preallocated KV cache written in place.
 //!
 //! One code path, two op sets, chosen by [`Weights::differentiable`]:
-//! - differentiable (training): rope, softmax and RMS norm from primitive ops, because candle's
-//!   fused kernels cut the autograd graph without an error (see CANDLE.md);
-//! - inference: candle's fused `rope` and `rms_norm` and this crate's fused masked softmax
-//!   ([`super::kernels`]) on detached tensors.
+//! - differentiable (training): this crate's fused CPU kernels that carry their backward
+//!   (RMS norm, rope, SwiGLU in [`super::fused`], the masked softmax in [`super::kernels`]);
+//!   off the CPU, rope, softmax and RMS norm from primitive ops, because candle's fused kernels
+//!   cut the autograd graph without an error (see CANDLE.md);
+//! - inference: candle's fused `rope` and `rms_norm` and this crate's fused masked softmax and
+//!   SwiGLU on detached tensors.
 //!
 //! Grouped-query attention never materialises repeated K/V: the query heads that share a KV
 //! head are folded into the row dimension of one matmul (`[B, KVH, n_rep*T, D]`).
@@ -15,6 +17,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::config::Config;
+use super::fused;
 use super::kernels::{self, matmul_wt};
 use super::projection::Proj;
 use super::ModelError;
@@ -132,9 +135,13 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        // The fused kernel gives the bits of `silu` then `mul` (with a backward).
+        let h = match fused::swiglu(&g, &u)? {
+            Some(h) => h,
+            None => (g.silu()? * u)?,
+        };
+        self.down.forward(&h)
     }
 }
 
@@ -337,6 +344,9 @@ impl Weights {
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         if self.differentiable {
+            if let Some(y) = fused::rms_norm(x, w, eps)? {
+                return Ok(y);
+            }
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
             x.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?
                 .broadcast_mul(w)
@@ -348,6 +358,9 @@ impl Weights {
     /// Half-split ("NeoX" / HF layout) rotary embedding of `x [B, H, T, D]`.
     fn rope(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         if self.differentiable {
+            if let Some(y) = fused::rope(x, &rope.cos, &rope.sin)? {
+                return Ok(y);
+            }
             let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
             let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
             x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
@@ -358,11 +371,7 @@ impl Weights {
 
     /// `softmax(scores + mask)` over the keys.
     fn masked_softmax(&self, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        if self.differentiable {
-            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)
-        } else {
-            kernels::masked_softmax(scores, mask)
-        }
+        kernels::masked_softmax(scores, mask, self.differentiable)
     }
 
     fn attention(

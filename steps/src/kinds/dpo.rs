@@ -203,7 +203,9 @@ impl Step for Dpo {
     }
     fn version(&self) -> u32 {
         // 2: checkpoints are weights + TrainerCheckpoint + metrics files (v1 used another cursor).
-        2
+        // 3: fused CPU kernels for RMS norm, rope, SwiGLU and the masked softmax with their
+        //    backward, and the gradient norm summed in lanes: the trained weights' last bits.
+        3
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()
@@ -297,8 +299,14 @@ impl Step for Dpo {
             steps: t.steps_done(),
             metrics: t.metrics().to_vec(),
         };
-        Ok(self
+        drop(t);
+        let out = self
             .save_model(&model, inputs, &out_dir)?
-            .json("metrics", &report))
+            .json("metrics", &report);
+        drop(model);
+        // The allocator keeps freed memory for reuse (`tune_allocator`): the optimizer state
+        // and the step's buffers go back to the system here, not at the process's end.
+        tsr_model::release_memory();
+        Ok(out)
     }
 }
