@@ -45,6 +45,11 @@ pub struct DpoBench {
     pub batch: usize,
     /// Seconds of each timed step (warm-up excluded).
     pub step_s: Vec<f64>,
+    /// Of each timed step, the seconds of the reference forward (the rest is the policy's
+    /// step: what a workflow's `dpo` step does, its reference log-probs precomputed).
+    pub reference_s: Vec<f64>,
+    /// Median over the timed steps of the policy's step alone (step minus reference forward).
+    pub policy_median_s: f64,
     /// Seconds of the warm-up step.
     pub warmup_s: f64,
     /// Median over `step_s`.
@@ -84,6 +89,7 @@ pub fn bench_dpo(
     let mut trainer = DpoTrainer::new(policy, pairs.clone(), cfg)?;
     let dev = policy.device().clone();
     let mut times = Vec::with_capacity(steps);
+    let mut ref_times = Vec::with_capacity(steps);
     let mut warmup_s = f64::NAN;
     let mut last_loss = f64::NAN;
     for i in 0..=steps {
@@ -93,6 +99,8 @@ pub fn bench_dpo(
         // is still run (and timed) every step, as a trainer without precomputed ones would.
         let mut fresh = pairs.clone();
         reference_logps(reference, &mut fresh, batch)?;
+        dev.synchronize().map_err(ModelError::from)?;
+        let ref_s = t.elapsed().as_secs_f64();
         let report = trainer.step()?;
         dev.synchronize().map_err(ModelError::from)?;
         let s = t.elapsed().as_secs_f64();
@@ -102,13 +110,17 @@ pub fn bench_dpo(
             warmup_s = s;
         } else {
             times.push(s);
+            ref_times.push(ref_s);
         }
     }
     let median_s = median(times.clone());
+    let policy_median_s = median(times.iter().zip(&ref_times).map(|(t, r)| t - r).collect());
     let pairs_per_s = batch as f64 / median_s;
     Ok(DpoBench {
         batch,
         step_s: times,
+        reference_s: ref_times,
+        policy_median_s,
         warmup_s,
         median_s,
         pairs_per_s,

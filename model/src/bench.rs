@@ -38,6 +38,16 @@ pub fn vm_hwm_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10): each is, almost
+/// always, a fresh 4 KiB page the kernel zeroed for a new buffer. `None` where that file is
+/// not readable (not Linux).
+pub fn minor_faults() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
+
 /// Resets VmHWM to the current resident size, so the next reading is the peak from now on.
 pub fn reset_hwm() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");

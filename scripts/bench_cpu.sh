@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# tsr against the tools a user would otherwise pick, on this machine's CPU, in one run: each
+# measure alternates tsr and its peer ROUNDS times (default 3), then one table of medians,
+# ranges and ratios is printed (and written to target/bench-cpu/table.md) after the machine's
+# bounds (`tsr bench --only bounds`).
+#
+#   scripts/bench_cpu.sh [ROUNDS]
+#   scripts/busy.sh -n 1 scripts/bench_cpu.sh      # the same beside one busy core
+#
+# Measures (SmolLM2-135M-Instruct, f32, the default GGUF's weights on both sides):
+#   generation, greedy, 64-token prompts, 128 new tokens, end-of-turn ignored, batch 16 and 1:
+#     `tsr bench --only generate` against llama.cpp (scripts/bench_llama_cpp.py: llama-cpp-python
+#     as pinned in scripts/requirements-llama-server.txt, built by scripts/test.sh for this CPU,
+#     reading an F32 GGUF that llama.cpp's own quantize API makes from the default GGUF);
+#   a full DPO step and a LoRA r16 step, 64+64 and 128+128 tokens, reference log-probs
+#     precomputed: the `bench_dpo` example against PyTorch + transformers and PEFT
+#     (scripts/bench_lora_torch.py, the pinned venv of scripts/requirements-hf-golden.txt,
+#     several GB on first use) reading `tsr export-model` of the same GGUF.
+# Threads: RAYON_NUM_THREADS for tsr, the same number for llama.cpp and torch (default: the
+# physical cores tsr would use). Out of CI: it takes about 12 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+case "$rounds" in ''|*[!0-9]*|0) echo "bench_cpu: ROUNDS must be a positive whole number, not \`$rounds\`" >&2; exit 2 ;; esac
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/tsr
+out=target/bench-cpu
+mkdir -p "$out" "$cache/bench-cpu"
+rm -f "$out"/r*-*.txt
+
+lcpp=${TSR_LLAMA_SERVER_PYTHON:-$cache/llama-cpp-server/bin/python}
+"$lcpp" -c "import llama_cpp" 2>/dev/null \
+  || { echo "bench_cpu: llama-cpp-python is not built at $lcpp: run scripts/test.sh once (it builds it), or set TSR_LLAMA_SERVER_PYTHON" >&2; exit 1; }
+torchpy=$(scripts/golden-venv.sh transformers5 scripts/requirements-hf-golden.txt)
+gguf=$(scripts/fetch-model.sh)
+cargo build --release --quiet --bin tsr
+cargo build --release --quiet -p tsr-steps --example bench_dpo
+tsr=target/release/tsr
+threads=${RAYON_NUM_THREADS:-$("$tsr" bench --only bounds 2>&1 | sed -n 's/^bounds (\([0-9]*\) threads).*/\1/p' | head -1)}
+threads=${threads:-$(nproc)}
+export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
+
+f32=$cache/bench-cpu/$(basename "$gguf" .gguf).F32.gguf
+[ -s "$f32" ] || "$lcpp" scripts/bench_llama_cpp.py convert "$gguf" "$f32" f32 >"$out/convert.log" 2>&1 \
+  || { echo "bench_cpu: llama.cpp could not make the F32 GGUF (see $out/convert.log)" >&2; exit 1; }
+hf=$out/hf-model
+[ -s "$hf/model.safetensors" ] || "$tsr" export-model --model "$gguf" --out "$hf" --force >/dev/null
+
+"$tsr" bench --only bounds >"$out/bounds.txt" 2>&1
+for r in $(seq "$rounds"); do
+  echo "bench_cpu: round $r of $rounds" >&2
+  for b in 16 1; do
+    "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch "$b" \
+      --prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-gen$b.txt" 2>&1
+    "$lcpp" scripts/bench_llama_cpp.py generate "$f32" "$b" 64 128 "$threads" >"$out/r$r-lcpp-gen$b.txt" 2>&1
+  done
+  target/release/examples/bench_dpo "$gguf" 4 >"$out/r$r-tsr-full.txt" 2>&1
+  "$torchpy" scripts/bench_lora_torch.py "$hf" full 4 >"$out/r$r-torch-full.txt" 2>&1
+  target/release/examples/bench_dpo "$gguf" 4 r=16,alpha=32 >"$out/r$r-tsr-lora.txt" 2>&1
+  "$torchpy" scripts/bench_lora_torch.py "$hf" lora 4 >"$out/r$r-torch-lora.txt" 2>&1
+done
+
+python3 - "$out" "$rounds" "$threads" <<'PY'
+import re, statistics, sys, pathlib, platform, datetime
+out, rounds, threads = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+def grab(name, pattern):
+    vals = []
+    for r in range(1, rounds + 1):
+        text = (out / f"r{r}-{name}.txt").read_text()
+        m = re.search(pattern, text)
+        if not m:
+            sys.exit(f"bench_cpu: no result in {out}/r{r}-{name}.txt")
+        vals.append(float(m.group(1)))
+    return vals
+
+rows = []
+for b in (16, 1):
+    rows.append((f"generation, batch {b}, tok/s (higher is better)", "llama.cpp",
+                 grab(f"tsr-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
+                 grab(f"lcpp-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
+for mode, peer in (("full", "PyTorch"), ("lora", "PEFT")):
+    for p in (64, 128):
+        rows.append((f"{'full DPO' if mode == 'full' else 'LoRA r16'} step, {p}+{p}, s (lower is better)", peer,
+                     grab(f"tsr-{mode}", rf"RESULT {p}\+{p}:.*?without the reference forward ([\d.]+) s"),
+                     grab(f"torch-{mode}", rf"RESULT {p}\+{p} {mode}: median step ([\d.]+) s"), False))
+
+bounds = (out / "bounds.txt").read_text()
+lines = [f"{datetime.date.today()}, {platform.node()}, {threads} threads, {rounds} rounds alternating tsr and peer", "",
+         "| measure | tsr median (range) | peer | peer median (range) | tsr speed / peer |", "|---|---|---|---|---|"]
+for name, peer, t, o, higher in rows:
+    mt, mo = statistics.median(t), statistics.median(o)
+    ratio = mt / mo if higher else mo / mt
+    rng = lambda v: f"{min(v):.2f}-{max(v):.2f}"
+    lines.append(f"| {name} | {mt:.2f} ({rng(t)}) | {peer} | {mo:.2f} ({rng(o)}) | {ratio:.2f}x |")
+lines += ["", "Bounds (`tsr bench --only bounds`):", ""] + [f"    {l}" for l in bounds.splitlines() if l.startswith("bounds")]
+table = "\n".join(lines)
+(out / "table.md").write_text(table + "\n")
+print(table)
+PY
