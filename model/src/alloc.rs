@@ -10,8 +10,8 @@
 /// 0; glibc still maps when the heap cannot grow), and the heap's top is never trimmed
 /// (`M_TRIM_THRESHOLD` -1). Before, each buffer over 32 MiB (an embedding-sized gradient) was
 /// mapped and unmapped every step, and a heap top over 1 GiB was returned whenever a free
-/// happened to leave one, which depended on how threads interleaved (1.8 GB of fresh pages a
-/// step in one profiled run, 0.2 GB in the next). Memory is returned by
+/// happened to leave one, which depended on timing (1.8-2.4 GB of fresh pages a step in
+/// runs under a call-graph profiler, 0.1-0.2 GB in plain runs). Memory is returned by
 /// [`release_memory`], which long phases call when they end. Call once at start-up. Returns
 /// whether glibc accepted the settings; a no-op returning `false` on non-glibc targets.
 pub fn tune_allocator() -> bool {
