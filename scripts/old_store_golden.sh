@@ -35,9 +35,12 @@ for b in "$bin/tsr" "$bin/examples/write_tiny_model"; do
 done
 
 mkdir -p "$out"
+# A run records its files by absolute path, so the stores are made in a fixed folder, and
+# tests/old_store.rs unpacks them there (RECORDED_AT) to resume them where they were made.
+work=/tmp/tsr-old-store
 for variant in full lora; do
-    work=$(mktemp -d)
     dir="$work/$variant"
+    rm -rf "$dir"
     mkdir -p "$dir"
     "$bin/examples/write_tiny_model" "$dir/tiny" 5 >/dev/null
     i=0
@@ -90,7 +93,7 @@ EOF
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true
     tar -C "$work" --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -czf "$out/$variant.tar.gz" "$variant"
-    rm -rf "$work"
+    rm -rf "$dir"
     echo "wrote $out/$variant.tar.gz ($(du -h "$out/$variant.tar.gz" | cut -f1))"
 done
 printf 'made by tsr %s on %s\n' "$made_by" "$(date -u +%Y-%m-%d)" >"$out/MADE_BY"

@@ -520,6 +520,25 @@ fn stored_config(store_dir: &Path, run: &str) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// A run records its files by the absolute paths they had when it started. When some are no
+/// longer there (the project was moved, or the store copied to another machine), says which,
+/// and how to continue: from the config in its new place, since a run continues wherever its
+/// files are (they are checked by content, not by path).
+fn refuse_moved_files(store_dir: &Path, run: &str) -> anyhow::Result<()> {
+    let rec = open_store(store_dir)?.run(run)?;
+    let missing: Vec<String> = tsr_workflows::missing_paths(&rec.config_toml)
+        .into_iter()
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "run `{run}` was started with files that are not there now: {}. If they moved with the project (or the store to another machine), continue the run from its config where the files are now: tsr run CONFIG (a run continues wherever its files are; they are checked by content)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<ExitCode> {
     let store_dir = crate::store_dir(store_flag, None);
     // A new machine (or a restore that was cut short): the run's definition is in the remote.
@@ -536,6 +555,7 @@ pub fn resume(store_flag: &Option<PathBuf>, a: ResumeArgs) -> anyhow::Result<Exi
             r.records, r.blobs, r.seq, r.secs
         );
     }
+    refuse_moved_files(&store_dir, &a.run)?;
     let mut config = a.executor.apply(&stored_config(&store_dir, &a.run)?)?;
     if a.offline_api_judges {
         if let Some(e) = config.eval.as_mut() {

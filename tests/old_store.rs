@@ -2,7 +2,9 @@
 //! the whole model, one a LoRA adapter with dropout), resume and replay with this build: the
 //! resumed run ends with the outputs of an uninterrupted run of this build, and replaying its
 //! iteration recomputes every step identically. The stores are `tests/fixtures/old-stores/`,
-//! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`).
+//! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`). A run records its files
+//! by absolute path, so the stores are made in [`RECORDED_AT`] and resumed there; unpacked
+//! anywhere else, `tsr resume` names the files it no longer finds.
 
 mod common;
 
@@ -10,6 +12,9 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Where `scripts/old_store_golden.sh` makes the stores: their runs' files are recorded there.
+const RECORDED_AT: &str = "/tmp/tsr-old-store";
 
 /// Unpack the fixture `variant` into `into` and return its folder.
 fn unpack(variant: &str, into: &Path) -> PathBuf {
@@ -78,9 +83,21 @@ fn outputs(dir: &Path, run: &str, store: &str) -> Vec<(String, serde_json::Value
         .collect()
 }
 
+/// Removes a folder when dropped, also when the test fails.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn resume_and_replay(variant: &str) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = unpack(variant, tmp.path());
+    let at = Path::new(RECORDED_AT);
+    let _ = std::fs::remove_dir_all(at.join(variant));
+    std::fs::create_dir_all(at).unwrap();
+    let dir = unpack(variant, at);
+    let _cleanup = RemoveOnDrop(dir.clone());
     let run = format!("old-{variant}");
     let store = dir.join("store");
     let (at, done) = dpo_checkpoint(&store, &run);
@@ -117,4 +134,23 @@ fn an_old_store_killed_inside_full_dpo_resumes_and_replays() {
 #[test]
 fn an_old_store_killed_inside_lora_dpo_resumes_and_replays() {
     resume_and_replay("lora");
+}
+
+/// Unpacked elsewhere, the store's recorded files are gone: `tsr resume` refuses before any
+/// work, naming them and the way on (the config where the files are now continues the run).
+#[test]
+fn an_old_store_moved_elsewhere_names_its_missing_files_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = unpack("lora", tmp.path());
+    let before = dpo_checkpoint(&dir.join("store"), "old-lora");
+    let o = tsr_in(&dir, &["resume", "old-lora", "--quiet"], "store");
+    assert!(!o.status.success(), "resume: {}", text(&o));
+    let msg = text(&o);
+    assert!(
+        msg.contains(&format!("prompts.file = {RECORDED_AT}/lora/prompts.jsonl"))
+            && msg.contains(&format!("model.source = {RECORDED_AT}/lora/tiny"))
+            && msg.contains("tsr run CONFIG"),
+        "resume: {msg}"
+    );
+    assert_eq!(dpo_checkpoint(&dir.join("store"), "old-lora"), before);
 }

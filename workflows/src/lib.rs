@@ -61,6 +61,29 @@ pub fn path_settings(config: &Config) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The files and folders a recorded config (its TOML) names by absolute path that are not there
+/// now, `(key, path)` in key order: what a run started elsewhere (a moved project, a store
+/// copied to another machine) no longer finds. Read without validating, which would stop at the
+/// first missing one.
+pub fn missing_paths(config_toml: &str) -> Vec<(String, String)> {
+    let Ok(value) = config_toml.parse::<toml::Value>() else {
+        return Vec::new();
+    };
+    PATH_KEYS
+        .iter()
+        .filter(|k| !["store", "device", "remote", "remote_sync"].contains(k))
+        .filter_map(|k| {
+            let mut v = &value;
+            for part in k.split('.') {
+                v = v.get(part)?;
+            }
+            let s = v.as_str()?;
+            let p = std::path::Path::new(s);
+            (p.is_absolute() && !p.exists()).then(|| (k.to_string(), s.to_string()))
+        })
+        .collect()
+}
+
 const PATH_KEYS: &[&str] = &[
     "store",
     "device",
