@@ -16,6 +16,10 @@ use std::process::Command;
 /// Where `scripts/old_store_golden.sh` makes the stores: their runs' files are recorded there.
 const RECORDED_AT: &str = "/tmp/tsr-old-store";
 
+/// Held by each test for its whole length: they use the same folder under [`RECORDED_AT`] (one
+/// resumes there, one needs it absent).
+static RECORDED_AT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Unpack the fixture `variant` into `into` and return its folder.
 fn unpack(variant: &str, into: &Path) -> PathBuf {
     let tar = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -93,6 +97,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn resume_and_replay(variant: &str) {
+    let _lock = RECORDED_AT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let at = Path::new(RECORDED_AT);
     let _ = std::fs::remove_dir_all(at.join(variant));
     std::fs::create_dir_all(at).unwrap();
@@ -140,6 +145,8 @@ fn an_old_store_killed_inside_lora_dpo_resumes_and_replays() {
 /// work, naming them and the way on (the config where the files are now continues the run).
 #[test]
 fn an_old_store_moved_elsewhere_names_its_missing_files_on_resume() {
+    let _lock = RECORDED_AT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = std::fs::remove_dir_all(Path::new(RECORDED_AT).join("lora"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = unpack("lora", tmp.path());
     let before = dpo_checkpoint(&dir.join("store"), "old-lora");
