@@ -22,7 +22,8 @@ const ROW_BLOCK: usize = 64;
 /// Elements per task of the elementwise kernels.
 const CHUNK: usize = 1 << 14;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU input, or an error naming `op`.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: f32 only");
     };
@@ -39,7 +40,7 @@ fn cpu_f32(ts: &[&Tensor]) -> bool {
 
 /// Sum of `a[i] * b[i]` in eight lanes, then the lanes in order: a fixed order for a row.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

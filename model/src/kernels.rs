@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fused::{dot, slice};
+
 /// `exp(x)` for `x <= 0` to about 2e-7 relative error, branch-free so loops vectorise: range
 /// reduction `x = n ln2 + r`, degree-6 Taylor polynomial on `|r| <= ln2/2`, `2^n` built from
 /// exponent bits. Inputs below -87 give ~0 (as `expf` underflows).
@@ -122,13 +124,7 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("softmax-bwd: f32 only");
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax-bwd: contiguous inputs only");
-        };
+        let (p, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         if l1.dims() != l2.dims() {
             candle_core::bail!(
                 "softmax-bwd: result {:?} and gradient {:?} differ",
@@ -136,7 +132,6 @@ impl CustomOp2 for SoftmaxBwd {
                 l2.dims()
             );
         }
-        let (p, g) = (&p[p0..p1], &g[g0..g1]);
         let s = l1.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; p.len()];
         out.par_chunks_mut(s)
@@ -257,19 +252,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in scores.iter_mut().enumerate() {
                         let kr = &k[base + j * d..base + (j + 1) * d];
-                        let mut acc = [0f32; 8];
-                        let (qc, kc) = (qr.chunks_exact(8), kr.chunks_exact(8));
-                        let (qt, kt) = (qc.remainder(), kc.remainder());
-                        for (a8, b8) in qc.zip(kc) {
-                            for l in 0..8 {
-                                acc[l] += a8[l] * b8[l];
-                            }
-                        }
-                        let mut dot = acc.iter().sum::<f32>();
-                        for (x, y) in qt.iter().zip(kt) {
-                            dot += x * y;
-                        }
-                        *sc = dot + mask[j];
+                        *sc = dot(qr, kr) + mask[j];
                         max = max.max(*sc);
                     }
                     let mut sum = 0f32;
