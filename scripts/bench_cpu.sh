@@ -35,8 +35,11 @@ gguf=$(scripts/fetch-model.sh)
 cargo build --release --quiet --bin tsr
 cargo build --release --quiet -p tsr-steps --example bench_dpo
 tsr=target/release/tsr
-threads=${RAYON_NUM_THREADS:-$("$tsr" bench --only bounds 2>&1 | sed -n 's/^bounds (\([0-9]*\) threads).*/\1/p' | head -1)}
-threads=${threads:-$(nproc)}
+# The bounds, measured with tsr's own thread count (RAYON_NUM_THREADS if set), which every
+# side then uses.
+"$tsr" bench --only bounds >"$out/bounds.txt" 2>&1
+threads=$(sed -n 's/^bounds (\([0-9]*\) threads).*/\1/p' "$out/bounds.txt" | head -1)
+[ -n "$threads" ] || { echo "bench_cpu: tsr bench --only bounds gave no thread count (see $out/bounds.txt)" >&2; exit 1; }
 export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 
 f32=$cache/bench-cpu/$(basename "$gguf" .gguf).F32.gguf
@@ -45,7 +48,6 @@ f32=$cache/bench-cpu/$(basename "$gguf" .gguf).F32.gguf
 hf=$out/hf-model
 [ -s "$hf/model.safetensors" ] || "$tsr" export-model --model "$gguf" --out "$hf" --force >/dev/null
 
-"$tsr" bench --only bounds >"$out/bounds.txt" 2>&1
 for r in $(seq "$rounds"); do
   echo "bench_cpu: round $r of $rounds" >&2
   for b in 16 1; do

@@ -4,7 +4,7 @@
 //! default thresholds return them to the kernel each time, so the next op faults in pages the
 //! kernel must zero first (about 0.5 GB/s on the test VM). Keeping freed memory in the heap
 //! made a DPO step of SmolLM2-135M go from ~7 s to ~3.7 s (CANDLE.md), and turning off the
-//! last two ways memory still went back per step from ~3.3 s to ~2.9 s (BENCHMARKS.md).
+//! last two ways memory still went back per step from ~3.4 s to ~2.9 s (BENCHMARKS.md).
 
 /// Keeps freed memory in the process for reuse: no buffer is mapped on its own (`M_MMAP_MAX`
 /// 0; glibc still maps when the heap cannot grow), and the heap's top is never trimmed

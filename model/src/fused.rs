@@ -81,7 +81,7 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let d = w.len();
-        if l1.dims().last() != Some(&d) || l2.dims().len() != 1 {
+        if d == 0 || l1.dims().last() != Some(&d) || l2.dims().len() != 1 {
             candle_core::bail!(
                 "rms-norm: input {:?} and weight {:?} do not fit",
                 l1.dims(),
@@ -338,8 +338,7 @@ impl CustomOp3 for Rope {
         let [cb, ct, half] = l2.dims()[..] else {
             candle_core::bail!("rope: tables must be [B, T, D/2], got {:?}", l2.dims());
         };
-        if d % 2 != 0 || half * 2 != d || ct != t || !(cb == b || cb == 1) || l3.dims() != l2.dims()
-        {
+        if d == 0 || half * 2 != d || ct != t || !(cb == b || cb == 1) || l3.dims() != l2.dims() {
             candle_core::bail!(
                 "rope: input {:?} and tables {:?}, {:?} do not fit",
                 l1.dims(),

@@ -53,16 +53,17 @@ pub fn run_spec(config: &Config, forked_from: Option<String>) -> RunSpec {
 pub fn path_settings(config: &Config) -> BTreeMap<String, String> {
     let mut all = BTreeMap::new();
     config::flatten("", &config.to_value(), &mut all);
-    all.into_iter()
-        .filter(|(k, _)| {
-            PATH_KEYS.contains(&k.as_str())
-                && !["store", "device", "remote", "remote_sync"].contains(&k.as_str())
-        })
-        .collect()
+    all.into_iter().filter(|(k, _)| names_an_input(k)).collect()
+}
+
+/// Whether a dotted key names one of a run's input files or folders: a path key other than
+/// where the run is kept and computed (`store`, `device`, `remote`, `remote_sync`).
+fn names_an_input(key: &str) -> bool {
+    PATH_KEYS.contains(&key) && !["store", "device", "remote", "remote_sync"].contains(&key)
 }
 
 /// The files and folders a recorded config (its TOML) names by absolute path that are not there
-/// now, `(key, path)` in key order: what a run started elsewhere (a moved project, a store
+/// now, `(key, path)`: what a run started elsewhere (a moved project, a store
 /// copied to another machine) no longer finds. Read without validating, which would stop at the
 /// first missing one.
 pub fn missing_paths(config_toml: &str) -> Vec<(String, String)> {
@@ -71,7 +72,7 @@ pub fn missing_paths(config_toml: &str) -> Vec<(String, String)> {
     };
     PATH_KEYS
         .iter()
-        .filter(|k| !["store", "device", "remote", "remote_sync"].contains(k))
+        .filter(|k| names_an_input(k))
         .filter_map(|k| {
             let mut v = &value;
             for part in k.split('.') {
