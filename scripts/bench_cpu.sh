@@ -8,16 +8,19 @@
 #   scripts/busy.sh -n 1 scripts/bench_cpu.sh      # the same beside one busy core
 #
 # Measures (SmolLM2-135M-Instruct, f32, the default GGUF's weights on both sides):
-#   generation, greedy, 64-token prompts, 128 new tokens, end-of-turn ignored, batch 16 and 1:
+#   generation, 64-token prompts, 128 new tokens, end-of-turn ignored: greedy at batch 16 and 1,
+#     and sampled (temperature 0.7, top-p 0.9, as workflows sample) at batch 16:
 #     `tsr bench --only generate` against llama.cpp (scripts/bench_llama_cpp.py: llama-cpp-python
 #     as pinned in scripts/requirements-llama-server.txt, built by scripts/test.sh for this CPU,
 #     reading an F32 GGUF that llama.cpp's own quantize API makes from the default GGUF);
+#   prefill of judge-length prompts: 4 rows of 512 tokens and one new token, as prompt tokens
+#     per second, against llama.cpp's prompt processing;
 #   a full DPO step and a LoRA r16 step, 64+64 and 128+128 tokens, reference log-probs
 #     precomputed: the `bench_dpo` example against PyTorch + transformers and PEFT
 #     (scripts/bench_lora_torch.py, the pinned venv of scripts/requirements-hf-golden.txt,
 #     several GB on first use) reading `tsr export-model` of the same GGUF.
 # Threads: RAYON_NUM_THREADS for tsr, the same number for llama.cpp and torch (default: the
-# physical cores tsr would use). Out of CI: it takes about 12 minutes on 2 cores.
+# physical cores tsr would use). Out of CI: it takes about 14 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -51,10 +54,16 @@ hf=$out/hf-model
 for r in $(seq "$rounds"); do
   echo "bench_cpu: round $r of $rounds" >&2
   for b in 16 1; do
-    "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch "$b" \
-      --prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-gen$b.txt" 2>&1
+    "$tsr" bench --only generate --temperature 0 --ignore-end-of-turn --model "$gguf" --gen-batch "$b" \
+      --gen-prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-gen$b.txt" 2>&1
     "$lcpp" scripts/bench_llama_cpp.py generate "$f32" "$b" 64 128 "$threads" >"$out/r$r-lcpp-gen$b.txt" 2>&1
   done
+  "$tsr" bench --only generate --temperature 0.7 --top-p 0.9 --ignore-end-of-turn --model "$gguf" \
+    --gen-batch 16 --gen-prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-sample.txt" 2>&1
+  "$lcpp" scripts/bench_llama_cpp.py generate "$f32" 16 64 128 "$threads" 0.7 0.9 >"$out/r$r-lcpp-sample.txt" 2>&1
+  "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch 4 \
+    --gen-prompt-tokens 512 --gen-new-tokens 1 >"$out/r$r-tsr-prefill.txt" 2>&1
+  "$lcpp" scripts/bench_llama_cpp.py generate "$f32" 4 512 1 "$threads" >"$out/r$r-lcpp-prefill.txt" 2>&1
   target/release/examples/bench_dpo "$gguf" 4 >"$out/r$r-tsr-full.txt" 2>&1
   "$torchpy" scripts/bench_lora_torch.py "$hf" full 4 >"$out/r$r-torch-full.txt" 2>&1
   target/release/examples/bench_dpo "$gguf" 4 r=16,alpha=32 >"$out/r$r-tsr-lora.txt" 2>&1
@@ -65,21 +74,29 @@ python3 - "$out" "$rounds" "$threads" <<'PY'
 import re, statistics, sys, pathlib, platform, datetime
 out, rounds, threads = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
-def grab(name, pattern):
+def grab(name, pattern, f=float):
     vals = []
     for r in range(1, rounds + 1):
         text = (out / f"r{r}-{name}.txt").read_text()
         m = re.search(pattern, text)
         if not m:
             sys.exit(f"bench_cpu: no result in {out}/r{r}-{name}.txt")
-        vals.append(float(m.group(1)))
+        vals.append(f(m.group(1)))
     return vals
+
+prompt_tps = lambda secs: 4 * 512 / float(secs)
 
 rows = []
 for b in (16, 1):
     rows.append((f"generation, batch {b}, tok/s (higher is better)", "llama.cpp",
                  grab(f"tsr-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
                  grab(f"lcpp-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
+rows.append(("generation, batch 16, sampled (T 0.7, top-p 0.9), tok/s (higher is better)", "llama.cpp",
+             grab("tsr-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
+             grab("lcpp-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
+rows.append(("prefill, 4 x 512-token prompts, prompt tok/s (higher is better)", "llama.cpp",
+             grab("tsr-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps),
+             grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))
 for mode, peer in (("full", "PyTorch"), ("lora", "PEFT")):
     for p in (64, 128):
         rows.append((f"{'full DPO' if mode == 'full' else 'LoRA r16'} step, {p}+{p}, s (lower is better)", peer,

@@ -6,11 +6,13 @@ scripts/requirements-llama-server.txt, built from its sources for this machine's
         DST with every tensor in F32 (or F16, norms stay F32), made by llama.cpp's own
         quantize API from SRC (the default Q4_1 GGUF): the same weights tsr computes with.
 
-    python scripts/bench_llama_cpp.py generate MODEL.gguf BATCH PROMPT NEW THREADS
-        What `tsr bench --only generate --temperature 0` measures: BATCH rows of the same
-        PROMPT-token prompt (tsr's bench text), one prefill of all rows, then greedy decoding of
-        NEW tokens per row in batched decode steps, end-of-turn ignored, so both sides make
-        BATCH x NEW tokens; prints `RESULT ... new tok/s`, prefill included.
+    python scripts/bench_llama_cpp.py generate MODEL.gguf BATCH PROMPT NEW THREADS [TEMP TOP_P]
+        What `tsr bench --only generate --ignore-end-of-turn` measures: BATCH rows of the same
+        PROMPT-token prompt (tsr's bench text), one prefill of all rows, then decoding of NEW
+        tokens per row in batched decode steps, end-of-turn ignored, so both sides make
+        BATCH x NEW tokens; prints `RESULT ... new tok/s`, prefill included. Greedy, or with
+        TEMP and TOP_P sampled by llama.cpp's own sampler chain (temperature, top-p, then a
+        draw; one chain per row). NEW = 1 measures the prefill (prompt processing).
 """
 import ctypes
 import sys
@@ -20,7 +22,7 @@ import llama_cpp as L
 import numpy as np
 
 TEXT = ("Write a long story about a brave knight who travels across the kingdom to find "
-        "a dragon, and describe every village, river and mountain on the way. ") * 8
+        "a dragon, and describe every village, river and mountain on the way. ") * 24
 
 
 def convert(src, dst, kind):
@@ -33,7 +35,7 @@ def convert(src, dst, kind):
         sys.exit(f"bench_llama_cpp: llama.cpp could not convert {src} to {kind} (code {rc})")
 
 
-def generate(path, batch, prompt, new, threads):
+def generate(path, batch, prompt, new, threads, temp=None, top_p=None):
     L.llama_backend_init()
     model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
     if not model:
@@ -76,16 +78,28 @@ def generate(path, batch, prompt, new, threads):
     def argmax(i):
         return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
 
+    chains = []
+    if temp is not None:
+        for r in range(batch):
+            c = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            L.llama_sampler_chain_add(c, L.llama_sampler_init_temp(temp))
+            L.llama_sampler_chain_add(c, L.llama_sampler_init_top_p(top_p, 1))
+            L.llama_sampler_chain_add(c, L.llama_sampler_init_dist(r))
+            chains.append(c)
+
+    def pick(r, i):
+        return L.llama_sampler_sample(chains[r], ctx, i) if chains else argmax(i)
+
     def run(rows, steps):
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         fill([(t, j, r, j == prompt - 1) for r in range(rows) for j, t in enumerate(ids)])
         decode()
-        nxt = [argmax(r * prompt + prompt - 1) for r in range(rows)]
+        nxt = [pick(r, r * prompt + prompt - 1) for r in range(rows)]
         made = rows
         for s in range(steps - 1):
             fill([(nxt[r], prompt + s, r, True) for r in range(rows)])
             decode()
-            nxt = [argmax(r) for r in range(rows)]
+            nxt = [pick(r, r) for r in range(rows)]
             made += rows
         return made
 
@@ -93,8 +107,11 @@ def generate(path, batch, prompt, new, threads):
     t = time.perf_counter()
     made = run(batch, new)
     dt = time.perf_counter() - t
+    how = "greedy" if temp is None else f"temperature {temp}, top-p {top_p}"
     print(f"RESULT generate batch {batch}: {made / dt:.1f} new tok/s ({made} tokens in {dt:.2f} s, "
-          f"prefill included; {prompt}-token prompts, {new} new, greedy; {threads} threads)")
+          f"prefill included; {prompt}-token prompts, {new} new, {how}; {threads} threads)")
+    for c in chains:
+        L.llama_sampler_free(c)
     L.llama_batch_free(lb)
     L.llama_free(ctx)
     L.llama_model_free(model)
@@ -105,6 +122,8 @@ def main():
         convert(sys.argv[2], sys.argv[3], sys.argv[4])
     elif len(sys.argv) == 7 and sys.argv[1] == "generate":
         generate(sys.argv[2], *(int(a) for a in sys.argv[3:7]))
+    elif len(sys.argv) == 9 and sys.argv[1] == "generate":
+        generate(sys.argv[2], *(int(a) for a in sys.argv[3:7]), float(sys.argv[7]), float(sys.argv[8]))
     else:
         sys.exit(__doc__)
 

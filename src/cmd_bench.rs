@@ -66,9 +66,16 @@ pub struct BenchArgs {
     pub gen_prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub gen_new_tokens: usize,
-    /// Sampling temperature (softmax sampling, no top-p / top-k).
+    /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Every row makes all its --gen-new-tokens: end-of-turn tokens count as ordinary tokens
+    /// (what llama.cpp's batched benchmark does).
+    #[arg(long)]
+    pub ignore_end_of_turn: bool,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
     /// dense peak; no default on CPU, where MFU is then not printed).
     #[arg(long)]
@@ -80,6 +87,9 @@ fn default_gguf() -> Option<PathBuf> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        bail!("--top-p {p}: must be above 0 and at most 1");
+    }
     let device = parse_device(&a.device)?;
     let cuda = !device.is_cpu();
     let dtype = match a.dtype {
@@ -207,7 +217,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     if a.only != Some(BenchWhat::Dpo) {
         let sampling = Sampling::Sample {
             temperature: a.temperature,
-            top_p: None,
+            top_p: a.top_p,
             top_k: None,
         };
         let res = bench_generate(
@@ -216,18 +226,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             a.gen_prompt_tokens,
             a.gen_new_tokens,
             sampling,
+            a.ignore_end_of_turn,
         )?;
         say!(
             "RESULT generate batch {gen_batch}: {:.1} new tok/s ({} tokens in {:.2} s, prefill \
              included; {} of {gen_batch} rows stopped early at end-of-turn; {}-token prompts, <= {} new, \
-             temperature {})",
+             temperature {}{})",
             res.tokens_per_s,
             res.new_tokens,
             res.seconds,
             res.stopped_early,
             a.gen_prompt_tokens,
             a.gen_new_tokens,
-            a.temperature
+            a.temperature,
+            a.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default()
         );
         if let Some(b) = &bounds {
             // A decode step reads every weight once and does 2 FLOP per weight per row: its

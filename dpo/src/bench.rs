@@ -154,8 +154,11 @@ mod tests {
             top_p: None,
             top_k: None,
         };
-        let g = tsr_model::bench::bench_generate(&m, 3, 12, 5, sampling).unwrap();
+        let g = tsr_model::bench::bench_generate(&m, 3, 12, 5, sampling.clone(), false).unwrap();
         assert!(g.new_tokens >= 3 && g.new_tokens <= 15, "{g:?}");
+        // Ignoring the end of turn, every row makes all its tokens.
+        let g = tsr_model::bench::bench_generate(&m, 3, 12, 5, sampling, true).unwrap();
+        assert_eq!((g.new_tokens, g.stopped_early), (15, 0), "{g:?}");
         assert_eq!(tsr_model::bench::prompt_ids(&m, 12).unwrap().len(), 12);
         assert!(tsr_model::bench::prompt_ids(&m, 3).is_err());
     }

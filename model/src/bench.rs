@@ -138,7 +138,7 @@ pub struct GenBench {
 pub fn prompt_ids(model: &LanguageModel, len: usize) -> Result<Vec<u32>, ModelError> {
     let text = "Write a long story about a brave knight who travels across the kingdom to find \
                 a dragon, and describe every village, river and mountain on the way. "
-        .repeat(8);
+        .repeat(24);
     let ids = model.tokenizer().encode_prompt(&text)?;
     if len < 4 || ids.len() < len {
         return Err(ModelError::InvalidRequest(format!(
@@ -158,6 +158,7 @@ pub fn bench_generate(
     prompt: usize,
     max_new: usize,
     sampling: Sampling,
+    ignore_end_of_turn: bool,
 ) -> Result<GenBench, ModelError> {
     let ids = prompt_ids(model, prompt)?;
     let reqs = |n: usize| -> Vec<GenRequest> {
@@ -174,7 +175,11 @@ pub fn bench_generate(
     let dev = model.device();
     dev.synchronize()?;
     let t = Instant::now();
-    let out = model.generate(&reqs(max_new), batch)?;
+    let out = if ignore_end_of_turn {
+        model.generate_ignoring_end_of_turn(&reqs(max_new), batch)?
+    } else {
+        model.generate(&reqs(max_new), batch)?
+    };
     dev.synchronize()?;
     let seconds = t.elapsed().as_secs_f64();
     let new_tokens: usize = out

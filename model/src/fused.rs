@@ -38,6 +38,81 @@ fn cpu_f32(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Whether this CPU runs the kernels' wide-vector builds ([`simd!`]): AVX-512F, else AVX2.
+/// Checked once.
+pub(crate) fn wide_simd() -> Simd {
+    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Base
+    })
+}
+
+/// The vector width a kernel's loops are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    Avx512,
+    Avx2,
+    Base,
+}
+
+/// Runs `f` compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Runs `f` compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `simd!(wide_simd(), expr)`: evaluates `expr` (calls to `#[inline(always)]` kernels) in a
+/// function compiled for the widest vectors this CPU has. The kernels are written as explicit
+/// lanes with separate multiplies and adds (Rust never fuses them), so every build computes the
+/// same bits; only the instructions differ.
+macro_rules! simd {
+    ($isa:expr, $e:expr) => {{
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `wide_simd` saw the feature on this CPU.
+            $crate::fused::Simd::Avx512 => unsafe {
+                $crate::fused::on_avx512(
+                    #[inline(always)]
+                    || $e,
+                )
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            $crate::fused::Simd::Avx2 => unsafe {
+                $crate::fused::on_avx2(
+                    #[inline(always)]
+                    || $e,
+                )
+            },
+            _ => $e,
+        }
+    }};
+}
+pub(crate) use simd;
+
 /// Sum of `a[i] * b[i]` in eight lanes, then the lanes in order: a fixed order for a row.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -197,7 +272,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor
 /// `silu(x)` exactly as candle computes it (`x / (1 + exp(-x))`), so a fused SwiGLU gives the
 /// bits of candle's `silu` followed by `mul`.
 #[inline]
-fn silu(v: f32) -> f32 {
+pub(crate) fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 

@@ -10,6 +10,7 @@
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::llama::{attention_mask, KvCache, Rope, Weights};
 use super::{LanguageModel, ModelError};
@@ -168,6 +169,26 @@ impl LanguageModel {
         reqs: &[GenRequest],
         batch_size: usize,
     ) -> Result<Vec<GenOutput>, ModelError> {
+        self.generate_with(reqs, batch_size, true)
+    }
+
+    /// [`Self::generate`] where every row makes its `max_new_tokens`, end-of-turn tokens
+    /// included as ordinary tokens: for benchmarks that compare token throughput with tools
+    /// that ignore the end of turn.
+    pub fn generate_ignoring_end_of_turn(
+        &self,
+        reqs: &[GenRequest],
+        batch_size: usize,
+    ) -> Result<Vec<GenOutput>, ModelError> {
+        self.generate_with(reqs, batch_size, false)
+    }
+
+    fn generate_with(
+        &self,
+        reqs: &[GenRequest],
+        batch_size: usize,
+        stop_at_end_of_turn: bool,
+    ) -> Result<Vec<GenOutput>, ModelError> {
         let vocab = self.config.vocab_size as u32;
         for (i, r) in reqs.iter().enumerate() {
             if r.prompt_ids.is_empty() {
@@ -187,7 +208,7 @@ impl LanguageModel {
         let mut out: Vec<Option<GenOutput>> = vec![None; reqs.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<&GenRequest> = chunk.iter().map(|&i| &reqs[i]).collect();
-            let results = self.generate_batch(&w, &batch)?;
+            let results = self.generate_batch(&w, &batch, stop_at_end_of_turn)?;
             for (&i, r) in chunk.iter().zip(results) {
                 out[i] = Some(r);
             }
@@ -202,18 +223,24 @@ impl LanguageModel {
         &self,
         w: &Weights,
         reqs: &[&GenRequest],
+        stop_at_end_of_turn: bool,
     ) -> Result<Vec<GenOutput>, ModelError> {
-        super::kernels::with_half_native(|| self.generate_batch_inner(w, reqs))
+        super::kernels::with_half_native(|| self.generate_batch_inner(w, reqs, stop_at_end_of_turn))
     }
 
     fn generate_batch_inner(
         &self,
         w: &Weights,
         reqs: &[&GenRequest],
+        stop_at_end_of_turn: bool,
     ) -> Result<Vec<GenOutput>, ModelError> {
         let dev = &self.device;
         let dtype = self.dtype;
-        let stops = self.tokenizer.stop_ids();
+        let stops: &[u32] = if stop_at_end_of_turn {
+            self.tokenizer.stop_ids()
+        } else {
+            &[]
+        };
         let pad_id = self.tokenizer.pad_id();
         let mut rows: Vec<Row> = reqs
             .iter()
@@ -260,21 +287,31 @@ impl LanguageModel {
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec2::<f32>()?;
             loop {
-                for (ci, &ri) in live.iter().enumerate() {
-                    let row = &mut rows[ri];
-                    if row.done.is_some() {
-                        continue;
+                // Each live row picks its next token from its own logits with its own
+                // generator, so the rows pick in parallel. `live` is in increasing order.
+                let mut active: Vec<(&mut Row, &[f32])> = Vec::with_capacity(live.len());
+                let mut next = live.iter().zip(&logits).peekable();
+                for (ri, row) in rows.iter_mut().enumerate() {
+                    if let Some((_, lg)) = next.next_if(|(&l, _)| l == ri) {
+                        active.push((row, lg));
                     }
-                    let t = pick(&logits[ci], &row.req.sampling, &mut row.rng);
+                }
+                debug_assert!(next.peek().is_none(), "live rows are in order");
+                active.par_iter_mut().for_each(|(row, lg)| {
+                    if row.done.is_some() {
+                        return;
+                    }
+                    let t = pick(lg, &row.req.sampling, &mut row.rng);
                     if stops.contains(&t) {
                         row.done = Some(FinishReason::EndOfTurn);
-                        continue;
+                        return;
                     }
                     row.tokens.push(t);
                     if row.tokens.len() >= row.req.max_new_tokens {
                         row.done = Some(FinishReason::MaxTokens);
                     }
-                }
+                });
+                drop(active);
                 let still: Vec<usize> = (0..live.len())
                     .filter(|&ci| rows[live[ci]].done.is_none())
                     .collect();

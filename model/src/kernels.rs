@@ -240,38 +240,61 @@ impl candle_core::CustomOp3 for DecodeAttention {
             );
         }
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(d)
-            .zip(q.par_chunks(d))
+        let wide = super::fused::wide_simd();
+        // One task per batch row and KV head: its `r` query heads share one read of the cache.
+        out.par_chunks_mut(r * d)
+            .zip(q.par_chunks(r * d))
             .enumerate()
             .for_each_init(
-                || vec![0f32; len],
-                |scores, (row, (y, qr))| {
-                    let (bi, gi) = (row / (g * r), (row / r) % g);
-                    let base = (bi * g + gi) * cap * d;
+                || vec![0f32; r * len],
+                |scores, (group, (y, qg))| {
+                    let bi = group / g;
+                    let base = group * cap * d;
+                    let (k, v) = (&k[base..base + len * d], &v[base..base + len * d]);
                     let mask = &self.mask[bi * len..(bi + 1) * len];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        let kr = &k[base + j * d..base + (j + 1) * d];
-                        *sc = dot(qr, kr) + mask[j];
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = exp_neg(*sc - max);
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    y.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let p = p * inv;
-                        let vr = &v[base + j * d..base + (j + 1) * d];
-                        for (yi, vi) in y.iter_mut().zip(vr) {
-                            *yi += p * vi;
-                        }
-                    }
+                    super::fused::simd!(wide, attend_group(qg, k, v, mask, scores, y));
                 },
             );
         Ok((CpuStorage::F32(out), lq.shape().clone()))
+    }
+}
+
+/// The attention of the query rows `qg [R, D]` that share one KV head, over `len` cached keys
+/// and values (`k`, `v`: `[len, D]`), into `y [R, D]`. Each row's arithmetic is that of a row
+/// alone (its scores, their softmax, then the weighted values in key order); the rows only share
+/// the reads.
+#[inline(always)]
+fn attend_group(qg: &[f32], k: &[f32], v: &[f32], mask: &[f32], scores: &mut [f32], y: &mut [f32]) {
+    let len = mask.len();
+    let d = k.len() / len.max(1);
+    let r = qg.len() / d.max(1);
+    for j in 0..len {
+        let kr = &k[j * d..(j + 1) * d];
+        for i in 0..r {
+            scores[i * len + j] = dot(&qg[i * d..(i + 1) * d], kr) + mask[j];
+        }
+    }
+    for sc in scores.chunks_mut(len) {
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = exp_neg(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in sc.iter_mut() {
+            *x *= inv;
+        }
+    }
+    y.fill(0.0);
+    for j in 0..len {
+        let vr = &v[j * d..(j + 1) * d];
+        for i in 0..r {
+            let p = scores[i * len + j];
+            for (yi, vi) in y[i * d..(i + 1) * d].iter_mut().zip(vr) {
+                *yi += p * vi;
+            }
+        }
     }
 }
 
@@ -362,7 +385,9 @@ thread_local! {
 
 /// Runs `f` with products against half-precision weights computed in their precision (what
 /// generation does: casting every weight for each new token would cost more than the
-/// products). Scoring and training, whose numbers must agree with each other, cast instead.
+/// products), and f32 products of few rows by [`super::skinny`]'s kernel, which has no
+/// backward. Scoring and training, whose numbers must agree with each other, cast instead and
+/// use gemm.
 pub(crate) fn with_half_native<R>(f: impl FnOnce() -> R) -> R {
     /// Restores the flag also when `f` panics (the thread may run another step after).
     struct Restore(bool);
@@ -375,6 +400,12 @@ pub(crate) fn with_half_native<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this thread is generating (inside [`with_half_native`]): products of few rows may
+/// then use [`super::skinny`]'s kernels, which have no backward.
+pub(crate) fn generating() -> bool {
+    HALF_NATIVE.with(|c| c.get())
+}
+
 /// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation. A weight in
 /// another dtype than `x` (a frozen half-precision base) is cast to `x`'s dtype for the product,
 /// or inside [`with_half_native`] `x` is cast to the weight's; the result has `x`'s dtype.
@@ -385,6 +416,12 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         } else {
             matmul_wt(x, &w.to_dtype(x.dtype())?)
         };
+    }
+    if generating() {
+        // A decode step's few rows: the kernel that reads the weight once (no backward).
+        if let Some(y) = super::skinny::matmul_wt(x, w)? {
+            return Ok(y);
+        }
     }
     if x.dim(0)? <= SMALL_M {
         w.matmul(&x.t()?)?.t()
@@ -481,6 +518,35 @@ mod tests {
         assert!(max(p, p0) < 1e-6);
         let d = max(dx, dx0);
         assert!(d < 1e-5, "gradient differs by {d}");
+    }
+
+    /// The wide-vector builds of the decode attention give the portable build's bits.
+    #[test]
+    fn decode_attention_builds_agree_bit_for_bit() {
+        use super::super::fused::{simd, wide_simd, Simd};
+        let (r, d, len) = (3, 20, 37);
+        let f = |n: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.37 + s).sin()).collect()
+        };
+        let (q, k, v) = (f(r * d, 0.1), f(len * d, 0.2), f(len * d, 0.3));
+        let mask: Vec<f32> = (0..len).map(|j| if j < 5 { -1e9 } else { 0.0 }).collect();
+        let run = |isa: Simd| {
+            let (mut sc, mut y) = (vec![0f32; r * len], vec![0f32; r * d]);
+            simd!(isa, attend_group(&q, &k, &v, &mask, &mut sc, &mut y));
+            y
+        };
+        let base = run(Simd::Base);
+        let wide = run(wide_simd());
+        assert!(base
+            .iter()
+            .zip(&wide)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Each row equals that row attended alone.
+        for i in 0..r {
+            let (mut sc, mut y) = (vec![0f32; len], vec![0f32; d]);
+            attend_group(&q[i * d..(i + 1) * d], &k, &v, &mask, &mut sc, &mut y);
+            assert_eq!(y, base[i * d..(i + 1) * d]);
+        }
     }
 
     /// The fused decode attention against candle's ops on random inputs: grouped KV heads,

@@ -36,6 +36,7 @@ pub mod projection;
 pub mod rope;
 mod save;
 mod score;
+mod skinny;
 pub mod testing;
 pub mod tokenizer;
 

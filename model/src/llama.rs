@@ -20,6 +20,7 @@ use super::config::Config;
 use super::fused;
 use super::kernels::{self, matmul_wt};
 use super::projection::Proj;
+use super::skinny;
 use super::ModelError;
 
 /// One linear projection of a block: its weight `[out, in]`, optional bias, optional LoRA
@@ -38,6 +39,11 @@ pub(crate) struct Projection {
 }
 
 impl Projection {
+    /// A weight and maybe a bias, nothing else: no adapter, no dropout, not frozen under one.
+    fn plain(&self) -> bool {
+        self.lora.is_none() && self.dropout.is_none() && !self.frozen
+    }
+
     /// `x W^T (+ b)`, plus the LoRA update `scale * (x A^T) B^T` when it has factors.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.frozen {
@@ -369,6 +375,44 @@ impl Weights {
         }
     }
 
+    /// The query, key and value projections of `x [B, T, hidden]`; while generating, few rows
+    /// of plain projections in one pass of [`skinny`]'s kernel.
+    fn qkv(&self, a: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let ps = [&a.q, &a.k, &a.v];
+        if !self.differentiable && kernels::generating() && ps.iter().all(|p| p.plain()) {
+            let (b, t, i) = x.dims3()?;
+            let ws = ps.map(|p| &p.weight);
+            if let Some(ys) = skinny::matmul_wt_many(&x.reshape((b * t, i))?, &ws)? {
+                let mut out = Vec::with_capacity(3);
+                for (y, p) in ys.into_iter().zip(ps) {
+                    let y = match &p.bias {
+                        Some(bias) => y.broadcast_add(bias)?,
+                        None => y,
+                    };
+                    out.push(y.reshape((b, t, ()))?);
+                }
+                let [q, k, v] = <[Tensor; 3]>::try_from(out).expect("three projections");
+                return Ok((q, k, v));
+            }
+        }
+        Ok((a.q.forward(x)?, a.k.forward(x)?, a.v.forward(x)?))
+    }
+
+    /// The feed-forward block of `x [B, T, hidden]`; while generating, few rows of plain
+    /// projections have their gate, up and SwiGLU in one pass of [`skinny`]'s kernel.
+    fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let plain = |p: &Projection| p.plain() && p.bias.is_none();
+        if !self.differentiable && kernels::generating() && plain(&m.gate) && plain(&m.up) {
+            let (b, t, i) = x.dims3()?;
+            if let Some(h) =
+                skinny::swiglu_wt(&x.reshape((b * t, i))?, &m.gate.weight, &m.up.weight)?
+            {
+                return m.down.forward(&h.reshape((b, t, ()))?);
+            }
+        }
+        m.forward(x)
+    }
+
     /// `softmax(scores + mask)` over the keys.
     fn masked_softmax(&self, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
         kernels::masked_softmax(scores, mask, self.differentiable)
@@ -393,9 +437,10 @@ impl Weights {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(l.attn.q.forward(x)?, nh)?;
-        let k = heads(l.attn.k.forward(x)?, nkv)?;
-        let v = heads(l.attn.v.forward(x)?, nkv)?;
+        let (q, k, v) = self.qkv(&l.attn, x)?;
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = heads(v, nkv)?;
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         // A decode step (one new token per row) on the CPU: the fused kernel.
@@ -464,7 +509,7 @@ impl Weights {
             let a = self.attention(l, &h, rope, mask, kv)?;
             x = (x + a)?;
             let h = self.rms_norm(&x, &l.mlp_norm)?;
-            x = (&x + l.mlp.forward(&h)?)?;
+            x = (&x + self.mlp(&l.mlp, &h)?)?;
         }
         if let Some(c) = cache.as_mut() {
             c.len += t;

@@ -83,15 +83,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..steps {
             let s = Instant::now();
             let cpu0 = cpu_s();
+            let faults0 = tsr_model::bench::minor_faults();
             let mut fresh = pair.clone();
             reference_logps(&reference, std::slice::from_mut(&mut fresh), 1)?;
             let ref_s = s.elapsed().as_secs_f64();
             let m = t.step()?.metrics;
             let total = s.elapsed().as_secs_f64();
             let cpu = cpu_s() - cpu0;
+            let fresh_mb = match (faults0, tsr_model::bench::minor_faults()) {
+                (Some(a), Some(b)) => format!("{:.0} MB", (b - a) as f64 * 4096.0 / 1e6),
+                _ => "unknown".into(),
+            };
             println!(
                 "{p}+{r} step {i}: {total:.2} s (reference {ref_s:.2} s, policy fwd/bwd + AdamW {:.2} s; \
-                 {:.2} cores busy), loss {:.6}, grad norm {:.4}",
+                 {:.2} cores busy; fresh pages {fresh_mb}), loss {:.6}, grad norm {:.4}",
                 total - ref_s,
                 cpu / total,
                 m.loss,

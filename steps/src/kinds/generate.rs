@@ -25,7 +25,8 @@ impl Step for Generate {
         "generate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: decode steps on the CPU use tsr's own few-row matmul and attention kernels.
+        2
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()

@@ -70,7 +70,8 @@ impl Step for MetaJudge {
         "meta-judge"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: decode steps on the CPU use tsr's own few-row matmul and attention kernels.
+        2
     }
     fn config(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap()
