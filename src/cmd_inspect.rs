@@ -76,6 +76,16 @@ fn config_of(store: &Store, run: &str) -> anyhow::Result<Config> {
     )?)
 }
 
+/// A run's graph, to show it: its recorded config, whose files need not be here.
+fn recorded_dag(store: &Store, run: &str) -> anyhow::Result<tsr_engine::Dag> {
+    let rec = store.run(run)?;
+    let config = Config::from_recorded(
+        &rec.config_toml,
+        Path::new(&format!("run `{run}` (stored)")),
+    )?;
+    Ok(tsr_workflows::build_recorded(&config)?)
+}
+
 fn print_status(view: &RunStatusView) {
     println!(
         "run {} ({}): {}{}",
@@ -135,8 +145,7 @@ pub fn status(store_flag: &Option<PathBuf>, a: StatusArgs) -> anyhow::Result<Exi
     let dir = crate::store_dir(store_flag, None);
     let view = match Store::open_existing_nowait(&dir) {
         Ok(store) => {
-            let config = config_of(&store, &a.run)?;
-            let dag = tsr_workflows::build(&config)?;
+            let dag = recorded_dag(&store, &a.run)?;
             let rec = store.run(&a.run)?;
             RunStatusView {
                 run: a.run.clone(),

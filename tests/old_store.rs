@@ -160,4 +160,19 @@ fn an_old_store_moved_elsewhere_names_its_missing_files_on_resume() {
         "resume: {msg}"
     );
     assert_eq!(dpo_checkpoint(&dir.join("store"), "old-lora"), before);
+    // Showing the run needs none of its files: status lists every recorded node's outputs.
+    let shown = outputs(&dir, "old-lora", "store");
+    for node in [
+        "import",
+        "prompts",
+        "iter1/gen-current",
+        "iter1/judge-current",
+    ] {
+        let (_, out) = shown.iter().find(|(n, _)| n == node).expect(node);
+        assert!(
+            out.as_array().is_some_and(|o| !o.is_empty()),
+            "{node} shows no outputs: {out}"
+        );
+    }
+    assert_eq!(dpo_checkpoint(&dir.join("store"), "old-lora"), before);
 }

@@ -30,6 +30,11 @@ fn default_device() -> String {
     "cpu".into()
 }
 
+thread_local! {
+    /// Set while a recorded config is read or its graph built (see [`Config::from_recorded`]).
+    pub(crate) static RECORDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -658,6 +663,24 @@ impl Config {
         Self::from_str_at_dir(text, path, None)
     }
 
+    /// A run's recorded config, read to show the run (status, lineage): validated like any
+    /// config except that the files it names need not exist here, so a store copied to another
+    /// machine or a moved project can still be read. Running or replaying it checks them.
+    pub fn from_recorded(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        RECORDED.with(|r| {
+            let before = r.replace(true);
+            let c = Self::from_str_at_dir(text, path, None);
+            r.set(before);
+            c
+        })
+    }
+
+    /// Whether this thread is reading a recorded config ([`Config::from_recorded`],
+    /// [`crate::build_recorded`]): files it names need not exist.
+    pub(crate) fn reading_recorded() -> bool {
+        RECORDED.with(|r| r.get())
+    }
+
     /// Parse and validate; relative paths (store, model, prompts, template) are taken relative
     /// to `dir` (the config file's folder) and stored absolute, so a stored run does not depend
     /// on where tsr is started.
@@ -998,7 +1021,7 @@ impl Config {
                     "this workflow needs a [prompts] section with `file = ...`".into(),
                 )
             }
-            Some(p) if !p.file.is_file() => {
+            Some(p) if !p.file.is_file() && !Config::reading_recorded() => {
                 return bad(
                     "prompts.file",
                     format!("{} does not exist or is not a file", p.file.display()),

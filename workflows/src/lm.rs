@@ -588,13 +588,22 @@ fn import_model_at(
     adapter: Option<&std::path::Path>,
     dtype: Option<String>,
 ) -> Result<ModelRef, WorkflowError> {
-    let (path, format) = crate::config::ModelSection {
+    let section = crate::config::ModelSection {
         source: source.to_string(),
         adapter: None,
         dtype: None,
-    }
-    .resolve()
-    .map_err(|e| match e {
+    };
+    let resolved = match section.resolve() {
+        // A recorded run whose model folder is not here: its format is known from the path
+        // (a GGUF file, else a folder), which is all the graph needs.
+        Err(_)
+            if crate::Config::reading_recorded() && std::path::Path::new(source).is_absolute() =>
+        {
+            Ok((std::path::PathBuf::from(source), "hf".to_string()))
+        }
+        r => r,
+    };
+    let (path, format) = resolved.map_err(|e| match e {
         crate::ConfigError::Invalid { reason, .. } => crate::ConfigError::Invalid {
             key: key.into(),
             reason,
