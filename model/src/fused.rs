@@ -382,6 +382,19 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         .map(Some)
 }
 
+/// One row of the half-split rotation: `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` (the
+/// bits of candle's CPU `rope`, whose second sum has its terms the other way round).
+#[inline(always)]
+fn rope_row(x: &[f32], c: &[f32], s: &[f32], y: &mut [f32]) {
+    let half = c.len();
+    let (x1, x2) = x.split_at(half);
+    let (y1, y2) = y.split_at_mut(half);
+    for i in 0..half {
+        y1[i] = x1[i] * c[i] - x2[i] * s[i];
+        y2[i] = x2[i] * c[i] + x1[i] * s[i];
+    }
+}
+
 /// Half-split rotary embedding of `x [B, H, T, D]` with tables `cos`, `sin` of `[B or 1, T,
 /// D/2]`: `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin`. Its backward is the same rotation
 /// with `-sin`.
@@ -422,6 +435,7 @@ impl CustomOp3 for Rope {
             );
         }
         let mut y = vec![0f32; x.len()];
+        let wide = wide_simd();
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .enumerate()
@@ -429,12 +443,7 @@ impl CustomOp3 for Rope {
                 let (bi, ti) = (row / (h * t), row % t);
                 let at = ((if cb == 1 { 0 } else { bi }) * t + ti) * half;
                 let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
-                for i in 0..half {
-                    y1[i] = x1[i] * c[i] - x2[i] * s[i];
-                    y2[i] = x2[i] * c[i] + x1[i] * s[i];
-                }
+                simd!(wide, rope_row(x, c, s, y));
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

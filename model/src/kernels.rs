@@ -37,6 +37,28 @@ fn exp_neg(x: f32) -> f32 {
     p * scale
 }
 
+/// `o = softmax(xs + ms)` for one row. The elementwise passes (the mask's add, `exp`, the
+/// scaling) are loops of their own so that they vectorise; the max and the sum stay one
+/// sequential pass each, in order.
+#[inline(always)]
+fn softmax_row(xs: &[f32], ms: &[f32], o: &mut [f32]) {
+    for (oi, (&xi, &mi)) in o.iter_mut().zip(xs.iter().zip(ms)) {
+        *oi = xi + mi;
+    }
+    let max = o.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for oi in o.iter_mut() {
+        *oi = exp_neg(*oi - max);
+    }
+    let mut sum = 0f32;
+    for &oi in o.iter() {
+        sum += oi;
+    }
+    let inv = 1.0 / sum;
+    for oi in o.iter_mut() {
+        *oi *= inv;
+    }
+}
+
 /// Softmax over the last dim of `scores [B, H, R, T, S]` after adding `mask [B, 1, 1, T, S]`.
 struct MaskedSoftmax;
 
@@ -72,26 +94,14 @@ impl CustomOp2 for MaskedSoftmax {
         }
         let mut out = vec![0f32; x.len()];
         let per_batch = h * r * t;
+        let wide = super::fused::wide_simd();
         out.par_chunks_mut(s)
             .zip(x.par_chunks(s))
             .enumerate()
             .for_each(|(row, (o, xs))| {
                 let (bi, ti) = (row / per_batch, row % t);
                 let ms = &m[(bi * t + ti) * s..(bi * t + ti + 1) * s];
-                let mut max = f32::NEG_INFINITY;
-                for (oi, (&xi, &mi)) in o.iter_mut().zip(xs.iter().zip(ms)) {
-                    *oi = xi + mi;
-                    max = max.max(*oi);
-                }
-                let mut sum = 0f32;
-                for oi in o.iter_mut() {
-                    *oi = exp_neg(*oi - max);
-                    sum += *oi;
-                }
-                let inv = 1.0 / sum;
-                for oi in o.iter_mut() {
-                    *oi *= inv;
-                }
+                super::fused::simd!(wide, softmax_row(xs, ms, o));
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -7,8 +7,9 @@
 //!   (RMS norm, rope, SwiGLU in [`super::fused`], the masked softmax in [`super::kernels`]);
 //!   off the CPU, rope, softmax and RMS norm from primitive ops, because candle's fused kernels
 //!   cut the autograd graph without an error (see CANDLE.md);
-//! - inference: candle's fused `rope` and `rms_norm` and this crate's fused masked softmax and
-//!   SwiGLU on detached tensors.
+//! - inference: candle's fused `rms_norm`, this crate's fused rope (the bits of candle's),
+//!   masked softmax and SwiGLU on detached tensors, and while generating [`super::skinny`]'s
+//!   few-row products.
 //!
 //! Grouped-query attention never materialises repeated K/V: the query heads that share a KV
 //! head are folded into the row dimension of one matmul (`[B, KVH, n_rep*T, D]`).
@@ -361,12 +362,13 @@ impl Weights {
         }
     }
 
-    /// Half-split ("NeoX" / HF layout) rotary embedding of `x [B, H, T, D]`.
+    /// Half-split ("NeoX" / HF layout) rotary embedding of `x [B, H, T, D]`: this crate's fused
+    /// kernel on the CPU (the bits of candle's `rope`, faster, with a backward).
     fn rope(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        if let Some(y) = fused::rope(x, &rope.cos, &rope.sin)? {
+            return Ok(y);
+        }
         if self.differentiable {
-            if let Some(y) = fused::rope(x, &rope.cos, &rope.sin)? {
-                return Ok(y);
-            }
             let cos = Tensor::cat(&[&rope.cos, &rope.cos], D::Minus1)?.unsqueeze(1)?;
             let sin = Tensor::cat(&[&rope.sin, &rope.sin], D::Minus1)?.unsqueeze(1)?;
             x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
