@@ -127,6 +127,20 @@ mod x86 {
     const PF_HINT: i32 = _MM_HINT_T1;
     use std::arch::x86_64::*;
 
+    /// Asks for the cache line at `off` of each of the `rows` weight rows from `pf` (none when
+    /// `pf` is null).
+    ///
+    /// # Safety
+    /// `pf` must be null or point to `rows` rows of `k` values.
+    #[inline(always)]
+    unsafe fn prefetch(pf: *const f32, rows: usize, k: usize, off: usize) {
+        if !pf.is_null() {
+            for i in 0..rows {
+                unsafe { _mm_prefetch::<PF_HINT>(pf.add(i * k + off) as *const i8) };
+            }
+        }
+    }
+
     /// The 16 lanes of `v` added by [`reduce`]'s tree.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -154,11 +168,7 @@ mod x86 {
         let full = k / LANES;
         for b in 0..full {
             let off = b * LANES;
-            if !pf.is_null() {
-                for i in 0..pf_rows {
-                    unsafe { _mm_prefetch::<PF_HINT>(pf.add(i * k + off) as *const i8) };
-                }
-            }
+            unsafe { prefetch(pf, pf_rows, k, off) };
             let mut xv = [_mm512_setzero_ps(); XR];
             for (j, v) in xv.iter_mut().enumerate() {
                 *v = unsafe { _mm512_loadu_ps(x.add(j * k + off)) };
@@ -207,11 +217,7 @@ mod x86 {
         let full = k / LANES;
         for b in 0..full {
             let off = b * LANES;
-            if !pf.is_null() {
-                for i in 0..pf_rows {
-                    unsafe { _mm_prefetch::<PF_HINT>(pf.add(i * k + off) as *const i8) };
-                }
-            }
+            unsafe { prefetch(pf, pf_rows, k, off) };
             for h in 0..2 {
                 let mut xv = [_mm256_setzero_ps(); XR];
                 for (j, v) in xv.iter_mut().enumerate() {
@@ -312,33 +318,25 @@ mod x86 {
         }};
     }
 
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn task_avx512(
-        x: &[f32],
-        w: &[f32],
-        k: usize,
-        n: usize,
-        rows: std::ops::Range<usize>,
-        m_rows: usize,
-        y: *mut f32,
-    ) {
-        task_body!(tile512, x, w, k, n, rows, m_rows, y)
+    /// A task's whole loop over its tiles, compiled for one instruction set.
+    macro_rules! task_fn {
+        ($name:ident, $features:literal, $tile:ident) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                x: &[f32],
+                w: &[f32],
+                k: usize,
+                n: usize,
+                rows: std::ops::Range<usize>,
+                m_rows: usize,
+                y: *mut f32,
+            ) {
+                task_body!($tile, x, w, k, n, rows, m_rows, y)
+            }
+        };
     }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn task_avx2(
-        x: &[f32],
-        w: &[f32],
-        k: usize,
-        n: usize,
-        rows: std::ops::Range<usize>,
-        m_rows: usize,
-        y: *mut f32,
-    ) {
-        task_body!(tile256, x, w, k, n, rows, m_rows, y)
-    }
+    task_fn!(task_avx512, "avx512f", tile512);
+    task_fn!(task_avx2, "avx2,fma", tile256);
 }
 
 /// A raw output pointer the tasks share (each writes its own elements).
