@@ -33,6 +33,26 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [
     Ok(&v[a..b])
 }
 
+/// The f32 values of two contiguous CPU inputs of the same shape (`what` names them in the
+/// error), or an error naming `op`.
+pub(crate) fn slice_pair<'a>(
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    op: &str,
+    what: (&str, &str),
+) -> Result<(&'a [f32], &'a [f32])> {
+    if l1.dims() != l2.dims() {
+        candle_core::bail!(
+            "{op}: {} {:?} and {} {:?} differ",
+            what.0,
+            l1.dims(),
+            what.1,
+            l2.dims()
+        );
+    }
+    Ok((slice(s1, l1, op)?, slice(s2, l2, op)?))
+}
+
 fn cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
@@ -291,10 +311,7 @@ impl CustomOp2 for Swiglu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
-        }
+        let (g, u) = slice_pair((s1, l1), (s2, l2), self.name(), ("gate", "up"))?;
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))

@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{dot, slice};
+use super::fused::{dot, slice, slice_pair};
 
 /// `exp(x)` for `x <= 0` to about 2e-7 relative error, branch-free so loops vectorise: range
 /// reduction `x = n ln2 + r`, degree-6 Taylor polynomial on `|r| <= ln2/2`, `2^n` built from
@@ -74,14 +74,7 @@ impl CustomOp2 for MaskedSoftmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(m)) = (s1, s2) else {
-            candle_core::bail!("masked-softmax: f32 only");
-        };
-        let (Some((x0, x1)), Some((m0, m1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("masked-softmax: contiguous inputs only");
-        };
-        let (x, m) = (&x[x0..x1], &m[m0..m1]);
+        let (x, m) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let d = l1.dims();
         let [b, h, r, t, s] = d[..] else {
             candle_core::bail!("masked-softmax: scores must be 5-D, got {d:?}");
@@ -134,14 +127,7 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (p, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "softmax-bwd: result {:?} and gradient {:?} differ",
-                l1.dims(),
-                l2.dims()
-            );
-        }
+        let (p, g) = slice_pair((s1, l1), (s2, l2), self.name(), ("result", "gradient"))?;
         let s = l1.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; p.len()];
         out.par_chunks_mut(s)

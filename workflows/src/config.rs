@@ -32,7 +32,20 @@ fn default_device() -> String {
 
 thread_local! {
     /// Set while a recorded config is read or its graph built (see [`Config::from_recorded`]).
-    pub(crate) static RECORDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static RECORDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as the reading of a recorded run: files its config names need not exist. The
+/// previous state comes back when `f` returns or panics.
+pub(crate) fn as_recorded<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RECORDED.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(RECORDED.with(|r| r.replace(true)));
+    f()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -663,16 +676,11 @@ impl Config {
         Self::from_str_at_dir(text, path, None)
     }
 
-    /// A run's recorded config, read to show the run (status, lineage): validated like any
+    /// A run's recorded config, read to show the run (`tsr status`): validated like any
     /// config except that the files it names need not exist here, so a store copied to another
     /// machine or a moved project can still be read. Running or replaying it checks them.
     pub fn from_recorded(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        RECORDED.with(|r| {
-            let before = r.replace(true);
-            let c = Self::from_str_at_dir(text, path, None);
-            r.set(before);
-            c
-        })
+        as_recorded(|| Self::from_str_at_dir(text, path, None))
     }
 
     /// Whether this thread is reading a recorded config ([`Config::from_recorded`],

@@ -40,12 +40,7 @@ pub fn build(config: &Config) -> Result<Dag, WorkflowError> {
 /// Build the DAG of a recorded run's config ([`Config::from_recorded`]) to show the run: model
 /// files that are not here are taken as what their path says. Not for running it.
 pub fn build_recorded(config: &Config) -> Result<Dag, WorkflowError> {
-    config::RECORDED.with(|r| {
-        let before = r.replace(true);
-        let dag = build(config);
-        r.set(before);
-        dag
-    })
+    config::as_recorded(|| build(config))
 }
 
 /// The engine's view of a run defined by this config.
