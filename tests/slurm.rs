@@ -141,6 +141,14 @@ fn stopped_workers_where(key_of: impl Fn(&[String]) -> Option<String>) -> Vec<St
     out
 }
 
+/// Notes the start of a scenario with the time since the test began (shown with a failure, to
+/// tell which scenario it was in).
+fn phase(n: &str) {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t0 = T0.get_or_init(std::time::Instant::now);
+    eprintln!("scenario {n} starts at {:.0?}", t0.elapsed());
+}
+
 fn signal(pid: i32, sig: i32) {
     // SAFETY: a signal to a worker process of this test's cluster.
     unsafe {
@@ -206,6 +214,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     let want = reference(dir);
     let pausing = pausing_binary(dir);
 
+    phase("1");
     // 1. Tasks killed mid-shard, and one requeued. Each shard of `iter1/gen-current` (6
     // batches, 3 per shard) has a task that stops before its second batch. The first two
     // stopped tasks are SIGKILLed (each delivered a batch: resubmitted without using an
@@ -289,6 +298,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     assert_computed_by(&store, "slurm");
     cluster.wait_idle();
 
+    phase("2");
     // 2. The driver SIGKILLed while both tasks of `iter1/gen-current` run (stopped): the next
     // driver adopts them and submits nothing for that step.
     let cfg = setup(&dir.join("takeover"), &executor(&pausing, ""));
@@ -360,6 +370,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     same(&want, &results(&store));
     cluster.wait_idle();
 
+    phase("3");
     // 3. A worker of another build (a copy of tsr with a byte more) refuses every job: the step
     // fails after its attempts with the worker's own message, and nothing of it stays queued.
     let other = dir.join("tsr-other");
@@ -381,6 +392,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     );
     cluster.wait_idle();
 
+    phase("4");
     // 4. The controller down at the start: refused before anything is recorded.
     cluster.stop_controller();
     let cfg = setup(&dir.join("down"), &executor(&pausing, ""));
@@ -403,6 +415,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     cluster.start_controller(false);
     cluster.wait_idle();
 
+    phase("5");
     // 5. The controller down while tasks run: the driver says so, waits, and goes on when it
     // is back.
     let (mut child, log) = spawn_driver(&cluster, &cfg, &store);
@@ -424,6 +437,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     same(&want, &results(&store));
     cluster.wait_idle();
 
+    phase("6");
     // 6. SIGTERM on the driver leaves its tasks running (exit 75); `tsr cancel` ends them, and
     // the same command then submits what is missing and finishes.
     let cfg = setup(&dir.join("cancel"), &executor(&pausing, ""));
@@ -465,6 +479,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     same(&want, &results(&store));
     cluster.wait_idle();
 
+    phase("7");
     // 7. The node lost (slurmd SIGKILLed) while both tasks run: the controller notices after
     // its SlurmdTimeout and requeues them. One orphaned task goes on and writes its batches
     // late; the other is ended by its PID. When the node is back, the requeued tasks skip
@@ -536,6 +551,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     same(&want, &results(&store));
     cluster.wait_idle();
 
+    phase("8");
     // 8. Through the remote copy (the default under Slurm with a remote): tasks read the inputs
     // through the node cache and hand back results as objects, with the remote's credentials
     // from a file on the node that their script sources. The driver's machine is lost while
@@ -621,6 +637,7 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
     for w in &stopped {
         signal(w.pid, libc::SIGCONT);
     }
+    phase("9");
     // 9. The training job preempted after its first checkpoint (`scontrol requeue`): the task
     // starts again and continues from the checkpoint it left in the remote.
     let (mut requeued, mut to_start) = (String::new(), false);

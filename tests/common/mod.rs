@@ -106,7 +106,10 @@ pub fn wait_event(
     while !event(child) {
         if t0.elapsed() > HUNG {
             let _ = child.kill();
-            panic!("no {what} after {HUNG:?}: the run hangs");
+            panic!(
+                "no {what} after {HUNG:?}: the run hangs{}",
+                slurm::diagnosis()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

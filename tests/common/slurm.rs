@@ -13,6 +13,120 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The folder of the running cluster (one per test binary), for [`diagnosis`].
+static RUNNING: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// What a hung test prints when a cluster runs (empty otherwise): the node and the queue as
+/// Slurm sees them, the ends of the daemons' logs, of the newest driver log and of the tasks'
+/// output, and the state of every worker process. A hang in CI is then explained by its own
+/// log.
+pub fn diagnosis() -> String {
+    let Some(dir) = RUNNING.lock().map(|g| g.clone()).unwrap_or(None) else {
+        return String::new();
+    };
+    let conf = dir.join("slurm.conf");
+    let run = |program: &str, args: &[&str]| -> String {
+        match Command::new(Path::new("/usr/bin").join(program))
+            .args(args)
+            .env("SLURM_CONF", &conf)
+            .output()
+        {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("({program} did not run: {e})\n"),
+        }
+    };
+    let tail = |path: &Path, n: usize| -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let mut out = String::from("\n\n==== the Slurm cluster when the test gave up ====\n");
+    out += &format!(
+        "-- scontrol show node\n{}",
+        run("scontrol", &["-o", "show", "node"])
+    );
+    out += &format!(
+        "-- squeue\n{}",
+        run(
+            "squeue",
+            &["--array", "--states=all", "--format=%i %T %r %N %S"]
+        )
+    );
+    for log in ["slurmctld.log", "slurmd.log"] {
+        out += &format!("-- {log} (end)\n{}\n", tail(&dir.join("log").join(log), 40));
+    }
+    // The newest driver log and task outputs under the test's folder (and a remote exchange's
+    // task outputs in /tmp), newest first.
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = vec![];
+    let mut stack = vec![dir.parent().unwrap_or(&dir).to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "log")
+                && (p.to_string_lossy().ends_with(".driver.log")
+                    || p.parent().is_some_and(|q| q.ends_with("logs")))
+            {
+                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                    logs.push((t, p));
+                }
+            }
+        }
+    }
+    for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("tsr-task-"))
+        {
+            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                logs.push((t, p));
+            }
+        }
+    }
+    logs.sort();
+    logs.reverse();
+    if let Some((_, p)) = logs
+        .iter()
+        .find(|(_, p)| p.to_string_lossy().ends_with(".driver.log"))
+    {
+        out += &format!("-- {} (end)\n{}\n", p.display(), tail(p, 40));
+    }
+    for (_, p) in logs
+        .iter()
+        .filter(|(_, p)| !p.to_string_lossy().ends_with(".driver.log"))
+        .take(4)
+    {
+        out += &format!("-- {} (end)\n{}\n", p.display(), tail(p, 15));
+    }
+    out += "-- worker processes (pid, state, arguments)\n";
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "worker")
+            || args.first().is_some_and(|a| a.starts_with("slurmstepd"))
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next().unwrap_or('?'))
+                .unwrap_or('?');
+            out += &format!("{pid} {state} {}\n", args.join(" "));
+        }
+    }
+    out
+}
+
 const DAEMONS: [&str; 3] = [
     "/usr/sbin/munged",
     "/usr/sbin/slurmctld",
@@ -152,6 +266,7 @@ impl Cluster {
             ctld: None,
             slurmd: None,
         };
+        *RUNNING.lock().unwrap() = Some(dir.to_path_buf());
         c.start_controller(true);
         c.start_node();
         c.wait_idle();
@@ -270,7 +385,8 @@ impl Cluster {
             .unwrap_or(false)
     }
 
-    /// Waits until the node is idle (no task of an earlier scenario left).
+    /// Waits until the node is idle (no task of an earlier scenario left) with none of its
+    /// CPUs allocated.
     pub fn wait_idle(&self) {
         let t0 = Instant::now();
         let mut empty_since: Option<Instant> = None;
@@ -282,13 +398,16 @@ impl Cluster {
                 .output()
                 .unwrap();
             let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            if s == "idle" {
+            // `sinfo` can say `idle` while the node still counts CPUs as allocated.
+            let (state, allocated) = self.node_state();
+            if s == "idle" && state == "IDLE" && allocated == 0 {
                 return;
             }
             // Slurm 22.05 can leave a lost or requeued task's CPUs allocated on a node that
-            // runs nothing (the node stays `mixed` with an empty queue). `scontrol reconfigure`
-            // recounts them, as an operator would; it is asked once the queue has been empty
-            // for 3 s, and again every 10 s.
+            // runs nothing (the node stays `mixed`, or `IDLE` with CPUs allocated, with an
+            // empty queue), and the next array would wait for `Resources` for ever.
+            // `scontrol reconfigure` recounts them, as an operator would; it is asked once the
+            // queue has been empty for 3 s, and again every 10 s.
             let q = self
                 .client("squeue")
                 .args([
@@ -308,8 +427,8 @@ impl Cluster {
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(120),
-                "the Slurm node is `{s}`, not idle: {}",
-                std::fs::read_to_string(self.dir.join("log/slurmd.log")).unwrap_or_default()
+                "the Slurm node is `{s}` ({state}, {allocated} CPUs allocated), not idle{}",
+                diagnosis()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -366,6 +485,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Ok(mut g) = RUNNING.lock() {
+            *g = None;
+        }
         if self.ctld.is_some() {
             self.cancel_all();
             // Give the node a moment to end the cancelled tasks' processes.
