@@ -7,9 +7,11 @@
 #   scripts/bench_cpu.sh [ROUNDS]
 #   scripts/busy.sh -n 1 scripts/bench_cpu.sh      # the same beside one busy core
 #
-# Measures (SmolLM2-135M-Instruct, f32, the default GGUF's weights on both sides):
+# Measures (SmolLM2-135M-Instruct, the default GGUF's weights on both sides, f32 unless said):
 #   generation, 64-token prompts, 128 new tokens, end-of-turn ignored: greedy at batch 16 and 1,
-#     and sampled (temperature 0.7, top-p 0.9, as workflows sample) at batch 16:
+#     and sampled (temperature 0.7, top-p 0.9, as workflows sample) at batch 16; and greedy at
+#     batch 16 and 1 with the weights in f16 (`--gen-weights f16`, a generation step's
+#     `weights = "f16"`) against llama.cpp's F16 GGUF:
 #     `tsr bench --only generate` against llama.cpp (scripts/bench_llama_cpp.py: llama-cpp-python
 #     as pinned in scripts/requirements-llama-server.txt, built by scripts/test.sh for this CPU,
 #     reading an F32 GGUF that llama.cpp's own quantize API makes from the default GGUF);
@@ -48,6 +50,9 @@ export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 f32=$cache/bench-cpu/$(basename "$gguf" .gguf).F32.gguf
 [ -s "$f32" ] || "$lcpp" scripts/bench_llama_cpp.py convert "$gguf" "$f32" f32 >"$out/convert.log" 2>&1 \
   || { echo "bench_cpu: llama.cpp could not make the F32 GGUF (see $out/convert.log)" >&2; exit 1; }
+f16=$cache/bench-cpu/$(basename "$gguf" .gguf).F16.gguf
+[ -s "$f16" ] || "$lcpp" scripts/bench_llama_cpp.py convert "$gguf" "$f16" f16 >"$out/convert16.log" 2>&1 \
+  || { echo "bench_cpu: llama.cpp could not make the F16 GGUF (see $out/convert16.log)" >&2; exit 1; }
 hf=$out/hf-model
 [ -s "$hf/model.safetensors" ] || "$tsr" export-model --model "$gguf" --out "$hf" --force >/dev/null
 
@@ -57,6 +62,9 @@ for r in $(seq "$rounds"); do
     "$tsr" bench --only generate --temperature 0 --ignore-end-of-turn --model "$gguf" --gen-batch "$b" \
       --gen-prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-gen$b.txt" 2>&1
     "$lcpp" scripts/bench_llama_cpp.py generate "$f32" "$b" 64 128 "$threads" >"$out/r$r-lcpp-gen$b.txt" 2>&1
+    "$tsr" bench --only generate --temperature 0 --ignore-end-of-turn --model "$gguf" --gen-batch "$b" \
+      --gen-prompt-tokens 64 --gen-new-tokens 128 --gen-weights f16 >"$out/r$r-tsr-gen$b-f16.txt" 2>&1
+    "$lcpp" scripts/bench_llama_cpp.py generate "$f16" "$b" 64 128 "$threads" >"$out/r$r-lcpp-gen$b-f16.txt" 2>&1
   done
   "$tsr" bench --only generate --temperature 0.7 --top-p 0.9 --ignore-end-of-turn --model "$gguf" \
     --gen-batch 16 --gen-prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-sample.txt" 2>&1
@@ -91,6 +99,10 @@ for b in (16, 1):
     rows.append((f"generation, batch {b}, tok/s (higher is better)", "llama.cpp",
                  grab(f"tsr-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
                  grab(f"lcpp-gen{b}", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
+for b in (16, 1):
+    rows.append((f"generation, batch {b}, weights in f16, tok/s (higher is better)", "llama.cpp F16",
+                 grab(f"tsr-gen{b}-f16", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
+                 grab(f"lcpp-gen{b}-f16", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
 rows.append(("generation, batch 16, sampled (T 0.7, top-p 0.9), tok/s (higher is better)", "llama.cpp",
              grab("tsr-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
              grab("lcpp-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))

@@ -22,6 +22,14 @@ pub enum BenchDtype {
     Bf16,
 }
 
+/// The precision of the weights while generating (a generation step's `weights`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenWeights {
+    F32,
+    Bf16,
+    F16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchWhat {
     Dpo,
@@ -76,6 +84,10 @@ pub struct BenchArgs {
     /// (what llama.cpp's batched benchmark does).
     #[arg(long)]
     pub ignore_end_of_turn: bool,
+    /// The weights' precision while generating, as a generation step's `weights` setting
+    /// (products still add in f32; the DPO measurement keeps f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub gen_weights: GenWeights,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
     /// dense peak; no default on CPU, where MFU is then not printed).
     #[arg(long)]
@@ -215,6 +227,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     if a.only != Some(BenchWhat::Dpo) {
+        let half = match a.gen_weights {
+            GenWeights::F32 => None,
+            GenWeights::Bf16 => Some(DType::BF16),
+            GenWeights::F16 => Some(DType::F16),
+        };
+        if let Some(d) = half {
+            if dtype != DType::F32 {
+                bail!("--gen-weights holds f32 weights in half precision; leave it out with --dtype bf16");
+            }
+            policy
+                .to_half_base(d)
+                .context("holding the weights in half precision")?;
+        }
+        // Bytes of weights a decode step reads: half for half-precision matrices.
+        let weight_bytes = weight_bytes_f32(&cfg) * if half.is_some() { 0.5 } else { 1.0 };
         let sampling = Sampling::Sample {
             temperature: a.temperature,
             top_p: a.top_p,
@@ -231,7 +258,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         say!(
             "RESULT generate batch {gen_batch}: {:.1} new tok/s ({} tokens in {:.2} s, prefill \
              included; {} of {gen_batch} rows stopped early at end-of-turn; {}-token prompts, <= {} new, \
-             temperature {}{})",
+             temperature {}{}; weights {:?})",
             res.tokens_per_s,
             res.new_tokens,
             res.seconds,
@@ -239,12 +266,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             a.gen_prompt_tokens,
             a.gen_new_tokens,
             a.temperature,
-            a.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default()
+            a.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default(),
+            a.gen_weights
         );
         if let Some(b) = &bounds {
             // A decode step reads every weight once and does 2 FLOP per weight per row: its
             // time is at least the larger of the two (prefill and attention left out).
-            let read_s = weight_bytes_f32(&cfg) / (b.read_gbs * 1e9);
+            let read_s = weight_bytes / (b.read_gbs * 1e9);
             let seq = a.gen_prompt_tokens + a.gen_new_tokens / 2;
             let flop_s =
                 gen_batch as f64 * forward_flops_per_token(&cfg, seq) / (b.peak_gflops * 1e9);
@@ -253,7 +281,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 "  bound at batch {gen_batch}: {bound:.0} tok/s ({} per step: {:.1} ms to read {:.0} MB of weights, {:.1} ms of matmul at the peak); {:.0}% of it",
                 if read_s >= flop_s { "memory-bound" } else { "compute-bound" },
                 read_s * 1e3,
-                weight_bytes_f32(&cfg) / 1e6,
+                weight_bytes / 1e6,
                 flop_s * 1e3,
                 100.0 * res.tokens_per_s / bound
             );

@@ -519,6 +519,17 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         (&["model.dtype=f32"], "model.dtype", "\"f32\""),
         (&["judge.mode=text"], "judge.mode", "\"text\""),
         (&["dpo.loss=ipo"], "dpo.loss", "\"ipo\""),
+        (&["generate.weights=f16"], "generate.weights", "\"f16\""),
+        (&["judge.weights=bf16"], "judge.weights", "\"bf16\""),
+        (
+            &[
+                "dpo.adapter=lora",
+                "model.dtype=bf16",
+                "generate.weights=bf16",
+            ],
+            "generate.weights",
+            "\"bf16\"",
+        ),
     ];
     for (k, (sets, key, value)) in accepted.iter().enumerate() {
         let name = format!("f{k}");
@@ -589,6 +600,18 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
             vec!["dpo.loss=hinge"],
             "config key `dpo.loss`: `hinge`: use `sigmoid` (DPO) or `ipo` (IPO)",
         ),
+        (
+            vec!["generate.weights=f8"],
+            "config key `generate.weights`: `f8`: use `f32`, `bf16` or `f16`",
+        ),
+        (
+            vec!["judge.weights=half"],
+            "config key `judge.weights`: `half`: use `f32`, `bf16` or `f16`",
+        ),
+        (
+            vec!["dpo.adapter=lora", "model.dtype=bf16", "judge.weights=f16"],
+            "config key `judge.weights`: `f16` differs from `[model] dtype = \"bf16\"`",
+        ),
     ] {
         let mut args = vec!["fork", "temporal-logprob", "--name", "bad", "--no-run"];
         for s in &sets {
@@ -603,6 +626,56 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         s.get_run("bad").unwrap().is_none(),
         "a refused fork was recorded"
     );
+}
+
+/// `weights = "f16"` in [generate] and [judge] runs the run's generation and judging with the
+/// weights held in f16: those steps get keys of their own (the setting is in their config),
+/// the run finishes, and a step that reads no generation (the import) is shared with the f32 run.
+#[test]
+fn generation_and_judging_with_half_precision_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), "temporal", "text");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tsr(
+        &[
+            "fork",
+            "temporal-text",
+            "--name",
+            "half",
+            "--set",
+            "generate.weights=f16",
+            "--set",
+            "judge.weights=f16",
+            "--quiet",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    let full = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
+    let half = tsr_workflows::lineage::nodes(&s, "half").unwrap();
+    let mut seen = 0;
+    for (node, h) in &half {
+        let f = &full[node];
+        let config: serde_json::Value = serde_json::from_str(&h.step.config).unwrap();
+        match h.step.kind.as_str() {
+            "generate" | "judge" => {
+                assert_eq!(config["weights"], "f16", "{node}: {}", h.step.config);
+                assert_ne!(h.key, f.key, "{node}");
+                seen += 1;
+            }
+            "import-model" => assert_eq!(h.key, f.key, "{node}"),
+            _ => assert!(config.get("weights").is_none(), "{node}"),
+        }
+    }
+    assert!(seen >= 4, "{seen} generation and judging steps");
+    // The f32 run's steps have no `weights` in their config: their keys are those of before.
+    for (node, f) in &full {
+        let config: serde_json::Value = serde_json::from_str(&f.step.config).unwrap();
+        assert!(config.get("weights").is_none(), "{node}");
+    }
 }
 
 #[test]

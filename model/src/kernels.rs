@@ -12,7 +12,7 @@
 //! greedy decoding of SmolLM2-135M on 2 cores went from about 146 to about 161 tok/s, with the
 //! same tokens on every generation measured (BENCHMARKS.md).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{dot, slice, slice_pair};
@@ -379,11 +379,11 @@ thread_local! {
     static HALF_NATIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with products against half-precision weights computed in their precision (what
-/// generation does: casting every weight for each new token would cost more than the
-/// products), and f32 products of few rows by [`super::skinny`]'s kernel, which has no
-/// backward. Scoring and training, whose numbers must agree with each other, cast instead and
-/// use gemm.
+/// Runs `f` as generation: on the CPU, products of few rows by [`super::skinny`]'s kernel,
+/// which has no backward and reads half-precision weights as they are (widened, exactly, as it
+/// reads them); off the CPU, products against half-precision weights computed in their
+/// precision (casting every weight for each new token would cost more than the products).
+/// Scoring and training, whose numbers must agree with each other, cast instead and use gemm.
 pub(crate) fn with_half_native<R>(f: impl FnOnce() -> R) -> R {
     /// Restores the flag also when `f` panics (the thread may run another step after).
     struct Restore(bool);
@@ -403,21 +403,34 @@ pub(crate) fn generating() -> bool {
 }
 
 /// `x @ w^T` for `x [M, in]`, `w [out, in]`, choosing the faster gemm orientation. A weight in
-/// another dtype than `x` (a frozen half-precision base) is cast to `x`'s dtype for the product,
-/// or inside [`with_half_native`] `x` is cast to the weight's; the result has `x`'s dtype.
+/// another dtype than `x` (a half-precision base) is cast to `x`'s dtype for the product, except
+/// while generating: on the CPU few rows go to [`super::skinny`], which widens the weight as it
+/// reads it, and off the CPU `x` is cast to the weight's. The result has `x`'s dtype.
 pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.dtype() != x.dtype() {
-        return if HALF_NATIVE.with(|c| c.get()) {
-            matmul_wt(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())
-        } else {
-            matmul_wt(x, &w.to_dtype(x.dtype())?)
-        };
-    }
     if generating() {
-        // A decode step's few rows: the kernel that reads the weight once (no backward).
+        // A decode step's few rows: the kernel that reads the weight once (no backward), also
+        // for half-precision weights, which it widens as it reads them.
         if let Some(y) = super::skinny::matmul_wt(x, w)? {
             return Ok(y);
         }
+    }
+    if w.dtype() != x.dtype() {
+        // On the CPU, a longer input (a prompt's prefill) is faster against the weight cast to
+        // f32 than through gemm's half-precision kernels: for 16 prompts of 64 tokens with
+        // SmolLM2-135M, 2.7 s through gemm's f16 kernels, 2.0 s with candle's cast and 1.6 s
+        // (as with f32 weights) with [`super::skinny::widened`]'s, exact and vectorised.
+        return if generating() && !x.device().is_cpu() {
+            matmul_wt(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())
+        } else {
+            let wide = match x.dtype() {
+                DType::F32 => super::skinny::widened(w)?,
+                _ => None,
+            };
+            match wide {
+                Some(w) => matmul_wt(x, &w),
+                None => matmul_wt(x, &w.to_dtype(x.dtype())?),
+            }
+        };
     }
     if x.dim(0)? <= SMALL_M {
         w.matmul(&x.t()?)?.t()

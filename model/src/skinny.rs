@@ -15,11 +15,48 @@
 //! between them. An output never depends on the other rows of `x`, on `M`, or on how the weight
 //! rows are split among threads. (gemm's results, used for longer inputs, may differ by CPU.)
 //!
+//! **Half-precision weights** (f16 or bf16, a generation step's `weights` setting or a frozen
+//! half base) are widened to f32 as they are read, which is exact, and meet f32 inputs: the
+//! outputs are the bits of the f32 kernel on the widened weights, with half the bytes read.
+//!
 //! Inference only: the op has no backward; [`super::kernels::matmul_wt`] calls it only while
 //! generating.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use half::{bf16, f16};
 use rayon::prelude::*;
+
+/// A weight element this kernel reads: f32, or a half-precision one widened exactly to f32.
+pub(crate) trait Weight: candle_core::WithDType + Send + Sync {
+    /// Which vector load widens it (0: f32, 1: f16, 2: bf16), chosen at compile time.
+    const KIND: u8;
+    /// Its value in f32 (exact).
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    const KIND: u8 = 0;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for f16 {
+    const KIND: u8 = 1;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Weight for bf16 {
+    const KIND: u8 = 2;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// Lanes of the dot product's partial sums.
 const LANES: usize = 16;
@@ -57,10 +94,10 @@ fn reduce(p: &[f32; LANES]) -> f32 {
 
 /// One output by the defining arithmetic, one lane at a time: the portable kernel, and the
 /// reference the SIMD kernels are tested against.
-fn dot_portable(x: &[f32], w: &[f32]) -> f32 {
+fn dot_portable<W: Weight>(x: &[f32], w: &[W]) -> f32 {
     let mut p = [0f32; LANES];
     for (k, (&a, &b)) in x.iter().zip(w).enumerate() {
-        p[k % LANES] = a.mul_add(b, p[k % LANES]);
+        p[k % LANES] = a.mul_add(b.widen(), p[k % LANES]);
     }
     reduce(&p)
 }
@@ -79,7 +116,9 @@ fn isa() -> Isa {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Isa::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             return Isa::Avx2;
         }
@@ -92,10 +131,10 @@ fn isa() -> Isa {
 ///
 /// # Safety
 /// `y` must point to `m_rows * n` writable f32s that no other task writes at these indices.
-unsafe fn task(
+unsafe fn task<W: Weight>(
     isa: Isa,
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     k: usize,
     rows: std::ops::Range<usize>,
     y: *mut f32,
@@ -122,24 +161,75 @@ unsafe fn task(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{reduce, LANES, PF_ROWS, TW, TX};
+    use super::{reduce, Weight, LANES, PF_ROWS, TW, TX};
 
     /// Where prefetched weight lines go: L2 (measured best against none and against L1 four
     /// rows ahead, for 1 and 16 input rows with the weights streamed from memory).
     const PF_HINT: i32 = _MM_HINT_T1;
     use std::arch::x86_64::*;
 
-    /// Asks for the cache line at `off` of each of the `rows` weight rows from `pf` (none when
-    /// `pf` is null).
+    /// Asks for the cache line holding element `off` of each of the `rows` weight rows from
+    /// `pf` (none when `pf` is null), once per line: at the offsets that start one.
     ///
     /// # Safety
     /// `pf` must be null or point to `rows` rows of `k` values.
     #[inline(always)]
-    unsafe fn prefetch(pf: *const f32, rows: usize, k: usize, off: usize) {
-        if !pf.is_null() {
+    unsafe fn prefetch<W>(pf: *const W, rows: usize, k: usize, off: usize) {
+        let size = std::mem::size_of::<W>();
+        if !pf.is_null() && (off * size).is_multiple_of(64) {
             for i in 0..rows {
                 unsafe { _mm_prefetch::<PF_HINT>(pf.add(i * k + off) as *const i8) };
             }
+        }
+    }
+
+    /// 16 weights from `p`, widened to f32 (AVX-512).
+    macro_rules! load512 {
+        ($w:ty, $p:expr) => {
+            match <$w as Weight>::KIND {
+                0 => _mm512_loadu_ps($p as *const f32),
+                1 => _mm512_cvtph_ps(_mm256_loadu_si256($p as *const __m256i)),
+                _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256($p as *const __m256i),
+                ))),
+            }
+        };
+    }
+
+    /// 8 weights from `p`, widened to f32 (AVX2 and F16C).
+    macro_rules! load256 {
+        ($w:ty, $p:expr) => {
+            match <$w as Weight>::KIND {
+                0 => _mm256_loadu_ps($p as *const f32),
+                1 => _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i)),
+                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                    _mm_loadu_si128($p as *const __m128i),
+                ))),
+            }
+        };
+    }
+
+    /// `n` weights from `src` widened into `dst` (AVX-512).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen512<W: Weight>(src: *const W, dst: *mut f32, n: usize) {
+        let full = n / 16;
+        for b in 0..full {
+            unsafe { _mm512_storeu_ps(dst.add(b * 16), load512!(W, src.add(b * 16))) };
+        }
+        for i in full * 16..n {
+            unsafe { *dst.add(i) = (*src.add(i)).widen() };
+        }
+    }
+
+    /// `n` weights from `src` widened into `dst` (AVX2 and F16C).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn widen256<W: Weight>(src: *const W, dst: *mut f32, n: usize) {
+        let full = n / 8;
+        for b in 0..full {
+            unsafe { _mm256_storeu_ps(dst.add(b * 8), load256!(W, src.add(b * 8))) };
+        }
+        for i in full * 8..n {
+            unsafe { *dst.add(i) = (*src.add(i)).widen() };
         }
     }
 
@@ -159,11 +249,11 @@ mod x86 {
     /// row `k` long) with AVX-512; `out[i][j]` for weight row `i`, input row `j`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const WR: usize, const XR: usize>(
+    unsafe fn tile512<W: Weight, P, const WR: usize, const XR: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         k: usize,
-        pf: *const f32,
+        pf: *const P,
         pf_rows: usize,
     ) -> [[f32; XR]; WR] {
         let mut acc = [[_mm512_setzero_ps(); XR]; WR];
@@ -176,7 +266,7 @@ mod x86 {
                 *v = unsafe { _mm512_loadu_ps(x.add(j * k + off)) };
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let wv = unsafe { _mm512_loadu_ps(w.add(i * k + off)) };
+                let wv = unsafe { load512!(W, w.add(i * k + off)) };
                 for (j, a) in row.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(xv[j], wv, *a);
                 }
@@ -188,7 +278,15 @@ mod x86 {
             let mask: __mmask16 = (1u16 << rest) - 1;
             let off = full * LANES;
             for (i, row) in acc.iter_mut().enumerate() {
-                let wv = unsafe { _mm512_maskz_loadu_ps(mask, w.add(i * k + off)) };
+                let wv = if W::KIND == 0 {
+                    unsafe { _mm512_maskz_loadu_ps(mask, w.add(i * k + off) as *const f32) }
+                } else {
+                    let mut b = [0f32; LANES];
+                    for (l, v) in b.iter_mut().take(rest).enumerate() {
+                        *v = unsafe { *w.add(i * k + off + l) }.widen();
+                    }
+                    unsafe { _mm512_loadu_ps(b.as_ptr()) }
+                };
                 for (j, a) in row.iter_mut().enumerate() {
                     let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(j * k + off)) };
                     *a = _mm512_mask3_fmadd_ps(xv, wv, *a, mask);
@@ -208,11 +306,11 @@ mod x86 {
     /// lane by lane, then [`reduce`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const WR: usize, const XR: usize>(
+    unsafe fn tile256<W: Weight, P, const WR: usize, const XR: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         k: usize,
-        pf: *const f32,
+        pf: *const P,
         pf_rows: usize,
     ) -> [[f32; XR]; WR] {
         let mut acc = [[[_mm256_setzero_ps(); 2]; XR]; WR];
@@ -226,7 +324,7 @@ mod x86 {
                     *v = unsafe { _mm256_loadu_ps(x.add(j * k + off + 8 * h)) };
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let wv = unsafe { _mm256_loadu_ps(w.add(i * k + off + 8 * h)) };
+                    let wv = unsafe { load256!(W, w.add(i * k + off + 8 * h)) };
                     for (j, a) in row.iter_mut().enumerate() {
                         a[h] = _mm256_fmadd_ps(xv[j], wv, a[h]);
                     }
@@ -242,7 +340,7 @@ mod x86 {
                     _mm256_storeu_ps(p.as_mut_ptr().add(8), acc[i][j][1]);
                 }
                 for (l, kk) in (full * LANES..k).enumerate() {
-                    let (a, b) = unsafe { (*x.add(j * k + kk), *w.add(i * k + kk)) };
+                    let (a, b) = unsafe { (*x.add(j * k + kk), (*w.add(i * k + kk)).widen()) };
                     p[l] = a.mul_add(b, p[l]);
                 }
                 out[i][j] = reduce(&p);
@@ -253,10 +351,10 @@ mod x86 {
 
     /// Runs `tile::<WR, XR>` over all tiles of the task, remainders with smaller tiles.
     macro_rules! task_body {
-        ($tile:ident, $x:expr, $w:expr, $k:expr, $n:expr, $rows:expr, $m_rows:expr, $y:expr) => {{
+        ($tile:ident, $widen:ident, $x:expr, $w:expr, $k:expr, $n:expr, $rows:expr, $m_rows:expr, $y:expr) => {{
             let (x, w, k, n, rows, m_rows, y): (
                 &[f32],
-                &[f32],
+                &[W],
                 usize,
                 usize,
                 std::ops::Range<usize>,
@@ -265,9 +363,16 @@ mod x86 {
             ) = ($x, $w, $k, $n, $rows, $m_rows, $y);
             let o0 = rows.start;
             let rows = rows.len();
+            // Half-precision weights met by more than one tile of inputs are widened once per
+            // weight tile, into `wide`, rather than once per input tile.
+            let widen_once = W::KIND != 0 && m_rows > TX;
+            let mut wide = vec![0f32; if widen_once { TW * k } else { 0 }];
             let mut r = 0;
             while r < rows {
                 let wr = (rows - r).min(TW);
+                if widen_once {
+                    unsafe { $widen(w.as_ptr().add((o0 + r) * k), wide.as_mut_ptr(), wr * k) };
+                }
                 let mut m = 0;
                 while m < m_rows {
                     let xr = (m_rows - m).min(TX);
@@ -287,7 +392,13 @@ mod x86 {
                     };
                     macro_rules! run {
                         ($a:literal, $b:literal) => {{
-                            let t = unsafe { $tile::<$a, $b>(xp, wp, k, pf, pf_rows) };
+                            let t = if widen_once {
+                                unsafe {
+                                    $tile::<f32, W, $a, $b>(xp, wide.as_ptr(), k, pf, pf_rows)
+                                }
+                            } else {
+                                unsafe { $tile::<W, W, $a, $b>(xp, wp, k, pf, pf_rows) }
+                            };
                             for i in 0..$a {
                                 for j in 0..$b {
                                     unsafe { *y.add((m + j) * n + o0 + r + i) = t[i][j] };
@@ -322,23 +433,23 @@ mod x86 {
 
     /// A task's whole loop over its tiles, compiled for one instruction set.
     macro_rules! task_fn {
-        ($name:ident, $features:literal, $tile:ident) => {
+        ($name:ident, $features:literal, $tile:ident, $widen:ident) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(
+            pub(super) unsafe fn $name<W: Weight>(
                 x: &[f32],
-                w: &[f32],
+                w: &[W],
                 k: usize,
                 n: usize,
                 rows: std::ops::Range<usize>,
                 m_rows: usize,
                 y: *mut f32,
             ) {
-                task_body!($tile, x, w, k, n, rows, m_rows, y)
+                task_body!($tile, $widen, x, w, k, n, rows, m_rows, y)
             }
         };
     }
-    task_fn!(task_avx512, "avx512f", tile512);
-    task_fn!(task_avx2, "avx2,fma", tile256);
+    task_fn!(task_avx512, "avx512f", tile512, widen512);
+    task_fn!(task_avx2, "avx2,fma,f16c", tile256, widen256);
 }
 
 /// A raw output pointer the tasks share (each writes its own elements).
@@ -356,12 +467,12 @@ impl Out {
 
 /// `x [M, K] @ w [N, K]^T` by the arithmetic above, with the given kernel.
 #[cfg(test)]
-fn product(isa: Isa, x: &[f32], w: &[f32], m: usize, k: usize) -> Vec<f32> {
+fn product<W: Weight>(isa: Isa, x: &[f32], w: &[W], m: usize, k: usize) -> Vec<f32> {
     products(isa, x, m, k, &[w]).pop().expect("one product")
 }
 
 /// `x @ w^T` for each weight (each `[N_i, K]`), in one parallel pass over all their rows.
-fn products(isa: Isa, x: &[f32], m: usize, k: usize, ws: &[&[f32]]) -> Vec<Vec<f32>> {
+fn products<W: Weight>(isa: Isa, x: &[f32], m: usize, k: usize, ws: &[&[W]]) -> Vec<Vec<f32>> {
     let ns: Vec<usize> = ws
         .iter()
         .map(|w| w.len().checked_div(k).unwrap_or(0))
@@ -388,7 +499,14 @@ fn products(isa: Isa, x: &[f32], m: usize, k: usize, ws: &[&[f32]]) -> Vec<Vec<f
 
 /// `silu(x @ gate^T) * (x @ up^T)`: each task computes both products for its rows, then their
 /// SwiGLU (the bits of [`super::fused`]'s kernel).
-fn swiglu_product(isa: Isa, x: &[f32], m: usize, k: usize, gate: &[f32], up: &[f32]) -> Vec<f32> {
+fn swiglu_product<W: Weight>(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    gate: &[W],
+    up: &[W],
+) -> Vec<f32> {
     let n = gate.len().checked_div(k).unwrap_or(0);
     let (mut g, mut u, mut h) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
     let (go, uo, ho) = (
@@ -416,39 +534,59 @@ fn swiglu_product(isa: Isa, x: &[f32], m: usize, k: usize, gate: &[f32], up: &[f
     h
 }
 
-/// `x`'s rows and width when this kernel takes it: a CPU f32 `[M, K]` with `M <= MAX_ROWS`, and
-/// contiguous weights `[N, K]`.
-fn takes(x: &Tensor, ws: &[&Tensor]) -> Result<Option<(usize, usize)>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !f32_cpu(x) || x.rank() != 2 || x.dim(0)? > MAX_ROWS {
+/// `x`'s rows and width and the weights' dtype when this kernel takes them: a CPU f32 `[M, K]`
+/// with `M <= MAX_ROWS`, and contiguous CPU weights `[N, K]`, all f32, all f16 or all bf16.
+fn takes(x: &Tensor, ws: &[&Tensor]) -> Result<Option<(usize, usize, DType)>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 2 || x.dim(0)? > MAX_ROWS {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
+    let Some(dtype) = ws.first().map(|w| w.dtype()) else {
+        return Ok(None);
+    };
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Ok(None);
+    }
     for w in ws {
-        if !f32_cpu(w) || w.rank() != 2 || w.dim(1)? != k || !w.is_contiguous() {
+        if !w.device().is_cpu()
+            || w.dtype() != dtype
+            || w.rank() != 2
+            || w.dim(1)? != k
+            || !w.is_contiguous()
+        {
             return Ok(None);
         }
     }
-    Ok(Some((m, k)))
+    Ok(Some((m, k, dtype)))
 }
 
-/// Runs `f` on the f32 values of contiguous CPU tensors; `None` if one is not.
-fn with_values<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
-    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut vals = Vec::with_capacity(ts.len());
+/// Runs `f` on the values of the contiguous CPU tensors `x` (f32) and `ws` (`W`); `None` if
+/// one is not.
+fn with_values<W: Weight, R>(
+    x: &Tensor,
+    ws: &[&Tensor],
+    f: impl FnOnce(&[f32], &[&[W]]) -> R,
+) -> Result<Option<R>> {
+    let held_x = x.storage_and_layout();
+    let held: Vec<_> = ws.iter().map(|t| t.storage_and_layout()).collect();
+    let xs = match (&*held_x.0, held_x.1.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
+        _ => return Ok(None),
+    };
+    let mut vals = Vec::with_capacity(ws.len());
     for (storage, layout) in &held {
         match (&**storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
-                vals.push(&cpu.as_slice::<f32>()?[a..b]);
+                vals.push(&cpu.as_slice::<W>()?[a..b]);
             }
             _ => return Ok(None),
         }
     }
-    Ok(Some(f(&vals)))
+    Ok(Some(f(xs, &vals)))
 }
 
-/// `x [M, K] @ w [N, K]^T` for f32 CPU tensors with at most [`MAX_ROWS`] rows, without a
-/// backward; `None` for anything else (the caller keeps gemm).
+/// `x [M, K] @ w [N, K]^T` for an f32 CPU `x` with at most [`MAX_ROWS`] rows and an f32, f16 or
+/// bf16 weight, without a backward; `None` for anything else (the caller keeps gemm).
 pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(matmul_wt_many(x, &[w])?.map(|mut v| v.remove(0)))
 }
@@ -456,12 +594,24 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// `x @ w^T` for each of `ws`, in one pass (a block's query, key and value projections); `None`
 /// when [`matmul_wt`] would decline any of them.
 pub(crate) fn matmul_wt_many(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
-    let Some((m, k)) = takes(x, ws)? else {
+    let Some((m, k, dtype)) = takes(x, ws)? else {
         return Ok(None);
     };
     let x = x.contiguous()?;
-    let all: Vec<&Tensor> = std::iter::once(&x).chain(ws.iter().copied()).collect();
-    let Some(ys) = with_values(&all, |v| products(isa(), v[0], m, k, &v[1..]))? else {
+    fn run<W: Weight>(
+        x: &Tensor,
+        ws: &[&Tensor],
+        m: usize,
+        k: usize,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        with_values::<W, _>(x, ws, |x, ws| products(isa(), x, m, k, ws))
+    }
+    let ys = match dtype {
+        DType::F16 => run::<f16>(&x, ws, m, k)?,
+        DType::BF16 => run::<bf16>(&x, ws, m, k)?,
+        _ => run::<f32>(&x, ws, m, k)?,
+    };
+    let Some(ys) = ys else {
         return Ok(None);
     };
     let dev = x.device();
@@ -474,18 +624,79 @@ pub(crate) fn matmul_wt_many(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Te
 
 /// `silu(x @ gate^T) * (x @ up^T)` in one pass; `None` when [`matmul_wt`] would decline.
 pub(crate) fn swiglu_wt(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    let Some((m, k)) = takes(x, &[gate, up])? else {
+    let Some((m, k, dtype)) = takes(x, &[gate, up])? else {
         return Ok(None);
     };
     if gate.dims() != up.dims() {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let h = with_values(&[&x, gate, up], |v| {
-        swiglu_product(isa(), v[0], m, k, v[1], v[2])
-    })?;
+    fn run<W: Weight>(
+        x: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        m: usize,
+        k: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        with_values::<W, _>(x, &[gate, up], |x, ws| {
+            swiglu_product(isa(), x, m, k, ws[0], ws[1])
+        })
+    }
+    let h = match dtype {
+        DType::F16 => run::<f16>(&x, gate, up, m, k)?,
+        DType::BF16 => run::<bf16>(&x, gate, up, m, k)?,
+        _ => run::<f32>(&x, gate, up, m, k)?,
+    };
     h.map(|h| Tensor::from_vec(h, (m, gate.dim(0)?), x.device()))
         .transpose()
+}
+
+/// The f32 values of a contiguous CPU f16 or bf16 tensor, widened (exactly) by this module's
+/// vector loads, in parallel: candle's cast converts one element at a time, about 6x slower.
+/// `None` for anything else.
+pub(crate) fn widened(w: &Tensor) -> Result<Option<Tensor>> {
+    if !w.device().is_cpu() || !w.is_contiguous() {
+        return Ok(None);
+    }
+    fn run<W: Weight>(w: &Tensor) -> Result<Option<Vec<f32>>> {
+        let held = w.storage_and_layout();
+        let src = match (&*held.0, held.1.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<W>()?[a..b],
+            _ => return Ok(None),
+        };
+        let mut out = vec![0f32; src.len()];
+        const CHUNK: usize = 1 << 16;
+        let isa = isa();
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(dst, src)| widen(isa, src, dst));
+        Ok(Some(out))
+    }
+    let values = match w.dtype() {
+        DType::F16 => run::<f16>(w)?,
+        DType::BF16 => run::<bf16>(w)?,
+        _ => None,
+    };
+    values
+        .map(|v| Tensor::from_vec(v, w.shape(), w.device()))
+        .transpose()
+}
+
+/// `dst[i] = src[i]` widened to f32, with the given kernel's loads.
+fn widen<W: Weight>(isa: Isa, src: &[W], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    match isa {
+        // SAFETY: `src` and `dst` hold at least `n` values.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::widen512(src.as_ptr(), dst.as_mut_ptr(), n) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::widen256(src.as_ptr(), dst.as_mut_ptr(), n) },
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.widen();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +719,7 @@ mod tests {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 isas.push(Isa::Avx2);
             }
@@ -555,6 +767,84 @@ mod tests {
                     (a - b).abs() <= 1e-5 * (k as f32).sqrt() * b.abs().max(1.0),
                     "{a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// Half-precision weights give the bits of the f32 kernel on the same weights widened, on
+    /// every kernel this CPU has, through the tensor entry points too.
+    #[test]
+    fn half_weights_give_the_bits_of_their_widened_values() {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                isas.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        let dev = Device::Cpu;
+        for (m, k, n) in [(16, 576, 70), (5, 37, 33), (1, 100, 9), (3, 16, 4)] {
+            let x = random(m * k, 7);
+            let w = random(n * k, 8);
+            let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let w16f: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let want16 = product(Isa::Portable, &x, &w16f, m, k);
+            let wantb = product(Isa::Portable, &x, &wbf, m, k);
+            for &i in &isas {
+                assert_eq!(product(i, &x, &w16, m, k), want16, "f16 {i:?} {m}x{k}x{n}");
+                assert_eq!(product(i, &x, &wb, m, k), wantb, "bf16 {i:?} {m}x{k}x{n}");
+            }
+            let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+            let wt = Tensor::from_vec(w16.clone(), (n, k), &dev).unwrap();
+            let got = matmul_wt(&xt, &wt).unwrap().unwrap();
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, product(isa(), &x, &w16f, m, k));
+            // SwiGLU and the one-pass products take half weights as well.
+            let up = Tensor::from_vec(wb.clone(), (n, k), &dev).unwrap();
+            let gate = (up.to_dtype(DType::F32).unwrap() * 0.5)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let h = swiglu_wt(&xt, &gate, &up).unwrap().unwrap();
+            let g = matmul_wt(&xt, &gate).unwrap().unwrap();
+            let u = matmul_wt(&xt, &up).unwrap().unwrap();
+            let want = crate::fused::swiglu(&g, &u).unwrap().unwrap();
+            assert_eq!(h.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+            // Weights of mixed dtypes are declined.
+            assert!(matmul_wt_many(&xt, &[&wt, &up]).unwrap().is_none());
+            // Widening a whole tensor gives candle's cast, on every kernel.
+            for t in [&wt, &up] {
+                let cast: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let ours: Vec<f32> = widened(t)
+                    .unwrap()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(ours, cast);
+                for &i in &isas {
+                    let mut d = vec![0f32; n * k];
+                    match t.dtype() {
+                        DType::F16 => widen(i, &w16, &mut d),
+                        _ => widen(i, &wb, &mut d),
+                    }
+                    assert_eq!(d, cast, "{i:?}");
+                }
             }
         }
     }
@@ -613,5 +903,8 @@ mod tests {
         assert!(matmul_wt(&x, &w).unwrap().is_none());
         let x16 = Tensor::zeros((2, 8), candle_core::DType::F16, &dev).unwrap();
         assert!(matmul_wt(&x16, &w).unwrap().is_none());
+        let w64 = Tensor::zeros((4, 8), candle_core::DType::F64, &dev).unwrap();
+        let x32 = Tensor::zeros((2, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(matmul_wt(&x32, &w64).unwrap().is_none());
     }
 }

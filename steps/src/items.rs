@@ -33,6 +33,11 @@ pub trait Batches {
     fn needs_model(&self) -> bool {
         true
     }
+    /// The precision the model's weight matrices are held in while the step runs (its
+    /// `weights` setting); `None`: as the model stores them.
+    fn weights(&self) -> Option<lm::Weights> {
+        None
+    }
     /// The items `idx` (one batch, ascending), one per index, computed with `model`.
     fn compute(
         &self,
@@ -84,7 +89,11 @@ pub fn compute<B: Batches>(
     let total = work.count();
     let done = ctx.items().indices()?.len() as u64;
     let model = if done < total && work.needs_model() && !ctx.delegates() {
-        Some(lm::load(inputs, "model", ctx)?)
+        let model = lm::load(inputs, "model", ctx)?;
+        if let Some(w) = work.weights() {
+            lm::hold_weights(&model, w)?;
+        }
+        Some(model)
     } else {
         None
     };

@@ -50,6 +50,55 @@ pub fn load(
     Ok(model)
 }
 
+/// The precision a generation step holds its model's weight matrices in while it runs: its
+/// `weights` setting, part of its key. `f16` or `bf16` reads half the bytes per generated
+/// token; the products still add in f32.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Weights {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Weights {
+    /// The name a config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Weights::F32 => "f32",
+            Weights::Bf16 => "bf16",
+            Weights::F16 => "f16",
+        }
+    }
+
+    /// The tensor dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Weights::F32 => DType::F32,
+            Weights::Bf16 => DType::BF16,
+            Weights::F16 => DType::F16,
+        }
+    }
+}
+
+/// Holds `model`'s weight matrices in `weights` (a generation step's setting) from now on;
+/// nothing to do when they already are. A base held in another half precision (`[model]
+/// dtype`) cannot be converted again: refused with both names.
+pub fn hold_weights(model: &LanguageModel, weights: Weights) -> Result<(), StepError> {
+    let (want, have) = (weights.dtype(), model.base_dtype());
+    if want == have {
+        return Ok(());
+    }
+    if have != model.dtype() || want == model.dtype() {
+        return Err(StepError::Invalid(format!(
+            "the step's `weights` are {want:?} but its model's base is held in {have:?}: set the step's `weights` to the base's precision, or leave it out"
+        )));
+    }
+    model
+        .to_half_base(want)
+        .map_err(model_err("holding the weights in half precision"))
+}
+
 /// Whether the model under `prefix` is a base plus an adapter.
 pub fn has_adapter(inputs: &StepInputs, prefix: &str) -> bool {
     inputs.has(&format!("{prefix}.base"))

@@ -70,6 +70,7 @@ mod tests {
                 top_p: 0.9,
                 top_k: Some(40),
                 batch_size: 16,
+                weights: Some(crate::lm::Weights::F16),
             }),
             Arc::new(Judge {
                 mode: JudgeMode::Text,
@@ -79,6 +80,7 @@ mod tests {
                 top_p: 1.0 / 3.0,
                 batch_size: 16,
                 template: "rubric {prompt} {response} \u{e9}".into(),
+                weights: Some(crate::lm::Weights::Bf16),
             }),
             Arc::new(MetaJudge {
                 iteration: 2,

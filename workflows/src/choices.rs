@@ -281,6 +281,23 @@ pub(crate) fn eval_judge_mode<'de, D: Deserializer<'de>>(
     )
 }
 
+/// `generate.weights`.
+pub(crate) fn generate_weights<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<tsr_steps::lm::Weights>, D::Error> {
+    foreign(d, "generate.weights", WEIGHTS).map(Some)
+}
+
+/// `judge.weights`.
+pub(crate) fn judge_weights<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<tsr_steps::lm::Weights>, D::Error> {
+    foreign(d, "judge.weights", WEIGHTS).map(Some)
+}
+
+/// The choices of a step's `weights`.
+const WEIGHTS: &str = "`f32`, `bf16` or `f16` (the precision of the weights while the step runs)";
+
 /// `dpo.loss`.
 pub(crate) fn dpo_loss<'de, D: Deserializer<'de>>(d: D) -> Result<tsr_dpo::DpoLossKind, D::Error> {
     foreign(d, "dpo.loss", "`sigmoid` (DPO) or `ipo` (IPO)")

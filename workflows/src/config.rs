@@ -306,6 +306,14 @@ pub struct GenerateSection {
     pub top_k: Option<usize>,
     pub max_new_tokens: usize,
     pub batch_size: usize,
+    /// The precision of the weights while generating: `f16` or `bf16` reads half the bytes
+    /// per token (the products still add in f32); default: as the model holds them. Part of
+    /// the step's key, never chosen by tsr.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::choices::generate_weights"
+    )]
+    pub weights: Option<tsr_steps::lm::Weights>,
 }
 
 impl Default for GenerateSection {
@@ -317,6 +325,7 @@ impl Default for GenerateSection {
             top_k: None,
             max_new_tokens: 256,
             batch_size: 16,
+            weights: None,
         }
     }
 }
@@ -343,6 +352,12 @@ pub struct JudgeSection {
     pub length_band_per_iteration: Option<Vec<f64>>,
     /// A fixed judge model (GGUF, HF folder or hub id); default: the current model Mi.
     pub model: Option<String>,
+    /// The precision of the weights while judging, as `[generate] weights`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::choices::judge_weights"
+    )]
+    pub weights: Option<tsr_steps::lm::Weights>,
 }
 
 impl Default for JudgeSection {
@@ -358,6 +373,7 @@ impl Default for JudgeSection {
             length_band: None,
             length_band_per_iteration: None,
             model: None,
+            weights: None,
         }
     }
 }
@@ -1046,6 +1062,25 @@ impl Config {
                     "model.dtype",
                     format!("`{d}` holds the base frozen in half precision, which only LoRA training allows; add `adapter = \"lora\"` to [dpo], or use `f32` for full fine-tuning"),
                 );
+            }
+        }
+        // A base held in half precision is read as it is: a step's `weights` can only repeat it.
+        let base = self
+            .model
+            .as_ref()
+            .and_then(|m| m.dtype)
+            .unwrap_or(Dtype::F32);
+        if base.is_half() {
+            for (key, w) in [
+                ("generate.weights", self.generate.weights),
+                ("judge.weights", self.judge.weights),
+            ] {
+                if let Some(w) = w.filter(|w| w.name() != base.as_str()) {
+                    return bad(
+                        key,
+                        format!("`{}` differs from `[model] dtype = \"{base}\"`, which already holds the base in half precision; leave `weights` out (or set it to `{base}`)", w.name()),
+                    );
+                }
             }
         }
         let g = &self.generate;

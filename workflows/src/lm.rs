@@ -96,6 +96,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         top_p: g.top_p,
         top_k: g.top_k,
         batch_size: g.batch_size,
+        weights: g.weights,
     });
     let j = &c.judge;
     let template = match &j.template {
@@ -124,6 +125,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         top_p: j.top_p,
         batch_size: j.batch_size,
         template,
+        weights: j.weights,
     });
     Ok((gen, judge))
 }

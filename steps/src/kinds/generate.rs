@@ -18,6 +18,9 @@ pub struct Generate {
     pub top_p: f64,
     pub top_k: Option<usize>,
     pub batch_size: usize,
+    /// The precision of the weights while generating (`None`: as stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<lm::Weights>,
 }
 
 impl Step for Generate {
@@ -70,6 +73,9 @@ impl items::Batches for Samples<'_> {
     }
     fn batch_size(&self) -> usize {
         self.step.batch_size
+    }
+    fn weights(&self) -> Option<lm::Weights> {
+        self.step.weights
     }
     fn message(&self) -> String {
         "generating".into()

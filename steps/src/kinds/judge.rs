@@ -37,6 +37,9 @@ pub struct Judge {
     pub batch_size: usize,
     /// The rubric template (`{prompt}`, `{response}`); part of the step key.
     pub template: String,
+    /// The precision of the weights while judging (`None`: as stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<crate::lm::Weights>,
 }
 
 impl Judge {
@@ -101,6 +104,9 @@ impl items::Batches for Judgements<'_> {
     }
     fn message(&self) -> String {
         format!("judging ({:?})", self.step.mode)
+    }
+    fn weights(&self) -> Option<crate::lm::Weights> {
+        self.step.weights
     }
     fn compute(
         &self,
