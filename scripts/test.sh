@@ -29,7 +29,7 @@ die() { echo "test.sh: $*" >&2; exit 1; }
 cache="${TSR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tsr}"
 
 command -v cargo >/dev/null \
-  || die "cargo is missing: install Rust with rustup (rust-version 1.85 or newer), open a new shell, then run scripts/test.sh again"
+  || die "cargo is missing: install Rust with rustup (rust-version 1.87 or newer), open a new shell, then run scripts/test.sh again"
 
 # Debian packages: one apt-get update, only when something is missing.
 missing=()

@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub ignore_end_of_turn: bool,
     /// The weights' precision while generating, as a generation step's `weights` setting
-    /// (products still add in f32; the DPO measurement keeps f32).
+    /// (on the CPU the products still add in f32; the DPO measurement keeps f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub gen_weights: GenWeights,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
@@ -111,6 +111,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             bail!("--dtype bf16 needs --device cuda:N (on CPU tsr computes in f32)")
         }
     };
+    if a.gen_weights != GenWeights::F32 && dtype != DType::F32 {
+        bail!("--gen-weights holds f32 weights in half precision; leave it out with --dtype bf16");
+    }
     let dpo_batches = if !a.dpo_batch.is_empty() {
         a.dpo_batch.clone()
     } else if cuda {
@@ -233,9 +236,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             GenWeights::F16 => Some(DType::F16),
         };
         if let Some(d) = half {
-            if dtype != DType::F32 {
-                bail!("--gen-weights holds f32 weights in half precision; leave it out with --dtype bf16");
-            }
             policy
                 .to_half_base(d)
                 .context("holding the weights in half precision")?;

@@ -141,8 +141,8 @@ fn stopped_workers_where(key_of: impl Fn(&[String]) -> Option<String>) -> Vec<St
     out
 }
 
-/// Notes the start of a scenario with the time since the test began (shown with a failure, to
-/// tell which scenario it was in).
+/// Notes the start of a scenario with the time since the first scenario began (shown with a
+/// failure, to tell which scenario it was in).
 fn phase(n: &str) {
     static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let t0 = T0.get_or_init(std::time::Instant::now);

@@ -520,7 +520,11 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         (&["judge.mode=text"], "judge.mode", "\"text\""),
         (&["dpo.loss=ipo"], "dpo.loss", "\"ipo\""),
         (&["generate.weights=f16"], "generate.weights", "\"f16\""),
-        (&["judge.weights=bf16"], "judge.weights", "\"bf16\""),
+        (
+            &["judge.mode=text", "judge.weights=bf16"],
+            "judge.weights",
+            "\"bf16\"",
+        ),
         (
             &[
                 "dpo.adapter=lora",
@@ -609,8 +613,17 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
             "config key `judge.weights`: `half`: use `f32`, `bf16` or `f16`",
         ),
         (
-            vec!["dpo.adapter=lora", "model.dtype=bf16", "judge.weights=f16"],
+            vec![
+                "dpo.adapter=lora",
+                "model.dtype=bf16",
+                "judge.mode=text",
+                "judge.weights=f16",
+            ],
             "config key `judge.weights`: `f16` differs from `[model] dtype = \"bf16\"`",
+        ),
+        (
+            vec!["judge.weights=f16"],
+            "config key `judge.weights`: applies to `mode = \"text\"`",
         ),
     ] {
         let mut args = vec!["fork", "temporal-logprob", "--name", "bad", "--no-run"];
@@ -628,9 +641,9 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
     );
 }
 
-/// `weights = "f16"` in [generate] and [judge] runs the run's generation and judging with the
-/// weights held in f16: those steps get keys of their own (the setting is in their config),
-/// the run finishes, and a step that reads no generation (the import) is shared with the f32 run.
+/// `weights = "bf16"` in [generate] and [judge] runs the run's generation and judging with the
+/// weights held in bf16: those steps get keys of their own (the setting is in their config) and
+/// other samples, the run finishes, and the import is shared with the f32 run.
 #[test]
 fn generation_and_judging_with_half_precision_weights() {
     let dir = tempfile::tempdir().unwrap();
@@ -645,9 +658,9 @@ fn generation_and_judging_with_half_precision_weights() {
             "--name",
             "half",
             "--set",
-            "generate.weights=f16",
+            "generate.weights=bf16",
             "--set",
-            "judge.weights=f16",
+            "judge.weights=bf16",
             "--quiet",
         ],
         &store,
@@ -656,21 +669,50 @@ fn generation_and_judging_with_half_precision_weights() {
     let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
     let full = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
     let half = tsr_workflows::lineage::nodes(&s, "half").unwrap();
-    let mut seen = 0;
+    let (mut seen, mut changed) = (0, 0);
     for (node, h) in &half {
         let f = &full[node];
         let config: serde_json::Value = serde_json::from_str(&h.step.config).unwrap();
         match h.step.kind.as_str() {
             "generate" | "judge" => {
-                assert_eq!(config["weights"], "f16", "{node}: {}", h.step.config);
+                assert_eq!(config["weights"], "bf16", "{node}: {}", h.step.config);
                 assert_ne!(h.key, f.key, "{node}");
                 seen += 1;
+                // The weights were converted: bf16 changes the tiny model's samples.
+                if h.step.kind == "generate" && h.output("responses") != f.output("responses") {
+                    changed += 1;
+                }
             }
             "import-model" => assert_eq!(h.key, f.key, "{node}"),
             _ => assert!(config.get("weights").is_none(), "{node}"),
         }
     }
     assert!(seen >= 4, "{seen} generation and judging steps");
+    assert!(
+        changed > 0,
+        "no generation step's responses changed with bf16 weights"
+    );
+    drop(s);
+    // The precision the model already has changes nothing, so it changes no key either.
+    let o = tsr(
+        &[
+            "fork",
+            "temporal-text",
+            "--name",
+            "same",
+            "--set",
+            "generate.weights=f32",
+            "--quiet",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    let same = tsr_workflows::lineage::nodes(&s, "same").unwrap();
+    assert_eq!(same.len(), full.len());
+    for (node, n) in &same {
+        assert_eq!(n.key, full[node].key, "{node}");
+    }
     // The f32 run's steps have no `weights` in their config: their keys are those of before.
     for (node, f) in &full {
         let config: serde_json::Value = serde_json::from_str(&f.step.config).unwrap();

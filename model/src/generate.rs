@@ -225,15 +225,18 @@ impl LanguageModel {
         reqs: &[&GenRequest],
         stop_at_end_of_turn: bool,
     ) -> Result<Vec<GenOutput>, ModelError> {
-        // On a worker of the thread pool: the many small parallel products of a decode step
-        // then start and finish without waking this thread each time.
-        let mut out = None;
-        rayon::scope(|_| {
-            out = Some(super::kernels::with_half_native(|| {
+        let run = || {
+            super::kernels::with_half_native(|| {
                 self.generate_batch_inner(w, reqs, stop_at_end_of_turn)
-            }))
-        });
-        out.expect("the scope ran")
+            })
+        };
+        if self.device().is_cpu() {
+            // On a worker of the thread pool: the many small parallel products of a decode step
+            // then start and finish without waking this thread each time.
+            rayon::scope(|_| run())
+        } else {
+            run()
+        }
     }
 
     fn generate_batch_inner(

@@ -349,8 +349,17 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // A half-precision base is cast for the product (the gradient stays f32).
-        Ok(Some(grad_res.matmul(&self.w.to_dtype(grad_res.dtype())?)?))
+        // A half-precision base is cast for the product (the gradient stays f32), by the
+        // vector widening where it applies.
+        let w = match grad_res.dtype() {
+            DType::F32 if self.w.dtype() != DType::F32 => super::skinny::widened(&self.w)?,
+            _ => None,
+        };
+        let w = match w {
+            Some(w) => w,
+            None => self.w.to_dtype(grad_res.dtype())?,
+        };
+        Ok(Some(grad_res.matmul(&w)?))
     }
 }
 
@@ -422,8 +431,11 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return if generating() && !x.device().is_cpu() {
             matmul_wt(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype())
         } else {
+            // The vector widening makes a tensor outside the autograd graph: only while
+            // generating (no backward) or for a weight that is not tracked (a frozen base); a
+            // tracked one keeps candle's cast, and its gradient.
             let wide = match x.dtype() {
-                DType::F32 => super::skinny::widened(w)?,
+                DType::F32 if generating() || !w.track_op() => super::skinny::widened(w)?,
                 _ => None,
             };
             match wide {
@@ -443,6 +455,29 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, D};
+
+    /// A tracked half-precision weight keeps its gradient through the cast (the vector
+    /// widening, outside the graph, serves only untracked weights and generation), and both
+    /// casts give the same product.
+    #[test]
+    fn a_tracked_half_weight_keeps_its_gradient() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let w16 = Tensor::randn(0f32, 1.0, (5, 8), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let var = candle_core::Var::from_tensor(&w16).unwrap();
+        let y = matmul_wt(&x, var.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(var.as_tensor()).expect("the weight's gradient");
+        assert_eq!(g.dims(), &[5, 8]);
+        let frozen = matmul_wt(&x, &w16).unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            frozen.to_vec2::<f32>().unwrap()
+        );
+    }
 
     #[test]
     fn exp_is_accurate_on_softmax_inputs() {

@@ -305,7 +305,7 @@ mod x86 {
     /// A tile with AVX2 and FMA: each lane-16 partial sum as two 8-lane halves, the row's tail
     /// lane by lane, then [`reduce`].
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile256<W: Weight, P, const WR: usize, const XR: usize>(
         x: *const f32,
         w: *const W,
@@ -704,16 +704,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| r.gen_range(-1f32..1.0)).collect()
-    }
-
-    /// Every kernel this CPU has gives the portable kernel's bits, for tails, tile remainders and
-    /// more than one task; and the product is within rounding of candle's.
-    #[test]
-    fn kernels_agree_bit_for_bit_and_with_candle() {
+    /// Every kernel this CPU can run (the portable one always).
+    fn available_isas() -> Vec<Isa> {
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -727,6 +719,20 @@ mod tests {
                 isas.push(Isa::Avx512);
             }
         }
+        isas
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.gen_range(-1f32..1.0)).collect()
+    }
+
+    /// Every kernel this CPU has gives the portable kernel's bits, for tails, tile remainders and
+    /// more than one task; and the product is within rounding of candle's.
+    #[test]
+    fn kernels_agree_bit_for_bit_and_with_candle() {
+        let isas = available_isas();
         for (m, k, n) in [
             (1, 16, 1),
             (16, 576, 192),
@@ -775,19 +781,7 @@ mod tests {
     /// every kernel this CPU has, through the tensor entry points too.
     #[test]
     fn half_weights_give_the_bits_of_their_widened_values() {
-        let mut isas = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                isas.push(Isa::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
+        let isas = available_isas();
         let dev = Device::Cpu;
         for (m, k, n) in [(16, 576, 70), (5, 37, 33), (1, 100, 9), (3, 16, 4)] {
             let x = random(m * k, 7);

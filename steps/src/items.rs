@@ -91,7 +91,7 @@ pub fn compute<B: Batches>(
     let model = if done < total && work.needs_model() && !ctx.delegates() {
         let model = lm::load(inputs, "model", ctx)?;
         if let Some(w) = work.weights() {
-            lm::hold_weights(&model, w)?;
+            lm::hold_weights(&model, w, B::NAME)?;
         }
         Some(model)
     } else {

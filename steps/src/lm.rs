@@ -52,7 +52,7 @@ pub fn load(
 
 /// The precision a generation step holds its model's weight matrices in while it runs: its
 /// `weights` setting, part of its key. `f16` or `bf16` reads half the bytes per generated
-/// token; the products still add in f32.
+/// token; on the CPU the products still add in f32.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Weights {
@@ -81,17 +81,23 @@ impl Weights {
     }
 }
 
-/// Holds `model`'s weight matrices in `weights` (a generation step's setting) from now on;
-/// nothing to do when they already are. A base held in another half precision (`[model]
-/// dtype`) cannot be converted again: refused with both names.
-pub fn hold_weights(model: &LanguageModel, weights: Weights) -> Result<(), StepError> {
+/// Holds `model`'s weight matrices in `weights` (the setting of the step kind `kind`) from
+/// now on; nothing to do when they already are. A base already held in half precision (`[model]
+/// dtype`) is not converted again: another setting is refused, naming both.
+pub fn hold_weights(model: &LanguageModel, weights: Weights, kind: &str) -> Result<(), StepError> {
     let (want, have) = (weights.dtype(), model.base_dtype());
     if want == have {
         return Ok(());
     }
-    if have != model.dtype() || want == model.dtype() {
+    if have != model.dtype() {
+        let held = match have {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "f32",
+        };
         return Err(StepError::Invalid(format!(
-            "the step's `weights` are {want:?} but its model's base is held in {have:?}: set the step's `weights` to the base's precision, or leave it out"
+            "the {kind} step's `weights = \"{}\"` differs from its model's base, held in {held} (`[model] dtype`): set `weights = \"{held}\"` or leave it out",
+            weights.name()
         )));
     }
     model

@@ -307,8 +307,8 @@ pub struct GenerateSection {
     pub max_new_tokens: usize,
     pub batch_size: usize,
     /// The precision of the weights while generating: `f16` or `bf16` reads half the bytes
-    /// per token (the products still add in f32); default: as the model holds them. Part of
-    /// the step's key, never chosen by tsr.
+    /// per token (on the CPU the products still add in f32); default: as the model holds
+    /// them. Part of the step's key when it changes anything, never chosen by tsr.
     #[serde(
         skip_serializing_if = "Option::is_none",
         deserialize_with = "crate::choices::generate_weights"
@@ -352,7 +352,7 @@ pub struct JudgeSection {
     pub length_band_per_iteration: Option<Vec<f64>>,
     /// A fixed judge model (GGUF, HF folder or hub id); default: the current model Mi.
     pub model: Option<String>,
-    /// The precision of the weights while judging, as `[generate] weights`.
+    /// The precision of the weights while judging (text mode), as `[generate] weights`.
     #[serde(
         skip_serializing_if = "Option::is_none",
         deserialize_with = "crate::choices::judge_weights"
@@ -1071,9 +1071,11 @@ impl Config {
             .and_then(|m| m.dtype)
             .unwrap_or(Dtype::F32);
         if base.is_half() {
+            // A fixed judge model is imported in f32, whatever `[model] dtype` says.
+            let judge = self.judge.weights.filter(|_| self.judge.model.is_none());
             for (key, w) in [
                 ("generate.weights", self.generate.weights),
-                ("judge.weights", self.judge.weights),
+                ("judge.weights", judge),
             ] {
                 if let Some(w) = w.filter(|w| w.name() != base.as_str()) {
                     return bad(
@@ -1082,6 +1084,14 @@ impl Config {
                     );
                 }
             }
+        }
+        if self.judge.weights.is_some()
+            && self.judge.mode == tsr_steps::kinds::judge::JudgeMode::Logprob
+        {
+            return bad(
+                "judge.weights",
+                "applies to `mode = \"text\"`, whose judgements are generated; `logprob` mode scores without generating, where half-precision weights would be cast back for every product: leave `weights` out".into(),
+            );
         }
         let g = &self.generate;
         if g.k < 2 {
