@@ -4,14 +4,17 @@
 //!
 //! ```text
 //! <cache>/blobs/<hex[..2]>/<hex[2..]>   verified blobs, installed whole by rename
-//! <cache>/locks/<hex>                   one lock file per blob
+//! <cache>/locks/<hex>                   one lock file per blob: held shared while in use
+//! <cache>/locks/<hex>.fetch             one per blob: held exclusive while downloading it
 //! <cache>/tmp/                          downloads under way
 //! ```
 //!
 //! A worker holds a shared lock on each blob it uses for as long as it runs. Fetching a missing
-//! blob takes the exclusive lock, so the workers of a node download it once. Beyond the size
-//! limit, the least recently used blobs that no worker holds are removed (a blob is used when a
-//! worker takes it: its time is set then).
+//! blob takes that blob's fetch lock, exclusively, so the workers of a node download it once;
+//! it is a lock of its own, because a worker that holds a blob in use (for its whole run, and a
+//! stopped or suspended one for longer) must never keep another from fetching it. Beyond the
+//! size limit, the least recently used blobs that no worker holds are removed (a blob is used
+//! when a worker takes it: its time is set then).
 
 use crate::error::StepError;
 use fs2::FileExt;
@@ -69,12 +72,20 @@ impl NodeCache {
     }
 
     fn lock_file(&self, d: &Digest) -> Result<File, StepError> {
-        let p = self.dir.join("locks").join(d.to_hex());
+        self.open_lock(&self.dir.join("locks").join(d.to_hex()))
+    }
+
+    /// The lock a worker holds exclusively while it downloads `d`.
+    fn fetch_lock_file(&self, d: &Digest) -> Result<File, StepError> {
+        self.open_lock(&self.dir.join("locks").join(format!("{}.fetch", d.to_hex())))
+    }
+
+    fn open_lock(&self, p: &Path) -> Result<File, StepError> {
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&p)
+            .open(p)
             .map_err(|e| io(format!("opening the node cache's lock {}", p.display()), e))
     }
 
@@ -91,20 +102,21 @@ impl NodeCache {
             .collect();
         let digests = &digests[..];
         for d in digests {
+            // In use from now on: no worker of the node removes it while this one runs.
             let lock = self.lock_file(d)?;
+            lock.lock_shared()
+                .map_err(|e| io(format!("locking {} in the node cache", d.short()), e))?;
             let path = self.blobs.path(d);
-            loop {
-                lock.lock_shared()
-                    .map_err(|e| io(format!("locking {} in the node cache", d.short()), e))?;
-                if path.is_file() {
-                    break;
-                }
-                // Missing: download it under the exclusive lock (another worker of the node may
-                // be doing so; it then finds it present), then take the shared lock again.
-                lock.unlock()
-                    .map_err(|e| io(format!("unlocking {} in the node cache", d.short()), e))?;
-                lock.lock_exclusive()
-                    .map_err(|e| io(format!("locking {} in the node cache", d.short()), e))?;
+            if !path.is_file() {
+                // Missing: download it under its fetch lock (another worker of the node may be
+                // doing so; it then finds it present). Blobs are installed whole by rename.
+                let fetch = self.fetch_lock_file(d)?;
+                fetch.lock_exclusive().map_err(|e| {
+                    io(
+                        format!("locking {} for download in the node cache", d.short()),
+                        e,
+                    )
+                })?;
                 if !path.is_file() {
                     match crate::exchange::patiently(&format!("downloading input {}", d.short()), || {
                         remote.fetch_blob(d, &self.blobs)
@@ -124,8 +136,12 @@ impl NodeCache {
                         }
                     }
                 }
-                lock.unlock()
-                    .map_err(|e| io(format!("unlocking {} in the node cache", d.short()), e))?;
+                fetch.unlock().map_err(|e| {
+                    io(
+                        format!("unlocking {} for download in the node cache", d.short()),
+                        e,
+                    )
+                })?;
             }
             // Used now (the owner may set the time through a read-only handle).
             if let Ok(f) = File::open(&path) {
@@ -247,6 +263,29 @@ mod tests {
         assert_eq!((t.fetched, t.evicted), (1, 1), "{t:?}");
         assert!(!third.blobs().exists(&ds[1]) && third.blobs().exists(&ds[2]));
         assert_eq!(third.blobs().read(&ds[0]).unwrap(), vec![1u8; 100]);
+
+        // A worker that must fetch a blob another worker holds in use (here: removed under
+        // it, the state a worker that found it missing just before the other installed it
+        // sees) fetches it at once: it does not wait for the holder, which may run for long or
+        // be stopped.
+        let user = NodeCache::open(&cache_dir, 10_000).unwrap();
+        user.take(&remote, &[ds[0]]).unwrap();
+        std::fs::remove_file(user.blobs().path(&ds[0])).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let url = format!("file://{}", dir.path().join("remote").display());
+        let (cache2, d0) = (cache_dir.clone(), ds[0]);
+        std::thread::spawn(move || {
+            let remote = Remote::open_for_writing(&RemoteUrl::parse(&url).unwrap()).unwrap();
+            let c = NodeCache::open(&cache2, 10_000).unwrap();
+            let _ = tx.send(c.take(&remote, &[d0]).map(|t| t.fetched));
+        });
+        // A guard against a hang only, far beyond any machine's speed.
+        let fetched = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the fetch waited for the worker that holds the blob");
+        assert_eq!(fetched.unwrap(), 1);
+        assert_eq!(user.blobs().read(&ds[0]).unwrap(), vec![1u8; 100]);
+        drop(user);
 
         // An input the remote does not hold is a clear error.
         let e = third.take(&remote, &[Digest::of(b"absent")]).unwrap_err();
