@@ -22,7 +22,7 @@
 #     (scripts/bench_lora_torch.py, the pinned venv of scripts/requirements-hf-golden.txt,
 #     several GB on first use) reading `tsr export-model` of the same GGUF.
 # Threads: RAYON_NUM_THREADS for tsr, the same number for llama.cpp and torch (default: the
-# physical cores tsr would use). Out of CI: it takes about 14 minutes on 2 cores.
+# physical cores tsr would use). Out of CI: it takes about 16 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}

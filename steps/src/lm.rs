@@ -71,6 +71,13 @@ impl Weights {
         }
     }
 
+    /// The setting that holds weights in `dtype`, if one does.
+    pub fn of(dtype: DType) -> Option<Weights> {
+        [Weights::F32, Weights::Bf16, Weights::F16]
+            .into_iter()
+            .find(|w| w.dtype() == dtype)
+    }
+
     /// The tensor dtype.
     pub fn dtype(self) -> DType {
         match self {
@@ -90,11 +97,7 @@ pub fn hold_weights(model: &LanguageModel, weights: Weights, kind: &str) -> Resu
         return Ok(());
     }
     if have != model.dtype() {
-        let held = match have {
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            _ => "f32",
-        };
+        let held = Weights::of(have).map_or("another precision", Weights::name);
         return Err(StepError::Invalid(format!(
             "the {kind} step's `weights = \"{}\"` differs from its model's base, held in {held} (`[model] dtype`): set `weights = \"{held}\"` or leave it out",
             weights.name()

@@ -674,6 +674,23 @@ impl Default for DpoSection {
 }
 
 impl Config {
+    /// The precision the run's model holds its base in: `[model] dtype`, f32 when not given.
+    pub fn base_dtype(&self) -> Dtype {
+        self.model
+            .as_ref()
+            .and_then(|m| m.dtype)
+            .unwrap_or(Dtype::F32)
+    }
+
+    /// The precision the judge steps' model holds its base in: the run's, or f32 for a fixed
+    /// judge model (`[judge] model`, imported in f32).
+    pub fn judge_base_dtype(&self) -> Dtype {
+        match self.judge.model {
+            Some(_) => Dtype::F32,
+            None => self.base_dtype(),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
@@ -1065,24 +1082,15 @@ impl Config {
             }
         }
         // A base held in half precision is read as it is: a step's `weights` can only repeat it.
-        let base = self
-            .model
-            .as_ref()
-            .and_then(|m| m.dtype)
-            .unwrap_or(Dtype::F32);
-        if base.is_half() {
-            // A fixed judge model is imported in f32, whatever `[model] dtype` says.
-            let judge = self.judge.weights.filter(|_| self.judge.model.is_none());
-            for (key, w) in [
-                ("generate.weights", self.generate.weights),
-                ("judge.weights", judge),
-            ] {
-                if let Some(w) = w.filter(|w| w.name() != base.as_str()) {
-                    return bad(
-                        key,
-                        format!("`{}` differs from `[model] dtype = \"{base}\"`, which already holds the base in half precision; leave `weights` out (or set it to `{base}`)", w.name()),
-                    );
-                }
+        for (key, w, base) in [
+            ("generate.weights", self.generate.weights, self.base_dtype()),
+            ("judge.weights", self.judge.weights, self.judge_base_dtype()),
+        ] {
+            if let Some(w) = w.filter(|w| base.is_half() && w.name() != base.as_str()) {
+                return bad(
+                    key,
+                    format!("`{}` differs from `[model] dtype = \"{base}\"`, which already holds the base in half precision; leave `weights` out (or set it to `{base}`)", w.name()),
+                );
             }
         }
         if self.judge.weights.is_some()

@@ -89,19 +89,9 @@ struct Parts {
 /// Generation and judging: `[generate]` and `[judge]` (the rubric template read and checked).
 fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowError> {
     // A step's `weights` enters its key only when it changes something: not when it is the
-    // precision its model already has (the run's base, or f32 for a fixed judge model).
-    let base = c
-        .model
-        .as_ref()
-        .and_then(|m| m.dtype)
-        .unwrap_or(crate::Dtype::F32);
+    // precision its model already has.
     let setting = |w: Option<tsr_steps::lm::Weights>, base: crate::Dtype| {
         w.filter(|w| w.name() != base.as_str())
-    };
-    let judge_base = if c.judge.model.is_some() {
-        crate::Dtype::F32
-    } else {
-        base
     };
     let g = &c.generate;
     let gen = Arc::new(Generate {
@@ -111,7 +101,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         top_p: g.top_p,
         top_k: g.top_k,
         batch_size: g.batch_size,
-        weights: setting(g.weights, base),
+        weights: setting(g.weights, c.base_dtype()),
     });
     let j = &c.judge;
     let template = match &j.template {
@@ -140,7 +130,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         top_p: j.top_p,
         batch_size: j.batch_size,
         template,
-        weights: setting(j.weights, judge_base),
+        weights: setting(j.weights, c.judge_base_dtype()),
     });
     Ok((gen, judge))
 }
