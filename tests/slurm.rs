@@ -149,6 +149,15 @@ fn phase(n: &str) {
     eprintln!("scenario {n} starts at {:.0?}", t0.elapsed());
 }
 
+/// `sig` to the main thread of process `pid` only (`tgkill`): that thread takes it before it
+/// runs on.
+fn signal_main_thread(pid: i32, sig: i32) {
+    // SAFETY: a thread-directed signal to the main thread of a worker of this test's cluster.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, pid, pid, sig);
+    }
+}
+
 fn signal(pid: i32, sig: i32) {
     // SAFETY: a signal to a worker process of this test's cluster.
     unsafe {
@@ -648,9 +657,12 @@ fn slurm_array_tasks_give_the_outputs_of_one_process_through_faults() {
             }
             if requeued.is_empty() {
                 // The stop a preemption sends, waiting for it when the controller continues the
-                // task (a stopped process gets it before it runs again, so the job checkpoints
-                // and exits at once instead of finishing).
-                signal(w.pid, libc::SIGTERM);
+                // task, so the job checkpoints and exits at once instead of finishing. It goes to
+                // the main thread (the one stopped at the boundary): a signal to the process may
+                // be taken by another of its threads when it is continued, whose handler can then
+                // set the stop flag just after the main thread has checked it (seen here: the
+                // job finished its training instead).
+                signal_main_thread(w.pid, libc::SIGTERM);
                 cluster.scontrol(&["requeue", &w.task]);
                 requeued = w.task.clone();
                 to_start = true;
