@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tsr_dpo::bench::bench_dpo;
 use tsr_model::bench::{
-    bench_generate, dpo_flops_per_pair, forward_flops_per_token, matmul_params, measure_cpu_bounds,
-    minor_faults, vm_hwm_mb, weight_bytes_f32,
+    bench_generate, bench_workload, dpo_flops_per_pair, forward_flops_per_token, matmul_params,
+    measure_cpu_bounds, median, minor_faults, vm_hwm_mb, weight_bytes_f32, Batching,
 };
 use tsr_model::testing::{random_model, smollm2_135m_config};
 use tsr_model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
@@ -74,6 +74,18 @@ pub struct BenchArgs {
     pub gen_prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub gen_new_tokens: usize,
+    /// Measure a generation step's workload instead of one batch of one synthetic prompt:
+    /// the prompts of this JSONL file (a workflow's prompts), --gen-samples continuations of
+    /// each, end-of-turn honoured, handed to the model one batch at a time (a step whose
+    /// commit unit is its batch) and all at once (continuous batching), alternating.
+    #[arg(long, value_name = "FILE")]
+    pub gen_prompts: Option<PathBuf>,
+    /// With --gen-prompts: continuations per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub gen_samples: usize,
+    /// With --gen-prompts: how many times each way is measured, alternating.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -247,6 +259,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             top_p: a.top_p,
             top_k: None,
         };
+        if let Some(file) = &a.gen_prompts {
+            bench_workload_both(&policy, file, gen_batch, &a, sampling)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         let res = bench_generate(
             &policy,
             gen_batch,
@@ -291,4 +307,67 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         say!("peak RSS {:.0} MB", vm_hwm_mb());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--gen-prompts`: one batch at a time against continuous batching, alternating.
+fn bench_workload_both(
+    policy: &LanguageModel,
+    file: &std::path::Path,
+    batch: usize,
+    a: &BenchArgs,
+    sampling: Sampling,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let prompts = tsr_steps::prompts::parse_prompts(&bytes, &file.display().to_string())
+        .with_context(|| format!("parsing the prompts of {}", file.display()))?;
+    if prompts.is_empty() || a.gen_samples == 0 || a.rounds == 0 {
+        bail!("--gen-prompts needs at least one prompt, and --gen-samples and --rounds at least 1");
+    }
+    let ids = prompts
+        .iter()
+        .map(|p| policy.tokenizer().encode_prompt(&p.prompt))
+        .collect::<Result<Vec<_>, _>>()
+        .context("encoding the prompts")?;
+    let n = ids.len() * a.gen_samples;
+    say!(
+        "generation workload: {} prompts x {} samples = {n} requests, batch {batch}, <= {} new tokens, temperature {}{}; weights {:?}",
+        ids.len(),
+        a.gen_samples,
+        a.gen_new_tokens,
+        a.temperature,
+        a.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default(),
+        a.gen_weights
+    );
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..a.rounds {
+        for (i, how) in [Batching::OneBatchAtATime, Batching::Continuous]
+            .into_iter()
+            .enumerate()
+        {
+            let r = bench_workload(
+                policy,
+                &ids,
+                a.gen_samples,
+                batch,
+                a.gen_new_tokens,
+                sampling.clone(),
+                how,
+            )?;
+            say!(
+                "  round {round} {how:?}: {:.1} new tok/s ({} tokens in {:.2} s; {} of {n} stopped at end-of-turn)",
+                r.tokens_per_s,
+                r.new_tokens,
+                r.seconds,
+                r.stopped_early
+            );
+            times[i].push(r.seconds);
+        }
+    }
+    let (one, cont) = (median(times[0].clone()), median(times[1].clone()));
+    say!(
+        "RESULT generate workload: one batch at a time {one:.2} s, continuous {cont:.2} s (medians of {}): {:.2}x",
+        a.rounds,
+        one / cont
+    );
+    Ok(())
 }

@@ -325,3 +325,69 @@ pub fn measure_cpu_bounds() -> Result<Bounds, ModelError> {
 pub fn weight_bytes_f32(cfg: &Config) -> f64 {
     4.0 * matmul_params(cfg)
 }
+
+/// How [`bench_workload`] hands its requests to the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batching {
+    /// `batch` requests per call, in request order: a generation step whose commit unit is
+    /// its batch. A batch's rows that stop early leave it smaller until its longest row ends.
+    OneBatchAtATime,
+    /// Every request in one call: a row that stops takes the next waiting request, so the
+    /// batch stays full (a step whose commit unit holds them all).
+    Continuous,
+}
+
+/// A generation step's workload: `samples` sampled continuations of each prompt (token ids
+/// of a chat prompt), at most `max_new` tokens each, end-of-turn honoured, `batch` rows at a
+/// time, handed over as `batching` says. Request `i` is sample `i % samples` of prompt
+/// `i / samples`, seeded by `i`, as a generation step orders its items.
+pub fn bench_workload(
+    model: &LanguageModel,
+    prompts: &[Vec<u32>],
+    samples: usize,
+    batch: usize,
+    max_new: usize,
+    sampling: Sampling,
+    batching: Batching,
+) -> Result<GenBench, ModelError> {
+    let reqs: Vec<GenRequest> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, samples.max(1)))
+        .enumerate()
+        .map(|(i, p)| GenRequest {
+            prompt_ids: p.clone(),
+            max_new_tokens: max_new,
+            sampling: sampling.clone(),
+            seed: i as u64,
+        })
+        .collect();
+    let dev = model.device();
+    dev.synchronize()?;
+    let t = Instant::now();
+    let out = match batching {
+        Batching::Continuous => model.generate(&reqs, batch)?,
+        Batching::OneBatchAtATime => {
+            let mut out = Vec::with_capacity(reqs.len());
+            for chunk in reqs.chunks(batch.max(1)) {
+                out.extend(model.generate(chunk, batch)?);
+            }
+            out
+        }
+    };
+    dev.synchronize()?;
+    let seconds = t.elapsed().as_secs_f64();
+    let new_tokens: usize = out
+        .iter()
+        .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
+        .sum();
+    Ok(GenBench {
+        batch,
+        new_tokens,
+        stopped_early: out
+            .iter()
+            .filter(|o| o.finished == FinishReason::EndOfTurn)
+            .count(),
+        seconds,
+        tokens_per_s: new_tokens as f64 / seconds,
+    })
+}

@@ -4,8 +4,15 @@
 //! (starting at 0 at its first real token) and a mask hiding its padding, so a row computes the
 //! same thing alone or in a batch up to float summation order. Each request carries its own
 //! seed and its own ChaCha RNG, drawn once per sampled token, so its tokens do not depend on
-//! which other requests share the batch. Requests are sorted by prompt length before batching
-//! (less padding); finished rows are dropped from the cache once a quarter of a batch is done.
+//! which other requests share the batch. Requests are sorted by prompt length (less padding).
+//!
+//! At most `batch_size` rows decode together. With more requests than that, the batch is
+//! refilled (continuous batching): once a quarter of its rows have finished, the next waiting
+//! requests are prefilled together and copied into the free rows, their prompts ending at the
+//! batch's current slot, and decode on with the others. A full cache drops the slots before
+//! every live row's start. With no request waiting, finished rows are dropped from the cache
+//! once a quarter of the batch is done. Every decision depends on the requests and the tokens
+//! they produce only, so the outputs are a function of the requests and `batch_size`.
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -162,8 +169,9 @@ struct Row<'a> {
 }
 
 impl LanguageModel {
-    /// Generates a continuation for each request, `batch_size` sequences at a time.
-    /// Outputs are in request order.
+    /// Generates a continuation for each request, at most `batch_size` sequences at a time;
+    /// with more requests, rows that finish take waiting requests (continuous batching, see
+    /// the module docs). Outputs are in request order.
     pub fn generate(
         &self,
         reqs: &[GenRequest],
@@ -201,17 +209,19 @@ impl LanguageModel {
                     "request {i}: token id {bad} >= vocab size {vocab}"
                 )));
             }
+            self.config.check_context(
+                r.prompt_ids.len() + r.max_new_tokens,
+                "a prompt plus max_new_tokens",
+            )?;
         }
         let w = self.weights(false)?;
         let mut order: Vec<usize> = (0..reqs.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(reqs[i].prompt_ids.len()), i));
+        let sorted: Vec<&GenRequest> = order.iter().map(|&i| &reqs[i]).collect();
+        let results = self.generate_batch(&w, &sorted, batch_size.max(1), stop_at_end_of_turn)?;
         let mut out: Vec<Option<GenOutput>> = vec![None; reqs.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let batch: Vec<&GenRequest> = chunk.iter().map(|&i| &reqs[i]).collect();
-            let results = self.generate_batch(&w, &batch, stop_at_end_of_turn)?;
-            for (&i, r) in chunk.iter().zip(results) {
-                out[i] = Some(r);
-            }
+        for (&i, r) in order.iter().zip(results) {
+            out[i] = Some(r);
         }
         Ok(out
             .into_iter()
@@ -223,11 +233,12 @@ impl LanguageModel {
         &self,
         w: &Weights,
         reqs: &[&GenRequest],
+        batch_size: usize,
         stop_at_end_of_turn: bool,
     ) -> Result<Vec<GenOutput>, ModelError> {
         let run = || {
             super::kernels::with_half_native(|| {
-                self.generate_batch_inner(w, reqs, stop_at_end_of_turn)
+                Decoder::new(self, w, reqs, batch_size, stop_at_end_of_turn).run()
             })
         };
         if self.device().is_cpu() {
@@ -238,22 +249,36 @@ impl LanguageModel {
             run()
         }
     }
+}
 
-    fn generate_batch_inner(
-        &self,
-        w: &Weights,
-        reqs: &[&GenRequest],
+/// The state of one generation run: up to `batch_size` cache rows decode together; rows whose
+/// requests finished take the next waiting requests (see the module docs).
+struct Decoder<'a> {
+    model: &'a LanguageModel,
+    w: &'a Weights,
+    stops: &'a [u32],
+    pad_id: u32,
+    rows: Vec<Row<'a>>,
+    /// Requests not yet admitted, in order (longest prompts first).
+    waiting: std::ops::Range<usize>,
+    /// Cache row -> request index (`None`: never filled).
+    occupant: Vec<Option<usize>>,
+    /// Cache row -> the slot where its sequence starts (slots before it are masked).
+    pads: Vec<usize>,
+    /// Cache row -> the logits of its occupant's next token, where one is to be picked.
+    logits: Vec<Option<Vec<f32>>>,
+    cache: Option<KvCache>,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(
+        model: &'a LanguageModel,
+        w: &'a Weights,
+        reqs: &[&'a GenRequest],
+        batch_size: usize,
         stop_at_end_of_turn: bool,
-    ) -> Result<Vec<GenOutput>, ModelError> {
-        let dev = &self.device;
-        let dtype = self.dtype;
-        let stops: &[u32] = if stop_at_end_of_turn {
-            self.tokenizer.stop_ids()
-        } else {
-            &[]
-        };
-        let pad_id = self.tokenizer.pad_id();
-        let mut rows: Vec<Row> = reqs
+    ) -> Self {
+        let rows = reqs
             .iter()
             .map(|r| Row {
                 req: r,
@@ -262,113 +287,278 @@ impl LanguageModel {
                 done: (r.max_new_tokens == 0).then_some(FinishReason::MaxTokens),
             })
             .collect();
-        let max_prompt = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
-        let max_new = reqs.iter().map(|r| r.max_new_tokens).max().unwrap_or(0);
-        for r in reqs {
-            self.config.check_context(
-                r.prompt_ids.len() + r.max_new_tokens,
-                "a prompt plus max_new_tokens",
-            )?;
+        let b = batch_size.min(reqs.len());
+        Decoder {
+            model,
+            w,
+            stops: if stop_at_end_of_turn {
+                model.tokenizer.stop_ids()
+            } else {
+                &[]
+            },
+            pad_id: model.tokenizer.pad_id(),
+            rows,
+            waiting: 0..reqs.len(),
+            occupant: vec![None; b],
+            pads: vec![0; b],
+            logits: vec![None; b],
+            cache: None,
         }
-        if max_new > 0 {
-            // Cache rows map to request rows through `live`; padding per cache row in `pads`.
-            let mut live: Vec<usize> = (0..rows.len()).collect();
-            let mut pads: Vec<usize> = reqs
-                .iter()
-                .map(|r| max_prompt - r.prompt_ids.len())
-                .collect();
-            let mut cache =
-                KvCache::new(&self.config, rows.len(), max_prompt + max_new, dtype, dev)?;
-            let mut ids = Vec::with_capacity(rows.len() * max_prompt);
-            let mut pos = Vec::with_capacity(rows.len() * max_prompt);
-            for (r, &pad) in reqs.iter().zip(&pads) {
-                ids.extend(std::iter::repeat_n(pad_id, pad));
-                ids.extend_from_slice(&r.prompt_ids);
-                pos.extend((0..max_prompt).map(|j| j.saturating_sub(pad) as u32));
-            }
-            let b = rows.len();
-            let ids_t = Tensor::from_vec(ids, (b, max_prompt), dev)?;
-            let row_len: Vec<usize> = reqs.iter().map(|r| r.prompt_ids.len()).collect();
-            let rope = Rope::new(&self.config, &pos, &row_len, max_prompt, dtype, dev)?;
-            let mask = attention_mask(&pads, max_prompt, max_prompt, 0, dtype, dev)?;
-            let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
-            let last = h.narrow(1, max_prompt - 1, 1)?.squeeze(1)?;
-            let mut logits = w
-                .logits(&last)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2::<f32>()?;
+    }
+
+    fn run(mut self) -> Result<Vec<GenOutput>, ModelError> {
+        let n = self.rows.len();
+        let first: Vec<usize> = if n <= self.occupant.len() {
+            // One batch: every request takes a row, as without continuous batching.
+            self.waiting = n..n;
+            (0..n).collect()
+        } else {
+            // Requests that make no tokens never take a row.
+            self.admissible(self.occupant.len())
+        };
+        if first.iter().any(|&r| self.rows[r].done.is_none()) {
+            self.start(&first)?;
             loop {
-                // Each live row picks its next token from its own logits with its own
-                // generator, so the rows pick in parallel. `live` is in increasing order.
-                let mut active: Vec<(&mut Row, &[f32])> = Vec::with_capacity(live.len());
-                let mut next = live.iter().zip(&logits).peekable();
-                for (ri, row) in rows.iter_mut().enumerate() {
-                    if let Some((_, lg)) = next.next_if(|(&l, _)| l == ri) {
-                        active.push((row, lg));
+                self.pick();
+                while !self.waiting.is_empty() && self.free_rows() * 4 >= self.occupant.len() {
+                    let holes = self.holes();
+                    let next = self.admissible(holes.len());
+                    if next.is_empty() {
+                        break;
                     }
+                    self.admit(&holes[..next.len()], &next)?;
+                    self.pick();
                 }
-                debug_assert!(next.peek().is_none(), "live rows are in order");
-                active.par_iter_mut().for_each(|(row, lg)| {
-                    if row.done.is_some() {
-                        return;
-                    }
-                    let t = pick(lg, &row.req.sampling, &mut row.rng);
-                    if stops.contains(&t) {
-                        row.done = Some(FinishReason::EndOfTurn);
-                        return;
-                    }
-                    row.tokens.push(t);
-                    if row.tokens.len() >= row.req.max_new_tokens {
-                        row.done = Some(FinishReason::MaxTokens);
-                    }
-                });
-                drop(active);
-                let still: Vec<usize> = (0..live.len())
-                    .filter(|&ci| rows[live[ci]].done.is_none())
-                    .collect();
-                if still.is_empty() {
+                if self
+                    .occupant
+                    .iter()
+                    .all(|o| o.is_none_or(|r| self.rows[r].done.is_some()))
+                {
                     break;
                 }
-                // Drop finished rows from the cache when enough of the batch is idle.
-                if (live.len() - still.len()) * 4 >= live.len() {
-                    let idx: Vec<u32> = still.iter().map(|&c| c as u32).collect();
-                    cache.retain_rows(&Tensor::new(idx.as_slice(), dev)?)?;
-                    live = still.iter().map(|&c| live[c]).collect();
-                    pads = still.iter().map(|&c| pads[c]).collect();
+                if self.waiting.is_empty() {
+                    self.shrink()?;
                 }
-                let nb = live.len();
-                let slot = cache.len;
-                let next: Vec<u32> = live
-                    .iter()
-                    .map(|&ri| {
-                        if rows[ri].done.is_none() {
-                            *rows[ri].tokens.last().expect("token")
-                        } else {
-                            pad_id
-                        }
-                    })
-                    .collect();
-                let pos: Vec<u32> = pads.iter().map(|&p| (slot - p) as u32).collect();
-                let ids_t = Tensor::from_vec(next, (nb, 1), dev)?;
-                let row_len: Vec<usize> = pos.iter().map(|&p| p as usize + 1).collect();
-                let rope = Rope::new(&self.config, &pos, &row_len, 1, dtype, dev)?;
-                let mask = attention_mask(&pads, 1, slot + 1, slot, dtype, dev)?;
-                let h = w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
-                logits = w
-                    .logits(&h.squeeze(1)?)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec2::<f32>()?;
+                self.step()?;
             }
         }
-        rows.into_iter()
+        let tok = &self.model.tokenizer;
+        self.rows
+            .into_iter()
             .map(|r| {
                 Ok(GenOutput {
-                    text: self.tokenizer.decode(&r.tokens)?,
+                    text: tok.decode(&r.tokens)?,
                     token_ids: r.tokens,
                     finished: r.done.unwrap_or(FinishReason::MaxTokens),
                 })
             })
             .collect()
+    }
+
+    /// The next up to `n` waiting requests that make tokens (those that make none are done).
+    fn admissible(&mut self, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let Some(i) = self.waiting.next() else { break };
+            if self.rows[i].done.is_none() {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// Cache rows free for a new request: never filled, or their request finished.
+    fn holes(&self) -> Vec<usize> {
+        (0..self.occupant.len())
+            .filter(|&c| self.occupant[c].is_none_or(|r| self.rows[r].done.is_some()))
+            .collect()
+    }
+
+    fn free_rows(&self) -> usize {
+        self.holes().len()
+    }
+
+    /// Prefills `reqs` (longest prompt first) together, left-padded to the longest:
+    /// their cache (slots `0..longest`) and the logits of each one's first new token.
+    fn prefill(
+        &self,
+        reqs: &[usize],
+        capacity: usize,
+    ) -> Result<(KvCache, Vec<Vec<f32>>), ModelError> {
+        let dev = &self.model.device;
+        let dtype = self.model.dtype;
+        let cfg = &self.model.config;
+        let longest = reqs
+            .iter()
+            .map(|&r| self.rows[r].req.prompt_ids.len())
+            .max()
+            .unwrap_or(0);
+        let pads: Vec<usize> = reqs
+            .iter()
+            .map(|&r| longest - self.rows[r].req.prompt_ids.len())
+            .collect();
+        let mut cache = KvCache::new(cfg, reqs.len(), capacity, dtype, dev)?;
+        let mut ids = Vec::with_capacity(reqs.len() * longest);
+        let mut pos = Vec::with_capacity(reqs.len() * longest);
+        for (&r, &pad) in reqs.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            ids.extend_from_slice(&self.rows[r].req.prompt_ids);
+            pos.extend((0..longest).map(|j| j.saturating_sub(pad) as u32));
+        }
+        let ids_t = Tensor::from_vec(ids, (reqs.len(), longest), dev)?;
+        let row_len: Vec<usize> = reqs
+            .iter()
+            .map(|&r| self.rows[r].req.prompt_ids.len())
+            .collect();
+        let rope = Rope::new(cfg, &pos, &row_len, longest, dtype, dev)?;
+        let mask = attention_mask(&pads, longest, longest, 0, dtype, dev)?;
+        let h = self.w.forward(&ids_t, &rope, &mask, Some(&mut cache))?;
+        let last = h.narrow(1, longest - 1, 1)?.squeeze(1)?;
+        let logits = self
+            .w
+            .logits(&last)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        Ok((cache, logits))
+    }
+
+    /// The first rows: prefilled together into the batch's cache.
+    fn start(&mut self, reqs: &[usize]) -> Result<(), ModelError> {
+        let longest = self.rows[reqs[0]].req.prompt_ids.len();
+        let budget = |r: &usize| self.rows[*r].req.max_new_tokens;
+        let capacity = if self.waiting.is_empty() {
+            longest + reqs.iter().map(budget).max().unwrap_or(0)
+        } else {
+            // Room for any row to finish after the cache is compacted (see `step`): a live
+            // row spans at most the longest prompt plus the largest budget.
+            longest + 2 * (0..self.rows.len()).map(|r| budget(&r)).max().unwrap_or(0)
+        };
+        let (mut cache, logits) = self.prefill(reqs, capacity)?;
+        // Rows that join later start far into the cache; a single batch keeps its arithmetic.
+        cache.skip_masked_prefix = !self.waiting.is_empty();
+        self.occupant = reqs.iter().map(|&r| Some(r)).collect();
+        self.pads = reqs
+            .iter()
+            .map(|&r| longest - self.rows[r].req.prompt_ids.len())
+            .collect();
+        self.logits = logits.into_iter().map(Some).collect();
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    /// Prefills `reqs` and moves them into the cache rows `into`: each prompt ends at the
+    /// batch's current slot, so it decodes in step with the other rows.
+    fn admit(&mut self, into: &[usize], reqs: &[usize]) -> Result<(), ModelError> {
+        let longest = self.rows[reqs[0]].req.prompt_ids.len();
+        let (group, logits) = self.prefill(reqs, longest)?;
+        let cache = self.cache.as_mut().expect("started");
+        let slot = cache.len;
+        for (j, ((&c, &r), lg)) in into.iter().zip(reqs).zip(logits).enumerate() {
+            let p = self.rows[r].req.prompt_ids.len();
+            // Requests come longest first, so every prompt fits before the current slot.
+            debug_assert!(p <= slot);
+            cache.place_row(c, &group, j, longest - p, p, slot - p)?;
+            self.occupant[c] = Some(r);
+            self.pads[c] = slot - p;
+            self.logits[c] = Some(lg);
+        }
+        Ok(())
+    }
+
+    /// Each row with fresh logits picks its next token with its own generator, in parallel.
+    fn pick(&mut self) {
+        let stops = self.stops;
+        let mut active: Vec<(&mut Row, Vec<f32>)> = Vec::new();
+        let mut by_req: Vec<Option<Vec<f32>>> = (0..self.rows.len()).map(|_| None).collect();
+        for (c, lg) in self.logits.iter_mut().enumerate() {
+            if let (Some(r), Some(lg)) = (self.occupant[c], lg.take()) {
+                by_req[r] = Some(lg);
+            }
+        }
+        for (row, lg) in self.rows.iter_mut().zip(by_req) {
+            if let Some(lg) = lg {
+                active.push((row, lg));
+            }
+        }
+        active.par_iter_mut().for_each(|(row, lg)| {
+            if row.done.is_some() {
+                return;
+            }
+            let t = pick(lg, &row.req.sampling, &mut row.rng);
+            if stops.contains(&t) {
+                row.done = Some(FinishReason::EndOfTurn);
+                return;
+            }
+            row.tokens.push(t);
+            if row.tokens.len() >= row.req.max_new_tokens {
+                row.done = Some(FinishReason::MaxTokens);
+            }
+        });
+    }
+
+    /// With no request waiting, drops finished rows from the cache once a quarter of the
+    /// batch is idle.
+    fn shrink(&mut self) -> Result<(), ModelError> {
+        let n = self.occupant.len();
+        let still: Vec<usize> = (0..n)
+            .filter(|&c| self.occupant[c].is_some_and(|r| self.rows[r].done.is_none()))
+            .collect();
+        if (n - still.len()) * 4 >= n {
+            let cache = self.cache.as_mut().expect("started");
+            let idx: Vec<u32> = still.iter().map(|&c| c as u32).collect();
+            cache.retain_rows(&Tensor::new(idx.as_slice(), &self.model.device)?)?;
+            self.occupant = still.iter().map(|&c| self.occupant[c]).collect();
+            self.pads = still.iter().map(|&c| self.pads[c]).collect();
+            self.logits = vec![None; still.len()];
+        }
+        Ok(())
+    }
+
+    /// One decode step for every cache row: the last token of each live row (padding for the
+    /// others), then the logits of each live row's next token. A full cache is first
+    /// compacted: the slots before every row's start are dropped.
+    fn step(&mut self) -> Result<(), ModelError> {
+        let dev = &self.model.device;
+        let dtype = self.model.dtype;
+        let cfg = &self.model.config;
+        let live = |c: usize| self.occupant[c].filter(|&r| self.rows[r].done.is_none());
+        let cache = self.cache.as_mut().expect("started");
+        if cache.len == cache.capacity {
+            let drop = (0..self.occupant.len())
+                .filter(|&c| live(c).is_some())
+                .map(|c| self.pads[c])
+                .min()
+                .unwrap_or(0);
+            cache.drop_slots(drop)?;
+            for p in self.pads.iter_mut() {
+                *p = p.saturating_sub(drop);
+            }
+        }
+        let slot = cache.len;
+        let nb = self.occupant.len();
+        let next: Vec<u32> = (0..nb)
+            .map(|c| match live(c) {
+                Some(r) => *self.rows[r].tokens.last().expect("token"),
+                None => self.pad_id,
+            })
+            .collect();
+        // A row without a live request decodes padding; its output is never read.
+        let pads = &self.pads;
+        let pos: Vec<u32> = pads.iter().map(|&p| (slot - p) as u32).collect();
+        let ids_t = Tensor::from_vec(next, (nb, 1), dev)?;
+        let row_len: Vec<usize> = pos.iter().map(|&p| p as usize + 1).collect();
+        let rope = Rope::new(cfg, &pos, &row_len, 1, dtype, dev)?;
+        let mask = attention_mask(pads, 1, slot + 1, slot, dtype, dev)?;
+        let h = self.w.forward(&ids_t, &rope, &mask, Some(cache))?;
+        let logits = self
+            .w
+            .logits(&h.squeeze(1)?)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        for (c, lg) in logits.into_iter().enumerate() {
+            self.logits[c] = live(c).map(|_| lg);
+        }
+        Ok(())
     }
 }
 

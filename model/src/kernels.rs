@@ -177,11 +177,18 @@ pub(crate) fn masked_softmax(
 /// batched matmuls of one-row products (one gemm call per row and group, where the call costs
 /// more than its arithmetic) around the softmax. Each output row is one thread's sequential
 /// sums, so the result does not depend on the thread count.
+/// Additive mask entries at or below this hide their slot (masks put `-1e9` there).
+const MASKED: f32 = -1e8;
+
 struct DecodeAttention {
     /// Valid cache slots.
     len: usize,
     /// The additive mask, `[B, len]`.
     mask: Vec<f32>,
+    /// Each row starts at its first visible slot instead of adding the masked slots before it
+    /// at their (tiny, not zero) weights: what continuous batching asks, whose rows start far
+    /// into the cache.
+    skip_masked_prefix: bool,
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -246,8 +253,17 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 |scores, (group, (y, qg))| {
                     let bi = group / g;
                     let base = group * cap * d;
-                    let (k, v) = (&k[base..base + len * d], &v[base..base + len * d]);
                     let mask = &self.mask[bi * len..(bi + 1) * len];
+                    let from = if self.skip_masked_prefix {
+                        mask.iter().position(|&m| m > MASKED).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    let (k, v) = (
+                        &k[base + from * d..base + len * d],
+                        &v[base + from * d..base + len * d],
+                    );
+                    let (mask, scores) = (&mask[from..], &mut scores[..r * (len - from)]);
                     super::fused::simd!(wide, attend_group(qg, k, v, mask, scores, y));
                 },
             );
@@ -304,6 +320,7 @@ pub(crate) fn decode_attention(
     v_cache: &Tensor,
     len: usize,
     mask: &Tensor,
+    skip_masked_prefix: bool,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     let fits = f32_cpu(q)
@@ -316,7 +333,11 @@ pub(crate) fn decode_attention(
         return Ok(None);
     }
     let mask = mask.flatten_all()?.to_vec1::<f32>()?;
-    let op = DecodeAttention { len, mask };
+    let op = DecodeAttention {
+        len,
+        mask,
+        skip_masked_prefix,
+    };
     q.contiguous()?
         .apply_op3_no_bwd(k_cache, v_cache, &op)
         .map(Some)
@@ -610,7 +631,9 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, 1, len), &dev).unwrap();
-        let fused = decode_attention(&q, &k, &v, len, &mask).unwrap().unwrap();
+        let fused = decode_attention(&q, &k, &v, len, &mask, false)
+            .unwrap()
+            .unwrap();
         let kk = k.narrow(2, 0, len).unwrap();
         let vv = v.narrow(2, 0, len).unwrap();
         let att = q.matmul(&kk.t().unwrap()).unwrap(); // [b, g, r, len]
@@ -630,9 +653,32 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "largest difference {diff}");
+        // Skipping each row's masked slots: a row computes what it computes alone on a cache
+        // that holds its visible slots only, bit for bit.
+        let skipped = decode_attention(&q, &k, &v, len, &mask, true)
+            .unwrap()
+            .unwrap();
+        for (row, &p) in pad.iter().enumerate() {
+            let one = |t: &Tensor| t.narrow(0, row, 1).unwrap();
+            let kr = one(&k).narrow(2, p, cap - p).unwrap().contiguous().unwrap();
+            let vr = one(&v).narrow(2, p, cap - p).unwrap().contiguous().unwrap();
+            let none = Tensor::zeros((1, 1, 1, 1, len - p), DType::F32, &dev).unwrap();
+            let alone = decode_attention(&one(&q), &kr, &vr, len - p, &none, false)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                one(&skipped)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "row {row}"
+            );
+        }
         // Another dtype is left to candle's ops.
         let half = q.to_dtype(candle_core::DType::F16).unwrap();
-        assert!(decode_attention(&half, &k, &v, len, &mask)
+        assert!(decode_attention(&half, &k, &v, len, &mask, false)
             .unwrap()
             .is_none());
     }

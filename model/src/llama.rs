@@ -198,6 +198,9 @@ pub(crate) struct KvCache {
     /// Number of filled slots (the same for every row; rows differ by their left padding).
     pub len: usize,
     pub capacity: usize,
+    /// Decode steps start each row's attention at its first visible slot (see
+    /// `kernels::decode_attention`); off, a row's masked slots add their tiny weights.
+    pub skip_masked_prefix: bool,
 }
 
 impl KvCache {
@@ -220,6 +223,7 @@ impl KvCache {
             v,
             len: 0,
             capacity,
+            skip_masked_prefix: false,
         })
     }
 
@@ -228,6 +232,51 @@ impl KvCache {
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
             *t = t.index_select(rows, 0)?;
         }
+        Ok(())
+    }
+
+    /// Writes `len` slots of row `src_row` of `src`, from its slot `src_start`, into row `row`
+    /// at slot `dst_start`; the row's other slots become zeros (its mask hides them).
+    pub fn place_row(
+        &mut self,
+        row: usize,
+        src: &KvCache,
+        src_row: usize,
+        src_start: usize,
+        len: usize,
+        dst_start: usize,
+    ) -> Result<()> {
+        for (dst, s) in self
+            .k
+            .iter_mut()
+            .zip(&src.k)
+            .chain(self.v.iter_mut().zip(&src.v))
+        {
+            let (_, h, cap, d) = dst.dims4()?;
+            let part = s
+                .narrow(0, src_row, 1)?
+                .narrow(2, src_start, len)?
+                .contiguous()?;
+            let full = Tensor::zeros((1, h, cap, d), dst.dtype(), dst.device())?;
+            full.slice_set(&part, 2, dst_start)?;
+            dst.slice_set(&full, 0, row)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` filled slots of every row (slot `n` becomes slot 0).
+    pub fn drop_slots(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let kept = self.len - n;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let moved = t.narrow(2, n, kept)?.contiguous()?;
+            let fresh = Tensor::zeros(t.shape(), t.dtype(), t.device())?;
+            fresh.slice_set(&moved, 2, 0)?;
+            *t = fresh;
+        }
+        self.len = kept;
         Ok(())
     }
 }
@@ -426,7 +475,7 @@ impl Weights {
         x: &Tensor,
         rope: &Rope,
         mask: &Tensor,
-        cache: Option<(&Tensor, &Tensor, usize)>,
+        cache: Option<(&Tensor, &Tensor, usize, bool)>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -446,12 +495,12 @@ impl Weights {
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         // A decode step (one new token per row) on the CPU: the fused kernel.
-        if let (Some((kc, vc, off)), false, 1) = (cache, self.differentiable, t) {
+        if let (Some((kc, vc, off, skip)), false, 1) = (cache, self.differentiable, t) {
             kc.slice_set(&k, 2, off)?;
             vc.slice_set(&v, 2, off)?;
             let scale = 1.0 / (hd as f64).sqrt();
             let qs = (q.clone() * scale)?.reshape((b, nkv, n_rep, hd))?;
-            if let Some(y) = kernels::decode_attention(&qs, kc, vc, off + 1, mask)? {
+            if let Some(y) = kernels::decode_attention(&qs, kc, vc, off + 1, mask, skip)? {
                 let y = y
                     .reshape((b, nh, 1, hd))?
                     .transpose(1, 2)?
@@ -460,7 +509,7 @@ impl Weights {
             }
         }
         let (k, v) = match cache {
-            Some((kc, vc, off)) => {
+            Some((kc, vc, off, _)) => {
                 kc.slice_set(&k, 2, off)?;
                 vc.slice_set(&v, 2, off)?;
                 (kc.narrow(2, 0, off + t)?, vc.narrow(2, 0, off + t)?)
@@ -507,7 +556,9 @@ impl Weights {
         }
         for (i, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &l.attn_norm)?;
-            let kv = cache.as_ref().map(|c| (&c.k[i], &c.v[i], off));
+            let kv = cache
+                .as_ref()
+                .map(|c| (&c.k[i], &c.v[i], off, c.skip_masked_prefix));
             let a = self.attention(l, &h, rope, mask, kv)?;
             x = (x + a)?;
             let h = self.rms_norm(&x, &l.mlp_norm)?;

@@ -204,6 +204,74 @@ fn kv_cache_generation_matches_full_recomputation() {
     }
 }
 
+/// Continuous batching: with more requests than rows, each request, whichever row it joins
+/// and whenever, generates what it generates alone. With 2 rows and budgets of 3 to 20 tokens
+/// (157 in all, end-of-turn ignored), the run takes at least (157 - 14) / 2 = 72 decode steps
+/// while its cache holds the longest prompt plus 2 x 20 slots, so it also drops slots on the
+/// way (at least once); requests without a budget take no row.
+#[test]
+fn refilled_rows_generate_what_they_generate_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), 17);
+    let t = m.tokenizer();
+    let prompts = [
+        "Hello",
+        "What is two plus two?",
+        "Please explain why the sky is blue, step by step, with an example.",
+        "Rust",
+        "Name three rivers in Europe.",
+        "Why?",
+        "Write a haiku about the sea.",
+    ];
+    let mut reqs = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for s in 0..2usize {
+            let k = 2 * i + s;
+            reqs.push(GenRequest {
+                prompt_ids: t.encode_prompt(p).unwrap(),
+                max_new_tokens: 3 + (k * 7) % 18,
+                sampling: if s == 0 {
+                    Sampling::Greedy
+                } else {
+                    Sampling::Sample {
+                        temperature: 0.9,
+                        top_p: Some(0.95),
+                        top_k: None,
+                    }
+                },
+                seed: 40 + k as u64,
+            });
+        }
+    }
+    assert_eq!(reqs.iter().map(|r| r.max_new_tokens).sum::<usize>(), 157);
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            m.generate_ignoring_end_of_turn(std::slice::from_ref(r), 1)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    for rows in [2, 3, 5] {
+        assert_eq!(
+            m.generate_ignoring_end_of_turn(&reqs, rows).unwrap(),
+            alone,
+            "{rows} rows"
+        );
+    }
+    // End of turn honoured, and requests with no budget among them.
+    let mut some_empty = reqs.clone();
+    for r in some_empty.iter_mut().step_by(4) {
+        r.max_new_tokens = 0;
+    }
+    let alone: Vec<_> = some_empty
+        .iter()
+        .map(|r| m.generate(std::slice::from_ref(r), 1).unwrap().remove(0))
+        .collect();
+    assert_eq!(m.generate(&some_empty, 2).unwrap(), alone);
+    assert!(alone.iter().step_by(4).all(|o| o.token_ids.is_empty()));
+}
+
 #[test]
 fn generation_does_not_depend_on_batch_composition() {
     let tmp = tempfile::tempdir().unwrap();
