@@ -9,10 +9,16 @@
 #   REV: the git revision to build them with (built in a worktree under target/); without it,
 #   the binaries of this checkout's target/release (build them first:
 #   cargo build --release --bin tsr && cargo build --release --workspace --example write_tiny_model).
-# Writes tests/fixtures/old-stores/{full,lora}.tar.gz and tests/fixtures/old-stores/MADE_BY.
+# Writes tests/fixtures/old-stores/{full,lora}.tar.gz and tests/fixtures/old-stores/MADE_BY on a
+# CPU with AVX-512, into tests/fixtures/old-stores/avx2/ on one with AVX2 and no AVX-512: a DPO
+# step resumed on another kind of CPU than the one that began it ends with other bits (gemm's
+# kernels), so each kind has its own stores (tests/common/mod.rs, cpu_kind).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/tests/fixtures/old-stores"
+if grep -qw avx512f /proc/cpuinfo; then :
+elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then out="$out/avx2"
+else out="$out/$(uname -m)"; fi
 rev=${1:-}
 if [[ -n "$rev" ]]; then
     tree="$root/target/old-store-golden/tree"

@@ -2,7 +2,9 @@
 //! the whole model, one a LoRA adapter with dropout), resume and replay with this build: the
 //! resumed run ends with the outputs of an uninterrupted run of this build, and replaying its
 //! iteration recomputes every step identically. The stores are `tests/fixtures/old-stores/`,
-//! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`). A run records its files
+//! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`), one set per kind of CPU
+//! (`common::cpu_kind`: a DPO step resumed on another kind than the one that began it ends with
+//! other bits than one run there whole). A run records its files
 //! by absolute path, so the stores are made in [`RECORDED_AT`] and resumed there; unpacked
 //! anywhere else, `tsr resume` names the files it no longer finds.
 
@@ -22,9 +24,11 @@ static RECORDED_AT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Unpack the fixture `variant` into `into` and return its folder.
 fn unpack(variant: &str, into: &Path) -> PathBuf {
-    let tar = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/old-stores")
-        .join(format!("{variant}.tar.gz"));
+    let tar = fixtures_for_this_cpu(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/old-stores"),
+        "`scripts/old_store_golden.sh REV`",
+    )
+    .join(format!("{variant}.tar.gz"));
     let o = Command::new("tar")
         .arg("-xzf")
         .arg(&tar)
