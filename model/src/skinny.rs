@@ -61,11 +61,18 @@ impl Weight for bf16 {
 /// Lanes of the dot product's partial sums.
 const LANES: usize = 16;
 
-/// Weight rows per tile.
+/// Weight rows per tile (AVX-512 and portable builds).
 const TW: usize = 4;
 
-/// Input rows per tile.
+/// Input rows per tile (AVX-512 and portable builds).
 const TX: usize = 4;
+
+/// The AVX2 build's tile: each output's 16 lanes take two of its 16 registers, so a 4 x 4
+/// tile's 32 partial sums spilled to memory; 3 x 2 keeps its 12 sums, 2 inputs and a weight
+/// in registers (one input row keeps 4 x 1). The tile shape changes no result: each output
+/// adds its own lanes in order.
+const TW_AVX2: usize = 3;
+const TX_AVX2: usize = 2;
 
 /// Most rows of `x` this kernel takes: a decode step's batch (and a short single prompt's
 /// prefill); longer inputs go to gemm, built for them.
@@ -74,7 +81,8 @@ pub(crate) const MAX_ROWS: usize = 64;
 /// How many weight rows ahead the tiles prefetch.
 const PF_ROWS: usize = 32;
 
-/// Weight rows per parallel task (a multiple of [`TW`]): the split changes no result.
+/// Weight rows per parallel task (a multiple of [`TW`]; the AVX2 build ends each with a smaller
+/// tile): the split changes no result.
 const TASK_ROWS: usize = 32;
 
 /// The fixed tree that adds a dot product's 16 lanes.
@@ -161,7 +169,7 @@ unsafe fn task<W: Weight>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{reduce, Weight, LANES, PF_ROWS, TW, TX};
+    use super::{reduce, Weight, LANES, PF_ROWS};
 
     /// Where prefetched weight lines go: L2 (measured best against none and against L1 four
     /// rows ahead, for 1 and 16 input rows with the weights streamed from memory).
@@ -351,7 +359,9 @@ mod x86 {
 
     /// Runs `tile::<WR, XR>` over all tiles of the task, remainders with smaller tiles.
     macro_rules! task_body {
-        ($tile:ident, $widen:ident, $x:expr, $w:expr, $k:expr, $n:expr, $rows:expr, $m_rows:expr, $y:expr) => {{
+        ($tile:ident, $widen:ident, $tw:expr, $tx:expr, $x:expr, $w:expr, $k:expr, $n:expr, $rows:expr, $m_rows:expr, $y:expr) => {{
+            const TW: usize = $tw;
+            const TX: usize = $tx;
             let (x, w, k, n, rows, m_rows, y): (
                 &[f32],
                 &[W],
@@ -369,7 +379,8 @@ mod x86 {
             let mut wide = vec![0f32; if widen_once { TW * k } else { 0 }];
             let mut r = 0;
             while r < rows {
-                let wr = (rows - r).min(TW);
+                // One input row (batch 1) keeps the wide tile: its sums fit in registers.
+                let wr = (rows - r).min(if m_rows == 1 { super::TW } else { TW });
                 if widen_once {
                     unsafe { $widen(w.as_ptr().add((o0 + r) * k), wide.as_mut_ptr(), wr * k) };
                 }
@@ -381,7 +392,7 @@ mod x86 {
                     // The weight rows PF_ROWS ahead are fetched while this tile runs, their
                     // share spread over the tile's input-row passes (within the weight).
                     let (passes, pass) = (m_rows.div_ceil(TX), m / TX);
-                    let (lo, hi) = (pass * TW / passes, (pass + 1) * TW / passes);
+                    let (lo, hi) = (pass * wr / passes, (pass + 1) * wr / passes);
                     let (pf, pf_rows) = if o0 + r + PF_ROWS + hi <= n {
                         (
                             unsafe { w.as_ptr().add((o0 + r + PF_ROWS + lo) * k) },
@@ -433,7 +444,7 @@ mod x86 {
 
     /// A task's whole loop over its tiles, compiled for one instruction set.
     macro_rules! task_fn {
-        ($name:ident, $features:literal, $tile:ident, $widen:ident) => {
+        ($name:ident, $features:literal, $tile:ident, $widen:ident, $tw:expr, $tx:expr) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<W: Weight>(
                 x: &[f32],
@@ -444,12 +455,26 @@ mod x86 {
                 m_rows: usize,
                 y: *mut f32,
             ) {
-                task_body!($tile, $widen, x, w, k, n, rows, m_rows, y)
+                task_body!($tile, $widen, $tw, $tx, x, w, k, n, rows, m_rows, y)
             }
         };
     }
-    task_fn!(task_avx512, "avx512f", tile512, widen512);
-    task_fn!(task_avx2, "avx2,fma,f16c", tile256, widen256);
+    task_fn!(
+        task_avx512,
+        "avx512f",
+        tile512,
+        widen512,
+        super::TW,
+        super::TX
+    );
+    task_fn!(
+        task_avx2,
+        "avx2,fma,f16c",
+        tile256,
+        widen256,
+        super::TW_AVX2,
+        super::TX_AVX2
+    );
 }
 
 /// A raw output pointer the tasks share (each writes its own elements).
