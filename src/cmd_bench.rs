@@ -319,7 +319,7 @@ fn bench_workload_both(
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let prompts = tsr_steps::prompts::parse_prompts(&bytes, &file.display().to_string())
-        .with_context(|| format!("parsing the prompts of {}", file.display()))?;
+        .context("--gen-prompts")?;
     if prompts.is_empty() || a.gen_samples == 0 || a.rounds == 0 {
         bail!("--gen-prompts needs at least one prompt, and --gen-samples and --rounds at least 1");
     }

@@ -47,6 +47,61 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
     }
     assert!(!store.exists(), "bench must not create a store");
 
+    // A generation step's workload, one batch at a time against continuous batching; a
+    // prompts file that is missing or holds no prompt is named.
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"a\", \"prompt\": \"hello\"}\n{\"id\": \"b\", \"prompt\": \"name two colours\"}\n",
+    )
+    .unwrap();
+    let workload = |file: &std::path::Path| {
+        tsr(
+            &[
+                "bench",
+                "--model",
+                m,
+                "--only",
+                "generate",
+                "--gen-prompts",
+                file.to_str().unwrap(),
+                "--gen-samples",
+                "3",
+                "--gen-batch",
+                "2",
+                "--gen-new-tokens",
+                "4",
+                "--rounds",
+                "1",
+            ],
+            &store,
+        )
+    };
+    let o = workload(&prompts);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for want in [
+        "2 prompts x 3 samples = 6 requests, batch 2",
+        "round 0 OneBatchAtATime:",
+        "round 0 Continuous:",
+        "RESULT generate workload: one batch at a time",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let missing = dir.path().join("none.jsonl");
+    let o = workload(&missing);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("none.jsonl"), "{}", text(&o));
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let o = workload(&empty);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("empty.jsonl") || text(&o).contains("at least one prompt"),
+        "{}",
+        text(&o)
+    );
+
     let o = tsr(&["bench", "--model", m, "--dtype", "bf16"], &store);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(

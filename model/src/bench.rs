@@ -181,22 +181,28 @@ pub fn bench_generate(
         model.generate(&reqs(max_new), batch)?
     };
     dev.synchronize()?;
-    let seconds = t.elapsed().as_secs_f64();
-    let new_tokens: usize = out
-        .iter()
-        .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
-        .sum();
-    let stopped_early = out
-        .iter()
-        .filter(|o| o.finished == FinishReason::EndOfTurn)
-        .count();
-    Ok(GenBench {
-        batch,
-        new_tokens,
-        stopped_early,
-        seconds,
-        tokens_per_s: new_tokens as f64 / seconds,
-    })
+    Ok(GenBench::of(&out, batch, t.elapsed().as_secs_f64()))
+}
+
+impl GenBench {
+    /// The measurement of `out`, made in `seconds` by `batch` rows: the end-of-turn token
+    /// counts as a token made.
+    fn of(out: &[crate::GenOutput], batch: usize, seconds: f64) -> Self {
+        let new_tokens: usize = out
+            .iter()
+            .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
+            .sum();
+        GenBench {
+            batch,
+            new_tokens,
+            stopped_early: out
+                .iter()
+                .filter(|o| o.finished == FinishReason::EndOfTurn)
+                .count(),
+            seconds,
+            tokens_per_s: new_tokens as f64 / seconds,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -375,19 +381,5 @@ pub fn bench_workload(
         }
     };
     dev.synchronize()?;
-    let seconds = t.elapsed().as_secs_f64();
-    let new_tokens: usize = out
-        .iter()
-        .map(|o| o.token_ids.len() + usize::from(o.finished == FinishReason::EndOfTurn))
-        .sum();
-    Ok(GenBench {
-        batch,
-        new_tokens,
-        stopped_early: out
-            .iter()
-            .filter(|o| o.finished == FinishReason::EndOfTurn)
-            .count(),
-        seconds,
-        tokens_per_s: new_tokens as f64 / seconds,
-    })
+    Ok(GenBench::of(&out, batch, t.elapsed().as_secs_f64()))
 }
