@@ -11,7 +11,8 @@ use clap::{Args, ValueEnum};
 use tsr_dpo::bench::bench_dpo;
 use tsr_model::bench::{
     bench_generate, bench_workload, dpo_flops_per_pair, forward_flops_per_token, matmul_params,
-    measure_cpu_bounds, median, minor_faults, vm_hwm_mb, weight_bytes_f32, Batching,
+    measure_cpu_bounds, median, minor_faults, reset_hwm, vm_hwm_mb, weight_bytes_f32, Batching,
+    DECODE_KERNEL_BYTES,
 };
 use tsr_model::testing::{random_model, smollm2_135m_config};
 use tsr_model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
@@ -147,14 +148,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|(m, k, n, g)| format!("{m}x{k}x{n} {g:.1}"))
             .collect();
+        let k = &b.decode_kernel;
         say!(
-            "bounds ({} threads): f32 matmul GFLOP/s {} (peak {:.1}); memory read {:.1} GB/s, triad {:.1} GB/s",
+            "bounds ({} threads): f32 matmul GFLOP/s {} (peak {:.1}); memory read {:.1} GB/s, triad {:.1} GB/s; \
+             generation's few-row kernel alone over a decode step's {:.0} MB of weights: 1 row {:.1} GB/s ({:.0}% of the read), 16 rows {:.1} GFLOP/s ({:.0}% of the peak)",
             tsr_model::cpu_threads(),
             products.join(", "),
             b.peak_gflops,
             b.read_gbs,
-            b.triad_gbs
+            b.triad_gbs,
+            DECODE_KERNEL_BYTES as f64 / 1e6,
+            k.one_row_gbs,
+            100.0 * k.one_row_gbs / b.read_gbs,
+            k.rows16_gflops,
+            100.0 * k.rows16_gflops / b.peak_gflops
         );
+        // The bounds' arrays (up to 768 MiB) are not the benchmark's own memory: hand them
+        // back and start the peak RSS over, so the peak printed at the end is the work's.
+        tsr_model::release_memory();
+        reset_hwm();
         Some(b)
     } else {
         None
@@ -293,13 +305,35 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             let flop_s =
                 gen_batch as f64 * forward_flops_per_token(&cfg, seq) / (b.peak_gflops * 1e9);
             let bound = gen_batch as f64 / read_s.max(flop_s);
+            // The measured kernel's own rate, for the batches it was measured at, f32 weights of
+            // the default model's shape: decode steps with nothing around their products (a
+            // token reads every weight at batch 1, and costs 2 FLOP per weight at batch 16).
+            let kernel = match (
+                gen_batch,
+                a.gen_weights,
+                weight_bytes == DECODE_KERNEL_BYTES as f64,
+            ) {
+                (1, GenWeights::F32, true) => {
+                    Some(b.decode_kernel.one_row_gbs * 1e9 / weight_bytes)
+                }
+                (16, GenWeights::F32, true) => {
+                    Some(b.decode_kernel.rows16_gflops * 1e9 / (2.0 * weight_bytes / 4.0))
+                }
+                _ => None,
+            };
             say!(
-                "  bound at batch {gen_batch}: {bound:.0} tok/s ({} per step: {:.1} ms to read {:.0} MB of weights, {:.1} ms of matmul at the peak); {:.0}% of it",
+                "  bound at batch {gen_batch}: {bound:.0} tok/s ({} per step: {:.1} ms to read {:.0} MB of weights, {:.1} ms of matmul at the peak); {:.0}% of it{}",
                 if read_s >= flop_s { "memory-bound" } else { "compute-bound" },
                 read_s * 1e3,
                 weight_bytes / 1e6,
                 flop_s * 1e3,
-                100.0 * res.tokens_per_s / bound
+                100.0 * res.tokens_per_s / bound,
+                kernel
+                    .map(|k| format!(
+                        "; the few-row kernel alone decodes {k:.0} tok/s ({:.0}% of it reached, prefill included)",
+                        100.0 * res.tokens_per_s / k
+                    ))
+                    .unwrap_or_default()
             );
         }
     }

@@ -226,6 +226,8 @@ mod tests {
         let per_token = 2.0 * 134_479_872.0 + 4.0 * 30.0 * 576.0 * 256.0;
         assert_eq!(dpo_flops_per_pair(&cfg, 128, 128), 512.0 * 4.0 * per_token);
         assert!((dpo_flops_per_pair(&cfg, 128, 128) / 1e9 - 587.1).abs() < 0.1);
+        // The decode kernel's measurement reads what a decode step of this model reads.
+        assert_eq!(DECODE_KERNEL_BYTES as f64, weight_bytes_f32(&cfg));
     }
 }
 
@@ -243,6 +245,63 @@ pub struct Bounds {
     /// STREAM triad `a = b + s c` over three 256 MiB arrays (bytes counted as STREAM counts
     /// them, 3 per element), GB/s.
     pub triad_gbs: f64,
+    /// The few-row kernel that decode steps run, alone.
+    pub decode_kernel: DecodeKernel,
+}
+
+/// The few-row kernel of a decode step on the CPU, timed alone: every product of a
+/// SmolLM2-135M decode step (its shapes, [`DECODE_KERNEL_BYTES`] of f32 weights, far more than
+/// the caches hold), on a worker of the thread pool as generation runs them. Against a
+/// generation result it separates the kernel's own speed from the work around the products
+/// (norms, attention, sampling, the threads' hand-offs).
+#[derive(Clone, Debug)]
+pub struct DecodeKernel {
+    /// One input row (batch 1): GB/s of weights read.
+    pub one_row_gbs: f64,
+    /// Sixteen input rows (batch 16): GFLOP/s.
+    pub rows16_gflops: f64,
+}
+
+/// SmolLM2-135M's products per layer, as `[N, K]` weights: queries, keys and values (one pass),
+/// output, gate and up (one pass), down.
+const DECODE_LAYER_SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+
+/// Weight bytes one decode step of SmolLM2-135M reads: 30 layers and the 49,152 x 576 output
+/// projection, in f32.
+pub const DECODE_KERNEL_BYTES: usize =
+    4 * (30 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536) + 49_152 * 576);
+
+/// Measures [`DecodeKernel`]: about two seconds, and the weights' 538 MB while it runs.
+fn measure_decode_kernel() -> Result<DecodeKernel, ModelError> {
+    use rayon::prelude::*;
+    let mut shapes: Vec<(usize, usize)> = Vec::new();
+    for _ in 0..30 {
+        shapes.extend(DECODE_LAYER_SHAPES);
+    }
+    shapes.push((49_152, 576));
+    let weights: Vec<Vec<f32>> = shapes
+        .par_iter()
+        .map(|&(n, k)| (0..n * k).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect())
+        .collect();
+    let step = |m: usize| {
+        for (w, &(_, k)) in weights.iter().zip(&shapes) {
+            let x = vec![0.5f32; m * k];
+            std::hint::black_box(crate::skinny::product_f32(&x, m, k, w));
+        }
+        Ok(())
+    };
+    let (one, sixteen) = rayon::scope(|_| -> Result<(f64, f64), ModelError> {
+        Ok((
+            time_per_call(1.0, || step(1))?,
+            time_per_call(1.0, || step(16))?,
+        ))
+    })?;
+    let bytes = DECODE_KERNEL_BYTES as f64;
+    Ok(DecodeKernel {
+        one_row_gbs: bytes / one / 1e9,
+        // 2 FLOP per weight per row.
+        rows16_gflops: 16.0 * 2.0 * (bytes / 4.0) / sixteen / 1e9,
+    })
 }
 
 /// Runs `f` at least `min_s` seconds (after one warm-up call) and returns the mean seconds per
@@ -262,8 +321,8 @@ fn time_per_call(
 }
 
 /// Measures [`Bounds`] on the CPU: products of SmolLM2-135M's shapes (a 1024 cube, a DPO
-/// step's 256 x 576 x 1536 and a batch-16 decode step's 16 x 576 x 1536) and the bandwidths.
-/// Takes a few seconds.
+/// step's 256 x 576 x 1536 and a batch-16 decode step's 16 x 576 x 1536), the bandwidths, and
+/// the decode step's own kernel ([`DecodeKernel`]). Takes about ten seconds.
 pub fn measure_cpu_bounds() -> Result<Bounds, ModelError> {
     use candle_core::{Device, Tensor};
     use rayon::prelude::*;
@@ -318,11 +377,13 @@ pub fn measure_cpu_bounds() -> Result<Bounds, ModelError> {
         Ok(())
     })?;
     let triad_gbs = (3 * len * 4) as f64 / s / 1e9;
+    drop((a, b, c));
     Ok(Bounds {
         matmul,
         peak_gflops,
         read_gbs,
         triad_gbs,
+        decode_kernel: measure_decode_kernel()?,
     })
 }
 

@@ -496,6 +496,12 @@ fn product<W: Weight>(isa: Isa, x: &[f32], w: &[W], m: usize, k: usize) -> Vec<f
     products(isa, x, m, k, &[w]).pop().expect("one product")
 }
 
+/// `x [M, K] @ w [N, K]^T` for f32 values with the kernel this CPU runs: what
+/// [`super::bench`] times to measure the kernel apart from everything around it.
+pub(crate) fn product_f32(x: &[f32], m: usize, k: usize, w: &[f32]) -> Vec<f32> {
+    products(isa(), x, m, k, &[w]).pop().expect("one product")
+}
+
 /// `x @ w^T` for each weight (each `[N_i, K]`), in one parallel pass over all their rows.
 fn products<W: Weight>(isa: Isa, x: &[f32], m: usize, k: usize, ws: &[&[W]]) -> Vec<Vec<f32>> {
     let ns: Vec<usize> = ws
