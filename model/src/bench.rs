@@ -266,19 +266,32 @@ pub struct DecodeKernel {
 /// output, gate and up (one pass), down.
 const DECODE_LAYER_SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
 
-/// Weight bytes one decode step of SmolLM2-135M reads: 30 layers and the 49,152 x 576 output
+/// SmolLM2-135M's layers.
+const DECODE_LAYERS: usize = 30;
+
+/// SmolLM2-135M's output projection, `[N, K]`.
+const DECODE_HEAD: (usize, usize) = (49_152, 576);
+
+/// Weight bytes one decode step of SmolLM2-135M reads: every layer's products and the output
 /// projection, in f32.
-pub const DECODE_KERNEL_BYTES: usize =
-    4 * (30 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536) + 49_152 * 576);
+pub const DECODE_KERNEL_BYTES: usize = {
+    let mut per_layer = 0;
+    let mut i = 0;
+    while i < DECODE_LAYER_SHAPES.len() {
+        per_layer += DECODE_LAYER_SHAPES[i].0 * DECODE_LAYER_SHAPES[i].1;
+        i += 1;
+    }
+    4 * (DECODE_LAYERS * per_layer + DECODE_HEAD.0 * DECODE_HEAD.1)
+};
 
 /// Measures [`DecodeKernel`]: about two seconds, and the weights' 538 MB while it runs.
 fn measure_decode_kernel() -> Result<DecodeKernel, ModelError> {
     use rayon::prelude::*;
     let mut shapes: Vec<(usize, usize)> = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..DECODE_LAYERS {
         shapes.extend(DECODE_LAYER_SHAPES);
     }
-    shapes.push((49_152, 576));
+    shapes.push(DECODE_HEAD);
     let weights: Vec<Vec<f32>> = shapes
         .par_iter()
         .map(|&(n, k)| (0..n * k).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect())
