@@ -1,11 +1,14 @@
 //! `x [M, K] @ w [N, K]^T` for a few rows `x` against a large weight `w`: the products of a
 //! decode step (one row per live sequence) while generating on the CPU.
 //!
-//! gemm is built for large products: with 16 rows it ran its 1 x 6 microkernel (six
-//! accumulators), 76-122 GFLOP/s on a decode step's shapes with the weights in cache, against
-//! 164-172 for this kernel (BENCHMARKS.md). Here each weight tile is read from memory once
-//! (prefetched ahead into L2) and kept in L1 while it meets every row of `x`, in tiles of 4
-//! weight rows x 4 input rows (16 accumulators).
+//! gemm is built for large products: with 16 rows on an AVX-512 machine (Zen 4) it ran its
+//! 1 x 6 microkernel (six accumulators), 76-122 GFLOP/s on a decode step's shapes with the
+//! weights in cache, against 164-172 for this kernel (BENCHMARKS.md). On AVX2 only (Zen 3)
+//! the two were measured about equal (75-91 against 78-90 GFLOP/s at 16 rows): there the fixed
+//! arithmetic below makes every multiply-add load both its operands. Here each weight tile is
+//! read from memory once (prefetched ahead into L2) and kept in L1 while it meets every row of
+//! `x`, in tiles of 4 weight rows x 4 input rows with AVX-512 (16 accumulators), 3 x 2 with
+//! AVX2 (`TW_AVX2`, `TX_AVX2`).
 //!
 //! **Arithmetic, the same on every CPU and at any thread count.** Each output is the dot product
 //! of its two rows in 16 lanes: lane `l` sums `x[k] * w[k]` by fused multiply-adds over
