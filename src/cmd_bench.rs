@@ -388,7 +388,11 @@ fn bench_workload_both(
                 how,
             )?;
             say!(
-                "  round {round} {how:?}: {:.1} new tok/s ({} tokens in {:.2} s; {} of {n} stopped at end-of-turn)",
+                "  round {round}, {}: {:.1} new tok/s ({} tokens in {:.2} s; {} of {n} stopped at end-of-turn)",
+                match how {
+                    Batching::OneBatchAtATime => "one batch at a time",
+                    Batching::Continuous => "continuous",
+                },
                 r.tokens_per_s,
                 r.new_tokens,
                 r.seconds,

@@ -83,8 +83,8 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
     assert!(o.status.success(), "{out}");
     for want in [
         "2 prompts x 3 samples = 6 requests, batch 2",
-        "round 0 OneBatchAtATime:",
-        "round 0 Continuous:",
+        "round 0, one batch at a time:",
+        "round 0, continuous:",
         "RESULT generate workload: one batch at a time",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");

@@ -216,6 +216,99 @@ fn sigkill_and_resume_of_the_whole_workflow_gives_identical_digests() {
     assert_kills_change_nothing(&cfg, dir.path(), "temporal-logprob", 1, 3);
 }
 
+/// `commit_batches` (continuous batching) in [generate] and [judge]: 9 responses at 2 rows a
+/// time go to the model 4 at a time, and 9 responses judged twice each 3 at a time (6
+/// judgements per commit on 2 rows), so rows are refilled inside every commit. Those steps get
+/// keys of their own (and so their own seeds, as another `batch_size` would), the plan counts
+/// the longer cache, and SIGKILLs inside the steps change nothing: the commit unit is the
+/// partition a resumed step computes again.
+#[test]
+fn continuous_batching_commits_several_batches_and_survives_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "temporal", "text");
+    let base = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("batch_size = 4", "batch_size = 2");
+    let one = dir.path().join("one.toml");
+    std::fs::write(&one, base.replace("temporal-text", "one")).unwrap();
+    let refill = dir.path().join("refill.toml");
+    std::fs::write(
+        &refill,
+        base.replace("temporal-text", "refill")
+            .replace(
+                "batch_size = 2\n[judge]",
+                "batch_size = 2\ncommit_batches = 2\n[judge]",
+            )
+            .replace(
+                "batch_size = 2\n[dpo]",
+                "batch_size = 2\ncommit_batches = 3\n[dpo]",
+            ),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&refill)
+            .unwrap()
+            .matches("commit_batches")
+            .count()
+            == 2
+    );
+    let store = dir.path().join("store");
+    let o = tsr(&["run", one.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    // The plan counts the refilled cache.
+    let o = tsr(&["plan", refill.to_str().unwrap()], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("4 responses per commit, rows refilled")
+            && text(&o).contains("6 judgements per commit, rows refilled"),
+        "{}",
+        text(&o)
+    );
+    // Each commit is a unit: 9 responses, 4 (generate) and 3 (judge) per commit. (The
+    // anchor's nodes reuse the current model's steps in iteration 1.)
+    let (_, units) = reference_run(&refill, &dir.path().join("units"), "refill");
+    assert_eq!(
+        units,
+        [("iter1/gen-current", 3), ("iter1/judge-current", 3)]
+            .map(|(n, u)| (n.to_string(), u))
+            .into(),
+    );
+    // A kill inside each step with units (they plan from their own reference run). The random
+    // model's judgements are unscored, so no pairs train: generation and judging are the steps.
+    let kills = assert_kills_change_nothing(&refill, &dir.path().join("kills"), "refill", 1, 11);
+    assert!(kills >= 2, "{kills} kills");
+    let o = tsr(&["run", refill.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    let a = tsr_workflows::lineage::nodes(&s, "one").unwrap();
+    let b = tsr_workflows::lineage::nodes(&s, "refill").unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut refilled = std::collections::BTreeSet::new();
+    for (node, n) in &b {
+        let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+        let want = match n.step.kind.as_str() {
+            "generate" => Some(2),
+            "judge" => Some(3),
+            _ => None,
+        };
+        match want {
+            Some(c) => {
+                assert_eq!(config["commit_batches"], c, "{node}: {}", n.step.config);
+                assert_ne!(n.key, a[node].key, "{node}");
+                refilled.insert(n.step.kind.clone());
+            }
+            None => assert!(config.get("commit_batches").is_none(), "{node}"),
+        }
+        assert!(n.is_done(), "{node}");
+    }
+    assert_eq!(refilled.len(), 2, "{refilled:?}");
+    // The batch-at-a-time run's steps have no `commit_batches`: their keys are those of before.
+    for (node, n) in &a {
+        let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+        assert!(config.get("commit_batches").is_none(), "{node}");
+    }
+}
+
 fn setup_iters(dir: &Path, workflow: &str, iterations: u32, anchor: &str) -> PathBuf {
     let base = setup(dir, workflow, "logprob");
     let text = std::fs::read_to_string(&base).unwrap();
@@ -453,6 +546,17 @@ fn bad_lm_configs_name_the_key() {
             "tiny-missing.gguf",
         ),
         ("mode = \"logprob\"", "mode = \"vibes\"", "mode"),
+        (
+            "batch_size = 4\n[judge]",
+            "batch_size = 4\ncommit_batches = 0\n[judge]",
+            "generate.commit_batches",
+        ),
+        // Logprob judging generates nothing to refill.
+        (
+            "mode = \"logprob\"",
+            "mode = \"logprob\"\ncommit_batches = 2",
+            "judge.commit_batches",
+        ),
     ] {
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, base.replace(from, to)).unwrap();

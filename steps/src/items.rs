@@ -16,6 +16,17 @@ use serde::Serialize;
 use tsr_engine::{StepContext, StepError, StepInputs};
 use tsr_model::LanguageModel;
 
+/// The serde default of a generation step's `commit_batches`: one batch per commit.
+pub fn one_batch() -> usize {
+    1
+}
+
+/// Whether `commit_batches` is its default, which stays out of the step's key (so a step keyed
+/// before the setting existed keeps its key).
+pub fn is_one_batch(n: &usize) -> bool {
+    *n == 1
+}
+
 /// The items of one step, ready to compute.
 pub trait Batches {
     /// The record each item is stored as (one JSON document per item).

@@ -138,18 +138,28 @@ fn forward_activations(s: &Shape, batch: u64, tokens: u64, context: u64) -> u64 
 }
 
 /// Generation of `new_tokens` after prompts of `prompt_tokens`, `batch` sequences at a time.
+/// `refill`: the model is handed more requests than `batch` at once (continuous batching), so
+/// its cache holds the longest prompt plus twice the budget (a row may join when the others are
+/// half done, see `tsr_model`'s generation), and the rows that join are prefilled in a cache of
+/// their own before they are copied in.
 pub fn generation(
     s: &Shape,
     weight_bytes: u64,
     batch: u64,
     prompt_tokens: u64,
     new_tokens: u64,
+    refill: bool,
 ) -> Estimate {
-    let context = prompt_tokens + new_tokens;
+    let context = if refill {
+        prompt_tokens + 2 * new_tokens
+    } else {
+        prompt_tokens + new_tokens
+    };
+    let joining = if refill { prompt_tokens } else { 0 };
     Estimate {
         weights: s.params * weight_bytes,
         load: s.largest * weight_bytes,
-        kv_cache: 2 * s.layers * batch * context * s.kv_heads * s.head_dim * F,
+        kv_cache: 2 * s.layers * batch * (context + joining) * s.kv_heads * s.head_dim * F,
         // The prompt's forward, and per new token the logits and the sampler's sorted copy.
         activations: forward_activations(s, batch, prompt_tokens, prompt_tokens)
             + 3 * batch * s.vocab * F
@@ -446,6 +456,20 @@ mod tests {
         let lora = training(&s, 2, Some(&l), 1, 64, 32);
         assert!(lora.peak() * 3 < full.peak(), "{lora:?} vs {full:?}");
         assert_eq!(lora.weights, 2 * s.params);
+    }
+
+    #[test]
+    fn a_refilled_generation_holds_twice_the_budget_and_the_joining_prompts() {
+        let s = smollm2_1_7b();
+        let one = generation(&s, 4, 16, 500, 256, false);
+        let refill = generation(&s, 4, 16, 500, 256, true);
+        // 500 + 256 slots a row, against 500 + 2 x 256 and the 500 of the rows that join.
+        assert_eq!(
+            one.kv_cache * (500 + 512 + 500),
+            refill.kv_cache * (500 + 256)
+        );
+        assert_eq!(one.activations, refill.activations);
+        assert!(refill.peak() > one.peak());
     }
 
     #[test]

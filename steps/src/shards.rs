@@ -70,6 +70,7 @@ mod tests {
                 top_p: 0.9,
                 top_k: Some(40),
                 batch_size: 16,
+                commit_batches: 4,
                 weights: Some(crate::lm::Weights::F16),
             }),
             Arc::new(Judge {
@@ -79,6 +80,7 @@ mod tests {
                 temperature: 0.1 + 0.2,
                 top_p: 1.0 / 3.0,
                 batch_size: 16,
+                commit_batches: 3,
                 template: "rubric {prompt} {response} \u{e9}".into(),
                 weights: Some(crate::lm::Weights::Bf16),
             }),

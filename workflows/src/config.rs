@@ -305,7 +305,12 @@ pub struct GenerateSection {
     pub top_p: f64,
     pub top_k: Option<usize>,
     pub max_new_tokens: usize,
+    /// Responses decoded at once (the KV cache's rows).
     pub batch_size: usize,
+    /// Batches handed to the model and committed together. Above 1, a row whose response
+    /// ended takes the next waiting one (continuous batching), and a stopped run redoes at most
+    /// that many batches. Part of the steps' keys when above 1.
+    pub commit_batches: usize,
     /// The precision of the weights while generating: `f16` or `bf16` reads half the bytes
     /// per token (on the CPU the products still add in f32); default: as the model holds
     /// them. Part of the step's key when it changes anything, never chosen by tsr.
@@ -325,6 +330,7 @@ impl Default for GenerateSection {
             top_k: None,
             max_new_tokens: 256,
             batch_size: 16,
+            commit_batches: 1,
             weights: None,
         }
     }
@@ -342,7 +348,12 @@ pub struct JudgeSection {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Judgements decoded at once in text mode (J per response); sequences per forward pass in
+    /// logprob mode.
     pub batch_size: usize,
+    /// Text mode: batches handed to the model and committed together, as `[generate]
+    /// commit_batches`.
+    pub commit_batches: usize,
     /// A template file with {prompt} and {response}; default: the built-in rubric.
     pub template: Option<PathBuf>,
     /// Length control band for selection (None: off).
@@ -369,6 +380,7 @@ impl Default for JudgeSection {
             temperature: 0.7,
             top_p: 0.9,
             batch_size: 16,
+            commit_batches: 1,
             template: None,
             length_band: None,
             length_band_per_iteration: None,
@@ -1123,11 +1135,32 @@ impl Config {
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
         }
+        if g.commit_batches == 0 {
+            return bad(
+                "generate.commit_batches",
+                "must be at least 1 (1: every batch is committed on its own)".into(),
+            );
+        }
         let j = &self.judge;
         if j.samples == 0 || j.batch_size == 0 || j.max_new_tokens == 0 {
             return bad(
                 "judge",
                 "samples, batch_size and max_new_tokens must be at least 1".into(),
+            );
+        }
+        if j.commit_batches == 0 {
+            return bad(
+                "judge.commit_batches",
+                "must be at least 1 (1: every batch is committed on its own)".into(),
+            );
+        }
+        if j.commit_batches > 1 && j.mode == tsr_steps::kinds::judge::JudgeMode::Logprob {
+            return bad(
+                "judge.commit_batches",
+                format!(
+                    "{} batches per commit refill rows that generate, and logprob mode generates nothing; remove it or use mode = \"text\"",
+                    j.commit_batches
+                ),
             );
         }
         if let Some(b) = j.length_band {

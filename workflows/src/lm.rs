@@ -101,6 +101,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         top_p: g.top_p,
         top_k: g.top_k,
         batch_size: g.batch_size,
+        commit_batches: g.commit_batches,
         weights: setting(g.weights, c.base_dtype()),
     });
     let j = &c.judge;
@@ -129,6 +130,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         temperature: j.temperature,
         top_p: j.top_p,
         batch_size: j.batch_size,
+        commit_batches: j.commit_batches,
         template,
         weights: setting(j.weights, c.judge_base_dtype()),
     });

@@ -240,27 +240,55 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
             }
             ("generate", Some((s, _))) => (
                 format!(
-                    "batch {}, prompts up to {prompt} tokens, {response} new",
-                    g.batch_size
+                    "batch {}, prompts up to {prompt} tokens, {response} new{}",
+                    g.batch_size,
+                    if g.commit_batches > 1 {
+                        format!(
+                            ", {} responses per commit, rows refilled",
+                            g.batch_size * g.commit_batches
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
-                memory::generation(s, w, g.batch_size as u64, prompt, response),
+                memory::generation(
+                    s,
+                    w,
+                    g.batch_size as u64,
+                    prompt,
+                    response,
+                    g.commit_batches > 1,
+                ),
             ),
             ("judge", Some((s, _))) => {
                 let tokens = rubric + prompt + response;
                 match j.mode {
-                    tsr_steps::kinds::judge::JudgeMode::Text => (
-                        format!(
-                            "batch {}, judge prompts up to {tokens} tokens, {} new",
-                            j.batch_size, j.max_new_tokens
-                        ),
-                        memory::generation(
-                            s,
-                            w,
-                            j.batch_size as u64,
-                            tokens,
-                            j.max_new_tokens as u64,
-                        ),
-                    ),
+                    tsr_steps::kinds::judge::JudgeMode::Text => {
+                        // Each commit hands the model J requests per response it holds.
+                        let per = j.samples.max(1) as usize;
+                        let requests = (j.batch_size / per).max(1) * per * j.commit_batches;
+                        let refill = requests > j.batch_size;
+                        (
+                            format!(
+                                "batch {}, judge prompts up to {tokens} tokens, {} new{}",
+                                j.batch_size,
+                                j.max_new_tokens,
+                                if refill {
+                                    format!(", {requests} judgements per commit, rows refilled")
+                                } else {
+                                    String::new()
+                                }
+                            ),
+                            memory::generation(
+                                s,
+                                w,
+                                j.batch_size as u64,
+                                tokens,
+                                j.max_new_tokens as u64,
+                                refill,
+                            ),
+                        )
+                    }
                     _ => (
                         format!(
                             "batch {}, judge prompts up to {tokens} tokens",
@@ -284,6 +312,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         meta.batch_size as u64,
                         tokens,
                         meta.max_new_tokens as u64,
+                        false,
                     ),
                 )
             }
@@ -332,6 +361,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         e.batch_size as u64,
                         eval_prompt,
                         e.max_new_tokens as u64,
+                        false,
                     ),
                 )
             }
@@ -354,6 +384,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         e.judge.batch_size as u64,
                         tokens,
                         e.judge.max_new_tokens as u64,
+                        false,
                     ),
                 )
             }

@@ -17,7 +17,17 @@ pub struct Generate {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: Option<usize>,
+    /// Rows the model decodes at once (the KV cache's rows).
     pub batch_size: usize,
+    /// Batches per commit. Above 1, the model is handed `commit_batches * batch_size` items at
+    /// once and keeps `batch_size` rows busy: a row that ends takes the next waiting item
+    /// (continuous batching). The commit unit is the fixed partition a resumed or sharded step
+    /// computes, so the outputs stay a function of the key. Left out of the key at 1.
+    #[serde(
+        default = "items::one_batch",
+        skip_serializing_if = "items::is_one_batch"
+    )]
+    pub commit_batches: usize,
     /// The precision of the weights while generating (`None`: as stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<lm::Weights>,
@@ -71,8 +81,9 @@ impl items::Batches for Samples<'_> {
     fn count(&self) -> u64 {
         self.prompts.len() as u64 * self.k()
     }
+    /// The commit unit: `commit_batches` batches.
     fn batch_size(&self) -> usize {
-        self.step.batch_size
+        self.step.batch_size.max(1) * self.step.commit_batches.max(1)
     }
     fn weights(&self) -> Option<lm::Weights> {
         self.step.weights

@@ -34,7 +34,16 @@ pub struct Judge {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Requests the model decodes at once in text mode (J per response); sequences per
+    /// forward pass in logprob mode.
     pub batch_size: usize,
+    /// Batches per commit in text mode, as `Generate::commit_batches` (continuous batching
+    /// above 1); logprob mode takes 1. Left out of the key at 1.
+    #[serde(
+        default = "items::one_batch",
+        skip_serializing_if = "items::is_one_batch"
+    )]
+    pub commit_batches: usize,
     /// The rubric template (`{prompt}`, `{response}`); part of the step key.
     pub template: String,
     /// The precision of the weights while judging (`None`: as stored).
@@ -95,10 +104,14 @@ impl items::Batches for Judgements<'_> {
     fn count(&self) -> u64 {
         self.responses.len() as u64
     }
-    /// Responses per batch: text mode makes J requests per response.
+    /// Responses per commit: text mode makes J requests per response, `commit_batches` batches
+    /// of them at a time.
     fn batch_size(&self) -> usize {
         match self.step.mode {
-            JudgeMode::Text => (self.step.batch_size / self.step.samples.max(1) as usize).max(1),
+            JudgeMode::Text => {
+                (self.step.batch_size / self.step.samples.max(1) as usize).max(1)
+                    * self.step.commit_batches.max(1)
+            }
             JudgeMode::Logprob => self.step.batch_size.max(1),
         }
     }
