@@ -309,7 +309,9 @@ pub struct GenerateSection {
     pub batch_size: usize,
     /// Batches handed to the model and committed together. Above 1, a row whose response
     /// ended takes the next waiting one (continuous batching), and a stopped run redoes at most
-    /// that many batches. Part of the steps' keys when above 1.
+    /// that many batches. Part of the steps' keys when above 1; left out of the definition at
+    /// 1, so runs recorded before the setting existed continue.
+    #[serde(skip_serializing_if = "tsr_steps::items::is_one_batch")]
     pub commit_batches: usize,
     /// The precision of the weights while generating: `f16` or `bf16` reads half the bytes
     /// per token (on the CPU the products still add in f32); default: as the model holds
@@ -353,6 +355,7 @@ pub struct JudgeSection {
     pub batch_size: usize,
     /// Text mode: batches handed to the model and committed together, as `[generate]
     /// commit_batches`.
+    #[serde(skip_serializing_if = "tsr_steps::items::is_one_batch")]
     pub commit_batches: usize,
     /// A template file with {prompt} and {response}; default: the built-in rubric.
     pub template: Option<PathBuf>,
