@@ -949,3 +949,54 @@ fn a_moved_checkout_continues_its_run_and_an_edited_prompts_file_is_caught() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("prompts"), "{}", text(&o));
 }
+
+/// A run whose model is a hub id (`Org/Name`, read from the local hub cache): `tsr status`
+/// still shows it on a machine whose cache lacks the model (a laptop reading a cluster's store),
+/// and running it again there is refused naming the id and where it was looked up.
+#[test]
+fn a_hub_id_run_shows_its_status_where_the_hub_cache_lacks_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "self-rewarding", "logprob");
+    let hub = dir.path().join("hub");
+    let repo = hub.join("models--Org--Tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::rename(dir.path().join("tiny"), repo.join("snapshots/r1")).unwrap();
+    std::fs::write(repo.join("refs/main"), "r1\n").unwrap();
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("source = \"tiny\"", "source = \"Org/Tiny\"");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let store = dir.path().join("store");
+    let with_hub = |args: &[&str], hub: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_tsr"))
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .env("HF_HUB_CACHE", hub)
+            .output()
+            .unwrap()
+    };
+    let o = with_hub(&["run", cfg.to_str().unwrap(), "--quiet"], &hub);
+    assert!(o.status.success(), "{}", text(&o));
+    let elsewhere = dir.path().join("empty-hub");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let o = with_hub(&["status", "self-rewarding-logprob", "--json"], &elsewhere);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert!(nodes.len() > 4, "{v}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| ["done", "reused"].contains(&n["state"].as_str().unwrap_or("?"))),
+        "{v}"
+    );
+    let o = with_hub(&["run", cfg.to_str().unwrap(), "--quiet"], &elsewhere);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("Org/Tiny") && text(&o).contains("models--Org--Tiny"),
+        "{}",
+        text(&o)
+    );
+}

@@ -586,6 +586,16 @@ fn import_model(
     import_model_at(b, node, key, source, adapter, None)
 }
 
+/// Whether a model source that does not resolve here may name what the machine that recorded
+/// the run had: an absolute path, or a hub id (`Org/Name`, looked up in the local hub cache).
+fn recorded_elsewhere(source: &str) -> bool {
+    std::path::Path::new(source).is_absolute()
+        || matches!(
+            tsr_model::ModelSource::parse(source),
+            Ok(tsr_model::ModelSource::HubId(_))
+        )
+}
+
 /// An `import-model` node for the model source given under the config key `key` (errors name
 /// that key), with a LoRA adapter merged in when one is given and the weight matrices held in
 /// `dtype` when given (bf16, f16); the model it makes is its own base.
@@ -603,11 +613,10 @@ fn import_model_at(
         dtype: None,
     };
     let resolved = match section.resolve() {
-        // A recorded run whose model folder is not here: its format is known from the path
+        // A recorded run whose model folder is not here (an absolute path, or a hub id whose
+        // snapshot is not in this machine's hub cache): its format is known from the source
         // (a GGUF file, else a folder), which is all the graph needs.
-        Err(_)
-            if crate::Config::reading_recorded() && std::path::Path::new(source).is_absolute() =>
-        {
+        Err(_) if crate::Config::reading_recorded() && recorded_elsewhere(source) => {
             Ok((std::path::PathBuf::from(source), "hf".to_string()))
         }
         r => r,
