@@ -45,7 +45,7 @@ pub fn release_memory() {
 /// own, whose workers then spin (25,000 iterations) before they sleep; the products (gemm, on
 /// the rayon pool) run on every core meanwhile, so each spin takes a core from them. In a LoRA
 /// DPO step on 2 cores that spinning was 10.7% of the samples, and without the second pool
-/// the policy step took 1.07-1.18x less time. The values are the same: each element is
+/// the policy step took 1.06-1.18x less time. The values are the same: each element is
 /// computed alone either way.
 ///
 /// Call once at the very start of `main`, before other threads exist (it sets environment

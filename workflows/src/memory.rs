@@ -265,8 +265,11 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                 match j.mode {
                     tsr_steps::kinds::judge::JudgeMode::Text => {
                         // Each commit hands the model J requests per response it holds.
-                        let per = j.samples.max(1) as usize;
-                        let requests = (j.batch_size / per).max(1) * per * j.commit_batches;
+                        let requests = tsr_steps::kinds::judge::text_responses_per_commit(
+                            j.batch_size,
+                            j.samples,
+                            j.commit_batches,
+                        ) * j.samples.max(1) as usize;
                         let refill = requests > j.batch_size;
                         (
                             format!(
