@@ -549,6 +549,30 @@ fn bad_evaluation_inputs_are_refused_before_anything_runs() {
         &[("r.json", "[]")],
         &["eval.reference", "not both"],
     );
+    refused(
+        "no-batches",
+        "temporal",
+        "commit_batches = 0\n",
+        &[],
+        &["eval.commit_batches", "at least 1"],
+    );
+    refused(
+        "logprob-batches",
+        "temporal",
+        "[eval.judge]\nmode = \"logprob\"\ncommit_batches = 2\n",
+        &[],
+        &[
+            "eval.judge.commit_batches",
+            "logprob mode generates nothing",
+        ],
+    );
+    refused(
+        "api-batches",
+        "temporal",
+        "[eval.judge]\nkind = \"openai\"\nmodel = \"m\"\nbase_url = \"http://127.0.0.1:9/v1\"\ncommit_batches = 2\n",
+        &[],
+        &["eval.judge.commit_batches", "max_concurrency"],
+    );
 }
 
 #[test]
@@ -575,6 +599,73 @@ fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
     let s = summary(&store, "k", "eval/model-judge");
     assert_eq!(s["prompts"], 16);
     assert_eq!(s["verdicts"], 32);
+}
+
+/// `commit_batches` in [eval] and [eval.judge] (text mode): 16 answers at 2 rows go to the
+/// model 6 at a time (3 commits per model, rows refilled), and 16 prompts judged in both orders
+/// 2 at a time (4 verdicts on 2 rows per commit, 8 commits). The plan counts the refilled
+/// cache, those steps carry the setting in their keys, and SIGKILLs inside them change nothing:
+/// the commit unit is the partition a resumed step computes again.
+#[test]
+fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
+    let many: String = (0..16)
+        .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
+        .collect();
+    std::fs::write(dir.path().join("held-out.jsonl"), &many).unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"c\"\nworkflow = \"eval\"\n[model]\nsource = \"a\"\n\
+         [eval]\nprompts = \"held-out.jsonl\"\nbaseline_model = \"b\"\nmax_new_tokens = 24\nbatch_size = 2\ncommit_batches = 3\ntemperature = 0.8\n\
+         [eval.judge]\nmode = \"text\"\nmax_new_tokens = 24\nbatch_size = 2\ncommit_batches = 2\ntemperature = 0.7\n",
+    )
+    .unwrap();
+    let o = tsr(&["plan", cfg.to_str().unwrap()], &dir.path().join("plan"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("6 answers per commit, rows refilled")
+            && text(&o).contains("4 verdicts per commit, rows refilled"),
+        "{}",
+        text(&o)
+    );
+    let (v, units) = reference_run(&cfg, &dir.path().join("units"), "c");
+    assert_eq!(
+        units,
+        [
+            ("eval-baseline", 3),
+            ("eval/model-answer", 3),
+            ("eval/model-judge", 8)
+        ]
+        .map(|(n, u)| (n.to_string(), u))
+        .into(),
+    );
+    let s = summary(&dir.path().join("units"), "c", "eval/model-judge");
+    assert_eq!(
+        (&s["prompts"], &s["verdicts"]),
+        (&16.into(), &32.into()),
+        "{s}"
+    );
+    for n in v["nodes"].as_array().unwrap() {
+        let node = n["node"].as_str().unwrap();
+        let want = match node {
+            "eval-baseline" | "eval/model-answer" => Some(3),
+            "eval/model-judge" => Some(2),
+            _ => None,
+        };
+        let store = tsr_state::Store::open_existing_nowait(&dir.path().join("units")).unwrap();
+        let nodes = tsr_workflows::lineage::nodes(&store, "c").unwrap();
+        let config: serde_json::Value = serde_json::from_str(&nodes[node].step.config).unwrap();
+        assert_eq!(
+            config.get("commit_batches").and_then(|c| c.as_u64()),
+            want,
+            "{node}: {config}"
+        );
+    }
+    let kills = assert_kills_change_nothing(&cfg, dir.path(), "c", 1, 17);
+    assert!(kills >= 3, "{kills}");
 }
 
 #[test]

@@ -192,6 +192,11 @@ fn meta_configs_name_the_key() {
         ("[meta]\n", "[meta]\nbogus = 1\n", "bogus"),
         (
             "[meta]\n",
+            "[meta]\ncommit_batches = 0\n",
+            "meta.commit_batches",
+        ),
+        (
+            "[meta]\n",
             "[meta]\ntemplate = \"missing.txt\"\n",
             "meta.template",
         ),
@@ -228,6 +233,16 @@ fn meta_configs_name_the_key() {
         &dir.path().join("s"),
     );
     assert!(text(&o).contains("{judgement_b}"), "{}", text(&o));
+    // Several batches per commit: the plan counts the refilled cache (4 rows, 2 requests per
+    // response, 3 batches: 6 responses, 12 meta-judgements).
+    std::fs::write(&p, base.replace("[meta]\n", "[meta]\ncommit_batches = 3\n")).unwrap();
+    let o = tsr(&["plan", p.to_str().unwrap()], &dir.path().join("s"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("12 meta-judgements per commit, rows refilled"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// The blob store under `dir` and the step inputs `model.*` for a tiny random model (written
@@ -258,9 +273,56 @@ fn tiny_model_inputs(
     (blobs, digests, externals, model)
 }
 
+/// A journal that counts its commits: the step's units.
+struct Counting {
+    inner: Arc<MemoryJournal>,
+    commits: std::sync::Mutex<Vec<Vec<u64>>>,
+}
+
+impl ItemJournal for Counting {
+    fn get(&self, index: u64) -> Result<Option<Vec<u8>>, tsr_engine::StepError> {
+        self.inner.get(index)
+    }
+    fn indices(&self) -> Result<Vec<u64>, tsr_engine::StepError> {
+        self.inner.indices()
+    }
+    fn commit(&self, items: &[(u64, Vec<u8>)]) -> Result<(), tsr_engine::StepError> {
+        self.commits
+            .lock()
+            .unwrap()
+            .push(items.iter().map(|(i, _)| *i).collect());
+        self.inner.commit(items)
+    }
+    fn all(&self) -> Result<Vec<(u64, Vec<u8>)>, tsr_engine::StepError> {
+        self.inner.all()
+    }
+    fn set_total(&self, total: u64) -> Result<(), tsr_engine::StepError> {
+        self.inner.set_total(total)
+    }
+    fn save_checkpoint(
+        &self,
+        files: BTreeMap<String, tsr_engine::OutputData>,
+        cursor: Vec<u8>,
+    ) -> Result<(), tsr_engine::StepError> {
+        self.inner.save_checkpoint(files, cursor)
+    }
+    fn load_checkpoint(&self) -> Result<Option<tsr_engine::Checkpoint>, tsr_engine::StepError> {
+        self.inner.load_checkpoint()
+    }
+    fn blob_writer(&self) -> Result<tsr_state::BlobWriter, tsr_engine::StepError> {
+        self.inner.blob_writer()
+    }
+}
+
 /// The step in process, on planted text judgements: (a, 0) and (a, 1) have differing scores,
 /// (b, 0) is unanimous and (b, 1) has one parsed score, so exactly two responses are compared.
-fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
+/// At 2 rows, one response (both orders) per batch; `commit_batches` batches per commit.
+/// Returns the comparisons and the indices of each commit.
+fn run_meta_step_units(
+    dir: &Path,
+    journal: Arc<MemoryJournal>,
+    commit_batches: usize,
+) -> (Vec<Comparison>, Vec<Vec<u64>>) {
     let (blobs, mut digests, mut externals, model) = tiny_model_inputs(dir);
     let mut put = |name: &str, bytes: String| {
         digests.insert(name.to_string(), blobs.put_bytes(bytes.as_bytes()).unwrap());
@@ -310,18 +372,23 @@ fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
         temperature: 0.7,
         top_p: 0.9,
         batch_size: 2,
+        commit_batches,
         template: DEFAULT_META_PROMPT.into(),
         judge_template: tsr_steps::rules::verdict::DEFAULT_RUBRIC.into(),
     };
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
+    let counting = Arc::new(Counting {
+        inner: journal.clone(),
+        commits: Default::default(),
+    });
     let ctx = StepContext::new(
         "meta",
         Digest::of(b"a step key"),
         scratch,
         "cpu",
         StopFlag::new(),
-        journal.clone(),
+        counting.clone(),
         Progress::hidden(),
     );
     let inputs = StepInputs::new(blobs, digests, externals);
@@ -330,12 +397,20 @@ fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
         out.names().collect::<Vec<_>>(),
         vec!["comparisons", "pairs", "summary"]
     );
-    journal
+    let items = journal
         .all()
         .unwrap()
         .into_iter()
         .map(|(_, b)| serde_json::from_slice(&b).unwrap())
-        .collect()
+        .collect();
+    let commits = counting.commits.lock().unwrap().clone();
+    (items, commits)
+}
+
+fn run_meta_step(dir: &Path, journal: Arc<MemoryJournal>) -> Vec<Comparison> {
+    let (items, commits) = run_meta_step_units(dir, journal, 1);
+    assert!(commits.iter().all(|c| c.len() == 1), "{commits:?}");
+    items
 }
 
 #[test]
@@ -375,6 +450,40 @@ fn the_meta_judge_step_compares_both_orders_deterministically_and_resumes() {
         .commit(&[(0, serde_json::to_vec(&first[0]).unwrap())])
         .unwrap();
     assert_eq!(run_meta_step(dir.path(), partial), first);
+}
+
+/// `[meta] commit_batches`: both compared responses (4 requests on 2 rows) go to the model in
+/// one commit, a row that ends taking the next request; each comparison is whole (both orders,
+/// the decision its verdicts give), equal to the batch-at-a-time step's under the same key, and
+/// a second run makes the same bytes.
+#[test]
+fn the_meta_judge_step_commits_several_batches_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || {
+        Arc::new(MemoryJournal::new(
+            BlobStore::open(dir.path().join("jb"), dir.path().join("jt")).unwrap(),
+        ))
+    };
+    let (one, units) = run_meta_step_units(dir.path(), fresh(), 1);
+    assert_eq!(units, vec![vec![0], vec![1]]);
+    let (two, units) = run_meta_step_units(dir.path(), fresh(), 2);
+    assert_eq!(units, vec![vec![0, 1]], "one commit of two batches");
+    assert_eq!(two.len(), 2);
+    // Under the same key, the same comparisons: seeds come from the key and the item, and a
+    // request generates what it would alone, whichever row it takes.
+    assert_eq!(one, two);
+    for c in &two {
+        assert_ne!(c.meta_seeds[0], c.meta_seeds[1]);
+        assert_eq!(
+            c.decision,
+            decide(&c.meta_verdicts[0], &c.meta_verdicts[1], c.a, c.b)
+        );
+        assert!(c.tokens.iter().all(|&t| t > 0), "{c:?}");
+    }
+    assert_eq!(
+        run_meta_step_units(dir.path(), fresh(), 2),
+        (two, vec![vec![0, 1]])
+    );
 }
 
 /// Runs `step` in process against a fresh in-memory journal; `inputs` are byte blobs, plus the

@@ -57,6 +57,8 @@ pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     /// One line the step publishes about where it stands (shown by `tsr status` while it runs).
     note: Note,
+    /// The bar's position when the unit being computed began (see [`Self::within_unit`]).
+    unit_start: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A step's published line, shared with the driver's live snapshot.
@@ -67,12 +69,14 @@ impl Progress {
         Progress {
             bar: None,
             note: Note::default(),
+            unit_start: Default::default(),
         }
     }
     pub(crate) fn new(bar: indicatif::ProgressBar) -> Self {
         Progress {
             bar: Some(bar),
             note: Note::default(),
+            unit_start: Default::default(),
         }
     }
     /// A line on where the step stands, beyond its item count, for `tsr status` from another
@@ -97,6 +101,22 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.inc(n);
         }
+    }
+    /// Inside a unit of [`StepContext::for_each_batch`]: `n` of its items are done but not yet
+    /// committed. The bar moves before the unit's commit (which can hold many items); the
+    /// commit then sets it to the unit's start plus its items, so nothing counts twice.
+    pub fn within_unit(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            let start = self.unit_start.load(std::sync::atomic::Ordering::Relaxed);
+            b.set_position(start + n);
+        }
+    }
+    /// A unit begins at the bar's current position.
+    fn begin_unit(&self) -> u64 {
+        let start = self.bar.as_ref().map_or(0, |b| b.position());
+        self.unit_start
+            .store(start, std::sync::atomic::Ordering::Relaxed);
+        start
     }
     pub fn set_message(&self, m: impl Into<String>) {
         if let Some(b) = &self.bar {
@@ -245,6 +265,7 @@ impl StepContext {
                 if self.should_stop() {
                     return Err(StepError::Interrupted);
                 }
+                let start = self.progress.begin_unit();
                 let out = work(&todo)?;
                 if out.len() != todo.len() {
                     return Err(StepError::Other(format!(
@@ -256,7 +277,7 @@ impl StepContext {
                 }
                 let items: Vec<(u64, Vec<u8>)> = todo.iter().copied().zip(out).collect();
                 self.journal.commit(&items)?;
-                self.progress.inc(items.len() as u64);
+                self.progress.set_position(start + items.len() as u64);
             }
             start = end;
         }
@@ -612,4 +633,51 @@ pub(crate) fn new_step_record(
 /// Said when a sync point waits for a remote that fell too far behind.
 pub(crate) fn remote_waiting(msg: &str) {
     eprintln!("tsr: remote: {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Positions of a (hidden) bar: where each unit's `within_unit` calls put it, then where
+    /// its commit did, for 10 items in units of 4 on a journal that already holds `done`.
+    fn positions(done: &[u64]) -> Vec<u64> {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("b"), dir.path().join("t")).unwrap();
+        let journal = MemoryJournal::new(blobs)
+            .with_items(done.iter().map(|&i| (i, b"x".to_vec())).collect());
+        let bar = indicatif::ProgressBar::hidden();
+        let ctx = StepContext::new(
+            "n",
+            Digest::of(b"k"),
+            dir.path().to_path_buf(),
+            "cpu",
+            StopFlag::new(),
+            Arc::new(journal),
+            Progress::new(bar.clone()),
+        );
+        let seen = Mutex::new(Vec::new());
+        ctx.for_each_batch(10, 4, |idx| {
+            let p = ctx.progress();
+            for n in 1..=idx.len() as u64 {
+                p.within_unit(n);
+                seen.lock().unwrap().push(bar.position());
+            }
+            Ok(idx.iter().map(|_| b"y".to_vec()).collect())
+        })
+        .unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.push(bar.position());
+        seen
+    }
+
+    #[test]
+    fn the_bar_moves_inside_a_unit_and_each_item_counts_once() {
+        // Units 0-3, 4-7, 8-9: each item moves the bar as it is done; commits add nothing more.
+        let mut want: Vec<u64> = (1..=10).collect();
+        want.push(10);
+        assert_eq!(positions(&[]), want);
+        // Resumed with items 0-3 and 5 committed: the bar starts at 5, unit 4-7 has 3 to do.
+        assert_eq!(positions(&[0, 1, 2, 3, 5]), vec![6, 7, 8, 9, 10, 10]);
+    }
 }

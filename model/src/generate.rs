@@ -177,7 +177,19 @@ impl LanguageModel {
         reqs: &[GenRequest],
         batch_size: usize,
     ) -> Result<Vec<GenOutput>, ModelError> {
-        self.generate_with(reqs, batch_size, true)
+        self.generate_with(reqs, batch_size, true, None)
+    }
+
+    /// [`Self::generate`], calling `on_done(n)` whenever the number of finished requests grows
+    /// to `n` (a progress bar's view; the outputs are those of [`Self::generate`]). It is
+    /// called between decode steps, on the thread that generates.
+    pub fn generate_observed(
+        &self,
+        reqs: &[GenRequest],
+        batch_size: usize,
+        on_done: &(dyn Fn(usize) + Sync),
+    ) -> Result<Vec<GenOutput>, ModelError> {
+        self.generate_with(reqs, batch_size, true, Some(on_done))
     }
 
     /// [`Self::generate`] where every row makes its `max_new_tokens`, end-of-turn tokens
@@ -188,7 +200,7 @@ impl LanguageModel {
         reqs: &[GenRequest],
         batch_size: usize,
     ) -> Result<Vec<GenOutput>, ModelError> {
-        self.generate_with(reqs, batch_size, false)
+        self.generate_with(reqs, batch_size, false, None)
     }
 
     fn generate_with(
@@ -196,6 +208,7 @@ impl LanguageModel {
         reqs: &[GenRequest],
         batch_size: usize,
         stop_at_end_of_turn: bool,
+        on_done: Option<&(dyn Fn(usize) + Sync)>,
     ) -> Result<Vec<GenOutput>, ModelError> {
         let vocab = self.config.vocab_size as u32;
         for (i, r) in reqs.iter().enumerate() {
@@ -218,7 +231,8 @@ impl LanguageModel {
         let mut order: Vec<usize> = (0..reqs.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(reqs[i].prompt_ids.len()), i));
         let sorted: Vec<&GenRequest> = order.iter().map(|&i| &reqs[i]).collect();
-        let results = self.generate_batch(&w, &sorted, batch_size.max(1), stop_at_end_of_turn)?;
+        let results =
+            self.generate_batch(&w, &sorted, batch_size.max(1), stop_at_end_of_turn, on_done)?;
         let mut out: Vec<Option<GenOutput>> = vec![None; reqs.len()];
         for (&i, r) in order.iter().zip(results) {
             out[i] = Some(r);
@@ -235,10 +249,11 @@ impl LanguageModel {
         reqs: &[&GenRequest],
         batch_size: usize,
         stop_at_end_of_turn: bool,
+        on_done: Option<&(dyn Fn(usize) + Sync)>,
     ) -> Result<Vec<GenOutput>, ModelError> {
         let run = || {
             super::kernels::with_half_native(|| {
-                Decoder::new(self, w, reqs, batch_size, stop_at_end_of_turn).run()
+                Decoder::new(self, w, reqs, batch_size, stop_at_end_of_turn, on_done).run()
             })
         };
         if self.device().is_cpu() {
@@ -268,6 +283,9 @@ struct Decoder<'a> {
     /// Cache row -> the logits of its occupant's next token, where one is to be picked.
     logits: Vec<Option<Vec<f32>>>,
     cache: Option<KvCache>,
+    /// Told how many requests have finished, when that grows.
+    on_done: Option<&'a (dyn Fn(usize) + Sync)>,
+    reported: usize,
 }
 
 impl<'a> Decoder<'a> {
@@ -277,6 +295,7 @@ impl<'a> Decoder<'a> {
         reqs: &[&'a GenRequest],
         batch_size: usize,
         stop_at_end_of_turn: bool,
+        on_done: Option<&'a (dyn Fn(usize) + Sync)>,
     ) -> Self {
         let rows = reqs
             .iter()
@@ -303,6 +322,19 @@ impl<'a> Decoder<'a> {
             pads: vec![0; b],
             logits: vec![None; b],
             cache: None,
+            on_done,
+            reported: 0,
+        }
+    }
+
+    /// Tells the observer how many requests have finished, when that grew.
+    fn report(&mut self) {
+        if let Some(f) = self.on_done {
+            let n = self.rows.iter().filter(|r| r.done.is_some()).count();
+            if n > self.reported {
+                self.reported = n;
+                f(n);
+            }
         }
     }
 
@@ -320,6 +352,7 @@ impl<'a> Decoder<'a> {
             self.start(&first)?;
             loop {
                 self.pick();
+                self.report();
                 while !self.waiting.is_empty() && self.free_rows() * 4 >= self.occupant.len() {
                     let holes = self.holes();
                     let next = self.admissible(holes.len());
@@ -328,6 +361,7 @@ impl<'a> Decoder<'a> {
                     }
                     self.admit(&holes[..next.len()], &next)?;
                     self.pick();
+                    self.report();
                 }
                 if self
                     .occupant

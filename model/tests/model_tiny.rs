@@ -270,6 +270,17 @@ fn refilled_rows_generate_what_they_generate_alone() {
         .collect();
     assert_eq!(m.generate(&some_empty, 2).unwrap(), alone);
     assert!(alone.iter().step_by(4).all(|o| o.token_ids.is_empty()));
+    // An observer (a progress bar) sees the finished count grow to every request, each new
+    // count once, at many decode steps (at most 2 rows finish at a step), and changes nothing.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let observed = m
+        .generate_observed(&some_empty, 2, &|n| seen.lock().unwrap().push(n))
+        .unwrap();
+    assert_eq!(observed, alone);
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&some_empty.len()), "{seen:?}");
+    assert!(seen.len() >= 5, "{seen:?}");
 }
 
 #[test]

@@ -14,7 +14,32 @@ use crate::lm::{self, decode_item};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tsr_engine::{StepContext, StepError, StepInputs};
-use tsr_model::LanguageModel;
+use tsr_model::{GenOutput, GenRequest, LanguageModel, ModelError};
+
+/// Items per commit of a generating step whose item makes `requests` generation requests
+/// (a judge's J samples, a pairwise verdict's two orders): as many whole items as fill `rows`
+/// rows, at least one, times `commit_batches`. When that makes more than `rows` requests, the
+/// model refills its rows inside the commit (continuous batching).
+pub fn items_per_commit(rows: usize, requests: usize, commit_batches: usize) -> usize {
+    (rows / requests.max(1)).max(1) * commit_batches.max(1)
+}
+
+/// Generates `reqs` on `rows` rows for one unit of a step whose items make `per_item` requests
+/// each, `settled` of its items needing none: the step's progress bar moves as requests finish
+/// (a unit of many batches would otherwise move it only when committed).
+pub fn generate(
+    model: &LanguageModel,
+    reqs: &[GenRequest],
+    rows: usize,
+    per_item: usize,
+    settled: usize,
+    ctx: &StepContext,
+) -> Result<Vec<GenOutput>, ModelError> {
+    let progress = ctx.progress();
+    model.generate_observed(reqs, rows, &|n| {
+        progress.within_unit((settled + n / per_item.max(1)) as u64)
+    })
+}
 
 /// The serde default of a generation step's `commit_batches`: one batch per commit.
 pub fn one_batch() -> usize {

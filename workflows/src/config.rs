@@ -419,7 +419,11 @@ pub struct MetaSection {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Meta-judgements decoded at once (two per compared response: both orders).
     pub batch_size: usize,
+    /// Batches handed to the model and committed together, as `[generate] commit_batches`.
+    #[serde(skip_serializing_if = "tsr_steps::items::is_one_batch")]
+    pub commit_batches: usize,
     /// A meta-judge template file with {judge_prompt}, {judgement_a}, {judgement_b}; default:
     /// the built-in prompt.
     pub template: Option<PathBuf>,
@@ -436,6 +440,7 @@ impl Default for MetaSection {
             temperature: 0.7,
             top_p: 0.9,
             batch_size: 16,
+            commit_batches: 1,
             template: None,
         }
     }
@@ -460,7 +465,12 @@ pub struct EvalSection {
     /// 0: greedy answers (the default); > 0: seeded sampling.
     pub temperature: f64,
     pub top_p: f64,
+    /// Answers decoded at once (the KV cache's rows).
     pub batch_size: usize,
+    /// Batches of answers handed to the model and committed together, as `[generate]
+    /// commit_batches`.
+    #[serde(skip_serializing_if = "tsr_steps::items::is_one_batch")]
+    pub commit_batches: usize,
     /// The baseline's answers come from this model (GGUF, HF folder or hub id); default: M0.
     pub baseline_model: Option<String>,
     /// Or from a reference outputs file in AlpacaEval's format (JSON list of
@@ -490,6 +500,7 @@ impl Default for EvalSection {
             temperature: 0.0,
             top_p: 1.0,
             batch_size: 16,
+            commit_batches: 1,
             baseline_model: None,
             reference: None,
             bootstrap_resamples: 1000,
@@ -512,7 +523,13 @@ pub struct EvalJudgeSection {
     /// 0: greedy verdicts (the default).
     pub temperature: f64,
     pub top_p: f64,
+    /// Verdicts decoded at once in text mode (two per prompt: both orders); sequences per
+    /// forward pass in logprob mode.
     pub batch_size: usize,
+    /// A local judge in text mode: batches handed to the model and committed together, as
+    /// `[generate] commit_batches`.
+    #[serde(skip_serializing_if = "tsr_steps::items::is_one_batch")]
+    pub commit_batches: usize,
     /// A template file with {instruction}, {output_a} and {output_b}, ending with the request
     /// for a `Better: A` or `Better: B` line; default: the built-in one. With `kind = "openai"`:
     /// the annotator's template (AlpacaEval's `alpaca_eval_clf.txt`), required.
@@ -599,6 +616,7 @@ impl Default for EvalJudgeSection {
             temperature: 0.0,
             top_p: 1.0,
             batch_size: 16,
+            commit_batches: 1,
             template: None,
             kind: "local".into(),
             base_url: None,
@@ -1138,12 +1156,7 @@ impl Config {
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
         }
-        if g.commit_batches == 0 {
-            return bad(
-                "generate.commit_batches",
-                "must be at least 1 (1: every batch is committed on its own)".into(),
-            );
-        }
+        check_commit_batches("generate.commit_batches", g.commit_batches)?;
         let j = &self.judge;
         if j.samples == 0 || j.batch_size == 0 || j.max_new_tokens == 0 {
             return bad(
@@ -1151,12 +1164,7 @@ impl Config {
                 "samples, batch_size and max_new_tokens must be at least 1".into(),
             );
         }
-        if j.commit_batches == 0 {
-            return bad(
-                "judge.commit_batches",
-                "must be at least 1 (1: every batch is committed on its own)".into(),
-            );
-        }
+        check_commit_batches("judge.commit_batches", j.commit_batches)?;
         if j.commit_batches > 1 && j.mode == tsr_steps::kinds::judge::JudgeMode::Logprob {
             return bad(
                 "judge.commit_batches",
@@ -1283,6 +1291,7 @@ impl Config {
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
         }
+        check_commit_batches("eval.commit_batches", e.commit_batches)?;
         for (key, t, p) in [
             ("eval", e.temperature, e.top_p),
             ("eval.judge", e.judge.temperature, e.judge.top_p),
@@ -1302,6 +1311,21 @@ impl Config {
                 "eval.judge",
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
+        }
+        check_commit_batches("eval.judge.commit_batches", e.judge.commit_batches)?;
+        if e.judge.commit_batches > 1 {
+            if e.judge.kind == "openai" {
+                return bad(
+                    "eval.judge.commit_batches",
+                    format!("{} batches per commit refill the rows of a local judge; an API judge keeps `max_concurrency` requests in flight instead: remove commit_batches", e.judge.commit_batches),
+                );
+            }
+            if e.judge.mode == tsr_steps::kinds::judge::JudgeMode::Logprob {
+                return bad(
+                    "eval.judge.commit_batches",
+                    format!("{} batches per commit refill rows that generate, and logprob mode generates nothing; remove it or use mode = \"text\"", e.judge.commit_batches),
+                );
+            }
         }
         if e.future && !self.workflow.uses_future() {
             return bad(
@@ -1516,6 +1540,7 @@ impl Config {
                 "max_new_tokens and batch_size must be at least 1".into(),
             );
         }
+        check_commit_batches("meta.commit_batches", m.commit_batches)?;
         Ok(())
     }
 
@@ -1534,6 +1559,17 @@ impl Config {
 }
 
 /// A prompts file read as the `prompts` step reads it (first `limit` prompts; 0: all).
+/// A `commit_batches` setting: at least 1.
+fn check_commit_batches(key: &str, n: usize) -> Result<(), ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            reason: "must be at least 1 (1: every batch is committed on its own)".into(),
+        });
+    }
+    Ok(())
+}
+
 fn read_prompts_file(
     key: &str,
     path: &Path,

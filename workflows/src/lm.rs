@@ -193,6 +193,7 @@ fn meta_part(c: &Config, judge: &Judge) -> Result<Option<(MetaJudge, f64)>, Work
                 temperature: meta_cfg.temperature,
                 top_p: meta_cfg.top_p,
                 batch_size: meta_cfg.batch_size,
+                commit_batches: meta_cfg.commit_batches,
                 template: meta_template,
                 judge_template: judge.template.clone(),
             },
@@ -663,6 +664,7 @@ fn add_eval(
         temperature: e.temperature,
         top_p: e.top_p,
         batch_size: e.batch_size,
+        commit_batches: e.commit_batches,
     });
     let answer_in = |model: &ModelRef| {
         let mut v = vec![(
@@ -827,6 +829,7 @@ fn local_judge(
         temperature: e.judge.temperature,
         top_p: e.judge.top_p,
         batch_size: e.judge.batch_size,
+        commit_batches: e.judge.commit_batches,
         bootstrap_resamples: e.bootstrap_resamples,
         template,
     });

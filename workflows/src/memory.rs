@@ -96,6 +96,18 @@ pub fn plan_remaining(
     Ok(p)
 }
 
+/// Whether a generating step with `rows` rows, `requests` generation requests per item and
+/// `commit_batches` batches per commit refills its rows inside a commit, and the plan's words
+/// for it (empty when it does not): ", N {what} per commit, rows refilled".
+fn refilled(rows: usize, requests: usize, commit_batches: usize, what: &str) -> (bool, String) {
+    let n = tsr_steps::items::items_per_commit(rows, requests, commit_batches) * requests.max(1);
+    if n > rows {
+        (true, format!(", {n} {what} per commit, rows refilled"))
+    } else {
+        (false, String::new())
+    }
+}
+
 fn bad(key: &str, reason: String) -> WorkflowError {
     crate::ConfigError::Invalid {
         key: key.into(),
@@ -238,49 +250,30 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                     memory::import(s, *bytes, gguf, w < 4),
                 )
             }
-            ("generate", Some((s, _))) => (
-                format!(
-                    "batch {}, prompts up to {prompt} tokens, {response} new{}",
-                    g.batch_size,
-                    if g.commit_batches > 1 {
-                        format!(
-                            ", {} responses per commit, rows refilled",
-                            g.batch_size * g.commit_batches
-                        )
-                    } else {
-                        String::new()
-                    }
-                ),
-                memory::generation(
-                    s,
-                    w,
-                    g.batch_size as u64,
-                    prompt,
-                    response,
-                    g.commit_batches > 1,
-                ),
-            ),
+            ("generate", Some((s, _))) => {
+                let (refill, per_commit) = refilled(g.batch_size, 1, g.commit_batches, "responses");
+                (
+                    format!(
+                        "batch {}, prompts up to {prompt} tokens, {response} new{per_commit}",
+                        g.batch_size,
+                    ),
+                    memory::generation(s, w, g.batch_size as u64, prompt, response, refill),
+                )
+            }
             ("judge", Some((s, _))) => {
                 let tokens = rubric + prompt + response;
                 match j.mode {
                     tsr_steps::kinds::judge::JudgeMode::Text => {
-                        // Each commit hands the model J requests per response it holds.
-                        let requests = tsr_steps::kinds::judge::text_responses_per_commit(
+                        let (refill, per_commit) = refilled(
                             j.batch_size,
-                            j.samples,
+                            j.samples as usize,
                             j.commit_batches,
-                        ) * j.samples.max(1) as usize;
-                        let refill = requests > j.batch_size;
+                            "judgements",
+                        );
                         (
                             format!(
-                                "batch {}, judge prompts up to {tokens} tokens, {} new{}",
-                                j.batch_size,
-                                j.max_new_tokens,
-                                if refill {
-                                    format!(", {requests} judgements per commit, rows refilled")
-                                } else {
-                                    String::new()
-                                }
+                                "batch {}, judge prompts up to {tokens} tokens, {} new{per_commit}",
+                                j.batch_size, j.max_new_tokens,
                             ),
                             memory::generation(
                                 s,
@@ -304,9 +297,11 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
             ("meta-judge", Some((s, _))) => {
                 let meta = c.meta.clone().unwrap_or_default();
                 let tokens = 2 * rubric + prompt + response + 2 * j.max_new_tokens as u64;
+                let (refill, per_commit) =
+                    refilled(meta.batch_size, 2, meta.commit_batches, "meta-judgements");
                 (
                     format!(
-                        "batch {}, prompts up to {tokens} tokens, {} new",
+                        "batch {}, prompts up to {tokens} tokens, {} new{per_commit}",
                         meta.batch_size, meta.max_new_tokens
                     ),
                     memory::generation(
@@ -315,7 +310,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         meta.batch_size as u64,
                         tokens,
                         meta.max_new_tokens as u64,
-                        false,
+                        refill,
                     ),
                 )
             }
@@ -353,9 +348,10 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
             }
             ("answer", Some((s, _))) => {
                 let e = c.eval.as_ref().expect("answer nodes come from [eval]");
+                let (refill, per_commit) = refilled(e.batch_size, 1, e.commit_batches, "answers");
                 (
                     format!(
-                        "batch {}, prompts up to {eval_prompt} tokens, {} new",
+                        "batch {}, prompts up to {eval_prompt} tokens, {} new{per_commit}",
                         e.batch_size, e.max_new_tokens
                     ),
                     memory::generation(
@@ -364,7 +360,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         e.batch_size as u64,
                         eval_prompt,
                         e.max_new_tokens as u64,
-                        false,
+                        refill,
                     ),
                 )
             }
@@ -376,9 +372,11 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                     tsr_steps::rules::eval::DEFAULT_PAIRWISE_TEMPLATE,
                 )?);
                 let tokens = template + eval_prompt + 2 * e.max_new_tokens as u64;
+                let (refill, per_commit) =
+                    refilled(e.judge.batch_size, 2, e.judge.commit_batches, "verdicts");
                 (
                     format!(
-                        "batch {}, judge prompts up to {tokens} tokens",
+                        "batch {}, judge prompts up to {tokens} tokens{per_commit}",
                         e.judge.batch_size
                     ),
                     memory::generation(
@@ -387,7 +385,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         e.judge.batch_size as u64,
                         tokens,
                         e.judge.max_new_tokens as u64,
-                        false,
+                        refill,
                     ),
                 )
             }

@@ -17,7 +17,15 @@ pub struct Answer {
     /// 0: greedy (the default for evaluation); > 0: seeded sampling.
     pub temperature: f64,
     pub top_p: f64,
+    /// Rows the model decodes at once (the KV cache's rows).
     pub batch_size: usize,
+    /// Batches per commit, as `Generate::commit_batches` (continuous batching above 1). Left
+    /// out of the key at 1.
+    #[serde(
+        default = "items::one_batch",
+        skip_serializing_if = "items::is_one_batch"
+    )]
+    pub commit_batches: usize,
 }
 
 impl Step for Answer {
@@ -65,8 +73,9 @@ impl items::Batches for Answers<'_> {
     fn count(&self) -> u64 {
         self.prompts.len() as u64
     }
+    /// The commit unit: `commit_batches` batches.
     fn batch_size(&self) -> usize {
-        self.step.batch_size
+        items::items_per_commit(self.step.batch_size, 1, self.step.commit_batches)
     }
     fn message(&self) -> String {
         "answering evaluation prompts".into()
@@ -104,8 +113,7 @@ impl items::Batches for Answers<'_> {
             });
             seeds.push((p.id.clone(), (!greedy).then_some(seed)));
         }
-        let outs = model
-            .generate(&reqs, st.batch_size)
+        let outs = items::generate(model, &reqs, st.batch_size, 1, 0, ctx)
             .map_err(model_err("answering"))?;
         Ok(outs
             .into_iter()

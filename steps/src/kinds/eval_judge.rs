@@ -41,7 +41,16 @@ pub struct PairwiseJudge {
     /// 0: greedy verdicts (the default); > 0: seeded sampling per prompt and order.
     pub temperature: f64,
     pub top_p: f64,
+    /// Requests the model decodes at once in text mode (two per prompt: both orders);
+    /// sequences per forward pass in logprob mode.
     pub batch_size: usize,
+    /// Batches per commit in text mode, as `Generate::commit_batches` (continuous batching
+    /// above 1); logprob mode takes 1. Left out of the key at 1.
+    #[serde(
+        default = "items::one_batch",
+        skip_serializing_if = "items::is_one_batch"
+    )]
+    pub commit_batches: usize,
     pub bootstrap_resamples: usize,
     /// The pairwise template; part of the step key.
     pub template: String,
@@ -149,10 +158,13 @@ impl items::Batches for Annotations<'_> {
     fn count(&self) -> u64 {
         self.prompts.len() as u64
     }
-    /// Prompts per batch: text mode asks twice per prompt (both orders).
+    /// Prompts per commit: text mode asks twice per prompt (both orders), `commit_batches`
+    /// batches of them at a time.
     fn batch_size(&self) -> usize {
         match self.step.mode {
-            crate::kinds::judge::JudgeMode::Text => (self.step.batch_size / 2).max(1),
+            crate::kinds::judge::JudgeMode::Text => {
+                items::items_per_commit(self.step.batch_size, 2, self.step.commit_batches)
+            }
             crate::kinds::judge::JudgeMode::Logprob => self.step.batch_size.max(1),
         }
     }
@@ -231,8 +243,9 @@ impl items::Batches for Annotations<'_> {
                             ),
                         })
                         .collect();
-                    let outs = model
-                        .generate(&reqs, st.batch_size)
+                    // Items with identical outputs are settled without the judge.
+                    let settled = idx.len() - asks.len() / 2;
+                    let outs = items::generate(model, &reqs, st.batch_size, 2, settled, ctx)
                         .map_err(model_err("judging evaluation outputs"))?;
                     for ((n, order, _), o) in asks.iter().zip(outs) {
                         let prefers = match parse_better(&o.text) {

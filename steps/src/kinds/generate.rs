@@ -83,7 +83,7 @@ impl items::Batches for Samples<'_> {
     }
     /// The commit unit: `commit_batches` batches.
     fn batch_size(&self) -> usize {
-        self.step.batch_size.max(1) * self.step.commit_batches.max(1)
+        items::items_per_commit(self.step.batch_size, 1, self.step.commit_batches)
     }
     fn weights(&self) -> Option<lm::Weights> {
         self.step.weights
@@ -121,8 +121,7 @@ impl items::Batches for Samples<'_> {
             });
             meta.push((p.id.clone(), sample, seed));
         }
-        let outs = model
-            .generate(&reqs, s.batch_size)
+        let outs = items::generate(model, &reqs, s.batch_size, 1, 0, ctx)
             .map_err(model_err("generating"))?;
         Ok(outs
             .into_iter()

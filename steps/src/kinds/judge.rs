@@ -91,13 +91,6 @@ impl Judge {
     }
 }
 
-/// Responses per commit in text mode: as many whole responses (J requests each) as fill
-/// `batch_size` rows, at least one, times `commit_batches`. The model refills its rows when
-/// they make more than `batch_size` requests.
-pub fn text_responses_per_commit(batch_size: usize, samples: u32, commit_batches: usize) -> usize {
-    (batch_size / samples.max(1) as usize).max(1) * commit_batches.max(1)
-}
-
 /// Item `i`: the judgement of response `i`.
 struct Judgements<'a> {
     step: &'a Judge,
@@ -115,9 +108,9 @@ impl items::Batches for Judgements<'_> {
     /// of them at a time.
     fn batch_size(&self) -> usize {
         match self.step.mode {
-            JudgeMode::Text => text_responses_per_commit(
+            JudgeMode::Text => items::items_per_commit(
                 self.step.batch_size,
-                self.step.samples,
+                self.step.samples as usize,
                 self.step.commit_batches,
             ),
             JudgeMode::Logprob => self.step.batch_size.max(1),
@@ -172,8 +165,7 @@ impl items::Batches for Judgements<'_> {
                         });
                     }
                 }
-                let outs = model
-                    .generate(&reqs, st.batch_size)
+                let outs = items::generate(model, &reqs, st.batch_size, j, 0, ctx)
                     .map_err(model_err("judging"))?;
                 idx.iter()
                     .enumerate()

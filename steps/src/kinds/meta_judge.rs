@@ -45,7 +45,15 @@ pub struct MetaJudge {
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Requests the model decodes at once (two per compared response: both orders).
     pub batch_size: usize,
+    /// Batches per commit, as `Generate::commit_batches` (continuous batching above 1). Left
+    /// out of the key at 1.
+    #[serde(
+        default = "items::one_batch",
+        skip_serializing_if = "items::is_one_batch"
+    )]
+    pub commit_batches: usize,
     /// The meta-judge prompt; part of the step key.
     pub template: String,
     /// The judge's rubric, to render the judge prompt of each response.
@@ -232,9 +240,10 @@ impl items::Batches for Comparisons<'_> {
     fn count(&self) -> u64 {
         self.todo.len() as u64
     }
-    /// Responses per batch: each asks twice (both orders).
+    /// Responses per commit: each asks twice (both orders), `commit_batches` batches of them
+    /// at a time.
     fn batch_size(&self) -> usize {
-        (self.step.batch_size / 2).max(1)
+        items::items_per_commit(self.step.batch_size, 2, self.step.commit_batches)
     }
     fn message(&self) -> String {
         "meta-judging".into()
@@ -276,8 +285,7 @@ impl items::Batches for Comparisons<'_> {
             }
             seeds.push(pair_seeds);
         }
-        let outs = model
-            .generate(&reqs, st.batch_size)
+        let outs = items::generate(model, &reqs, st.batch_size, 2, 0, ctx)
             .map_err(model_err("meta-judging"))?;
         idx.iter()
             .enumerate()
