@@ -631,6 +631,43 @@ fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills(
         "{}",
         text(&o)
     );
+    // A logprob judge generates nothing: its plan is one forward pass per prompt and order,
+    // with no new tokens and no KV cache.
+    let logprob = dir.path().join("lp.toml");
+    std::fs::write(
+        &logprob,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("mode = \"text\"", "mode = \"logprob\"")
+            .replace("commit_batches = 2\n", ""),
+    )
+    .unwrap();
+    let judge_plan = |cfg: &Path| {
+        let o = tsr(
+            &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
+            &dir.path().join("plan"),
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let n = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "eval/model-judge")
+            .unwrap_or_else(|| panic!("{v}"))
+            .clone();
+        (
+            n["assumes"].as_str().unwrap().to_string(),
+            n["parts"]["kv_cache"].as_u64().unwrap(),
+        )
+    };
+    let (text_says, text_cache) = judge_plan(&cfg);
+    let (lp_says, lp_cache) = judge_plan(&logprob);
+    assert!(
+        text_says.contains("24 new") && text_cache > 0,
+        "{text_says}"
+    );
+    assert!(!lp_says.contains("new") && lp_cache == 0, "{lp_says}");
     let (v, units) = reference_run(&cfg, &dir.path().join("units"), "c");
     assert_eq!(
         units,

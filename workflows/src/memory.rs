@@ -372,22 +372,34 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                     tsr_steps::rules::eval::DEFAULT_PAIRWISE_TEMPLATE,
                 )?);
                 let tokens = template + eval_prompt + 2 * e.max_new_tokens as u64;
-                let (refill, per_commit) =
-                    refilled(e.judge.batch_size, 2, e.judge.commit_batches, "verdicts");
-                (
-                    format!(
-                        "batch {}, judge prompts up to {tokens} tokens{per_commit}",
-                        e.judge.batch_size
+                match e.judge.mode {
+                    tsr_steps::kinds::judge::JudgeMode::Text => {
+                        let (refill, per_commit) =
+                            refilled(e.judge.batch_size, 2, e.judge.commit_batches, "verdicts");
+                        (
+                            format!(
+                                "batch {}, judge prompts up to {tokens} tokens, {} new{per_commit}",
+                                e.judge.batch_size, e.judge.max_new_tokens
+                            ),
+                            memory::generation(
+                                s,
+                                w,
+                                e.judge.batch_size as u64,
+                                tokens,
+                                e.judge.max_new_tokens as u64,
+                                refill,
+                            ),
+                        )
+                    }
+                    // One forward pass per prompt and order, as the judge's logprob mode.
+                    tsr_steps::kinds::judge::JudgeMode::Logprob => (
+                        format!(
+                            "batch {}, judge prompts up to {tokens} tokens",
+                            e.judge.batch_size
+                        ),
+                        memory::scoring(s, w, e.judge.batch_size as u64, tokens),
                     ),
-                    memory::generation(
-                        s,
-                        w,
-                        e.judge.batch_size as u64,
-                        tokens,
-                        e.judge.max_new_tokens as u64,
-                        refill,
-                    ),
-                )
+                }
             }
             _ => ("no model".to_string(), memory::small()),
         };
