@@ -575,24 +575,34 @@ fn bad_evaluation_inputs_are_refused_before_anything_runs() {
     );
 }
 
+/// The `eval` workflow comparing tiny model `a` with baseline `b` on 16 held-out prompts,
+/// sampled answers and text verdicts at 2 rows, with `eval` and `judge` added to the [eval]
+/// and [eval.judge] sections; returns the config's path.
+fn sixteen_prompt_eval(dir: &Path, name: &str, eval: &str, judge: &str) -> PathBuf {
+    tsr_model::testing::write_tiny_hf_model(&dir.join("a"), 5);
+    tsr_model::testing::write_tiny_hf_model(&dir.join("b"), 6);
+    let many: String = (0..16)
+        .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
+        .collect();
+    std::fs::write(dir.join("held-out.jsonl"), &many).unwrap();
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"{name}\"\nworkflow = \"eval\"\n[model]\nsource = \"a\"\n\
+             [eval]\nprompts = \"held-out.jsonl\"\nbaseline_model = \"b\"\nmax_new_tokens = 24\nbatch_size = 2\n{eval}temperature = 0.8\n\
+             [eval.judge]\nmode = \"text\"\nmax_new_tokens = 24\nbatch_size = 2\n{judge}temperature = 0.7\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[test]
 fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
     // The `eval` workflow (what `tsr eval` runs): every kill lands in an evaluation step.
     let dir = tempfile::tempdir().unwrap();
-    tsr_model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
-    tsr_model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
-    let many: String = (0..16)
-        .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
-        .collect();
-    std::fs::write(dir.path().join("held-out.jsonl"), &many).unwrap();
-    let cfg = dir.path().join("k.toml");
-    std::fs::write(
-        &cfg,
-        "name = \"k\"\nworkflow = \"eval\"\n[model]\nsource = \"a\"\n\
-         [eval]\nprompts = \"held-out.jsonl\"\nbaseline_model = \"b\"\nmax_new_tokens = 24\nbatch_size = 2\ntemperature = 0.8\n\
-         [eval.judge]\nmode = \"text\"\nmax_new_tokens = 24\nbatch_size = 2\ntemperature = 0.7\n",
-    )
-    .unwrap();
+    let cfg = sixteen_prompt_eval(dir.path(), "k", "", "");
     let kills = assert_kills_change_nothing(&cfg, dir.path(), "k", 2, 13);
     assert!(kills >= 4, "{kills}");
     let store = dir.path().join("killed");
@@ -609,20 +619,12 @@ fn an_evaluation_killed_at_random_moments_resumes_to_identical_results() {
 #[test]
 fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills() {
     let dir = tempfile::tempdir().unwrap();
-    tsr_model::testing::write_tiny_hf_model(&dir.path().join("a"), 5);
-    tsr_model::testing::write_tiny_hf_model(&dir.path().join("b"), 6);
-    let many: String = (0..16)
-        .map(|i| format!("{{\"id\": \"h{i}\", \"prompt\": \"held-out question number {i}\"}}\n"))
-        .collect();
-    std::fs::write(dir.path().join("held-out.jsonl"), &many).unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        "name = \"c\"\nworkflow = \"eval\"\n[model]\nsource = \"a\"\n\
-         [eval]\nprompts = \"held-out.jsonl\"\nbaseline_model = \"b\"\nmax_new_tokens = 24\nbatch_size = 2\ncommit_batches = 3\ntemperature = 0.8\n\
-         [eval.judge]\nmode = \"text\"\nmax_new_tokens = 24\nbatch_size = 2\ncommit_batches = 2\ntemperature = 0.7\n",
-    )
-    .unwrap();
+    let cfg = sixteen_prompt_eval(
+        dir.path(),
+        "c",
+        "commit_batches = 3\n",
+        "commit_batches = 2\n",
+    );
     let o = tsr(&["plan", cfg.to_str().unwrap()], &dir.path().join("plan"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(
