@@ -16,9 +16,10 @@
 /// The same for other threads' heaps (`M_TOP_PAD` 64 MiB): a thread other than the main one
 /// allocates from heaps of at most 64 MiB, and glibc unmapped such a heap whenever it became
 /// wholly free, whatever the trim threshold. Generation runs on a pool worker, so a prompt's
-/// prefill faulted in fresh pages for its large attention buffers in every layer: 4.4 GB of
-/// page faults in a 4 x 512-token prefill benchmark, against 2.2 GB kept, and the prefill took
-/// about 1.2x less time (BENCHMARKS.md). A pad as large as such a heap keeps each one.
+/// prefill faulted in fresh pages for its large attention buffers in every layer: 1.1-1.8
+/// million page faults in a 4 x 512-token prefill benchmark, against 0.56 million with the
+/// heaps kept, and the prefill took about 1.2x less time (BENCHMARKS.md). A pad as large as
+/// such a heap keeps each one.
 ///
 /// Memory is returned by [`release_memory`], which long phases call when they end. Call once
 /// at start-up. Returns whether glibc accepted the settings; a no-op returning `false` on
