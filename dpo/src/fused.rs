@@ -7,8 +7,15 @@
 //! same f32 expressions in the same order as the portable path (`affine` is `x * mul + add`,
 //! no fused multiply-add), so both give equal values; a unit test in `optim` checks it.
 //! Other devices and dtypes take the portable path.
+//!
+//! Each pass runs on the thread pool in fixed chunks of [`CHUNK`] elements. Every element is
+//! computed alone, so the split changes no value: only how many cores share the pass.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task of a pass (256 KiB of f32).
+const CHUNK: usize = 1 << 16;
 
 /// The f32 scalars of one update, cast exactly as candle's `affine` casts them.
 #[derive(Debug, Clone, Copy)]
@@ -67,9 +74,13 @@ impl InplaceOp2 for FirstMoment {
             candle_core::bail!("{}: length mismatch", self.name());
         }
         let w = self.0;
-        for (m, &g) in m.iter_mut().zip(g) {
-            *m += (g - *m) * w;
-        }
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    *m += (g - *m) * w;
+                }
+            });
         Ok(())
     }
 }
@@ -96,9 +107,14 @@ impl InplaceOp2 for SecondMoment {
         if v.len() != g.len() {
             candle_core::bail!("{}: length mismatch", self.name());
         }
-        for (v, &g) in v.iter_mut().zip(g) {
-            *v = *v * self.b2 + (g * g) * self.w2;
-        }
+        let (b2, w2) = (self.b2, self.w2);
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(v, g)| {
+                for (v, &g) in v.iter_mut().zip(g) {
+                    *v = *v * b2 + (g * g) * w2;
+                }
+            });
         Ok(())
     }
 }
@@ -126,14 +142,18 @@ impl InplaceOp3 for ParamUpdate {
             candle_core::bail!("{}: length mismatch", self.name());
         }
         let s = self.0;
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            let mut theta = *p;
-            if let Some(d) = s.decay {
-                theta *= d;
-            }
-            let denom = v.sqrt() * s.inv_bc2_sqrt + s.eps;
-            *p = theta + (m / denom) * s.neg_step_size;
-        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let mut theta = *p;
+                    if let Some(d) = s.decay {
+                        theta *= d;
+                    }
+                    let denom = v.sqrt() * s.inv_bc2_sqrt + s.eps;
+                    *p = theta + (m / denom) * s.neg_step_size;
+                }
+            });
         Ok(())
     }
 }

@@ -55,7 +55,19 @@ pub fn reset_hwm() {
 
 /// CPU seconds (user + system) this process has used.
 pub fn cpu_s() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu_s("/proc/self/stat")
+}
+
+/// CPU seconds of the calling thread so far (user + system; 0 where `/proc` is missing). In a
+/// step whose products run on the thread pool, what this thread did alone while the pool
+/// waited: elementwise work, candle's backward bookkeeping.
+pub fn thread_cpu_s() -> f64 {
+    stat_cpu_s("/proc/thread-self/stat")
+}
+
+/// utime + stime of a `/proc` stat file, in seconds.
+fn stat_cpu_s(path: &str) -> f64 {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
     let rest = s.rsplit(')').next().unwrap_or("");
     let f: Vec<f64> = rest

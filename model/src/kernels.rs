@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::fused::{dot, slice, slice_pair};
+use super::trained::SMALL_M;
 
 /// `exp(x)` for `x <= 0` to about 2e-7 relative error, branch-free so loops vectorise: range
 /// reduction `x = n ln2 + r`, degree-6 Taylor polynomial on `|r| <= ln2/2`, `2^n` built from
@@ -399,10 +400,6 @@ pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Below this many rows, `x @ w^T` is computed as `(w @ x^T)^T`: gemm then streams the
-/// row-major weight once instead of repacking it per call, 2-10x faster for decode-sized inputs
-/// (measured on 2 AVX-512 cores: 16x1536 @ 1536x576 takes 2.2 ms one way, 0.28 ms the other).
-const SMALL_M: usize = 128;
 
 thread_local! {
     /// Set while this thread generates: see [`matmul_wt`].
@@ -464,6 +461,12 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 None => matmul_wt(x, &w.to_dtype(x.dtype())?),
             }
         };
+    }
+    if w.track_op() && !generating() {
+        // A trained weight: the same bits as below, one graph node with a cheaper backward.
+        if let Some(y) = super::trained::trained_matmul_wt(x, w)? {
+            return Ok(y);
+        }
     }
     if x.dim(0)? <= SMALL_M {
         w.matmul(&x.t()?)?.t()

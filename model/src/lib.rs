@@ -39,6 +39,7 @@ mod score;
 mod skinny;
 pub mod testing;
 pub mod tokenizer;
+mod trained;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

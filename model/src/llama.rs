@@ -22,6 +22,7 @@ use super::fused;
 use super::kernels::{self, matmul_wt};
 use super::projection::Proj;
 use super::skinny;
+use super::trained;
 use super::ModelError;
 
 /// One linear projection of a block: its weight `[out, in]`, optional bias, optional LoRA
@@ -358,6 +359,13 @@ pub(crate) fn attention_mask(
 /// `x [B, T, in] @ w[out, in]^T (+ b)`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bs, t, i) = x.dims3()?;
+    if b.is_none() && w.track_op() && !kernels::generating() {
+        // A trained weight, no bias: the product on `x` as it is (the bits of the reshapes
+        // below, with two graph nodes fewer).
+        if let Some(y) = trained::trained_matmul_wt(x, w)? {
+            return Ok(y);
+        }
+    }
     let y = matmul_wt(&x.reshape((bs * t, i))?, w)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,

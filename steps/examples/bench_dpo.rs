@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tsr_dpo::bench::bench_trainer_config;
 use tsr_dpo::trainer::{reference_logps, DpoTrainer, TrainPair, TrainerError};
-use tsr_model::bench::{bench_model_spec, cpu_s, median, reset_hwm, vm_hwm_mb};
+use tsr_model::bench::{bench_model_spec, cpu_s, median, reset_hwm, thread_cpu_s, vm_hwm_mb};
 use tsr_model::{tune_runtime, LanguageModel};
 use tsr_state::BlobStore;
 
@@ -80,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut t = DpoTrainer::new(&policy, vec![pair.clone()], cfg.clone())?;
         let mut times = Vec::new();
         let mut policy_times = Vec::new();
+        let mut own_times = Vec::new();
         for i in 0..steps {
             let s = Instant::now();
             let cpu0 = cpu_s();
@@ -87,16 +88,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut fresh = pair.clone();
             reference_logps(&reference, std::slice::from_mut(&mut fresh), 1)?;
             let ref_s = s.elapsed().as_secs_f64();
+            let own_ref = thread_cpu_s();
             let m = t.step()?.metrics;
             let total = s.elapsed().as_secs_f64();
+            let own = thread_cpu_s() - own_ref;
             let cpu = cpu_s() - cpu0;
             let fresh_mb = match (faults0, tsr_model::bench::minor_faults()) {
                 (Some(a), Some(b)) => format!("{:.0} MB", (b - a) as f64 * 4096.0 / 1e6),
                 _ => "unknown".into(),
             };
             println!(
-                "{p}+{r} step {i}: {total:.2} s (reference {ref_s:.2} s, policy fwd/bwd + AdamW {:.2} s; \
-                 {:.2} cores busy; fresh pages {fresh_mb}), loss {:.6}, grad norm {:.4}",
+                "{p}+{r} step {i}: {total:.2} s (reference {ref_s:.2} s, policy fwd/bwd + AdamW {:.2} s, \
+                 of which the calling thread alone {own:.2} s; {:.2} cores busy; fresh pages {fresh_mb}), \
+                 loss {:.6}, grad norm {:.4}",
                 total - ref_s,
                 cpu / total,
                 m.loss,
@@ -105,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if i > 0 {
                 times.push(total);
                 policy_times.push(total - ref_s);
+                own_times.push(own);
             }
         }
         let peak = vm_hwm_mb();
@@ -128,12 +133,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         println!(
             "RESULT {p}+{r}: median step {:.2} s over {} steps (min {:.2}, max {:.2}); without the reference forward {:.2} s; \
+             the calling thread alone busy {:.2} s of it; \
              peak RSS {:.0} MB; checkpoint {:.0} MB durable: first {:.2} s, second {:.2} s",
             median(times.clone()),
             times.len(),
             times.iter().cloned().fold(f64::INFINITY, f64::min),
             times.iter().cloned().fold(0.0, f64::max),
             median(policy_times.clone()),
+            median(own_times.clone()),
             peak,
             ck[0].1 as f64 / 1e6,
             ck[0].0,
