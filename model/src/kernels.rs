@@ -60,6 +60,24 @@ fn softmax_row(xs: &[f32], ms: &[f32], o: &mut [f32]) {
     }
 }
 
+/// `softmax(x + mask)` over the last dim, `x [B, H, R, T, S]` and `mask [B, 1, 1, T, S]` both
+/// contiguous: each row one task's sequential max and sum.
+pub(crate) fn masked_softmax_rows(x: &[f32], dims: [usize; 5], m: &[f32]) -> Vec<f32> {
+    let [_, h, r, t, s] = dims;
+    let mut out = vec![0f32; x.len()];
+    let per_batch = h * r * t;
+    let wide = super::fused::wide_simd();
+    out.par_chunks_mut(s.max(1))
+        .zip(x.par_chunks(s.max(1)))
+        .enumerate()
+        .for_each(|(row, (o, xs))| {
+            let (bi, ti) = (row / per_batch, row % t);
+            let ms = &m[(bi * t + ti) * s..(bi * t + ti + 1) * s];
+            super::fused::simd!(wide, softmax_row(xs, ms, o));
+        });
+    out
+}
+
 /// Softmax over the last dim of `scores [B, H, R, T, S]` after adding `mask [B, 1, 1, T, S]`.
 struct MaskedSoftmax;
 
@@ -86,17 +104,7 @@ impl CustomOp2 for MaskedSoftmax {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        let per_batch = h * r * t;
-        let wide = super::fused::wide_simd();
-        out.par_chunks_mut(s)
-            .zip(x.par_chunks(s))
-            .enumerate()
-            .for_each(|(row, (o, xs))| {
-                let (bi, ti) = (row / per_batch, row % t);
-                let ms = &m[(bi * t + ti) * s..(bi * t + ti + 1) * s];
-                super::fused::simd!(wide, softmax_row(xs, ms, o));
-            });
+        let out = masked_softmax_rows(x, [b, h, r, t, s], m);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -114,7 +122,7 @@ impl CustomOp2 for MaskedSoftmax {
 
 /// The softmax's backward over the last dim, from its result `p` and the incoming gradient
 /// `g`: `p (g - sum(g p))`, each row one thread's sequential sum.
-struct SoftmaxBwd;
+pub(crate) struct SoftmaxBwd;
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {

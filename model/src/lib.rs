@@ -20,6 +20,7 @@
 
 pub mod adapter;
 mod alloc;
+mod attention;
 pub mod bench;
 pub mod config;
 mod device;

@@ -17,6 +17,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::attention;
 use super::config::Config;
 use super::fused;
 use super::kernels::{self, matmul_wt};
@@ -493,8 +494,18 @@ impl Weights {
             cfg.head_dim,
         );
         let n_rep = nh / nkv;
+        // On the CPU one node that moves the values (one gradient to accumulate, not three).
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+            match attention::split_heads(&y, n)? {
+                Some(h) => Ok(h),
+                None => y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous(),
+            }
+        };
+        let merge = |y: Tensor| -> Result<Tensor> {
+            match attention::merge_heads(&y, nh)? {
+                Some(m) => Ok(m),
+                None => y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd)),
+            }
         };
         let (q, k, v) = self.qkv(&l.attn, x)?;
         let q = heads(q, nh)?;
@@ -524,6 +535,14 @@ impl Weights {
             }
             None => (k, v),
         };
+        // Training on the CPU: scores, softmax and values as one graph node.
+        let core = match (self.differentiable, cache.is_none()) {
+            (true, true) => attention::attention_core(&q, &k, &v, mask, n_rep)?,
+            _ => None,
+        };
+        if let Some(y) = core {
+            return l.attn.o.forward(&merge(y)?);
+        }
         let s = k.dim(2)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
@@ -533,11 +552,7 @@ impl Weights {
             .masked_softmax(&att, mask)?
             .reshape((b, nkv, n_rep * t, s))?;
         let y = att.matmul(&v)?;
-        let y = y
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        l.attn.o.forward(&y)
+        l.attn.o.forward(&merge(y)?)
     }
 
     /// Hidden states after the final norm, `[B, T, hidden]`, for token ids `[B, T]`.
