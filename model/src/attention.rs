@@ -5,9 +5,10 @@
 //! the scores' product, two reshapes around the softmax, the values' product), and candle's
 //! backward zeroes and adds into the gradient of each on the calling thread: for the `T x S`
 //! scores of every layer four times over. Here the forward makes no node between the inputs
-//! and the output, keeps no scores, and the backward recomputes the probabilities (the same
-//! ops on the same inputs: the same bits) and runs the chain rule through the same products
-//! and the same softmax backward as candle's ops would, in the same layouts.
+//! and the output and keeps the probabilities and scaled queries (candle's ops kept the scores
+//! as well), and the backward runs the chain rule through the same products and the same
+//! softmax backward as candle's ops would, in the same layouts. (Without what the forward kept,
+//! the backward recomputes it by the same ops: the same bits.)
 //!
 //! **The same bits as candle's ops.** The forward calls the storage's own `affine` and
 //! `matmul` with the layouts `Tensor` would pass, and the fused softmax's row kernel. The
@@ -30,6 +31,9 @@ struct AttentionCore {
     n_rep: usize,
     /// The additive mask `[B, 1, 1, T, S]`, contiguous, outside the graph.
     mask: Tensor,
+    /// The forward's probabilities `[B, KVH, R * T, S]` and scaled queries `[B, KVH, R * T,
+    /// D]`, kept for the backward (taken by it; recomputed, to the same bits, if missing).
+    kept: std::sync::Mutex<Option<(Tensor, Tensor)>>,
 }
 
 /// `(B, KV heads, T, S, head_dim)` of `q [B, H, T, D]` and `k`, `v [B, KVH, S, D]`.
@@ -75,7 +79,10 @@ impl CustomOp3 for AttentionCore {
         let [b, g, t, s, d] = dims_of(lq.dims(), lk.dims(), lv.dims(), self.n_rep)?;
         let rt = self.n_rep * t;
         // `(q * scale).reshape(..)`: candle's affine (`x * scale + 0`), a contiguous result.
-        let qs = sq.affine(lq, self.scale, 0.0)?;
+        let CpuStorage::F32(qs) = sq.affine(lq, self.scale, 0.0)? else {
+            candle_core::bail!("attention: f32 only");
+        };
+        let qs = CpuStorage::F32(qs);
         let lq2 = Layout::contiguous((b, g, rt, d));
         // `.matmul(&k.t())`.
         let scores = qs.matmul(sk, (b * g, rt, s, d), &lq2, &lk.transpose(2, 3)?)?;
@@ -89,8 +96,20 @@ impl CustomOp3 for AttentionCore {
             candle_core::bail!("attention: the mask must be contiguous f32 on the CPU");
         };
         let p = masked_softmax_rows(&scores, [b, g, self.n_rep, t, s], &m[m0..m1]);
+        drop(scores);
         // `.matmul(&v)`.
-        let y = CpuStorage::F32(p).matmul(sv, (b * g, rt, d, s), &Layout::contiguous((b, g, rt, s)), lv)?;
+        let p = CpuStorage::F32(p);
+        let y = p.matmul(sv, (b * g, rt, d, s), &Layout::contiguous((b, g, rt, s)), lv)?;
+        // Kept for the backward as tensors (moved, not copied).
+        let (CpuStorage::F32(p), CpuStorage::F32(qs)) = (p, qs) else {
+            unreachable!("both made as f32 above")
+        };
+        let dev = candle_core::Device::Cpu;
+        let kept = (
+            Tensor::from_vec(p, (b, g, rt, s), &dev)?,
+            Tensor::from_vec(qs, (b, g, rt, d), &dev)?,
+        );
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         Ok((y, Shape::from((b, g, rt, d))))
     }
 
@@ -103,7 +122,11 @@ impl CustomOp3 for AttentionCore {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [b, g, t, s, _] = dims_of(q.dims(), k.dims(), v.dims(), self.n_rep)?;
-        let (p, q2) = self.probs(q, k)?;
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (p, q2) = match kept {
+            Some(kept) => kept,
+            None => self.probs(q, k)?,
+        };
         let v = v.detach();
         // The values' product: `grad @ v.t()` for the probabilities, `p.t() @ grad` for `v`.
         let gp = grad.matmul(&v.t()?)?;
@@ -147,6 +170,7 @@ pub(crate) fn attention_core(
         scale: 1.0 / (hd as f64).sqrt(),
         n_rep,
         mask,
+        kept: std::sync::Mutex::new(None),
     };
     q.apply_op3(k, v, op).map(Some)
 }
@@ -352,6 +376,34 @@ mod tests {
             assert_eq!(ours.2, theirs.2, "k gradient, {case}");
             assert_eq!(ours.3, theirs.3, "v gradient, {case}");
         }
+    }
+
+    /// A second backward pass through the same graph (what the forward kept is gone) recomputes
+    /// it and gives the same gradients.
+    #[test]
+    fn a_second_backward_recomputes_to_the_same_bits() {
+        let dev = Device::Cpu;
+        let (b, h, g, t, d) = (2, 4, 2, 9, 8);
+        let q = Var::from_tensor(&Tensor::from_vec(values(b * h * t * d, 11), (b, h, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::from_vec(values(b * g * t * d, 12), (b, g, t, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::from_vec(values(b * g * t * d, 13), (b, g, t, d), &dev).unwrap()).unwrap();
+        let mut m = vec![0f32; b * t * t];
+        for (i, x) in m.iter_mut().enumerate() {
+            if (i % t) > (i / t) % t {
+                *x = -1e9;
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, 1, t, t), &dev).unwrap();
+        let y = attention_core(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, h / g)
+            .unwrap()
+            .expect("applies");
+        let loss = y.sqr().unwrap().sum_all().unwrap();
+        let grads = |g: &candle_core::backprop::GradStore| {
+            [&q, &k, &v].map(|x| bits(g.get(x.as_tensor()).unwrap()))
+        };
+        let first = grads(&loss.backward().unwrap());
+        let second = grads(&loss.backward().unwrap());
+        assert_eq!(first, second);
     }
 
     /// Splitting and merging heads give candle's values, and the gradients of the tensor

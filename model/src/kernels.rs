@@ -371,14 +371,19 @@ impl CustomOp1 for FrozenMatmulT {
         let Some((o0, o1)) = l.contiguous_offsets() else {
             candle_core::bail!("frozen-matmul-t: contiguous input only");
         };
-        let (m, k) = l.shape().dims2()?;
+        // `[.., K]`: the leading dimensions are the rows (a 3-d input is its 2-d reshape).
+        let dims = l.dims();
+        let Some((&k, lead)) = dims.split_last().filter(|(_, lead)| !lead.is_empty()) else {
+            candle_core::bail!("frozen-matmul-t: input of shape {dims:?}");
+        };
+        let m: usize = lead.iter().product();
         let x = Tensor::from_slice(&x[o0..o1], (m, k), self.w.device())?;
         let y = matmul_wt(&x, &self.w)?;
-        let shape = y.shape().clone();
+        let shape = Shape::from(lead.to_vec()).extend(&[y.dim(1)?]);
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // A half-precision base is cast for the product (the gradient stays f32), by the
         // vector widening where it applies.
         let w = match grad_res.dtype() {
@@ -389,13 +394,18 @@ impl CustomOp1 for FrozenMatmulT {
             Some(w) => w,
             None => self.w.to_dtype(grad_res.dtype())?,
         };
-        Ok(Some(grad_res.matmul(&w)?))
+        let g = match grad_res.rank() {
+            2 => grad_res.clone(),
+            r => grad_res.flatten_to(r - 2)?,
+        };
+        Ok(Some(g.matmul(&w)?.reshape(arg.dims())?))
     }
 }
 
 /// `x [M, in] @ w^T` where `w` is frozen: gradients flow to `x` only (CPU f32 `x`, `w` in f32
 /// or half precision; elsewhere candle's matmul, whose backward also computes the unused weight
-/// gradient).
+/// gradient). On the CPU `x` may also be `[B, T, in]`: the product of its 2-d reshape, as
+/// `[B, T, out]` (see [`frozen_applies`]).
 pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         x.contiguous()?.apply_op1(FrozenMatmulT { w: w.detach() })
@@ -408,6 +418,10 @@ pub(crate) fn frozen_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether [`frozen_matmul_wt`] takes `x` with more than two dimensions: a CPU f32 `x`.
+pub(crate) fn frozen_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
 
 thread_local! {
     /// Set while this thread generates: see [`matmul_wt`].

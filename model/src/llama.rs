@@ -58,6 +58,19 @@ impl Projection {
             return Ok(y);
         };
         let (bs, t, i) = x.dims3()?;
+        if bs * t > trained::SMALL_M {
+            // Trained factors on `x` as it is: the bits of the reshapes below (whose products
+            // are laid out alike at this many rows), with three graph nodes fewer.
+            let mut x3 = x.clone();
+            if let Some((p, seed)) = self.dropout {
+                x3 = (x3 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs, t, i))?)?;
+            }
+            if let Some(xa) = trained::trained_matmul_wt(&x3, a)? {
+                if let Some(xb) = trained::trained_matmul_wt(&xa, bm)? {
+                    return y + (xb * self.scale)?;
+                }
+            }
+        }
         let mut x2 = x.reshape((bs * t, i))?;
         if let Some((p, seed)) = self.dropout {
             x2 = (x2 * dropout_mask(bs * t * i, p, seed, x)?.reshape((bs * t, i))?)?;
@@ -378,6 +391,10 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// `x [B, T, in] @ w^T (+ b)` for a frozen `w` (no weight gradient).
 fn linear_frozen(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bs, t, i) = x.dims3()?;
+    if b.is_none() && kernels::frozen_applies(x) {
+        // On `x` as it is: the bits of the reshapes below, with two graph nodes fewer.
+        return kernels::frozen_matmul_wt(x, w);
+    }
     let y = kernels::frozen_matmul_wt(&x.reshape((bs * t, i))?, w)?;
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
