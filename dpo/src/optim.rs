@@ -600,8 +600,13 @@ mod tests {
         // One parameter spans several of the fused kernel's parallel chunks, with a short last.
         let mut base = params();
         let n = 3 * (1 << 16) + 17;
-        let big: Vec<f32> = (0..n).map(|k| ((k * 13) % 29) as f32 * 0.05 - 0.7).collect();
-        base.push(("model.layers.1.mlp.down_proj.weight".into(), var(&big, &[125, 1573])));
+        let big: Vec<f32> = (0..n)
+            .map(|k| ((k * 13) % 29) as f32 * 0.05 - 0.7)
+            .collect();
+        base.push((
+            "model.layers.1.mlp.down_proj.weight".into(),
+            var(&big, &[125, 1573]),
+        ));
         let mut fused = AdamW::new(copy(&base), AdamWConfig::default()).unwrap();
         let mut plain = AdamW::new(copy(&base), AdamWConfig::default())
             .unwrap()

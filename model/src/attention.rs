@@ -99,7 +99,12 @@ impl CustomOp3 for AttentionCore {
         drop(scores);
         // `.matmul(&v)`.
         let p = CpuStorage::F32(p);
-        let y = p.matmul(sv, (b * g, rt, d, s), &Layout::contiguous((b, g, rt, s)), lv)?;
+        let y = p.matmul(
+            sv,
+            (b * g, rt, d, s),
+            &Layout::contiguous((b, g, rt, s)),
+            lv,
+        )?;
         // Kept for the backward as tensors (moved, not copied).
         let (CpuStorage::F32(p), CpuStorage::F32(qs)) = (p, qs) else {
             unreachable!("both made as f32 above")
@@ -139,7 +144,10 @@ impl CustomOp3 for AttentionCore {
         let ds = p5
             .apply_op2_no_bwd(&gp5, &SoftmaxBwd)?
             .reshape((b, g, self.n_rep * t, s))?;
-        let gq = ds.matmul(&k.detach())?.reshape(q.dims())?.affine(self.scale, 0.0)?;
+        let gq = ds
+            .matmul(&k.detach())?
+            .reshape(q.dims())?
+            .affine(self.scale, 0.0)?;
         let gk = q2.t()?.matmul(&ds)?.t()?;
         Ok((Some(gq), Some(gk), Some(gv)))
     }
@@ -163,7 +171,10 @@ pub(crate) fn attention_core(
     let [b, _, t, s, _] = dims_of(q.dims(), k.dims(), v.dims(), n_rep)?;
     let mask = mask.detach().contiguous()?;
     if mask.dims() != [b, 1, 1, t, s] {
-        candle_core::bail!("attention: mask {:?} does not fit [{b}, 1, 1, {t}, {s}]", mask.dims());
+        candle_core::bail!(
+            "attention: mask {:?} does not fit [{b}, 1, 1, {t}, {s}]",
+            mask.dims()
+        );
     }
     let hd = q.dim(3)?;
     let op = AttentionCore {
@@ -339,7 +350,8 @@ mod tests {
             let q0 = Tensor::from_vec(values(b * h * t * d, 1), (b, h, t, d), &dev).unwrap();
             let k0 = Tensor::from_vec(values(b * g * t * d, 2), (b, g, t, d), &dev).unwrap();
             let v0 = Tensor::from_vec(values(b * g * t * d, 3), (b, g, t, d), &dev).unwrap();
-            let up = Tensor::from_vec(values(b * h * t * d, 4), (b, g, n_rep * t, d), &dev).unwrap();
+            let up =
+                Tensor::from_vec(values(b * h * t * d, 4), (b, g, n_rep * t, d), &dev).unwrap();
             // Causal, the first row of each batch padded for `bi` positions.
             let mut m = vec![0f32; b * t * t];
             for bi in 0..b {
@@ -362,7 +374,9 @@ mod tests {
                 let k = kv.as_tensor().affine(0.5, 0.1).unwrap();
                 let v = vv.as_tensor().affine(1.0, -0.2).unwrap();
                 let y = match ours {
-                    true => attention_core(&q, &k, &v, &mask, n_rep).unwrap().expect("applies"),
+                    true => attention_core(&q, &k, &v, &mask, n_rep)
+                        .unwrap()
+                        .expect("applies"),
                     false => candle_way(&q, &k, &v, &mask, n_rep),
                 };
                 let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
@@ -384,9 +398,18 @@ mod tests {
     fn a_second_backward_recomputes_to_the_same_bits() {
         let dev = Device::Cpu;
         let (b, h, g, t, d) = (2, 4, 2, 9, 8);
-        let q = Var::from_tensor(&Tensor::from_vec(values(b * h * t * d, 11), (b, h, t, d), &dev).unwrap()).unwrap();
-        let k = Var::from_tensor(&Tensor::from_vec(values(b * g * t * d, 12), (b, g, t, d), &dev).unwrap()).unwrap();
-        let v = Var::from_tensor(&Tensor::from_vec(values(b * g * t * d, 13), (b, g, t, d), &dev).unwrap()).unwrap();
+        let q = Var::from_tensor(
+            &Tensor::from_vec(values(b * h * t * d, 11), (b, h, t, d), &dev).unwrap(),
+        )
+        .unwrap();
+        let k = Var::from_tensor(
+            &Tensor::from_vec(values(b * g * t * d, 12), (b, g, t, d), &dev).unwrap(),
+        )
+        .unwrap();
+        let v = Var::from_tensor(
+            &Tensor::from_vec(values(b * g * t * d, 13), (b, g, t, d), &dev).unwrap(),
+        )
+        .unwrap();
         let mut m = vec![0f32; b * t * t];
         for (i, x) in m.iter_mut().enumerate() {
             if (i % t) > (i / t) % t {

@@ -521,7 +521,10 @@ impl Weights {
         let merge = |y: Tensor| -> Result<Tensor> {
             match attention::merge_heads(&y, nh)? {
                 Some(m) => Ok(m),
-                None => y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd)),
+                None => y
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, nh * hd)),
             }
         };
         let (q, k, v) = self.qkv(&l.attn, x)?;

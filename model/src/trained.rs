@@ -284,7 +284,13 @@ mod tests {
     #[test]
     fn the_same_bits_as_candles_ops_forward_and_backward() {
         let dev = Device::Cpu;
-        for (m, k, n) in [(3, 40, 70), (128, 64, 33), (129, 64, 33), (300, 96, 130), (1100, 80, 48)] {
+        for (m, k, n) in [
+            (3, 40, 70),
+            (128, 64, 33),
+            (129, 64, 33),
+            (300, 96, 130),
+            (1100, 80, 48),
+        ] {
             let w0 = Tensor::from_vec(values(n * k, 1), (n, k), &dev).unwrap();
             let x0 = Tensor::from_vec(values(k * m, 2), (k, m), &dev).unwrap();
             let up = Tensor::from_vec(values(m * n, 3), (m, n), &dev).unwrap();
@@ -343,7 +349,9 @@ mod tests {
                 let xv = Var::from_tensor(&x0).unwrap();
                 let x = xv.as_tensor().affine(0.75, -0.5).unwrap();
                 let y = match ours {
-                    true => trained_matmul_wt(&x, w.as_tensor()).unwrap().expect("applies"),
+                    true => trained_matmul_wt(&x, w.as_tensor())
+                        .unwrap()
+                        .expect("applies"),
                     false => candle_way(&x.reshape((b * t, k)).unwrap(), w.as_tensor())
                         .reshape((b, t, n))
                         .unwrap(),
