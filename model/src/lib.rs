@@ -33,6 +33,7 @@ mod kernels;
 mod llama;
 mod load_gguf;
 mod load_hf;
+mod logprob;
 pub mod projection;
 pub mod rope;
 mod save;

@@ -5,7 +5,7 @@
 //! seen by them, and every row keeps positions 0.. as when run alone. The vocabulary projection
 //! runs only on the positions that predict response tokens, in chunks that bound memory.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::llama::{attention_mask, Rope, Weights};
 use super::{LanguageModel, ModelError};
@@ -107,24 +107,25 @@ impl LanguageModel {
         for start in (0..n).step_by(LOGIT_CHUNK) {
             let len = LOGIT_CHUNK.min(n - start);
             let idx = Tensor::new(&rows[start..start + len], dev)?;
-            let tgt = Tensor::new(&targets[start..start + len], dev)?.unsqueeze(1)?;
             // Row-major logits: the softmax reductions below run along contiguous rows.
             let hs = h.index_select(&idx, 0)?;
             let logits = if w.frozen_base {
                 super::kernels::frozen_matmul_wt(&hs, &w.lm_head)?
+            } else if let Some(y) = super::trained::x_wt(&hs, &w.lm_head)? {
+                // A trained head: `hs @ lm_head^T` as one node, in this orientation (its bits).
+                y
             } else {
                 hs.matmul(&w.lm_head.to_dtype(hs.dtype())?.t()?)?
             }
             .to_dtype(sdt)?;
-            // log p = logit[target] - logsumexp(logits); the max shift carries no gradient.
-            let m = logits.max_keepdim(D::Minus1)?.detach();
-            let lse = (logits
-                .broadcast_sub(&m)?
-                .exp()?
-                .sum_keepdim(D::Minus1)?
-                .log()?
-                + m)?;
-            parts.push((logits.gather(&tgt, 1)? - lse)?);
+            let tg = &targets[start..start + len];
+            parts.push(match super::logprob::target_logprob(&logits, tg)? {
+                Some(lp) => lp,
+                None => {
+                    let tgt = Tensor::new(tg, dev)?.unsqueeze(1)?;
+                    super::logprob::target_logprob_by_ops(&logits, &tgt)?
+                }
+            });
         }
         let lp = Tensor::cat(&parts, 0)?; // [N, 1]
                                           // Sum per pair with a constant 0/1 matrix: differentiable and one op.

@@ -239,6 +239,21 @@ pub(crate) fn trained_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>
     }
 }
 
+/// `x [M, K] @ w [N, K]^T` as [`trained_matmul_wt`] with more than [`SMALL_M`] rows computes
+/// it, whatever `M`: the bits and layout of candle's `x.matmul(&w.t())` forward and backward,
+/// for a caller that used that orientation at every size (the scoring head). `None` where it
+/// does not apply.
+pub(crate) fn x_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(x) && f32_cpu(w)) || x.rank() != 2 || w.rank() != 2 {
+        return Ok(None);
+    }
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        return Ok(None);
+    }
+    x.apply_op2(w, XWt).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +340,42 @@ mod tests {
                         bits(g.get(v.as_tensor()).unwrap()),
                     ]
                     .concat(),
+                    bits(g.get(xv.as_tensor()).unwrap()),
+                )
+            };
+            let (theirs, ours) = (run(false), run(true));
+            assert_eq!(ours.0, theirs.0, "forward, {m} x {k} x {n}");
+            assert_eq!(ours.1, theirs.1, "weight gradient, {m} x {k} x {n}");
+            assert_eq!(ours.2, theirs.2, "input gradient, {m} x {k} x {n}");
+        }
+    }
+
+    /// The scoring head's orientation at any row count: the bits of `x.matmul(&w.t())`,
+    /// forward and backward, also at few rows (where `trained_matmul_wt` turns it around).
+    #[test]
+    fn the_x_wt_orientation_at_any_row_count() {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 24, 50), (7, 40, 70), (128, 64, 33), (200, 16, 90)] {
+            let w0 = Tensor::from_vec(values(n * k, 11), (n, k), &dev).unwrap();
+            let x0 = Tensor::from_vec(values(m * k, 12), (m, k), &dev).unwrap();
+            let up = Tensor::from_vec(values(m * n, 13), (m, n), &dev).unwrap();
+            let run = |ours: bool| {
+                let w = Var::from_tensor(&w0).unwrap();
+                let xv = Var::from_tensor(&x0).unwrap();
+                let x = xv.as_tensor().affine(1.25, 0.5).unwrap();
+                let y = match ours {
+                    true => x_wt(&x, w.as_tensor()).unwrap().expect("applies"),
+                    false => x.matmul(&w.as_tensor().t().unwrap()).unwrap(),
+                };
+                // Used twice, as the tied head is beside the embedding.
+                let y2 = x.matmul(&w.as_tensor().t().unwrap()).unwrap();
+                let loss = ((&y * &up).unwrap().sum_all().unwrap()
+                    + y2.sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+                let g = loss.backward().unwrap();
+                (
+                    bits(&y),
+                    bits(g.get(w.as_tensor()).unwrap()),
                     bits(g.get(xv.as_tensor()).unwrap()),
                 )
             };
