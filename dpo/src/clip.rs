@@ -115,6 +115,25 @@ pub fn clip_grad_norm(
     max_norm: Option<f64>,
     step: u64,
 ) -> Result<ClipOutcome, DpoError> {
+    clip(grads, max_norm, step, false)
+}
+
+/// [`clip_grad_norm`] for gradients that share their storage with no other tensor: they are
+/// scaled in place, on the thread pool (the same values).
+pub(crate) fn clip_owned_grad_norm(
+    grads: &mut ParamGrads,
+    max_norm: Option<f64>,
+    step: u64,
+) -> Result<ClipOutcome, DpoError> {
+    clip(grads, max_norm, step, true)
+}
+
+fn clip(
+    grads: &mut ParamGrads,
+    max_norm: Option<f64>,
+    step: u64,
+    owned: bool,
+) -> Result<ClipOutcome, DpoError> {
     let norm = ensure_finite(global_grad_norm(grads)?, "gradient norm", step)?;
     let mut scale = 1.0;
     if let Some(max_norm) = max_norm {
@@ -123,7 +142,10 @@ pub fn clip_grad_norm(
         }
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            grads.scale(coef)?;
+            match owned {
+                true => grads.scale_owned(coef)?,
+                false => grads.scale(coef)?,
+            }
             scale = coef;
         }
     }

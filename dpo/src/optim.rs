@@ -151,6 +151,38 @@ impl ParamGrads {
         Ok(())
     }
 
+    /// [`Self::scale`] in each gradient's own storage where it is contiguous f32 on the CPU
+    /// (on the thread pool; the bits of candle's `affine`). Only for gradients that share their
+    /// storage with no other tensor: those collected from a store that is gone.
+    pub(crate) fn scale_owned(&mut self, s: f64) -> Result<(), DpoError> {
+        for g in &mut self.grads {
+            match fused::in_place(g) {
+                true => fused::affine(g, s, 0.0)?,
+                false => *g = g.affine(s, 0.0)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::add_assign`] into each gradient's own storage where both are contiguous f32 on
+    /// the CPU (on the thread pool; the bits of candle's `add`). Only for gradients of `self`
+    /// that share their storage with no other tensor.
+    pub(crate) fn add_assign_owned(&mut self, other: &ParamGrads) -> Result<(), DpoError> {
+        if other.grads.len() != self.grads.len() {
+            return Err(DpoError::InvalidConfig(
+                "adding gradients of different parameter sets".into(),
+            ));
+        }
+        for (g, o) in self.grads.iter_mut().zip(&other.grads) {
+            let fits = g.dims() == o.dims();
+            match fits && fused::in_place(g) && fused::in_place(o) {
+                true => fused::add_into(g, o)?,
+                false => *g = (&*g + o)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Adds `other` elementwise (gradient accumulation over micro-batches).
     pub fn add_assign(&mut self, other: &ParamGrads) -> Result<(), DpoError> {
         if other.grads.len() != self.grads.len() {

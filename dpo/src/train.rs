@@ -10,7 +10,8 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{clip_grad_norm, ensure_finite, AdamW, DpoError, DpoSummary, ParamGrads};
+use super::clip::clip_owned_grad_norm;
+use super::{ensure_finite, AdamW, DpoError, DpoSummary, ParamGrads};
 
 /// What the closure returns for one micro-batch.
 #[derive(Debug, Clone)]
@@ -81,11 +82,15 @@ where
         }
         let value = micro.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         ensure_finite(value, &format!("loss of micro-batch {i}"), step)?;
-        let grads = micro.loss.affine(micro.pairs as f64, 0.0)?.backward()?;
-        let grads = opt.collect_grads(&grads)?;
+        let grads = {
+            // The store goes at the end of this block: the collected gradients are then the
+            // only holders of their storage, so they are accumulated and scaled in place.
+            let store = micro.loss.affine(micro.pairs as f64, 0.0)?.backward()?;
+            opt.collect_grads(&store)?
+        };
         match acc.as_mut() {
             None => acc = Some(grads),
-            Some(a) => a.add_assign(&grads)?,
+            Some(a) => a.add_assign_owned(&grads)?,
         }
         total_pairs += micro.pairs;
         weighted_loss += value * micro.pairs as f64;
@@ -94,9 +99,9 @@ where
     let mut grads = acc.expect("at least one micro-batch");
     if total_pairs > 1 {
         // Scaling by exactly 1 would be an identity pass over every gradient.
-        grads.scale(1.0 / total_pairs as f64)?;
+        grads.scale_owned(1.0 / total_pairs as f64)?;
     }
-    let outcome = clip_grad_norm(&mut grads, clip, step)?;
+    let outcome = clip_owned_grad_norm(&mut grads, clip, step)?;
     opt.step_with(&grads, lr)?;
     let dpo = summaries
         .iter()
