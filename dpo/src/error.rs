@@ -22,6 +22,9 @@ pub enum DpoError {
     MissingGrad { name: String },
 
     /// Two parameters were registered under one name.
+    #[error("parameter `{name}` has gradients both in candle's store and in the weight-gradient sink: one of its uses bypassed the sink's ops")]
+    SplitGrad { name: String },
+
     #[error("parameter `{name}` is registered twice")]
     DuplicateParam { name: String },
 

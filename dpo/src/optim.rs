@@ -39,7 +39,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::{fused, DpoError};
-use tsr_model::write_f32_le;
+use tsr_model::{write_f32_le, GradSink};
 
 /// Version of the optimizer-state encoding written by [`AdamW::save_state`].
 pub const ADAMW_STATE_VERSION: u32 = 1;
@@ -303,14 +303,35 @@ impl AdamW {
     /// Takes this optimizer's gradients out of a backward pass, as detached f32 tensors.
     /// A parameter without a gradient is [`DpoError::MissingGrad`].
     pub fn collect_grads(&self, store: &GradStore) -> Result<ParamGrads, DpoError> {
+        self.collect_grads_with(store, None)
+    }
+
+    /// [`Self::collect_grads`], each parameter's gradient taken from `sink` where the backward
+    /// put it there (the ops that compute a weight's gradient themselves), else from `store`.
+    /// A parameter with a gradient in both is an error: its contributions were split.
+    pub fn collect_grads_with(
+        &self,
+        store: &GradStore,
+        sink: Option<&GradSink>,
+    ) -> Result<ParamGrads, DpoError> {
         let mut grads = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
-            let g = store
-                .get(s.var.as_tensor())
-                .ok_or_else(|| DpoError::MissingGrad {
-                    name: s.name.clone(),
-                })?;
-            grads.push(g.detach().to_dtype(DType::F32)?);
+            let sunk = sink.and_then(|k| k.take(s.var.as_tensor()));
+            let g = match (sunk, store.get(s.var.as_tensor())) {
+                (Some(g), None) => g,
+                (None, Some(g)) => g.detach(),
+                (Some(_), Some(_)) => {
+                    return Err(DpoError::SplitGrad {
+                        name: s.name.clone(),
+                    })
+                }
+                (None, None) => {
+                    return Err(DpoError::MissingGrad {
+                        name: s.name.clone(),
+                    })
+                }
+            };
+            grads.push(g.to_dtype(DType::F32)?);
         }
         Ok(ParamGrads { grads })
     }

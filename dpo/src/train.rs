@@ -7,8 +7,11 @@
 //! of the step; with equal micro-batches that is exactly "sum of micro losses times
 //! 1 / accum_steps", and the short last step of an epoch is still weighted per pair.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use tsr_model::GradSink;
 
 use super::clip::clip_owned_grad_norm;
 use super::{ensure_finite, AdamW, DpoError, DpoSummary, ParamGrads};
@@ -22,6 +25,9 @@ pub struct MicroLoss {
     pub pairs: usize,
     /// DPO metrics of the micro-batch, if the loss is a DPO loss.
     pub dpo: Option<DpoSummary>,
+    /// The sink that was active while the loss was built, where the backward puts the
+    /// gradients of the weights whose ops compute them (the rest go to candle's store).
+    pub sink: Option<Arc<GradSink>>,
 }
 
 /// What one optimizer step did.
@@ -86,7 +92,7 @@ where
             // The store goes at the end of this block: the collected gradients are then the
             // only holders of their storage, so they are accumulated and scaled in place.
             let store = micro.loss.affine(micro.pairs as f64, 0.0)?.backward()?;
-            opt.collect_grads(&store)?
+            opt.collect_grads_with(&store, micro.sink.as_deref())?
         };
         match acc.as_mut() {
             None => acc = Some(grads),
@@ -145,6 +151,7 @@ mod tests {
                 loss,
                 pairs: hi - lo,
                 dpo: None,
+                sink: None,
             })
         })
         .unwrap();
@@ -172,6 +179,7 @@ mod tests {
                 loss: w.as_tensor().affine(f64::NAN, 0.0)?.sum_all()?,
                 pairs: 1,
                 dpo: None,
+                sink: None,
             })
         })
         .unwrap_err();

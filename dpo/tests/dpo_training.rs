@@ -581,6 +581,7 @@ fn golden_loss_grads_norm_and_two_adamw_steps_match_pytorch() {
                 pairs: 2,
                 dpo: Some(out.summary()?),
                 loss: out.loss,
+                sink: None,
             })
         })
         .unwrap();
@@ -713,6 +714,7 @@ fn one_step(
                 pairs: idx.len(),
                 dpo: Some(out.summary()?),
                 loss: out.loss,
+                sink: None,
             })
         },
     )

@@ -586,11 +586,13 @@ impl Weights {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(self.norm.dtype())?
-            .reshape((b, t, ()))?;
+        let flat = ids.flatten_all()?;
+        // While training with a gradient sink, the lookup hands its gradient's rows there.
+        let rows = match super::grad_sink::embedding(&self.embed, &flat)? {
+            Some(rows) => rows,
+            None => self.embed.index_select(&flat, 0)?,
+        };
+        let mut x = rows.to_dtype(self.norm.dtype())?.reshape((b, t, ()))?;
         let off = cache.as_ref().map(|c| c.len).unwrap_or(0);
         if let Some(c) = cache.as_ref() {
             if off + t > c.capacity {

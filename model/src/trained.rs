@@ -22,6 +22,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::Arc;
+
+use super::grad_sink::{plus_zero, slot_for, Slot};
 
 /// Below this many rows, `x @ w^T` is computed as `(w @ x^T)^T`: gemm then streams the
 /// row-major weight once instead of repacking it per call, 2-10x faster for decode-sized inputs
@@ -110,9 +113,23 @@ fn flat(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A weight's gradient `g` (already `0.0 + g`, a tensor only this op holds): given to the slot
+/// if there is one (candle then gets none), else returned for candle to accumulate.
+fn sink_or_return(sink: &Option<Arc<Slot>>, g: Tensor) -> Result<Option<Tensor>> {
+    match sink {
+        Some(slot) => {
+            slot.put(g)?;
+            Ok(None)
+        }
+        None => Ok(Some(g)),
+    }
+}
+
 /// `x @ w^T` (`x` with more than [`SMALL_M`] rows): `x.matmul(&w.t())` as one graph node,
-/// `[.., N]` in `x`'s leading dimensions.
-struct XWt;
+/// `[.., N]` in `x`'s leading dimensions. With a slot, the weight's gradient goes there.
+struct XWt {
+    sink: Option<Arc<Slot>>,
+}
 
 impl CustomOp2 for XWt {
     fn name(&self) -> &'static str {
@@ -149,7 +166,7 @@ impl CustomOp2 for XWt {
             false => None,
         };
         let gw = match w.track_op() {
-            true => Some(transpose_add_zero(&x2.t()?.matmul(&grad)?)?),
+            true => sink_or_return(&self.sink, transpose_add_zero(&x2.t()?.matmul(&grad)?)?)?,
             false => None,
         };
         Ok((gx, gw))
@@ -157,8 +174,11 @@ impl CustomOp2 for XWt {
 }
 
 /// `w @ x^T`, `[N, M]` (`x` with at most [`SMALL_M`] rows): `w.matmul(&x.t())` as one graph
-/// node. The caller takes its transposed view, as candle's ops did.
-struct WXt;
+/// node. The caller takes its transposed view, as candle's ops did. With a slot, the weight's
+/// gradient goes there.
+struct WXt {
+    sink: Option<Arc<Slot>>,
+}
 
 impl CustomOp2 for WXt {
     fn name(&self) -> &'static str {
@@ -189,9 +209,15 @@ impl CustomOp2 for WXt {
         // candle's matmul backward for `w @ xt` (`xt = x.t()`): `grad @ xt.t()` for `w`
         // (`xt.t()` has `x`'s layout) and `w.t() @ grad` for `xt`, which its transpose node
         // then hands to `x` transposed.
-        let gw = match w.track_op() {
-            true => Some(grad.matmul(&x2)?),
-            false => None,
+        let gw = match (w.track_op(), &self.sink) {
+            (true, Some(_)) => {
+                // candle's accumulation into zeros, done here: the sink keeps it as it is.
+                let g = grad.matmul(&x2)?;
+                plus_zero(&g)?;
+                sink_or_return(&self.sink, g)?
+            }
+            (true, None) => Some(grad.matmul(&x2)?),
+            (false, _) => None,
         };
         let gx = match x.track_op() {
             true => Some(transpose_add_zero(&w.t()?.matmul(grad)?)?.reshape(x.dims())?),
@@ -225,10 +251,11 @@ pub(crate) fn trained_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>
         return Ok(None);
     }
     let m = x.elem_count() / x.dim(D::Minus1)?;
+    let sink = slot_for(w);
     if m > SMALL_M {
-        return x.apply_op2(w, XWt).map(Some);
+        return x.apply_op2(w, XWt { sink }).map(Some);
     }
-    let y = x.apply_op2(w, WXt)?.t()?;
+    let y = x.apply_op2(w, WXt { sink })?.t()?;
     match x.rank() {
         2 => Ok(Some(y)),
         _ => {
@@ -251,7 +278,7 @@ pub(crate) fn x_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if x.elem_count() == 0 || w.elem_count() == 0 {
         return Ok(None);
     }
-    x.apply_op2(w, XWt).map(Some)
+    x.apply_op2(w, XWt { sink: slot_for(w) }).map(Some)
 }
 
 #[cfg(test)]

@@ -85,6 +85,7 @@ pub(super) fn micro_loss(
             loss: out.loss,
             pairs: n,
             dpo: Some(summary),
+            sink: None,
         },
         logps,
     ))

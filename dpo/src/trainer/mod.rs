@@ -16,6 +16,7 @@
 //! and nothing else is stateful, so the continued run is bit-identical to an uninterrupted one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -23,7 +24,7 @@ use crate::{
     train_step, AdamW, AdamWConfig, BatchPlan, DataCursor, DpoError, DpoLossConfig, LrSchedule,
     StepMetrics,
 };
-use tsr_model::{LanguageModel, ModelError};
+use tsr_model::{GradSink, LanguageModel, ModelError};
 
 mod checkpoint;
 mod forward;
@@ -174,6 +175,8 @@ pub struct DpoTrainer<'m> {
     opt: AdamW,
     cursor: DataCursor,
     metrics: Vec<StepMetrics>,
+    /// Where the ops that compute a weight's gradient themselves put it (on the CPU).
+    sink: Arc<GradSink>,
 }
 
 impl<'m> DpoTrainer<'m> {
@@ -218,6 +221,7 @@ impl<'m> DpoTrainer<'m> {
             opt,
             cursor: DataCursor::default(),
             metrics: Vec::new(),
+            sink: GradSink::new(),
         })
     }
 
@@ -276,6 +280,7 @@ impl<'m> DpoTrainer<'m> {
         let lr = self.cfg.schedule.lr_at(self.cursor.optimizer_step);
         let (model, pairs, loss) = (self.model, &self.pairs, &self.cfg.loss);
         let (seed, step) = (self.cfg.seed, self.cursor.optimizer_step);
+        let sink = &self.sink;
         let mut logps = Vec::with_capacity(batch.pairs());
         // train_step's closure can only fail with a DpoError: keep a model error aside and
         // return it as itself.
@@ -289,11 +294,14 @@ impl<'m> DpoTrainer<'m> {
                 // Dropout masks (when the adapter trains with dropout) depend on the step and
                 // the micro-batch alone, so a resumed run draws the same ones.
                 model.set_lora_dropout_seed(Some(dropout_seed(seed, step, i)));
+                let active = sink.activate();
                 let r = micro_loss(model, pairs, &batch.micro_batches[i], loss);
+                drop(active);
                 model.set_lora_dropout_seed(None);
                 match r {
-                    Ok((micro, lp)) => {
+                    Ok((mut micro, lp)) => {
                         logps.extend(lp);
+                        micro.sink = Some(sink.clone());
                         Ok(micro)
                     }
                     Err(TrainerError::Dpo(e)) => Err(e),
