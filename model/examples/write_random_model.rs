@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p tsr-model --example write_random_model -- SHAPE DIR [--dtype f32|bf16|f16] [--tokenizer-from HF_DIR] [--seed N]`
 //!
-//! SHAPE: `smollm2-135m`, `smollm2-1.7b` or `llama3.1-8b`. Tensors are streamed to disk one at
+//! SHAPE: `smollm2-135m`, `smollm2-360m`, `smollm2-1.7b` or `llama3.1-8b`. Tensors are streamed to disk one at
 //! a time, so an 8B model is written with little memory. `--tokenizer-from` copies the
 //! tokenizer of a real model folder (e.g. SmolLM2-135M exported with `tsr export-model`, which
 //! shares SmolLM2-1.7B's tokenizer); without it the tiny test tokenizer is used.
@@ -20,10 +20,13 @@ fn main() {
     }
     let cfg = match args[0].as_str() {
         "smollm2-135m" => testing::smollm2_135m_config(),
+        "smollm2-360m" => testing::smollm2_360m_config(),
         "smollm2-1.7b" => testing::smollm2_1_7b_config(),
         "llama3.1-8b" => testing::llama31_8b_config(),
         other => {
-            eprintln!("unknown shape `{other}`: smollm2-135m, smollm2-1.7b or llama3.1-8b");
+            eprintln!(
+                "unknown shape `{other}`: smollm2-135m, smollm2-360m, smollm2-1.7b or llama3.1-8b"
+            );
             std::process::exit(2);
         }
     };

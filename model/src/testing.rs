@@ -487,6 +487,24 @@ pub fn smollm2_135m_config() -> Config {
     }
 }
 
+/// The shape of SmolLM2-360M (hidden 960, 32 layers, 15 heads, 5 KV heads, intermediate 2560,
+/// vocab 49152, tied embeddings; 362 M parameters): the next size whose full training fits a
+/// 24 GiB machine.
+pub fn smollm2_360m_config() -> Config {
+    Config {
+        hidden_size: 960,
+        intermediate_size: 2560,
+        num_hidden_layers: 32,
+        num_attention_heads: 15,
+        num_key_value_heads: 5,
+        head_dim: 64,
+        vocab_size: 49152,
+        rope: super::rope::Rope::plain(100_000.0),
+        max_position_embeddings: 8192,
+        ..tiny_config(49152)
+    }
+}
+
 /// The shape of SmolLM2-1.7B (hidden 2048, 24 layers, 32 heads and KV heads, intermediate
 /// 8192, vocab 49152, tied embeddings; 1.71 B parameters).
 pub fn smollm2_1_7b_config() -> Config {
