@@ -227,7 +227,7 @@ impl InplaceOp2 for AddInto {
             .zip(b.par_chunks(CHUNK))
             .for_each(|(a, b)| {
                 for (a, &b) in a.iter_mut().zip(b) {
-                    *a = *a + b;
+                    *a += b;
                 }
             });
         Ok(())

@@ -156,7 +156,7 @@ impl InplaceOp2 for AddInto {
             .zip(b.par_chunks(CHUNK))
             .for_each(|(a, b)| {
                 for (a, &b) in a.iter_mut().zip(b) {
-                    *a = *a + b;
+                    *a += b;
                 }
             });
         Ok(())
@@ -270,7 +270,11 @@ impl candle_core::InplaceOp1 for PlusZero {
         };
         v[a..b].par_chunks_mut(CHUNK).for_each(|c| {
             for x in c {
-                *x = 0.0 + *x;
+                // `x + 0.0` would be the same value; written as candle's accumulation reads.
+                #[allow(clippy::assign_op_pattern)]
+                {
+                    *x = 0.0 + *x;
+                }
             }
         });
         Ok(())
