@@ -203,37 +203,6 @@ impl InplaceOp1 for Affine {
     }
 }
 
-/// `a = a + b` in place: candle's `add`.
-struct AddInto;
-
-impl InplaceOp2 for AddInto {
-    fn name(&self) -> &'static str {
-        "tsr-grad-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let b = slice(s2, l2, self.name())?;
-        let a = slice_mut(s1, l1, self.name())?;
-        if a.len() != b.len() {
-            candle_core::bail!("{}: length mismatch", self.name());
-        }
-        a.par_chunks_mut(CHUNK)
-            .zip(b.par_chunks(CHUNK))
-            .for_each(|(a, b)| {
-                for (a, &b) in a.iter_mut().zip(b) {
-                    *a += b;
-                }
-            });
-        Ok(())
-    }
-}
-
 /// Whether the in-place gradient kernels apply to `t`: on the CPU, f32 and contiguous.
 pub(crate) fn in_place(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
@@ -248,16 +217,18 @@ pub(crate) fn affine(g: &Tensor, mul: f64, add: f64) -> candle_core::Result<()> 
     })
 }
 
-/// `a + b` into `a`'s own storage. Call only where [`in_place`] holds for both, their shapes
-/// are equal and no other tensor shares `a`'s storage.
+/// `a + b` into `a`'s own storage (the model layer's kernel, which the gradient sink uses too).
+/// Call only where [`in_place`] holds for both, their shapes are equal and no other tensor
+/// shares `a`'s storage.
 pub(crate) fn add_into(a: &Tensor, b: &Tensor) -> candle_core::Result<()> {
-    a.inplace_op2(b, &AddInto)
+    tsr_model::grad_sink::add_into(a, b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+    use tsr_model::testing::bits;
 
     /// Values over several chunks, with exact zeros of both signs.
     fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -269,16 +240,6 @@ mod tests {
                     h => (h as f32 - 8.5) * 1.37e-3 * (i % 1000) as f32,
                 },
             )
-            .collect()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
             .collect()
     }
 

@@ -298,17 +298,8 @@ pub(crate) fn merge_heads(y: &Tensor, heads: usize) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Var};
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         (0..n as u64)

@@ -33,6 +33,14 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [
     Ok(&v[a..b])
 }
 
+/// The f32 values of a contiguous CPU tensor written in place, or an error naming `op`.
+pub(crate) fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{op}: a contiguous f32 tensor only"),
+    }
+}
+
 /// The f32 values of two contiguous CPU inputs of the same shape (`what` names them in the
 /// error), or an error naming `op`.
 pub(crate) fn slice_pair<'a>(
@@ -501,6 +509,7 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Var, D};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -514,16 +523,6 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
     }
 
     /// `sum(f(vars) * r)` for a fixed random `r`, so every output element's gradient differs.

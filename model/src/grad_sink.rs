@@ -23,7 +23,7 @@ use candle_core::TensorId;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::slice;
+use super::fused::{slice, slice_mut};
 
 /// Elements per task of the in-place passes.
 const CHUNK: usize = 1 << 16;
@@ -42,7 +42,7 @@ impl Slot {
         let mut kept = self.grad.lock().expect("gradient slot");
         match kept.as_ref() {
             None => *kept = Some(g),
-            Some(k) => k.inplace_op2(&g, &AddInto)?,
+            Some(k) => add_into(k, &g)?,
         }
         Ok(())
     }
@@ -129,6 +129,13 @@ pub(crate) fn slot_for(weight: &Tensor) -> Option<Arc<Slot>> {
     ACTIVE.with(|a| a.borrow().as_ref().map(|s| s.slot(weight)))
 }
 
+/// `a + b` into `a`'s own storage, on the thread pool in fixed chunks: candle's `add`, for
+/// contiguous f32 tensors of the same size on the CPU (an error otherwise). Only for an `a`
+/// whose storage no other tensor shares.
+pub fn add_into(a: &Tensor, b: &Tensor) -> Result<()> {
+    a.inplace_op2(b, &AddInto)
+}
+
 /// `a = a + b` in place: candle's `add`.
 struct AddInto;
 
@@ -145,10 +152,7 @@ impl InplaceOp2 for AddInto {
         l2: &Layout,
     ) -> Result<()> {
         let b = slice(s2, l2, self.name())?;
-        let (CpuStorage::F32(a), Some((o1, o2))) = (s1, l1.contiguous_offsets()) else {
-            candle_core::bail!("sink-add: a contiguous f32 gradient only");
-        };
-        let a = &mut a[o1..o2];
+        let a = slice_mut(s1, l1, self.name())?;
         if a.len() != b.len() {
             candle_core::bail!("sink-add: gradients {:?} and {:?}", l1.dims(), l2.dims());
         }
@@ -182,10 +186,7 @@ impl InplaceOp2 for IndexAddRows<'_> {
         l2: &Layout,
     ) -> Result<()> {
         let src = slice(s2, l2, self.name())?;
-        let (CpuStorage::F32(dst), Some((o1, o2))) = (s1, l1.contiguous_offsets()) else {
-            candle_core::bail!("sink-index-add: a contiguous f32 gradient only");
-        };
-        let dst = &mut dst[o1..o2];
+        let dst = slice_mut(s1, l1, self.name())?;
         let (rows, cols) = l1.shape().dims2()?;
         if src.len() != self.ids.len() * cols {
             candle_core::bail!(
@@ -265,18 +266,17 @@ impl candle_core::InplaceOp1 for PlusZero {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("sink-plus-zero: a contiguous f32 gradient only");
-        };
-        v[a..b].par_chunks_mut(CHUNK).for_each(|c| {
-            for x in c {
-                // `x + 0.0` would be the same value; written as candle's accumulation reads.
-                #[allow(clippy::assign_op_pattern)]
-                {
-                    *x = 0.0 + *x;
+        slice_mut(s, l, self.name())?
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| {
+                for x in c {
+                    // `x + 0.0` would be the same value; written as candle's accumulation reads.
+                    #[allow(clippy::assign_op_pattern)]
+                    {
+                        *x = 0.0 + *x;
+                    }
                 }
-            }
-        });
+            });
         Ok(())
     }
 }
@@ -284,18 +284,9 @@ impl candle_core::InplaceOp1 for PlusZero {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use crate::testing::tiny_model;
     use crate::LanguageModel;
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     /// Every trainable weight's gradient of a scoring loss, from candle's store alone or from
     /// the sink and the store, with the number of weights the sink gave.

@@ -176,17 +176,8 @@ pub(crate) fn target_logprob_by_ops(logits: &Tensor, targets: &Tensor) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Var};
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     /// Values with repeats (ties for the maximum) and exact zeros of both signs.
     fn values(n: usize, seed: u64, spread: f32) -> Vec<f32> {

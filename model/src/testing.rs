@@ -122,6 +122,17 @@ fn tiny_vocab_and_merges() -> (Vec<String>, Vec<String>) {
     (tokens, merges)
 }
 
+/// The bits of an f32 tensor's values in order, to compare two computations exactly (`-0.0`
+/// and `+0.0` differ, as do two NaNs of different payloads).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("an f32 tensor")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
 /// The tiny model's config for a vocabulary of `vocab` tokens.
 pub fn tiny_config(vocab: usize) -> Config {
     Config {

@@ -284,18 +284,8 @@ pub(crate) fn x_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Var};
-
-    /// Bits of a tensor, to compare exactly (`-0.0` and `+0.0` differ).
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     /// candle's ops, as `matmul_wt` used them for a trained weight.
     fn candle_way(x: &Tensor, w: &Tensor) -> Tensor {
