@@ -123,6 +123,22 @@ pub fn dpo_flops_per_pair(cfg: &Config, prompt: usize, response: usize) -> f64 {
     2.0 * seq as f64 * 4.0 * forward_flops_per_token(cfg, seq)
 }
 
+/// `n` token ids of real text (the model's own tokenizer), the text repeated to length: what
+/// the DPO examples train on. A text the tokenizer cannot encode is an error naming it.
+pub fn text_tokens(
+    model: &crate::LanguageModel,
+    text: &str,
+    n: usize,
+) -> Result<Vec<u32>, crate::ModelError> {
+    let ids = model.tokenizer().encode(text)?;
+    if ids.is_empty() && n > 0 {
+        return Err(crate::ModelError::InvalidRequest(format!(
+            "`{text}` encodes to no tokens: nothing to repeat to {n}"
+        )));
+    }
+    Ok(ids.iter().cycle().take(n).copied().collect())
+}
+
 /// Deterministic token ids in `[100, vocab)`; `scripts/bench_torch_gpu.py` uses the same
 /// formula, so both sides train on the same ids.
 pub fn synthetic_ids(vocab: usize, row: usize, len: usize, a: usize, b: usize) -> Vec<u32> {

@@ -21,15 +21,11 @@ use std::time::Instant;
 
 use tsr_dpo::bench::bench_trainer_config;
 use tsr_dpo::trainer::{reference_logps, DpoTrainer, TrainPair, TrainerError};
-use tsr_model::bench::{bench_model_spec, cpu_s, median, reset_hwm, thread_cpu_s, vm_hwm_mb};
+use tsr_model::bench::{
+    bench_model_spec, cpu_s, median, reset_hwm, text_tokens, thread_cpu_s, vm_hwm_mb,
+};
 use tsr_model::{tune_runtime, LanguageModel};
 use tsr_state::BlobStore;
-
-/// `n` token ids from real text (the model's own tokenizer), repeated to length.
-fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {
-    let ids = model.tokenizer().encode(text).expect("encode");
-    ids.iter().cycle().take(n).copied().collect()
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tuned = tune_runtime();
@@ -67,9 +63,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blobs = BlobStore::open(ckdir.join("blobs"), ckdir.join("tmp"))?;
     for (p, r) in [(64usize, 64usize), (128, 128)] {
         let mut pair = TrainPair {
-            prompt: tokens(&policy, text, p),
-            chosen: tokens(&policy, answer_a, r),
-            rejected: tokens(&policy, answer_b, r),
+            prompt: text_tokens(&policy, text, p)?,
+            chosen: text_tokens(&policy, answer_a, r)?,
+            rejected: text_tokens(&policy, answer_b, r)?,
             ref_chosen: 0.0,
             ref_rejected: 0.0,
         };

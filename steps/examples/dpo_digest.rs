@@ -13,14 +13,8 @@
 
 use tsr_dpo::bench::bench_trainer_config;
 use tsr_dpo::trainer::{reference_logps, DpoTrainer, TrainPair};
-use tsr_model::bench::bench_model_spec;
-use tsr_model::{tune_runtime, LanguageModel};
-
-/// `n` token ids from `text` (the model's own tokenizer), repeated to length.
-fn tokens(model: &LanguageModel, text: &str, n: usize) -> Vec<u32> {
-    let ids = model.tokenizer().encode(text).expect("encode");
-    ids.iter().cycle().take(n).copied().collect()
-}
+use tsr_model::bench::{bench_model_spec, text_tokens};
+use tsr_model::{tune_runtime, LanguageModel, ModelError};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tune_runtime();
@@ -43,17 +37,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Some(spec) => base.clone_weights()?.with_new_lora(&spec.parse()?, 7)?,
                 None => base.clone_weights()?,
             };
-            let mut pairs: Vec<TrainPair> = texts
+            let mut pairs = texts
                 .iter()
                 .enumerate()
-                .map(|(i, t)| TrainPair {
-                    prompt: tokens(&base, t, p),
-                    chosen: tokens(&base, answers[i % 2], r),
-                    rejected: tokens(&base, answers[(i + 1) % 2], r - i),
-                    ref_chosen: 0.0,
-                    ref_rejected: 0.0,
+                .map(|(i, t)| {
+                    Ok(TrainPair {
+                        prompt: text_tokens(&base, t, p)?,
+                        chosen: text_tokens(&base, answers[i % 2], r)?,
+                        rejected: text_tokens(&base, answers[(i + 1) % 2], r - i)?,
+                        ref_chosen: 0.0,
+                        ref_rejected: 0.0,
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<TrainPair>, ModelError>>()?;
             reference_logps(&base, &mut pairs, 2)?;
             let mut cfg = bench_trainer_config(3, 2);
             cfg.accum_steps = 2;
