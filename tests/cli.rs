@@ -205,7 +205,8 @@ fn damaged_database_and_truncated_blob_are_detected_and_repaired() {
         "{}",
         text(&o)
     );
-    assert!(tsr(&["verify", "--repair"], &store).status.success());
+    let o = tsr(&["verify", "--repair"], &store);
+    assert!(o.status.success(), "verify --repair failed: {}", text(&o));
 
     // A database that comes back older than what was acknowledged (restored from an old copy,
     // or rolled back by sled's recovery past damage): the commit counter detects it, normal

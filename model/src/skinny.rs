@@ -83,8 +83,8 @@ const TX_AVX2: usize = 2;
 /// ([`FEW_TW_AVX512`]), so the weights are read as one sequential stream per thread. Such
 /// products are bound by reading the weights; on a Zen 5 the kernel alone read a decode step's
 /// weights at 49-62 GB/s this way against 33-42 GB/s four rows at a time (one input row; two
-/// and four rows gained 15-20%), within 5% of the machine's plain read. With more input rows
-/// the 4 x 4 tile's arithmetic pays for reading four weight rows together.
+/// input rows gained about 18%, four about 6%), about the machine's plain read. With 8 and more
+/// input rows the 4 x 4 tile's arithmetic pays for reading four weight rows together.
 const FEW_ROWS_AVX512: usize = 4;
 const FEW_TW_AVX512: usize = 1;
 
