@@ -408,6 +408,10 @@ impl<'a> Decoder<'a> {
             .collect()
     }
 
+    fn fused_prompts(&self) -> bool {
+        self.model.prompt_attention() == crate::PromptAttention::Fused
+    }
+
     fn free_rows(&self) -> usize {
         self.holes().len()
     }
@@ -432,6 +436,7 @@ impl<'a> Decoder<'a> {
             .map(|&r| longest - self.rows[r].req.prompt_ids.len())
             .collect();
         let mut cache = KvCache::new(cfg, reqs.len(), capacity, dtype, dev)?;
+        cache.fused_prompts = self.fused_prompts();
         let mut ids = Vec::with_capacity(reqs.len() * longest);
         let mut pos = Vec::with_capacity(reqs.len() * longest);
         for (&r, &pad) in reqs.iter().zip(&pads) {
@@ -468,8 +473,9 @@ impl<'a> Decoder<'a> {
             longest + 2 * (0..self.rows.len()).map(|r| budget(&r)).max().unwrap_or(0)
         };
         let (mut cache, logits) = self.prefill(reqs, capacity)?;
-        // Rows that join later start far into the cache; a single batch keeps its arithmetic.
-        cache.skip_masked_prefix = !self.waiting.is_empty();
+        // Rows that join later start far into the cache, and a prompt's fused attention sees
+        // only its visible slots; otherwise a single batch keeps its arithmetic.
+        cache.skip_masked_prefix = self.fused_prompts() || !self.waiting.is_empty();
         self.occupant = reqs.iter().map(|&r| Some(r)).collect();
         self.pads = reqs
             .iter()
@@ -599,6 +605,42 @@ impl<'a> Decoder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels;
+
+    /// With the fused prompt attention, a prompt's prefill has the bits it has alone when a
+    /// longer prompt pads it on the left (every product of these few rows is row by row).
+    #[test]
+    fn a_fused_prefill_does_not_depend_on_its_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = crate::testing::tiny_model(tmp.path(), 5);
+        m.set_prompt_attention(crate::PromptAttention::Fused);
+        let req = |ids: std::ops::Range<u32>| GenRequest {
+            prompt_ids: ids.map(|i| 3 + i * 7 % 50).collect(),
+            max_new_tokens: 4,
+            sampling: Sampling::Greedy,
+            seed: 0,
+        };
+        let (long, short) = (req(0..29), req(4..13));
+        // Few enough rows for the decode step's row-by-row products (`skinny::MAX_ROWS`).
+        let n = long.prompt_ids.len();
+        assert!(
+            n > short.prompt_ids.len() + 3 && 2 * n <= crate::skinny::MAX_ROWS,
+            "{n}"
+        );
+        let w = m.weights(false).unwrap();
+        let logits = |reqs: &[&GenRequest]| {
+            kernels::with_half_native(|| {
+                let d = Decoder::new(&m, &w, reqs, reqs.len(), false, None);
+                let (cache, logits) = d.prefill(&(0..reqs.len()).collect::<Vec<_>>(), n).unwrap();
+                assert!(cache.fused_prompts);
+                logits
+            })
+        };
+        let alone = logits(&[&short]);
+        let padded = logits(&[&long, &short]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&padded[1]), bits(&alone[0]));
+    }
 
     #[test]
     fn pick_is_seeded_and_respects_top_k() {

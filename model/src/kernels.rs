@@ -22,7 +22,7 @@ use super::trained::SMALL_M;
 /// reduction `x = n ln2 + r`, degree-6 Taylor polynomial on `|r| <= ln2/2`, `2^n` built from
 /// exponent bits. Inputs below -87 give ~0 (as `expf` underflows).
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -34,7 +34,11 @@ fn exp_neg(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` is a whole number in [-126, 0], so `n + ROUND` is exact and holds `n` in its low
+    // bits: the integer without a float-to-int conversion (whose saturating form does not
+    // vectorise).
+    let ni = (n + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     p * scale
 }
 
@@ -187,7 +191,7 @@ pub(crate) fn masked_softmax(
 /// more than its arithmetic) around the softmax. Each output row is one thread's sequential
 /// sums, so the result does not depend on the thread count.
 /// Additive mask entries at or below this hide their slot (masks put `-1e9` there).
-const MASKED: f32 = -1e8;
+pub(crate) const MASKED: f32 = -1e8;
 
 struct DecodeAttention {
     /// Valid cache slots.
@@ -196,7 +200,7 @@ struct DecodeAttention {
     mask: Vec<f32>,
     /// Each row starts at its first visible slot instead of adding the masked slots before it
     /// at their (tiny, not zero) weights: what continuous batching asks, whose rows start far
-    /// into the cache.
+    /// into the cache, and what a prompt's fused attention computes (`PromptAttention`).
     skip_masked_prefix: bool,
 }
 
@@ -564,6 +568,42 @@ mod tests {
         );
     }
 
+    /// The exponent's integer taken from the float's bits gives the bits of the conversion it
+    /// replaced, over the whole input range (below -87, NaN and -inf clamp to -87).
+    #[test]
+    fn exp_keeps_its_bits_without_the_float_to_int_conversion() {
+        fn converted(x: f32) -> f32 {
+            const LOG2E: f32 = std::f32::consts::LOG2_E;
+            const LN2_HI: f32 = 0.693_145_75;
+            const LN2_LO: f32 = 1.428_606_8e-6;
+            const ROUND: f32 = 12_582_912.0;
+            let x = x.max(-87.0);
+            let n = (x * LOG2E + ROUND) - ROUND;
+            let r = x - n * LN2_HI - n * LN2_LO;
+            let p = 1.0
+                + r * (1.0
+                    + r * (0.5
+                        + r * (1.0 / 6.0
+                            + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+            p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            -1e-30,
+            -87.0,
+            -87.5,
+            -1e9,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        xs.extend((0..2_000_000).map(|i| -(i as f32) * 4.5e-5));
+        xs.extend((0..100_000).map(|i| -f32::from_bits(i * 10_000)));
+        for x in xs {
+            assert_eq!(exp_neg(x).to_bits(), converted(x).to_bits(), "{x}");
+        }
+    }
+
     #[test]
     fn exp_is_accurate_on_softmax_inputs() {
         for i in 0..20_000 {
@@ -781,7 +821,7 @@ mod tests {
             .unwrap();
         let att = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
         let want = att.matmul(&vv).unwrap();
-        let diff = (fused - want)
+        let diff = (&fused - want)
             .unwrap()
             .abs()
             .unwrap()

@@ -21,6 +21,7 @@ use super::attention;
 use super::config::Config;
 use super::fused;
 use super::kernels::{self, matmul_wt};
+use super::prefill;
 use super::projection::Proj;
 use super::skinny;
 use super::trained;
@@ -206,6 +207,10 @@ pub(crate) struct Weights {
     pub frozen_base: bool,
 }
 
+/// One layer's view of the cache in a forward: its keys and values, the filled slots, and the
+/// cache's two settings (`skip_masked_prefix`, `fused_prompts`).
+type CacheView<'a> = (&'a Tensor, &'a Tensor, usize, bool, bool);
+
 /// Per-layer K/V buffers `[B, KVH, capacity, head_dim]`, filled left to right.
 pub(crate) struct KvCache {
     pub k: Vec<Tensor>,
@@ -216,6 +221,9 @@ pub(crate) struct KvCache {
     /// Decode steps start each row's attention at its first visible slot (see
     /// `kernels::decode_attention`); off, a row's masked slots add their tiny weights.
     pub skip_masked_prefix: bool,
+    /// A forward of several tokens (a prefill) takes the fused causal kernel
+    /// (`PromptAttention::Fused`).
+    pub fused_prompts: bool,
 }
 
 impl KvCache {
@@ -239,6 +247,7 @@ impl KvCache {
             len: 0,
             capacity,
             skip_masked_prefix: false,
+            fused_prompts: false,
         })
     }
 
@@ -501,7 +510,7 @@ impl Weights {
         x: &Tensor,
         rope: &Rope,
         mask: &Tensor,
-        cache: Option<(&Tensor, &Tensor, usize, bool)>,
+        cache: Option<CacheView<'_>>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -534,7 +543,7 @@ impl Weights {
         let q = self.rope(&q, rope)?;
         let k = self.rope(&k, rope)?;
         // A decode step (one new token per row) on the CPU: the fused kernel.
-        if let (Some((kc, vc, off, skip)), false, 1) = (cache, self.differentiable, t) {
+        if let (Some((kc, vc, off, skip, _)), false, 1) = (cache, self.differentiable, t) {
             kc.slice_set(&k, 2, off)?;
             vc.slice_set(&v, 2, off)?;
             let scale = 1.0 / (hd as f64).sqrt();
@@ -547,10 +556,20 @@ impl Weights {
                 return l.attn.o.forward(&y);
             }
         }
+        let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
-            Some((kc, vc, off, _)) => {
+            Some((kc, vc, off, _, fused)) => {
                 kc.slice_set(&k, 2, off)?;
                 vc.slice_set(&v, 2, off)?;
+                // A prompt's tokens while generating on the CPU, when asked: the fused causal
+                // kernel, each row with a decode step's arithmetic.
+                if fused && !self.differentiable {
+                    let qs = (&q * scale)?;
+                    if let Some(y) = prefill::prefill_attention(&qs, kc, vc, off + t, mask, n_rep)?
+                    {
+                        return l.attn.o.forward(&merge(y)?);
+                    }
+                }
                 (kc.narrow(2, 0, off + t)?, vc.narrow(2, 0, off + t)?)
             }
             None => (k, v),
@@ -564,7 +583,6 @@ impl Weights {
             return l.attn.o.forward(&merge(y)?);
         }
         let s = k.dim(2)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let att = q.matmul(&k.t()?)?;
         let att = att.reshape((b, nkv, n_rep, t, s))?;
@@ -603,7 +621,7 @@ impl Weights {
             let h = self.rms_norm(&x, &l.attn_norm)?;
             let kv = cache
                 .as_ref()
-                .map(|c| (&c.k[i], &c.v[i], off, c.skip_masked_prefix));
+                .map(|c| (&c.k[i], &c.v[i], off, c.skip_masked_prefix, c.fused_prompts));
             let a = self.attention(l, &h, rope, mask, kv)?;
             x = (x + a)?;
             let h = self.rms_norm(&x, &l.mlp_norm)?;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tsr_model::{GenRequest, LanguageModel, Sampling};
+use tsr_model::{GenRequest, LanguageModel, PromptAttention, Sampling};
 
 fn model_path() -> PathBuf {
     tsr_model::testing::default_model_path()
@@ -160,6 +160,21 @@ fn greedy_tokens_match_transformers_alone_and_batched() {
     assert_eq!(together[1].token_ids, GOLDEN_32);
     for (r, o) in batch.iter().zip(&together) {
         assert_eq!(&m.generate(std::slice::from_ref(r), 1).unwrap()[0], o);
+    }
+    // The fused prompt attention (a copy: the other tests share the model) gives
+    // transformers' tokens too, alone, batched with left padding, and refilled.
+    let fused = m.clone_weights().unwrap();
+    fused.set_prompt_attention(PromptAttention::Fused);
+    let alone = fused
+        .generate(&[req(STORY_PROMPT, 32)], 1)
+        .unwrap()
+        .remove(0);
+    assert_eq!(alone.token_ids, GOLDEN_32, "{:?}", alone.text);
+    let fused_together = fused.generate(&batch, 3).unwrap();
+    assert_eq!(fused_together[1].token_ids, GOLDEN_32);
+    assert_eq!(fused.generate(&batch, 2).unwrap(), fused_together);
+    for (r, o) in batch.iter().zip(&fused_together) {
+        assert_eq!(&fused.generate(std::slice::from_ref(r), 1).unwrap()[0], o);
     }
 }
 

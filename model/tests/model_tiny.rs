@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use tsr_model::testing::{random_weights, tiny_config, write_tiny_gguf, write_tiny_hf_model};
-use tsr_model::{GenRequest, LanguageModel, ModelError, ModelSource, Sampling};
+use tsr_model::{GenRequest, LanguageModel, ModelError, ModelSource, PromptAttention, Sampling};
 
 fn load(src: ModelSource) -> LanguageModel {
     LanguageModel::load(&src, &Device::Cpu, DType::F32).expect("load")
@@ -281,6 +281,68 @@ fn refilled_rows_generate_what_they_generate_alone() {
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     assert_eq!(seen.last(), Some(&some_empty.len()), "{seen:?}");
     assert!(seen.len() >= 5, "{seen:?}");
+}
+
+/// The fused prompt attention: each request generates what it generates alone whatever its
+/// batch (left padding, refilled rows), and what the batched products generate (the same
+/// attention, added in another order: the tokens agree on these prompts).
+#[test]
+fn fused_prompt_attention_generates_the_same_alone_batched_and_refilled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), 23);
+    let t = m.tokenizer();
+    let prompts = [
+        "Hello",
+        "What is two plus two?",
+        "Please explain why the sky is blue, step by step, with an example or two.",
+        "Rust",
+        "Name three rivers in Europe.",
+    ];
+    let mut reqs = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for s in 0..2usize {
+            reqs.push(GenRequest {
+                prompt_ids: t.encode_prompt(p).unwrap(),
+                max_new_tokens: 6 + (i * 5 + s * 3) % 11,
+                sampling: if s == 0 {
+                    Sampling::Greedy
+                } else {
+                    Sampling::Sample {
+                        temperature: 0.9,
+                        top_p: Some(0.95),
+                        top_k: None,
+                    }
+                },
+                seed: 70 + (2 * i + s) as u64,
+            });
+        }
+    }
+    let alone = |m: &LanguageModel| -> Vec<_> {
+        reqs.iter()
+            .map(|r| {
+                m.generate_ignoring_end_of_turn(std::slice::from_ref(r), 1)
+                    .unwrap()
+                    .remove(0)
+            })
+            .collect()
+    };
+    assert_eq!(m.prompt_attention(), PromptAttention::Batched);
+    let batched = alone(&m);
+    m.set_prompt_attention(PromptAttention::Fused);
+    let fused = alone(&m);
+    assert_eq!(fused, batched);
+    for rows in [10, 3, 2] {
+        assert_eq!(
+            m.generate_ignoring_end_of_turn(&reqs, rows).unwrap(),
+            fused,
+            "{rows} rows"
+        );
+    }
+    // A copy keeps the setting.
+    assert_eq!(
+        m.clone_weights().unwrap().prompt_attention(),
+        PromptAttention::Fused
+    );
 }
 
 #[test]
