@@ -375,6 +375,7 @@ fn run_meta_step_units(
         commit_batches,
         template: DEFAULT_META_PROMPT.into(),
         judge_template: tsr_steps::rules::verdict::DEFAULT_RUBRIC.into(),
+        prompt_attention: None,
     };
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();

@@ -624,6 +624,7 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         (&["judge.mode=text"], "judge.mode", "\"text\""),
         (&["dpo.loss=ipo"], "dpo.loss", "\"ipo\""),
         (&["generate.weights=f16"], "generate.weights", "\"f16\""),
+        (&["prompt_attention=fused"], "prompt_attention", "\"fused\""),
         (
             &["judge.mode=text", "judge.weights=bf16"],
             "judge.weights",
@@ -707,6 +708,10 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         (
             vec!["dpo.loss=hinge"],
             "config key `dpo.loss`: `hinge`: use `sigmoid` (DPO) or `ipo` (IPO)",
+        ),
+        (
+            vec!["prompt_attention=flash"],
+            "config key `prompt_attention`: `flash`: use `batched` (the default) or `fused`",
         ),
         (
             vec!["generate.weights=f8"],
@@ -822,6 +827,59 @@ fn generation_and_judging_with_half_precision_weights() {
         let config: serde_json::Value = serde_json::from_str(&f.step.config).unwrap();
         assert!(config.get("weights").is_none(), "{node}");
     }
+}
+
+/// `prompt_attention = "fused"`: every generating step (generation, the judge in text mode)
+/// carries it in its config and key, the other steps not; the run replays identically.
+#[test]
+fn fused_prompt_attention_is_in_the_generating_steps_keys_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(dir.path(), "temporal", "text");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tsr(
+        &[
+            "fork",
+            "temporal-text",
+            "--name",
+            "fused",
+            "--set",
+            "prompt_attention=fused",
+            "--quiet",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    let batched = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
+    let fused = tsr_workflows::lineage::nodes(&s, "fused").unwrap();
+    let mut seen = 0;
+    for (node, n) in &fused {
+        let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+        match n.step.kind.as_str() {
+            "generate" | "judge" => {
+                assert_eq!(config["prompt_attention"], "fused", "{node}");
+                assert_ne!(n.key, batched[node].key, "{node}");
+                seen += 1;
+            }
+            _ => assert!(config.get("prompt_attention").is_none(), "{node}"),
+        }
+    }
+    assert!(seen >= 4, "{seen} generation and judging steps");
+    for (node, b) in &batched {
+        let config: serde_json::Value = serde_json::from_str(&b.step.config).unwrap();
+        assert!(config.get("prompt_attention").is_none(), "{node}");
+    }
+    drop(s);
+    let o = tsr(&["replay", "fused", "--iteration", "1", "--json"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["identical"], true, "{report}");
+    assert!(
+        report["steps"].as_array().is_some_and(|s| s.len() >= 5),
+        "{report}"
+    );
 }
 
 #[test]

@@ -74,6 +74,11 @@ pub trait Batches {
     fn weights(&self) -> Option<lm::Weights> {
         None
     }
+    /// How the model computes its prompts' attention while the step runs (its
+    /// `prompt_attention` setting); `None`: batched, as always.
+    fn prompt_attention(&self) -> Option<lm::PromptAttention> {
+        None
+    }
     /// The items `idx` (one batch, ascending), one per index, computed with `model`.
     fn compute(
         &self,
@@ -128,6 +133,9 @@ pub fn compute<B: Batches>(
         let model = lm::load(inputs, "model", ctx)?;
         if let Some(w) = work.weights() {
             lm::hold_weights(&model, w, B::NAME)?;
+        }
+        if let Some(a) = work.prompt_attention() {
+            model.set_prompt_attention(a.model());
         }
         Some(model)
     } else {

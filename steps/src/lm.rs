@@ -50,6 +50,28 @@ pub fn load(
     Ok(model)
 }
 
+/// How a generating step computes its prompts' attention on the CPU: its `prompt_attention`
+/// setting, in its key when set. `batched` (also what leaving it out means): gemm's products
+/// around a softmax over every slot, the arithmetic of steps made before the setting. `fused`:
+/// tsr's causal kernel, each token over only the slots it sees with a decode step's
+/// arithmetic (faster on long prompts; bits that depend on neither the batch nor the CPU).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptAttention {
+    Batched,
+    Fused,
+}
+
+impl PromptAttention {
+    /// The model layer's setting.
+    pub fn model(self) -> tsr_model::PromptAttention {
+        match self {
+            PromptAttention::Batched => tsr_model::PromptAttention::Batched,
+            PromptAttention::Fused => tsr_model::PromptAttention::Fused,
+        }
+    }
+}
+
 /// The precision a generation step holds its model's weight matrices in while it runs: its
 /// `weights` setting, part of its key. `f16` or `bf16` reads half the bytes per generated
 /// token; on the CPU the products still add in f32.

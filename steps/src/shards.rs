@@ -72,6 +72,7 @@ mod tests {
                 batch_size: 16,
                 commit_batches: 4,
                 weights: Some(crate::lm::Weights::F16),
+                prompt_attention: Some(crate::lm::PromptAttention::Fused),
             }),
             Arc::new(Judge {
                 mode: JudgeMode::Text,
@@ -83,6 +84,7 @@ mod tests {
                 commit_batches: 3,
                 template: "rubric {prompt} {response} \u{e9}".into(),
                 weights: Some(crate::lm::Weights::Bf16),
+                prompt_attention: Some(crate::lm::PromptAttention::Fused),
             }),
             Arc::new(MetaJudge {
                 iteration: 2,
@@ -96,6 +98,7 @@ mod tests {
                 commit_batches: 2,
                 template: "meta".into(),
                 judge_template: "judge".into(),
+                prompt_attention: Some(crate::lm::PromptAttention::Fused),
             }),
             Arc::new(ReferenceLogprobs { batch_size: 16 }),
             Arc::new(Answer {
@@ -104,6 +107,7 @@ mod tests {
                 top_p: 1.0,
                 batch_size: 16,
                 commit_batches: 5,
+                prompt_attention: Some(crate::lm::PromptAttention::Fused),
             }),
             Arc::new(PairwiseJudge {
                 mode: JudgeMode::Text,
@@ -114,6 +118,7 @@ mod tests {
                 commit_batches: 2,
                 bootstrap_resamples: 1000,
                 template: "{instruction} {output_a} {output_b}".into(),
+                prompt_attention: None,
             }),
         ];
         let kinds: Vec<&str> = steps.iter().map(|s| s.kind()).collect();

@@ -281,6 +281,18 @@ pub(crate) fn eval_judge_mode<'de, D: Deserializer<'de>>(
     )
 }
 
+/// `prompt_attention`.
+pub(crate) fn prompt_attention<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<tsr_steps::lm::PromptAttention>, D::Error> {
+    foreign(
+        d,
+        "prompt_attention",
+        "`batched` (the default) or `fused` (tsr's causal kernel for a prompt's attention)",
+    )
+    .map(Some)
+}
+
 /// `generate.weights`.
 pub(crate) fn generate_weights<'de, D: Deserializer<'de>>(
     d: D,

@@ -60,6 +60,17 @@ pub struct Config {
     /// cpu | cuda:N
     #[serde(default = "default_device")]
     pub device: String,
+    /// How the generating steps (generation, a judge or meta-judge in text mode, evaluation's
+    /// answers and a local judge in text mode) compute their prompts' attention on the CPU:
+    /// `batched` (the default) or `fused`, tsr's causal kernel: faster on long prompts (the
+    /// judge's), and each token's attention has the same bits whatever its batch or CPU kind.
+    /// Part of those steps' keys when `fused`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::choices::prompt_attention"
+    )]
+    pub prompt_attention: Option<tsr_steps::lm::PromptAttention>,
     /// Store folder (default `.tsr` where tsr runs; `--store` and `$TSR_STORE` override it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
@@ -708,6 +719,13 @@ impl Default for DpoSection {
 
 impl Config {
     /// The precision the run's model holds its base in: `[model] dtype`, f32 when not given.
+    /// The generating steps' `prompt_attention` setting: set only when fused (batched is what
+    /// leaving it out computes, so the steps' keys stay those of before the setting).
+    pub fn fused_prompts(&self) -> Option<tsr_steps::lm::PromptAttention> {
+        self.prompt_attention
+            .filter(|a| *a == tsr_steps::lm::PromptAttention::Fused)
+    }
+
     pub fn base_dtype(&self) -> Dtype {
         self.model
             .as_ref()

@@ -103,6 +103,7 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         batch_size: g.batch_size,
         commit_batches: g.commit_batches,
         weights: setting(g.weights, c.base_dtype()),
+        prompt_attention: c.fused_prompts(),
     });
     let j = &c.judge;
     let template = match &j.template {
@@ -133,6 +134,10 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         commit_batches: j.commit_batches,
         template,
         weights: setting(j.weights, c.judge_base_dtype()),
+        // Logprob mode scores without generating.
+        prompt_attention: c
+            .fused_prompts()
+            .filter(|_| j.mode == tsr_steps::kinds::judge::JudgeMode::Text),
     });
     Ok((gen, judge))
 }
@@ -196,6 +201,7 @@ fn meta_part(c: &Config, judge: &Judge) -> Result<Option<(MetaJudge, f64)>, Work
                 commit_batches: meta_cfg.commit_batches,
                 template: meta_template,
                 judge_template: judge.template.clone(),
+                prompt_attention: c.fused_prompts(),
             },
             meta_cfg.judge_pair_share,
         )
@@ -665,6 +671,7 @@ fn add_eval(
         top_p: e.top_p,
         batch_size: e.batch_size,
         commit_batches: e.commit_batches,
+        prompt_attention: c.fused_prompts(),
     });
     let answer_in = |model: &ModelRef| {
         let mut v = vec![(
@@ -736,7 +743,7 @@ fn add_eval(
             };
             (Arc::new(e.api_judge(text, e.judge.api_settings())), None)
         } else {
-            local_judge(b, e, m0)?
+            local_judge(b, e, m0, c.fused_prompts())?
         };
     for (prefix, iteration, model) in evaluated {
         let answer_node = format!("{prefix}-answer");
@@ -805,6 +812,7 @@ fn local_judge(
     b: &mut DagBuilder,
     e: &crate::config::EvalSection,
     m0: &ModelRef,
+    fused_prompts: Option<tsr_steps::lm::PromptAttention>,
 ) -> Result<(Arc<dyn tsr_engine::Step>, Option<ModelRef>), WorkflowError> {
     let judge_model = match &e.judge.model {
         Some(source) => import_model(b, "import-eval-judge", "eval.judge.model", source, None)?,
@@ -832,6 +840,9 @@ fn local_judge(
         commit_batches: e.judge.commit_batches,
         bootstrap_resamples: e.bootstrap_resamples,
         template,
+        // Logprob mode scores without generating.
+        prompt_attention: fused_prompts
+            .filter(|_| e.judge.mode == tsr_steps::kinds::judge::JudgeMode::Text),
     });
     Ok((judge, Some(judge_model)))
 }

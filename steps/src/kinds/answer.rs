@@ -26,6 +26,10 @@ pub struct Answer {
         skip_serializing_if = "items::is_one_batch"
     )]
     pub commit_batches: usize,
+    /// How the model computes its prompts' attention ([`crate::lm::PromptAttention`]); left
+    /// out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_attention: Option<crate::lm::PromptAttention>,
 }
 
 impl Step for Answer {
@@ -70,6 +74,9 @@ struct Answers<'a> {
 impl items::Batches for Answers<'_> {
     type Item = EvalOutput;
     const NAME: &'static str = "answer";
+    fn prompt_attention(&self) -> Option<crate::lm::PromptAttention> {
+        self.step.prompt_attention
+    }
     fn count(&self) -> u64 {
         self.prompts.len() as u64
     }

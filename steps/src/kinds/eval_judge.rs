@@ -54,6 +54,10 @@ pub struct PairwiseJudge {
     pub bootstrap_resamples: usize,
     /// The pairwise template; part of the step key.
     pub template: String,
+    /// How the model computes its prompts' attention ([`crate::lm::PromptAttention`]); left
+    /// out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_attention: Option<crate::lm::PromptAttention>,
 }
 
 impl PairwiseJudge {
@@ -155,6 +159,9 @@ struct Annotations<'a> {
 impl items::Batches for Annotations<'_> {
     type Item = Annotation;
     const NAME: &'static str = "eval-judge";
+    fn prompt_attention(&self) -> Option<crate::lm::PromptAttention> {
+        self.step.prompt_attention
+    }
     fn count(&self) -> u64 {
         self.prompts.len() as u64
     }

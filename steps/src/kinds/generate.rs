@@ -31,6 +31,10 @@ pub struct Generate {
     /// The precision of the weights while generating (`None`: as stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<lm::Weights>,
+    /// How the model computes its prompts' attention ([`crate::lm::PromptAttention`]); left
+    /// out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_attention: Option<crate::lm::PromptAttention>,
 }
 
 impl Step for Generate {
@@ -78,6 +82,9 @@ impl Samples<'_> {
 impl items::Batches for Samples<'_> {
     type Item = Response;
     const NAME: &'static str = "generate";
+    fn prompt_attention(&self) -> Option<crate::lm::PromptAttention> {
+        self.step.prompt_attention
+    }
     fn count(&self) -> u64 {
         self.prompts.len() as u64 * self.k()
     }

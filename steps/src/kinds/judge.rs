@@ -49,6 +49,10 @@ pub struct Judge {
     /// The precision of the weights while judging (`None`: as stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<crate::lm::Weights>,
+    /// How the model computes its prompts' attention ([`crate::lm::PromptAttention`]); left
+    /// out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_attention: Option<crate::lm::PromptAttention>,
 }
 
 impl Judge {
@@ -101,6 +105,9 @@ struct Judgements<'a> {
 impl items::Batches for Judgements<'_> {
     type Item = Judgement;
     const NAME: &'static str = "judge";
+    fn prompt_attention(&self) -> Option<crate::lm::PromptAttention> {
+        self.step.prompt_attention
+    }
     fn count(&self) -> u64 {
         self.responses.len() as u64
     }

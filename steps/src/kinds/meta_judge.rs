@@ -58,6 +58,10 @@ pub struct MetaJudge {
     pub template: String,
     /// The judge's rubric, to render the judge prompt of each response.
     pub judge_template: String,
+    /// How the model computes its prompts' attention ([`crate::lm::PromptAttention`]); left
+    /// out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_attention: Option<crate::lm::PromptAttention>,
 }
 
 impl MetaJudge {
@@ -237,6 +241,9 @@ impl Comparisons<'_> {
 impl items::Batches for Comparisons<'_> {
     type Item = Comparison;
     const NAME: &'static str = "meta-judge";
+    fn prompt_attention(&self) -> Option<crate::lm::PromptAttention> {
+        self.step.prompt_attention
+    }
     fn count(&self) -> u64 {
         self.todo.len() as u64
     }
