@@ -16,7 +16,8 @@
 #     as pinned in scripts/requirements-llama-server.txt, built by scripts/test.sh for this CPU,
 #     reading an F32 GGUF that llama.cpp's own quantize API makes from the default GGUF);
 #   prefill of judge-length prompts: 4 rows of 512 tokens and one new token, as prompt tokens
-#     per second, against llama.cpp's prompt processing;
+#     per second, against llama.cpp's prompt processing; tsr as by default and with a run's
+#     `prompt_attention = "fused"` (`--gen-attention fused`);
 #   a full DPO step and a LoRA r16 step, 64+64 and 128+128 tokens, reference log-probs
 #     precomputed: the `bench_dpo` example against PyTorch + transformers and PEFT
 #     (scripts/bench_lora_torch.py, the pinned venv of scripts/requirements-hf-golden.txt,
@@ -72,6 +73,8 @@ for r in $(seq "$rounds"); do
   "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch 4 \
     --gen-prompt-tokens 512 --gen-new-tokens 1 >"$out/r$r-tsr-prefill.txt" 2>&1
   "$lcpp" scripts/bench_llama_cpp.py generate "$f32" 4 512 1 "$threads" >"$out/r$r-lcpp-prefill.txt" 2>&1
+  "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch 4 \
+    --gen-prompt-tokens 512 --gen-new-tokens 1 --gen-attention fused >"$out/r$r-tsr-prefill-fused.txt" 2>&1
   target/release/examples/bench_dpo "$gguf" 4 >"$out/r$r-tsr-full.txt" 2>&1
   "$torchpy" scripts/bench_lora_torch.py "$hf" full 4 >"$out/r$r-torch-full.txt" 2>&1
   target/release/examples/bench_dpo "$gguf" 4 r=16,alpha=32 >"$out/r$r-tsr-lora.txt" 2>&1
@@ -108,6 +111,9 @@ rows.append(("generation, batch 16, sampled (T 0.7, top-p 0.9), tok/s (higher is
              grab("lcpp-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
 rows.append(("prefill, 4 x 512-token prompts, prompt tok/s (higher is better)", "llama.cpp",
              grab("tsr-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps),
+             grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))
+rows.append(("prefill, 4 x 512, prompt_attention fused, prompt tok/s (higher is better)", "llama.cpp",
+             grab("tsr-prefill-fused", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps),
              grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))
 for mode, peer in (("full", "PyTorch"), ("lora", "PEFT")):
     for p in (64, 128):

@@ -31,6 +31,13 @@ pub enum GenWeights {
     F16,
 }
 
+/// How generation computes a prompt's attention (a run's `prompt_attention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenAttention {
+    Batched,
+    Fused,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchWhat {
     Dpo,
@@ -101,6 +108,10 @@ pub struct BenchArgs {
     /// (on the CPU the products still add in f32; the DPO measurement keeps f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub gen_weights: GenWeights,
+    /// How generation computes a prompt's attention, as a run's `prompt_attention` setting:
+    /// `fused` is tsr's causal kernel (the prefill's attention on the CPU).
+    #[arg(long, value_enum, default_value = "batched")]
+    pub gen_attention: GenAttention,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
     /// dense peak; no default on CPU, where MFU is then not printed).
     #[arg(long)]
@@ -264,6 +275,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 .to_half_base(d)
                 .context("holding the weights in half precision")?;
         }
+        policy.set_prompt_attention(match a.gen_attention {
+            GenAttention::Batched => tsr_model::PromptAttention::Batched,
+            GenAttention::Fused => tsr_model::PromptAttention::Fused,
+        });
         // Bytes of weights a decode step reads: half for half-precision matrices.
         let weight_bytes = weight_bytes_f32(&cfg) * if half.is_some() { 0.5 } else { 1.0 };
         let sampling = Sampling::Sample {
@@ -286,7 +301,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         say!(
             "RESULT generate batch {gen_batch}: {:.1} new tok/s ({} tokens in {:.2} s, prefill \
              included; {} of {gen_batch} rows stopped early at end-of-turn; {}-token prompts, <= {} new, \
-             temperature {}{}; weights {:?})",
+             temperature {}{}; weights {:?}; prompt attention {:?})",
             res.tokens_per_s,
             res.new_tokens,
             res.seconds,
@@ -295,7 +310,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             a.gen_new_tokens,
             a.temperature,
             a.top_p.map(|p| format!(", top-p {p}")).unwrap_or_default(),
-            a.gen_weights
+            a.gen_weights,
+            a.gen_attention
         );
         if let Some(b) = &bounds {
             // A decode step reads every weight once and does 2 FLOP per weight per row: its

@@ -47,6 +47,33 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
     assert!(!store.exists(), "bench must not create a store");
+    assert!(out.contains("prompt attention Batched)"), "{out}");
+
+    // Generation with the fused prompt attention, as a run's `prompt_attention = "fused"`.
+    let o = tsr(
+        &[
+            "bench",
+            "--model",
+            m,
+            "--only",
+            "generate",
+            "--gen-batch",
+            "3",
+            "--gen-prompt-tokens",
+            "20",
+            "--gen-new-tokens",
+            "4",
+            "--gen-attention",
+            "fused",
+        ],
+        &store,
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("RESULT generate batch 3:") && out.contains("prompt attention Fused)"),
+        "{out}"
+    );
 
     // A generation step's workload, one batch at a time against continuous batching; a
     // prompts file that is missing or holds no prompt is named.
