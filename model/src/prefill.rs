@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::fused::{on_avx2, on_avx512};
-use super::fused::{wide_simd, Simd};
+use super::fused::{slice, wide_simd, Simd};
 use super::kernels::{exp_neg, MASKED};
 
 /// Query rows per block: the lanes of the score vectors.
@@ -70,17 +70,11 @@ impl CustomOp3 for PrefillAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (sq, sk, sv) else {
-            candle_core::bail!("prefill-attention: f32 only");
-        };
-        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) = (
-            lq.contiguous_offsets(),
-            lk.contiguous_offsets(),
-            lv.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("prefill-attention: contiguous inputs only");
-        };
-        let (q, k, v) = (&q[q0..q1], &k[k0..k1], &v[v0..v1]);
+        let (q, k, v) = (
+            slice(sq, lq, self.name())?,
+            slice(sk, lk, self.name())?,
+            slice(sv, lv, self.name())?,
+        );
         let [b, nh, t, d] = lq.dims()[..] else {
             candle_core::bail!(
                 "prefill-attention: queries must be [B, H, T, D], got {:?}",
@@ -778,29 +772,21 @@ mod tests {
             .unwrap();
         // The second row's first `pads[1] - off` queries are padding (candle spreads them over
         // every slot; the kernel gives zeros): compare the rows that see a key.
+        let largest = |a: Tensor, b: Tensor| -> f32 {
+            (a - b)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                .unwrap()
+        };
         let seen = (pads[1] - off)..t;
-        let diff = (fused.narrow(2, seen.start, seen.len()).unwrap()
-            - want.narrow(2, seen.start, seen.len()).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let diff = largest(
+            fused.narrow(2, seen.start, seen.len()).unwrap(),
+            want.narrow(2, seen.start, seen.len()).unwrap(),
+        );
         assert!(diff < 1e-5, "largest difference {diff}");
-        let first = (fused.narrow(0, 0, 1).unwrap() - want.narrow(0, 0, 1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let first = largest(
+            fused.narrow(0, 0, 1).unwrap(),
+            want.narrow(0, 0, 1).unwrap(),
+        );
         assert!(first < 1e-5, "largest difference {first}");
         let half = q.to_dtype(candle_core::DType::F16).unwrap();
         assert!(prefill_attention(&half, &k, &v, len, &mask, n_rep)
