@@ -134,9 +134,11 @@ pub fn compute<B: Batches>(
         if let Some(w) = work.weights() {
             lm::hold_weights(&model, w, B::NAME)?;
         }
-        if let Some(a) = work.prompt_attention() {
-            model.set_prompt_attention(a.model());
-        }
+        // Set either way: the setting belongs to this step's key, never to an earlier user.
+        let attention = work
+            .prompt_attention()
+            .unwrap_or(lm::PromptAttention::Batched);
+        model.set_prompt_attention(attention.model());
         Some(model)
     } else {
         None
