@@ -178,6 +178,60 @@ fn greedy_tokens_match_transformers_alone_and_batched() {
     }
 }
 
+/// Judge-length prompts (506 tokens: the rubric, a question and a response; and a short one
+/// that pads beside it): transformers' greedy tokens (`tests/fixtures/long-prompt/golden.json`,
+/// made by `scripts/long_prompt_golden.sh`, whose decisions are at least 0.13 apart in logits),
+/// alone and batched, with either prompt attention. The long prompt's prefill takes gemm's
+/// products (more than 64 rows) and 32 blocks of the fused kernel.
+#[test]
+fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/long-prompt/golden.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run scripts/long_prompt_golden.sh)",
+            path.display()
+        )
+    });
+    let golden: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .expect("id list")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    };
+    let cases: Vec<(Vec<u32>, Vec<u32>)> = golden["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| (ids(&c["prompt_ids"]), ids(&c["greedy"])))
+        .collect();
+    assert!(cases[0].0.len() > 500, "{}", cases[0].0.len());
+    let reqs: Vec<GenRequest> = cases
+        .iter()
+        .map(|(p, want)| GenRequest {
+            prompt_ids: p.clone(),
+            max_new_tokens: want.len(),
+            sampling: Sampling::Greedy,
+            seed: 0,
+        })
+        .collect();
+    let fused = model().clone_weights().unwrap();
+    fused.set_prompt_attention(PromptAttention::Fused);
+    for (m, how) in [(model(), "batched"), (&fused, "fused")] {
+        let together = m.generate_ignoring_end_of_turn(&reqs, 2).unwrap();
+        for (i, (r, (_, want))) in reqs.iter().zip(&cases).enumerate() {
+            assert_eq!(&together[i].token_ids, want, "{how}, prompt {i}, batched");
+            let alone = m
+                .generate_ignoring_end_of_turn(std::slice::from_ref(r), 1)
+                .unwrap()
+                .remove(0);
+            assert_eq!(&alone.token_ids, want, "{how}, prompt {i}, alone");
+        }
+    }
+}
+
 #[test]
 fn export_to_hf_and_reload_is_identical() {
     let m = model();
