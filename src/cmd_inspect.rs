@@ -97,8 +97,8 @@ fn print_status(view: &RunStatusView) {
             .unwrap_or_default()
     );
     println!(
-        "{:<28} {:<14} {:<12} {:>4} {:>13} {:>9}  {}",
-        "NODE", "KIND", "STATE", "ATT", "ITEMS", "TIME", "OUTPUT"
+        "{:<28} {:<14} {:<12} {:>4} {:>13} {:>9}  OUTPUT",
+        "NODE", "KIND", "STATE", "ATT", "ITEMS", "TIME"
     );
     for r in &view.nodes {
         let items = match r.items_total {

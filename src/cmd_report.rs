@@ -192,27 +192,34 @@ pub fn report(store_flag: &Option<PathBuf>, a: ReportArgs) -> anyhow::Result<Exi
     report_on(&store, &dir, a)
 }
 
+/// A plot of the phase metrics: its file, title, y label and the value it draws.
+type Plot = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Box<dyn Fn(&tsr_steps::kinds::metrics::PhaseMetrics) -> Option<f64>>,
+);
+
 /// The report of runs in an open store (`dir` is where it lives: plots go under it).
 pub fn report_on(
     store: &tsr_state::Store,
     dir: &std::path::Path,
     a: ReportArgs,
 ) -> anyhow::Result<ExitCode> {
-    let store = store;
     let mut all: Vec<(String, Vec<IterationMetrics>)> = Vec::new();
     let mut evals: Vec<(String, Vec<EvalResult>)> = Vec::new();
     for run in &a.runs {
-        let nodes = lineage::nodes(&store, run)?;
+        let nodes = lineage::nodes(store, run)?;
         let mut its = Vec::new();
         for n in lineage::of_kind(&nodes, "metrics") {
             if let Some(d) = n.output("metrics") {
-                let m: IterationMetrics = serde_json::from_slice(&lineage::read_blob(&store, &d)?)
+                let m: IterationMetrics = serde_json::from_slice(&lineage::read_blob(store, &d)?)
                     .with_context(|| format!("metrics of {}", n.node))?;
                 its.push(m);
             }
         }
         all.push((run.clone(), its));
-        evals.push((run.clone(), lineage::evals::evals(&store, &nodes)?));
+        evals.push((run.clone(), lineage::evals::evals(store, &nodes)?));
     }
     let out = a
         .out
@@ -256,12 +263,7 @@ pub fn report_on(
                 })
                 .collect()
         };
-    let plots: [(
-        &str,
-        &str,
-        &str,
-        Box<dyn Fn(&tsr_steps::kinds::metrics::PhaseMetrics) -> Option<f64>>,
-    ); 4] = [
+    let plots: [Plot; 4] = [
         (
             "score_gap.png",
             "Chosen - rejected judge score",

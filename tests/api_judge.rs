@@ -145,7 +145,7 @@ fn alpaca_preference(api: &serde_json::Value) -> Option<f64> {
         top.iter()
             .filter(|e| e[0] == t)
             .filter_map(|e| e[1].as_f64())
-            .last()
+            .next_back()
     };
     let (m, big) = (lp("m"), lp("M"));
     if m.is_none() && big.is_none() {

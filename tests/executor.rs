@@ -364,7 +364,7 @@ fn twenty_random_worker_kills_change_nothing() {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             // About 3 in 4 stopped workers are killed, until 20 are.
-            let kill = killed < 20 && (rng >> 33) % 4 != 0;
+            let kill = killed < 20 && !(rng >> 33).is_multiple_of(4);
             // SAFETY: signals to a stopped worker of the run.
             unsafe {
                 libc::kill(pid as i32, if kill { libc::SIGKILL } else { libc::SIGCONT });

@@ -1231,7 +1231,7 @@ impl Config {
             );
         }
         if let Some(n) = d.max_grad_norm {
-            if !(n > 0.0) {
+            if n.is_nan() || n <= 0.0 {
                 return bad("dpo.max_grad_norm", "must be > 0".into());
             }
         }

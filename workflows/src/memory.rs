@@ -543,19 +543,16 @@ pub fn render(p: &MemoryPlan) -> String {
         p.peak_node,
         p.device
     );
-    match (p.available, &p.available_from) {
-        (Some(a), Some(from)) => {
-            let _ = writeln!(
-                s,
-                "available: {} ({from}): {}",
-                human(a),
-                if p.peak <= a { "fits" } else { "does NOT fit" }
-            );
-            for (what, peak) in &p.would_fit {
-                let _ = writeln!(s, "  would fit: {what} (peak about {})", human(*peak));
-            }
+    if let (Some(a), Some(from)) = (p.available, &p.available_from) {
+        let _ = writeln!(
+            s,
+            "available: {} ({from}): {}",
+            human(a),
+            if p.peak <= a { "fits" } else { "does NOT fit" }
+        );
+        for (what, peak) in &p.would_fit {
+            let _ = writeln!(s, "  would fit: {what} (peak about {})", human(*peak));
         }
-        _ => {}
     }
     s
 }

@@ -973,7 +973,6 @@ mod tests {
             id: "p".into(),
             prompt: "Say hi".into(),
             answer: None,
-            ..Default::default()
         };
         let body = |top: &str| {
             format!(

@@ -24,12 +24,12 @@ pub struct ReferenceLogprobs {
     pub batch_size: usize,
 }
 
+/// A pair's token ids: the prompt, the chosen response and the rejected one.
+pub type PairIds = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// (prompt ids, chosen ids, rejected ids) of a pair, encoded exactly as for scoring:
 /// template(prompt, generation prompt) then response + end-of-turn.
-pub fn encode_pair(
-    tok: &tsr_model::ChatTokenizer,
-    p: &Pair,
-) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), StepError> {
+pub fn encode_pair(tok: &tsr_model::ChatTokenizer, p: &Pair) -> Result<PairIds, StepError> {
     let prompt = tok
         .encode_prompt(&p.prompt)
         .map_err(model_err("encoding a prompt"))?;

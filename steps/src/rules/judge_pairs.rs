@@ -257,7 +257,7 @@ pub fn judge_pair_cap(actor: usize, share: f64) -> usize {
     if share >= 1.0 {
         return usize::MAX;
     }
-    if !(share > 0.0) {
+    if share.is_nan() || share <= 0.0 {
         return 0;
     }
     (share * actor as f64 / (1.0 - share) + 1e-9).floor() as usize

@@ -106,6 +106,29 @@ pub fn parse_score(judgement: &str) -> Verdict {
     }
 }
 
+/// Fill `{name}` placeholders in one pass: braces inside the values are never substituted, and
+/// braces that name no placeholder are kept.
+pub fn fill_placeholders(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out =
+        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
+    let mut rest = template;
+    'outer: while let Some(pos) = rest.find('{') {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        for (name, value) in values {
+            if let Some(t) = tail.strip_prefix(name) {
+                out.push_str(value);
+                rest = t;
+                continue 'outer;
+            }
+        }
+        out.push('{');
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,27 +175,4 @@ mod tests {
         assert!(check_template("mine.txt", "only {prompt}").is_err());
         assert!(check_template("default", DEFAULT_RUBRIC).is_ok());
     }
-}
-
-/// Fill `{name}` placeholders in one pass: braces inside the values are never substituted, and
-/// braces that name no placeholder are kept.
-pub fn fill_placeholders(template: &str, values: &[(&str, &str)]) -> String {
-    let mut out =
-        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
-    let mut rest = template;
-    'outer: while let Some(pos) = rest.find('{') {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        for (name, value) in values {
-            if let Some(t) = tail.strip_prefix(name) {
-                out.push_str(value);
-                rest = t;
-                continue 'outer;
-            }
-        }
-        out.push('{');
-        rest = &tail[1..];
-    }
-    out.push_str(rest);
-    out
 }
