@@ -750,6 +750,20 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
     );
 }
 
+/// Runs the tiny temporal workflow with a text judge (`temporal-text`) into `store`, then forks
+/// it as `name` with each of `sets` (`key=value`), both to the end.
+fn run_text_and_fork(dir: &Path, store: &Path, name: &str, sets: &[&str]) {
+    let cfg = setup(dir, "temporal", "text");
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], store);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut args = vec!["fork", "temporal-text", "--name", name, "--quiet"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let o = tsr(&args, store);
+    assert!(o.status.success(), "{sets:?}: {}", text(&o));
+}
+
 /// `weights = "bf16"` in [generate] and [judge] runs the run's generation and judging with the
 /// weights held in bf16: those steps get keys of their own (the setting is in their config) and
 /// other samples, the run finishes, and the import is shared with the f32 run.
@@ -757,24 +771,12 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
 fn generation_and_judging_with_half_precision_weights() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let cfg = setup(dir.path(), "temporal", "text");
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = tsr(
-        &[
-            "fork",
-            "temporal-text",
-            "--name",
-            "half",
-            "--set",
-            "generate.weights=bf16",
-            "--set",
-            "judge.weights=bf16",
-            "--quiet",
-        ],
+    run_text_and_fork(
+        dir.path(),
         &store,
+        "half",
+        &["generate.weights=bf16", "judge.weights=bf16"],
     );
-    assert!(o.status.success(), "{}", text(&o));
     let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
     let full = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
     let half = tsr_workflows::lineage::nodes(&s, "half").unwrap();
@@ -835,22 +837,7 @@ fn generation_and_judging_with_half_precision_weights() {
 fn fused_prompt_attention_is_in_the_generating_steps_keys_and_replays() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let cfg = setup(dir.path(), "temporal", "text");
-    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = tsr(
-        &[
-            "fork",
-            "temporal-text",
-            "--name",
-            "fused",
-            "--set",
-            "prompt_attention=fused",
-            "--quiet",
-        ],
-        &store,
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    run_text_and_fork(dir.path(), &store, "fused", &["prompt_attention=fused"]);
     let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
     let batched = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
     let fused = tsr_workflows::lineage::nodes(&s, "fused").unwrap();
