@@ -266,6 +266,134 @@ impl LanguageModel {
     }
 }
 
+/// The fewest tokens a batch's prompts must share before [`LanguageModel::first_token_logits`]
+/// computes them once for the batch: below it the one forward of the whole prompts is kept.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// How many leading tokens all `prompts` share, leaving each at least one token of its own.
+fn shared_prefix(prompts: &[&[u32]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    let mut n = first.len();
+    for p in rest {
+        n = n.min(
+            first
+                .iter()
+                .zip(p.iter())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    n.min(shortest.saturating_sub(1))
+}
+
+impl LanguageModel {
+    /// The logits of each prompt's first new token with the model's prompt attention, as
+    /// generation computes a prompt's before it picks: `prompts` (longest first) prefilled
+    /// together. With the fused prompt attention, tokens that every prompt of the batch starts
+    /// with (at least [`MIN_SHARED_PREFIX`], as a judge's rubric) are computed once, and each
+    /// prompt's own tokens continue from them (see [`Self::logits_after_shared_prefix`]).
+    pub(crate) fn first_token_logits(
+        &self,
+        w: &Weights,
+        prompts: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let shared = shared_prefix(prompts);
+        let share = prompts.len() > 1
+            && shared >= MIN_SHARED_PREFIX
+            && self.prompt_attention() == crate::PromptAttention::Fused
+            && !self.config.rope.depends_on_length();
+        let run = || {
+            super::kernels::with_half_native(|| {
+                if share {
+                    return self.logits_after_shared_prefix(w, prompts, shared);
+                }
+                let reqs: Vec<GenRequest> = prompts
+                    .iter()
+                    .map(|p| GenRequest {
+                        prompt_ids: p.to_vec(),
+                        max_new_tokens: 1,
+                        sampling: Sampling::Greedy,
+                        seed: 0,
+                    })
+                    .collect();
+                let refs: Vec<&GenRequest> = reqs.iter().collect();
+                let longest = prompts.first().map_or(0, |p| p.len());
+                debug_assert!(prompts.iter().all(|p| p.len() <= longest));
+                let d = Decoder::new(self, w, &refs, refs.len(), false, None);
+                d.prefill(&(0..refs.len()).collect::<Vec<_>>(), longest)
+                    .map(|(_, logits)| logits)
+            })
+        };
+        if self.device().is_cpu() {
+            // On a worker of the thread pool, as generation runs (see `generate_batch`).
+            rayon::scope(|_| run())
+        } else {
+            run()
+        }
+    }
+
+    /// [`Self::first_token_logits`] for prompts that share their first `shared` tokens: those
+    /// are prefilled once, as one row, into a cache that every prompt's row then starts from;
+    /// the prompts' own tokens follow in one forward, right-padded to the longest (each row's
+    /// real tokens precede its pads, so no real token sees one). With the fused prompt
+    /// attention a token's attention has the arithmetic it has in one prefill of its whole
+    /// prompt; the products of the shared tokens are computed with other rows around them, so
+    /// the logits may differ from that prefill's in their last bits (they are the same for the
+    /// same batch every time).
+    fn logits_after_shared_prefix(
+        &self,
+        w: &Weights,
+        prompts: &[&[u32]],
+        shared: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let dev = &self.device;
+        let (dtype, cfg) = (self.dtype, &self.config);
+        let b = prompts.len();
+        let own: Vec<usize> = prompts.iter().map(|p| p.len() - shared).collect();
+        let longest = own.iter().copied().max().unwrap_or(0);
+        let mut cache = KvCache::new(cfg, 1, shared + longest, dtype, dev)?;
+        cache.fused_prompts = self.prompt_attention() == crate::PromptAttention::Fused;
+        cache.skip_masked_prefix = cache.fused_prompts;
+        let ids = Tensor::from_vec(prompts[0][..shared].to_vec(), (1, shared), dev)?;
+        let pos: Vec<u32> = (0..shared as u32).collect();
+        let rope = Rope::new(cfg, &pos, &[shared], shared, dtype, dev)?;
+        let mask = attention_mask(&[0], shared, shared, 0, dtype, dev)?;
+        w.forward(&ids, &rope, &mask, Some(&mut cache))?;
+        for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            *t = t.repeat((b, 1, 1, 1))?;
+        }
+        let pad = self.tokenizer.pad_id();
+        let mut ids = Vec::with_capacity(b * longest);
+        for (p, &n) in prompts.iter().zip(&own) {
+            ids.extend_from_slice(&p[shared..]);
+            ids.extend(std::iter::repeat_n(pad, longest - n));
+        }
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (shared..shared + longest).map(|j| j as u32))
+            .collect();
+        let row_len: Vec<usize> = own.iter().map(|n| shared + n).collect();
+        let ids = Tensor::from_vec(ids, (b, longest), dev)?;
+        let rope = Rope::new(cfg, &pos, &row_len, longest, dtype, dev)?;
+        let mask = attention_mask(&vec![0; b], longest, shared + longest, shared, dtype, dev)?;
+        let h = w.forward(&ids, &rope, &mask, Some(&mut cache))?;
+        let hidden = h.dim(2)?;
+        let rows: Vec<u32> = own
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| (r * longest + n - 1) as u32)
+            .collect();
+        let last = h
+            .reshape((b * longest, hidden))?
+            .index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        Ok(w.logits(&last)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?)
+    }
+}
+
 /// The state of one generation run: up to `batch_size` cache rows decode together; rows whose
 /// requests finished take the next waiting requests (see the module docs).
 struct Decoder<'a> {
@@ -640,6 +768,56 @@ mod tests {
         let padded = logits(&[&long, &short]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&padded[1]), bits(&alone[0]));
+    }
+
+    #[test]
+    fn shared_prefix_leaves_every_prompt_a_token_of_its_own() {
+        let (a, b, c) = ([1u32, 2, 3, 4, 5], [1u32, 2, 3, 9], [1u32, 2, 3]);
+        assert_eq!(shared_prefix(&[&a, &b]), 3);
+        // The shortest prompt keeps its last token.
+        assert_eq!(shared_prefix(&[&a, &c]), 2);
+        assert_eq!(shared_prefix(&[&a, &a]), 4);
+        assert_eq!(shared_prefix(&[&a]), 4);
+        assert_eq!(shared_prefix(&[&a, &[7u32, 1][..]]), 0);
+        assert_eq!(shared_prefix(&[]), 0);
+    }
+
+    /// Prompts that share their first tokens: computed once for the batch, each prompt's
+    /// next-token logits are those of its own prefill (close: the shared tokens' products are
+    /// computed among other rows) and the same bits every time.
+    #[test]
+    fn a_shared_prefix_gives_each_prompt_its_own_prefills_logits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = crate::testing::tiny_model(tmp.path(), 7);
+        m.set_prompt_attention(crate::PromptAttention::Fused);
+        let w = m.weights(false).unwrap();
+        let head: Vec<u32> = (0..40).map(|i| 3 + (i * 11) % 60).collect();
+        let prompts: Vec<Vec<u32>> = [vec![5u32, 9, 14, 2, 8, 30, 7], vec![6, 1], vec![5, 9, 4, 4]]
+            .into_iter()
+            .map(|tail| [head.clone(), tail].concat())
+            .collect();
+        let mut refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        refs.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        assert_eq!(shared_prefix(&refs), head.len());
+        let shared = kernels::with_half_native(|| {
+            m.logits_after_shared_prefix(&w, &refs, head.len()).unwrap()
+        });
+        let again = m.first_token_logits(&w, &refs).unwrap();
+        let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|r| r.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&again), bits(&shared));
+        for (p, got) in refs.iter().zip(&shared) {
+            let alone = m.first_token_logits(&w, &[p]).unwrap().remove(0);
+            let worst = alone
+                .iter()
+                .zip(got)
+                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{worst}");
+        }
     }
 
     #[test]

@@ -186,7 +186,13 @@ impl LanguageModel {
     }
 
     /// Logits (f32, length vocab) of the token following each sequence (e.g. a judge's score
-    /// token), `batch_size` sequences at a time. Inference only.
+    /// token), `batch_size` sequences at a time, longest first. Inference only.
+    ///
+    /// With [`PromptAttention::Fused`](crate::PromptAttention::Fused) set, on the CPU, the
+    /// sequences go through generation's prefill with its fused causal attention instead of
+    /// the scoring forward (whose attention multiplies every query by every key): the logits
+    /// of a prompt's first new token, as a generating step with the same setting computes
+    /// them. Otherwise the scoring forward, whose arithmetic scoring and training share.
     pub fn next_token_logits(
         &self,
         seqs: &[Vec<u32>],
@@ -197,8 +203,16 @@ impl LanguageModel {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(seqs[i].len()), i));
         let mut out = vec![Vec::new(); seqs.len()];
+        let prefill =
+            self.prompt_attention() == crate::PromptAttention::Fused && self.device.is_cpu();
         for chunk in order.chunks(batch_size.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
+            if prefill {
+                for (&i, v) in chunk.iter().zip(self.first_token_logits(&w, &refs)?) {
+                    out[i] = v;
+                }
+                continue;
+            }
             let h = self.hidden_right_padded(&w, &refs)?;
             let (b, l, hidden) = h.dims3()?;
             let rows: Vec<u32> = refs

@@ -229,6 +229,43 @@ fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
                 .remove(0);
             assert_eq!(&alone.token_ids, want, "{how}, prompt {i}, alone");
         }
+        // A logprob judge's next-token logits: the first greedy token is their best.
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _)| p.clone()).collect();
+        for (i, l) in m.next_token_logits(&prompts, 2).unwrap().iter().enumerate() {
+            let best = (0..l.len())
+                .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
+                .unwrap() as u32;
+            assert_eq!(best, cases[i].1[0], "{how}, prompt {i}, next-token logits");
+        }
+    }
+    // Judge prompts share their rubric: with the fused prompt attention a batch computes the
+    // tokens its prompts share (here the first 300) once, and each prompt keeps the logits of
+    // its own prefill.
+    let long = &cases[0].0;
+    let variants = vec![
+        long.clone(),
+        [&long[..400], &long[450..]].concat(),
+        [&long[..300], &long[..60]].concat(),
+    ];
+    let together = fused.next_token_logits(&variants, 3).unwrap();
+    let best = |l: &[f32]| {
+        (0..l.len())
+            .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
+            .unwrap() as u32
+    };
+    assert_eq!(best(&together[0]), cases[0].1[0]);
+    for (v, got) in variants.iter().zip(&together) {
+        let alone = fused
+            .next_token_logits(std::slice::from_ref(v), 1)
+            .unwrap()
+            .remove(0);
+        let worst = alone
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{worst}");
+        assert_eq!(best(&alone), best(got));
     }
 }
 

@@ -345,6 +345,61 @@ fn fused_prompt_attention_generates_the_same_alone_batched_and_refilled() {
     );
 }
 
+/// With the fused prompt attention, the next token's logits (a logprob judge's verdict) come
+/// from generation's prefill: generation, batched the same way, picks its first greedy tokens
+/// from them, and they are close to the scoring forward's (alone or batched). Set back to
+/// batched, the scoring forward's bits return.
+#[test]
+fn fused_next_token_logits_are_generations_first_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny(tmp.path(), 29);
+    let t = m.tokenizer();
+    let seqs: Vec<Vec<u32>> = [
+        "Hi",
+        "Please explain why the sky is blue, with an example.",
+        "Name three rivers.",
+    ]
+    .iter()
+    .map(|p| t.encode_prompt(p).unwrap())
+    .collect();
+    let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        v.iter()
+            .map(|r| r.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let argmax = |l: &[f32]| {
+        (0..l.len())
+            .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
+            .unwrap() as u32
+    };
+    let reqs: Vec<GenRequest> = seqs
+        .iter()
+        .map(|s| GenRequest {
+            prompt_ids: s.clone(),
+            max_new_tokens: 1,
+            sampling: Sampling::Greedy,
+            seed: 0,
+        })
+        .collect();
+    let scoring = m.next_token_logits(&seqs, 3).unwrap();
+    m.set_prompt_attention(PromptAttention::Fused);
+    let together = m.next_token_logits(&seqs, 3).unwrap();
+    let first = m.generate(&reqs, 3).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(first[i].token_ids, vec![argmax(&together[i])], "prompt {i}");
+        close(&together[i], &scoring[i], 1e-4);
+        let alone = m.next_token_logits(std::slice::from_ref(s), 1).unwrap();
+        close(&alone[0], &scoring[i], 1e-4);
+    }
+    // The two ways add in another order: some logit differs.
+    assert_ne!(bits(&together), bits(&scoring));
+    m.set_prompt_attention(PromptAttention::Batched);
+    assert_eq!(
+        bits(&m.next_token_logits(&seqs, 3).unwrap()),
+        bits(&scoring)
+    );
+}
+
 #[test]
 fn generation_does_not_depend_on_batch_composition() {
     let tmp = tempfile::tempdir().unwrap();
