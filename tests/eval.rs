@@ -866,3 +866,60 @@ fn alpaca_eval_prompts_messages_and_preferences_are_alpaca_evals() {
     }
     assert_eq!(undecided, 1);
 }
+
+/// `prompt_attention = "fused"` reaches evaluation too: the answers and a local judge in
+/// logprob mode (whose verdict logits then come from generation's prefill) carry it in their
+/// config and key, as the run's generation and judging do; the other steps keep their keys,
+/// and the judge's verdicts are computed in another order.
+#[test]
+fn fused_prompt_attention_reaches_the_answers_and_a_logprob_eval_judge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cfg = setup(
+        dir.path(),
+        "t",
+        "self-rewarding",
+        "[eval.judge]\nmode = \"logprob\"\n",
+    );
+    let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], &store);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tsr(
+        &[
+            "fork",
+            "t",
+            "--name",
+            "f",
+            "--set",
+            "prompt_attention=fused",
+            "--quiet",
+        ],
+        &store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+    let plain = tsr_workflows::lineage::nodes(&s, "t").unwrap();
+    let fused = tsr_workflows::lineage::nodes(&s, "f").unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut verdicts_moved = 0;
+    for (node, n) in &fused {
+        let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+        match n.step.kind.as_str() {
+            kind @ ("generate" | "judge" | "answer" | "eval-judge") => {
+                assert_eq!(config["prompt_attention"], "fused", "{node}");
+                assert_ne!(n.key, plain[node].key, "{node}");
+                seen.insert(kind.to_string());
+                if kind == "eval-judge"
+                    && n.output("annotations") != plain[node].output("annotations")
+                {
+                    verdicts_moved += 1;
+                }
+            }
+            _ => assert!(config.get("prompt_attention").is_none(), "{node}"),
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["answer", "eval-judge", "generate", "judge"]
+    );
+    assert!(verdicts_moved > 0, "no evaluation verdicts moved");
+}

@@ -750,13 +750,15 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
     );
 }
 
-/// Runs the tiny temporal workflow with a text judge (`temporal-text`) into `store`, then forks
-/// it as `name` with each of `sets` (`key=value`), both to the end.
-fn run_text_and_fork(dir: &Path, store: &Path, name: &str, sets: &[&str]) {
-    let cfg = setup(dir, "temporal", "text");
+/// Runs the tiny temporal workflow with a judge in `judge_mode` (`temporal-text` or
+/// `temporal-logprob`) into `store`, then forks it as `name` with each of `sets`
+/// (`key=value`), both to the end.
+fn run_and_fork(dir: &Path, store: &Path, judge_mode: &str, name: &str, sets: &[&str]) {
+    let cfg = setup(dir, "temporal", judge_mode);
     let o = tsr(&["run", cfg.to_str().unwrap(), "--quiet"], store);
     assert!(o.status.success(), "{}", text(&o));
-    let mut args = vec!["fork", "temporal-text", "--name", name, "--quiet"];
+    let run = format!("temporal-{judge_mode}");
+    let mut args = vec!["fork", run.as_str(), "--name", name, "--quiet"];
     for set in sets {
         args.extend(["--set", set]);
     }
@@ -771,9 +773,10 @@ fn run_text_and_fork(dir: &Path, store: &Path, name: &str, sets: &[&str]) {
 fn generation_and_judging_with_half_precision_weights() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    run_text_and_fork(
+    run_and_fork(
         dir.path(),
         &store,
+        "text",
         "half",
         &["generate.weights=bf16", "judge.weights=bf16"],
     );
@@ -831,42 +834,94 @@ fn generation_and_judging_with_half_precision_weights() {
     }
 }
 
-/// `prompt_attention = "fused"`: every generating step (generation, the judge in text mode)
-/// carries it in its config and key, the other steps not; the run replays identically.
+/// `prompt_attention = "fused"`: generation and the judge (text mode, which generates, and
+/// logprob mode, whose verdict logits come from the same prefill) carry it in their config and
+/// key, the other steps not; the run replays identically.
 #[test]
-fn fused_prompt_attention_is_in_the_generating_steps_keys_and_replays() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    run_text_and_fork(dir.path(), &store, "fused", &["prompt_attention=fused"]);
-    let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
-    let batched = tsr_workflows::lineage::nodes(&s, "temporal-text").unwrap();
-    let fused = tsr_workflows::lineage::nodes(&s, "fused").unwrap();
-    let mut seen = 0;
-    for (node, n) in &fused {
-        let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
-        match n.step.kind.as_str() {
-            "generate" | "judge" => {
-                assert_eq!(config["prompt_attention"], "fused", "{node}");
-                assert_ne!(n.key, batched[node].key, "{node}");
-                seen += 1;
+fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replays() {
+    for mode in ["text", "logprob"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        run_and_fork(
+            dir.path(),
+            &store,
+            mode,
+            "fused",
+            &["prompt_attention=fused"],
+        );
+        let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
+        let batched = tsr_workflows::lineage::nodes(&s, &format!("temporal-{mode}")).unwrap();
+        let fused = tsr_workflows::lineage::nodes(&s, "fused").unwrap();
+        let (mut seen, mut judged_otherwise) = (0, 0);
+        for (node, n) in &fused {
+            let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+            match n.step.kind.as_str() {
+                "generate" | "judge" => {
+                    assert_eq!(config["prompt_attention"], "fused", "{mode}: {node}");
+                    assert_ne!(n.key, batched[node].key, "{mode}: {node}");
+                    seen += 1;
+                    // The first generation's inputs are the same in both runs, so its outputs
+                    // are too (the tiny model's tokens agree); the judges' scores are computed
+                    // in another order.
+                    if n.step.kind == "judge"
+                        && n.output("judgements") != batched[node].output("judgements")
+                    {
+                        judged_otherwise += 1;
+                    }
+                }
+                _ => assert!(config.get("prompt_attention").is_none(), "{mode}: {node}"),
             }
-            _ => assert!(config.get("prompt_attention").is_none(), "{node}"),
         }
+        assert!(seen >= 4, "{mode}: {seen} generation and judging steps");
+        if mode == "logprob" {
+            assert!(
+                judged_otherwise > 0,
+                "no logprob judge's scores moved with the fused prompt attention"
+            );
+            // The memory plan counts the judge's cached keys and values.
+            let cfg = setup(dir.path(), "temporal", mode);
+            let fused_cfg = dir.path().join("fused.toml");
+            let body = std::fs::read_to_string(&cfg).unwrap();
+            std::fs::write(&fused_cfg, format!("prompt_attention = \"fused\"\n{body}")).unwrap();
+            let judge = |cfg: &Path| -> (u64, String) {
+                let o = tsr(
+                    &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
+                    &dir.path().join("plan"),
+                );
+                assert!(o.status.success(), "{}", text(&o));
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let n = v["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["node"] == "iter1/judge-current")
+                    .unwrap()
+                    .clone();
+                (n["peak"].as_u64().unwrap(), n["assumes"].to_string())
+            };
+            let (plain, why) = judge(&cfg);
+            let (cached, why_cached) = judge(&fused_cfg);
+            assert!(!why.contains("keys and values cached"), "{why}");
+            assert!(
+                why_cached.contains("keys and values cached"),
+                "{why_cached}"
+            );
+            assert!(cached > plain, "{cached} <= {plain}");
+        }
+        for (node, b) in &batched {
+            let config: serde_json::Value = serde_json::from_str(&b.step.config).unwrap();
+            assert!(config.get("prompt_attention").is_none(), "{mode}: {node}");
+        }
+        drop(s);
+        let o = tsr(&["replay", "fused", "--iteration", "1", "--json"], &store);
+        assert!(o.status.success(), "{mode}: {}", text(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(report["identical"], true, "{mode}: {report}");
+        assert!(
+            report["steps"].as_array().is_some_and(|s| s.len() >= 5),
+            "{mode}: {report}"
+        );
     }
-    assert!(seen >= 4, "{seen} generation and judging steps");
-    for (node, b) in &batched {
-        let config: serde_json::Value = serde_json::from_str(&b.step.config).unwrap();
-        assert!(config.get("prompt_attention").is_none(), "{node}");
-    }
-    drop(s);
-    let o = tsr(&["replay", "fused", "--iteration", "1", "--json"], &store);
-    assert!(o.status.success(), "{}", text(&o));
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(report["identical"], true, "{report}");
-    assert!(
-        report["steps"].as_array().is_some_and(|s| s.len() >= 5),
-        "{report}"
-    );
 }
 
 #[test]

@@ -60,11 +60,13 @@ pub struct Config {
     /// cpu | cuda:N
     #[serde(default = "default_device")]
     pub device: String,
-    /// How the generating steps (generation, a judge or meta-judge in text mode, evaluation's
-    /// answers and a local judge in text mode) compute their prompts' attention on the CPU:
-    /// `batched` (the default) or `fused`, tsr's causal kernel: faster on long prompts (the
-    /// judge's), and each token's attention has the same bits whatever its batch or CPU kind.
-    /// Part of those steps' keys when `fused`.
+    /// How the steps that run prompts through the model for their next tokens (generation, the
+    /// judge in either mode, a meta-judge, evaluation's answers and a local judge in either
+    /// mode) compute their prompts' attention on the CPU: `batched` (the default) or `fused`,
+    /// tsr's causal kernel: faster on long prompts (the judge's), and each token's attention has
+    /// the same bits whatever its batch or CPU kind. A judge in logprob mode then takes its
+    /// verdict's logits from generation's prefill instead of the scoring forward. Part of those
+    /// steps' keys when `fused`.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

@@ -134,10 +134,8 @@ fn generation_part(c: &Config) -> Result<(Arc<Generate>, Arc<Judge>), WorkflowEr
         commit_batches: j.commit_batches,
         template,
         weights: setting(j.weights, c.judge_base_dtype()),
-        // Logprob mode scores without generating.
-        prompt_attention: c
-            .fused_prompts()
-            .filter(|_| j.mode == tsr_steps::kinds::judge::JudgeMode::Text),
+        // Text mode generates; logprob mode takes its verdict's logits from the same prefill.
+        prompt_attention: c.fused_prompts(),
     });
     Ok((gen, judge))
 }
@@ -840,9 +838,8 @@ fn local_judge(
         commit_batches: e.judge.commit_batches,
         bootstrap_resamples: e.bootstrap_resamples,
         template,
-        // Logprob mode scores without generating.
-        prompt_attention: fused_prompts
-            .filter(|_| e.judge.mode == tsr_steps::kinds::judge::JudgeMode::Text),
+        // Text mode generates; logprob mode takes its verdict's logits from the same prefill.
+        prompt_attention: fused_prompts,
     });
     Ok((judge, Some(judge_model)))
 }

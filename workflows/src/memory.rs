@@ -108,6 +108,25 @@ fn refilled(rows: usize, requests: usize, commit_batches: usize, what: &str) -> 
     }
 }
 
+/// A judge in logprob mode: one forward of `batch` judge prompts of up to `tokens` tokens.
+/// With `prompt_attention = "fused"` that forward is generation's prefill, which also keeps
+/// every layer's keys and values of the batch (and, while it copies them, of their shared
+/// first tokens): the plan counts a generation of one new token.
+fn logprob_judge(c: &Config, s: &Shape, w: u64, batch: usize, tokens: u64) -> (String, Estimate) {
+    match c.fused_prompts() {
+        Some(_) => (
+            format!(
+                "batch {batch}, judge prompts up to {tokens} tokens, their keys and values cached"
+            ),
+            memory::generation(s, w, batch as u64, tokens, 1, false),
+        ),
+        None => (
+            format!("batch {batch}, judge prompts up to {tokens} tokens"),
+            memory::scoring(s, w, batch as u64, tokens),
+        ),
+    }
+}
+
 fn bad(key: &str, reason: String) -> WorkflowError {
     crate::ConfigError::Invalid {
         key: key.into(),
@@ -285,13 +304,7 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                             ),
                         )
                     }
-                    _ => (
-                        format!(
-                            "batch {}, judge prompts up to {tokens} tokens",
-                            j.batch_size
-                        ),
-                        memory::scoring(s, w, j.batch_size as u64, tokens),
-                    ),
+                    _ => logprob_judge(c, s, w, j.batch_size, tokens),
                 }
             }
             ("meta-judge", Some((s, _))) => {
@@ -392,13 +405,9 @@ fn estimate(c: &Config, done: &BTreeSet<String>) -> Result<MemoryPlan, WorkflowE
                         )
                     }
                     // One forward pass per prompt and order, as the judge's logprob mode.
-                    tsr_steps::kinds::judge::JudgeMode::Logprob => (
-                        format!(
-                            "batch {}, judge prompts up to {tokens} tokens",
-                            e.judge.batch_size
-                        ),
-                        memory::scoring(s, w, e.judge.batch_size as u64, tokens),
-                    ),
+                    tsr_steps::kinds::judge::JudgeMode::Logprob => {
+                        logprob_judge(c, s, w, e.judge.batch_size, tokens)
+                    }
                 }
             }
             _ => ("no model".to_string(), memory::small()),
