@@ -10,9 +10,9 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tsr_dpo::bench::bench_dpo;
 use tsr_model::bench::{
-    bench_generate, bench_workload, dpo_flops_per_pair, forward_flops_per_token, matmul_params,
-    measure_cpu_bounds, median, minor_faults, reset_hwm, vm_hwm_mb, weight_bytes_f32, Batching,
-    DECODE_KERNEL_BYTES,
+    bench_generate, bench_judge, bench_workload, dpo_flops_per_pair, forward_flops_per_token,
+    matmul_params, measure_cpu_bounds, median, minor_faults, reset_hwm, vm_hwm_mb,
+    weight_bytes_f32, Batching, DECODE_KERNEL_BYTES,
 };
 use tsr_model::testing::{random_model, smollm2_135m_config};
 use tsr_model::{parse_device, DType, LanguageModel, ModelSource, Sampling};
@@ -42,6 +42,9 @@ pub enum GenAttention {
 pub enum BenchWhat {
     Dpo,
     Generate,
+    /// A logprob judge's forward: the next-token logits of --gen-batch prompts of
+    /// --gen-prompt-tokens tokens (with --gen-attention fused, generation's prefill).
+    Judge,
     /// The machine's own bounds only: f32 matmul FLOP/s and memory bandwidth.
     Bounds,
 }
@@ -108,8 +111,9 @@ pub struct BenchArgs {
     /// (on the CPU the products still add in f32; the DPO measurement keeps f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub gen_weights: GenWeights,
-    /// How generation computes a prompt's attention, as a run's `prompt_attention` setting:
-    /// `fused` is tsr's causal kernel (the prefill's attention on the CPU).
+    /// How generation (and --only judge) computes a prompt's attention, as a run's
+    /// `prompt_attention` setting: `fused` is tsr's causal kernel (the prefill's attention on
+    /// the CPU).
     #[arg(long, value_enum, default_value = "batched")]
     pub gen_attention: GenAttention,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
@@ -220,6 +224,35 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         ),
         None => "MFU n/a (--peak-tflops)".into(),
     };
+
+    if a.only == Some(BenchWhat::Judge) {
+        policy.set_prompt_attention(match a.gen_attention {
+            GenAttention::Batched => tsr_model::PromptAttention::Batched,
+            GenAttention::Fused => tsr_model::PromptAttention::Fused,
+        });
+        let seqs = judge_prompts(&policy, gen_batch, a.gen_prompt_tokens)?;
+        let s = bench_judge(&policy, &seqs)?;
+        let tokens: usize = seqs.iter().map(|p| p.len()).sum();
+        let (short, long) = (
+            seqs.iter().map(|p| p.len()).min().unwrap_or(0),
+            seqs.iter().map(|p| p.len()).max().unwrap_or(0),
+        );
+        let shared = seqs.iter().skip(1).fold(short, |n, p| {
+            n.min(seqs[0].iter().zip(p).take_while(|(a, b)| a == b).count())
+        });
+        say!(
+            "RESULT judge batch {gen_batch}: {:.1} prompt tok/s ({tokens} tokens in {s:.2} s: \
+             the next-token logits of {gen_batch} judge prompts of {short}-{long} tokens, the \
+             default rubric around a question and a response, their first {shared} tokens \
+             alike, as a logprob judge computes its verdict's; prompt attention {:?})",
+            tokens as f64 / s,
+            a.gen_attention
+        );
+        if device.is_cpu() {
+            say!("peak RSS {:.0} MB", vm_hwm_mb());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
 
     if a.only != Some(BenchWhat::Generate) {
         let reference = policy.clone_weights()?;
@@ -357,6 +390,47 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         say!("peak RSS {:.0} MB", vm_hwm_mb());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `batch` judge prompts of about `tokens` tokens each (the first with at most that many): the
+/// default rubric around a question and a response of their own, in the chat template, as a
+/// judge step renders them. The response is filler text, as many words as fit.
+fn judge_prompts(
+    policy: &LanguageModel,
+    batch: usize,
+    tokens: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    use tsr_steps::rules::verdict::{render, DEFAULT_RUBRIC};
+    const WORDS: [&str; 12] = [
+        "river", "mountain", "village", "bridge", "lantern", "harvest", "market", "winter",
+        "library", "garden", "harbour", "festival",
+    ];
+    let tok = policy.tokenizer();
+    (0..batch)
+        .map(|r| {
+            let question = format!("Question {r}: how would you describe place number {r}?");
+            let encode = |n: usize| {
+                let response: Vec<&str> =
+                    (0..n).map(|i| WORDS[(i + 5 * r) % WORDS.len()]).collect();
+                tok.encode_prompt(&render(DEFAULT_RUBRIC, &question, &response.join(" ")))
+                    .context("encoding a judge prompt")
+            };
+            // The most words whose prompt fits, by bisection (tokens grow with words).
+            let (mut lo, mut hi) = (0, 4 * tokens + 1);
+            if encode(0)?.len() > tokens {
+                return encode(0);
+            }
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if encode(mid)?.len() <= tokens {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            encode(lo)
+        })
+        .collect()
 }
 
 /// `--gen-prompts`: one batch at a time against continuous batching, alternating.

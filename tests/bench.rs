@@ -75,6 +75,36 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
         "{out}"
     );
 
+    // A logprob judge's forward, both ways.
+    for (how, shown) in [("batched", "Batched"), ("fused", "Fused")] {
+        let o = tsr(
+            &[
+                "bench",
+                "--model",
+                m,
+                "--only",
+                "judge",
+                "--gen-batch",
+                "2",
+                "--gen-prompt-tokens",
+                "300",
+                "--gen-attention",
+                how,
+            ],
+            &store,
+        );
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        assert!(
+            out.contains("RESULT judge batch 2:")
+                && out.contains("judge prompts of ")
+                && out.contains(&format!("prompt attention {shown})"))
+                && !out.contains("RESULT generate")
+                && !out.contains("RESULT dpo"),
+            "{out}"
+        );
+    }
+
     // A generation step's workload, one batch at a time against continuous batching; a
     // prompts file that is missing or holds no prompt is named.
     let prompts = dir.path().join("prompts.jsonl");

@@ -212,6 +212,21 @@ pub fn bench_generate(
     Ok(GenBench::of(&out, batch, t.elapsed().as_secs_f64()))
 }
 
+/// A logprob judge's forward, timed: the next-token logits of `seqs` in one batch, after a
+/// warm-up call. Returns the seconds. With [`crate::PromptAttention::Fused`] set it is
+/// generation's prefill, the tokens the prompts share computed once (see
+/// [`LanguageModel::next_token_logits`]).
+pub fn bench_judge(model: &LanguageModel, seqs: &[Vec<u32>]) -> Result<f64, ModelError> {
+    let batch = seqs.len();
+    model.next_token_logits(seqs, batch)?;
+    let dev = model.device();
+    dev.synchronize()?;
+    let t = Instant::now();
+    std::hint::black_box(model.next_token_logits(seqs, batch)?);
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 impl GenBench {
     /// The measurement of `out`, made in `seconds` by `batch` rows: the end-of-turn token
     /// counts as a token made.
