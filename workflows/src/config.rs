@@ -65,7 +65,8 @@ pub struct Config {
     /// mode) compute their prompts' attention on the CPU: `batched` (the default) or `fused`,
     /// tsr's causal kernel: faster on long prompts (the judge's), and each token's attention has
     /// the same bits whatever its batch or CPU kind. A judge in logprob mode then takes its
-    /// verdict's logits from generation's prefill instead of the scoring forward. Part of those
+    /// verdict's logits from generation's prefill instead of the scoring forward, the tokens
+    /// its batch's prompts start with (the rubric) computed once. Part of those
     /// steps' keys when `fused`.
     #[serde(
         default,
