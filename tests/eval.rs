@@ -645,19 +645,8 @@ fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills(
     )
     .unwrap();
     let judge_plan = |cfg: &Path| {
-        let o = tsr(
-            &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
-            &dir.path().join("plan"),
-        );
-        assert!(o.status.success(), "{}", text(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let n = v["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"] == "eval/model-judge")
-            .unwrap_or_else(|| panic!("{v}"))
-            .clone();
+        let v = plan_json(cfg, &dir.path().join("plan"));
+        let n = plan_node(&v, "eval/model-judge");
         (
             n["assumes"].as_str().unwrap().to_string(),
             n["parts"]["kv_cache"].as_u64().unwrap(),

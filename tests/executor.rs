@@ -507,21 +507,10 @@ fn a_stopped_driver_keeps_what_its_workers_finished_and_resumes_to_the_same_outp
 fn the_memory_plan_counts_the_workers_that_share_a_device() {
     let dir = tempfile::tempdir().unwrap();
     let plan = |executor: &str| -> serde_json::Value {
-        let cfg = setup(dir.path(), executor);
-        let o = tsr(
-            &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
-            &dir.path().join("store"),
-        );
-        assert!(o.status.success(), "{}", text(&o));
-        serde_json::from_slice(&o.stdout).unwrap()
+        plan_json(&setup(dir.path(), executor), &dir.path().join("store"))
     };
     let node = |v: &serde_json::Value, name: &str| -> (u64, String) {
-        let n = v["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node"] == name)
-            .unwrap();
+        let n = plan_node(v, name);
         (n["peak"].as_u64().unwrap(), n["assumes"].to_string())
     };
     let local = plan("");

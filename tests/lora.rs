@@ -390,12 +390,7 @@ fn a_bf16_base_halves_the_stored_base_and_trains_an_adapter() {
 }
 
 fn plan_peak(cfg: &Path, store: &Path) -> u64 {
-    let o = tsr(
-        &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
-        store,
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = plan_json(cfg, store);
     assert!(v["nodes"].as_array().unwrap().len() > 10, "{v}");
     v["peak"].as_u64().unwrap()
 }

@@ -884,19 +884,8 @@ fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replay
             let body = std::fs::read_to_string(&cfg).unwrap();
             std::fs::write(&fused_cfg, format!("prompt_attention = \"fused\"\n{body}")).unwrap();
             let judge = |cfg: &Path| -> (u64, String) {
-                let o = tsr(
-                    &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
-                    &dir.path().join("plan"),
-                );
-                assert!(o.status.success(), "{}", text(&o));
-                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                let n = v["nodes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|n| n["node"] == "iter1/judge-current")
-                    .unwrap()
-                    .clone();
+                let v = plan_json(cfg, &dir.path().join("plan"));
+                let n = plan_node(&v, "iter1/judge-current");
                 (n["peak"].as_u64().unwrap(), n["assumes"].to_string())
             };
             let (plain, why) = judge(&cfg);

@@ -12,6 +12,26 @@ pub mod s3;
 pub mod sharded;
 pub mod slurm;
 
+/// `tsr plan CONFIG --json` with memory enough for any plan (1 TB), as JSON.
+pub fn plan_json(cfg: &Path, store: &Path) -> serde_json::Value {
+    let o = tsr(
+        &["plan", cfg.to_str().unwrap(), "--json", "--memory", "1TB"],
+        store,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The node `name` of a plan's JSON (see [`plan_json`]).
+pub fn plan_node<'a>(plan: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {plan}"))
+}
+
 /// Run `tsr ARGS --store STORE` and capture its output.
 pub fn tsr(args: &[&str], store: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tsr"))
