@@ -392,9 +392,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `batch` judge prompts of about `tokens` tokens each (the first with at most that many): the
-/// default rubric around a question and a response of their own, in the chat template, as a
-/// judge step renders them. The response is filler text, as many words as fit.
+/// `batch` judge prompts: the default rubric around a question and a response of their own, in
+/// the chat template, as a judge step renders them. Each response is filler text, as many
+/// words as keep the prompt within `tokens` tokens (none when the rubric alone is longer).
 fn judge_prompts(
     policy: &LanguageModel,
     batch: usize,

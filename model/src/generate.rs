@@ -818,6 +818,14 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-5, "{worst}");
         }
+        // The same prompt twice (two equal responses to judge): all but its last token shared.
+        let p = refs[1];
+        let twice = m.first_token_logits(&w, &[p, p]).unwrap();
+        assert_eq!(bits(&twice[..1]), bits(&twice[1..]));
+        let alone = m.first_token_logits(&w, &[p]).unwrap().remove(0);
+        for (a, b) in alone.iter().zip(&twice[0]) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
     }
 
     #[test]

@@ -154,7 +154,9 @@ pub enum PromptAttention {
     /// tsr's fused causal kernel: each token's attention over only the slots it sees, with a
     /// decode step's arithmetic, so its bits depend on neither the batch nor the CPU kind; a
     /// decode step's rows also skip their masked slots. Faster on long prompts (about 20% on
-    /// 4 x 512-token prompts of SmolLM2-135M, BENCHMARKS.md). Off the CPU, as `Batched`.
+    /// 4 x 512-token prompts of SmolLM2-135M, BENCHMARKS.md). It also sends
+    /// [`LanguageModel::next_token_logits`] (a logprob judge) through generation's prefill.
+    /// Off the CPU, as `Batched`.
     Fused,
 }
 

@@ -188,11 +188,12 @@ impl LanguageModel {
     /// Logits (f32, length vocab) of the token following each sequence (e.g. a judge's score
     /// token), `batch_size` sequences at a time, longest first. Inference only.
     ///
-    /// With [`PromptAttention::Fused`](crate::PromptAttention::Fused) set, on the CPU, the
-    /// sequences go through generation's prefill with its fused causal attention instead of
-    /// the scoring forward (whose attention multiplies every query by every key): the logits
-    /// of a prompt's first new token, as a generating step with the same setting computes
-    /// them. Otherwise the scoring forward, whose arithmetic scoring and training share.
+    /// With [`PromptAttention::Fused`](crate::PromptAttention::Fused) set, on the CPU, each
+    /// batch goes through generation's prefill with its fused causal attention instead of the
+    /// scoring forward (whose attention multiplies every query by every key), and the tokens
+    /// its sequences all start with (a judge's rubric) are computed once (see
+    /// `first_token_logits`). Otherwise the scoring forward, whose arithmetic scoring and
+    /// training share.
     pub fn next_token_logits(
         &self,
         seqs: &[Vec<u32>],

@@ -110,15 +110,15 @@ fn refilled(rows: usize, requests: usize, commit_batches: usize, what: &str) -> 
 
 /// A judge in logprob mode: one forward of `batch` judge prompts of up to `tokens` tokens.
 /// With `prompt_attention = "fused"` that forward is generation's prefill, which also keeps
-/// every layer's keys and values of the batch (and, while it copies them, of their shared
-/// first tokens): the plan counts a generation of one new token.
+/// every layer's keys and values of the batch, and of the tokens its prompts share while it
+/// copies them to every row: the plan counts a generation of one new token by one row more.
 fn logprob_judge(c: &Config, s: &Shape, w: u64, batch: usize, tokens: u64) -> (String, Estimate) {
     match c.fused_prompts() {
         Some(_) => (
             format!(
                 "batch {batch}, judge prompts up to {tokens} tokens, their keys and values cached"
             ),
-            memory::generation(s, w, batch as u64, tokens, 1, false),
+            memory::generation(s, w, batch as u64 + 1, tokens, 1, false),
         ),
         None => (
             format!("batch {batch}, judge prompts up to {tokens} tokens"),
