@@ -300,6 +300,8 @@ impl LanguageModel {
         w: &Weights,
         prompts: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        self.config.check_context(longest, "a scored sequence")?;
         let shared = shared_prefix(prompts);
         let share = prompts.len() > 1
             && shared >= MIN_SHARED_PREFIX
@@ -320,8 +322,7 @@ impl LanguageModel {
                     })
                     .collect();
                 let refs: Vec<&GenRequest> = reqs.iter().collect();
-                let longest = prompts.first().map_or(0, |p| p.len());
-                debug_assert!(prompts.iter().all(|p| p.len() <= longest));
+                debug_assert!(prompts.first().is_none_or(|p| p.len() == longest));
                 let d = Decoder::new(self, w, &refs, refs.len(), false, None);
                 d.prefill(&(0..refs.len()).collect::<Vec<_>>(), longest)
                     .map(|(_, logits)| logits)

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use tsr_model::testing::{golden_ids as ids, hf_fixtures as fixtures, read_golden as read_json};
-use tsr_model::{DType, Device, LanguageModel, ModelSource};
+use tsr_model::{DType, Device, LanguageModel, ModelSource, PromptAttention};
 
 /// Summed log-probs agree with transformers to 1e-3 (absolute, or relative for sums of
 /// hundreds of nats: both sides accumulate in f32).
@@ -219,4 +219,17 @@ fn generation_past_a_sliding_window_is_refused() {
     };
     let e = m.generate(&[req], 1).unwrap_err().to_string();
     assert!(e.contains("19 tokens") && e.contains("window of 8"), "{e}");
+    // A logprob judge's next-token logits too, by either path.
+    let long: Vec<u32> = (0..9).map(|i| 5 + i).collect();
+    for attention in [PromptAttention::Batched, PromptAttention::Fused] {
+        m.set_prompt_attention(attention);
+        let e = m
+            .next_token_logits(std::slice::from_ref(&long), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("9 tokens") && e.contains("window of 8"),
+            "{attention:?}: {e}"
+        );
+    }
 }

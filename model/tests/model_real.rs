@@ -183,6 +183,13 @@ fn greedy_tokens_match_transformers_alone_and_batched() {
 /// made by `scripts/long_prompt_golden.sh`, whose decisions are at least 0.13 apart in logits),
 /// alone and batched, with either prompt attention. The long prompt's prefill takes gemm's
 /// products (more than 64 rows) and 32 blocks of the fused kernel.
+/// The greedy choice among `logits`: the largest, the lowest id on a tie (as generation picks).
+fn argmax(logits: &[f32]) -> u32 {
+    (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+        .unwrap() as u32
+}
+
 #[test]
 fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -232,10 +239,11 @@ fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
         // A logprob judge's next-token logits: the first greedy token is their best.
         let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _)| p.clone()).collect();
         for (i, l) in m.next_token_logits(&prompts, 2).unwrap().iter().enumerate() {
-            let best = (0..l.len())
-                .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
-                .unwrap() as u32;
-            assert_eq!(best, cases[i].1[0], "{how}, prompt {i}, next-token logits");
+            assert_eq!(
+                argmax(l),
+                cases[i].1[0],
+                "{how}, prompt {i}, next-token logits"
+            );
         }
     }
     // Judge prompts share their rubric: with the fused prompt attention a batch computes the
@@ -248,12 +256,7 @@ fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
         [&long[..300], &long[..60]].concat(),
     ];
     let together = fused.next_token_logits(&variants, 3).unwrap();
-    let best = |l: &[f32]| {
-        (0..l.len())
-            .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
-            .unwrap() as u32
-    };
-    assert_eq!(best(&together[0]), cases[0].1[0]);
+    assert_eq!(argmax(&together[0]), cases[0].1[0]);
     for (v, got) in variants.iter().zip(&together) {
         let alone = fused
             .next_token_logits(std::slice::from_ref(v), 1)
@@ -265,7 +268,7 @@ fn judge_length_prompts_match_transformers_with_either_prompt_attention() {
             .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "{worst}");
-        assert_eq!(best(&alone), best(got));
+        assert_eq!(argmax(&alone), argmax(got));
     }
 }
 

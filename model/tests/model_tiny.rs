@@ -36,6 +36,13 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
     }
 }
 
+/// The greedy choice among `logits`: the largest, the lowest id on a tie (as generation picks).
+fn argmax(logits: &[f32]) -> u32 {
+    (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+        .unwrap() as u32
+}
+
 #[test]
 fn hf_and_gguf_sources_give_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
@@ -194,10 +201,7 @@ fn kv_cache_generation_matches_full_recomputation() {
         let mut seq = r.prompt_ids.clone();
         for &tok in &o.token_ids {
             let logits = &m.next_token_logits(&[seq.clone()], 1).unwrap()[0];
-            let best = (0..logits.len())
-                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-                .unwrap() as u32;
-            assert_eq!(tok, best, "at {} of {:?}", seq.len(), o.token_ids);
+            assert_eq!(tok, argmax(logits), "at {} of {:?}", seq.len(), o.token_ids);
             seq.push(tok);
         }
         assert_eq!(o.text, m.tokenizer().decode(&o.token_ids).unwrap());
@@ -366,11 +370,6 @@ fn fused_next_token_logits_are_generations_first_logits() {
         v.iter()
             .map(|r| r.iter().map(|x| x.to_bits()).collect())
             .collect()
-    };
-    let argmax = |l: &[f32]| {
-        (0..l.len())
-            .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
-            .unwrap() as u32
     };
     let reqs: Vec<GenRequest> = seqs
         .iter()
