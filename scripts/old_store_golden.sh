@@ -13,12 +13,21 @@
 # CPU with AVX-512, into tests/fixtures/old-stores/avx2/ on one with AVX2 and no AVX-512: a DPO
 # step resumed on another kind of CPU than the one that began it ends with other bits (gemm's
 # kernels), so each kind has its own stores (tests/common/mod.rs, cpu_kind).
+#
+# On a machine with AVX-512, `scripts/as-avx2.sh old-stores [REV]` makes the AVX2 stores under
+# an emulated CPU; it sets TSR_CPU_KIND (the kind written for) and TSR_RUN_AS (the command that
+# runs each binary as that CPU).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/tests/fixtures/old-stores"
-if grep -qw avx512f /proc/cpuinfo; then :
-elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then out="$out/avx2"
-else out="$out/$(uname -m)"; fi
+read -ra run_as <<<"${TSR_RUN_AS:-}"
+kind=${TSR_CPU_KIND:-}
+if [[ -z $kind ]]; then
+    if grep -qw avx512f /proc/cpuinfo; then kind=avx512
+    elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then kind=avx2
+    else kind=$(uname -m); fi
+fi
+[[ $kind == avx512 ]] || out="$out/$kind"
 rev=${1:-}
 if [[ -n "$rev" ]]; then
     tree="$root/target/old-store-golden/tree"
@@ -48,7 +57,7 @@ for variant in full lora; do
     dir="$work/$variant"
     rm -rf "$dir"
     mkdir -p "$dir"
-    "$bin/examples/write_tiny_model" "$dir/tiny" 5 >/dev/null
+    "${run_as[@]}" "$bin/examples/write_tiny_model" "$dir/tiny" 5 >/dev/null
     i=0
     : >"$dir/prompts.jsonl"
     for p in "hello there" "name a colour" "count to three" "what is the capital of France?" \
@@ -85,7 +94,7 @@ warmup_steps = 3
 weight_decay = 0.01
 $lora
 EOF
-    (cd "$dir" && TSR_TEST_PAUSE_AT="iter1/dpo-next#3" exec "$bin/tsr" run run.toml --store store --quiet) &
+    (cd "$dir" && TSR_TEST_PAUSE_AT="iter1/dpo-next#3" exec "${run_as[@]}" "$bin/tsr" run run.toml --store store --quiet) &
     pid=$!
     for _ in $(seq 1 1200); do
         state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo gone)

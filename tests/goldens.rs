@@ -12,8 +12,11 @@
 //! The digests depend on the kind of CPU (gemm's kernels add in another order with AVX-512
 //! than with AVX2): the fixtures of x86-64 with AVX-512 are in `tests/fixtures/goldens/`, those of
 //! x86-64 with AVX2 and no AVX-512 in `tests/fixtures/goldens/avx2/` (`common::cpu_kind`). An
-//! intended change is blessed on a machine of each kind; a set blessed on one kind only leaves
-//! the other kind's stale, and the test then fails on machines of that kind.
+//! intended change is blessed for each kind; a set blessed on one kind only leaves the other
+//! kind's stale, and the test then fails on machines of that kind. On a machine with AVX-512,
+//! `TSR_BLESS_GOLDENS=1 scripts/as-avx2.sh test --test goldens` blesses the AVX2 set as a Zen 3
+//! (the kind it was first made on) under qemu-user, and `scripts/as-avx2.sh test --test
+//! goldens` checks it.
 
 mod common;
 

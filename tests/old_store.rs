@@ -4,7 +4,8 @@
 //! iteration recomputes every step identically. The stores are `tests/fixtures/old-stores/`,
 //! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`), one set per kind of CPU
 //! (`common::cpu_kind`: a DPO step resumed on another kind than the one that began it ends with
-//! other bits than one run there whole). A run records its files
+//! other bits than one run there whole; `scripts/as-avx2.sh` makes and checks the AVX2 set on a
+//! machine with AVX-512). A run records its files
 //! by absolute path, so the stores are made in [`RECORDED_AT`] and resumed there; unpacked
 //! anywhere else, `tsr resume` names the files it no longer finds.
 
@@ -65,7 +66,7 @@ fn dpo_checkpoint(store: &Path, run: &str) -> (u64, bool) {
 
 /// `tsr ARGS --store STORE` run in `dir` (the stored config names its files relative to it).
 fn tsr_in(dir: &Path, args: &[&str], store: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
+    Command::new(tsr_exe())
         .current_dir(dir)
         .args(args)
         .args(["--store", store])

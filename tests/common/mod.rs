@@ -32,9 +32,17 @@ pub fn plan_node<'a>(plan: &'a serde_json::Value, name: &str) -> &'a serde_json:
         .unwrap_or_else(|| panic!("no node {name} in {plan}"))
 }
 
+/// The `tsr` binary the tests run: this build's, or `TSR_TEST_EXE` where set
+/// (`scripts/as-avx2.sh` points it at this build run by an emulated CPU of another kind).
+pub fn tsr_exe() -> std::path::PathBuf {
+    std::env::var_os("TSR_TEST_EXE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tsr").into())
+}
+
 /// Run `tsr ARGS --store STORE` and capture its output.
 pub fn tsr(args: &[&str], store: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tsr"))
+    Command::new(tsr_exe())
         .args(args)
         .arg("--store")
         .arg(store)
@@ -220,7 +228,7 @@ pub fn terminate(mut child: std::process::Child) -> std::process::Output {
 /// `tsr run CONFIG --quiet --store STORE` with its output discarded (the way the kill tests
 /// start a run).
 pub fn run_command(cfg: &Path, store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    let mut c = Command::new(tsr_exe());
     c.args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
         .arg(store)
         .stdout(std::process::Stdio::null())
@@ -271,7 +279,7 @@ pub fn reference_run(
     run: &str,
 ) -> (serde_json::Value, std::collections::BTreeMap<String, u64>) {
     let log = store.with_extension("units");
-    let o = Command::new(env!("CARGO_BIN_EXE_tsr"))
+    let o = Command::new(tsr_exe())
         .args(["run", cfg.to_str().unwrap(), "--quiet", "--store"])
         .arg(store)
         .env("TSR_TEST_UNIT_LOG", &log)
@@ -385,7 +393,7 @@ pub fn assert_same_outputs(reference: &Path, store: &Path, run: &str, why: &str)
 /// Run `tsr ARGS --store STORE` with its standard output closed before it writes anything, as
 /// `tsr ... | true` (or `| head` after the first line) does.
 pub fn tsr_with_closed_stdout(args: &[&str], store: &Path) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tsr"))
+    let mut child = Command::new(tsr_exe())
         .args(args)
         .arg("--store")
         .arg(store)

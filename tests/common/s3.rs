@@ -107,7 +107,7 @@ impl S3Server {
     }
 
     pub fn command(&self, args: &[&str], store: &Path) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+        let mut c = Command::new(super::tsr_exe());
         c.args(args).arg("--store").arg(store);
         for (k, v) in self.env() {
             c.env(k, v);

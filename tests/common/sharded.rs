@@ -47,7 +47,7 @@ pub fn setup_k(dir: &Path, executor: &str, k: u32) -> PathBuf {
 }
 
 pub fn command(cfg: &Path, store: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tsr"));
+    let mut c = Command::new(super::tsr_exe());
     c.args([
         "run",
         cfg.to_str().unwrap(),
