@@ -37,8 +37,11 @@ pub fn host() -> String {
     .clone()
 }
 
-/// The CPU's model and the vector features that choose kernels (`AMD EPYC 9R14 (avx512f avx2
-/// fma f16c)`).
+/// The CPU's model, the vector features that choose kernels and the L1 data cache's geometry
+/// (`AMD EPYC 9R14 (avx512f avx2 fma f16c; L1d 32K 8-way)`). gemm sizes the slices of a
+/// product's inner dimension it adds at a time from the L1d's size and ways, so two CPUs with
+/// the same features but another L1d can add a long product (a judge prompt's attention over
+/// its tokens) in another order.
 pub fn cpu() -> String {
     static CPU: OnceLock<String> = OnceLock::new();
     CPU.get_or_init(|| {
@@ -67,13 +70,40 @@ pub fn cpu() -> String {
         .into_iter()
         .filter(|f| flags.split_whitespace().any(|x| x == *f))
         .collect();
-        if have.is_empty() {
+        let mut about = have.join(" ");
+        if let Some(l1d) = l1d_geometry() {
+            if !about.is_empty() {
+                about.push_str("; ");
+            }
+            about.push_str(&l1d);
+        }
+        if about.is_empty() {
             model
         } else {
-            format!("{model} ({})", have.join(" "))
+            format!("{model} ({about})")
         }
     })
     .clone()
+}
+
+/// The first CPU's level-1 data cache as Linux describes it (`L1d 48K 12-way`), where it does.
+fn l1d_geometry() -> Option<String> {
+    let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    let mut dirs: Vec<_> = caches.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    dirs.sort();
+    let read = |d: &std::path::Path, f: &str| {
+        std::fs::read_to_string(d.join(f))
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    dirs.iter().find_map(|d| {
+        (read(d, "level")? == "1" && read(d, "type")? == "Data").then_some(())?;
+        Some(format!(
+            "L1d {} {}-way",
+            read(d, "size")?,
+            read(d, "ways_of_associativity")?
+        ))
+    })
 }
 
 /// The CPU threads this process's kernels use: `RAYON_NUM_THREADS` (tsr sets it at start),
@@ -129,5 +159,14 @@ mod tests {
         let text = w.describe();
         assert!(text.starts_with("the driver (attempt 1) on "), "{text}");
         assert!(text.contains(&w.cpu), "{text}");
+        // Where Linux describes the caches, the L1d's geometry (it can change gemm's sums).
+        if l1d_geometry().is_some() {
+            assert!(
+                w.cpu.contains("; L1d ") || w.cpu.contains("(L1d "),
+                "{}",
+                w.cpu
+            );
+            assert!(w.cpu.ends_with("-way)"), "{}", w.cpu);
+        }
     }
 }
