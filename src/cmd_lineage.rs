@@ -164,9 +164,10 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                         reference_model,
                         lora,
                         trained_by,
+                        also_made_by,
                         ..
                     } => println!(
-                        "{model}  <- {made_by} ({} pairs from {}, reference {}){}{}",
+                        "{model}  <- {made_by} ({} pairs from {}, reference {}){}{}{}",
                         pairs.map_or("null".to_string(), |n| n.to_string()),
                         pairs_from.as_deref().unwrap_or("?"),
                         reference_model.map_or("?".into(), |d| d.short()),
@@ -182,6 +183,14 @@ pub fn lineage(store_flag: &Option<PathBuf>, a: LineageArgs) -> anyhow::Result<E
                         match trained_by {
                             None => String::new(),
                             Some(w) => format!("; trained by {}", w.describe()),
+                        },
+                        if also_made_by.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; the same weights also made by {}",
+                                also_made_by.join(", ")
+                            )
                         }
                     ),
                 }

@@ -41,6 +41,10 @@ pub enum ModelHop {
         /// own process did).
         #[serde(skip_serializing_if = "Option::is_none")]
         trained_by: Option<tsr_state::WorkerRecord>,
+        /// Other nodes that made the same weights (e.g. the future model and the next one
+        /// trained on the same pairs): the chain follows `made_by`, the first by name.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        also_made_by: Vec<String>,
     },
 }
 
@@ -101,8 +105,9 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
     let mut cur = resolve_model(&nodes, prefix)?;
     let mut chain = Vec::new();
     loop {
-        let maker = nodes.values().find(|n| n.output("weights") == Some(cur));
-        let Some(maker) = maker else { break };
+        let mut makers = nodes.values().filter(|n| n.output("weights") == Some(cur));
+        let Some(maker) = makers.next() else { break };
+        let also_made_by: Vec<String> = makers.map(|n| n.node.clone()).collect();
         if maker.step.kind == "import-model" {
             chain.push(ModelHop::Imported {
                 model: cur,
@@ -131,6 +136,7 @@ pub fn model_chain(store: &Store, run: &str, prefix: &str) -> Result<Vec<ModelHo
             trained_from: parent,
             lora: adapter_of(store, maker),
             trained_by: store.worker_of(&maker.key, 0)?,
+            also_made_by,
         });
         match parent {
             Some(p) if p != cur => cur = p,
