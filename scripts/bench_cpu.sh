@@ -16,10 +16,10 @@
 #     as pinned in scripts/requirements-llama-server.txt, built by scripts/test.sh for this CPU,
 #     reading an F32 GGUF that llama.cpp's own quantize API makes from the default GGUF);
 #   prefill of judge-length prompts: 4 rows of 512 tokens and one new token, as prompt tokens
-#     per second, against llama.cpp's prompt processing; tsr as by default and with a run's
-#     `prompt_attention = "fused"` (`--gen-attention fused`); and a logprob judge's forward over
-#     the same prompts (`tsr bench --only judge`: the scoring forward by default, generation's
-#     prefill when fused) against the same llama.cpp figure;
+#     per second, against llama.cpp's prompt processing; tsr with a run's `prompt_attention`
+#     both ways (`--gen-attention batched`, and `fused`, a new run's default and the bench's);
+#     and a logprob judge's forward over the same prompts (`tsr bench --only judge`: the scoring
+#     forward when batched, generation's prefill when fused) against the same llama.cpp figure;
 #   a full DPO step and a LoRA r16 step, 64+64 and 128+128 tokens, reference log-probs
 #     precomputed: the `bench_dpo` example against PyTorch + transformers and PEFT
 #     (scripts/bench_lora_torch.py, the pinned venv of scripts/requirements-hf-golden.txt,
@@ -73,11 +73,12 @@ for r in $(seq "$rounds"); do
     --gen-batch 16 --gen-prompt-tokens 64 --gen-new-tokens 128 >"$out/r$r-tsr-sample.txt" 2>&1
   "$lcpp" scripts/bench_llama_cpp.py generate "$f32" 16 64 128 "$threads" 0.7 0.9 >"$out/r$r-lcpp-sample.txt" 2>&1
   "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch 4 \
-    --gen-prompt-tokens 512 --gen-new-tokens 1 >"$out/r$r-tsr-prefill.txt" 2>&1
+    --gen-prompt-tokens 512 --gen-new-tokens 1 --gen-attention batched >"$out/r$r-tsr-prefill.txt" 2>&1
   "$lcpp" scripts/bench_llama_cpp.py generate "$f32" 4 512 1 "$threads" >"$out/r$r-lcpp-prefill.txt" 2>&1
   "$tsr" bench --only generate --temperature 0 --model "$gguf" --gen-batch 4 \
     --gen-prompt-tokens 512 --gen-new-tokens 1 --gen-attention fused >"$out/r$r-tsr-prefill-fused.txt" 2>&1
-  "$tsr" bench --only judge --model "$gguf" --gen-batch 4 --gen-prompt-tokens 512 >"$out/r$r-tsr-judge.txt" 2>&1
+  "$tsr" bench --only judge --model "$gguf" --gen-batch 4 --gen-prompt-tokens 512 --gen-attention batched \
+    >"$out/r$r-tsr-judge.txt" 2>&1
   "$tsr" bench --only judge --model "$gguf" --gen-batch 4 --gen-prompt-tokens 512 --gen-attention fused \
     >"$out/r$r-tsr-judge-fused.txt" 2>&1
   target/release/examples/bench_dpo "$gguf" 4 >"$out/r$r-tsr-full.txt" 2>&1
@@ -114,13 +115,13 @@ for b in (16, 1):
 rows.append(("generation, batch 16, sampled (T 0.7, top-p 0.9), tok/s (higher is better)", "llama.cpp",
              grab("tsr-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"),
              grab("lcpp-sample", r"RESULT generate batch \d+: ([\d.]+) new tok/s"), True))
-rows.append(("prefill, 4 x 512-token prompts, prompt tok/s (higher is better)", "llama.cpp",
+rows.append(("prefill, 4 x 512-token prompts, prompt_attention batched, prompt tok/s (higher is better)", "llama.cpp",
              grab("tsr-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps),
              grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))
-rows.append(("prefill, 4 x 512, prompt_attention fused, prompt tok/s (higher is better)", "llama.cpp",
+rows.append(("prefill, 4 x 512, prompt_attention fused (a run's default), prompt tok/s (higher is better)", "llama.cpp",
              grab("tsr-prefill-fused", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps),
              grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))
-for how, name in (("judge", "logprob judge's verdict logits"), ("judge-fused", "logprob judge, prompt_attention fused")):
+for how, name in (("judge", "logprob judge's verdict logits, prompt_attention batched"), ("judge-fused", "logprob judge, prompt_attention fused (a run's default)")):
     rows.append((f"{name}, 4 x 512, prompt tok/s (higher is better)", "llama.cpp",
                  grab(f"tsr-{how}", r"RESULT judge batch \d+: ([\d.]+) prompt tok/s"),
                  grab("lcpp-prefill", r"RESULT generate batch \d+: [\d.]+ new tok/s \(\d+ tokens in ([\d.]+) s", prompt_tps), True))

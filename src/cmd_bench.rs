@@ -112,9 +112,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub gen_weights: GenWeights,
     /// How generation (and --only judge) computes a prompt's attention, as a run's
-    /// `prompt_attention` setting: `fused` is tsr's causal kernel (the prefill's attention on
-    /// the CPU).
-    #[arg(long, value_enum, default_value = "batched")]
+    /// `prompt_attention` setting: `fused` (a new run's default) is tsr's causal kernel (the
+    /// prefill's attention on the CPU), `batched` gemm's products.
+    #[arg(long, value_enum, default_value = "fused")]
     pub gen_attention: GenAttention,
     /// Peak dense TFLOP/s of the device for MFU (default on CUDA: 989, an H100 SXM's bf16
     /// dense peak; no default on CPU, where MFU is then not printed).

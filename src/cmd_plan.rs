@@ -23,7 +23,7 @@ pub struct PlanArgs {
 }
 
 /// Exit 0 when the plan fits, 1 when it does not.
-pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
+pub fn run(store_flag: &Option<std::path::PathBuf>, a: PlanArgs) -> anyhow::Result<ExitCode> {
     let mut config = Config::from_file(&a.config)?;
     if config.model.is_none() {
         anyhow::bail!(
@@ -35,6 +35,17 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = &a.device {
         config.device = d.clone();
     }
+    // The defaults the run records: those of a new run, or those of the run of this name the
+    // store holds.
+    let store_dir = crate::store_dir(store_flag, config.store.as_ref());
+    let recorded = if store_dir.join("db").exists() {
+        crate::store_read::open_store(&store_dir)?
+            .get_run(&config.name)?
+            .map(|r| r.config_toml)
+    } else {
+        None
+    };
+    config.settle_defaults(recorded.as_deref());
     let available = match &a.memory {
         Some(m) => (
             tsr_steps::memory::parse_size(m)

@@ -170,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let store = cli.store;
     match cli.cmd {
         Cmd::Run(a) => cmd_run::run(&store, a),
-        Cmd::Plan(a) => cmd_plan::run(a),
+        Cmd::Plan(a) => cmd_plan::run(&store, a),
         Cmd::Resume(a) => cmd_run::resume(&store, a),
         Cmd::Fork(a) => cmd_run::fork(&store, a),
         Cmd::Status(a) => cmd_inspect::status(&store, a),

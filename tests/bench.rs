@@ -47,9 +47,10 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
     assert!(!store.exists(), "bench must not create a store");
-    assert!(out.contains("prompt attention Batched)"), "{out}");
+    // The bench's default is a new run's: the fused prompt attention.
+    assert!(out.contains("prompt attention Fused)"), "{out}");
 
-    // Generation with the fused prompt attention, as a run's `prompt_attention = "fused"`.
+    // Generation with the batched prompt attention, as a run's `prompt_attention = "batched"`.
     let o = tsr(
         &[
             "bench",
@@ -64,14 +65,14 @@ fn bench_prints_results_and_refuses_what_it_cannot_run() {
             "--gen-new-tokens",
             "4",
             "--gen-attention",
-            "fused",
+            "batched",
         ],
         &store,
     );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(
-        out.contains("RESULT generate batch 3:") && out.contains("prompt attention Fused)"),
+        out.contains("RESULT generate batch 3:") && out.contains("prompt attention Batched)"),
         "{out}"
     );
 

@@ -634,16 +634,21 @@ fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills(
         text(&o)
     );
     // A logprob judge generates nothing: its plan is one forward pass per prompt and order,
-    // with no new tokens and no KV cache.
+    // with no new tokens. With `prompt_attention = "batched"` that forward is the scoring
+    // forward, with no KV cache; with a new run's default (fused) it is generation's prefill,
+    // which caches the prompts' keys and values.
     let logprob = dir.path().join("lp.toml");
+    let lp_body = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("mode = \"text\"", "mode = \"logprob\"")
+        .replace("commit_batches = 2\n", "");
     std::fs::write(
         &logprob,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("mode = \"text\"", "mode = \"logprob\"")
-            .replace("commit_batches = 2\n", ""),
+        format!("prompt_attention = \"batched\"\n{lp_body}"),
     )
     .unwrap();
+    let logprob_fused = dir.path().join("lp-fused.toml");
+    std::fs::write(&logprob_fused, &lp_body).unwrap();
     let judge_plan = |cfg: &Path| {
         let v = plan_json(cfg, &dir.path().join("plan"));
         let n = plan_node(&v, "eval/model-judge");
@@ -659,6 +664,13 @@ fn continuous_batching_in_evaluation_commits_several_batches_and_survives_kills(
         "{text_says}"
     );
     assert!(!lp_says.contains("new") && lp_cache == 0, "{lp_says}");
+    let (fused_says, fused_cache) = judge_plan(&logprob_fused);
+    assert!(
+        !fused_says.contains("new")
+            && fused_says.contains("keys and values cached")
+            && fused_cache > 0,
+        "{fused_says}"
+    );
     let (v, units) = reference_run(&cfg, &dir.path().join("units"), "c");
     assert_eq!(
         units,
@@ -856,10 +868,11 @@ fn alpaca_eval_prompts_messages_and_preferences_are_alpaca_evals() {
     assert_eq!(undecided, 1);
 }
 
-/// `prompt_attention = "fused"` reaches evaluation too: the answers and a local judge in
-/// logprob mode (whose verdict logits then come from generation's prefill) carry it in their
-/// config and key, as the run's generation and judging do; the other steps keep their keys,
-/// and the judge's verdicts are computed in another order.
+/// A new run's `prompt_attention = "fused"` reaches evaluation too: the answers and a local
+/// judge in logprob mode (whose verdict logits then come from generation's prefill) carry it in
+/// their config and key, as the run's generation and judging do. Forked with `batched`, those
+/// steps get other keys, the other steps keep theirs, and the judge's verdicts are computed in
+/// another order.
 #[test]
 fn fused_prompt_attention_reaches_the_answers_and_a_logprob_eval_judge() {
     let dir = tempfile::tempdir().unwrap();
@@ -877,28 +890,30 @@ fn fused_prompt_attention_reaches_the_answers_and_a_logprob_eval_judge() {
             "fork",
             "t",
             "--name",
-            "f",
+            "b",
             "--set",
-            "prompt_attention=fused",
+            "prompt_attention=batched",
             "--quiet",
         ],
         &store,
     );
     assert!(o.status.success(), "{}", text(&o));
     let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
-    let plain = tsr_workflows::lineage::nodes(&s, "t").unwrap();
-    let fused = tsr_workflows::lineage::nodes(&s, "f").unwrap();
+    let fused = tsr_workflows::lineage::nodes(&s, "t").unwrap();
+    let batched = tsr_workflows::lineage::nodes(&s, "b").unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let mut verdicts_moved = 0;
     for (node, n) in &fused {
         let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&batched[node].step.config).unwrap();
+        assert!(b.get("prompt_attention").is_none(), "{node}");
         match n.step.kind.as_str() {
             kind @ ("generate" | "judge" | "answer" | "eval-judge") => {
                 assert_eq!(config["prompt_attention"], "fused", "{node}");
-                assert_ne!(n.key, plain[node].key, "{node}");
+                assert_ne!(n.key, batched[node].key, "{node}");
                 seen.insert(kind.to_string());
                 if kind == "eval-judge"
-                    && n.output("annotations") != plain[node].output("annotations")
+                    && n.output("annotations") != batched[node].output("annotations")
                 {
                     verdicts_moved += 1;
                 }

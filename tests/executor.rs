@@ -309,19 +309,41 @@ fn a_training_worker_killed_after_a_checkpoint_continues_from_it() {
         .iter()
         .filter(|h| h.get("dpo_step").is_some())
         .collect();
-    // M1 comes from M0 by `iter1/dpo-next` (the future model is a side branch).
+    // M1 comes from M0 by `iter1/dpo-next` (the future model is a side branch). When the
+    // future model trained on the same pairs, it made the same weights: the hop then names the
+    // first maker by name (`iter1/dpo-future`, whose first launch was killed) and the other.
     assert_eq!(trained.len(), 1, "{v}");
-    for h in trained {
-        assert_eq!(h["trained_by"]["executor"], "processes", "{h}");
-        assert_eq!(h["trained_by"]["job"], "shard 0", "{h}");
-    }
+    let h = trained[0];
+    assert_eq!(h["trained_by"]["executor"], "processes", "{h}");
+    assert_eq!(h["trained_by"]["job"], "shard 0", "{h}");
+    let (maker, launch) = match h["made_by"].as_str() {
+        Some("iter1/dpo-next") => ("iter1/dpo-next", 1),
+        Some("iter1/dpo-future") => {
+            assert_eq!(
+                h["also_made_by"],
+                serde_json::json!(["iter1/dpo-next"]),
+                "{h}"
+            );
+            ("iter1/dpo-future", 2)
+        }
+        other => panic!("made by {other:?}: {h}"),
+    };
     let o = tsr(&["lineage", "x", "model", model], &store);
     assert!(
-        text(&o).contains("<- iter1/dpo-next (")
-            && text(&o).contains("trained by worker process, shard 0 (launch 1)"),
+        text(&o).contains(&format!("<- {maker} ("))
+            && text(&o).contains(&format!(
+                "trained by worker process, shard 0 (launch {launch})"
+            )),
         "{}",
         text(&o)
     );
+    if maker == "iter1/dpo-future" {
+        assert!(
+            text(&o).contains("; the same weights also made by iter1/dpo-next"),
+            "{}",
+            text(&o)
+        );
+    }
 }
 
 /// Twenty worker SIGKILLs across four steps, at batch boundaries chosen by a seeded generator:

@@ -118,7 +118,22 @@ fn resume_and_replay(variant: &str) {
     let (_, done) = dpo_checkpoint(&store, &run);
     assert!(done);
 
-    let o = tsr_in(&dir, &["run", "run.toml", "--quiet"], "fresh");
+    // Its config, given again, continues it as recorded: a run recorded without
+    // `prompt_attention` began when `batched` was the default and keeps it (nothing recomputed).
+    let resumed = outputs(&dir, &run, "store");
+    let o = tsr_in(&dir, &["run", "run.toml", "--quiet"], "store");
+    assert!(o.status.success(), "the same config again: {}", text(&o));
+    assert_eq!(outputs(&dir, &run, "store"), resumed);
+
+    // An uninterrupted run of this build: a new run records today's default (`fused`), so the
+    // recorded run's arithmetic is asked for by name.
+    let config = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    std::fs::write(
+        dir.join("batched.toml"),
+        format!("prompt_attention = \"batched\"\n{config}"),
+    )
+    .unwrap();
+    let o = tsr_in(&dir, &["run", "batched.toml", "--quiet"], "fresh");
     assert!(o.status.success(), "uninterrupted run: {}", text(&o));
     assert_eq!(
         outputs(&dir, &run, "store"),

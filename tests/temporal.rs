@@ -626,6 +626,11 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         (&["generate.weights=f16"], "generate.weights", "\"f16\""),
         (&["prompt_attention=fused"], "prompt_attention", "\"fused\""),
         (
+            &["prompt_attention=batched"],
+            "prompt_attention",
+            "\"batched\"",
+        ),
+        (
             &["judge.mode=text", "judge.weights=bf16"],
             "judge.weights",
             "\"bf16\"",
@@ -711,7 +716,7 @@ fn fork_set_takes_every_enumerated_value_and_refuses_others_by_key() {
         ),
         (
             vec!["prompt_attention=flash"],
-            "config key `prompt_attention`: `flash`: use `batched` (the default) or `fused`",
+            "config key `prompt_attention`: `flash`: use `fused` (tsr's causal kernel for a prompt's attention, a new run's default) or `batched`",
         ),
         (
             vec!["generate.weights=f8"],
@@ -834,11 +839,13 @@ fn generation_and_judging_with_half_precision_weights() {
     }
 }
 
-/// `prompt_attention = "fused"`: generation and the judge (text mode, which generates, and
-/// logprob mode, whose verdict logits come from the same prefill) carry it in their config and
-/// key, the other steps not; the run replays identically.
+/// `prompt_attention`: a new run records `fused`, and generation and the judge (text mode, which
+/// generates, and logprob mode, whose verdict logits come from the same prefill) carry it in
+/// their config and key, the other steps not; the run replays identically. Forked with
+/// `batched`, those steps have the keys of before the setting existed (none of its steps carries
+/// it), and a logprob judge's scores move.
 #[test]
-fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replays() {
+fn a_new_run_records_fused_prompt_attention_in_its_generating_and_judging_steps_and_replays() {
     for mode in ["text", "logprob"] {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
@@ -846,12 +853,12 @@ fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replay
             dir.path(),
             &store,
             mode,
-            "fused",
-            &["prompt_attention=fused"],
+            "batched",
+            &["prompt_attention=batched"],
         );
         let s = tsr_state::Store::open_existing_nowait(&store).unwrap();
-        let batched = tsr_workflows::lineage::nodes(&s, &format!("temporal-{mode}")).unwrap();
-        let fused = tsr_workflows::lineage::nodes(&s, "fused").unwrap();
+        let fused = tsr_workflows::lineage::nodes(&s, &format!("temporal-{mode}")).unwrap();
+        let batched = tsr_workflows::lineage::nodes(&s, "batched").unwrap();
         let (mut seen, mut judged_otherwise) = (0, 0);
         for (node, n) in &fused {
             let config: serde_json::Value = serde_json::from_str(&n.step.config).unwrap();
@@ -873,23 +880,32 @@ fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replay
             }
         }
         assert!(seen >= 4, "{mode}: {seen} generation and judging steps");
+        for (node, b) in &batched {
+            let config: serde_json::Value = serde_json::from_str(&b.step.config).unwrap();
+            assert!(config.get("prompt_attention").is_none(), "{mode}: {node}");
+        }
         if mode == "logprob" {
             assert!(
                 judged_otherwise > 0,
                 "no logprob judge's scores moved with the fused prompt attention"
             );
-            // The memory plan counts the judge's cached keys and values.
+            // The memory plan of a new run counts the judge's cached keys and values; with
+            // `batched` it does not.
             let cfg = setup(dir.path(), "temporal", mode);
-            let fused_cfg = dir.path().join("fused.toml");
+            let batched_cfg = dir.path().join("batched.toml");
             let body = std::fs::read_to_string(&cfg).unwrap();
-            std::fs::write(&fused_cfg, format!("prompt_attention = \"fused\"\n{body}")).unwrap();
+            std::fs::write(
+                &batched_cfg,
+                format!("prompt_attention = \"batched\"\n{body}"),
+            )
+            .unwrap();
             let judge = |cfg: &Path| -> (u64, String) {
                 let v = plan_json(cfg, &dir.path().join("plan"));
                 let n = plan_node(&v, "iter1/judge-current");
                 (n["peak"].as_u64().unwrap(), n["assumes"].to_string())
             };
-            let (plain, why) = judge(&cfg);
-            let (cached, why_cached) = judge(&fused_cfg);
+            let (cached, why_cached) = judge(&cfg);
+            let (plain, why) = judge(&batched_cfg);
             assert!(!why.contains("keys and values cached"), "{why}");
             assert!(
                 why_cached.contains("keys and values cached"),
@@ -897,12 +913,9 @@ fn fused_prompt_attention_is_in_the_generating_and_judging_steps_keys_and_replay
             );
             assert!(cached > plain, "{cached} <= {plain}");
         }
-        for (node, b) in &batched {
-            let config: serde_json::Value = serde_json::from_str(&b.step.config).unwrap();
-            assert!(config.get("prompt_attention").is_none(), "{mode}: {node}");
-        }
         drop(s);
-        let o = tsr(&["replay", "fused", "--iteration", "1", "--json"], &store);
+        let run = format!("temporal-{mode}");
+        let o = tsr(&["replay", &run, "--iteration", "1", "--json"], &store);
         assert!(o.status.success(), "{mode}: {}", text(&o));
         let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(report["identical"], true, "{mode}: {report}");

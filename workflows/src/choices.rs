@@ -288,7 +288,7 @@ pub(crate) fn prompt_attention<'de, D: Deserializer<'de>>(
     foreign(
         d,
         "prompt_attention",
-        "`batched` (the default) or `fused` (tsr's causal kernel for a prompt's attention)",
+        "`fused` (tsr's causal kernel for a prompt's attention, a new run's default) or `batched` (gemm's products)",
     )
     .map(Some)
 }

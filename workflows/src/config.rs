@@ -62,12 +62,15 @@ pub struct Config {
     pub device: String,
     /// How the steps that run prompts through the model for their next tokens (generation, the
     /// judge in either mode, a meta-judge, evaluation's answers and a local judge in either
-    /// mode) compute their prompts' attention on the CPU: `batched` (the default) or `fused`,
-    /// tsr's causal kernel: faster on long prompts (the judge's), and each token's attention has
-    /// the same bits whatever its batch or CPU kind. A judge in logprob mode then takes its
-    /// verdict's logits from generation's prefill instead of the scoring forward, the tokens
-    /// its batch's prompts start with (the rubric) computed once. Part of those
-    /// steps' keys when `fused`.
+    /// mode) compute their prompts' attention on the CPU: `fused`, tsr's causal kernel (faster
+    /// on long prompts, the judge's; each token's attention has the same bits whatever its
+    /// batch or CPU kind), or `batched`, gemm's products around a softmax over every slot. A
+    /// judge in logprob mode with `fused` takes its verdict's logits from generation's prefill
+    /// instead of the scoring forward, the tokens its batch's prompts start with (the rubric)
+    /// computed once. Part of those steps' keys when `fused`.
+    ///
+    /// Left out, a new run records `fused` (see [`Config::settle_defaults`]); a run recorded
+    /// without it was started when `batched` was the default, and continues batched.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -722,8 +725,29 @@ impl Default for DpoSection {
 
 impl Config {
     /// The precision the run's model holds its base in: `[model] dtype`, f32 when not given.
-    /// The generating steps' `prompt_attention` setting: set only when fused (batched is what
-    /// leaving it out computes, so the steps' keys stay those of before the setting).
+    /// Fills in the defaults a run records explicitly because they changed: what a setting left
+    /// out of this config means depends on whether the run is new. `recorded` is the config
+    /// TOML the store holds for a run of this name (a continued run; only the settings below
+    /// are read from it, so files it names need not be where they were), `None` for a new run.
+    /// - `prompt_attention`: a new run records `fused`. A recorded run keeps what it recorded;
+    ///   one recorded without it began when `batched` was the default and stays batched (its
+    ///   steps keep their keys, and its definition compares equal).
+    pub fn settle_defaults(&mut self, recorded: Option<&str>) {
+        if self.prompt_attention.is_none() {
+            self.prompt_attention = match recorded {
+                // tsr wrote the recorded config, so its value is one of the choices.
+                Some(toml) => toml
+                    .parse::<toml::Value>()
+                    .ok()
+                    .and_then(|v| v.get("prompt_attention").cloned())
+                    .and_then(|v| v.try_into().ok()),
+                None => Some(tsr_steps::lm::PromptAttention::Fused),
+            };
+        }
+    }
+
+    /// The generating steps' `prompt_attention` setting: set only when fused (batched, and
+    /// leaving it out in a recorded run, keep the steps' keys of before the setting).
     pub fn fused_prompts(&self) -> Option<tsr_steps::lm::PromptAttention> {
         self.prompt_attention
             .filter(|a| *a == tsr_steps::lm::PromptAttention::Fused)
@@ -1694,6 +1718,39 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_str_at(s, Path::new("test.toml"))
+    }
+
+    /// A new run records `prompt_attention = "fused"`; a recorded run keeps what it recorded,
+    /// `batched` where it recorded nothing (its steps keep their keys); a config that says
+    /// which is left as it says.
+    #[test]
+    fn a_new_run_settles_on_fused_prompt_attention_and_a_recorded_one_keeps_its_own() {
+        use tsr_steps::lm::PromptAttention::{Batched, Fused};
+        let plain = "name = \"r\"\nworkflow = \"toy\"\n";
+        let settled = |config: &str, recorded: Option<&str>| {
+            let mut c = parse(config).unwrap();
+            c.settle_defaults(recorded);
+            c
+        };
+        let new = settled(plain, None);
+        assert_eq!(new.prompt_attention, Some(Fused));
+        assert!(new.to_toml().contains("prompt_attention = \"fused\""));
+        assert_eq!(new.fused_prompts(), Some(Fused));
+        // What the new run stored is what continuing it reads.
+        assert_eq!(
+            settled(plain, Some(&new.to_toml())).prompt_attention,
+            Some(Fused)
+        );
+        let old = parse(plain).unwrap().to_toml();
+        let kept = settled(plain, Some(&old));
+        assert_eq!(kept.prompt_attention, None);
+        assert_eq!(kept.fused_prompts(), None);
+        assert_eq!(kept.definition(), parse(plain).unwrap().definition());
+        let batched = format!("prompt_attention = \"batched\"\n{plain}");
+        assert_eq!(settled(&batched, None).prompt_attention, Some(Batched));
+        assert_eq!(settled(&batched, None).fused_prompts(), None);
+        let fused = format!("prompt_attention = \"fused\"\n{plain}");
+        assert_eq!(settled(&fused, Some(&old)).prompt_attention, Some(Fused));
     }
 
     #[test]
