@@ -46,6 +46,18 @@ fn unpack(variant: &str, into: &Path) -> PathBuf {
     into.join(variant)
 }
 
+/// The prompt attention the run `run` recorded: `batched` where it recorded none (a run begun
+/// when that was the default).
+fn recorded_prompt_attention(store: &Path, run: &str) -> String {
+    let s = tsr_state::Store::open(store).unwrap();
+    let config: toml::Value = s.run(run).unwrap().config_toml.parse().unwrap();
+    config
+        .get("prompt_attention")
+        .and_then(|v| v.as_str())
+        .unwrap_or("batched")
+        .to_string()
+}
+
 /// (optimizer step of the DPO step's checkpoint, whether it is done).
 fn dpo_checkpoint(store: &Path, run: &str) -> (u64, bool) {
     let s = tsr_state::Store::open(store).unwrap();
@@ -126,14 +138,15 @@ fn resume_and_replay(variant: &str) {
     assert_eq!(outputs(&dir, &run, "store"), resumed);
 
     // An uninterrupted run of this build: a new run records today's default (`fused`), so the
-    // recorded run's arithmetic is asked for by name.
+    // recorded run's prompt attention is asked for by name.
+    let recorded = recorded_prompt_attention(&store, &run);
     let config = std::fs::read_to_string(dir.join("run.toml")).unwrap();
     std::fs::write(
-        dir.join("batched.toml"),
-        format!("prompt_attention = \"batched\"\n{config}"),
+        dir.join("same.toml"),
+        format!("prompt_attention = \"{recorded}\"\n{config}"),
     )
     .unwrap();
-    let o = tsr_in(&dir, &["run", "batched.toml", "--quiet"], "fresh");
+    let o = tsr_in(&dir, &["run", "same.toml", "--quiet"], "fresh");
     assert!(o.status.success(), "uninterrupted run: {}", text(&o));
     assert_eq!(
         outputs(&dir, &run, "store"),
