@@ -724,7 +724,6 @@ impl Default for DpoSection {
 }
 
 impl Config {
-    /// The precision the run's model holds its base in: `[model] dtype`, f32 when not given.
     /// Fills in the defaults a run records explicitly because they changed: what a setting left
     /// out of this config means depends on whether the run is new. `recorded` is the config
     /// TOML the store holds for a run of this name (a continued run; only the settings below
@@ -753,6 +752,7 @@ impl Config {
             .filter(|a| *a == tsr_steps::lm::PromptAttention::Fused)
     }
 
+    /// The precision the run's model holds its base in: `[model] dtype`, f32 when not given.
     pub fn base_dtype(&self) -> Dtype {
         self.model
             .as_ref()
