@@ -16,13 +16,15 @@
 # and without the cache geometry the logprob judges' scores differ in their last bits.
 #
 # Usage:
-#   scripts/as-avx2.sh test [CARGO_TEST_ARGS...] [-- TEST_ARGS...]
+#   scripts/as-avx2.sh [--l1d SIZE:WAYS] test [CARGO_TEST_ARGS...] [-- TEST_ARGS...]
 #       builds the tests (`cargo test --release --no-run ARGS`) and runs each test binary under
 #       the emulation, with TSR_TEST_EXE pointing at this build's tsr under the same emulation.
 #       e.g.  scripts/as-avx2.sh test --test goldens --test old_store
 #       Bless the AVX2 goldens:  TSR_BLESS_GOLDENS=1 scripts/as-avx2.sh test --test goldens
-#   scripts/as-avx2.sh old-stores [REV]
-#       scripts/old_store_golden.sh under the emulation, writing tests/fixtures/old-stores/avx2/.
+#   scripts/as-avx2.sh [--l1d SIZE:WAYS] old-stores [REV]
+#       scripts/old_store_golden.sh under the emulation, writing tests/fixtures/old-stores/KIND/.
+#   --l1d SIZE:WAYS: another L1d than the Zen 3's 32K:8, e.g. 48K:12 (Intel's Ice Lake to Raptor
+#       Lake cores): the fixture kind `avx2-l1d48k` (model/src/testing.rs, FIXTURE_KINDS).
 #
 # Needs qemu-user 7.2 or newer (the first with AVX2; Debian: apt-get install qemu-user) and the
 # right to make a mount namespace (root, or unprivileged user namespaces). About 50x slower than
@@ -49,10 +51,17 @@ for f in pcid invpcid rdseed sha-ni rdpid fsrm fxsr-opt misalignsse 3dnowprefetc
     cpu="$cpu,$f=off"
 done
 
+l1d=32K:8
+if [[ ${1:-} == --l1d ]]; then
+    l1d=${2:-}
+    shift 2 || die "--l1d needs SIZE:WAYS, e.g. 48K:12"
+fi
+[[ $l1d =~ ^([0-9]+K):([0-9]+)$ ]] || die "--l1d $l1d: give SIZE:WAYS, e.g. 48K:12"
+
 work=$(mktemp -d "${TMPDIR:-/tmp}/tsr-as-avx2.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-echo 32K >"$work/l1-size"
-echo 8 >"$work/l1-ways"
+echo "${BASH_REMATCH[1]}" >"$work/l1-size"
+echo "${BASH_REMATCH[2]}" >"$work/l1-ways"
 echo 512K >"$work/l2-size"
 echo 8 >"$work/l2-ways"
 
@@ -62,7 +71,8 @@ wrap() { # wrap NAME BINARY
     chmod +x "$work/$1"
 }
 
-# Runs "$@" in a mount namespace where every CPU's L1d and L2 read as a Zen 3's.
+# Runs "$@" in a mount namespace where every CPU's L1d reads as --l1d gives (a Zen 3's by
+# default) and its L2 as a Zen 3's.
 with_zen3_caches() {
     local ns=(unshare -m)
     [[ $(id -u) -eq 0 ]] || ns=(unshare -r -m)
@@ -110,17 +120,17 @@ for line in sys.stdin:
     wrap tsr "$root/target/release/tsr"
     status=0
     for exe in $exes; do
-        echo "as-avx2: $(basename "$exe") as an AVX2 CPU (EPYC-Milan under qemu-user)" >&2
+        echo "as-avx2: $(basename "$exe") as an AVX2 CPU (EPYC-Milan under qemu-user, L1d $l1d)" >&2
         with_zen3_caches env TSR_TEST_EXE="$work/tsr" qemu-x86_64 -cpu "$cpu" "$exe" \
             "${test_args[@]}" || status=$?
     done
     exit "$status"
     ;;
 old-stores)
-    with_zen3_caches env TSR_CPU_KIND=avx2 TSR_RUN_AS="qemu-x86_64 -cpu $cpu" \
+    with_zen3_caches env TSR_RUN_AS="qemu-x86_64 -cpu $cpu" \
         "$root/scripts/old_store_golden.sh" "$@"
     ;;
 *)
-    die "usage: scripts/as-avx2.sh test [CARGO_TEST_ARGS...] [-- TEST_ARGS...] | old-stores [REV]"
+    die "usage: scripts/as-avx2.sh [--l1d SIZE:WAYS] test [CARGO_TEST_ARGS...] [-- TEST_ARGS...] | old-stores [REV]"
     ;;
 esac

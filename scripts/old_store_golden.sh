@@ -10,24 +10,22 @@
 #   the binaries of this checkout's target/release (build them first:
 #   cargo build --release --bin tsr && cargo build --release --workspace --example write_tiny_model).
 # Writes tests/fixtures/old-stores/{full,lora}.tar.gz and tests/fixtures/old-stores/MADE_BY on a
-# CPU with AVX-512, into tests/fixtures/old-stores/avx2/ on one with AVX2 and no AVX-512: a DPO
-# step resumed on another kind of CPU than the one that began it ends with other bits (gemm's
-# kernels), so each kind has its own stores (tests/common/mod.rs, cpu_kind).
+# CPU with AVX-512, into tests/fixtures/old-stores/KIND/ on another kind (avx2, avx2-l1d48k): a
+# DPO step resumed on another kind of CPU than the one that began it ends with other bits
+# (gemm's kernels), so each kind has its own stores (tests/common/mod.rs, cpu_kind).
 #
-# On a machine with AVX-512, `scripts/as-avx2.sh old-stores [REV]` makes the AVX2 stores under
-# an emulated CPU; it sets TSR_CPU_KIND (the kind written for) and TSR_RUN_AS (the command that
-# runs each binary as that CPU).
+# The kind of CPU is the tests' (`tsr_model::testing::fixture_kind`, printed by this checkout's
+# `fixture_kind` example): how its gemm adds long products. On a machine with AVX-512,
+# `scripts/as-avx2.sh [--l1d SIZE:WAYS] old-stores [REV]` makes the AVX2 stores under an emulated
+# CPU; it sets TSR_RUN_AS, the command that runs each binary (the example's too) as that CPU.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/tests/fixtures/old-stores"
 read -ra run_as <<<"${TSR_RUN_AS:-}"
-kind=${TSR_CPU_KIND:-}
-if [[ -z $kind ]]; then
-    if grep -qw avx512f /proc/cpuinfo; then kind=avx512
-    elif grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo; then kind=avx2
-    else kind=$(uname -m); fi
-fi
+(cd "$root" && cargo build --release --quiet -p tsr-model --example fixture_kind)
+kind=$("${run_as[@]}" "$root/target/release/examples/fixture_kind")
 [[ $kind == avx512 ]] || out="$out/$kind"
+echo "old_store_golden: stores for the CPU kind $kind, into $out" >&2
 rev=${1:-}
 if [[ -n "$rev" ]]; then
     tree="$root/target/old-store-golden/tree"

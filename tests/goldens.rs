@@ -9,14 +9,15 @@
 //! `TSR_BLESS_GOLDENS=1 scripts/test.sh --test goldens`, in the same commit as the change and with
 //! the reason in its message.
 //!
-//! The digests depend on the kind of CPU (gemm's kernels add in another order with AVX-512
-//! than with AVX2): the fixtures of x86-64 with AVX-512 are in `tests/fixtures/goldens/`, those of
-//! x86-64 with AVX2 and no AVX-512 in `tests/fixtures/goldens/avx2/` (`common::cpu_kind`). An
-//! intended change is blessed for each kind; a set blessed on one kind only leaves the other
-//! kind's stale, and the test then fails on machines of that kind. On a machine with AVX-512,
-//! `TSR_BLESS_GOLDENS=1 scripts/as-avx2.sh test --test goldens` blesses the AVX2 set as a Zen 3
-//! (the kind it was first made on) under qemu-user, and `scripts/as-avx2.sh test --test
-//! goldens` checks it.
+//! The digests depend on the kind of CPU, named by how its gemm adds (`common::cpu_kind`: with
+//! AVX-512 or AVX2 it picks other kernels, and on AVX2 another L1d sizes its depth slices
+//! otherwise): AVX-512 in `tests/fixtures/goldens/`, AVX2 with a Zen 3's L1d in `avx2/`, AVX2
+//! with a 48K 12-way L1d in `avx2-l1d48k/` (the same files since new runs' prompt attention is
+//! fused, but not by construction). An intended change is blessed for each kind; a set blessed
+//! on one kind only leaves the others stale, and the test then fails on machines of those kinds.
+//! On a machine with AVX-512, `TSR_BLESS_GOLDENS=1 scripts/as-avx2.sh test --test goldens` (and
+//! with `--l1d 48K:12` first) blesses the AVX2 sets under qemu-user, and the same without
+//! `TSR_BLESS_GOLDENS` checks them.
 
 mod common;
 
@@ -65,11 +66,12 @@ fn differs(path: &Path, want: &str, got: &str) {
             .position(|(a, b)| a != b)
             .unwrap_or(want.lines().count().min(got.lines().count()));
         panic!(
-            "{} differs from what this code makes, first at line {}:\n  fixture: {}\n  now:     {}",
+            "{} differs from what this code makes, first at line {}:\n  fixture: {}\n  now:     {}{}",
             path.display(),
             line + 1,
             want.lines().nth(line).unwrap_or("<end>"),
-            got.lines().nth(line).unwrap_or("<end>")
+            got.lines().nth(line).unwrap_or("<end>"),
+            cpu_kind_caveat()
         );
     }
 }

@@ -4,8 +4,9 @@
 //! iteration recomputes every step identically. The stores are `tests/fixtures/old-stores/`,
 //! made by `scripts/old_store_golden.sh` (the revision is in `MADE_BY`), one set per kind of CPU
 //! (`common::cpu_kind`: a DPO step resumed on another kind than the one that began it ends with
-//! other bits than one run there whole; `scripts/as-avx2.sh` makes and checks the AVX2 set on a
-//! machine with AVX-512). A run records its files
+//! other bits than one run there whole, and the old builds' logprob judges add long products
+//! in gemm; `scripts/as-avx2.sh [--l1d 48K:12]` makes and checks the AVX2 sets on a machine
+//! with AVX-512). A run records its files
 //! by absolute path, so the stores are made in [`RECORDED_AT`] and resumed there; unpacked
 //! anywhere else, `tsr resume` names the files it no longer finds.
 
@@ -151,7 +152,8 @@ fn resume_and_replay(variant: &str) {
     assert_eq!(
         outputs(&dir, &run, "store"),
         outputs(&dir, &run, "fresh"),
-        "the resumed old store and an uninterrupted run of this build differ"
+        "the resumed old store and an uninterrupted run of this build differ{}",
+        cpu_kind_caveat()
     );
 
     let o = tsr_in(

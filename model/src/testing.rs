@@ -133,6 +133,89 @@ pub fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// How this machine's f32 matrix products add: a digest of the bits of three products on fixed
+/// inputs, each sensitive to one of gemm's choices. gemm picks its kernel from the CPU's vector
+/// features (64 x 600 by a vector, a horizontal sum as wide as the vector: other bits on AVX2
+/// than on AVX-512) and sizes the slices of the shared dimension it adds at a time from the L1
+/// data cache (600 x 600 by 600 x 64, 256 x 1536 by 1536 x 576: other bits on AVX2 with a 48K
+/// 12-way L1d than with a 32K 8-way one, measured under `scripts/as-avx2.sh`). Two machines with
+/// the same digest computed the same bits for every product tried; the test fixtures of
+/// digests are kept per digest ([`fixture_kind`]).
+pub fn gemm_probe() -> String {
+    let dev = Device::Cpu;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (m, k, n) in [
+        (64usize, 600usize, 1usize),
+        (600, 600, 64),
+        (256, 1536, 576),
+    ] {
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1999) as f32 / 997.0 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104_729) % 1997) as f32 / 991.0 - 1.0)
+            .collect();
+        let c = Tensor::from_vec(a, (m, k), &dev)
+            .and_then(|a| a.matmul(&Tensor::from_vec(b, (k, n), &dev)?))
+            .expect("a product on the CPU");
+        for x in bits(&c) {
+            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The gemm probes ([`gemm_probe`]) of the kinds of CPU whose fixture sets of digests the
+/// repository's tests hold, and the folder name of each.
+const FIXTURE_KINDS: &[(&str, &str)] = &[
+    // AVX-512: Zen 4 and Zen 5 (gemm adds up to 512 of the shared dimension at a time on both).
+    ("046b4ee181920b4c", "avx512"),
+    // AVX2 and FMA, no AVX-512, a 32K 8-way L1d: a Zen 3 (`scripts/as-avx2.sh`).
+    ("a61447d8c7be3bba", "avx2"),
+    // AVX2 and FMA, no AVX-512, a 48K 12-way L1d (Intel's Ice Lake to Raptor Lake cores): gemm
+    // adds up to 1024 at a time (`scripts/as-avx2.sh --l1d 48K:12`).
+    ("bb8dd4ecf8175235", "avx2-l1d48k"),
+];
+
+/// The kind of CPU whose float results a test fixture of digests holds, named by how this
+/// machine's gemm adds ([`gemm_probe`]): `avx512`, `avx2` (a Zen 3's L1d) or `avx2-l1d48k`. A
+/// machine whose probe is none of those gets its vector features' kind (`avx512`, `avx2`, else
+/// the architecture's name), whose fixtures may or may not hold its bits:
+/// [`fixture_kind_is_known`] says which. gemm's kernels add in another order on AVX-512 than on
+/// AVX2 (measured 2026-12-07: a Zen 3's judge in logprob mode and a DPO resumed there from a Zen
+/// 4's checkpoint gave other bits), and with another L1d on AVX2 (measured 2026-12-08 under
+/// `scripts/as-avx2.sh`).
+pub fn fixture_kind() -> String {
+    let probe = gemm_probe();
+    match FIXTURE_KINDS.iter().find(|(p, _)| *p == probe) {
+        Some((_, kind)) => kind.to_string(),
+        None => vector_features().to_string(),
+    }
+}
+
+/// Whether this machine's gemm probe is that of a kind the fixtures were made on (see
+/// [`fixture_kind`]).
+pub fn fixture_kind_is_known() -> bool {
+    let probe = gemm_probe();
+    FIXTURE_KINDS.iter().any(|(p, _)| *p == probe)
+}
+
+/// The vector features that choose gemm's kernel: `avx512`, `avx2` (with FMA), else the
+/// architecture's name.
+fn vector_features() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "avx2";
+        }
+    }
+    std::env::consts::ARCH
+}
+
 /// The tiny model's config for a vocabulary of `vocab` tokens.
 pub fn tiny_config(vocab: usize) -> Config {
     Config {

@@ -457,24 +457,30 @@ pub fn cache_dir() -> std::path::PathBuf {
         })
 }
 
-/// The kind of CPU whose float results a fixture holds: `avx512`, `avx2` (x86-64 with AVX2 and
-/// FMA but no AVX-512), else the architecture's name. gemm's kernels (prefill, scoring,
-/// training) add in another order on AVX-512 than on AVX2, so fixtures of digests are kept per
-/// kind (measured 2026-12-07: a Zen 3 machine's judge in logprob mode and a DPO resumed there
-/// from a Zen 4 machine's checkpoint gave other bits than the Zen 4 machine).
+/// The kind of CPU whose float results a fixture holds: [`tsr_model::testing::fixture_kind`],
+/// named by how this machine's gemm adds long products (`avx512`, `avx2`, `avx2-l1d48k`; a
+/// machine of no known kind gets its vector features' kind).
 #[allow(dead_code)]
-pub fn cpu_kind() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return "avx2";
-        }
+pub fn cpu_kind() -> String {
+    tsr_model::testing::fixture_kind()
+}
+
+/// For a message about digests that differ from a fixture's: nothing where this machine's gemm
+/// is that of a known kind, else that it is not (the digests may differ for that alone).
+#[allow(dead_code)]
+pub fn cpu_kind_caveat() -> String {
+    if tsr_model::testing::fixture_kind_is_known() {
+        String::new()
+    } else {
+        format!(
+            "\n  This CPU's gemm probe ({}) is not one of the kinds the fixtures were made on, so \
+             its products may add in another order than the `{}` set's machine: make a set for \
+             it (tests/goldens.rs, scripts/old_store_golden.sh) and add the probe to \
+             FIXTURE_KINDS in model/src/testing.rs.",
+            tsr_model::testing::gemm_probe(),
+            cpu_kind()
+        )
     }
-    std::env::consts::ARCH
 }
 
 /// The folder of a fixture set made on this machine's [`cpu_kind`]: `base` itself for
@@ -486,13 +492,15 @@ pub fn fixtures_for_this_cpu(base: &std::path::Path, make: &str) -> std::path::P
     let dir = if kind == "avx512" {
         base.to_path_buf()
     } else {
-        base.join(kind)
+        base.join(&kind)
     };
     assert!(
         dir.is_dir() || std::env::var_os("TSR_BLESS_GOLDENS").is_some(),
         "{} is missing: its digests are made on a CPU of this kind ({kind}), whose gemm kernels \
-         add in another order than other kinds'; make them on such a machine with {make}",
-        dir.display()
+         add in another order than other kinds'; make them on such a machine with {make}, and \
+         add the kind's gemm probe ({}) to FIXTURE_KINDS in model/src/testing.rs",
+        dir.display(),
+        tsr_model::testing::gemm_probe()
     );
     dir
 }
