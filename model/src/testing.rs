@@ -200,6 +200,17 @@ pub fn fixture_kind_is_known() -> bool {
     FIXTURE_KINDS.iter().any(|(p, _)| *p == probe)
 }
 
+/// The name for a new fixture set made on this machine when its probe is no known kind's
+/// (`avx2-gemm-1a2b3c4d`: its vector features and the probe's first digits), to add to
+/// `FIXTURE_KINDS` with the probe. A known kind's name otherwise.
+pub fn fixture_kind_to_make() -> String {
+    if fixture_kind_is_known() {
+        fixture_kind()
+    } else {
+        format!("{}-gemm-{}", vector_features(), &gemm_probe()[..8])
+    }
+}
+
 /// The vector features that choose gemm's kernel: `avx512`, `avx2` (with FMA), else the
 /// architecture's name.
 fn vector_features() -> &'static str {

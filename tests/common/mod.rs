@@ -489,6 +489,15 @@ pub fn cpu_kind_caveat() -> String {
 #[allow(dead_code)]
 pub fn fixtures_for_this_cpu(base: &std::path::Path, make: &str) -> std::path::PathBuf {
     let kind = cpu_kind();
+    // Blessing on a machine of no known kind would overwrite the set of its vector features.
+    assert!(
+        std::env::var_os("TSR_BLESS_GOLDENS").is_none()
+            || tsr_model::testing::fixture_kind_is_known(),
+        "this CPU's gemm probe ({}) is no known kind's, so blessing would overwrite the `{kind}` \
+         set: add the probe as `{}` to FIXTURE_KINDS in model/src/testing.rs first",
+        tsr_model::testing::gemm_probe(),
+        tsr_model::testing::fixture_kind_to_make()
+    );
     let dir = if kind == "avx512" {
         base.to_path_buf()
     } else {
