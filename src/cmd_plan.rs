@@ -38,14 +38,7 @@ pub fn run(store_flag: &Option<std::path::PathBuf>, a: PlanArgs) -> anyhow::Resu
     // The defaults the run records: those of a new run, or those of the run of this name the
     // store holds.
     let store_dir = crate::store_dir(store_flag, config.store.as_ref());
-    let recorded = if store_dir.join("db").exists() {
-        crate::store_read::open_store(&store_dir)?
-            .get_run(&config.name)?
-            .map(|r| r.config_toml)
-    } else {
-        None
-    };
-    config.settle_defaults(recorded.as_deref());
+    crate::store_read::settle_from_store_dir(&mut config, &store_dir, None)?;
     let available = match &a.memory {
         Some(m) => (
             tsr_steps::memory::parse_size(m)

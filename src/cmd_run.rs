@@ -268,14 +268,7 @@ fn drive(
         // Planned with the defaults the run will record (settled again below, once a remote
         // has restored what this store lacks).
         let mut planned = config.clone();
-        if store_dir.join("db").exists() {
-            let store = open_store(store_dir)?;
-            planned.settle_defaults(
-                recorded(&store, &config.name, forked_from.as_deref())?.as_deref(),
-            );
-        } else {
-            planned.settle_defaults(None);
-        }
+        crate::store_read::settle_from_store_dir(&mut planned, store_dir, forked_from.as_deref())?;
         crate::cmd_plan::check(&planned, device.as_deref(), store_dir)?;
     }
     let store = create_store(store_dir)?;
@@ -316,20 +309,21 @@ fn drive(
         })
     };
     let mut config = config.clone();
-    let result = recorded(&store, &config.name, forked_from.as_deref()).and_then(|r| {
-        config.settle_defaults(r.as_deref());
-        drive_replicated(
-            &store,
-            store_dir,
-            &config,
-            forked_from,
-            device,
-            quiet,
-            execute,
-            resume_hint,
-            stop,
-        )
-    });
+    let result = crate::store_read::recorded(&store, &config.name, forked_from.as_deref())
+        .and_then(|r| {
+            config.settle_defaults(r.as_deref());
+            drive_replicated(
+                &store,
+                store_dir,
+                &config,
+                forked_from,
+                device,
+                quiet,
+                execute,
+                resume_hint,
+                stop,
+            )
+        });
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = watcher.join();
     let Some(replica) = replica else {
@@ -481,24 +475,6 @@ fn drive_replicated(
             Ok(ExitCode::from(tsr_engine::EXIT_LIMIT as u8))
         }
     }
-}
-
-/// The config TOML the store records for the run `name`, or for a fork the run it branches
-/// from (whose settings it inherits): what [`Config::settle_defaults`] keeps. `None` for a new
-/// run.
-fn recorded(
-    store: &Store,
-    name: &str,
-    forked_from: Option<&str>,
-) -> anyhow::Result<Option<String>> {
-    let rec = match store.get_run(name)? {
-        Some(r) => Some(r),
-        None => match forked_from {
-            Some(parent) => store.get_run(parent)?,
-            None => None,
-        },
-    };
-    Ok(rec.map(|r| r.config_toml))
 }
 
 /// Drive a `tsr eval` run (its config is made by the command, its name checked there).

@@ -142,6 +142,12 @@ pub fn bits(t: &Tensor) -> Vec<u32> {
 /// the same digest computed the same bits for every product tried; the test fixtures of
 /// digests are kept per digest ([`fixture_kind`]).
 pub fn gemm_probe() -> String {
+    // Computed once per process: the fixture tests ask for every file they compare.
+    static PROBE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PROBE.get_or_init(compute_gemm_probe).clone()
+}
+
+fn compute_gemm_probe() -> String {
     let dev = Device::Cpu;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (m, k, n) in [

@@ -53,7 +53,8 @@ pub fn load(
 /// How a generating or judging step computes its prompts' attention on the CPU: its
 /// `prompt_attention` setting, in its key when set. A judge in logprob mode with `fused` takes
 /// its verdict's logits from generation's prefill, the tokens its batch's prompts start with
-/// computed once (the scoring forward otherwise). `batched` (also what leaving it out means): gemm's products
+/// computed once (the scoring forward otherwise). `batched` (also what a step's config without
+/// it means; a run's config without it records `fused` for a new run): gemm's products
 /// around a softmax over every slot, the arithmetic of steps made before the setting. `fused`:
 /// tsr's causal kernel, each token over only the slots it sees with a decode step's
 /// arithmetic (faster on long prompts; bits that depend on neither the batch nor the CPU).
